@@ -1,0 +1,1 @@
+"""KEKTECH broadcaster package."""

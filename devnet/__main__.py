@@ -1,0 +1,3 @@
+from devnet.main import main
+
+raise SystemExit(main())

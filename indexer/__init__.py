@@ -1,0 +1,1 @@
+"""KEKTECH indexer package."""

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Install everything the project needs on a Debian/Ubuntu machine. Idempotent: a second run
+# only checks. System packages (apt) are installed only when missing.
+#   - apt: redis-server, nginx, postgresql (server binaries), nodejs + npm, python3 venv
+#   - npm: the tools pinned in package-lock.json (anvil, solc)
+#   - Python: .venv from uv.lock (uv itself pinned below)
+set -euo pipefail
+
+UV_VERSION="0.13.8"
+MIN_PYTHON="3.11"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+log() { printf 'install: %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+APT_UPDATED=0
+apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "apt-get not found: install these packages by hand: $*"
+        exit 1
+    fi
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        as_root apt-get update -qq
+        APT_UPDATED=1
+    fi
+    log "apt-get install $*"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+python_ok() {
+    "$1" -c "import sys, venv; sys.exit(sys.version_info < (${MIN_PYTHON/./, }))" 2>/dev/null
+}
+
+find_python() {
+    for candidate in python3 python3.13 python3.12 python3.11; do
+        if command -v "$candidate" >/dev/null 2>&1 && python_ok "$candidate"; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# --- system packages -----------------------------------------------------------------------
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+if [ "${#missing[@]}" -gt 0 ]; then
+    apt_install "${missing[@]}"
+fi
+
+PYTHON="$(find_python || true)"
+if [ -z "$PYTHON" ]; then
+    apt_install python3.11 python3.11-venv
+    PYTHON="$(find_python)"
+fi
+
+# --- npm tools -------------------------------------------------------------------------------
+stamp="node_modules/.kektech-lock"
+if [ ! -x node_modules/.bin/anvil ] || ! cmp -s package-lock.json "$stamp"; then
+    log "npm ci"
+    npm ci --no-audit --no-fund --loglevel=error
+    cp package-lock.json "$stamp"
+fi
+
+# --- Python ------------------------------------------------------------------------------------
+if [ ! -x .venv/bin/python ] || ! python_ok .venv/bin/python; then
+    log "creating .venv with $PYTHON"
+    rm -rf .venv
+    "$PYTHON" -m venv .venv
+fi
+if [ "$(.venv/bin/uv --version 2>/dev/null | cut -d' ' -f2)" != "$UV_VERSION" ]; then
+    log "installing uv $UV_VERSION"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION"
+fi
+.venv/bin/uv sync --frozen --quiet
+log "ready: $(.venv/bin/python --version), anvil $(node_modules/.bin/anvil --version | head -n1 | cut -d' ' -f3)"

@@ -1,0 +1,144 @@
+"""Value types and parsers for settings read from the environment; pure, no I/O."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr
+
+from shared.evm import normalize_address
+
+__all__ = [
+    "Address",
+    "HttpUrlSecret",
+    "HttpsUrl",
+    "IpNetwork",
+    "OptionalAddress",
+    "OptionalHttpsUrl",
+    "OptionalSecret",
+    "Origin",
+    "Port",
+    "PostgresUrlSecret",
+    "RedisUrlSecret",
+    "split_csv",
+    "url_secret_fragments",
+]
+
+# Shorter strings would redact ordinary words everywhere in the logs; URL-shaped credentials
+# are still caught by pattern (shared.redaction), whatever their length.
+MIN_SECRET_FRAGMENT = 8
+# Provider keys are 32+ characters; ordinary path segments ("rpc", "v2") are far shorter.
+MIN_API_KEY = 16
+
+
+def split_csv(value: object) -> object:
+    """Split a comma-separated string into its non-blank, stripped items; pass other values on."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def empty_to_none(value: object) -> object:
+    """Treat an empty or blank string as unset, since `VAR=` in a .env file means "no value"."""
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
+
+
+def check_url(url: str, schemes: frozenset[str], *, need_host: bool = True) -> str:
+    """Return url if its scheme is one of schemes (and it names a host); raise ValueError."""
+    # Messages never quote the URL: it may carry a password or an API key.
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # parsed now so that a bad port is reported here, not at connect time
+    except ValueError:
+        raise ValueError("not a valid URL") from None
+    if parts.scheme.lower() not in schemes:
+        *others, last = sorted(schemes)
+        expected = f"{', '.join(others)} or {last}" if others else last
+        raise ValueError(f"URL scheme must be {expected}")
+    if need_host and not parts.hostname:
+        raise ValueError("URL has no host")
+    return url
+
+
+def _secret_url(schemes: frozenset[str], *, need_host: bool = True) -> AfterValidator:
+    """Build a validator that checks the scheme of a SecretStr URL without revealing it."""
+
+    def validate(url: SecretStr) -> SecretStr:
+        check_url(url.get_secret_value(), schemes, need_host=need_host)
+        return url
+
+    return AfterValidator(validate)
+
+
+def _check_redis_url(url: SecretStr) -> SecretStr:
+    """Check a Redis URL: redis:// and rediss:// name a host, unix:// names a socket path."""
+    plain = url.get_secret_value()
+    check_url(plain, frozenset({"redis", "rediss", "unix"}), need_host=False)
+    parts = urlsplit(plain)
+    if parts.scheme.lower() == "unix":
+        if not parts.path:
+            raise ValueError("unix:// URL has no socket path")
+    elif not parts.hostname:
+        raise ValueError("URL has no host")
+    return url
+
+
+def _check_https_url(url: str) -> str:
+    """Check a plain (non-secret) https URL."""
+    return check_url(url, frozenset({"https"}))
+
+
+def _check_origin(origin: str) -> str:
+    """Normalize a browser Origin (scheme://host[:port]) to the lowercase form browsers send."""
+    check_url(origin, frozenset({"http", "https"}))
+    parts = urlsplit(origin)
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError("an origin is scheme://host[:port] with no path, query or credentials")
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _parse_network(value: object) -> object:
+    """Parse an IP address or CIDR block; a bare address becomes a one-address network."""
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value.strip(), strict=True)
+        except ValueError:
+            raise ValueError("expected an IP address or CIDR block such as 10.0.0.0/8") from None
+    return value
+
+
+def url_secret_fragments(url: str) -> list[str]:
+    """Return the parts of a URL that are secret by themselves: password, API-key-like tokens."""
+    # RPC providers embed API keys in the path (/v2/<key>) or query (?apikey=<key>), and
+    # libraries log URLs in their own spelling, so the parts are redacted, not the whole URL.
+    # Only http(s) paths are searched: a database path is just its (unsecret) name.
+    try:
+        parts = urlsplit(url)
+        candidates = [parts.password or ""]
+    except ValueError:
+        return [url]
+    if parts.scheme.lower() in ("http", "https"):
+        tokens = parts.path.split("/") + [p.partition("=")[2] for p in parts.query.split("&")]
+        candidates += [token for token in tokens if len(token) >= MIN_API_KEY]
+    return [c for c in candidates if len(c) >= MIN_SECRET_FRAGMENT]
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Address = Annotated[str, AfterValidator(normalize_address)]
+OptionalAddress = Annotated[Address | None, BeforeValidator(empty_to_none)]
+HttpUrlSecret = Annotated[SecretStr, _secret_url(frozenset({"http", "https"}))]
+PostgresUrlSecret = Annotated[
+    SecretStr, _secret_url(frozenset({"postgres", "postgresql"}), need_host=False)
+]
+RedisUrlSecret = Annotated[SecretStr, AfterValidator(_check_redis_url)]
+HttpsUrl = Annotated[str, AfterValidator(_check_https_url)]
+OptionalHttpsUrl = Annotated[HttpsUrl | None, BeforeValidator(empty_to_none)]
+OptionalSecret = Annotated[SecretStr | None, BeforeValidator(empty_to_none)]
+Origin = Annotated[str, AfterValidator(_check_origin)]
+IpNetwork = Annotated[
+    ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_parse_network)
+]

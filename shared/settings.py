@@ -1,0 +1,280 @@
+"""Settings of both services, read from the environment and an optional .env file."""
+
+from __future__ import annotations
+
+import re
+import sys
+from ipaddress import ip_network
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import (
+    AliasGenerator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+from shared.config_types import (
+    MIN_SECRET_FRAGMENT,
+    Address,
+    HttpUrlSecret,
+    IpNetwork,
+    OptionalAddress,
+    OptionalHttpsUrl,
+    OptionalSecret,
+    Origin,
+    Port,
+    PostgresUrlSecret,
+    RedisUrlSecret,
+    split_csv,
+    url_secret_fragments,
+)
+from shared.errors import ConfigError
+
+__all__ = [
+    "BroadcasterSettings",
+    "IndexerSettings",
+    "LogFormat",
+    "LogLevel",
+    "ServiceSettings",
+    "load_settings",
+    "settings_or_exit",
+]
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["auto", "json", "console"]
+SettingsT = TypeVar("SettingsT", bound="ServiceSettings")
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every service reads: Redis, the chain, logging."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        # Both services share one .env, so each ignores the other's variables.
+        extra="ignore",
+        frozen=True,
+        # The variable is exactly the upper-case field name: REDIS_URL, never redis_url.
+        case_sensitive=True,
+        alias_generator=AliasGenerator(validation_alias=str.upper),
+    )
+
+    redis_url: RedisUrlSecret = Field(
+        default=SecretStr("redis://127.0.0.1:6379/0"),
+        description="redis://, rediss:// or unix:// URL; may carry a password.",
+    )
+    chain_id: int = Field(default=32323, gt=0, description="EVM chain id (32323 is BasedAI).")
+    log_level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_format: LogFormat = Field(
+        default="auto", description="json, console, or auto (console on a TTY, else json)."
+    )
+    redis_stream_key: str = Field(
+        default="kektech:events", min_length=1, description="Stream the indexer publishes to."
+    )
+    redis_stream_maxlen: int = Field(
+        default=100_000, ge=1000, description="Approximate cap on the stream's length (XADD)."
+    )
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _normalize_case(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.strip().upper() if info.field_name == "log_level" else value.strip().lower()
+
+    def log_secrets(self) -> tuple[str, ...]:
+        """Return the plain secret strings (and secret parts of URLs) that logs must never show."""
+        found: list[str] = []
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            items = value if isinstance(value, tuple) else (value,)
+            for item in items:
+                if isinstance(item, SecretStr):
+                    plain = item.get_secret_value()
+                    if "://" in plain:
+                        found += url_secret_fragments(plain)
+                    elif len(plain) >= MIN_SECRET_FRAGMENT:
+                        found.append(plain)
+        return tuple(dict.fromkeys(found))
+
+
+class IndexerSettings(ServiceSettings):
+    """Settings of the chain indexer."""
+
+    database_url: PostgresUrlSecret = Field(
+        default=SecretStr("postgresql://kektech@127.0.0.1:5432/kektech"),
+        description="postgres:// or postgresql:// DSN; may carry a password.",
+    )
+    rpc_provider_url: Annotated[tuple[HttpUrlSecret, ...], NoDecode] = Field(
+        default=(SecretStr("http://127.0.0.1:8545"),),
+        description="Comma-separated JSON-RPC URLs, tried in order; often carry API keys.",
+    )
+    market_factory_address: Annotated[tuple[Address, ...], NoDecode] = Field(
+        default=(), description="Comma-separated factory addresses (every deployed version)."
+    )
+    resolution_manager_address: OptionalAddress = None
+    reward_distributor_address: OptionalAddress = None
+    start_block: int = Field(
+        default=0, ge=0, description="First block to index when the DB is empty."
+    )
+    supabase_url: OptionalHttpsUrl = None
+    supabase_service_role_key: OptionalSecret = None
+    confirmations: int = Field(default=0, ge=0, description="Blocks to stay behind the head.")
+    poll_interval: float = Field(
+        default=1.0, gt=0, le=60, description="Seconds between head polls."
+    )
+    reorg_window: int = Field(default=64, ge=1, description="Recent block hashes kept for reorgs.")
+    rpc_timeout: float = Field(default=10.0, gt=0, description="Seconds per JSON-RPC request.")
+    rpc_max_retries: int = Field(default=5, ge=0, description="Retries of a failed RPC request.")
+    logs_range_min: int = Field(default=1, ge=1, description="Smallest eth_getLogs block range.")
+    logs_range_max: int = Field(default=10_000, ge=1, description="Largest eth_getLogs range.")
+    logs_range_initial: int = Field(default=2000, ge=1, description="First eth_getLogs range.")
+    db_statement_cache_size: int = Field(
+        default=100,
+        ge=0,
+        description=(
+            "asyncpg prepared-statement cache size; 0 disables prepared statements, which is "
+            "required behind Supabase's transaction pooler (port 6543) or PgBouncer in "
+            "transaction mode."
+        ),
+    )
+    logs_max_addresses: int = Field(
+        default=1000, ge=1, description="Most contract addresses in one eth_getLogs filter."
+    )
+    lease_ttl: float = Field(
+        default=15.0,
+        ge=1,
+        le=300,
+        description="Seconds the write lease lasts unrenewed; a standby takes over after it.",
+    )
+    outbox_keep: int = Field(
+        default=10_000, ge=0, description="Published outbox rows kept for inspection."
+    )
+    indexer_http_host: str = Field(default="127.0.0.1", min_length=1, description="Metrics host.")
+    indexer_http_port: Port = Field(default=9464, description="Metrics and health port.")
+
+    @field_validator("rpc_provider_url", "market_factory_address", mode="before")
+    @classmethod
+    def _split_lists(cls, value: object) -> object:
+        return split_csv(value)
+
+    @field_validator("rpc_provider_url")
+    @classmethod
+    def _at_least_one_rpc(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        if not value:
+            raise ValueError("at least one URL is required")
+        return value
+
+    @field_validator("market_factory_address")
+    @classmethod
+    def _no_duplicate_factories(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("an address is listed twice")
+        return value
+
+    @field_validator("logs_range_max")
+    @classmethod
+    def _max_not_below_min(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("logs_range_min")
+        if low is not None and value < low:
+            raise ValueError("must not be below LOGS_RANGE_MIN")
+        return value
+
+    @field_validator("logs_range_initial")
+    @classmethod
+    def _initial_within_bounds(cls, value: int, info: ValidationInfo) -> int:
+        low, high = info.data.get("logs_range_min"), info.data.get("logs_range_max")
+        if low is not None and high is not None and not low <= value <= high:
+            raise ValueError("must be between LOGS_RANGE_MIN and LOGS_RANGE_MAX")
+        return value
+
+    def rpc_urls(self) -> list[str]:
+        """Return the plain JSON-RPC URLs, API keys included, for the RPC client only."""
+        return [url.get_secret_value() for url in self.rpc_provider_url]
+
+
+class BroadcasterSettings(ServiceSettings):
+    """Settings of the WebSocket broadcaster."""
+
+    ws_host: str = Field(default="127.0.0.1", min_length=1, description="WebSocket listen host.")
+    ws_port: Port = Field(default=3180, description="WebSocket listen port.")
+    ws_path: str = Field(default="/ws", description="HTTP path that upgrades to WebSocket.")
+    ws_max_connections_per_ip: int = Field(default=50, ge=1, description="Per client IP.")
+    ws_max_subscriptions: int = Field(default=100, ge=1, description="Channels per connection.")
+    ws_allowed_origins: Annotated[tuple[Origin, ...], NoDecode] = Field(
+        default=(), description="Comma-separated Origin values; empty allows every origin."
+    )
+    ws_max_message_bytes: int = Field(default=16_384, ge=256, description="Largest client frame.")
+    ws_send_buffer_bytes: int = Field(
+        default=1_048_576, ge=4096, description="Unsent bytes per client before it is dropped."
+    )
+    ws_heartbeat_interval: float = Field(default=30.0, gt=0, description="Seconds between pings.")
+    ws_rate_limit: float = Field(default=20.0, gt=0, description="Client messages per second.")
+    ws_trusted_proxies: Annotated[tuple[IpNetwork, ...], NoDecode] = Field(
+        default=(ip_network("127.0.0.1"), ip_network("::1")),
+        description="Comma-separated proxy IPs or CIDR blocks whose X-Forwarded-For is believed.",
+    )
+    broadcaster_http_host: str = Field(
+        default="127.0.0.1", min_length=1, description="Metrics host."
+    )
+    broadcaster_http_port: Port = Field(default=9465, description="Metrics and health port.")
+
+    @field_validator("ws_allowed_origins", "ws_trusted_proxies", mode="before")
+    @classmethod
+    def _split_lists(cls, value: object) -> object:
+        return split_csv(value)
+
+    @field_validator("ws_path")
+    @classmethod
+    def _path_is_absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with /")
+        return value
+
+
+def load_settings(cls: type[SettingsT]) -> SettingsT:
+    """Build settings from the environment and .env, or raise ConfigError naming the variable."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        # `from None`: the pydantic error quotes the input, which may be a secret.
+        raise _config_error(exc.errors(include_url=False)[0]) from None
+    except SettingsError as exc:
+        # Raised by a settings source; its message names the field but not the value.
+        field = re.search(r'field "(\w+)"', str(exc))
+        raise ConfigError(field[1].upper() if field else ".env", "cannot be read") from None
+    except UnicodeDecodeError:
+        raise ConfigError(".env", "file is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(".env", f"file cannot be read ({exc.strerror})") from None
+
+
+def settings_or_exit(cls: type[SettingsT]) -> SettingsT:
+    """Build settings for a service's main(), or print one line to stderr and exit with 2."""
+    try:
+        return load_settings(cls)
+    except ConfigError as exc:
+        sys.stderr.write(f"kektech: {exc}\n")
+        raise SystemExit(2) from None
+
+
+def _config_error(error: ErrorDetails) -> ConfigError:
+    """Turn one pydantic error into a ConfigError whose reason never quotes the input."""
+    variable = str(error["loc"][0]) if error["loc"] else "settings"
+    if error["type"] == "missing":
+        return ConfigError(variable, "required", missing=True)
+    reason = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    bad = error.get("input")
+    if isinstance(bad, str) and len(bad) >= 4 and bad in reason:
+        reason = error["type"].replace("_", " ")  # built-in messages should never quote it
+    if reason[:2].istitle():  # "Input should be ..." reads better mid-sentence; keep "URL ..."
+        reason = reason[:1].lower() + reason[1:]
+    items = [part for part in error["loc"][1:] if isinstance(part, int)]
+    if items:
+        reason = f"item {items[0] + 1}: {reason}"
+    return ConfigError(variable, reason)

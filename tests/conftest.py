@@ -1,0 +1,56 @@
+"""Fixtures that start real services on loopback: Postgres, Redis and anvil."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from devnet.chain import Deployment, DevChain, deploy
+from devnet.services import Anvil, Postgres, Redis
+
+_database_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One throwaway Postgres cluster for the whole run."""
+    with Postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def database_url(postgres: Postgres) -> Iterator[str]:
+    """A fresh, empty database for one test."""
+    name = f"test_{os.getpid()}_{next(_database_names)}"
+    yield postgres.create_database(name)
+    postgres.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Redis]:
+    """One Redis server for the whole run; tests use their own key prefixes or flush."""
+    with Redis() as server:
+        yield server
+
+
+@pytest.fixture
+def anvil() -> Iterator[Anvil]:
+    """A fresh dev chain (chain id 32323, mines only on request) for one test."""
+    with Anvil() as chain:
+        yield chain
+
+
+@pytest.fixture
+async def dev_chain(anvil: Anvil) -> AsyncIterator[DevChain]:
+    """An RPC session to the test's dev chain."""
+    async with DevChain(anvil.rpc_url) as chain:
+        yield chain
+
+
+@pytest.fixture
+async def deployment(dev_chain: DevChain) -> Deployment:
+    """The KEKTECH test contracts deployed on the test's dev chain."""
+    return await deploy(dev_chain)

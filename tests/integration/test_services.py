@@ -1,0 +1,58 @@
+"""The local services harness starts real servers on loopback and cleans up after them."""
+
+from __future__ import annotations
+
+import os
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from devnet.services import Anvil, Postgres, Redis
+
+
+async def test_postgres_runs_unprivileged_and_accepts_connections(postgres: Postgres) -> None:
+    """The cluster answers on 127.0.0.1 and its server process is not root."""
+    conn = await asyncpg.connect(postgres.url)
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+        assert await conn.fetchval("SHOW listen_addresses") == "127.0.0.1"
+    finally:
+        await conn.close()
+    assert postgres.pid is not None
+    assert os.stat(f"/proc/{postgres.pid}").st_uid != 0
+
+
+async def test_fresh_databases_are_isolated(database_url: str, postgres: Postgres) -> None:
+    """Each test gets its own empty database."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        tables = await conn.fetchval(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
+        )
+    finally:
+        await conn.close()
+    assert tables == 0
+    assert database_url != postgres.url
+
+
+async def test_redis_keeps_its_data_across_a_restart() -> None:
+    """A stopped and restarted Redis keeps what it had (append-only file) on the same port."""
+    with Redis() as server:
+        client = aioredis.from_url(server.url)
+        await client.set("k", "v")
+        await client.aclose()
+        server.stop()
+        assert not server.running
+        server.start()
+        client = aioredis.from_url(server.url)
+        assert await client.get("k") == b"v"
+        await client.aclose()
+
+
+def test_anvil_runs_the_kektech_chain_id(anvil: Anvil) -> None:
+    """anvil reports chain id 32323 and its files vanish on close."""
+    assert anvil.running
+    workdir = anvil.workdir
+    anvil.close()
+    assert not anvil.running
+    assert not workdir.exists()

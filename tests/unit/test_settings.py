@@ -1,0 +1,342 @@
+"""Tests of shared.settings: parsing, validation messages, secrecy, .env loading."""
+
+from __future__ import annotations
+
+import shutil
+from ipaddress import ip_network
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from shared.errors import ConfigError
+from shared.settings import (
+    BroadcasterSettings,
+    IndexerSettings,
+    ServiceSettings,
+    load_settings,
+    settings_or_exit,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FACTORY_V1 = "0x3eaF643482Fe35d13DB812946E14F5345eb60d62"
+FACTORY_V2 = "0x169b4019Fc12c5bD43BFA5d830Fd01A678df6a15"
+ALL_VARIABLES = sorted(
+    {name.upper() for cls in (IndexerSettings, BroadcasterSettings) for name in cls.model_fields}
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Run each test in an empty directory with none of our variables set."""
+    for name in ALL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def config_error(cls: type[ServiceSettings], **env: str) -> ConfigError:
+    """Load cls with env set for the duration of the call and return the ConfigError raised."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        with pytest.raises(ConfigError) as caught:
+            load_settings(cls)
+    return caught.value
+
+
+def test_indexer_defaults() -> None:
+    """With nothing set, the indexer gets the documented defaults."""
+    settings = load_settings(IndexerSettings)
+    assert settings.chain_id == 32323
+    assert settings.redis_url.get_secret_value() == "redis://127.0.0.1:6379/0"
+    assert settings.database_url.get_secret_value() == (
+        "postgresql://kektech@127.0.0.1:5432/kektech"
+    )
+    assert settings.rpc_urls() == ["http://127.0.0.1:8545"]
+    assert settings.market_factory_address == ()
+    assert settings.resolution_manager_address is None
+    assert settings.supabase_service_role_key is None
+    assert (settings.log_level, settings.log_format) == ("INFO", "auto")
+    assert (settings.redis_stream_key, settings.redis_stream_maxlen) == ("kektech:events", 100_000)
+    assert (settings.start_block, settings.confirmations, settings.reorg_window) == (0, 0, 64)
+    assert (settings.poll_interval, settings.rpc_timeout, settings.rpc_max_retries) == (1.0, 10, 5)
+    assert (settings.logs_range_min, settings.logs_range_initial, settings.logs_range_max) == (
+        1,
+        2000,
+        10_000,
+    )
+    assert settings.db_statement_cache_size == 100
+    assert (settings.indexer_http_host, settings.indexer_http_port) == ("127.0.0.1", 9464)
+
+
+def test_broadcaster_defaults() -> None:
+    """With nothing set, the broadcaster gets the documented defaults."""
+    settings = load_settings(BroadcasterSettings)
+    assert (settings.ws_host, settings.ws_port, settings.ws_path) == ("127.0.0.1", 3180, "/ws")
+    assert settings.ws_max_connections_per_ip == 50
+    assert settings.ws_max_subscriptions == 100
+    assert settings.ws_allowed_origins == ()
+    assert settings.ws_max_message_bytes == 16_384
+    assert settings.ws_send_buffer_bytes == 1_048_576
+    assert settings.ws_heartbeat_interval == 30.0
+    assert settings.ws_rate_limit == 20
+    assert settings.ws_trusted_proxies == (ip_network("127.0.0.1"), ip_network("::1"))
+    assert (settings.broadcaster_http_host, settings.broadcaster_http_port) == ("127.0.0.1", 9465)
+
+
+def test_settings_are_frozen() -> None:
+    """Settings cannot be changed after they are built."""
+    settings = load_settings(IndexerSettings)
+    with pytest.raises(ValueError, match="frozen"):
+        settings.chain_id = 1
+
+
+def test_rpc_urls_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RPC_PROVIDER_URL is split on commas, blanks dropped, order kept."""
+    monkeypatch.setenv("RPC_PROVIDER_URL", " https://a.example/rpc , ,http://b.example:8545 ")
+    settings = load_settings(IndexerSettings)
+    assert settings.rpc_urls() == ["https://a.example/rpc", "http://b.example:8545"]
+
+
+def test_factory_addresses_are_lowercased(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MARKET_FACTORY_ADDRESS is split on commas and each address lowercased."""
+    monkeypatch.setenv("MARKET_FACTORY_ADDRESS", f"{FACTORY_V1}, {FACTORY_V2}")
+    settings = load_settings(IndexerSettings)
+    assert settings.market_factory_address == (FACTORY_V1.lower(), FACTORY_V2.lower())
+
+
+def test_single_addresses_are_lowercased(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ResolutionManager and RewardDistributor addresses are stored lowercase."""
+    monkeypatch.setenv("RESOLUTION_MANAGER_ADDRESS", "0x10daF33E321ED8977e369a36FcC6Beb3d3d106a0")
+    monkeypatch.setenv("REWARD_DISTRIBUTOR_ADDRESS", "0x3D274362423847B53E43a27b9E835d668754C96B")
+    settings = load_settings(IndexerSettings)
+    assert settings.resolution_manager_address == "0x10daf33e321ed8977e369a36fcc6beb3d3d106a0"
+    assert settings.reward_distributor_address == "0x3d274362423847b53e43a27b9e835d668754c96b"
+
+
+def test_empty_optional_values_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`VAR=` for an optional value leaves it None rather than failing validation."""
+    for name in ("RESOLUTION_MANAGER_ADDRESS", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"):
+        monkeypatch.setenv(name, "")
+    settings = load_settings(IndexerSettings)
+    assert settings.resolution_manager_address is None
+    assert settings.supabase_url is None
+    assert settings.supabase_service_role_key is None
+
+
+def test_broadcaster_lists_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WS_ALLOWED_ORIGINS and WS_TRUSTED_PROXIES are split on commas and normalized."""
+    monkeypatch.setenv("WS_ALLOWED_ORIGINS", "https://KekTech.xyz/, http://localhost:3000")
+    monkeypatch.setenv("WS_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.7 ,::1")
+    settings = load_settings(BroadcasterSettings)
+    assert settings.ws_allowed_origins == ("https://kektech.xyz", "http://localhost:3000")
+    assert settings.ws_trusted_proxies == (
+        ip_network("10.0.0.0/8"),
+        ip_network("192.168.1.7"),
+        ip_network("::1"),
+    )
+
+
+def test_empty_trusted_proxies_trusts_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty WS_TRUSTED_PROXIES means no proxy is trusted, not the default list."""
+    monkeypatch.setenv("WS_TRUSTED_PROXIES", "")
+    assert load_settings(BroadcasterSettings).ws_trusted_proxies == ()
+
+
+def test_log_level_and_format_ignore_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOG_LEVEL=debug and LOG_FORMAT=JSON are accepted and normalized."""
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    monkeypatch.setenv("LOG_FORMAT", "JSON")
+    settings = load_settings(BroadcasterSettings)
+    assert (settings.log_level, settings.log_format) == ("DEBUG", "json")
+
+
+def test_variable_names_are_case_sensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the exact upper-case name is read: chain_id=1 is ignored."""
+    monkeypatch.setenv("chain_id", "1")
+    assert load_settings(IndexerSettings).chain_id == 32323
+
+
+def test_dotenv_file_is_read(clean_env: Path) -> None:
+    """A .env file in the working directory supplies values."""
+    (clean_env / ".env").write_text(f"CHAIN_ID=1337\nMARKET_FACTORY_ADDRESS={FACTORY_V1}\n")
+    settings = load_settings(IndexerSettings)
+    assert settings.chain_id == 1337
+    assert settings.market_factory_address == (FACTORY_V1.lower(),)
+
+
+def test_environment_overrides_dotenv(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real environment variable wins over the same name in .env."""
+    (clean_env / ".env").write_text("CHAIN_ID=1337\n")
+    monkeypatch.setenv("CHAIN_ID", "7")
+    assert load_settings(IndexerSettings).chain_id == 7
+
+
+@pytest.mark.parametrize("cls", [IndexerSettings, BroadcasterSettings])
+def test_env_example_loads_to_defaults(cls: type[ServiceSettings], clean_env: Path) -> None:
+    """The repository's .env.example, used as .env, is valid and equals the defaults."""
+    shutil.copy(REPO_ROOT / ".env.example", clean_env / ".env")
+    from_example = load_settings(cls)
+    (clean_env / ".env").unlink()
+    assert from_example == load_settings(cls)
+
+
+def test_env_example_lists_every_variable() -> None:
+    """.env.example mentions every variable either service reads."""
+    text = (REPO_ROOT / ".env.example").read_text()
+    assert [name for name in ALL_VARIABLES if f"\n{name}=" not in text] == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "reason"),
+    [
+        ("MARKET_FACTORY_ADDRESS", f"{FACTORY_V1},0x1234", "item 2: expected 0x"),
+        ("MARKET_FACTORY_ADDRESS", f"{FACTORY_V1},{FACTORY_V1.lower()}", "listed twice"),
+        ("RESOLUTION_MANAGER_ADDRESS", "0xnothex", "expected 0x"),
+        ("RPC_PROVIDER_URL", "ws://node.example/KEY-abc", "scheme must be http or https"),
+        ("RPC_PROVIDER_URL", "", "at least one URL"),
+        ("RPC_PROVIDER_URL", " , ", "at least one URL"),
+        ("DATABASE_URL", "mysql://root:hunter2@db/x", "scheme must be postgres or postgresql"),
+        ("REDIS_URL", "http://:hunter2@cache:6379", "scheme must be redis, rediss or unix"),
+        ("REDIS_URL", "redis://:hunter2@", "no host"),
+        ("SUPABASE_URL", "http://project.supabase.co", "scheme must be https"),
+        ("START_BLOCK", "-1", "greater than or equal to 0"),
+        ("CHAIN_ID", "basedai", "valid integer"),
+        ("CHAIN_ID", "0", "greater than 0"),
+        ("POLL_INTERVAL", "61", "less than or equal to 60"),
+        ("REDIS_STREAM_MAXLEN", "999", "greater than or equal to 1000"),
+        ("LOG_LEVEL", "TRACE", "'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
+        ("LOGS_RANGE_INITIAL", "20000", "between LOGS_RANGE_MIN and LOGS_RANGE_MAX"),
+        ("INDEXER_HTTP_PORT", "70000", "less than or equal to 65535"),
+    ],
+)
+def test_indexer_error_names_the_variable(variable: str, value: str, reason: str) -> None:
+    """A malformed indexer value fails with a ConfigError naming exactly that variable."""
+    error = config_error(IndexerSettings, **{variable: value})
+    assert error.variable == variable
+    assert reason in error.reason
+    assert str(error) == f"invalid setting {variable}: {error.reason}"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "reason"),
+    [
+        ("WS_PATH", "ws", "must start with /"),
+        ("WS_ALLOWED_ORIGINS", "https://kektech.xyz/app", "no path"),
+        ("WS_TRUSTED_PROXIES", "127.0.0.1,proxy.local", "item 2: expected an IP address"),
+        ("WS_PORT", "0", "greater than or equal to 1"),
+        ("WS_RATE_LIMIT", "0", "greater than 0"),
+    ],
+)
+def test_broadcaster_error_names_the_variable(variable: str, value: str, reason: str) -> None:
+    """A malformed broadcaster value fails with a ConfigError naming exactly that variable."""
+    error = config_error(BroadcasterSettings, **{variable: value})
+    assert error.variable == variable
+    assert reason in error.reason
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "secret"),
+    [
+        ("RPC_PROVIDER_URL", "ftp://user:s3cr3t-rpc-key@node.example/v2/s3cr3t-path", "s3cr3t"),
+        ("RPC_PROVIDER_URL", "https://node.example:99999/v2/s3cr3t-path", "s3cr3t"),
+        ("DATABASE_URL", "mysql://root:s3cr3t-db@db.example/x", "s3cr3t"),
+        ("REDIS_URL", "http://:s3cr3t-redis@cache.example", "s3cr3t"),
+    ],
+)
+def test_error_never_contains_the_secret(variable: str, value: str, secret: str) -> None:
+    """The ConfigError for a bad secret URL says nothing of the URL itself."""
+    error = config_error(IndexerSettings, **{variable: value})
+    assert error.variable == variable
+    assert secret not in str(error)
+    assert secret not in repr(error)
+    assert error.__cause__ is None
+    assert error.__suppress_context__
+
+
+def test_missing_setting_message() -> None:
+    """A ConfigError for a missing variable reads "missing setting X"."""
+    assert str(ConfigError("DATABASE_URL", "required", missing=True)) == (
+        "missing setting DATABASE_URL"
+    )
+
+
+def test_settings_or_exit_prints_one_line_and_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """settings_or_exit reports a bad value as one stderr line and exits with status 2."""
+    monkeypatch.setenv("RPC_PROVIDER_URL", "ftp://user:s3cr3t@node.example")
+    with pytest.raises(SystemExit) as caught:
+        settings_or_exit(IndexerSettings)
+    assert caught.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "kektech: invalid setting RPC_PROVIDER_URL: item 1: URL scheme must be http or https\n"
+    )
+
+
+def test_settings_or_exit_returns_valid_settings() -> None:
+    """settings_or_exit returns the settings when they are valid."""
+    assert settings_or_exit(BroadcasterSettings).ws_port == 3180
+
+
+SECRETS = {
+    "DATABASE_URL": "postgresql://kektech:db-pa55word@db.example:6543/postgres",
+    "REDIS_URL": "rediss://default:redis-pa55word@cache.example:6380/0",
+    "RPC_PROVIDER_URL": "https://rpc.example/v2/rpc-api-key-0123456789,https://b.example/?apikey=k2",
+    "SUPABASE_SERVICE_ROLE_KEY": "eyJhbGciOiJIUzI1NiJ9.service-role-key",
+}
+SECRET_WORDS = ("db-pa55word", "redis-pa55word", "rpc-api-key", "apikey=k2", "service-role-key")
+
+
+def test_secrets_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """repr, str, model_dump and model_dump_json never contain a secret value."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(IndexerSettings)
+    shown = "\n".join(
+        [
+            repr(settings),
+            str(settings),
+            str(settings.model_dump()),
+            settings.model_dump_json(),
+            repr(settings.rpc_provider_url),
+        ]
+    )
+    assert [word for word in SECRET_WORDS if word in shown] == []
+
+
+def test_plain_secret_values_are_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Code that needs a secret gets it explicitly via rpc_urls() or get_secret_value()."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(IndexerSettings)
+    assert settings.rpc_urls() == SECRETS["RPC_PROVIDER_URL"].split(",")
+    assert settings.database_url.get_secret_value() == SECRETS["DATABASE_URL"]
+    assert isinstance(settings.supabase_service_role_key, SecretStr)
+    assert (
+        settings.supabase_service_role_key.get_secret_value()
+        == (SECRETS["SUPABASE_SERVICE_ROLE_KEY"])
+    )
+
+
+def test_log_secrets_lists_secret_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """log_secrets returns passwords, path/query API keys and bare secrets, not hosts."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    secrets = load_settings(IndexerSettings).log_secrets()
+    assert set(secrets) == {
+        "db-pa55word",
+        "redis-pa55word",
+        "rpc-api-key-0123456789",
+        "eyJhbGciOiJIUzI1NiJ9.service-role-key",
+    }
+
+
+def test_unreadable_dotenv_is_a_config_error(clean_env: Path) -> None:
+    """A .env that is not UTF-8 gives a ConfigError, not a traceback."""
+    (clean_env / ".env").write_bytes(b"CHAIN_ID=\xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"invalid setting \.env: file is not UTF-8 text"):
+        load_settings(IndexerSettings)
