@@ -1,0 +1,123 @@
+"""A unit of indexing work: the tracked logs of a block range, ready to commit at once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from indexer.catalog import ContractKind, catalog
+from indexer.decoding import Decoded, decode_args
+from indexer.projection import ProjectedEvent
+from indexer.rpc_results import BlockHeader, RawLog
+from shared.channels import channels_for
+from shared.envelope import EventEnvelope
+
+ISO_SECONDS = "%Y-%m-%dT%H:%M:%SZ"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """A tracked log with what the indexer knows about it (decoded is None when unknown)."""
+
+    log: RawLog
+    kind: ContractKind
+    decoded: Decoded | None
+    block_time: datetime
+
+    @property
+    def market(self) -> str | None:
+        return self.decoded.market if self.decoded is not None else None
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        assert self.decoded is not None
+        return channels_for(self.decoded.spec.name, self.kind.value, self.market)
+
+    def envelope(self, *, chain_id: int, seq: int, removed: bool = False) -> EventEnvelope:
+        """The wire form of this event (docs/protocol.md)."""
+        assert self.decoded is not None
+        raw = self.log
+        return EventEnvelope(
+            type=self.decoded.spec.name,
+            seq=seq,
+            chain_id=chain_id,
+            contract=raw.address,
+            contract_kind=self.kind.value,
+            market_address=self.market,
+            block_number=raw.block_number,
+            block_hash=raw.block_hash,
+            transaction_hash=raw.transaction_hash,
+            log_index=raw.log_index,
+            timestamp=self.block_time.strftime(ISO_SECONDS),
+            args=self.decoded.args,
+            data=self.decoded.args,
+            removed=removed,
+        )
+
+    def projected(self) -> ProjectedEvent | None:
+        """The event as the markets projection sees it, if it concerns a market."""
+        if self.decoded is None or self.decoded.market is None:
+            return None
+        return ProjectedEvent(
+            kind=self.kind,
+            name=self.decoded.spec.name,
+            contract=self.log.address,
+            market=self.decoded.market,
+            args=self.decoded.args,
+            block_number=self.log.block_number,
+            transaction_hash=self.log.transaction_hash,
+            block_time=self.block_time,
+        )
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> StoredEvent:
+        """Rebuild an event from its `events` row (for rollbacks and rebuilds)."""
+        topics = tuple(t for t in (record[f"topic{i}"] for i in range(4)) if t is not None)
+        raw = RawLog(
+            address=record["contract"],
+            topics=topics,
+            data=record["data"],
+            block_number=record["block_number"],
+            block_hash=record["block_hash"],
+            transaction_hash=record["transaction_hash"],
+            transaction_index=record["transaction_index"],
+            log_index=record["log_index"],
+            removed=False,
+        )
+        kind = ContractKind(record["contract_kind"])
+        decoded = None
+        if record["event_name"] is not None:
+            spec = catalog()[(kind, topics[0])]
+            decoded = Decoded(spec=spec, args=record["args"], market=record["market_address"])
+        return cls(log=raw, kind=kind, decoded=decoded, block_time=record["block_time"])
+
+
+def block_time(timestamp: int) -> datetime:
+    """A block's Unix timestamp as an aware UTC datetime."""
+    return datetime.fromtimestamp(timestamp, tz=UTC)
+
+
+def verify_args(event: StoredEvent) -> None:
+    """Re-decode a stored event from its raw log (used by `verify`); raises on a mismatch."""
+    if event.decoded is None:
+        return
+    again = decode_args(event.decoded.spec, event.log.topics, event.log.data)
+    if again != event.decoded.args:
+        raise ValueError(
+            f"stored args differ from the log at {event.log.block_number}:{event.log.log_index}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Everything one transaction commits: events, new headers and the new cursor.
+
+    `cursor` is None for a backfill of an already indexed range: the cursor stays put.
+    """
+
+    events: Sequence[StoredEvent]
+    headers: Sequence[BlockHeader]
+    cursor: BlockHeader | None
+    prune_headers_below: int

@@ -1,0 +1,209 @@
+"""The one-shot CLI commands: status, backfill, reindex, verify.
+
+Commands that write (backfill, reindex) take the write lease like the service does and refuse
+to start while an indexer runs. What they store is published by the next `run`, from the
+outbox, in seq order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from indexer.batch import StoredEvent
+from indexer.catalog import MARKET_CREATED
+from indexer.decoding import UndecodableLog, decode_args
+from indexer.errors import IndexerError
+from indexer.follower import Follower
+from indexer.metrics import Metrics
+from indexer.rpc import LogRangeSizer, RpcClient, fetch_logs
+from indexer.rpc_results import RawLog
+from indexer.service import acquire_lease, build_follower, lease_owner, rpc_client, sources
+from indexer.store import Store
+from shared.settings import IndexerSettings
+
+MAX_REPORTED = 20
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+@asynccontextmanager
+async def _connections(settings: IndexerSettings) -> AsyncIterator[tuple[Store, RpcClient]]:
+    async with (
+        Store.open(
+            settings.database_url.get_secret_value(),
+            statement_cache_size=settings.db_statement_cache_size,
+        ) as store,
+        rpc_client(settings) as rpc,
+    ):
+        yield store, rpc
+
+
+async def status(settings: IndexerSettings) -> int:
+    """Print where the indexer stands; exit 0 even when something is unreachable."""
+    async with _connections(settings) as (store, rpc):
+        version = await store.schema_version()
+        _say(f"schema: version {version} of {Store.latest_schema_version()}")
+        try:
+            head: int | None = await rpc.block_number()
+        except IndexerError as exc:
+            head = None
+            _say(f"chain head: unreachable ({exc})")
+        if version == 0:
+            _say("cursor: none (the database was never migrated)")
+            return 0
+        state = await store.load_state()
+        if state is None:
+            _say("cursor: none yet (the indexer has not started)")
+        else:
+            _say(f"cursor: block {state.block_number} ({state.block_hash})")
+            if head is not None:
+                _say(f"chain head: block {head}, lag {max(0, head - state.block_number)} blocks")
+        published = await store.published_seq()
+        last = await store.last_seq()
+        _say(f"publishing: seq {published} of {last} in Redis, backlog {max(0, last - published)}")
+        counts = await store.counts()
+        _say(
+            f"stored: {counts['events']} events, {counts['markets']} markets, "
+            f"{counts['outbox']} outbox rows"
+        )
+        holder, expires = await store.lease_holder()
+        _say(f"write lease: {holder or 'free'}" + (f" until {expires}" if holder else ""))
+    return 0
+
+
+@asynccontextmanager
+async def _writer(settings: IndexerSettings) -> AsyncIterator[Follower | None]:
+    """A follower holding the write lease, or None if a running indexer holds it."""
+    async with _connections(settings) as (store, rpc):
+        await store.migrate()
+        lease = await acquire_lease(store, owner=lease_owner(), ttl=settings.lease_ttl, wait=False)
+        if lease is None:
+            holder, _ = await store.lease_holder()
+            _say(
+                f"an indexer is running (write lease held by {holder}); stop it first, "
+                "e.g. `pm2 stop kektech-event-indexer`"
+            )
+            yield None
+            return
+        try:
+            follower = build_follower(
+                settings, rpc=rpc, store=store, lease=lease, metrics=Metrics()
+            )
+            await follower.prepare()
+            yield follower
+        finally:
+            await store.release_lease(lease)
+
+
+async def backfill(settings: IndexerSettings, first: int, last: int) -> int:
+    """Store whatever of [first, last] is missing (an indexed range; the cursor stays)."""
+    async with _writer(settings) as follower:
+        if follower is None:
+            return 1
+        if last > follower.cursor:
+            _say(f"block {last} is above the cursor {follower.cursor}: `run` indexes it")
+            return 1
+        stored = await follower.backfill(first, last)
+        _say(f"backfill {first}..{last}: {stored} missing events stored")
+    return 0
+
+
+async def reindex(settings: IndexerSettings, first: int) -> int:
+    """Roll back to first-1 (queueing removal notices), then index up to the head again."""
+    async with _writer(settings) as follower:
+        if follower is None:
+            return 1
+        removed = await follower.rewind(first - 1)
+        _say(f"rolled back to block {first - 1}: {removed} events removed")
+        await follower.follow(until=await follower.current_target())
+        _say(f"indexed again up to block {follower.cursor}")
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Difference:
+    block: int
+    log_index: int
+    what: str
+
+
+def _compare(chain: Sequence[RawLog], stored: Sequence[StoredEvent]) -> list[_Difference]:
+    by_key = {(e.log.block_number, e.log.log_index): e for e in stored}
+    differences = []
+    for raw in chain:
+        key = (raw.block_number, raw.log_index)
+        event = by_key.pop(key, None)
+        if event is None:
+            differences.append(_Difference(*key, f"missing from the database ({raw.address})"))
+            continue
+        mine = event.log
+        for field in (
+            "address",
+            "topics",
+            "data",
+            "block_hash",
+            "transaction_hash",
+            "transaction_index",
+        ):
+            if getattr(mine, field) != getattr(raw, field):
+                differences.append(_Difference(*key, f"{field} differs"))
+        if event.decoded is not None:
+            try:
+                same = decode_args(event.decoded.spec, raw.topics, raw.data) == event.decoded.args
+            except UndecodableLog:
+                same = False
+            if not same:
+                differences.append(_Difference(*key, "decoded arguments differ"))
+    differences += [_Difference(*key, "in the database but not on the chain") for key in by_key]
+    return sorted(differences, key=lambda d: (d.block, d.log_index))
+
+
+async def verify(settings: IndexerSettings, first: int, last: int | None) -> int:
+    """Re-read [first, last] from the chain and report every difference with the database."""
+    async with _connections(settings) as (store, rpc):
+        state = await store.load_state()
+        if state is None:
+            _say("nothing indexed yet")
+            return 1
+        last = state.block_number if last is None else min(last, state.block_number)
+        if last < first:
+            _say(f"nothing to verify: the cursor is at block {state.block_number}")
+            return 0
+        sizer = LogRangeSizer(
+            settings.logs_range_initial, settings.logs_range_min, settings.logs_range_max
+        )
+        watched = sources(settings).static_kinds()
+        factories = [a for a, k in watched.items() if k.value == "factory"]
+        # Children come from the chain, not from the database being checked.
+        announcements = []
+        if factories:
+            announcements = await fetch_logs(
+                rpc,
+                sizer,
+                from_block=settings.start_block,
+                to_block=last,
+                addresses=factories,
+                topics=[MARKET_CREATED.topic0],
+            )
+        children = {"0x" + lg.topics[1][-40:] for lg in announcements if len(lg.topics) > 1}
+        addresses = [*watched, *children]
+        chain: list[RawLog] = []
+        step = settings.logs_max_addresses
+        for i in range(0, len(addresses), step):
+            chain += await fetch_logs(
+                rpc, sizer, from_block=first, to_block=last, addresses=addresses[i : i + step]
+            )
+        chain.sort(key=lambda lg: (lg.block_number, lg.log_index))
+        stored = await store.events_between(first, last)
+    differences = _compare(chain, stored)
+    for difference in differences[:MAX_REPORTED]:
+        _say(f"block {difference.block} log {difference.log_index}: {difference.what}")
+    if len(differences) > MAX_REPORTED:
+        _say(f"... and {len(differences) - MAX_REPORTED} more")
+    verdict = "OK" if not differences else f"{len(differences)} differences"
+    _say(f"verify {first}..{last}: {len(chain)} logs on chain, {len(stored)} stored: {verdict}")
+    return 0 if not differences else 1

@@ -1,0 +1,149 @@
+"""Exceptions the indexer raises on purpose, all rooted at IndexerError.
+
+Names say what happened (`RpcUnavailable`, `BlockNotFound`) in the manner of websockets'
+`ConnectionClosed`, hence the N818 exemptions.
+"""
+
+from __future__ import annotations
+
+from shared.errors import KektechError
+
+__all__ = [
+    "BlockNotFound",
+    "ChainIdMismatch",
+    "IndexerError",
+    "RpcError",
+    "RpcRangeTooLarge",
+    "RpcResponseError",
+    "RpcUnavailable",
+]
+
+
+class IndexerError(KektechError):
+    """Root of every indexer error."""
+
+
+class RpcError(IndexerError):
+    """A JSON-RPC call gave no complete, usable answer."""
+
+
+class RpcUnavailable(RpcError):  # noqa: N818
+    """Every attempt of a call failed transiently and the retry budget is spent."""
+
+    method: str
+    attempts: int
+    last_error: str
+
+    def __init__(self, method: str, attempts: int, last_error: str) -> None:
+        self.method = method
+        self.attempts = attempts
+        # A description, not the exception itself: transport errors may quote the URL and its key.
+        self.last_error = last_error
+        super().__init__(method, attempts, last_error)
+
+    def __str__(self) -> str:
+        return f"{self.method} failed after {self.attempts} attempts; last: {self.last_error}"
+
+
+class RpcResponseError(RpcError):
+    """The node refused a call for good, or answered with something malformed."""
+
+    code: int | None
+    message: str
+    method: str
+
+    def __init__(self, code: int | None, message: str, method: str) -> None:
+        # code is the JSON-RPC error code, None when the answer itself was malformed.
+        self.code = code
+        self.message = message
+        self.method = method
+        super().__init__(code, message, method)
+
+    def __str__(self) -> str:
+        where = f"error {self.code}" if self.code is not None else "bad response"
+        return f"{self.method}: {where}: {self.message}"
+
+
+class RpcRangeTooLarge(RpcError):  # noqa: N818
+    """The node refused an eth_getLogs range as too large: blocks, results or bytes."""
+
+    reason: str
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+    def __str__(self) -> str:
+        return f"eth_getLogs range too large: {self.reason}"
+
+
+class BlockNotFound(RpcError):  # noqa: N818
+    """The node does not have the block (yet): it answered null."""
+
+    number: int
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        super().__init__(number)
+
+    def __str__(self) -> str:
+        return f"block {self.number} not found"
+
+
+class ChainIdMismatch(RpcError):  # noqa: N818
+    """An endpoint serves another chain than the configured one."""
+
+    expected: int
+    actual: int
+    endpoint: str
+
+    def __init__(self, expected: int, actual: int, endpoint: str = "") -> None:
+        self.expected = expected
+        self.actual = actual
+        # A redacted endpoint label (index and host), never the URL.
+        self.endpoint = endpoint
+        super().__init__(expected, actual, endpoint)
+
+    def __str__(self) -> str:
+        where = f" at {self.endpoint}" if self.endpoint else ""
+        return f"chain id {self.actual}{where}, expected {self.expected}"
+
+
+class LeaseLost(IndexerError):  # noqa: N818
+    """Another instance holds the write lease now; this one must stop writing."""
+
+    owner: str
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        super().__init__(owner)
+
+    def __str__(self) -> str:
+        return f"write lease lost by {self.owner}: another indexer took over"
+
+
+class ReorgTooDeep(IndexerError):  # noqa: N818
+    """No stored block within the reorg window is still canonical: refuse to delete data."""
+
+    cursor: int
+    window: int
+
+    def __init__(self, cursor: int, window: int) -> None:
+        self.cursor = cursor
+        self.window = window
+        super().__init__(cursor, window)
+
+    def __str__(self) -> str:
+        return (
+            f"reorg deeper than REORG_WINDOW={self.window} blocks below block {self.cursor}: "
+            "no common ancestor in the window; stopping without deleting anything. Check the "
+            "RPC endpoint, then raise REORG_WINDOW or run `python -m indexer reindex --from N`"
+        )
+
+
+class ReorgDuringFetch(IndexerError):  # noqa: N818
+    """The chain changed between two calls of one range; the range is fetched again."""
+
+
+class StoreError(IndexerError):
+    """The database refused or lost an operation the indexer could not complete."""

@@ -1,0 +1,385 @@
+"""Follow the chain from the cursor to the head, one committed batch per block range.
+
+Two ways to fetch a range:
+- deep ranges (more than REORG_WINDOW blocks behind the head) are taken as final: logs in
+  adaptive chunks, headers only for blocks that have logs (their time) and for the range end
+  (the cursor);
+- tip ranges (inside the window) fetch every header and check the parent-hash chain from the
+  cursor, so a reorg is noticed before anything of the new branch is stored.
+
+Market clones are discovered from the factories' `MarketCreated` within the range itself; their
+logs from the creation block on are fetched before the range commits, so a child's events in
+its creation block or transaction (which precede the announcement) are never missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from indexer.batch import Batch, StoredEvent, block_time
+from indexer.catalog import MARKET_CREATED, ContractKind
+from indexer.decoding import UndecodableLog, decode_log
+from indexer.errors import ChainIdMismatch, ReorgDuringFetch, ReorgTooDeep
+from indexer.metrics import Metrics
+from indexer.rpc import LogRangeSizer, RpcClient, fetch_logs
+from indexer.rpc_results import BlockHeader, RawLog
+from indexer.store import IndexerState, Lease, Store
+
+log = structlog.get_logger()
+
+ZERO_HASH = "0x" + "00" * 32
+# Most blocks fetched per tip batch (headers are fetched one by one in a JSON-RPC batch).
+TIP_MAX_BLOCKS = 64
+# How many distinct unknown (address, topic0) pairs are remembered for "log once".
+UNKNOWN_MEMORY = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Sources:
+    """The contracts the indexer follows."""
+
+    factories: frozenset[str]
+    resolution_manager: str | None
+    reward_distributor: str | None
+
+    def static_kinds(self) -> dict[str, ContractKind]:
+        kinds = {f: ContractKind.FACTORY for f in self.factories}
+        if self.resolution_manager:
+            kinds[self.resolution_manager] = ContractKind.RESOLUTION_MANAGER
+        if self.reward_distributor:
+            kinds[self.reward_distributor] = ContractKind.REWARD_DISTRIBUTOR
+        return kinds
+
+
+@dataclass(frozen=True, slots=True)
+class FollowConfig:
+    """Tuning of the follower (from IndexerSettings)."""
+
+    chain_id: int
+    start_block: int
+    confirmations: int
+    reorg_window: int
+    poll_interval: float
+    lease_ttl: float
+    max_addresses: int = 1000
+
+
+@dataclass
+class _Range:
+    """Logs and headers gathered for one range before it is turned into a batch."""
+
+    logs: list[RawLog] = field(default_factory=list)
+    children: dict[str, str] = field(default_factory=dict)
+
+
+class Follower:
+    """Indexes [cursor+1, head - confirmations] and keeps going; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        rpc: RpcClient,
+        store: Store,
+        lease: Lease,
+        sources: Sources,
+        config: FollowConfig,
+        sizer: LogRangeSizer,
+        metrics: Metrics,
+        on_commit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._rpc = rpc
+        self._store = store
+        self._lease = lease
+        self._sources = sources
+        self._config = config
+        self._sizer = sizer
+        self._metrics = metrics
+        self._on_commit = on_commit
+        self._static = sources.static_kinds()
+        self._children: dict[str, str] = {}
+        self._unknown_logged: set[tuple[str, str]] = set()
+        self._state: IndexerState | None = None
+        self.head = -1
+
+    @property
+    def cursor(self) -> int:
+        assert self._state is not None
+        return self._state.block_number
+
+    @property
+    def caught_up(self) -> bool:
+        return self._state is not None and self.head >= 0 and self.cursor >= self._target(self.head)
+
+    def _target(self, head: int) -> int:
+        return head - self._config.confirmations
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Check the chain, create or load the cursor, and handle a reorg that happened offline."""
+        chain_id = await self._rpc.chain_id()
+        if chain_id != self._config.chain_id:
+            raise ChainIdMismatch(expected=self._config.chain_id, actual=chain_id)
+        state = await self._store.load_state()
+        if state is None:
+            state = await self._store.init_state(
+                self._lease,
+                self._config.lease_ttl,
+                chain_id=chain_id,
+                cursor=await self._start_cursor(),
+            )
+            log.info("cursor created", block=state.block_number)
+        elif state.chain_id != chain_id:
+            raise ChainIdMismatch(expected=state.chain_id, actual=chain_id, endpoint="the database")
+        self._state = state
+        self._children = await self._store.children()
+        self._metrics.cursor.set(state.block_number)
+        log.info("resuming", cursor=state.block_number, markets=len(self._children))
+        if state.block_number >= 0:
+            canonical = await self._rpc.get_block_header(state.block_number)
+            if canonical.hash != state.block_hash:
+                await self._handle_reorg()
+
+    async def _start_cursor(self) -> BlockHeader:
+        return await self._header_or_virtual(self._config.start_block - 1)
+
+    async def _header_or_virtual(self, number: int) -> BlockHeader:
+        """The header of block `number`, or the virtual parent of block 0 for -1."""
+        if number < 0:
+            return BlockHeader(number=-1, hash=ZERO_HASH, parent_hash=ZERO_HASH, timestamp=0)
+        return await self._rpc.get_block_header(number)
+
+    async def current_target(self) -> int:
+        """The block the follower would index up to now."""
+        self.head = await self._rpc.block_number()
+        return self._target(self.head)
+
+    async def rewind(self, number: int) -> int:
+        """Roll back to block `number` as a reorg would (for `reindex`); returns events removed."""
+        assert self._state is not None
+        if number >= self._state.block_number:
+            return 0
+        ancestor = await self._header_or_virtual(number)
+        removed = await self._store.rollback(self._lease, self._config.lease_ttl, ancestor)
+        await self._reload_state()
+        self._on_commit()
+        return removed
+
+    async def _reload_state(self) -> None:
+        state = await self._store.load_state()
+        assert state is not None
+        self._state = state
+        self._children = await self._store.children()
+        self._metrics.cursor.set(state.block_number)
+
+    # -- main loop ---------------------------------------------------------------------------
+
+    async def follow(self, *, until: int | None = None) -> None:
+        """Index forever (or until block `until` is stored). Safe to cancel at any await."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            self.head = await self._rpc.block_number()
+            self._metrics.head.set(self.head)
+            target = self._target(self.head)
+            if until is not None:
+                target = min(target, until)
+            if self.cursor < target:
+                await self.step(target)
+                continue
+            self._metrics.lag.set(max(0, self._target(self.head) - self.cursor))
+            if until is not None and self.cursor >= until:
+                return
+            await asyncio.sleep(max(0.0, self._config.poll_interval - (loop.time() - started)))
+
+    async def step(self, target: int) -> None:
+        """Index one range towards `target`, or handle a reorg found at its start."""
+        first = self.cursor + 1
+        deep_end = self.head - self._config.reorg_window
+        try:
+            if first <= deep_end:
+                await self._index_deep(first, min(target, deep_end, first + self._sizer.size - 1))
+            else:
+                await self._index_tip(first, min(target, first + TIP_MAX_BLOCKS - 1))
+        except ReorgDuringFetch as exc:
+            # The chain moved under us between two calls: the next step sees the new branch.
+            log.info("chain changed during fetch, retrying", reason=str(exc))
+            self._metrics.fetch_retries.inc()
+            await asyncio.sleep(min(self._config.poll_interval, 0.5))
+
+    async def backfill(self, first: int, last: int) -> int:
+        """Fetch an already indexed range again and store what is missing; the cursor stays."""
+        assert self._state is not None
+        if last > self._state.block_number:
+            raise ValueError(f"block {last} is above the cursor {self._state.block_number}")
+        gathered = await self._gather(first, last)
+        blocks = sorted({lg.block_number for lg in gathered.logs} | {last})
+        headers = {h.number: h for h in await self._rpc.get_block_headers(blocks)}
+        return await self._commit(
+            first, last, gathered, headers, stored_headers=[], move_cursor=False
+        )
+
+    async def _index_deep(self, first: int, last: int) -> None:
+        gathered = await self._gather(first, last)
+        blocks = sorted({lg.block_number for lg in gathered.logs} | {last})
+        headers = {h.number: h for h in await self._rpc.get_block_headers(blocks)}
+        await self._commit(first, last, gathered, headers, stored_headers=[headers[last]])
+
+    async def _index_tip(self, first: int, last: int) -> None:
+        assert self._state is not None
+        fetched = await self._rpc.get_block_headers(range(first, last + 1))
+        if fetched[0].parent_hash != self._state.block_hash:
+            await self._handle_reorg()
+            return
+        for parent, child in itertools.pairwise(fetched):
+            if child.parent_hash != parent.hash:
+                raise ReorgDuringFetch(f"block {child.number} does not extend {parent.number}")
+        gathered = await self._gather(first, last)
+        headers = {h.number: h for h in fetched}
+        await self._commit(first, last, gathered, headers, stored_headers=fetched)
+
+    async def _gather(self, first: int, last: int) -> _Range:
+        """Every tracked log of the range, children created inside it included."""
+        gathered = _Range()
+        addresses = [*self._static, *self._children]
+        gathered.logs = await self._fetch(first, last, addresses)
+        pending = self._new_children(gathered.logs, gathered.children)
+        while pending:
+            # A child's logs start in its creation block, before the factory's announcement.
+            since = min(pending.values())
+            more = await self._fetch(since, last, list(pending))
+            gathered.logs += [lg for lg in more if lg.block_number >= pending[lg.address]]
+            pending = {}  # factories are static: children never create children
+        gathered.logs.sort(key=lambda lg: (lg.block_number, lg.log_index))
+        return gathered
+
+    async def _fetch(self, first: int, last: int, addresses: Sequence[str]) -> list[RawLog]:
+        step = self._config.max_addresses
+        chunks = [addresses[i : i + step] for i in range(0, len(addresses), step)]
+        logs: list[RawLog] = []
+        for chunk in chunks:
+            logs += await fetch_logs(
+                self._rpc, self._sizer, from_block=first, to_block=last, addresses=chunk
+            )
+        return logs
+
+    def _new_children(self, logs: Sequence[RawLog], found: dict[str, str]) -> dict[str, int]:
+        """Register markets announced in `logs`; return the new ones and their creation block."""
+        created: dict[str, int] = {}
+        for raw in logs:
+            if (
+                raw.topics
+                and raw.topics[0] == MARKET_CREATED.topic0
+                and self._static.get(raw.address) is ContractKind.FACTORY
+                and len(raw.topics) > 1
+            ):
+                child = "0x" + raw.topics[1][-40:]
+                if child not in self._children and child not in found:
+                    found[child] = raw.address
+                    created[child] = raw.block_number
+        return created
+
+    async def _commit(
+        self,
+        first: int,
+        last: int,
+        gathered: _Range,
+        headers: dict[int, BlockHeader],
+        *,
+        stored_headers: Sequence[BlockHeader],
+        move_cursor: bool = True,
+    ) -> int:
+        kinds = dict(self._static)
+        kinds.update(
+            (child, ContractKind.MARKET) for child in (*self._children, *gathered.children)
+        )
+        events = []
+        for raw in gathered.logs:
+            header = headers[raw.block_number]
+            if raw.block_hash != header.hash:
+                raise ReorgDuringFetch(f"log of block {raw.block_number} is from another branch")
+            events.append(self._stored(raw, kinds[raw.address], header))
+        batch = Batch(
+            events=events,
+            headers=stored_headers,
+            cursor=headers[last] if move_cursor else None,
+            prune_headers_below=last - 2 * self._config.reorg_window,
+        )
+        with self._metrics.batch_seconds.time():
+            fresh = await self._store.save_batch(self._lease, self._config.lease_ttl, batch)
+        assert self._state is not None
+        self._children.update(gathered.children)
+        if not move_cursor:
+            if fresh:
+                self._on_commit()
+            return len(fresh)
+        self._state = IndexerState(
+            chain_id=self._state.chain_id,
+            block_number=last,
+            block_hash=headers[last].hash,
+            last_seq=self._state.last_seq,
+        )
+        self._metrics.record_batch(last=last, fresh=fresh, target=self._target(self.head))
+        if fresh:
+            self._on_commit()
+        log.debug("batch indexed", first=first, last=last, events=len(fresh))
+        return len(fresh)
+
+    def _stored(self, raw: RawLog, kind: ContractKind, header: BlockHeader) -> StoredEvent:
+        decoded = None
+        try:
+            decoded = decode_log(kind, raw.address, raw.topics, raw.data)
+            problem = None if decoded is not None else "unknown event"
+        except UndecodableLog as exc:
+            problem = str(exc)
+        if decoded is None:
+            self._note_unknown(raw, kind, problem or "")
+        return StoredEvent(
+            log=raw, kind=kind, decoded=decoded, block_time=block_time(header.timestamp)
+        )
+
+    def _note_unknown(self, raw: RawLog, kind: ContractKind, problem: str) -> None:
+        self._metrics.unknown_logs.inc()
+        key = (raw.address, raw.topics[0] if raw.topics else "")
+        if key in self._unknown_logged or len(self._unknown_logged) >= UNKNOWN_MEMORY:
+            return
+        self._unknown_logged.add(key)
+        log.warning(
+            "unknown log stored raw",
+            contract=raw.address,
+            kind=kind.value,
+            topic0=key[1],
+            block=raw.block_number,
+            problem=problem,
+        )
+
+    # -- reorgs ------------------------------------------------------------------------------
+
+    async def _handle_reorg(self) -> None:
+        """Roll back to the newest stored block that is still canonical, or halt if too deep."""
+        assert self._state is not None
+        window = self._config.reorg_window
+        ancestor = None
+        for stored in await self._store.recent_headers(window + 1):
+            if self._state.block_number - stored.number > window:
+                break
+            if stored.number < 0:
+                ancestor = stored  # the virtual parent of block 0 is always an ancestor
+                break
+            canonical = await self._rpc.get_block_header(stored.number)
+            if canonical.hash == stored.hash:
+                ancestor = stored
+                break
+        if ancestor is None:
+            raise ReorgTooDeep(cursor=self._state.block_number, window=window)
+        depth = self._state.block_number - ancestor.number
+        removed = await self._store.rollback(self._lease, self._config.lease_ttl, ancestor)
+        await self._reload_state()
+        self._metrics.reorgs.inc()
+        log.warning("reorg rolled back", depth=depth, ancestor=ancestor.number, removed=removed)
+        self._on_commit()

@@ -1,0 +1,108 @@
+"""`python -m indexer run | status | backfill | reindex | verify`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+
+from indexer import commands
+from indexer.service import run
+from shared.errors import KektechError
+from shared.logs import configure_logging
+from shared.settings import IndexerSettings, settings_or_exit
+
+log = structlog.get_logger()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m indexer",
+        description="KEKTECH chain indexer: Postgres storage and Redis publishing of every "
+        "KEKTECH event. Settings come from the environment and .env (see .env.example).",
+    )
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="follow the chain (the default)")
+    sub.add_parser("status", help="print cursor, head, lag, publish backlog and lease holder")
+    backfill = sub.add_parser(
+        "backfill", help="fetch an already indexed range again and store what is missing"
+    )
+    backfill.add_argument("--from", dest="first", type=int, required=True)
+    backfill.add_argument("--to", dest="last", type=int, required=True)
+    reindex = sub.add_parser(
+        "reindex", help="roll back to block FROM-1 (publishing removals), then index to the head"
+    )
+    reindex.add_argument("--from", dest="first", type=int, required=True)
+    verify = sub.add_parser("verify", help="compare the database with the chain over a range")
+    verify.add_argument("--from", dest="first", type=int, required=True)
+    verify.add_argument("--to", dest="last", type=int, default=None)
+    args = parser.parse_args(argv)
+    for name in ("first", "last"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            parser.error(f"--{'from' if name == 'first' else 'to'} must be >= 0")
+    if getattr(args, "last", None) is not None and args.last < args.first:
+        parser.error("--to must not be below --from")
+    return args
+
+
+def run_until_signalled(main: Coroutine[Any, Any, int]) -> int:
+    """Run `main`, cancelling it on SIGINT (PM2's stop signal) or SIGTERM."""
+
+    async def wrapper() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await main
+        except asyncio.CancelledError:
+            log.info("stopped by signal")
+            return 0
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(wrapper())
+    return uvloop.run(wrapper())
+
+
+async def dispatch(args: argparse.Namespace, settings: IndexerSettings) -> int:
+    command = args.command or "run"
+    if command == "run":
+        await run(settings)
+        return 0
+    if command == "status":
+        return await commands.status(settings)
+    if command == "backfill":
+        return await commands.backfill(settings, args.first, args.last)
+    if command == "reindex":
+        return await commands.reindex(settings, args.first)
+    return await commands.verify(settings, args.first, args.last)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = settings_or_exit(IndexerSettings)
+    configure_logging(settings.log_level, settings.log_format, secrets=settings.log_secrets())
+    try:
+        return run_until_signalled(dispatch(args, settings))
+    except (KektechError, ExceptionGroup) as exc:
+        errors = _leaves(exc)
+        if not all(isinstance(e, KektechError) for e in errors):
+            raise  # a bug: let the traceback through
+        for error in errors:
+            log.error("indexer stopped", error=str(error), error_type=type(error).__name__)
+        return 1
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or the exception itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]

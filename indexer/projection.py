@@ -1,0 +1,137 @@
+"""The `markets` projection as a pure fold over decoded events.
+
+The same fold serves the forward path (apply a batch to the rows it touches) and the reorg
+path (rebuild an affected market from the events that remain), so both always agree. Early
+markets (template v1) emit no MarketStateChanged, so the state also follows the lifecycle
+events that accompany each transition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from indexer.catalog import OUTCOME_NAMES, STATE_NAMES, ContractKind
+
+# Lifecycle events and the state they imply, by (emitter kind, event name).
+STATE_BY_EVENT: dict[tuple[ContractKind, str], str] = {
+    (ContractKind.MARKET, "MarketApproved"): "APPROVED",
+    (ContractKind.MARKET, "MarketActivated"): "ACTIVE",
+    (ContractKind.MARKET, "ResolutionProposed"): "RESOLVING",
+    (ContractKind.MARKET, "MarketResolved"): "RESOLVING",
+    (ContractKind.MARKET, "MarketDisputed"): "DISPUTED",
+    (ContractKind.MARKET, "MarketFinalized"): "FINALIZED",
+}
+# Events that set the market's outcome, and the argument holding it.
+OUTCOME_ARGUMENT: dict[tuple[ContractKind, str], str] = {
+    (ContractKind.MARKET, "MarketResolved"): "result",
+    (ContractKind.MARKET, "MarketFinalized"): "finalOutcome",
+    (ContractKind.RESOLUTION_MANAGER, "MarketResolved"): "outcome",
+    (ContractKind.RESOLUTION_MANAGER, "ResolutionFinalized"): "finalOutcome",
+    (ContractKind.RESOLUTION_MANAGER, "MarketAutoFinalized"): "outcome",
+    (ContractKind.RESOLUTION_MANAGER, "AdminResolution"): "outcome",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectedEvent:
+    """What the fold needs from one stored event."""
+
+    kind: ContractKind
+    name: str
+    contract: str
+    market: str
+    args: dict[str, str | bool | None]
+    block_number: int
+    transaction_hash: str
+    block_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MarketRow:
+    """One row of the `markets` table."""
+
+    address: str
+    factory: str
+    creator: str
+    question: str
+    category: str
+    resolution_time: int
+    creator_bond: int
+    state: str
+    outcome: str
+    rejected: bool
+    deactivated: bool
+    bets_outcome1: int
+    bets_outcome2: int
+    volume_outcome1: int
+    volume_outcome2: int
+    created_block: int
+    created_tx: str
+    created_at: datetime
+    updated_block: int
+
+
+def _outcome_name(value: str | bool | None) -> str:
+    index = int(str(value))
+    return OUTCOME_NAMES[index] if 0 <= index < len(OUTCOME_NAMES) else "UNKNOWN"
+
+
+def _created(event: ProjectedEvent) -> MarketRow:
+    a = event.args
+    return MarketRow(
+        address=event.market,
+        factory=event.contract,
+        creator=str(a["creator"]),
+        question=str(a["question"]),
+        category=str(a["category"]),
+        resolution_time=int(str(a["resolutionTime"])),
+        creator_bond=int(str(a["creatorBond"])),
+        state="PROPOSED",
+        outcome="UNRESOLVED",
+        rejected=False,
+        deactivated=False,
+        bets_outcome1=0,
+        bets_outcome2=0,
+        volume_outcome1=0,
+        volume_outcome2=0,
+        created_block=event.block_number,
+        created_tx=event.transaction_hash,
+        created_at=event.block_time,
+        updated_block=event.block_number,
+    )
+
+
+def apply_event(row: MarketRow | None, event: ProjectedEvent) -> MarketRow | None:
+    """Return the market row after `event` (None while the market is not yet announced)."""
+    key = (event.kind, event.name)
+    if key == (ContractKind.FACTORY, "MarketCreated"):
+        return _created(event)
+    if row is None:
+        # Only the child's own creation logs precede its announcement in the same transaction;
+        # they carry nothing the row would not start with.
+        return None
+    changes: dict[str, object] = {"updated_block": event.block_number}
+    args = event.args
+    if key == (ContractKind.MARKET, "MarketStateChanged"):
+        index = int(str(args["newState"]))
+        changes["state"] = STATE_NAMES[index] if index < len(STATE_NAMES) else "UNKNOWN"
+    elif key in STATE_BY_EVENT:
+        changes["state"] = STATE_BY_EVENT[key]
+    if key in OUTCOME_ARGUMENT:
+        changes["outcome"] = _outcome_name(args[OUTCOME_ARGUMENT[key]])
+    elif key == (ContractKind.RESOLUTION_MANAGER, "DisputeResolved") and args["upheld"]:
+        changes["outcome"] = _outcome_name(args["newOutcome"])
+    elif event.name == "MarketRejected":
+        changes["rejected"] = True
+    elif key == (ContractKind.FACTORY, "MarketDeactivated"):
+        changes["deactivated"] = True
+    elif key == (ContractKind.MARKET, "BetPlaced"):
+        amount = int(str(args["amount"]))
+        if args["outcome"] == "1":
+            changes["bets_outcome1"] = row.bets_outcome1 + 1
+            changes["volume_outcome1"] = row.volume_outcome1 + amount
+        elif args["outcome"] == "2":
+            changes["bets_outcome2"] = row.bets_outcome2 + 1
+            changes["volume_outcome2"] = row.volume_outcome2 + amount
+    return replace(row, **changes)  # type: ignore[arg-type]

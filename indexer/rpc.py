@@ -1,0 +1,306 @@
+"""JSON-RPC client of the indexer: failover, bounded retries, batches and checked answers.
+
+The transport is aiohttp, not web3's AsyncHTTPProvider. web3 8's provider can switch its own
+retries off and send batches, but its default session closes the connection after every
+request (`force_close=True`), its timeout is per provider rather than per call, it decodes with
+the stdlib json through an extra text copy, and it logs the full endpoint URL (API key and all)
+at debug level. Measured on a local anvil: 100 batched eth_getBlockByNumber took 2-3 ms with
+aiohttp and orjson against 5-7 ms through the provider, 200 sequential eth_blockNumber 70-80 ms
+against 110-260 ms; a 10,000-log eth_getLogs costs the same either way (decoding dominates).
+
+Either a call returns a complete, checked answer or it raises an `RpcError`. The pieces:
+`rpc_transport` makes one HTTP attempt, `rpc_wire` classifies failures, `rpc_results` checks
+answers and `rpc_ranges` splits long eth_getLogs ranges; this module retries and re-exports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self, TypeVar
+
+import aiohttp
+import structlog
+
+from indexer import rpc_wire as wire
+from indexer.errors import ChainIdMismatch, RpcError, RpcRangeTooLarge, RpcUnavailable
+from indexer.rpc_ranges import LogRangeSizer, fetch_logs
+from indexer.rpc_results import (
+    BlockHeader,
+    LogQuery,
+    RawLog,
+    TopicFilter,
+    parse_header,
+    parse_logs,
+)
+from indexer.rpc_transport import Endpoint, post
+
+__all__ = [
+    "BlockHeader",
+    "LogRangeSizer",
+    "RawLog",
+    "RpcClient",
+    "RpcStats",
+    "TopicFilter",
+    "fetch_logs",
+]
+
+DEFAULT_MAX_BATCH_SIZE = 100
+# Past this many doublings the backoff cap has long been reached; keeps 2**n small.
+MAX_BACKOFF_EXPONENT = 32
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
+
+@dataclass
+class RpcStats:
+    """Counters for the metrics exporter; plain ints that only grow."""
+
+    calls: int = 0  # requests and batches asked for, retries not counted
+    attempts: int = 0  # HTTP requests sent, retries and chain id checks included
+    failovers: int = 0  # switches to the next endpoint
+    errors: Counter[str] = field(default_factory=Counter)  # failed attempts by kind
+
+
+class RpcClient:
+    """JSON-RPC over HTTP to the first working endpoint of several, with bounded retries."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        timeout: float,
+        max_retries: int,
+        backoff_base: float = 0.2,
+        backoff_max: float = 10.0,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        expected_chain_id: int | None = None,
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one RPC URL is required")
+        if timeout <= 0 or max_retries < 0 or max_batch_size < 1:
+            raise ValueError("timeout and max_batch_size must be positive, max_retries >= 0")
+        self._endpoints = [Endpoint.from_url(i, url) for i, url in enumerate(urls)]
+        self._timeout = timeout
+        self._attempts = max_retries + 1
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._max_batch_size = max_batch_size
+        self._expected_chain_id = expected_chain_id
+        self._current = 0
+        self._batches = True
+        self._ids = itertools.count(1)
+        self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
+        self._session: aiohttp.ClientSession | None = None
+        self.stats = RpcStats()
+
+    async def __aenter__(self) -> Self:
+        # One keep-alive pool for every endpoint; the timeout bounds each attempt, not a call.
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self._timeout), raise_for_status=False
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def chain_id(self) -> int:
+        """Return the chain id of the current endpoint."""
+        result = await self._call("eth_chainId", [])
+        return wire.parse_quantity(result, "chain id", "eth_chainId")
+
+    async def block_number(self) -> int:
+        """Return the number of the newest block."""
+        result = await self._call("eth_blockNumber", [])
+        return wire.parse_quantity(result, "block number", "eth_blockNumber")
+
+    async def get_block_header(self, number: int) -> BlockHeader:
+        """Return the header of a block; BlockNotFound if the node does not have it yet."""
+        return parse_header(await self._call("eth_getBlockByNumber", _block_params(number)), number)
+
+    async def get_block_headers(self, numbers: Sequence[int]) -> list[BlockHeader]:
+        """Return the headers of several blocks in order, fetched in JSON-RPC batches."""
+        results = await self.request_batch(
+            "eth_getBlockByNumber", [_block_params(n) for n in numbers]
+        )
+        return [parse_header(r, n) for r, n in zip(results, numbers, strict=True)]
+
+    async def get_logs(
+        self,
+        from_block: int,
+        to_block: int,
+        *,
+        addresses: Sequence[str],
+        topics: TopicFilter | None = None,
+        timeout_is_range_error: bool = True,
+    ) -> list[RawLog]:
+        """Return every log of the inclusive range in one call; RpcRangeTooLarge if refused.
+
+        The caller must not ask past a head it has seen: nodes answer such ranges with an
+        empty or partial list, not an error. A timeout counts as a range error unless
+        timeout_is_range_error is false (nothing is left to shrink).
+        """
+        query = LogQuery.build(from_block, to_block, addresses, topics)
+        result = await self._call(
+            wire.GET_LOGS, query.params(), timeout_is_range_error=timeout_is_range_error
+        )
+        return parse_logs(result, query)
+
+    async def request(self, method: str, params: Sequence[object] = ()) -> object:
+        """Call any JSON-RPC method and return its unchecked result."""
+        return await self._call(method, list(params))
+
+    async def request_batch(
+        self, method: str, params_list: Sequence[Sequence[object]]
+    ) -> list[object]:
+        """Call one method once per parameter list, in batches; results in request order."""
+        results: list[object] = []
+        for start in range(0, len(params_list), self._max_batch_size):
+            chunk = params_list[start : start + self._max_batch_size]
+            if self._batches:
+                try:
+                    results += await self._batch(method, chunk)
+                    continue
+                except wire.BatchRejected as rejected:
+                    self.stats.errors["batch_rejected"] += 1
+                    self._batches = False
+                    log.warning("rpc batches rejected, calling one by one", reason=str(rejected))
+            for params in chunk:
+                results.append(await self._call(method, list(params)))
+        return results
+
+    async def _call(
+        self, method: str, params: list[object], *, timeout_is_range_error: bool = False
+    ) -> object:
+        request_id = next(self._ids)
+        body = wire.encode_request(request_id, method, params)
+
+        async def attempt(endpoint: Endpoint) -> object:
+            payload = await self._post(
+                endpoint, body, method, timeout_is_range_error=timeout_is_range_error
+            )
+            return wire.result_of(payload, request_id, method)
+
+        return await self._with_retries(method, attempt)
+
+    async def _batch(self, method: str, params_list: Sequence[Sequence[object]]) -> list[object]:
+        ids = [next(self._ids) for _ in params_list]
+        body = wire.encode_batch(ids, method, params_list)
+
+        async def attempt(endpoint: Endpoint) -> list[object]:
+            payload = await self._post(endpoint, body, method, batch=True)
+            return wire.batch_results(payload, ids, method)
+
+        return await self._with_retries(method, attempt)
+
+    async def _with_retries(self, method: str, attempt: Callable[[Endpoint], Awaitable[T]]) -> T:
+        """Run attempt until it succeeds, failing over and backing off on transient failures.
+
+        The one place that retries. Safe to cancel: an attempt changes nothing on the node.
+        """
+        self.stats.calls += 1
+        last_error = "no attempt made"
+        for number in range(1, self._attempts + 1):
+            index = self._current
+            endpoint = self._endpoints[index]
+            try:
+                if self._expected_chain_id is not None and not endpoint.verified:
+                    await self._verify_chain(endpoint, self._expected_chain_id)
+                return await attempt(endpoint)
+            except wire.TransientFailure as failure:
+                self.stats.errors[failure.kind] += 1
+                last_error = f"{failure.kind} at {endpoint.label}: {failure.detail}"
+                if failure.retry_after is not None:
+                    endpoint.ready_at = time.monotonic() + min(
+                        failure.retry_after, self._backoff_max
+                    )
+                if number == self._attempts:
+                    break
+                delay = self._backoff(number, self._fail_over(index))
+                log.warning(
+                    "rpc attempt failed",
+                    method=method,
+                    endpoint=endpoint.label,
+                    error=failure.kind,
+                    detail=failure.detail,
+                    attempt=number,
+                    retry_in=round(delay, 3),
+                )
+                await asyncio.sleep(delay)
+            except RpcError as exc:
+                self.stats.errors[_error_kind(exc)] += 1
+                raise
+        raise RpcUnavailable(method, self._attempts, last_error)
+
+    def _fail_over(self, index: int) -> Endpoint:
+        """Move on from the endpoint at index, unless a concurrent call already did."""
+        if len(self._endpoints) > 1 and self._current == index:
+            self._current = (index + 1) % len(self._endpoints)
+            self.stats.failovers += 1
+        return self._endpoints[self._current]
+
+    def _backoff(self, attempt: int, endpoint: Endpoint) -> float:
+        """Return the delay before the next attempt: full jitter, or the endpoint's Retry-After."""
+        ceiling = self._backoff_base * 2 ** min(attempt - 1, MAX_BACKOFF_EXPONENT)
+        jitter = self._rng.uniform(0.0, min(self._backoff_max, ceiling))
+        return min(self._backoff_max, max(jitter, endpoint.ready_at - time.monotonic()))
+
+    async def _verify_chain(self, endpoint: Endpoint, expected: int) -> None:
+        """Check once per endpoint that it serves the expected chain, so failover cannot switch."""
+        request_id = next(self._ids)
+        body = wire.encode_request(request_id, "eth_chainId", [])
+        payload = await self._post(endpoint, body, "eth_chainId")
+        result = wire.result_of(payload, request_id, "eth_chainId")
+        actual = wire.parse_quantity(result, "chain id", "eth_chainId")
+        if actual != expected:
+            raise ChainIdMismatch(expected, actual, endpoint.label)
+        endpoint.verified = True
+
+    async def _post(
+        self,
+        endpoint: Endpoint,
+        body: bytes,
+        method: str,
+        *,
+        timeout_is_range_error: bool = False,
+        batch: bool = False,
+    ) -> object:
+        assert self._session is not None, "RpcClient used outside `async with`"
+        self.stats.attempts += 1
+        return await post(
+            self._session,
+            endpoint,
+            body,
+            method,
+            timeout_is_range_error=timeout_is_range_error,
+            batch=batch,
+        )
+
+
+def _block_params(number: int) -> list[object]:
+    if number < 0:
+        raise ValueError(f"negative block number {number}")
+    return [hex(number), False]
+
+
+def _error_kind(exc: RpcError) -> str:
+    if isinstance(exc, RpcRangeTooLarge):
+        return "range_too_large"
+    if isinstance(exc, ChainIdMismatch):
+        return "chain_id_mismatch"
+    return "rpc_error"

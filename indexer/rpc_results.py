@@ -1,0 +1,197 @@
+"""Block headers and logs as the indexer uses them, checked on their way in from the node.
+
+Pure functions, no I/O. A node's answer crosses a process boundary, so nothing is trusted:
+a field of the wrong shape, a log outside the asked range, from an address or with a topic
+that was not asked for, or the same log twice is an `RpcResponseError`, never a silent gap.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from indexer.errors import BlockNotFound, RpcResponseError
+from indexer.rpc_wire import GET_LOGS, parse_quantity
+from shared.evm import normalize_address
+
+__all__ = ["BlockHeader", "LogQuery", "RawLog", "TopicFilter", "parse_header", "parse_logs"]
+
+GET_BLOCK = "eth_getBlockByNumber"
+MAX_TOPICS = 4
+
+_HASH_RE = re.compile(r"0x[0-9a-fA-F]{64}")
+_DATA_RE = re.compile(r"0x[0-9a-fA-F]*")
+# Where a log sits in the chain: the sort key of every log list the indexer handles.
+_POSITION = operator.attrgetter("block_number", "log_index")
+
+# Each position is None (any topic), one topic, or a list of alternatives (eth_getLogs syntax).
+TopicFilter = Sequence[str | Sequence[str] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class BlockHeader:
+    """The parts of a block header needed to follow the chain and notice reorgs."""
+
+    number: int
+    hash: str
+    parent_hash: str
+    timestamp: int
+
+
+@dataclass(frozen=True, slots=True)
+class RawLog:
+    """One log as eth_getLogs returns it, checked, with hex in lowercase."""
+
+    address: str
+    topics: tuple[str, ...]
+    data: str
+    block_number: int
+    block_hash: str
+    transaction_hash: str
+    transaction_index: int
+    log_index: int
+    removed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LogQuery:
+    """A checked eth_getLogs filter: an inclusive block range, addresses and topics."""
+
+    from_block: int
+    to_block: int
+    addresses: frozenset[str]
+    topics: tuple[frozenset[str] | None, ...]
+
+    @classmethod
+    def build(
+        cls, from_block: int, to_block: int, addresses: Sequence[str], topics: TopicFilter | None
+    ) -> LogQuery:
+        """Normalize and check the arguments of a query; ValueError for a caller's mistake."""
+        if not 0 <= from_block <= to_block:
+            raise ValueError(f"bad block range {from_block}..{to_block}")
+        # An empty address list would ask the node for every log on the chain.
+        if not addresses:
+            raise ValueError("at least one address is required")
+        if topics is not None and len(topics) > MAX_TOPICS:
+            raise ValueError(f"at most {MAX_TOPICS} topic positions")
+        return cls(
+            from_block,
+            to_block,
+            frozenset(normalize_address(a) for a in addresses),
+            tuple(_topic_set(t) for t in topics or ()),
+        )
+
+    def params(self) -> list[object]:
+        """Return the eth_getLogs parameters of this query."""
+        filter_: dict[str, object] = {
+            "fromBlock": hex(self.from_block),
+            "toBlock": hex(self.to_block),
+            "address": sorted(self.addresses),
+        }
+        if self.topics:
+            filter_["topics"] = [None if t is None else sorted(t) for t in self.topics]
+        return [filter_]
+
+
+def parse_header(result: object, number: int) -> BlockHeader:
+    """Return the header in an eth_getBlockByNumber result; BlockNotFound if it is null."""
+    if result is None:
+        raise BlockNotFound(number)
+    if not isinstance(result, dict):
+        raise RpcResponseError(None, "block is not a JSON object", GET_BLOCK)
+    header = BlockHeader(
+        number=parse_quantity(result.get("number"), "block number", GET_BLOCK),
+        hash=_hash(result.get("hash"), "block hash", GET_BLOCK),
+        parent_hash=_hash(result.get("parentHash"), "parent hash", GET_BLOCK),
+        timestamp=parse_quantity(result.get("timestamp"), "timestamp", GET_BLOCK),
+    )
+    if header.number != number:
+        raise RpcResponseError(None, f"asked for block {number}, got {header.number}", GET_BLOCK)
+    return header
+
+
+def parse_logs(result: object, query: LogQuery) -> list[RawLog]:
+    """Return the logs of an eth_getLogs result that answers query, sorted by position."""
+    if not isinstance(result, list):
+        raise RpcResponseError(None, "logs are not a JSON list", GET_LOGS)
+    # Checked hashes by their raw text: block hashes, transaction hashes and topic0 repeat a lot.
+    hashes: dict[str, str] = {}
+    logs = sorted((_log(item, query, hashes) for item in result), key=_POSITION)
+    for earlier, later in itertools.pairwise(logs):
+        if _POSITION(earlier) >= _POSITION(later):
+            raise RpcResponseError(
+                None, f"log {_POSITION(later)} appears twice in one answer", GET_LOGS
+            )
+    return logs
+
+
+def _log(item: object, query: LogQuery, hashes: dict[str, str]) -> RawLog:
+    """Return one checked log of an eth_getLogs result."""
+    if not isinstance(item, dict):
+        raise RpcResponseError(None, "log is not a JSON object", GET_LOGS)
+    address = item.get("address")
+    if not isinstance(address, str) or address.lower() not in query.addresses:
+        raise RpcResponseError(None, f"log from an address not asked for: {address!r}", GET_LOGS)
+    topics = item.get("topics")
+    if not isinstance(topics, list) or len(topics) > MAX_TOPICS:
+        raise RpcResponseError(None, "log topics are not a list of at most 4", GET_LOGS)
+    data = item.get("data")
+    if not isinstance(data, str) or len(data) % 2 or not _DATA_RE.fullmatch(data):
+        raise RpcResponseError(None, "log data is not hex bytes", GET_LOGS)
+    removed = item.get("removed", False)
+    if not isinstance(removed, bool):
+        raise RpcResponseError(None, "log removed flag is not a boolean", GET_LOGS)
+    log = RawLog(
+        address=address.lower(),
+        topics=tuple(_hash(t, "topic", GET_LOGS, hashes) for t in topics),
+        data=data.lower(),
+        block_number=parse_quantity(item.get("blockNumber"), "log block number", GET_LOGS),
+        block_hash=_hash(item.get("blockHash"), "log block hash", GET_LOGS, hashes),
+        transaction_hash=_hash(item.get("transactionHash"), "transaction hash", GET_LOGS, hashes),
+        transaction_index=parse_quantity(
+            item.get("transactionIndex"), "transaction index", GET_LOGS
+        ),
+        log_index=parse_quantity(item.get("logIndex"), "log index", GET_LOGS),
+        removed=removed,
+    )
+    if not query.from_block <= log.block_number <= query.to_block:
+        raise RpcResponseError(
+            None,
+            f"log in block {log.block_number}, outside {query.from_block}..{query.to_block}",
+            GET_LOGS,
+        )
+    for position, allowed in enumerate(query.topics):
+        if allowed is not None and (
+            position >= len(log.topics) or log.topics[position] not in allowed
+        ):
+            raise RpcResponseError(None, f"log topic {position} was not asked for", GET_LOGS)
+    return log
+
+
+def _hash(value: object, what: str, method: str, checked: dict[str, str] | None = None) -> str:
+    """Return a 32-byte hex value in lowercase; checked remembers values already seen."""
+    if isinstance(value, str):
+        if checked is not None and (known := checked.get(value)) is not None:
+            return known
+        if _HASH_RE.fullmatch(value):
+            lower = value.lower()
+            if checked is not None:
+                checked[value] = lower
+            return lower
+    raise RpcResponseError(None, f"{what} is not a 32-byte hex string: {value!r:.80}", method)
+
+
+def _topic_set(topic: str | Sequence[str] | None) -> frozenset[str] | None:
+    """Normalize one topic position of a filter; ValueError for a malformed topic."""
+    if topic is None:
+        return None
+    alternatives = [topic] if isinstance(topic, str) else list(topic)
+    if not alternatives:
+        raise ValueError("a topic position lists no alternatives; use None for any topic")
+    for value in alternatives:
+        if not _HASH_RE.fullmatch(value):
+            raise ValueError(f"topic is not a 32-byte hex string: {value!r:.80}")
+    return frozenset(value.lower() for value in alternatives)

@@ -1,0 +1,72 @@
+"""One JSON-RPC attempt over HTTP: POST a body to one endpoint, get decoded JSON or an error.
+
+Nothing here retries; `RpcClient._with_retries` decides what a failure leads to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from indexer import rpc_wire as wire
+from indexer.errors import RpcRangeTooLarge
+from shared.config_types import url_secret_fragments
+
+__all__ = ["Endpoint", "post"]
+
+HEADERS = {"Content-Type": "application/json"}
+REDACTED = "***"
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """One JSON-RPC URL and what the client has learnt about it."""
+
+    url: str
+    label: str  # "#index host[:port]", the only form that reaches logs and errors
+    secrets: list[str]
+    ready_at: float = 0.0  # monotonic time a Retry-After asked us to wait for
+    verified: bool = False  # chain id checked
+
+    @classmethod
+    def from_url(cls, index: int, url: str) -> Endpoint:
+        """Return the endpoint for url, the index-th in the client's list."""
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+        return cls(url, f"#{index} {parts.hostname}{port}", [url, *url_secret_fragments(url)])
+
+    def redact(self, text: str) -> str:
+        """Return text with the URL and its secret parts blanked out."""
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    endpoint: Endpoint,
+    body: bytes,
+    method: str,
+    *,
+    timeout_is_range_error: bool = False,
+    batch: bool = False,
+) -> object:
+    """Send one HTTP request and return the decoded JSON answer, or raise what it calls for."""
+    try:
+        async with session.post(endpoint.url, data=body, headers=HEADERS) as response:
+            raw = await response.read()
+            status = response.status
+            retry_after = response.headers.get("Retry-After")
+    except TimeoutError:
+        detail = f"no answer within {session.timeout.total} s"
+        if timeout_is_range_error:
+            raise RpcRangeTooLarge(detail) from None
+        raise wire.TransientFailure("timeout", detail) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        # `from None`: the chained exception may quote the URL; the detail is redacted.
+        detail = endpoint.redact(f"{type(exc).__name__}: {exc}")
+        raise wire.TransientFailure("connect", detail) from None
+    wire.check_status(status, raw, retry_after, method, batch=batch)
+    return wire.decode(raw)

@@ -1,0 +1,273 @@
+"""The JSON-RPC wire format: answer envelopes, HTTP statuses and what each failure means.
+
+Pure functions over bytes and decoded JSON, no I/O. Every failure lands in one of three bins,
+which decide what RpcClient does next: transient (`TransientFailure`: back off and try the next
+endpoint), a range error (`RpcRangeTooLarge`: eth_getLogs asked for too much, the caller
+shrinks the range) or final (`RpcResponseError`: raise at once, retrying cannot help).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import re
+import time
+from collections.abc import Sequence
+from typing import NoReturn
+
+import orjson
+
+from indexer.errors import RpcRangeTooLarge, RpcResponseError
+
+__all__ = [
+    "BatchRejected",
+    "TransientFailure",
+    "Verdict",
+    "batch_results",
+    "check_status",
+    "classify",
+    "decode",
+    "encode_batch",
+    "encode_request",
+    "parse_quantity",
+    "parse_retry_after",
+    "result_of",
+]
+
+GET_LOGS = "eth_getLogs"
+# EIP-1474 "limit exceeded", "internal error", and the HTTP status some providers copy in.
+TRANSIENT_CODES = frozenset({-32005, -32603, 429})
+# Statuses that say "this endpoint, now" rather than "this request": another endpoint or a
+# later attempt may well succeed.
+TRANSIENT_STATUSES = frozenset({401, 403, 408, 425, 429})
+ERROR_EXCERPT = 200
+
+# Provider wordings for an eth_getLogs query that asks for too much, checked before the
+# transient patterns because Infura answers both "rate limited" and "more than 10000 results"
+# with -32005.
+_RANGE_PATTERNS = (
+    r"block range",  # "block range too large", "exceed maximum block range: 5000"
+    r"range (?:is )?too (?:large|wide|big)",  # "range is too large, max is 1k blocks"
+    r"max(?:imum)? (?:is )?\d+k? blocks",
+    r"more than \d+ (?:results|logs)",  # "query returned more than 10000 results"
+    r"max(?:imum)? results",  # "query exceeds max results 20000"
+    r"too many (?:results|logs|blocks)",
+    r"response size",  # "Log response size exceeded"
+    r"logs? (?:matched|limit)",  # "logs matched by query exceeds limit of 10000"
+    r"query timeout",  # "Query timeout exceeded. Consider reducing your block range."
+)
+_RATE_PATTERNS = (
+    r"rate limit",
+    r"too many requests",
+    r"limit exceeded",
+    r"rate exceeded",
+    r"request rate",
+    r"capacity",
+    r"throttl",
+)
+# A node that is busy or lags behind its siblings behind a load balancer.
+_UNAVAILABLE_PATTERNS = (
+    r"try again",
+    r"temporar",
+    r"unavailable",
+    r"overloaded",
+    r"busy",
+    r"timeout",
+    r"timed out",
+    r"header not found",
+    r"unknown block",
+    r"block height is",  # anvil: "block height is 7 but requested was 9"
+    r"beyond (?:the )?(?:current )?head",
+    r"not (?:yet )?synced",
+)
+_RANGE_RE = re.compile("|".join(_RANGE_PATTERNS), re.IGNORECASE)
+_RATE_RE = re.compile("|".join(_RATE_PATTERNS), re.IGNORECASE)
+_UNAVAILABLE_RE = re.compile("|".join(_UNAVAILABLE_PATTERNS), re.IGNORECASE)
+
+
+class TransientFailure(Exception):  # noqa: N818 - named like the errors module's
+    """One attempt failed in a way another attempt may not; RpcClient never lets it escape."""
+
+    kind: str
+    detail: str
+    retry_after: float | None
+
+    def __init__(self, kind: str, detail: str, retry_after: float | None = None) -> None:
+        self.kind = kind
+        self.detail = detail
+        self.retry_after = retry_after
+        super().__init__(kind, detail, retry_after)
+
+
+class BatchRejected(Exception):  # noqa: N818 - named like the errors module's
+    """The endpoint does not take JSON-RPC batches; RpcClient falls back to single calls."""
+
+
+class Verdict(enum.Enum):
+    """What a JSON-RPC error means for the caller."""
+
+    TRANSIENT = "transient"
+    RANGE = "range"
+    FINAL = "final"
+
+
+def classify(code: int, message: str, method: str) -> Verdict:
+    """Decide from a JSON-RPC error code and message whether to retry, shrink or give up."""
+    if method == GET_LOGS and _RANGE_RE.search(message):
+        return Verdict.RANGE
+    if code in TRANSIENT_CODES or _RATE_RE.search(message) or _UNAVAILABLE_RE.search(message):
+        return Verdict.TRANSIENT
+    return Verdict.FINAL
+
+
+def encode_request(request_id: int, method: str, params: Sequence[object]) -> bytes:
+    """Return the body of one JSON-RPC request."""
+    return orjson.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+
+
+def encode_batch(ids: Sequence[int], method: str, params_list: Sequence[Sequence[object]]) -> bytes:
+    """Return the body of a JSON-RPC batch calling one method once per parameter list."""
+    return orjson.dumps(
+        [
+            {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+            for request_id, params in zip(ids, params_list, strict=True)
+        ]
+    )
+
+
+def decode(body: bytes) -> object:
+    """Decode an answer body; a body that is not JSON is a transient failure."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise TransientFailure("invalid_json", f"{len(body)} bytes that are not JSON") from None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Return the seconds a Retry-After header asks for (delay or HTTP date), None if unusable."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def check_status(
+    status: int, body: bytes, retry_after: str | None, method: str, *, batch: bool = False
+) -> None:
+    """Raise for an HTTP status other than 200; after a 200 the caller decodes the body."""
+    if status == 200:
+        return
+    error = _error_object(body)
+    if method == GET_LOGS and not batch:
+        if status == 413:
+            raise RpcRangeTooLarge("HTTP 413 payload too large")
+        if error is not None and classify(*error, method) is Verdict.RANGE:
+            raise RpcRangeTooLarge(f"HTTP {status}, error {error[0]}: {_excerpt(error[1])}")
+    if status in TRANSIENT_STATUSES or status >= 500:
+        kind = "http_5xx" if status >= 500 else f"http_{status}"
+        raise TransientFailure(kind, f"HTTP {status}", parse_retry_after(retry_after))
+    if batch:
+        raise BatchRejected(f"HTTP {status}")
+    if error is not None:
+        _raise_for_error(*error, method)
+    raise RpcResponseError(None, f"HTTP {status}", method)
+
+
+def result_of(payload: object, request_id: int, method: str) -> object:
+    """Return the result of one JSON-RPC answer, or raise what its error calls for."""
+    if not isinstance(payload, dict):
+        raise RpcResponseError(None, "answer is not a JSON object", method)
+    error = payload.get("error")
+    if error is not None:
+        code, message = _check_error(error, method)
+        _raise_for_error(code, message, method)
+    if "result" not in payload:
+        raise RpcResponseError(None, "answer has neither result nor error", method)
+    if payload.get("id") != request_id:
+        raise RpcResponseError(None, f"answer id {payload.get('id')!r} is not {request_id}", method)
+    return payload["result"]
+
+
+def batch_results(payload: object, ids: Sequence[int], method: str) -> list[object]:
+    """Return the results of a batch answer in request order; any failed item fails the batch."""
+    if not isinstance(payload, list):
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if error is not None:
+            code, message = _check_error(error, method)
+            if classify(code, message, method) is Verdict.TRANSIENT:
+                _raise_for_error(code, message, method)
+            raise BatchRejected(f"error {code}: {_excerpt(message)}")
+        raise BatchRejected("answer to a batch is not a list")
+    by_id: dict[object, object] = {}
+    for item in payload:
+        item_id = item.get("id") if isinstance(item, dict) else None
+        if item_id in by_id:
+            raise RpcResponseError(None, f"batch answer repeats id {item_id!r}", method)
+        by_id[item_id] = item
+    if by_id.keys() != set(ids):
+        raise RpcResponseError(None, "batch answer ids do not match the request", method)
+    for item in by_id.values():
+        error = item.get("error") if isinstance(item, dict) else None
+        if error is not None:
+            code, message = _check_error(error, method)
+            # Some providers cap batch size by failing the items past the cap.
+            if classify(code, message, method) is Verdict.FINAL and "batch" in message.lower():
+                raise BatchRejected(f"error {code}: {_excerpt(message)}")
+    return [result_of(by_id[request_id], request_id, method) for request_id in ids]
+
+
+def parse_quantity(value: object, what: str, method: str) -> int:
+    """Return a non-negative JSON-RPC hex quantity ("0x1a") as an int."""
+    if isinstance(value, str) and value.startswith("0x"):
+        try:
+            return int(value, 16)
+        except ValueError:
+            pass
+    raise RpcResponseError(None, f"{what} is not a hex quantity: {_excerpt(repr(value))}", method)
+
+
+def _error_object(body: bytes) -> tuple[int, str] | None:
+    """Return (code, message) of a JSON-RPC error in a non-200 body, None if there is none."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(error, dict):
+        return None
+    code, message = error.get("code"), error.get("message")
+    if isinstance(code, int) and isinstance(message, str):
+        return code, message
+    return None
+
+
+def _check_error(error: object, method: str) -> tuple[int, str]:
+    """Return (code, message) of a JSON-RPC error object, or raise if it is malformed."""
+    if isinstance(error, dict):
+        code, message = error.get("code"), error.get("message", "")
+        if isinstance(code, int) and not isinstance(code, bool) and isinstance(message, str):
+            return code, message
+    raise RpcResponseError(None, f"malformed error object: {_excerpt(repr(error))}", method)
+
+
+def _raise_for_error(code: int, message: str, method: str) -> NoReturn:
+    """Raise what a JSON-RPC error calls for."""
+    verdict = classify(code, message, method)
+    if verdict is Verdict.RANGE:
+        raise RpcRangeTooLarge(f"error {code}: {_excerpt(message)}")
+    if verdict is Verdict.TRANSIENT:
+        kind = "rpc_rate_limit" if _RATE_RE.search(message) or code == 429 else "rpc_transient"
+        raise TransientFailure(kind, f"error {code}: {_excerpt(message)}")
+    raise RpcResponseError(code, message, method)
+
+
+def _excerpt(text: str) -> str:
+    """Cut provider text to a length fit for a log line."""
+    return text if len(text) <= ERROR_EXCERPT else text[:ERROR_EXCERPT] + "..."

@@ -1,0 +1,230 @@
+"""`run(settings)`: the indexer service, owning every resource and task.
+
+Start-up: migrate, take the write lease (or wait as a standby), check the chain and the
+cursor, then follow the chain and drain the outbox side by side until cancelled. Shutdown is
+cancellation (SIGINT from PM2, or SIGTERM): the batch in flight is rolled back by Postgres, the
+lease is released so a restart takes over at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from indexer.errors import StoreError
+from indexer.follower import FollowConfig, Follower, Sources
+from indexer.http import serve_http
+from indexer.metrics import Metrics
+from indexer.publisher import Publisher
+from indexer.rpc import LogRangeSizer, RpcClient
+from indexer.store import Lease, Store
+from shared.settings import IndexerSettings
+
+log = structlog.get_logger()
+
+REDIS_TIMEOUT = 5.0
+RELEASE_TIMEOUT = 2.0
+
+
+def lease_owner() -> str:
+    """This process's identity in the lease: host, pid and a random tag."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def _dead_local_owner(owner: str | None) -> bool:
+    """True when `owner` was a process on this host that no longer exists (e.g. kill -9)."""
+    if owner is None:
+        return False
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+async def acquire_lease(store: Store, *, owner: str, ttl: float, wait: bool = True) -> Lease | None:
+    """Take the write lease; as a standby, wait until it is free (or return None if not `wait`)."""
+    announced = False
+    while True:
+        holder, expires = await store.lease_holder()
+        steal = holder if _dead_local_owner(holder) else None
+        lease = await store.try_acquire_lease(owner, ttl, steal_from=steal)
+        if lease is not None:
+            log.info("write lease acquired", owner=owner, generation=lease.token, took_over=steal)
+            return lease
+        if not wait:
+            return None
+        if not announced:
+            log.info(
+                "standby: another indexer holds the write lease",
+                holder=holder,
+                expires=str(expires),
+            )
+            announced = True
+        await asyncio.sleep(ttl / 3)
+
+
+@asynccontextmanager
+async def redis_client(url: str) -> AsyncIterator[aioredis.Redis]:
+    """A Redis client without hidden retries: the publisher retries in one place."""
+    client = aioredis.Redis.from_url(
+        url,
+        socket_timeout=REDIS_TIMEOUT,
+        socket_connect_timeout=REDIS_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=10,
+    )
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def rpc_client(settings: IndexerSettings) -> RpcClient:
+    return RpcClient(
+        settings.rpc_urls(),
+        timeout=settings.rpc_timeout,
+        max_retries=settings.rpc_max_retries,
+        expected_chain_id=settings.chain_id,
+    )
+
+
+def sources(settings: IndexerSettings) -> Sources:
+    return Sources(
+        factories=frozenset(settings.market_factory_address),
+        resolution_manager=settings.resolution_manager_address,
+        reward_distributor=settings.reward_distributor_address,
+    )
+
+
+def follow_config(settings: IndexerSettings) -> FollowConfig:
+    return FollowConfig(
+        chain_id=settings.chain_id,
+        start_block=settings.start_block,
+        confirmations=settings.confirmations,
+        reorg_window=settings.reorg_window,
+        poll_interval=settings.poll_interval,
+        lease_ttl=settings.lease_ttl,
+        max_addresses=settings.logs_max_addresses,
+    )
+
+
+def build_follower(
+    settings: IndexerSettings,
+    *,
+    rpc: RpcClient,
+    store: Store,
+    lease: Lease,
+    metrics: Metrics,
+    on_commit: Callable[[], None] = lambda: None,
+) -> Follower:
+    sizer = LogRangeSizer(
+        settings.logs_range_initial, settings.logs_range_min, settings.logs_range_max
+    )
+    return Follower(
+        rpc=rpc,
+        store=store,
+        lease=lease,
+        sources=sources(settings),
+        config=follow_config(settings),
+        sizer=sizer,
+        metrics=metrics,
+        on_commit=on_commit,
+    )
+
+
+async def keep_lease(
+    store: Store, lease: Lease, ttl: float, metrics: Metrics, rpc: RpcClient
+) -> None:
+    """Renew the lease every third of its TTL; raises LeaseLost if it was taken. Cancel-safe."""
+    while True:
+        await asyncio.sleep(ttl / 3)
+        await store.renew_lease(lease, ttl)
+        metrics.record_rpc(rpc.stats)
+
+
+async def run(settings: IndexerSettings) -> None:
+    """The indexer service: runs until cancelled or until a task fails."""
+    metrics = Metrics()
+    state: dict[str, Any] = {"role": "starting", "ready": False}
+    follower: Follower | None = None
+
+    def status() -> dict[str, Any]:
+        if follower is not None:
+            state.update(
+                head=follower.head,
+                cursor=follower.cursor if follower.head >= 0 else None,
+                ready=follower.caught_up,
+            )
+        return dict(state)
+
+    async with (
+        Store.open(
+            settings.database_url.get_secret_value(),
+            statement_cache_size=settings.db_statement_cache_size,
+        ) as store,
+        rpc_client(settings) as rpc,
+        redis_client(settings.redis_url.get_secret_value()) as redis,
+        serve_http(
+            host=settings.indexer_http_host,
+            port=settings.indexer_http_port,
+            metrics=metrics,
+            status=status,
+        ),
+    ):
+        await store.migrate()
+        state["role"] = "standby"
+        lease = await acquire_lease(store, owner=lease_owner(), ttl=settings.lease_ttl)
+        assert lease is not None
+        metrics.leader.set(1)
+        state["role"] = "leader"
+        try:
+            publisher = Publisher(
+                redis=redis,
+                store=store,
+                stream_key=settings.redis_stream_key,
+                stream_maxlen=settings.redis_stream_maxlen,
+                outbox_keep=settings.outbox_keep,
+                metrics=metrics,
+            )
+            follower = build_follower(
+                settings,
+                rpc=rpc,
+                store=store,
+                lease=lease,
+                metrics=metrics,
+                on_commit=publisher.wake,
+            )
+            await follower.prepare()
+            log.info("indexer started", cursor=follower.cursor, chain_id=settings.chain_id)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(follower.follow(), name="follow-chain")
+                tasks.create_task(publisher.publish_forever(), name="publish-outbox")
+                tasks.create_task(
+                    keep_lease(store, lease, settings.lease_ttl, metrics, rpc), name="keep-lease"
+                )
+        finally:
+            metrics.leader.set(0)
+            # Also after cancellation: a clean stop hands the lease over at once.
+            try:
+                await asyncio.wait_for(store.release_lease(lease), RELEASE_TIMEOUT)
+            except (StoreError, TimeoutError) as exc:
+                log.warning(
+                    "could not release the write lease; it expires by itself", error=str(exc)
+                )

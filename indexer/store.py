@@ -1,0 +1,577 @@
+"""Postgres: migrations, the write lease, batches, rollbacks and the outbox.
+
+The only module that speaks asyncpg. Every write the follower makes goes through one
+transaction per batch that first checks the lease (fencing), so a second indexer, or one
+that lost its lease while paused, can never commit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from importlib import resources
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+
+from indexer.batch import Batch, StoredEvent
+from indexer.errors import IndexerError, LeaseLost, StoreError
+from indexer.projection import MarketRow, apply_event
+from indexer.rpc_results import BlockHeader
+
+log = structlog.get_logger()
+
+MIGRATIONS_PACKAGE = "indexer.migrations"
+MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# Arbitrary constant: serializes concurrent migrators (transaction-scoped, pooler-safe).
+MIGRATION_LOCK_KEY = 0x6B656B74
+MARKET_COLUMNS = tuple(MarketRow.__dataclass_fields__)
+EVENT_COLUMNS = (
+    "block_number",
+    "log_index",
+    "block_hash",
+    "block_time",
+    "transaction_hash",
+    "transaction_index",
+    "contract",
+    "contract_kind",
+    "event_name",
+    "market_address",
+    "topic0",
+    "topic1",
+    "topic2",
+    "topic3",
+    "data",
+    "args",
+    "seq",
+)
+NUMERIC_COLUMNS = frozenset(
+    {"resolution_time", "creator_bond", "volume_outcome1", "volume_outcome2"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexerState:
+    """The cursor: the last block whose logs are all stored, and the last seq assigned."""
+
+    chain_id: int
+    block_number: int
+    block_hash: str
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One publication waiting for (or already given to) Redis."""
+
+    seq: int
+    event_id: str
+    channels: tuple[str, ...]
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The right to write, as granted by the database: owner plus fencing token."""
+
+    owner: str
+    token: int
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    found = []
+    for entry in resources.files(MIGRATIONS_PACKAGE).iterdir():
+        match = MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda value: b"\x01" + orjson.dumps(value),
+        decoder=lambda data: orjson.loads(data[1:]),
+        format="binary",
+    )
+
+
+def _outbox_values(
+    event: StoredEvent, *, chain_id: int, seq: int, removed: bool = False
+) -> tuple[Any, ...]:
+    envelope = event.envelope(chain_id=chain_id, seq=seq, removed=removed)
+    return (seq, envelope.id, " ".join(event.channels), envelope.to_json_bytes())
+
+
+def _row_values(row: MarketRow) -> list[Any]:
+    return [
+        Decimal(getattr(row, c)) if c in NUMERIC_COLUMNS else getattr(row, c)
+        for c in MARKET_COLUMNS
+    ]
+
+
+def _row_from_record(record: asyncpg.Record) -> MarketRow:
+    values = {c: record[c] for c in MARKET_COLUMNS}
+    for column in NUMERIC_COLUMNS:
+        values[column] = int(values[column])
+    return MarketRow(**values)
+
+
+class Store:
+    """The indexer's database."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, dsn: str, *, statement_cache_size: int = 100, max_size: int = 4
+    ) -> AsyncIterator[Store]:
+        """Connect a small pool. statement_cache_size=0 for PgBouncer/Supavisor transaction mode."""
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=max_size,
+            statement_cache_size=statement_cache_size,
+            init=_init_connection,
+            command_timeout=60,
+        )
+        try:
+            yield cls(pool)
+        finally:
+            await pool.close()
+
+    # -- schema ------------------------------------------------------------------------------
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations in order, each in its own transaction; returns their names."""
+        applied: list[str] = []
+        async with self._pool.acquire() as conn:
+            for version, name, sql in _migrations():
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+                    await conn.execute(
+                        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                        " version integer PRIMARY KEY, name text NOT NULL,"
+                        " applied_at timestamptz NOT NULL DEFAULT now())"
+                    )
+                    done = await conn.fetchval(
+                        "SELECT 1 FROM schema_migrations WHERE version = $1", version
+                    )
+                    if done:
+                        continue
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        version,
+                        name,
+                    )
+                    applied.append(name)
+                    log.info("migration applied", migration=name)
+        return applied
+
+    async def schema_version(self) -> int:
+        """The highest applied migration (0 when none)."""
+        exists = await self._pool.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        if not exists:
+            return 0
+        return int(
+            await self._pool.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
+        )
+
+    @staticmethod
+    def latest_schema_version() -> int:
+        return _migrations()[-1][0]
+
+    # -- lease -------------------------------------------------------------------------------
+
+    async def try_acquire_lease(
+        self, owner: str, ttl: float, *, steal_from: str | None = None
+    ) -> Lease | None:
+        """Take the write lease if it is free, expired, ours, or held by `steal_from`."""
+        token = await self._pool.fetchval(
+            "UPDATE indexer_lease SET owner = $1, token = token + 1,"
+            " expires_at = now() + make_interval(secs => $2)"
+            " WHERE id = 1 AND (owner IS NULL OR owner = $1 OR owner = $3 OR expires_at < now())"
+            " RETURNING token",
+            owner,
+            ttl,
+            steal_from,
+        )
+        return None if token is None else Lease(owner=owner, token=int(token))
+
+    async def lease_holder(self) -> tuple[str | None, datetime | None]:
+        """Who holds the lease and until when."""
+        row = await self._pool.fetchrow("SELECT owner, expires_at FROM indexer_lease WHERE id = 1")
+        if row is None:
+            return None, None
+        return row["owner"], row["expires_at"]
+
+    async def renew_lease(self, lease: Lease, ttl: float) -> None:
+        """Extend the lease; LeaseLost if another instance took it."""
+        async with self._pool.acquire() as conn:
+            await self._fence(conn, lease, ttl)
+
+    async def release_lease(self, lease: Lease) -> None:
+        """Give the lease up at a clean stop so a standby can start at once."""
+        try:
+            await self._pool.execute(
+                "UPDATE indexer_lease SET owner = NULL, expires_at = '-infinity'"
+                " WHERE id = 1 AND owner = $1 AND token = $2",
+                lease.owner,
+                lease.token,
+            )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise StoreError(f"releasing the lease failed: {exc}") from exc
+
+    @staticmethod
+    async def _fence(conn: asyncpg.Connection, lease: Lease, ttl: float) -> None:
+        ok = await conn.fetchval(
+            "UPDATE indexer_lease SET expires_at = now() + make_interval(secs => $3)"
+            " WHERE id = 1 AND owner = $1 AND token = $2 AND expires_at > now()"
+            " RETURNING 1",
+            lease.owner,
+            lease.token,
+            ttl,
+        )
+        if ok is None:
+            raise LeaseLost(lease.owner)
+
+    # -- state -------------------------------------------------------------------------------
+
+    async def load_state(self) -> IndexerState | None:
+        row = await self._pool.fetchrow(
+            "SELECT chain_id, block_number, block_hash, last_seq FROM indexer_state WHERE id = 1"
+        )
+        if row is None:
+            return None
+        return IndexerState(
+            chain_id=row["chain_id"],
+            block_number=row["block_number"],
+            block_hash=row["block_hash"],
+            last_seq=row["last_seq"],
+        )
+
+    async def init_state(
+        self, lease: Lease, ttl: float, *, chain_id: int, cursor: BlockHeader
+    ) -> IndexerState:
+        """Create the cursor just before the first block to index (no-op if it exists)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._fence(conn, lease, ttl)
+            await conn.execute(
+                "INSERT INTO indexer_state (id, chain_id, block_number, block_hash)"
+                " VALUES (1, $1, $2, $3) ON CONFLICT (id) DO NOTHING",
+                chain_id,
+                cursor.number,
+                cursor.hash,
+            )
+            await self._save_headers(conn, [cursor])
+        state = await self.load_state()
+        assert state is not None
+        return state
+
+    async def children(self) -> dict[str, str]:
+        """Every known market clone and the factory that created it."""
+        rows = await self._pool.fetch("SELECT address, factory FROM markets")
+        return {r["address"]: r["factory"] for r in rows}
+
+    async def recent_headers(self, limit: int) -> list[BlockHeader]:
+        """The newest stored headers, newest first."""
+        rows = await self._pool.fetch(
+            "SELECT number, hash, parent_hash, timestamp FROM blocks ORDER BY number DESC LIMIT $1",
+            limit,
+        )
+        return [
+            BlockHeader(
+                number=r["number"],
+                hash=r["hash"],
+                parent_hash=r["parent_hash"],
+                timestamp=r["timestamp"],
+            )
+            for r in rows
+        ]
+
+    # -- batches -----------------------------------------------------------------------------
+
+    async def save_batch(self, lease: Lease, ttl: float, batch: Batch) -> list[StoredEvent]:
+        """Commit a batch atomically; returns the events that were not stored before."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._fence(conn, lease, ttl)
+            state = await conn.fetchrow(
+                "SELECT chain_id, last_seq, block_number FROM indexer_state WHERE id = 1 FOR UPDATE"
+            )
+            if state is None:
+                raise IndexerError("indexer_state is missing; the cursor was never initialized")
+            fresh = await self._new_events(conn, batch.events)
+            last_seq = await self._insert_events(
+                conn, fresh, chain_id=state["chain_id"], last_seq=state["last_seq"]
+            )
+            if batch.cursor is None:
+                # A backfill inserts events into the past: replay those markets in order.
+                await self._rebuild_markets(conn, {e.market for e in fresh if e.market})
+            else:
+                await self._project(conn, [e for e in fresh if e.decoded is not None])
+            await self._save_headers(conn, batch.headers)
+            if batch.cursor is None:
+                await conn.execute(
+                    "UPDATE indexer_state SET last_seq = $1, updated_at = now() WHERE id = 1",
+                    last_seq,
+                )
+            else:
+                await conn.execute(
+                    "UPDATE indexer_state SET block_number = $1, block_hash = $2, last_seq = $3,"
+                    " updated_at = now() WHERE id = 1",
+                    batch.cursor.number,
+                    batch.cursor.hash,
+                    last_seq,
+                )
+                await conn.execute(
+                    "DELETE FROM blocks WHERE number < $1", batch.prune_headers_below
+                )
+        return fresh
+
+    async def _new_events(
+        self, conn: asyncpg.Connection, events: Sequence[StoredEvent]
+    ) -> list[StoredEvent]:
+        """Drop events already stored (re-running a range changes nothing)."""
+        if not events:
+            return []
+        rows = await conn.fetch(
+            "SELECT block_number, log_index FROM events WHERE block_number BETWEEN $1 AND $2",
+            events[0].log.block_number,
+            events[-1].log.block_number,
+        )
+        if not rows:
+            return list(events)
+        stored = {(r["block_number"], r["log_index"]) for r in rows}
+        return [e for e in events if (e.log.block_number, e.log.log_index) not in stored]
+
+    async def _insert_events(
+        self,
+        conn: asyncpg.Connection,
+        events: Sequence[StoredEvent],
+        *,
+        chain_id: int,
+        last_seq: int,
+    ) -> int:
+        """Insert events and their outbox rows, assigning consecutive seqs; returns the last."""
+        if not events:
+            return last_seq
+        rows: list[tuple[Any, ...]] = []
+        outbox: list[tuple[Any, ...]] = []
+        for event in events:
+            seq: int | None = None
+            if event.decoded is not None:
+                last_seq += 1
+                seq = last_seq
+                outbox.append(_outbox_values(event, chain_id=chain_id, seq=seq))
+            raw = event.log
+            topics = (*raw.topics, None, None, None, None)[:4]
+            rows.append(
+                (
+                    raw.block_number,
+                    raw.log_index,
+                    raw.block_hash,
+                    event.block_time,
+                    raw.transaction_hash,
+                    raw.transaction_index,
+                    raw.address,
+                    event.kind.value,
+                    event.decoded.spec.name if event.decoded else None,
+                    event.market,
+                    *topics,
+                    raw.data,
+                    event.decoded.args if event.decoded else None,
+                    seq,
+                )
+            )
+        await conn.copy_records_to_table("events", records=rows, columns=EVENT_COLUMNS)
+        await self._insert_outbox(conn, outbox)
+        return last_seq
+
+    @staticmethod
+    async def _insert_outbox(conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+        if rows:
+            await conn.copy_records_to_table(
+                "outbox", records=rows, columns=("seq", "event_id", "channels", "payload")
+            )
+
+    async def _project(self, conn: asyncpg.Connection, events: Sequence[StoredEvent]) -> None:
+        touched = sorted({e.market for e in events if e.market is not None})
+        if not touched:
+            return
+        records = await conn.fetch("SELECT * FROM markets WHERE address = ANY($1::text[])", touched)
+        rows: dict[str, MarketRow | None] = {r["address"]: _row_from_record(r) for r in records}
+        changed: set[str] = set()
+        for event in events:
+            projected = event.projected()
+            if projected is None:
+                continue
+            before = rows.get(projected.market)
+            after = apply_event(before, projected)
+            if after is not before:
+                rows[projected.market] = after
+                changed.add(projected.market)
+        await self._upsert_markets(conn, [r for a in sorted(changed) if (r := rows[a]) is not None])
+
+    async def _rebuild_markets(self, conn: asyncpg.Connection, addresses: set[str]) -> None:
+        """Recompute the rows of these markets from every event stored for them."""
+        if not addresses:
+            return
+        affected = sorted(addresses)
+        await conn.execute("DELETE FROM markets WHERE address = ANY($1::text[])", affected)
+        remaining = await conn.fetch(
+            "SELECT * FROM events WHERE market_address = ANY($1::text[])"
+            " ORDER BY block_number, log_index",
+            affected,
+        )
+        await self._project(conn, [StoredEvent.from_record(r) for r in remaining])
+
+    async def _upsert_markets(self, conn: asyncpg.Connection, rows: Sequence[MarketRow]) -> None:
+        if not rows:
+            return
+        placeholders = ", ".join(f"${i}" for i in range(1, len(MARKET_COLUMNS) + 1))
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in MARKET_COLUMNS if c != "address")
+        await conn.executemany(
+            f"INSERT INTO markets ({', '.join(MARKET_COLUMNS)}) VALUES ({placeholders})"  # noqa: S608
+            f" ON CONFLICT (address) DO UPDATE SET {updates}",
+            [_row_values(r) for r in rows],
+        )
+
+    @staticmethod
+    async def _save_headers(conn: asyncpg.Connection, headers: Sequence[BlockHeader]) -> None:
+        if not headers:
+            return
+        await conn.execute(
+            "INSERT INTO blocks (number, hash, parent_hash, timestamp)"
+            " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])"
+            " ON CONFLICT (number) DO UPDATE SET hash = EXCLUDED.hash,"
+            " parent_hash = EXCLUDED.parent_hash, timestamp = EXCLUDED.timestamp",
+            [h.number for h in headers],
+            [h.hash for h in headers],
+            [h.parent_hash for h in headers],
+            [h.timestamp for h in headers],
+        )
+
+    # -- reorgs ------------------------------------------------------------------------------
+
+    async def rollback(self, lease: Lease, ttl: float, ancestor: BlockHeader) -> int:
+        """Undo everything above `ancestor` in one transaction, queueing removal notices.
+
+        Events, markets created above the ancestor, projections of markets they touched,
+        stored headers and the cursor all go back together. Returns the events removed.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._fence(conn, lease, ttl)
+            state = await conn.fetchrow(
+                "SELECT chain_id, last_seq FROM indexer_state WHERE id = 1 FOR UPDATE"
+            )
+            assert state is not None, "rollback before the cursor exists"
+            records = await conn.fetch(
+                "SELECT * FROM events WHERE block_number > $1"
+                " ORDER BY block_number DESC, log_index DESC",
+                ancestor.number,
+            )
+            retracted = [StoredEvent.from_record(r) for r in records]
+            last_seq = state["last_seq"]
+            notices = []
+            for event in retracted:
+                if event.decoded is not None:
+                    last_seq += 1
+                    notices.append(
+                        _outbox_values(
+                            event, chain_id=state["chain_id"], seq=last_seq, removed=True
+                        )
+                    )
+            await self._insert_outbox(conn, notices)
+            await conn.execute("DELETE FROM events WHERE block_number > $1", ancestor.number)
+            await self._rebuild_markets(conn, {e.market for e in retracted if e.market})
+            await conn.execute("DELETE FROM blocks WHERE number > $1", ancestor.number)
+            await self._save_headers(conn, [ancestor])
+            await conn.execute(
+                "UPDATE indexer_state SET block_number = $1, block_hash = $2, last_seq = $3,"
+                " updated_at = now() WHERE id = 1",
+                ancestor.number,
+                ancestor.hash,
+                last_seq,
+            )
+        return len(retracted)
+
+    # -- outbox ------------------------------------------------------------------------------
+
+    async def outbox_after(self, seq: int, limit: int) -> list[OutboxRow]:
+        """Publications with a seq above `seq`, in order."""
+        rows = await self._pool.fetch(
+            "SELECT seq, event_id, channels, payload FROM outbox WHERE seq > $1"
+            " ORDER BY seq LIMIT $2",
+            seq,
+            limit,
+        )
+        return [
+            OutboxRow(
+                seq=r["seq"],
+                event_id=r["event_id"],
+                channels=tuple(r["channels"].split()),
+                payload=bytes(r["payload"]),
+            )
+            for r in rows
+        ]
+
+    async def published_seq(self) -> int:
+        return int(
+            await self._pool.fetchval("SELECT published_seq FROM publisher_state WHERE id = 1")
+        )
+
+    async def last_seq(self) -> int:
+        value = await self._pool.fetchval("SELECT last_seq FROM indexer_state WHERE id = 1")
+        return int(value or 0)
+
+    async def mark_published(self, seq: int) -> None:
+        """Record that every publication up to `seq` reached Redis (never moves backwards)."""
+        await self._pool.execute(
+            "UPDATE publisher_state SET published_seq = greatest(published_seq, $1),"
+            " updated_at = now() WHERE id = 1",
+            seq,
+        )
+
+    async def prune_outbox(self, keep: int) -> int:
+        """Delete published outbox rows, keeping the newest `keep` of them for inspection."""
+        result = await self._pool.execute(
+            "DELETE FROM outbox WHERE seq <= (SELECT published_seq FROM publisher_state) - $1",
+            keep,
+        )
+        return int(result.split()[-1])
+
+    # -- reads for verify / status -----------------------------------------------------------
+
+    async def events_between(self, first: int, last: int) -> list[StoredEvent]:
+        """Stored events of an inclusive block range, in chain order."""
+        rows = await self._pool.fetch(
+            "SELECT * FROM events WHERE block_number BETWEEN $1 AND $2"
+            " ORDER BY block_number, log_index",
+            first,
+            last,
+        )
+        return [StoredEvent.from_record(r) for r in rows]
+
+    async def counts(self) -> dict[str, int]:
+        """Row counts for `status`."""
+        row = await self._pool.fetchrow(
+            "SELECT (SELECT count(*) FROM events) AS events,"
+            " (SELECT count(*) FROM markets) AS markets,"
+            " (SELECT count(*) FROM outbox) AS outbox"
+        )
+        assert row is not None
+        return {k: int(row[k]) for k in ("events", "markets", "outbox")}
+
+    async def market(self, address: str) -> MarketRow | None:
+        record = await self._pool.fetchrow("SELECT * FROM markets WHERE address = $1", address)
+        return None if record is None else _row_from_record(record)

@@ -1,0 +1,521 @@
+"""Tests of the indexer's JSON-RPC layer on a real anvil, directly and through a faulty proxy."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import pytest_asyncio
+import structlog
+from hypothesis import given
+from hypothesis import strategies as st
+
+from devnet.services import ANVIL_CHAIN_ID, Anvil
+from indexer.errors import (
+    BlockNotFound,
+    ChainIdMismatch,
+    RpcRangeTooLarge,
+    RpcResponseError,
+    RpcUnavailable,
+)
+from indexer.rpc import LogRangeSizer, RawLog, RpcClient, fetch_logs
+from indexer.rpc_results import LogQuery, parse_logs
+from indexer.rpc_wire import TransientFailure, Verdict, check_status, classify
+from tests.support.rpc_proxy import FAULT_KINDS, RpcFaultProxy
+
+pytestmark = pytest.mark.timeout(60)
+
+TOPIC0 = "0x" + "ab" * 32
+# Runtime of a contract that emits LOG2(topic0=TOPIC0, topic1=i, data=i) for i = n..1, where n
+# is the first 32-byte word of the calldata: CALLDATALOAD, then a loop DUP/ISZERO/JUMPI,
+# MSTORE the counter, LOG2, SUB 1, JUMP back.
+EMITTER_RUNTIME = (
+    "600035" "5b" "80" "15" "603b" "57" "80" "6000" "52" "80" "7f" + TOPIC0[2:] +
+    "6020" "6000" "a2" "6001" "90" "03" "6003" "56" "5b" "00"
+)  # fmt: skip
+# Init code: CODECOPY the 61-byte runtime that follows these 12 bytes, then RETURN it.
+EMITTER_INIT = "0x603d600c600039603d6000f3" + EMITTER_RUNTIME
+TX_GAS = 1_000_000
+BLOCKS_WITH_LOGS = 150
+MAX_LOGS_PER_TX = 60
+MAX_TXS_PER_BLOCK = 3
+MAX_B_LOGS = 10
+# No single block may exceed a results limit, or no range could ever be small enough.
+MAX_LOGS_PER_BLOCK = MAX_TXS_PER_BLOCK * MAX_LOGS_PER_TX + MAX_B_LOGS
+SEED = 20251106
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A running anvil with two log emitters and thousands of logs over hundreds of blocks."""
+
+    url: str
+    emitter_a: str
+    emitter_b: str
+    head: int
+
+
+async def raw_call(session: aiohttp.ClientSession, url: str, method: str, params: list[Any]) -> Any:
+    """Call the node directly, as the reference the client under test is compared with."""
+    body = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+        answer = orjson.loads(await r.read())
+    assert "error" not in answer, answer
+    return answer["result"]
+
+
+async def direct_logs(
+    url: str, from_block: int, to_block: int, **filter_: Any
+) -> list[tuple[object, ...]]:
+    """Return the node's own eth_getLogs answer as comparable tuples."""
+    params = {"fromBlock": hex(from_block), "toBlock": hex(to_block), **filter_}
+    async with aiohttp.ClientSession() as session:
+        logs = await raw_call(session, url, "eth_getLogs", [params])
+    return [
+        (
+            int(x["blockNumber"], 16),
+            int(x["logIndex"], 16),
+            x["address"].lower(),
+            tuple(x["topics"]),
+            x["data"],
+            x["blockHash"],
+            x["transactionHash"],
+            int(x["transactionIndex"], 16),
+        )
+        for x in logs
+    ]
+
+
+def as_tuples(logs: Sequence[RawLog]) -> list[tuple[object, ...]]:
+    """Return RawLogs in the form direct_logs uses."""
+    return [
+        (
+            x.block_number,
+            x.log_index,
+            x.address,
+            x.topics,
+            x.data,
+            x.block_hash,
+            x.transaction_hash,
+            x.transaction_index,
+        )
+        for x in logs
+    ]
+
+
+def dead_url() -> str:
+    """Return a loopback URL where nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def anvil_url() -> Iterator[str]:
+    """One anvil for this module, mining only when asked."""
+    with Anvil() as node:
+        yield node.rpc_url
+
+
+@pytest_asyncio.fixture(scope="module")
+async def chain(anvil_url: str) -> AsyncIterator[Chain]:
+    """Deploy two emitters and fill a few hundred blocks with their logs."""
+    rng = random.Random(SEED)
+    async with aiohttp.ClientSession() as session:
+
+        async def call(method: str, params: list[Any]) -> Any:
+            return await raw_call(session, anvil_url, method, params)
+
+        sender = (await call("eth_accounts", []))[0]
+        nonce = 0
+
+        def tx(to: str | None, data: str) -> dict[str, Any]:
+            nonlocal nonce
+            nonce += 1
+            fields = {"from": sender, "data": data, "gas": hex(TX_GAS), "nonce": hex(nonce - 1)}
+            return fields | ({"to": to} if to else {})
+
+        hashes = [await call("eth_sendTransaction", [tx(None, EMITTER_INIT)]) for _ in range(2)]
+        await call("evm_mine", [])
+        a, b = [(await call("eth_getTransactionReceipt", [h]))["contractAddress"] for h in hashes]
+        for _ in range(BLOCKS_WITH_LOGS):
+            for _ in range(rng.randint(1, MAX_TXS_PER_BLOCK)):
+                logs = rng.randint(1, MAX_LOGS_PER_TX)
+                await call("eth_sendTransaction", [tx(a, "0x" + logs.to_bytes(32).hex())])
+            if rng.random() < 0.5:
+                logs = rng.randint(1, MAX_B_LOGS)
+                await call("eth_sendTransaction", [tx(b, "0x" + logs.to_bytes(32).hex())])
+            await call("evm_mine", [])
+            if gap := rng.randint(0, 4):
+                await call("anvil_mine", [hex(gap)])
+        head = int(await call("eth_blockNumber", []), 16)
+    yield Chain(anvil_url, a.lower(), b.lower(), head)
+
+
+def client_for(*urls: str, **options: Any) -> RpcClient:
+    """Return a client with test-sized timeouts and backoff, overridable per test."""
+    settings = {"timeout": 5.0, "max_retries": 3, "backoff_base": 0.01, "backoff_max": 0.1}
+    return RpcClient(urls, **(settings | options))
+
+
+async def test_chain_id_and_block_number_match_the_node(chain: Chain) -> None:
+    """chain_id and block_number return the node's values as ints."""
+    async with client_for(chain.url) as client:
+        assert await client.chain_id() == ANVIL_CHAIN_ID
+        assert await client.block_number() == chain.head
+
+
+async def test_block_header_matches_the_node(chain: Chain) -> None:
+    """get_block_header returns number, lowercase hashes and timestamp of the node's block."""
+    async with client_for(chain.url) as client, aiohttp.ClientSession() as session:
+        block = await raw_call(session, chain.url, "eth_getBlockByNumber", [hex(5), False])
+        header = await client.get_block_header(5)
+    assert header.number == 5
+    assert header.hash == block["hash"].lower()
+    assert header.parent_hash == block["parentHash"].lower()
+    assert header.timestamp == int(block["timestamp"], 16)
+
+
+async def test_block_past_the_head_raises_block_not_found(chain: Chain) -> None:
+    """A block the node does not have yet raises BlockNotFound, singly and in a batch."""
+    async with client_for(chain.url) as client:
+        with pytest.raises(BlockNotFound) as raised:
+            await client.get_block_header(chain.head + 1)
+        assert raised.value.number == chain.head + 1
+        with pytest.raises(BlockNotFound):
+            await client.get_block_headers([chain.head, chain.head + 1])
+
+
+async def test_batched_headers_equal_sequential_headers(chain: Chain) -> None:
+    """get_block_headers sends one batch per max_batch_size blocks and matches single calls."""
+    numbers = list(range(chain.head + 1))
+    async with client_for(chain.url, max_batch_size=100) as client:
+        batched = await client.get_block_headers(numbers)
+        assert client.stats.attempts == -(-len(numbers) // 100)
+        single = [await client.get_block_header(n) for n in numbers]
+    assert batched == single
+    assert all(h.parent_hash == p.hash for p, h in itertools.pairwise(batched))
+
+
+async def test_headers_fall_back_to_single_calls_when_batches_are_rejected(chain: Chain) -> None:
+    """A provider that refuses batches gets single calls, with the same headers as a result."""
+    numbers = list(range(40))
+    async with RpcFaultProxy(chain.url, seed=1, reject_batches=True) as proxy:
+        async with client_for(proxy.url) as client:
+            headers = await client.get_block_headers(numbers)
+            again = await client.get_block_headers(numbers)
+        assert proxy.injected["batch_rejected"] == 1
+    async with client_for(chain.url) as direct:
+        assert headers == again == await direct.get_block_headers(numbers)
+
+
+async def test_get_logs_equals_the_nodes_answer(chain: Chain) -> None:
+    """get_logs returns exactly the logs of a direct eth_getLogs, sorted and lowercase."""
+    addresses = [chain.emitter_a, chain.emitter_b]
+    expected = await direct_logs(chain.url, 0, chain.head, address=addresses)
+    async with client_for(chain.url) as client:
+        logs = await client.get_logs(0, chain.head, addresses=addresses)
+    assert len(expected) > 5000
+    assert as_tuples(logs) == sorted(expected)
+    assert {log.address for log in logs} == set(addresses)
+
+
+async def test_get_logs_filters_by_address_and_topic(chain: Chain) -> None:
+    """Address and topic filters reach the node and every returned log matches them."""
+    topic1 = "0x" + (5).to_bytes(32).hex()
+    topics: list[Any] = [TOPIC0, [topic1]]
+    expected = await direct_logs(chain.url, 0, chain.head, address=chain.emitter_a, topics=topics)
+    async with client_for(chain.url) as client:
+        logs = await client.get_logs(
+            0, chain.head, addresses=[chain.emitter_a.upper().replace("0X", "0x")], topics=topics
+        )
+    assert expected
+    assert as_tuples(logs) == expected
+    assert all(log.address == chain.emitter_a and log.topics[1] == topic1 for log in logs)
+
+
+async def test_fetch_logs_through_provider_limits_is_complete(chain: Chain) -> None:
+    """fetch_logs shrinks past range and result limits and still returns every log once."""
+    addresses = [chain.emitter_a, chain.emitter_b]
+    expected = await direct_logs(chain.url, 0, chain.head, address=addresses)
+    sizer = LogRangeSizer(initial=1000, minimum=1, maximum=5000)
+    max_results = MAX_LOGS_PER_BLOCK + 20
+    async with RpcFaultProxy(chain.url, seed=2, max_range=40, max_results=max_results) as proxy:
+        async with client_for(proxy.url) as client:
+            logs = await fetch_logs(
+                client, sizer, from_block=0, to_block=chain.head, addresses=addresses
+            )
+        assert proxy.injected["range"] > 0
+        assert proxy.injected["results"] > 0
+        refused = proxy.injected["range"] + proxy.injected["results"]
+    assert as_tuples(logs) == sorted(expected)
+    assert client.stats.errors["range_too_large"] == refused
+    assert sizer.size < 1000
+
+
+async def test_fetch_logs_survives_transient_faults(chain: Chain) -> None:
+    """Under frequent 429s, 5xxs, timeouts, drops, bad JSON and rate-limit errors the answers
+    are still exactly right."""
+    addresses = [chain.emitter_a, chain.emitter_b]
+    expected = await direct_logs(chain.url, 0, chain.head, address=addresses)
+    async with client_for(chain.url) as direct:
+        expected_headers = await direct.get_block_headers(range(chain.head + 1))
+    rates = dict.fromkeys(FAULT_KINDS, 0.06) | {"timeout": 0.02}
+    sizer = LogRangeSizer(initial=60, minimum=1, maximum=60)
+    async with RpcFaultProxy(chain.url, seed=3, rates=rates, timeout_delay=1.0) as proxy:
+        proxy.schedule(*FAULT_KINDS)  # every kind at least once
+        async with client_for(proxy.url, timeout=0.5, max_retries=20) as client:
+            logs = await fetch_logs(
+                client, sizer, from_block=0, to_block=chain.head, addresses=addresses
+            )
+            headers = await client.get_block_headers(range(chain.head + 1))
+        assert all(proxy.injected[kind] >= 1 for kind in FAULT_KINDS)
+    assert as_tuples(logs) == sorted(expected)
+    assert headers == expected_headers
+    assert sum(client.stats.errors.values()) >= len(FAULT_KINDS)
+
+
+async def test_fails_over_to_the_next_endpoint_and_stays_there(chain: Chain) -> None:
+    """A dead first endpoint costs one failed attempt; later calls go to the working one."""
+    async with client_for(dead_url(), chain.url) as client:
+        assert await client.chain_id() == ANVIL_CHAIN_ID
+        for _ in range(5):
+            assert await client.block_number() == chain.head
+    assert client.stats.errors == {"connect": 1}
+    assert client.stats.failovers == 1
+    assert client.stats.attempts == 7
+
+
+async def test_all_endpoints_dead_raises_unavailable_after_bounded_attempts() -> None:
+    """With every endpoint dead a call raises RpcUnavailable after max_retries + 1 attempts."""
+    started = time.monotonic()
+    async with client_for(dead_url(), dead_url(), max_retries=4, backoff_max=0.05) as client:
+        with pytest.raises(RpcUnavailable) as raised:
+            await client.block_number()
+    assert time.monotonic() - started < 3
+    assert raised.value.method == "eth_blockNumber"
+    assert raised.value.attempts == 5
+    assert "connect" in raised.value.last_error
+    assert client.stats.attempts == 5
+
+
+async def test_deterministic_error_is_not_retried(chain: Chain) -> None:
+    """A JSON-RPC error such as invalid params raises RpcResponseError after one attempt."""
+    async with RpcFaultProxy(chain.url, seed=4) as proxy:
+        async with client_for(proxy.url) as client:
+            with pytest.raises(RpcResponseError) as raised:
+                await client.request("eth_getBlockByNumber", ["zz", False])
+        assert proxy.requests == 1
+    assert raised.value.code == -32602
+    assert raised.value.method == "eth_getBlockByNumber"
+    assert client.stats.attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "backoff_max", "least", "most"),
+    [(1, 5.0, 0.9, 3.0), (30, 0.2, 0.0, 2.0)],
+    ids=["honoured", "capped"],
+)
+async def test_retry_after_is_honoured_up_to_the_backoff_cap(
+    chain: Chain, retry_after: float, backoff_max: float, least: float, most: float
+) -> None:
+    """After a 429 the client waits Retry-After seconds, but never longer than backoff_max."""
+    async with RpcFaultProxy(chain.url, seed=5, retry_after=retry_after) as proxy:
+        proxy.schedule("http_429")
+        async with client_for(proxy.url, backoff_base=0.001, backoff_max=backoff_max) as client:
+            started = time.monotonic()
+            assert await client.block_number() == chain.head
+            elapsed = time.monotonic() - started
+    assert least <= elapsed <= most
+    assert client.stats.errors == {"http_429": 1}
+
+
+async def test_endpoint_secrets_never_reach_errors_or_logs() -> None:
+    """Passwords and API keys in endpoint URLs appear in no error message and no log event."""
+    secrets = ("hunter2hunter2", "PATHKEY0123456789", "QUERYKEY0123456789")
+    url = dead_url().replace("//", f"//user:{secrets[0]}@") + f"/v3/{secrets[1]}?key={secrets[2]}"
+    with structlog.testing.capture_logs() as events:
+        async with client_for(url, max_retries=2) as client:
+            with pytest.raises(RpcUnavailable) as raised:
+                await client.chain_id()
+    assert events
+    text = f"{raised.value} {raised.value!r} {raised.value.last_error} {events}"
+    assert not [s for s in secrets if s in text]
+
+
+async def test_wrong_chain_raises_chain_id_mismatch(chain: Chain) -> None:
+    """An endpoint serving another chain than expected_chain_id raises ChainIdMismatch."""
+    async with client_for(chain.url, expected_chain_id=1) as client:
+        with pytest.raises(ChainIdMismatch) as raised:
+            await client.block_number()
+    assert (raised.value.expected, raised.value.actual) == (1, ANVIL_CHAIN_ID)
+    async with client_for(chain.url, expected_chain_id=ANVIL_CHAIN_ID) as client:
+        assert await client.block_number() == chain.head
+        assert await client.block_number() == chain.head
+    assert client.stats.attempts == 3  # the chain id is checked once per endpoint
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (-32005, "query returned more than 10000 results"),
+        (-32602, "block range too large"),
+        (-32000, "exceed maximum block range: 5000"),
+        (-32000, "Log response size exceeded. You can make eth_getLogs requests with up to a 2K"),
+        (-32600, "range is too large, max is 1k blocks"),
+        (-32602, "query exceeds max results 20000, retry with the range 1-2"),
+        (-32000, "Query timeout exceeded. Consider reducing your block range."),
+        (-32005, "logs matched by query exceeds limit of 10000"),
+    ],
+)
+def test_provider_range_wordings_are_range_errors(code: int, message: str) -> None:
+    """Range refusals of known providers classify as range errors for eth_getLogs."""
+    assert classify(code, message, "eth_getLogs") is Verdict.RANGE
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "verdict"),
+    [
+        (-32005, "limit exceeded", Verdict.TRANSIENT),
+        (429, "Too Many Requests", Verdict.TRANSIENT),
+        (-32016, "over rate limit", Verdict.TRANSIENT),
+        (-32603, "internal error", Verdict.TRANSIENT),
+        (-32000, "header not found", Verdict.TRANSIENT),
+        (-32602, "invalid argument 0: hex string without 0x prefix", Verdict.FINAL),
+        (-32601, "the method eth_foo does not exist/is not available", Verdict.FINAL),
+    ],
+)
+def test_other_errors_classify_as_transient_or_final(
+    code: int, message: str, verdict: Verdict
+) -> None:
+    """Rate limits and node hiccups are transient; bad requests are final, whatever the method."""
+    assert classify(code, message, "eth_getLogs") is verdict
+    assert classify(code, message, "eth_getBlockByNumber") is verdict
+
+
+def test_http_statuses_are_classified() -> None:
+    """413 on eth_getLogs is a range error, 429/5xx are transient, other 4xx are final."""
+    with pytest.raises(RpcRangeTooLarge):
+        check_status(413, b"", None, "eth_getLogs")
+    with pytest.raises(TransientFailure) as raised:
+        check_status(429, b"", "7", "eth_blockNumber")
+    assert raised.value.retry_after == 7
+    with pytest.raises(TransientFailure):
+        check_status(502, b"<html>", None, "eth_blockNumber")
+    with pytest.raises(RpcResponseError):
+        check_status(400, b"bad request", None, "eth_blockNumber")
+
+
+def _log_item(**changes: Any) -> dict[str, Any]:
+    item = {
+        "address": "0x" + "11" * 20,
+        "topics": [TOPIC0],
+        "data": "0x",
+        "blockNumber": "0xa",
+        "blockHash": "0x" + "22" * 32,
+        "transactionHash": "0x" + "33" * 32,
+        "transactionIndex": "0x0",
+        "logIndex": "0x0",
+        "removed": False,
+    }
+    return item | changes
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        [_log_item(blockNumber="0x14")],
+        [_log_item(address="0x" + "99" * 20)],
+        [_log_item(topics=["0x" + "cd" * 32])],
+        [_log_item(), _log_item()],
+        [_log_item(blockHash="0x1234")],
+        [_log_item(data="0xabc")],
+        {"logs": []},
+    ],
+    ids=["outside-range", "foreign-address", "foreign-topic", "duplicate", "bad-hash", "odd-data",
+         "not-a-list"],
+)  # fmt: skip
+def test_unexpected_logs_are_rejected(result: object) -> None:
+    """A log outside the range, not asked for, repeated or malformed fails the whole answer."""
+    query = LogQuery.build(5, 15, ["0x" + "11" * 20], [TOPIC0])
+    assert parse_logs([_log_item()], query)
+    with pytest.raises(RpcResponseError):
+        parse_logs(result, query)
+
+
+def test_sizer_doubles_on_success_up_to_the_maximum() -> None:
+    """on_success doubles the size and stops at the maximum."""
+    sizer = LogRangeSizer(initial=100, minimum=10, maximum=350)
+    sizes = []
+    for _ in range(3):
+        sizer.on_success()
+        sizes.append(sizer.size)
+    assert sizes == [200, 350, 350]
+
+
+def test_sizer_halves_when_refused_and_raises_at_the_minimum() -> None:
+    """on_too_large halves down to the minimum, then raises RpcRangeTooLarge."""
+    sizer = LogRangeSizer(initial=100, minimum=30, maximum=100)
+    sizer.on_too_large()
+    assert sizer.size == 50
+    sizer.on_too_large()
+    assert sizer.size == 30
+    with pytest.raises(RpcRangeTooLarge, match="minimum is 30"):
+        sizer.on_too_large()
+
+
+def test_sizer_halves_the_refused_span_not_the_size() -> None:
+    """A refused short chunk (the tail of a range) shrinks the size below that chunk."""
+    sizer = LogRangeSizer(initial=1000, minimum=1, maximum=1000)
+    sizer.on_too_large(span=10)
+    assert sizer.size == 5
+
+
+def test_sizer_regrows_past_a_refused_size_only_after_a_streak() -> None:
+    """After a refusal the size stays at the last good size until probe_after successes."""
+    sizer = LogRangeSizer(initial=800, minimum=1, maximum=10_000, probe_after=4)
+    sizer.on_too_large()
+    sizes = []
+    for _ in range(4):
+        sizer.on_success()
+        sizes.append(sizer.size)
+    assert sizes == [400, 400, 400, 800]
+
+
+def test_sizer_rejects_inconsistent_bounds() -> None:
+    """Bounds must satisfy 1 <= minimum <= initial <= maximum."""
+    with pytest.raises(ValueError, match="minimum"):
+        LogRangeSizer(initial=5, minimum=10, maximum=20)
+
+
+@given(
+    bounds=st.lists(st.integers(1, 100_000), min_size=3, max_size=3).map(sorted),
+    steps=st.lists(st.one_of(st.none(), st.integers(1, 200_000), st.just(0)), max_size=100),
+)
+def test_sizer_size_stays_within_bounds(bounds: list[int], steps: list[int | None]) -> None:
+    """Whatever happens, minimum <= size <= maximum; success never shrinks, refusal shrinks."""
+    minimum, initial, maximum = bounds
+    sizer = LogRangeSizer(initial=initial, minimum=minimum, maximum=maximum)
+    for step in steps:
+        before = sizer.size
+        if step == 0:
+            sizer.on_success()
+            assert sizer.size >= before
+        else:
+            try:
+                sizer.on_too_large(step)
+            except RpcRangeTooLarge:
+                assert min(before, step or before) <= minimum
+                assert sizer.size == before
+            else:
+                assert sizer.size < before
+        assert minimum <= sizer.size <= maximum

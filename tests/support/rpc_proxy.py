@@ -1,0 +1,303 @@
+"""A fault-injecting JSON-RPC proxy: a real HTTP server between a client under test and a node.
+
+`RpcFaultProxy` listens on a free 127.0.0.1 port (`.url`) and forwards JSON-RPC requests,
+single or batched, to an upstream node such as anvil. Each HTTP request may get one fault
+instead of a faithful answer: the next entry of an explicit `schedule()` if there is one
+(None there means "no fault"), otherwise a draw of a seeded RNG against `rates`, a probability
+per fault kind (their sum at most 1):
+
+    http_429        HTTP 429 with `Retry-After: <retry_after>`
+    http_502        HTTP 502 Bad Gateway
+    http_503        HTTP 503 Service Unavailable
+    rpc_rate_limit  HTTP 200, a JSON-RPC rate-limit error for every call (provider wordings rotate)
+    timeout         the faithful answer, but only after `timeout_delay` seconds
+    drop            the connection is closed without an answer
+    invalid_json    HTTP 200 with a truncated body that is not JSON
+
+Random faults hit only requests that call one of `fault_methods` (None: every method).
+
+Besides, eth_getLogs is limited the way public providers limit it, deterministically:
+
+    max_range       a filter spanning more than max_range blocks is refused with a range error
+                    (wordings rotate; one of them is HTTP 413 for a single request)
+    max_results     an answer with more than max_results logs becomes "more than N results"
+    reject_batches  every batch is answered with one "batch not supported" error object
+
+Block tags ("latest") and blockHash filters are not range-checked. Every setting above is a
+plain attribute and may be changed while the proxy runs.
+
+Counters for assertions: `requests` (HTTP requests received), `forwarded` (HTTP requests sent
+upstream), `methods` (Counter of JSON-RPC methods received) and `injected` (Counter of faults
+by kind, plus "range", "results" and "batch_rejected" for the provider limits).
+
+    async with RpcFaultProxy(anvil.rpc_url, seed=7, rates={"http_503": 0.2}) as proxy:
+        async with RpcClient([proxy.url], timeout=1, max_retries=10) as client: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import socket
+from collections import Counter, deque
+from collections.abc import Collection, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+__all__ = ["FAULT_KINDS", "RpcFaultProxy"]
+
+FAULT_KINDS = (
+    "http_429",
+    "http_502",
+    "http_503",
+    "rpc_rate_limit",
+    "timeout",
+    "drop",
+    "invalid_json",
+)
+RATE_LIMIT_ERRORS = (
+    (-32005, "limit exceeded"),
+    (429, "Too Many Requests"),
+    (-32000, "rate limit exceeded, retry in 1s"),
+    (-32016, "Your app has exceeded its compute units per second capacity"),
+)
+# {n}: the proxy's max_range; "413" stands for an HTTP 413 answer instead of an error object.
+RANGE_ERRORS = (
+    (-32602, "block range too large"),
+    (-32000, "exceed maximum block range: {n}"),
+    (413, "Payload Too Large"),
+    (-32600, "range is too large, max is {n} blocks"),
+    (-32000, "Log response size exceeded. Try a block range of at most {n} blocks"),
+)
+# {n}: the proxy's max_results.
+RESULTS_ERRORS = (
+    (-32005, "query returned more than {n} results"),
+    (-32602, "Log response size exceeded: query returned more than {n} logs"),
+    (-32000, "logs matched by query exceeds limit of {n}"),
+)
+SHUTDOWN_TIMEOUT = 0.2
+JSON = "application/json"
+
+
+class RpcFaultProxy:
+    """A JSON-RPC reverse proxy on 127.0.0.1 that injects faults; an async context manager."""
+
+    def __init__(
+        self,
+        upstream_url: str,
+        *,
+        seed: int,
+        rates: Mapping[str, float] | None = None,
+        fault_methods: Collection[str] | None = None,
+        retry_after: float = 0,
+        timeout_delay: float = 5.0,
+        max_range: int | None = None,
+        max_results: int | None = None,
+        reject_batches: bool = False,
+    ) -> None:
+        self.upstream_url = upstream_url
+        self.rates = dict(rates or {})
+        self.fault_methods = fault_methods
+        self.retry_after = retry_after
+        self.timeout_delay = timeout_delay
+        self.max_range = max_range
+        self.max_results = max_results
+        self.reject_batches = reject_batches
+        self.requests = 0
+        self.forwarded = 0
+        self.methods: Counter[str] = Counter()
+        self.injected: Counter[str] = Counter()
+        self._rng = random.Random(seed)
+        self._schedule: deque[str | None] = deque()
+        self._wordings = itertools.count()
+        self._runner: web.AppRunner | None = None
+        self._upstream: aiohttp.ClientSession | None = None
+        self._port = 0
+
+    @property
+    def url(self) -> str:
+        """The proxy's JSON-RPC URL."""
+        return f"http://127.0.0.1:{self._port}"
+
+    def schedule(self, *faults: str | None) -> None:
+        """Queue faults for the next HTTP requests, in order; None lets one request through."""
+        for fault in faults:
+            if fault is not None and fault not in FAULT_KINDS:
+                raise ValueError(f"unknown fault {fault!r}")
+        self._schedule.extend(faults)
+
+    async def __aenter__(self) -> Self:
+        unknown = set(self.rates) - set(FAULT_KINDS)
+        if unknown or sum(self.rates.values()) > 1:
+            raise ValueError(f"rates must name known faults and sum to <= 1: {self.rates}")
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        self._upstream = aiohttp.ClientSession()
+        try:
+            await self._runner.setup()
+            # Binding the socket ourselves gives a free port with no window for another taker.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            self._port = sock.getsockname()[1]
+            await web.SockSite(self._runner, sock).start()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._upstream is not None:
+            await self._upstream.close()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        body = await request.read()
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            payload = None
+        batch = isinstance(payload, list)
+        calls = [c for c in (payload if batch else [payload]) if isinstance(c, dict)]
+        self.methods.update(str(c.get("method")) for c in calls)
+        if batch and self.reject_batches:
+            self.injected["batch_rejected"] += 1
+            return _json(_error(None, -32600, "batch requests are not supported"))
+        fault = self._pick_fault(str(c.get("method")) for c in calls)
+        if fault is not None:
+            self.injected[fault] += 1
+            if fault == "drop":
+                assert request.transport is not None
+                request.transport.close()
+                return web.Response()
+            if fault == "timeout":
+                await asyncio.sleep(self.timeout_delay)
+            else:
+                return self._fault_response(fault, calls, batch)
+        if not batch and self._too_wide(payload):
+            assert isinstance(payload, dict)
+            refusal = self._refusal(payload, batch=False)
+            if refusal is None:
+                return web.Response(status=413, text="Payload Too Large")
+            return _json(refusal)
+        if not batch:
+            status, raw = await self._upstream_post(body)
+            if self.max_results is None or status != 200:
+                return web.Response(status=status, body=raw, content_type=JSON)
+            return _json(self._limit_results(payload, orjson.loads(raw)))
+        return await self._forward_batch(body, calls)
+
+    def _pick_fault(self, methods: Iterable[str]) -> str | None:
+        if self._schedule:
+            return self._schedule.popleft()
+        if self.fault_methods is not None and not set(methods) & set(self.fault_methods):
+            return None
+        draw = self._rng.random()
+        for kind in FAULT_KINDS:
+            draw -= self.rates.get(kind, 0.0)
+            if draw < 0:
+                return kind
+        return None
+
+    def _fault_response(self, fault: str, calls: list[dict[str, Any]], batch: bool) -> web.Response:
+        if fault == "http_429":
+            headers = {"Retry-After": f"{self.retry_after:g}"}
+            return web.Response(status=429, text="Too Many Requests", headers=headers)
+        if fault in ("http_502", "http_503"):
+            return web.Response(status=int(fault[-3:]), text="upstream unavailable")
+        if fault == "invalid_json":
+            return web.Response(body=b'{"jsonrpc":"2.0","id":1,"result":[{"addr', content_type=JSON)
+        assert fault == "rpc_rate_limit", fault
+        code, message = self._wording(RATE_LIMIT_ERRORS)
+        errors = [_error(c.get("id"), code, message) for c in calls]
+        return _json(errors if batch else errors[0])
+
+    async def _forward_batch(self, body: bytes, calls: list[dict[str, Any]]) -> web.Response:
+        # Calls the range limit refuses are answered here; the others go upstream as one batch.
+        refused = {id(c): self._refusal(c, batch=True) for c in calls if self._too_wide(c)}
+        passed = [c for c in calls if id(c) not in refused]
+        by_id: dict[object, object] = {}
+        if passed:
+            status, raw = await self._upstream_post(orjson.dumps(passed) if refused else body)
+            if status != 200 or (self.max_results is None and not refused):
+                return web.Response(status=status, body=raw, content_type=JSON)
+            answers = orjson.loads(raw)
+            if not isinstance(answers, list):
+                return _json(answers)
+            by_id = {a.get("id"): a for a in answers if isinstance(a, dict)}
+        return _json(
+            [refused.get(id(c)) or self._limit_results(c, by_id.get(c.get("id"))) for c in calls]
+        )
+
+    async def _upstream_post(self, body: bytes) -> tuple[int, bytes]:
+        assert self._upstream is not None
+        self.forwarded += 1
+        async with self._upstream.post(
+            self.upstream_url, data=body, headers={"Content-Type": JSON}
+        ) as upstream:
+            return upstream.status, await upstream.read()
+
+    def _too_wide(self, call: object) -> bool:
+        if self.max_range is None or not isinstance(call, dict):
+            return False
+        if call.get("method") != "eth_getLogs":
+            return False
+        span = _span(call)
+        return span is not None and span > self.max_range
+
+    def _refusal(self, call: dict[str, Any], *, batch: bool) -> dict[str, Any] | None:
+        """Return the error answer refusing a too-wide range; None means "answer HTTP 413"."""
+        self.injected["range"] += 1
+        code, message = self._wording(RANGE_ERRORS)
+        if code == 413:
+            if not batch:
+                return None
+            code, message = RANGE_ERRORS[0]  # a status code cannot answer one call of a batch
+        return _error(call.get("id"), code, message.format(n=self.max_range))
+
+    def _limit_results(self, call: object, answer: object) -> object:
+        if self.max_results is None or not isinstance(call, dict) or not isinstance(answer, dict):
+            return answer
+        result = answer.get("result")
+        if call.get("method") != "eth_getLogs" or not isinstance(result, list):
+            return answer
+        if len(result) <= self.max_results:
+            return answer
+        self.injected["results"] += 1
+        code, message = self._wording(RESULTS_ERRORS)
+        return _error(call.get("id"), code, message.format(n=self.max_results))
+
+    def _wording(self, wordings: tuple[tuple[int, str], ...]) -> tuple[int, str]:
+        return wordings[next(self._wordings) % len(wordings)]
+
+
+def _span(call: dict[str, Any]) -> int | None:
+    """Return the number of blocks an eth_getLogs call spans, None if it names no numbers."""
+    params = call.get("params")
+    filter_ = params[0] if isinstance(params, list) and params else None
+    if not isinstance(filter_, dict):
+        return None
+    try:
+        return int(filter_["toBlock"], 16) - int(filter_["fromBlock"], 16) + 1
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _error(request_id: object, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+
+
+def _json(payload: object) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), content_type=JSON)
