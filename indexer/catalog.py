@@ -132,7 +132,7 @@ def parse_declaration(kind: ContractKind, declaration: str) -> EventSpec:
         words = chunk.split()
         if len(words) == 3 and words[1] == "indexed":
             params.append(Param(name=words[2], type=words[0], indexed=True))
-        elif len(words) == 2:
+        elif len(words) == 2 and words[1] != "indexed":
             params.append(Param(name=words[1], type=words[0], indexed=False))
         else:
             raise ValueError(f"malformed parameter {chunk!r} in {declaration!r}")

@@ -24,7 +24,7 @@ import structlog
 from indexer.batch import Batch, StoredEvent, block_time
 from indexer.catalog import MARKET_CREATED, ContractKind
 from indexer.decoding import UndecodableLog, decode_log
-from indexer.errors import ChainIdMismatch, ReorgDuringFetch, ReorgTooDeep
+from indexer.errors import BlockNotFound, ChainIdMismatch, ReorgDuringFetch, ReorgTooDeep
 from indexer.metrics import Metrics
 from indexer.rpc import LogRangeSizer, RpcClient, fetch_logs
 from indexer.rpc_results import BlockHeader, RawLog
@@ -184,7 +184,8 @@ class Follower:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            self.head = await self._rpc.block_number()
+            head = await self._rpc.get_head()
+            self.head = head.number
             self._metrics.head.set(self.head)
             target = self._target(self.head)
             if until is not None:
@@ -192,10 +193,22 @@ class Follower:
             if self.cursor < target:
                 await self.step(target)
                 continue
+            if self._replaced(head):
+                await self._handle_reorg()
+                continue
             self._metrics.lag.set(max(0, self._target(self.head) - self.cursor))
             if until is not None and self.cursor >= until:
                 return
             await asyncio.sleep(max(0.0, self._config.poll_interval - (loop.time() - started)))
+
+    def _replaced(self, head: BlockHeader) -> bool:
+        """True when another block took the cursor's height without the chain growing past it.
+
+        A head below the cursor is not taken as a reorg: a lagging endpoint behind a load
+        balancer reports that too; a real shorter branch shows at the next block by its parent.
+        """
+        assert self._state is not None
+        return head.number == self.cursor and head.hash != self._state.block_hash
 
     async def step(self, target: int) -> None:
         """Index one range towards `target`, or handle a reorg found at its start."""
@@ -371,7 +384,10 @@ class Follower:
             if stored.number < 0:
                 ancestor = stored  # the virtual parent of block 0 is always an ancestor
                 break
-            canonical = await self._rpc.get_block_header(stored.number)
+            try:
+                canonical = await self._rpc.get_block_header(stored.number)
+            except BlockNotFound:
+                continue  # the new branch is shorter than this stored block
             if canonical.hash == stored.hash:
                 ancestor = stored
                 break

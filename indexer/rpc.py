@@ -133,6 +133,10 @@ class RpcClient:
         """Return the header of a block; BlockNotFound if the node does not have it yet."""
         return parse_header(await self._call("eth_getBlockByNumber", _block_params(number)), number)
 
+    async def get_head(self) -> BlockHeader:
+        """Return the header of the newest block."""
+        return parse_header(await self._call("eth_getBlockByNumber", ["latest", False]), None)
+
     async def get_block_headers(self, numbers: Sequence[int]) -> list[BlockHeader]:
         """Return the headers of several blocks in order, fetched in JSON-RPC batches."""
         results = await self.request_batch(

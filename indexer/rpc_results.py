@@ -96,10 +96,13 @@ class LogQuery:
         return [filter_]
 
 
-def parse_header(result: object, number: int) -> BlockHeader:
-    """Return the header in an eth_getBlockByNumber result; BlockNotFound if it is null."""
+def parse_header(result: object, number: int | None) -> BlockHeader:
+    """Return the header in an eth_getBlockByNumber result; BlockNotFound if it is null.
+
+    `number` is the block asked for, or None for "latest".
+    """
     if result is None:
-        raise BlockNotFound(number)
+        raise BlockNotFound(-1 if number is None else number)
     if not isinstance(result, dict):
         raise RpcResponseError(None, "block is not a JSON object", GET_BLOCK)
     header = BlockHeader(
@@ -108,7 +111,7 @@ def parse_header(result: object, number: int) -> BlockHeader:
         parent_hash=_hash(result.get("parentHash"), "parent hash", GET_BLOCK),
         timestamp=parse_quantity(result.get("timestamp"), "timestamp", GET_BLOCK),
     )
-    if header.number != number:
+    if number is not None and header.number != number:
         raise RpcResponseError(None, f"asked for block {number}, got {header.number}", GET_BLOCK)
     return header
 

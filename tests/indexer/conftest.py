@@ -1,0 +1,161 @@
+"""Helpers for end-to-end tests of the indexer against anvil, Postgres and Redis."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from eth_utils.crypto import keccak
+
+from devnet.chain import Deployment, DevChain
+from devnet.services import Anvil, Redis
+from tests.support.indexer_process import IndexerProcess, indexer_env
+from tests.support.waiting import eventually
+
+_streams = itertools.count()
+MARKET_CREATED_TOPIC = (
+    "0x"
+    + keccak(text="MarketCreated(address,address,string,uint256,uint256,bytes32,uint256)").hex()
+)
+
+
+@pytest.fixture
+def stream_key() -> str:
+    """A Redis stream key of this test's own."""
+    return f"test:{os.getpid()}:{next(_streams)}:events"
+
+
+@pytest.fixture
+def make_indexer(
+    database_url: str,
+    redis_server: Redis,
+    anvil: Anvil,
+    deployment: Deployment,
+    stream_key: str,
+) -> Callable[..., IndexerProcess]:
+    """Build (not start) indexer processes sharing this test's database, chain and stream."""
+
+    def make(*args: str, **overrides: str) -> IndexerProcess:
+        env = indexer_env(
+            database_url=database_url,
+            redis_url=overrides.pop("REDIS_URL", redis_server.url),
+            rpc_url=overrides.pop("RPC_PROVIDER_URL", anvil.rpc_url),
+            deployment=deployment,
+            stream_key=stream_key,
+            **overrides,
+        )
+        return IndexerProcess(env, *args)
+
+    return make
+
+
+@pytest.fixture
+async def redis_client(redis_server: Redis) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def tracked_chain_logs(chain: DevChain, deployment: Deployment) -> list[dict[str, Any]]:
+    """Every log on the chain from a contract the indexer tracks, straight from eth_getLogs."""
+    head = await chain.block_number()
+    logs = await chain.request("eth_getLogs", [{"fromBlock": "0x0", "toBlock": hex(head)}])
+    tracked = {*deployment.factories, deployment.resolution_manager, deployment.reward_distributor}
+    tracked |= {
+        "0x" + lg["topics"][1][-40:]
+        for lg in logs
+        if lg["address"].lower() in deployment.factories and lg["topics"][0] == MARKET_CREATED_TOPIC
+    }
+    return [lg for lg in logs if lg["address"].lower() in tracked]
+
+
+def chain_key(log: dict[str, Any]) -> tuple[Any, ...]:
+    """A log's identity and content, as eth_getLogs reports it."""
+    return (
+        int(log["blockNumber"], 16),
+        int(log["logIndex"], 16),
+        log["blockHash"],
+        log["transactionHash"],
+        log["address"].lower(),
+        tuple(log["topics"]),
+        log["data"],
+    )
+
+
+async def stored_keys(database_url: str) -> list[tuple[Any, ...]]:
+    """The same identity and content for every stored event, in chain order."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT block_number, log_index, block_hash, transaction_hash, contract,"
+            " topic0, topic1, topic2, topic3, data FROM events ORDER BY block_number, log_index"
+        )
+    finally:
+        await conn.close()
+    return [
+        (r["block_number"], r["log_index"], r["block_hash"], r["transaction_hash"], r["contract"],
+         tuple(t for t in (r["topic0"], r["topic1"], r["topic2"], r["topic3"]) if t is not None),
+         r["data"])
+        for r in rows
+    ]  # fmt: skip
+
+
+async def assert_database_equals_chain(
+    database_url: str, chain: DevChain, deployment: Deployment
+) -> int:
+    """The events table is exactly the tracked logs of the canonical chain; returns the count."""
+    expected = [chain_key(lg) for lg in await tracked_chain_logs(chain, deployment)]
+    stored = await stored_keys(database_url)
+    missing = sorted(set(expected) - set(stored))[:5]
+    extra = sorted(set(stored) - set(expected))[:5]
+    assert (missing, extra) == ([], []), f"missing {missing}, extra {extra}"
+    assert stored == expected
+    return len(stored)
+
+
+async def stream_entries(client: aioredis.Redis, key: str) -> list[tuple[int, dict[str, Any]]]:
+    """(seq, envelope) of every stream entry, in stream order."""
+    entries = await client.xrange(key)
+    result = []
+    for entry_id, fields in entries:
+        seq = int(entry_id.decode().split("-")[0])
+        assert int(fields[b"seq"]) == seq
+        result.append((seq, orjson.loads(fields[b"event"])))
+    return result
+
+
+def assert_gap_free(entries: list[tuple[int, dict[str, Any]]]) -> None:
+    """Stream seqs are 1..N with no gap, and each envelope carries its own seq."""
+    seqs = [seq for seq, _ in entries]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert all(envelope["seq"] == seq for seq, envelope in entries)
+
+
+def live_ids(entries: list[tuple[int, dict[str, Any]]]) -> list[str]:
+    """Ids of the events still on the chain once removal notices are applied, in order."""
+    alive: dict[str, None] = {}
+    for _, envelope in entries:
+        if envelope["removed"]:
+            alive.pop(envelope["id"], None)
+        else:
+            alive[envelope["id"]] = None
+    return list(alive)
+
+
+def expected_ids(logs: list[dict[str, Any]], chain_id: int = 32323) -> list[str]:
+    return [f"{chain_id}:{lg['transactionHash']}:{int(lg['logIndex'], 16)}" for lg in logs]
+
+
+async def wait_for_stream(client: aioredis.Redis, key: str, count: int, within: float = 30) -> None:
+    """Wait until the stream holds at least `count` entries."""
+
+    async def long_enough() -> bool:
+        return int(await client.xlen(key)) >= count
+
+    await eventually(long_enough, within=within, what=f"{count} entries in {key}")

@@ -1,0 +1,119 @@
+"""The event catalogue and decoder: exact signatures, exact values, defensive on bad logs."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from eth_abi.abi import encode
+from eth_utils.crypto import keccak
+from hypothesis import given
+from hypothesis import strategies as st
+
+from indexer.catalog import MARKET_CREATED, ContractKind, catalog, parse_declaration
+from indexer.decoding import UndecodableLog, decode_log
+from tests.reference_events import REFERENCE_EVENTS, canonical
+
+MARKET = "0x31d2bc49a6fd4a066f5f8ac61acd0e6c9105dd84"
+BETTOR = "0x70997970c51812dc3a010c7d01b50e0d17dc79c8"
+BET_PLACED = "BetPlaced(address,uint8,uint256,uint256,uint256)"
+
+
+def topic(value: int | str) -> str:
+    if isinstance(value, str):
+        return "0x" + value[2:].rjust(64, "0")
+    return "0x" + value.to_bytes(32, "big").hex()
+
+
+def test_catalogue_is_exactly_the_reference() -> None:
+    """Every reference declaration is in the catalogue under its contract kind, and nothing else."""
+    expected = {
+        (ContractKind(kind), "0x" + keccak(text=canonical(d)).hex()): canonical(d)
+        for kind, declarations in REFERENCE_EVENTS.items()
+        for d in declarations
+    }
+    assert {key: spec.signature for key, spec in catalog().items()} == expected
+
+
+def test_same_name_different_contracts_decode_differently() -> None:
+    """MarketResolved of a market and of the resolution manager have distinct layouts."""
+    by_kind = {key[0]: spec for key, spec in catalog().items() if spec.name == "MarketResolved"}
+    assert by_kind[ContractKind.MARKET].signature == "MarketResolved(uint8,address,uint256)"
+    assert by_kind[ContractKind.RESOLUTION_MANAGER].signature == (
+        "MarketResolved(address,uint8,address,uint256)"
+    )
+
+
+def test_bet_placed_decodes_exact_uint256_and_enum_names() -> None:
+    """Amounts beyond 2**64 stay exact as decimal strings; outcomes get their enum name."""
+    amount = 2**200 + 12345
+    data = "0x" + encode(["uint256", "uint256", "uint256"], [amount, 7, 1762387200]).hex()
+    topics = ["0x" + keccak(text=BET_PLACED).hex(), topic(BETTOR), topic(2)]
+    decoded = decode_log(ContractKind.MARKET, MARKET, topics, data)
+    assert decoded is not None
+    assert decoded.market == MARKET
+    assert decoded.args == {
+        "bettor": BETTOR,
+        "outcome": "2",
+        "outcomeName": "OUTCOME2",
+        "amount": str(amount),
+        "shares": "7",
+        "timestamp": "1762387200",
+    }
+
+
+def test_market_created_keeps_question_and_category() -> None:
+    """The factory's announcement decodes its string, bytes32 and the new market's address."""
+    category = keccak(text="crypto")
+    data = (
+        "0x"
+        + encode(["string", "uint256", "uint256", "uint256"], ["Will it rain? ☔", 10, 5, 99]).hex()
+    )
+    topics = [MARKET_CREATED.topic0, topic(MARKET), topic(BETTOR), "0x" + category.hex()]
+    decoded = decode_log(ContractKind.FACTORY, "0x" + "11" * 20, topics, data)
+    assert decoded is not None
+    assert decoded.market == MARKET
+    assert decoded.args["question"] == "Will it rain? ☔"
+    assert decoded.args["category"] == "0x" + category.hex()
+
+
+def test_unknown_topic_is_none_not_an_error() -> None:
+    """A topic0 the contract kind does not declare is reported as unknown."""
+    topics = ["0x" + keccak(text=BET_PLACED).hex(), topic(BETTOR), topic(1)]
+    assert decode_log(ContractKind.FACTORY, MARKET, topics, "0x") is None
+    assert decode_log(ContractKind.MARKET, MARKET, [], "0x") is None
+
+
+def test_wrong_layout_is_undecodable() -> None:
+    """A known topic0 with the wrong number of topics or short data raises UndecodableLog."""
+    good = "0x" + encode(["uint256", "uint256", "uint256"], [1, 1, 1]).hex()
+    bet = "0x" + keccak(text=BET_PLACED).hex()
+    with pytest.raises(UndecodableLog):
+        decode_log(ContractKind.MARKET, MARKET, [bet, topic(BETTOR)], good)
+    with pytest.raises(UndecodableLog):
+        decode_log(ContractKind.MARKET, MARKET, [bet, topic(BETTOR), topic(1)], good[:-64])
+
+
+def test_out_of_range_enum_is_named_unknown() -> None:
+    """An enum value past the known names decodes as UNKNOWN instead of failing."""
+    state_changed = "0x" + keccak(text="MarketStateChanged(uint8,uint256)").hex()
+    data = "0x" + encode(["uint256"], [1]).hex()
+    decoded = decode_log(ContractKind.MARKET, MARKET, [state_changed, topic(9)], data)
+    assert decoded is not None
+    assert decoded.args["newStateName"] == "UNKNOWN"
+
+
+def test_malformed_declarations_are_rejected() -> None:
+    """The declaration parser refuses text it cannot read."""
+    for bad in ("NoParens", "Bad(uint256 indexed)", "Bad(uint256 a b c)", "1x(uint256 a)"):
+        with pytest.raises(ValueError, match="malformed"):
+            parse_declaration(ContractKind.MARKET, bad)
+
+
+@given(data=st.binary(max_size=300), count=st.integers(min_value=0, max_value=4))
+def test_arbitrary_logs_never_crash_the_decoder(data: bytes, count: int) -> None:
+    """Any data and topic count for a known event either decodes or raises UndecodableLog."""
+    bet = "0x" + keccak(text=BET_PLACED).hex()
+    topics = [bet] + [topic(i) for i in range(count)]
+    with contextlib.suppress(UndecodableLog):
+        decode_log(ContractKind.MARKET, MARKET, topics, "0x" + data.hex())

@@ -1,0 +1,154 @@
+"""End to end: the indexer stores and publishes every KEKTECH event exactly as on the chain."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+from devnet.chain import Deployment, DevChain
+from devnet.driver import ActivityDriver
+from shared.channels import snake_case
+from tests.indexer.conftest import (
+    assert_database_equals_chain,
+    assert_gap_free,
+    expected_ids,
+    live_ids,
+    stream_entries,
+    tracked_chain_logs,
+    wait_for_stream,
+)
+from tests.reference_events import REFERENCE_EVENTS
+from tests.support.indexer_process import IndexerProcess
+
+ENVELOPE_FIELDS = {
+    "type", "eventType", "id", "seq", "chainId", "contract", "contractKind", "marketAddress",
+    "blockNumber", "blockHash", "transactionHash", "logIndex", "timestamp", "args", "data",
+    "removed",
+}  # fmt: skip
+
+
+async def collect_pubsub(client: aioredis.Redis, sink: dict[str, list[dict[str, Any]]]) -> None:
+    """Gather every message on events:* and market:* by channel until cancelled."""
+    async with client.pubsub() as pubsub:
+        await pubsub.psubscribe("events:*", "market:*")
+        async for message in pubsub.listen():
+            if message["type"] == "pmessage":
+                sink[message["channel"].decode()].append(orjson.loads(message["data"]))
+
+
+async def test_every_event_is_indexed_decoded_and_published(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """Each reference event reaches Postgres and Redis on both channel shapes, as an envelope."""
+    driver = ActivityDriver(dev_chain, deployment, seed=11)
+    await driver.cover_all_events()
+    await driver.run(blocks=10)
+    channels: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    listener = asyncio.create_task(collect_pubsub(redis_client, channels))
+    await asyncio.sleep(0.2)  # let the pattern subscription settle before anything is published
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(await dev_chain.block_number())
+        logs = await tracked_chain_logs(dev_chain, deployment)
+        total = await assert_database_equals_chain(database_url, dev_chain, deployment)
+        await wait_for_stream(redis_client, stream_key, total)
+        await asyncio.sleep(0.3)  # Pub/Sub messages trail the stream by one round trip
+    listener.cancel()
+
+    entries = await stream_entries(redis_client, stream_key)
+    assert_gap_free(entries)
+    assert live_ids(entries) == expected_ids(logs)
+    envelopes = [envelope for _, envelope in entries]
+    assert all(set(e) == ENVELOPE_FIELDS for e in envelopes)
+    names = {(e["contractKind"], e["type"]) for e in envelopes}
+    reference = {
+        (kind, declaration.split("(")[0])
+        for kind, declarations in REFERENCE_EVENTS.items()
+        for declaration in declarations
+    }
+    assert names == reference
+    for envelope in envelopes:
+        assert envelope["eventType"] == envelope["type"]
+        assert envelope["data"] == envelope["args"]
+        assert envelope["removed"] is False
+        assert envelope["timestamp"].endswith("Z")
+        assert envelope in channels[f"events:{snake_case(envelope['type'])}"]
+        if envelope["marketAddress"] is not None:
+            assert envelope in channels[f"market:{envelope['marketAddress']}"]
+        for value in envelope["args"].values():
+            assert isinstance(value, str | bool)
+    created = [e for e in envelopes if e["type"] == "MarketCreated"]
+    assert all(e["data"]["question"].startswith("Will ") for e in created)
+    assert all(e["marketAddress"] in driver.markets for e in created)
+    approvals = [e for e in envelopes if e["type"] == "MarketApproved"]
+    factory_approvals = [e for e in approvals if e["contractKind"] == "factory"]
+    assert factory_approvals
+    assert channels["events:proposal_approved"] == factory_approvals
+    bets = [e for e in envelopes if e["type"] == "BetPlaced"]
+    assert {e["args"]["outcomeName"] for e in bets} == {"OUTCOME1", "OUTCOME2"}
+
+
+async def test_markets_projection_follows_the_chain(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """The markets table has every market with its creator, question, state and bet volumes."""
+    driver = ActivityDriver(dev_chain, deployment, seed=12, txs_per_block=10)
+    await driver.cover_all_events()
+    await driver.run(blocks=40)
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(await dev_chain.block_number())
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = {r["address"]: r for r in await conn.fetch("SELECT * FROM markets")}
+    finally:
+        await conn.close()
+    assert set(rows) == set(driver.markets)
+    for address, market in driver.markets.items():
+        row = rows[address]
+        assert row["factory"] == market.factory
+        assert row["creator"] == market.creator
+        assert row["question"].startswith("Will ")
+        volumes = {1: 0, 2: 0}
+        for (_, outcome), amount in market.stakes.items():
+            volumes[outcome] += amount
+        assert (int(row["volume_outcome1"]), int(row["volume_outcome2"])) == (
+            volumes[1],
+            volumes[2],
+        )
+        if market.state.name == "REJECTED":
+            assert row["rejected"] is True
+        else:
+            assert row["state"] == market.state.name
+
+
+async def test_graceful_stop_on_sigint_and_sigterm(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """SIGINT (PM2's stop signal) and SIGTERM both stop the indexer cleanly with exit code 0."""
+    driver = ActivityDriver(dev_chain, deployment, seed=13)
+    await driver.run(blocks=5)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        indexer = make_indexer()
+        indexer.start()
+        await indexer.wait_ready()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await asyncio.to_thread(indexer.stop, sig) == 0
+        assert loop.time() - started < 5
+        assert "stopped by signal" in indexer.log_text()

@@ -1,0 +1,267 @@
+"""The indexer loses and duplicates nothing across crashes, Redis outages, reorgs and bad RPC."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from devnet.chain import Deployment, DevChain
+from devnet.driver import ActivityDriver
+from devnet.services import Anvil, Redis
+from tests.indexer.conftest import (
+    assert_database_equals_chain,
+    assert_gap_free,
+    expected_ids,
+    live_ids,
+    stream_entries,
+    tracked_chain_logs,
+)
+from tests.support.indexer_process import IndexerProcess
+from tests.support.rpc_proxy import RpcFaultProxy
+from tests.support.waiting import eventually
+
+
+async def follow_stream(client: aioredis.Redis, key: str, seen: list[int]) -> None:
+    """A consumer reading the stream live, as a broadcaster would, recording each seq it sees."""
+    last = "0-0"
+    while True:
+        try:
+            reply = await client.xread({key: last}, block=200, count=500)
+        except (ConnectionError, OSError, aioredis.ConnectionError):
+            await asyncio.sleep(0.1)
+            continue
+        for _, entries in reply:
+            for entry_id, _fields in entries:
+                last = entry_id.decode()
+                seen.append(int(last.split("-")[0]))
+
+
+async def caught_up(
+    indexer: IndexerProcess,
+    chain: DevChain,
+    client: aioredis.Redis,
+    key: str,
+    database_url: str,
+    deployment: Deployment,
+) -> list[tuple[int, dict[str, Any]]]:
+    """Wait until the indexer stored and published the whole chain; return the stream."""
+    await indexer.wait_cursor(await chain.block_number())
+
+    async def stored() -> bool:
+        try:
+            await assert_database_equals_chain(database_url, chain, deployment)
+        except AssertionError:
+            return False
+        return True
+
+    await eventually(stored, within=30, what="the database equals the chain")
+    expected = expected_ids(await tracked_chain_logs(chain, deployment))
+
+    async def published() -> bool:
+        return live_ids(await stream_entries(client, key)) == expected
+
+    await eventually(published, within=30, what="the stream holds the chain's events")
+    return await stream_entries(client, key)
+
+
+async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """Ten SIGKILLs during a busy run: the database equals the chain and the stream is gap-free."""
+    driver = ActivityDriver(dev_chain, deployment, seed=21, txs_per_block=12)
+    await driver.cover_all_events()
+    busy = asyncio.create_task(driver.run(blocks=150, block_interval=0.1))
+    seen: list[int] = []
+    consumer = asyncio.create_task(follow_stream(redis_client, stream_key, seen))
+    rng = random.Random(2026)
+    indexer = make_indexer()
+    for _ in range(10):
+        indexer.start()
+        await asyncio.sleep(rng.uniform(0.6, 2.5))
+        indexer.kill()
+    await busy
+    indexer.start()
+    try:
+        entries = await caught_up(
+            indexer, dev_chain, redis_client, stream_key, database_url, deployment
+        )
+    finally:
+        indexer.kill()
+    await asyncio.sleep(0.5)
+    consumer.cancel()
+    assert_gap_free(entries)
+    assert seen == [seq for seq, _ in entries]  # the live consumer saw all of them, in order
+    assert not any(envelope["removed"] for _, envelope in entries)
+
+
+async def test_redis_outage_loses_nothing_and_the_backlog_drains(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """Redis stopped during indexing and started again: every event reaches the stream in order."""
+    driver = ActivityDriver(dev_chain, deployment, seed=22, txs_per_block=6)
+    await driver.cover_all_events()
+    with Redis() as own_redis:
+        client = aioredis.Redis.from_url(own_redis.url)
+        with make_indexer(REDIS_URL=own_redis.url) as indexer:
+            await indexer.wait_ready()
+            own_redis.stop()
+            await driver.run(blocks=30, block_interval=0.05)
+            await indexer.wait_cursor(await dev_chain.block_number())
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(indexer.http_url + "/metrics") as response,
+            ):
+                metrics = await response.text()
+            assert "kektech_indexer_redis_up 0.0" in metrics
+            backlog = next(
+                float(line.split()[1]) for line in metrics.splitlines()
+                if line.startswith("kektech_indexer_publish_backlog ")
+            )  # fmt: skip
+            assert backlog > 0
+            own_redis.start()
+            entries = await caught_up(
+                indexer, dev_chain, client, stream_key, database_url, deployment
+            )
+        await client.aclose()
+    assert_gap_free(entries)
+
+
+def reorg_transactions(chain: DevChain, deployment: Deployment) -> list[list[object]]:
+    """Transactions for the replacement branch: a factory event nobody else emits there."""
+    data = chain.contract("FlexibleMarketFactoryUnified").encode_abi("setPaused", [False])
+    tx = {"from": chain.accounts[0], "to": deployment.factory_v2, "data": data, "gas": hex(300_000)}
+    return [[tx, 0]]
+
+
+async def blocks_events(chain: DevChain, deployment: Deployment, first: int) -> list[str]:
+    logs = await tracked_chain_logs(chain, deployment)
+    return expected_ids([lg for lg in logs if int(lg["blockNumber"], 16) >= first])
+
+
+@pytest.mark.parametrize("depth", [1, 4, 8])
+async def test_reorgs_within_the_window_follow_the_canonical_chain(
+    depth: int,
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """A reorg of depth 1..REORG_WINDOW is rolled back, announced as removals, and re-indexed."""
+    driver = ActivityDriver(dev_chain, deployment, seed=30 + depth, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=20)
+    with make_indexer(REORG_WINDOW="8") as indexer:
+        head = await dev_chain.block_number()
+        await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
+        retracted = await blocks_events(dev_chain, deployment, head - depth + 1)
+        assert retracted, "the reorged blocks hold events"
+        await dev_chain.request("anvil_reorg", [depth, reorg_transactions(dev_chain, deployment)])
+        await dev_chain.mine_empty(1)
+        entries = await caught_up(
+            indexer, dev_chain, redis_client, stream_key, database_url, deployment
+        )
+        assert indexer.running
+    removals = [envelope["id"] for _, envelope in entries if envelope["removed"]]
+    assert removals == list(reversed(retracted))
+    assert_gap_free(entries)
+    new_branch = await blocks_events(dev_chain, deployment, head - depth + 1)
+    assert new_branch
+    assert not set(new_branch) & set(retracted)
+
+
+async def test_reorg_while_stopped_is_found_at_start_up(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """The cursor's block replaced while the indexer was down is detected when it starts again."""
+    driver = ActivityDriver(dev_chain, deployment, seed=40, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=10)
+    indexer = make_indexer(REORG_WINDOW="8")
+    with indexer:
+        await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
+    await dev_chain.request("anvil_reorg", [3, reorg_transactions(dev_chain, deployment)])
+    with indexer:
+        entries = await caught_up(
+            indexer, dev_chain, redis_client, stream_key, database_url, deployment
+        )
+    assert any(envelope["removed"] for _, envelope in entries)
+    assert_gap_free(entries)
+
+
+async def test_reorg_deeper_than_the_window_halts_without_deleting(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """A reorg deeper than REORG_WINDOW stops the indexer with a clear error; data is kept."""
+    driver = ActivityDriver(dev_chain, deployment, seed=41, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=20)
+    with make_indexer(REORG_WINDOW="4") as indexer:
+        await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
+        before = await stream_entries(redis_client, stream_key)
+        await dev_chain.request("anvil_reorg", [6, reorg_transactions(dev_chain, deployment)])
+        await dev_chain.mine_empty(1)
+        assert await indexer.wait_exit(within=20) == 1
+    assert "REORG_WINDOW=4" in indexer.log_text()
+    assert await stream_entries(redis_client, stream_key) == before
+    with pytest.raises(AssertionError):
+        await assert_database_equals_chain(database_url, dev_chain, deployment)
+
+
+async def test_rpc_faults_cause_no_loss_and_no_duplicates(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """Through a proxy injecting 429s, 5xx, timeouts, drops and range errors, nothing is lost."""
+    driver = ActivityDriver(dev_chain, deployment, seed=50, txs_per_block=8)
+    await driver.cover_all_events()
+    await driver.run(blocks=40)
+    rates = {"http_429": 0.06, "http_502": 0.04, "http_503": 0.04, "rpc_rate_limit": 0.05,
+             "timeout": 0.03, "drop": 0.05, "invalid_json": 0.05}  # fmt: skip
+    async with RpcFaultProxy(anvil.rpc_url, seed=7, rates=rates, max_range=7, max_results=60,
+                             retry_after=0.05, timeout_delay=3.0) as proxy:  # fmt: skip
+        overrides = {"RPC_PROVIDER_URL": proxy.url, "RPC_TIMEOUT": "1", "RPC_MAX_RETRIES": "30",
+                     "LOGS_RANGE_INITIAL": "50", "LOGS_RANGE_MAX": "200"}  # fmt: skip
+        with make_indexer(**overrides) as indexer:
+            busy = asyncio.create_task(driver.run(blocks=20, block_interval=0.1))
+            await busy
+            entries = await caught_up(
+                indexer, dev_chain, redis_client, stream_key, database_url, deployment
+            )
+        injected = dict(proxy.injected)
+    assert_gap_free(entries)
+    assert not any(envelope["removed"] for _, envelope in entries)
+    assert all(injected.get(kind, 0) > 0 for kind in rates), injected
+    assert injected["range"] > 0, injected
+    assert injected["results"] > 0, injected

@@ -1,0 +1,160 @@
+"""Run `python -m indexer` as a real subprocess for end-to-end tests and benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+
+from devnet.chain import Deployment
+from devnet.services import REPO_ROOT, free_port
+
+STOP_TIMEOUT = 15.0
+
+
+def indexer_env(
+    *,
+    database_url: str,
+    redis_url: str,
+    rpc_url: str,
+    deployment: Deployment,
+    stream_key: str,
+    **extra: str,
+) -> dict[str, str]:
+    """The environment of an indexer pointed at local services and a test deployment."""
+    env = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "RPC_PROVIDER_URL": rpc_url,
+        "REDIS_STREAM_KEY": stream_key,
+        "POLL_INTERVAL": "0.1",
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "INFO",
+        "INDEXER_HTTP_PORT": str(free_port()),
+        "RPC_TIMEOUT": "5",
+        "LEASE_TTL": "5",
+        **deployment.as_env(),
+    }
+    env.update(extra)
+    return env
+
+
+class IndexerProcess:
+    """One indexer subprocess with its own log file; restartable with the same environment."""
+
+    def __init__(self, env: Mapping[str, str], *args: str) -> None:
+        self.env = dict(env)
+        self.args = args or ("run",)
+        self._logdir = Path(tempfile.mkdtemp(prefix="kektech-indexer-"))
+        self.log_path = self._logdir / "indexer.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['INDEXER_HTTP_PORT']}"
+
+    def start(self) -> None:
+        base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "indexer", *self.args],
+                cwd=REPO_ROOT,
+                env={**base, **self.env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, sig: signal.Signals = signal.SIGINT) -> int:
+        """Send `sig` (PM2 stops with SIGINT) and return the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(STOP_TIMEOUT)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_exit(self, within: float) -> int:
+        """Wait for the process to exit by itself and return its code."""
+        assert self.proc is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while self.proc.poll() is None:
+            if loop.time() > deadline:
+                raise TimeoutError(f"indexer still running after {within}s:\n{self.log_text()}")
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+    async def get(self, path: str) -> tuple[int, dict[str, object]]:
+        """GET one of the indexer's HTTP endpoints."""
+        async with aiohttp.ClientSession() as session, session.get(self.http_url + path) as resp:
+            body = await resp.json(content_type=None) if path != "/metrics" else {}
+            return resp.status, body
+
+    async def wait_ready(self, within: float = 30.0) -> dict[str, object]:
+        """Wait until /ready answers 200 (leader and caught up with the chain)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            if not self.running:
+                raise RuntimeError(f"indexer exited:\n{self.log_text()}")
+            try:
+                status, body = await self.get("/ready")
+                if status == 200:
+                    return body
+            except aiohttp.ClientError:
+                pass
+            if loop.time() > deadline:
+                raise TimeoutError(f"indexer not ready in {within}s:\n{self.log_text()[-4000:]}")
+            await asyncio.sleep(0.05)
+
+    async def wait_cursor(self, block: int, within: float = 60.0) -> dict[str, object]:
+        """Wait until the indexer has stored every block up to `block`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            if not self.running:
+                raise RuntimeError(f"indexer exited:\n{self.log_text()[-4000:]}")
+            try:
+                _, body = await self.get("/healthz")
+                cursor = body.get("cursor")
+                if isinstance(cursor, int) and cursor >= block:
+                    return body
+            except aiohttp.ClientError:
+                pass
+            if loop.time() > deadline:
+                raise TimeoutError(
+                    f"cursor below {block} after {within}s:\n{self.log_text()[-4000:]}"
+                )
+            await asyncio.sleep(0.05)
