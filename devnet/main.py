@@ -5,18 +5,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
 import sys
 
-from devnet.chain import DevChain, deploy
+from devnet.chain import Deployment, DevChain, deploy
 from devnet.driver import ActivityDriver
 from devnet.services import LocalServices, ServiceError, local_services
+
+STOP_GRACE = 10.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m devnet",
-        description="Start local Postgres, Redis and anvil, deploy the KEKTECH test contracts "
-        "and generate activity until Ctrl-C.",
+        description="Start local Postgres, Redis and anvil, deploy the KEKTECH test contracts, "
+        "run the indexer against them and generate activity until Ctrl-C.",
     )
     parser.add_argument("--seed", type=int, default=1, help="RNG seed of the activity (default 1)")
     parser.add_argument(
@@ -26,7 +31,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--blocks", type=int, default=None, help="stop after this many random blocks"
     )
+    parser.add_argument(
+        "--chain-only",
+        action="store_true",
+        help="only the local services and the chain activity, without the indexer",
+    )
     return parser.parse_args(argv)
+
+
+def start_service(module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start `python -m <module>` with the local services' settings; it logs to our stderr."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module], env={**os.environ, **env}, stdin=subprocess.DEVNULL
+    )
+
+
+def stop_service(process: subprocess.Popen[bytes]) -> None:
+    """Stop a service the way PM2 does: SIGINT, then SIGKILL after a grace period."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 async def simulate(services: LocalServices, args: argparse.Namespace) -> None:
@@ -36,16 +64,34 @@ async def simulate(services: LocalServices, args: argparse.Namespace) -> None:
         print("deployed:", file=sys.stderr)
         for name, value in deployment.as_env().items():
             print(f"  {name}={value}", file=sys.stderr)
-        driver = ActivityDriver(chain, deployment, seed=args.seed, txs_per_block=args.txs_per_block)
-        await driver.cover_all_events()
-        print(f"every KEKTECH event emitted once: {driver.stats}", file=sys.stderr)
-        if args.blocks is not None:
-            await driver.run(blocks=args.blocks, block_interval=args.block_interval)
-            print(f"done: {driver.stats}", file=sys.stderr)
+        if args.chain_only:
+            await drive(chain, deployment, args)
             return
-        while True:
-            await driver.run(blocks=10, block_interval=args.block_interval)
-            print(f"activity: {driver.stats}", file=sys.stderr)
+        env = {
+            "DATABASE_URL": services.postgres.url,
+            "REDIS_URL": services.redis.url,
+            "RPC_PROVIDER_URL": services.anvil.rpc_url,
+            **deployment.as_env(),
+        }
+        indexer = start_service("indexer", env)
+        try:
+            await drive(chain, deployment, args)
+        finally:
+            stop_service(indexer)
+
+
+async def drive(chain: DevChain, deployment: Deployment, args: argparse.Namespace) -> None:
+    """Emit every event once, then keep mining blocks of random activity."""
+    driver = ActivityDriver(chain, deployment, seed=args.seed, txs_per_block=args.txs_per_block)
+    await driver.cover_all_events()
+    print(f"every KEKTECH event emitted once: {driver.stats}", file=sys.stderr)
+    if args.blocks is not None:
+        await driver.run(blocks=args.blocks, block_interval=args.block_interval)
+        print(f"done: {driver.stats}", file=sys.stderr)
+        return
+    while True:
+        await driver.run(blocks=10, block_interval=args.block_interval)
+        print(f"activity: {driver.stats}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

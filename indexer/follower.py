@@ -340,7 +340,10 @@ class Follower:
         self._metrics.record_batch(last=last, fresh=fresh, target=self._target(self.head))
         if fresh:
             self._on_commit()
-        log.debug("batch indexed", first=first, last=last, events=len(fresh))
+        # A unit of work worth a line when it stored something; empty blocks stay quiet.
+        (log.info if fresh else log.debug)(
+            "batch indexed", first=first, last=last, events=len(fresh)
+        )
         return len(fresh)
 
     def _stored(self, raw: RawLog, kind: ContractKind, header: BlockHeader) -> StoredEvent:
