@@ -12,6 +12,7 @@ from aiohttp import web
 from indexer.metrics import Metrics
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SHUTDOWN_TIMEOUT = 1.0
 
 
 def _json(status: int, body: dict[str, Any]) -> web.Response:
@@ -49,7 +50,10 @@ async def serve_http(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", prometheus)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # A short shutdown timeout: a scraper's keep-alive connection must not delay a PM2 stop.
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

@@ -220,6 +220,7 @@ async def run(settings: IndexerSettings) -> None:
                     keep_lease(store, lease, settings.lease_ttl, metrics, rpc), name="keep-lease"
                 )
         finally:
+            log.info("stopping: releasing the write lease")
             metrics.leader.set(0)
             # Also after cancellation: a clean stop hands the lease over at once.
             try:

@@ -100,7 +100,13 @@ class IndexerProcess:
         """Send `sig` (PM2 stops with SIGINT) and return the exit code."""
         assert self.proc is not None
         self.proc.send_signal(sig)
-        return self.proc.wait(STOP_TIMEOUT)
+        try:
+            return self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(
+                f"indexer ignored {sig.name} for {STOP_TIMEOUT}s:\n{self.log_text()[-4000:]}"
+            ) from None
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
