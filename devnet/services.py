@@ -463,6 +463,45 @@ class Postgres(_Service):
             self._process.terminate(signal.SIGINT)
 
 
+class PgBouncer(_Service):
+    """PgBouncer in transaction mode in front of a Postgres: what Supabase's pooler does."""
+
+    name = "pgbouncer"
+
+    def __init__(self, upstream: Postgres, *, port: int | None = None) -> None:
+        super().__init__(port=port)
+        self.upstream = upstream
+        self._run_as = _run_as()
+
+    def dsn(self, database: str = "kektech") -> str:
+        return f"postgresql://{self.upstream.user}@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        if not Path(binary).exists():
+            raise ServiceError("pgbouncer not found; install the Debian package pgbouncer")
+        (self.workdir / "users.txt").write_text(f'"{self.upstream.user}" ""\n')
+        (self.workdir / "pgbouncer.ini").write_text(
+            "[databases]\n"
+            f"* = host=127.0.0.1 port={self.upstream.port}\n"
+            "[pgbouncer]\n"
+            "listen_addr = 127.0.0.1\n"
+            f"listen_port = {self.port}\n"
+            "unix_socket_dir =\n"
+            "auth_type = trust\n"
+            f"auth_file = {self.workdir / 'users.txt'}\n"
+            "pool_mode = transaction\n"
+            "max_client_conn = 500\n"
+            "default_pool_size = 20\n"
+            "ignore_startup_parameters = extra_float_digits\n"
+        )
+        _chown_tree(self.workdir, self._run_as)
+        argv = [binary, str(self.workdir / "pgbouncer.ini")]
+        self._process = _Process(self.name, argv, self.workdir / "pgbouncer.log", user=self._run_as)
+        self._process.spawn()
+        _wait_until("pgbouncer", lambda: _port_open(self.port), self._process)
+
+
 @dataclass
 class LocalServices:
     """Postgres, Redis and anvil started together and stopped together."""

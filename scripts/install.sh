@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the project needs on a Debian/Ubuntu machine. Idempotent: a second run
 # only checks. System packages (apt) are installed only when missing.
-#   - apt: redis-server, nginx, postgresql (server binaries), nodejs + npm, python3 venv
+#   - apt: redis-server, nginx, postgresql (server binaries), pgbouncer, nodejs + npm,
+#     python3 venv
 #   - npm: the tools pinned in package-lock.json (anvil, solc)
 #   - Python: .venv from uv.lock (uv itself pinned below)
 set -euo pipefail
@@ -50,6 +51,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
+command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ "${#missing[@]}" -gt 0 ]; then

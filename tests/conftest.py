@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from devnet.chain import Deployment, DevChain, deploy
-from devnet.services import Anvil, Postgres, Redis
+from devnet.services import Anvil, PgBouncer, Postgres, Redis
 
 _database_names = itertools.count()
 
@@ -27,6 +27,13 @@ def database_url(postgres: Postgres) -> Iterator[str]:
     name = f"test_{os.getpid()}_{next(_database_names)}"
     yield postgres.create_database(name)
     postgres.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(postgres: Postgres) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction mode in front of the test cluster (like Supabase's pooler)."""
+    with PgBouncer(postgres) as bouncer:
+        yield bouncer
 
 
 @pytest.fixture(scope="session")

@@ -159,3 +159,31 @@ async def wait_for_stream(client: aioredis.Redis, key: str, count: int, within: 
         return int(await client.xlen(key)) >= count
 
     await eventually(long_enough, within=within, what=f"{count} entries in {key}")
+
+
+async def caught_up(
+    indexer: IndexerProcess,
+    chain: DevChain,
+    client: aioredis.Redis,
+    key: str,
+    database_url: str,
+    deployment: Deployment,
+) -> list[tuple[int, dict[str, Any]]]:
+    """Wait until the indexer stored and published the whole chain; return the stream."""
+    await indexer.wait_cursor(await chain.block_number())
+
+    async def stored() -> bool:
+        try:
+            await assert_database_equals_chain(database_url, chain, deployment)
+        except AssertionError:
+            return False
+        return True
+
+    await eventually(stored, within=30, what="the database equals the chain")
+    expected = expected_ids(await tracked_chain_logs(chain, deployment))
+
+    async def published() -> bool:
+        return live_ids(await stream_entries(client, key)) == expected
+
+    await eventually(published, within=30, what="the stream holds the chain's events")
+    return await stream_entries(client, key)

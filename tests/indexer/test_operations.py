@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from collections.abc import Callable
 
+import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
+from devnet.services import PgBouncer
 from tests.indexer.conftest import (
     assert_database_equals_chain,
     assert_gap_free,
+    caught_up,
     stream_entries,
     wait_for_stream,
 )
 from tests.support.indexer_process import IndexerProcess
+from tests.support.waiting import eventually
 
 
 async def run_command(make_indexer: Callable[..., IndexerProcess], *args: str) -> tuple[int, str]:
@@ -25,6 +29,15 @@ async def run_command(make_indexer: Callable[..., IndexerProcess], *args: str) -
     command.start()
     code = await command.wait_exit(within=60)
     return code, command.log_text()
+
+
+async def standby(indexer: IndexerProcess) -> bool:
+    """True once the indexer answers as a standby."""
+    try:
+        _, body = await indexer.get("/healthz")
+    except aiohttp.ClientError:
+        return False
+    return body.get("role") == "standby"
 
 
 async def test_second_instance_waits_as_standby_then_takes_over(
@@ -38,9 +51,12 @@ async def test_second_instance_waits_as_standby_then_takes_over(
     """A second indexer does not write while the first runs, and continues when it dies."""
     driver = ActivityDriver(dev_chain, deployment, seed=60, txs_per_block=5)
     await driver.cover_all_events()
-    with make_indexer() as first, make_indexer() as second:
+    first, second = make_indexer(), make_indexer()
+    with first, contextlib.ExitStack() as cleanup:
+        cleanup.callback(second.kill)
         await first.wait_ready()
-        await asyncio.sleep(1.0)
+        second.start()
+        await eventually(lambda: standby(second), within=20, what="the second one is standby")
         status, body = await second.get("/ready")
         assert (status, body["role"]) == (503, "standby")
         _, health = await second.get("/healthz")
@@ -146,3 +162,34 @@ async def test_unknown_logs_from_tracked_contracts_are_kept_raw(
         (deployment.template, None, None)
     ]
     assert known > 0
+
+
+async def test_works_through_a_transaction_pooler(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    pgbouncer: PgBouncer,
+    stream_key: str,
+) -> None:
+    """Through PgBouncer in transaction mode with DB_STATEMENT_CACHE_SIZE=0, as on Supabase."""
+    driver = ActivityDriver(dev_chain, deployment, seed=63, txs_per_block=4)
+    await driver.cover_all_events()
+    pooled = pgbouncer.dsn(database_url.rsplit("/", 1)[1])
+    overrides = {"DATABASE_URL": pooled, "DB_STATEMENT_CACHE_SIZE": "0", "REORG_WINDOW": "8"}
+    with make_indexer(**overrides) as indexer:
+        await indexer.wait_cursor(await dev_chain.block_number())
+        indexer.kill()
+        await driver.run(blocks=10)
+        indexer.start()
+        await indexer.wait_cursor(await dev_chain.block_number())
+        data = dev_chain.contract("FlexibleMarketFactoryUnified").encode_abi("setPaused", [False])
+        tx = {"from": dev_chain.accounts[0], "to": deployment.factory_v1, "data": data}
+        await dev_chain.request("anvil_reorg", [2, [[tx, 0]]])
+        await dev_chain.mine_empty(1)
+        entries = await caught_up(
+            indexer, dev_chain, redis_client, stream_key, database_url, deployment
+        )
+    assert_gap_free(entries)
+    assert any(envelope["removed"] for _, envelope in entries)

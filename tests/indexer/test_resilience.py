@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
-from typing import Any
 
 import aiohttp
 import pytest
@@ -17,14 +16,13 @@ from devnet.services import Anvil, Redis
 from tests.indexer.conftest import (
     assert_database_equals_chain,
     assert_gap_free,
+    caught_up,
     expected_ids,
-    live_ids,
     stream_entries,
     tracked_chain_logs,
 )
 from tests.support.indexer_process import IndexerProcess
 from tests.support.rpc_proxy import RpcFaultProxy
-from tests.support.waiting import eventually
 
 
 async def follow_stream(client: aioredis.Redis, key: str, seen: list[int]) -> None:
@@ -40,34 +38,6 @@ async def follow_stream(client: aioredis.Redis, key: str, seen: list[int]) -> No
             for entry_id, _fields in entries:
                 last = entry_id.decode()
                 seen.append(int(last.split("-")[0]))
-
-
-async def caught_up(
-    indexer: IndexerProcess,
-    chain: DevChain,
-    client: aioredis.Redis,
-    key: str,
-    database_url: str,
-    deployment: Deployment,
-) -> list[tuple[int, dict[str, Any]]]:
-    """Wait until the indexer stored and published the whole chain; return the stream."""
-    await indexer.wait_cursor(await chain.block_number())
-
-    async def stored() -> bool:
-        try:
-            await assert_database_equals_chain(database_url, chain, deployment)
-        except AssertionError:
-            return False
-        return True
-
-    await eventually(stored, within=30, what="the database equals the chain")
-    expected = expected_ids(await tracked_chain_logs(chain, deployment))
-
-    async def published() -> bool:
-        return live_ids(await stream_entries(client, key)) == expected
-
-    await eventually(published, within=30, what="the stream holds the chain's events")
-    return await stream_entries(client, key)
 
 
 async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
