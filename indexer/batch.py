@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from indexer.catalog import ContractKind, catalog
 from indexer.decoding import Decoded, decode_args
 from indexer.projection import ProjectedEvent
 from indexer.rpc_results import BlockHeader, RawLog
 from shared.channels import channels_for
-from shared.envelope import EventEnvelope
+from shared.envelope import event_id
 
 ISO_SECONDS = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -35,26 +37,36 @@ class StoredEvent:
         assert self.decoded is not None
         return channels_for(self.decoded.spec.name, self.kind.value, self.market)
 
-    def envelope(self, *, chain_id: int, seq: int, removed: bool = False) -> EventEnvelope:
-        """The wire form of this event (docs/protocol.md)."""
+    def wire(self, *, chain_id: int, seq: int, removed: bool = False) -> tuple[str, bytes]:
+        """The event's id and its envelope as JSON (docs/protocol.md, shared.envelope).
+
+        Serialized directly rather than through the pydantic model: this runs for every event
+        and validation would cost more than the rest of the indexing (measured). The tests
+        validate what this produces with `EventEnvelope.from_json_bytes`.
+        """
         assert self.decoded is not None
         raw = self.log
-        return EventEnvelope(
-            type=self.decoded.spec.name,
-            seq=seq,
-            chain_id=chain_id,
-            contract=raw.address,
-            contract_kind=self.kind.value,
-            market_address=self.market,
-            block_number=raw.block_number,
-            block_hash=raw.block_hash,
-            transaction_hash=raw.transaction_hash,
-            log_index=raw.log_index,
-            timestamp=self.block_time.strftime(ISO_SECONDS),
-            args=self.decoded.args,
-            data=self.decoded.args,
-            removed=removed,
-        )
+        name = self.decoded.spec.name
+        ident = event_id(chain_id, raw.transaction_hash, raw.log_index)
+        envelope = {
+            "type": name,
+            "eventType": name,
+            "id": ident,
+            "seq": seq,
+            "chainId": chain_id,
+            "contract": raw.address,
+            "contractKind": self.kind.value,
+            "marketAddress": self.market,
+            "blockNumber": raw.block_number,
+            "blockHash": raw.block_hash,
+            "transactionHash": raw.transaction_hash,
+            "logIndex": raw.log_index,
+            "timestamp": self.block_time.strftime(ISO_SECONDS),
+            "args": self.decoded.args,
+            "data": self.decoded.args,
+            "removed": removed,
+        }
+        return ident, orjson.dumps(envelope)
 
     def projected(self) -> ProjectedEvent | None:
         """The event as the markets projection sees it, if it concerns a market."""

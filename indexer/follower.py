@@ -35,6 +35,11 @@ log = structlog.get_logger()
 ZERO_HASH = "0x" + "00" * 32
 # Most blocks fetched per tip batch (headers are fetched one by one in a JSON-RPC batch).
 TIP_MAX_BLOCKS = 64
+# Events per deep batch to aim for: large enough to amortize a commit, small enough to keep
+# the process's memory flat (two batches are in memory while pipelining).
+BATCH_EVENTS = 4000
+# Assumed events per block before the first range is seen: starts small on a dense chain.
+INITIAL_DENSITY = 40.0
 # How many distinct unknown (address, topic0) pairs are remembered for "log once".
 UNKNOWN_MEMORY = 1024
 
@@ -104,6 +109,7 @@ class Follower:
         self._children: dict[str, str] = {}
         self._unknown_logged: set[tuple[str, str]] = set()
         self._state: IndexerState | None = None
+        self._density = INITIAL_DENSITY
         self.head = -1
 
     @property
@@ -211,12 +217,12 @@ class Follower:
         return head.number == self.cursor and head.hash != self._state.block_hash
 
     async def step(self, target: int) -> None:
-        """Index one range towards `target`, or handle a reorg found at its start."""
+        """Index towards `target`: pipelined deep ranges, or one tip range (or a reorg)."""
         first = self.cursor + 1
-        deep_end = self.head - self._config.reorg_window
+        deep_end = min(target, self.head - self._config.reorg_window)
         try:
             if first <= deep_end:
-                await self._index_deep(first, min(target, deep_end, first + self._sizer.size - 1))
+                await self._catch_up(deep_end)
             else:
                 await self._index_tip(first, min(target, first + TIP_MAX_BLOCKS - 1))
         except ReorgDuringFetch as exc:
@@ -230,18 +236,51 @@ class Follower:
         assert self._state is not None
         if last > self._state.block_number:
             raise ValueError(f"block {last} is above the cursor {self._state.block_number}")
-        gathered = await self._gather(first, last)
-        blocks = sorted({lg.block_number for lg in gathered.logs} | {last})
-        headers = {h.number: h for h in await self._rpc.get_block_headers(blocks)}
-        return await self._commit(
-            first, last, gathered, headers, stored_headers=[], move_cursor=False
-        )
+        batch = await self._prepare_deep(first, last, move_cursor=False)
+        return await self._save(batch)
 
-    async def _index_deep(self, first: int, last: int) -> None:
+    async def _catch_up(self, deep_end: int) -> None:
+        """Index final ranges up to `deep_end`, fetching the next range while one commits.
+
+        Fetching and decoding are this process's work and committing is mostly Postgres's, so
+        overlapping them keeps both busy. Ranges are sized to about BATCH_EVENTS events, which
+        bounds memory whatever the density of the chain.
+        """
+        first = self.cursor + 1
+        batch: Batch | None = await self._prepare_deep(first, self._batch_end(first, deep_end))
+        while batch is not None:
+            assert batch.cursor is not None
+            following = batch.cursor.number + 1
+            if following > deep_end:
+                await self._save(batch)
+                return
+            # return_exceptions: a failed fetch must not cancel a commit in flight, and the
+            # commit's own failure is the one to report first.
+            saved, upcoming = await asyncio.gather(
+                self._save(batch),
+                self._prepare_deep(following, self._batch_end(following, deep_end)),
+                return_exceptions=True,
+            )
+            if isinstance(saved, BaseException):
+                raise saved
+            if isinstance(upcoming, BaseException):
+                raise upcoming
+            batch = upcoming
+
+    def _batch_end(self, first: int, deep_end: int) -> int:
+        blocks = max(1, min(self._sizer.maximum, int(BATCH_EVENTS / self._density)))
+        return min(deep_end, first + blocks - 1)
+
+    async def _prepare_deep(self, first: int, last: int, *, move_cursor: bool = True) -> Batch:
         gathered = await self._gather(first, last)
         blocks = sorted({lg.block_number for lg in gathered.logs} | {last})
         headers = {h.number: h for h in await self._rpc.get_block_headers(blocks)}
-        await self._commit(first, last, gathered, headers, stored_headers=[headers[last]])
+        # Events per block, smoothed: sizes the next range.
+        density = max(len(gathered.logs), 1) / (last - first + 1)
+        self._density = (self._density + density) / 2
+        if not move_cursor:
+            return self._batch(gathered, headers, stored_headers=[], cursor=None)
+        return self._batch(gathered, headers, stored_headers=[headers[last]], cursor=headers[last])
 
     async def _index_tip(self, first: int, last: int) -> None:
         assert self._state is not None
@@ -254,7 +293,7 @@ class Follower:
                 raise ReorgDuringFetch(f"block {child.number} does not extend {parent.number}")
         gathered = await self._gather(first, last)
         headers = {h.number: h for h in fetched}
-        await self._commit(first, last, gathered, headers, stored_headers=fetched)
+        await self._save(self._batch(gathered, headers, stored_headers=fetched, cursor=fetched[-1]))
 
     async def _gather(self, first: int, last: int) -> _Range:
         """Every tracked log of the range, children created inside it included."""
@@ -297,16 +336,15 @@ class Follower:
                     created[child] = raw.block_number
         return created
 
-    async def _commit(
+    def _batch(
         self,
-        first: int,
-        last: int,
         gathered: _Range,
         headers: dict[int, BlockHeader],
         *,
         stored_headers: Sequence[BlockHeader],
-        move_cursor: bool = True,
-    ) -> int:
+        cursor: BlockHeader | None,
+    ) -> Batch:
+        """Decode a gathered range into a batch; its children are followed from now on."""
         kinds = dict(self._static)
         kinds.update(
             (child, ContractKind.MARKET) for child in (*self._children, *gathered.children)
@@ -317,32 +355,37 @@ class Follower:
             if raw.block_hash != header.hash:
                 raise ReorgDuringFetch(f"log of block {raw.block_number} is from another branch")
             events.append(self._stored(raw, kinds[raw.address], header))
-        batch = Batch(
+        # Known before the commit so that the next range (prepared meanwhile) asks for their
+        # logs; if the commit fails the service stops and reloads them from the database.
+        self._children.update(gathered.children)
+        return Batch(
             events=events,
             headers=stored_headers,
-            cursor=headers[last] if move_cursor else None,
-            prune_headers_below=last - 2 * self._config.reorg_window,
+            cursor=cursor,
+            prune_headers_below=max(headers) - 2 * self._config.reorg_window,
         )
+
+    async def _save(self, batch: Batch) -> int:
+        """Commit a batch; returns how many of its events were new."""
         with self._metrics.batch_seconds.time():
             fresh = await self._store.save_batch(self._lease, self._config.lease_ttl, batch)
-        assert self._state is not None
-        self._children.update(gathered.children)
-        if not move_cursor:
-            if fresh:
-                self._on_commit()
-            return len(fresh)
-        self._state = IndexerState(
-            chain_id=self._state.chain_id,
-            block_number=last,
-            block_hash=headers[last].hash,
-            last_seq=self._state.last_seq,
-        )
-        self._metrics.record_batch(last=last, fresh=fresh, target=self._target(self.head))
         if fresh:
             self._on_commit()
+        if batch.cursor is None:
+            return len(fresh)
+        assert self._state is not None
+        self._state = IndexerState(
+            chain_id=self._state.chain_id,
+            block_number=batch.cursor.number,
+            block_hash=batch.cursor.hash,
+            last_seq=self._state.last_seq,
+        )
+        self._metrics.record_batch(
+            last=batch.cursor.number, fresh=fresh, target=self._target(self.head)
+        )
         # A unit of work worth a line when it stored something; empty blocks stay quiet.
         (log.info if fresh else log.debug)(
-            "batch indexed", first=first, last=last, events=len(fresh)
+            "batch indexed", last=batch.cursor.number, events=len(fresh)
         )
         return len(fresh)
 

@@ -106,8 +106,8 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 def _outbox_values(
     event: StoredEvent, *, chain_id: int, seq: int, removed: bool = False
 ) -> tuple[Any, ...]:
-    envelope = event.envelope(chain_id=chain_id, seq=seq, removed=removed)
-    return (seq, envelope.id, " ".join(event.channels), envelope.to_json_bytes())
+    ident, payload = event.wire(chain_id=chain_id, seq=seq, removed=removed)
+    return (seq, ident, " ".join(event.channels), payload)
 
 
 def _row_values(row: MarketRow) -> list[Any]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+from eth_abi.abi import decode as eth_abi_decode
 from eth_abi.abi import encode
 from eth_utils.crypto import keccak
 from hypothesis import given
 from hypothesis import strategies as st
 
 from indexer.catalog import MARKET_CREATED, ContractKind, catalog, parse_declaration
-from indexer.decoding import UndecodableLog, decode_log
+from indexer.decoding import UndecodableLog, decode_data, decode_log
 from tests.reference_events import REFERENCE_EVENTS, canonical
 
 MARKET = "0x31d2bc49a6fd4a066f5f8ac61acd0e6c9105dd84"
@@ -117,3 +118,58 @@ def test_arbitrary_logs_never_crash_the_decoder(data: bytes, count: int) -> None
     topics = [bet] + [topic(i) for i in range(count)]
     with contextlib.suppress(UndecodableLog):
         decode_log(ContractKind.MARKET, MARKET, topics, "0x" + data.hex())
+
+
+LAYOUTS = sorted({tuple(p.type for p in spec.non_indexed) for spec in catalog().values()})
+VALUES = {
+    "address": st.binary(min_size=20, max_size=20).map(lambda b: "0x" + b.hex()),
+    "bool": st.booleans(),
+    "bytes32": st.binary(min_size=32, max_size=32),
+    "string": st.text(max_size=80),
+    "uint8": st.integers(min_value=0, max_value=2**8 - 1),
+    "uint64": st.integers(min_value=0, max_value=2**64 - 1),
+    "uint256": st.integers(min_value=0, max_value=2**256 - 1),
+}
+
+
+def reference(types: tuple[str, ...], data: bytes) -> list[object] | None:
+    """eth_abi's reading of the data, normalized like ours; None when eth_abi refuses it."""
+    try:
+        values = eth_abi_decode(list(types), data)
+    except Exception:  # any refusal counts; which one does not matter here
+        return None
+    return [v.lower() if isinstance(v, str) and t == "address" else v
+            for t, v in zip(types, values, strict=True)]  # fmt: skip
+
+
+@given(data=st.data())
+def test_fast_decoder_equals_eth_abi_on_valid_encodings(data: st.DataObject) -> None:
+    """For every event layout, encoded values decode to exactly what eth_abi decodes."""
+    types = data.draw(st.sampled_from(LAYOUTS))
+    values = [data.draw(VALUES[t]) for t in types]
+    encoded = encode(list(types), values)
+    assert decode_data(types, encoded) == reference(types, encoded)
+
+
+@given(data=st.data())
+def test_fast_decoder_is_as_strict_as_eth_abi_on_arbitrary_bytes(data: st.DataObject) -> None:
+    """On arbitrary (often mutated) bytes, ours and eth_abi accept and refuse the same input."""
+    types = data.draw(st.sampled_from(LAYOUTS))
+    valid = encode(list(types), [data.draw(VALUES[t]) for t in types])
+    mutated = data.draw(
+        st.one_of(
+            st.binary(max_size=400),
+            st.builds(
+                lambda i, b: valid[:i] + bytes([b]) + valid[i + 1 :],
+                st.integers(min_value=0, max_value=max(0, len(valid) - 1)),
+                st.integers(min_value=0, max_value=255),
+            ),
+            st.integers(min_value=0, max_value=len(valid)).map(lambda n: valid[:n]),
+        )
+    )
+    expected = reference(types, mutated)
+    try:
+        ours: list[object] | None = decode_data(types, mutated)
+    except UndecodableLog:
+        ours = None
+    assert ours == expected

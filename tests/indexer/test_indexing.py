@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
 from shared.channels import snake_case
+from shared.envelope import EventEnvelope
 from tests.indexer.conftest import (
     assert_database_equals_chain,
     assert_gap_free,
@@ -71,6 +72,9 @@ async def test_every_event_is_indexed_decoded_and_published(
     assert live_ids(entries) == expected_ids(logs)
     envelopes = [envelope for _, envelope in entries]
     assert all(set(e) == ENVELOPE_FIELDS for e in envelopes)
+    for envelope in envelopes:  # what the indexer writes is what the shared model accepts
+        model = EventEnvelope.from_json_bytes(orjson.dumps(envelope))
+        assert model.model_dump() == envelope
     names = {(e["contractKind"], e["type"]) for e in envelopes}
     reference = {
         (kind, declaration.split("(")[0])
