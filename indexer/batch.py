@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -61,7 +62,7 @@ class StoredEvent:
             "blockHash": raw.block_hash,
             "transactionHash": raw.transaction_hash,
             "logIndex": raw.log_index,
-            "timestamp": self.block_time.strftime(ISO_SECONDS),
+            "timestamp": _iso(self.block_time),
             "args": self.decoded.args,
             "data": self.decoded.args,
             "removed": removed,
@@ -104,6 +105,12 @@ class StoredEvent:
             spec = catalog()[(kind, topics[0])]
             decoded = Decoded(spec=spec, args=record["args"], market=record["market_address"])
         return cls(log=raw, kind=kind, decoded=decoded, block_time=record["block_time"])
+
+
+@functools.lru_cache(maxsize=256)
+def _iso(moment: datetime) -> str:
+    # Cached: every event of a block has the same time, and strftime is not cheap.
+    return moment.strftime(ISO_SECONDS)
 
 
 def block_time(timestamp: int) -> datetime:

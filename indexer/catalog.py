@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
 
-from eth_utils.crypto import keccak
+from eth_hash.auto import keccak
 
 
 class ContractKind(StrEnum):
@@ -111,7 +111,7 @@ class EventSpec:
 
     @property
     def topic0(self) -> str:
-        return "0x" + keccak(text=self.signature).hex()
+        return "0x" + keccak(self.signature.encode()).hex()
 
     @property
     def indexed(self) -> tuple[Param, ...]:

@@ -37,7 +37,7 @@ ZERO_HASH = "0x" + "00" * 32
 TIP_MAX_BLOCKS = 64
 # Events per deep batch to aim for: large enough to amortize a commit, small enough to keep
 # the process's memory flat (two batches are in memory while pipelining).
-BATCH_EVENTS = 4000
+BATCH_EVENTS = 2000
 # Assumed events per block before the first range is seen: starts small on a dense chain.
 INITIAL_DENSITY = 40.0
 # How many distinct unknown (address, topic0) pairs are remembered for "log once".

@@ -8,7 +8,7 @@ events that accompany each transition.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 
 from indexer.catalog import OUTCOME_NAMES, STATE_NAMES, ContractKind
@@ -47,9 +47,10 @@ class ProjectedEvent:
     block_time: datetime
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MarketRow:
-    """One row of the `markets` table."""
+    """One row of the `markets` table (mutable: the fold updates it in place, which costs a
+    fifth of building a new row per event)."""
 
     address: str
     factory: str
@@ -103,7 +104,10 @@ def _created(event: ProjectedEvent) -> MarketRow:
 
 
 def apply_event(row: MarketRow | None, event: ProjectedEvent) -> MarketRow | None:
-    """Return the market row after `event` (None while the market is not yet announced)."""
+    """Return the market row after `event` (None while the market is not yet announced).
+
+    Updates `row` in place; the row returned is a new one only for MarketCreated.
+    """
     key = (event.kind, event.name)
     if key == (ContractKind.FACTORY, "MarketCreated"):
         return _created(event)
@@ -111,27 +115,27 @@ def apply_event(row: MarketRow | None, event: ProjectedEvent) -> MarketRow | Non
         # Only the child's own creation logs precede its announcement in the same transaction;
         # they carry nothing the row would not start with.
         return None
-    changes: dict[str, object] = {"updated_block": event.block_number}
+    row.updated_block = event.block_number
     args = event.args
     if key == (ContractKind.MARKET, "MarketStateChanged"):
         index = int(str(args["newState"]))
-        changes["state"] = STATE_NAMES[index] if index < len(STATE_NAMES) else "UNKNOWN"
+        row.state = STATE_NAMES[index] if index < len(STATE_NAMES) else "UNKNOWN"
     elif key in STATE_BY_EVENT:
-        changes["state"] = STATE_BY_EVENT[key]
+        row.state = STATE_BY_EVENT[key]
     if key in OUTCOME_ARGUMENT:
-        changes["outcome"] = _outcome_name(args[OUTCOME_ARGUMENT[key]])
+        row.outcome = _outcome_name(args[OUTCOME_ARGUMENT[key]])
     elif key == (ContractKind.RESOLUTION_MANAGER, "DisputeResolved") and args["upheld"]:
-        changes["outcome"] = _outcome_name(args["newOutcome"])
+        row.outcome = _outcome_name(args["newOutcome"])
     elif event.name == "MarketRejected":
-        changes["rejected"] = True
+        row.rejected = True
     elif key == (ContractKind.FACTORY, "MarketDeactivated"):
-        changes["deactivated"] = True
+        row.deactivated = True
     elif key == (ContractKind.MARKET, "BetPlaced"):
         amount = int(str(args["amount"]))
         if args["outcome"] == "1":
-            changes["bets_outcome1"] = row.bets_outcome1 + 1
-            changes["volume_outcome1"] = row.volume_outcome1 + amount
+            row.bets_outcome1 += 1
+            row.volume_outcome1 += amount
         elif args["outcome"] == "2":
-            changes["bets_outcome2"] = row.bets_outcome2 + 1
-            changes["volume_outcome2"] = row.volume_outcome2 + amount
-    return replace(row, **changes)  # type: ignore[arg-type]
+            row.bets_outcome2 += 1
+            row.volume_outcome2 += amount
+    return row

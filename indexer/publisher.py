@@ -24,7 +24,7 @@ from indexer.store import OutboxRow, Store
 
 log = structlog.get_logger()
 
-BATCH_SIZE = 2000
+BATCH_SIZE = 1000
 IDLE_POLL = 1.0  # outbox rows may also come from another process (backfill, reindex)
 BACKOFF_BASE = 0.2
 BACKOFF_MAX = 5.0

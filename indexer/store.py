@@ -415,9 +415,8 @@ class Store:
             projected = event.projected()
             if projected is None:
                 continue
-            before = rows.get(projected.market)
-            after = apply_event(before, projected)
-            if after is not before:
+            after = apply_event(rows.get(projected.market), projected)
+            if after is not None:
                 rows[projected.market] = after
                 changed.add(projected.market)
         await self._upsert_markets(conn, [r for a in sorted(changed) if (r := rows[a]) is not None])

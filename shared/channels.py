@@ -45,6 +45,8 @@ def snake_case(event_name: str) -> str:
     return spaced.lower()
 
 
+# Cached: a few dozen event names, asked for on every event the indexer publishes.
+@functools.lru_cache(maxsize=1024)
 def event_channel(event_name: str) -> str:
     """Return the channel every event of this name is published on: events:<snake_case>."""
     return EVENTS_PREFIX + snake_case(event_name)
