@@ -8,7 +8,7 @@ contract's kind and topic0, never by name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
 
@@ -99,27 +99,26 @@ class Param:
 
 @dataclass(frozen=True, slots=True)
 class EventSpec:
-    """A parsed event declaration."""
+    """A parsed event declaration, with what decoding needs computed once."""
 
     kind: ContractKind
     name: str
     params: tuple[Param, ...]
+    signature: str = field(init=False)
+    topic0: str = field(init=False)
+    indexed: tuple[Param, ...] = field(init=False)
+    non_indexed: tuple[Param, ...] = field(init=False)
+    data_types: tuple[str, ...] = field(init=False)
 
-    @property
-    def signature(self) -> str:
-        return f"{self.name}({','.join(p.type for p in self.params)})"
-
-    @property
-    def topic0(self) -> str:
-        return "0x" + keccak(self.signature.encode()).hex()
-
-    @property
-    def indexed(self) -> tuple[Param, ...]:
-        return tuple(p for p in self.params if p.indexed)
-
-    @property
-    def non_indexed(self) -> tuple[Param, ...]:
-        return tuple(p for p in self.params if not p.indexed)
+    def __post_init__(self) -> None:
+        # Derived here rather than in properties: they are read for every log decoded.
+        signature = f"{self.name}({','.join(p.type for p in self.params)})"
+        plain = tuple(p for p in self.params if not p.indexed)
+        object.__setattr__(self, "signature", signature)
+        object.__setattr__(self, "topic0", "0x" + keccak(signature.encode()).hex())
+        object.__setattr__(self, "indexed", tuple(p for p in self.params if p.indexed))
+        object.__setattr__(self, "non_indexed", plain)
+        object.__setattr__(self, "data_types", tuple(p.type for p in plain))
 
 
 def parse_declaration(kind: ContractKind, declaration: str) -> EventSpec:

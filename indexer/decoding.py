@@ -128,7 +128,7 @@ def decode_args(spec: EventSpec, topics: Sequence[str], data: str) -> dict[str, 
         payload = bytes.fromhex(data[2:])
     except ValueError as exc:
         raise UndecodableLog(f"{spec.name} data is not hex") from exc
-    values = decode_data([p.type for p in plain], payload)
+    values = decode_data(spec.data_types, payload)
     raw: dict[str, Any] = {
         p.name: _topic_value(p, t) for p, t in zip(indexed, topics[1:], strict=True)
     }

@@ -325,10 +325,9 @@ class Follower:
         created: dict[str, int] = {}
         for raw in logs:
             if (
-                raw.topics
-                and raw.topics[0] == MARKET_CREATED.topic0
-                and self._static.get(raw.address) is ContractKind.FACTORY
+                self._static.get(raw.address) is ContractKind.FACTORY
                 and len(raw.topics) > 1
+                and raw.topics[0] == MARKET_CREATED.topic0
             ):
                 child = "0x" + raw.topics[1][-40:]
                 if child not in self._children and child not in found:

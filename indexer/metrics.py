@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -59,8 +60,9 @@ class Metrics:
         """Account for one committed batch."""
         self.cursor.set(last)
         self.lag.set(max(0, target - last))
-        for event in fresh:
-            self.events.labels(event=event.decoded.spec.name if event.decoded else "unknown").inc()
+        counts = collections.Counter(e.decoded.spec.name if e.decoded else "unknown" for e in fresh)
+        for name, count in counts.items():
+            self.events.labels(event=name).inc(count)
 
     def record_rpc(self, stats: RpcStats) -> None:
         """Copy the RPC client's counters."""

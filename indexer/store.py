@@ -199,8 +199,9 @@ class Store:
         """Take the write lease if it is free, expired, ours, or held by `steal_from`."""
         token = await self._pool.fetchval(
             "UPDATE indexer_lease SET owner = $1, token = token + 1,"
-            " expires_at = now() + make_interval(secs => $2)"
-            " WHERE id = 1 AND (owner IS NULL OR owner = $1 OR owner = $3 OR expires_at < now())"
+            " expires_at = clock_timestamp() + make_interval(secs => $2)"
+            " WHERE id = 1 AND (owner IS NULL OR owner = $1 OR owner = $3"
+            " OR expires_at < clock_timestamp())"
             " RETURNING token",
             owner,
             ttl,
@@ -235,8 +236,8 @@ class Store:
     @staticmethod
     async def _fence(conn: asyncpg.Connection, lease: Lease, ttl: float) -> None:
         ok = await conn.fetchval(
-            "UPDATE indexer_lease SET expires_at = now() + make_interval(secs => $3)"
-            " WHERE id = 1 AND owner = $1 AND token = $2 AND expires_at > now()"
+            "UPDATE indexer_lease SET expires_at = clock_timestamp() + make_interval(secs => $3)"
+            " WHERE id = 1 AND owner = $1 AND token = $2 AND expires_at > clock_timestamp()"
             " RETURNING 1",
             lease.owner,
             lease.token,
@@ -304,7 +305,6 @@ class Store:
     async def save_batch(self, lease: Lease, ttl: float, batch: Batch) -> list[StoredEvent]:
         """Commit a batch atomically; returns the events that were not stored before."""
         async with self._pool.acquire() as conn, conn.transaction():
-            await self._fence(conn, lease, ttl)
             state = await conn.fetchrow(
                 "SELECT chain_id, last_seq, block_number FROM indexer_state WHERE id = 1 FOR UPDATE"
             )
@@ -336,6 +336,9 @@ class Store:
                 await conn.execute(
                     "DELETE FROM blocks WHERE number < $1", batch.prune_headers_below
                 )
+            # Fenced last, with the clock at commit time: the lease row stays locked only for an
+            # instant, and a batch commits only if the lease is still ours right now.
+            await self._fence(conn, lease, ttl)
         return fresh
 
     async def _new_events(
@@ -469,7 +472,6 @@ class Store:
         stored headers and the cursor all go back together. Returns the events removed.
         """
         async with self._pool.acquire() as conn, conn.transaction():
-            await self._fence(conn, lease, ttl)
             state = await conn.fetchrow(
                 "SELECT chain_id, last_seq FROM indexer_state WHERE id = 1 FOR UPDATE"
             )
@@ -502,6 +504,7 @@ class Store:
                 ancestor.hash,
                 last_seq,
             )
+            await self._fence(conn, lease, ttl)
         return len(retracted)
 
     # -- outbox ------------------------------------------------------------------------------

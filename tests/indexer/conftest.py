@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -38,6 +39,7 @@ def make_indexer(
     anvil: Anvil,
     deployment: Deployment,
     stream_key: str,
+    tmp_path: Path,
 ) -> Callable[..., IndexerProcess]:
     """Build (not start) indexer processes sharing this test's database, chain and stream."""
 
@@ -50,7 +52,7 @@ def make_indexer(
             stream_key=stream_key,
             **overrides,
         )
-        return IndexerProcess(env, *args)
+        return IndexerProcess(env, *args, log_dir=tmp_path)
 
     return make
 

@@ -51,11 +51,14 @@ def indexer_env(
 class IndexerProcess:
     """One indexer subprocess with its own log file; restartable with the same environment."""
 
-    def __init__(self, env: Mapping[str, str], *args: str) -> None:
+    def __init__(self, env: Mapping[str, str], *args: str, log_dir: Path | None = None) -> None:
         self.env = dict(env)
         self.args = args or ("run",)
-        self._logdir = Path(tempfile.mkdtemp(prefix="kektech-indexer-"))
-        self.log_path = self._logdir / "indexer.log"
+        # Tests pass their tmp_path (pytest removes old ones); a benchmark gets a temp dir.
+        directory = log_dir or Path(tempfile.mkdtemp(prefix="kektech-indexer-"))
+        handle, name = tempfile.mkstemp(prefix="indexer-", suffix=".log", dir=directory)
+        os.close(handle)
+        self.log_path = Path(name)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
