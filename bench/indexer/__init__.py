@@ -1,0 +1,1 @@
+"""The indexer benchmark: catch-up throughput, the fetch-only floor, live latency, memory."""

@@ -1,0 +1,103 @@
+"""The fetch-only floor: the logs and headers the indexer needs, fetched with its own RPC layer.
+
+Nothing is decoded, stored or published, so this is the least time any indexer built on this
+RPC layer can take for the chain. It is measured with the indexer's own settings (range sizer,
+address chunking, timeout, batching), built from the same environment the indexer gets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from indexer.catalog import MARKET_CREATED
+from indexer.rpc import LogRangeSizer, RawLog, RpcClient, fetch_logs
+from indexer.service import rpc_client
+from shared.settings import IndexerSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Floor:
+    """Fetch-only timings for the whole indexed range."""
+
+    seconds: tuple[float, ...]  # one per repetition
+    logs: int
+    blocks_with_logs: int
+    addresses: int
+    markets: int
+
+    @property
+    def best(self) -> float:
+        return min(self.seconds)
+
+
+def _sizer(settings: IndexerSettings) -> LogRangeSizer:
+    # A fresh sizer per pass, as a freshly started indexer has.
+    return LogRangeSizer(
+        settings.logs_range_initial, settings.logs_range_min, settings.logs_range_max
+    )
+
+
+def tracked_static(settings: IndexerSettings) -> list[str]:
+    """Factories, resolution manager and reward distributor (what the indexer starts with)."""
+    static = list(settings.market_factory_address)
+    static += [a for a in (settings.resolution_manager_address,) if a]
+    static += [a for a in (settings.reward_distributor_address,) if a]
+    return static
+
+
+async def market_addresses(rpc: RpcClient, settings: IndexerSettings, head: int) -> list[str]:
+    """Every market clone announced by the factories' MarketCreated logs up to `head`."""
+    created = await fetch_logs(
+        rpc,
+        _sizer(settings),
+        from_block=settings.start_block,
+        to_block=head,
+        addresses=list(settings.market_factory_address),
+        topics=[MARKET_CREATED.topic0],
+    )
+    return list(dict.fromkeys("0x" + lg.topics[1][-40:] for lg in created))
+
+
+async def _fetch_all(
+    rpc: RpcClient, settings: IndexerSettings, head: int, addresses: Sequence[str]
+) -> tuple[list[RawLog], int]:
+    """One pass: every tracked log plus the headers of the blocks that have logs."""
+    sizer = _sizer(settings)
+    step = settings.logs_max_addresses
+    logs: list[RawLog] = []
+    for start in range(0, len(addresses), step):
+        logs += await fetch_logs(
+            rpc,
+            sizer,
+            from_block=settings.start_block,
+            to_block=head,
+            addresses=addresses[start : start + step],
+        )
+    with_logs = {lg.block_number for lg in logs}
+    # The indexer also needs the header of the range end: it becomes the cursor.
+    await rpc.get_block_headers(sorted(with_logs | {head}))
+    return logs, len(with_logs)
+
+
+async def measure_floor(settings: IndexerSettings, *, head: int, repeats: int) -> Floor:
+    """Time `repeats` full fetch passes over [START_BLOCK, head]; the addresses are found first."""
+    async with rpc_client(settings) as rpc:
+        markets = await market_addresses(rpc, settings, head)
+        addresses = [*tracked_static(settings), *markets]
+        timings: list[float] = []
+        count = blocks = 0
+        for _ in range(repeats):
+            started = time.perf_counter()
+            logs, blocks = await _fetch_all(rpc, settings, head, addresses)
+            timings.append(time.perf_counter() - started)
+            count = len(logs)
+            del logs
+    return Floor(
+        seconds=tuple(timings),
+        logs=count,
+        blocks_with_logs=blocks,
+        addresses=len(addresses),
+        markets=len(markets),
+    )

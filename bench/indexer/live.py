@@ -1,0 +1,149 @@
+"""Live latency: from a mined block to the first Redis Pub/Sub message of its events.
+
+Blocks are mined one at a time at random intervals (uniform 0.1-0.6 s), so the samples fall
+at every phase of the indexer's poll loop rather than locking onto it. The clock is this
+process's `perf_counter`, read right after `evm_mine` returns and right after a message
+arrives on a pattern subscription to `events:*` (every event is published on one of those).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+
+from devnet.chain import DevChain
+from devnet.driver import ActivityDriver
+
+PATTERN = "events:*"
+MIN_GAP = 0.1
+MAX_GAP = 0.6
+# How long to wait for the last blocks' events after the last block was mined.
+SETTLE_TIMEOUT = 10.0
+
+
+class TimedChain(DevChain):
+    """A DevChain that notes when `evm_mine` returned and which block was mined last."""
+
+    def __init__(self, rpc_url: str) -> None:
+        super().__init__(rpc_url)
+        self.mined_at = 0.0
+        self.mined_block = -1
+
+    async def request(self, method: str, params: Sequence[Any]) -> Any:
+        result = await super().request(method, params)
+        if method == "evm_mine":
+            self.mined_at = time.perf_counter()
+        return result
+
+    async def mine(self) -> dict[str, Any]:
+        block = await super().mine()
+        self.mined_block = int(block["number"])
+        return block
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """Per-block latencies in milliseconds, and how many blocks never showed up."""
+
+    latencies_ms: list[float]
+    missing: int
+    txs_per_block: int
+    messages: int  # Pub/Sub messages received on events:*
+
+    def summary(self) -> dict[str, float]:
+        values = sorted(self.latencies_ms)
+        if len(values) < 2:
+            return {}
+        cuts = statistics.quantiles(values, n=100, method="inclusive")
+        return {
+            "min": values[0],
+            "p50": cuts[49],
+            "p95": cuts[94],
+            "p99": cuts[98],
+            "max": values[-1],
+            "mean": statistics.fmean(values),
+        }
+
+
+class _Arrivals:
+    """When the first Pub/Sub message of each block arrived."""
+
+    def __init__(self) -> None:
+        self.first: dict[int, float] = {}
+        self.messages = 0
+        self.complete = asyncio.Event()
+        self._wanted: set[int] | None = None
+
+    def note(self, block: int, at: float) -> None:
+        self.messages += 1
+        self.first.setdefault(block, at)
+        self._check()
+
+    def expect(self, blocks: set[int]) -> None:
+        """Set `complete` once every block in `blocks` has arrived."""
+        self._wanted = blocks
+        self._check()
+
+    def _check(self) -> None:
+        if self._wanted is not None and self._wanted <= self.first.keys():
+            self.complete.set()
+
+
+async def _listen(pubsub: PubSub, arrivals: _Arrivals) -> None:
+    """Record the arrival of every event message. Safe to cancel."""
+    async for message in pubsub.listen():
+        now = time.perf_counter()
+        if message["type"] == "pmessage":
+            arrivals.note(int(orjson.loads(message["data"])["blockNumber"]), now)
+
+
+async def measure_live(
+    driver: ActivityDriver,
+    chain: TimedChain,
+    redis_url: str,
+    *,
+    samples: int,
+    txs_per_block: int,
+    seed: int,
+) -> Live:
+    """Mine `samples` blocks of `txs_per_block` transactions and time their publication."""
+    rng = random.Random(seed)
+    arrivals = _Arrivals()
+    mined: dict[int, float] = {}
+    driver.txs_per_block = txs_per_block
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        pubsub = client.pubsub()
+        await pubsub.psubscribe(PATTERN)
+        async with asyncio.TaskGroup() as tasks:
+            listener = tasks.create_task(_listen(pubsub, arrivals), name="listen-pubsub")
+            for _ in range(samples):
+                await driver.run(blocks=1)
+                mined[chain.mined_block] = chain.mined_at
+                await asyncio.sleep(rng.uniform(MIN_GAP, MAX_GAP))
+            arrivals.expect(set(mined))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SETTLE_TIMEOUT):
+                    await arrivals.complete.wait()
+            listener.cancel()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+    finally:
+        await client.aclose()
+    first = arrivals.first
+    latencies = [(first[b] - t) * 1000 for b, t in mined.items() if b in first]
+    return Live(
+        latencies_ms=latencies,
+        missing=len(mined) - len(latencies),
+        txs_per_block=txs_per_block,
+        messages=arrivals.messages,
+    )
