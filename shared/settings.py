@@ -214,10 +214,44 @@ class BroadcasterSettings(ServiceSettings):
         default=1_048_576, ge=4096, description="Unsent bytes per client before it is dropped."
     )
     ws_heartbeat_interval: float = Field(default=30.0, gt=0, description="Seconds between pings.")
+    ws_heartbeat_timeout: float = Field(
+        default=20.0, gt=0, description="Seconds a client has to answer a ping before it is closed."
+    )
     ws_rate_limit: float = Field(default=20.0, gt=0, description="Client messages per second.")
     ws_trusted_proxies: Annotated[tuple[IpNetwork, ...], NoDecode] = Field(
         default=(ip_network("127.0.0.1"), ip_network("::1")),
         description="Comma-separated proxy IPs or CIDR blocks whose X-Forwarded-For is believed.",
+    )
+    ws_unix_socket: str = Field(
+        default="",
+        description=(
+            "Path of a Unix socket to serve on as well, for Nginx on the same host "
+            "(proxy_pass http://unix:PATH:); empty for none."
+        ),
+    )
+    ws_reuse_port: bool = Field(
+        default=False, description="Listen with SO_REUSEPORT so instances can share WS_PORT."
+    )
+    ws_max_glob_patterns: int = Field(
+        default=256,
+        ge=0,
+        description=(
+            "Distinct wildcard patterns other than a trailing * (e.g. events:*_placed) all "
+            "clients together may hold; each costs a match per event."
+        ),
+    )
+    ws_replay_limit: int = Field(
+        default=10_000,
+        ge=0,
+        description="Most events a resume (subscribe with since) may reach back; older is a miss.",
+    )
+    ws_history_size: int = Field(
+        default=5_000, ge=0, description="Recent events kept in memory to answer resumes."
+    )
+    broadcaster_redis_timeout: float = Field(
+        default=10.0,
+        ge=0.5,
+        description="Seconds without an answer after which the Redis connection counts as dead.",
     )
     broadcaster_http_host: str = Field(
         default="127.0.0.1", min_length=1, description="Metrics host."

@@ -1,0 +1,1 @@
+"""Broadcaster benchmark: `python -m bench.broadcaster.run` (see docs/broadcaster.md)."""

@@ -1,0 +1,259 @@
+// Load generator for the broadcaster benchmark (bench/broadcaster/run.py drives it).
+//
+// N WebSocket clients written directly on node:net: the server and this generator share a
+// small machine, so every client does only what a client must (handshake, masked subscribe,
+// pong, walking frame headers), and only every `sampleEvery`-th client also reads the
+// publisher's send stamp ("sentAt", wall-clock ms, in the envelope args) to measure
+// publish-to-receive latency. Every client counts its events and checks their seq order.
+// (A first version on npm's `ws` needed 55-65 % of the machine's CPU at 100k messages/s and
+// was the bottleneck of the measurement; this one needs no package at all.)
+//
+// Config: one JSON argument {url, clients, mode: "events"|"markets", markets, concurrency,
+// slow, sampleEvery}; url is ws://host:port/path or ws+unix:///socket:/path. Then it reads
+// commands on stdin, one per line, and answers each with one JSON line:
+//   start   reset the counters: the measurement window begins
+//   report  the counters since start (latency percentiles, deliveries, gaps, duplicates)
+//   exit    close every client and exit
+// It prints {"phase":"connected",...} once every client is subscribed.
+
+import { createConnection } from "node:net";
+import { randomBytes } from "node:crypto";
+import { createInterface } from "node:readline";
+import { performance } from "node:perf_hooks";
+
+const config = JSON.parse(process.argv[2]);
+const sampleEvery = config.sampleEvery || 1;
+const now = () => performance.timeOrigin + performance.now();
+const BUCKET_US = 10;
+const MAX_US = 10_000_000;
+const STAMP = Buffer.from('"sentAt":"');
+const SEQ = Buffer.from('"seq":');
+const EVENT_HEAD = Buffer.from('{"type":"event"');
+const HEADER_END = Buffer.from("\r\n\r\n");
+
+let histogram = new Uint32Array(MAX_US / BUCKET_US + 1);
+let received = 0;
+let sampled = 0;
+let gaps = 0;
+let duplicates = 0;
+let maxLatencyUs = 0;
+let measuring = false;
+const closes = {};
+const clients = [];
+
+const target = (() => {
+  const unix = config.url.match(/^ws\+unix:\/\/(.*):(\/.*)$/);
+  if (unix) return { connect: { path: unix[1] }, host: "localhost", path: unix[2] };
+  const url = new URL(config.url);
+  return { connect: { host: url.hostname, port: Number(url.port) }, host: url.host, path: url.pathname };
+})();
+
+function marketAddress(i) {
+  return "0x" + (i + 1).toString(16).padStart(40, "0");
+}
+
+function numberAfter(buf, marker, from, to) {
+  const at = buf.indexOf(marker, from);
+  if (at < 0 || at >= to) return -1;
+  let value = 0;
+  let scale = 0;
+  for (let i = at + marker.length; i < to; i++) {
+    const c = buf[i];
+    if (c >= 48 && c <= 57) {
+      if (scale) {
+        value += (c - 48) * scale;
+        scale /= 10;
+      } else value = value * 10 + (c - 48);
+    } else if (c === 46 && !scale) scale = 0.1;
+    else break;
+  }
+  return value;
+}
+
+function maskedFrame(opcode, payload) {
+  const mask = randomBytes(4);
+  const head = payload.length < 126 ? Buffer.from([0x80 | opcode, 0x80 | payload.length]) : Buffer.from([0x80 | opcode, 0x80 | 126, payload.length >> 8, payload.length & 255]);
+  const body = Buffer.alloc(payload.length);
+  for (let i = 0; i < payload.length; i++) body[i] = payload[i] ^ mask[i & 3];
+  return Buffer.concat([head, mask, body]);
+}
+
+function onText(client, buf, start, end) {
+  if (end - start > EVENT_HEAD.length && buf.compare(EVENT_HEAD, 0, EVENT_HEAD.length, start, start + EVENT_HEAD.length) === 0) {
+    const seq = numberAfter(buf, SEQ, start, end);
+    if (seq <= client.lastSeq) duplicates++;
+    else if (config.mode === "events" && client.lastSeq > 0 && seq !== client.lastSeq + 1) gaps++;
+    client.lastSeq = seq;
+    if (!measuring) return;
+    received++;
+    if (!client.sampled) return;
+    const sent = numberAfter(buf, STAMP, start, end);
+    if (sent < 0) return;
+    sampled++;
+    let us = Math.round((now() - sent) * 1000);
+    if (us < 0) us = 0;
+    if (us > maxLatencyUs) maxLatencyUs = us;
+    histogram[(Math.min(MAX_US, us) / BUCKET_US) | 0]++;
+    return;
+  }
+  const message = JSON.parse(buf.subarray(start, end).toString());
+  if (message.type === "subscribed" && !client.subscribedMs) {
+    client.subscribedMs = now() - client.started;
+    if (client.slow) client.socket.pause(); // stop reading: a slow consumer
+    client.resolve();
+  }
+}
+
+function onData(client, chunk) {
+  let buf = client.rest ? Buffer.concat([client.rest, chunk]) : chunk;
+  client.rest = null;
+  let at = 0;
+  if (!client.open) {
+    const end = buf.indexOf(HEADER_END);
+    if (end < 0) {
+      client.rest = buf;
+      return;
+    }
+    if (!buf.subarray(0, 12).toString().includes(" 101")) {
+      closes.http = (closes.http || 0) + 1;
+      client.socket.destroy();
+      return;
+    }
+    client.open = true;
+    client.handshakeMs = now() - client.started;
+    client.socket.write(maskedFrame(1, Buffer.from(JSON.stringify({ type: "subscribe", channel: client.channel }))));
+    at = end + 4;
+  }
+  while (buf.length - at >= 2) {
+    const opcode = buf[at] & 0x0f;
+    let length = buf[at + 1] & 0x7f;
+    let header = 2;
+    if (length === 126) {
+      if (buf.length - at < 4) break;
+      length = buf.readUInt16BE(at + 2);
+      header = 4;
+    } else if (length === 127) {
+      if (buf.length - at < 10) break;
+      length = Number(buf.readBigUInt64BE(at + 2));
+      header = 10;
+    }
+    if (buf.length - at < header + length) break;
+    const start = at + header;
+    const end = start + length;
+    if (opcode === 1) onText(client, buf, start, end);
+    else if (opcode === 9) client.socket.write(maskedFrame(10, buf.subarray(start, end)));
+    else if (opcode === 8) {
+      const code = length >= 2 ? buf.readUInt16BE(start) : 1005;
+      closes[code] = (closes[code] || 0) + 1;
+      client.closed = true;
+      client.socket.end(maskedFrame(8, buf.subarray(start, start + 2)));
+      client.resolve();
+      return;
+    }
+    at = end;
+  }
+  if (at < buf.length) client.rest = buf.subarray(at);
+}
+
+function open(i) {
+  return new Promise((resolve) => {
+    const client = {
+      i,
+      lastSeq: 0,
+      started: now(),
+      slow: i < (config.slow || 0),
+      sampled: i % sampleEvery === 0,
+      channel: config.mode === "markets" ? "market:" + marketAddress(i % config.markets) : "events:*",
+      open: false,
+      closed: false,
+      rest: null,
+      resolve,
+    };
+    const socket = createConnection(target.connect, () => {
+      socket.setNoDelay(true);
+      socket.write(
+        `GET ${target.path} HTTP/1.1\r\nHost: ${target.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+          `Sec-WebSocket-Key: ${randomBytes(16).toString("base64")}\r\nSec-WebSocket-Version: 13\r\n\r\n`,
+      );
+    });
+    client.socket = socket;
+    socket.on("data", (chunk) => onData(client, chunk));
+    socket.on("error", () => {});
+    socket.on("close", () => {
+      if (!client.closed) closes.dropped = (closes.dropped || 0) + 1;
+      client.closed = true;
+      resolve();
+    });
+    clients.push(client);
+  });
+}
+
+async function connectAll() {
+  const started = now();
+  const concurrency = config.concurrency || config.clients;
+  let next = 0;
+  async function worker() {
+    while (next < config.clients) await open(next++);
+  }
+  await Promise.all(Array.from({ length: Math.min(concurrency, config.clients) }, worker));
+  const sorted = (key) => clients.map((c) => c[key]).filter((v) => v !== undefined && v !== null).sort((a, b) => a - b);
+  const pick = (list, p) => (list.length ? list[Math.min(list.length - 1, Math.ceil(list.length * p) - 1)] : null);
+  const handshakes = sorted("handshakeMs");
+  const subscribed = sorted("subscribedMs");
+  return {
+    phase: "connected",
+    clients: clients.length,
+    open: subscribed.length,
+    allConnectedMs: now() - started,
+    handshakeP50Ms: pick(handshakes, 0.5),
+    handshakeP99Ms: pick(handshakes, 0.99),
+    handshakeMaxMs: pick(handshakes, 1),
+    subscribedP99Ms: pick(subscribed, 0.99),
+    closes,
+  };
+}
+
+function percentile(p) {
+  if (!sampled) return null;
+  const wanted = Math.ceil(sampled * p);
+  let seen = 0;
+  for (let i = 0; i < histogram.length; i++) {
+    seen += histogram[i];
+    if (seen >= wanted) return (i * BUCKET_US) / 1000;
+  }
+  return MAX_US / 1000;
+}
+
+function report() {
+  return {
+    phase: "report",
+    received,
+    sampled,
+    gaps,
+    duplicates,
+    p50Ms: percentile(0.5),
+    p90Ms: percentile(0.9),
+    p99Ms: percentile(0.99),
+    p999Ms: percentile(0.999),
+    maxMs: maxLatencyUs / 1000,
+    open: clients.filter((c) => !c.closed).length,
+    closes,
+  };
+}
+
+process.stdout.write(JSON.stringify(await connectAll()) + "\n");
+const commands = createInterface({ input: process.stdin });
+commands.on("line", (line) => {
+  const command = line.trim();
+  if (command === "start") {
+    histogram = new Uint32Array(MAX_US / BUCKET_US + 1);
+    received = sampled = gaps = duplicates = maxLatencyUs = 0;
+    measuring = true;
+    process.stdout.write(JSON.stringify({ phase: "started" }) + "\n");
+  } else if (command === "report") {
+    process.stdout.write(JSON.stringify(report()) + "\n");
+  } else if (command === "exit") {
+    for (const c of clients) c.socket.destroy();
+    process.exit(0);
+  }
+});

@@ -1,0 +1,455 @@
+"""`python -m bench.broadcaster.run`: the broadcaster benchmark of the issue, end to end.
+
+For each scenario: a fresh Redis (devnet.services.Redis), the server under test as a
+subprocess (`python -m broadcaster`, or the naive websockets.broadcast() baseline), the Node
+load generator (bench/broadcaster/loadgen.mjs, `ws` from npm) opening N clients, and the
+publisher (bench/broadcaster/publisher.py) writing stamped events at a rate. Measured:
+publish-to-receive latency p50/p99 over every delivery in the window, server CPU per
+delivery (/proc utime+stime), server RSS per idle connection, handshake times, and the CPU
+of the generator itself (it shares the 2 cores with the server). Prints a table; --json
+writes the rows.
+
+    python -m bench.broadcaster.run                      # every scenario, both servers
+    python -m bench.broadcaster.run --server broadcaster --scenario fanout-1k
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from devnet.services import REPO_ROOT, Redis, free_port
+
+LOADGEN = Path(__file__).with_name("loadgen.mjs")
+STREAM_KEY = "bench:events"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    clients: int
+    rate: float  # events per second (0: connect and idle only)
+    mode: str = "events"  # every client on events:*, or "markets": client i on market i % markets
+    markets: int = 1000
+    concurrency: int | None = None  # handshakes in flight (None: all at once)
+    slow: int = 0  # clients that stop reading after subscribing
+    pad: int = 0  # extra envelope bytes
+    send_buffer: int | None = None  # WS_SEND_BUFFER_BYTES for this run
+    goal: str = ""
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario("fanout-1k", 1000, 100, goal="p99 <= 20 ms, <= 5 us/delivery"),
+        Scenario("fanout-10k", 10_000, 10, goal="p99 <= 150 ms, <= 7 us/delivery"),
+        Scenario(
+            "markets-10k",
+            10_000,
+            1000,
+            mode="markets",
+            goal="p99 <= 15 ms; CPU/event flat in non-matching clients",
+        ),
+        Scenario(
+            "markets-1k",
+            1000,
+            1000,
+            mode="markets",
+            markets=100,
+            goal="10 recipients per event like markets-10k, 9k fewer non-matching clients",
+        ),
+        Scenario("storm-10k", 10_000, 0, goal="all connected <= 3 s, p99 handshake <= 100 ms"),
+        Scenario(
+            "storm-10k-w200",
+            10_000,
+            0,
+            concurrency=200,
+            goal="same, 200 handshakes in flight (clients with jittered backoff)",
+        ),
+        Scenario("fat-1k", 1000, 100, pad=3000, send_buffer=262_144, goal="baseline for slow-1k"),
+        Scenario(
+            "slow-1k",
+            1000,
+            100,
+            pad=3000,
+            slow=1,
+            send_buffer=262_144,
+            goal="one client stops reading: same p99 as fat-1k, it gets 4008",
+        ),
+    )
+}
+
+
+@dataclass
+class Row:
+    server: str
+    transport: str
+    scenario: str
+    clients: int
+    rate: float
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def raise_fd_limit() -> None:
+    """10k clients need 10k descriptors in the generator and in the server."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_kb(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KB
+
+
+def http_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback
+        body = orjson.loads(response.read())
+    assert isinstance(body, dict)
+    return body
+
+
+@contextlib.asynccontextmanager
+async def server_process(
+    kind: str, redis: Redis, scenario: Scenario, logdir: Path, unix: str | None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, int]]:
+    port, ops = free_port(), free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "REDIS_URL": redis.url,
+        "REDIS_STREAM_KEY": STREAM_KEY,
+        "WS_PORT": str(port),
+        "BROADCASTER_HTTP_PORT": str(ops),
+        "WS_MAX_CONNECTIONS_PER_IP": "100000",  # every bench client comes from 127.0.0.1
+        "LOG_LEVEL": "WARNING",
+        "LOG_FORMAT": "json",
+    }
+    if scenario.send_buffer:
+        env["WS_SEND_BUFFER_BYTES"] = str(scenario.send_buffer)
+    if unix:
+        env["WS_UNIX_SOCKET"] = unix
+    module = "broadcaster" if kind == "broadcaster" else "bench.broadcaster.naive_server"
+    with (logdir / f"{kind}-{scenario.name}.log").open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", module, cwd=REPO_ROOT, env=env, stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            if proc.returncode is not None:
+                raise RuntimeError(f"{kind} exited with {proc.returncode}; see {logdir}")
+            with contextlib.suppress(OSError):
+                if kind == "naive":
+                    with socket_to(port):
+                        break
+                elif http_json(f"http://127.0.0.1:{ops}/healthz").get("seq") is not None:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{kind} did not start; see {logdir}")
+            await asyncio.sleep(0.05)
+        yield proc, port, ops
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+@contextlib.contextmanager
+def socket_to(port: int) -> Any:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+        yield sock
+
+
+class LoadGen:
+    """The Node load generator, driven line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, url: str, scenario: Scenario) -> LoadGen:
+        config = {
+            "url": url,
+            "clients": scenario.clients,
+            "mode": scenario.mode,
+            "markets": scenario.markets,
+            "concurrency": scenario.concurrency,
+            "slow": scenario.slow,
+            # Latency is read on every sampleEvery-th client (all of them count events).
+            "sampleEvery": max(1, scenario.clients // 100),
+        }
+        proc = await asyncio.create_subprocess_exec(
+            "node",
+            "--max-old-space-size=4096",
+            str(LOADGEN),
+            orjson.dumps(config).decode(),
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            limit=2**20,
+        )
+        return cls(proc)
+
+    async def line(self, within: float = 120) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(within):
+            raw = await self.proc.stdout.readline()
+        if not raw:
+            raise RuntimeError("load generator exited")
+        body = orjson.loads(raw)
+        assert isinstance(body, dict)
+        return body
+
+    async def command(self, text: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        await self.proc.stdin.drain()
+        return await self.line()
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(b"exit\n")
+            with contextlib.suppress(ConnectionError):
+                await self.proc.stdin.drain()
+            try:
+                async with asyncio.timeout(10):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+async def publish(redis: Redis, scenario: Scenario, duration: float, tick: float) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.broadcaster.publisher",
+        "--redis-url",
+        redis.url,
+        "--key",
+        STREAM_KEY,
+        "--rate",
+        str(scenario.rate),
+        "--duration",
+        str(duration),
+        "--markets",
+        str(scenario.markets),
+        "--pad",
+        str(scenario.pad),
+        "--tick",
+        str(tick),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    return int(orjson.loads(out.splitlines()[-1])["published"])
+
+
+async def run_scenario(
+    kind: str,
+    scenario: Scenario,
+    *,
+    transport: str,
+    duration: float,
+    warmup: float,
+    tick: float,
+    logdir: Path,
+) -> Row:
+    row = Row(kind, transport, scenario.name, scenario.clients, scenario.rate)
+    unix = str(logdir / "broadcaster.sock") if transport == "unix" else None
+    with Redis() as redis:
+        async with server_process(kind, redis, scenario, logdir, unix) as (server, port, _):
+            await asyncio.sleep(0.5)
+            rss_before = rss_kb(server.pid)
+            cpu_before = cpu_seconds(server.pid)
+            url = f"ws+unix://{unix}:/ws" if unix else f"ws://127.0.0.1:{port}/ws"
+            gen = await LoadGen.start(url, scenario)
+            try:
+                connected = await gen.line()
+                cpu_connect = cpu_seconds(server.pid) - cpu_before
+                await asyncio.sleep(1.0)  # let the connection burst settle before sizing memory
+                rss_idle = rss_kb(server.pid)
+                row.values.update(
+                    connected=connected["open"],
+                    all_connected_s=connected["allConnectedMs"] / 1000,
+                    handshake_p50_ms=connected["handshakeP50Ms"],
+                    handshake_p99_ms=connected["handshakeP99Ms"],
+                    connect_cpu_s=cpu_connect,
+                    rss_idle_mb=rss_idle / 1024,
+                    kib_per_conn=(rss_idle - rss_before) / max(1, connected["open"]),
+                )
+                if scenario.rate:
+                    publisher = asyncio.create_task(
+                        publish(redis, scenario, warmup + duration + 0.5, tick)
+                    )
+                    await asyncio.sleep(warmup)
+                    await gen.command("start")
+                    server_cpu = cpu_seconds(server.pid)
+                    gen_cpu = cpu_seconds(gen.proc.pid)
+                    redis_cpu = cpu_seconds(redis.pid or 0)
+                    await asyncio.sleep(duration)
+                    report = await gen.command("report")
+                    server_cpu = cpu_seconds(server.pid) - server_cpu
+                    gen_cpu = cpu_seconds(gen.proc.pid) - gen_cpu
+                    redis_cpu = cpu_seconds(redis.pid or 0) - redis_cpu
+                    await publisher
+                    deliveries = report["received"]
+                    row.values.update(
+                        deliveries_per_s=deliveries / duration,
+                        p50_ms=report["p50Ms"],
+                        p99_ms=report["p99Ms"],
+                        max_ms=report["maxMs"],
+                        server_cpu_pct=100 * server_cpu / duration,
+                        us_per_delivery=1e6 * server_cpu / deliveries if deliveries else None,
+                        us_per_event=1e6 * server_cpu / (scenario.rate * duration),
+                        gen_cpu_pct=100 * gen_cpu / duration,
+                        redis_cpu_pct=100 * redis_cpu / duration,
+                        gaps=report["gaps"],
+                        duplicates=report["duplicates"],
+                        closes=report["closes"],
+                        still_open=report["open"],
+                    )
+            finally:
+                await gen.stop()
+    return row
+
+
+COLUMNS = (
+    ("server", "server", "{}"),
+    ("transport", "via", "{}"),
+    ("scenario", "scenario", "{}"),
+    ("clients", "clients", "{}"),
+    ("rate", "ev/s", "{:g}"),
+    ("deliveries_per_s", "deliv/s", "{:,.0f}"),
+    ("p50_ms", "p50 ms", "{:.2f}"),
+    ("p99_ms", "p99 ms", "{:.2f}"),
+    ("max_ms", "max ms", "{:.1f}"),
+    ("us_per_delivery", "us/deliv", "{:.2f}"),
+    ("us_per_event", "us/event", "{:.0f}"),
+    ("server_cpu_pct", "srv CPU%", "{:.0f}"),
+    ("gen_cpu_pct", "gen CPU%", "{:.0f}"),
+    ("redis_cpu_pct", "redis%", "{:.0f}"),
+    ("all_connected_s", "conn s", "{:.2f}"),
+    ("handshake_p99_ms", "hs p99 ms", "{:.0f}"),
+    ("kib_per_conn", "KiB/conn", "{:.1f}"),
+    ("gaps", "gaps", "{}"),
+    ("duplicates", "dups", "{}"),
+    ("closes", "closes", "{}"),
+)
+
+
+def render(rows: list[Row]) -> str:
+    table = [[title for _, title, _ in COLUMNS]]
+    for row in rows:
+        values = {"server": row.server, "transport": row.transport, "scenario": row.scenario}
+        values["clients"] = row.clients
+        values |= {"rate": row.rate, **row.values}
+        table.append(
+            ["-" if values.get(key) is None else fmt.format(values[key]) for key, _, fmt in COLUMNS]
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    return "\n".join(
+        "| "
+        + " | ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
+        + " |"
+        for line in table
+    )
+
+
+async def main_async(args: argparse.Namespace, logdir: Path) -> list[Row]:
+    raise_fd_limit()
+    rows = []
+    for name in args.scenario:
+        for transport in args.transport:
+            for kind in args.server:
+                if kind == "naive" and transport == "unix":
+                    continue  # the baseline serves TCP only
+                scenario = SCENARIOS[name]
+                print(f"running {kind} / {transport} / {name} ...", file=sys.stderr, flush=True)
+                try:
+                    row = await run_scenario(
+                        kind,
+                        scenario,
+                        transport=transport,
+                        duration=args.duration,
+                        warmup=args.warmup,
+                        tick=args.tick,
+                        logdir=logdir,
+                    )
+                except (RuntimeError, TimeoutError, OSError) as exc:
+                    row = Row(kind, transport, name, scenario.clients, scenario.rate)
+                    row.values["error"] = str(exc)
+                    print(f"  failed: {exc}", file=sys.stderr)
+                rows.append(row)
+                print(render([row]).splitlines()[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.broadcaster.run")
+    parser.add_argument(
+        "--server", nargs="+", default=["naive", "broadcaster"], choices=["naive", "broadcaster"]
+    )
+    parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument(
+        "--transport",
+        nargs="+",
+        default=["tcp"],
+        choices=["tcp", "unix"],
+        help="how clients reach the server: loopback TCP, or WS_UNIX_SOCKET (as Nginx would)",
+    )
+    parser.add_argument(
+        "--tick",
+        type=float,
+        default=0.002,
+        help="seconds between the publisher's batches (events due are written together)",
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument("--logdir", help="server logs go here (default: a new temp dir)")
+    args = parser.parse_args()
+    logdir = Path(args.logdir or tempfile.mkdtemp(prefix="kektech-bench-broadcaster-"))
+    logdir.mkdir(parents=True, exist_ok=True)
+    rows = asyncio.run(main_async(args, logdir))
+    print(render(rows))
+    for row in rows:
+        if "error" in row.values:
+            print(f"{row.server}/{row.scenario}: {row.values['error']}")
+    if args.json:
+        Path(args.json).write_bytes(
+            orjson.dumps([row.__dict__ for row in rows], option=orjson.OPT_INDENT_2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,3 @@
+from broadcaster.main import main
+
+raise SystemExit(main())

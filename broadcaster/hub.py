@@ -1,0 +1,366 @@
+"""The fan-out core: who is subscribed to what, and every event delivered once, in order.
+
+No I/O of its own: connections come in as `Peer`s (server.py) and the stream, for resumes
+that memory cannot answer, as a `Source` (stream.py). The follower feeds `dispatch()` with
+consecutive stream entries; each event is routed once (routing.Registry), framed once per
+channel (events.Event) and written to every recipient's socket buffer synchronously — never
+awaiting a client, so one slow client cannot delay the others. A client whose buffer holds
+more than WS_SEND_BUFFER_BYTES is dropped from routing at once and closed with 4008.
+
+Delivery rules (docs/broadcaster.md, "Resume"):
+- every subscription has a `from` seq; an event reaches a connection if some subscription
+  matches one of its channels and the event's seq is above that subscription's `from`;
+- a connection gets each event at most once: live delivery is strictly increasing in seq
+  (`Client.last_seq`), and a replay skips what an older subscription already covered;
+- a subscribe with `since` is replay.py's: it holds the connection's live events back
+  (`Client.pending`, filled by dispatch) while it replays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+import structlog
+
+from broadcaster import messages
+from broadcaster.errors import ClientError
+from broadcaster.events import Event, History
+from broadcaster.metrics import Metrics
+from broadcaster.routing import Registry, kind_of
+
+__all__ = ["Client", "Hub", "Peer", "Source"]
+
+log = structlog.get_logger()
+
+SLOW_REASON = "slow consumer: reconnect and resume with since"
+
+
+class Peer(Protocol):
+    """What the hub needs from one client connection (server.py provides it)."""
+
+    def write(self, frame: bytes) -> None: ...
+    def buffered(self) -> int: ...
+    def is_open(self) -> bool: ...
+    async def drain(self) -> None: ...
+    def kick(self, code: int, reason: str) -> None: ...
+
+
+class Source(Protocol):
+    """The stream's history, for resumes reaching back further than memory."""
+
+    async def top(self) -> int: ...
+    async def entries(self, after: int, upto: int, count: int) -> list[tuple[int, Event | None]]:
+        """Entries with after < seq <= upto, oldest first, at most count (None: invalid)."""
+        ...
+
+
+class Client:
+    """One connection's subscriptions and delivery state."""
+
+    __slots__ = (
+        "buffered",
+        "dropped",
+        "id",
+        "is_open",
+        "last_seq",
+        "peer",
+        "pending",
+        "pending_bytes",
+        "subs",
+        "write",
+    )
+
+    def __init__(self, client_id: str, peer: Peer) -> None:
+        self.id = client_id
+        self.peer = peer
+        # Bound methods, looked up once: the fan-out loop calls them per recipient.
+        self.write: Callable[[bytes], None] = peer.write
+        self.buffered: Callable[[], int] = peer.buffered
+        self.is_open: Callable[[], bool] = peer.is_open
+        self.subs: dict[str, int] = {}  # subscription -> from seq
+        self.last_seq = 0  # newest seq delivered live
+        self.pending: list[Event] | None = None  # live events held back during a replay
+        self.pending_bytes = 0
+        self.dropped = False
+
+
+class Hub:
+    """Subscriptions, the stream position, recent history, and the fan-out."""
+
+    def __init__(
+        self,
+        *,
+        metrics: Metrics,
+        send_buffer_bytes: int,
+        history_size: int,
+        replay_limit: int,
+        max_subscriptions: int,
+        max_glob_patterns: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.metrics = metrics
+        self.registry: Registry[Client] = Registry()
+        self.clients: set[Client] = set()
+        self.history = History(history_size)
+        self.source: Source | None = None
+        self.position: int | None = None  # newest seq relayed; None until the stream is read
+        self.last_relay_time: float | None = None
+        self.last_block_time: float | None = None
+        self.subscription_count = 0
+        self.send_buffer_bytes = send_buffer_bytes
+        self._history_size = history_size
+        self.replay_limit = replay_limit
+        self._max_subscriptions = max_subscriptions
+        self._max_globs = max_glob_patterns
+        self._clock = clock
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    def now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    # Connections
+
+    def connect(self, client_id: str, peer: Peer) -> Client:
+        client = Client(client_id, peer)
+        self.clients.add(client)
+        self.metrics.connections.set(len(self.clients))
+        return client
+
+    def disconnect(self, client: Client) -> None:
+        """Forget a connection (idempotent)."""
+        self._unroute(client)
+        client.pending = None
+        self.clients.discard(client)
+        self.metrics.connections.set(len(self.clients))
+
+    def drop(self, client: Client, code: int, reason: str) -> None:
+        """Stop routing to a client now and have its connection closed with code."""
+        if client.dropped:
+            return
+        client.dropped = True
+        self._unroute(client)
+        client.pending = None
+        self.metrics.closes.labels(code=str(code)).inc()
+        client.peer.kick(code, reason)
+
+    def drop_subscribed(self, code: int, reason: str) -> int:
+        """Drop every client holding a subscription; return how many."""
+        victims = [client for client in self.clients if client.subs and not client.dropped]
+        for client in victims:
+            self.drop(client, code, reason)
+        return len(victims)
+
+    # The stream
+
+    def start(self, position: int) -> None:
+        """Set where following the stream begins (its newest entry at boot)."""
+        if self.position is None:
+            self.position = position
+            self.metrics.last_seq.set(position)
+            self._wake_waiters()
+
+    def prefill(self, entries: Iterable[tuple[int, Event | None]]) -> None:
+        """Remember entries read before following began (at boot), without relaying them."""
+        for seq, event in entries:
+            self.history.append(seq, event)
+
+    def restart_at(self, position: int) -> None:
+        """The stream went backwards (recreated): continue from position, closing subscribers."""
+        log.error(
+            "stream went backwards; clients must reload",
+            relayed=self.position,
+            stream_top=position,
+        )
+        self.position = position
+        self.history = History(self._history_size)
+        self.drop_subscribed(messages.CLOSE_STREAM_GAP, "stream reset: reconnect and reload")
+
+    def dispatch(self, entries: Sequence[tuple[int, Event | None]]) -> None:
+        """Relay consecutive stream entries (None: an invalid entry, counted by the caller).
+
+        Entries read together (a block's events, or a backlog after an outage) reach each
+        client in one socket write: on loopback a write costs ~12 us of kernel time on the
+        benchmark machine whatever its size up to many KiB, against ~1 us per event of ours.
+        """
+        now = self._clock()
+        now_ms = int(now * 1000)
+        overflow: list[Client] = []
+        batch: dict[Client, list[bytes]] | None = {} if len(entries) > 1 else None
+        relayed = delivered = 0
+        started = time.perf_counter()
+        for seq, event in entries:
+            position = self.position
+            if position is not None:
+                if seq <= position:
+                    continue  # defensive: never relay a seq twice
+                if seq != position + 1:
+                    self._gap(position, seq)
+            self.position = seq
+            self.history.append(seq, event)
+            if event is None:
+                continue
+            relayed += 1
+            delivered += self._deliver(event, now_ms, overflow, batch)
+            self.last_block_time = event.block_time
+        if batch:
+            self._flush(batch, overflow)
+        if self.position is not None:
+            self.metrics.last_seq.set(self.position)
+        if relayed:
+            self.last_relay_time = now
+            self.metrics.events.inc(relayed)
+            self.metrics.deliveries.inc(delivered)
+            self.metrics.fanout.observe((time.perf_counter() - started) / relayed)
+            if self.last_block_time is not None:
+                self.metrics.lag.observe(max(0.0, now - self.last_block_time))
+        for client in overflow:
+            if not client.dropped:
+                log.info("client too slow, closing", client=client.id, code=4008)
+                self.metrics.slow_consumers.inc()
+                self.drop(client, messages.CLOSE_SLOW_CONSUMER, SLOW_REASON)
+        self._wake_waiters()
+
+    def _deliver(
+        self,
+        event: Event,
+        now_ms: int,
+        overflow: list[Client],
+        batch: dict[Client, list[bytes]] | None,
+    ) -> int:
+        """Write (or add to batch) one event for every client it concerns; return how many."""
+        seq = event.seq
+        limit = self.send_buffer_bytes
+        count = 0
+        for channel, subscribers in self.registry.route(event.channels):
+            frame = event.frame(channel, now_ms)
+            for client in subscribers:
+                # last_seq also skips a client already served through an earlier group.
+                if client.last_seq >= seq:
+                    continue
+                if client.pending is not None:
+                    self._hold(client, event, overflow)
+                elif client.buffered() > limit:
+                    overflow.append(client)
+                elif client.is_open():
+                    if batch is None:
+                        client.write(frame)
+                    elif (frames := batch.get(client)) is None:
+                        batch[client] = [frame]
+                    else:
+                        frames.append(frame)
+                    client.last_seq = seq
+                    count += 1
+        return count
+
+    def _flush(self, batch: dict[Client, list[bytes]], overflow: list[Client]) -> None:
+        """Write each client's frames of a batch at once."""
+        limit = self.send_buffer_bytes
+        for client, frames in batch.items():
+            if client.dropped or not client.is_open():
+                continue
+            if client.buffered() > limit:
+                overflow.append(client)
+            else:
+                client.write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def _hold(self, client: Client, event: Event, overflow: list[Client]) -> None:
+        pending = client.pending
+        assert pending is not None
+        if pending and pending[-1].seq >= event.seq:
+            return
+        pending.append(event)
+        client.pending_bytes += event.size
+        if client.pending_bytes > self.send_buffer_bytes:
+            overflow.append(client)
+
+    def _gap(self, position: int, seq: int) -> None:
+        missed = seq - position - 1
+        log.warning(
+            "stream gap: entries were trimmed before they were read; clients must reload",
+            after=position,
+            next=seq,
+            missed=missed,
+        )
+        self.metrics.gaps.inc()
+        self.metrics.gap_entries.inc(missed)
+        self.drop_subscribed(messages.CLOSE_STREAM_GAP, "events were missed: resume with since")
+
+    async def reached(self, seq: int, within: float) -> bool:
+        """Wait until the stream position is at least seq; False on timeout."""
+        if self.position is not None and self.position >= seq:
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (seq, waiter)
+        self._waiters.append(entry)
+        try:
+            async with asyncio.timeout(within):
+                await waiter
+        except TimeoutError:
+            return False
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+        return True
+
+    def _wake_waiters(self) -> None:
+        if not self._waiters or self.position is None:
+            return
+        for seq, waiter in self._waiters:
+            if seq <= self.position and not waiter.done():
+                waiter.set_result(None)
+
+    # Subscriptions
+
+    def subscribe(self, client: Client, channel: str) -> int | None:
+        """Subscribe from now on; return the seq after which events come."""
+        self.admit(client, channel)
+        if channel not in client.subs:
+            client.subs[channel] = self.position or 0
+            self.route(client, channel)
+        return self.position
+
+    def unsubscribe(self, client: Client, channel: str) -> None:
+        if client.subs.pop(channel, None) is not None:
+            self.registry.remove(channel, client)
+            self._count_subscriptions(-1)
+
+    def admit(self, client: Client, channel: str) -> None:
+        """Refuse a new subscription past the limits (ClientError)."""
+        if channel in client.subs:
+            return
+        if len(client.subs) >= self._max_subscriptions:
+            raise ClientError(
+                "too_many_subscriptions",
+                f"at most {self._max_subscriptions} subscriptions per connection",
+                channel=channel,
+            )
+        if (
+            kind_of(channel) == "glob"
+            and not self.registry.has_glob(channel)
+            and self.registry.glob_count >= self._max_globs
+        ):
+            raise ClientError(
+                "too_many_patterns",
+                "the server holds too many distinct wildcard patterns; subscribe to a channel "
+                "or a pattern ending in * such as events:*",
+                channel=channel,
+            )
+
+    def route(self, client: Client, channel: str) -> None:
+        """Add a subscription to routing (client.subs is the caller's)."""
+        self.registry.add(channel, client)
+        self._count_subscriptions(1)
+
+    def _unroute(self, client: Client) -> None:
+        for channel in client.subs:
+            self.registry.remove(channel, client)
+        self._count_subscriptions(-len(client.subs))
+        client.subs = {}
+
+    def _count_subscriptions(self, delta: int) -> None:
+        if delta:
+            self.subscription_count += delta
+            self.metrics.subscriptions.set(self.subscription_count)

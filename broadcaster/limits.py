@@ -1,0 +1,112 @@
+"""Per-client limits as plain data: token buckets, connections per IP, the client's real IP."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+
+__all__ = ["ConnectionCounter", "TokenBucket", "client_ip"]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class TokenBucket:
+    """Allows `burst` actions at once and `rate` per second on average; time is passed in."""
+
+    __slots__ = ("_burst", "_rate", "_stamp", "_tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._tokens = burst
+        self._stamp = now
+
+    def take(self, now: float) -> bool:
+        """Spend one token if there is one."""
+        elapsed = now - self._stamp
+        if elapsed > 0:
+            self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
+            self._stamp = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+class ConnectionCounter:
+    """Open connections per client IP, with a ceiling."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._counts: dict[str, int] = {}
+
+    def count(self, ip: str) -> int:
+        return self._counts.get(ip, 0)
+
+    def acquire(self, ip: str) -> bool:
+        """Take a slot for ip, or return False when it has `limit` connections already."""
+        current = self._counts.get(ip, 0)
+        if current >= self._limit:
+            return False
+        self._counts[ip] = current + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        current = self._counts.get(ip, 0)
+        if current <= 1:
+            self._counts.pop(ip, None)
+        else:
+            self._counts[ip] = current - 1
+
+
+def client_ip(
+    peer: str | None,
+    *,
+    forwarded_for: Iterable[str],
+    real_ip: str | None,
+    trusted: Sequence[Network],
+    local: bool = False,
+) -> str:
+    """The address of the client behind the proxies we trust.
+
+    Headers are believed only when the TCP peer is a trusted proxy, or the connection came
+    through the Unix socket (`local`: only a local proxy can reach it). X-Forwarded-For is
+    read from the right (each proxy appends the address it saw) skipping trusted proxies, so
+    a client cannot choose its address by sending the header itself; X-Real-IP, set by Nginx
+    to $remote_addr, is the fallback.
+    """
+    peer_ip = _parse(peer)
+    if peer_ip is None and not local:
+        return peer or "unknown"
+    if peer_ip is not None and not _is_trusted(peer_ip, trusted):
+        return str(peer_ip)
+    hops = [hop.strip() for header in forwarded_for for hop in header.split(",")]
+    for hop in reversed(hops):
+        address = _parse(hop)
+        if address is None:
+            break  # garbage from the client side of the chain: trust nothing before it
+        if not _is_trusted(address, trusted):
+            return str(address)
+    if real_ip is not None:
+        address = _parse(real_ip.strip())
+        if address is not None:
+            return str(address)
+    return str(peer_ip) if peer_ip is not None else "local"
+
+
+def _parse(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not text:
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _is_trusted(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, trusted: Sequence[Network]
+) -> bool:
+    return any(address.version == net.version and address in net for net in trusted)

@@ -1,0 +1,95 @@
+"""`run(settings)`: the broadcaster service, owning every resource and task.
+
+Start-up: connect to Redis (lazily: a Redis that is down at boot only delays the first
+event), listen for WebSocket clients, and follow the event stream from its newest entry.
+Shutdown is cancellation (SIGINT from PM2, or SIGTERM): the stream stops being read, the
+listener closes, clients are closed with 1012 so they reconnect and resume, and any client
+that does not finish the closing handshake within a second is cut off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+
+from broadcaster.errors import StreamUnavailable
+from broadcaster.hub import Hub
+from broadcaster.metrics import Metrics
+from broadcaster.server import serve_clients
+from broadcaster.stream import EventStream, open_stream
+from shared.settings import BroadcasterSettings
+
+__all__ = ["run"]
+
+log = structlog.get_logger()
+
+HEALTH_TIMEOUT = 1.0
+
+
+def build_hub(settings: BroadcasterSettings, metrics: Metrics) -> Hub:
+    return Hub(
+        metrics=metrics,
+        send_buffer_bytes=settings.ws_send_buffer_bytes,
+        history_size=settings.ws_history_size,
+        replay_limit=settings.ws_replay_limit,
+        max_subscriptions=settings.ws_max_subscriptions,
+        max_glob_patterns=settings.ws_max_glob_patterns,
+    )
+
+
+async def health(hub: Hub, stream: EventStream) -> dict[str, Any]:
+    """What /healthz reports: Redis reachable, how far behind the stream, event age."""
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT):
+            top: int | None = await stream.top()
+    except (StreamUnavailable, TimeoutError):
+        top = None
+    now = time.time()
+    position = hub.position
+    return {
+        "status": "ok" if top is not None else "degraded",
+        "redis": "up" if top is not None else "down",
+        "seq": position,
+        "streamSeq": top,
+        "behind": max(0, top - position) if top is not None and position is not None else None,
+        "lastEventAgeSeconds": _age(now, hub.last_block_time),
+        "lastRelayAgeSeconds": _age(now, hub.last_relay_time),
+        "connections": len(hub.clients),
+        "subscriptions": hub.subscription_count,
+    }
+
+
+def _age(now: float, then: float | None) -> float | None:
+    return None if then is None else round(max(0.0, now - then), 3)
+
+
+async def run(settings: BroadcasterSettings) -> None:
+    """The broadcaster service: runs until cancelled or until a task fails."""
+    metrics = Metrics()
+    hub = build_hub(settings, metrics)
+    async with open_stream(
+        settings.redis_url.get_secret_value(),
+        key=settings.redis_stream_key,
+        redis_timeout=settings.broadcaster_redis_timeout,
+    ) as stream:
+        hub.source = stream
+
+        async def status() -> dict[str, Any]:
+            return await health(hub, stream)
+
+        async with serve_clients(settings, hub=hub, metrics=metrics, status=status):
+            log.info(
+                "broadcaster started",
+                host=settings.ws_host,
+                port=settings.ws_port,
+                path=settings.ws_path,
+                stream=settings.redis_stream_key,
+            )
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(
+                    stream.follow(hub, metrics, history=settings.ws_history_size),
+                    name="follow-stream",
+                )

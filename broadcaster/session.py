@@ -1,0 +1,112 @@
+"""One client's conversation: the greeting, answers to its messages, and its limits.
+
+Transport-agnostic: replies are written as frames through the hub's Client, and a decision
+to hang up is raised as CloseConnection for server.py to carry out. Messages of one
+connection are handled one at a time, in order, so a replay never interleaves with another
+of the same connection's requests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from broadcaster import messages, replay
+from broadcaster.errors import ClientError, CloseConnection
+from broadcaster.hub import Client, Hub
+from broadcaster.limits import TokenBucket
+
+__all__ = ["Session"]
+
+# Invalid messages tolerated: a burst of 10, then one per 10 s; past that the client is closed.
+ERROR_BURST = 10.0
+ERROR_RATE = 0.1
+
+
+class Session:
+    """Answers one connection's messages; raises CloseConnection to end it."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        client: Client,
+        *,
+        rate: float,
+        burst: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.hub = hub
+        self.client = client
+        self._rate = rate
+        self._clock = clock
+        now = clock()
+        self._messages = TokenBucket(rate, burst, now)
+        self._errors = TokenBucket(ERROR_RATE, ERROR_BURST, now)
+
+    def greet(self) -> None:
+        self._reply(messages.connected(self.client.id, self.hub.now_ms(), self.hub.position))
+
+    async def handle(self, message: str | bytes) -> None:
+        """Answer one message from the client."""
+        if isinstance(message, bytes):
+            raise CloseConnection(
+                messages.CLOSE_UNSUPPORTED_DATA, "binary messages are not supported"
+            )
+        if not self._messages.take(self._clock()):
+            self._refuse(
+                ClientError("rate_limited", f"more than {self._rate:g} messages per second"),
+                flood=True,
+            )
+            return
+        try:
+            request = messages.parse_client_message(message)
+        except ClientError as problem:
+            self._refuse(problem)
+            return
+        if isinstance(request, messages.Ping):
+            self._reply(messages.pong(self.hub.now_ms()))
+        elif isinstance(request, messages.Unsubscribe):
+            self.hub.unsubscribe(self.client, request.channel)
+            self._reply(messages.unsubscribed(request.channel, self.hub.now_ms()))
+        elif request.since is None:
+            try:
+                seq = self.hub.subscribe(self.client, request.channel)
+            except ClientError as problem:
+                self._refuse(problem)
+                return
+            self._reply(
+                messages.subscribed(
+                    request.channel, self.hub.now_ms(), seq=seq, recovered=None, replayed=None
+                )
+            )
+        else:
+            await self._resume(request.channel, request.since)
+
+    async def _resume(self, channel: str, since: int) -> None:
+        try:
+            resume = await replay.resume(self.hub, self.client, channel, since)
+        except ClientError as problem:  # raised before anything changed
+            self._refuse(problem)
+            return
+        # The ack separates the replay from the live events held back meanwhile.
+        self._reply(
+            messages.subscribed(
+                channel,
+                self.hub.now_ms(),
+                seq=resume.seq,
+                recovered=resume.recovered,
+                replayed=resume.replayed,
+            )
+        )
+        replay.go_live(self.hub, self.client)
+
+    def _refuse(self, problem: ClientError, *, flood: bool = False) -> None:
+        self.hub.metrics.client_errors.labels(code=problem.code).inc()
+        self._reply(messages.error(problem, self.hub.now_ms()))
+        if not self._errors.take(self._clock()):
+            reason = "message rate limit exceeded" if flood else "too many invalid messages"
+            raise CloseConnection(messages.CLOSE_POLICY_VIOLATION, reason)
+
+    def _reply(self, payload: bytes) -> None:
+        if self.client.is_open():
+            self.client.write(messages.text_frame(payload))

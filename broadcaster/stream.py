@@ -1,0 +1,226 @@
+"""The Redis side, the only module that speaks Redis: follow the event stream, read history.
+
+Only the Stream is read, never Pub/Sub (docs/protocol.md): one XREAD BLOCK loop from the
+last entry read gives order, gap detection and, after a Redis restart or a network cut,
+catch-up from exactly where it stopped. A half-open socket cannot stall the loop: XREAD
+blocks for half of BROADCASTER_REDIS_TIMEOUT and the whole call times out at all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from broadcaster.errors import InvalidEntry, StreamUnavailable
+from broadcaster.events import Event, entry_seq, parse_entry
+from broadcaster.hub import Hub
+from broadcaster.metrics import Metrics
+
+__all__ = ["EventStream", "open_stream"]
+
+log = structlog.get_logger()
+
+# Entries per XREAD: each client gets one write per read, so this bounds what one write adds
+# to a socket buffer (about 100 KiB) during a catch-up after an outage.
+READ_COUNT = 100
+QUERY_CONNECTIONS = 8  # resumes and health checks share these; a reconnect storm waits its turn
+BACKOFF_BASE = 0.1
+BACKOFF_MAX = 5.0
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+class EventStream:
+    """The event stream of one Redis: followed by follow(), queried by resumes (hub.Source)."""
+
+    def __init__(
+        self, *, reader: aioredis.Redis, queries: aioredis.Redis, key: str, timeout: float
+    ) -> None:
+        self._reader = reader
+        self._queries = queries
+        self.key = key
+        self._timeout = timeout
+        self._block_ms = max(1, int(timeout * 500))
+        self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
+
+    async def top(self) -> int:
+        """The seq of the newest entry ever added (last-generated-id), 0 for no stream."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return entry_seq_or_zero(await self._last_id(self._queries))
+        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+            raise StreamUnavailable(str(exc) or type(exc).__name__) from None
+
+    async def entries(self, after: int, upto: int, count: int) -> list[tuple[int, Event | None]]:
+        """Entries with after < seq <= upto, oldest first (hub.Source)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                raw = await self._queries.xrange(self.key, f"({after}-0", f"{upto}-0", count=count)
+        except (RedisError, OSError) as exc:
+            raise StreamUnavailable(str(exc) or type(exc).__name__) from None
+        return self._parse(_entries(raw))
+
+    async def follow(self, hub: Hub, metrics: Metrics, *, history: int) -> None:
+        """Relay every entry to the hub, forever. Safe to cancel: nothing is half-done.
+
+        Reconnects without a bound, on purpose: while Redis is away, connected clients stay
+        connected (/healthz says 503) and get everything they missed once it is back; exiting
+        would instead drop every client at once.
+        """
+        cursor: bytes | None = None
+        failures = 0
+        while True:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    if cursor is None:
+                        cursor = await self._boot(hub, history)
+                    raw = await self._reader.xread(
+                        {self.key: cursor}, count=READ_COUNT, block=self._block_ms
+                    )
+                if failures:
+                    log.info("redis reading resumed", after_failures=failures, seq=hub.position)
+                    failures = 0
+                metrics.redis_up.set(1)
+                entries = _stream_entries(raw)
+                if entries:
+                    cursor = entries[-1][0]
+                    hub.dispatch(self._parse(entries, metrics))
+                else:
+                    async with asyncio.timeout(self._timeout):
+                        cursor = await self._check_not_reset(hub, cursor)
+            except (RedisError, OSError) as exc:
+                failures += 1
+                metrics.redis_up.set(0)
+                metrics.redis_reconnects.inc()
+                delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** min(failures, 16))
+                delay *= 0.5 + self._rng.random() / 2
+                log.warning(
+                    "redis read failed, reconnecting",
+                    error=str(exc) or type(exc).__name__,
+                    attempt=failures,
+                    retry_in=round(delay, 2),
+                    seq=hub.position,
+                )
+                await asyncio.sleep(delay)
+
+    async def _boot(self, hub: Hub, history: int) -> bytes:
+        """Start at the stream's newest entry, with recent entries in memory for resumes."""
+        last_id = await self._last_id(self._reader)
+        top = entry_seq_or_zero(last_id)
+        if hub.position is None and history and top:
+            newest = await self._reader.xrevrange(self.key, f"{top}-0", "-", count=history)
+            hub.prefill(self._parse(list(reversed(_entries(newest)))))
+        hub.start(top)
+        log.info("following the event stream", key=self.key, seq=hub.position)
+        return last_id if hub.position == top else f"{hub.position}-0".encode()
+
+    async def _check_not_reset(self, hub: Hub, cursor: bytes) -> bytes:
+        """After an idle read: if the stream was recreated below us, follow the new one."""
+        last_id = await self._last_id(self._reader)
+        top = entry_seq_or_zero(last_id)
+        if hub.position is not None and top < hub.position:
+            hub.restart_at(top)
+            return last_id
+        return cursor
+
+    async def _last_id(self, client: aioredis.Redis) -> bytes:
+        """The stream's last-generated-id ("0-0" when it does not exist)."""
+        try:
+            info = await client.xinfo_stream(self.key)
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return b"0-0"
+            raise
+        last = info["last-generated-id"]
+        return last if isinstance(last, bytes) else str(last).encode()
+
+    def _parse(
+        self, raw: Sequence[Entry], metrics: Metrics | None = None
+    ) -> list[tuple[int, Event | None]]:
+        parsed: list[tuple[int, Event | None]] = []
+        for entry_id, fields in raw:
+            try:
+                seq = entry_seq(entry_id)
+            except InvalidEntry as exc:
+                _invalid(exc, metrics)
+                continue
+            try:
+                parsed.append((seq, parse_entry(entry_id, fields)))
+            except InvalidEntry as exc:
+                _invalid(exc, metrics)
+                parsed.append((seq, None))
+        return parsed
+
+
+def _invalid(exc: InvalidEntry, metrics: Metrics | None) -> None:
+    """Log and count an entry that is skipped (only when following, not when re-reading)."""
+    if metrics is not None:
+        metrics.invalid_entries.inc()
+        log.warning("invalid stream entry skipped", entry=exc.entry_id, reason=exc.reason)
+
+
+def entry_seq_or_zero(entry_id: bytes) -> int:
+    head = entry_id.split(b"-", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def _stream_entries(raw: Any) -> list[Entry]:
+    """The entries of the one stream in an XREAD answer (RESP2 list or RESP3 dict)."""
+    if not raw:
+        return []
+    if isinstance(raw, dict):
+        return [entry for entries in raw.values() for entry in _entries(entries[0])]
+    return [entry for _, entries in raw for entry in _entries(entries)]
+
+
+def _entries(raw: Any) -> list[Entry]:
+    """(ID, fields) pairs as bytes; anything else (e.g. a deleted entry's None) is dropped."""
+    return [
+        (entry_id, fields)
+        for entry_id, fields in raw or ()
+        if isinstance(entry_id, bytes) and isinstance(fields, dict)
+    ]
+
+
+@asynccontextmanager
+async def open_stream(url: str, *, key: str, redis_timeout: float) -> AsyncIterator[EventStream]:
+    """Connect (lazily) to Redis; the clients are closed when the block exits.
+
+    No hidden retries in redis-py: follow() retries in one place and a resume that cannot
+    read the stream answers recovered=false at once.
+
+    Every call is bounded with asyncio.timeout() here rather than redis-py's socket_timeout:
+    with a socket_timeout redis-py sends through asyncio.wait_for(), which on Python 3.11 can
+    swallow a cancellation (the task then ignored SIGTERM until XREAD BLOCK returned, seen in
+    tests/broadcaster/test_resilience.py). A timed-out command leaves its connection
+    disconnected by redis-py, and the next command reconnects.
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": None,
+        "socket_connect_timeout": min(redis_timeout, 5.0),
+        "retry": Retry(NoBackoff(), 0),
+    }
+    reader = aioredis.Redis.from_url(url, single_connection_client=True, **options)
+    # Pooled connections idle between resumes; one that idled a while is checked before use.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=QUERY_CONNECTIONS,
+        timeout=redis_timeout,
+        health_check_interval=max(1, int(redis_timeout)),
+        **options,
+    )
+    queries = aioredis.Redis.from_pool(pool)
+    try:
+        yield EventStream(reader=reader, queries=queries, key=key, timeout=redis_timeout)
+    finally:
+        await reader.aclose()
+        await queries.aclose()

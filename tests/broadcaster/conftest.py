@@ -1,0 +1,58 @@
+"""Fixtures for broadcaster tests: a stream of the test's own, a producer, a running server."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from devnet.services import Redis
+from tests.broadcaster.support import EventProducer, Running, running, settings_for
+
+_streams = itertools.count()
+
+
+@pytest.fixture
+def stream_key() -> str:
+    """A Redis stream key of this test's own."""
+    return f"test:{os.getpid()}:{next(_streams)}:broadcast"
+
+
+@pytest.fixture
+async def redis_client(redis_server: Redis) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def producer(redis_client: aioredis.Redis, stream_key: str) -> EventProducer:
+    """Writes events to this test's stream exactly as the indexer does."""
+    return EventProducer(redis_client, stream_key)
+
+
+@pytest.fixture
+def start(
+    redis_server: Redis, stream_key: str
+) -> Callable[..., AbstractAsyncContextManager[Running]]:
+    """Start a broadcaster on free ports for this test's stream: `async with start(**env)`."""
+
+    def make(**overrides: Any) -> AbstractAsyncContextManager[Running]:
+        overrides.setdefault("redis_url", redis_server.url)
+        return running(settings_for(overrides.pop("redis_url"), stream_key, **overrides))
+
+    return make
+
+
+@pytest.fixture
+async def server(
+    start: Callable[..., AbstractAsyncContextManager[Running]],
+) -> AsyncIterator[Running]:
+    """A broadcaster with default settings."""
+    async with start() as instance:
+        yield instance

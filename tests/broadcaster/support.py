@@ -1,0 +1,417 @@
+"""Helpers for broadcaster tests: an event producer that writes the stream exactly as the
+indexer does, a WebSocket test client, and an in-process broadcaster on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+import redis.exceptions
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from broadcaster.service import run
+from devnet.services import free_port
+from shared.channels import channels_for
+from shared.envelope import ContractKind, EventEnvelope
+from shared.settings import BroadcasterSettings
+
+MARKET = "0x31d2bc49a6fd4a066f5f8ac61acd0e6c9105dd84"
+OTHER_MARKET = "0x70997970c51812dc3a010c7d01b50e0d17dc79c8"
+FACTORY = "0x5fbdb2315678afecb367f032d93f642f64180aa3"
+BETTOR = "0x3c44cdddb6a900fa2b585dd299e03d12fa4293bc"
+WITHIN = 5.0
+
+# Event name -> emitting contract kind, and whether the market is the emitter.
+KINDS: dict[str, ContractKind] = {
+    "BetPlaced": "market",
+    "MarketResolved": "market",
+    "WinningsClaimed": "market",
+    "MarketCreated": "factory",
+    "MarketApproved": "factory",
+    "FactoryPaused": "factory",
+}
+
+
+def envelope(
+    seq: int, name: str = "BetPlaced", *, market: str | None = MARKET, pad: int = 0
+) -> EventEnvelope:
+    """A valid envelope as the indexer builds it, unique per seq (`pad` bytes bigger)."""
+    kind = KINDS[name]
+    if name == "FactoryPaused":
+        market = None
+    contract = market if kind == "market" and market is not None else FACTORY
+    args: dict[str, Any] = {"timestamp": str(1762430400 + seq)}
+    if name == "BetPlaced":
+        args |= {"bettor": BETTOR, "outcome": "1", "outcomeName": "OUTCOME1", "amount": "1000"}
+    if name == "MarketCreated":
+        args |= {"marketAddress": market, "question": f"Will test {seq} pass?"}
+    if pad:
+        args["memo"] = "x" * pad
+    return EventEnvelope(
+        type=name,
+        seq=seq,
+        chain_id=32323,
+        contract=contract,
+        contract_kind=kind,
+        market_address=market,
+        block_number=100 + seq,
+        block_hash="0x" + f"{seq:064x}",
+        transaction_hash="0x" + f"{seq + 2**200:064x}",
+        log_index=0,
+        timestamp=1762430400 + seq,
+        args=args,
+    )
+
+
+class EventProducer:
+    """Appends events to a stream the way indexer/publisher.py does (ID <seq>-0, 3 fields)."""
+
+    def __init__(self, redis: aioredis.Redis, key: str, *, maxlen: int = 100_000) -> None:
+        self.redis = redis
+        self.key = key
+        self.maxlen = maxlen
+        self.seq = 0
+
+    async def publish(
+        self,
+        name: str = "BetPlaced",
+        *,
+        market: str | None = MARKET,
+        count: int = 1,
+        pad: int = 0,
+    ) -> list[EventEnvelope]:
+        """Append `count` events in one MULTI/EXEC; return their envelopes.
+
+        Retried like the indexer's publisher: redis-py does not retry a transaction, and the
+        first command after a Redis restart meets the old, closed connection.
+        """
+        envelopes = [envelope(self.seq + i + 1, name, market=market, pad=pad) for i in range(count)]
+        for attempt in range(50):
+            try:
+                await self._append(envelopes)
+                break
+            except redis.exceptions.ConnectionError:
+                if attempt == 49:
+                    raise
+                await asyncio.sleep(0.1)
+        self.seq += count
+        return envelopes
+
+    async def _append(self, envelopes: list[EventEnvelope]) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for env in envelopes:
+                channels = channels_for(env.type, env.contract_kind, env.market_address)
+                fields = {
+                    "seq": env.seq,
+                    "channels": " ".join(channels),
+                    "event": env.to_json_bytes(),
+                }
+                pipe.xadd(
+                    self.key,
+                    fields,  # type: ignore[arg-type]
+                    id=f"{env.seq}-0",
+                    maxlen=self.maxlen,
+                    approximate=True,
+                )
+            await pipe.execute()
+
+    async def publish_raw(self, fields: Mapping[str, Any], *, seq: int | None = None) -> int:
+        """Append an arbitrary entry (for invalid-entry tests); return its seq."""
+        self.seq = self.seq + 1 if seq is None else seq
+        await self.redis.xadd(self.key, dict(fields), id=f"{self.seq}-0")
+        return self.seq
+
+    async def trim_to(self, keep: int) -> None:
+        """Trim the stream exactly, as MAXLEN would eventually."""
+        await self.redis.xtrim(self.key, maxlen=keep, approximate=False)
+
+
+class WsClient:
+    """A real WebSocket client with helpers that wait with a timeout."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.hello: dict[str, Any] = {}
+
+    async def send(self, message: Mapping[str, Any] | str | bytes) -> None:
+        await self.ws.send(
+            message if isinstance(message, str | bytes) else orjson.dumps(message).decode()
+        )
+
+    async def recv(self, within: float = WITHIN) -> dict[str, Any]:
+        async with asyncio.timeout(within):
+            raw = await self.ws.recv()
+        message = orjson.loads(raw)
+        assert isinstance(message, dict)
+        return message
+
+    async def expect(self, kind: str, within: float = WITHIN) -> dict[str, Any]:
+        message = await self.recv(within)
+        assert message["type"] == kind, message
+        return message
+
+    async def subscribe(self, channel: str, since: int | None = None) -> dict[str, Any]:
+        """Subscribe and return the ack; events replayed before the ack are in `replayed`."""
+        body: dict[str, Any] = {"type": "subscribe", "channel": channel}
+        if since is not None:
+            body["since"] = since
+        await self.send(body)
+        replayed = []
+        while True:
+            message = await self.recv()
+            if message["type"] == "subscribed":
+                message["replayedEvents"] = replayed
+                return message
+            assert message["type"] == "event", message
+            replayed.append(message)
+
+    async def events(self, count: int, within: float = WITHIN) -> list[dict[str, Any]]:
+        got = []
+        async with asyncio.timeout(within):
+            while len(got) < count:
+                got.append(await self.expect("event", within))
+        return got
+
+    async def nothing(self, within: float = 0.3) -> None:
+        """Assert that no message arrives for a while (used only to show an absence)."""
+        with contextlib.suppress(TimeoutError):
+            message = await self.recv(within)
+            raise AssertionError(f"unexpected message: {message}")
+
+    async def closed(self, within: float = WITHIN) -> tuple[int | None, str | None]:
+        """Wait until the server closes the connection; return (code, reason)."""
+        async with asyncio.timeout(within):
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await self.ws.recv()
+        await self.ws.wait_closed()
+        rcvd = self.ws.protocol.close_rcvd
+        return (rcvd.code, rcvd.reason) if rcvd else (None, None)
+
+
+@contextlib.asynccontextmanager
+async def ws_client(url: str, **kwargs: Any) -> AsyncIterator[WsClient]:
+    async with connect(url, open_timeout=WITHIN, **kwargs) as ws:
+        client = WsClient(ws)
+        client.hello = await client.expect("connected")
+        yield client
+
+
+@dataclass
+class Running:
+    """A broadcaster running in this process."""
+
+    settings: BroadcasterSettings
+    task: asyncio.Task[None]
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.settings.ws_port}{self.settings.ws_path}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.settings.broadcaster_http_port}"
+
+    @property
+    def public_http(self) -> str:
+        return f"http://127.0.0.1:{self.settings.ws_port}"
+
+    async def get(self, path: str, base: str | None = None) -> tuple[int, bytes]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get((base or self.http) + path) as resp,
+        ):
+            return resp.status, await resp.read()
+
+    async def health(self) -> dict[str, Any]:
+        _, body = await self.get("/healthz")
+        result = orjson.loads(body)
+        assert isinstance(result, dict)
+        return result
+
+    async def wait_health(self, within: float = WITHIN, **expected: object) -> dict[str, Any]:
+        """Wait until /healthz reports every expected key/value."""
+        async with asyncio.timeout(within):
+            while True:
+                with contextlib.suppress(aiohttp.ClientError):
+                    body = await self.health()
+                    if all(body.get(k) == v for k, v in expected.items()):
+                        return body
+                await asyncio.sleep(0.02)
+
+    async def metric(self, name: str) -> float:
+        """The sum of a Prometheus metric's samples (all label sets)."""
+        _, body = await self.get("/metrics")
+        total = 0.0
+        for line in body.decode().splitlines():
+            if line.startswith(name) and line[len(name)] in " {":
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+def settings_for(redis_url: str, stream_key: str, **overrides: Any) -> BroadcasterSettings:
+    values: dict[str, Any] = {
+        "REDIS_URL": redis_url,
+        "REDIS_STREAM_KEY": stream_key,
+        "WS_PORT": free_port(),
+        "BROADCASTER_HTTP_PORT": free_port(),
+        "LOG_LEVEL": "WARNING",
+        "BROADCASTER_REDIS_TIMEOUT": 2.0,
+    }
+    values.update({key.upper(): value for key, value in overrides.items()})
+    return BroadcasterSettings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@contextlib.asynccontextmanager
+async def running(settings: BroadcasterSettings) -> AsyncIterator[Running]:
+    """Run the broadcaster until the block exits; wait until it follows the stream."""
+    task = asyncio.create_task(run(settings), name="broadcaster-under-test")
+    instance = Running(settings, task)
+    try:
+        async with asyncio.timeout(WITHIN):
+            while True:
+                if task.done():
+                    task.result()
+                    raise AssertionError("broadcaster stopped during start-up")
+                with contextlib.suppress(aiohttp.ClientError):
+                    if (await instance.health()).get("seq") is not None:
+                        break
+                await asyncio.sleep(0.02)
+        yield instance
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class RawClient:
+    """A hand-written WebSocket client for what real clients will not do: ignore pings, stop
+    reading, send raw bytes. Its receive buffers are tiny so that not reading pushes back."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int, path: str = "/ws", *, rcvbuf: int | None = None) -> RawClient:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        async with asyncio.timeout(WITHIN):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(reader, writer)
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        """Send one final, masked frame (clients must mask)."""
+        mask = os.urandom(4)
+        length = len(payload)
+        if length < 126:
+            header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+        elif length < 65536:
+            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+        else:
+            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.writer.write(header + mask + masked)
+
+    async def read_frame(self) -> tuple[int, bytes]:
+        head = await self.reader.readexactly(2)
+        length = head[1] & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", await self.reader.readexactly(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", await self.reader.readexactly(8))[0]
+        return head[0] & 0x0F, await self.reader.readexactly(length)
+
+    async def until_close(self, within: float = WITHIN) -> tuple[int, str, list[bytes]]:
+        """Read everything up to the server's close frame; return (code, reason, text frames)."""
+        texts: list[bytes] = []
+        async with asyncio.timeout(within):
+            while True:
+                opcode, payload = await self.read_frame()
+                if opcode == 0x8:
+                    code = struct.unpack("!H", payload[:2])[0] if payload else 1005
+                    return code, payload[2:].decode(), texts
+                if opcode == 0x1:
+                    texts.append(payload)
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+class TcpProxy:
+    """Forwards a local port to a target; freeze() silences the open connections without
+    closing them, as a dead network path (a half-open socket) would."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._links: list[dict[str, bool]] = []
+        self._writers: list[asyncio.StreamWriter] = []
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        for pipe in list(self._pipes):
+            pipe.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+        await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def freeze(self) -> None:
+        for link in self._links:
+            link["frozen"] = True
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        link = {"frozen": False}
+        self._links.append(link)
+        self._writers += [writer, up_writer]
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            pipe = asyncio.create_task(self._pipe(source, sink, link))
+            self._pipes.add(pipe)
+            pipe.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _pipe(
+        source: asyncio.StreamReader, sink: asyncio.StreamWriter, link: dict[str, bool]
+    ) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await source.read(65536):
+                if not link["frozen"]:
+                    sink.write(data)

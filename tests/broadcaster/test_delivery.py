@@ -1,0 +1,194 @@
+"""Routing to clients: exact channels and patterns, once per connection, in seq order."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from websockets.asyncio.client import unix_connect
+from websockets.exceptions import InvalidStatus
+
+from shared.channels import channels_for
+from tests.broadcaster.support import (
+    MARKET,
+    OTHER_MARKET,
+    EventProducer,
+    Running,
+    WsClient,
+    envelope,
+    ws_client,
+)
+
+Start = Callable[..., AbstractAsyncContextManager[Running]]
+
+
+async def test_pattern_routing(server: Running, producer: EventProducer) -> None:
+    """Each client gets exactly the events its channel or pattern matches, on that channel."""
+    subscriptions = {
+        "all": "events:*",
+        "bets": "events:bet_placed",
+        "market": "market:" + MARKET,
+        "market-prefix": "market:0x31d2*",
+        "glob": "events:*_placed",
+        "everything": "*",
+        "other-market": "market:" + OTHER_MARKET,
+        "approvals": "events:proposal_approved",
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {}
+        for name, channel in subscriptions.items():
+            clients[name] = await stack.enter_async_context(ws_client(server.url))
+            await clients[name].subscribe(channel)
+        await producer.publish("BetPlaced", market=MARKET)  # 1
+        await producer.publish("MarketCreated", market=OTHER_MARKET)  # 2
+        await producer.publish("FactoryPaused")  # 3
+        await producer.publish("MarketApproved", market=MARKET)  # 4
+        expected = {
+            "all": [(1, "events:bet_placed"), (2, "events:market_created"),
+                    (3, "events:factory_paused"), (4, "events:market_approved")],
+            "bets": [(1, "events:bet_placed")],
+            "market": [(1, "market:" + MARKET), (4, "market:" + MARKET)],
+            "market-prefix": [(1, "market:" + MARKET), (4, "market:" + MARKET)],
+            "glob": [(1, "events:bet_placed")],
+            "everything": [(1, "events:bet_placed"), (2, "events:market_created"),
+                           (3, "events:factory_paused"), (4, "events:market_approved")],
+            "other-market": [(2, "market:" + OTHER_MARKET)],
+            "approvals": [(4, "events:proposal_approved")],
+        }  # fmt: skip
+        for name, wanted in expected.items():
+            got = await clients[name].events(len(wanted))
+            assert [(e["seq"], e["channel"]) for e in got] == wanted, name
+            await clients[name].nothing(0.05)
+
+
+async def test_each_event_once_per_connection(server: Running, producer: EventProducer) -> None:
+    """Overlapping subscriptions deliver each event once, on the first matching channel."""
+    async with ws_client(server.url) as client:
+        for channel in ("market:" + MARKET, "events:*", "*", "events:bet_placed", "market:0x3*"):
+            await client.subscribe(channel)
+        await producer.publish(count=3)
+        events = await client.events(3)
+        assert [e["seq"] for e in events] == [1, 2, 3]
+        assert {e["channel"] for e in events} == {"events:bet_placed"}
+        await client.send({"type": "ping"})
+        await client.expect("pong")
+
+
+async def test_republication_is_not_delivered_twice(
+    server: Running, producer: EventProducer, redis_client: aioredis.Redis
+) -> None:
+    """The indexer's retries (Pub/Sub again, the same stream ID refused) reach no one twice."""
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        [env] = await producer.publish()
+        for _ in range(3):  # what a retrying indexer does after a crash
+            for channel in channels_for(env.type, env.contract_kind, env.market_address):
+                await redis_client.publish(channel, env.to_json_bytes())
+        await producer.publish()
+        assert [e["seq"] for e in await client.events(2)] == [1, 2]
+        await client.nothing(0.1)
+
+
+async def test_market_addresses_match_case_insensitively(
+    server: Running, producer: EventProducer
+) -> None:
+    """Checksummed or upper-case addresses, exact or as a pattern, match lowercase channels."""
+    async with ws_client(server.url) as exact, ws_client(server.url) as prefix:
+        await exact.subscribe("market:0x31D2bc49A6Fd4a066f5F8aC61ACD0e6C9105Dd84")
+        await prefix.subscribe("MARKET:0X31D2*".replace("MARKET", "market"))
+        await producer.publish(market=MARKET)
+        assert (await exact.events(1))[0]["channel"] == "market:" + MARKET
+        assert (await prefix.events(1))[0]["channel"] == "market:" + MARKET
+
+
+async def test_event_message_carries_the_envelope(server: Running, producer: EventProducer) -> None:
+    """Events arrive as {type, channel, seq, data: envelope, timestamp}, as the frontend reads."""
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:market_created")
+        [env] = await producer.publish("MarketCreated", market=MARKET)
+        [message] = await client.events(1)
+    assert set(message) == {"type", "channel", "seq", "data", "timestamp"}
+    assert message["data"] == orjson.loads(env.to_json_bytes())
+    data = message["data"]
+    assert data["type"] == "MarketCreated"
+    assert data["marketAddress"] == MARKET
+    assert data["transactionHash"] == env.transaction_hash
+    assert data["blockNumber"] == env.block_number
+    assert data["timestamp"].endswith("Z")
+    assert data["data"]["question"] == "Will test 1 pass?"
+    assert message["seq"] == data["seq"] == 1
+
+
+async def test_invalid_entries_are_skipped(server: Running, producer: EventProducer) -> None:
+    """Entries that are not valid events are counted and skipped; the stream goes on."""
+    good = envelope(1).to_json_bytes()
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        await producer.publish_raw({"seq": 1, "channels": "events:bet_placed"})
+        await producer.publish_raw({"seq": 2, "channels": "events:bet_placed", "event": b"{"})
+        await producer.publish_raw({"seq": 4, "channels": "events:bet_placed", "event": good})
+        await producer.publish_raw(
+            {"seq": 4, "channels": "events:*", "event": envelope(4).to_json_bytes()}
+        )
+        await producer.publish()  # seq 5, valid
+        [event] = await client.events(1)
+        assert event["seq"] == 5
+        await client.nothing(0.05)
+    assert await server.metric("kektech_broadcaster_invalid_entries_total") == 4
+
+
+async def test_instances_side_by_side(start: Start, producer: EventProducer) -> None:
+    """Two instances on their own ports serve the same stream with no coordination."""
+    async with start() as one, start() as two, ws_client(one.url) as a, ws_client(two.url) as b:
+        await a.subscribe("events:*")
+        await b.subscribe("events:*")
+        await producer.publish(count=5)
+        assert [e["seq"] for e in await a.events(5)] == [1, 2, 3, 4, 5]
+        assert [e["seq"] for e in await b.events(5)] == [1, 2, 3, 4, 5]
+
+
+async def test_instances_share_a_port_with_reuseport(start: Start, producer: EventProducer) -> None:
+    """With WS_REUSE_PORT two instances listen on one port and the kernel spreads clients."""
+    async with (
+        start(ws_reuse_port=True) as one,
+        start(ws_reuse_port=True, ws_port=one.settings.ws_port) as two,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        clients = [await stack.enter_async_context(ws_client(one.url)) for _ in range(24)]
+        for client in clients:
+            await client.subscribe("events:*")
+        await producer.publish()
+        for client in clients:
+            assert [e["seq"] for e in await client.events(1)] == [1]
+        counts = [(await s.health())["connections"] for s in (one, two)]
+    assert sum(counts) == 24
+    assert min(counts) > 0
+
+
+async def test_unix_socket_for_a_local_proxy(
+    start: Start, producer: EventProducer, tmp_path: Path
+) -> None:
+    """With WS_UNIX_SOCKET, clients reach the broadcaster through the socket file (as Nginx
+    would), and X-Forwarded-For is believed there for the per-IP limit."""
+    path = str(tmp_path / "ws.sock")
+    async with start(ws_unix_socket=path, ws_max_connections_per_ip=1) as server:
+        headers = {"X-Forwarded-For": "203.0.113.5"}
+        async with unix_connect(path, "ws://localhost/ws", additional_headers=headers) as ws:
+            client = WsClient(ws)
+            await client.expect("connected")
+            await client.subscribe("events:*")
+            await producer.publish()
+            assert [e["seq"] for e in await client.events(1)] == [1]
+            with pytest.raises(InvalidStatus) as caught:
+                async with unix_connect(path, "ws://localhost/ws", additional_headers=headers):
+                    pass
+            assert caught.value.response.status_code == 429
+            other = {"X-Forwarded-For": "203.0.113.6"}
+            async with unix_connect(path, "ws://localhost/ws", additional_headers=other):
+                pass
+        assert (await server.health())["redis"] == "up"

@@ -1,0 +1,86 @@
+"""Stream entries are validated before relaying; history answers resumes from memory."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from broadcaster.errors import InvalidEntry
+from broadcaster.events import History, entry_seq, parse_entry
+from shared.channels import channels_for
+from tests.broadcaster.support import MARKET, envelope
+
+
+def fields(number: int, **changes: bytes) -> dict[bytes, bytes]:
+    seq = number
+    env = envelope(seq)
+    channels = " ".join(channels_for(env.type, env.contract_kind, env.market_address))
+    base = {
+        b"seq": str(seq).encode(),
+        b"channels": channels.encode(),
+        b"event": env.to_json_bytes(),
+    }
+    base.update({key.encode(): value for key, value in changes.items()})
+    return base
+
+
+def test_valid_entry() -> None:
+    """A well-formed entry becomes an Event with its channels and untouched envelope bytes."""
+    entry = fields(3)
+    event = parse_entry(b"3-0", entry)
+    assert event.seq == 3
+    assert event.channels == ("events:bet_placed", "market:" + MARKET)
+    assert event.envelope == entry[b"event"]
+    frame = event.frame("events:bet_placed", 99)
+    assert event.frame("events:bet_placed", 100) is frame  # encoded once
+
+
+def test_channels_field_is_optional() -> None:
+    """Without a channels field the channels are derived from the envelope."""
+    entry = fields(3)
+    del entry[b"channels"]
+    assert parse_entry(b"3-0", entry).channels == ("events:bet_placed", "market:" + MARKET)
+
+
+@pytest.mark.parametrize(
+    ("entry_id", "entry"),
+    [
+        (b"3-1", fields(3)),
+        (b"x-0", fields(3)),
+        (b"0-0", fields(0 + 1)),
+        (b"3-0", fields(3, seq=b"4")),
+        (b"3-0", {b"seq": b"3", b"channels": b"events:bet_placed"}),
+        (b"3-0", fields(3, event=b"{not json")),
+        (b"3-0", fields(3, event=orjson.dumps({"type": "BetPlaced"}))),
+        (b"4-0", {**fields(3), b"seq": b"4"}),
+        (b"3-0", fields(3, channels=b"events:*")),
+        (b"3-0", fields(3, channels=b"nonsense")),
+    ],
+)
+def test_invalid_entries(entry_id: bytes, entry: dict[bytes, bytes]) -> None:
+    """Bad IDs, mismatched seqs, invalid envelopes and bad channels are refused."""
+    with pytest.raises(InvalidEntry):
+        parse_entry(entry_id, entry)
+
+
+def test_entry_seq() -> None:
+    """Entry IDs are <seq>-0."""
+    assert entry_seq(b"12-0") == 12
+    with pytest.raises(InvalidEntry):
+        entry_seq("12")
+
+
+def test_history_keeps_a_consecutive_run() -> None:
+    """History covers a consecutive range and starts over after a gap."""
+    history = History(3)
+    for seq in (1, 2, 3, 4):
+        history.append(seq, None)
+    assert history.covers(1, 4)
+    assert not history.covers(0, 4)
+    assert [seq for seq, _ in history.between(2, 4)] == [3, 4]
+    assert history.covers(4, 4)
+    history.append(6, None)
+    assert len(history) == 1
+    assert not history.covers(4, 6)
+    assert history.covers(5, 6)
+    assert not History(0).covers(0, 1)

@@ -1,0 +1,72 @@
+"""Property-based fuzzing of what clients send: the server never crashes or misbehaves."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosed
+
+from tests.broadcaster.support import MARKET, EventProducer, Running, ws_client
+
+# Close codes a client may legitimately earn by what it sends (docs/broadcaster.md).
+EARNED = {1003, 1007, 1008, 1009}
+
+channels = st.one_of(
+    st.sampled_from(["events:*", "*", "market:" + MARKET, "market:0x3*", "events:bet_?laced"]),
+    st.text(max_size=140),
+    st.integers(),
+    st.none(),
+    st.lists(st.text(max_size=5), max_size=3),
+)
+since = st.one_of(st.none(), st.integers(min_value=-5, max_value=2**70), st.text(max_size=5))
+json_messages = st.fixed_dictionaries(
+    {
+        "type": st.one_of(
+            st.sampled_from(["subscribe", "unsubscribe", "ping"]), st.text(max_size=12)
+        )
+    },
+    optional={"channel": channels, "since": since, "extra": st.text(max_size=20)},
+).map(lambda body: ("text", json.dumps(body)))  # json: integers past 64 bits too
+frames = st.one_of(
+    json_messages,
+    st.text(max_size=300).map(lambda text: ("text", text)),
+    st.binary(max_size=64).map(lambda data: ("binary", data)),
+    st.integers(min_value=16_000, max_value=20_000).map(lambda size: ("text", "x" * size)),
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(batch=st.lists(frames, min_size=1, max_size=6))
+async def test_fuzzed_client_input_never_breaks_the_server(
+    server: Running, batch: list[tuple[str, str | bytes]]
+) -> None:
+    """Whatever a client sends, it gets answers or a documented close code; the server lives."""
+    code = None
+    async with ws_client(server.url) as client:
+        try:
+            for kind, data in batch:
+                await client.ws.send(data if kind == "text" else bytes(data))
+            await client.send({"type": "ping"})
+            while (await client.recv())["type"] != "pong":
+                pass
+        except ConnectionClosed as closed:
+            code = closed.rcvd.code if closed.rcvd is not None else None
+    assert code is None or code in EARNED
+    assert (await server.health())["redis"] == "up"
+
+
+async def test_server_serves_after_fuzzing(server: Running, producer: EventProducer) -> None:
+    """After hostile clients came and went, a normal client subscribes and gets events."""
+    async with ws_client(server.url) as hostile:
+        await hostile.send("\x00" * 100)
+        await hostile.expect("error")
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        await producer.publish()
+        assert len(await client.events(1)) == 1

@@ -1,0 +1,280 @@
+"""The client protocol, message by message, with every error path and close code."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import orjson
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from tests.broadcaster.support import (
+    MARKET,
+    EventProducer,
+    RawClient,
+    Running,
+    ws_client,
+)
+
+Start = Callable[..., AbstractAsyncContextManager[Running]]
+
+
+async def test_greeting(server: Running) -> None:
+    """A client is greeted with connected, its clientId, a millisecond timestamp and the seq."""
+    async with ws_client(server.url) as client:
+        hello = client.hello
+    assert hello["type"] == "connected"
+    assert isinstance(hello["clientId"], str)
+    assert hello["clientId"]
+    assert abs(hello["timestamp"] - time.time() * 1000) < 5000
+    assert hello["seq"] == 0
+
+
+async def test_subscribe_unsubscribe_and_ping(server: Running, producer: EventProducer) -> None:
+    """subscribe/unsubscribe are acked with channel and timestamp; ping gets pong."""
+    async with ws_client(server.url) as client:
+        ack = await client.subscribe("events:*")
+        assert ack["channel"] == "events:*"
+        assert isinstance(ack["timestamp"], int)
+        assert "recovered" not in ack
+        await client.send({"type": "ping"})
+        assert isinstance((await client.expect("pong"))["timestamp"], int)
+        await producer.publish()
+        assert (await client.events(1))[0]["seq"] == 1
+        await client.send({"type": "unsubscribe", "channel": "events:*"})
+        ack = await client.expect("unsubscribed")
+        assert ack["channel"] == "events:*"
+        assert isinstance(ack["timestamp"], int)
+        await producer.publish()
+        await client.send({"type": "ping"})
+        await client.expect("pong")  # and no event before it
+        # Unsubscribing what is not subscribed is acknowledged too.
+        await client.send({"type": "unsubscribe", "channel": "events:never"})
+        await client.expect("unsubscribed")
+
+
+async def test_market_channel_is_normalized(server: Running) -> None:
+    """A market subscription is acknowledged in lowercase, however it was written."""
+    async with ws_client(server.url) as client:
+        ack = await client.subscribe("market:" + MARKET.upper().replace("0X", "0x"))
+    assert ack["channel"] == "market:" + MARKET
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ("{oops", "invalid_json"),
+        ("[]", "invalid_message"),
+        ('{"channel":"events:*"}', "invalid_message"),
+        ('{"type":"hello"}', "unknown_type"),
+        ('{"type":"subscribe","channel":"foo"}', "invalid_channel"),
+        ('{"type":"subscribe","channel":"events:BetPlaced"}', "invalid_channel"),
+        ('{"type":"subscribe","channel":"market:0xzz"}', "invalid_channel"),
+        ('{"type":"subscribe","channel":"events:' + "x" * 200 + '"}', "invalid_channel"),
+        ('{"type":"subscribe","channel":"events:*","since":-5}', "invalid_since"),
+    ],
+)
+async def test_errors_are_answered_and_the_connection_stays(
+    server: Running, message: str, code: str
+) -> None:
+    """Invalid JSON, unknown types, invalid or too-long channels get an error, not a close."""
+    async with ws_client(server.url) as client:
+        await client.send(message)
+        error = await client.expect("error")
+        assert error["code"] == code
+        assert isinstance(error["message"], str)
+        assert error["message"]
+        await client.send({"type": "ping"})
+        await client.expect("pong")
+
+
+async def test_too_many_subscriptions(start: Start) -> None:
+    """Past WS_MAX_SUBSCRIPTIONS a subscribe is refused; renewing one is still fine."""
+    async with start(ws_max_subscriptions=2) as server, ws_client(server.url) as client:
+        await client.subscribe("events:bet_placed")
+        await client.subscribe("market:" + MARKET)
+        await client.send({"type": "subscribe", "channel": "events:*"})
+        error = await client.expect("error")
+        assert error["code"] == "too_many_subscriptions"
+        assert error["channel"] == "events:*"
+        await client.subscribe("events:bet_placed")
+        await client.send({"type": "unsubscribe", "channel": "events:bet_placed"})
+        await client.expect("unsubscribed")
+        await client.subscribe("events:*")
+
+
+async def test_distinct_wildcard_patterns_are_capped(start: Start) -> None:
+    """Globs other than a trailing * are limited server-wide; prefix patterns are not."""
+    async with (
+        start(ws_max_glob_patterns=1) as server,
+        ws_client(server.url) as a,
+        ws_client(server.url) as b,
+    ):
+        await a.subscribe("events:*_placed")
+        await b.subscribe("events:*_placed")  # the same pattern costs nothing more
+        await b.send({"type": "subscribe", "channel": "events:market_?reated"})
+        assert (await b.expect("error"))["code"] == "too_many_patterns"
+        await b.subscribe("market:0x31*")
+
+
+async def test_repeated_invalid_messages_close_with_1008(server: Running) -> None:
+    """After a burst of invalid messages the server closes with 1008 (policy violation)."""
+    async with ws_client(server.url) as client:
+        for _ in range(11):
+            await client.send("not json")
+        errors = [await client.expect("error") for _ in range(11)]
+        assert {error["code"] for error in errors} == {"invalid_json"}
+        assert await client.closed() == (1008, "too many invalid messages")
+
+
+async def test_flooding_closes_with_1008(start: Start) -> None:
+    """A client that sends faster than WS_RATE_LIMIT gets errors, then a 1008 close."""
+    async with (
+        start(ws_rate_limit=5, ws_max_subscriptions=5) as server,
+        ws_client(server.url) as client,
+    ):
+        for _ in range(40):
+            await client.send({"type": "ping"})
+        code, reason = await client.closed()
+    assert (code, reason) == (1008, "message rate limit exceeded")
+
+
+async def test_flood_answers_pongs_then_rate_limited_errors(start: Start) -> None:
+    """Within the burst every ping is answered; past it, rate_limited errors."""
+    async with (
+        start(ws_rate_limit=5, ws_max_subscriptions=5) as server,
+        ws_client(server.url) as client,
+    ):
+        for _ in range(12):
+            await client.send({"type": "ping"})
+        replies = [await client.recv() for _ in range(12)]
+    assert [r["type"] for r in replies[:10]] == ["pong"] * 10
+    assert [r.get("code") for r in replies[10:]] == ["rate_limited"] * 2
+
+
+async def test_binary_frame_closes_with_1003(server: Running) -> None:
+    """Binary frames are not part of the protocol: close 1003 (unsupported data)."""
+    async with ws_client(server.url) as client:
+        await client.send(b'{"type":"ping"}')
+        assert (await client.closed())[0] == 1003
+
+
+async def test_oversized_frame_closes_with_1009(start: Start) -> None:
+    """A message over WS_MAX_MESSAGE_BYTES closes the connection with 1009 (too big)."""
+    async with start(ws_max_message_bytes=1024) as server, ws_client(server.url) as client:
+        await client.send('{"type":"ping","pad":"' + "x" * 2000 + '"}')
+        assert (await client.closed())[0] == 1009
+
+
+async def test_invalid_utf8_closes_with_1007(server: Running) -> None:
+    """A text frame that is not UTF-8 closes the connection with 1007 (invalid data)."""
+    raw = await RawClient.open(server.settings.ws_port)
+    try:
+        await raw.read_frame()  # connected
+        raw.send_frame(0x1, b'{"type":"\xff"}')
+        code, _, _ = await raw.until_close()
+    finally:
+        raw.close()
+    assert code == 1007
+
+
+async def test_other_clients_are_unaffected_by_a_misbehaving_one(
+    server: Running, producer: EventProducer
+) -> None:
+    """While one client is closed for abuse, another keeps receiving events."""
+    async with ws_client(server.url) as good, ws_client(server.url) as bad:
+        await good.subscribe("events:*")
+        await bad.send(b"\x00\x01")
+        assert (await bad.closed())[0] == 1003
+        await producer.publish()
+        assert len(await good.events(1)) == 1
+
+
+async def test_wrong_path_is_404(server: Running) -> None:
+    """Only WS_PATH upgrades; other paths are 404."""
+    with pytest.raises(InvalidStatus) as caught:
+        async with ws_client(f"ws://127.0.0.1:{server.settings.ws_port}/other"):
+            pass
+    assert caught.value.response.status_code == 404
+
+
+async def test_origin_allowlist(start: Start) -> None:
+    """With WS_ALLOWED_ORIGINS set, other browser origins get 403; listed ones connect."""
+    async with start(ws_allowed_origins="https://kektech.xyz") as server:
+        with pytest.raises(InvalidStatus) as caught:
+            async with ws_client(server.url, origin="https://evil.example"):
+                pass
+        assert caught.value.response.status_code == 403
+        async with ws_client(server.url, origin="https://kektech.xyz") as client:
+            assert client.hello["type"] == "connected"
+        async with ws_client(server.url) as client:  # no Origin: not a browser
+            assert client.hello["type"] == "connected"
+
+
+async def test_connections_per_ip(start: Start) -> None:
+    """Per real client IP (X-Forwarded-For from the trusted local proxy) the limit holds."""
+    async with start(ws_max_connections_per_ip=2) as server:
+
+        def via(ip: str) -> dict[str, Any]:
+            return {"additional_headers": {"X-Forwarded-For": ip}}
+
+        async with (
+            ws_client(server.url, **via("203.0.113.7")),
+            ws_client(server.url, **via("203.0.113.7")),
+        ):
+            with pytest.raises(InvalidStatus) as caught:
+                async with ws_client(server.url, **via("203.0.113.7")):
+                    pass
+            assert caught.value.response.status_code == 429
+            async with ws_client(server.url, **via("198.51.100.1")) as other:
+                assert other.hello["type"] == "connected"
+        # The slots are free again once those connections are gone.
+        async with ws_client(server.url, **via("203.0.113.7")) as again:
+            assert again.hello["type"] == "connected"
+
+
+async def test_forwarded_for_is_ignored_from_untrusted_peers(start: Start) -> None:
+    """With no trusted proxy, X-Forwarded-For cannot dodge the per-IP limit."""
+    async with start(ws_max_connections_per_ip=1, ws_trusted_proxies="") as server:
+        headers = {"additional_headers": {"X-Forwarded-For": "203.0.113.8"}}
+        async with ws_client(server.url):
+            with pytest.raises(InvalidStatus) as caught:
+                async with ws_client(server.url, **headers):
+                    pass
+    assert caught.value.response.status_code == 429
+
+
+async def test_health_and_metrics_on_both_ports(server: Running, producer: EventProducer) -> None:
+    """/healthz (JSON) and /metrics (Prometheus) answer on the ops port and the WebSocket port."""
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        await producer.publish()
+        await client.events(1)
+        for base in (server.http, server.public_http):
+            status, body = await server.get("/healthz", base)
+            assert status == 200
+            health = orjson.loads(body)
+            assert health["redis"] == "up"
+            assert health["seq"] == 1
+            assert health["streamSeq"] == 1
+            assert health["behind"] == 0
+            assert health["connections"] == 1
+            assert health["subscriptions"] == 1
+            assert health["lastEventAgeSeconds"] is not None
+            status, body = await server.get("/metrics", base)
+            assert status == 200
+            text = body.decode()
+            for name in (
+                "kektech_broadcaster_connections 1.0",
+                "kektech_broadcaster_subscriptions 1.0",
+                "kektech_broadcaster_deliveries_total 1.0",
+                "kektech_broadcaster_event_lag_seconds_bucket",
+                "kektech_broadcaster_replay_events_bucket",
+                "kektech_broadcaster_slow_consumer_closes_total",
+            ):
+                assert name in text
+        status, _ = await server.get("/nothing")
+        assert status == 404

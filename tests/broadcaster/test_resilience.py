@@ -1,0 +1,231 @@
+"""Failures: Redis restarts and half-open sockets, slow and silent clients, gaps, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from devnet.services import REPO_ROOT, Redis, free_port
+from tests.broadcaster.support import (
+    EventProducer,
+    RawClient,
+    Running,
+    TcpProxy,
+    envelope,
+    ws_client,
+)
+
+Start = Callable[..., AbstractAsyncContextManager[Running]]
+
+
+async def test_redis_restart_mid_stream(
+    server: Running, producer: EventProducer, redis_server: Redis
+) -> None:
+    """Clients stay connected across a Redis restart and get every event once, in order."""
+    async with ws_client(server.url) as a, ws_client(server.url) as b:
+        await a.subscribe("events:*")
+        await b.subscribe("events:*")
+        await producer.publish(count=5)
+        redis_server.stop()
+        await server.wait_health(redis="down")
+        redis_server.start()
+        await producer.publish(count=5)  # the producer's client reconnects by itself
+        for client in (a, b):
+            assert [e["seq"] for e in await client.events(10, within=10)] == list(range(1, 11))
+        await server.wait_health(redis="up", seq=10)
+    assert await server.metric("kektech_broadcaster_redis_reconnects_total") >= 1
+
+
+async def test_half_open_redis_socket_is_detected(
+    start: Start, producer: EventProducer, redis_server: Redis
+) -> None:
+    """When the Redis connection goes silent without closing, the reader times out, reconnects
+    and catches up: nothing is lost."""
+    async with (
+        TcpProxy(redis_server.port) as proxy,
+        start(redis_url=proxy.url, broadcaster_redis_timeout=1.0) as server,
+        ws_client(server.url) as client,
+    ):
+        await client.subscribe("events:*")
+        await producer.publish(count=2)
+        assert [e["seq"] for e in await client.events(2)] == [1, 2]
+        proxy.freeze()
+        await producer.publish(count=3)
+        events = await client.events(3, within=10)
+        assert [e["seq"] for e in events] == [3, 4, 5]
+
+
+async def test_slow_consumer_is_cut_off_and_others_keep_their_latency(
+    start: Start, producer: EventProducer
+) -> None:
+    """A client that stops reading is closed with 4008 past its buffer limit; a reading
+    client gets every event promptly meanwhile."""
+    async with start(ws_send_buffer_bytes=65536) as server:
+        slow = await RawClient.open(server.settings.ws_port, rcvbuf=4096)
+        try:
+            await slow.read_frame()  # connected
+            slow.send_frame(0x1, b'{"type":"subscribe","channel":"events:*"}')
+            await slow.read_frame()  # subscribed; from now on it reads nothing
+            async with ws_client(server.url) as fast:
+                await fast.subscribe("events:*")
+                sent: dict[int, float] = {}
+                latencies: list[float] = []
+
+                async def receive() -> None:
+                    for _ in range(300):
+                        event = await fast.expect("event")
+                        latencies.append(time.perf_counter() - sent[event["seq"]])
+
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(receive())
+                    for _ in range(30):
+                        now = time.perf_counter()
+                        for seq in range(producer.seq + 1, producer.seq + 11):
+                            sent[seq] = now
+                        await producer.publish(count=10, pad=8192)
+                        await asyncio.sleep(0.005)
+            code, reason, texts = await slow.until_close(within=10)
+        finally:
+            slow.close()
+        slow_closes = await server.metric("kektech_broadcaster_slow_consumer_closes_total")
+    assert code == 4008
+    assert "since" in reason
+    assert 0 < len(texts) < 300
+    latencies.sort()
+    assert latencies[int(len(latencies) * 0.99)] < 0.25
+    assert slow_closes == 1
+
+
+async def test_unresponsive_client_is_closed_by_the_heartbeat(start: Start) -> None:
+    """A client that never answers pings is closed (1011); a live one stays connected."""
+    async with start(ws_heartbeat_interval=0.2, ws_heartbeat_timeout=0.2) as server:
+        silent = await RawClient.open(server.settings.ws_port)
+        try:
+            async with ws_client(server.url) as alive:
+                code, reason, _ = await silent.until_close(within=5)
+                await alive.send({"type": "ping"})
+                await alive.expect("pong")
+        finally:
+            silent.close()
+    assert code == 1011
+    assert "ping" in reason
+
+
+async def test_stream_gap_closes_subscribers_with_4009(
+    server: Running, producer: EventProducer
+) -> None:
+    """Missing seqs (trimmed before they were read) close subscribers with 4009; their
+    resume then reports recovered=false. Clients without subscriptions stay."""
+    async with ws_client(server.url) as subscriber, ws_client(server.url) as idle:
+        await subscriber.subscribe("events:*")
+        await producer.publish(count=3)
+        await subscriber.events(3)
+        await producer.publish_raw(
+            {"seq": 10, "channels": "events:bet_placed", "event": envelope(10).to_json_bytes()},
+            seq=10,
+        )
+        assert (await subscriber.closed())[0] == 4009
+        await idle.send({"type": "ping"})
+        await idle.expect("pong")
+    async with ws_client(server.url) as again:
+        ack = await again.subscribe("events:*", since=3)
+        assert ack["recovered"] is False
+        assert [e["seq"] for e in ack["replayedEvents"]] == [10]
+    assert await server.metric("kektech_broadcaster_stream_gap_entries_total") == 6
+
+
+async def test_recreated_stream_is_followed_again(
+    server: Running, producer: EventProducer, redis_client: aioredis.Redis
+) -> None:
+    """If the stream is deleted and restarts at seq 1, subscribers get 4009 and the new
+    stream is relayed."""
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        await producer.publish(count=5)
+        await client.events(5)
+        await redis_client.delete(producer.key)
+        producer.seq = 0
+        await producer.publish(count=2)
+        assert (await client.closed(within=10))[0] == 4009
+    await server.wait_health(seq=2)
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        await producer.publish()
+        assert [e["seq"] for e in await client.events(1)] == [3]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_graceful_stop(
+    redis_server: Redis, stream_key: str, sig: signal.Signals, tmp_path: Path
+) -> None:
+    """On SIGTERM/SIGINT `python -m broadcaster` closes clients with 1012 and exits 0 within
+    PM2's kill timeout (1.6 s)."""
+    port, ops = free_port(), free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "REDIS_URL": redis_server.url,
+        "REDIS_STREAM_KEY": stream_key,
+        "WS_PORT": str(port),
+        "BROADCASTER_HTTP_PORT": str(ops),
+        "LOG_FORMAT": "json",
+    }
+    log_path = tmp_path / "broadcaster.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "broadcaster",
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        async with asyncio.timeout(15):
+            while True:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with (
+                        aiohttp.ClientSession() as session,
+                        session.get(f"http://127.0.0.1:{ops}/healthz") as resp,
+                    ):
+                        if resp.status == 200:
+                            break
+                assert proc.returncode is None, log_path.read_text()
+                await asyncio.sleep(0.05)
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(ws_client(f"ws://127.0.0.1:{port}/ws"))
+                for _ in range(3)
+            ]
+            for client in clients:
+                await client.subscribe("events:*")
+            started = time.monotonic()
+            proc.send_signal(sig)
+            codes = [await client.closed() for client in clients]
+            async with asyncio.timeout(5):
+                await proc.wait()
+            elapsed = time.monotonic() - started
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    output = log_path.read_text()
+    assert proc.returncode == 0, output
+    assert elapsed < 1.6
+    assert {code for code, _ in codes} == {1012}
+    lines = [orjson.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert any(line["event"] == "stopped by signal" for line in lines)

@@ -1,0 +1,199 @@
+"""Resume: subscribe with since replays what was missed, then continues live, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from tests.broadcaster.support import (
+    MARKET,
+    OTHER_MARKET,
+    EventProducer,
+    Running,
+    WsClient,
+    ws_client,
+)
+
+Start = Callable[..., AbstractAsyncContextManager[Running]]
+
+
+async def test_resume_from_memory(server: Running, producer: EventProducer) -> None:
+    """Events after since are replayed in order before the ack (recovered), then live."""
+    await producer.publish(count=10)
+    await server.wait_health(seq=10)
+    async with ws_client(server.url) as client:
+        ack = await client.subscribe("events:*", since=4)
+        assert [e["seq"] for e in ack["replayedEvents"]] == [5, 6, 7, 8, 9, 10]
+        assert ack["recovered"] is True
+        assert ack["replayed"] == 6
+        assert ack["seq"] == 10
+        await producer.publish()
+        assert [e["seq"] for e in await client.events(1)] == [11]
+
+
+async def test_resume_from_redis(start: Start, producer: EventProducer) -> None:
+    """Without history in memory the replay is read from the stream (XRANGE), same result."""
+    async with start(ws_history_size=0) as server:
+        await producer.publish(count=700)  # more than one XRANGE page
+        await server.wait_health(seq=700)
+        async with ws_client(server.url) as client:
+            ack = await client.subscribe("events:*", since=3)
+            assert [e["seq"] for e in ack["replayedEvents"]] == list(range(4, 701))
+            assert ack["recovered"] is True
+
+
+async def test_history_read_at_boot(start: Start, producer: EventProducer) -> None:
+    """A restarted broadcaster answers resumes for events published before it started."""
+    await producer.publish(count=5)
+    async with start() as server, ws_client(server.url) as client:
+        ack = await client.subscribe("events:*", since=2)
+        assert [e["seq"] for e in ack["replayedEvents"]] == [3, 4, 5]
+        assert ack["recovered"] is True
+
+
+async def test_resume_replays_only_matching_events(
+    server: Running, producer: EventProducer
+) -> None:
+    """A resumed market subscription replays that market's events only."""
+    for market in (MARKET, OTHER_MARKET, MARKET, OTHER_MARKET):
+        await producer.publish(market=market)
+    await server.wait_health(seq=4)
+    async with ws_client(server.url) as client:
+        ack = await client.subscribe("market:" + OTHER_MARKET, since=0)
+        assert [e["seq"] for e in ack["replayedEvents"]] == [2, 4]
+        assert {e["channel"] for e in ack["replayedEvents"]} == {"market:" + OTHER_MARKET}
+        assert ack["recovered"] is True
+
+
+async def test_resume_with_trimmed_history(start: Start, producer: EventProducer) -> None:
+    """When the stream no longer reaches back to since, the rest is replayed, recovered=false."""
+    await producer.publish(count=20)
+    await producer.trim_to(5)
+    async with start(ws_history_size=0) as server, ws_client(server.url) as client:
+        ack = await client.subscribe("events:*", since=3)
+        assert [e["seq"] for e in ack["replayedEvents"]] == [16, 17, 18, 19, 20]
+        assert ack["recovered"] is False
+        ack = await client.subscribe("events:*", since=15)  # renewing reaches back no further
+        assert ack["recovered"] is True
+        assert ack["replayed"] == 0
+
+
+async def test_resume_beyond_the_replay_limit(start: Start, producer: EventProducer) -> None:
+    """A since older than WS_REPLAY_LIMIT events is a miss: nothing replayed, recovered=false."""
+    await producer.publish(count=10)
+    async with start(ws_replay_limit=5) as server, ws_client(server.url) as client:
+        ack = await client.subscribe("events:*", since=2)
+        assert ack["recovered"] is False
+        assert ack["replayedEvents"] == []
+        await producer.publish()
+        assert [e["seq"] for e in await client.events(1)] == [11]
+
+
+async def test_resume_at_the_head_and_beyond(server: Running, producer: EventProducer) -> None:
+    """since = the newest seq replays nothing (recovered); a since never published is a miss."""
+    await producer.publish(count=3)
+    await server.wait_health(seq=3)
+    async with ws_client(server.url) as client:
+        ack = await client.subscribe("events:*", since=3)
+        assert ack["recovered"] is True
+        assert ack["replayed"] == 0
+    async with ws_client(server.url) as client:
+        ack = await client.subscribe("events:*", since=1000)
+        assert ack["recovered"] is False
+        assert ack["replayed"] == 0
+        await producer.publish()
+        assert [e["seq"] for e in await client.events(1)] == [4]
+
+
+async def test_reconnect_and_resume(server: Running, producer: EventProducer) -> None:
+    """A client that reconnects with the last seq it saw gets exactly what it missed."""
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        await producer.publish(count=3)
+        last = (await client.events(3))[-1]["seq"]
+    await producer.publish(count=4)
+    async with ws_client(server.url) as client:
+        ack = await client.subscribe("events:*", since=last)
+        assert [e["seq"] for e in ack["replayedEvents"]] == [4, 5, 6, 7]
+        await producer.publish()
+        assert [e["seq"] for e in await client.events(1)] == [8]
+
+
+async def test_resume_next_to_a_live_subscription(server: Running, producer: EventProducer) -> None:
+    """A resume skips what an existing subscription already delivered: nothing twice."""
+    async with ws_client(server.url) as client:
+        await client.subscribe("market:" + MARKET)
+        for market in (MARKET, OTHER_MARKET, MARKET, OTHER_MARKET):
+            await producer.publish(market=market)
+        assert [e["seq"] for e in await client.events(2)] == [1, 3]
+        ack = await client.subscribe("events:*", since=0)
+        assert [e["seq"] for e in ack["replayedEvents"]] == [2, 4]
+        await producer.publish(market=OTHER_MARKET)
+        await producer.publish(market=MARKET)
+        live = await client.events(2)
+        assert [(e["seq"], e["channel"]) for e in live] == [
+            (5, "events:bet_placed"),
+            (6, "events:bet_placed"),
+        ]
+
+
+async def test_no_gap_no_duplicate_under_concurrent_publishing(
+    start: Start, producer: EventProducer
+) -> None:
+    """Clients resuming at random points while events pour in get every event once, in order."""
+    rng = random.Random(7)
+    total = 600
+    async with start() as memory, start(ws_history_size=0) as redis_only:
+        done = asyncio.Event()
+        markets: dict[int, str | None] = {}
+
+        async def publish() -> None:
+            while producer.seq < total:
+                market = rng.choice((MARKET, OTHER_MARKET))
+                count = min(rng.randint(1, 4), total - producer.seq)
+                for env in await producer.publish(market=market, count=count):
+                    markets[env.seq or 0] = env.market_address
+                await asyncio.sleep(0.002)
+            done.set()
+
+        async def follow(server: Running, channel: str, since: int) -> tuple[list[int], Any]:
+            async with ws_client(server.url) as client:
+                ack = await client.subscribe(channel, since=since)
+                seqs = [e["seq"] for e in ack["replayedEvents"]]
+                await collect(client, seqs)
+                return seqs, ack
+
+        async def collect(client: WsClient, seqs: list[int]) -> None:
+            """Gather live events until the producer is done and the flow has stopped."""
+            while True:
+                try:
+                    event = await client.expect("event", within=0.5)
+                except TimeoutError:
+                    if done.is_set():
+                        return
+                    continue
+                seqs.append(event["seq"])
+
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(publish())
+            followers = []
+            for i in range(24):
+                await asyncio.sleep(rng.uniform(0.0, 0.05))
+                server = memory if i % 2 else redis_only
+                channel = "events:*" if i % 3 else "market:" + MARKET
+                since = rng.randint(0, producer.seq)
+                followers.append(
+                    (channel, since, tasks.create_task(follow(server, channel, since)))
+                )
+    for channel, since, task in followers:
+        seqs, ack = task.result()
+        wanted = [
+            seq
+            for seq in range(since + 1, total + 1)
+            if channel == "events:*" or markets.get(seq) == MARKET
+        ]
+        assert ack["recovered"] is True
+        assert seqs == wanted, (channel, since)
