@@ -2,8 +2,8 @@
 # Install everything the project needs on a Debian/Ubuntu machine. Idempotent: a second run
 # only checks. System packages (apt) are installed only when missing.
 #   - apt: redis-server, nginx, postgresql (server binaries), pgbouncer, nodejs + npm,
-#     python3 venv
-#   - npm: the tools pinned in package-lock.json (anvil, solc)
+#     python3 venv, openssl (throwaway TLS certificates in the Nginx tests)
+#   - npm: the tools pinned in package-lock.json (anvil, solc, pm2)
 #   - Python: .venv from uv.lock (uv itself pinned below)
 set -euo pipefail
 
@@ -54,6 +54,7 @@ compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgres
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
 fi
