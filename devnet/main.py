@@ -9,10 +9,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from devnet.chain import Deployment, DevChain, deploy
 from devnet.driver import ActivityDriver
-from devnet.services import LocalServices, ServiceError, local_services
+from devnet.services import LocalServices, ServiceError, free_port, local_services
 
 STOP_GRACE = 10.0
 
@@ -21,7 +22,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m devnet",
         description="Start local Postgres, Redis and anvil, deploy the KEKTECH test contracts, "
-        "run the indexer against them and generate activity until Ctrl-C.",
+        "run the indexer and the broadcaster against them and generate activity until Ctrl-C.",
     )
     parser.add_argument("--seed", type=int, default=1, help="RNG seed of the activity (default 1)")
     parser.add_argument(
@@ -34,7 +35,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--chain-only",
         action="store_true",
-        help="only the local services and the chain activity, without the indexer",
+        help="only the local services and the chain activity, without the indexer and broadcaster",
+    )
+    parser.add_argument(
+        "--ws-port",
+        type=int,
+        default=None,
+        help="port of the broadcaster's WebSocket server (default: a free port)",
     )
     return parser.parse_args(argv)
 
@@ -46,12 +53,15 @@ def start_service(module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
-def stop_service(process: subprocess.Popen[bytes]) -> None:
-    """Stop a service the way PM2 does: SIGINT, then SIGKILL after a grace period."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+def stop_services(processes: list[subprocess.Popen[bytes]]) -> None:
+    """Stop services the way PM2 does: SIGINT to all, then SIGKILL after a grace period."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + STOP_GRACE
+    for process in processes:
         try:
-            process.wait(STOP_GRACE)
+            process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -71,13 +81,24 @@ async def simulate(services: LocalServices, args: argparse.Namespace) -> None:
             "DATABASE_URL": services.postgres.url,
             "REDIS_URL": services.redis.url,
             "RPC_PROVIDER_URL": services.anvil.rpc_url,
+            "INDEXER_HTTP_PORT": str(free_port()),
+            "WS_PORT": str(args.ws_port or free_port()),
+            "BROADCASTER_HTTP_PORT": str(free_port()),
             **deployment.as_env(),
         }
-        indexer = start_service("indexer", env)
+        print(
+            "services:\n"
+            f"  indexer health and metrics: http://127.0.0.1:{env['INDEXER_HTTP_PORT']}/ready\n"
+            f"  WebSocket: ws://127.0.0.1:{env['WS_PORT']}/ws "
+            '(send {"type":"subscribe","channel":"events:*"})\n'
+            f"  broadcaster health and metrics: http://127.0.0.1:{env['BROADCASTER_HTTP_PORT']}/healthz",
+            file=sys.stderr,
+        )
+        processes = [start_service("indexer", env), start_service("broadcaster", env)]
         try:
             await drive(chain, deployment, args)
         finally:
-            stop_service(indexer)
+            stop_services(processes)
 
 
 async def drive(chain: DevChain, deployment: Deployment, args: argparse.Namespace) -> None:
