@@ -25,6 +25,9 @@ from indexer.store import OutboxRow, Store
 log = structlog.get_logger()
 
 BATCH_SIZE = 1000
+# The bound of one publish call (a half-open socket never answers). Applied here with
+# asyncio.timeout rather than redis-py's socket_timeout, which goes through asyncio.wait_for.
+REDIS_CALL_TIMEOUT = 5.0
 IDLE_POLL = 1.0  # outbox rows may also come from another process (backfill, reindex)
 BACKOFF_BASE = 0.2
 BACKOFF_MAX = 5.0
@@ -106,12 +109,16 @@ class Publisher:
                 if loop.time() >= next_prune:
                     await self._store.prune_outbox(self._outbox_keep)
                     next_prune = loop.time() + PRUNE_EVERY
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation
+                # that arrives in the same loop turn as the wake-up, and the stop is lost.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), IDLE_POLL)
+                    async with asyncio.timeout(IDLE_POLL):
+                        await self._wake.wait()
                 continue
             try:
-                await self._publish(rows)
-            except RedisError as exc:
+                async with asyncio.timeout(REDIS_CALL_TIMEOUT):
+                    await self._publish(rows)
+            except (RedisError, TimeoutError) as exc:
                 failures += 1
                 last_seq = await self._store.last_seq()
                 self._metrics.publish_backlog.set(max(0, last_seq - self._published))
@@ -120,7 +127,7 @@ class Publisher:
                 delay *= 0.5 + self._rng.random() / 2
                 log.warning(
                     "redis publish failed, will retry",
-                    error=str(exc),
+                    error=str(exc) or type(exc).__name__,
                     backlog=last_seq - self._published,
                     retry_in=round(delay, 2),
                 )

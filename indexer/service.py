@@ -82,10 +82,13 @@ async def acquire_lease(store: Store, *, owner: str, ttl: float, wait: bool = Tr
 
 @asynccontextmanager
 async def redis_client(url: str) -> AsyncIterator[aioredis.Redis]:
-    """A Redis client without hidden retries: the publisher retries in one place."""
+    """A Redis client without hidden retries: the publisher retries in one place.
+
+    No socket_timeout: redis-py applies it with asyncio.wait_for, which on Python 3.11 can
+    swallow a cancellation (a lost stop signal); the publisher bounds each call itself.
+    """
     client = aioredis.Redis.from_url(
         url,
-        socket_timeout=REDIS_TIMEOUT,
         socket_connect_timeout=REDIS_TIMEOUT,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=10,
@@ -224,7 +227,8 @@ async def run(settings: IndexerSettings) -> None:
             metrics.leader.set(0)
             # Also after cancellation: a clean stop hands the lease over at once.
             try:
-                await asyncio.wait_for(store.release_lease(lease), RELEASE_TIMEOUT)
+                async with asyncio.timeout(RELEASE_TIMEOUT):
+                    await store.release_lease(lease)
             except (StoreError, TimeoutError) as exc:
                 log.warning(
                     "could not release the write lease; it expires by itself", error=str(exc)
