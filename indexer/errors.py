@@ -110,7 +110,7 @@ class ChainIdMismatch(RpcError):  # noqa: N818
 
 
 class LeaseLost(IndexerError):  # noqa: N818
-    """Another instance holds the write lease now; this one must stop writing."""
+    """The write lease expired or another instance holds it now; this one must stop writing."""
 
     owner: str
 
@@ -119,7 +119,10 @@ class LeaseLost(IndexerError):  # noqa: N818
         super().__init__(owner)
 
     def __str__(self) -> str:
-        return f"write lease lost by {self.owner}: another indexer took over"
+        return (
+            f"write lease lost by {self.owner}: it expired (not renewed within LEASE_TTL)"
+            " or another indexer took over"
+        )
 
 
 class ReorgTooDeep(IndexerError):  # noqa: N818

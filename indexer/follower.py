@@ -236,8 +236,14 @@ class Follower:
         assert self._state is not None
         if last > self._state.block_number:
             raise ValueError(f"block {last} is above the cursor {self._state.block_number}")
-        batch = await self._prepare_deep(first, last, move_cursor=False)
-        return await self._save(batch)
+        # Range by range like catch-up: memory stays bounded and every commit renews the lease.
+        stored = 0
+        start = first
+        while start <= last:
+            end = self._batch_end(start, last)
+            stored += await self._save(await self._prepare_deep(start, end, move_cursor=False))
+            start = end + 1
+        return stored
 
     async def _catch_up(self, deep_end: int) -> None:
         """Index final ranges up to `deep_end`, fetching the next range while one commits.

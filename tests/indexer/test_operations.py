@@ -20,6 +20,7 @@ from tests.indexer.conftest import (
     wait_for_stream,
 )
 from tests.support.indexer_process import IndexerProcess
+from tests.support.rpc_proxy import RpcFaultProxy
 from tests.support.waiting import eventually
 
 
@@ -193,3 +194,48 @@ async def test_works_through_a_transaction_pooler(
         )
     assert_gap_free(entries)
     assert any(envelope["removed"] for _, envelope in entries)
+
+
+async def test_a_backfill_longer_than_the_lease_ttl_completes(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """backfill commits range by range, renewing the write lease, however long the range."""
+    driver = ActivityDriver(dev_chain, deployment, seed=67, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=20)
+    head = await dev_chain.block_number()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(head)
+    conn = await asyncpg.connect(database_url)
+    try:
+        deleted = await conn.fetchval(
+            "WITH gone AS (DELETE FROM events WHERE event_name = 'BetPlaced' RETURNING 1)"
+            " SELECT count(*) FROM gone"
+        )
+    finally:
+        await conn.close()
+    assert deleted > 0
+    # Every RPC answer takes 0.3 s and getLogs spans 2 blocks: the whole range takes several
+    # times the 2 s lease to fetch.
+    async with RpcFaultProxy(
+        dev_chain.rpc_url, seed=5, rates={"timeout": 1.0}, timeout_delay=0.3
+    ) as proxy:
+        command = make_indexer(
+            "backfill",
+            "--from",
+            "0",
+            "--to",
+            str(head),
+            RPC_PROVIDER_URL=proxy.url,
+            LEASE_TTL="2",
+            LOGS_RANGE_MAX="2",
+            LOGS_RANGE_INITIAL="2",
+        )
+        command.start()
+        code = await command.wait_exit(within=90)
+    assert code == 0, command.log_text()[-3000:]
+    assert f"{deleted} missing events stored" in command.log_text()
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
