@@ -32,6 +32,9 @@ IDLE_POLL = 1.0  # outbox rows may also come from another process (backfill, rei
 BACKOFF_BASE = 0.2
 BACKOFF_MAX = 5.0
 PRUNE_EVERY = 60.0
+# Rows deleted per pruning statement: the publisher prunes while idle, one chunk per idle
+# turn, so a large backlog of published rows never holds up the next publication for long.
+PRUNE_CHUNK = 5000
 # KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate). Then per event: seq, channels, envelope.
 PUBLISH_SCRIPT = """
 local key = KEYS[1]
@@ -72,6 +75,8 @@ class Publisher:
         stream_maxlen: int,
         outbox_keep: int,
         metrics: Metrics,
+        prune_every: float = PRUNE_EVERY,
+        prune_chunk: int = PRUNE_CHUNK,
     ) -> None:
         self._redis = redis
         self._store = store
@@ -79,6 +84,8 @@ class Publisher:
         self._maxlen = stream_maxlen
         self._outbox_keep = outbox_keep
         self._metrics = metrics
+        self._prune_every = prune_every
+        self._prune_chunk = prune_chunk
         self._wake = asyncio.Event()
         self._published = 0
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
@@ -98,7 +105,7 @@ class Publisher:
         after Redis acknowledged a whole batch."""
         self._published = await self._store.published_seq()
         loop = asyncio.get_running_loop()
-        next_prune = loop.time() + PRUNE_EVERY
+        next_prune = loop.time() + self._prune_every
         failures = 0
         while True:
             # Cleared before looking, so a commit landing during the query still wakes us.
@@ -107,8 +114,10 @@ class Publisher:
             if not rows:
                 self._metrics.publish_backlog.set(0)
                 if loop.time() >= next_prune:
-                    await self._store.prune_outbox(self._outbox_keep)
-                    next_prune = loop.time() + PRUNE_EVERY
+                    pruned = await self._store.prune_outbox(self._outbox_keep, self._prune_chunk)
+                    if pruned == self._prune_chunk:
+                        continue  # more to prune: at the next idle turn, after new rows if any
+                    next_prune = loop.time() + self._prune_every
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation
                 # that arrives in the same loop turn as the wake-up, and the stop is lost.
                 with contextlib.suppress(TimeoutError):

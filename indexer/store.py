@@ -544,11 +544,14 @@ class Store:
             seq,
         )
 
-    async def prune_outbox(self, keep: int) -> int:
-        """Delete published outbox rows, keeping the newest `keep` of them for inspection."""
+    async def prune_outbox(self, keep: int, limit: int) -> int:
+        """Delete up to `limit` of the oldest published outbox rows, keeping the newest `keep`."""
         result = await self._pool.execute(
-            "DELETE FROM outbox WHERE seq <= (SELECT published_seq FROM publisher_state) - $1",
+            "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox"
+            " WHERE seq <= (SELECT published_seq FROM publisher_state) - $1"
+            " ORDER BY seq LIMIT $2)",
             keep,
+            limit,
         )
         return int(result.split()[-1])
 

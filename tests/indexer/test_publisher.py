@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
@@ -13,6 +14,7 @@ from indexer.metrics import Metrics
 from indexer.publisher import Publisher
 from indexer.service import redis_client
 from indexer.store import Store
+from tests.support.waiting import eventually
 
 IDLE_SETTLE = 0.2  # the publisher reaches its idle wait within a few ms on an empty outbox
 
@@ -50,3 +52,58 @@ async def test_a_stop_that_coincides_with_a_wake_up_still_stops_the_publisher(
         await asyncio.wait([task], timeout=5)
     assert done, "the publisher kept running after being cancelled"
     assert task.cancelled()
+
+
+async def test_published_rows_are_pruned_in_chunks_down_to_outbox_keep(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+) -> None:
+    """Once published, the outbox shrinks to OUTBOX_KEEP rows, a bounded chunk per statement."""
+    store, redis = publisher_parts
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.executemany(
+            "INSERT INTO outbox (seq, event_id, channels, payload) VALUES ($1, $2, $3, $4)",
+            [
+                (seq, f"32323:0xtx:{seq}", "events:test", b'{"type":"Test","seq":%d}' % seq)
+                for seq in range(1, 26)
+            ],
+        )
+    finally:
+        await conn.close()
+    deletes: list[int] = []
+    original = store.prune_outbox
+
+    async def counting_prune(keep: int, limit: int) -> int:
+        deleted = await original(keep, limit)
+        deletes.append(deleted)
+        return deleted
+
+    store.prune_outbox = counting_prune  # type: ignore[method-assign]
+    publisher = Publisher(
+        redis=redis,
+        store=store,
+        stream_key="kektech:test-prune",
+        stream_maxlen=1000,
+        outbox_keep=5,
+        metrics=Metrics(),
+        prune_every=0.0,
+        prune_chunk=8,
+    )
+    task = asyncio.create_task(publisher.publish_forever(), name="publish-outbox")
+    try:
+        await eventually(lambda: remaining(database_url, 5), within=10, what="pruning to 5")
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+    assert await redis.xlen("kektech:test-prune") == 25, "every row reached Redis first"
+    assert max(deletes) <= 8
+    assert sum(deletes) == 20
+
+
+async def remaining(database_url: str, rows: int) -> bool:
+    conn = await asyncpg.connect(database_url)
+    try:
+        seqs = [r["seq"] for r in await conn.fetch("SELECT seq FROM outbox ORDER BY seq")]
+    finally:
+        await conn.close()
+    return seqs == list(range(26 - rows, 26))
