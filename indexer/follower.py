@@ -297,30 +297,47 @@ class Follower:
         for parent, child in itertools.pairwise(fetched):
             if child.parent_hash != parent.hash:
                 raise ReorgDuringFetch(f"block {child.number} does not extend {parent.number}")
-        gathered = await self._gather(first, last)
+        # By block hash at the tip: a backend behind the head must not answer "no logs".
+        gathered = await self._gather(first, last, tip=fetched)
         headers = {h.number: h for h in fetched}
         await self._save(self._batch(gathered, headers, stored_headers=fetched, cursor=fetched[-1]))
 
-    async def _gather(self, first: int, last: int) -> _Range:
-        """Every tracked log of the range, children created inside it included."""
+    async def _gather(
+        self, first: int, last: int, *, tip: Sequence[BlockHeader] | None = None
+    ) -> _Range:
+        """Every tracked log of the range, children created inside it included.
+
+        `tip`: the range's headers, to ask for logs by block hash rather than by range.
+        """
         gathered = _Range()
         addresses = [*self._static, *self._children]
-        gathered.logs = await self._fetch(first, last, addresses)
+        gathered.logs = await self._fetch(first, last, addresses, tip=tip)
         pending = self._new_children(gathered.logs, gathered.children)
         while pending:
             # A child's logs start in its creation block, before the factory's announcement.
             since = min(pending.values())
-            more = await self._fetch(since, last, list(pending))
+            more = await self._fetch(since, last, list(pending), tip=tip)
             gathered.logs += [lg for lg in more if lg.block_number >= pending[lg.address]]
             pending = {}  # factories are static: children never create children
         gathered.logs.sort(key=lambda lg: (lg.block_number, lg.log_index))
         return gathered
 
-    async def _fetch(self, first: int, last: int, addresses: Sequence[str]) -> list[RawLog]:
+    async def _fetch(
+        self,
+        first: int,
+        last: int,
+        addresses: Sequence[str],
+        *,
+        tip: Sequence[BlockHeader] | None = None,
+    ) -> list[RawLog]:
         step = self._config.max_addresses
         chunks = [addresses[i : i + step] for i in range(0, len(addresses), step)]
         logs: list[RawLog] = []
         for chunk in chunks:
+            if tip is not None:
+                blocks = [h for h in tip if first <= h.number <= last]
+                logs += await self._rpc.get_logs_at(blocks, addresses=chunk)
+                continue
             logs += await fetch_logs(
                 self._rpc, self._sizer, from_block=first, to_block=last, addresses=chunk
             )

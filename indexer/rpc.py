@@ -165,6 +165,21 @@ class RpcClient:
         )
         return parse_logs(result, query)
 
+    async def get_logs_at(
+        self, headers: Sequence[BlockHeader], *, addresses: Sequence[str]
+    ) -> list[RawLog]:
+        """Return the logs of the given blocks, asked by block hash, in JSON-RPC batches.
+
+        Unlike a range, a block hash cannot be answered with an empty list by a node that has
+        not seen the block: it answers "unknown block", which is retried. Used at the tip.
+        """
+        queries = [LogQuery.at_block(header, addresses) for header in headers]
+        results = await self.request_batch(wire.GET_LOGS, [q.params() for q in queries])
+        logs: list[RawLog] = []
+        for result, query in zip(results, queries, strict=True):
+            logs += parse_logs(result, query)
+        return logs
+
     async def request(self, method: str, params: Sequence[object] = ()) -> object:
         """Call any JSON-RPC method and return its unchecked result."""
         return await self._call(method, list(params))

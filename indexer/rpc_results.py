@@ -11,7 +11,7 @@ import itertools
 import operator
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from indexer.errors import BlockNotFound, RpcResponseError
 from indexer.rpc_wire import GET_LOGS, parse_quantity
@@ -64,6 +64,9 @@ class LogQuery:
     to_block: int
     addresses: frozenset[str]
     topics: tuple[frozenset[str] | None, ...]
+    # Set: one block by its hash. A node that lacks the block then answers "unknown block"
+    # instead of an empty list, so a backend lagging behind cannot hide logs.
+    block_hash: str | None = None
 
     @classmethod
     def build(
@@ -84,13 +87,22 @@ class LogQuery:
             tuple(_topic_set(t) for t in topics or ()),
         )
 
+    @classmethod
+    def at_block(
+        cls, header: BlockHeader, addresses: Sequence[str], topics: TopicFilter | None = None
+    ) -> LogQuery:
+        """A query for the logs of one block, named by its hash."""
+        query = cls.build(header.number, header.number, addresses, topics)
+        return replace(query, block_hash=header.hash)
+
     def params(self) -> list[object]:
         """Return the eth_getLogs parameters of this query."""
-        filter_: dict[str, object] = {
-            "fromBlock": hex(self.from_block),
-            "toBlock": hex(self.to_block),
-            "address": sorted(self.addresses),
-        }
+        filter_: dict[str, object] = (
+            {"blockHash": self.block_hash}
+            if self.block_hash is not None
+            else {"fromBlock": hex(self.from_block), "toBlock": hex(self.to_block)}
+        )
+        filter_["address"] = sorted(self.addresses)
         if self.topics:
             filter_["topics"] = [None if t is None else sorted(t) for t in self.topics]
         return [filter_]
@@ -166,6 +178,8 @@ def _log(item: object, query: LogQuery, hashes: dict[str, str]) -> RawLog:
             f"log in block {log.block_number}, outside {query.from_block}..{query.to_block}",
             GET_LOGS,
         )
+    if query.block_hash is not None and log.block_hash != query.block_hash:
+        raise RpcResponseError(None, f"log of block {log.block_hash}, not the one asked", GET_LOGS)
     for position, allowed in enumerate(query.topics):
         if allowed is not None and (
             position >= len(log.topics) or log.topics[position] not in allowed

@@ -222,7 +222,11 @@ async def test_rpc_faults_cause_no_loss_and_no_duplicates(
     async with RpcFaultProxy(anvil.rpc_url, seed=7, rates=rates, max_range=7, max_results=60,
                              retry_after=0.05, timeout_delay=3.0) as proxy:  # fmt: skip
         overrides = {"RPC_PROVIDER_URL": proxy.url, "RPC_TIMEOUT": "1", "RPC_MAX_RETRIES": "30",
-                     "LOGS_RANGE_INITIAL": "50", "LOGS_RANGE_MAX": "200"}  # fmt: skip
+                     "LOGS_RANGE_INITIAL": "50", "LOGS_RANGE_MAX": "200",
+                     "REORG_WINDOW": "8"}  # fmt: skip
+        # A short window: catch-up asks by ranges (range errors), the tip by block hashes.
+        # Each kind of fault once for sure (between faithful answers), then at random.
+        proxy.schedule(*[fault for kind in rates for fault in (kind, None)])
         with make_indexer(**overrides) as indexer:
             busy = asyncio.create_task(driver.run(blocks=20, block_interval=0.1))
             await busy
@@ -235,3 +239,30 @@ async def test_rpc_faults_cause_no_loss_and_no_duplicates(
     assert all(injected.get(kind, 0) > 0 for kind in rates), injected
     assert injected["range"] > 0, injected
     assert injected["results"] > 0, injected
+
+
+async def test_a_node_lagging_behind_the_head_loses_no_event_at_the_tip(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """Live blocks whose logs one backend has not seen yet are fetched again, not skipped."""
+    driver = ActivityDriver(dev_chain, deployment, seed=52, txs_per_block=4)
+    await driver.cover_all_events()
+    async with RpcFaultProxy(
+        anvil.rpc_url, seed=9, rates={"lagging": 0.5}, fault_methods={"eth_getLogs"}
+    ) as proxy:
+        overrides = {"RPC_PROVIDER_URL": proxy.url, "RPC_MAX_RETRIES": "30"}
+        with make_indexer(**overrides) as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+            await driver.run(blocks=25, block_interval=0.15)
+            entries = await caught_up(
+                indexer, dev_chain, redis_client, stream_key, database_url, deployment
+            )
+        lagged = proxy.injected["lagging"]
+    assert lagged > 0
+    assert_gap_free(entries)

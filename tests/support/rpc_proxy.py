@@ -13,6 +13,9 @@ per fault kind (their sum at most 1):
     timeout         the faithful answer, but only after `timeout_delay` seconds
     drop            the connection is closed without an answer
     invalid_json    HTTP 200 with a truncated body that is not JSON
+    lagging         eth_getLogs answered by a node one block behind the others, as behind a load
+                    balancer: a range query silently lacks the newest block's logs, a blockHash
+                    query for the newest block fails with "unknown block" (other calls faithful)
 
 Random faults hit only requests that call one of `fault_methods` (None: every method).
 
@@ -59,6 +62,7 @@ FAULT_KINDS = (
     "timeout",
     "drop",
     "invalid_json",
+    "lagging",
 )
 RATE_LIMIT_ERRORS = (
     (-32005, "limit exceeded"),
@@ -184,6 +188,8 @@ class RpcFaultProxy:
                 return web.Response()
             if fault == "timeout":
                 await asyncio.sleep(self.timeout_delay)
+            elif fault == "lagging":
+                return _json(await self._lagging(calls, batch))
             else:
                 return self._fault_response(fault, calls, batch)
         if not batch and self._too_wide(payload):
@@ -240,6 +246,34 @@ class RpcFaultProxy:
         return _json(
             [refused.get(id(c)) or self._limit_results(c, by_id.get(c.get("id"))) for c in calls]
         )
+
+    async def _lagging(self, calls: list[dict[str, Any]], batch: bool) -> object:
+        """Answer as a node that has not seen the newest block yet (its logs, at least)."""
+        head = int(str(await self._upstream_call("eth_blockNumber", [])), 16)
+        answers = []
+        for call in calls:
+            answer = orjson.loads((await self._upstream_post(orjson.dumps(call)))[1])
+            params = call.get("params")
+            filter_ = params[0] if isinstance(params, list) and params else None
+            if call.get("method") == "eth_getLogs" and isinstance(filter_, dict):
+                if "blockHash" in filter_:
+                    block = await self._upstream_call(
+                        "eth_getBlockByHash", [filter_["blockHash"], False]
+                    )
+                    if isinstance(block, dict) and int(block["number"], 16) >= head:
+                        answer = _error(call.get("id"), -32000, "unknown block")
+                elif isinstance(answer.get("result"), list):
+                    answer["result"] = [
+                        lg for lg in answer["result"] if int(lg["blockNumber"], 16) < head
+                    ]
+            answers.append(answer)
+        return answers if batch else answers[0]
+
+    async def _upstream_call(self, method: str, params: list[object]) -> object:
+        _, raw = await self._upstream_post(
+            orjson.dumps({"jsonrpc": "2.0", "id": 0, "method": method, "params": params})
+        )
+        return orjson.loads(raw).get("result")
 
     async def _upstream_post(self, body: bytes) -> tuple[int, bytes]:
         assert self._upstream is not None
