@@ -35,6 +35,9 @@ PRUNE_EVERY = 60.0
 # Rows deleted per pruning statement: the publisher prunes while idle, one chunk per idle
 # turn, so a large backlog of published rows never holds up the next publication for long.
 PRUNE_CHUNK = 5000
+# While idle, Redis is pinged this often so that kektech_indexer_redis_up means "Redis
+# answers" at all times, not only when there is something to publish.
+PING_EVERY = 5.0
 # KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate). Then per event: seq, channels, envelope.
 PUBLISH_SCRIPT = """
 local key = KEYS[1]
@@ -77,6 +80,7 @@ class Publisher:
         metrics: Metrics,
         prune_every: float = PRUNE_EVERY,
         prune_chunk: int = PRUNE_CHUNK,
+        ping_every: float = PING_EVERY,
     ) -> None:
         self._redis = redis
         self._store = store
@@ -86,6 +90,7 @@ class Publisher:
         self._metrics = metrics
         self._prune_every = prune_every
         self._prune_chunk = prune_chunk
+        self._ping_every = ping_every
         self._wake = asyncio.Event()
         self._published = 0
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
@@ -106,6 +111,7 @@ class Publisher:
         self._published = await self._store.published_seq()
         loop = asyncio.get_running_loop()
         next_prune = loop.time() + self._prune_every
+        next_ping = loop.time()
         failures = 0
         while True:
             # Cleared before looking, so a commit landing during the query still wakes us.
@@ -113,6 +119,9 @@ class Publisher:
             rows = await self._store.outbox_after(self._published, BATCH_SIZE)
             if not rows:
                 self._metrics.publish_backlog.set(0)
+                if loop.time() >= next_ping:
+                    await self._ping()
+                    next_ping = loop.time() + self._ping_every
                 if loop.time() >= next_prune:
                     pruned = await self._store.prune_outbox(self._outbox_keep, self._prune_chunk)
                     if pruned == self._prune_chunk:
@@ -152,6 +161,16 @@ class Publisher:
             if len(rows) == BATCH_SIZE:  # still draining: worth a query to show how much is left
                 last_seq = await self._store.last_seq()
                 self._metrics.publish_backlog.set(max(0, last_seq - self._published))
+
+    async def _ping(self) -> None:
+        """Record whether Redis answers; publishing retries on its own, so no raise here."""
+        try:
+            async with asyncio.timeout(REDIS_CALL_TIMEOUT):
+                await self._redis.ping()
+        except (RedisError, TimeoutError):
+            self._metrics.redis_up.set(0)
+        else:
+            self._metrics.redis_up.set(1)
 
     async def _publish(self, rows: list[OutboxRow]) -> None:
         args: list[bytes | str | int] = [self._maxlen]

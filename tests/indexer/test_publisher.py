@@ -107,3 +107,39 @@ async def remaining(database_url: str, rows: int) -> bool:
     finally:
         await conn.close()
     return seqs == list(range(26 - rows, 26))
+
+
+async def test_redis_up_reports_redis_while_idle(
+    publisher_parts: tuple[Store, aioredis.Redis], redis_server: Redis
+) -> None:
+    """With nothing to publish, kektech_indexer_redis_up still follows whether Redis answers."""
+    store, redis = publisher_parts
+    metrics = Metrics()
+    publisher = Publisher(
+        redis=redis,
+        store=store,
+        stream_key="kektech:test-redis-up",
+        stream_maxlen=1000,
+        outbox_keep=100,
+        metrics=metrics,
+        ping_every=0.2,
+    )
+
+    def redis_up() -> float | None:
+        return metrics.registry.get_sample_value("kektech_indexer_redis_up")
+
+    async def is_up(expected: float) -> bool:
+        return redis_up() == expected
+
+    task = asyncio.create_task(publisher.publish_forever(), name="publish-outbox")
+    try:
+        await eventually(lambda: is_up(1), within=5, what="redis_up 1 before any publication")
+        redis_server.stop()
+        try:
+            await eventually(lambda: is_up(0), within=10, what="redis_up 0 with Redis stopped")
+        finally:
+            redis_server.start()
+        await eventually(lambda: is_up(1), within=10, what="redis_up 1 again")
+    finally:
+        task.cancel()
+        await asyncio.wait([task])

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from ops.settings import OpsSettings
 from shared.errors import ConfigError
 from shared.settings import (
     BroadcasterSettings,
@@ -22,7 +23,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 FACTORY_V1 = "0x3eaF643482Fe35d13DB812946E14F5345eb60d62"
 FACTORY_V2 = "0x169b4019Fc12c5bD43BFA5d830Fd01A678df6a15"
 ALL_VARIABLES = sorted(
-    {name.upper() for cls in (IndexerSettings, BroadcasterSettings) for name in cls.model_fields}
+    {
+        name.upper()
+        for cls in (IndexerSettings, BroadcasterSettings, OpsSettings)
+        for name in cls.model_fields
+    }
 )
 
 
@@ -173,7 +178,7 @@ def test_environment_overrides_dotenv(clean_env: Path, monkeypatch: pytest.Monke
     assert load_settings(IndexerSettings).chain_id == 7
 
 
-@pytest.mark.parametrize("cls", [IndexerSettings, BroadcasterSettings])
+@pytest.mark.parametrize("cls", [IndexerSettings, BroadcasterSettings, OpsSettings])
 def test_env_example_loads_to_defaults(cls: type[ServiceSettings], clean_env: Path) -> None:
     """The repository's .env.example, used as .env, is valid and equals the defaults."""
     shutil.copy(REPO_ROOT / ".env.example", clean_env / ".env")
@@ -183,7 +188,7 @@ def test_env_example_loads_to_defaults(cls: type[ServiceSettings], clean_env: Pa
 
 
 def test_env_example_lists_every_variable() -> None:
-    """.env.example mentions every variable either service reads."""
+    """.env.example mentions every variable the services and the ops tools read."""
     text = (REPO_ROOT / ".env.example").read_text()
     assert [name for name in ALL_VARIABLES if f"\n{name}=" not in text] == []
 

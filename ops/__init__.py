@@ -1,0 +1,1 @@
+"""Operations tools for the VPS: `kektech doctor` and `kektech check` (monitoring)."""

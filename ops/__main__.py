@@ -1,0 +1,3 @@
+from ops.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""`kektech doctor | check`: the operator's troubleshooting checklist and the cron monitor.
+
+Exit codes. doctor: 0 when no check FAILs (WARN lines are printed but do not change the code),
+1 when at least one FAILs. check: 0 when no condition holds (nothing is printed unless
+--verbose), 1 when at least one ALERT, 2 when no ALERT but a condition could not be evaluated
+(ERROR). Both: 2 for invalid settings or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Sequence
+
+from ops.doctor import CHECKS, diagnose
+from ops.monitor import ALERT, CONDITIONS, evaluate
+from ops.settings import OpsSettings
+from ops.verdicts import Level, Writer
+from shared.logs import configure_logging
+from shared.settings import settings_or_exit
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_PROBLEM = 1
+EXIT_BLIND = 2
+
+
+def _names(value: str, known: Sequence[str]) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown: {', '.join(unknown)} (choose from {', '.join(known)})"
+        )
+    return names
+
+
+def _selection(parser: argparse.ArgumentParser, known: Sequence[str]) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--only",
+        type=lambda v: _names(v, known),
+        metavar="A,B",
+        help=f"run only these ({', '.join(known)})",
+    )
+    group.add_argument(
+        "--skip", type=lambda v: _names(v, known), metavar="A,B", help="run all but these"
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="kektech",
+        description="KEKTECH operations: settings come from the environment and .env in the "
+        "current directory (run from /opt/kektech), like the services'.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    doctor = sub.add_parser(
+        "doctor",
+        help="check every dependency and print one verdict per check with its fix",
+        description="Print `OK|WARN|FAIL  <check>  <detail> [-> fix: ...]` per check. "
+        "Exit 1 if any check FAILs, else 0 (WARN does not change the exit code).",
+    )
+    _selection(doctor, tuple(CHECKS))
+    check = sub.add_parser(
+        "check",
+        help="evaluate the alert conditions (for cron); silent and exit 0 when healthy",
+        description="Print one `ALERT|ERROR  <condition>  <detail>` line per finding. Exit 0: "
+        "no finding; 1: an alert; 2: no alert but a condition could not be evaluated.",
+    )
+    _selection(check, CONDITIONS)
+    check.add_argument(
+        "-v", "--verbose", action="store_true", help="print a summary line when healthy"
+    )
+    return parser.parse_args(argv)
+
+
+def _chosen(args: argparse.Namespace, known: Sequence[str]) -> list[str]:
+    if args.only:
+        return [name for name in known if name in args.only]
+    skipped = set(args.skip or ())
+    return [name for name in known if name not in skipped]
+
+
+async def run_doctor(settings: OpsSettings, names: Sequence[str], *, out: Writer) -> int:
+    verdicts = await diagnose(settings, names)
+    for verdict in verdicts:
+        out.say(verdict.line())
+    return EXIT_PROBLEM if any(v.level is Level.FAIL for v in verdicts) else EXIT_OK
+
+
+async def run_check(
+    settings: OpsSettings, names: Sequence[str], *, out: Writer, verbose: bool
+) -> int:
+    findings = await evaluate(settings, names, now=time.time())
+    for finding in findings:
+        out.say(finding.line())
+    if not findings:
+        if verbose:
+            out.say(f"OK     no alert ({', '.join(names)} checked)")
+        return EXIT_OK
+    return EXIT_PROBLEM if any(f.kind == ALERT for f in findings) else EXIT_BLIND
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = settings_or_exit(OpsSettings)
+    secrets = settings.log_secrets()
+    configure_logging(settings.log_level, settings.log_format, secrets=secrets)
+    out = Writer(secrets)
+    if args.command == "doctor":
+        return asyncio.run(run_doctor(settings, _chosen(args, tuple(CHECKS)), out=out))
+    return asyncio.run(
+        run_check(settings, _chosen(args, CONDITIONS), out=out, verbose=args.verbose)
+    )

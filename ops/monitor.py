@@ -1,0 +1,241 @@
+"""`kektech check`: the alert conditions, evaluated once per run (cron runs it every minute).
+
+Conditions: the public WebSocket endpoint down for MONITOR_DOWN_AFTER seconds, a PM2 process
+restarted more than MONITOR_MAX_RESTARTS times within MONITOR_RESTART_WINDOW, memory in use
+above MONITOR_MEMORY_PERCENT, the certificate expiring within MONITOR_TLS_DAYS. What must
+outlive one run (when the endpoint was first seen down, PM2's restart counters over the last
+hour) is kept in MONITOR_STATE_FILE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from itertools import pairwise
+from typing import Any
+
+from ops.errors import CertificateInvalid, ProbeError, StateError
+from ops.probes.memory import read_memory
+from ops.probes.pm2 import Pm2Process, list_processes
+from ops.probes.tls import Certificate, fetch_certificate
+from ops.probes.websocket import probe_websocket
+from ops.settings import OpsSettings, parse_endpoint
+from ops.state import load_state, save_state
+
+__all__ = ["CONDITIONS", "Finding", "count_restarts", "evaluate"]
+
+CONDITIONS = ("websocket", "pm2", "memory", "tls")
+ALERT = "ALERT"
+ERROR = "ERROR"  # the condition could not be evaluated: the monitor is blind to it
+Sample = tuple[float, int]  # (unix time, PM2 restart counter)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One line of output: an alert, or a condition the monitor could not evaluate."""
+
+    kind: str
+    condition: str
+    detail: str
+    fix: str | None = None
+
+    def line(self) -> str:
+        text = f"{self.kind:<5}  {self.condition}  {self.detail}"
+        return f"{text} -> fix: {self.fix}" if self.fix else text
+
+
+def count_restarts(samples: Sequence[Sample], *, now: float, window: float) -> int:
+    """Restarts within [now - window, now] from time-ordered counter samples (the last is now).
+
+    The baseline is the newest sample at or before the window's start, else the oldest one.
+    A counter that went down was reset (`pm2 reset`, delete and start): its new value counts.
+    """
+    start = now - window
+    before = [s for s in samples if s[0] <= start]
+    series = before[-1:] + [s for s in samples if s[0] > start]
+    return sum(b - a if b >= a else b for (_, a), (_, b) in pairwise(series))
+
+
+def _history(saved: object, process: Pm2Process, *, now: float, window: float) -> list[Sample]:
+    """Saved samples of a process plus the current one, pruned to what the window needs."""
+    # Only well-formed, past samples: the file may have been edited by hand.
+    samples: list[Sample] = [
+        (float(item[0]), int(item[1]))
+        for item in (saved if isinstance(saved, list) else [])
+        if isinstance(item, list)
+        and len(item) == 2
+        and all(isinstance(v, int | float) for v in item)
+        and item[0] < now
+    ]
+    if not samples and process.created_at is not None and now - process.created_at < window:
+        # First sight of a process started within the window: every restart is in it.
+        samples = [(process.created_at, 0)]
+    samples.append((now, process.restarts))
+    start = now - window
+    older = [s for s in samples if s[0] <= start]
+    return older[-1:] + [s for s in samples if s[0] > start]
+
+
+async def check_websocket(
+    settings: OpsSettings, state: dict[str, Any], *, now: float
+) -> list[Finding]:
+    """The endpoint has been failing handshake + ping for at least MONITOR_DOWN_AFTER."""
+    url = settings.monitor_ws_url
+    saved = state.get("websocket")
+    mine: dict[str, Any] = saved if isinstance(saved, dict) and saved.get("url") == url else {}
+    state["websocket"] = mine
+    mine["url"] = url
+    try:
+        await probe_websocket(url, ca_file=settings.ops_tls_ca_file, within=settings.ops_timeout)
+    except ProbeError as exc:
+        if not isinstance(mine.get("down_since"), int | float):
+            mine["down_since"] = now
+        since = float(mine["down_since"])
+        mine["last_error"] = str(exc)
+        down_for = now - since
+        if down_for < settings.monitor_down_after:
+            return []
+        first = datetime.fromtimestamp(since, tz=UTC)
+        return [
+            Finding(
+                ALERT,
+                "websocket",
+                f"{url} down for {down_for:.0f} s (first failure {first:%Y-%m-%d %H:%M:%S} "
+                f"UTC): {exc}",
+                "kektech doctor; pm2 status; sudo systemctl status nginx",
+            )
+        ]
+    mine.pop("down_since", None)
+    mine.pop("last_error", None)
+    return []
+
+
+async def check_pm2(settings: OpsSettings, state: dict[str, Any], *, now: float) -> list[Finding]:
+    """No PM2 process restarted more than MONITOR_MAX_RESTARTS times within the window."""
+    try:
+        processes = await list_processes(
+            settings.ops_pm2_bin, home=settings.pm2_home_path(), within=settings.ops_timeout
+        )
+    except ProbeError as exc:
+        return [Finding(ERROR, "pm2", f"cannot read the process list: {exc}", exc.fix)]
+    saved = state.get("pm2")
+    old: dict[str, Any] = saved if isinstance(saved, dict) else {}
+    window = settings.monitor_restart_window
+    fresh: dict[str, list[Sample]] = {}
+    findings = []
+    for process in processes:
+        samples = _history(old.get(process.key), process, now=now, window=window)
+        fresh[process.key] = samples
+        restarts = count_restarts(samples, now=now, window=window)
+        if restarts > settings.monitor_max_restarts:
+            findings.append(
+                Finding(
+                    ALERT,
+                    "pm2",
+                    f"{process.key} restarted {restarts} times in the last {window / 60:g} min "
+                    f"(now {process.status})",
+                    f"pm2 logs {process.name} --lines 200",
+                )
+            )
+    # Processes that are gone are forgotten; JSON has no tuples.
+    state["pm2"] = {key: [list(s) for s in samples] for key, samples in fresh.items()}
+    return findings
+
+
+async def check_memory(settings: OpsSettings) -> list[Finding]:
+    """Memory in use (total minus MemAvailable) is at most MONITOR_MEMORY_PERCENT."""
+    try:
+        memory = read_memory()
+    except ProbeError as exc:
+        return [Finding(ERROR, "memory", str(exc))]
+    if memory.used_percent <= settings.monitor_memory_percent:
+        return []
+    return [
+        Finding(
+            ALERT,
+            "memory",
+            f"{memory.used_percent:.1f}% in use (above {settings.monitor_memory_percent:g}%), "
+            f"{memory.available_kib // 1024} MiB available of {memory.total_kib // 1024} MiB",
+            "pm2 monit (max_memory_restart restarts a leaking app); free -m; ps aux --sort=-rss",
+        )
+    ]
+
+
+async def fetch_tls(settings: OpsSettings) -> Certificate | ProbeError:
+    """The endpoint's certificate, or why it could not be had."""
+    host, port = parse_endpoint(settings.ops_tls_endpoint)
+    try:
+        return await fetch_certificate(
+            host, port, ca_file=settings.ops_tls_ca_file, within=settings.ops_timeout
+        )
+    except ProbeError as exc:
+        return exc
+
+
+def judge_tls(
+    settings: OpsSettings, result: Certificate | ProbeError, *, endpoint_up: bool, now: float
+) -> list[Finding]:
+    """The certificate is valid for at least MONITOR_TLS_DAYS more days."""
+    endpoint = settings.ops_tls_endpoint
+    fix = "sudo certbot renew, then sudo systemctl reload nginx"
+    if isinstance(result, CertificateInvalid):
+        return [Finding(ALERT, "tls", str(result), fix)]
+    if isinstance(result, ProbeError):
+        # An unreachable endpoint is the websocket condition's to report, after its grace time.
+        if endpoint_up:
+            return [Finding(ERROR, "tls", f"cannot check the certificate: {result}")]
+        return []
+    days = result.days_left(datetime.fromtimestamp(now, tz=UTC))
+    if days >= settings.monitor_tls_days:
+        return []
+    return [
+        Finding(
+            ALERT,
+            "tls",
+            f"certificate of {endpoint} expires in {days:.1f} days "
+            f"({result.not_after:%Y-%m-%d %H:%M} UTC)",
+            fix,
+        )
+    ]
+
+
+async def evaluate(settings: OpsSettings, names: Sequence[str], *, now: float) -> list[Finding]:
+    """Evaluate the named conditions concurrently and save what the next run needs."""
+    findings: list[Finding] = []
+    path = settings.monitor_state_file
+    stateful = "websocket" in names or "pm2" in names
+    state: dict[str, Any] = {}
+    if stateful:
+        try:
+            state = load_state(path)
+        except StateError as exc:
+            findings.append(Finding(ERROR, "state", str(exc)))
+    jobs: dict[str, Callable[[], Coroutine[Any, Any, list[Finding]]]] = {
+        "websocket": lambda: check_websocket(settings, state, now=now),
+        "pm2": lambda: check_pm2(settings, state, now=now),
+        "memory": lambda: check_memory(settings),
+    }
+    async with asyncio.TaskGroup() as tasks:
+        running = {
+            name: tasks.create_task(jobs[name](), name=f"check-{name}")
+            for name in names
+            if name in jobs
+        }
+        certificate = (
+            tasks.create_task(fetch_tls(settings), name="check-tls") if "tls" in names else None
+        )
+    for name in names:
+        if name in running:
+            findings += running[name].result()
+    if certificate is not None:
+        websocket = state.get("websocket") or {}
+        up = "websocket" not in names or "down_since" not in websocket
+        findings += judge_tls(settings, certificate.result(), endpoint_up=up, now=now)
+    if stateful:
+        try:
+            save_state(path, state)
+        except StateError as exc:
+            findings.append(Finding(ERROR, "state", str(exc)))
+    return findings

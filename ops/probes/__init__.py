@@ -1,0 +1,1 @@
+"""One module per thing probed; each returns plain data or raises ProbeError."""

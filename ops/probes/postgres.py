@@ -1,0 +1,43 @@
+"""Postgres: reachable, which migrations are applied, where the indexer's cursor stands."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import asyncpg
+
+from indexer.store import Store
+from ops.errors import ProbeError
+
+__all__ = ["DatabaseInfo", "probe_postgres"]
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseInfo:
+    """Schema version applied, the version this code ships, and the cursor (None if unset)."""
+
+    schema_version: int
+    latest_version: int
+    cursor: int | None
+
+
+async def probe_postgres(dsn: str, *, statement_cache_size: int, within: float) -> DatabaseInfo:
+    """Connect and read schema_migrations (the indexer's record of applied migrations)."""
+    try:
+        async with (
+            asyncio.timeout(within),
+            Store.open(dsn, statement_cache_size=statement_cache_size, max_size=1) as store,
+        ):
+            version = await store.schema_version()
+            state = await store.load_state() if version > 0 else None
+    except TimeoutError:
+        raise ProbeError(f"no answer within {within:g} s") from None
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        message = getattr(exc, "strerror", None) or str(exc)
+        raise ProbeError(f"cannot connect: {type(exc).__name__}: {message}") from None
+    return DatabaseInfo(
+        schema_version=version,
+        latest_version=Store.latest_schema_version(),
+        cursor=state.block_number if state is not None else None,
+    )

@@ -1,0 +1,337 @@
+"""`kektech doctor`: all OK against running services; each dependency broken for real is named
+in a FAIL (or WARN) line with its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from devnet.chain import Deployment, DevChain
+from devnet.driver import ActivityDriver
+from devnet.services import Anvil, Redis
+from tests.broadcaster.support import running, settings_for
+from tests.support.indexer_process import IndexerProcess, indexer_env
+from tests.support.ops import (
+    dead_port,
+    make_certificate,
+    pm2_daemon,
+    run_kektech,
+    tls_server,
+    write_script,
+)
+from tests.support.waiting import eventually
+
+NGINX = "/usr/sbin/nginx"
+STEADY = "import time\nwhile True:\n    time.sleep(60)\n"
+API_KEY = "abcdefghijklmnopqrstuvwxyz123456"
+RPC_PASSWORD = "Sup3rSecretPassw0rd"
+
+
+def nginx_conf(directory: Path, body: str = "") -> Path:
+    """A minimal nginx.conf whose files all live in directory; body goes into http {}."""
+    path = directory / "nginx.conf"
+    path.write_text(
+        f"pid {directory}/nginx.pid;\nerror_log {directory}/error.log;\nevents {{}}\n"
+        f"http {{\n    access_log off;\n{body}}}\n"
+    )
+    return path
+
+
+@contextlib.asynccontextmanager
+async def hanging_server() -> AsyncIterator[int]:
+    """A TCP server that accepts connections and never says a word; yields its port."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        for writer in held:
+            writer.transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.timeout(180)
+async def test_all_ok_against_running_services(
+    anvil: Anvil,
+    dev_chain: DevChain,
+    deployment: Deployment,
+    database_url: str,
+    redis_server: Redis,
+    tmp_path: Path,
+) -> None:
+    """Every check is OK with the services up, and no secret of the settings is printed."""
+    stream_key = f"test:{os.getpid()}:doctor"
+    await ActivityDriver(dev_chain, deployment, seed=71, txs_per_block=3).run(blocks=2)
+    env = indexer_env(
+        database_url=database_url,
+        redis_url=redis_server.url,
+        rpc_url=anvil.rpc_url,
+        deployment=deployment,
+        stream_key=stream_key,
+    )
+    cert, key = make_certificate(tmp_path, days=90)
+    first = settings_for(redis_server.url, stream_key)
+    second = settings_for(redis_server.url, stream_key)
+    redis = aioredis.Redis.from_url(redis_server.url)
+    async with (
+        pm2_daemon() as pm2,
+        running(first),
+        running(second),
+        tls_server(cert, key) as tls_port,
+    ):
+        with IndexerProcess(env, log_dir=tmp_path) as indexer:
+            await indexer.wait_ready()
+
+            async def published() -> bool:
+                return int(await redis.xlen(stream_key)) > 0
+
+            await eventually(published, within=30, what="the indexer published")
+            await redis.aclose()
+            steady = write_script(tmp_path / "steady.py", STEADY)
+            await pm2.start("kektech-event-indexer", steady)
+            await pm2.start("kektech-websocket-server", steady)
+            doctor_env = {
+                **env,
+                **pm2.env,
+                "RPC_PROVIDER_URL": anvil.rpc_url.replace("http://", f"http://ops:{RPC_PASSWORD}@")
+                + f"/?apikey={API_KEY}",
+                "DOCTOR_BROADCASTER_PORTS": (
+                    f"{first.broadcaster_http_port},{second.broadcaster_http_port}"
+                ),
+                "DOCTOR_NGINX_BIN": NGINX,
+                "DOCTOR_NGINX_CONF": str(nginx_conf(tmp_path)),
+                "OPS_TLS_ENDPOINT": f"127.0.0.1:{tls_port}",
+                "OPS_TLS_CA_FILE": str(cert),
+            }
+            result = await run_kektech("doctor", env=doctor_env, cwd=tmp_path)
+    assert result.code == 0, result
+    assert result.checks == [
+        f"rpc #0 127.0.0.1:{anvil.port}",
+        "redis",
+        "postgres",
+        "indexer",
+        f"broadcaster :{first.broadcaster_http_port}",
+        f"broadcaster :{second.broadcaster_http_port}",
+        "pm2 kektech-event-indexer",
+        "pm2 kektech-websocket-server",
+        "nginx",
+        f"tls 127.0.0.1:{tls_port}",
+    ], result
+    assert all(line.startswith("OK    ") for line in result.lines), result
+    assert "chain 32323, head block" in result.line(f"rpc #0 127.0.0.1:{anvil.port}")
+    assert "migrated (schema version 1 of 1), cursor at block" in result.line("postgres")
+    assert API_KEY not in result.stdout + result.stderr
+    assert RPC_PASSWORD not in result.stdout + result.stderr
+
+
+async def test_wrong_chain_id_fails(anvil: Anvil, tmp_path: Path) -> None:
+    """An RPC node on another chain than CHAIN_ID is a FAIL naming both ids."""
+    env = {"RPC_PROVIDER_URL": anvil.rpc_url, "CHAIN_ID": "1"}
+    result = await run_kektech("doctor", "--only", "rpc", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    line = result.line(f"rpc #0 127.0.0.1:{anvil.port}")
+    assert line.startswith("FAIL  ")
+    assert "eth_chainId is 32323, CHAIN_ID is 1 -> fix: point RPC_PROVIDER_URL at a node" in line
+
+
+async def test_dead_rpc_fails_alone_and_warns_beside_a_working_one(
+    anvil: Anvil, tmp_path: Path
+) -> None:
+    """A dead RPC URL is a FAIL when it is the only one, a WARN when the indexer can fail over."""
+    dead = f"http://127.0.0.1:{dead_port()}"
+    alone = await run_kektech(
+        "doctor", "--only", "rpc", env={"RPC_PROVIDER_URL": dead}, cwd=tmp_path
+    )
+    assert alone.code == 1, alone
+    assert alone.stdout.startswith(f"FAIL  rpc #0 {dead.removeprefix('http://')}  unreachable")
+    assert "-> fix: check the URL and its API key" in alone.stdout
+
+    env = {"RPC_PROVIDER_URL": f"{anvil.rpc_url},{dead}"}
+    both = await run_kektech("doctor", "--only", "rpc", env=env, cwd=tmp_path)
+    assert both.code == 0, both
+    assert both.lines[0].startswith("OK    rpc #0")
+    assert both.lines[1].startswith(f"WARN  rpc #1 {dead.removeprefix('http://')}  unreachable")
+    assert "fails over to a working URL" in both.lines[1]
+
+
+async def test_stopped_redis_fails(tmp_path: Path) -> None:
+    """A Redis that was stopped is a FAIL saying the connection failed, with the fix."""
+    with Redis() as stopped:
+        url = stopped.url
+    result = await run_kektech("doctor", "--only", "redis", env={"REDIS_URL": url}, cwd=tmp_path)
+    assert result.code == 1, result
+    line = result.line("redis")
+    assert line.startswith("FAIL  redis  cannot connect: ")
+    assert "-> fix: sudo systemctl status redis-server" in line
+
+
+async def test_missing_stream_warns(redis_server: Redis, tmp_path: Path) -> None:
+    """A reachable Redis without the event stream is a WARN (exit 0) pointing at the indexer."""
+    env = {"REDIS_URL": redis_server.url, "REDIS_STREAM_KEY": f"test:{os.getpid()}:absent"}
+    result = await run_kektech("doctor", "--only", "redis", env=env, cwd=tmp_path)
+    assert result.code == 0, result
+    assert result.line("redis").startswith("WARN  redis  PING ok, but stream test:")
+    assert "-> fix: start the indexer" in result.stdout
+
+
+async def test_unmigrated_database_fails(database_url: str, tmp_path: Path) -> None:
+    """An empty database is a FAIL saying which schema version it has, with the migrate fix."""
+    env = {"DATABASE_URL": database_url}
+    result = await run_kektech("doctor", "--only", "postgres", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    assert result.line("postgres") == (
+        "FAIL  postgres  not migrated: schema version 0 of 1 -> fix: python -m indexer migrate "
+        "(starting the indexer also migrates)"
+    )
+
+
+@pytest.mark.timeout(120)
+async def test_indexer_that_cannot_publish_fails(
+    anvil: Anvil, dev_chain: DevChain, deployment: Deployment, database_url: str, tmp_path: Path
+) -> None:
+    """Redis stopped under a running indexer: the indexer check FAILs, events wait in Postgres."""
+    with Redis() as own:
+        env = indexer_env(
+            database_url=database_url,
+            redis_url=own.url,
+            rpc_url=anvil.rpc_url,
+            deployment=deployment,
+            stream_key="kektech:events",
+        )
+        with IndexerProcess(env, log_dir=tmp_path) as indexer:
+            await indexer.wait_ready()
+            own.stop()
+            await ActivityDriver(dev_chain, deployment, seed=74, txs_per_block=3).run(blocks=1)
+
+            async def backlog() -> bool:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(indexer.http_url + "/metrics") as response,
+                ):
+                    text = await response.text()
+                return "kektech_indexer_publish_backlog 0.0" not in text
+
+            await eventually(backlog, within=30, what="a publish backlog")
+            result = await run_kektech("doctor", "--only", "redis,indexer", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    assert result.line("redis").startswith("FAIL  redis  cannot connect")
+    indexer_line = result.line("indexer")
+    assert indexer_line.startswith("FAIL  indexer  cannot reach Redis (cursor ")
+    assert "-> fix: see the redis check; events wait in the outbox" in indexer_line
+
+
+async def test_services_not_running_fail(tmp_path: Path) -> None:
+    """An indexer and a broadcaster that do not run are FAILs with the PM2 commands to fix."""
+    env = {
+        "INDEXER_HTTP_PORT": str(dead_port()),
+        "DOCTOR_BROADCASTER_PORTS": str(port := dead_port()),
+    }
+    result = await run_kektech("doctor", "--only", "indexer,broadcaster", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    indexer = result.line("indexer")
+    assert indexer.startswith("FAIL  indexer  not answering: nothing answers at")
+    assert "pm2 restart kektech-event-indexer" in indexer
+    broadcaster = result.line(f"broadcaster :{port}")
+    assert broadcaster.startswith(f"FAIL  broadcaster :{port}  not answering")
+    assert "pm2 restart kektech-websocket-server" in broadcaster
+
+
+async def test_nginx_syntax_error_fails(tmp_path: Path) -> None:
+    """A configuration nginx -t rejects is a FAIL quoting nginx's error and file:line."""
+    conf = nginx_conf(tmp_path, "    server {\n        listen 127.0.0.1:1;\n        bogus on;\n")
+    env = {"DOCTOR_NGINX_BIN": NGINX, "DOCTOR_NGINX_CONF": str(conf)}
+    result = await run_kektech("doctor", "--only", "nginx", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    line = result.line("nginx")
+    assert line.startswith(f'FAIL  nginx  {conf}: [emerg] unknown directive "bogus" in {conf}:')
+    assert "-> fix: correct the file and line named, then sudo nginx -t" in line
+
+
+@pytest.mark.parametrize(("days", "level", "code"), [(3, "FAIL", 1), (10, "WARN", 0)])
+async def test_expiring_certificate(tmp_path: Path, days: int, level: str, code: int) -> None:
+    """A certificate with under 7 days left is a FAIL, under 14 days a WARN, with certbot fix."""
+    cert, key = make_certificate(tmp_path, days=days)
+    async with tls_server(cert, key) as port:
+        env = {"OPS_TLS_ENDPOINT": f"127.0.0.1:{port}", "OPS_TLS_CA_FILE": str(cert)}
+        result = await run_kektech("doctor", "--only", "tls", env=env, cwd=tmp_path)
+    assert result.code == code, result
+    line = result.line(f"tls 127.0.0.1:{port}")
+    assert line.startswith(f"{level:<4}  tls 127.0.0.1:{port}  certificate expires ")
+    assert "-> fix: sudo certbot renew" in line
+
+
+async def test_untrusted_certificate_fails(tmp_path: Path) -> None:
+    """A certificate that does not verify against the CA store is a FAIL."""
+    cert, key = make_certificate(tmp_path, days=90)
+    async with tls_server(cert, key) as port:
+        env = {"OPS_TLS_ENDPOINT": f"127.0.0.1:{port}"}  # the system CAs never signed it
+        result = await run_kektech("doctor", "--only", "tls", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    assert "does not verify: self-signed certificate" in result.line(f"tls 127.0.0.1:{port}")
+
+
+async def test_pm2_daemon_not_running_fails(tmp_path: Path) -> None:
+    """Without a PM2 daemon doctor says so (and starts none) and tells how to bring it back."""
+    async with pm2_daemon() as pm2:
+        result = await run_kektech("doctor", "--only", "pm2", env=pm2.env, cwd=tmp_path)
+        assert not (pm2.home / "pm2.pid").exists()
+    assert result.code == 1, result
+    line = result.line("pm2")
+    assert line.startswith(f"FAIL  pm2  the PM2 daemon is not running (PM2_HOME={pm2.home})")
+    assert "-> fix: pm2 resurrect" in line
+
+
+async def test_pm2_apps_missing_or_stopped_fail(tmp_path: Path) -> None:
+    """An app absent from PM2, or stopped, is a FAIL naming it and the command to fix it."""
+    async with pm2_daemon() as pm2:
+        await pm2.start("kektech-event-indexer", write_script(tmp_path / "s.py", STEADY))
+        await pm2.run("stop", "kektech-event-indexer")
+        result = await run_kektech("doctor", "--only", "pm2", env=pm2.env, cwd=tmp_path)
+    assert result.code == 1, result
+    assert result.line("pm2 kektech-event-indexer") == (
+        "FAIL  pm2 kektech-event-indexer  1 of 1 instances not online: #0 stopped (0 restarts)"
+        " -> fix: pm2 logs kektech-event-indexer --lines 100; pm2 restart kektech-event-indexer"
+    )
+    assert result.line("pm2 kektech-websocket-server") == (
+        "FAIL  pm2 kektech-websocket-server  not in the PM2 process list"
+        " -> fix: start the apps: pm2 start ecosystem.config.js && pm2 save"
+    )
+
+
+async def test_hanging_dependencies_cannot_hang_doctor(tmp_path: Path) -> None:
+    """Dependencies that accept connections and never answer fail after OPS_TIMEOUT."""
+    TIMEOUT = 3  # noqa: N806
+    async with hanging_server() as port:
+        env = {
+            "OPS_TIMEOUT": str(TIMEOUT),
+            "RPC_PROVIDER_URL": f"http://127.0.0.1:{port}",
+            "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+            "DATABASE_URL": f"postgresql://kektech@127.0.0.1:{port}/kektech",
+            "INDEXER_HTTP_PORT": str(port),
+            "DOCTOR_BROADCASTER_PORTS": str(port),
+            "OPS_TLS_ENDPOINT": f"127.0.0.1:{port}",
+        }
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result = await run_kektech(
+            "doctor", "--only", "rpc,redis,postgres,indexer,broadcaster,tls", env=env, cwd=tmp_path
+        )
+        took = loop.time() - started
+    assert result.code == 1, result
+    assert len(result.lines) == 6
+    assert all(line.startswith("FAIL  ") for line in result.lines), result
+    assert all(f"within {TIMEOUT}" in line for line in result.lines), result
+    # Concurrent checks, each bounded: about one timeout plus start-up, far from six in a row.
+    assert took < 5 * TIMEOUT, f"{took:.1f} s\n{result}"

@@ -1,0 +1,184 @@
+"""`kektech check`: each alert condition is reported once it is made true for real, not before."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from devnet.services import Redis
+from ops.monitor import count_restarts
+from ops.probes.memory import read_memory
+from tests.broadcaster.support import running, settings_for
+from tests.support.ops import (
+    make_certificate,
+    pm2_daemon,
+    run_kektech,
+    tls_server,
+    write_script,
+)
+from tests.support.waiting import eventually
+
+DOWN_AFTER = 3.0
+CRASH = "import sys, time\ntime.sleep(0.2)\nsys.exit(1)\n"
+STEADY = "import time\nwhile True:\n    time.sleep(60)\n"
+
+
+def check_env(tmp_path: Path, **values: str) -> dict[str, str]:
+    """Settings of a check run whose state lives in the test's directory."""
+    state = str(tmp_path / "state" / "monitor.json")
+    return {"MONITOR_STATE_FILE": state, "OPS_TIMEOUT": "3", **values}
+
+
+async def test_endpoint_down_is_reported_only_after_the_threshold(
+    redis_server: Redis, tmp_path: Path
+) -> None:
+    """A stopped broadcaster is reported once down for MONITOR_DOWN_AFTER seconds, not earlier."""
+    settings = settings_for(redis_server.url, f"test:{os.getpid()}:monitor")
+    url = f"ws://127.0.0.1:{settings.ws_port}{settings.ws_path}"
+    env = check_env(tmp_path, MONITOR_WS_URL=url, MONITOR_DOWN_AFTER=str(DOWN_AFTER))
+    async with running(settings):
+        healthy = await run_kektech("check", "--only", "websocket", env=env, cwd=tmp_path)
+        assert (healthy.code, healthy.stdout) == (0, ""), healthy
+
+    loop = asyncio.get_running_loop()
+    stopped = loop.time()
+    silent_starts = []
+    while True:
+        started = loop.time()
+        result = await run_kektech("check", "--only", "websocket", env=env, cwd=tmp_path)
+        if result.code != 0:
+            break
+        assert result.stdout == "", result
+        silent_starts.append(started - stopped)
+        assert started - stopped < DOWN_AFTER + 20, "never reported"
+    # Checked while down (at least twice, the last one a second or more in), all silent.
+    assert len(silent_starts) >= 2
+    assert silent_starts[-1] >= 1.0
+    assert loop.time() - stopped >= DOWN_AFTER
+    assert result.code == 1, result
+    assert result.lines == [result.line("websocket")]
+    assert result.stdout.startswith(f"ALERT  websocket  {url} down for ")
+
+    async with running(settings):
+        back = await run_kektech("check", "--only", "websocket", env=env, cwd=tmp_path)
+        assert (back.code, back.stdout) == (0, ""), back
+    state = json.loads((tmp_path / "state" / "monitor.json").read_text())
+    assert "down_since" not in state["websocket"]
+
+
+async def test_crash_looping_pm2_app_is_reported_and_a_steady_one_is_not(tmp_path: Path) -> None:
+    """An app PM2 restarts more than 3 times within the hour is reported; a steady app is not."""
+    async with pm2_daemon() as pm2:
+        await pm2.start("crasher", write_script(tmp_path / "crash.py", CRASH))
+        await pm2.start("steady", write_script(tmp_path / "steady.py", STEADY))
+
+        async def crashed_four_times() -> bool:
+            return await pm2.restarts("crasher") >= 4
+
+        await eventually(crashed_four_times, within=30, what="crasher restarted 4 times")
+        env = check_env(tmp_path, **pm2.env, MONITOR_MAX_RESTARTS="3")
+        result = await run_kektech("check", "--only", "pm2", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    assert len(result.lines) == 1, result
+    assert result.stdout.startswith("ALERT  pm2  crasher#0 restarted "), result
+    assert "in the last 60 min" in result.stdout
+    assert "steady" not in result.stdout
+
+
+async def test_restarts_older_than_the_window_are_no_longer_reported(tmp_path: Path) -> None:
+    """Once its restarts fall out of MONITOR_RESTART_WINDOW, an app that settled is not reported."""
+    marks = tmp_path / "marks"
+    settles = (
+        "import pathlib, sys, time\n"
+        f"marks = pathlib.Path({str(marks)!r})\n"
+        "with marks.open('a') as f:\n    f.write('x')\n"
+        "if len(marks.read_text()) <= 5:\n    sys.exit(1)\n"
+        "while True:\n    time.sleep(60)\n"
+    )
+    window = 6.0
+    async with pm2_daemon() as pm2:
+        await pm2.start("settler", write_script(tmp_path / "settle.py", settles))
+
+        async def settled() -> bool:
+            return marks.exists() and len(marks.read_text()) >= 6
+
+        await eventually(settled, within=30, what="the app crashed 5 times and settled")
+        assert await pm2.restarts("settler") == 5
+        env = check_env(tmp_path, **pm2.env, MONITOR_RESTART_WINDOW=str(window))
+        loop = asyncio.get_running_loop()
+        first_seen = loop.time()
+        recent = await run_kektech("check", "--only", "pm2", env=env, cwd=tmp_path)
+        assert recent.code == 1, recent
+        assert recent.stdout.startswith("ALERT  pm2  settler#0 restarted 5 times"), recent
+        # Real time must pass: the condition is about the last `window` seconds.
+        await asyncio.sleep(window + 0.5 - (loop.time() - first_seen))
+        later = await run_kektech("check", "--only", "pm2", env=env, cwd=tmp_path)
+    assert (later.code, later.stdout) == (0, ""), later
+
+
+async def test_memory_above_the_threshold_is_reported(tmp_path: Path) -> None:
+    """Memory in use above MONITOR_MEMORY_PERCENT is reported; below it, nothing is."""
+    used = read_memory().used_percent
+    below = await run_kektech(
+        "check",
+        "--only",
+        "memory",
+        env=check_env(tmp_path, MONITOR_MEMORY_PERCENT=f"{used / 2:.2f}"),
+        cwd=tmp_path,
+    )
+    assert below.code == 1, below
+    assert below.stdout.startswith("ALERT  memory  "), below
+    assert f"(above {float(f'{used / 2:.2f}'):g}%)" in below.stdout
+    above = await run_kektech(
+        "check",
+        "--only",
+        "memory",
+        env=check_env(tmp_path, MONITOR_MEMORY_PERCENT=f"{(used + 100) / 2:.2f}"),
+        cwd=tmp_path,
+    )
+    assert (above.code, above.stdout) == (0, ""), above
+
+
+@pytest.mark.parametrize(("days", "alert"), [(3, True), (90, False)])
+async def test_certificate_expiring_within_7_days_is_reported(
+    tmp_path: Path, days: int, alert: bool
+) -> None:
+    """A served certificate valid 3 more days is reported; one valid 90 days is not."""
+    cert, key = make_certificate(tmp_path, days=days)
+    async with tls_server(cert, key) as port:
+        env = check_env(tmp_path, OPS_TLS_ENDPOINT=f"127.0.0.1:{port}", OPS_TLS_CA_FILE=str(cert))
+        result = await run_kektech("check", "--only", "tls", env=env, cwd=tmp_path)
+    if alert:
+        assert result.code == 1, result
+        prefix = f"ALERT  tls  certificate of 127.0.0.1:{port} expires in "
+        assert result.stdout.startswith(prefix), result
+        assert 2.9 <= float(result.stdout.removeprefix(prefix).split()[0]) <= 3.0
+    else:
+        assert (result.code, result.stdout) == (0, ""), result
+
+
+async def test_unwritable_state_file_is_an_error_not_silence(tmp_path: Path) -> None:
+    """When the state cannot be saved, check says so and exits 2 (it could not evaluate)."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    env = check_env(
+        tmp_path,
+        MONITOR_STATE_FILE=str(blocker / "monitor.json"),
+        MONITOR_WS_URL="ws://127.0.0.1:1/ws",
+    )
+    result = await run_kektech("check", "--only", "websocket", env=env, cwd=tmp_path)
+    assert result.code == 2, result
+    assert all(line.startswith("ERROR  state  ") for line in result.lines), result
+    assert "ERROR  state  cannot write in " in result.stdout
+
+
+def test_restart_counting_uses_the_window_and_survives_a_counter_reset() -> None:
+    """Restarts count from the last sample before the window; a reset counter adds its value."""
+    samples = [(0.0, 7), (10.0, 9), (20.0, 1)]  # `pm2 reset` between 10 and 20, then 1 crash
+    assert count_restarts(samples, now=20.0, window=3600) == 3
+    assert count_restarts(samples, now=20.0, window=5) == 1
+    assert count_restarts([(20.0, 4)], now=20.0, window=5) == 0
