@@ -1,4 +1,4 @@
-"""The one-shot CLI commands: status, backfill, reindex, verify.
+"""The one-shot CLI commands: migrate, status, backfill, reindex, verify.
 
 Commands that write (backfill, reindex) take the write lease like the service does and refuse
 to start while an indexer runs. What they store is published by the next `run`, from the
@@ -7,6 +7,7 @@ outbox, in seq order.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -40,6 +41,25 @@ async def _connections(settings: IndexerSettings) -> AsyncIterator[tuple[Store, 
         rpc_client(settings) as rpc,
     ):
         yield store, rpc
+
+
+async def migrate(settings: IndexerSettings) -> int:
+    """Apply pending migrations (what `run` does at start-up) and say which; 1 if unreachable."""
+    try:
+        async with Store.open(
+            settings.database_url.get_secret_value(),
+            statement_cache_size=settings.db_statement_cache_size,
+            max_size=1,
+        ) as store:
+            applied = await store.migrate()
+            version = await store.schema_version()
+    except OSError as exc:  # refused, unknown host, timed out: the operator's one line
+        sys.stderr.write(f"kektech: database unreachable: {exc or type(exc).__name__}\n")
+        return 1
+    for name in applied:
+        _say(f"applied: {name}")
+    _say(f"schema: version {version}, {len(applied) or 'no'} migrations applied")
+    return 0
 
 
 async def status(settings: IndexerSettings) -> int:

@@ -1,4 +1,4 @@
-"""`python -m indexer run | status | backfill | reindex | verify`."""
+"""`python -m indexer run | migrate | status | backfill | reindex | verify`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="follow the chain (the default)")
+    sub.add_parser("migrate", help="apply pending database migrations and exit")
     sub.add_parser("status", help="print cursor, head, lag, publish backlog and lease holder")
     backfill = sub.add_parser(
         "backfill", help="fetch an already indexed range again and store what is missing"
@@ -77,6 +78,8 @@ async def dispatch(args: argparse.Namespace, settings: IndexerSettings) -> int:
     if command == "run":
         await run(settings)
         return 0
+    if command == "migrate":
+        return await commands.migrate(settings)
     if command == "status":
         return await commands.status(settings)
     if command == "backfill":

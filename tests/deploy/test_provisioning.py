@@ -1,0 +1,308 @@
+"""The deployment scripts: shellcheck, provision.sh and update.sh dry runs, a real update, and
+`python -m indexer migrate`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from devnet.services import REPO_ROOT, free_port
+
+SHELLCHECK = REPO_ROOT / ".venv" / "bin" / "shellcheck"
+PM2 = "node_modules/.bin/pm2"
+# Every path provision.sh writes or creates; a dry run must leave each as it found it.
+PROVISIONED = [
+    "/opt/kektech",
+    "/home/kektech",
+    "/etc/kektech",
+    "/var/log/kektech",
+    "/var/lib/kektech",
+    "/var/www/certbot",
+    "/etc/redis/kektech.conf",
+    "/etc/redis/users.acl",
+    "/etc/nginx/nginx.conf.kektech-bootstrap",
+    "/etc/nginx/nginx.conf.kektech-candidate",
+    "/etc/nginx/nginx.conf.before-kektech",
+    "/etc/letsencrypt/renewal-hooks/deploy/reload-nginx.sh",
+    "/etc/logrotate.d/kektech",
+    "/etc/cron.d/kektech-check",
+    "/etc/apt/sources.list.d/nodesource.list",
+    "/etc/apt/sources.list.d/redis.list",
+]
+
+
+def unprivileged(argv: list[str]) -> list[str]:
+    """argv run as `nobody` when we are root (as a normal user it already is unprivileged)."""
+    if os.geteuid() != 0:
+        return argv
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv]
+
+
+def run(
+    argv: list[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+
+
+def shell_scripts() -> list[Path]:
+    return sorted([*REPO_ROOT.joinpath("deploy").rglob("*.sh"), *REPO_ROOT.glob("scripts/*.sh")])
+
+
+def test_every_shell_script_passes_shellcheck() -> None:
+    """shellcheck at its strictest default (severity style, every check) finds nothing in any
+    script under deploy/ or scripts/."""
+    scripts = shell_scripts()
+    assert REPO_ROOT / "deploy" / "provision.sh" in scripts
+    result = run([str(SHELLCHECK), "--severity=style", *map(str, scripts)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_provision_dry_run_prints_the_plan_and_changes_nothing() -> None:
+    """`provision.sh --dry-run` as an unprivileged user exits 0, prints the key actions
+    (packages, Redis ACL users, certbot webroot and deploy hook, UFW 22/80/443, PM2 start,
+    startup and save) and creates none of the paths a real run would."""
+    before = {path: os.path.lexists(path) for path in PROVISIONED}
+    result = run(
+        unprivileged(["bash", "deploy/provision.sh", "--dry-run", "--email", "ops@example.com"]),
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    expected = [
+        "user indexer on #<sha256> resetkeys ~kektech:events resetchannels &events:* &market:*",
+        "user broadcaster on #<sha256> resetkeys %R~kektech:events resetchannels -@all +xread",
+        "user ops on #<sha256> resetkeys %R~kektech:events resetchannels -@all +ping +type +xlen",
+        "user default off",
+        "REDIS_URL=redis://indexer:<password>@127.0.0.1:6379/0",
+        "REDIS_URL=redis://ops:<password>@127.0.0.1:6379/0",
+        "REDIS_URL=redis://broadcaster:<password>@127.0.0.1:6379/0",
+        "bind 127.0.0.1 ::1",
+        "would run: certbot certonly --webroot -w /var/www/certbot -d ws.kektech.xyz",
+        "would write /etc/letsencrypt/renewal-hooks/deploy/reload-nginx.sh",
+        "nginx -t -c /etc/nginx/nginx.conf.kektech-candidate",
+        "would run: ufw default deny incoming",
+        "would run: ufw allow 22/tcp",
+        "would run: ufw allow 80/tcp",
+        "would run: ufw allow 443/tcp",
+        "would run: ufw --force enable",
+        "would write /etc/logrotate.d/kektech",
+        "would write /etc/cron.d/kektech-check",
+        "pm2 start ecosystem.config.js",
+        "pm2 startup systemd -u kektech --hp /home/kektech",
+        "pm2 save",
+        "python -m indexer migrate",
+    ]
+    missing = [line for line in expected if line not in out]
+    assert not missing, out
+    assert "generated-on-the-first-real-run" not in out  # secrets are masked even as dummies
+    assert {path: os.path.lexists(path) for path in PROVISIONED} == before
+
+
+def test_provision_dry_run_substitutes_the_domain() -> None:
+    """--domain replaces ws.kektech.xyz in the certificate request and the Nginx config."""
+    result = run(
+        unprivileged(["bash", "deploy/provision.sh", "--dry-run", "--domain", "ws.example.org"]),
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "-d ws.example.org" in result.stdout
+    assert "ws.kektech.xyz" not in result.stdout
+
+
+def test_update_dry_run_prints_the_steps() -> None:
+    """`update.sh --dry-run` as an unprivileged user exits 0 and prints pull, install,
+    migrate, reload and save without running them."""
+    result = run(unprivileged(["bash", "deploy/update.sh", "--dry-run"]), cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for text in (
+        "[1/4] pull: would run: git pull --ff-only",
+        "[2/4] install from the lock files: would run: bash scripts/install.sh",
+        "[3/4] migrate the database: would run: .venv/bin/python -m indexer migrate",
+        "[4/4] reload the services: would run:",
+        "startOrReload",
+        "--update-env",
+        "would run: " + str(REPO_ROOT / PM2) + " save",
+    ):
+        assert text in result.stdout, result.stdout
+
+
+# -------------------------------------------------------------------------- migrate
+
+
+def migrate(database_url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ["PATH"], "DATABASE_URL": database_url, "LOG_FORMAT": "json"}
+    return run([sys.executable, "-m", "indexer", "migrate"], cwd=cwd, env=env)
+
+
+async def tables(database_url: str) -> set[str]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    finally:
+        await conn.close()
+    return {row["tablename"] for row in rows}
+
+
+async def test_migrate_applies_pending_migrations_once(database_url: str, tmp_path: Path) -> None:
+    """`python -m indexer migrate` on a fresh database creates the schema and says which
+    migrations it applied; a second run applies nothing and still exits 0."""
+    first = await asyncio.to_thread(migrate, database_url, tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "applied: 0001_initial.sql" in first.stdout
+    assert {"schema_migrations", "events", "outbox", "indexer_state"} <= await tables(database_url)
+    second = await asyncio.to_thread(migrate, database_url, tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "applied:" not in second.stdout
+    assert "no migrations applied" in second.stdout
+
+
+def test_migrate_reports_an_unreachable_database(tmp_path: Path) -> None:
+    """With nothing listening at DATABASE_URL, migrate exits 1 with one line naming the cause."""
+    result = migrate(f"postgresql://kektech:secret-pw@127.0.0.1:{free_port()}/kektech", tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("kektech: database unreachable:"), lines
+    assert "secret-pw" not in result.stderr + result.stdout
+
+
+# -------------------------------------------------------------------------- update.sh, real
+
+
+def git(cwd: Path, *args: str) -> str:
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    result = run(["git", *identity, *args], cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def snapshot(destination: Path) -> None:
+    """A git repository holding this working tree (committed or not) as one commit."""
+    listed = run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO_ROOT).stdout
+    for name in filter(None, listed.split("\0")):
+        source = REPO_ROOT / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    git(destination, "init", "-q", "-b", "main")
+    git(destination, "add", "-A")
+    git(destination, "commit", "-q", "-m", "snapshot")
+
+
+class Pm2:
+    """PM2 with its own PM2_HOME, killed at the end."""
+
+    def __init__(self, checkout: Path, home: Path) -> None:
+        self.binary = str(checkout / PM2)
+        self.env = {**os.environ, "PM2_HOME": str(home)}
+
+    def __call__(self, *args: str) -> str:
+        result = run([self.binary, *args], env=self.env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    def pids(self) -> dict[str, int]:
+        return {app["name"]: app["pid"] for app in json.loads(self("jlist"))}
+
+
+@pytest.fixture
+def checkouts(tmp_path: Path) -> tuple[Path, Path]:
+    """(developer repo, deployed checkout): the checkout is a clone of a bare origin that the
+    developer repo pushes to. The checkout gets node_modules copied (with install.sh's lock
+    stamp, so no npm download) and its own .venv is built by update.sh."""
+    dev, origin, app = tmp_path / "dev", tmp_path / "origin.git", tmp_path / "app"
+    dev.mkdir()
+    snapshot(dev)
+    git(tmp_path, "clone", "-q", "--bare", str(dev), str(origin))
+    git(dev, "remote", "add", "origin", str(origin))
+    git(tmp_path, "clone", "-q", str(origin), str(app))
+    shutil.copytree(REPO_ROOT / "node_modules", app / "node_modules", symlinks=True)
+    return dev, app
+
+
+@pytest.fixture
+def pm2(checkouts: tuple[Path, Path], tmp_path: Path) -> Iterator[Pm2]:
+    _, app = checkouts
+    driver = Pm2(app, tmp_path / "pm2")
+    try:
+        yield driver
+    finally:
+        run([driver.binary, "kill"], env=driver.env)
+
+
+def trivial_ecosystem(path: Path) -> Path:
+    """An ecosystem with one long-sleeping app: reloading it is what update.sh must do."""
+    app = {"name": "update-probe", "script": "/bin/sleep", "args": "3600", "interpreter": "none"}
+    path.write_text(f"module.exports = {{ apps: [{json.dumps(app)}] }};\n")
+    return path
+
+
+@pytest.mark.timeout(240)
+async def test_update_pulls_installs_migrates_and_reloads(
+    checkouts: tuple[Path, Path], pm2: Pm2, database_url: str, tmp_path: Path
+) -> None:
+    """update.sh, for real, on a checkout one commit behind its origin: fast-forwards to the
+    origin, builds .venv from uv.lock, applies the migration the new commit brings, reloads
+    the PM2 apps (new pid) and saves the process list."""
+    dev, app = checkouts
+    (app / ".env").write_text(f"DATABASE_URL={database_url}\nLOG_FORMAT=json\n")
+    probe = dev / "indexer" / "migrations" / "0002_update_probe.sql"
+    probe.write_text("CREATE TABLE update_probe (id integer);\n")
+    git(dev, "add", "-A")
+    git(dev, "commit", "-q", "-m", "a new migration")
+    git(dev, "push", "-q", "origin", "main")
+    ecosystem = trivial_ecosystem(tmp_path / "probe.config.js")
+    pm2("start", str(ecosystem))
+    pid_before = pm2.pids()["update-probe"]
+
+    result = await asyncio.to_thread(
+        run,
+        ["bash", "deploy/update.sh", "--ecosystem", str(ecosystem)],
+        cwd=app,
+        env=pm2.env,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert git(app, "rev-parse", "HEAD") == git(dev, "rev-parse", "HEAD")
+    assert (app / ".venv" / "bin" / "python").exists()
+    assert "applied: 0002_update_probe.sql" in result.stdout
+    assert "update_probe" in await tables(database_url)
+    pid_after = pm2.pids()["update-probe"]
+    assert pid_after not in (0, pid_before)
+    assert (tmp_path / "pm2" / "dump.pm2").exists()
+
+
+def test_update_stops_at_the_first_failing_step(
+    checkouts: tuple[Path, Path], pm2: Pm2, tmp_path: Path
+) -> None:
+    """When the pull cannot fast-forward (the checkout diverged), update.sh exits 1 naming
+    that step and runs none of the later ones (no .venv built, no reload)."""
+    dev, app = checkouts
+    for repo, text in ((dev, "upstream"), (app, "local")):
+        (repo / "DIVERGED").write_text(text)
+        git(repo, "add", "DIVERGED")
+        git(repo, "commit", "-q", "-m", text)
+    git(dev, "push", "-q", "origin", "main")
+    ecosystem = trivial_ecosystem(tmp_path / "probe.config.js")
+    pm2("start", str(ecosystem))
+    pid_before = pm2.pids()["update-probe"]
+
+    result = run(["bash", "deploy/update.sh", "--ecosystem", str(ecosystem)], cwd=app, env=pm2.env)
+
+    assert result.returncode == 1
+    assert "step 1/4 (pull) failed" in result.stderr
+    assert "[2/4]" not in result.stdout
+    assert not (app / ".venv").exists()
+    assert pm2.pids()["update-probe"] == pid_before
