@@ -1,0 +1,343 @@
+"""The repository's nginx.conf, run by the real nginx with only paths and ports changed, in
+front of two real broadcaster instances fed through a real Redis stream."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import ssl
+import subprocess
+import sys
+import uuid
+import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from devnet.services import Redis
+from tests.support.nginx import (
+    HOST,
+    PROD_USER_LINE,
+    TEMPLATE,
+    Edge,
+    client_context,
+    handshake_statuses,
+    http_get,
+    render,
+    running_edge,
+    substitutions,
+)
+
+GIXY = Path(sys.executable).parent / "gixy"
+PROXY_READ_TIMEOUT = 60.0  # nginx.conf, location = /ws
+CONNECTIONS_PER_IP = 50  # nginx.conf, limit_conn ws_conn
+HANDSHAKE_INTERVAL = 0.12  # slower than limit_req's 10 r/s
+SECURITY_HEADERS = {
+    "Strict-Transport-Security": "max-age=63072000",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def stream_key() -> str:
+    return f"nginx-test:{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="module")
+async def edge(redis_server: Redis) -> AsyncIterator[Edge]:
+    """nginx with the production settings in front of two broadcasters (30 s heartbeat)."""
+    async with running_edge(redis_server.url, stream_key()) as running:
+        yield running
+
+
+def test_original_file_has_no_gixy_findings() -> None:
+    """gixy (gixy-next) reports nothing at all on the repository's nginx.conf."""
+    result = subprocess.run(
+        [str(GIXY), "--format", "json", str(TEMPLATE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout) == []
+
+
+async def test_rendered_file_passes_nginx_t(edge: Edge) -> None:
+    """`nginx -t` accepts the rendered configuration (syntax and every referenced file)."""
+    result = edge.nginx.check()
+    assert result.returncode == 0, result.stderr
+    assert "syntax is ok" in result.stderr
+    assert "test is successful" in result.stderr
+
+
+async def test_rendered_file_differs_only_in_paths_and_ports(edge: Edge) -> None:
+    """Line by line, the file nginx runs is nginx.conf with only the listed paths and ports
+    replaced (and, unprivileged, without the `user` line)."""
+    original = TEMPLATE.read_text()
+    rendered = edge.layout.conf.read_text()
+    assert rendered == render(original, edge.layout)
+    pairs = substitutions(edge.layout)
+    dropped = {PROD_USER_LINE} if (PROD_USER_LINE, "") in pairs else set()
+    before = [line for line in original.splitlines(keepends=True) if line not in dropped]
+    after = rendered.splitlines(keepends=True)
+    assert len(before) == len(after)
+    changed = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
+    for old_line, new_line in changed:
+        replaced = [(old, new) for old, new in pairs if old in old_line]
+        assert replaced, f"unexpected change: {old_line!r} -> {new_line!r}"
+        for old, new in replaced:
+            old_line = old_line.replace(old, new)
+        assert old_line == new_line
+    # listen x8, certificate x2, logs x3, webroot, pid, upstream servers x4
+    assert len(changed) == 19, changed
+
+
+async def test_wss_client_receives_events_through_nginx(edge: Edge) -> None:
+    """A WSS client connected to ws.kektech.xyz through nginx subscribes and gets events."""
+    async with edge.ws_client(edge.new_ip()) as client:
+        await client.subscribe("events:*")
+        sent = await edge.producer.publish(count=3)
+        events = await client.events(3)
+    assert [e["seq"] for e in events] == [env.seq for env in sent]
+
+
+async def test_broadcaster_limits_the_client_ip_nginx_forwards(redis_server: Redis) -> None:
+    """The broadcaster counts connections per client IP as nginx saw it (X-Real-IP), not per
+    nginx's own address, and a client cannot pick its IP with forwarding headers."""
+    async with running_edge(redis_server.url, stream_key(), ws_max_connections_per_ip=1) as limited:
+        first_ip, second_ip = limited.new_ip(), limited.new_ip()
+        # least_conn: one connection on each of the two instances, each at its limit of 1.
+        async with limited.ws_client(first_ip), limited.ws_client(first_ip):
+            with pytest.raises(InvalidStatus) as refused:
+                async with limited.ws_client(first_ip):
+                    pass
+            assert refused.value.response.status_code == 429
+            assert refused.value.response.body == b"too many connections\n"  # the broadcaster's
+            assert await limited.metric("kektech_broadcaster_rejected_total") == 1
+            spoofed = {"X-Forwarded-For": first_ip, "X-Real-IP": first_ip}
+            async with limited.ws_client(second_ip, additional_headers=spoofed) as other:
+                await other.subscribe("events:*")
+
+
+async def test_port_80_serves_acme_webroot_and_redirects_the_rest(edge: Edge) -> None:
+    """Port 80 serves certbot's challenge files from the webroot and 301s all else to HTTPS."""
+    challenge = edge.layout.webroot / ".well-known" / "acme-challenge" / "token-abc"
+    challenge.write_text("token-abc.key-authorization")
+    challenge.chmod(0o644)
+    ip = edge.new_ip()
+    status, _, body = await http_get(
+        edge, "/.well-known/acme-challenge/token-abc", source=ip, scheme="http"
+    )
+    assert (status, body) == (200, b"token-abc.key-authorization")
+    status, headers, _ = await http_get(edge, "/ws?since=5", source=ip, scheme="http")
+    assert status == 301
+    assert headers["Location"] == f"https://{HOST}/ws?since=5"
+
+
+async def test_unknown_host_names_are_dropped(edge: Edge) -> None:
+    """A request for another host name gets no answer at all (444), on 80 and on 443."""
+    for scheme in ("http", "https"):
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await http_get(
+                edge, "/health", source=edge.new_ip(), host="other.example", scheme=scheme
+            )
+
+
+async def test_eleventh_handshake_of_an_instant_burst_gets_429(edge: Edge) -> None:
+    """Of 15 handshakes from one IP in the same instant, 10 upgrade (101), 5 get 429."""
+    statuses = await handshake_statuses(edge, source=edge.new_ip(), count=15)
+    assert sorted(statuses) == [101] * 10 + [429] * 5
+
+
+async def test_open_connections_per_ip_are_capped(edge: Edge) -> None:
+    """An IP with 50 open WebSockets gets 429 for the 51st, and a slot again when one closes."""
+    ip = edge.new_ip()
+    sockets: list[ClientConnection] = []
+    try:
+        for _ in range(CONNECTIONS_PER_IP):
+            sockets.append(await open_socket(edge, ip))
+            await asyncio.sleep(HANDSHAKE_INTERVAL)  # pacing below the handshake rate limit
+        with pytest.raises(InvalidStatus) as refused:
+            await open_socket(edge, ip)
+        assert refused.value.response.status_code == 429
+        assert b"nginx" in refused.value.response.body  # nginx's refusal, not a broadcaster's
+        await sockets.pop().close()
+        sockets.append(await open_socket(edge, ip, retry_429_for=5.0))
+    finally:
+        await asyncio.gather(*(ws.close() for ws in sockets))
+
+
+async def open_socket(edge: Edge, ip: str, *, retry_429_for: float = 0.0) -> ClientConnection:
+    """An open WebSocket through nginx; retried on 429 while nginx frees a slot."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry_429_for
+    while True:
+        try:
+            return await connect(edge.wss_url, open_timeout=5, **edge.ws_options(ip))
+        except InvalidStatus as exc:
+            if exc.response.status_code != 429 or loop.time() > deadline:
+                raise
+            await asyncio.sleep(HANDSHAKE_INTERVAL)
+
+
+async def test_security_headers_and_no_server_version(edge: Edge) -> None:
+    """HTTPS responses, errors included, carry HSTS and the other security headers, and
+    `Server` names no version."""
+    ip = edge.new_ip()
+    for path, expected_status in (("/health", 200), ("/nothing-here", 404)):
+        status, headers, _ = await http_get(edge, path, source=ip)
+        assert status == expected_status
+        for name, value in SECURITY_HEADERS.items():
+            assert headers.get(name) == value, (path, name, headers)
+        assert headers["Server"] == "nginx"
+
+
+async def test_tls_1_0_and_1_1_are_refused_by_the_server(edge: Edge) -> None:
+    """nginx answers TLS 1.0/1.1 hellos with a protocol_version alert (the same client
+    settings complete a handshake with a server that allows them), and accepts 1.2 and 1.3."""
+    legacy = {"TLSv1": "TLSv1", "TLSv1.1": "TLSv1_1"}
+    async with legacy_tls_server(edge.layout.certs) as control_port:
+        for version, name in legacy.items():
+            context = versioned_context(edge, name)
+            # The client can speak it: a server that allows it completes the handshake.
+            assert await tls_handshake(control_port, context) == version
+            with pytest.raises(ssl.SSLError) as refused:
+                await tls_handshake(edge.layout.https_port, context)
+            # The alert came from the server; a client-side refusal would say
+            # NO_PROTOCOLS_AVAILABLE or UNSUPPORTED_PROTOCOL instead.
+            assert refused.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION"
+    for version, name in {"TLSv1.2": "TLSv1_2", "TLSv1.3": "TLSv1_3"}.items():
+        context = versioned_context(edge, name)
+        assert await tls_handshake(edge.layout.https_port, context) == version
+
+
+def versioned_context(edge: Edge, name: str) -> ssl.SSLContext:
+    """A client context pinned to one TLS version, with legacy ciphers allowed."""
+    context = client_context(edge.layout.cert)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # OpenSSL 3 refuses TLS < 1.2 above level 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLSVersion.TLSv1 is deprecated
+        version = ssl.TLSVersion[name]
+        context.minimum_version = version
+        context.maximum_version = version
+    return context
+
+
+async def tls_handshake(port: int, context: ssl.SSLContext) -> str:
+    """Complete a TLS handshake with 127.0.0.1:port as ws.kektech.xyz; the version used."""
+    _, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname=HOST, ssl_handshake_timeout=5
+    )
+    try:
+        version = writer.get_extra_info("ssl_object").version()
+        assert isinstance(version, str)
+        return version
+    finally:
+        writer.transport.abort()
+
+
+@asynccontextmanager
+async def legacy_tls_server(certs: Path) -> AsyncIterator[int]:
+    """A TLS server on a free port that allows 1.0 and 1.1: the control for the refusal."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+    context.load_cert_chain(certs / "fullchain.pem", certs / "privkey.pem")
+
+    async def hang_up(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0, ssl=context)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        assert isinstance(port, int)
+        yield port
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_http2_is_negotiated_with_alpn(edge: Edge) -> None:
+    """A plain HTTPS client offering h2 and http/1.1 gets h2, and nginx speaks HTTP/2."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1",
+        edge.layout.https_port,
+        ssl=client_context(edge.layout.cert, alpn=["h2", "http/1.1"]),
+        server_hostname=HOST,
+        local_addr=(edge.new_ip(), 0),
+    )
+    try:
+        assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+        # The HTTP/2 connection preface and an empty SETTINGS frame; the server's first frame
+        # is its own SETTINGS (type 4 on stream 0).
+        writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+        async with asyncio.timeout(5):
+            header = await reader.readexactly(9)
+        assert header[3] == 4
+        assert int.from_bytes(header[5:9], "big") == 0
+    finally:
+        writer.transport.abort()
+
+
+async def test_health_is_the_broadcasters_healthz(edge: Edge) -> None:
+    """GET /health through nginx returns the broadcaster's /healthz JSON."""
+    status, headers, body = await http_get(edge, "/health", source=edge.new_ip())
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    health = orjson.loads(body)
+    direct = await edge.broadcasters[0].health()
+    assert health.keys() == direct.keys()
+    assert (health["status"], health["redis"]) == ("ok", "up")
+
+
+async def test_http_responses_are_gzipped(edge: Edge) -> None:
+    """A client that accepts gzip gets the /health JSON compressed; others get it plain."""
+    ip = edge.new_ip()
+    status, headers, body = await http_get(
+        edge, "/health", source=ip, headers={"Accept-Encoding": "gzip"}
+    )
+    assert status == 200
+    assert headers.get("Content-Encoding") == "gzip"
+    assert orjson.loads(gzip.decompress(body))["redis"] == "up"
+    _, plain_headers, plain = await http_get(
+        edge, "/health", source=ip, headers={"Accept-Encoding": "identity"}
+    )
+    assert "Content-Encoding" not in plain_headers
+    assert orjson.loads(plain)["redis"] == "up"
+
+
+@pytest.mark.timeout(150)  # waits out proxy_read_timeout (60 s) once, both cases in parallel
+async def test_heartbeats_keep_an_idle_client_past_proxy_read_timeout(
+    edge: Edge, redis_server: Redis
+) -> None:
+    """An idle client (sending nothing, not even pings) stays connected past nginx's
+    proxy_read_timeout thanks to the broadcaster's 30 s protocol pings; with heartbeats off,
+    nginx cuts the same idle connection at proxy_read_timeout."""
+    async with (
+        running_edge(redis_server.url, stream_key(), ws_heartbeat_interval=3600.0) as silent,
+        edge.ws_client(edge.new_ip(), ping_interval=None) as kept,
+        silent.ws_client(silent.new_ip(), ping_interval=None) as cut,
+    ):
+        await kept.subscribe("events:*")
+        await cut.subscribe("events:*")
+        loop = asyncio.get_running_loop()
+        idle_since = loop.time()
+        code, _ = await cut.closed(within=PROXY_READ_TIMEOUT + 20)
+        idle_for = loop.time() - idle_since
+        assert code is None  # no close frame: nginx dropped the connection
+        assert PROXY_READ_TIMEOUT - 1 <= idle_for <= PROXY_READ_TIMEOUT + 15
+        [sent] = await edge.producer.publish()
+        [event] = await kept.events(1)
+        assert event["seq"] == sent.seq
