@@ -77,10 +77,28 @@ def parse_entry(entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> Event:
     return Event(seq=seq, channels=channels, envelope=bytes(raw), block_time=block_time)
 
 
+# Channel fields already validated: events of a market repeat the same few field values, so
+# validating each distinct one once saves most of the work per event (bounded: cleared when
+# full, the cost of a later miss being one validation).
+_VALID_CHANNELS: dict[bytes, tuple[str, ...]] = {}
+_VALID_CHANNELS_MAX = 65_536
+
+
 def _channels(where: str, raw: bytes | None, envelope: EventEnvelope) -> tuple[str, ...]:
     """The entry's channels, validated; derived from the envelope when the field is absent."""
     if raw is None or not raw.strip():
         return channels_for(envelope.type, envelope.contract_kind, envelope.market_address)
+    known = _VALID_CHANNELS.get(raw)
+    if known is not None:
+        return known
+    channels = _validate_channels(where, raw)
+    if len(_VALID_CHANNELS) >= _VALID_CHANNELS_MAX:
+        _VALID_CHANNELS.clear()
+    _VALID_CHANNELS[bytes(raw)] = channels
+    return channels
+
+
+def _validate_channels(where: str, raw: bytes) -> tuple[str, ...]:
     names: list[str] = []
     for name in raw.decode("ascii", "replace").split():
         try:

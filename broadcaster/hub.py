@@ -117,6 +117,11 @@ class Hub:
         self._max_globs = max_glob_patterns
         self._clock = clock
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Read when scraped, not updated per connection, subscription or event: a connect
+        # storm or a busy stream then costs no metric updates.
+        metrics.connections.set_function(lambda: len(self.clients))
+        metrics.subscriptions.set_function(lambda: self.subscription_count)
+        metrics.last_seq.set_function(lambda: self.position or 0)
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -126,7 +131,6 @@ class Hub:
     def connect(self, client_id: str, peer: Peer) -> Client:
         client = Client(client_id, peer)
         self.clients.add(client)
-        self.metrics.connections.set(len(self.clients))
         return client
 
     def disconnect(self, client: Client) -> None:
@@ -134,7 +138,6 @@ class Hub:
         self._unroute(client)
         client.pending = None
         self.clients.discard(client)
-        self.metrics.connections.set(len(self.clients))
 
     def drop(self, client: Client, code: int, reason: str) -> None:
         """Stop routing to a client now and have its connection closed with code."""
@@ -159,7 +162,6 @@ class Hub:
         """Set where following the stream begins (its newest entry at boot)."""
         if self.position is None:
             self.position = position
-            self.metrics.last_seq.set(position)
             self._wake_waiters()
 
     def prefill(self, entries: Iterable[tuple[int, Event | None]]) -> None:
@@ -207,8 +209,6 @@ class Hub:
             self.last_block_time = event.block_time
         if batch:
             self._flush(batch, overflow)
-        if self.position is not None:
-            self.metrics.last_seq.set(self.position)
         if relayed:
             self.last_relay_time = now
             self.metrics.events.inc(relayed)
@@ -361,6 +361,4 @@ class Hub:
         client.subs = {}
 
     def _count_subscriptions(self, delta: int) -> None:
-        if delta:
-            self.subscription_count += delta
-            self.metrics.subscriptions.set(self.subscription_count)
+        self.subscription_count += delta

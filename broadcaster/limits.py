@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
@@ -94,6 +95,9 @@ def client_ip(
     return str(peer_ip) if peer_ip is not None else "local"
 
 
+# Parsing an address costs more than the rest of a handshake's checks, and the peers of a
+# connect storm are few (behind Nginx, one): each address is parsed once (bounded cache).
+@functools.lru_cache(maxsize=4096)
 def _parse(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if not text:
         return None

@@ -11,6 +11,7 @@ clients they do not concern. Other globs are few by rule (WS_MAX_GLOB_PATTERNS).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
@@ -25,6 +26,7 @@ Kind = Literal["exact", "prefix", "glob"]
 _STARS = re.compile(r"\*+")
 
 
+@functools.lru_cache(maxsize=4096)  # every (un)subscribe asks: most ask about the same few
 def kind_of(subscription: str) -> Kind:
     """Classify a normalized subscription by how it is matched."""
     if not is_pattern(subscription):

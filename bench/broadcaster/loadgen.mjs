@@ -12,6 +12,7 @@
 // slow, sampleEvery}; url is ws://host:port/path or ws+unix:///socket:/path. Then it reads
 // commands on stdin, one per line, and answers each with one JSON line:
 //   start   reset the counters: the measurement window begins
+//   mark    note the p99 so far (p99BeforeMarkMs), begin a second histogram (p99AfterMarkMs)
 //   report  the counters since start (latency percentiles, deliveries, gaps, duplicates)
 //   exit    close every client and exit
 // It prints {"phase":"connected",...} once every client is subscribed.
@@ -32,6 +33,9 @@ const EVENT_HEAD = Buffer.from('{"type":"event"');
 const HEADER_END = Buffer.from("\r\n\r\n");
 
 let histogram = new Uint32Array(MAX_US / BUCKET_US + 1);
+let afterMark = null; // a second histogram from "mark" on (e.g. once a slow client was cut off)
+let sampledAfterMark = 0;
+let p99BeforeMark = null;
 let received = 0;
 let sampled = 0;
 let gaps = 0;
@@ -94,6 +98,10 @@ function onText(client, buf, start, end) {
     if (us < 0) us = 0;
     if (us > maxLatencyUs) maxLatencyUs = us;
     histogram[(Math.min(MAX_US, us) / BUCKET_US) | 0]++;
+    if (afterMark) {
+      afterMark[(Math.min(MAX_US, us) / BUCKET_US) | 0]++;
+      sampledAfterMark++;
+    }
     return;
   }
   const message = JSON.parse(buf.subarray(start, end).toString());
@@ -213,12 +221,12 @@ async function connectAll() {
   };
 }
 
-function percentile(p) {
-  if (!sampled) return null;
-  const wanted = Math.ceil(sampled * p);
+function percentile(p, counts = histogram, total = sampled) {
+  if (!total) return null;
+  const wanted = Math.ceil(total * p);
   let seen = 0;
-  for (let i = 0; i < histogram.length; i++) {
-    seen += histogram[i];
+  for (let i = 0; i < counts.length; i++) {
+    seen += counts[i];
     if (seen >= wanted) return (i * BUCKET_US) / 1000;
   }
   return MAX_US / 1000;
@@ -236,6 +244,9 @@ function report() {
     p99Ms: percentile(0.99),
     p999Ms: percentile(0.999),
     maxMs: maxLatencyUs / 1000,
+    p99BeforeMarkMs: p99BeforeMark,
+    p99AfterMarkMs: afterMark ? percentile(0.99, afterMark, sampledAfterMark) : null,
+    sampledAfterMark,
     open: clients.filter((c) => !c.closed).length,
     closes,
   };
@@ -247,9 +258,15 @@ commands.on("line", (line) => {
   const command = line.trim();
   if (command === "start") {
     histogram = new Uint32Array(MAX_US / BUCKET_US + 1);
-    received = sampled = gaps = duplicates = maxLatencyUs = 0;
+    afterMark = p99BeforeMark = null;
+    received = sampled = sampledAfterMark = gaps = duplicates = maxLatencyUs = 0;
     measuring = true;
     process.stdout.write(JSON.stringify({ phase: "started" }) + "\n");
+  } else if (command === "mark") {
+    p99BeforeMark = percentile(0.99);
+    afterMark = new Uint32Array(MAX_US / BUCKET_US + 1);
+    sampledAfterMark = 0;
+    process.stdout.write(JSON.stringify({ phase: "marked" }) + "\n");
   } else if (command === "report") {
     process.stdout.write(JSON.stringify(report()) + "\n");
   } else if (command === "exit") {

@@ -51,6 +51,7 @@ class Scenario:
     slow: int = 0  # clients that stop reading after subscribing
     pad: int = 0  # extra envelope bytes
     send_buffer: int | None = None  # WS_SEND_BUFFER_BYTES for this run
+    duration: float | None = None  # measured seconds, instead of --duration
     goal: str = ""
 
 
@@ -82,18 +83,40 @@ SCENARIOS = {
             concurrency=200,
             goal="same, 200 handshakes in flight (clients with jittered backoff)",
         ),
-        Scenario("fat-1k", 1000, 100, pad=3000, send_buffer=262_144, goal="baseline for slow-1k"),
         Scenario(
-            "slow-1k",
-            1000,
+            "fat-500",
+            500,
+            100,
+            pad=3000,
+            send_buffer=262_144,
+            duration=25,
+            goal="baseline for slow-500",
+        ),
+        Scenario(
+            "slow-500",
+            500,
             100,
             pad=3000,
             slow=1,
             send_buffer=262_144,
-            goal="one client stops reading: same p99 as fat-1k, it gets 4008",
+            # The kernel buffers megabytes for the stalled socket (up to tcp_wmem's max, 4 MiB,
+            # plus the client's window) before the server's 256 KiB fill: at ~390 KB/s the
+            # cut-off came 6.5-7 s after the client stopped reading, inside the 25 s window.
+            duration=25,
+            goal="one client stops reading: same p99 as fat-500, it gets 4008",
         ),
     )
 }
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the server under test is started."""
+
+    root: Path = REPO_ROOT  # the checkout it runs from (another one: compare two versions)
+    env: dict[str, str] = field(default_factory=dict)  # extra settings, e.g. WS_REUSE_PORT
+    profile: Path | None = None  # run it under cProfile, writing <kind>-<scenario>.prof here
+    instances: int = 1  # broadcaster processes sharing the port with WS_REUSE_PORT
 
 
 @dataclass
@@ -118,6 +141,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every process on the machine has used (all CPUs; /proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
 def rss_kb(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KB
 
@@ -129,54 +159,111 @@ def http_json(url: str) -> dict[str, Any]:
     return body
 
 
+@dataclass
+class Servers:
+    """The server process(es) under test: one, or several sharing the port (SO_REUSEPORT)."""
+
+    procs: list[asyncio.subprocess.Process]
+    port: int
+    ops_ports: list[int]
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(proc.pid) for proc in self.procs)
+
+    def rss(self) -> int:
+        return sum(rss_kb(proc.pid) for proc in self.procs)
+
+    def metric(self, name: str) -> float:
+        """A metric summed over the instances (0 when absent)."""
+        total = 0.0
+        for ops in self.ops_ports:
+            url = f"http://127.0.0.1:{ops}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                for line in response.read().decode().splitlines():
+                    if line.startswith(name + " ") or line.startswith(name + "{"):
+                        total += float(line.rpartition(" ")[2])
+        return total
+
+
 @contextlib.asynccontextmanager
 async def server_process(
-    kind: str, redis: Redis, scenario: Scenario, logdir: Path, unix: str | None
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, int]]:
-    port, ops = free_port(), free_port()
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "REDIS_URL": redis.url,
-        "REDIS_STREAM_KEY": STREAM_KEY,
-        "WS_PORT": str(port),
-        "BROADCASTER_HTTP_PORT": str(ops),
-        "WS_MAX_CONNECTIONS_PER_IP": "100000",  # every bench client comes from 127.0.0.1
-        "LOG_LEVEL": "WARNING",
-        "LOG_FORMAT": "json",
-    }
-    if scenario.send_buffer:
-        env["WS_SEND_BUFFER_BYTES"] = str(scenario.send_buffer)
-    if unix:
-        env["WS_UNIX_SOCKET"] = unix
-    module = "broadcaster" if kind == "broadcaster" else "bench.broadcaster.naive_server"
-    with (logdir / f"{kind}-{scenario.name}.log").open("wb") as log:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", module, cwd=REPO_ROOT, env=env, stdout=log, stderr=log
-        )
+    kind: str,
+    redis: Redis,
+    scenario: Scenario,
+    logdir: Path,
+    unix: str | None,
+    options: ServerOptions,
+) -> AsyncIterator[Servers]:
+    instances = options.instances if kind == "broadcaster" else 1
+    servers = Servers([], free_port(), [free_port() for _ in range(instances)])
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            if proc.returncode is not None:
-                raise RuntimeError(f"{kind} exited with {proc.returncode}; see {logdir}")
-            with contextlib.suppress(OSError):
-                if kind == "naive":
-                    with socket_to(port):
-                        break
-                elif http_json(f"http://127.0.0.1:{ops}/healthz").get("seq") is not None:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{kind} did not start; see {logdir}")
-            await asyncio.sleep(0.05)
-        yield proc, port, ops
+        for number, ops in enumerate(servers.ops_ports):
+            env = {
+                "PATH": os.environ.get("PATH", ""),
+                "REDIS_URL": redis.url,
+                "REDIS_STREAM_KEY": STREAM_KEY,
+                "WS_PORT": str(servers.port),
+                "BROADCASTER_HTTP_PORT": str(ops),
+                "WS_MAX_CONNECTIONS_PER_IP": "100000",  # every bench client comes from 127.0.0.1
+                "LOG_LEVEL": "WARNING",
+                "LOG_FORMAT": "json",
+            }
+            if instances > 1:
+                env["WS_REUSE_PORT"] = "true"
+            if scenario.send_buffer:
+                env["WS_SEND_BUFFER_BYTES"] = str(scenario.send_buffer)
+            if unix:
+                env["WS_UNIX_SOCKET"] = unix
+            env.update(options.env)
+            name = f"{kind}-{scenario.name}" + (f"-{number}" if instances > 1 else "")
+            servers.procs.append(await _spawn(kind, name, env, logdir, options))
+        for proc, ops in zip(servers.procs, servers.ops_ports, strict=True):
+            await _started(kind, proc, servers.port, ops, logdir)
+        yield servers
     finally:
-        if proc.returncode is None:
-            proc.terminate()
+        for proc in servers.procs:
+            if proc.returncode is None:
+                proc.terminate()
+        for proc in servers.procs:
             try:
                 async with asyncio.timeout(10):
                     await proc.wait()
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+async def _spawn(
+    kind: str, name: str, env: dict[str, str], logdir: Path, options: ServerOptions
+) -> asyncio.subprocess.Process:
+    module = "broadcaster" if kind == "broadcaster" else "bench.broadcaster.naive_server"
+    command = [sys.executable, "-m", module]
+    if options.profile is not None:
+        # cProfile writes its file when the server exits on SIGTERM (it stops cleanly).
+        out = options.profile / f"{name}.prof"
+        command = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", module]
+    with (logdir / f"{name}.log").open("wb") as log:
+        return await asyncio.create_subprocess_exec(
+            *command, cwd=options.root, env=env, stdout=log, stderr=log
+        )
+
+
+async def _started(
+    kind: str, proc: asyncio.subprocess.Process, port: int, ops: int, logdir: Path
+) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        if proc.returncode is not None:
+            raise RuntimeError(f"{kind} exited with {proc.returncode}; see {logdir}")
+        with contextlib.suppress(OSError):
+            if kind == "naive":
+                with socket_to(port):
+                    return
+            elif http_json(f"http://127.0.0.1:{ops}/healthz").get("seq") is not None:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{kind} did not start; see {logdir}")
+        await asyncio.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -273,6 +360,26 @@ async def publish(redis: Redis, scenario: Scenario, duration: float, tick: float
     return int(orjson.loads(out.splitlines()[-1])["published"])
 
 
+async def watch_cut_off(servers: Servers, gen: LoadGen, duration: float, row: Row) -> None:
+    """Wait out the window, noting when the server cut the slow client off (4008).
+
+    The slow client reads nothing, so it cannot see its close frame: the server's counter
+    tells. The generator then starts a second latency histogram ("mark"), so the report
+    shows the other clients' p99 after the cut-off as well as over the whole window.
+    """
+    started = time.monotonic()
+    while (elapsed := time.monotonic() - started) < duration:
+        if "cut_off_s" not in row.values:
+            try:
+                cut = servers.metric("kektech_broadcaster_slow_consumer_closes_total")
+            except OSError:  # a scrape that timed out on a saturated machine: try again
+                cut = 0
+            if cut:
+                row.values["cut_off_s"] = elapsed
+                await gen.command("mark")
+        await asyncio.sleep(max(0.0, min(0.25, duration - (time.monotonic() - started))))
+
+
 async def run_scenario(
     kind: str,
     scenario: Scenario,
@@ -282,27 +389,33 @@ async def run_scenario(
     warmup: float,
     tick: float,
     logdir: Path,
+    options: ServerOptions,
 ) -> Row:
     row = Row(kind, transport, scenario.name, scenario.clients, scenario.rate)
+    duration = scenario.duration or duration
     unix = str(logdir / "broadcaster.sock") if transport == "unix" else None
     with Redis() as redis:
-        async with server_process(kind, redis, scenario, logdir, unix) as (server, port, _):
+        async with server_process(kind, redis, scenario, logdir, unix, options) as servers:
             await asyncio.sleep(0.5)
-            rss_before = rss_kb(server.pid)
-            cpu_before = cpu_seconds(server.pid)
+            rss_before = servers.rss()
+            cpu_before = servers.cpu()
+            port = servers.port
             url = f"ws+unix://{unix}:/ws" if unix else f"ws://127.0.0.1:{port}/ws"
             gen = await LoadGen.start(url, scenario)
             try:
                 connected = await gen.line()
-                cpu_connect = cpu_seconds(server.pid) - cpu_before
+                cpu_connect = servers.cpu() - cpu_before
+                gen_cpu_connect = cpu_seconds(gen.proc.pid)
                 await asyncio.sleep(1.0)  # let the connection burst settle before sizing memory
-                rss_idle = rss_kb(server.pid)
+                rss_idle = servers.rss()
                 row.values.update(
                     connected=connected["open"],
                     all_connected_s=connected["allConnectedMs"] / 1000,
                     handshake_p50_ms=connected["handshakeP50Ms"],
                     handshake_p99_ms=connected["handshakeP99Ms"],
                     connect_cpu_s=cpu_connect,
+                    connect_cpu_us=1e6 * cpu_connect / max(1, connected["open"]),
+                    connect_gen_cpu_s=gen_cpu_connect,
                     rss_idle_mb=rss_idle / 1024,
                     kib_per_conn=(rss_idle - rss_before) / max(1, connected["open"]),
                 )
@@ -312,14 +425,19 @@ async def run_scenario(
                     )
                     await asyncio.sleep(warmup)
                     await gen.command("start")
-                    server_cpu = cpu_seconds(server.pid)
+                    server_cpu = servers.cpu()
                     gen_cpu = cpu_seconds(gen.proc.pid)
                     redis_cpu = cpu_seconds(redis.pid or 0)
-                    await asyncio.sleep(duration)
+                    machine_cpu = machine_busy_seconds()
+                    if scenario.slow and kind == "broadcaster":
+                        await watch_cut_off(servers, gen, duration, row)
+                    else:
+                        await asyncio.sleep(duration)
                     report = await gen.command("report")
-                    server_cpu = cpu_seconds(server.pid) - server_cpu
+                    server_cpu = servers.cpu() - server_cpu
                     gen_cpu = cpu_seconds(gen.proc.pid) - gen_cpu
                     redis_cpu = cpu_seconds(redis.pid or 0) - redis_cpu
+                    machine_cpu = machine_busy_seconds() - machine_cpu
                     await publisher
                     deliveries = report["received"]
                     row.values.update(
@@ -327,16 +445,26 @@ async def run_scenario(
                         p50_ms=report["p50Ms"],
                         p99_ms=report["p99Ms"],
                         max_ms=report["maxMs"],
+                        p99_before_cut_ms=report["p99BeforeMarkMs"],
+                        p99_after_cut_ms=report["p99AfterMarkMs"],
                         server_cpu_pct=100 * server_cpu / duration,
                         us_per_delivery=1e6 * server_cpu / deliveries if deliveries else None,
                         us_per_event=1e6 * server_cpu / (scenario.rate * duration),
                         gen_cpu_pct=100 * gen_cpu / duration,
                         redis_cpu_pct=100 * redis_cpu / duration,
+                        # All processes, of 200 % on 2 CPUs: what exceeds server + generator +
+                        # Redis + publisher (~5-10 %) is someone else's load during the window.
+                        machine_cpu_pct=100 * machine_cpu / duration,
                         gaps=report["gaps"],
                         duplicates=report["duplicates"],
                         closes=report["closes"],
                         still_open=report["open"],
                     )
+                    if kind == "broadcaster":
+                        with contextlib.suppress(OSError):
+                            row.values["slow_closes"] = int(
+                                servers.metric("kektech_broadcaster_slow_consumer_closes_total")
+                            )
             finally:
                 await gen.stop()
     return row
@@ -357,9 +485,17 @@ COLUMNS = (
     ("server_cpu_pct", "srv CPU%", "{:.0f}"),
     ("gen_cpu_pct", "gen CPU%", "{:.0f}"),
     ("redis_cpu_pct", "redis%", "{:.0f}"),
+    ("machine_cpu_pct", "machine%", "{:.0f}"),
     ("all_connected_s", "conn s", "{:.2f}"),
     ("handshake_p99_ms", "hs p99 ms", "{:.0f}"),
+    ("connect_cpu_s", "conn CPU s", "{:.2f}"),
+    ("connect_gen_cpu_s", "gen conn CPU s", "{:.2f}"),
+    ("connect_cpu_us", "us/conn", "{:.0f}"),
     ("kib_per_conn", "KiB/conn", "{:.1f}"),
+    ("cut_off_s", "cut at s", "{:.1f}"),
+    ("p99_before_cut_ms", "p99 before cut", "{:.2f}"),
+    ("p99_after_cut_ms", "p99 after cut", "{:.2f}"),
+    ("slow_closes", "4008s", "{}"),
     ("gaps", "gaps", "{}"),
     ("duplicates", "dups", "{}"),
     ("closes", "closes", "{}"),
@@ -384,7 +520,7 @@ def render(rows: list[Row]) -> str:
     )
 
 
-async def main_async(args: argparse.Namespace, logdir: Path) -> list[Row]:
+async def main_async(args: argparse.Namespace, logdir: Path, options: ServerOptions) -> list[Row]:
     raise_fd_limit()
     rows = []
     for name in args.scenario:
@@ -403,6 +539,7 @@ async def main_async(args: argparse.Namespace, logdir: Path) -> list[Row]:
                         warmup=args.warmup,
                         tick=args.tick,
                         logdir=logdir,
+                        options=options,
                     )
                 except (RuntimeError, TimeoutError, OSError) as exc:
                     row = Row(kind, transport, name, scenario.clients, scenario.rate)
@@ -435,11 +572,34 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
     parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument(
+        "--server-root", help="run the server from this copy of the repository (before/after)"
+    )
+    parser.add_argument(
+        "--server-env",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra settings for the server, e.g. WS_REUSE_PORT=true",
+    )
+    parser.add_argument("--profile", help="run the server under cProfile; .prof files go here")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="broadcaster processes sharing the port (WS_REUSE_PORT=true) when above 1",
+    )
     parser.add_argument("--logdir", help="server logs go here (default: a new temp dir)")
     args = parser.parse_args()
     logdir = Path(args.logdir or tempfile.mkdtemp(prefix="kektech-bench-broadcaster-"))
     logdir.mkdir(parents=True, exist_ok=True)
-    rows = asyncio.run(main_async(args, logdir))
+    options = ServerOptions(
+        root=Path(args.server_root).resolve() if args.server_root else REPO_ROOT,
+        env=dict(item.split("=", 1) for item in args.server_env),
+        profile=Path(args.profile).resolve() if args.profile else None,
+        instances=args.instances,
+    )
+    rows = asyncio.run(main_async(args, logdir, options))
     print(render(rows))
     for row in rows:
         if "error" in row.values:

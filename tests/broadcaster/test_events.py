@@ -63,6 +63,16 @@ def test_invalid_entries(entry_id: bytes, entry: dict[bytes, bytes]) -> None:
         parse_entry(entry_id, entry)
 
 
+def test_channels_are_validated_once_per_distinct_field() -> None:
+    """A channels field seen before gives the same channels; a bad one is refused each time."""
+    first = parse_entry(b"3-0", fields(3, channels=b"events:bet_placed market:" + MARKET.encode()))
+    again = parse_entry(b"4-0", fields(4, channels=b"events:bet_placed market:" + MARKET.encode()))
+    assert again.channels == first.channels == ("events:bet_placed", "market:" + MARKET)
+    for seq in (5, 6):
+        with pytest.raises(InvalidEntry):
+            parse_entry(f"{seq}-0".encode(), fields(seq, channels=b"events:bet_placed market:x"))
+
+
 def test_entry_seq() -> None:
     """Entry IDs are <seq>-0."""
     assert entry_seq(b"12-0") == 12

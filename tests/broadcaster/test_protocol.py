@@ -270,6 +270,7 @@ async def test_health_and_metrics_on_both_ports(server: Running, producer: Event
             for name in (
                 "kektech_broadcaster_connections 1.0",
                 "kektech_broadcaster_subscriptions 1.0",
+                "kektech_broadcaster_last_seq 1.0",
                 "kektech_broadcaster_deliveries_total 1.0",
                 "kektech_broadcaster_event_lag_seconds_bucket",
                 "kektech_broadcaster_replay_events_bucket",
