@@ -20,6 +20,7 @@ from broadcaster.hub import Hub
 from broadcaster.metrics import Metrics
 from broadcaster.server import serve_clients
 from broadcaster.stream import EventStream, open_stream
+from shared.readiness import notify_ready
 from shared.settings import BroadcasterSettings
 
 __all__ = ["run"]
@@ -88,6 +89,7 @@ async def run(settings: BroadcasterSettings) -> None:
                 path=settings.ws_path,
                 stream=settings.redis_stream_key,
             )
+            notify_ready("broadcaster", port=settings.ws_port)
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(
                     stream.follow(hub, metrics, history=settings.ws_history_size),

@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# Seconds a stop may take before the cancellation is repeated (PM2's kill_timeout is 15 s).
+STOP_RETRY = 5.0
+
+
 def run_until_signalled(main: Coroutine[Any, Any, int]) -> int:
     """Run `main`, cancelling it on SIGINT (PM2's stop signal) or SIGTERM."""
 
@@ -58,8 +62,21 @@ def run_until_signalled(main: Coroutine[Any, Any, int]) -> int:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+
+        def insist() -> None:
+            # A library that swallows a cancellation (asyncio.wait_for on Python 3.11) would
+            # otherwise keep us running until PM2's SIGKILL; say so and cancel again.
+            if not task.done():
+                log.warning("still running after a stop signal: cancelling again", after=STOP_RETRY)
+                task.cancel()
+                loop.call_later(STOP_RETRY, insist)
+
+        def stop() -> None:
+            task.cancel()
+            loop.call_later(STOP_RETRY, insist)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
         try:
             return await main
         except asyncio.CancelledError:

@@ -28,6 +28,7 @@ from indexer.metrics import Metrics
 from indexer.publisher import Publisher
 from indexer.rpc import LogRangeSizer, RpcClient
 from indexer.store import Lease, Store
+from shared.readiness import notify_ready
 from shared.settings import IndexerSettings
 
 log = structlog.get_logger()
@@ -84,11 +85,13 @@ async def acquire_lease(store: Store, *, owner: str, ttl: float, wait: bool = Tr
 async def redis_client(url: str) -> AsyncIterator[aioredis.Redis]:
     """A Redis client without hidden retries: the publisher retries in one place.
 
-    No socket_timeout: redis-py applies it with asyncio.wait_for, which on Python 3.11 can
-    swallow a cancellation (a lost stop signal); the publisher bounds each call itself.
+    socket_timeout=None, explicitly (redis-py 8 defaults to 5 s): redis-py applies it with
+    asyncio.wait_for, which on Python 3.11 can swallow a cancellation, i.e. lose a stop signal;
+    the publisher bounds each call itself with asyncio.timeout.
     """
     client = aioredis.Redis.from_url(
         url,
+        socket_timeout=None,
         socket_connect_timeout=REDIS_TIMEOUT,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=10,
@@ -192,6 +195,9 @@ async def run(settings: IndexerSettings) -> None:
         ),
     ):
         await store.migrate()
+        # Ready (docs/pm2.md): migrated, HTTP serving, on the right chain (the client checks
+        # eth_chainId against CHAIN_ID on first use), leader or standby alike.
+        notify_ready("indexer", chain_id=await rpc.chain_id())
         state["role"] = "standby"
         lease = await acquire_lease(store, owner=lease_owner(), ttl=settings.lease_ttl)
         assert lease is not None

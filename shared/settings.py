@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sys
 from ipaddress import ip_network
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AliasGenerator,
@@ -14,6 +14,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
@@ -257,6 +258,42 @@ class BroadcasterSettings(ServiceSettings):
         default="127.0.0.1", min_length=1, description="Metrics host."
     )
     broadcaster_http_port: Port = Field(default=9465, description="Metrics and health port.")
+    broadcaster_instance: int = Field(
+        default=0,
+        ge=0,
+        le=63,
+        description=(
+            "Index of this instance (PM2 sets it per instance, see ecosystem.config.js); added "
+            "to WS_PORT and BROADCASTER_HTTP_PORT, so instance i listens on base + i."
+        ),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _offset_ports_by_instance(cls, data: Any) -> Any:
+        """Instance i of one PM2 app listens on WS_PORT + i and BROADCASTER_HTTP_PORT + i.
+
+        PM2 keeps only the instance index per process across `pm2 reload ecosystem.config.js
+        --update-env` (it gives every instance of an app the same env), so the ports must be
+        derived from it here rather than written per instance in the ecosystem file.
+        """
+        if not isinstance(data, dict):
+            return data
+        try:
+            instance = int(data.get("BROADCASTER_INSTANCE", 0))
+        except (TypeError, ValueError):
+            return data  # the field's own validation reports it
+        if not 0 < instance <= 63:
+            return data
+        data = dict(data)
+        for key, name in (
+            ("WS_PORT", "ws_port"),
+            ("BROADCASTER_HTTP_PORT", "broadcaster_http_port"),
+        ):
+            base = str(data.get(key, cls.model_fields[name].default)).strip()
+            if base.isdigit():  # otherwise left as given for the port's own validation
+                data[key] = int(base) + instance
+        return data
 
     @field_validator("ws_allowed_origins", "ws_trusted_proxies", mode="before")
     @classmethod

@@ -1,0 +1,144 @@
+// PM2 ecosystem of the KEKTECH realtime backend (operator's guide: docs/pm2.md).
+//
+//   pm2 start ecosystem.config.js        pm2 status        pm2 logs kektech-event-indexer
+//   pm2 restart kektech-websocket-server pm2 reload ecosystem.config.js --update-env
+//
+// Apps
+//   kektech-event-indexer     python -m indexer run, one instance (a second one would only
+//                             wait as a standby for the write lease).
+//   kektech-websocket-server  python -m broadcaster, N instances in fork mode (PM2's cluster
+//                             mode is Node-only). Instance i listens on WS_PORT + i and
+//                             BROADCASTER_HTTP_PORT + i: PM2 gives each instance its index in
+//                             BROADCASTER_INSTANCE (instance_var) and the broadcaster's settings
+//                             add it to both base ports. Per-instance ports cannot be written
+//                             here: `increment_var` covers one variable only, and
+//                             `pm2 reload ecosystem.config.js --update-env` gives every instance
+//                             of an app the same env (both verified with PM2 7.0.4).
+//
+// Settings and secrets are NOT in this file. Both services read `.env` from their working
+// directory (KEKTECH_WORKDIR); /etc/kektech/<service>.env, when present, is merged into the
+// app's env (per-service REDIS_URL users, docs/deployment.md); environment variables beat .env.
+// Logging is left to auto-detection: not on a TTY under PM2, so JSON lines, never colours.
+//
+// Read when PM2 evaluates this file (pm2 start/reload/startOrReload), all optional:
+//   KEKTECH_ROOT                        checkout holding .venv       (directory of this file)
+//   KEKTECH_PYTHON                      interpreter                  ($KEKTECH_ROOT/.venv/bin/python)
+//   KEKTECH_WORKDIR                     cwd of both apps, its .env   ($KEKTECH_ROOT)
+//   KEKTECH_LOG_DIR                     PM2 log files                (/var/log/kektech if it
+//                                                                    exists, else ~/.pm2/logs)
+//   KEKTECH_SERVICE_ENV_DIR             <service>.env files          (/etc/kektech)
+//   KEKTECH_BROADCASTER_INSTANCES       broadcaster instances N      (2)
+//   KEKTECH_WS_BASE_PORT                WS_PORT of instance 0        (3180)
+//   KEKTECH_BROADCASTER_HTTP_BASE_PORT  health/metrics of instance 0 (9465)
+// Changing N or the ports also means changing nginx.conf's upstreams (docs/nginx.md).
+"use strict";
+
+const fs = require("node:fs");
+const path = require("node:path");
+
+const env = process.env;
+const ROOT = path.resolve(env.KEKTECH_ROOT || __dirname);
+const PYTHON = env.KEKTECH_PYTHON || path.join(ROOT, ".venv", "bin", "python");
+const WORKDIR = path.resolve(env.KEKTECH_WORKDIR || ROOT);
+const SERVICE_ENV_DIR = env.KEKTECH_SERVICE_ENV_DIR || "/etc/kektech";
+const LOG_DIR = env.KEKTECH_LOG_DIR || (fs.existsSync("/var/log/kektech") ? "/var/log/kektech" : "");
+
+function integer(name, fallback, low, high) {
+  const raw = env[name];
+  if (raw === undefined || raw === "") return fallback;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < low || value > high) {
+    throw new Error(`${name} must be an integer from ${low} to ${high}, not ${JSON.stringify(raw)}`);
+  }
+  return value;
+}
+
+const INSTANCES = integer("KEKTECH_BROADCASTER_INSTANCES", 2, 1, 64);
+const WS_BASE_PORT = integer("KEKTECH_WS_BASE_PORT", 3180, 1, 65535 - INSTANCES);
+const HTTP_BASE_PORT = integer("KEKTECH_BROADCASTER_HTTP_BASE_PORT", 9465, 1, 65535 - INSTANCES);
+
+// KEY=VALUE lines of /etc/kektech/<service>.env (written by deploy/provision.sh); a missing
+// file is normal on a development machine.
+function serviceEnv(service) {
+  const file = path.join(SERVICE_ENV_DIR, `${service}.env`);
+  let text;
+  try {
+    text = fs.readFileSync(file, "utf8");
+  } catch (error) {
+    if (error.code === "ENOENT") return {};
+    throw new Error(`cannot read ${file}: ${error.message}`);
+  }
+  const values = {};
+  for (const line of text.split(/\r?\n/)) {
+    const match = /^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$/.exec(line);
+    if (!match || line.trimStart().startsWith("#")) continue;
+    values[match[1]] = match[2].replace(/^(['"])(.*)\1$/, "$2");
+  }
+  return values;
+}
+
+function logFiles(app) {
+  if (!LOG_DIR) return {};
+  return {
+    out_file: path.join(LOG_DIR, `${app}.out.log`),
+    error_file: path.join(LOG_DIR, `${app}.err.log`),
+  };
+}
+
+const common = {
+  script: PYTHON,
+  interpreter: "none", // run the virtualenv's python itself, with args
+  cwd: WORKDIR,
+  exec_mode: "fork",
+  autorestart: true,
+  // Readiness: the process is `launching` until it writes "ready" on PM2's IPC channel
+  // (shared/readiness.py); after listen_timeout PM2 marks it online regardless.
+  wait_ready: true,
+  // Crash loops back off from 100 ms doubling to 15 s; reset after 30 s of uptime.
+  exp_backoff_restart_delay: 100,
+  min_uptime: "10s",
+  max_restarts: 10,
+  // Instances share one out and one err file; each JSON line carries its own timestamp,
+  // so PM2's `time` prefix would only break the lines for log tooling.
+  merge_logs: true,
+  time: false,
+};
+
+module.exports = {
+  apps: [
+    {
+      ...common,
+      name: "kektech-event-indexer",
+      args: ["-m", "indexer", "run"],
+      instances: 1,
+      // Migrations, the chain id check and a slow RPC endpoint's retries fit in it.
+      listen_timeout: 60000,
+      // Stop: SIGINT cancels the batch in flight (Postgres rolls it back) and releases the
+      // lease (bounded at 2 s). `pm2 stop` took 2.1 s under chain load, 5.3 s with the CPU
+      // saturated (docs/pm2.md); SIGKILL only after 15 s.
+      kill_timeout: 15000,
+      max_memory_restart: "512M",
+      env: { ...serviceEnv("indexer") },
+      ...logFiles("kektech-event-indexer"),
+    },
+    {
+      ...common,
+      name: "kektech-websocket-server",
+      args: ["-m", "broadcaster"],
+      instances: INSTANCES,
+      instance_var: "BROADCASTER_INSTANCE",
+      listen_timeout: 30000,
+      // Stop: SIGINT closes every client with 1012 and cuts off those that do not finish
+      // the closing handshake within 1 s. `pm2 stop` took 1.6 s with 1,000 clients and
+      // 4.2 s with 4,000 on a saturated 2-core machine (docs/pm2.md); SIGKILL after 15 s.
+      kill_timeout: 15000,
+      max_memory_restart: "768M",
+      env: {
+        ...serviceEnv("broadcaster"),
+        WS_PORT: String(WS_BASE_PORT),
+        BROADCASTER_HTTP_PORT: String(HTTP_BASE_PORT),
+      },
+      ...logFiles("kektech-websocket-server"),
+    },
+  ],
+};

@@ -1,0 +1,383 @@
+"""ecosystem.config.js under the real PM2 (node_modules) against Postgres, Redis and anvil."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from websockets.exceptions import ConnectionClosed
+
+from devnet.chain import Deployment, DevChain
+from devnet.driver import ActivityDriver
+from devnet.services import Anvil, Redis
+from tests.broadcaster.support import WsClient, ws_client
+from tests.indexer.conftest import (
+    assert_database_equals_chain,
+    assert_gap_free,
+    expected_ids,
+    live_ids,
+    stream_entries,
+    tracked_chain_logs,
+)
+from tests.support.indexer_process import indexer_env
+from tests.support.pm2 import (
+    BROADCASTER,
+    ECOSYSTEM,
+    INDEXER,
+    Pm2,
+    consecutive_free_ports,
+    http_json,
+    write_dotenv,
+)
+from tests.support.waiting import eventually
+
+INSTANCES = 2
+# ecosystem.config.js
+LISTEN_TIMEOUT = {INDEXER: 60.0, BROADCASTER: 30.0}
+KILL_TIMEOUT = {INDEXER: 15.0, BROADCASTER: 15.0}
+
+
+@dataclass
+class Stack:
+    pm2: Pm2
+    ws_base: int
+    http_base: int
+    indexer_http: str
+    stream_key: str
+
+    def ws_url(self, instance: int) -> str:
+        return f"ws://127.0.0.1:{self.ws_base + instance}/ws"
+
+
+def stack_env(
+    *,
+    database_url: str,
+    redis_url: str,
+    rpc_url: str,
+    deployment: Deployment,
+    stream_key: str,
+) -> dict[str, str]:
+    """The .env of both apps; LOG_FORMAT unset so the services choose JSON off a TTY."""
+    env = indexer_env(
+        database_url=database_url,
+        redis_url=redis_url,
+        rpc_url=rpc_url,
+        deployment=deployment,
+        stream_key=stream_key,
+    )
+    env.pop("LOG_FORMAT")
+    return env
+
+
+def build_stack(tmp_path: Path, env: dict[str, str]) -> Stack:
+    ws_base = consecutive_free_ports(INSTANCES)
+    http_base = consecutive_free_ports(INSTANCES)
+    workdir = tmp_path / "app"
+    write_dotenv(workdir, env)
+    pm2 = Pm2(
+        tmp_path / "pm2",
+        workdir=workdir,
+        KEKTECH_BROADCASTER_INSTANCES=str(INSTANCES),
+        KEKTECH_WS_BASE_PORT=str(ws_base),
+        KEKTECH_BROADCASTER_HTTP_BASE_PORT=str(http_base),
+    )
+    return Stack(
+        pm2=pm2,
+        ws_base=ws_base,
+        http_base=http_base,
+        indexer_http=f"http://127.0.0.1:{env['INDEXER_HTTP_PORT']}",
+        stream_key=env["REDIS_STREAM_KEY"],
+    )
+
+
+@pytest.fixture
+def stack(
+    tmp_path: Path,
+    database_url: str,
+    redis_server: Redis,
+    anvil: Anvil,
+    deployment: Deployment,
+) -> Iterator[Stack]:
+    """Both apps started from ecosystem.config.js; `pm2 kill` afterwards, also on failure."""
+    env = stack_env(
+        database_url=database_url,
+        redis_url=redis_server.url,
+        rpc_url=anvil.rpc_url,
+        deployment=deployment,
+        stream_key=f"test:pm2:{tmp_path.name}:events",
+    )
+    built = build_stack(tmp_path, env)
+    with built.pm2:
+        built.pm2.start()
+        yield built
+
+
+@pytest.fixture
+async def redis_client(redis_server: Redis) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def wait_indexed(stack: Stack, chain: DevChain, deployment: Deployment, database_url: str,
+                       client: aioredis.Redis) -> list[tuple[int, dict[str, Any]]]:  # fmt: skip
+    """Wait until the database equals the chain and the stream holds every event."""
+    head = await chain.block_number()
+
+    async def stored() -> bool:
+        try:
+            health = await http_json(stack.indexer_http + "/healthz")
+        except OSError:
+            return False
+        if not isinstance(health.get("cursor"), int) or health["cursor"] < head:
+            return False
+        try:
+            await assert_database_equals_chain(database_url, chain, deployment)
+        except AssertionError:
+            return False
+        return True
+
+    await eventually(stored, within=60, what="the database equals the chain")
+    expected = expected_ids(await tracked_chain_logs(chain, deployment))
+
+    async def published() -> bool:
+        return live_ids(await stream_entries(client, stack.stream_key)) == expected
+
+    await eventually(published, within=30, what="the stream holds the chain's events")
+    return await stream_entries(client, stack.stream_key)
+
+
+def ready_lines(stack: Stack, name: str) -> list[dict[str, Any]]:
+    return [line for line in stack.pm2.app_log(name) if line.get("event") == "ready"]
+
+
+async def test_both_apps_go_online_only_through_their_ready_message(stack: Stack) -> None:
+    """pm2 start: each process is online after writing "ready", well before listen_timeout."""
+    pm2 = stack.pm2
+    assert pm2.statuses(INDEXER) == ["online"]
+    assert pm2.statuses(BROADCASTER) == ["online"] * INSTANCES
+    assert len(ready_lines(stack, INDEXER)) == 1
+    assert sorted(line["port"] for line in ready_lines(stack, BROADCASTER)) == [
+        stack.ws_base + i for i in range(INSTANCES)
+    ]
+    for name in (INDEXER, BROADCASTER):
+        assert all(line["supervisor"] == "pm2" for line in ready_lines(stack, name))
+    # PM2 marks a wait_ready process online on the message or at listen_timeout, nothing else:
+    # online sooner than listen_timeout after starting means the message was received.
+    for name in (INDEXER, BROADCASTER):
+        for process in pm2.processes(name):
+            tag = rf"\[{name}:{process['pm_id']}\]"
+            (started, _), *_ = pm2.daemon_events(tag + " starting")
+            (online, _), *_ = pm2.daemon_events(tag + " online")
+            assert (online - started).total_seconds() < LISTEN_TIMEOUT[name] / 2
+    # Each instance serves its own pair of consecutive ports.
+    for instance in range(INSTANCES):
+        health = await http_json(f"http://127.0.0.1:{stack.http_base + instance}/healthz")
+        assert health["redis"] == "up"
+    assert (await http_json(stack.indexer_http + "/healthz"))["role"] == "leader"
+
+
+async def test_an_app_is_launching_not_online_until_it_is_ready(
+    tmp_path: Path, database_url: str, redis_server: Redis, deployment: Deployment
+) -> None:
+    """An indexer whose RPC never answers serves /healthz but stays `launching` in PM2."""
+    with socket.socket() as silent:  # accepts connections (backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        env = stack_env(
+            database_url=database_url,
+            redis_url=redis_server.url,
+            rpc_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+            deployment=deployment,
+            stream_key=f"test:pm2:{tmp_path.name}:events",
+        )
+        env["RPC_TIMEOUT"] = "60"
+        stack = build_stack(tmp_path, env)
+        with stack.pm2 as pm2:
+            starting = pm2.popen("start", str(ECOSYSTEM), "--only", INDEXER)
+            try:
+
+                async def serving() -> bool:
+                    try:
+                        await http_json(stack.indexer_http + "/healthz")
+                    except OSError:
+                        return False
+                    return True
+
+                await eventually(serving, within=30, what="the indexer's /healthz answers")
+                await asyncio.sleep(1.0)  # the ready message would have come long ago
+                assert pm2.statuses(INDEXER) == ["launching"]
+                assert ready_lines(stack, INDEXER) == []
+                assert starting.poll() is None  # `pm2 start` still waits for readiness
+            finally:
+                starting.kill()
+                starting.wait()
+
+
+async def test_events_flow_to_a_client_of_every_instance(
+    stack: Stack, dev_chain: DevChain, deployment: Deployment
+) -> None:
+    """Chain activity reaches a WebSocket client on each broadcaster instance."""
+    driver = ActivityDriver(dev_chain, deployment, seed=21)
+    for instance in range(INSTANCES):
+        # Unbounded queue: the unread rest of the events must not hold up the closing handshake.
+        async with ws_client(stack.ws_url(instance), max_queue=None) as client:
+            await client.subscribe("events:*")
+            await driver.run(blocks=2)
+            (event,) = await client.events(1, within=20)
+            assert event["data"]["chainId"] == 32323
+
+
+async def events_until_closed(client: WsClient, within: float = 15.0) -> tuple[list[int], int]:
+    """Seqs of the events still delivered before the server's close frame, and its code."""
+    seqs = []
+    async with asyncio.timeout(within):
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                message = orjson.loads(await client.ws.recv())
+                if message["type"] == "event":
+                    seqs.append(message["seq"])
+    received = client.ws.protocol.close_rcvd
+    assert received is not None
+    return seqs, received.code
+
+
+async def has_events(client: aioredis.Redis, key: str) -> bool:
+    return int(await client.xlen(key)) >= 10
+
+
+async def test_client_resuming_after_broadcaster_restart_misses_nothing(
+    stack: Stack,
+    dev_chain: DevChain,
+    deployment: Deployment,
+    database_url: str,
+    redis_client: aioredis.Redis,
+) -> None:
+    """pm2 restart of the broadcaster: a client resuming with `since` gets every seq once."""
+    driver = ActivityDriver(dev_chain, deployment, seed=22)
+    async with ws_client(stack.ws_url(0)) as client:
+        await client.subscribe("events:*")
+        await driver.cover_all_events()
+        seqs = [e["seq"] for e in await client.events(3, within=20)]
+        # Returns once both instances are back and ready: their listeners are bound.
+        stack.pm2.run("restart", BROADCASTER)
+        delivered, code = await events_until_closed(client)
+        assert code == 1012
+        seqs += delivered
+    await driver.run(blocks=3)  # events published while the client is away
+    entries = await wait_indexed(stack, dev_chain, deployment, database_url, redis_client)
+    top = entries[-1][0]
+    async with ws_client(stack.ws_url(0)) as again:
+        ack = await again.subscribe("events:*", since=seqs[-1])
+        assert ack["recovered"] is True
+        assert ack["replayed"] > 0  # the events published while it was away
+        seqs += [e["seq"] for e in ack["replayedEvents"]]
+        while seqs[-1] < top:
+            seqs.append((await again.expect("event", within=20))["seq"])
+    assert_gap_free(entries)
+    assert seqs == list(range(seqs[0], top + 1))  # no gap, no duplicate
+
+
+async def test_indexer_restart_under_load_loses_nothing(
+    stack: Stack,
+    dev_chain: DevChain,
+    deployment: Deployment,
+    database_url: str,
+    redis_client: aioredis.Redis,
+) -> None:
+    """pm2 restart of the indexer while blocks arrive: database equals chain, stream gap-free."""
+    driver = ActivityDriver(dev_chain, deployment, seed=23, txs_per_block=10)
+    await driver.cover_all_events()
+    load = asyncio.create_task(driver.run(blocks=30, block_interval=0.1), name="chain-load")
+    try:
+        await eventually(lambda: has_events(redis_client, stack.stream_key), within=30,
+                         what="events in the stream")  # fmt: skip
+        (before,) = [p["pid"] for p in stack.pm2.processes(INDEXER)]
+        assert not load.done()
+        stack.pm2.run("restart", INDEXER)
+        (after,) = [p["pid"] for p in stack.pm2.processes(INDEXER)]
+        assert after != before
+        assert stack.pm2.statuses(INDEXER) == ["online"]
+        await load
+    finally:
+        load.cancel()
+    entries = await wait_indexed(stack, dev_chain, deployment, database_url, redis_client)
+    assert_gap_free(entries)
+    assert len(ready_lines(stack, INDEXER)) == 2
+
+
+async def test_pm2_stop_ends_each_app_with_sigint_within_kill_timeout(stack: Stack) -> None:
+    """pm2 stop: every process logs its own stop and exits 0 on SIGINT, never SIGKILLed."""
+    pm2 = stack.pm2
+    async with ws_client(stack.ws_url(0)) as client:
+        await client.subscribe("events:*")
+        for name in (INDEXER, BROADCASTER):
+            started = time.monotonic()
+            pm2.run("stop", name)
+            took = time.monotonic() - started
+            assert pm2.statuses(name) == ["stopped"] * len(pm2.processes(name))
+            assert took < KILL_TIMEOUT[name], f"pm2 stop {name} took {took:.1f}s"
+            exits = pm2.daemon_events(rf"\[{name}:\d+\] exited with code")
+            assert [message.split("] exited ")[1] for _, message in exits] == [
+                "with code [0] via signal [SIGINT]"
+            ] * len(pm2.processes(name))
+            stops = [line for line in pm2.app_log(name) if line["event"] == "stopped by signal"]
+            assert len(stops) == len(pm2.processes(name))
+        assert (await client.closed())[0] == 1012
+    assert "SIGKILL" not in pm2.daemon_log()
+
+
+async def test_reload_from_the_ecosystem_keeps_each_instance_on_its_own_ports(
+    stack: Stack,
+) -> None:
+    """`pm2 reload ecosystem.config.js --update-env` (deploy/update.sh) keeps ports distinct."""
+    before = [p["pid"] for p in stack.pm2.processes(BROADCASTER)]
+    stack.pm2.run("reload", str(ECOSYSTEM), "--update-env")
+    after = [p["pid"] for p in stack.pm2.processes(BROADCASTER)]
+    assert set(after).isdisjoint(before)
+    assert stack.pm2.statuses(BROADCASTER) == ["online"] * INSTANCES
+    for instance in range(INSTANCES):
+        health = await http_json(f"http://127.0.0.1:{stack.http_base + instance}/healthz")
+        assert health["redis"] == "up"
+        async with ws_client(stack.ws_url(instance)) as client:
+            assert client.hello["type"] == "connected"
+
+
+def evaluate_ecosystem(**env: str) -> list[dict[str, Any]]:
+    """The apps ecosystem.config.js defines when PM2 evaluates it with `env`."""
+    result = subprocess.run(
+        ["node", "-e", "process.stdout.write(JSON.stringify(require(process.argv[1]).apps))",
+         str(ECOSYSTEM)],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )  # fmt: skip
+    apps = json.loads(result.stdout)
+    assert isinstance(apps, list)
+    return apps
+
+
+def test_ecosystem_merges_each_service_env_file_into_its_app(tmp_path: Path) -> None:
+    """<KEKTECH_SERVICE_ENV_DIR>/<service>.env lands in that app's env, and only there."""
+    (tmp_path / "indexer.env").write_text("# comment\nREDIS_URL=redis://indexer:pw@h:1/0\n")
+    (tmp_path / "broadcaster.env").write_text("REDIS_URL='redis://broadcaster:pw@h:1/0'\n")
+    indexer, broadcaster = evaluate_ecosystem(
+        KEKTECH_SERVICE_ENV_DIR=str(tmp_path), KEKTECH_ROOT="/opt/kektech"
+    )
+    assert indexer["env"] == {"REDIS_URL": "redis://indexer:pw@h:1/0"}
+    assert broadcaster["env"]["REDIS_URL"] == "redis://broadcaster:pw@h:1/0"
+    assert (indexer["cwd"], indexer["script"]) == ("/opt/kektech", "/opt/kektech/.venv/bin/python")
+    assert (broadcaster["instances"], broadcaster["env"]["WS_PORT"]) == (2, "3180")
