@@ -23,6 +23,7 @@ from ops.probes.tls import Certificate, fetch_certificate
 from ops.probes.websocket import probe_websocket
 from ops.settings import OpsSettings, parse_endpoint
 from ops.state import load_state, save_state
+from ops.verdicts import render_line
 
 __all__ = ["CONDITIONS", "Finding", "count_restarts", "evaluate"]
 
@@ -42,8 +43,7 @@ class Finding:
     fix: str | None = None
 
     def line(self) -> str:
-        text = f"{self.kind:<5}  {self.condition}  {self.detail}"
-        return f"{text} -> fix: {self.fix}" if self.fix else text
+        return render_line(self.kind, self.condition, self.detail, self.fix)
 
 
 def count_restarts(samples: Sequence[Sample], *, now: float, window: float) -> int:

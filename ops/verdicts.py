@@ -9,7 +9,7 @@ from enum import Enum
 
 from shared.redaction import redact_text
 
-__all__ = ["Level", "Verdict", "Writer", "known_secrets"]
+__all__ = ["Level", "Verdict", "Writer", "known_secrets", "render_line"]
 
 
 class Level(Enum):
@@ -30,8 +30,13 @@ class Verdict:
     fix: str | None = None
 
     def line(self) -> str:
-        text = f"{self.level.value:<4}  {self.check}  {self.detail}"
-        return f"{text} -> fix: {self.fix}" if self.fix else text
+        return render_line(self.level.value, self.check, self.detail, self.fix)
+
+
+def render_line(label: str, name: str, detail: str, fix: str | None) -> str:
+    """`LABEL  name  detail [-> fix: ...]`: the output line of doctor and check alike."""
+    text = f"{label:<4}  {name}  {detail}"
+    return f"{text} -> fix: {fix}" if fix else text
 
 
 def known_secrets(secrets: Iterable[str]) -> re.Pattern[str] | None:
