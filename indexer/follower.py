@@ -35,9 +35,6 @@ log = structlog.get_logger()
 ZERO_HASH = "0x" + "00" * 32
 # Most blocks fetched per tip batch (headers are fetched one by one in a JSON-RPC batch).
 TIP_MAX_BLOCKS = 64
-# Events per deep batch to aim for: large enough to amortize a commit, small enough to keep
-# the process's memory flat (two batches are in memory while pipelining).
-BATCH_EVENTS = 2000
 # Assumed events per block before the first range is seen: starts small on a dense chain.
 INITIAL_DENSITY = 40.0
 # How many distinct unknown (address, topic0) pairs are remembered for "log once".
@@ -72,6 +69,9 @@ class FollowConfig:
     poll_interval: float
     lease_ttl: float
     max_addresses: int = 1000
+    # Events per batch to aim for, deep or tip: large enough to amortize a commit, small
+    # enough to keep the process's memory flat (two batches are in memory while pipelining).
+    batch_events: int = 2000
 
 
 @dataclass
@@ -224,7 +224,8 @@ class Follower:
             if first <= deep_end:
                 await self._catch_up(deep_end)
             else:
-                await self._index_tip(first, min(target, first + TIP_MAX_BLOCKS - 1))
+                last = min(first + TIP_MAX_BLOCKS - 1, self._batch_end(first, target))
+                await self._index_tip(first, last)
         except ReorgDuringFetch as exc:
             # The chain moved under us between two calls: the next step sees the new branch.
             log.info("chain changed during fetch, retrying", reason=str(exc))
@@ -249,8 +250,8 @@ class Follower:
         """Index final ranges up to `deep_end`, fetching the next range while one commits.
 
         Fetching and decoding are this process's work and committing is mostly Postgres's, so
-        overlapping them keeps both busy. Ranges are sized to about BATCH_EVENTS events, which
-        bounds memory whatever the density of the chain.
+        overlapping them keeps both busy. Ranges are sized to about `batch_events` events,
+        which bounds memory whatever the density of the chain.
         """
         first = self.cursor + 1
         batch: Batch | None = await self._prepare_deep(first, self._batch_end(first, deep_end))
@@ -273,17 +274,19 @@ class Follower:
                 raise upcoming
             batch = upcoming
 
+    def _note_density(self, logs: int, first: int, last: int) -> None:
+        """Smooth the events per block seen so far: it sizes the next range."""
+        self._density = (self._density + max(logs, 1) / (last - first + 1)) / 2
+
     def _batch_end(self, first: int, deep_end: int) -> int:
-        blocks = max(1, min(self._sizer.maximum, int(BATCH_EVENTS / self._density)))
+        blocks = max(1, min(self._sizer.maximum, int(self._config.batch_events / self._density)))
         return min(deep_end, first + blocks - 1)
 
     async def _prepare_deep(self, first: int, last: int, *, move_cursor: bool = True) -> Batch:
         gathered = await self._gather(first, last)
         blocks = sorted({lg.block_number for lg in gathered.logs} | {last})
         headers = {h.number: h for h in await self._rpc.get_block_headers(blocks)}
-        # Events per block, smoothed: sizes the next range.
-        density = max(len(gathered.logs), 1) / (last - first + 1)
-        self._density = (self._density + density) / 2
+        self._note_density(len(gathered.logs), first, last)
         if not move_cursor:
             return self._batch(gathered, headers, stored_headers=[], cursor=None)
         return self._batch(gathered, headers, stored_headers=[headers[last]], cursor=headers[last])
@@ -299,6 +302,7 @@ class Follower:
                 raise ReorgDuringFetch(f"block {child.number} does not extend {parent.number}")
         # By block hash at the tip: a backend behind the head must not answer "no logs".
         gathered = await self._gather(first, last, tip=fetched)
+        self._note_density(len(gathered.logs), first, last)
         headers = {h.number: h for h in fetched}
         await self._save(self._batch(gathered, headers, stored_headers=fetched, cursor=fetched[-1]))
 

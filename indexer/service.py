@@ -128,6 +128,7 @@ def follow_config(settings: IndexerSettings) -> FollowConfig:
         poll_interval=settings.poll_interval,
         lease_ttl=settings.lease_ttl,
         max_addresses=settings.logs_max_addresses,
+        batch_events=settings.batch_events,
     )
 
 

@@ -144,6 +144,14 @@ class IndexerSettings(ServiceSettings):
             "transaction mode."
         ),
     )
+    batch_events: int = Field(
+        default=2000,
+        ge=1,
+        description=(
+            "Events to aim for per committed batch: bounds the indexer's memory (two batches are"
+            " in memory while catching up) against the cost of a commit."
+        ),
+    )
     logs_max_addresses: int = Field(
         default=1000, ge=1, description="Most contract addresses in one eth_getLogs filter."
     )

@@ -54,8 +54,8 @@ class CatchUp:
     cpu_seconds: dict[str, float]
     startup_cpu_seconds: float  # the indexer's, before the cursor was loaded
     metrics: dict[str, float]
-    # (seconds, cursor, published seq) whenever one of them changed
-    timeline: list[tuple[float, int | None, int]] = field(repr=False)
+    # (seconds, cursor, published seq, VmRSS in kB) whenever cursor or seq changed
+    timeline: list[tuple[float, int | None, int, int]] = field(repr=False)
 
     @property
     def indexing_seconds(self) -> float:
@@ -143,7 +143,7 @@ async def measure_catch_up(
     profiler: PySpy | None = None,
 ) -> CatchUp:
     """Spawn the indexer and wait until every block is stored and every event published."""
-    timeline: list[tuple[float, int | None, int]] = []
+    timeline: list[tuple[float, int | None, int, int]] = []
     startup = cursor_done = None
     startup_cpu = 0.0
     startup_memory: dict[str, int] = {}
@@ -160,14 +160,15 @@ async def measure_catch_up(
             while True:
                 if not indexer.running:
                     raise RuntimeError(
-                        f"indexer exited; last (seconds, cursor, published): {timeline[-3:]}\n"
+                        f"indexer exited; last (seconds, cursor, published, rss): {timeline[-3:]}\n"
                         f"{indexer.log_text()[-4000:]}"
                     )
                 cursor = await _cursor(http, indexer.http_url)
                 published = await stream_top(redis, stream_key)
                 now = time.perf_counter() - started
-                if not timeline or timeline[-1][1:] != (cursor, published):
-                    timeline.append((round(now, 4), cursor, published))
+                if not timeline or timeline[-1][1:3] != (cursor, published):
+                    rss = read_memory(pid).get("VmRSS", 0)
+                    timeline.append((round(now, 4), cursor, published, rss))
                 if cursor is not None and startup is None:
                     startup = now
                     startup_cpu = process_cpu_seconds(pid)

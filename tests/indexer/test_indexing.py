@@ -160,3 +160,42 @@ async def test_graceful_stop_on_sigint_and_sigterm(
         assert await asyncio.to_thread(indexer.stop, sig) == 0
         assert loop.time() - started < STOP_BOUND
         assert "stopped by signal" in indexer.log_text()
+
+
+async def test_batches_stay_near_batch_events_inside_the_reorg_window(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """A dense chain inside the reorg window is committed in bounded batches, not all at once.
+
+    Memory follows the size of a batch, so BATCH_EVENTS must bound the tip ranges too (each
+    block there is fetched by hash) and not only the deep ranges of a catch-up.
+    """
+    driver = ActivityDriver(dev_chain, deployment, seed=12)
+    driver.txs_per_block = 5
+    await driver.run(blocks=30)
+    head = await dev_chain.block_number()
+    with make_indexer(BATCH_EVENTS="40", REORG_WINDOW="64") as indexer:
+        await indexer.wait_cursor(head)
+        total = await assert_database_equals_chain(database_url, dev_chain, deployment)
+        await wait_for_stream(redis_client, stream_key, total)
+        batches = [
+            line["events"]
+            for line in map(orjson.loads, indexer.log_text().splitlines())
+            if line.get("event") == "batch indexed"
+        ]
+    per_block = max(len(logs) for logs in await _logs_per_block(dev_chain, deployment))
+    assert head < 64 + 30  # the whole chain is inside the window: tip ranges only
+    assert sum(batches) == total > 4 * 40
+    assert max(batches) <= 40 + 2 * per_block, batches
+
+
+async def _logs_per_block(chain: DevChain, deployment: Deployment) -> list[list[dict[str, Any]]]:
+    by_block: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for log in await tracked_chain_logs(chain, deployment):
+        by_block[log["blockNumber"]].append(log)
+    return list(by_block.values())
