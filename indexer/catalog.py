@@ -109,6 +109,8 @@ class EventSpec:
     indexed: tuple[Param, ...] = field(init=False)
     non_indexed: tuple[Param, ...] = field(init=False)
     data_types: tuple[str, ...] = field(init=False)
+    # The whole declaration (kind, names, indexed flags): identifies the layout for caches.
+    key: str = field(init=False)
 
     def __post_init__(self) -> None:
         # Derived here rather than in properties: they are read for every log decoded.
@@ -119,6 +121,10 @@ class EventSpec:
         object.__setattr__(self, "indexed", tuple(p for p in self.params if p.indexed))
         object.__setattr__(self, "non_indexed", plain)
         object.__setattr__(self, "data_types", tuple(p.type for p in plain))
+        declared = ", ".join(
+            f"{p.type}{' indexed' if p.indexed else ''} {p.name}" for p in self.params
+        )
+        object.__setattr__(self, "key", f"{self.kind}:{self.name}({declared})")
 
 
 def parse_declaration(kind: ContractKind, declaration: str) -> EventSpec:

@@ -7,11 +7,12 @@ enum and gets a sibling `<name>Name` with the value's name.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from indexer.catalog import MARKET_ARGUMENTS, ContractKind, EventSpec, Param, catalog
+from indexer.catalog import MARKET_ARGUMENTS, ContractKind, EventSpec, catalog
 
 JsonValue = str | bool | None
 
@@ -29,78 +30,40 @@ class Decoded:
     market: str | None
 
 
-def _json_value(param: Param, value: Any) -> JsonValue:
-    if param.type == "address":
-        return str(value).lower()
-    if param.type == "bool":
-        return bool(value)
-    if param.type.startswith(("uint", "int")):
-        return str(int(value))
-    if param.type.startswith("bytes"):
-        return "0x" + bytes(value).hex()
-    if param.type == "string":
-        return str(value)
-    raise UndecodableLog(f"unsupported parameter type {param.type}")
+Reader = Callable[[bytes, int], Any]  # (data, offset of the value's head word) -> value
 
 
-def _topic_value(param: Param, topic: str) -> Any:
-    raw = bytes.fromhex(topic[2:])
-    if len(raw) != 32:
-        raise UndecodableLog(f"topic for {param.name} is not 32 bytes")
-    if param.type == "address":
-        if any(raw[:12]):
-            raise UndecodableLog(f"topic for {param.name} is not an address")
-        return "0x" + raw[12:].hex()
-    if param.type == "bool":
-        return int.from_bytes(raw, "big") != 0
-    if param.type.startswith("uint"):
-        return int.from_bytes(raw, "big")
-    if param.type == "bytes32":
-        return raw
-    raise UndecodableLog(f"unsupported indexed type {param.type}")
+def _read_uint(bits: int) -> Reader:
+    limit = 1 << bits
+
+    def read(data: bytes, at: int) -> int:
+        value = int.from_bytes(data[at : at + 32], "big")
+        if value >= limit:
+            raise UndecodableLog(f"uint{bits} out of range")
+        return value
+
+    return read
 
 
-def _uint_bits(abi_type: str) -> int:
-    return int(abi_type[4:] or 256)
+def _read_address(data: bytes, at: int) -> str:
+    if any(data[at : at + 12]):
+        raise UndecodableLog("address with non-zero padding")
+    return "0x" + data[at + 12 : at + 32].hex()
 
 
-def decode_data(types: Sequence[str], data: bytes) -> list[Any]:
-    """ABI-decode the non-indexed values of a log, for the types KEKTECH events use.
-
-    A direct reading of the 32-byte words instead of eth_abi's generic decoder, which cost
-    more than everything else the indexer does per event (measured). Exactly as strict:
-    the tests check it against eth_abi on valid encodings and on arbitrary bytes.
-    """
-    head = 32 * len(types)
-    if len(data) < head:
-        raise UndecodableLog(f"data is {len(data)} bytes, the head alone needs {head}")
-    values: list[Any] = []
-    for index, abi_type in enumerate(types):
-        word = data[32 * index : 32 * index + 32]
-        if abi_type == "string":
-            values.append(_read_string(data, int.from_bytes(word, "big")))
-            continue
-        value = int.from_bytes(word, "big")
-        if abi_type == "address":
-            if value >> 160:
-                raise UndecodableLog("address with non-zero padding")
-            values.append("0x" + word[12:].hex())
-        elif abi_type == "bool":
-            if value > 1:
-                raise UndecodableLog("bool that is neither 0 nor 1")
-            values.append(value == 1)
-        elif abi_type == "bytes32":
-            values.append(word)
-        elif abi_type.startswith("uint"):
-            if value >> _uint_bits(abi_type):
-                raise UndecodableLog(f"{abi_type} out of range")
-            values.append(value)
-        else:
-            raise UndecodableLog(f"unsupported parameter type {abi_type}")
-    return values
+def _read_bool(data: bytes, at: int) -> bool:
+    value = int.from_bytes(data[at : at + 32], "big")
+    if value > 1:
+        raise UndecodableLog("bool that is neither 0 nor 1")
+    return value == 1
 
 
-def _read_string(data: bytes, offset: int) -> str:
+def _read_bytes32(data: bytes, at: int) -> bytes:
+    return data[at : at + 32]
+
+
+def _read_string(data: bytes, at: int) -> str:
+    offset = int.from_bytes(data[at : at + 32], "big")
     if offset + 32 > len(data):
         raise UndecodableLog("string offset out of range")
     length = int.from_bytes(data[offset : offset + 32], "big")
@@ -117,30 +80,143 @@ def _read_string(data: bytes, offset: int) -> str:
         raise UndecodableLog("string is not UTF-8") from exc
 
 
+def _unsupported(abi_type: str) -> Reader:
+    def read(data: bytes, at: int) -> Any:
+        raise UndecodableLog(f"unsupported parameter type {abi_type}")
+
+    return read
+
+
+@functools.cache
+def _reader(abi_type: str) -> Reader:
+    """How to read one value of `abi_type` from its head word (decided once per type)."""
+    if abi_type == "address":
+        return _read_address
+    if abi_type == "bool":
+        return _read_bool
+    if abi_type == "bytes32":
+        return _read_bytes32
+    if abi_type == "string":
+        return _read_string
+    if abi_type.startswith("uint") and (abi_type[4:] or "256").isdigit():
+        return _read_uint(int(abi_type[4:] or 256))
+    return _unsupported(abi_type)
+
+
+def decode_data(types: Sequence[str], data: bytes) -> list[Any]:
+    """ABI-decode the non-indexed values of a log, for the types KEKTECH events use.
+
+    A direct reading of the 32-byte words instead of eth_abi's generic decoder, which cost
+    more than everything else the indexer does per event (measured). Exactly as strict:
+    the tests check it against eth_abi on valid encodings and on arbitrary bytes.
+    """
+    head = 32 * len(types)
+    if len(data) < head:
+        raise UndecodableLog(f"data is {len(data)} bytes, the head alone needs {head}")
+    return [_reader(abi_type)(data, 32 * index) for index, abi_type in enumerate(types)]
+
+
+def _json(abi_type: str) -> Callable[[Any], JsonValue]:
+    """How a decoded value of `abi_type` is written in the envelope."""
+    if abi_type.startswith(("uint", "int")):
+        return str
+    if abi_type.startswith("bytes"):
+        return _hex
+    return _same  # address (already lowercase), bool, string
+
+
+def _hex(value: bytes) -> str:
+    return "0x" + value.hex()
+
+
+def _same(value: JsonValue) -> JsonValue:
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """One argument: where it is (topic position, or data head offset) and how it is written."""
+
+    name: str
+    topic: int | None
+    data_at: int
+    read: Reader
+    to_json: Callable[[Any], JsonValue]
+    enum_names: tuple[str, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How to decode one event, worked out once per spec instead of once per log."""
+
+    topics: int
+    data_types: tuple[str, ...]
+    fields: tuple[_Field, ...]
+
+
+# By EventSpec.key: a plain string, so a lookup per log costs one cached hash.
+_plans: dict[str, _Plan] = {}
+
+
+def _plan(spec: EventSpec) -> _Plan:
+    plan = _plans.get(spec.key)
+    if plan is None:
+        plan = _plans[spec.key] = _compile(spec)
+    return plan
+
+
+def _compile(spec: EventSpec) -> _Plan:
+    fields = []
+    topic = data = 0
+    for param in spec.params:
+        if param.indexed:
+            topic += 1
+            # Only single-word values are readable from a topic (a string is only a hash).
+            simple = param.type in ("address", "bool", "bytes32") or param.type.startswith("uint")
+            read = _reader(param.type) if simple else _unsupported(f"indexed {param.type}")
+        else:
+            read = _reader(param.type)
+        fields.append(
+            _Field(
+                name=param.name,
+                topic=topic if param.indexed else None,
+                data_at=-1 if param.indexed else 32 * data,
+                read=read,
+                to_json=_json(param.type),
+                enum_names=param.enum_names,
+            )
+        )
+        data += not param.indexed
+    return _Plan(topics=topic + 1, data_types=spec.data_types, fields=tuple(fields))
+
+
 def decode_args(spec: EventSpec, topics: Sequence[str], data: str) -> dict[str, JsonValue]:
     """Decode one log's topics and data according to `spec` (in declaration order)."""
-    indexed, plain = spec.indexed, spec.non_indexed
-    if len(topics) != len(indexed) + 1:
+    plan = _plan(spec)
+    if len(topics) != plan.topics:
         raise UndecodableLog(
-            f"{spec.name} expects {len(indexed)} indexed topics, log has {len(topics) - 1}"
+            f"{spec.name} expects {plan.topics - 1} indexed topics, log has {len(topics) - 1}"
         )
     try:
         payload = bytes.fromhex(data[2:])
     except ValueError as exc:
         raise UndecodableLog(f"{spec.name} data is not hex") from exc
-    values = decode_data(spec.data_types, payload)
-    raw: dict[str, Any] = {
-        p.name: _topic_value(p, t) for p, t in zip(indexed, topics[1:], strict=True)
-    }
-    raw.update(zip((p.name for p in plain), values, strict=True))
+    head = 32 * len(plan.data_types)
+    if len(payload) < head:
+        raise UndecodableLog(f"data is {len(payload)} bytes, the head alone needs {head}")
     args: dict[str, JsonValue] = {}
-    for param in spec.params:
-        value = raw[param.name]
-        args[param.name] = _json_value(param, value)
-        names = param.enum_names
+    for field in plan.fields:
+        if field.topic is None:
+            value = field.read(payload, field.data_at)
+        else:
+            raw = bytes.fromhex(topics[field.topic][2:])
+            if len(raw) != 32:
+                raise UndecodableLog(f"topic for {field.name} is not 32 bytes")
+            value = field.read(raw, 0)
+        args[field.name] = field.to_json(value)
+        names = field.enum_names
         if names is not None:
-            index = int(value)
-            args[f"{param.name}Name"] = names[index] if index < len(names) else "UNKNOWN"
+            args[field.name + "Name"] = names[value] if value < len(names) else "UNKNOWN"
     return args
 
 

@@ -18,6 +18,7 @@ import asyncio
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import structlog
 
@@ -376,11 +377,14 @@ class Follower:
             (child, ContractKind.MARKET) for child in (*self._children, *gathered.children)
         )
         events = []
+        times: dict[int, datetime] = {}
         for raw in gathered.logs:
             header = headers[raw.block_number]
             if raw.block_hash != header.hash:
                 raise ReorgDuringFetch(f"log of block {raw.block_number} is from another branch")
-            events.append(self._stored(raw, kinds[raw.address], header))
+            if (time := times.get(header.number)) is None:
+                time = times[header.number] = block_time(header.timestamp)
+            events.append(self._stored(raw, kinds[raw.address], time))
         # Known before the commit so that the next range (prepared meanwhile) asks for their
         # logs; if the commit fails the service stops and reloads them from the database.
         self._children.update(gathered.children)
@@ -415,7 +419,7 @@ class Follower:
         )
         return len(fresh)
 
-    def _stored(self, raw: RawLog, kind: ContractKind, header: BlockHeader) -> StoredEvent:
+    def _stored(self, raw: RawLog, kind: ContractKind, time: datetime) -> StoredEvent:
         decoded = None
         try:
             decoded = decode_log(kind, raw.address, raw.topics, raw.data)
@@ -424,9 +428,7 @@ class Follower:
             problem = str(exc)
         if decoded is None:
             self._note_unknown(raw, kind, problem or "")
-        return StoredEvent(
-            log=raw, kind=kind, decoded=decoded, block_time=block_time(header.timestamp)
-        )
+        return StoredEvent(log=raw, kind=kind, decoded=decoded, block_time=time)
 
     def _note_unknown(self, raw: RawLog, kind: ContractKind, problem: str) -> None:
         self._metrics.unknown_logs.inc()

@@ -175,5 +175,5 @@ class Publisher:
     async def _publish(self, rows: list[OutboxRow]) -> None:
         args: list[bytes | str | int] = [self._maxlen]
         for row in rows:
-            args += [row.seq, " ".join(row.channels), row.payload]
+            args += [row.seq, row.channels, row.payload]
         await self._script(keys=[self._stream_key], args=args)
