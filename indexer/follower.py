@@ -471,5 +471,6 @@ class Follower:
         removed = await self._store.rollback(self._lease, self._config.lease_ttl, ancestor)
         await self._reload_state()
         self._metrics.reorgs.inc()
+        self._metrics.reorg_depth.observe(depth)
         log.warning("reorg rolled back", depth=depth, ancestor=ancestor.number, removed=removed)
         self._on_commit()

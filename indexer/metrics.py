@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from indexer.rpc import RpcStats
 
 
+# Up to the default REORG_WINDOW (64) and past it, for a raised window.
+REORG_DEPTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, float("inf"))
+
+
 class Metrics:
     """Every metric the indexer exports on /metrics."""
 
@@ -31,6 +35,12 @@ class Metrics:
             "kektech_indexer_unknown_logs", "Logs from tracked contracts stored raw", registry=r
         )
         self.reorgs = Counter("kektech_indexer_reorgs", "Reorgs rolled back", registry=r)
+        self.reorg_depth = Histogram(
+            "kektech_indexer_reorg_depth_blocks",
+            "Blocks rolled back per reorg",
+            buckets=REORG_DEPTH_BUCKETS,
+            registry=r,
+        )
         self.fetch_retries = Counter(
             "kektech_indexer_fetch_retries",
             "Ranges fetched again after the chain moved",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -28,19 +29,20 @@ async def publisher_parts(
         yield store, redis
 
 
+def make_publisher(
+    parts: tuple[Store, aioredis.Redis], stream_key: str, **overrides: Any
+) -> Publisher:
+    """A publisher on this test's store and Redis; keyword arguments override the defaults."""
+    store, redis = parts
+    options: dict[str, Any] = {"stream_maxlen": 1000, "outbox_keep": 100, "metrics": Metrics()}
+    return Publisher(redis=redis, store=store, stream_key=stream_key, **(options | overrides))
+
+
 async def test_a_stop_that_coincides_with_a_wake_up_still_stops_the_publisher(
     publisher_parts: tuple[Store, aioredis.Redis],
 ) -> None:
     """Cancelling the publisher in the same loop turn as a commit wakes it ends its task."""
-    store, redis = publisher_parts
-    publisher = Publisher(
-        redis=redis,
-        store=store,
-        stream_key="kektech:test-publisher",
-        stream_maxlen=1000,
-        outbox_keep=100,
-        metrics=Metrics(),
-    )
+    publisher = make_publisher(publisher_parts, "kektech:test-publisher")
     task = asyncio.create_task(publisher.publish_forever(), name="publish-outbox")
     await asyncio.sleep(IDLE_SETTLE)
     assert not task.done()
@@ -79,15 +81,8 @@ async def test_published_rows_are_pruned_in_chunks_down_to_outbox_keep(
         return deleted
 
     store.prune_outbox = counting_prune  # type: ignore[method-assign]
-    publisher = Publisher(
-        redis=redis,
-        store=store,
-        stream_key="kektech:test-prune",
-        stream_maxlen=1000,
-        outbox_keep=5,
-        metrics=Metrics(),
-        prune_every=0.0,
-        prune_chunk=8,
+    publisher = make_publisher(
+        publisher_parts, "kektech:test-prune", outbox_keep=5, prune_every=0.0, prune_chunk=8
     )
     task = asyncio.create_task(publisher.publish_forever(), name="publish-outbox")
     try:
@@ -113,16 +108,9 @@ async def test_redis_up_reports_redis_while_idle(
     publisher_parts: tuple[Store, aioredis.Redis], redis_server: Redis
 ) -> None:
     """With nothing to publish, kektech_indexer_redis_up still follows whether Redis answers."""
-    store, redis = publisher_parts
     metrics = Metrics()
-    publisher = Publisher(
-        redis=redis,
-        store=store,
-        stream_key="kektech:test-redis-up",
-        stream_maxlen=1000,
-        outbox_keep=100,
-        metrics=metrics,
-        ping_every=0.2,
+    publisher = make_publisher(
+        publisher_parts, "kektech:test-redis-up", metrics=metrics, ping_every=0.2
     )
 
     def redis_up() -> float | None:

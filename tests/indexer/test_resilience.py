@@ -6,7 +6,6 @@ import asyncio
 import random
 from collections.abc import Callable
 
-import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
@@ -92,17 +91,9 @@ async def test_redis_outage_loses_nothing_and_the_backlog_drains(
             own_redis.stop()
             await driver.run(blocks=30, block_interval=0.05)
             await indexer.wait_cursor(await dev_chain.block_number())
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(indexer.http_url + "/metrics") as response,
-            ):
-                metrics = await response.text()
-            assert "kektech_indexer_redis_up 0.0" in metrics
-            backlog = next(
-                float(line.split()[1]) for line in metrics.splitlines()
-                if line.startswith("kektech_indexer_publish_backlog ")
-            )  # fmt: skip
-            assert backlog > 0
+            assert await indexer.metric("kektech_indexer_redis_up") == 0
+            backlog = await indexer.metric("kektech_indexer_publish_backlog")
+            assert (backlog or 0) > 0
             own_redis.start()
             entries = await caught_up(
                 indexer, dev_chain, client, stream_key, database_url, deployment
@@ -148,6 +139,8 @@ async def test_reorgs_within_the_window_follow_the_canonical_chain(
             indexer, dev_chain, redis_client, stream_key, database_url, deployment
         )
         assert indexer.running
+        assert await indexer.metric("kektech_indexer_reorgs_total") == 1
+        assert await indexer.metric("kektech_indexer_reorg_depth_blocks_sum") == depth
     removals = [envelope["id"] for _, envelope in entries if envelope["removed"]]
     assert removals == list(reversed(retracted))
     assert_gap_free(entries)

@@ -131,6 +131,19 @@ class IndexerProcess:
             body = await resp.json(content_type=None) if path != "/metrics" else {}
             return resp.status, body
 
+    async def metric(self, name: str) -> float | None:
+        """The value of one unlabelled series on /metrics, None if it is not there."""
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.http_url + "/metrics") as resp,
+        ):
+            text = await resp.text()
+        for line in text.splitlines():
+            series, _, value = line.rpartition(" ")
+            if series == name:
+                return float(value)
+        return None
+
     async def wait_ready(self, within: float = 30.0) -> dict[str, object]:
         """Wait until /ready answers 200 (leader and caught up with the chain)."""
         loop = asyncio.get_running_loop()
