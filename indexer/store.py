@@ -54,6 +54,26 @@ EVENT_COLUMNS = (
 NUMERIC_COLUMNS = frozenset(
     {"resolution_time", "creator_bond", "volume_outcome1", "volume_outcome2"}
 )
+# Postgres array type of each markets column, for the one-statement upsert (0001_initial.sql).
+MARKET_ARRAY_TYPES = {
+    **{c: "text[]" for c in MARKET_COLUMNS},
+    **{c: "numeric[]" for c in NUMERIC_COLUMNS},
+    "rejected": "boolean[]",
+    "deactivated": "boolean[]",
+    "bets_outcome1": "bigint[]",
+    "bets_outcome2": "bigint[]",
+    "created_block": "bigint[]",
+    "updated_block": "bigint[]",
+    "created_at": "timestamptz[]",
+}
+# One statement for any number of rows: a row per array position.
+UPSERT_MARKETS = (
+    f"INSERT INTO markets ({', '.join(MARKET_COLUMNS)})"  # noqa: S608 - constant column names
+    " SELECT * FROM unnest("
+    + ", ".join(f"${i}::{MARKET_ARRAY_TYPES[c]}" for i, c in enumerate(MARKET_COLUMNS, 1))
+    + ") ON CONFLICT (address) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in MARKET_COLUMNS if c != "address")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,13 +459,8 @@ class Store:
     async def _upsert_markets(self, conn: asyncpg.Connection, rows: Sequence[MarketRow]) -> None:
         if not rows:
             return
-        placeholders = ", ".join(f"${i}" for i in range(1, len(MARKET_COLUMNS) + 1))
-        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in MARKET_COLUMNS if c != "address")
-        await conn.executemany(
-            f"INSERT INTO markets ({', '.join(MARKET_COLUMNS)}) VALUES ({placeholders})"  # noqa: S608
-            f" ON CONFLICT (address) DO UPDATE SET {updates}",
-            [_row_values(r) for r in rows],
-        )
+        columns = zip(*(_row_values(r) for r in rows), strict=True)
+        await conn.execute(UPSERT_MARKETS, *(list(values) for values in columns))
 
     @staticmethod
     async def _save_headers(conn: asyncpg.Connection, headers: Sequence[BlockHeader]) -> None:
