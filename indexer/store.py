@@ -8,7 +8,7 @@ that lost its lease while paused, can never commit.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -127,6 +127,28 @@ def _outbox_values(
 ) -> tuple[Any, ...]:
     ident, payload = event.wire(chain_id=chain_id, seq=seq, removed=removed)
     return (seq, ident, " ".join(event.channels), payload)
+
+
+def _event_values(event: StoredEvent, seq: int | None) -> tuple[Any, ...]:
+    raw = event.log
+    decoded = event.decoded
+    topics = (*raw.topics, None, None, None, None)[:4]
+    return (
+        raw.block_number,
+        raw.log_index,
+        raw.block_hash,
+        event.block_time,
+        raw.transaction_hash,
+        raw.transaction_index,
+        raw.address,
+        event.kind.value,
+        decoded.spec.name if decoded else None,
+        decoded.market if decoded else None,
+        *topics,
+        raw.data,
+        decoded.args if decoded else None,
+        seq,
+    )
 
 
 def _row_values(row: MarketRow) -> list[Any]:
@@ -384,47 +406,34 @@ class Store:
         chain_id: int,
         last_seq: int,
     ) -> int:
-        """Insert events and their outbox rows, assigning consecutive seqs; returns the last."""
+        """Insert events and their outbox rows, assigning consecutive seqs; returns the last.
+
+        Rows are generated while COPY sends them (asyncpg encodes them in chunks), so the rows
+        and the envelopes of a whole batch are never all in memory at once.
+        """
         if not events:
             return last_seq
-        rows: list[tuple[Any, ...]] = []
-        outbox: list[tuple[Any, ...]] = []
+        seqs: list[int | None] = []
         for event in events:
-            seq: int | None = None
-            if event.decoded is not None:
+            if event.decoded is None:
+                seqs.append(None)
+            else:
                 last_seq += 1
-                seq = last_seq
-                outbox.append(_outbox_values(event, chain_id=chain_id, seq=seq))
-            raw = event.log
-            topics = (*raw.topics, None, None, None, None)[:4]
-            rows.append(
-                (
-                    raw.block_number,
-                    raw.log_index,
-                    raw.block_hash,
-                    event.block_time,
-                    raw.transaction_hash,
-                    raw.transaction_index,
-                    raw.address,
-                    event.kind.value,
-                    event.decoded.spec.name if event.decoded else None,
-                    event.market,
-                    *topics,
-                    raw.data,
-                    event.decoded.args if event.decoded else None,
-                    seq,
-                )
-            )
-        await conn.copy_records_to_table("events", records=rows, columns=EVENT_COLUMNS)
-        await self._insert_outbox(conn, outbox)
+                seqs.append(last_seq)
+        await conn.copy_records_to_table(
+            "events", records=map(_event_values, events, seqs), columns=EVENT_COLUMNS
+        )
+        published = ((e, s) for e, s in zip(events, seqs, strict=True) if s is not None)
+        await self._insert_outbox(
+            conn, (_outbox_values(e, chain_id=chain_id, seq=s) for e, s in published)
+        )
         return last_seq
 
     @staticmethod
-    async def _insert_outbox(conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-        if rows:
-            await conn.copy_records_to_table(
-                "outbox", records=rows, columns=("seq", "event_id", "channels", "payload")
-            )
+    async def _insert_outbox(conn: asyncpg.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+        await conn.copy_records_to_table(
+            "outbox", records=rows, columns=("seq", "event_id", "channels", "payload")
+        )
 
     async def _project(self, conn: asyncpg.Connection, events: Sequence[StoredEvent]) -> None:
         touched = sorted({e.market for e in events if e.market is not None})
