@@ -52,6 +52,8 @@ def event_channel(event_name: str) -> str:
     return EVENTS_PREFIX + snake_case(event_name)
 
 
+# Cached: the indexer asks for it on every market event, for a few thousand markets at most.
+@functools.lru_cache(maxsize=4096)
 def market_channel(address: str) -> str:
     """Return the channel of one market: market:<lowercase address>; raise ChannelError."""
     try:
