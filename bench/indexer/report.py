@@ -154,7 +154,12 @@ def render(result: Result) -> str:
         f"({u.seconds / f.best:.2f}x with start-up)",
         "",
         f"live: {len(result.live.latencies_ms)} blocks of {result.live.txs_per_block} tx, "
-        f"poll {result.config['poll_interval']} s, missing {result.live.missing}",
+        f"poll {result.config['poll_interval']} s, missing {result.live.missing}, "
+        + (
+            "not settled after the catch-up"
+            if result.live.settle_seconds is None
+            else f"after CHECKPOINT + sync ({result.live.settle_seconds:.1f} s)"
+        ),
         "  " + "  ".join(f"{k} {v:.0f} ms" for k, v in live.items()),
         "",
         f"indexer RSS at start-up:    {_memory(u.startup_memory_kb)}",

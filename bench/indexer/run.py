@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 
 from bench.indexer.catchup import PySpy, measure_catch_up
 from bench.indexer.floor import measure_floor
-from bench.indexer.live import TimedChain, measure_live
+from bench.indexer.live import TimedChain, measure_live, settle_writes
 from bench.indexer.proc import read_memory
 from bench.indexer.report import Result, render, write_json
 from devnet.chain import deploy
@@ -55,6 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--live-txs-per-block", type=int, default=1, help="in the live phase")
     parser.add_argument("--poll-interval", type=float, default=0.25, help="indexer POLL_INTERVAL")
     parser.add_argument("--seed", type=int, default=1, help="activity seed")
+    parser.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="start the live phase without a CHECKPOINT and sync(2) after the catch-up",
+    )
     parser.add_argument("--floor-repeats", type=int, default=3, help="fetch-only passes")
     parser.add_argument(
         "--postgres",
@@ -191,6 +196,7 @@ async def bench(args: argparse.Namespace, local: LocalServices) -> Result:
                     profiler=profiler,
                 )
             print("live ...", file=sys.stderr, flush=True)
+            settled = None if args.no_settle else await settle_writes(local.postgres.url)
             live = await measure_live(
                 driver,
                 chain,
@@ -198,6 +204,7 @@ async def bench(args: argparse.Namespace, local: LocalServices) -> Result:
                 samples=args.live_samples,
                 txs_per_block=args.live_txs_per_block,
                 seed=args.seed,
+                settle_seconds=settled,
             )
             assert indexer.proc is not None
             memory = read_memory(indexer.proc.pid)
