@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 from collections.abc import Coroutine
 from typing import Any
@@ -17,6 +18,13 @@ from shared.logs import configure_logging
 from shared.settings import IndexerSettings, settings_or_exit
 
 log = structlog.get_logger()
+
+# Collect young objects every 10,000 net allocations instead of CPython's 700, and never scan
+# what start-up loaded (gc.freeze below). A batch keeps tens of thousands of objects alive for
+# a while, so the default collector kept promoting and re-scanning them: measured over a
+# 50,000-event catch-up, 549 collections took ~0.7 s (~120 us of CPU per event in all); with
+# these, 25 collections took 0.15 s (~103 us per event) and RSS grew by 0.8 MiB (bench/README.md).
+GC_THRESHOLDS = (10_000, 20, 20)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -110,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_or_exit(IndexerSettings)
     configure_logging(settings.log_level, settings.log_format, secrets=settings.log_secrets())
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.freeze()  # what is loaded now lives as long as the process: never scan it again
     try:
         return run_until_signalled(dispatch(args, settings))
     except (KektechError, ExceptionGroup) as exc:
