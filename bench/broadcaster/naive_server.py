@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import cast
 
 import redis.asyncio as aioredis
 from websockets.asyncio.server import ServerConnection, broadcast, serve
@@ -66,7 +67,11 @@ async def run(settings: BroadcasterSettings) -> None:
         backlog=16384,
     ):
         while True:
-            reply = await redis.xread({key: last}, block=5000, count=1000)
+            # redis-py's annotation covers every reply shape; without decoding it is this one.
+            reply = cast(
+                list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
+                await redis.xread({key: last}, block=5000, count=1000),
+            )
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id

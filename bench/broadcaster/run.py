@@ -505,9 +505,14 @@ COLUMNS = (
 def render(rows: list[Row]) -> str:
     table = [[title for _, title, _ in COLUMNS]]
     for row in rows:
-        values = {"server": row.server, "transport": row.transport, "scenario": row.scenario}
-        values["clients"] = row.clients
-        values |= {"rate": row.rate, **row.values}
+        values: dict[str, Any] = {
+            "server": row.server,
+            "transport": row.transport,
+            "scenario": row.scenario,
+            "clients": row.clients,
+            "rate": row.rate,
+            **row.values,
+        }
         table.append(
             ["-" if values.get(key) is None else fmt.format(values[key]) for key, _, fmt in COLUMNS]
         )
