@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import redis.asyncio as aioredis
 
 from devnet.chain import Deployment, DevChain, deploy
 from devnet.services import Anvil, PgBouncer, Postgres, Redis
@@ -41,6 +42,14 @@ def redis_server() -> Iterator[Redis]:
     """One Redis server for the whole run; tests use their own key prefixes or flush."""
     with Redis() as server:
         yield server
+
+
+@pytest.fixture
+async def redis_client(redis_server: Redis) -> AsyncIterator[aioredis.Redis]:
+    """A client of the run's Redis server, closed after the test."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -24,13 +24,6 @@ def stream_key() -> str:
 
 
 @pytest.fixture
-async def redis_client(redis_server: Redis) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def producer(redis_client: aioredis.Redis, stream_key: str) -> EventProducer:
     """Writes events to this test's stream exactly as the indexer does."""
     return EventProducer(redis_client, stream_key)

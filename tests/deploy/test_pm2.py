@@ -9,7 +9,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +23,7 @@ from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
 from devnet.services import Anvil, Redis
 from tests.broadcaster.support import WsClient, ws_client
-from tests.indexer.conftest import (
-    assert_database_equals_chain,
-    assert_gap_free,
-    expected_ids,
-    live_ids,
-    stream_entries,
-    tracked_chain_logs,
-)
+from tests.indexer.conftest import assert_gap_free, stored_and_published
 from tests.support.indexer_process import indexer_env
 from tests.support.pm2 import (
     BROADCASTER,
@@ -124,39 +117,25 @@ def stack(
         yield built
 
 
-@pytest.fixture
-async def redis_client(redis_server: Redis) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
 async def wait_indexed(stack: Stack, chain: DevChain, deployment: Deployment, database_url: str,
                        client: aioredis.Redis) -> list[tuple[int, dict[str, Any]]]:  # fmt: skip
     """Wait until the database equals the chain and the stream holds every event."""
     head = await chain.block_number()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60  # for the cursor and the database together
 
-    async def stored() -> bool:
+    async def cursor_at_head() -> bool:
         try:
             health = await http_json(stack.indexer_http + "/healthz")
         except OSError:
             return False
-        if not isinstance(health.get("cursor"), int) or health["cursor"] < head:
-            return False
-        try:
-            await assert_database_equals_chain(database_url, chain, deployment)
-        except AssertionError:
-            return False
-        return True
+        return isinstance(health.get("cursor"), int) and health["cursor"] >= head
 
-    await eventually(stored, within=60, what="the database equals the chain")
-    expected = expected_ids(await tracked_chain_logs(chain, deployment))
-
-    async def published() -> bool:
-        return live_ids(await stream_entries(client, stack.stream_key)) == expected
-
-    await eventually(published, within=30, what="the stream holds the chain's events")
-    return await stream_entries(client, stack.stream_key)
+    await eventually(cursor_at_head, within=60, what=f"the indexer's cursor at {head}")
+    return await stored_and_published(
+        chain, client, stack.stream_key, database_url, deployment,
+        within=max(0.0, deadline - loop.time()),
+    )  # fmt: skip
 
 
 def ready_lines(stack: Stack, name: str) -> list[dict[str, Any]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +55,6 @@ def make_indexer(
         return IndexerProcess(env, *args, log_dir=tmp_path)
 
     return make
-
-
-@pytest.fixture
-async def redis_client(redis_server: Redis) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
 
 
 async def tracked_chain_logs(chain: DevChain, deployment: Deployment) -> list[dict[str, Any]]:
@@ -173,6 +166,20 @@ async def caught_up(
 ) -> list[tuple[int, dict[str, Any]]]:
     """Wait until the indexer stored and published the whole chain; return the stream."""
     await indexer.wait_cursor(await chain.block_number())
+    return await stored_and_published(chain, client, key, database_url, deployment, within=30)
+
+
+async def stored_and_published(
+    chain: DevChain,
+    client: aioredis.Redis,
+    key: str,
+    database_url: str,
+    deployment: Deployment,
+    *,
+    within: float,
+) -> list[tuple[int, dict[str, Any]]]:
+    """Wait (`within` s) until the database equals the chain, then (30 s) until the stream
+    holds every event still on the chain; return the stream."""
 
     async def stored() -> bool:
         try:
@@ -181,7 +188,7 @@ async def caught_up(
             return False
         return True
 
-    await eventually(stored, within=30, what="the database equals the chain")
+    await eventually(stored, within=within, what="the database equals the chain")
     expected = expected_ids(await tracked_chain_logs(chain, deployment))
 
     async def published() -> bool:
