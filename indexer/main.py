@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
-import signal
-from collections.abc import Coroutine
-from typing import Any
 
 import structlog
 
@@ -15,16 +10,19 @@ from indexer import commands
 from indexer.service import run
 from shared.errors import KektechError
 from shared.logs import configure_logging
+from shared.process import leaf_errors, run_until_signalled, tune_collector
 from shared.settings import IndexerSettings, settings_or_exit
 
 log = structlog.get_logger()
 
 # Collect young objects every 10,000 net allocations instead of CPython's 700, and never scan
-# what start-up loaded (gc.freeze below). A batch keeps tens of thousands of objects alive for
+# what start-up loaded (tune_collector). A batch keeps tens of thousands of objects alive for
 # a while, so the default collector kept promoting and re-scanning them: measured over a
 # 50,000-event catch-up, 549 collections took ~0.7 s (~120 us of CPU per event in all); with
 # these, 25 collections took 0.15 s (~103 us per event) and RSS grew by 0.8 MiB (bench/README.md).
 GC_THRESHOLDS = (10_000, 20, 20)
+# Seconds a stop may take before the cancellation is repeated (PM2's kill_timeout is 15 s).
+STOP_RETRY = 5.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,45 +57,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# Seconds a stop may take before the cancellation is repeated (PM2's kill_timeout is 15 s).
-STOP_RETRY = 5.0
-
-
-def run_until_signalled(main: Coroutine[Any, Any, int]) -> int:
-    """Run `main`, cancelling it on SIGINT (PM2's stop signal) or SIGTERM."""
-
-    async def wrapper() -> int:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-
-        def insist() -> None:
-            # A library that swallows a cancellation (asyncio.wait_for on Python 3.11) would
-            # otherwise keep us running until PM2's SIGKILL; say so and cancel again.
-            if not task.done():
-                log.warning("still running after a stop signal: cancelling again", after=STOP_RETRY)
-                task.cancel()
-                loop.call_later(STOP_RETRY, insist)
-
-        def stop() -> None:
-            task.cancel()
-            loop.call_later(STOP_RETRY, insist)
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop)
-        try:
-            return await main
-        except asyncio.CancelledError:
-            log.info("stopped by signal")
-            return 0
-
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(wrapper())
-    return uvloop.run(wrapper())
-
-
 async def dispatch(args: argparse.Namespace, settings: IndexerSettings) -> int:
     command = args.command or "run"
     if command == "run":
@@ -118,21 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_or_exit(IndexerSettings)
     configure_logging(settings.log_level, settings.log_format, secrets=settings.log_secrets())
-    gc.set_threshold(*GC_THRESHOLDS)
-    gc.freeze()  # what is loaded now lives as long as the process: never scan it again
+    tune_collector(GC_THRESHOLDS)
     try:
-        return run_until_signalled(dispatch(args, settings))
+        return run_until_signalled(dispatch(args, settings), insist_after=STOP_RETRY)
     except (KektechError, ExceptionGroup) as exc:
-        errors = _leaves(exc)
+        errors = leaf_errors(exc)
         if not all(isinstance(e, KektechError) for e in errors):
             raise  # a bug: let the traceback through
         for error in errors:
             log.error("indexer stopped", error=str(error), error_type=type(error).__name__)
         return 1
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    """The exceptions inside (nested) exception groups, or the exception itself."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]

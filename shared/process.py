@@ -1,0 +1,75 @@
+"""What both services' `main` does around the service: the collector, the loop, stop signals."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import signal
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+
+__all__ = ["leaf_errors", "run_until_signalled", "tune_collector"]
+
+log = structlog.get_logger()
+
+
+def tune_collector(thresholds: tuple[int, int, int]) -> None:
+    """Set the collector's thresholds and stop it from ever scanning what is loaded now.
+
+    Call once start-up is done: modules, settings and logging live as long as the process.
+    """
+    gc.set_threshold(*thresholds)
+    gc.freeze()
+
+
+def run_until_signalled(
+    main: Coroutine[Any, Any, int | None], *, insist_after: float | None = None
+) -> int:
+    """Run `main` (on uvloop when installed), cancelling it on SIGINT (PM2's stop signal) or
+    SIGTERM; returns its exit code, 0 when it returned None or was stopped by a signal.
+
+    `insist_after`: seconds after which a stop that was not honoured is logged and repeated
+    (a library that swallows a cancellation, e.g. asyncio.wait_for on Python 3.11, would
+    otherwise keep the process running until PM2's SIGKILL).
+    """
+
+    async def wrapper() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def insist() -> None:
+            if insist_after is not None and not task.done():
+                log.warning(
+                    "still running after a stop signal: cancelling again", after=insist_after
+                )
+                task.cancel()
+                loop.call_later(insist_after, insist)
+
+        def stop() -> None:
+            task.cancel()
+            if insist_after is not None:
+                loop.call_later(insist_after, insist)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        try:
+            return await main or 0
+        except asyncio.CancelledError:
+            log.info("stopped by signal")
+            return 0
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(wrapper())
+    return uvloop.run(wrapper())
+
+
+def leaf_errors(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or the exception itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaf_errors(inner)]
+    return [exc]
