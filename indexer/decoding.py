@@ -110,10 +110,14 @@ def decode_data(types: Sequence[str], data: bytes) -> list[Any]:
     more than everything else the indexer does per event (measured). Exactly as strict:
     the tests check it against eth_abi on valid encodings and on arbitrary bytes.
     """
-    head = 32 * len(types)
+    return _read_data(tuple(_reader(abi_type) for abi_type in types), data)
+
+
+def _read_data(readers: Sequence[Reader], data: bytes) -> list[Any]:
+    head = 32 * len(readers)
     if len(data) < head:
         raise UndecodableLog(f"data is {len(data)} bytes, the head alone needs {head}")
-    return [_reader(abi_type)(data, 32 * index) for index, abi_type in enumerate(types)]
+    return [read(data, 32 * index) for index, read in enumerate(readers)]
 
 
 def _json(abi_type: str) -> Callable[[Any], JsonValue]:
@@ -135,11 +139,12 @@ def _same(value: JsonValue) -> JsonValue:
 
 @dataclass(frozen=True, slots=True)
 class _Field:
-    """One argument: where it is (topic position, or data head offset) and how it is written."""
+    """One argument: where it is (topic position, or position among the data values), how it
+    is read and how it is written."""
 
     name: str
     topic: int | None
-    data_at: int
+    data_index: int
     read: Reader
     to_json: Callable[[Any], JsonValue]
     enum_names: tuple[str, ...] | None
@@ -150,7 +155,7 @@ class _Plan:
     """How to decode one event, worked out once per spec instead of once per log."""
 
     topics: int
-    data_types: tuple[str, ...]
+    data_readers: tuple[Reader, ...]
     fields: tuple[_Field, ...]
 
 
@@ -180,14 +185,15 @@ def _compile(spec: EventSpec) -> _Plan:
             _Field(
                 name=param.name,
                 topic=topic if param.indexed else None,
-                data_at=-1 if param.indexed else 32 * data,
+                data_index=-1 if param.indexed else data,
                 read=read,
                 to_json=_json(param.type),
                 enum_names=param.enum_names,
             )
         )
         data += not param.indexed
-    return _Plan(topics=topic + 1, data_types=spec.data_types, fields=tuple(fields))
+    data_readers = tuple(f.read for f in fields if f.topic is None)
+    return _Plan(topics=topic + 1, data_readers=data_readers, fields=tuple(fields))
 
 
 def decode_args(spec: EventSpec, topics: Sequence[str], data: str) -> dict[str, JsonValue]:
@@ -201,13 +207,11 @@ def decode_args(spec: EventSpec, topics: Sequence[str], data: str) -> dict[str, 
         payload = bytes.fromhex(data[2:])
     except ValueError as exc:
         raise UndecodableLog(f"{spec.name} data is not hex") from exc
-    head = 32 * len(plan.data_types)
-    if len(payload) < head:
-        raise UndecodableLog(f"data is {len(payload)} bytes, the head alone needs {head}")
+    values = _read_data(plan.data_readers, payload)
     args: dict[str, JsonValue] = {}
     for field in plan.fields:
         if field.topic is None:
-            value = field.read(payload, field.data_at)
+            value = values[field.data_index]
         else:
             raw = bytes.fromhex(topics[field.topic][2:])
             if len(raw) != 32:
