@@ -8,6 +8,7 @@ consecutive by seq, so that most resumes never read Redis.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,36 +78,28 @@ def parse_entry(entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> Event:
     return Event(seq=seq, channels=channels, envelope=bytes(raw), block_time=block_time)
 
 
-# Channel fields already validated: events of a market repeat the same few field values, so
-# validating each distinct one once saves most of the work per event (bounded: cleared when
-# full, the cost of a later miss being one validation).
-_VALID_CHANNELS: dict[bytes, tuple[str, ...]] = {}
-_VALID_CHANNELS_MAX = 65_536
-
-
 def _channels(where: str, raw: bytes | None, envelope: EventEnvelope) -> tuple[str, ...]:
     """The entry's channels, validated; derived from the envelope when the field is absent."""
     if raw is None or not raw.strip():
         return channels_for(envelope.type, envelope.contract_kind, envelope.market_address)
-    known = _VALID_CHANNELS.get(raw)
-    if known is not None:
-        return known
-    channels = _validate_channels(where, raw)
-    if len(_VALID_CHANNELS) >= _VALID_CHANNELS_MAX:
-        _VALID_CHANNELS.clear()
-    _VALID_CHANNELS[bytes(raw)] = channels
-    return channels
+    try:
+        return _valid_channels(bytes(raw))
+    except ChannelError as exc:
+        raise InvalidEntry(where, str(exc)) from None
 
 
-def _validate_channels(where: str, raw: bytes) -> tuple[str, ...]:
+# Cached: events of a market repeat the same few field values, so validating each distinct one
+# once saves most of the work per event (a refused field raises and is not cached).
+@functools.lru_cache(maxsize=65_536)
+def _valid_channels(raw: bytes) -> tuple[str, ...]:
     names: list[str] = []
     for name in raw.decode("ascii", "replace").split():
         try:
             channel = validate_channel(name)
         except ChannelError as exc:
-            raise InvalidEntry(where, f"bad channel: {exc}") from None
+            raise ChannelError(f"bad channel: {exc}") from None
         if is_pattern(channel):
-            raise InvalidEntry(where, "a channel name must not be a pattern")
+            raise ChannelError("a channel name must not be a pattern")
         names.append(channel)
     return tuple(dict.fromkeys(names))
 
