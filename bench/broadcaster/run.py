@@ -2,12 +2,12 @@
 
 For each scenario: a fresh Redis (devnet.services.Redis), the server under test as a
 subprocess (`python -m broadcaster`, or the naive websockets.broadcast() baseline), the Node
-load generator (bench/broadcaster/loadgen.mjs, `ws` from npm) opening N clients, and the
+load generator (bench/broadcaster/loadgen.mjs, on node:net) opening N clients, and the
 publisher (bench/broadcaster/publisher.py) writing stamped events at a rate. Measured:
 publish-to-receive latency p50/p99 over every delivery in the window, server CPU per
-delivery (/proc utime+stime), server RSS per idle connection, handshake times, and the CPU
-of the generator itself (it shares the 2 cores with the server). Prints a table; --json
-writes the rows.
+delivery (/proc utime+stime), server RSS per idle connection, handshake times, and the CPU,
+event-loop delay and longest GC pause of the generator itself (it shares the 2 cores with
+the server). Prints a table; --json writes the rows.
 
     python -m bench.broadcaster.run                      # every scenario, both servers
     python -m bench.broadcaster.run --server broadcaster --scenario fanout-1k
@@ -459,6 +459,10 @@ async def run_scenario(
                         duplicates=report["duplicates"],
                         closes=report["closes"],
                         still_open=report["open"],
+                        gen_loop_delay_p99_ms=report["genLoopDelayP99Ms"],
+                        gen_loop_delay_max_ms=report["genLoopDelayMaxMs"],
+                        gen_gc_max_ms=report["genGcMaxMs"],
+                        gen_gc_total_ms=report["genGcTotalMs"],
                     )
                     if kind == "broadcaster":
                         with contextlib.suppress(OSError):
@@ -484,6 +488,8 @@ COLUMNS = (
     ("us_per_event", "us/event", "{:.0f}"),
     ("server_cpu_pct", "srv CPU%", "{:.0f}"),
     ("gen_cpu_pct", "gen CPU%", "{:.0f}"),
+    ("gen_loop_delay_p99_ms", "gen lag p99 ms", "{:.1f}"),
+    ("gen_gc_max_ms", "gen GC max ms", "{:.1f}"),
     ("redis_cpu_pct", "redis%", "{:.0f}"),
     ("machine_cpu_pct", "machine%", "{:.0f}"),
     ("all_connected_s", "conn s", "{:.2f}"),
