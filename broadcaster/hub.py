@@ -208,7 +208,7 @@ class Hub:
             delivered += self._deliver(event, now_ms, overflow, batch)
             self.last_block_time = event.block_time
         if batch:
-            self._flush(batch, overflow)
+            delivered += self._flush(batch, overflow)
         if relayed:
             self.last_relay_time = now
             self.metrics.events.inc(relayed)
@@ -230,7 +230,8 @@ class Hub:
         overflow: list[Client],
         batch: dict[Client, list[bytes]] | None,
     ) -> int:
-        """Write (or add to batch) one event for every client it concerns; return how many."""
+        """Write one event to every client it concerns, or add it to batch; return how many
+        were written (a batch's are counted by _flush)."""
         seq = event.seq
         limit = self.send_buffer_bytes
         count = 0
@@ -242,22 +243,25 @@ class Hub:
                     continue
                 if client.pending is not None:
                     self._hold(client, event, overflow)
-                elif client.buffered() > limit:
-                    overflow.append(client)
-                elif client.is_open():
-                    if batch is None:
-                        client.write(frame)
-                    elif (frames := batch.get(client)) is None:
+                elif batch is not None:
+                    # Whether the socket takes it is asked once per client, in _flush.
+                    if (frames := batch.get(client)) is None:
                         batch[client] = [frame]
                     else:
                         frames.append(frame)
                     client.last_seq = seq
+                elif client.buffered() > limit:
+                    overflow.append(client)
+                elif client.is_open():
+                    client.write(frame)
+                    client.last_seq = seq
                     count += 1
         return count
 
-    def _flush(self, batch: dict[Client, list[bytes]], overflow: list[Client]) -> None:
-        """Write each client's frames of a batch at once."""
+    def _flush(self, batch: dict[Client, list[bytes]], overflow: list[Client]) -> int:
+        """Write each client's frames of a batch at once; return how many were written."""
         limit = self.send_buffer_bytes
+        count = 0
         for client, frames in batch.items():
             if client.dropped or not client.is_open():
                 continue
@@ -265,6 +269,8 @@ class Hub:
                 overflow.append(client)
             else:
                 client.write(frames[0] if len(frames) == 1 else b"".join(frames))
+                count += len(frames)
+        return count
 
     def _hold(self, client: Client, event: Event, overflow: list[Client]) -> None:
         pending = client.pending
