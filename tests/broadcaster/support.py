@@ -1,5 +1,6 @@
 """Helpers for broadcaster tests: an event producer that writes the stream exactly as the
-indexer does, a WebSocket test client, and an in-process broadcaster on free ports."""
+indexer does, readers of the stream's entries, a WebSocket test client, and an in-process
+broadcaster on free ports."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.typing import EncodableT, FieldT, StreamRangeResponse
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from broadcaster.service import run
 from devnet.services import free_port
 from shared.channels import channels_for
-from shared.envelope import ContractKind, EventEnvelope
+from shared.envelope import ContractKind, EventEnvelope, normalize_timestamp
 from shared.settings import BroadcasterSettings
 
 MARKET = "0x31d2bc49a6fd4a066f5f8ac61acd0e6c9105dd84"
@@ -31,6 +33,9 @@ OTHER_MARKET = "0x70997970c51812dc3a010c7d01b50e0d17dc79c8"
 FACTORY = "0x5fbdb2315678afecb367f032d93f642f64180aa3"
 BETTOR = "0x3c44cdddb6a900fa2b585dd299e03d12fa4293bc"
 WITHIN = 5.0
+
+# One stream entry as a client without decode_responses reads it: (ID, fields), all bytes.
+StreamEntry = tuple[bytes, dict[bytes, bytes]]
 
 # Event name -> emitting contract kind, and whether the market is the emitter.
 KINDS: dict[str, ContractKind] = {
@@ -69,7 +74,7 @@ def envelope(
         block_hash="0x" + f"{seq:064x}",
         transaction_hash="0x" + f"{seq + 2**200:064x}",
         log_index=0,
-        timestamp=1762430400 + seq,
+        timestamp=normalize_timestamp(1762430400 + seq),
         args=args,
     )
 
@@ -111,22 +116,25 @@ class EventProducer:
     async def _append(self, envelopes: list[EventEnvelope]) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             for env in envelopes:
+                assert env.seq is not None  # envelope() numbers every event
                 channels = channels_for(env.type, env.contract_kind, env.market_address)
-                fields = {
+                fields: dict[FieldT, EncodableT] = {
                     "seq": env.seq,
                     "channels": " ".join(channels),
                     "event": env.to_json_bytes(),
                 }
                 pipe.xadd(
                     self.key,
-                    fields,  # type: ignore[arg-type]
+                    fields,
                     id=f"{env.seq}-0",
                     maxlen=self.maxlen,
                     approximate=True,
                 )
             await pipe.execute()
 
-    async def publish_raw(self, fields: Mapping[str, Any], *, seq: int | None = None) -> int:
+    async def publish_raw(
+        self, fields: Mapping[FieldT, EncodableT], *, seq: int | None = None
+    ) -> int:
         """Append an arbitrary entry (for invalid-entry tests); return its seq."""
         self.seq = self.seq + 1 if seq is None else seq
         await self.redis.xadd(self.key, dict(fields), id=f"{self.seq}-0")
@@ -135,6 +143,37 @@ class EventProducer:
     async def trim_to(self, keep: int) -> None:
         """Trim the stream exactly, as MAXLEN would eventually."""
         await self.redis.xtrim(self.key, maxlen=keep, approximate=False)
+
+
+async def read_stream(client: aioredis.Redis, key: str) -> list[StreamEntry]:
+    """Every entry of the stream (XRANGE), oldest first."""
+    return _stream_entries(await client.xrange(key))
+
+
+async def read_stream_after(
+    client: aioredis.Redis, key: str, after: str, *, block: int, count: int
+) -> list[StreamEntry]:
+    """Up to `count` entries after ID `after` (XREAD, waiting up to `block` ms for one)."""
+    reply = await client.xread({key: after}, block=block, count=count)
+    # redis-py's annotation covers RESP3 and decoded replies too; a default client gets
+    # RESP2's [[key, entries]] ([] after an idle block).
+    assert isinstance(reply, list), reply
+    return [entry for _, entries in reply for entry in _stream_entries(entries)]
+
+
+def _stream_entries(raw: StreamRangeResponse | None) -> list[StreamEntry]:
+    """redis-py's entries narrowed to what a client without decode_responses gets: bytes."""
+    return [(_as_bytes(entry_id), _bytes_fields(fields)) for entry_id, fields in raw or []]
+
+
+def _bytes_fields(fields: dict[bytes | str, bytes | str] | None) -> dict[bytes, bytes]:
+    assert fields is not None, "XRANGE and XREAD return no deleted (None) entries"
+    return {_as_bytes(name): _as_bytes(value) for name, value in fields.items()}
+
+
+def _as_bytes(value: bytes | str | None) -> bytes:
+    assert isinstance(value, bytes), f"expected bytes (decode_responses=False): {value!r}"
+    return value
 
 
 class WsClient:
@@ -167,7 +206,7 @@ class WsClient:
         if since is not None:
             body["since"] = since
         await self.send(body)
-        replayed = []
+        replayed: list[dict[str, Any]] = []
         while True:
             message = await self.recv()
             if message["type"] == "subscribed":
@@ -177,7 +216,7 @@ class WsClient:
             replayed.append(message)
 
     async def events(self, count: int, within: float = WITHIN) -> list[dict[str, Any]]:
-        got = []
+        got: list[dict[str, Any]] = []
         async with asyncio.timeout(within):
             while len(got) < count:
                 got.append(await self.expect("event", within))

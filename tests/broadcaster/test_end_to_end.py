@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
 from devnet.services import Anvil, Redis
-from tests.broadcaster.support import Running, ws_client
+from tests.broadcaster.support import Running, read_stream, ws_client
 from tests.support.indexer_process import IndexerProcess, indexer_env
 
 Start = Callable[..., AbstractAsyncContextManager[Running]]
@@ -45,7 +45,7 @@ async def test_chain_activity_reaches_websocket_clients(
                 driver = ActivityDriver(dev_chain, deployment, seed=11, txs_per_block=6)
                 await driver.run(blocks=4)
                 await indexer.wait_cursor(await dev_chain.block_number())
-                entries = await redis_client.xrange(stream_key)
+                entries = await read_stream(redis_client, stream_key)
                 assert len(entries) >= 10
                 events = await client.events(len(entries), within=30)
         published = [orjson.loads(fields[b"event"]) for _, fields in entries]

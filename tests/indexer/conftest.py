@@ -16,6 +16,7 @@ from eth_utils.crypto import keccak
 
 from devnet.chain import Deployment, DevChain
 from devnet.services import Anvil, Redis
+from tests.broadcaster.support import read_stream
 from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.waiting import eventually
 
@@ -116,9 +117,8 @@ async def assert_database_equals_chain(
 
 async def stream_entries(client: aioredis.Redis, key: str) -> list[tuple[int, dict[str, Any]]]:
     """(seq, envelope) of every stream entry, in stream order."""
-    entries = await client.xrange(key)
     result = []
-    for entry_id, fields in entries:
+    for entry_id, fields in await read_stream(client, key):
         seq = int(entry_id.decode().split("-")[0])
         assert int(fields[b"seq"]) == seq
         result.append((seq, orjson.loads(fields[b"event"])))

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
 from devnet.services import Anvil, Redis
+from tests.broadcaster.support import read_stream_after
 from tests.indexer.conftest import (
     assert_database_equals_chain,
     assert_gap_free,
@@ -29,14 +30,13 @@ async def follow_stream(client: aioredis.Redis, key: str, seen: list[int]) -> No
     last = "0-0"
     while True:
         try:
-            reply = await client.xread({key: last}, block=200, count=500)
+            entries = await read_stream_after(client, key, last, block=200, count=500)
         except (ConnectionError, OSError, aioredis.ConnectionError):
             await asyncio.sleep(0.1)
             continue
-        for _, entries in reply:
-            for entry_id, _fields in entries:
-                last = entry_id.decode()
-                seen.append(int(last.split("-")[0]))
+        for entry_id, _fields in entries:
+            last = entry_id.decode()
+            seen.append(int(last.split("-")[0]))
 
 
 async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(

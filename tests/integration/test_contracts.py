@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from eth_utils import keccak
+from eth_utils.crypto import keccak
 
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
