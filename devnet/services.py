@@ -315,7 +315,10 @@ class Anvil(_Service):
             argv += ["--block-time", str(self.block_time)]
         elif not self.automine:
             argv.append("--no-mining")
-        self._process = _Process(self.name, argv, self.workdir / "anvil.log")
+        # anvil keeps block states past its in-memory limit under $HOME/.foundry/anvil/tmp and
+        # does not remove them when stopped: with HOME in the workdir, close() removes them.
+        env = {**os.environ, "HOME": str(self.workdir)}
+        self._process = _Process(self.name, argv, self.workdir / "anvil.log", env=env)
         self._process.spawn()
         _wait_until("anvil", self._answers, self._process)
         if self.block_time is None:
