@@ -200,7 +200,7 @@ class Follower:
             if until is not None:
                 target = min(target, until)
             if self.cursor < target:
-                await self.step(target)
+                await self.step(target, head)
                 continue
             if self._replaced(head):
                 await self._handle_reorg()
@@ -224,8 +224,11 @@ class Follower:
         assert self._state is not None
         return head.number == self.cursor and head.hash != self._state.block_hash
 
-    async def step(self, target: int) -> None:
-        """Index towards `target`: pipelined deep ranges, or one tip range (or a reorg)."""
+    async def step(self, target: int, head: BlockHeader | None = None) -> None:
+        """Index towards `target`: pipelined deep ranges, or one tip range (or a reorg).
+
+        `head`: the newest header, just fetched; a tip range ending there reuses it.
+        """
         first = self.cursor + 1
         deep_end = min(target, self.head - self._config.reorg_window)
         try:
@@ -234,7 +237,7 @@ class Follower:
                 self._bulk_done = True
             else:
                 last = min(first + TIP_MAX_BLOCKS - 1, self._batch_end(first, target))
-                await self._index_tip(first, last)
+                await self._index_tip(first, last, head)
         except ReorgDuringFetch as exc:
             # The chain moved under us between two calls: the next step sees the new branch.
             log.info("chain changed during fetch, retrying", reason=str(exc))
@@ -300,9 +303,15 @@ class Follower:
             return self._batch(gathered, headers, stored_headers=[], cursor=None)
         return self._batch(gathered, headers, stored_headers=[headers[last]], cursor=headers[last])
 
-    async def _index_tip(self, first: int, last: int) -> None:
+    async def _index_tip(self, first: int, last: int, head: BlockHeader | None) -> None:
         assert self._state is not None
-        fetched = await self._rpc.get_block_headers(range(first, last + 1))
+        # Following the chain, the range is usually just the head: no second request for it.
+        # The links checked below hold whichever request returned a header.
+        reuse = head is not None and head.number == last
+        fetched = await self._rpc.get_block_headers(range(first, last if reuse else last + 1))
+        if reuse:
+            assert head is not None
+            fetched.append(head)
         if fetched[0].parent_hash != self._state.block_hash:
             await self._handle_reorg()
             return
@@ -345,12 +354,22 @@ class Follower:
     ) -> list[RawLog]:
         step = self._config.max_addresses
         chunks = [addresses[i : i + step] for i in range(0, len(addresses), step)]
+        if tip is not None:
+            # A few blocks by hash: the chunks' requests go out together, as latency counts here.
+            blocks = [h for h in tip if first <= h.number <= last]
+            # return_exceptions: none is left running, and a failure keeps its own type.
+            answers = await asyncio.gather(
+                *(self._rpc.get_logs_at(blocks, addresses=chunk) for chunk in chunks),
+                return_exceptions=True,
+            )
+            tip_logs: list[RawLog] = []
+            for answer in answers:
+                if isinstance(answer, BaseException):
+                    raise answer
+                tip_logs += answer
+            return tip_logs
         logs: list[RawLog] = []
         for chunk in chunks:
-            if tip is not None:
-                blocks = [h for h in tip if first <= h.number <= last]
-                logs += await self._rpc.get_logs_at(blocks, addresses=chunk)
-                continue
             logs += await fetch_logs(
                 self._rpc, self._sizer, from_block=first, to_block=last, addresses=chunk
             )

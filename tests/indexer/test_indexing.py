@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
+from devnet.services import Anvil
 from shared.channels import snake_case
 from shared.envelope import EventEnvelope
 from tests.indexer.conftest import (
@@ -27,6 +28,7 @@ from tests.indexer.conftest import (
 )
 from tests.reference_events import REFERENCE_EVENTS
 from tests.support.indexer_process import IndexerProcess
+from tests.support.rpc_proxy import RpcFaultProxy
 
 ENVELOPE_FIELDS = {
     "type", "eventType", "id", "seq", "chainId", "contract", "contractKind", "marketAddress",
@@ -192,6 +194,35 @@ async def test_batches_stay_near_batch_events_inside_the_reorg_window(
     assert head < 64 + 30  # the whole chain is inside the window: tip ranges only
     assert sum(batches) == total > 4 * 40
     assert max(batches) <= 40 + 2 * per_block, batches
+
+
+async def test_a_new_head_is_indexed_without_asking_for_its_header_again(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """Following the tip, a block found by the head poll is indexed with the header that poll
+    returned: no second request for it (on a remote RPC each round trip is latency)."""
+    driver = ActivityDriver(dev_chain, deployment, seed=14, txs_per_block=2)
+    await driver.cover_all_events()
+    async with RpcFaultProxy(anvil.rpc_url, seed=1) as proxy:
+        with make_indexer(RPC_PROVIDER_URL=proxy.url) as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+            first_live = len(proxy.calls)
+            for _ in range(4):  # one block at a time: each is the head when the poll finds it
+                await driver.run(blocks=1)
+                await indexer.wait_cursor(await dev_chain.block_number())
+            live_calls = proxy.calls[first_live:]
+        await assert_database_equals_chain(database_url, dev_chain, deployment)
+    by_number = [
+        params
+        for method, params in live_calls
+        if method == "eth_getBlockByNumber" and params[:1] != ["latest"]
+    ]
+    assert ("eth_getBlockByNumber", ["latest", False]) in live_calls
+    assert by_number == []
 
 
 async def _logs_per_block(chain: DevChain, deployment: Deployment) -> list[list[dict[str, Any]]]:

@@ -30,8 +30,9 @@ Block tags ("latest") and blockHash filters are not range-checked. Every setting
 plain attribute and may be changed while the proxy runs.
 
 Counters for assertions: `requests` (HTTP requests received), `forwarded` (HTTP requests sent
-upstream), `methods` (Counter of JSON-RPC methods received) and `injected` (Counter of faults
-by kind, plus "range", "results" and "batch_rejected" for the provider limits).
+upstream), `methods` (Counter of JSON-RPC methods received), `calls` (every JSON-RPC call
+received, as (method, params)) and `injected` (Counter of faults by kind, plus "range",
+"results" and "batch_rejected" for the provider limits).
 
     async with RpcFaultProxy(anvil.rpc_url, seed=7, rates={"http_503": 0.2}) as proxy:
         async with RpcClient([proxy.url], timeout=1, max_retries=10) as client: ...
@@ -115,6 +116,7 @@ class RpcFaultProxy:
         self.requests = 0
         self.forwarded = 0
         self.methods: Counter[str] = Counter()
+        self.calls: list[tuple[str, list[Any]]] = []
         self.injected: Counter[str] = Counter()
         self._rng = random.Random(seed)
         self._schedule: deque[str | None] = deque()
@@ -176,6 +178,7 @@ class RpcFaultProxy:
         batch = isinstance(payload, list)
         calls = [c for c in (payload if batch else [payload]) if isinstance(c, dict)]
         self.methods.update(str(c.get("method")) for c in calls)
+        self.calls += [(str(c.get("method")), list(c.get("params") or [])) for c in calls]
         if batch and self.reject_batches:
             self.injected["batch_rejected"] += 1
             return _json(_error(None, -32600, "batch requests are not supported"))
