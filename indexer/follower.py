@@ -307,11 +307,10 @@ class Follower:
         assert self._state is not None
         # Following the chain, the range is usually just the head: no second request for it.
         # The links checked below hold whichever request returned a header.
-        reuse = head is not None and head.number == last
-        fetched = await self._rpc.get_block_headers(range(first, last if reuse else last + 1))
-        if reuse:
-            assert head is not None
-            fetched.append(head)
+        if head is not None and head.number == last:
+            fetched = [*await self._rpc.get_block_headers(range(first, last)), head]
+        else:
+            fetched = await self._rpc.get_block_headers(range(first, last + 1))
         if fetched[0].parent_hash != self._state.block_hash:
             await self._handle_reorg()
             return
