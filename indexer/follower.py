@@ -25,7 +25,13 @@ import structlog
 from indexer.batch import Batch, StoredEvent, block_time
 from indexer.catalog import MARKET_CREATED, ContractKind
 from indexer.decoding import UndecodableLog, decode_log
-from indexer.errors import BlockNotFound, ChainIdMismatch, ReorgDuringFetch, ReorgTooDeep
+from indexer.errors import (
+    BlockNotFound,
+    ChainIdMismatch,
+    ReorgDuringFetch,
+    ReorgTooDeep,
+    RpcUnavailable,
+)
 from indexer.metrics import Metrics
 from indexer.rpc import LogRangeSizer, RpcClient, fetch_logs
 from indexer.rpc_results import BlockHeader, RawLog
@@ -238,9 +244,10 @@ class Follower:
             else:
                 last = min(first + TIP_MAX_BLOCKS - 1, self._batch_end(first, target))
                 await self._index_tip(first, last, head)
-        except ReorgDuringFetch as exc:
-            # The chain moved under us between two calls: the next step sees the new branch.
-            log.info("chain changed during fetch, retrying", reason=str(exc))
+        except (ReorgDuringFetch, BlockNotFound) as exc:
+            # The chain moved under us between two calls, or the node that answered is behind
+            # the one that gave the head (a load balancer): the next step sees either settled.
+            log.info("range changed or incomplete, fetching again", reason=str(exc))
             self._metrics.fetch_retries.inc()
             await asyncio.sleep(min(self._config.poll_interval, 0.5))
 
@@ -318,10 +325,25 @@ class Follower:
             if child.parent_hash != parent.hash:
                 raise ReorgDuringFetch(f"block {child.number} does not extend {parent.number}")
         # By block hash at the tip: a backend behind the head must not answer "no logs".
-        gathered = await self._gather(first, last, tip=fetched)
+        try:
+            gathered = await self._gather(first, last, tip=fetched)
+        except RpcUnavailable as exc:
+            # "unknown block" to the end of the retries: lagging backends catch up within
+            # them, but a block replaced since its header was read is gone for good.
+            if await self._canonical(fetched[-1]):
+                raise
+            raise ReorgDuringFetch(f"block {last} was replaced before its logs were read") from exc
         self._note_density(len(gathered.logs), first, last)
         headers = {h.number: h for h in fetched}
         await self._save(self._batch(gathered, headers, stored_headers=fetched, cursor=fetched[-1]))
+
+    async def _canonical(self, header: BlockHeader) -> bool:
+        """Whether the node's block at that height is still this one (it checks its ancestors)."""
+        try:
+            (current,) = await self._rpc.get_block_headers([header.number])
+        except BlockNotFound:  # the chain is shorter now
+            return False
+        return current.hash == header.hash
 
     async def _gather(
         self, first: int, last: int, *, tip: Sequence[BlockHeader] | None = None

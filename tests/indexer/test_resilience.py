@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -258,4 +259,81 @@ async def test_a_node_lagging_behind_the_head_loses_no_event_at_the_tip(
             )
         lagged = proxy.injected["lagging"]
     assert lagged > 0
+    assert_gap_free(entries)
+
+
+async def test_a_node_lagging_behind_the_head_for_every_method_stops_nothing(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """Behind a load balancer the head may come from one backend and the headers from one two
+    blocks behind, which has none yet for the newest numbers: the indexer asks again later
+    instead of stopping, and loses nothing."""
+    driver = ActivityDriver(dev_chain, deployment, seed=54, txs_per_block=4)
+    await driver.cover_all_events()
+    async with RpcFaultProxy(
+        anvil.rpc_url,
+        seed=11,
+        rates={"lagging": 0.5},
+        fault_methods={"eth_blockNumber", "eth_getBlockByNumber", "eth_getLogs"},
+        lag_blocks=2,
+    ) as proxy:
+        overrides = {"RPC_PROVIDER_URL": proxy.url, "RPC_MAX_RETRIES": "30"}
+        with make_indexer(**overrides) as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+            for _ in range(12):  # three blocks at a time: tip ranges ask for headers by number
+                await dev_chain.mine_empty(2)
+                await driver.run(blocks=1)
+                await asyncio.sleep(0.15)
+            entries = await caught_up(
+                indexer, dev_chain, redis_client, stream_key, database_url, deployment
+            )
+            assert indexer.running
+        lagged = proxy.injected["lagging"]
+    assert lagged > 0
+    assert_gap_free(entries)
+
+
+async def test_a_tip_block_replaced_before_its_logs_are_fetched_is_followed(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """The new block's header is fetched, then a reorg replaces the block before its logs are
+    asked for by hash: the node answers "unknown block" for good. The indexer notices the
+    reorg and indexes the new branch, instead of failing once its retries are spent."""
+    driver = ActivityDriver(dev_chain, deployment, seed=53, txs_per_block=3)
+    await driver.cover_all_events()
+    armed, held, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def hold_logs_by_hash(method: str, params: list[Any]) -> None:
+        if armed.is_set() and method == "eth_getLogs" and "blockHash" in params[0]:
+            held.set()
+            await release.wait()
+
+    async with RpcFaultProxy(anvil.rpc_url, seed=3) as proxy:
+        proxy.on_call = hold_logs_by_hash
+        with make_indexer(RPC_PROVIDER_URL=proxy.url, RPC_MAX_RETRIES="2") as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+            armed.set()
+            await driver.run(blocks=1)
+            async with asyncio.timeout(10):
+                await held.wait()
+            await dev_chain.request("anvil_reorg", [1, reorg_transactions(dev_chain, deployment)])
+            armed.clear()
+            release.set()
+            await dev_chain.mine_empty(1)
+            entries = await caught_up(
+                indexer, dev_chain, redis_client, stream_key, database_url, deployment
+            )
+            assert indexer.running
     assert_gap_free(entries)

@@ -13,9 +13,11 @@ per fault kind (their sum at most 1):
     timeout         the faithful answer, but only after `timeout_delay` seconds
     drop            the connection is closed without an answer
     invalid_json    HTTP 200 with a truncated body that is not JSON
-    lagging         eth_getLogs answered by a node one block behind the others, as behind a load
-                    balancer: a range query silently lacks the newest block's logs, a blockHash
-                    query for the newest block fails with "unknown block" (other calls faithful)
+    lagging         answered by a node `lag_blocks` (default 1) behind the others, as behind a
+                    load balancer: an eth_getLogs range silently lacks the newest blocks' logs,
+                    a blockHash query for one of them fails with "unknown block",
+                    eth_blockNumber and "latest" give the node's own top, the newest blocks by
+                    number are null (other calls faithful)
 
 Random faults hit only requests that call one of `fault_methods` (None: every method).
 
@@ -32,7 +34,8 @@ plain attribute and may be changed while the proxy runs.
 Counters for assertions: `requests` (HTTP requests received), `forwarded` (HTTP requests sent
 upstream), `methods` (Counter of JSON-RPC methods received), `calls` (every JSON-RPC call
 received, as (method, params)) and `injected` (Counter of faults by kind, plus "range",
-"results" and "batch_rejected" for the provider limits).
+"results" and "batch_rejected" for the provider limits). `on_call`, when set, is awaited with
+each call's method and params before the request is answered (to hold one back).
 
     async with RpcFaultProxy(anvil.rpc_url, seed=7, rates={"http_503": 0.2}) as proxy:
         async with RpcClient([proxy.url], timeout=1, max_retries=10) as client: ...
@@ -45,7 +48,7 @@ import itertools
 import random
 import socket
 from collections import Counter, deque
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -104,6 +107,7 @@ class RpcFaultProxy:
         max_range: int | None = None,
         max_results: int | None = None,
         reject_batches: bool = False,
+        lag_blocks: int = 1,
     ) -> None:
         self.upstream_url = upstream_url
         self.rates = dict(rates or {})
@@ -113,10 +117,13 @@ class RpcFaultProxy:
         self.max_range = max_range
         self.max_results = max_results
         self.reject_batches = reject_batches
+        self.lag_blocks = lag_blocks
         self.requests = 0
         self.forwarded = 0
         self.methods: Counter[str] = Counter()
         self.calls: list[tuple[str, list[Any]]] = []
+        # Awaited with each call before it is answered: a test can hold a request back.
+        self.on_call: Callable[[str, list[Any]], Awaitable[None]] | None = None
         self.injected: Counter[str] = Counter()
         self._rng = random.Random(seed)
         self._schedule: deque[str | None] = deque()
@@ -178,7 +185,11 @@ class RpcFaultProxy:
         batch = isinstance(payload, list)
         calls = [c for c in (payload if batch else [payload]) if isinstance(c, dict)]
         self.methods.update(str(c.get("method")) for c in calls)
-        self.calls += [(str(c.get("method")), list(c.get("params") or [])) for c in calls]
+        received = [(str(c.get("method")), list(c.get("params") or [])) for c in calls]
+        self.calls += received
+        if self.on_call is not None:
+            for method, params in received:
+                await self.on_call(method, params)
         if batch and self.reject_batches:
             self.injected["batch_rejected"] += 1
             return _json(_error(None, -32600, "batch requests are not supported"))
@@ -251,23 +262,33 @@ class RpcFaultProxy:
         )
 
     async def _lagging(self, calls: list[dict[str, Any]], batch: bool) -> object:
-        """Answer as a node that has not seen the newest block yet (its logs, at least)."""
-        head = int(str(await self._upstream_call("eth_blockNumber", [])), 16)
+        """Answer as a node that has not seen the newest `lag_blocks` blocks yet."""
+        top = int(str(await self._upstream_call("eth_blockNumber", [])), 16) - self.lag_blocks
         answers = []
         for call in calls:
-            answer = orjson.loads((await self._upstream_post(orjson.dumps(call)))[1])
             params = call.get("params")
             filter_ = params[0] if isinstance(params, list) and params else None
+            if call.get("method") == "eth_blockNumber":
+                answers.append({"jsonrpc": "2.0", "id": call.get("id"), "result": hex(top)})
+                continue
+            if call.get("method") == "eth_getBlockByNumber" and isinstance(params, list):
+                tag = str(filter_)
+                number = top if tag == "latest" else int(tag, 16)
+                call = {**call, "params": [hex(number), *params[1:]]}
+                if number > top:
+                    answers.append({"jsonrpc": "2.0", "id": call.get("id"), "result": None})
+                    continue
+            answer = orjson.loads((await self._upstream_post(orjson.dumps(call)))[1])
             if call.get("method") == "eth_getLogs" and isinstance(filter_, dict):
                 if "blockHash" in filter_:
                     block = await self._upstream_call(
                         "eth_getBlockByHash", [filter_["blockHash"], False]
                     )
-                    if isinstance(block, dict) and int(block["number"], 16) >= head:
+                    if isinstance(block, dict) and int(block["number"], 16) > top:
                         answer = _error(call.get("id"), -32000, "unknown block")
                 elif isinstance(answer.get("result"), list):
                     answer["result"] = [
-                        lg for lg in answer["result"] if int(lg["blockNumber"], 16) < head
+                        lg for lg in answer["result"] if int(lg["blockNumber"], 16) <= top
                     ]
             answers.append(answer)
         return answers if batch else answers[0]
