@@ -156,6 +156,11 @@ def render(result: Result) -> str:
         f"live: {len(result.live.latencies_ms)} blocks of {result.live.txs_per_block} tx, "
         f"poll {result.config['poll_interval']} s, missing {result.live.missing}, "
         + (
+            f"RPC answering {result.config['live_rpc_latency']} s late, "
+            if result.config.get("live_rpc_latency")
+            else ""
+        )
+        + (
             "not settled after the catch-up"
             if result.live.settle_seconds is None
             else f"after CHECKPOINT + sync ({result.live.settle_seconds:.1f} s)"

@@ -36,6 +36,7 @@ from devnet.driver import ActivityDriver
 from devnet.services import REPO_ROOT, Anvil, LocalServices, Postgres, Redis, ServiceError
 from shared.settings import IndexerSettings
 from tests.support.indexer_process import IndexerProcess, indexer_env
+from tests.support.rpc_proxy import RpcFaultProxy
 
 STREAM_KEY = "kektech:events"
 CATCH_UP_TIMEOUT = 900.0
@@ -82,12 +83,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra indexer setting, e.g. LOGS_RANGE_MAX=2000 (repeatable)",
     )
     parser.add_argument(
+        "--live-rpc-latency",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="the indexer reaches anvil through a proxy that, in the live phase, answers each "
+        "request this much later (a remote RPC's round trip); the floor is not affected",
+    )
+    parser.add_argument(
         "--keep-indexer-log", action="store_true", help="keep the indexer's log file and say where"
     )
     parser.add_argument("--out", type=Path, default=TMP / "kektech-indexer-bench.json")
     args = parser.parse_args(argv)
     if args.events < 1 or args.live_samples < 2 or args.floor_repeats < 1:
         parser.error("--events >= 1, --live-samples >= 2 and --floor-repeats >= 1 are required")
+    if args.live_rpc_latency < 0:
+        parser.error("--live-rpc-latency must not be negative")
     if any("=" not in item for item in args.indexer_env):
         parser.error("--indexer-env takes NAME=VALUE")
     return args
@@ -144,7 +155,7 @@ def environment(args: argparse.Namespace, local: LocalServices) -> dict[str, obj
 
 async def bench(args: argparse.Namespace, local: LocalServices) -> Result:
     """Generate the chain, then measure floor, catch-up and live phases."""
-    async with TimedChain(local.anvil.rpc_url) as chain:
+    async with TimedChain(local.anvil.rpc_url) as chain, contextlib.AsyncExitStack() as stack:
         deployment = await deploy(chain)
         driver = ActivityDriver(chain, deployment, seed=args.seed, txs_per_block=args.txs_per_block)
         print(f"generating >= {args.events:,} events ...", file=sys.stderr, flush=True)
@@ -180,6 +191,10 @@ async def bench(args: argparse.Namespace, local: LocalServices) -> Result:
         print("catch-up ...", file=sys.stderr, flush=True)
         # Read now: the indexer runs the code checked out when it is spawned.
         machine = environment(args, local)
+        proxy = None
+        if args.live_rpc_latency:
+            proxy = await stack.enter_async_context(RpcFaultProxy(local.anvil.rpc_url, seed=0))
+            env = {**env, "RPC_PROVIDER_URL": proxy.url}
         indexer = IndexerProcess(env)
         profiler = PySpy(args.py_spy, args.profile_out) if args.py_spy else None
         try:
@@ -197,6 +212,8 @@ async def bench(args: argparse.Namespace, local: LocalServices) -> Result:
                 )
             print("live ...", file=sys.stderr, flush=True)
             settled = None if args.no_settle else await settle_writes(local.postgres.url)
+            if proxy is not None:
+                proxy.delay = args.live_rpc_latency
             live = await measure_live(
                 driver,
                 chain,

@@ -118,6 +118,7 @@ class RpcFaultProxy:
         self.max_results = max_results
         self.reject_batches = reject_batches
         self.lag_blocks = lag_blocks
+        self.delay = 0.0  # seconds before any request is handled: a remote node's round trip
         self.requests = 0
         self.forwarded = 0
         self.methods: Counter[str] = Counter()
@@ -178,6 +179,8 @@ class RpcFaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         body = await request.read()
+        if self.delay:
+            await asyncio.sleep(self.delay)
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:
