@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -37,6 +38,10 @@ LOG_TAIL_BYTES = 4000
 ANVIL_GENESIS_TIMESTAMP = 1762387200
 ANVIL_CHAIN_ID = 32323
 PR_SET_PDEATHSIG = 1
+EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+FIRST_PORT = 10_000  # free_port() picks at random from here to the ephemeral range
+PORT_ATTEMPTS = 50
+_PORT_PICKER = random.SystemRandom()  # not seeded alike in parallel test processes
 
 
 class ServiceError(RuntimeError):
@@ -44,10 +49,28 @@ class ServiceError(RuntimeError):
 
 
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """Return a TCP port on 127.0.0.1 that is free right now.
+
+    Taken below the kernel's ephemeral range: a port from bind(0) lies inside it, and until
+    the service binds it the kernel may give it to any outgoing connection as its source
+    port (a client connecting to Redis, say), so that the bind fails with EADDRINUSE.
+    """
+    for port in _PORT_PICKER.sample(range(FIRST_PORT, _ephemeral_low()), PORT_ATTEMPTS):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise ServiceError(f"no free port below {_ephemeral_low()} in {PORT_ATTEMPTS} attempts")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections."""
+    try:
+        return int(Path(EPHEMERAL_RANGE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def _die_with_parent() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
-from devnet.services import Anvil, Postgres, Redis
+from devnet.services import Anvil, Postgres, Redis, free_port
 
 
 async def test_postgres_runs_unprivileged_and_accepts_connections(postgres: Postgres) -> None:
@@ -84,3 +85,15 @@ def _rpc(anvil: Anvil, method: str, params: list[object]) -> object:
     )
     with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
         return orjson.loads(response.read())["result"]
+
+
+def test_free_ports_are_outside_the_ephemeral_range() -> None:
+    """A port handed out by free_port() is not one the kernel may give an outgoing
+    connection as its source port meanwhile (that race made a test's bind fail with
+    EADDRINUSE): it lies below the ephemeral range, and it is free."""
+    low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [free_port() for _ in range(50)]
+    assert all(1024 <= port < low for port in ports), ports
+    for port in ports[:5]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))
