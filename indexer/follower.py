@@ -340,7 +340,7 @@ class Follower:
     async def _canonical(self, header: BlockHeader) -> bool:
         """Whether the node's block at that height is still this one (it checks its ancestors)."""
         try:
-            (current,) = await self._rpc.get_block_headers([header.number])
+            current = await self._rpc.get_block_header(header.number)
         except BlockNotFound:  # the chain is shorter now
             return False
         return current.hash == header.hash
@@ -506,11 +506,7 @@ class Follower:
             if stored.number < 0:
                 ancestor = stored  # the virtual parent of block 0 is always an ancestor
                 break
-            try:
-                canonical = await self._rpc.get_block_header(stored.number)
-            except BlockNotFound:
-                continue  # the new branch is shorter than this stored block
-            if canonical.hash == stored.hash:
+            if await self._canonical(stored):  # not if the new branch is shorter than it
                 ancestor = stored
                 break
         if ancestor is None:
