@@ -55,14 +55,15 @@ def free_port() -> int:
     the service binds it the kernel may give it to any outgoing connection as its source
     port (a client connecting to Redis, say), so that the bind fails with EADDRINUSE.
     """
-    for port in _PORT_PICKER.sample(range(FIRST_PORT, _ephemeral_low()), PORT_ATTEMPTS):
+    below = _ephemeral_low()
+    for port in _PORT_PICKER.sample(range(FIRST_PORT, below), PORT_ATTEMPTS):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
         return port
-    raise ServiceError(f"no free port below {_ephemeral_low()} in {PORT_ATTEMPTS} attempts")
+    raise ServiceError(f"no free port below {below} in {PORT_ATTEMPTS} attempts")
 
 
 def _ephemeral_low() -> int:
