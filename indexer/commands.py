@@ -15,12 +15,19 @@ from dataclasses import dataclass
 from indexer.batch import StoredEvent
 from indexer.catalog import MARKET_CREATED
 from indexer.decoding import UndecodableLog, decode_args
-from indexer.errors import IndexerError
+from indexer.errors import IndexerError, StoreError
 from indexer.follower import Follower
 from indexer.metrics import Metrics
 from indexer.rpc import LogRangeSizer, RpcClient, fetch_logs
 from indexer.rpc_results import RawLog
-from indexer.service import acquire_lease, build_follower, lease_owner, rpc_client, sources
+from indexer.service import (
+    acquire_lease,
+    build_follower,
+    lease_owner,
+    open_store,
+    rpc_client,
+    sources,
+)
 from indexer.store import Store
 from shared.settings import IndexerSettings
 
@@ -34,10 +41,7 @@ def _say(line: str) -> None:
 @asynccontextmanager
 async def _connections(settings: IndexerSettings) -> AsyncIterator[tuple[Store, RpcClient]]:
     async with (
-        Store.open(
-            settings.database_url.get_secret_value(),
-            statement_cache_size=settings.db_statement_cache_size,
-        ) as store,
+        open_store(settings) as store,
         rpc_client(settings) as rpc,
     ):
         yield store, rpc
@@ -46,15 +50,11 @@ async def _connections(settings: IndexerSettings) -> AsyncIterator[tuple[Store, 
 async def migrate(settings: IndexerSettings) -> int:
     """Apply pending migrations (what `run` does at start-up) and say which; 1 if unreachable."""
     try:
-        async with Store.open(
-            settings.database_url.get_secret_value(),
-            statement_cache_size=settings.db_statement_cache_size,
-            max_size=1,
-        ) as store:
+        async with open_store(settings, max_size=1) as store:
             applied = await store.migrate()
             version = await store.schema_version()
-    except OSError as exc:  # refused, unknown host, timed out: the operator's one line
-        sys.stderr.write(f"kektech: database unreachable: {exc or type(exc).__name__}\n")
+    except StoreError as exc:  # refused, unknown host, timed out: the operator's one line
+        sys.stderr.write(f"kektech: {exc}\n")
         return 1
     for name in applied:
         _say(f"applied: {name}")

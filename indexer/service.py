@@ -13,7 +13,7 @@ import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -102,6 +102,17 @@ async def redis_client(url: str) -> AsyncIterator[aioredis.Redis]:
         await client.aclose()
 
 
+def open_store(
+    settings: IndexerSettings, *, max_size: int = 4
+) -> AbstractAsyncContextManager[Store]:
+    return Store.open(
+        settings.database_url.get_secret_value(),
+        statement_cache_size=settings.db_statement_cache_size,
+        command_timeout=settings.db_command_timeout,
+        max_size=max_size,
+    )
+
+
 def rpc_client(settings: IndexerSettings) -> RpcClient:
     return RpcClient(
         settings.rpc_urls(),
@@ -182,10 +193,7 @@ async def run(settings: IndexerSettings) -> None:
         return dict(state)
 
     async with (
-        Store.open(
-            settings.database_url.get_secret_value(),
-            statement_cache_size=settings.db_statement_cache_size,
-        ) as store,
+        open_store(settings) as store,
         rpc_client(settings) as rpc,
         redis_client(settings.redis_url.get_secret_value()) as redis,
         serve_http(

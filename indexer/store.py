@@ -1,6 +1,7 @@
 """Postgres: migrations, the write lease, batches, rollbacks and the outbox.
 
-The only module that speaks asyncpg. Every write the follower makes goes through one
+With indexer/database.py (the pool, every wait bounded), the only module that speaks asyncpg.
+Every write the follower makes goes through one
 transaction per batch that first checks the lease (fencing), so a second indexer, or one
 that lost its lease while paused, can never commit.
 """
@@ -17,16 +18,18 @@ from importlib import resources
 from typing import Any
 
 import asyncpg
-import orjson
 import structlog
 
 from indexer.batch import Batch, StoredEvent
+from indexer.database import Database
 from indexer.errors import IndexerError, LeaseLost, StoreError
 from indexer.projection import MarketRow, apply_event
 from indexer.rpc_results import BlockHeader
 
 log = structlog.get_logger()
 
+# Seconds one statement may take before its connection is given up (indexer/database.py).
+COMMAND_TIMEOUT = 60.0
 MIGRATIONS_PACKAGE = "indexer.migrations"
 MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Arbitrary constant: serializes concurrent migrators (transaction-scoped, pooler-safe).
@@ -112,16 +115,6 @@ def _migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec(
-        "jsonb",
-        schema="pg_catalog",
-        encoder=lambda value: b"\x01" + orjson.dumps(value),
-        decoder=lambda data: orjson.loads(data[1:]),
-        format="binary",
-    )
-
-
 def _outbox_values(
     event: StoredEvent, *, chain_id: int, seq: int, removed: bool = False
 ) -> tuple[Any, ...]:
@@ -168,34 +161,34 @@ def _row_from_record(record: asyncpg.Record) -> MarketRow:
 class Store:
     """The indexer's database."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, dsn: str, *, statement_cache_size: int = 100, max_size: int = 4
+        cls,
+        dsn: str,
+        *,
+        statement_cache_size: int = 100,
+        max_size: int = 4,
+        command_timeout: float = COMMAND_TIMEOUT,
     ) -> AsyncIterator[Store]:
         """Connect a small pool. statement_cache_size=0 for PgBouncer/Supavisor transaction mode."""
-        pool = await asyncpg.create_pool(
+        async with Database.open(
             dsn,
-            min_size=1,
-            max_size=max_size,
             statement_cache_size=statement_cache_size,
-            init=_init_connection,
-            command_timeout=60,
-        )
-        try:
-            yield cls(pool)
-        finally:
-            await pool.close()
+            max_size=max_size,
+            command_timeout=command_timeout,
+        ) as db:
+            yield cls(db)
 
     # -- schema ------------------------------------------------------------------------------
 
     async def migrate(self) -> list[str]:
         """Apply pending migrations in order, each in its own transaction; returns their names."""
         applied: list[str] = []
-        async with self._pool.acquire() as conn:
+        async with self._db.connection() as conn:
             for version, name, sql in _migrations():
                 async with conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
@@ -221,11 +214,11 @@ class Store:
 
     async def schema_version(self) -> int:
         """The highest applied migration (0 when none)."""
-        exists = await self._pool.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        exists = await self._db.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
         if not exists:
             return 0
         return int(
-            await self._pool.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
+            await self._db.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
         )
 
     @staticmethod
@@ -238,7 +231,7 @@ class Store:
         self, owner: str, ttl: float, *, steal_from: str | None = None
     ) -> Lease | None:
         """Take the write lease if it is free, expired, ours, or held by `steal_from`."""
-        token = await self._pool.fetchval(
+        token = await self._db.fetchval(
             "UPDATE indexer_lease SET owner = $1, token = token + 1,"
             " expires_at = clock_timestamp() + make_interval(secs => $2)"
             " WHERE id = 1 AND (owner IS NULL OR owner = $1 OR owner = $3"
@@ -252,26 +245,26 @@ class Store:
 
     async def lease_holder(self) -> tuple[str | None, datetime | None]:
         """Who holds the lease and until when."""
-        row = await self._pool.fetchrow("SELECT owner, expires_at FROM indexer_lease WHERE id = 1")
+        row = await self._db.fetchrow("SELECT owner, expires_at FROM indexer_lease WHERE id = 1")
         if row is None:
             return None, None
         return row["owner"], row["expires_at"]
 
     async def renew_lease(self, lease: Lease, ttl: float) -> None:
         """Extend the lease; LeaseLost if another instance took it."""
-        async with self._pool.acquire() as conn:
+        async with self._db.connection() as conn:
             await self._fence(conn, lease, ttl)
 
     async def release_lease(self, lease: Lease) -> None:
         """Give the lease up at a clean stop so a standby can start at once."""
         try:
-            await self._pool.execute(
+            await self._db.execute(
                 "UPDATE indexer_lease SET owner = NULL, expires_at = '-infinity'"
                 " WHERE id = 1 AND owner = $1 AND token = $2",
                 lease.owner,
                 lease.token,
             )
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except (asyncpg.PostgresError, StoreError) as exc:
             raise StoreError(f"releasing the lease failed: {exc}") from exc
 
     @staticmethod
@@ -290,7 +283,7 @@ class Store:
     # -- state -------------------------------------------------------------------------------
 
     async def load_state(self) -> IndexerState | None:
-        row = await self._pool.fetchrow(
+        row = await self._db.fetchrow(
             "SELECT chain_id, block_number, block_hash, last_seq FROM indexer_state WHERE id = 1"
         )
         if row is None:
@@ -306,7 +299,7 @@ class Store:
         self, lease: Lease, ttl: float, *, chain_id: int, cursor: BlockHeader
     ) -> IndexerState:
         """Create the cursor just before the first block to index (no-op if it exists)."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._db.transaction() as conn:
             await self._fence(conn, lease, ttl)
             await conn.execute(
                 "INSERT INTO indexer_state (id, chain_id, block_number, block_hash)"
@@ -322,12 +315,12 @@ class Store:
 
     async def children(self) -> dict[str, str]:
         """Every known market clone and the factory that created it."""
-        rows = await self._pool.fetch("SELECT address, factory FROM markets")
+        rows = await self._db.fetch("SELECT address, factory FROM markets")
         return {r["address"]: r["factory"] for r in rows}
 
     async def recent_headers(self, limit: int) -> list[BlockHeader]:
         """The newest stored headers, newest first."""
-        rows = await self._pool.fetch(
+        rows = await self._db.fetch(
             "SELECT number, hash, parent_hash, timestamp FROM blocks ORDER BY number DESC LIMIT $1",
             limit,
         )
@@ -345,7 +338,7 @@ class Store:
 
     async def save_batch(self, lease: Lease, ttl: float, batch: Batch) -> list[StoredEvent]:
         """Commit a batch atomically; returns the events that were not stored before."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._db.transaction() as conn:
             state = await conn.fetchrow(
                 "SELECT chain_id, last_seq, block_number FROM indexer_state WHERE id = 1 FOR UPDATE"
             )
@@ -494,7 +487,7 @@ class Store:
         Events, markets created above the ancestor, projections of markets they touched,
         stored headers and the cursor all go back together. Returns the events removed.
         """
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._db.transaction() as conn:
             state = await conn.fetchrow(
                 "SELECT chain_id, last_seq FROM indexer_state WHERE id = 1 FOR UPDATE"
             )
@@ -534,7 +527,7 @@ class Store:
 
     async def outbox_after(self, seq: int, limit: int) -> list[OutboxRow]:
         """Publications with a seq above `seq`, in order."""
-        rows = await self._pool.fetch(
+        rows = await self._db.fetch(
             "SELECT seq, channels, payload FROM outbox WHERE seq > $1 ORDER BY seq LIMIT $2",
             seq,
             limit,
@@ -544,16 +537,16 @@ class Store:
 
     async def published_seq(self) -> int:
         return int(
-            await self._pool.fetchval("SELECT published_seq FROM publisher_state WHERE id = 1")
+            await self._db.fetchval("SELECT published_seq FROM publisher_state WHERE id = 1")
         )
 
     async def last_seq(self) -> int:
-        value = await self._pool.fetchval("SELECT last_seq FROM indexer_state WHERE id = 1")
+        value = await self._db.fetchval("SELECT last_seq FROM indexer_state WHERE id = 1")
         return int(value or 0)
 
     async def mark_published(self, seq: int) -> None:
         """Record that every publication up to `seq` reached Redis (never moves backwards)."""
-        await self._pool.execute(
+        await self._db.execute(
             "UPDATE publisher_state SET published_seq = greatest(published_seq, $1),"
             " updated_at = now() WHERE id = 1",
             seq,
@@ -561,7 +554,7 @@ class Store:
 
     async def prune_outbox(self, keep: int, limit: int) -> int:
         """Delete up to `limit` of the oldest published outbox rows, keeping the newest `keep`."""
-        result = await self._pool.execute(
+        result = await self._db.execute(
             "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox"
             " WHERE seq <= (SELECT published_seq FROM publisher_state) - $1"
             " ORDER BY seq LIMIT $2)",
@@ -574,7 +567,7 @@ class Store:
 
     async def events_between(self, first: int, last: int) -> list[StoredEvent]:
         """Stored events of an inclusive block range, in chain order."""
-        rows = await self._pool.fetch(
+        rows = await self._db.fetch(
             "SELECT * FROM events WHERE block_number BETWEEN $1 AND $2"
             " ORDER BY block_number, log_index",
             first,
@@ -584,7 +577,7 @@ class Store:
 
     async def counts(self) -> dict[str, int]:
         """Row counts for `status`."""
-        row = await self._pool.fetchrow(
+        row = await self._db.fetchrow(
             "SELECT (SELECT count(*) FROM events) AS events,"
             " (SELECT count(*) FROM markets) AS markets,"
             " (SELECT count(*) FROM outbox) AS outbox"
@@ -593,5 +586,5 @@ class Store:
         return {k: int(row[k]) for k in ("events", "markets", "outbox")}
 
     async def market(self, address: str) -> MarketRow | None:
-        record = await self._pool.fetchrow("SELECT * FROM markets WHERE address = $1", address)
+        record = await self._db.fetchrow("SELECT * FROM markets WHERE address = $1", address)
         return None if record is None else _row_from_record(record)

@@ -144,6 +144,15 @@ class IndexerSettings(ServiceSettings):
             "transaction mode."
         ),
     )
+    db_command_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Seconds one database statement may take. Past it the connection is dropped and "
+            "the indexer exits for PM2 to restart it: a dead network path to the database "
+            "(which answers nothing and closes nothing) would otherwise stall it for good."
+        ),
+    )
     batch_events: int = Field(
         default=2000,
         ge=1,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from indexer.errors import StoreError
 from indexer.store import Store
 from ops.errors import ProbeError
 
@@ -33,7 +34,9 @@ async def probe_postgres(dsn: str, *, statement_cache_size: int, within: float) 
             state = await store.load_state() if version > 0 else None
     except TimeoutError:
         raise ProbeError(f"no answer within {within:g} s") from None
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (StoreError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        if isinstance(exc, StoreError) and exc.__cause__ is not None:
+            exc = exc.__cause__  # the driver's own error names the cause
         message = getattr(exc, "strerror", None) or str(exc)
         raise ProbeError(f"cannot connect: {type(exc).__name__}: {message}") from None
     return DatabaseInfo(

@@ -23,10 +23,10 @@ from tests.broadcaster.support import (
     EventProducer,
     RawClient,
     Running,
-    TcpProxy,
     envelope,
     ws_client,
 )
+from tests.support.tcp_proxy import TcpProxy
 
 Start = Callable[..., AbstractAsyncContextManager[Running]]
 
@@ -56,7 +56,9 @@ async def test_half_open_redis_socket_is_detected(
     and catches up: nothing is lost."""
     async with (
         TcpProxy(redis_server.port) as proxy,
-        start(redis_url=proxy.url, broadcaster_redis_timeout=1.0) as server,
+        start(
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0", broadcaster_redis_timeout=1.0
+        ) as server,
         ws_client(server.url) as client,
     ):
         await client.subscribe("events:*")

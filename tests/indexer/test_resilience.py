@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
-from devnet.services import Anvil, Redis
+from devnet.services import Anvil, Postgres, Redis
 from tests.broadcaster.support import read_stream_after
 from tests.indexer.conftest import (
     assert_database_equals_chain,
@@ -22,8 +22,10 @@ from tests.indexer.conftest import (
     stream_entries,
     tracked_chain_logs,
 )
+from tests.indexer.test_indexing import STOP_BOUND
 from tests.support.indexer_process import IndexerProcess
 from tests.support.rpc_proxy import RpcFaultProxy
+from tests.support.tcp_proxy import TcpProxy
 
 
 async def follow_stream(client: aioredis.Redis, key: str, seen: list[int]) -> None:
@@ -336,4 +338,57 @@ async def test_a_tip_block_replaced_before_its_logs_are_fetched_is_followed(
                 indexer, dev_chain, redis_client, stream_key, database_url, deployment
             )
             assert indexer.running
+    assert_gap_free(entries)
+
+
+async def test_stops_promptly_when_postgres_stops_answering(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    postgres: Postgres,
+    database_url: str,
+) -> None:
+    """The database's network path goes dead (nothing answers, nothing closes), then PM2 stops
+    the indexer: it still exits within the stop bound, leaving the lease to expire."""
+    driver = ActivityDriver(dev_chain, deployment, seed=59, txs_per_block=3)
+    await driver.run(blocks=3)
+    async with TcpProxy(postgres.port) as proxy:
+        url = database_url.replace(f":{postgres.port}/", f":{proxy.port}/")
+        with make_indexer(DATABASE_URL=url) as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+            proxy.freeze()
+            await driver.run(blocks=1)  # a batch to commit while the database is unreachable
+            await asyncio.sleep(0.5)
+            started = asyncio.get_running_loop().time()
+            assert await asyncio.to_thread(indexer.stop) == 0
+            assert asyncio.get_running_loop().time() - started < STOP_BOUND
+    assert "stopped by signal" in indexer.log_text()
+
+
+async def test_a_database_that_stops_answering_makes_the_indexer_exit_for_a_restart(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    postgres: Postgres,
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """A statement that gets no answer within DB_COMMAND_TIMEOUT ends the indexer with a
+    clear error (PM2 then restarts it) instead of stalling it for good; the restarted indexer
+    loses nothing."""
+    driver = ActivityDriver(dev_chain, deployment, seed=61, txs_per_block=3)
+    await driver.run(blocks=3)
+    async with TcpProxy(postgres.port) as proxy:
+        url = database_url.replace(f":{postgres.port}/", f":{proxy.port}/")
+        with make_indexer(DATABASE_URL=url, DB_COMMAND_TIMEOUT="2") as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+            proxy.freeze()
+            await driver.run(blocks=2)
+            assert await indexer.wait_exit(within=STOP_BOUND) == 1
+    assert '"error_type":"StoreError"' in indexer.log_text()
+    with make_indexer() as restarted:
+        entries = await caught_up(
+            restarted, dev_chain, redis_client, stream_key, database_url, deployment
+        )
     assert_gap_free(entries)

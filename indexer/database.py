@@ -1,0 +1,145 @@
+"""The Postgres connection pool, with every wait on the database bounded.
+
+A dead network path to the database (a half-open socket, a frozen pooler, a partition) answers
+nothing and closes nothing. asyncpg would then wait without limit in three places: a statement
+(bounded by `command_timeout`), the return to the pool of a connection whose statement was
+cancelled or timed out (it waits for the server to acknowledge the cancel), and closing the
+pool (it waits for each connection's goodbye). Here a connection whose work failed or was
+cancelled is dropped instead of returned, and closing is bounded. So a stop (PM2's SIGINT)
+ends in seconds, and a stalled statement surfaces as a StoreError that takes the service down
+for PM2 to restart, instead of a hang.
+
+With store.py, the only module that speaks asyncpg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+
+from indexer.errors import StoreError
+
+log = structlog.get_logger()
+
+# Returning a healthy connection to the pool (no I/O expected: see _keep_session).
+RELEASE_TIMEOUT = 2.0
+# Closing the pool at shutdown, after which the connections left are dropped.
+CLOSE_TIMEOUT = 2.0
+# Errors of the connection rather than of a statement: the database is unreachable or the
+# link died. A statement's own error (a PostgresError) is a bug here, so it passes unchanged.
+LINK_ERRORS = (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda value: b"\x01" + orjson.dumps(value),
+        decoder=lambda data: orjson.loads(data[1:]),
+        format="binary",
+    )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Reset on release: nothing beyond asyncpg's own rollback of an open transaction.
+
+    The indexer sets no session state (no SET, LISTEN, cursors or session locks), so the
+    default reset (RESET ALL and friends) would only cost a round trip per release, which
+    lies on the live path: the publisher is woken once the batch's connection is back.
+    """
+
+
+class Database:
+    """A small asyncpg pool for one process; see the module docstring for its bounds."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        statement_cache_size: int,
+        max_size: int,
+        command_timeout: float,
+    ) -> AsyncIterator[Database]:
+        """Connect; statement_cache_size=0 for PgBouncer/Supavisor transaction mode."""
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=1,
+                max_size=max_size,
+                statement_cache_size=statement_cache_size,
+                init=_init_connection,
+                reset=_keep_session,
+                command_timeout=command_timeout,
+                timeout=command_timeout,
+            )
+        except LINK_ERRORS as exc:
+            raise StoreError(f"database unreachable: {str(exc) or type(exc).__name__}") from exc
+        try:
+            yield cls(pool)
+        finally:
+            try:
+                # On any error, cancellation included, close() terminates the pool itself.
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await pool.close()
+            except TimeoutError:
+                log.warning("database connections did not close in time: dropped them")
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; a lost link or a stalled statement becomes a StoreError.
+
+        When the block fails, cancellation included, the connection is dropped rather than
+        returned: the server then rolls back whatever transaction was open, and nothing waits
+        on a link that may be dead (asyncpg would first wait for the cancel of the statement
+        in flight, then roll back). A reconnect is the price, paid only after a failure.
+        """
+        try:
+            conn = await self._pool.acquire()
+            try:
+                yield conn
+            except BaseException:
+                conn.terminate()
+                raise
+            finally:
+                await self._pool.release(conn, timeout=RELEASE_TIMEOUT)
+        except LINK_ERRORS as exc:
+            raise StoreError(f"database call failed: {str(exc) or type(exc).__name__}") from exc
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection in a transaction, committed if the block ends without an error."""
+        async with self.connection() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            yield conn
+            await transaction.commit()
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        async with self.connection() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            return rows
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        async with self.connection() as conn:
+            row: asyncpg.Record | None = await conn.fetchrow(query, *args)
+            return row
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        async with self.connection() as conn:
+            return await conn.fetchval(query, *args)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        async with self.connection() as conn:
+            status: str = await conn.execute(query, *args)
+            return status

@@ -1,0 +1,116 @@
+"""A TCP proxy on a free 127.0.0.1 port, for network conditions the real services never show
+on loopback: `delay` adds a round-trip time (half of it each way, as a remote database or
+Redis across a network), `freeze()` silences the open connections without closing them, as a
+dead network path (a half-open socket) would. Both may be changed while the proxy runs.
+
+    async with TcpProxy(postgres.port) as proxy:
+        proxy.delay = 0.005  # every round trip through proxy.port now takes 5 ms more
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from types import TracebackType
+from typing import Any, Self
+
+__all__ = ["TcpProxy"]
+
+CHUNK = 65536
+
+
+class _Link:
+    """One proxied connection: its two sockets and whether it was frozen."""
+
+    def __init__(self, *writers: asyncio.StreamWriter) -> None:
+        self.writers = writers
+        self.frozen = False
+
+
+class TcpProxy:
+    """Forwards connections to 127.0.0.1:`target_port`, each byte in order, `delay`/2 late."""
+
+    def __init__(self, target_port: int, *, delay: float = 0.0) -> None:
+        self.target_port = target_port
+        self.delay = delay
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._links: list[_Link] = []
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._server is not None
+        self._server.close()
+        for link in self._links:
+            for writer in link.writers:
+                writer.transport.abort()
+        for pipe in list(self._pipes):
+            pipe.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+        await self._server.wait_closed()
+
+    def freeze(self) -> None:
+        """From now on nothing more passes on the connections already open."""
+        for link in self._links:
+            link.frozen = True
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        link = _Link(writer, up_writer)
+        self._links.append(link)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            self._spawn(self._pipe(source, sink, link))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        pipe = asyncio.create_task(coro)
+        self._pipes.add(pipe)
+        pipe.add_done_callback(self._pipes.discard)
+
+    async def _pipe(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, link: _Link
+    ) -> None:
+        """Copy source to sink; chunks are queued with their due time so order is kept."""
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        deliver = asyncio.create_task(self._deliver(queue, sink, link))
+        try:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await source.read(CHUNK):
+                    queue.put_nowait((loop.time() + self.delay / 2, data))
+            queue.put_nowait((loop.time() + self.delay / 2, b""))  # end of stream
+            await deliver
+        finally:
+            deliver.cancel()
+
+    @staticmethod
+    async def _deliver(
+        queue: asyncio.Queue[tuple[float, bytes]], sink: asyncio.StreamWriter, link: _Link
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError):
+            while True:
+                due, data = await queue.get()
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                if link.frozen:
+                    continue
+                if not data:
+                    if sink.can_write_eof():
+                        sink.write_eof()
+                    return
+                sink.write(data)
