@@ -161,6 +161,11 @@ def render(result: Result) -> str:
             else ""
         )
         + (
+            f"Postgres round trips {result.config['live_db_latency']} s longer, "
+            if result.config.get("live_db_latency")
+            else ""
+        )
+        + (
             "not settled after the catch-up"
             if result.live.settle_seconds is None
             else f"after CHECKPOINT + sync ({result.live.settle_seconds:.1f} s)"

@@ -37,6 +37,7 @@ from devnet.services import REPO_ROOT, Anvil, LocalServices, Postgres, Redis, Se
 from shared.settings import IndexerSettings
 from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.rpc_proxy import RpcFaultProxy
+from tests.support.tcp_proxy import TcpProxy
 
 STREAM_KEY = "kektech:events"
 CATCH_UP_TIMEOUT = 900.0
@@ -91,14 +92,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "request this much later (a remote RPC's round trip); the floor is not affected",
     )
     parser.add_argument(
+        "--live-db-latency",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="the indexer reaches Postgres through a TCP proxy that, in the live phase, adds "
+        "this much to every round trip (a remote database such as Supabase)",
+    )
+    parser.add_argument(
         "--keep-indexer-log", action="store_true", help="keep the indexer's log file and say where"
     )
     parser.add_argument("--out", type=Path, default=TMP / "kektech-indexer-bench.json")
     args = parser.parse_args(argv)
     if args.events < 1 or args.live_samples < 2 or args.floor_repeats < 1:
         parser.error("--events >= 1, --live-samples >= 2 and --floor-repeats >= 1 are required")
-    if args.live_rpc_latency < 0:
-        parser.error("--live-rpc-latency must not be negative")
+    if args.live_rpc_latency < 0 or args.live_db_latency < 0:
+        parser.error("--live-rpc-latency and --live-db-latency must not be negative")
     if any("=" not in item for item in args.indexer_env):
         parser.error("--indexer-env takes NAME=VALUE")
     return args
@@ -191,10 +200,14 @@ async def bench(args: argparse.Namespace, local: LocalServices) -> Result:
         print("catch-up ...", file=sys.stderr, flush=True)
         # Read now: the indexer runs the code checked out when it is spawned.
         machine = environment(args, local)
-        proxy = None
+        rpc_proxy = db_proxy = None
         if args.live_rpc_latency:
-            proxy = await stack.enter_async_context(RpcFaultProxy(local.anvil.rpc_url, seed=0))
-            env = {**env, "RPC_PROVIDER_URL": proxy.url}
+            rpc_proxy = await stack.enter_async_context(RpcFaultProxy(local.anvil.rpc_url, seed=0))
+            env = {**env, "RPC_PROVIDER_URL": rpc_proxy.url}
+        if args.live_db_latency:
+            db_proxy = await stack.enter_async_context(TcpProxy(local.postgres.port))
+            database_url = f"postgresql://{local.postgres.user}@127.0.0.1:{db_proxy.port}/kektech"
+            env = {**env, "DATABASE_URL": database_url}
         indexer = IndexerProcess(env)
         profiler = PySpy(args.py_spy, args.profile_out) if args.py_spy else None
         try:
@@ -212,8 +225,10 @@ async def bench(args: argparse.Namespace, local: LocalServices) -> Result:
                 )
             print("live ...", file=sys.stderr, flush=True)
             settled = None if args.no_settle else await settle_writes(local.postgres.url)
-            if proxy is not None:
-                proxy.delay = args.live_rpc_latency
+            if rpc_proxy is not None:
+                rpc_proxy.delay = args.live_rpc_latency
+            if db_proxy is not None:
+                db_proxy.delay = args.live_db_latency
             live = await measure_live(
                 driver,
                 chain,
@@ -225,7 +240,8 @@ async def bench(args: argparse.Namespace, local: LocalServices) -> Result:
             )
             assert indexer.proc is not None
             memory = read_memory(indexer.proc.pid)
-            exit_code = indexer.stop()
+            # In a thread: the proxies live on this loop, and the stop goes through them.
+            exit_code = await asyncio.to_thread(indexer.stop)
         except BaseException:
             print(f"indexer log kept at {indexer.log_path}", file=sys.stderr)
             raise
