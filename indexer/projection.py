@@ -8,6 +8,7 @@ events that accompany each transition.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -139,3 +140,17 @@ def apply_event(row: MarketRow | None, event: ProjectedEvent) -> MarketRow | Non
             row.bets_outcome2 += 1
             row.volume_outcome2 += amount
     return row
+
+
+def apply_events(
+    rows: dict[str, MarketRow | None], events: Iterable[ProjectedEvent]
+) -> list[MarketRow]:
+    """Fold `events` into `rows` (market address -> row, None if not stored); return the rows
+    that changed, by address. `rows` must hold every market the events concern."""
+    changed: set[str] = set()
+    for event in events:
+        after = apply_event(rows[event.market], event)
+        if after is not None:
+            rows[event.market] = after
+            changed.add(event.market)
+    return [row for address in sorted(changed) if (row := rows[address]) is not None]

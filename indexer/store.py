@@ -9,11 +9,10 @@ that lost its lease while paused, can never commit.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from importlib import resources
 from typing import Any
 
@@ -23,8 +22,24 @@ import structlog
 from indexer.batch import Batch, StoredEvent
 from indexer.database import Database
 from indexer.errors import IndexerError, LeaseLost, StoreError
-from indexer.projection import MarketRow, apply_event
+from indexer.projection import MarketRow, ProjectedEvent, apply_events
 from indexer.rpc_results import BlockHeader
+from indexer.statements import (
+    EVENT_COLUMNS,
+    HEADER_TYPES,
+    MARKET_COLUMNS,
+    OUTBOX_COLUMNS,
+    READ_BATCH,
+    SAVE_HEADERS,
+    UPSERT_MARKETS,
+    WRITE_BATCH,
+    columns,
+    event_values,
+    header_values,
+    market_row,
+    market_values,
+    outbox_values,
+)
 
 log = structlog.get_logger()
 
@@ -34,49 +49,9 @@ MIGRATIONS_PACKAGE = "indexer.migrations"
 MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Arbitrary constant: serializes concurrent migrators (transaction-scoped, pooler-safe).
 MIGRATION_LOCK_KEY = 0x6B656B74
-MARKET_COLUMNS = tuple(MarketRow.__dataclass_fields__)
-EVENT_COLUMNS = (
-    "block_number",
-    "log_index",
-    "block_hash",
-    "block_time",
-    "transaction_hash",
-    "transaction_index",
-    "contract",
-    "contract_kind",
-    "event_name",
-    "market_address",
-    "topic0",
-    "topic1",
-    "topic2",
-    "topic3",
-    "data",
-    "args",
-    "seq",
-)
-NUMERIC_COLUMNS = frozenset(
-    {"resolution_time", "creator_bond", "volume_outcome1", "volume_outcome2"}
-)
-# Postgres array type of each markets column, for the one-statement upsert (0001_initial.sql).
-MARKET_ARRAY_TYPES = {
-    **{c: "text[]" for c in MARKET_COLUMNS},
-    **{c: "numeric[]" for c in NUMERIC_COLUMNS},
-    "rejected": "boolean[]",
-    "deactivated": "boolean[]",
-    "bets_outcome1": "bigint[]",
-    "bets_outcome2": "bigint[]",
-    "created_block": "bigint[]",
-    "updated_block": "bigint[]",
-    "created_at": "timestamptz[]",
-}
-# One statement for any number of rows: a row per array position.
-UPSERT_MARKETS = (
-    f"INSERT INTO markets ({', '.join(MARKET_COLUMNS)})"  # noqa: S608 - constant column names
-    " SELECT * FROM unnest("
-    + ", ".join(f"${i}::{MARKET_ARRAY_TYPES[c]}" for i, c in enumerate(MARKET_COLUMNS, 1))
-    + ") ON CONFLICT (address) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in MARKET_COLUMNS if c != "address")
-)
+# Above this many new events a batch sends its events and outbox rows by COPY (cheaper per
+# row) rather than as arrays in the batch's one write statement (cheaper in round trips).
+COPY_ABOVE = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,47 +90,21 @@ def _migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-def _outbox_values(
-    event: StoredEvent, *, chain_id: int, seq: int, removed: bool = False
-) -> tuple[Any, ...]:
-    ident, payload = event.wire(chain_id=chain_id, seq=seq, removed=removed)
-    return (seq, ident, " ".join(event.channels), payload)
+def _assign_seqs(events: Sequence[StoredEvent], last_seq: int) -> tuple[list[int | None], int]:
+    """Consecutive publication seqs for the decoded events (None for raw ones), and the last."""
+    seqs: list[int | None] = []
+    for event in events:
+        if event.decoded is None:
+            seqs.append(None)
+        else:
+            last_seq += 1
+            seqs.append(last_seq)
+    return seqs, last_seq
 
 
-def _event_values(event: StoredEvent, seq: int | None) -> tuple[Any, ...]:
-    raw = event.log
-    decoded = event.decoded
-    topics = (*raw.topics, None, None, None, None)[:4]
-    return (
-        raw.block_number,
-        raw.log_index,
-        raw.block_hash,
-        event.block_time,
-        raw.transaction_hash,
-        raw.transaction_index,
-        raw.address,
-        event.kind.value,
-        decoded.spec.name if decoded else None,
-        decoded.market if decoded else None,
-        *topics,
-        raw.data,
-        decoded.args if decoded else None,
-        seq,
-    )
-
-
-def _row_values(row: MarketRow) -> list[Any]:
-    return [
-        Decimal(getattr(row, c)) if c in NUMERIC_COLUMNS else getattr(row, c)
-        for c in MARKET_COLUMNS
-    ]
-
-
-def _row_from_record(record: asyncpg.Record) -> MarketRow:
-    values = {c: record[c] for c in MARKET_COLUMNS}
-    for column in NUMERIC_COLUMNS:
-        values[column] = int(values[column])
-    return MarketRow(**values)
+def _projected(events: Iterable[StoredEvent]) -> Iterator[ProjectedEvent]:
+    """The events that concern a market, as the projection sees them."""
+    return (p for e in events if (p := e.projected()) is not None)
 
 
 class Store:
@@ -337,113 +286,66 @@ class Store:
     # -- batches -----------------------------------------------------------------------------
 
     async def save_batch(self, lease: Lease, ttl: float, batch: Batch) -> list[StoredEvent]:
-        """Commit a batch atomically; returns the events that were not stored before."""
+        """Commit a batch atomically; returns the events that were not stored before.
+
+        Four round trips for a live block (indexer/statements.py); a large batch sends its
+        events and outbox rows by COPY, a backfill (no cursor) also replays its markets.
+        """
+        events = batch.events
+        span = (events[0].log.block_number, events[-1].log.block_number) if events else (1, 0)
+        touched = sorted({e.market for e in events if e.market is not None})
         async with self._db.transaction() as conn:
-            state = await conn.fetchrow(
-                "SELECT chain_id, last_seq, block_number FROM indexer_state WHERE id = 1 FOR UPDATE"
-            )
-            if state is None:
+            snapshot = await conn.fetchrow(READ_BATCH, *span, touched)
+            if snapshot is None:
                 raise IndexerError("indexer_state is missing; the cursor was never initialized")
-            fresh = await self._new_events(conn, batch.events)
-            last_seq = await self._insert_events(
-                conn, fresh, chain_id=state["chain_id"], last_seq=state["last_seq"]
+            stored = set(zip(snapshot["numbers"] or (), snapshot["indexes"] or (), strict=True))
+            fresh = [e for e in events if (e.log.block_number, e.log.log_index) not in stored]
+            seqs, last_seq = _assign_seqs(fresh, snapshot["last_seq"])
+            chain_id = snapshot["chain_id"]
+            event_rows: Iterable[tuple[Any, ...]] = map(event_values, fresh, seqs)
+            outbox_rows: Iterable[tuple[Any, ...]] = (
+                outbox_values(e, chain_id=chain_id, seq=seq)
+                for e, seq in zip(fresh, seqs, strict=True)
+                if seq is not None
             )
+            markets: list[MarketRow] = []
+            if batch.cursor is None or len(fresh) > COPY_ABOVE:
+                await conn.copy_records_to_table(
+                    "events", records=event_rows, columns=EVENT_COLUMNS
+                )
+                await self._insert_outbox(conn, outbox_rows)
+                event_rows = outbox_rows = iter(())
             if batch.cursor is None:
                 # A backfill inserts events into the past: replay those markets in order.
                 await self._rebuild_markets(conn, {e.market for e in fresh if e.market})
             else:
-                await self._project(conn, [e for e in fresh if e.decoded is not None])
-            await self._save_headers(conn, batch.headers)
-            if batch.cursor is None:
-                await conn.execute(
-                    "UPDATE indexer_state SET last_seq = $1, updated_at = now() WHERE id = 1",
-                    last_seq,
-                )
-            else:
-                await conn.execute(
-                    "UPDATE indexer_state SET block_number = $1, block_hash = $2, last_seq = $3,"
-                    " updated_at = now() WHERE id = 1",
-                    batch.cursor.number,
-                    batch.cursor.hash,
-                    last_seq,
-                )
-                await conn.execute(
-                    "DELETE FROM blocks WHERE number < $1", batch.prune_headers_below
-                )
-            # Fenced last, with the clock at commit time: the lease row stays locked only for an
-            # instant, and a batch commits only if the lease is still ours right now.
-            await self._fence(conn, lease, ttl)
+                current = {r["address"]: market_row(r) for r in snapshot["markets"] or ()}
+                rows: dict[str, MarketRow | None] = {a: current.get(a) for a in touched}
+                markets = apply_events(rows, _projected(fresh))
+            cursor = batch.cursor
+            # As if stored, then pruned: a header below the bound is not kept.
+            headers = [h for h in batch.headers if h.number >= batch.prune_headers_below]
+            fenced = await conn.fetchval(
+                WRITE_BATCH,
+                *columns(event_rows, len(EVENT_COLUMNS)),
+                *columns(outbox_rows, len(OUTBOX_COLUMNS)),
+                *columns(map(market_values, markets), len(MARKET_COLUMNS)),
+                *columns(map(header_values, headers), len(HEADER_TYPES)),
+                None if cursor is None else batch.prune_headers_below,
+                None if cursor is None else cursor.number,
+                None if cursor is None else cursor.hash,
+                last_seq,
+                lease.owner,
+                lease.token,
+                ttl,
+            )
+            if fenced is None:
+                raise LeaseLost(lease.owner)
         return fresh
-
-    async def _new_events(
-        self, conn: asyncpg.Connection, events: Sequence[StoredEvent]
-    ) -> list[StoredEvent]:
-        """Drop events already stored (re-running a range changes nothing)."""
-        if not events:
-            return []
-        rows = await conn.fetch(
-            "SELECT block_number, log_index FROM events WHERE block_number BETWEEN $1 AND $2",
-            events[0].log.block_number,
-            events[-1].log.block_number,
-        )
-        if not rows:
-            return list(events)
-        stored = {(r["block_number"], r["log_index"]) for r in rows}
-        return [e for e in events if (e.log.block_number, e.log.log_index) not in stored]
-
-    async def _insert_events(
-        self,
-        conn: asyncpg.Connection,
-        events: Sequence[StoredEvent],
-        *,
-        chain_id: int,
-        last_seq: int,
-    ) -> int:
-        """Insert events and their outbox rows, assigning consecutive seqs; returns the last.
-
-        Rows are generated while COPY sends them (asyncpg encodes them in chunks), so the rows
-        and the envelopes of a whole batch are never all in memory at once.
-        """
-        if not events:
-            return last_seq
-        seqs: list[int | None] = []
-        for event in events:
-            if event.decoded is None:
-                seqs.append(None)
-            else:
-                last_seq += 1
-                seqs.append(last_seq)
-        await conn.copy_records_to_table(
-            "events", records=map(_event_values, events, seqs), columns=EVENT_COLUMNS
-        )
-        published = ((e, s) for e, s in zip(events, seqs, strict=True) if s is not None)
-        await self._insert_outbox(
-            conn, (_outbox_values(e, chain_id=chain_id, seq=s) for e, s in published)
-        )
-        return last_seq
 
     @staticmethod
     async def _insert_outbox(conn: asyncpg.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
-        await conn.copy_records_to_table(
-            "outbox", records=rows, columns=("seq", "event_id", "channels", "payload")
-        )
-
-    async def _project(self, conn: asyncpg.Connection, events: Sequence[StoredEvent]) -> None:
-        touched = sorted({e.market for e in events if e.market is not None})
-        if not touched:
-            return
-        records = await conn.fetch("SELECT * FROM markets WHERE address = ANY($1::text[])", touched)
-        rows: dict[str, MarketRow | None] = {r["address"]: _row_from_record(r) for r in records}
-        changed: set[str] = set()
-        for event in events:
-            projected = event.projected()
-            if projected is None:
-                continue
-            after = apply_event(rows.get(projected.market), projected)
-            if after is not None:
-                rows[projected.market] = after
-                changed.add(projected.market)
-        await self._upsert_markets(conn, [r for a in sorted(changed) if (r := rows[a]) is not None])
+        await conn.copy_records_to_table("outbox", records=rows, columns=OUTBOX_COLUMNS)
 
     async def _rebuild_markets(self, conn: asyncpg.Connection, addresses: set[str]) -> None:
         """Recompute the rows of these markets from every event stored for them."""
@@ -456,28 +358,16 @@ class Store:
             " ORDER BY block_number, log_index",
             affected,
         )
-        await self._project(conn, [StoredEvent.from_record(r) for r in remaining])
-
-    async def _upsert_markets(self, conn: asyncpg.Connection, rows: Sequence[MarketRow]) -> None:
-        if not rows:
-            return
-        columns = zip(*(_row_values(r) for r in rows), strict=True)
-        await conn.execute(UPSERT_MARKETS, *(list(values) for values in columns))
+        events = [StoredEvent.from_record(r) for r in remaining]
+        rows: dict[str, MarketRow | None] = dict.fromkeys(affected)
+        markets = apply_events(rows, _projected(events))
+        if markets:
+            rows_by_column = columns(map(market_values, markets), len(MARKET_COLUMNS))
+            await conn.execute(UPSERT_MARKETS, *rows_by_column)
 
     @staticmethod
     async def _save_headers(conn: asyncpg.Connection, headers: Sequence[BlockHeader]) -> None:
-        if not headers:
-            return
-        await conn.execute(
-            "INSERT INTO blocks (number, hash, parent_hash, timestamp)"
-            " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])"
-            " ON CONFLICT (number) DO UPDATE SET hash = EXCLUDED.hash,"
-            " parent_hash = EXCLUDED.parent_hash, timestamp = EXCLUDED.timestamp",
-            [h.number for h in headers],
-            [h.hash for h in headers],
-            [h.parent_hash for h in headers],
-            [h.timestamp for h in headers],
-        )
+        await conn.execute(SAVE_HEADERS, *columns(map(header_values, headers), len(HEADER_TYPES)))
 
     # -- reorgs ------------------------------------------------------------------------------
 
@@ -504,9 +394,7 @@ class Store:
                 if event.decoded is not None:
                     last_seq += 1
                     notices.append(
-                        _outbox_values(
-                            event, chain_id=state["chain_id"], seq=last_seq, removed=True
-                        )
+                        outbox_values(event, chain_id=state["chain_id"], seq=last_seq, removed=True)
                     )
             await self._insert_outbox(conn, notices)
             await conn.execute("DELETE FROM events WHERE block_number > $1", ancestor.number)
@@ -587,4 +475,4 @@ class Store:
 
     async def market(self, address: str) -> MarketRow | None:
         record = await self._db.fetchrow("SELECT * FROM markets WHERE address = $1", address)
-        return None if record is None else _row_from_record(record)
+        return None if record is None else market_row(record)
