@@ -35,10 +35,14 @@ from indexer.errors import (
 from indexer.metrics import Metrics
 from indexer.rpc import LogRangeSizer, RpcClient, fetch_logs
 from indexer.rpc_results import BlockHeader, RawLog
-from indexer.store import IndexerState, Lease, Store
+from indexer.store import IndexerState, Lease, OutboxRow, Store
 from shared.memory import release_free_memory
 
 log = structlog.get_logger()
+
+# Called after each commit that queued publications, with the queued rows when the store
+# kept them (Publisher.wake), else with none.
+OnCommit = Callable[[Sequence[OutboxRow]], None]
 
 ZERO_HASH = "0x" + "00" * 32
 # Most blocks fetched per tip batch (headers are fetched one by one in a JSON-RPC batch).
@@ -103,7 +107,7 @@ class Follower:
         config: FollowConfig,
         sizer: LogRangeSizer,
         metrics: Metrics,
-        on_commit: Callable[[], None] = lambda: None,
+        on_commit: OnCommit = lambda rows: None,
     ) -> None:
         self._rpc = rpc
         self._store = store
@@ -182,7 +186,7 @@ class Follower:
         ancestor = await self._header_or_virtual(number)
         removed = await self._store.rollback(self._lease, self._config.lease_ttl, ancestor)
         await self._reload_state()
-        self._on_commit()
+        self._on_commit(())
         return removed
 
     async def _reload_state(self) -> None:
@@ -446,9 +450,10 @@ class Follower:
     async def _save(self, batch: Batch) -> int:
         """Commit a batch; returns how many of its events were new."""
         with self._metrics.batch_seconds.time():
-            fresh = await self._store.save_batch(self._lease, self._config.lease_ttl, batch)
+            saved = await self._store.save_batch(self._lease, self._config.lease_ttl, batch)
+        fresh = saved.fresh
         if fresh:
-            self._on_commit()
+            self._on_commit(saved.outbox or ())
         if batch.cursor is None:
             return len(fresh)
         assert self._state is not None
@@ -517,4 +522,4 @@ class Follower:
         self._metrics.reorgs.inc()
         self._metrics.reorg_depth.observe(depth)
         log.warning("reorg rolled back", depth=depth, ancestor=ancestor.number, removed=removed)
-        self._on_commit()
+        self._on_commit(())

@@ -6,7 +6,9 @@ event stays a few microseconds on our side. Stream IDs must grow, so the script 
 that is already in the stream, which makes a retry after a crash or an outage exact for the
 stream and at-least-once for Pub/Sub. Progress (`published_seq`) lives in Postgres and only moves
 after Redis acknowledged, so nothing is lost while Redis is down: rows wait in the outbox and
-drain in order when it returns.
+drain in order when it returns. A commit of a few rows (a live block) also hands them over in
+memory (`wake(rows)`): published without being read back, one round trip less per block; the
+outbox stays the record, read whenever the rows handed over do not continue what was published.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections import deque
+from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 import structlog
@@ -25,6 +29,9 @@ from indexer.store import OutboxRow, Store
 log = structlog.get_logger()
 
 BATCH_SIZE = 1000
+# Rows kept from commits' hand-overs (a few MB at most) while Redis is slow or down; past it
+# they are forgotten and read back from the outbox, which holds them anyway.
+HANDOFF_MAX = 2000
 # The bound of one publish call (a half-open socket never answers). Applied here with
 # asyncio.timeout rather than redis-py's socket_timeout, which goes through asyncio.wait_for.
 REDIS_CALL_TIMEOUT = 5.0
@@ -81,6 +88,7 @@ class Publisher:
         prune_every: float = PRUNE_EVERY,
         prune_chunk: int = PRUNE_CHUNK,
         ping_every: float = PING_EVERY,
+        handoff_max: int = HANDOFF_MAX,
     ) -> None:
         self._redis = redis
         self._store = store
@@ -91,15 +99,39 @@ class Publisher:
         self._prune_every = prune_every
         self._prune_chunk = prune_chunk
         self._ping_every = ping_every
+        self._handoff_max = handoff_max
         self._wake = asyncio.Event()
+        self._handed: deque[OutboxRow] = deque()
         self._published = 0
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         # redis-py loads the script again by itself after a Redis restart (NOSCRIPT).
         self._script = redis.register_script(PUBLISH_SCRIPT)
 
-    def wake(self) -> None:
-        """Tell the publisher new rows were committed (called by the follower)."""
+    def wake(self, rows: Sequence[OutboxRow] = ()) -> None:
+        """Tell the publisher new rows were committed (called by the follower).
+
+        `rows`, when given, are the committed rows themselves, all of them in seq order: the
+        publisher then need not read them back, one round trip less between a block's commit
+        and its publication. They are kept only while they continue the ones kept before.
+        """
+        handed = self._handed
+        if rows:
+            if handed and handed[-1].seq + 1 != rows[0].seq:
+                handed.clear()
+            if len(handed) + len(rows) > self._handoff_max:
+                handed.clear()  # Redis is behind: the outbox has them
+            else:
+                handed.extend(rows)
         self._wake.set()
+
+    def _take_handed(self) -> list[OutboxRow]:
+        """The next rows to publish if the hand-overs hold them, else []."""
+        handed = self._handed
+        while handed and handed[0].seq <= self._published:
+            handed.popleft()  # published meanwhile from the outbox
+        if not handed or handed[0].seq != self._published + 1:
+            return []  # a gap (rows from another process, a rollback): read the outbox
+        return [handed.popleft() for _ in range(min(len(handed), BATCH_SIZE))]
 
     @property
     def published(self) -> int:
@@ -116,7 +148,9 @@ class Publisher:
         while True:
             # Cleared before looking, so a commit landing during the query still wakes us.
             self._wake.clear()
-            rows = await self._store.outbox_after(self._published, BATCH_SIZE)
+            rows = self._take_handed() or await self._store.outbox_after(
+                self._published, BATCH_SIZE
+            )
             if not rows:
                 self._metrics.publish_backlog.set(0)
                 if loop.time() >= next_ping:

@@ -12,7 +12,7 @@ import asyncio
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from indexer.errors import StoreError
-from indexer.follower import FollowConfig, Follower, Sources
+from indexer.follower import FollowConfig, Follower, OnCommit, Sources
 from indexer.http import serve_http
 from indexer.metrics import Metrics
 from indexer.publisher import Publisher
@@ -150,7 +150,7 @@ def build_follower(
     store: Store,
     lease: Lease,
     metrics: Metrics,
-    on_commit: Callable[[], None] = lambda: None,
+    on_commit: OnCommit = lambda rows: None,
 ) -> Follower:
     sizer = LogRangeSizer(
         settings.logs_range_initial, settings.logs_range_min, settings.logs_range_max

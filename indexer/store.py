@@ -74,6 +74,16 @@ class OutboxRow:
 
 
 @dataclass(frozen=True, slots=True)
+class SavedBatch:
+    """What a committed batch stored."""
+
+    fresh: list[StoredEvent]  # its events that were not stored before
+    # Its outbox rows in seq order when they went in the write statement (a small batch), for
+    # the publisher to take without reading them back; None when they went by COPY.
+    outbox: list[OutboxRow] | None
+
+
+@dataclass(frozen=True, slots=True)
 class Lease:
     """The right to write, as granted by the database: owner plus fencing token."""
 
@@ -285,8 +295,8 @@ class Store:
 
     # -- batches -----------------------------------------------------------------------------
 
-    async def save_batch(self, lease: Lease, ttl: float, batch: Batch) -> list[StoredEvent]:
-        """Commit a batch atomically; returns the events that were not stored before.
+    async def save_batch(self, lease: Lease, ttl: float, batch: Batch) -> SavedBatch:
+        """Commit a batch atomically; returns what it stored.
 
         Four round trips for a live block (indexer/statements.py); a large batch sends its
         events and outbox rows by COPY, a backfill (no cursor) also replays its markets.
@@ -302,19 +312,27 @@ class Store:
             fresh = [e for e in events if (e.log.block_number, e.log.log_index) not in stored]
             seqs, last_seq = _assign_seqs(fresh, snapshot["last_seq"])
             chain_id = snapshot["chain_id"]
-            event_rows: Iterable[tuple[Any, ...]] = map(event_values, fresh, seqs)
-            outbox_rows: Iterable[tuple[Any, ...]] = (
+            new_events = map(event_values, fresh, seqs)
+            new_outbox = (
                 outbox_values(e, chain_id=chain_id, seq=seq)
                 for e, seq in zip(fresh, seqs, strict=True)
                 if seq is not None
             )
-            markets: list[MarketRow] = []
+            handed: list[OutboxRow] | None = None
+            event_rows: list[tuple[Any, ...]] = []
+            outbox_rows: list[tuple[Any, ...]] = []
             if batch.cursor is None or len(fresh) > COPY_ABOVE:
+                # Streamed: the rows and envelopes of a large batch are never all in memory.
                 await conn.copy_records_to_table(
-                    "events", records=event_rows, columns=EVENT_COLUMNS
+                    "events", records=new_events, columns=EVENT_COLUMNS
                 )
-                await self._insert_outbox(conn, outbox_rows)
-                event_rows = outbox_rows = iter(())
+                await self._insert_outbox(conn, new_outbox)
+            else:
+                event_rows, outbox_rows = list(new_events), list(new_outbox)
+                handed = [
+                    OutboxRow(seq, channels, payload) for seq, _, channels, payload in outbox_rows
+                ]
+            markets: list[MarketRow] = []
             if batch.cursor is None:
                 # A backfill inserts events into the past: replay those markets in order.
                 await self._rebuild_markets(conn, {e.market for e in fresh if e.market})
@@ -341,7 +359,7 @@ class Store:
             )
             if fenced is None:
                 raise LeaseLost(lease.owner)
-        return fresh
+        return SavedBatch(fresh=fresh, outbox=handed)
 
     @staticmethod
     async def _insert_outbox(conn: asyncpg.Connection, rows: Iterable[tuple[Any, ...]]) -> None:

@@ -1,9 +1,11 @@
-"""The outbox publisher on its own: stopping it is reliable."""
+"""The outbox publisher on its own: stopping, pruning, Redis health and rows handed over by
+commits."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -14,7 +16,8 @@ from devnet.services import Redis
 from indexer.metrics import Metrics
 from indexer.publisher import Publisher
 from indexer.service import redis_client
-from indexer.store import Store
+from indexer.store import OutboxRow, Store
+from tests.broadcaster.support import read_stream
 from tests.support.waiting import eventually
 
 IDLE_SETTLE = 0.2  # the publisher reaches its idle wait within a few ms on an empty outbox
@@ -27,6 +30,17 @@ async def publisher_parts(
     async with Store.open(database_url) as store, redis_client(redis_server.url) as redis:
         await store.migrate()
         yield store, redis
+
+
+@asynccontextmanager
+async def running(publisher: Publisher) -> AsyncIterator[None]:
+    """The publisher's loop as a task for the block, cancelled after it."""
+    task = asyncio.create_task(publisher.publish_forever(), name="publish-outbox")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
 
 
 def make_publisher(
@@ -84,12 +98,8 @@ async def test_published_rows_are_pruned_in_chunks_down_to_outbox_keep(
     publisher = make_publisher(
         publisher_parts, "kektech:test-prune", outbox_keep=5, prune_every=0.0, prune_chunk=8
     )
-    task = asyncio.create_task(publisher.publish_forever(), name="publish-outbox")
-    try:
+    async with running(publisher):
         await eventually(lambda: remaining(database_url, 5), within=10, what="pruning to 5")
-    finally:
-        task.cancel()
-        await asyncio.wait([task])
     assert await redis.xlen("kektech:test-prune") == 25, "every row reached Redis first"
     assert max(deletes) <= 8
     assert sum(deletes) == 20
@@ -119,8 +129,7 @@ async def test_redis_up_reports_redis_while_idle(
     async def is_up(expected: float) -> bool:
         return redis_up() == expected
 
-    task = asyncio.create_task(publisher.publish_forever(), name="publish-outbox")
-    try:
+    async with running(publisher):
         await eventually(lambda: is_up(1), within=5, what="redis_up 1 before any publication")
         redis_server.stop()
         try:
@@ -128,6 +137,76 @@ async def test_redis_up_reports_redis_while_idle(
         finally:
             redis_server.start()
         await eventually(lambda: is_up(1), within=10, what="redis_up 1 again")
+
+
+def outbox_row(seq: int, origin: str = "outbox") -> OutboxRow:
+    payload = b'{"type":"Test","seq":%d,"from":"%s"}' % (seq, origin.encode())
+    return OutboxRow(seq, "events:test", payload)
+
+
+async def insert_outbox(database_url: str, rows: list[OutboxRow]) -> None:
+    """Rows committed to the outbox, as the follower or a backfill would."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.executemany(
+            "INSERT INTO outbox (seq, event_id, channels, payload) VALUES ($1, $2, $3, $4)",
+            [(r.seq, f"32323:0xtx:{r.seq}", r.channels, r.payload) for r in rows],
+        )
     finally:
-        task.cancel()
-        await asyncio.wait([task])
+        await conn.close()
+
+
+async def published(redis: aioredis.Redis, key: str, count: int) -> list[bytes]:
+    """The payloads of the stream's first `count` entries, once it has that many."""
+
+    async def enough() -> bool:
+        return await redis.xlen(key) >= count
+
+    await eventually(enough, within=10, what=f"{count} entries in {key}")
+    return [fields[b"event"] for _, fields in await read_stream(redis, key)]
+
+
+async def test_rows_handed_over_by_a_commit_are_published_without_reading_them_back(
+    publisher_parts: tuple[Store, aioredis.Redis],
+) -> None:
+    """The rows a commit hands over reach Redis as they are, with no read of the outbox
+    (here they are not in it, which shows where they came from)."""
+    _, redis = publisher_parts
+    publisher = make_publisher(publisher_parts, "kektech:test-handed")
+    async with running(publisher):
+        await asyncio.sleep(IDLE_SETTLE)
+        publisher.wake([outbox_row(seq, "commit") for seq in (1, 2, 3)])
+        assert await published(redis, "kektech:test-handed", 3) == [
+            outbox_row(seq, "commit").payload for seq in (1, 2, 3)
+        ]
+
+
+async def test_rows_handed_over_after_a_gap_are_published_in_order_once(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+) -> None:
+    """Rows another process committed (a backfill) precede the handed ones: the publisher
+    reads those from the outbox first; every seq reaches the stream once, in order."""
+    _, redis = publisher_parts
+    publisher = make_publisher(publisher_parts, "kektech:test-gap")
+    async with running(publisher):
+        await asyncio.sleep(IDLE_SETTLE)
+        await insert_outbox(database_url, [outbox_row(seq) for seq in (1, 2, 3, 4)])
+        publisher.wake([outbox_row(seq) for seq in (3, 4)])
+        payloads = await published(redis, "kektech:test-gap", 4)
+        await asyncio.sleep(IDLE_SETTLE)
+        assert await redis.xlen("kektech:test-gap") == 4
+        assert payloads == [outbox_row(seq).payload for seq in (1, 2, 3, 4)]
+
+
+async def test_rows_handed_over_beyond_the_bound_are_read_back_instead(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+) -> None:
+    """The publisher keeps at most `handoff_max` handed rows (Redis may be down for minutes);
+    past it, it forgets them and reads the outbox, so memory stays bounded and nothing is lost."""
+    _, redis = publisher_parts
+    await insert_outbox(database_url, [outbox_row(seq) for seq in (1, 2, 3)])
+    publisher = make_publisher(publisher_parts, "kektech:test-bound", handoff_max=2)
+    publisher.wake([outbox_row(seq, "commit") for seq in (1, 2, 3)])  # before it runs
+    async with running(publisher):
+        payloads = await published(redis, "kektech:test-bound", 3)
+        assert payloads == [outbox_row(seq).payload for seq in (1, 2, 3)]
