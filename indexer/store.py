@@ -1,9 +1,9 @@
 """Postgres: migrations, the write lease, batches, rollbacks and the outbox.
 
-With indexer/database.py (the pool, every wait bounded), the only module that speaks asyncpg.
-Every write the follower makes goes through one
-transaction per batch that first checks the lease (fencing), so a second indexer, or one
-that lost its lease while paused, can never commit.
+With indexer/database.py (the pool, every wait bounded), the only module that speaks asyncpg;
+the statements of a batch are in indexer/statements.py. Every write the follower makes goes
+through one transaction per batch that also checks the lease (fencing), so a second indexer,
+or one that lost its lease while paused, can never commit.
 """
 
 from __future__ import annotations
