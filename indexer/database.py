@@ -85,6 +85,8 @@ class Database:
             )
         except LINK_ERRORS as exc:
             raise StoreError(f"database unreachable: {str(exc) or type(exc).__name__}") from exc
+        except asyncpg.PostgresError as exc:  # no such database or role, authentication
+            raise StoreError(f"database refused the connection: {exc}") from exc
         try:
             yield cls(pool)
         finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from devnet.services import REPO_ROOT, free_port
+from devnet.services import REPO_ROOT, Postgres, free_port
 
 SHELLCHECK = REPO_ROOT / ".venv" / "bin" / "shellcheck"
 PM2 = "node_modules/.bin/pm2"
@@ -175,6 +175,19 @@ def test_migrate_reports_an_unreachable_database(tmp_path: Path) -> None:
     assert len(lines) == 1, lines
     assert lines[0].startswith("kektech: database unreachable:"), lines
     assert "secret-pw" not in result.stderr + result.stdout
+
+
+def test_migrate_reports_a_database_that_refuses_the_connection(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    """A server that answers but refuses (here: no such database) is one line too, not a
+    traceback."""
+    result = migrate(postgres.dsn("no_such_database"), tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("kektech: database refused the connection:"), lines
+    assert "no_such_database" in lines[0]
 
 
 # -------------------------------------------------------------------------- update.sh, real
