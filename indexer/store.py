@@ -43,8 +43,6 @@ from indexer.statements import (
 
 log = structlog.get_logger()
 
-# Seconds one statement may take before its connection is given up (indexer/database.py).
-COMMAND_TIMEOUT = 60.0
 MIGRATIONS_PACKAGE = "indexer.migrations"
 MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Arbitrary constant: serializes concurrent migrators (transaction-scoped, pooler-safe).
@@ -131,9 +129,10 @@ class Store:
         *,
         statement_cache_size: int = 100,
         max_size: int = 4,
-        command_timeout: float = COMMAND_TIMEOUT,
+        command_timeout: float,
     ) -> AsyncIterator[Store]:
-        """Connect a small pool. statement_cache_size=0 for PgBouncer/Supavisor transaction mode."""
+        """Connect a small pool. statement_cache_size=0 for PgBouncer/Supavisor transaction mode;
+        command_timeout: seconds a statement may take (DB_COMMAND_TIMEOUT for the services)."""
         async with Database.open(
             dsn,
             statement_cache_size=statement_cache_size,

@@ -28,7 +28,12 @@ async def probe_postgres(dsn: str, *, statement_cache_size: int, within: float) 
     try:
         async with (
             asyncio.timeout(within),
-            Store.open(dsn, statement_cache_size=statement_cache_size, max_size=1) as store,
+            Store.open(
+                dsn,
+                statement_cache_size=statement_cache_size,
+                max_size=1,
+                command_timeout=within,
+            ) as store,
         ):
             version = await store.schema_version()
             state = await store.load_state() if version > 0 else None

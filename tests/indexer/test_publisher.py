@@ -27,7 +27,10 @@ IDLE_SETTLE = 0.2  # the publisher reaches its idle wait within a few ms on an e
 async def publisher_parts(
     database_url: str, redis_server: Redis
 ) -> AsyncIterator[tuple[Store, aioredis.Redis]]:
-    async with Store.open(database_url) as store, redis_client(redis_server.url) as redis:
+    async with (
+        Store.open(database_url, command_timeout=10) as store,
+        redis_client(redis_server.url) as redis,
+    ):
         await store.migrate()
         yield store, redis
 
