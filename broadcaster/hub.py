@@ -1,6 +1,6 @@
 """The fan-out core: who is subscribed to what, and every event delivered once, in order.
 
-No I/O of its own: connections come in as `Peer`s (server.py) and the stream, for resumes
+No I/O of its own: connections come in as `Peer`s (connection.py) and the stream, for resumes
 that memory cannot answer, as a `Source` (stream.py). The follower feeds `dispatch()` with
 consecutive stream entries; each event is routed once (routing.Registry), framed once per
 channel (events.Event) and written to every recipient's socket buffer synchronously — never
@@ -39,7 +39,7 @@ SLOW_REASON = "slow consumer: reconnect and resume with since"
 
 
 class Peer(Protocol):
-    """What the hub needs from one client connection (server.py provides it)."""
+    """What the hub needs from one client connection (connection.Connection provides it)."""
 
     def write(self, frame: bytes) -> None: ...
     def buffered(self) -> int: ...

@@ -17,7 +17,6 @@ from shared.channels import validate_channel
 from shared.errors import ChannelError
 
 __all__ = [
-    "CLOSE_GOING_AWAY",
     "CLOSE_POLICY_VIOLATION",
     "CLOSE_SERVICE_RESTART",
     "CLOSE_SLOW_CONSUMER",
@@ -37,9 +36,8 @@ __all__ = [
     "unsubscribed",
 ]
 
-# Close codes this service chooses (websockets itself uses 1009 for oversized messages, 1007
-# for invalid UTF-8, 1002 for protocol errors and 1011 when a ping goes unanswered).
-CLOSE_GOING_AWAY = 1001
+# Close codes this service chooses (the connection also closes with 1009 for oversized
+# messages, 1007 for invalid UTF-8, 1002 for protocol errors, 1011 when a ping goes unanswered).
 CLOSE_UNSUPPORTED_DATA = 1003  # a binary frame: the protocol is JSON text only
 CLOSE_POLICY_VIOLATION = 1008  # repeated invalid messages, flooding, too many connections
 CLOSE_SERVICE_RESTART = 1012  # graceful stop: reconnect and resume with "since"

@@ -1,15 +1,17 @@
 """One client's conversation: the greeting, answers to its messages, and its limits.
 
 Transport-agnostic: replies are written as frames through the hub's Client, and a decision
-to hang up is raised as CloseConnection for server.py to carry out. Messages of one
-connection are handled one at a time, in order, so a replay never interleaves with another
-of the same connection's requests.
+to hang up is raised as CloseConnection for the connection to carry out. A message is
+answered at once, except a resume, which is returned as work for the connection to run; the
+connection holds its later messages until that work is done, so a replay never interleaves
+with another of the same connection's requests.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from broadcaster import messages, replay
 from broadcaster.errors import ClientError, CloseConnection
@@ -46,10 +48,10 @@ class Session:
     def greet(self) -> None:
         self._reply(messages.connected(self.client.id, self.hub.now_ms(), self.hub.position))
 
-    async def handle(self, message: str | bytes) -> None:
-        """Answer one message from the client."""
+    def handle(self, message: str | bytes) -> Coroutine[Any, Any, None] | None:
+        """Answer one message from the client; a resume is returned as work to run next."""
         if isinstance(message, bytes):
-            raise CloseConnection(
+            raise self._hang_up(
                 messages.CLOSE_UNSUPPORTED_DATA, "binary messages are not supported"
             )
         if not self._messages.take(self._clock()):
@@ -57,12 +59,12 @@ class Session:
                 ClientError("rate_limited", f"more than {self._rate:g} messages per second"),
                 flood=True,
             )
-            return
+            return None
         try:
             request = messages.parse_client_message(message)
         except ClientError as problem:
             self._refuse(problem)
-            return
+            return None
         if isinstance(request, messages.Ping):
             self._reply(messages.pong(self.hub.now_ms()))
         elif isinstance(request, messages.Unsubscribe):
@@ -73,14 +75,15 @@ class Session:
                 seq = self.hub.subscribe(self.client, request.channel)
             except ClientError as problem:
                 self._refuse(problem)
-                return
+                return None
             self._reply(
                 messages.subscribed(
                     request.channel, self.hub.now_ms(), seq=seq, recovered=None, replayed=None
                 )
             )
         else:
-            await self._resume(request.channel, request.since)
+            return self._resume(request.channel, request.since)
+        return None
 
     async def _resume(self, channel: str, since: int) -> None:
         try:
@@ -105,7 +108,11 @@ class Session:
         self._reply(messages.error(problem, self.hub.now_ms()))
         if not self._errors.take(self._clock()):
             reason = "message rate limit exceeded" if flood else "too many invalid messages"
-            raise CloseConnection(messages.CLOSE_POLICY_VIOLATION, reason)
+            raise self._hang_up(messages.CLOSE_POLICY_VIOLATION, reason)
+
+    def _hang_up(self, code: int, reason: str) -> CloseConnection:
+        self.hub.metrics.closes.labels(code=str(code)).inc()
+        return CloseConnection(code, reason)
 
     def _reply(self, payload: bytes) -> None:
         if self.client.is_open():

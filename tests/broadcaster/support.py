@@ -363,16 +363,17 @@ class RawClient:
         assert head.startswith(b"HTTP/1.1 101"), head
         return cls(reader, writer)
 
-    def send_frame(self, opcode: int, payload: bytes) -> None:
-        """Send one final, masked frame (clients must mask)."""
+    def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True) -> None:
+        """Send one masked frame (clients must mask); fin=False for all but a message's last."""
         mask = os.urandom(4)
         length = len(payload)
+        first = (0x80 if fin else 0) | opcode
         if length < 126:
-            header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+            header = struct.pack("!BB", first, 0x80 | length)
         elif length < 65536:
-            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+            header = struct.pack("!BBH", first, 0x80 | 126, length)
         else:
-            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+            header = struct.pack("!BBQ", first, 0x80 | 127, length)
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         self.writer.write(header + mask + masked)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -13,6 +14,7 @@ from websockets.exceptions import InvalidStatus
 
 from tests.broadcaster.support import (
     MARKET,
+    WITHIN,
     EventProducer,
     RawClient,
     Running,
@@ -179,6 +181,26 @@ async def test_invalid_utf8_closes_with_1007(server: Running) -> None:
     finally:
         raw.close()
     assert code == 1007
+
+
+async def test_a_message_sent_in_fragments_is_answered_whole(server: Running) -> None:
+    """A text message split over a frame and two continuations is one message (RFC 6455 5.4);
+    a ping frame between the fragments is answered in the middle."""
+    raw = await RawClient.open(server.settings.ws_port)
+    try:
+        await raw.read_frame()  # connected
+        raw.send_frame(0x1, b'{"type":"subscribe",', fin=False)
+        raw.send_frame(0x9, b"beat")  # a control frame may come between fragments
+        raw.send_frame(0x0, b'"channel":"events:bet', fin=False)
+        raw.send_frame(0x0, b'_placed"}')
+        async with asyncio.timeout(WITHIN):
+            assert await raw.read_frame() == (0xA, b"beat")
+            opcode, payload = await raw.read_frame()
+    finally:
+        raw.close()
+    assert opcode == 0x1
+    ack = orjson.loads(payload)
+    assert (ack["type"], ack["channel"]) == ("subscribed", "events:bet_placed")
 
 
 async def test_other_clients_are_unaffected_by_a_misbehaving_one(

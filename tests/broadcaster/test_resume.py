@@ -45,6 +45,26 @@ async def test_resume_from_redis(start: Start, producer: EventProducer) -> None:
             assert ack["recovered"] is True
 
 
+async def test_messages_sent_during_a_resume_wait_for_it_in_order(
+    start: Start, producer: EventProducer
+) -> None:
+    """Messages sent right after a resume are answered after its replay and ack, in order."""
+    async with start(ws_history_size=0) as server:
+        await producer.publish(count=700)  # replayed from Redis, in two XRANGE pages
+        await server.wait_health(seq=700)
+        async with ws_client(server.url) as client:
+            await client.send({"type": "subscribe", "channel": "events:*", "since": 100})
+            await client.send({"type": "ping"})
+            await client.send({"type": "subscribe", "channel": f"market:{MARKET}"})
+            await client.send({"type": "unsubscribe", "channel": "events:*"})
+            received = [await client.recv() for _ in range(600 + 4)]
+    kinds = [message["type"] for message in received]
+    assert kinds == ["event"] * 600 + ["subscribed", "pong", "subscribed", "unsubscribed"]
+    assert [message["data"]["seq"] for message in received[:600]] == list(range(101, 701))
+    assert received[600]["recovered"] is True
+    assert received[602]["channel"] == f"market:{MARKET}"
+
+
 async def test_history_read_at_boot(start: Start, producer: EventProducer) -> None:
     """A restarted broadcaster answers resumes for events published before it started."""
     await producer.publish(count=5)

@@ -1,0 +1,378 @@
+"""One client socket: websockets' Sans-I/O protocol driven by asyncio's protocol callbacks.
+
+websockets (`ServerProtocol`) parses the handshake request and the frames, answers pings
+and runs the closing handshake; this module moves bytes between it and the socket and keeps
+the connection's timers. A connection costs no task: its messages are answered inside
+`data_received`, and only work that must wait (a resume reading Redis, an HTTP endpoint)
+runs as a task, while the connection's later messages wait their turn, in order.
+
+The hub writes event frames straight to the socket (`write`), not through the protocol
+object. That keeps the order of bytes because the hub writes only while the connection is
+open, and whatever the protocol produces (pongs, the close frame) is written at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import structlog
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import CONNECTING, OPEN
+from websockets.server import ServerProtocol
+
+from broadcaster.errors import CloseConnection
+
+__all__ = ["Connection", "Conversation", "Handler", "Options"]
+
+log = structlog.get_logger()
+
+OPEN_TIMEOUT = 10.0  # for the opening handshake, then the socket is aborted
+CLOSE_TIMEOUT = 2.0  # for the closing handshake, then the socket is aborted
+MAX_WAITING = 16  # messages held while a resume runs; past this, reading pauses
+WS_LOGGER = logging.getLogger("websockets.server")
+
+Work = Coroutine[Any, Any, None]
+
+
+class Conversation(Protocol):
+    """Whom an open connection hands its messages to (session.Session)."""
+
+    def handle(self, message: str | bytes) -> Work | None:
+        """Answer a message; return work that must wait (run in order), or raise
+        CloseConnection."""
+        ...
+
+
+class Handler(Protocol):
+    """The edge's policy, told of each connection's life (server.Edge)."""
+
+    def connected(self, connection: Connection) -> None: ...
+    def respond(
+        self, connection: Connection, request: Request
+    ) -> Response | Coroutine[Any, Any, Response]: ...
+    def opened(self, connection: Connection) -> Conversation: ...
+    def closed(self, connection: Connection) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What every connection of a listener shares."""
+
+    max_size: int
+    ping_interval: float | None
+    ping_timeout: float | None
+    write_limit: tuple[int, int]  # (high, low): drain() waits above high until below low
+    server_header: str
+
+
+class Connection(asyncio.Protocol):
+    """One socket, from the opening handshake to the end of the TCP connection."""
+
+    __slots__ = (
+        "_deadline",
+        "_drain_waiters",
+        "_fragments",
+        "_handler",
+        "_options",
+        "_paused",
+        "_ping_payload",
+        "_ping_timer",
+        "_task",
+        "_waiting",
+        "buffered",
+        "conversation",
+        "ip",
+        "loop",
+        "protocol",
+        "transport",
+        "write",
+    )
+
+    def __init__(self, handler: Handler, options: Options) -> None:
+        self._handler = handler
+        self._options = options
+        self.loop = asyncio.get_running_loop()
+        self.protocol = ServerProtocol(max_size=options.max_size, logger=WS_LOGGER)
+        self.transport: asyncio.Transport
+        self.write: Callable[[bytes], None]
+        self.buffered: Callable[[], int]
+        self.conversation: Conversation | None = None
+        self.ip: str | None = None  # the client's address, once admitted (for the per-IP count)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._ping_payload: bytes | None = None
+        self._fragments: list[Frame] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._waiting: deque[str | bytes] | None = None
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+
+    # What the hub uses (hub.Peer): write and buffered are the transport's own methods.
+
+    @property
+    def id(self) -> str:
+        return str(self.protocol.id)
+
+    def is_open(self) -> bool:
+        return self.protocol.state is OPEN
+
+    def remote_address(self) -> Any:
+        """The peer's (host, port), or the Unix socket's peer name (not a tuple)."""
+        return self.transport.get_extra_info("peername")
+
+    async def drain(self) -> None:
+        """Wait until the socket buffer is below the low-water mark (or the socket is gone)."""
+        if not self._paused:
+            return
+        waiter = self.loop.create_future()
+        self._drain_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._drain_waiters.remove(waiter)
+
+    def kick(self, code: int, reason: str) -> None:
+        """Close with code, stopping whatever the connection was doing."""
+        self.close(code, reason)
+
+    # Closing
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake; abort the socket if it is not done in CLOSE_TIMEOUT."""
+        self._stop_work()
+        if self.protocol.state is OPEN:
+            self.protocol.send_close(code, reason)
+            self._flush()
+            # A flooding client may have paused reading; its answer must still be read.
+            self.transport.resume_reading()
+            self._expect_close()
+        elif self.protocol.state is CONNECTING:
+            self.abort()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Fail the connection (RFC 6455 7.1.7): close frame, end of stream, no more reading."""
+        self._stop_work()
+        self.protocol.fail(code, reason)
+        self._flush()
+        self._expect_close()
+
+    def _stop_work(self) -> None:
+        self._waiting = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
+
+    def _expect_close(self) -> None:
+        if self._deadline is None and self.protocol.close_expected():
+            self._deadline = self.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.write = self.transport.write
+        self.buffered = self.transport.get_write_buffer_size
+        self.transport.set_write_buffer_limits(*self._options.write_limit)
+        self._deadline = self.loop.call_later(OPEN_TIMEOUT, self.transport.abort)
+        self._handler.connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        protocol = self.protocol
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        self._flush()  # pongs, the echo of a close frame, a refused request
+        self._expect_close()
+        for event in events:
+            if isinstance(event, Frame):
+                self._frame(event)
+            elif isinstance(event, Request):  # a server receives no Response
+                self._request(event)
+
+    def eof_received(self) -> None:
+        self.protocol.receive_eof()
+        self._flush()
+        # Returning None closes the socket: WebSocket never writes after the peer's EOF.
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.receive_eof()  # idempotent: the protocol state is CLOSED now
+        self._stop_work()
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._handler.closed(self)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # Sending what the protocol produced
+
+    def _flush(self) -> None:
+        for data in self.protocol.data_to_send():
+            if data:
+                self.transport.write(data)
+            elif self.transport.can_write_eof():
+                try:
+                    self.transport.write_eof()
+                except (OSError, RuntimeError):  # the socket is already going away
+                    self.transport.abort()
+            else:
+                self.transport.close()
+
+    # The opening handshake
+
+    def _request(self, request: Request) -> None:
+        answer = self._handler.respond(self, request)
+        if isinstance(answer, Response):
+            self._respond(answer)
+        else:
+            self._task = self.loop.create_task(self._respond_later(answer))
+
+    async def _respond_later(self, answer: Coroutine[Any, Any, Response]) -> None:
+        try:
+            response = await answer
+        except Exception:
+            log.exception("HTTP endpoint failed")
+            response = self.protocol.reject(500, "internal error\n")
+        self._task = None
+        self._respond(response)
+
+    def _respond(self, response: Response) -> None:
+        if self.protocol.state is not CONNECTING:
+            return  # the client left meanwhile
+        response.headers["Server"] = self._options.server_header
+        self.protocol.send_response(response)
+        self._flush()
+        if self.protocol.state is not OPEN:
+            self.transport.close()  # an HTTP answer or a refusal: sent, then the socket ends
+            return
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self.conversation = self._handler.opened(self)
+        self._schedule_ping()
+
+    # Frames and messages
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if frame.fin:
+                self._message(frame.opcode, bytes(frame.data))
+            else:
+                self._fragments = [frame]
+        elif opcode is Opcode.CONT:
+            fragments = self._fragments
+            if fragments is None:  # the protocol refuses this already; never reached
+                return
+            fragments.append(frame)
+            if frame.fin:
+                self._fragments = None
+                self._message(fragments[0].opcode, b"".join(bytes(f.data) for f in fragments))
+        elif opcode is Opcode.PONG and frame.data == self._ping_payload:
+            self._ping_payload = None
+            if self._ping_timer is not None:
+                self._ping_timer.cancel()
+            self._schedule_ping()
+        # PING is answered and CLOSE echoed by the protocol itself (flushed above).
+
+    def _message(self, opcode: Opcode, data: bytes) -> None:
+        if self.protocol.state is not OPEN:
+            return
+        message: str | bytes = data
+        if opcode is Opcode.TEXT:
+            try:
+                message = data.decode()
+            except UnicodeDecodeError as exc:
+                self._fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                return
+        if self._task is not None:  # a resume is running: this message waits its turn
+            waiting = self._waiting
+            if waiting is None:
+                waiting = self._waiting = deque()
+            waiting.append(message)
+            if len(waiting) >= MAX_WAITING:
+                self.transport.pause_reading()
+            return
+        self._deliver(message)
+
+    def _deliver(self, message: str | bytes) -> None:
+        assert self.conversation is not None
+        try:
+            work = self.conversation.handle(message)
+        except CloseConnection as decision:
+            self.close(decision.code, decision.reason)
+            return
+        except Exception:  # a bug: this client is closed, the others are not affected
+            log.exception("client message failed")
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+            return
+        if work is not None:
+            self._task = self.loop.create_task(self._run(work))
+
+    async def _run(self, work: Work) -> None:
+        """Run a message's waiting part, then the messages that arrived meanwhile."""
+        try:
+            await work
+        except CloseConnection as decision:
+            self._task = None
+            self.close(decision.code, decision.reason)
+            return
+        except Exception:
+            log.exception("client message failed")
+            self._task = None
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+            return
+        self._task = None
+        waiting = self._waiting
+        while waiting and self._task is None and self.protocol.state is OPEN:
+            self._deliver(waiting.popleft())
+        if self._task is None:
+            self.transport.resume_reading()
+
+    # Heartbeat: a ping every ping_interval, answered within ping_timeout or the end (1011)
+
+    def _schedule_ping(self) -> None:
+        interval = self._options.ping_interval
+        if interval is not None and self.protocol.state is OPEN:
+            self._ping_timer = self.loop.call_later(interval, self._ping)
+
+    def _ping(self) -> None:
+        self._ping_timer = None
+        if self.protocol.state is not OPEN:
+            return
+        self._ping_payload = os.urandom(4)
+        self.protocol.send_ping(self._ping_payload)
+        self._flush()
+        timeout = self._options.ping_timeout
+        if timeout is None:
+            self._schedule_ping()
+        else:
+            self._ping_timer = self.loop.call_later(timeout, self._ping_timed_out)
+
+    def _ping_timed_out(self) -> None:
+        self._ping_timer = None
+        if self.protocol.state is OPEN:
+            self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
