@@ -14,14 +14,18 @@ open, and whatever the protocol produces (pongs, the close frame) is written at 
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import functools
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import structlog
+from websockets.datastructures import Headers
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import CONNECTING, OPEN
@@ -43,6 +47,10 @@ Work = Coroutine[Any, Any, None]
 
 class Conversation(Protocol):
     """Whom an open connection hands its messages to (session.Session)."""
+
+    def greeting(self) -> bytes:
+        """The first frame to send, right after the handshake response."""
+        ...
 
     def handle(self, message: str | bytes) -> Work | None:
         """Answer a message; return work that must wait (run in order), or raise
@@ -259,19 +267,48 @@ class Connection(asyncio.Protocol):
         self._task = None
         self._respond(response)
 
+    def accept(self, request: Request) -> Response:
+        """The 101 answer to a valid handshake request, or websockets' refusal of another.
+
+        websockets checks the request (`process_request`); the 101 is built here only to
+        date it from a clock read once a second (`ServerProtocol.accept` formats the date
+        for every connection, a tenth of a connect storm's Python time).
+        """
+        protocol = self.protocol
+        try:
+            accept_header, extensions_header, protocol_header = protocol.process_request(request)
+        except Exception:
+            return protocol.accept(request)  # checks again and builds the fitting refusal
+        protocol.accept_called = True
+        headers = Headers(
+            [
+                ("Date", _http_date()),
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Accept", accept_header),
+            ]
+        )
+        if extensions_header is not None:
+            headers["Sec-WebSocket-Extensions"] = extensions_header
+        if protocol_header is not None:
+            headers["Sec-WebSocket-Protocol"] = protocol_header
+        return Response(101, "Switching Protocols", headers)
+
     def _respond(self, response: Response) -> None:
         if self.protocol.state is not CONNECTING:
             return  # the client left meanwhile
         response.headers["Server"] = self._options.server_header
         self.protocol.send_response(response)
-        self._flush()
         if self.protocol.state is not OPEN:
+            self._flush()
             self.transport.close()  # an HTTP answer or a refusal: sent, then the socket ends
             return
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        self.conversation = self._handler.opened(self)
+        self.conversation = conversation = self._handler.opened(self)
+        # The 101 and the greeting in one write: one system call, one read for the client.
+        self.transport.write(b"".join(self.protocol.data_to_send()) + conversation.greeting())
         self._schedule_ping()
 
     # Frames and messages
@@ -376,3 +413,13 @@ class Connection(asyncio.Protocol):
         self._ping_timer = None
         if self.protocol.state is OPEN:
             self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+
+
+def _http_date() -> str:
+    """The HTTP Date header's value, formatted once per second."""
+    return _formatted_date(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)
+def _formatted_date(second: int) -> str:
+    return email.utils.formatdate(second, usegmt=True)

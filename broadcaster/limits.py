@@ -80,23 +80,24 @@ def client_ip(
     if peer_ip is None and not local:
         return peer or "unknown"
     if peer_ip is not None and not _is_trusted(peer_ip, trusted):
-        return str(peer_ip)
+        return _text(peer_ip)
     hops = [hop.strip() for header in forwarded_for for hop in header.split(",")]
     for hop in reversed(hops):
         address = _parse(hop)
         if address is None:
             break  # garbage from the client side of the chain: trust nothing before it
         if not _is_trusted(address, trusted):
-            return str(address)
+            return _text(address)
     if real_ip is not None:
         address = _parse(real_ip.strip())
         if address is not None:
-            return str(address)
-    return str(peer_ip) if peer_ip is not None else "local"
+            return _text(address)
+    return _text(peer_ip) if peer_ip is not None else "local"
 
 
 # Parsing an address costs more than the rest of a handshake's checks, and the peers of a
-# connect storm are few (behind Nginx, one): each address is parsed once (bounded cache).
+# connect storm are few (behind Nginx, one): each address is parsed and formatted once
+# (bounded caches).
 @functools.lru_cache(maxsize=4096)
 def _parse(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if not text:
@@ -108,6 +109,11 @@ def _parse(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+@functools.lru_cache(maxsize=4096)
+def _text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    return str(address)
 
 
 def _is_trusted(

@@ -89,7 +89,7 @@ class Edge:
             self.metrics.rejected.labels(reason="ip_limit").inc()
             return _text(http.HTTPStatus.TOO_MANY_REQUESTS, "too many connections\n")
         connection.ip = ip  # released when the TCP connection ends, whatever the handshake
-        return connection.protocol.accept(request)
+        return connection.accept(request)
 
     async def process_http(self, request: Request) -> Response:
         """The operations endpoints (on both ports)."""
@@ -105,12 +105,11 @@ class Edge:
         return _text(http.HTTPStatus.NOT_FOUND, "not found\n")
 
     def opened(self, connection: Connection) -> Session:
-        """A client is connected: start its session with the greeting."""
+        """A client is connected: start its session (its greeting is sent with the 101)."""
         self.metrics.connections_opened.inc()
         client = self.hub.connect(connection.id, connection)
         session = Session(self.hub, client, rate=self.settings.ws_rate_limit, burst=self._burst)
         self.sessions[connection] = session
-        session.greet()
         return session
 
     def closed(self, connection: Connection) -> None:

@@ -45,8 +45,10 @@ class Session:
         self._messages = TokenBucket(rate, burst, now)
         self._errors = TokenBucket(ERROR_RATE, ERROR_BURST, now)
 
-    def greet(self) -> None:
-        self._reply(messages.connected(self.client.id, self.hub.now_ms(), self.hub.position))
+    def greeting(self) -> bytes:
+        """The frame that opens the conversation (the connection sends it with the 101)."""
+        payload = messages.connected(self.client.id, self.hub.now_ms(), self.hub.position)
+        return messages.text_frame(payload)
 
     def handle(self, message: str | bytes) -> Coroutine[Any, Any, None] | None:
         """Answer one message from the client; a resume is returned as work to run next."""

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import email.utils
+import hashlib
+import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -213,6 +217,59 @@ async def test_other_clients_are_unaffected_by_a_misbehaving_one(
         assert (await bad.closed())[0] == 1003
         await producer.publish()
         assert len(await good.events(1)) == 1
+
+
+async def http_exchange(port: int, request: str) -> tuple[int, dict[str, str]]:
+    """Send a raw HTTP request; return the status and headers of the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request.encode())
+        async with asyncio.timeout(WITHIN):
+            head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    status_line, *lines = head.decode().strip().split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines)
+    return int(status_line.split()[1]), fields
+
+
+def handshake(key: str, **extra: str) -> str:
+    fields = {
+        "Host": "127.0.0.1",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": key,
+        "Sec-WebSocket-Version": "13",
+        **extra,
+    }
+    lines = "".join(f"{name}: {value}\r\n" for name, value in fields.items() if value)
+    return f"GET /ws HTTP/1.1\r\n{lines}\r\n"
+
+
+async def test_handshake_answer_and_refusals(start: Start) -> None:
+    """A valid handshake gets 101 with the RFC 6455 accept key, a current Date and the Server
+    name; invalid ones get the matching HTTP refusal, and none of them keeps a per-IP slot."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    async with start(ws_max_connections_per_ip=1) as server:
+        port = server.settings.ws_port
+        assert (await http_exchange(port, handshake(key, Upgrade="")))[0] == 426
+        old_version = handshake(key, **{"Sec-WebSocket-Version": "8"})
+        assert (await http_exchange(port, old_version))[0] == 400
+        assert (await http_exchange(port, handshake("short")))[0] == 400
+        post = handshake(key).replace("GET", "POST", 1)
+        assert (await http_exchange(port, post))[0] == 405
+        status, fields = await http_exchange(port, handshake(key))
+        assert status == 101
+        guid = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
+        digest = hashlib.sha1((key + guid).encode(), usedforsecurity=False).digest()
+        assert fields["Sec-WebSocket-Accept"] == base64.b64encode(digest).decode()
+        assert fields["Server"] == "kektech-broadcaster"
+        date = email.utils.parsedate_to_datetime(fields["Date"]).timestamp()
+        assert abs(date - time.time()) < 5
+        # The refused attempts and the closed socket above left the one slot free.
+        await server.wait_health(connections=0)
+        async with ws_client(server.url) as client:
+            assert client.hello["type"] == "connected"
 
 
 async def test_wrong_path_is_404(server: Running) -> None:
