@@ -37,7 +37,6 @@ __all__ = ["Connection", "Conversation", "Handler", "Options"]
 
 log = structlog.get_logger()
 
-OPEN_TIMEOUT = 10.0  # for the opening handshake, then the socket is aborted
 CLOSE_TIMEOUT = 2.0  # for the closing handshake, then the socket is aborted
 MAX_WAITING = 16  # messages held while a resume runs; past this, reading pauses
 WS_LOGGER = logging.getLogger("websockets.server")
@@ -74,6 +73,7 @@ class Options:
     """What every connection of a listener shares."""
 
     max_size: int
+    open_timeout: float  # for the opening handshake, then the socket is aborted
     ping_interval: float | None
     ping_timeout: float | None
     write_limit: tuple[int, int]  # (high, low): drain() waits above high until below low
@@ -194,7 +194,7 @@ class Connection(asyncio.Protocol):
         self.write = self.transport.write
         self.buffered = self.transport.get_write_buffer_size
         self.transport.set_write_buffer_limits(*self._options.write_limit)
-        self._deadline = self.loop.call_later(OPEN_TIMEOUT, self.transport.abort)
+        self._deadline = self.loop.call_later(self._options.open_timeout, self.transport.abort)
         self._handler.connected(self)
 
     def data_received(self, data: bytes) -> None:

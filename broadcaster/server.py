@@ -185,6 +185,7 @@ async def serve_clients(
     limit = settings.ws_send_buffer_bytes
     options = Options(
         max_size=settings.ws_max_message_bytes,
+        open_timeout=settings.ws_handshake_timeout,
         ping_interval=settings.ws_heartbeat_interval,
         ping_timeout=settings.ws_heartbeat_timeout,
         # drain() (replays) waits above half the buffer limit; the hub drops at the limit.

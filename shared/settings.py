@@ -235,6 +235,9 @@ class BroadcasterSettings(ServiceSettings):
     ws_heartbeat_timeout: float = Field(
         default=20.0, gt=0, description="Seconds a client has to answer a ping before it is closed."
     )
+    ws_handshake_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a new connection has to complete its handshake."
+    )
     ws_rate_limit: float = Field(default=20.0, gt=0, description="Client messages per second.")
     ws_trusted_proxies: Annotated[tuple[IpNetwork, ...], NoDecode] = Field(
         default=(ip_network("127.0.0.1"), ip_network("::1")),

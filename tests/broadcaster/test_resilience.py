@@ -126,6 +126,23 @@ async def test_unresponsive_client_is_closed_by_the_heartbeat(start: Start) -> N
     assert "ping" in reason
 
 
+async def test_a_handshake_left_unfinished_is_dropped(start: Start) -> None:
+    """A socket that starts a handshake and never completes it (slowloris) is closed after
+    WS_HANDSHAKE_TIMEOUT, while a real client connects meanwhile as usual."""
+    async with start(ws_handshake_timeout=0.5) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.settings.ws_port)
+        try:
+            writer.write(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websock")
+            started = time.monotonic()
+            async with ws_client(server.url) as client:
+                assert client.hello["type"] == "connected"
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""  # closed, and nothing was answered
+            assert time.monotonic() - started >= 0.4
+        finally:
+            writer.close()
+
+
 async def test_stream_gap_closes_subscribers_with_4009(
     server: Running, producer: EventProducer
 ) -> None:

@@ -65,6 +65,30 @@ async def test_messages_sent_during_a_resume_wait_for_it_in_order(
     assert received[602]["channel"] == f"market:{MARKET}"
 
 
+async def test_a_burst_sent_during_a_resume_is_answered_in_full_and_in_order(
+    start: Start, producer: EventProducer
+) -> None:
+    """Past the few messages a connection holds while it resumes, it stops reading the
+    socket until the resume is done; then every held and unread message is answered, in
+    the order sent."""
+    async with start(ws_history_size=0, ws_rate_limit=1000) as server:
+        await producer.publish(count=700)
+        await server.wait_health(seq=700)
+        async with ws_client(server.url) as client:
+            await client.send({"type": "subscribe", "channel": "events:*", "since": 0})
+            channels = [f"events:kind_{index}" for index in range(60)]
+            for channel in channels:
+                await client.send({"type": "subscribe", "channel": channel})
+            received = [await client.recv() for _ in range(700 + 1 + len(channels))]
+            await client.send({"type": "ping"})  # and it reads the socket again
+            await client.expect("pong")
+    assert [message["type"] for message in received[:701]] == ["event"] * 700 + ["subscribed"]
+    assert received[700]["recovered"] is True
+    assert [(message["type"], message["channel"]) for message in received[701:]] == [
+        ("subscribed", channel) for channel in channels
+    ]
+
+
 async def test_history_read_at_boot(start: Start, producer: EventProducer) -> None:
     """A restarted broadcaster answers resumes for events published before it started."""
     await producer.publish(count=5)
