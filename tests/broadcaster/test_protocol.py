@@ -219,6 +219,20 @@ async def test_other_clients_are_unaffected_by_a_misbehaving_one(
         assert len(await good.events(1)) == 1
 
 
+async def test_closing_handshake_started_by_the_client(server: Running) -> None:
+    """A client's close frame is echoed at once and the server ends the TCP connection; the
+    server forgets the client."""
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        async with asyncio.timeout(2):  # well under the client's own 10 s close timeout
+            await client.ws.close(4000, "bye")
+        echoed = client.ws.protocol.close_rcvd
+    assert echoed is not None
+    assert (echoed.code, echoed.reason) == (4000, "bye")
+    health = await server.wait_health(connections=0)
+    assert health["subscriptions"] == 0
+
+
 async def http_exchange(port: int, request: str) -> tuple[int, dict[str, str]]:
     """Send a raw HTTP request; return the status and headers of the answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
