@@ -7,8 +7,10 @@ the connection's timers. A connection costs no task: its messages are answered i
 runs as a task, while the connection's later messages wait their turn, in order.
 
 The hub writes event frames straight to the socket (`write`), not through the protocol
-object. That keeps the order of bytes because the hub writes only while the connection is
-open, and whatever the protocol produces (pongs, the close frame) is written at once.
+object. That keeps the order of bytes because the hub writes only to routed clients, and
+the connection has its client unrouted (`Handler.closing`) the moment it stops being open,
+before its close frame is written; whatever the protocol produces (pongs, the close frame)
+is written at once.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ class Handler(Protocol):
         self, connection: Connection, request: Request
     ) -> Response | Coroutine[Any, Any, Response]: ...
     def opened(self, connection: Connection) -> Conversation: ...
+    def closing(self, connection: Connection) -> None:
+        """An open connection stopped being open (closing handshake, failure, end of the
+        socket): nothing may be sent to it from now on."""
+        ...
+
     def closed(self, connection: Connection) -> None: ...
 
 
@@ -88,6 +95,7 @@ class Connection(asyncio.Protocol):
         "_drain_waiters",
         "_fragments",
         "_handler",
+        "_open",
         "_options",
         "_paused",
         "_ping_payload",
@@ -119,6 +127,7 @@ class Connection(asyncio.Protocol):
         self._fragments: list[Frame] | None = None
         self._task: asyncio.Task[None] | None = None
         self._waiting: deque[str | bytes] | None = None
+        self._open = False  # whether the handler was told of the opening and not yet of its end
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
 
@@ -157,6 +166,7 @@ class Connection(asyncio.Protocol):
         self._stop_work()
         if self.protocol.state is OPEN:
             self.protocol.send_close(code, reason)
+            self._left_open()
             self._flush()
             # A flooding client may have paused reading; its answer must still be read.
             self.transport.resume_reading()
@@ -171,8 +181,14 @@ class Connection(asyncio.Protocol):
         """Fail the connection (RFC 6455 7.1.7): close frame, end of stream, no more reading."""
         self._stop_work()
         self.protocol.fail(code, reason)
+        self._left_open()
         self._flush()
         self._expect_close()
+
+    def _left_open(self) -> None:
+        if self._open:
+            self._open = False
+            self._handler.closing(self)
 
     def _stop_work(self) -> None:
         self._waiting = None
@@ -200,6 +216,8 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         protocol = self.protocol
         protocol.receive_data(data)
+        if self._open and protocol.state is not OPEN:
+            self._left_open()  # a close frame arrived, or the data broke the protocol
         events = protocol.events_received()
         self._flush()  # pongs, the echo of a close frame, a refused request
         self._expect_close()
@@ -211,11 +229,13 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> None:
         self.protocol.receive_eof()
+        self._left_open()
         self._flush()
         # Returning None closes the socket: WebSocket never writes after the peer's EOF.
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.protocol.receive_eof()  # idempotent: the protocol state is CLOSED now
+        self._left_open()
         self._stop_work()
         if self._deadline is not None:
             self._deadline.cancel()
@@ -307,6 +327,7 @@ class Connection(asyncio.Protocol):
             self._deadline.cancel()
             self._deadline = None
         self.conversation = conversation = self._handler.opened(self)
+        self._open = True
         # The 101 and the greeting in one write: one system call, one read for the client.
         self.transport.write(b"".join(self.protocol.data_to_send()) + conversation.greeting())
         self._schedule_ping()

@@ -39,7 +39,12 @@ SLOW_REASON = "slow consumer: reconnect and resume with since"
 
 
 class Peer(Protocol):
-    """What the hub needs from one client connection (connection.Connection provides it)."""
+    """What the hub needs from one client connection (connection.Connection provides it).
+
+    The fan-out writes to every routed client without asking whether its connection is
+    still open: a connection that stops being open must be disconnected from the hub at
+    once (server.Edge.closing does it), before it writes anything else.
+    """
 
     def write(self, frame: bytes) -> None: ...
     def buffered(self) -> int: ...
@@ -252,7 +257,7 @@ class Hub:
                     client.last_seq = seq
                 elif client.buffered() > limit:
                     overflow.append(client)
-                elif client.is_open():
+                else:
                     client.write(frame)
                     client.last_seq = seq
                     count += 1
@@ -263,7 +268,7 @@ class Hub:
         limit = self.send_buffer_bytes
         count = 0
         for client, frames in batch.items():
-            if client.dropped or not client.is_open():
+            if client.dropped:
                 continue
             if client.buffered() > limit:
                 overflow.append(client)

@@ -112,6 +112,12 @@ class Edge:
         self.sessions[connection] = session
         return session
 
+    def closing(self, connection: Connection) -> None:
+        """Route nothing more to a connection that is no longer open."""
+        session = self.sessions.get(connection)
+        if session is not None:
+            self.hub.disconnect(session.client)
+
     def closed(self, connection: Connection) -> None:
         session = self.sessions.pop(connection, None)
         if session is not None:
@@ -149,6 +155,9 @@ class OpsEdge:
         return self._edge.process_http(request)
 
     def opened(self, connection: Connection) -> Session:
+        raise AssertionError("the operations port never upgrades")
+
+    def closing(self, connection: Connection) -> None:
         raise AssertionError("the operations port never upgrades")
 
     def closed(self, connection: Connection) -> None:

@@ -207,6 +207,35 @@ async def test_a_message_sent_in_fragments_is_answered_whole(server: Running) ->
     assert (ack["type"], ack["channel"]) == ("subscribed", "events:bet_placed")
 
 
+async def test_nothing_follows_the_close_frame(server: Running, producer: EventProducer) -> None:
+    """Once the server has sent its close frame, no event frame follows it, although events
+    keep coming while it waits for the client's answer (which this client never sends)."""
+    raw = await RawClient.open(server.settings.ws_port)
+    publishing = asyncio.create_task(keep_publishing(producer))
+    try:
+        await raw.read_frame()  # connected
+        raw.send_frame(0x1, b'{"type":"subscribe","channel":"events:*"}')
+        while True:  # the ack, then events as they come
+            _, payload = await raw.read_frame()
+            if orjson.loads(payload)["type"] == "event":
+                break
+        raw.send_frame(0x2, b"\x00")  # binary: the server closes with 1003
+        code, _, _ = await raw.until_close()
+        async with asyncio.timeout(WITHIN):  # the server gives up on the answer after 2 s
+            after_close = await raw.reader.read()
+    finally:
+        publishing.cancel()
+        raw.close()
+    assert code == 1003
+    assert after_close == b""
+
+
+async def keep_publishing(producer: EventProducer) -> None:
+    while True:
+        await producer.publish()
+        await asyncio.sleep(0.005)
+
+
 async def test_other_clients_are_unaffected_by_a_misbehaving_one(
     server: Running, producer: EventProducer
 ) -> None:
