@@ -155,14 +155,11 @@ class Connection(asyncio.Protocol):
         finally:
             self._drain_waiters.remove(waiter)
 
-    def kick(self, code: int, reason: str) -> None:
-        """Close with code, stopping whatever the connection was doing."""
-        self.close(code, reason)
-
     # Closing
 
     def close(self, code: int, reason: str) -> None:
-        """Start the closing handshake; abort the socket if it is not done in CLOSE_TIMEOUT."""
+        """Stop whatever the connection was doing and start the closing handshake; abort the
+        socket if it is not done in CLOSE_TIMEOUT."""
         self._stop_work()
         if self.protocol.state is OPEN:
             self.protocol.send_close(code, reason)
@@ -240,10 +237,7 @@ class Connection(asyncio.Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        self._paused = False
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self.resume_writing()  # nothing more will be written: release drain() waiters
         self._handler.closed(self)
 
     def pause_writing(self) -> None:

@@ -50,7 +50,7 @@ class Peer(Protocol):
     def buffered(self) -> int: ...
     def is_open(self) -> bool: ...
     async def drain(self) -> None: ...
-    def kick(self, code: int, reason: str) -> None: ...
+    def close(self, code: int, reason: str) -> None: ...
 
 
 class Source(Protocol):
@@ -152,7 +152,7 @@ class Hub:
         self._unroute(client)
         client.pending = None
         self.metrics.closes.labels(code=str(code)).inc()
-        client.peer.kick(code, reason)
+        client.peer.close(code, reason)
 
     def drop_subscribed(self, code: int, reason: str) -> int:
         """Drop every client holding a subscription; return how many."""
