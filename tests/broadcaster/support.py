@@ -5,7 +5,6 @@ broadcaster on free ports."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import socket
@@ -27,6 +26,7 @@ from devnet.services import free_port
 from shared.channels import channels_for
 from shared.envelope import ContractKind, EventEnvelope, normalize_timestamp
 from shared.settings import BroadcasterSettings
+from tests.support.handshake import handshake_request
 
 MARKET = "0x31d2bc49a6fd4a066f5f8ac61acd0e6c9105dd84"
 OTHER_MARKET = "0x70997970c51812dc3a010c7d01b50e0d17dc79c8"
@@ -350,14 +350,7 @@ class RawClient:
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
         reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            (
-                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
+        writer.write(handshake_request(f"127.0.0.1:{port}", path=path))
         async with asyncio.timeout(WITHIN):
             head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101"), head

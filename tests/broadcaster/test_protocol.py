@@ -24,6 +24,7 @@ from tests.broadcaster.support import (
     Running,
     ws_client,
 )
+from tests.support.handshake import handshake_request
 
 Start = Callable[..., AbstractAsyncContextManager[Running]]
 
@@ -265,11 +266,11 @@ async def test_closing_handshake_started_by_the_client(server: Running) -> None:
     assert health["subscriptions"] == 0
 
 
-async def http_exchange(port: int, request: str) -> tuple[int, dict[str, str]]:
+async def http_exchange(port: int, request: bytes) -> tuple[int, dict[str, str]]:
     """Send a raw HTTP request; return the status and headers of the answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(request.encode())
+        writer.write(request)
         async with asyncio.timeout(WITHIN):
             head = await reader.readuntil(b"\r\n\r\n")
     finally:
@@ -279,31 +280,21 @@ async def http_exchange(port: int, request: str) -> tuple[int, dict[str, str]]:
     return int(status_line.split()[1]), fields
 
 
-def handshake(key: str, **extra: str) -> str:
-    fields = {
-        "Host": "127.0.0.1",
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Key": key,
-        "Sec-WebSocket-Version": "13",
-        **extra,
-    }
-    lines = "".join(f"{name}: {value}\r\n" for name, value in fields.items() if value)
-    return f"GET /ws HTTP/1.1\r\n{lines}\r\n"
-
-
 async def test_handshake_answer_and_refusals(start: Start) -> None:
     """A valid handshake gets 101 with the RFC 6455 accept key, a current Date and the Server
     name; invalid ones get the matching HTTP refusal, and none of them keeps a per-IP slot."""
     key = base64.b64encode(os.urandom(16)).decode()
+
+    def handshake(key: str, method: str = "GET", **headers: str) -> bytes:
+        return handshake_request("127.0.0.1", key=key, method=method, headers=headers)
+
     async with start(ws_max_connections_per_ip=1) as server:
         port = server.settings.ws_port
         assert (await http_exchange(port, handshake(key, Upgrade="")))[0] == 426
         old_version = handshake(key, **{"Sec-WebSocket-Version": "8"})
         assert (await http_exchange(port, old_version))[0] == 400
         assert (await http_exchange(port, handshake("short")))[0] == 400
-        post = handshake(key).replace("GET", "POST", 1)
-        assert (await http_exchange(port, post))[0] == 405
+        assert (await http_exchange(port, handshake(key, method="POST")))[0] == 405
         status, fields = await http_exchange(port, handshake(key))
         assert status == 101
         guid = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3

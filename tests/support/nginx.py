@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from devnet.services import free_port
 from tests.broadcaster.support import EventProducer, Running, WsClient, running, settings_for
 from tests.broadcaster.support import ws_client as plain_ws_client
+from tests.support.handshake import handshake_request
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "nginx.conf"
@@ -359,10 +360,7 @@ async def handshake_statuses(edge: Edge, *, source: str, count: int) -> list[int
         for _ in range(count)
     ]
     try:
-        request = (
-            f"GET /ws HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
+        request = handshake_request(HOST, key="dGhlIHNhbXBsZSBub25jZQ==")
         for _, writer in streams:
             writer.write(request)
         async with asyncio.timeout(10):
