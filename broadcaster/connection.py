@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -239,6 +240,11 @@ class Connection(asyncio.Protocol):
             self._deadline = None
         self.resume_writing()  # nothing more will be written: release drain() waiters
         self._handler.closed(self)
+        # Leave no reference cycle behind, so that reference counting frees the connection
+        # now: the cycle collector's rare full passes would keep thousands of ended
+        # connections in memory, then stall every client while walking them.
+        self.conversation = None  # session -> hub client -> this connection
+        _release_parser(self.protocol)
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -428,6 +434,17 @@ class Connection(asyncio.Protocol):
         self._ping_timer = None
         if self.protocol.state is OPEN:
             self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+
+
+def _release_parser(protocol: ServerProtocol) -> None:
+    """Break the cycles websockets' protocol is left in at the end of a connection.
+
+    Its parser is a generator suspended in a frame that refers to the protocol, and the
+    exception that ended parsing, if any, holds such frames in its traceback.
+    """
+    protocol.parser.close()
+    if protocol.parser_exc is not None:
+        traceback.clear_frames(protocol.parser_exc.__traceback__)
 
 
 def _http_date() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import subprocess
@@ -17,9 +18,13 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from websockets.server import ServerProtocol
 
+from broadcaster.connection import Connection
+from broadcaster.session import Session
 from devnet.services import REPO_ROOT, Redis, free_port
 from tests.broadcaster.support import (
+    WITHIN,
     EventProducer,
     RawClient,
     Running,
@@ -141,6 +146,43 @@ async def test_a_handshake_left_unfinished_is_dropped(start: Start) -> None:
             assert time.monotonic() - started >= 0.4
         finally:
             writer.close()
+
+
+async def test_ended_connections_are_freed_without_the_cycle_collector(
+    server: Running, producer: EventProducer
+) -> None:
+    """However a connection ends, its objects are freed by reference counting when it ends.
+
+    Left in reference cycles, each would wait for the collector's full pass: with many clients
+    that pass is rare (closed connections pile up in memory) and long (it stalls every client).
+    """
+    await producer.publish()
+    server_side = (Connection, ServerProtocol, Session)
+    gc.collect()
+    gc.disable()
+    try:
+        async with ws_client(server.url) as client:  # closing handshake started by the client
+            await client.subscribe("events:*", since=0)  # a resume ran as a task
+        abrupt = await RawClient.open(server.settings.ws_port)
+        abrupt.close()  # the socket ends without a close frame
+        refused = await RawClient.open(server.settings.ws_port)
+        refused.send_frame(0x2, b"binary")  # the server closes (1003)
+        await refused.until_close()
+        refused.close()
+        await server.get("/healthz", base=server.public_http)  # an HTTP answer on the WS port
+        await server.get("/nowhere", base=server.public_http)
+        await server.wait_health(connections=0)
+        left: list[str] = []
+        async with asyncio.timeout(WITHIN):
+            while True:
+                left = [type(o).__name__ for o in gc.get_objects() if isinstance(o, server_side)]
+                if not left:
+                    break
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        pytest.fail(f"still in memory after their connections ended: {sorted(left)}")
+    finally:
+        gc.enable()
 
 
 async def test_stream_gap_closes_subscribers_with_4009(
