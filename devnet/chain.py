@@ -71,6 +71,13 @@ class Calldata:
         selector, types = self._functions[fn]
         return "0x" + (selector + encode(types, list(args))).hex()
 
+    def encode_abi_raw_strings(self, fn: str, args: Sequence[Any] = ()) -> str:
+        """Like encode_abi, with bytes for `string` parameters: any bytes, as a contract may
+        be sent, valid UTF-8 or not (the ABI encodes both the same way)."""
+        selector, types = self._functions[fn]
+        raw = ["bytes" if kind == "string" else kind for kind in types]
+        return "0x" + (selector + encode(raw, list(args))).hex()
+
     def deploy_data(self, *args: Any) -> str:
         """0x creation code with encoded constructor arguments."""
         return self._bytecode + encode(self._constructor, list(args)).hex()

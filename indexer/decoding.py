@@ -2,7 +2,9 @@
 
 Output conventions (the wire format in docs/protocol.md): integers are decimal strings so
 uint256 stays exact in JavaScript, addresses are lowercase, bytes are 0x hex, every uint8 is an
-enum and gets a sibling `<name>Name` with the value's name.
+enum and gets a sibling `<name>Name` with the value's name. Strings are UTF-8 with what text
+cannot carry replaced by U+FFFD: invalid bytes (Solidity does not check them) and U+0000
+(Postgres text and jsonb refuse it); the log's exact bytes stay in its raw data.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 from indexer.catalog import MARKET_ARGUMENTS, ContractKind, EventSpec, catalog
 
 JsonValue = str | bool | None
+
+REPLACEMENT = "\ufffd"  # stands for what a decoded string cannot carry
 
 
 class UndecodableLog(ValueError):  # noqa: N818 - named for what happened, like errors.py
@@ -74,10 +78,10 @@ def _read_string(data: bytes, at: int) -> str:
         raise UndecodableLog("string runs past the data")
     if any(data[end:padded]):
         raise UndecodableLog("string with non-zero padding")
-    try:
-        return data[start:end].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UndecodableLog("string is not UTF-8") from exc
+    # Anyone can put any bytes in a string argument (a market's question): refusing them
+    # would leave the event undecoded and its market unknown, and a NUL would stop the
+    # indexer at its commit, so both become U+FFFD.
+    return data[start:end].decode("utf-8", errors="replace").replace("\x00", REPLACEMENT)
 
 
 def _unsupported(abi_type: str) -> Reader:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import pytest
 from eth_abi.abi import decode as eth_abi_decode
@@ -120,6 +121,13 @@ def test_arbitrary_logs_never_crash_the_decoder(data: bytes, count: int) -> None
         decode_log(ContractKind.MARKET, MARKET, topics, "0x" + data.hex())
 
 
+def test_strings_that_text_cannot_carry_get_replacement_characters() -> None:
+    """Invalid UTF-8 (Solidity does not check it) and U+0000 (Postgres text refuses it)
+    become U+FFFD; the rest of the string is kept."""
+    data = encode(["bytes", "uint256"], [b"ok \xff\xfe and \x00 \xe2\x98\x94", 7])
+    assert decode_data(("string", "uint256"), data) == ["ok \ufffd\ufffd and \ufffd \u2614", 7]
+
+
 LAYOUTS = sorted({tuple(p.type for p in spec.non_indexed) for spec in catalog().values()})
 VALUES = {
     "address": st.binary(min_size=20, max_size=20).map(lambda b: "0x" + b.hex()),
@@ -133,13 +141,24 @@ VALUES = {
 
 
 def reference(types: tuple[str, ...], data: bytes) -> list[object] | None:
-    """eth_abi's reading of the data, normalized like ours; None when eth_abi refuses it."""
+    """eth_abi's reading of the data, normalized like ours; None when eth_abi refuses it.
+
+    Strings are read as the bytes they are encoded as (the same layout and checks), then
+    decoded as ours decodes them: U+FFFD for invalid UTF-8 and for U+0000.
+    """
     try:
-        values = eth_abi_decode(list(types), data)
+        values = eth_abi_decode(["bytes" if t == "string" else t for t in types], data)
     except Exception:  # any refusal counts; which one does not matter here
         return None
-    return [v.lower() if isinstance(v, str) and t == "address" else v
-            for t, v in zip(types, values, strict=True)]  # fmt: skip
+    return [_normalized(t, v) for t, v in zip(types, values, strict=True)]
+
+
+def _normalized(abi_type: str, value: Any) -> object:
+    if abi_type == "address":
+        return value.lower()
+    if abi_type == "string":
+        return value.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+    return value
 
 
 @given(data=st.data())

@@ -141,6 +141,58 @@ async def test_markets_projection_follows_the_chain(
             assert row["state"] == market.state.name
 
 
+async def test_strings_text_cannot_carry_are_replaced_not_fatal(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """Anyone can send a string argument that is not UTF-8 or holds U+0000 (which Postgres
+    text refuses): it is decoded with U+FFFD in their place, the indexer keeps going, and a
+    market announced with such a question is followed like any other, after a restart too."""
+    factory = dev_chain.contract("FlexibleMarketFactoryUnified")
+    admin = dev_chain.accounts[0]
+    question = b"Will it \xff? \x00"
+    creation = factory.encode_abi_raw_strings(
+        "createMarket", [question, 10**9, b"\x01" * 32, 0, 10**9 - 1]
+    )
+    await dev_chain.send(sender=admin, to=deployment.factory_v2, data=creation, value=10**15)
+    block = await dev_chain.mine()
+    announcement = next(
+        lg for lg in block["receipts"][0]["logs"] if lg["address"].lower() == deployment.factory_v2
+    )
+    market = "0x" + announcement["topics"][1][-40:]
+    manager = dev_chain.contract("ResolutionManager")
+    findings = manager.encode_abi("investigateDispute", [market, "two\x00sources"])
+    await dev_chain.send(sender=admin, to=deployment.resolution_manager, data=findings)
+    await dev_chain.mine()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(await dev_chain.block_number())
+    approval = factory.encode_abi("approveMarket", [market, False])
+    await dev_chain.send(sender=admin, to=deployment.factory_v2, data=approval)
+    await dev_chain.mine()
+    with make_indexer() as indexer:  # the market is known again from the database
+        await indexer.wait_cursor(await dev_chain.block_number())
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow("SELECT question, state FROM markets WHERE address = $1", market)
+        stored = await conn.fetchval(
+            "SELECT args->>'findings' FROM events WHERE event_name = 'DisputeInvestigated'"
+        )
+        market_events = await conn.fetchval(
+            "SELECT count(*) FROM events WHERE contract = $1 AND block_number = $2",
+            market,
+            await dev_chain.block_number(),
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    assert (row["question"], row["state"]) == ("Will it \ufffd? \ufffd", "APPROVED")
+    assert stored == "two\ufffdsources"
+    assert market_events > 0  # the market's own events after the restart
+
+
 # A generous bound (a busy CI machine), well inside PM2's kill_timeout (ecosystem.config.js).
 STOP_BOUND = 10.0
 
