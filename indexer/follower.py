@@ -159,10 +159,29 @@ class Follower:
         self._children = await self._store.children()
         self._metrics.cursor.set(state.block_number)
         log.info("resuming", cursor=state.block_number, markets=len(self._children))
-        if state.block_number >= 0:
-            canonical = await self._rpc.get_block_header(state.block_number)
-            if canonical.hash != state.block_hash:
-                await self._handle_reorg()
+        try:
+            replaced = await self._cursor_replaced()
+        except BlockNotFound:
+            # A shorter chain now, or a node behind the others: either shows once the chain
+            # reaches the cursor again (by the hash there, or by the next block's parent).
+            log.warning(
+                "the node has no block at the cursor yet; waiting for the chain to reach it",
+                cursor=state.block_number,
+            )
+            return
+        if replaced:
+            await self._handle_reorg()
+
+    async def _cursor_replaced(self) -> bool:
+        """Whether the node's block at the cursor's height is another one than the stored.
+
+        Raises BlockNotFound when the node has no block there.
+        """
+        assert self._state is not None
+        if self._state.block_number < 0:
+            return False
+        current = await self._rpc.get_block_header(self._state.block_number)
+        return current.hash != self._state.block_hash
 
     async def _start_cursor(self) -> BlockHeader:
         return await self._header_or_virtual(self._config.start_block - 1)
@@ -243,6 +262,12 @@ class Follower:
         deep_end = min(target, self.head - self._config.reorg_window)
         try:
             if first <= deep_end:
+                # Deep ranges are not checked block by block, so first the link to what is
+                # stored: the cursor's block may have been replaced since the last poll, by
+                # a reorg the chain has since outgrown by more than the window.
+                if await self._cursor_replaced():
+                    await self._handle_reorg()
+                    return
                 await self._catch_up(deep_end)
                 self._bulk_done = True
             else:

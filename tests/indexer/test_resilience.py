@@ -176,6 +176,72 @@ async def test_reorg_while_stopped_is_found_at_start_up(
     assert_gap_free(entries)
 
 
+async def test_a_reorg_outgrown_by_more_than_the_window_before_the_next_poll_is_followed(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """The cursor's block is replaced and the new branch grows past REORG_WINDOW before the
+    indexer looks again: the range is then deep (no block-by-block check), yet the replaced
+    blocks are rolled back and announced as removals, not kept beside the new branch."""
+    driver = ActivityDriver(dev_chain, deployment, seed=42, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=10)
+    with make_indexer(REORG_WINDOW="8", POLL_INTERVAL="3") as indexer:
+        head = await dev_chain.block_number()
+        await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
+        retracted = await blocks_events(dev_chain, deployment, head - 2)
+        assert retracted, "the reorged blocks hold events"
+        await asyncio.sleep(0.5)  # the indexer is waiting for its next poll
+        await dev_chain.request("anvil_reorg", [3, reorg_transactions(dev_chain, deployment)])
+        await dev_chain.mine_empty(20)
+        entries = await caught_up(
+            indexer, dev_chain, redis_client, stream_key, database_url, deployment
+        )
+        assert await indexer.metric("kektech_indexer_reorgs_total") == 1
+    removals = [envelope["id"] for _, envelope in entries if envelope["removed"]]
+    assert removals == list(reversed(retracted))
+    assert_gap_free(entries)
+
+
+async def test_a_chain_shorter_than_the_cursor_at_start_up_is_waited_for(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """Started on a chain that no longer reaches its cursor (a shorter branch, or a node
+    behind), the indexer waits instead of exiting, then follows the branch once it is longer."""
+    driver = ActivityDriver(dev_chain, deployment, seed=43, txs_per_block=3)
+    await driver.cover_all_events()
+    snapshot = await dev_chain.request("evm_snapshot", [])
+    await driver.run(blocks=5)
+    indexer = make_indexer(REORG_WINDOW="8")
+    with indexer:
+        await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
+    await dev_chain.request("evm_revert", [snapshot])
+    with indexer:
+        await indexer.wait_ready()
+        await asyncio.sleep(1.0)  # a few polls of the shorter chain
+        assert indexer.running
+        unpause = dev_chain.contract("FlexibleMarketFactoryUnified").encode_abi(
+            "setPaused", [False]
+        )
+        await dev_chain.send(sender=dev_chain.accounts[0], to=deployment.factory_v2, data=unpause)
+        await dev_chain.mine()
+        await dev_chain.mine_empty(6)
+        entries = await caught_up(
+            indexer, dev_chain, redis_client, stream_key, database_url, deployment
+        )
+    assert any(envelope["removed"] for _, envelope in entries)
+    assert_gap_free(entries)
+
+
 async def test_reorg_deeper_than_the_window_halts_without_deleting(
     dev_chain: DevChain,
     deployment: Deployment,
