@@ -42,6 +42,9 @@ log = structlog.get_logger()
 
 CLOSE_TIMEOUT = 2.0  # for the closing handshake, then the socket is aborted
 MAX_WAITING = 16  # messages held while a resume runs; past this, reading pauses
+# Frames one message may come in. Browsers send a message in one frame; empty continuation
+# frames count nothing towards max_size, so without this a message could grow forever.
+MAX_FRAGMENTS = 64
 WS_LOGGER = logging.getLogger("websockets.server")
 
 Work = Coroutine[Any, Any, None]
@@ -68,6 +71,11 @@ class Handler(Protocol):
         self, connection: Connection, request: Request
     ) -> Response | Coroutine[Any, Any, Response]: ...
     def opened(self, connection: Connection) -> Conversation: ...
+    def backed_up(self, connection: Connection) -> None:
+        """What an open connection wrote on its own (pongs to the client's pings) took its
+        buffer past Options.max_buffered: the client sends but does not read."""
+        ...
+
     def closing(self, connection: Connection) -> None:
         """An open connection stopped being open (closing handshake, failure, end of the
         socket): nothing may be sent to it from now on."""
@@ -85,6 +93,7 @@ class Options:
     ping_interval: float | None
     ping_timeout: float | None
     write_limit: tuple[int, int]  # (high, low): drain() waits above high until below low
+    max_buffered: int  # bytes waiting for the client past which it is a slow consumer
     server_header: str
 
 
@@ -96,6 +105,7 @@ class Connection(asyncio.Protocol):
         "_drain_waiters",
         "_fragments",
         "_handler",
+        "_held",
         "_open",
         "_options",
         "_paused",
@@ -130,6 +140,7 @@ class Connection(asyncio.Protocol):
         self._waiting: deque[str | bytes] | None = None
         self._open = False  # whether the handler was told of the opening and not yet of its end
         self._paused = False
+        self._held = False  # reading paused: messages wait behind a running task
         self._drain_waiters: list[asyncio.Future[None]] = []
 
     # What the hub uses (hub.Peer): write and buffered are the transport's own methods.
@@ -140,6 +151,10 @@ class Connection(asyncio.Protocol):
 
     def is_open(self) -> bool:
         return self.protocol.state is OPEN
+
+    def backed_up(self) -> bool:
+        """Whether more than Options.max_buffered waits in the socket buffer for the client."""
+        return self.transport.get_write_buffer_size() > self._options.max_buffered
 
     def remote_address(self) -> Any:
         """The peer's (host, port), or the Unix socket's peer name (not a tuple)."""
@@ -219,6 +234,8 @@ class Connection(asyncio.Protocol):
         events = protocol.events_received()
         self._flush()  # pongs, the echo of a close frame, a refused request
         self._expect_close()
+        if self._open and self.backed_up():
+            self._handler.backed_up(self)  # a ping flood it does not read the answers to
         for event in events:
             if isinstance(event, Frame):
                 self._frame(event)
@@ -346,6 +363,10 @@ class Connection(asyncio.Protocol):
             if fragments is None:  # the protocol refuses this already; never reached
                 return
             fragments.append(frame)
+            if len(fragments) >= MAX_FRAGMENTS and not frame.fin:
+                self._fragments = None
+                self._fail(CloseCode.MESSAGE_TOO_BIG, f"more than {MAX_FRAGMENTS} frames")
+                return
             if frame.fin:
                 self._fragments = None
                 self._message(fragments[0].opcode, b"".join(bytes(f.data) for f in fragments))
@@ -372,6 +393,7 @@ class Connection(asyncio.Protocol):
                 waiting = self._waiting = deque()
             waiting.append(message)
             if len(waiting) >= MAX_WAITING:
+                self._held = True
                 self.transport.pause_reading()
             return
         self._deliver(message)
@@ -407,7 +429,8 @@ class Connection(asyncio.Protocol):
         waiting = self._waiting
         while waiting and self._task is None and self.protocol.state is OPEN:
             self._deliver(waiting.popleft())
-        if self._task is None:
+        if self._task is None and self._held:
+            self._held = False
             self.transport.resume_reading()
 
     # Heartbeat: a ping every ping_interval, answered within ping_timeout or the end (1011)
@@ -432,8 +455,16 @@ class Connection(asyncio.Protocol):
 
     def _ping_timed_out(self) -> None:
         self._ping_timer = None
-        if self.protocol.state is OPEN:
-            self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+        if self.protocol.state is not OPEN:
+            return
+        if self._held:
+            # Its answer may be among what is not read yet, while a resume runs (bounded by
+            # the resume's own limits): not the client's fault, so wait for it again.
+            self._ping_timer = self.loop.call_later(
+                self._options.ping_timeout or 0.0, self._ping_timed_out
+            )
+            return
+        self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
 
 def _release_parser(protocol: ServerProtocol) -> None:

@@ -154,6 +154,13 @@ class Hub:
         self.metrics.closes.labels(code=str(code)).inc()
         client.peer.close(code, reason)
 
+    def cut_slow(self, client: Client) -> None:
+        """Close a client that does not read what is sent to it (4008: resume with since)."""
+        if not client.dropped:
+            log.info("client too slow, closing", client=client.id, code=4008)
+            self.metrics.slow_consumers.inc()
+            self.drop(client, messages.CLOSE_SLOW_CONSUMER, SLOW_REASON)
+
     def drop_subscribed(self, code: int, reason: str) -> int:
         """Drop every client holding a subscription; return how many."""
         victims = [client for client in self.clients if client.subs and not client.dropped]
@@ -222,10 +229,7 @@ class Hub:
             if self.last_block_time is not None:
                 self.metrics.lag.observe(max(0.0, now - self.last_block_time))
         for client in overflow:
-            if not client.dropped:
-                log.info("client too slow, closing", client=client.id, code=4008)
-                self.metrics.slow_consumers.inc()
-                self.drop(client, messages.CLOSE_SLOW_CONSUMER, SLOW_REASON)
+            self.cut_slow(client)
         self._wake_waiters()
 
     def _deliver(

@@ -112,6 +112,11 @@ class Edge:
         self.sessions[connection] = session
         return session
 
+    def backed_up(self, connection: Connection) -> None:
+        session = self.sessions.get(connection)
+        if session is not None:
+            self.hub.cut_slow(session.client)
+
     def closing(self, connection: Connection) -> None:
         """Route nothing more to a connection that is no longer open."""
         session = self.sessions.get(connection)
@@ -157,6 +162,9 @@ class OpsEdge:
     def opened(self, connection: Connection) -> Session:
         raise AssertionError("the operations port never upgrades")
 
+    def backed_up(self, connection: Connection) -> None:
+        raise AssertionError("the operations port never upgrades")
+
     def closing(self, connection: Connection) -> None:
         raise AssertionError("the operations port never upgrades")
 
@@ -199,6 +207,7 @@ async def serve_clients(
         ping_timeout=settings.ws_heartbeat_timeout,
         # drain() (replays) waits above half the buffer limit; the hub drops at the limit.
         write_limit=(limit // 2, limit // 8),
+        max_buffered=limit,
         server_header=SERVER_HEADER,
     )
     loop = asyncio.get_running_loop()

@@ -176,6 +176,21 @@ async def test_oversized_frame_closes_with_1009(start: Start) -> None:
         assert (await client.closed())[0] == 1009
 
 
+async def test_a_message_in_too_many_frames_closes_with_1009(server: Running) -> None:
+    """Empty continuation frames add nothing to a message's size: one still unfinished after
+    64 frames is refused with 1009, instead of growing the server's memory for ever."""
+    client = await RawClient.open(server.settings.ws_port)
+    try:
+        client.send_frame(0x1, b'{"type":', fin=False)
+        for _ in range(200):
+            client.send_frame(0x0, b"", fin=False)
+        code, reason, _ = await client.until_close()
+    finally:
+        client.close()
+    assert code == 1009
+    assert "frames" in reason
+
+
 async def test_invalid_utf8_closes_with_1007(server: Running) -> None:
     """A text frame that is not UTF-8 closes the connection with 1007 (invalid data)."""
     raw = await RawClient.open(server.settings.ws_port)

@@ -116,6 +116,67 @@ async def test_slow_consumer_is_cut_off_and_others_keep_their_latency(
     assert slow_closes == 1
 
 
+async def test_a_client_that_pings_without_reading_is_cut_off(start: Start) -> None:
+    """Pongs pile up for a client that sends pings and reads nothing: past
+    WS_SEND_BUFFER_BYTES it is closed as a slow consumer, as when events pile up."""
+    async with start(ws_send_buffer_bytes=65536) as server:
+        flooder = await RawClient.open(server.settings.ws_port, rcvbuf=4096)
+        slow_closes = 0.0
+        try:
+            for _ in range(100):  # up to 13 MB of pings, far beyond what kernel buffers hold
+                for _ in range(1000):
+                    flooder.send_frame(0x9, b"p" * 125)
+                await flooder.writer.drain()
+                slow_closes = await server.metric("kektech_broadcaster_slow_consumer_closes_total")
+                if slow_closes:
+                    break
+        except ConnectionError:
+            pass  # cut off and aborted while still sending
+        finally:
+            flooder.close()
+        if not slow_closes:
+            slow_closes = await server.metric("kektech_broadcaster_slow_consumer_closes_total")
+        await server.wait_health(connections=0)
+    assert slow_closes == 1
+
+
+async def test_a_resume_holding_messages_back_does_not_fail_the_heartbeat(
+    start: Start, producer: EventProducer
+) -> None:
+    """While a long resume runs, messages sent after it wait and reading stops past a few:
+    the client's pong is then among what is not read yet, which must not close it (1011)."""
+    for _ in range(4):
+        await producer.publish(count=500, pad=3000)
+    async with start(
+        ws_heartbeat_interval=0.5, ws_heartbeat_timeout=1.0, ws_send_buffer_bytes=65536
+    ) as server:
+        client = await RawClient.open(server.settings.ws_port, rcvbuf=4096)
+        try:
+            await client.read_frame()  # connected
+            client.send_frame(
+                0x1, orjson.dumps({"type": "subscribe", "channel": "events:*", "since": 0})
+            )
+            for i in range(20):  # held behind the resume: reading pauses
+                channel = f"market:0x{i:040x}"
+                client.send_frame(0x1, orjson.dumps({"type": "subscribe", "channel": channel}))
+            events = acks = 0
+            async with asyncio.timeout(60):
+                while events < producer.seq or acks < 21:
+                    opcode, payload = await client.read_frame()
+                    if opcode == 0x9:
+                        client.send_frame(0xA, payload)  # answered at once
+                    elif opcode == 0x8:
+                        pytest.fail(f"closed: {payload[:2].hex()} {payload[2:]!r}")
+                    elif opcode == 0x1:
+                        kind = orjson.loads(payload)["type"]
+                        events += kind == "event"
+                        acks += kind == "subscribed"
+                    await asyncio.sleep(0.0005)  # a slow but steady reader
+        finally:
+            client.close()
+    assert (events, acks) == (producer.seq, 21)
+
+
 async def test_unresponsive_client_is_closed_by_the_heartbeat(start: Start) -> None:
     """A client that never answers pings is closed (1011); a live one stays connected."""
     async with start(ws_heartbeat_interval=0.2, ws_heartbeat_timeout=0.2) as server:
