@@ -9,7 +9,7 @@
 # without changing anything; it needs no root and works on any machine.
 # The first run creates /opt/kektech/.env from .env.example and stops before starting the
 # services: fill in RPC_PROVIDER_URL and the contract addresses, then run it again.
-set -euo pipefail
+set -Eeuo pipefail  # -E: functions (act, as_app...) fail through the ERR trap too
 
 DOMAIN="ws.kektech.xyz"
 REPO=""
@@ -57,9 +57,12 @@ act() {
     fi
 }
 
-# Run a command as the app user in the checkout, with its own HOME (PM2_HOME is ~/.pm2).
+# Run a command as the app user in the checkout, with its own HOME (PM2_HOME is ~/.pm2) and
+# nothing else of root's environment: PM2 copies the environment it is started with into
+# every app (and into dump.pm2), so nothing of this script's may reach it.
 as_app() {
-    act runuser -u "$APP_USER" -- env -C "$APP_DIR" HOME="$APP_HOME" \
+    act runuser -u "$APP_USER" -- env -i -C "$APP_DIR" HOME="$APP_HOME" USER="$APP_USER" \
+        LOGNAME="$APP_USER" LANG=C.UTF-8 \
         PATH="$APP_DIR/node_modules/.bin:/usr/local/bin:/usr/bin:/bin" "$@"
 }
 
@@ -243,7 +246,7 @@ OPS_REDIS_PASSWORD=$OPS_REDIS_PASSWORD
 ADMIN_REDIS_PASSWORD=$ADMIN_REDIS_PASSWORD
 EOF
 fi
-export INDEXER_REDIS_PASSWORD BROADCASTER_REDIS_PASSWORD OPS_REDIS_PASSWORD ADMIN_REDIS_PASSWORD
+# Not exported: the passwords go only to the one command that needs them (render-acl.sh).
 redis_url() { printf 'redis://%s:%s@127.0.0.1:6379/0' "$1" "$2"; }
 
 # Each service's own Redis user: PM2 puts these files' variables into that app's environment,
@@ -293,7 +296,11 @@ if install_file /etc/redis/kektech.conf 640 redis:redis <"$SOURCE/deploy/redis/k
     REDIS_CHANGED=1
 fi
 stream_key="$(sed -n 's/^REDIS_STREAM_KEY=//p' "$ENV_FILE" 2>/dev/null | tail -n1 || true)"
-acl="$(REDIS_STREAM_KEY="${stream_key:-kektech:events}" bash "$SOURCE/deploy/redis/render-acl.sh")"
+acl="$(REDIS_STREAM_KEY="${stream_key:-kektech:events}" \
+    INDEXER_REDIS_PASSWORD="$INDEXER_REDIS_PASSWORD" \
+    BROADCASTER_REDIS_PASSWORD="$BROADCASTER_REDIS_PASSWORD" \
+    OPS_REDIS_PASSWORD="$OPS_REDIS_PASSWORD" ADMIN_REDIS_PASSWORD="$ADMIN_REDIS_PASSWORD" \
+    bash "$SOURCE/deploy/redis/render-acl.sh")"
 if install_file /etc/redis/users.acl 640 redis:redis secret <<<"$acl"; then
     REDIS_CHANGED=1
 fi
@@ -388,7 +395,10 @@ if [ "$ENV_CREATED" -eq 1 ] || grep -q '^RPC_PROVIDER_URL=http://127.0.0.1:8545$
     [ "$DRY_RUN" -eq 1 ] || exit 0
 fi
 as_app .venv/bin/python -m indexer migrate
-running="$(runuser -u "$APP_USER" -- env HOME="$APP_HOME" "$PM2" jlist 2>/dev/null || true)"
+running=""
+if [ "$DRY_RUN" -eq 0 ]; then  # `pm2 jlist` starts a PM2 daemon when none runs
+    running="$(runuser -u "$APP_USER" -- env HOME="$APP_HOME" "$PM2" jlist 2>/dev/null || true)"
+fi
 if ! grep -q '"name":"kektech-event-indexer"' <<<"$running" ||
     ! grep -q '"name":"kektech-websocket-server"' <<<"$running"; then
     as_app pm2 start ecosystem.config.js

@@ -87,7 +87,10 @@ def test_provision_dry_run_prints_the_plan_and_changes_nothing() -> None:
         "REDIS_URL=redis://indexer:<password>@127.0.0.1:6379/0",
         "REDIS_URL=redis://ops:<password>@127.0.0.1:6379/0",
         "REDIS_URL=redis://broadcaster:<password>@127.0.0.1:6379/0",
-        "bind 127.0.0.1 ::1",
+        "bind 127.0.0.1 -::1",
+        # The app user's commands (npm ci, pm2 start) get nothing of root's environment:
+        # PM2 would copy it, Redis passwords included, into every app and dump.pm2.
+        "would run: runuser -u kektech -- env -i -C /opt/kektech HOME=/home/kektech",
         "would run: certbot certonly --webroot -w /var/www/certbot -d ws.kektech.xyz",
         "would write /etc/letsencrypt/renewal-hooks/deploy/reload-nginx.sh",
         "nginx -t -c /etc/nginx/nginx.conf.kektech-candidate",
