@@ -32,8 +32,14 @@ apt_install() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+python_new_enough() {
+    "$1" -c "import sys; sys.exit(sys.version_info < (${MIN_PYTHON/./, }))" 2>/dev/null
+}
+
+# New enough and able to make a virtualenv with pip: Debian and Ubuntu ship `venv` with the
+# interpreter but `ensurepip` in the separate pythonX.Y-venv package.
 python_ok() {
-    "$1" -c "import sys, venv; sys.exit(sys.version_info < (${MIN_PYTHON/./, }))" 2>/dev/null
+    python_new_enough "$1" && "$1" -c "import venv, ensurepip" 2>/dev/null
 }
 
 find_python() {
@@ -52,7 +58,17 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
-command -v node >/dev/null 2>&1 || missing+=(nodejs)
+if command -v node >/dev/null 2>&1; then
+    node_major="$(node -p 'process.versions.node.split(".")[0]')"
+    if [ "$node_major" -lt 18 ]; then
+        # Debian 12 has 18; Ubuntu 22.04's 12 cannot even parse the npm tools' scripts.
+        log "node $(node --version) is too old (the npm tools need 18 or newer, 20 preferred):"
+        log "install a current Node.js, e.g. from https://github.com/nodesource/distributions"
+        exit 1
+    fi
+else
+    missing+=(nodejs)
+fi
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -61,7 +77,11 @@ fi
 
 PYTHON="$(find_python || true)"
 if [ -z "$PYTHON" ]; then
-    apt_install python3.11 python3.11-venv
+    if command -v python3 >/dev/null 2>&1 && python_new_enough python3; then
+        apt_install "python$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv"
+    else
+        apt_install python3.11 python3.11-venv
+    fi
     PYTHON="$(find_python)"
 fi
 
@@ -74,7 +94,9 @@ if [ ! -x node_modules/.bin/anvil ] || ! cmp -s package-lock.json "$stamp"; then
 fi
 
 # --- Python ------------------------------------------------------------------------------------
-if [ ! -x .venv/bin/python ] || ! python_ok .venv/bin/python; then
+# A virtualenv left without pip (made before pythonX.Y-venv was installed) is made again.
+if [ ! -x .venv/bin/python ] || ! python_new_enough .venv/bin/python ||
+    ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
     log "creating .venv with $PYTHON"
     rm -rf .venv
     "$PYTHON" -m venv .venv
