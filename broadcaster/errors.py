@@ -13,6 +13,7 @@ __all__ = [
     "ClientError",
     "CloseConnection",
     "InvalidEntry",
+    "SocketInUse",
     "StreamUnavailable",
 ]
 
@@ -83,3 +84,14 @@ class StreamUnavailable(BroadcasterError):  # noqa: N818
 
     def __str__(self) -> str:
         return f"redis stream unavailable: {self.reason}"
+
+
+class SocketInUse(BroadcasterError):  # noqa: N818
+    """WS_UNIX_SOCKET names a socket another server listens on."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(
+            f"WS_UNIX_SOCKET {path} is in use by another server (an instance with the same "
+            "BROADCASTER_INSTANCE?); taking it over would cut that server off silently"
+        )

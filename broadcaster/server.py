@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,6 +26,7 @@ from websockets.http11 import Request, Response
 
 from broadcaster import messages
 from broadcaster.connection import Connection, Options
+from broadcaster.errors import SocketInUse
 from broadcaster.hub import Hub
 from broadcaster.limits import ConnectionCounter, client_ip
 from broadcaster.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
@@ -39,6 +42,7 @@ Status = Callable[[], Awaitable[dict[str, Any]]]
 SHUTDOWN_GRACE = 1.0  # for all clients at stop: PM2 kills after 1.6 s by default
 LISTEN_BACKLOG = 16384  # a reconnect storm must not overflow the accept queue (somaxconn caps it)
 SERVER_HEADER = "kektech-broadcaster"
+UNIX_SOCKET_MODE = 0o660  # owner and group (Nginx's) may connect, nobody else
 RESTART_REASON = "service restart: reconnect and resume with since"
 
 
@@ -227,11 +231,11 @@ async def serve_clients(
         ]
         stack.push_async_callback(_shut_down, edge, listeners)
         if settings.ws_unix_socket:
-            listeners.append(
-                await loop.create_unix_server(
-                    client, settings.ws_unix_socket, backlog=LISTEN_BACKLOG
-                )
-            )
+            path = settings.ws_unix_socket
+            _refuse_live_socket(path)
+            listeners.append(await loop.create_unix_server(client, path, backlog=LISTEN_BACKLOG))
+            # Nginx connects as another user: the socket's group (see docs/broadcaster.md).
+            os.chmod(path, UNIX_SOCKET_MODE)
         ops_listener = await loop.create_server(
             lambda: Connection(ops, options),
             settings.broadcaster_http_host,
@@ -239,6 +243,17 @@ async def serve_clients(
         )
         stack.callback(_close_ops, ops, ops_listener)
         yield
+
+
+def _refuse_live_socket(path: str) -> None:
+    """Raise SocketInUse if a server answers at path; binding there would replace its socket
+    (a stale file, left by a server that is gone, is replaced as usual)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:  # nothing there, or nobody listening
+            return
+    raise SocketInUse(path)
 
 
 def _close_ops(ops: OpsEdge, listener: asyncio.Server) -> None:

@@ -284,14 +284,16 @@ class BroadcasterSettings(ServiceSettings):
         le=63,
         description=(
             "Index of this instance (PM2 sets it per instance, see ecosystem.config.js); added "
-            "to WS_PORT and BROADCASTER_HTTP_PORT, so instance i listens on base + i."
+            "to WS_PORT and BROADCASTER_HTTP_PORT, so instance i listens on base + i, and "
+            "appended to WS_UNIX_SOCKET (PATH.i) for i > 0."
         ),
     )
 
     @model_validator(mode="before")
     @classmethod
     def _offset_ports_by_instance(cls, data: Any) -> Any:
-        """Instance i of one PM2 app listens on WS_PORT + i and BROADCASTER_HTTP_PORT + i.
+        """Instance i of one PM2 app listens on WS_PORT + i and BROADCASTER_HTTP_PORT + i
+        (and WS_UNIX_SOCKET.i for i > 0).
 
         PM2 keeps only the instance index per process across `pm2 reload ecosystem.config.js
         --update-env` (it gives every instance of an app the same env), so the ports must be
@@ -313,6 +315,8 @@ class BroadcasterSettings(ServiceSettings):
             base = str(data.get(key, cls.model_fields[name].default)).strip()
             if base.isdigit():  # otherwise left as given for the port's own validation
                 data[key] = int(base) + instance
+        if isinstance(path := data.get("WS_UNIX_SOCKET"), str) and path.strip():
+            data["WS_UNIX_SOCKET"] = f"{path.strip()}.{instance}"
         return data
 
     @field_validator("ws_allowed_origins", "ws_trusted_proxies", mode="before")

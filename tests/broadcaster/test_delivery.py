@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -13,6 +14,7 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import unix_connect
 from websockets.exceptions import InvalidStatus
 
+from broadcaster.errors import SocketInUse
 from shared.channels import channels_for
 from tests.broadcaster.support import (
     MARKET,
@@ -192,3 +194,30 @@ async def test_unix_socket_for_a_local_proxy(
             async with unix_connect(path, "ws://localhost/ws", additional_headers=other):
                 pass
         assert (await server.health())["redis"] == "up"
+
+
+async def test_instances_get_their_own_unix_socket_and_never_take_another_s(
+    start: Start, tmp_path: Path
+) -> None:
+    """Instances started with one WS_UNIX_SOCKET (as PM2 starts them) each serve their own
+    socket; one that would take a live server's socket over refuses to start instead."""
+    path = str(tmp_path / "ws.sock")
+    async with (
+        start(ws_unix_socket=path, broadcaster_instance=0) as first,
+        start(ws_unix_socket=path, broadcaster_instance=1) as second,
+    ):
+        assert (first.settings.ws_unix_socket, second.settings.ws_unix_socket) == (
+            path,
+            path + ".1",
+        )
+        for server in (first, second):
+            async with unix_connect(server.settings.ws_unix_socket, "ws://localhost/ws") as ws:
+                await WsClient(ws).expect("connected")
+            assert await server.metric("kektech_broadcaster_connections_opened_total") == 1
+            assert os.stat(server.settings.ws_unix_socket).st_mode & 0o777 == 0o660
+        with pytest.raises(SocketInUse):
+            async with start(ws_unix_socket=path):
+                pass
+        async with unix_connect(path, "ws://localhost/ws") as ws:  # still the first one's
+            await WsClient(ws).expect("connected")
+        assert await first.metric("kektech_broadcaster_connections_opened_total") == 2

@@ -143,6 +143,22 @@ def test_broadcaster_lists_are_comma_separated(monkeypatch: pytest.MonkeyPatch) 
     )
 
 
+@pytest.mark.parametrize(
+    ("instance", "ports", "socket"),
+    [("0", (3180, 9465), "/run/k/ws.sock"), ("2", (3182, 9467), "/run/k/ws.sock.2")],
+)
+def test_instance_index_offsets_ports_and_unix_socket(
+    monkeypatch: pytest.MonkeyPatch, instance: str, ports: tuple[int, int], socket: str
+) -> None:
+    """PM2 gives every instance the same environment but its index: instance i listens on
+    the base ports + i and, past the first, on its own Unix socket."""
+    monkeypatch.setenv("BROADCASTER_INSTANCE", instance)
+    monkeypatch.setenv("WS_UNIX_SOCKET", "/run/k/ws.sock")
+    settings = load_settings(BroadcasterSettings)
+    assert (settings.ws_port, settings.broadcaster_http_port) == ports
+    assert settings.ws_unix_socket == socket
+
+
 def test_empty_trusted_proxies_trusts_none(monkeypatch: pytest.MonkeyPatch) -> None:
     """An empty WS_TRUSTED_PROXIES means no proxy is trusted, not the default list."""
     monkeypatch.setenv("WS_TRUSTED_PROXIES", "")
