@@ -7,6 +7,8 @@ outbox, in seq order.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -23,6 +25,7 @@ from indexer.rpc_results import RawLog
 from indexer.service import (
     acquire_lease,
     build_follower,
+    keep_lease,
     lease_owner,
     open_store,
     rpc_client,
@@ -63,7 +66,8 @@ async def migrate(settings: IndexerSettings) -> int:
 
 
 async def status(settings: IndexerSettings) -> int:
-    """Print where the indexer stands; exit 0 even when something is unreachable."""
+    """Print where the indexer stands; exit 0 even when the node is unreachable (not when
+    the database is: there is nothing to report without it)."""
     async with _connections(settings) as (store, rpc):
         version = await store.schema_version()
         _say(f"schema: version {version} of {Store.latest_schema_version()}")
@@ -109,13 +113,20 @@ async def _writer(settings: IndexerSettings) -> AsyncIterator[Follower | None]:
             )
             yield None
             return
+        metrics = Metrics()
+        # Renewed all along, not only by each commit: one step between two commits (a
+        # rollback, a range behind a slow node) may take longer than LEASE_TTL.
+        renewal = asyncio.create_task(
+            keep_lease(store, lease, settings.lease_ttl, metrics, rpc), name="keep-lease"
+        )
         try:
-            follower = build_follower(
-                settings, rpc=rpc, store=store, lease=lease, metrics=Metrics()
-            )
+            follower = build_follower(settings, rpc=rpc, store=store, lease=lease, metrics=metrics)
             await follower.prepare()
             yield follower
         finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal  # a LeaseLost it met is raised here
             await store.release_lease(lease)
 
 
@@ -200,7 +211,7 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
         factories = [a for a, k in watched.items() if k.value == "factory"]
         # Children come from the chain, not from the database being checked.
         announcements = []
-        if factories:
+        if factories and last >= settings.start_block:
             announcements = await fetch_logs(
                 rpc,
                 sizer,

@@ -98,6 +98,9 @@ async def test_status_verify_backfill_and_reindex(
 
     code, output = await run_command(make_indexer, "verify", "--from", "0")
     assert (code, output.strip().splitlines()[-1].endswith(": OK")) == (0, True)
+    before_start = str(deployment.block - 1)  # no market can be announced there yet
+    code, output = await run_command(make_indexer, "verify", "--from", "0", "--to", before_start)
+    assert (code, output.strip().splitlines()[-1].endswith(": OK")) == (0, True), output
 
     conn = await asyncpg.connect(database_url)
     try:
@@ -238,4 +241,27 @@ async def test_a_backfill_longer_than_the_lease_ttl_completes(
         code = await command.wait_exit(within=90)
     assert code == 0, command.log_text()[-3000:]
     assert f"{deleted} missing events stored" in command.log_text()
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
+
+
+async def test_a_reindex_slower_than_the_lease_ttl_completes(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """reindex keeps its write lease while it works, however long a step between two commits
+    takes (here every RPC answer takes 0.6 s against a 2 s lease)."""
+    driver = ActivityDriver(dev_chain, deployment, seed=68, txs_per_block=3)
+    await driver.cover_all_events()
+    head = await dev_chain.block_number()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(head)
+    async with RpcFaultProxy(dev_chain.rpc_url, seed=5) as proxy:
+        proxy.delay = 0.6
+        command = make_indexer("reindex", "--from", "1", RPC_PROVIDER_URL=proxy.url, LEASE_TTL="2")
+        command.start()
+        code = await command.wait_exit(within=90)
+    assert code == 0, command.log_text()[-3000:]
+    assert f"indexed again up to block {head}" in command.log_text()
     await assert_database_equals_chain(database_url, dev_chain, deployment)
