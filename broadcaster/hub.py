@@ -191,6 +191,8 @@ class Hub:
         self.position = position
         self.history = History(self._history_size)
         self.drop_subscribed(messages.CLOSE_STREAM_GAP, "stream reset: reconnect and reload")
+        for client in self.clients:
+            client.last_seq = 0  # seqs start again: what they saw says nothing of the new ones
 
     def dispatch(self, entries: Sequence[tuple[int, Event | None]]) -> None:
         """Relay consecutive stream entries (None: an invalid entry, counted by the caller).

@@ -289,6 +289,26 @@ async def test_recreated_stream_is_followed_again(
         assert [e["seq"] for e in await client.events(1)] == [3]
 
 
+async def test_a_client_without_subscriptions_follows_a_recreated_stream(
+    server: Running, producer: EventProducer, redis_client: aioredis.Redis
+) -> None:
+    """A client that held no subscription when the stream restarted at seq 1 (so it was not
+    closed) gets the new stream's events once it subscribes, though it saw higher seqs."""
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        await producer.publish(count=5)
+        await client.events(5)
+        await client.send({"type": "unsubscribe", "channel": "events:*"})
+        await client.expect("unsubscribed")
+        await redis_client.delete(producer.key)
+        producer.seq = 0
+        await producer.publish(count=2)
+        await server.wait_health(seq=2)
+        await client.subscribe("events:*")
+        await producer.publish(count=2)
+        assert [e["seq"] for e in await client.events(2)] == [3, 4]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_graceful_stop(
     redis_server: Redis, stream_key: str, sig: signal.Signals, tmp_path: Path
