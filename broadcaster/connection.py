@@ -242,11 +242,16 @@ class Connection(asyncio.Protocol):
             elif isinstance(event, Request):  # a server receives no Response
                 self._request(event)
 
-    def eof_received(self) -> None:
+    def eof_received(self) -> bool | None:
+        if self.protocol.state is CONNECTING and self._task is not None:
+            # An HTTP answer being prepared: the client ended only its side, the answer
+            # still goes out (_respond then ends the connection).
+            return True
         self.protocol.receive_eof()
         self._left_open()
         self._flush()
         # Returning None closes the socket: WebSocket never writes after the peer's EOF.
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.protocol.receive_eof()  # idempotent: the protocol state is CLOSED now

@@ -332,6 +332,25 @@ async def test_wrong_path_is_404(server: Running) -> None:
     assert caught.value.response.status_code == 404
 
 
+async def test_http_answer_reaches_a_client_that_closed_its_sending_side(
+    server: Running, producer: EventProducer
+) -> None:
+    """A request followed by the end of the client's stream (`nc -N`, some probes) still gets
+    its answer, on both ports, before the server ends the connection."""
+    await producer.publish()
+    for port in (server.settings.ws_port, server.settings.broadcaster_http_port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            writer.write_eof()
+            async with asyncio.timeout(WITHIN):
+                answer = await reader.read()
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert b'"redis":"up"' in answer
+
+
 async def test_origin_allowlist(start: Start) -> None:
     """With WS_ALLOWED_ORIGINS set, other browser origins get 403; listed ones connect."""
     async with start(ws_allowed_origins="https://kektech.xyz") as server:
