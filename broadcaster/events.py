@@ -18,7 +18,7 @@ from itertools import islice, takewhile
 from broadcaster import messages
 from broadcaster.errors import InvalidEntry
 from shared.channels import channels_for, is_pattern, validate_channel
-from shared.envelope import EventEnvelope
+from shared.envelope import EventEnvelope, WireEnvelope
 from shared.errors import ChannelError, EnvelopeError
 
 __all__ = ["Event", "History", "entry_seq", "parse_entry"]
@@ -68,7 +68,7 @@ def parse_entry(entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> Event:
     if raw is None:
         raise InvalidEntry(where, "no event field")
     try:
-        envelope = EventEnvelope.from_json_bytes(raw)
+        envelope = WireEnvelope.from_json_bytes(raw)
     except EnvelopeError as exc:
         raise InvalidEntry(where, str(exc)) from None
     if envelope.seq is not None and envelope.seq != seq:

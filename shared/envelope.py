@@ -16,7 +16,14 @@ from typing_extensions import TypeAliasType
 from shared.errors import EnvelopeError
 from shared.evm import ADDRESS_PATTERN, HASH_PATTERN
 
-__all__ = ["ArgValue", "ContractKind", "EventEnvelope", "event_id", "normalize_timestamp"]
+__all__ = [
+    "ArgValue",
+    "ContractKind",
+    "EventEnvelope",
+    "WireEnvelope",
+    "event_id",
+    "normalize_timestamp",
+]
 
 ContractKind = Literal["factory", "market", "resolution_manager", "reward_distributor"]
 
@@ -131,6 +138,36 @@ class EventEnvelope(BaseModel):
     def as_removed(self) -> Self:
         """Return a copy marked removed, for a log that a reorg took off the chain."""
         return self.model_copy(update={"removed": True})
+
+
+class WireEnvelope(EventEnvelope):
+    """An envelope exactly as browsers get it (docs/protocol.md): camelCase keys only, every
+    field present (`eventType`, `id`, `data` included), the timestamp already in its one form.
+
+    The broadcaster relays a producer's bytes as they are, so it accepts only this form:
+    what EventEnvelope would fill in or normalize would reach the frontend unfilled.
+    """
+
+    model_config = ConfigDict(validate_by_name=False)
+
+    event_type: str
+    id: str
+    seq: int = Field(ge=1)
+    market_address: Address | None  # present, null for contract-wide events
+    data: Mapping[str, ArgValue]
+    removed: bool
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_derived_fields(cls, values: Any) -> Any:
+        return values  # nothing is filled in: a field left out is an error
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _normalize_timestamp(cls, value: object) -> str:
+        if isinstance(value, str) and _CANONICAL_TIME.fullmatch(value):
+            return value
+        raise ValueError('timestamp must be "YYYY-MM-DDTHH:MM:SSZ" (UTC)')
 
 
 def normalize_timestamp(value: object) -> str:

@@ -63,6 +63,30 @@ def test_invalid_entries(entry_id: bytes, entry: dict[bytes, bytes]) -> None:
         parse_entry(entry_id, entry)
 
 
+def _reshaped(change: str) -> bytes:
+    """The envelope of fields(3) in a shape EventEnvelope accepts but browsers cannot read."""
+    wire = orjson.loads(envelope(3).to_json_bytes())
+    if change == "snake_case":
+        wire["market_address"] = wire.pop("marketAddress")
+    elif change == "unix_time":
+        wire["timestamp"] = 1762430400
+    elif change == "offset_time":
+        wire["timestamp"] = "2025-11-06T13:00:00+01:00"
+    else:
+        del wire[change]
+    return orjson.dumps(wire)
+
+
+@pytest.mark.parametrize(
+    "change", ["snake_case", "unix_time", "offset_time", "data", "eventType", "id"]
+)
+def test_envelopes_are_relayed_only_in_the_wire_form(change: str) -> None:
+    """The envelope's bytes go to browsers as they are, so only the documented form passes:
+    another field name, a timestamp to normalize or a field to fill in is refused."""
+    with pytest.raises(InvalidEntry):
+        parse_entry(b"3-0", fields(3, event=_reshaped(change)))
+
+
 def test_channels_are_validated_once_per_distinct_field() -> None:
     """A channels field seen before gives the same channels; a bad one is refused each time."""
     first = parse_entry(b"3-0", fields(3, channels=b"events:bet_placed market:" + MARKET.encode()))
