@@ -385,6 +385,9 @@ extra="$(grep -E 'ALLOW IN' <<<"$ufw_status" | grep -Ev '^(22|80|443)/tcp' || tr
 say "== log rotation and monitoring cron"
 install_file /etc/logrotate.d/kektech 644 root:root <"$SOURCE/deploy/logrotate/kektech" || true
 install_file /etc/cron.d/kektech-check 644 root:root <"$SOURCE/deploy/monitoring/kektech-check.cron" || true
+# `pm2 ...` and `kektech ...` for the operator, as the app user whoever runs them.
+install_file /usr/local/bin/pm2 755 root:root <"$SOURCE/deploy/bin/pm2.sh" || true
+install_file /usr/local/bin/kektech 755 root:root <"$SOURCE/deploy/bin/kektech.sh" || true
 
 # ---------------------------------------------------------------------------- PM2
 say "== pm2 (as $APP_USER): start, boot service, save"
@@ -414,4 +417,4 @@ if ! systemctl is-enabled "pm2-$APP_USER" >/dev/null 2>&1; then
     act env PATH="/usr/bin:/bin:/usr/local/bin" "$PM2" startup systemd -u "$APP_USER" --hp "$APP_HOME"
     as_app pm2 save
 fi
-say "done: https://$DOMAIN/health; status: sudo -u $APP_USER -H $PM2 status"
+say "done: https://$DOMAIN/health; status: pm2 status (as $APP_USER, whoever runs it)"

@@ -279,7 +279,7 @@ async def check_nginx(settings: OpsSettings) -> list[Verdict]:
                 Level.WARN,
                 "nginx",
                 f"cannot test {conf} as this user: {result.message}",
-                "run sudo nginx -t (or sudo kektech doctor --only nginx)",
+                "run sudo nginx -t",
             )
         ]
     return [

@@ -35,6 +35,8 @@ PROVISIONED = [
     "/etc/letsencrypt/renewal-hooks/deploy/reload-nginx.sh",
     "/etc/logrotate.d/kektech",
     "/etc/cron.d/kektech-check",
+    "/usr/local/bin/pm2",
+    "/usr/local/bin/kektech",
     "/etc/apt/sources.list.d/nodesource.list",
     "/etc/apt/sources.list.d/redis.list",
 ]
@@ -101,6 +103,8 @@ def test_provision_dry_run_prints_the_plan_and_changes_nothing() -> None:
         "would run: ufw --force enable",
         "would write /etc/logrotate.d/kektech",
         "would write /etc/cron.d/kektech-check",
+        "would write /usr/local/bin/pm2",
+        "would write /usr/local/bin/kektech",
         "pm2 start ecosystem.config.js",
         "pm2 startup systemd -u kektech --hp /home/kektech",
         "pm2 save",
