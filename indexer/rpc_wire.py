@@ -76,6 +76,8 @@ _UNAVAILABLE_PATTERNS = (
     r"timed out",
     r"header not found",
     r"unknown block",
+    r"block not found",  # erigon, besu
+    r"block with hash \S+ (?:could )?not (?:be )?found",  # nethermind
     r"block height is",  # anvil: "block height is 7 but requested was 9"
     r"beyond (?:the )?(?:current )?head",
     r"not (?:yet )?synced",

@@ -390,6 +390,11 @@ def test_provider_range_wordings_are_range_errors(code: int, message: str) -> No
         (-32016, "over rate limit", Verdict.TRANSIENT),
         (-32603, "internal error", Verdict.TRANSIENT),
         (-32000, "header not found", Verdict.TRANSIENT),
+        # A block by hash that a node behind its siblings has not seen yet, in other clients'
+        # words than geth's "unknown block":
+        (-32000, "block not found", Verdict.TRANSIENT),
+        (-32001, "Block with hash 0x" + "ab" * 32 + " could not be found", Verdict.TRANSIENT),
+        (-39001, "Unknown block", Verdict.TRANSIENT),
         (-32602, "invalid argument 0: hex string without 0x prefix", Verdict.FINAL),
         (-32601, "the method eth_foo does not exist/is not available", Verdict.FINAL),
     ],
