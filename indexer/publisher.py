@@ -45,7 +45,9 @@ PRUNE_CHUNK = 5000
 # While idle, Redis is pinged this often so that kektech_indexer_redis_up means "Redis
 # answers" at all times, not only when there is something to publish.
 PING_EVERY = 5.0
-# KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate). Then per event: seq, channels, envelope.
+# KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate). ARGV[2]: 1 to refuse a batch that would
+# leave a hole after the stream's newest entry (it returns {-1, top} and writes nothing), 0 to
+# write it anyway. Then per event: seq, channels, envelope. Returns {added, top}.
 PUBLISH_SCRIPT = """
 local key = KEYS[1]
 local top = 0
@@ -57,8 +59,11 @@ if ok then
     end
   end
 end
+if ok and ARGV[2] == '1' and tonumber(ARGV[3]) > top + 1 then
+  return {-1, top}
+end
 local added = 0
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   local seq, channels, event = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if tonumber(seq) > top then
     redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], seq .. '-0',
@@ -69,7 +74,7 @@ for i = 2, #ARGV, 3 do
     redis.call('PUBLISH', channel, event)
   end
 end
-return added
+return {added, top}
 """
 
 
@@ -145,6 +150,7 @@ class Publisher:
         next_prune = loop.time() + self._prune_every
         next_ping = loop.time()
         failures = 0
+        accept_hole = False  # the stream lost entries the outbox cannot give again
         while True:
             # Cleared before looking, so a commit landing during the query still wakes us.
             self._wake.clear()
@@ -169,7 +175,7 @@ class Publisher:
                 continue
             try:
                 async with asyncio.timeout(REDIS_CALL_TIMEOUT):
-                    await self._publish(rows)
+                    top = await self._publish(rows, refuse_hole=not accept_hole)
             except (RedisError, TimeoutError) as exc:
                 failures += 1
                 last_seq = await self._store.last_seq()
@@ -188,6 +194,10 @@ class Publisher:
             if failures:
                 log.info("redis publishing resumed", after_failures=failures)
                 failures = 0
+            accept_hole = False
+            if top is not None:
+                accept_hole = await self._rewind_to(top, rows[0].seq)
+                continue
             self._metrics.redis_up.set(1)
             self._published = rows[-1].seq
             await self._store.mark_published(self._published)
@@ -206,8 +216,33 @@ class Publisher:
         else:
             self._metrics.redis_up.set(1)
 
-    async def _publish(self, rows: list[OutboxRow]) -> None:
-        args: list[bytes | str | int] = [self._maxlen]
+    async def _rewind_to(self, top: int, first: int) -> bool:
+        """The stream ends at top, below what was published: Redis lost its newest entries
+        (restarted from an older snapshot, a replica promoted). Publish again from top as far
+        as the outbox still reaches; returns whether a hole must be accepted all the same."""
+        oldest = min(first, await self._store.oldest_outbox_seq() or first)
+        restart = max(top, oldest - 1)
+        log.warning(
+            "the stream lost its newest entries; publishing them again from the outbox",
+            stream_top=top,
+            published=self._published,
+            again_from=restart + 1,
+        )
+        if restart > top:
+            log.error(
+                "the stream keeps a hole: the outbox no longer holds these seqs",
+                missing_from=top + 1,
+                missing_to=restart,
+            )
+        self._published = restart
+        self._handed.clear()
+        return restart > top
+
+    async def _publish(self, rows: list[OutboxRow], *, refuse_hole: bool) -> int | None:
+        """Write rows to the stream and channels; returns the stream's top instead when it ends
+        before rows[0] (and refuse_hole), having written nothing."""
+        args: list[bytes | str | int] = [self._maxlen, 1 if refuse_hole else 0]
         for row in rows:
             args += [row.seq, row.channels, row.payload]
-        await self._script(keys=[self._stream_key], args=args)
+        added, top = await self._script(keys=[self._stream_key], args=args)
+        return int(top) if int(added) < 0 else None

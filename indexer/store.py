@@ -440,6 +440,11 @@ class Store:
         # By position: this runs for every event published, and a Record's keys cost more.
         return [OutboxRow(r[0], r[1], r[2]) for r in rows]
 
+    async def oldest_outbox_seq(self) -> int | None:
+        """The seq of the oldest publication still in the outbox (None: it is empty)."""
+        value = await self._db.fetchval("SELECT min(seq) FROM outbox")
+        return None if value is None else int(value)
+
     async def published_seq(self) -> int:
         return int(
             await self._db.fetchval("SELECT published_seq FROM publisher_state WHERE id = 1")

@@ -213,3 +213,59 @@ async def test_rows_handed_over_beyond_the_bound_are_read_back_instead(
     async with running(publisher):
         payloads = await published(redis, "kektech:test-bound", 3)
         assert payloads == [outbox_row(seq).payload for seq in (1, 2, 3)]
+
+
+async def _stream_cut_back_to(redis: aioredis.Redis, key: str, keep: int) -> None:
+    """The stream as Redis restarted from an older snapshot would have it: its first `keep`
+    entries only (and their top)."""
+    entries = await read_stream(redis, key)
+    await redis.delete(key)
+    for entry_id, fields in entries[:keep]:
+        await redis.xadd(key, fields, id=entry_id)  # type: ignore[arg-type]
+
+
+async def stream_seqs(redis: aioredis.Redis, key: str) -> list[int]:
+    return [int(entry_id.decode().split("-")[0]) for entry_id, _ in await read_stream(redis, key)]
+
+
+async def test_entries_redis_lost_are_published_again_from_the_outbox(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+) -> None:
+    """Redis back with an older copy of the stream (ending at 5 while 10 were published):
+    the next publication fills 6..10 again from the outbox, so the stream has no hole."""
+    _, redis = publisher_parts
+    key = "kektech:test-lost"
+    await insert_outbox(database_url, [outbox_row(seq) for seq in range(1, 11)])
+    publisher = make_publisher(publisher_parts, key)
+    async with running(publisher):
+        await published(redis, key, 10)
+        await asyncio.sleep(IDLE_SETTLE)
+        await _stream_cut_back_to(redis, key, 5)
+        await insert_outbox(database_url, [outbox_row(seq) for seq in (11, 12)])
+        publisher.wake()
+        await published(redis, key, 12)
+        assert await stream_seqs(redis, key) == list(range(1, 13))
+
+
+async def test_entries_lost_beyond_the_outbox_leave_a_hole_and_publishing_goes_on(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+) -> None:
+    """When the outbox no longer holds what Redis lost, the hole stays (said in the log) and
+    the publications after it still go out."""
+    _, redis = publisher_parts
+    key = "kektech:test-lost-for-good"
+    await insert_outbox(database_url, [outbox_row(seq) for seq in range(1, 11)])
+    publisher = make_publisher(publisher_parts, key)
+    async with running(publisher):
+        await published(redis, key, 10)
+        await asyncio.sleep(IDLE_SETTLE)
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute("DELETE FROM outbox WHERE seq <= 8")  # pruned meanwhile
+        finally:
+            await conn.close()
+        await _stream_cut_back_to(redis, key, 5)
+        await insert_outbox(database_url, [outbox_row(seq) for seq in (11, 12)])
+        publisher.wake()
+        await published(redis, key, 9)
+        assert await stream_seqs(redis, key) == [1, 2, 3, 4, 5, 9, 10, 11, 12]
