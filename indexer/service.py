@@ -231,14 +231,15 @@ async def run(settings: IndexerSettings) -> None:
             )
             async with asyncio.TaskGroup() as tasks:
                 # Renewed from the start: prepare() may roll back a reorg found at start-up or
-                # wait on a slow node for longer than LEASE_TTL.
+                # wait on a slow node for longer than LEASE_TTL. The publisher starts at once
+                # too: it only drains committed rows, and it tells whether Redis answers.
                 tasks.create_task(
                     keep_lease(store, lease, settings.lease_ttl, metrics, rpc), name="keep-lease"
                 )
+                tasks.create_task(publisher.publish_forever(), name="publish-outbox")
                 await follower.prepare()
                 log.info("indexer started", cursor=follower.cursor, chain_id=settings.chain_id)
                 tasks.create_task(follower.follow(), name="follow-chain")
-                tasks.create_task(publisher.publish_forever(), name="publish-outbox")
         finally:
             log.info("stopping: releasing the write lease")
             metrics.leader.set(0)

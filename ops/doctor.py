@@ -156,7 +156,8 @@ async def check_indexer(settings: OpsSettings) -> list[Verdict]:
     lag = head - cursor if isinstance(head, int) and isinstance(cursor, int) else None
     backlog = int(metrics.get("kektech_indexer_publish_backlog", 0))
     where = f"cursor {cursor}, head {head}, lag {lag}, publish backlog {backlog}"
-    if metrics.get("kektech_indexer_redis_up", 1) == 0:
+    # Only the leader publishes, so only its gauge says whether Redis answers.
+    if role == "leader" and metrics.get("kektech_indexer_redis_up", 1) == 0:
         return [
             Verdict(
                 Level.FAIL,

@@ -232,6 +232,38 @@ async def test_indexer_that_cannot_publish_fails(
     assert "-> fix: see the redis check; events wait in the outbox" in indexer_line
 
 
+@pytest.mark.timeout(120)
+async def test_a_standby_indexer_is_a_warning_not_a_redis_failure(
+    anvil: Anvil, deployment: Deployment, database_url: str, redis_server: Redis, tmp_path: Path
+) -> None:
+    """A second indexer waiting for the write lease publishes nothing, so its Redis gauge says
+    nothing about Redis: doctor reports it as a standby (WARN, exit 0), not as cut off."""
+
+    def env() -> dict[str, str]:
+        return indexer_env(
+            database_url=database_url,
+            redis_url=redis_server.url,
+            rpc_url=anvil.rpc_url,
+            deployment=deployment,
+            stream_key="kektech:events",
+        )
+
+    with IndexerProcess(env(), log_dir=tmp_path) as leader:
+        await leader.wait_ready()
+        standby_env = env()
+        with IndexerProcess(standby_env, log_dir=tmp_path) as standby:
+
+            async def waiting() -> bool:
+                with contextlib.suppress(aiohttp.ClientError):
+                    return (await standby.get("/ready"))[1].get("role") == "standby"
+                return False
+
+            await eventually(waiting, within=30, what="the second indexer waits as standby")
+            result = await run_kektech("doctor", "--only", "indexer", env=standby_env, cwd=tmp_path)
+    assert result.code == 0, result
+    assert result.line("indexer").startswith("WARN  indexer  standby"), result
+
+
 async def test_services_not_running_fail(tmp_path: Path) -> None:
     """An indexer and a broadcaster that do not run are FAILs with the PM2 commands to fix."""
     env = {
