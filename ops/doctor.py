@@ -219,6 +219,16 @@ async def check_broadcasters(settings: OpsSettings) -> list[Verdict]:
                 )
             )
             continue
+        if body.get("redis") != "up":  # a 200 from something else on that port
+            verdicts.append(
+                Verdict(
+                    Level.FAIL,
+                    name,
+                    "answers HTTP 200 without a broadcaster's health report",
+                    "check DOCTOR_BROADCASTER_PORTS: another program listens there",
+                )
+            )
+            continue
         verdicts.append(
             Verdict(
                 Level.OK,
@@ -341,6 +351,15 @@ async def _bounded(check: Check, settings: OpsSettings, *, name: str) -> list[Ve
             return await check(settings)
     except TimeoutError:
         return [Verdict(Level.FAIL, name, f"no result within {limit:g} s", "see the logs")]
+    except Exception as exc:  # an answer or a setting no probe expected: the others go on
+        return [
+            Verdict(
+                Level.FAIL,
+                name,
+                f"the check itself failed: {type(exc).__name__}: {exc}",
+                "check this service's settings; if they are right, this is a bug to report",
+            )
+        ]
 
 
 async def diagnose(settings: OpsSettings, names: Sequence[str]) -> list[Verdict]:

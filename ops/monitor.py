@@ -172,6 +172,19 @@ async def fetch_tls(settings: OpsSettings) -> Certificate | ProbeError:
         )
     except ProbeError as exc:
         return exc
+    except Exception as exc:  # unexpected: reported as "could not be evaluated", not a crash
+        return ProbeError(f"{type(exc).__name__}: {exc}")
+
+
+async def _guarded(
+    name: str, job: Callable[[], Coroutine[Any, Any, list[Finding]]]
+) -> list[Finding]:
+    """Run one condition; one that fails unexpectedly is an ERROR line, and the others and
+    the state file still get done."""
+    try:
+        return await job()
+    except Exception as exc:
+        return [Finding(ERROR, name, f"could not be evaluated: {type(exc).__name__}: {exc}")]
 
 
 def judge_tls(
@@ -219,7 +232,7 @@ async def evaluate(settings: OpsSettings, names: Sequence[str], *, now: float) -
     }
     async with asyncio.TaskGroup() as tasks:
         running = {
-            name: tasks.create_task(jobs[name](), name=f"check-{name}")
+            name: tasks.create_task(_guarded(name, jobs[name]), name=f"check-{name}")
             for name in names
             if name in jobs
         }

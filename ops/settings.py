@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import NoDecode
 
-from shared.config_types import Port, split_csv
+from shared.config_types import Port, check_host, check_url, split_csv
 from shared.settings import IndexerSettings
 
 __all__ = ["OpsSettings", "parse_endpoint"]
@@ -29,7 +28,7 @@ def parse_endpoint(value: str) -> tuple[str, int]:
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError("expected host:port, e.g. ws.kektech.xyz:443")
-    return host, int(port)
+    return check_host(host), int(port)
 
 
 class OpsSettings(IndexerSettings):
@@ -102,10 +101,7 @@ class OpsSettings(IndexerSettings):
     @field_validator("monitor_ws_url")
     @classmethod
     def _ws_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ValueError("expected a ws:// or wss:// URL with a host")
-        return value
+        return check_url(value, frozenset({"ws", "wss"}))
 
     @field_validator("doctor_tls_fail_days")
     @classmethod

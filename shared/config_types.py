@@ -61,7 +61,20 @@ def check_url(url: str, schemes: frozenset[str], *, need_host: bool = True) -> s
         raise ValueError(f"URL scheme must be {expected}")
     if need_host and not parts.hostname:
         raise ValueError("URL has no host")
+    if parts.hostname:
+        check_host(parts.hostname)
     return url
+
+
+def check_host(host: str) -> str:
+    """Return host if it can be looked up (no empty or over-long label); raise ValueError."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise ValueError(
+            "URL host is not a valid host name (an empty or too long label?)"
+        ) from None
+    return host
 
 
 def _secret_url(schemes: frozenset[str], *, need_host: bool = True) -> AfterValidator:

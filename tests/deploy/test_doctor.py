@@ -367,3 +367,25 @@ async def test_hanging_dependencies_cannot_hang_doctor(tmp_path: Path) -> None:
     assert all(f"within {TIMEOUT}" in line for line in result.lines), result
     # Concurrent checks, each bounded: about one timeout plus start-up, far from six in a row.
     assert took < 5 * TIMEOUT, f"{took:.1f} s\n{result}"
+
+
+async def test_another_program_on_a_broadcaster_port_is_not_taken_for_it(tmp_path: Path) -> None:
+    """An HTTP 200 that is not a broadcaster's health report (another program listens on
+    the port) is a FAIL, not a healthy broadcaster."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        env = {"DOCTOR_BROADCASTER_PORTS": str(port)}
+        result = await run_kektech("doctor", "--only", "broadcaster", env=env, cwd=tmp_path)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert result.code == 1, result
+    assert "answers HTTP 200 without a broadcaster's health report" in result.lines[0], result

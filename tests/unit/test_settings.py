@@ -218,6 +218,9 @@ def test_env_example_lists_every_variable() -> None:
         ("RPC_PROVIDER_URL", "ws://node.example/KEY-abc", "scheme must be http or https"),
         ("RPC_PROVIDER_URL", "", "at least one URL"),
         ("RPC_PROVIDER_URL", " , ", "at least one URL"),
+        # An empty label cannot be looked up (IDNA refuses it): said now, not at connect time.
+        ("RPC_PROVIDER_URL", "http://rpc..example.com/KEY-abc", "not a valid host name"),
+        ("DATABASE_URL", "postgresql://u:hunter2@db..local/x", "not a valid host name"),
         ("DATABASE_URL", "mysql://root:hunter2@db/x", "scheme must be postgres or postgresql"),
         ("REDIS_URL", "http://:hunter2@cache:6379", "scheme must be redis, rediss or unix"),
         ("REDIS_URL", "redis://:hunter2@", "no host"),
@@ -238,6 +241,22 @@ def test_indexer_error_names_the_variable(variable: str, value: str, reason: str
     assert error.variable == variable
     assert reason in error.reason
     assert str(error) == f"invalid setting {variable}: {error.reason}"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "reason"),
+    [
+        ("MONITOR_WS_URL", "wss://ws.kektech.xyz:99999/ws", "not a valid URL"),
+        ("MONITOR_WS_URL", "https://ws.kektech.xyz/ws", "scheme must be ws or wss"),
+        ("MONITOR_WS_URL", "wss://ws..kektech.xyz/ws", "not a valid host name"),
+        ("OPS_TLS_ENDPOINT", "ws..kektech.xyz:443", "not a valid host name"),
+    ],
+)
+def test_ops_error_names_the_variable(variable: str, value: str, reason: str) -> None:
+    """The ops tools refuse an endpoint they could not probe when they load, not mid-run."""
+    error = config_error(OpsSettings, **{variable: value})
+    assert error.variable == variable
+    assert reason in error.reason
 
 
 @pytest.mark.parametrize(
