@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format, secrets=settings.log_secrets())
     tune_collector(GC_THRESHOLDS)
     try:
-        return run_until_signalled(dispatch(args, settings), insist_after=STOP_RETRY)
+        return run_until_signalled(
+            dispatch(args, settings),
+            insist_after=STOP_RETRY,
+            signal_exit=(args.command or "run") != "run",  # an interrupted verify is not "OK"
+        )
     except (KektechError, ExceptionGroup) as exc:
         errors = leaf_errors(exc)
         if not all(isinstance(e, KektechError) for e in errors):

@@ -25,10 +25,16 @@ def tune_collector(thresholds: tuple[int, int, int]) -> None:
 
 
 def run_until_signalled(
-    main: Coroutine[Any, Any, int | None], *, insist_after: float | None = None
+    main: Coroutine[Any, Any, int | None],
+    *,
+    insist_after: float | None = None,
+    signal_exit: bool = False,
 ) -> int:
     """Run `main` (on uvloop when installed), cancelling it on SIGINT (PM2's stop signal) or
     SIGTERM; returns its exit code, 0 when it returned None or was stopped by a signal.
+
+    `signal_exit`: a stop by signal returns 128 + the signal's number instead (130, 143), as
+    a shell reports an interrupted command: for one-shot work, where 0 would say "done".
 
     `insist_after`: seconds after which a stop that was not honoured is logged and repeated
     (a library that swallows a cancellation, e.g. asyncio.wait_for on Python 3.11, would
@@ -48,18 +54,21 @@ def run_until_signalled(
                 task.cancel()
                 loop.call_later(insist_after, insist)
 
-        def stop() -> None:
+        received: list[int] = []
+
+        def stop(sig: int) -> None:
+            received.append(sig)
             task.cancel()
             if insist_after is not None:
                 loop.call_later(insist_after, insist)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop)
+            loop.add_signal_handler(sig, stop, sig)
         try:
             return await main or 0
         except asyncio.CancelledError:
             log.info("stopped by signal")
-            return 0
+            return 128 + received[0] if signal_exit and received else 0
 
     try:
         import uvloop

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 from collections.abc import Callable
 
 import aiohttp
@@ -265,3 +267,22 @@ async def test_a_reindex_slower_than_the_lease_ttl_completes(
     assert code == 0, command.log_text()[-3000:]
     assert f"indexed again up to block {head}" in command.log_text()
     await assert_database_equals_chain(database_url, dev_chain, deployment)
+
+
+async def test_an_interrupted_command_does_not_exit_as_if_it_succeeded(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """verify stopped by SIGTERM while it waits on the node exits 143 (128 + SIGTERM), not 0,
+    which would read as "no difference"; `run` still stops with 0 (PM2's clean stop)."""
+    await ActivityDriver(dev_chain, deployment, seed=69, txs_per_block=3).run(blocks=2)
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(await dev_chain.block_number())
+    async with RpcFaultProxy(dev_chain.rpc_url, seed=5) as proxy:
+        proxy.delay = 30.0  # the node never answers in time
+        command = make_indexer("verify", "--from", "0", RPC_PROVIDER_URL=proxy.url)
+        command.start()
+        await asyncio.sleep(2.0)
+        assert command.running
+        assert await asyncio.to_thread(command.stop, signal.SIGTERM) == 128 + signal.SIGTERM
