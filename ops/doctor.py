@@ -27,6 +27,7 @@ INDEXER_APP = "kektech-event-indexer"
 BROADCASTER_APP = "kektech-websocket-server"
 # Slack on top of each probe's own timeout, for the bookkeeping around it.
 GUARD_SECONDS = 1.0
+SEQUENTIAL_PROBES = 2  # most probes one check makes one after the other
 CERT_FIX = (
     "sudo certbot renew (see `systemctl list-timers certbot`), then sudo systemctl reload nginx"
 )
@@ -345,7 +346,9 @@ CHECKS: dict[str, Check] = {
 
 async def _bounded(check: Check, settings: OpsSettings, *, name: str) -> list[Verdict]:
     """Run one check; a probe that overruns its own timeout still cannot hold the run up."""
-    limit = settings.ops_timeout + GUARD_SECONDS
+    # The longest checks make two probes in a row (rpc: chain id then head; indexer: /ready
+    # then /metrics; tls: handshake then close), each bounded by OPS_TIMEOUT.
+    limit = SEQUENTIAL_PROBES * settings.ops_timeout + GUARD_SECONDS
     try:
         async with asyncio.timeout(limit):
             return await check(settings)

@@ -26,6 +26,7 @@ from tests.support.ops import (
     tls_server,
     write_script,
 )
+from tests.support.rpc_proxy import RpcFaultProxy
 from tests.support.waiting import eventually
 
 NGINX = "/usr/sbin/nginx"
@@ -164,6 +165,17 @@ async def test_dead_rpc_fails_alone_and_warns_beside_a_working_one(
     assert both.lines[0].startswith("OK    rpc #0")
     assert both.lines[1].startswith(f"WARN  rpc #1 {dead.removeprefix('http://')}  unreachable")
     assert "fails over to a working URL" in both.lines[1]
+
+
+async def test_a_slow_node_within_the_timeout_is_ok(anvil: Anvil, tmp_path: Path) -> None:
+    """Each probe may take up to OPS_TIMEOUT, and the rpc check makes two in a row: a node
+    answering each in 2.5 s (timeout 3 s) is OK, not cut off as a whole after one timeout."""
+    async with RpcFaultProxy(anvil.rpc_url, seed=1) as proxy:
+        proxy.delay = 2.5
+        env = {"RPC_PROVIDER_URL": proxy.url, "OPS_TIMEOUT": "3"}
+        result = await run_kektech("doctor", "--only", "rpc", env=env, cwd=tmp_path)
+    assert result.code == 0, result
+    assert result.lines[0].startswith("OK    rpc #0"), result
 
 
 async def test_stopped_redis_fails(tmp_path: Path) -> None:
