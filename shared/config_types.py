@@ -30,6 +30,7 @@ __all__ = [
 # are still caught by pattern (shared.redaction), whatever their length.
 MIN_SECRET_FRAGMENT = 8
 # Provider keys are 32+ characters; ordinary path segments ("rpc", "v2") are far shorter.
+# Shorter segments count as keys when they mix letters and digits (see _looks_like_a_key).
 MIN_API_KEY = 16
 
 
@@ -125,19 +126,29 @@ def _parse_network(value: object) -> object:
 
 
 def url_secret_fragments(url: str) -> list[str]:
-    """Return the parts of a URL that are secret by themselves: password, API-key-like tokens."""
+    """Return the URL itself and its parts that are secret by themselves: the password, every
+    query value, and the path segments that look like API keys."""
     # RPC providers embed API keys in the path (/v2/<key>) or query (?apikey=<key>), and
-    # libraries log URLs in their own spelling, so the parts are redacted, not the whole URL.
-    # Only http(s) paths are searched: a database path is just its (unsecret) name.
+    # libraries (and providers' error messages) quote URLs in their own spelling, so the parts
+    # are redacted as well as the whole URL. Only http(s) paths are searched: a database path
+    # is just its (unsecret) name.
     try:
         parts = urlsplit(url)
-        candidates = [parts.password or ""]
+        candidates = [url, parts.password or ""]
     except ValueError:
         return [url]
     if parts.scheme.lower() in ("http", "https"):
-        tokens = parts.path.split("/") + [p.partition("=")[2] for p in parts.query.split("&")]
-        candidates += [token for token in tokens if len(token) >= MIN_API_KEY]
+        candidates += [p.partition("=")[2] for p in parts.query.split("&")]
+        candidates += [token for token in parts.path.split("/") if _looks_like_a_key(token)]
     return [c for c in candidates if len(c) >= MIN_SECRET_FRAGMENT]
+
+
+def _looks_like_a_key(token: str) -> bool:
+    """A path segment that is an API key rather than a route ("v2", "mainnet", "rpc")."""
+    if len(token) >= MIN_API_KEY:
+        return True
+    has_digit = any(c.isdigit() for c in token)
+    return len(token) >= MIN_SECRET_FRAGMENT and has_digit and any(c.isalpha() for c in token)
 
 
 Port = Annotated[int, Field(ge=1, le=65535)]

@@ -368,11 +368,34 @@ def test_log_secrets_lists_secret_parts(monkeypatch: pytest.MonkeyPatch) -> None
         monkeypatch.setenv(name, value)
     secrets = load_settings(IndexerSettings).log_secrets()
     assert set(secrets) == {
+        *SECRETS["RPC_PROVIDER_URL"].split(","),  # whole URLs too (a provider may echo one)
+        SECRETS["DATABASE_URL"],
+        SECRETS["REDIS_URL"],
         "db-pa55word",
         "redis-pa55word",
         "rpc-api-key-0123456789",
         "eyJhbGciOiJIUzI1NiJ9.service-role-key",
     }
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("https://rpc.example/mainnet/v2/abcdSECRETKEY12", "abcdSECRETKEY12"),  # letters+digits
+        ("https://rpc.example/mainnet/?dkey=SECRET12", "SECRET12"),  # any query value of 8+
+        ("https://rpc.example/mainnet/v2/AbCdEfGhIjKlMnOpQr", "AbCdEfGhIjKlMnOpQr"),
+    ],
+)
+def test_short_api_keys_are_secret_too(
+    monkeypatch: pytest.MonkeyPatch, url: str, secret: str
+) -> None:
+    """Keys shorter than the providers' usual 32 characters are still found; route segments
+    such as "v2" or "mainnet" are not."""
+    monkeypatch.setenv("RPC_PROVIDER_URL", url)
+    secrets = load_settings(IndexerSettings).log_secrets()
+    assert secret in secrets
+    assert "mainnet" not in secrets
+    assert "v2" not in secrets
 
 
 def test_unreadable_dotenv_is_a_config_error(clean_env: Path) -> None:
