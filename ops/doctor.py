@@ -41,7 +41,8 @@ async def check_rpc(settings: OpsSettings) -> list[Verdict]:
     results = await asyncio.gather(
         *(probe_rpc(url, within=settings.ops_timeout) for url in urls), return_exceptions=True
     )
-    reachable = sum(isinstance(r, ChainInfo) for r in results)
+    # Only a node on the right chain is one the indexer can fail over to.
+    reachable = sum(isinstance(r, ChainInfo) and r.chain_id == settings.chain_id for r in results)
     verdicts = []
     for index, (url, result) in enumerate(zip(urls, results, strict=True)):
         name = f"rpc {endpoint_label(index, url)}"
@@ -154,7 +155,9 @@ async def check_indexer(settings: OpsSettings) -> list[Verdict]:
     body = ready.json()
     role = body.get("role", "?")
     head, cursor = body.get("head"), body.get("cursor")
-    lag = head - cursor if isinstance(head, int) and isinstance(cursor, int) else None
+    # Measured from where the indexer aims: CONFIRMATIONS blocks below the head.
+    target = head - settings.confirmations if isinstance(head, int) else None
+    lag = max(0, target - cursor) if target is not None and isinstance(cursor, int) else None
     backlog = int(metrics.get("kektech_indexer_publish_backlog", 0))
     where = f"cursor {cursor}, head {head}, lag {lag}, publish backlog {backlog}"
     # Only the leader publishes, so only its gauge says whether Redis answers.

@@ -92,6 +92,21 @@ class OpsSettings(IndexerSettings):
     def _split_ops_lists(cls, value: object) -> object:
         return split_csv(value)
 
+    @field_validator("ops_pm2_apps", "doctor_broadcaster_ports")
+    @classmethod
+    def _not_empty(cls, value: tuple[object, ...]) -> tuple[object, ...]:
+        # Empty, the check would have nothing to look at and pass in silence.
+        if not value:
+            raise ValueError("at least one item is required")
+        return value
+
+    @field_validator("monitor_state_file", mode="before")
+    @classmethod
+    def _state_file(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("a file path is required")
+        return value
+
     @field_validator("ops_tls_endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:

@@ -166,6 +166,14 @@ async def test_dead_rpc_fails_alone_and_warns_beside_a_working_one(
     assert both.lines[1].startswith(f"WARN  rpc #1 {dead.removeprefix('http://')}  unreachable")
     assert "fails over to a working URL" in both.lines[1]
 
+    # A node on another chain is no URL to fail over to: the dead one is a FAIL then.
+    wrong_chain = await run_kektech(
+        "doctor", "--only", "rpc", env=env | {"CHAIN_ID": "1"}, cwd=tmp_path
+    )
+    assert wrong_chain.code == 1, wrong_chain
+    assert wrong_chain.lines[1].startswith("FAIL  rpc #1"), wrong_chain
+    assert "fails over" not in wrong_chain.lines[1]
+
 
 async def test_a_slow_node_within_the_timeout_is_ok(anvil: Anvil, tmp_path: Path) -> None:
     """Each probe may take up to OPS_TIMEOUT, and the rpc check makes two in a row: a node

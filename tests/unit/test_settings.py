@@ -250,6 +250,10 @@ def test_indexer_error_names_the_variable(variable: str, value: str, reason: str
         ("MONITOR_WS_URL", "https://ws.kektech.xyz/ws", "scheme must be ws or wss"),
         ("MONITOR_WS_URL", "wss://ws..kektech.xyz/ws", "not a valid host name"),
         ("OPS_TLS_ENDPOINT", "ws..kektech.xyz:443", "not a valid host name"),
+        # Empty, a check would have nothing to look at and pass in silence:
+        ("DOCTOR_BROADCASTER_PORTS", "", "at least one item"),
+        ("OPS_PM2_APPS", " , ", "at least one item"),
+        ("MONITOR_STATE_FILE", "", "a file path is required"),
     ],
 )
 def test_ops_error_names_the_variable(variable: str, value: str, reason: str) -> None:
