@@ -360,7 +360,9 @@ def settings_or_exit(cls: type[SettingsT]) -> SettingsT:
 
 def _config_error(error: ErrorDetails) -> ConfigError:
     """Turn one pydantic error into a ConfigError whose reason never quotes the input."""
-    variable = str(error["loc"][0]) if error["loc"] else "settings"
+    # A default that conflicts with another setting is reported by its field name: the
+    # variable's name is that in upper case.
+    variable = str(error["loc"][0]).upper() if error["loc"] else "settings"
     if error["type"] == "missing":
         return ConfigError(variable, "required", missing=True)
     reason = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")

@@ -263,6 +263,14 @@ def test_ops_error_names_the_variable(variable: str, value: str, reason: str) ->
     assert reason in error.reason
 
 
+def test_a_default_in_conflict_is_named_as_its_variable() -> None:
+    """Setting one bound below another's default names the other by its variable name."""
+    error = config_error(OpsSettings, DOCTOR_TLS_WARN_DAYS="5")  # the fail default is 7
+    assert str(error) == (
+        "invalid setting DOCTOR_TLS_FAIL_DAYS: must not be above DOCTOR_TLS_WARN_DAYS"
+    )
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "reason"),
     [
