@@ -28,6 +28,9 @@ __all__ = ["run"]
 log = structlog.get_logger()
 
 HEALTH_TIMEOUT = 1.0
+# /healthz reads the stream's top at most this often, however many ask: it is served on the
+# public port, and a flood of it must not crowd resumes out of the Redis connection pool.
+HEALTH_FRESH_FOR = 1.0
 
 
 def build_hub(settings: BroadcasterSettings, metrics: Metrics) -> Hub:
@@ -41,15 +44,45 @@ def build_hub(settings: BroadcasterSettings, metrics: Metrics) -> Hub:
     )
 
 
-async def health(hub: Hub, stream: EventStream) -> dict[str, Any]:
+class StreamTop:
+    """The stream's newest seq for /healthz (None: Redis did not answer), read once for all
+    the requests that come while it is read, and reused for HEALTH_FRESH_FOR seconds."""
+
+    def __init__(self, stream: EventStream, fresh_for: float = HEALTH_FRESH_FOR) -> None:
+        self._stream = stream
+        self._fresh_for = fresh_for
+        self._value: int | None = None
+        self._read_at: float | None = None
+        self._reading: asyncio.Future[int | None] | None = None
+
+    async def get(self) -> int | None:
+        read_at = self._read_at
+        if read_at is not None and time.monotonic() - read_at < self._fresh_for:
+            return self._value
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read())
+        # Shielded: a request that goes away does not cancel the read the others wait for.
+        return await asyncio.shield(self._reading)
+
+    async def _read(self) -> int | None:
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                value: int | None = await self._stream.top()
+        except (StreamUnavailable, TimeoutError):
+            value = None
+        finally:
+            self._reading = None
+        self._value, self._read_at = value, time.monotonic()
+        return value
+
+
+async def health(hub: Hub, stream_top: StreamTop) -> dict[str, Any]:
     """What /healthz reports: Redis reachable, how far behind the stream, event age."""
-    try:
-        async with asyncio.timeout(HEALTH_TIMEOUT):
-            top: int | None = await stream.top()
-    except (StreamUnavailable, TimeoutError):
-        top = None
+    top = await stream_top.get()
     now = time.time()
     position = hub.position
+    if top is not None and position is not None:
+        top = max(top, position)  # what was relayed since the read is in the stream too
     return {
         "status": "ok" if top is not None else "degraded",
         "redis": "up" if top is not None else "down",
@@ -78,8 +111,10 @@ async def run(settings: BroadcasterSettings) -> None:
     ) as stream:
         hub.source = stream
 
+        stream_top = StreamTop(stream)
+
         async def status() -> dict[str, Any]:
-            return await health(hub, stream)
+            return await health(hub, stream_top)
 
         async with serve_clients(settings, hub=hub, metrics=metrics, status=status):
             log.info(

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from websockets.exceptions import InvalidStatus
 
 from tests.broadcaster.support import (
@@ -429,3 +430,25 @@ async def test_health_and_metrics_on_both_ports(server: Running, producer: Event
                 assert name in text
         status, _ = await server.get("/nothing")
         assert status == 404
+
+
+async def test_a_flood_of_health_checks_reads_redis_once_a_second(
+    server: Running, producer: EventProducer, redis_client: aioredis.Redis
+) -> None:
+    """/healthz is public (the WebSocket port): 200 at once cost a handful of Redis reads,
+    not 200, so they cannot crowd resumes out of the connection pool; all get an answer."""
+    await producer.publish()
+
+    async def xinfo_calls() -> int:
+        stats = await redis_client.info("commandstats")
+        return int(
+            stats.get("cmdstat_xinfo|stream", stats.get("cmdstat_xinfo", {})).get("calls", 0)
+        )
+
+    before = await xinfo_calls()
+    answers = await asyncio.gather(
+        *(server.get("/healthz", server.public_http) for _ in range(200))
+    )
+    calls = await xinfo_calls() - before
+    assert all(status == 200 and b'"redis":"up"' in body for status, body in answers)
+    assert calls <= 3, calls
