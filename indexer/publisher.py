@@ -146,6 +146,7 @@ class Publisher:
         """Drain the outbox, then wait for more. Safe to cancel: progress is only recorded
         after Redis acknowledged a whole batch."""
         self._published = await self._store.published_seq()
+        await self._note_stream_ahead()
         loop = asyncio.get_running_loop()
         next_prune = loop.time() + self._prune_every
         next_ping = loop.time()
@@ -205,6 +206,28 @@ class Publisher:
             if len(rows) == BATCH_SIZE:  # still draining: worth a query to show how much is left
                 last_seq = await self._store.last_seq()
                 self._metrics.publish_backlog.set(max(0, last_seq - self._published))
+
+    async def _note_stream_ahead(self) -> None:
+        """Say so when the stream already holds seqs this database has not published: they are
+        taken as already there (the script skips them), which is right for a database
+        restored or rebuilt for the same deployment, and hides events for another one."""
+        try:
+            async with asyncio.timeout(REDIS_CALL_TIMEOUT):
+                info = await self._redis.xinfo_stream(self._stream_key)
+        except (RedisError, TimeoutError):
+            return  # no stream yet, or Redis down: publishing will tell
+        last_id = info.get("last-generated-id") or "0-0"
+        top = int((last_id.decode() if isinstance(last_id, bytes) else last_id).split("-")[0])
+        if top > self._published:
+            log.warning(
+                "the stream already holds seqs this database has not published; they are "
+                "skipped as already there. Right after restoring or rebuilding this "
+                "deployment's database; if the stream belongs to another deployment, "
+                "delete it (DEL) or set REDIS_STREAM_KEY",
+                stream=self._stream_key,
+                stream_top=top,
+                published=self._published,
+            )
 
     async def _ping(self) -> None:
         """Record whether Redis answers; publishing retries on its own, so no raise here."""

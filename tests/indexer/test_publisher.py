@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+import structlog.testing
 
 from devnet.services import Redis
 from indexer.metrics import Metrics
@@ -269,3 +270,20 @@ async def test_entries_lost_beyond_the_outbox_leave_a_hole_and_publishing_goes_o
         publisher.wake()
         await published(redis, key, 9)
         assert await stream_seqs(redis, key) == [1, 2, 3, 4, 5, 9, 10, 11, 12]
+
+
+async def test_a_stream_ahead_of_the_database_is_reported(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+) -> None:
+    """A stream already holding seqs this database never published (another deployment's,
+    or a database rebuilt) is said in the log at start: those seqs are skipped as present."""
+    _, redis = publisher_parts
+    key = "kektech:test-ahead"
+    for seq in range(1, 6):
+        await redis.xadd(key, {"seq": str(seq), "event": "{}"}, id=f"{seq}-0")
+    await insert_outbox(database_url, [outbox_row(seq) for seq in (1, 2)])
+    with structlog.testing.capture_logs() as logs:
+        async with running(make_publisher(publisher_parts, key)):
+            await asyncio.sleep(IDLE_SETTLE)
+    ahead = [e for e in logs if e["event"].startswith("the stream already holds seqs")]
+    assert [(e["stream_top"], e["published"]) for e in ahead] == [(5, 0)]
