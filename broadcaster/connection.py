@@ -131,7 +131,7 @@ class Connection(asyncio.Protocol):
         self.write: Callable[[bytes], None]
         self.buffered: Callable[[], int]
         self.conversation: Conversation | None = None
-        self.ip: str | None = None  # the client's address, once admitted (for the per-IP count)
+        self.ip: str | None = None  # its per-IP key once admitted (limits.per_ip_key)
         self._deadline: asyncio.TimerHandle | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_payload: bytes | None = None

@@ -95,6 +95,17 @@ def client_ip(
     return _text(peer_ip) if peer_ip is not None else "local"
 
 
+@functools.lru_cache(maxsize=4096)
+def per_ip_key(ip: str) -> str:
+    """What WS_MAX_CONNECTIONS_PER_IP counts by: an IPv4 address, or an IPv6 /64 (what one
+    subscriber line or host is given: counting single IPv6 addresses, one client could take
+    as many slots as it has addresses). Anything else (a Unix peer name) is its own key."""
+    address = _parse(ip)
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+    return ip
+
+
 # Parsing an address costs more than the rest of a handshake's checks, and the peers of a
 # connect storm are few (behind Nginx, one): each address is parsed and formatted once
 # (bounded caches).

@@ -28,7 +28,7 @@ from broadcaster import messages
 from broadcaster.connection import Connection, Options
 from broadcaster.errors import SocketInUse
 from broadcaster.hub import Hub
-from broadcaster.limits import ConnectionCounter, client_ip
+from broadcaster.limits import ConnectionCounter, client_ip, per_ip_key
 from broadcaster.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
 from broadcaster.session import Session
 from shared.settings import BroadcasterSettings
@@ -89,10 +89,11 @@ class Edge:
             trusted=self.settings.ws_trusted_proxies,
             local=not isinstance(peer, tuple),  # the Unix socket
         )
-        if not self.per_ip.acquire(ip):
+        key = per_ip_key(ip)
+        if not self.per_ip.acquire(key):
             self.metrics.rejected.labels(reason="ip_limit").inc()
             return _text(http.HTTPStatus.TOO_MANY_REQUESTS, "too many connections\n")
-        connection.ip = ip  # released when the TCP connection ends, whatever the handshake
+        connection.ip = key  # released when the TCP connection ends, whatever the handshake
         return connection.accept(request)
 
     async def process_http(self, request: Request) -> Response:

@@ -222,7 +222,9 @@ class BroadcasterSettings(ServiceSettings):
     ws_host: str = Field(default="127.0.0.1", min_length=1, description="WebSocket listen host.")
     ws_port: Port = Field(default=3180, description="WebSocket listen port.")
     ws_path: str = Field(default="/ws", description="HTTP path that upgrades to WebSocket.")
-    ws_max_connections_per_ip: int = Field(default=50, ge=1, description="Per client IP.")
+    ws_max_connections_per_ip: int = Field(
+        default=50, ge=1, description="Per client IP (IPv4 address, or IPv6 /64)."
+    )
     ws_max_subscriptions: int = Field(default=100, ge=1, description="Channels per connection.")
     ws_allowed_origins: Annotated[tuple[Origin, ...], NoDecode] = Field(
         default=(), description="Comma-separated Origin values; empty allows every origin."

@@ -221,3 +221,19 @@ async def test_instances_get_their_own_unix_socket_and_never_take_another_s(
         async with unix_connect(path, "ws://localhost/ws") as ws:  # still the first one's
             await WsClient(ws).expect("connected")
         assert await first.metric("kektech_broadcaster_connections_opened_total") == 2
+
+
+async def test_the_per_ip_limit_counts_an_ipv6_64(start: Start, tmp_path: Path) -> None:
+    """Two addresses of one IPv6 /64 (as Nginx reports them) share the per-IP limit."""
+    path = str(tmp_path / "ws.sock")
+    async with start(ws_unix_socket=path, ws_max_connections_per_ip=1):
+        first = {"X-Forwarded-For": "2001:db8:1:2::5"}
+        async with unix_connect(path, "ws://localhost/ws", additional_headers=first):
+            same_64 = {"X-Forwarded-For": "2001:db8:1:2:abcd::6"}
+            with pytest.raises(InvalidStatus) as caught:
+                async with unix_connect(path, "ws://localhost/ws", additional_headers=same_64):
+                    pass
+            assert caught.value.response.status_code == 429
+            other_64 = {"X-Forwarded-For": "2001:db8:1:3::5"}
+            async with unix_connect(path, "ws://localhost/ws", additional_headers=other_64):
+                pass

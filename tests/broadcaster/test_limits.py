@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ipaddress import ip_network
 
-from broadcaster.limits import ConnectionCounter, TokenBucket, client_ip
+from broadcaster.limits import ConnectionCounter, TokenBucket, client_ip, per_ip_key
 
 LOCAL = (ip_network("127.0.0.1"), ip_network("::1"))
 
@@ -73,3 +73,13 @@ def test_nothing_trusted() -> None:
         client_ip("127.0.0.1", forwarded_for=["1.2.3.4"], real_ip="1.2.3.4", trusted=())
         == "127.0.0.1"
     )
+
+
+def test_ipv6_clients_are_counted_by_their_64() -> None:
+    """An IPv6 client has a whole /64 to connect from: the per-IP limit counts the /64, and an
+    IPv4 address as itself."""
+    assert per_ip_key("2001:db8:1:2::1") == per_ip_key("2001:db8:1:2:ffff::9")
+    assert per_ip_key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+    assert per_ip_key("2001:db8:1:3::1") != per_ip_key("2001:db8:1:2::1")
+    assert per_ip_key("203.0.113.9") == "203.0.113.9"
+    assert per_ip_key("local") == "local"
