@@ -229,6 +229,19 @@ async def stream_seqs(redis: aioredis.Redis, key: str) -> list[int]:
     return [int(entry_id.decode().split("-")[0]) for entry_id, _ in await read_stream(redis, key)]
 
 
+@asynccontextmanager
+async def ten_published(
+    parts: tuple[Store, aioredis.Redis], database_url: str, key: str
+) -> AsyncIterator[Publisher]:
+    """A running publisher that has published seqs 1..10 to `key` and gone idle."""
+    await insert_outbox(database_url, [outbox_row(seq) for seq in range(1, 11)])
+    publisher = make_publisher(parts, key)
+    async with running(publisher):
+        await published(parts[1], key, 10)
+        await asyncio.sleep(IDLE_SETTLE)
+        yield publisher
+
+
 async def test_entries_redis_lost_are_published_again_from_the_outbox(
     publisher_parts: tuple[Store, aioredis.Redis], database_url: str
 ) -> None:
@@ -236,11 +249,7 @@ async def test_entries_redis_lost_are_published_again_from_the_outbox(
     the next publication fills 6..10 again from the outbox, so the stream has no hole."""
     _, redis = publisher_parts
     key = "kektech:test-lost"
-    await insert_outbox(database_url, [outbox_row(seq) for seq in range(1, 11)])
-    publisher = make_publisher(publisher_parts, key)
-    async with running(publisher):
-        await published(redis, key, 10)
-        await asyncio.sleep(IDLE_SETTLE)
+    async with ten_published(publisher_parts, database_url, key) as publisher:
         await _stream_cut_back_to(redis, key, 5)
         await insert_outbox(database_url, [outbox_row(seq) for seq in (11, 12)])
         publisher.wake()
@@ -255,11 +264,7 @@ async def test_entries_lost_beyond_the_outbox_leave_a_hole_and_publishing_goes_o
     the publications after it still go out."""
     _, redis = publisher_parts
     key = "kektech:test-lost-for-good"
-    await insert_outbox(database_url, [outbox_row(seq) for seq in range(1, 11)])
-    publisher = make_publisher(publisher_parts, key)
-    async with running(publisher):
-        await published(redis, key, 10)
-        await asyncio.sleep(IDLE_SETTLE)
+    async with ten_published(publisher_parts, database_url, key) as publisher:
         conn = await asyncpg.connect(database_url)
         try:
             await conn.execute("DELETE FROM outbox WHERE seq <= 8")  # pruned meanwhile
