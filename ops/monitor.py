@@ -87,10 +87,15 @@ async def check_websocket(
     mine: dict[str, Any] = saved if isinstance(saved, dict) and saved.get("url") == url else {}
     state["websocket"] = mine
     mine["url"] = url
+    previous = mine.get("checked_at")
+    mine["checked_at"] = now
     try:
         await probe_websocket(url, ca_file=settings.ops_tls_ca_file, within=settings.ops_timeout)
     except ProbeError as exc:
-        if not isinstance(mine.get("down_since"), int | float):
+        # After a gap in the runs longer than the alert delay (the VPS or cron was down), the
+        # endpoint's state meanwhile is unknown: its downtime is counted from now.
+        blind = isinstance(previous, int | float) and now - previous > settings.monitor_down_after
+        if blind or not isinstance(mine.get("down_since"), int | float):
             mine["down_since"] = now
         since = float(mine["down_since"])
         mine["last_error"] = str(exc)

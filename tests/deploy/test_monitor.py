@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from ops.monitor import count_restarts
 from ops.probes.memory import read_memory
 from tests.broadcaster.support import running, settings_for
 from tests.support.ops import (
+    dead_port,
     make_certificate,
     pm2_daemon,
     run_kektech,
@@ -182,3 +184,18 @@ def test_restart_counting_uses_the_window_and_survives_a_counter_reset() -> None
     assert count_restarts(samples, now=20.0, window=3600) == 3
     assert count_restarts(samples, now=20.0, window=5) == 1
     assert count_restarts([(20.0, 4)], now=20.0, window=5) == 0
+
+
+async def test_downtime_is_not_counted_across_a_gap_in_the_runs(tmp_path: Path) -> None:
+    """A failure remembered from before a long gap in the runs (the VPS or cron was down)
+    does not make the first failing run after it alert at once with an inflated downtime."""
+    url = f"ws://127.0.0.1:{dead_port()}/ws"
+    env = check_env(tmp_path, MONITOR_WS_URL=url, MONITOR_DOWN_AFTER="300")
+    state_file = tmp_path / "state" / "monitor.json"
+    state_file.parent.mkdir()
+    long_ago = time.time() - 3600
+    remembered = {"url": url, "down_since": long_ago, "checked_at": long_ago}
+    state_file.write_text(json.dumps({"websocket": remembered}))
+    result = await run_kektech("check", "--only", "websocket", env=env, cwd=tmp_path)
+    assert (result.code, result.stdout) == (0, ""), result
+    assert json.loads(state_file.read_text())["websocket"]["down_since"] > long_ago
