@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import structlog
 
-from broadcaster import messages
 from broadcaster.errors import StreamUnavailable
 from broadcaster.events import Event
-from broadcaster.hub import SLOW_REASON, Client, Hub
+from broadcaster.hub import Client, Hub
 from broadcaster.routing import matcher
 
 __all__ = ["Resume", "first_covered", "go_live", "resume"]
@@ -80,8 +79,7 @@ def go_live(hub: Hub, client: Client) -> None:
         client.write(event.frame(channel, now_ms))
         client.last_seq = event.seq
     if client.buffered() > hub.send_buffer_bytes:
-        hub.metrics.slow_consumers.inc()
-        hub.drop(client, messages.CLOSE_SLOW_CONSUMER, SLOW_REASON)
+        hub.cut_slow(client)
 
 
 async def _replay(
@@ -165,8 +163,7 @@ async def _send(
                 async with asyncio.timeout(REPLAY_DRAIN_TIMEOUT):
                     await client.peer.drain()
             except TimeoutError:
-                hub.metrics.slow_consumers.inc()
-                hub.drop(client, messages.CLOSE_SLOW_CONSUMER, SLOW_REASON)
+                hub.cut_slow(client)
                 break
     return sent
 
