@@ -72,9 +72,7 @@ def check_host(host: str) -> str:
     try:
         host.encode("idna")
     except UnicodeError:
-        raise ValueError(
-            "URL host is not a valid host name (an empty or too long label?)"
-        ) from None
+        raise ValueError("not a valid host name (an empty or over-long label?)") from None
     return host
 
 
