@@ -456,18 +456,19 @@ class Connection(asyncio.Protocol):
         if timeout is None:
             self._schedule_ping()
         else:
-            self._ping_timer = self.loop.call_later(timeout, self._ping_timed_out)
+            self._await_pong(timeout)
 
-    def _ping_timed_out(self) -> None:
+    def _await_pong(self, timeout: float) -> None:
+        self._ping_timer = self.loop.call_later(timeout, self._ping_timed_out, timeout)
+
+    def _ping_timed_out(self, timeout: float) -> None:
         self._ping_timer = None
         if self.protocol.state is not OPEN:
             return
         if self._held:
             # Its answer may be among what is not read yet, while a resume runs (bounded by
             # the resume's own limits): not the client's fault, so wait for it again.
-            self._ping_timer = self.loop.call_later(
-                self._options.ping_timeout or 0.0, self._ping_timed_out
-            )
+            self._await_pong(timeout)
             return
         self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
