@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 import ssl
 import subprocess
 import sys
@@ -27,11 +28,13 @@ from tests.support.nginx import (
     PROD_USER_LINE,
     TEMPLATE,
     Edge,
+    Layout,
     client_context,
     handshake_statuses,
     http_get,
     render,
     running_edge,
+    substitute,
     substitutions,
 )
 
@@ -95,11 +98,23 @@ async def test_rendered_file_differs_only_in_paths_and_ports(edge: Edge) -> None
     for old_line, new_line in changed:
         replaced = [(old, new) for old, new in pairs if old in old_line]
         assert replaced, f"unexpected change: {old_line!r} -> {new_line!r}"
-        for old, new in replaced:
-            old_line = old_line.replace(old, new)
-        assert old_line == new_line
+        assert substitute(old_line, replaced) == new_line
     # listen x8, certificate x2, logs x3, webroot, pid, upstream servers x4
     assert len(changed) == 19, changed
+
+
+def test_test_ports_that_contain_production_ports_are_rendered_as_they_are(
+    tmp_path: Path,
+) -> None:
+    """A free port the tests draw may begin with a production one (31805 holds 3180): each
+    port is written once and stays itself, never rewritten into another (here 135995)."""
+    layout = Layout(
+        root=tmp_path, https_port=31805, http_port=31814, ws_ports=(13599, 13600),
+        health_ports=(13601, 13602),
+    )  # fmt: skip
+    rendered = render(TEMPLATE.read_text(), layout)
+    ports = {int(port) for port in re.findall(r"127\.0\.0\.1:(\d+)", rendered)}
+    assert ports == {31805, 31814, 13599, 13600, 13601, 13602}
 
 
 async def test_wss_client_receives_events_through_nginx(edge: Edge) -> None:

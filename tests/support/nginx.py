@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -102,12 +103,23 @@ def substitutions(layout: Layout) -> list[tuple[str, str]]:
 
 
 def render(template: str, layout: Layout) -> str:
-    """nginx.conf with the test's paths and ports; fails if the template lost one of them."""
-    text = template
-    for old, new in substitutions(layout):
-        assert old in text, f"nginx.conf no longer contains {old!r}"
-        text = text.replace(old, new)
-    return text
+    """nginx.conf with the test's paths and ports; fails if the template lost one of them.
+
+    All substitutions are made in one pass over the template: one after the other, a later
+    one could match inside what an earlier one wrote (a test port such as 31805 contains
+    the production upstream "127.0.0.1:3180", which then became a port above 65535).
+    """
+    pairs = substitutions(layout)
+    for old, _ in pairs:
+        assert old in template, f"nginx.conf no longer contains {old!r}"
+    return substitute(template, pairs)
+
+
+def substitute(text: str, pairs: Sequence[tuple[str, str]]) -> str:
+    """Replace each `old` of pairs by its `new`, all in one pass over text."""
+    replacements = dict(pairs)
+    pattern = "|".join(re.escape(old) for old in sorted(replacements, key=len, reverse=True))
+    return re.sub(pattern, lambda found: replacements[found[0]], text)
 
 
 def make_certificate(certs: Path) -> None:
