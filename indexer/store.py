@@ -50,6 +50,21 @@ MIGRATION_LOCK_KEY = 0x6B656B74
 # Above this many new events a batch sends its events and outbox rows by COPY (cheaper per
 # row) rather than as arrays in the batch's one write statement (cheaper in round trips).
 COPY_ABOVE = 256
+# Rows read per query by a rollback or a markets rebuild, and markets rebuilt per group: their
+# memory stays bounded however many events a reorg or a reindex retracts.
+READ_PAGE = 2000
+REBUILD_GROUP = 500
+MAX_BIGINT = 2**63 - 1
+# Keyset pages, in the order of the primary key and of events_market_idx.
+RETRACTED_PAGE = (
+    "SELECT * FROM events WHERE block_number > $1 AND (block_number, log_index) < ($2, $3)"
+    " ORDER BY block_number DESC, log_index DESC LIMIT $4"
+)
+MARKET_EVENTS_PAGE = (
+    "SELECT * FROM events WHERE market_address = ANY($1::text[])"
+    " AND (market_address, block_number, log_index) > ($2, $3, $4)"
+    " ORDER BY market_address, block_number, log_index LIMIT $5"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,22 +380,31 @@ class Store:
         await conn.copy_records_to_table("outbox", records=rows, columns=OUTBOX_COLUMNS)
 
     async def _rebuild_markets(self, conn: asyncpg.Connection, addresses: set[str]) -> None:
-        """Recompute the rows of these markets from every event stored for them."""
+        """Recompute the rows of these markets from every event stored for them.
+
+        A group of markets at a time, their events read a page at a time: a popular market
+        or a reindex over many markets must not need all their events in memory at once.
+        """
         if not addresses:
             return
         affected = sorted(addresses)
         await conn.execute("DELETE FROM markets WHERE address = ANY($1::text[])", affected)
-        remaining = await conn.fetch(
-            "SELECT * FROM events WHERE market_address = ANY($1::text[])"
-            " ORDER BY block_number, log_index",
-            affected,
-        )
-        events = [StoredEvent.from_record(r) for r in remaining]
-        rows: dict[str, MarketRow | None] = dict.fromkeys(affected)
-        markets = apply_events(rows, _projected(events))
-        if markets:
-            rows_by_column = columns(map(market_values, markets), len(MARKET_COLUMNS))
-            await conn.execute(UPSERT_MARKETS, *rows_by_column)
+        for start in range(0, len(affected), REBUILD_GROUP):
+            group = affected[start : start + REBUILD_GROUP]
+            rows: dict[str, MarketRow | None] = dict.fromkeys(group)
+            position: tuple[str, int, int] = ("", -1, -1)
+            while True:
+                records = await conn.fetch(MARKET_EVENTS_PAGE, group, *position, READ_PAGE)
+                apply_events(rows, _projected(map(StoredEvent.from_record, records)))
+                if len(records) < READ_PAGE:
+                    break
+                last = records[-1]
+                position = (last["market_address"], last["block_number"], last["log_index"])
+            # Every row was deleted above: each one the fold produced is written back.
+            markets = [row for row in rows.values() if row is not None]
+            if markets:
+                rows_by_column = columns(map(market_values, markets), len(MARKET_COLUMNS))
+                await conn.execute(UPSERT_MARKETS, *rows_by_column)
 
     @staticmethod
     async def _save_headers(conn: asyncpg.Connection, headers: Sequence[BlockHeader]) -> None:
@@ -399,23 +423,32 @@ class Store:
                 "SELECT chain_id, last_seq FROM indexer_state WHERE id = 1 FOR UPDATE"
             )
             assert state is not None, "rollback before the cursor exists"
-            records = await conn.fetch(
-                "SELECT * FROM events WHERE block_number > $1"
-                " ORDER BY block_number DESC, log_index DESC",
-                ancestor.number,
-            )
-            retracted = [StoredEvent.from_record(r) for r in records]
             last_seq = state["last_seq"]
-            notices = []
-            for event in retracted:
-                if event.decoded is not None:
-                    last_seq += 1
-                    notices.append(
-                        outbox_values(event, chain_id=state["chain_id"], seq=last_seq, removed=True)
-                    )
-            await self._insert_outbox(conn, notices)
+            retracted = 0
+            markets: set[str] = set()
+            # Newest first, a page at a time (a reindex may retract most of the chain).
+            position = (MAX_BIGINT, 0)
+            while True:
+                records = await conn.fetch(RETRACTED_PAGE, ancestor.number, *position, READ_PAGE)
+                notices = []
+                for event in map(StoredEvent.from_record, records):
+                    if event.decoded is not None:
+                        last_seq += 1
+                        notices.append(
+                            outbox_values(
+                                event, chain_id=state["chain_id"], seq=last_seq, removed=True
+                            )
+                        )
+                        if event.market:
+                            markets.add(event.market)
+                if notices:
+                    await self._insert_outbox(conn, notices)
+                retracted += len(records)
+                if len(records) < READ_PAGE:
+                    break
+                position = (records[-1]["block_number"], records[-1]["log_index"])
             await conn.execute("DELETE FROM events WHERE block_number > $1", ancestor.number)
-            await self._rebuild_markets(conn, {e.market for e in retracted if e.market})
+            await self._rebuild_markets(conn, markets)
             await conn.execute("DELETE FROM blocks WHERE number > $1", ancestor.number)
             await self._save_headers(conn, [ancestor])
             await conn.execute(
@@ -426,7 +459,7 @@ class Store:
                 last_seq,
             )
             await self._fence(conn, lease, ttl)
-        return len(retracted)
+        return retracted
 
     # -- outbox ------------------------------------------------------------------------------
 

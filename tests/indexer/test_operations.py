@@ -19,6 +19,7 @@ from tests.indexer.conftest import (
     assert_gap_free,
     caught_up,
     stream_entries,
+    tracked_chain_logs,
     wait_for_stream,
 )
 from tests.support.indexer_process import IndexerProcess
@@ -142,6 +143,82 @@ async def test_status_verify_backfill_and_reindex(
     entries = await stream_entries(redis_client, stream_key)
     assert_gap_free(entries)
     assert any(envelope["removed"] for _, envelope in entries)
+
+
+# Copies of every stored event, multiplied enough that holding the retracted ones (or the
+# remaining events of the markets they touched) in memory at once would take hundreds of MiB.
+EVENT_COPIES = 400
+PEAK_RSS_LIMIT_KIB = 128 * 1024
+
+
+async def test_a_reindex_over_many_events_keeps_memory_bounded(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """reindex reads the events it retracts, and those of the markets it rebuilds, in pages:
+    its memory does not grow with the size of the range."""
+    driver = ActivityDriver(dev_chain, deployment, seed=69, txs_per_block=5)
+    await driver.cover_all_events()
+    await driver.run(blocks=20)
+    head = await dev_chain.block_number()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(head)
+    first = head - 10
+    conn = await asyncpg.connect(database_url)
+    try:
+        # Copies at log indexes no block uses, on both sides of `first`: the ones above are
+        # retracted, the ones below stay and are folded again into the markets' rows.
+        await conn.execute(
+            "INSERT INTO events SELECT block_number, log_index + 1000 * g, block_hash,"
+            " block_time, transaction_hash, transaction_index, contract, contract_kind,"
+            " event_name, market_address, topic0, topic1, topic2, topic3, data, args, NULL"
+            " FROM events, generate_series(1, $1) AS g WHERE event_name IS NOT NULL",
+            EVENT_COPIES,
+        )
+        retracted = await conn.fetchval(
+            "SELECT count(*) FROM events WHERE block_number >= $1 AND event_name IS NOT NULL",
+            first,
+        )
+        removed = await conn.fetchval("SELECT count(*) FROM events WHERE block_number >= $1", first)
+        kept = await conn.fetchval(
+            "SELECT count(*) FROM events WHERE block_number < $1 AND market_address IS NOT NULL",
+            first,
+        )
+        last_seq = await conn.fetchval("SELECT last_seq FROM indexer_state")
+    finally:
+        await conn.close()
+    assert (retracted > 50_000, kept > 50_000) == (True, True)
+
+    command = make_indexer("reindex", "--from", str(first))
+    command.start()
+    code = await command.wait_exit(within=240)
+    assert code == 0, command.log_text()[-3000:]
+    assert f"{removed} events removed" in command.log_text()
+    assert 0 < command.peak_rss_kib < PEAK_RSS_LIMIT_KIB, command.peak_rss_kib
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        notices = await conn.fetchval(
+            "SELECT count(*) FROM outbox WHERE seq > $1"
+            " AND position('\"removed\":true' IN convert_from(payload, 'UTF8')) > 0",
+            last_seq,
+        )
+        restored = await conn.fetch(
+            "SELECT block_number, log_index, block_hash FROM events WHERE block_number >= $1"
+            " ORDER BY block_number, log_index",
+            first,
+        )
+    finally:
+        await conn.close()
+    assert notices == retracted
+    chain = [
+        (int(lg["blockNumber"], 16), int(lg["logIndex"], 16), lg["blockHash"])
+        for lg in await tracked_chain_logs(dev_chain, deployment)
+        if int(lg["blockNumber"], 16) >= first
+    ]
+    assert [tuple(r) for r in restored] == chain
 
 
 async def test_unknown_logs_from_tracked_contracts_are_kept_raw(

@@ -60,6 +60,8 @@ class IndexerProcess:
         os.close(handle)
         self.log_path = Path(name)
         self.proc: subprocess.Popen[bytes] | None = None
+        # The highest VmHWM (peak resident set, KiB) seen by wait_exit; 0 before it runs.
+        self.peak_rss_kib = 0
 
     @property
     def http_url(self) -> str:
@@ -122,8 +124,19 @@ class IndexerProcess:
         while self.proc.poll() is None:
             if loop.time() > deadline:
                 raise TimeoutError(f"indexer still running after {within}s:\n{self.log_text()}")
+            self._note_peak_rss()
             await asyncio.sleep(0.05)
         return self.proc.returncode
+
+    def _note_peak_rss(self) -> None:
+        assert self.proc is not None
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return  # it has just exited
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                self.peak_rss_kib = max(self.peak_rss_kib, int(line.split()[1]))
 
     async def get(self, path: str) -> tuple[int, dict[str, object]]:
         """GET one of the indexer's HTTP endpoints."""
