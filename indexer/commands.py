@@ -10,18 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
-from indexer.batch import StoredEvent
-from indexer.catalog import MARKET_CREATED
-from indexer.decoding import UndecodableLog, decode_args
 from indexer.errors import IndexerError, StoreError
 from indexer.follower import Follower
 from indexer.metrics import Metrics
-from indexer.rpc import LogRangeSizer, RpcClient, fetch_logs
-from indexer.rpc_results import RawLog
+from indexer.rpc import LogRangeSizer, RpcClient
 from indexer.service import (
     acquire_lease,
     build_follower,
@@ -32,6 +27,7 @@ from indexer.service import (
     sources,
 )
 from indexer.store import Store
+from indexer.verification import verify_range
 from shared.settings import IndexerSettings
 
 MAX_REPORTED = 20
@@ -155,44 +151,6 @@ async def reindex(settings: IndexerSettings, first: int) -> int:
     return 0
 
 
-@dataclass(frozen=True, slots=True)
-class _Difference:
-    block: int
-    log_index: int
-    what: str
-
-
-def _compare(chain: Sequence[RawLog], stored: Sequence[StoredEvent]) -> list[_Difference]:
-    by_key = {(e.log.block_number, e.log.log_index): e for e in stored}
-    differences = []
-    for raw in chain:
-        key = (raw.block_number, raw.log_index)
-        event = by_key.pop(key, None)
-        if event is None:
-            differences.append(_Difference(*key, f"missing from the database ({raw.address})"))
-            continue
-        mine = event.log
-        for field in (
-            "address",
-            "topics",
-            "data",
-            "block_hash",
-            "transaction_hash",
-            "transaction_index",
-        ):
-            if getattr(mine, field) != getattr(raw, field):
-                differences.append(_Difference(*key, f"{field} differs"))
-        if event.decoded is not None:
-            try:
-                same = decode_args(event.decoded.spec, raw.topics, raw.data) == event.decoded.args
-            except UndecodableLog:
-                same = False
-            if not same:
-                differences.append(_Difference(*key, "decoded arguments differ"))
-    differences += [_Difference(*key, "in the database but not on the chain") for key in by_key]
-    return sorted(differences, key=lambda d: (d.block, d.log_index))
-
-
 async def verify(settings: IndexerSettings, first: int, last: int | None) -> int:
     """Re-read [first, last] from the chain and report every difference with the database."""
     async with _connections(settings) as (store, rpc):
@@ -204,37 +162,29 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
         if last < first:
             _say(f"nothing to verify: the cursor is at block {state.block_number}")
             return 0
-        sizer = LogRangeSizer(
-            settings.logs_range_initial, settings.logs_range_min, settings.logs_range_max
-        )
         watched = sources(settings).static_kinds()
-        factories = [a for a, k in watched.items() if k.value == "factory"]
-        # Children come from the chain, not from the database being checked.
-        announcements = []
-        if factories and last >= settings.start_block:
-            announcements = await fetch_logs(
-                rpc,
-                sizer,
-                from_block=settings.start_block,
-                to_block=last,
-                addresses=factories,
-                topics=[MARKET_CREATED.topic0],
-            )
-        children = {"0x" + lg.topics[1][-40:] for lg in announcements if len(lg.topics) > 1}
-        addresses = [*watched, *children]
-        chain: list[RawLog] = []
-        step = settings.logs_max_addresses
-        for i in range(0, len(addresses), step):
-            chain += await fetch_logs(
-                rpc, sizer, from_block=first, to_block=last, addresses=addresses[i : i + step]
-            )
-        chain.sort(key=lambda lg: (lg.block_number, lg.log_index))
-        stored = await store.events_between(first, last)
-    differences = _compare(chain, stored)
-    for difference in differences[:MAX_REPORTED]:
+        report = await verify_range(
+            store,
+            rpc,
+            LogRangeSizer(
+                settings.logs_range_initial, settings.logs_range_min, settings.logs_range_max
+            ),
+            first=first,
+            last=last,
+            factories=[a for a, k in watched.items() if k.value == "factory"],
+            watched=list(watched),
+            start_block=settings.start_block,
+            max_addresses=settings.logs_max_addresses,
+            window_events=settings.batch_events,
+            keep=MAX_REPORTED,
+        )
+    for difference in report.first:
         _say(f"block {difference.block} log {difference.log_index}: {difference.what}")
-    if len(differences) > MAX_REPORTED:
-        _say(f"... and {len(differences) - MAX_REPORTED} more")
-    verdict = "OK" if not differences else f"{len(differences)} differences"
-    _say(f"verify {first}..{last}: {len(chain)} logs on chain, {len(stored)} stored: {verdict}")
-    return 0 if not differences else 1
+    if report.differences > MAX_REPORTED:
+        _say(f"... and {report.differences - MAX_REPORTED} more")
+    verdict = "OK" if not report.differences else f"{report.differences} differences"
+    _say(
+        f"verify {first}..{last}: {report.chain_logs} logs on chain,"
+        f" {report.stored_events} stored: {verdict}"
+    )
+    return 0 if not report.differences else 1

@@ -60,6 +60,10 @@ RETRACTED_PAGE = (
     "SELECT * FROM events WHERE block_number > $1 AND (block_number, log_index) < ($2, $3)"
     " ORDER BY block_number DESC, log_index DESC LIMIT $4"
 )
+RANGE_PAGE = (
+    "SELECT * FROM events WHERE (block_number, log_index) > ($1, $2) AND block_number <= $3"
+    " ORDER BY block_number, log_index LIMIT $4"
+)
 MARKET_EVENTS_PAGE = (
     "SELECT * FROM events WHERE market_address = ANY($1::text[])"
     " AND (market_address, block_number, log_index) > ($2, $3, $4)"
@@ -508,15 +512,16 @@ class Store:
 
     # -- reads for verify / status -----------------------------------------------------------
 
-    async def events_between(self, first: int, last: int) -> list[StoredEvent]:
-        """Stored events of an inclusive block range, in chain order."""
-        rows = await self._db.fetch(
-            "SELECT * FROM events WHERE block_number BETWEEN $1 AND $2"
-            " ORDER BY block_number, log_index",
-            first,
-            last,
-        )
-        return [StoredEvent.from_record(r) for r in rows]
+    async def stored_events(self, first: int, last: int) -> AsyncIterator[list[StoredEvent]]:
+        """Stored events of an inclusive block range, in chain order, a page at a time."""
+        position = (first, -1)
+        while True:
+            rows = await self._db.fetch(RANGE_PAGE, *position, last, READ_PAGE)
+            if rows:
+                yield [StoredEvent.from_record(r) for r in rows]
+            if len(rows) < READ_PAGE:
+                return
+            position = (rows[-1]["block_number"], rows[-1]["log_index"])
 
     async def counts(self) -> dict[str, int]:
         """Row counts for `status`."""

@@ -151,6 +151,18 @@ EVENT_COPIES = 400
 PEAK_RSS_LIMIT_KIB = 128 * 1024
 
 
+async def copy_events(conn: asyncpg.Connection, copies: int) -> int:
+    """Store `copies` copies of every decoded event, at log indexes no block uses."""
+    result = await conn.execute(
+        "INSERT INTO events SELECT block_number, log_index + 1000 * g, block_hash,"
+        " block_time, transaction_hash, transaction_index, contract, contract_kind,"
+        " event_name, market_address, topic0, topic1, topic2, topic3, data, args, NULL"
+        " FROM events, generate_series(1, $1) AS g WHERE event_name IS NOT NULL",
+        copies,
+    )
+    return int(result.split()[-1])
+
+
 async def test_a_reindex_over_many_events_keeps_memory_bounded(
     dev_chain: DevChain,
     deployment: Deployment,
@@ -168,15 +180,9 @@ async def test_a_reindex_over_many_events_keeps_memory_bounded(
     first = head - 10
     conn = await asyncpg.connect(database_url)
     try:
-        # Copies at log indexes no block uses, on both sides of `first`: the ones above are
-        # retracted, the ones below stay and are folded again into the markets' rows.
-        await conn.execute(
-            "INSERT INTO events SELECT block_number, log_index + 1000 * g, block_hash,"
-            " block_time, transaction_hash, transaction_index, contract, contract_kind,"
-            " event_name, market_address, topic0, topic1, topic2, topic3, data, args, NULL"
-            " FROM events, generate_series(1, $1) AS g WHERE event_name IS NOT NULL",
-            EVENT_COPIES,
-        )
+        # Copies on both sides of `first`: the ones above are retracted, the ones below stay
+        # and are folded again into the markets' rows.
+        await copy_events(conn, EVENT_COPIES)
         retracted = await conn.fetchval(
             "SELECT count(*) FROM events WHERE block_number >= $1 AND event_name IS NOT NULL",
             first,
@@ -219,6 +225,42 @@ async def test_a_reindex_over_many_events_keeps_memory_bounded(
         if int(lg["blockNumber"], 16) >= first
     ]
     assert [tuple(r) for r in restored] == chain
+
+
+async def test_a_verify_over_many_events_keeps_memory_bounded(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """verify compares a window of blocks at a time and reads the stored events in pages: its
+    memory does not grow with the number of events, and every difference is counted."""
+    driver = ActivityDriver(dev_chain, deployment, seed=70, txs_per_block=5)
+    await driver.cover_all_events()
+    await driver.run(blocks=20)
+    head = await dev_chain.block_number()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(head)
+    conn = await asyncpg.connect(database_url)
+    try:
+        extra = await copy_events(conn, EVENT_COPIES)
+        first_extra = await conn.fetchrow(
+            "SELECT block_number, log_index FROM events WHERE log_index >= 1000"
+            " ORDER BY block_number, log_index LIMIT 1"
+        )
+    finally:
+        await conn.close()
+    assert extra > 100_000
+
+    command = make_indexer("verify", "--from", "0")
+    command.start()
+    code = await command.wait_exit(within=240)
+    output = command.log_text()
+    assert code == 1, output[-3000:]
+    assert output.strip().splitlines()[-1].endswith(f": {extra} differences"), output[-3000:]
+    block, index = first_extra
+    assert f"block {block} log {index}: in the database but not on the chain" in output
+    assert 0 < command.peak_rss_kib < PEAK_RSS_LIMIT_KIB, command.peak_rss_kib
 
 
 async def test_unknown_logs_from_tracked_contracts_are_kept_raw(
