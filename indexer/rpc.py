@@ -151,19 +151,49 @@ class RpcClient:
         *,
         addresses: Sequence[str],
         topics: TopicFilter | None = None,
-        timeout_is_range_error: bool = True,
+        shrinkable: bool = True,
     ) -> list[RawLog]:
         """Return every log of the inclusive range in one call; RpcRangeTooLarge if refused.
 
-        The caller must not ask past a head it has seen: nodes answer such ranges with an
-        empty or partial list, not an error. A timeout counts as a range error unless
-        timeout_is_range_error is false (nothing is left to shrink).
+        A node that has not seen the range's last block answers with an empty or partial list,
+        not an error, and behind a load balancer it may be another node than the one that gave
+        the head. So the header of `to_block` goes in the same batch (one HTTP request, one
+        node): an answer without it is retried like "unknown block". (An endpoint that takes
+        no batches gets the query alone, unproven.) `shrinkable`: a smaller range could
+        replace this one, so a timeout or a range refusal raises RpcRangeTooLarge.
         """
         query = LogQuery.build(from_block, to_block, addresses, topics)
-        result = await self._call(
-            wire.GET_LOGS, query.params(), timeout_is_range_error=timeout_is_range_error
-        )
+        if self._batches:
+            try:
+                result = await self._logs_with_proof(query, to_block, shrinkable=shrinkable)
+            except wire.BatchRejected as rejected:
+                self._stop_batches(rejected)
+            else:
+                return parse_logs(result, query)
+        result = await self._call(wire.GET_LOGS, query.params(), shrinkable=shrinkable)
         return parse_logs(result, query)
+
+    async def _logs_with_proof(self, query: LogQuery, to_block: int, *, shrinkable: bool) -> object:
+        """The raw eth_getLogs result, from a node shown to have block `to_block`."""
+        ids = [next(self._ids), next(self._ids)]
+        body = wire.encode_calls(
+            [
+                (ids[0], wire.GET_LOGS, query.params()),
+                (ids[1], "eth_getBlockByNumber", _block_params(to_block)),
+            ]
+        )
+
+        async def attempt(endpoint: Endpoint) -> object:
+            payload = await self._post(
+                endpoint, body, wire.GET_LOGS, shrinkable=shrinkable, batch=True
+            )
+            result, header = wire.batch_results(payload, ids, wire.GET_LOGS, shrinkable=shrinkable)
+            if header is None:
+                raise wire.TransientFailure("behind", f"the node has no block {to_block} yet")
+            parse_header(header, to_block)  # checked: a wrong one is an error, not a proof
+            return result
+
+        return await self._with_retries(wire.GET_LOGS, attempt)
 
     async def get_logs_at(
         self, headers: Sequence[BlockHeader], *, addresses: Sequence[str]
@@ -196,24 +226,23 @@ class RpcClient:
                     results += await self._batch(method, chunk)
                     continue
                 except wire.BatchRejected as rejected:
-                    self.stats.errors["batch_rejected"] += 1
-                    self._batches = False
-                    log.warning("rpc batches rejected, calling one by one", reason=str(rejected))
+                    self._stop_batches(rejected)
             for params in chunk:
                 results.append(await self._call(method, list(params)))
         return results
 
-    async def _call(
-        self, method: str, params: list[object], *, timeout_is_range_error: bool = False
-    ) -> object:
+    def _stop_batches(self, rejected: wire.BatchRejected) -> None:
+        self.stats.errors["batch_rejected"] += 1
+        self._batches = False
+        log.warning("rpc batches rejected, calling one by one", reason=str(rejected))
+
+    async def _call(self, method: str, params: list[object], *, shrinkable: bool = False) -> object:
         request_id = next(self._ids)
         body = wire.encode_request(request_id, method, params)
 
         async def attempt(endpoint: Endpoint) -> object:
-            payload = await self._post(
-                endpoint, body, method, timeout_is_range_error=timeout_is_range_error
-            )
-            return wire.result_of(payload, request_id, method)
+            payload = await self._post(endpoint, body, method, shrinkable=shrinkable)
+            return wire.result_of(payload, request_id, method, shrinkable=shrinkable)
 
         return await self._with_retries(method, attempt)
 
@@ -296,19 +325,12 @@ class RpcClient:
         body: bytes,
         method: str,
         *,
-        timeout_is_range_error: bool = False,
+        shrinkable: bool = False,
         batch: bool = False,
     ) -> object:
         assert self._session is not None, "RpcClient used outside `async with`"
         self.stats.attempts += 1
-        return await post(
-            self._session,
-            endpoint,
-            body,
-            method,
-            timeout_is_range_error=timeout_is_range_error,
-            batch=batch,
-        )
+        return await post(self._session, endpoint, body, method, shrinkable=shrinkable, batch=batch)
 
 
 def _block_params(number: int) -> list[object]:

@@ -101,7 +101,7 @@ async def fetch_logs(
                 end,
                 addresses=addresses,
                 topics=topics,
-                timeout_is_range_error=span > sizer.minimum,
+                shrinkable=span > sizer.minimum,
             )
         except RpcRangeTooLarge:
             sizer.on_too_large(span)  # raises once the chunk cannot shrink any more

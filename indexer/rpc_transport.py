@@ -50,7 +50,7 @@ async def post(
     body: bytes,
     method: str,
     *,
-    timeout_is_range_error: bool = False,
+    shrinkable: bool = False,
     batch: bool = False,
 ) -> object:
     """Send one HTTP request and return the decoded JSON answer, or raise what it calls for."""
@@ -61,12 +61,12 @@ async def post(
             retry_after = response.headers.get("Retry-After")
     except TimeoutError:
         detail = f"no answer within {session.timeout.total} s"
-        if timeout_is_range_error:
+        if shrinkable:  # an eth_getLogs range that a smaller one may replace
             raise RpcRangeTooLarge(detail) from None
         raise wire.TransientFailure("timeout", detail) from None
     except (aiohttp.ClientError, OSError) as exc:
         # `from None`: the chained exception may quote the URL; the detail is redacted.
         detail = endpoint.redact(f"{type(exc).__name__}: {exc}")
         raise wire.TransientFailure("connect", detail) from None
-    wire.check_status(status, raw, retry_after, method, batch=batch)
+    wire.check_status(status, raw, retry_after, method, batch=batch, shrinkable=shrinkable)
     return wire.decode(raw)

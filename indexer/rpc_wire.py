@@ -55,6 +55,8 @@ _RANGE_PATTERNS = (
     r"response size",  # "Log response size exceeded"
     r"logs? (?:matched|limit)",  # "logs matched by query exceeds limit of 10000"
     r"query timeout",  # "Query timeout exceeded. Consider reducing your block range."
+    r"\brange \d+ exceeds",  # "range 1000000 exceeds limit of 10000"
+    r"limited to (?:a )?[\d,]+(?: blocks?)? range",  # "eth_getLogs is limited to a 10,000 range"
 )
 _RATE_PATTERNS = (
     r"rate limit",
@@ -113,10 +115,15 @@ class Verdict(enum.Enum):
     FINAL = "final"
 
 
-def classify(code: int, message: str, method: str) -> Verdict:
-    """Decide from a JSON-RPC error code and message whether to retry, shrink or give up."""
+def classify(code: int, message: str, method: str, *, shrinkable: bool = False) -> Verdict:
+    """Decide from a JSON-RPC error code and message whether to retry, shrink or give up.
+
+    `shrinkable`: the call is an eth_getLogs range that a smaller range may replace. A range
+    refusal of any other eth_getLogs (by block hash, or a range at the floor) is retried: the
+    provider answers so when it is loaded, and nothing else could make the query smaller.
+    """
     if method == GET_LOGS and _RANGE_RE.search(message):
-        return Verdict.RANGE
+        return Verdict.RANGE if shrinkable else Verdict.TRANSIENT
     if code in TRANSIENT_CODES or _RATE_RE.search(message) or _UNAVAILABLE_RE.search(message):
         return Verdict.TRANSIENT
     return Verdict.FINAL
@@ -129,10 +136,15 @@ def encode_request(request_id: int, method: str, params: Sequence[object]) -> by
 
 def encode_batch(ids: Sequence[int], method: str, params_list: Sequence[Sequence[object]]) -> bytes:
     """Return the body of a JSON-RPC batch calling one method once per parameter list."""
+    return encode_calls([(i, method, p) for i, p in zip(ids, params_list, strict=True)])
+
+
+def encode_calls(calls: Sequence[tuple[int, str, Sequence[object]]]) -> bytes:
+    """Return the body of a JSON-RPC batch of (id, method, params) calls."""
     return orjson.dumps(
         [
             {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
-            for request_id, params in zip(ids, params_list, strict=True)
+            for request_id, method, params in calls
         ]
     )
 
@@ -161,16 +173,26 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def check_status(
-    status: int, body: bytes, retry_after: str | None, method: str, *, batch: bool = False
+    status: int,
+    body: bytes,
+    retry_after: str | None,
+    method: str,
+    *,
+    batch: bool = False,
+    shrinkable: bool = False,
 ) -> None:
-    """Raise for an HTTP status other than 200; after a 200 the caller decodes the body."""
+    """Raise for an HTTP status other than 200; after a 200 the caller decodes the body.
+
+    `shrinkable`: the request is an eth_getLogs range (with, in a batch, only the header that
+    proves the node has its last block), so a 413 or a range refusal means "ask for less".
+    """
     if status == 200:
         return
     error = _error_object(body)
-    if method == GET_LOGS and not batch:
+    if method == GET_LOGS and shrinkable:
         if status == 413:
             raise RpcRangeTooLarge("HTTP 413 payload too large")
-        if error is not None and classify(*error, method) is Verdict.RANGE:
+        if error is not None and classify(*error, method, shrinkable=True) is Verdict.RANGE:
             raise RpcRangeTooLarge(f"HTTP {status}, error {error[0]}: {_excerpt(error[1])}")
     if status in TRANSIENT_STATUSES or status >= 500:
         kind = "http_5xx" if status >= 500 else f"http_{status}"
@@ -178,18 +200,18 @@ def check_status(
     if batch:
         raise BatchRejected(f"HTTP {status}")
     if error is not None:
-        _raise_for_error(*error, method)
+        _raise_for_error(*error, method, shrinkable=shrinkable)
     raise RpcResponseError(None, f"HTTP {status}", method)
 
 
-def result_of(payload: object, request_id: int, method: str) -> object:
+def result_of(payload: object, request_id: int, method: str, *, shrinkable: bool = False) -> object:
     """Return the result of one JSON-RPC answer, or raise what its error calls for."""
     if not isinstance(payload, dict):
         raise RpcResponseError(None, "answer is not a JSON object", method)
     error = payload.get("error")
     if error is not None:
         code, message = _check_error(error, method)
-        _raise_for_error(code, message, method)
+        _raise_for_error(code, message, method, shrinkable=shrinkable)
     if "result" not in payload:
         raise RpcResponseError(None, "answer has neither result nor error", method)
     if payload.get("id") != request_id:
@@ -197,14 +219,19 @@ def result_of(payload: object, request_id: int, method: str) -> object:
     return payload["result"]
 
 
-def batch_results(payload: object, ids: Sequence[int], method: str) -> list[object]:
-    """Return the results of a batch answer in request order; any failed item fails the batch."""
+def batch_results(
+    payload: object, ids: Sequence[int], method: str, *, shrinkable: bool = False
+) -> list[object]:
+    """Return the results of a batch answer in request order; any failed item fails the batch.
+
+    `method`: the batch's method, or for a mixed batch the one whose errors it is classed by.
+    """
     if not isinstance(payload, list):
         error = payload.get("error") if isinstance(payload, dict) else None
         if error is not None:
             code, message = _check_error(error, method)
-            if classify(code, message, method) is Verdict.TRANSIENT:
-                _raise_for_error(code, message, method)
+            if classify(code, message, method, shrinkable=shrinkable) is not Verdict.FINAL:
+                _raise_for_error(code, message, method, shrinkable=shrinkable)
             raise BatchRejected(f"error {code}: {_excerpt(message)}")
         raise BatchRejected("answer to a batch is not a list")
     by_id: dict[object, object] = {}
@@ -220,9 +247,13 @@ def batch_results(payload: object, ids: Sequence[int], method: str) -> list[obje
         if error is not None:
             code, message = _check_error(error, method)
             # Some providers cap batch size by failing the items past the cap.
-            if classify(code, message, method) is Verdict.FINAL and "batch" in message.lower():
+            verdict = classify(code, message, method, shrinkable=shrinkable)
+            if verdict is Verdict.FINAL and "batch" in message.lower():
                 raise BatchRejected(f"error {code}: {_excerpt(message)}")
-    return [result_of(by_id[request_id], request_id, method) for request_id in ids]
+    return [
+        result_of(by_id[request_id], request_id, method, shrinkable=shrinkable)
+        for request_id in ids
+    ]
 
 
 def parse_quantity(value: object, what: str, method: str) -> int:
@@ -242,26 +273,27 @@ def _error_object(body: bytes) -> tuple[int, str] | None:
     except orjson.JSONDecodeError:
         return None
     error = payload.get("error") if isinstance(payload, dict) else None
-    if not isinstance(error, dict):
+    if error is None:
         return None
-    code, message = error.get("code"), error.get("message")
-    if isinstance(code, int) and isinstance(message, str):
-        return code, message
-    return None
+    try:
+        return _check_error(error, "")
+    except RpcResponseError:
+        return None
 
 
 def _check_error(error: object, method: str) -> tuple[int, str]:
     """Return (code, message) of a JSON-RPC error object, or raise if it is malformed."""
     if isinstance(error, dict):
-        code, message = error.get("code"), error.get("message", "")
+        code, message, data = error.get("code"), error.get("message", ""), error.get("data")
         if isinstance(code, int) and not isinstance(code, bool) and isinstance(message, str):
-            return code, message
+            # Some providers say only "invalid params" and put the reason in `data`.
+            return code, f"{message}: {data}" if isinstance(data, str) and data else message
     raise RpcResponseError(None, f"malformed error object: {_excerpt(repr(error))}", method)
 
 
-def _raise_for_error(code: int, message: str, method: str) -> NoReturn:
+def _raise_for_error(code: int, message: str, method: str, *, shrinkable: bool) -> NoReturn:
     """Raise what a JSON-RPC error calls for."""
-    verdict = classify(code, message, method)
+    verdict = classify(code, message, method, shrinkable=shrinkable)
     if verdict is Verdict.RANGE:
         raise RpcRangeTooLarge(f"error {code}: {_excerpt(message)}")
     if verdict is Verdict.TRANSIENT:

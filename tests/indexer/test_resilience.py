@@ -330,6 +330,40 @@ async def test_a_node_lagging_behind_the_head_loses_no_event_at_the_tip(
     assert_gap_free(entries)
 
 
+async def test_a_node_lagging_more_than_the_window_loses_no_event_in_catch_up(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """Catch-up asks for logs by block range, which a backend behind the head answers with
+    no logs for the blocks it lacks, and no error: a range is taken only from a backend that
+    shows it has the range's last block, so nothing is skipped."""
+    driver = ActivityDriver(dev_chain, deployment, seed=57, txs_per_block=4)
+    await driver.cover_all_events()
+    await driver.run(blocks=30)
+    async with RpcFaultProxy(
+        anvil.rpc_url, seed=12, rates={"lagging": 0.5}, fault_methods={"eth_getLogs"}, lag_blocks=25
+    ) as proxy:
+        overrides = {
+            "RPC_PROVIDER_URL": proxy.url,
+            "RPC_MAX_RETRIES": "30",
+            "REORG_WINDOW": "8",
+            "LOGS_RANGE_INITIAL": "4",
+            "LOGS_RANGE_MAX": "8",
+        }
+        with make_indexer(**overrides) as indexer:
+            entries = await caught_up(
+                indexer, dev_chain, redis_client, stream_key, database_url, deployment
+            )
+        lagged = proxy.injected["lagging"]
+    assert lagged > 0
+    assert_gap_free(entries)
+
+
 async def test_a_node_lagging_behind_the_head_for_every_method_stops_nothing(
     dev_chain: DevChain,
     deployment: Deployment,

@@ -28,7 +28,14 @@ from indexer.errors import (
 )
 from indexer.rpc import LogRangeSizer, RawLog, RpcClient, fetch_logs
 from indexer.rpc_results import LogQuery, parse_logs
-from indexer.rpc_wire import TransientFailure, Verdict, check_status, classify
+from indexer.rpc_wire import (
+    BatchRejected,
+    TransientFailure,
+    Verdict,
+    check_status,
+    classify,
+    result_of,
+)
 from tests.support.rpc_proxy import FAULT_KINDS, RpcFaultProxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -375,11 +382,28 @@ async def test_wrong_chain_raises_chain_id_mismatch(chain: Chain) -> None:
         (-32602, "query exceeds max results 20000, retry with the range 1-2"),
         (-32000, "Query timeout exceeded. Consider reducing your block range."),
         (-32005, "logs matched by query exceeds limit of 10000"),
+        (-32602, "range 1000000 exceeds limit of 10000"),
+        (-32614, "eth_getLogs is limited to a 10,000 range"),
     ],
 )
 def test_provider_range_wordings_are_range_errors(code: int, message: str) -> None:
-    """Range refusals of known providers classify as range errors for eth_getLogs."""
-    assert classify(code, message, "eth_getLogs") is Verdict.RANGE
+    """Range refusals of known providers classify as range errors for an eth_getLogs range
+    that can shrink; for one that cannot (by block hash, or at the floor) they are retried."""
+    assert classify(code, message, "eth_getLogs", shrinkable=True) is Verdict.RANGE
+    assert classify(code, message, "eth_getLogs", shrinkable=False) is Verdict.TRANSIENT
+
+
+def test_a_reason_given_only_in_the_error_data_is_read() -> None:
+    """Some providers answer "invalid params" and give the range refusal in `error.data`."""
+    answer = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "error": {"code": -32602, "message": "invalid params", "data": "block range too large"},
+    }
+    with pytest.raises(RpcRangeTooLarge):
+        result_of(answer, 1, "eth_getLogs", shrinkable=True)
+    with pytest.raises(RpcResponseError):
+        result_of({**answer, "error": {"code": -32602, "message": "invalid params"}}, 1, "x")
 
 
 @pytest.mark.parametrize(
@@ -408,9 +432,14 @@ def test_other_errors_classify_as_transient_or_final(
 
 
 def test_http_statuses_are_classified() -> None:
-    """413 on eth_getLogs is a range error, 429/5xx are transient, other 4xx are final."""
+    """413 on an eth_getLogs range is a range error, 429/5xx are transient, other 4xx are
+    final (for a batch: batches refused)."""
     with pytest.raises(RpcRangeTooLarge):
-        check_status(413, b"", None, "eth_getLogs")
+        check_status(413, b"", None, "eth_getLogs", shrinkable=True)
+    with pytest.raises(RpcRangeTooLarge):
+        check_status(413, b"", None, "eth_getLogs", batch=True, shrinkable=True)
+    with pytest.raises(BatchRejected):
+        check_status(413, b"", None, "eth_getLogs", batch=True)
     with pytest.raises(TransientFailure) as raised:
         check_status(429, b"", "7", "eth_blockNumber")
     assert raised.value.retry_after == 7
