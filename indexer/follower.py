@@ -170,7 +170,10 @@ class Follower:
             )
             return
         if replaced:
-            await self._handle_reorg()
+            try:
+                await self._handle_reorg()
+            except BlockNotFound as exc:  # the first step looks again
+                log.warning("the reorg at start-up is looked at again", reason=str(exc))
 
     async def _cursor_replaced(self) -> bool:
         """Whether the node's block at the cursor's height is another one than the stored.
@@ -232,7 +235,10 @@ class Follower:
                 await self.step(target, head)
                 continue
             if self._replaced(head):
-                await self._handle_reorg()
+                try:
+                    await self._handle_reorg()
+                except BlockNotFound as exc:
+                    await self._fetch_again(exc)
                 continue
             self._metrics.lag.set(max(0, self._target(self.head) - self.cursor))
             if self._bulk_done:
@@ -274,11 +280,14 @@ class Follower:
                 last = min(first + TIP_MAX_BLOCKS - 1, self._batch_end(first, target))
                 await self._index_tip(first, last, head)
         except (ReorgDuringFetch, BlockNotFound) as exc:
-            # The chain moved under us between two calls, or the node that answered is behind
-            # the one that gave the head (a load balancer): the next step sees either settled.
-            log.info("range changed or incomplete, fetching again", reason=str(exc))
-            self._metrics.fetch_retries.inc()
-            await asyncio.sleep(min(self._config.poll_interval, 0.5))
+            await self._fetch_again(exc)
+
+    async def _fetch_again(self, exc: ReorgDuringFetch | BlockNotFound) -> None:
+        """The chain moved under us between two calls, or the node that answered is behind the
+        one that gave the head (a load balancer): the next step sees either settled."""
+        log.info("range changed or incomplete, fetching again", reason=str(exc))
+        self._metrics.fetch_retries.inc()
+        await asyncio.sleep(min(self._config.poll_interval, 0.5))
 
     async def backfill(self, first: int, last: int) -> int:
         """Fetch an already indexed range again and store what is missing; the cursor stays."""
@@ -367,11 +376,13 @@ class Follower:
         await self._save(self._batch(gathered, headers, stored_headers=fetched, cursor=fetched[-1]))
 
     async def _canonical(self, header: BlockHeader) -> bool:
-        """Whether the node's block at that height is still this one (it checks its ancestors)."""
-        try:
-            current = await self._rpc.get_block_header(header.number)
-        except BlockNotFound:  # the chain is shorter now
-            return False
+        """Whether the node's block at that height is still this one (it checks its ancestors).
+
+        Raises BlockNotFound when the node has no block there. Every caller has seen the chain
+        reach past that height, so that is a node behind another (a load balancer), not a
+        shorter chain: taking it as "replaced" would retract canonical blocks.
+        """
+        current = await self._rpc.get_block_header(header.number)
         return current.hash == header.hash
 
     async def _gather(

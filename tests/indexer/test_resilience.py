@@ -152,6 +152,51 @@ async def test_reorgs_within_the_window_follow_the_canonical_chain(
     assert not set(new_branch) & set(retracted)
 
 
+async def test_a_reorg_seen_through_a_lagging_node_retracts_only_the_replaced_blocks(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """Looking for the common ancestor, a stored block the answering node does not have yet
+    (a backend behind, not a shorter chain: the head is above it) is asked again later, not
+    taken as replaced: no canonical event is retracted, and no reorg looks too deep."""
+    driver = ActivityDriver(dev_chain, deployment, seed=58, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=10)
+    async with RpcFaultProxy(
+        anvil.rpc_url,
+        seed=13,
+        rates={"lagging": 0.5},
+        fault_methods={"eth_getBlockByNumber"},
+        lag_blocks=4,
+    ) as proxy:
+        overrides = {"RPC_PROVIDER_URL": proxy.url, "RPC_MAX_RETRIES": "30", "REORG_WINDOW": "4"}
+        with make_indexer(**overrides) as indexer:
+            for _ in range(6):  # each time the head block, by one holding another event
+                head = await dev_chain.block_number()
+                await caught_up(
+                    indexer, dev_chain, redis_client, stream_key, database_url, deployment
+                )
+                retracted = await blocks_events(dev_chain, deployment, head)
+                assert retracted, "the replaced block holds events"
+                seen = len(await stream_entries(redis_client, stream_key))
+                replacement = reorg_transactions(dev_chain, deployment)
+                await dev_chain.request("anvil_reorg", [1, replacement])
+                entries = await caught_up(
+                    indexer, dev_chain, redis_client, stream_key, database_url, deployment
+                )
+                removals = [envelope["id"] for _, envelope in entries[seen:] if envelope["removed"]]
+                assert removals == list(reversed(retracted))
+            assert indexer.running
+        lagged = proxy.injected["lagging"]
+    assert lagged > 0
+    assert_gap_free(entries)
+
+
 async def test_reorg_while_stopped_is_found_at_start_up(
     dev_chain: DevChain,
     deployment: Deployment,
