@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from indexer.errors import BlockNotFound, RpcResponseError
+from indexer.errors import BlockNotFound, ReorgDuringFetch, RpcResponseError
 from indexer.rpc_wire import GET_LOGS, parse_quantity
 from shared.evm import normalize_address
 
@@ -159,6 +159,8 @@ def _log(item: object, query: LogQuery, hashes: dict[str, str]) -> RawLog:
     removed = item.get("removed", False)
     if not isinstance(removed, bool):
         raise RpcResponseError(None, "log removed flag is not a boolean", GET_LOGS)
+    if removed:  # its block was replaced while the node answered: ask again
+        raise ReorgDuringFetch("a log in the answer is marked removed")
     log = RawLog(
         address=address.lower(),
         topics=tuple(_hash(t, "topic", GET_LOGS, hashes) for t in topics),

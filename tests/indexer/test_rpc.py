@@ -22,6 +22,7 @@ from devnet.services import ANVIL_CHAIN_ID, Anvil
 from indexer.errors import (
     BlockNotFound,
     ChainIdMismatch,
+    ReorgDuringFetch,
     RpcRangeTooLarge,
     RpcResponseError,
     RpcUnavailable,
@@ -484,6 +485,14 @@ def test_unexpected_logs_are_rejected(result: object) -> None:
     assert parse_logs([_log_item()], query)
     with pytest.raises(RpcResponseError):
         parse_logs(result, query)
+
+
+def test_a_log_marked_removed_makes_the_range_be_fetched_again() -> None:
+    """eth_getLogs answers with logs of the canonical chain; a node that marks one removed saw
+    its block replaced meanwhile, so the answer is not stored but fetched again."""
+    query = LogQuery.build(5, 15, ["0x" + "11" * 20], [TOPIC0])
+    with pytest.raises(ReorgDuringFetch):
+        parse_logs([_log_item(removed=True)], query)
 
 
 def test_sizer_doubles_on_success_up_to_the_maximum() -> None:
