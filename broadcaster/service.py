@@ -112,6 +112,7 @@ async def run(settings: BroadcasterSettings) -> None:
         hub.source = stream
 
         stream_top = StreamTop(stream)
+        await stream.boot(hub, history=settings.ws_history_size)
 
         async def status() -> dict[str, Any]:
             return await health(hub, stream_top)

@@ -51,6 +51,7 @@ class EventStream:
         self._timeout = timeout
         self._block_ms = max(1, int(timeout * 500))
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
+        self._booted: bytes | None = None  # where follow() starts, once boot() succeeded
 
     async def top(self) -> int:
         """The seq of the newest entry ever added (last-generated-id), 0 for no stream."""
@@ -76,7 +77,7 @@ class EventStream:
         connected (/healthz says 503) and get everything they missed once it is back; exiting
         would instead drop every client at once.
         """
-        cursor: bytes | None = None
+        cursor, self._booted = self._booted, None
         failures = 0
         while True:
             try:
@@ -111,6 +112,22 @@ class EventStream:
                     seq=hub.position,
                 )
                 await asyncio.sleep(delay)
+
+    async def boot(self, hub: Hub, *, history: int) -> None:
+        """Take the stream's position and recent history before clients are served, so that a
+        resume arriving the moment the server listens is answered rather than told to reload.
+
+        One attempt, bounded: with Redis away the server serves anyway and follow() boots
+        once Redis is back (until then resumes answer recovered: false).
+        """
+        try:
+            async with asyncio.timeout(self._timeout):
+                self._booted = await self._boot(hub, history)
+        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+            log.warning(
+                "redis unreachable at start; serving clients, following the stream once back",
+                error=str(exc) or type(exc).__name__,
+            )
 
     async def _boot(self, hub: Hub, history: int) -> bytes:
         """Start at the stream's newest entry, with recent entries in memory for resumes."""

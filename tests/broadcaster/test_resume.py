@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from broadcaster.service import run
+from devnet.services import Redis
 from tests.broadcaster.support import (
     MARKET,
     OTHER_MARKET,
+    WITHIN,
     EventProducer,
     Running,
     WsClient,
+    settings_for,
     ws_client,
 )
 
@@ -43,6 +48,33 @@ async def test_resume_from_redis(start: Start, producer: EventProducer) -> None:
             ack = await client.subscribe("events:*", since=3)
             assert [e["seq"] for e in ack["replayedEvents"]] == list(range(4, 701))
             assert ack["recovered"] is True
+
+
+async def test_a_resume_as_soon_as_the_server_listens_is_answered(
+    redis_server: Redis, stream_key: str, producer: EventProducer
+) -> None:
+    """A client that reconnects the moment a (re)started server accepts connections gets its
+    replay: the server reads the stream's position and recent history before it listens."""
+    await producer.publish(count=5000)
+    settings = settings_for(redis_server.url, stream_key)
+    task = asyncio.create_task(run(settings), name="broadcaster-under-test")
+    try:
+        url = f"ws://127.0.0.1:{settings.ws_port}{settings.ws_path}"
+        async with asyncio.timeout(WITHIN):
+            while True:
+                try:
+                    async with ws_client(url) as client:
+                        ack = await client.subscribe("events:*", since=4990)
+                        break
+                except OSError:  # not listening yet
+                    assert not task.done()
+                    await asyncio.sleep(0.005)
+        assert ack["recovered"] is True
+        assert [e["seq"] for e in ack["replayedEvents"]] == list(range(4991, 5001))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_messages_sent_during_a_resume_wait_for_it_in_order(
