@@ -55,7 +55,15 @@ async def resume(hub: Hub, client: Client, channel: str, since: int) -> Resume:
     client.subs[channel] = min(since, older.get(channel, since))
     client.pending = []
     client.pending_bytes = 0
-    recovered, replayed = await _replay(hub, client, channel, since, boundary, older)
+    recovered, replayed, covered = await _replay(hub, client, channel, since, boundary, older)
+    if client.dropped or client not in hub.clients:
+        # Closed meanwhile: its subscriptions are gone and must stay so (and uncounted).
+        return Resume(seq=boundary, recovered=False, replayed=replayed)
+    # A later resume of an overlapping channel skips what this one covers, so it must claim
+    # only what it delivered: from the last gap in its replay (the start of a trimmed stream),
+    # or from the boundary if the replay was refused or cut short (then some may come twice,
+    # to a client told to reload anyway).
+    client.subs[channel] = min(covered, older.get(channel, covered))
     hub.metrics.replays.labels(recovered=str(recovered).lower()).inc()
     hub.metrics.replay_size.observe(replayed)
     return Resume(seq=boundary, recovered=recovered, replayed=replayed)
@@ -89,53 +97,58 @@ async def _replay(
     since: int,
     boundary: int | None,
     older: dict[str, int],
-) -> tuple[bool, int]:
-    """Send the history of channel in (since, boundary]; return (complete, sent)."""
+) -> tuple[bool, int, int]:
+    """Send the history of channel in (since, boundary].
+
+    Returns (complete, sent, covered): covered is the seq after which every matching event up
+    to the boundary was delivered.
+    """
     if boundary is None:
-        return False, 0  # not reading the stream yet (Redis unreachable since boot)
+        return False, 0, since  # not reading the stream yet (Redis unreachable since boot)
     if since >= boundary:
-        return await _await_since(hub, client, channel, since, boundary, older)
+        complete = await _await_since(hub, since, boundary)
+        return complete, 0, since if complete else boundary
     if boundary - since > hub.replay_limit:
-        return False, 0
+        return False, 0, boundary
     covered = [(matcher(sub), start) for sub, start in older.items()]
     wanted = matcher(channel)
     if hub.history.covers(since, boundary):
         entries = hub.history.between(since, boundary)
-        return True, await _send(hub, client, entries, wanted, covered)
+        return True, await _send(hub, client, entries, wanted, covered), since
     if hub.source is None:
-        return False, 0
-    recovered, sent, after = True, 0, since
+        return False, 0, boundary
+    sent, after, contiguous_from = 0, since, since
     while after < boundary:
         try:
             page = await hub.source.entries(after, boundary, REPLAY_PAGE)
         except StreamUnavailable as exc:
             log.warning("resume could not read the stream", error=str(exc))
-            return False, sent
+            return False, sent, boundary
         if not page:
             break
         for seq, _ in page:
-            recovered = recovered and seq == after + 1
+            if seq != after + 1:  # trimmed or missing: nothing before it is delivered whole
+                contiguous_from = seq - 1
             after = seq
         sent += await _send(hub, client, page, wanted, covered)
-    return recovered and after >= boundary, sent
+    if after < boundary:
+        return False, sent, boundary
+    return contiguous_from == since, sent, contiguous_from
 
 
-async def _await_since(
-    hub: Hub, client: Client, channel: str, since: int, boundary: int, older: dict[str, int]
-) -> tuple[bool, int]:
-    """since is at or past our position: the client saw it through a faster instance."""
+async def _await_since(hub: Hub, since: int, boundary: int) -> bool:
+    """since is at or past our position: the client saw it through a faster instance.
+
+    False for a since the stream never had (it was recreated) or that this instance cannot
+    reach: the subscription goes live from here and the client is told to reload.
+    """
     if since == boundary:
-        return True, 0
+        return True
     try:
         top = await hub.source.top() if hub.source is not None else None
     except StreamUnavailable:
         top = None
-    if top is not None and since <= top and await hub.reached(since, CATCH_UP_TIMEOUT):
-        return True, 0
-    # A since the stream never had (it was recreated) or that we cannot reach: go live
-    # from here; the client is told to reload.
-    client.subs[channel] = min(boundary, older.get(channel, boundary))
-    return False, 0
+    return top is not None and since <= top and await hub.reached(since, CATCH_UP_TIMEOUT)
 
 
 async def _send(

@@ -75,6 +75,34 @@ async def test_half_open_redis_socket_is_detected(
         assert [e["seq"] for e in events] == [3, 4, 5]
 
 
+async def test_a_connection_closed_during_a_resume_leaves_no_subscription_behind(
+    start: Start, producer: EventProducer, redis_server: Redis
+) -> None:
+    """A resume still waiting on Redis when its client closes does not put the subscription
+    back: once the connection is gone, the subscription count is zero, not negative."""
+    await producer.publish(count=10)
+    async with (
+        TcpProxy(redis_server.port) as proxy,
+        start(
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0", broadcaster_redis_timeout=1.0
+        ) as server,
+    ):
+        await server.wait_health(seq=10)
+        proxy.freeze()  # the resume below waits on Redis for its timeout
+        client = await RawClient.open(server.settings.ws_port)
+        try:
+            await client.read_frame()  # connected
+            client.send_frame(0x1, b'{"type":"subscribe","channel":"events:*","since":15}')
+            client.send_frame(0x8, b"\x03\xe8")
+            await client.until_close()
+            await asyncio.sleep(2.0)  # the resume's Redis read times out meanwhile
+        finally:
+            client.close()
+        await server.wait_health(connections=0)
+        assert await server.metric("kektech_broadcaster_subscriptions") == 0
+        assert (await server.health())["subscriptions"] == 0
+
+
 async def test_slow_consumer_is_cut_off_and_others_keep_their_latency(
     start: Start, producer: EventProducer
 ) -> None:

@@ -77,6 +77,22 @@ async def test_a_resume_as_soon_as_the_server_listens_is_answered(
             await task
 
 
+async def test_a_resume_that_could_not_replay_covers_nothing_before_its_ack(
+    start: Start, producer: EventProducer
+) -> None:
+    """A subscription whose replay was refused (too far back) delivered nothing before its
+    ack, so a later resume on an overlapping channel still replays those events."""
+    async with start(ws_replay_limit=100) as server:
+        await producer.publish(count=300)
+        await server.wait_health(seq=300)
+        async with ws_client(server.url) as client:
+            refused = await client.subscribe(f"market:{MARKET}", since=0)
+            assert (refused["recovered"], refused["replayed"]) == (False, 0)
+            ack = await client.subscribe("events:*", since=290)
+            assert ack["recovered"] is True
+            assert [e["seq"] for e in ack["replayedEvents"]] == list(range(291, 301))
+
+
 async def test_messages_sent_during_a_resume_wait_for_it_in_order(
     start: Start, producer: EventProducer
 ) -> None:
