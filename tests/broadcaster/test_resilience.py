@@ -45,8 +45,10 @@ async def test_redis_restart_mid_stream(
         await b.subscribe("events:*")
         await producer.publish(count=5)
         redis_server.stop()
-        await server.wait_health(redis="down")
-        redis_server.start()
+        try:
+            await server.wait_health(redis="down")
+        finally:  # the session's Redis: the tests after this one need it
+            redis_server.start()
         await producer.publish(count=5)  # the producer's client reconnects by itself
         for client in (a, b):
             assert [e["seq"] for e in await client.events(10, within=10)] == list(range(1, 11))

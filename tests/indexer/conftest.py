@@ -132,6 +132,12 @@ def assert_gap_free(entries: list[tuple[int, dict[str, Any]]]) -> None:
     assert all(envelope["seq"] == seq for seq, envelope in entries)
 
 
+def assert_no_duplicates(entries: list[tuple[int, dict[str, Any]]]) -> None:
+    """Without a reorg, no event is in the stream twice (at-least-once stops at the stream)."""
+    ids = [envelope["id"] for _, envelope in entries]
+    assert len(ids) == len(set(ids)), [i for i in set(ids) if ids.count(i) > 1]
+
+
 def live_ids(entries: list[tuple[int, dict[str, Any]]]) -> list[str]:
     """Ids of the events still on the chain once removal notices are applied, in order."""
     alive: dict[str, None] = {}

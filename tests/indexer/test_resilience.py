@@ -17,8 +17,10 @@ from tests.broadcaster.support import read_stream_after
 from tests.indexer.conftest import (
     assert_database_equals_chain,
     assert_gap_free,
+    assert_no_duplicates,
     caught_up,
     expected_ids,
+    stored_keys,
     stream_entries,
     tracked_chain_logs,
 )
@@ -26,6 +28,7 @@ from tests.indexer.test_indexing import STOP_BOUND
 from tests.support.indexer_process import IndexerProcess
 from tests.support.rpc_proxy import RpcFaultProxy
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import eventually
 
 
 async def follow_stream(client: aioredis.Redis, key: str, seen: list[int]) -> None:
@@ -60,7 +63,9 @@ async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
     indexer = make_indexer()
     for _ in range(10):
         indexer.start()
-        await asyncio.sleep(rng.uniform(0.6, 2.5))
+        await indexer.wait_cursor(0)  # started: following the chain, not still importing
+        await asyncio.sleep(rng.uniform(0.05, 1.5))
+        assert indexer.running
         indexer.kill()
     await busy
     indexer.start()
@@ -70,9 +75,14 @@ async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
         )
     finally:
         indexer.kill()
-    await asyncio.sleep(0.5)
+
+    async def consumed() -> bool:
+        return len(seen) >= len(entries)
+
+    await eventually(consumed, within=10, what="the live consumer read the whole stream")
     consumer.cancel()
     assert_gap_free(entries)
+    assert_no_duplicates(entries)
     assert seen == [seq for seq, _ in entries]  # the live consumer saw all of them, in order
     assert not any(envelope["removed"] for _, envelope in entries)
 
@@ -302,11 +312,13 @@ async def test_reorg_deeper_than_the_window_halts_without_deleting(
     with make_indexer(REORG_WINDOW="4") as indexer:
         await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
         before = await stream_entries(redis_client, stream_key)
+        stored = await stored_keys(database_url)
         await dev_chain.request("anvil_reorg", [6, reorg_transactions(dev_chain, deployment)])
         await dev_chain.mine_empty(1)
         assert await indexer.wait_exit(within=20) == 1
     assert "REORG_WINDOW=4" in indexer.log_text()
     assert await stream_entries(redis_client, stream_key) == before
+    assert await stored_keys(database_url) == stored
     with pytest.raises(AssertionError):
         await assert_database_equals_chain(database_url, dev_chain, deployment)
 
@@ -342,6 +354,7 @@ async def test_rpc_faults_cause_no_loss_and_no_duplicates(
             )
         injected = dict(proxy.injected)
     assert_gap_free(entries)
+    assert_no_duplicates(entries)
     assert not any(envelope["removed"] for _, envelope in entries)
     assert all(injected.get(kind, 0) > 0 for kind in rates), injected
     assert injected["range"] > 0, injected
