@@ -1,9 +1,10 @@
 """Every KEKTECH event the indexer understands, keyed by (contract kind, topic0).
 
-The declarations are copied verbatim from the deployed contracts (see docs/events.md). Several
-names exist on more than one contract with different signatures (`MarketResolved`,
-`MarketApproved`, `MarketActivated`, `MarketRejected`), so lookups are always by the emitting
-contract's kind and topic0, never by name.
+The declarations are copied verbatim from the deployed contracts (tests/reference_events.py
+holds them again, independently, and the tests check this table against it). Several names
+exist on more than one contract with different signatures (`MarketResolved`, `MarketApproved`,
+`MarketActivated`, `MarketRejected`), so lookups are always by the emitting contract's kind
+and topic0, never by name.
 """
 
 from __future__ import annotations
