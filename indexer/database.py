@@ -58,8 +58,18 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 class Database:
     """A small asyncpg pool for one process; see the module docstring for its bounds."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, command_timeout: float) -> None:
         self._pool = pool
+        # A dead path may leave the server's side open, inside a transaction that holds the
+        # cursor's and the lease's row locks; the server keeps such a session until TCP
+        # keepalive gives up (about 2 h by default), and every restart would wait on those
+        # locks. Bounded here, per transaction (SET LOCAL: also through a transaction pooler,
+        # which refuses such settings at connection start-up), in the same round trip as BEGIN.
+        bound_ms = max(1, int(command_timeout * 1000))
+        self._begin = (
+            f"BEGIN; SET LOCAL idle_in_transaction_session_timeout = {bound_ms};"
+            f" SET LOCAL statement_timeout = {bound_ms}"
+        )
 
     @classmethod
     @asynccontextmanager
@@ -88,7 +98,7 @@ class Database:
         except asyncpg.PostgresError as exc:  # no such database or role, authentication
             raise StoreError(f"database refused the connection: {exc}") from exc
         try:
-            yield cls(pool)
+            yield cls(pool, command_timeout=command_timeout)
         finally:
             try:
                 # On any error, cancellation included, close() terminates the pool itself.
@@ -120,12 +130,15 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        """A connection in a transaction, committed if the block ends without an error."""
+        """A connection in a transaction, committed if the block ends without an error.
+
+        On an error the connection is dropped (see connection()), which rolls back; the server
+        itself ends the transaction if the link is dead and its side stays open (__init__).
+        """
         async with self.connection() as conn:
-            transaction = conn.transaction()
-            await transaction.start()
+            await conn.execute(self._begin)
             yield conn
-            await transaction.commit()
+            await conn.execute("COMMIT")
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         async with self.connection() as conn:

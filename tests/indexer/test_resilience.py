@@ -550,3 +550,33 @@ async def test_a_database_that_stops_answering_makes_the_indexer_exit_for_a_rest
             restarted, dev_chain, redis_client, stream_key, database_url, deployment
         )
     assert_gap_free(entries)
+
+
+async def test_a_transaction_cut_off_by_a_dead_network_path_does_not_block_the_restart(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    postgres: Postgres,
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """The path to Postgres dies after the server got a batch's statements but not its
+    COMMIT, and nothing closes the server's side: the server ends that transaction, and the
+    row locks it holds, within DB_COMMAND_TIMEOUT instead of hours (TCP keepalive), so the
+    restarted indexer goes on."""
+    driver = ActivityDriver(dev_chain, deployment, seed=62, txs_per_block=3)
+    await driver.run(blocks=3)
+    async with TcpProxy(postgres.port) as proxy:
+        url = database_url.replace(f":{postgres.port}/", f":{proxy.port}/")
+        with make_indexer(DATABASE_URL=url, DB_COMMAND_TIMEOUT="2") as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+            proxy.freeze_before = b"COMMIT"
+            await driver.run(blocks=2)
+            assert await indexer.wait_exit(within=STOP_BOUND) == 1
+        # The dead path's connections stay open on the server's side meanwhile.
+        with make_indexer(DB_COMMAND_TIMEOUT="2") as restarted:
+            entries = await caught_up(
+                restarted, dev_chain, redis_client, stream_key, database_url, deployment
+            )
+    assert_gap_free(entries)

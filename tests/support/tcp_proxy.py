@@ -1,7 +1,9 @@
 """A TCP proxy on a free 127.0.0.1 port, for network conditions the real services never show
 on loopback: `delay` adds a round-trip time (half of it each way, as a remote database or
 Redis across a network), `freeze()` silences the open connections without closing them, as a
-dead network path (a half-open socket) would. Both may be changed while the proxy runs.
+dead network path (a half-open socket) would; `freeze_before = b"..."` does it the moment a
+client sends those bytes, before they pass (e.g. b"COMMIT": the path dies with a transaction
+open on the server). All may be changed while the proxy runs.
 
     async with TcpProxy(postgres.port) as proxy:
         proxy.delay = 0.005  # every round trip through proxy.port now takes 5 ms more
@@ -34,6 +36,7 @@ class TcpProxy:
     def __init__(self, target_port: int, *, delay: float = 0.0) -> None:
         self.target_port = target_port
         self.delay = delay
+        self.freeze_before: bytes | None = None
         self.port = 0
         self._server: asyncio.Server | None = None
         self._links: list[_Link] = []
@@ -73,8 +76,8 @@ class TcpProxy:
             return
         link = _Link(writer, up_writer)
         self._links.append(link)
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            self._spawn(self._pipe(source, sink, link))
+        self._spawn(self._pipe(reader, up_writer, link, from_client=True))
+        self._spawn(self._pipe(up_reader, writer, link, from_client=False))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         pipe = asyncio.create_task(coro)
@@ -82,7 +85,12 @@ class TcpProxy:
         pipe.add_done_callback(self._pipes.discard)
 
     async def _pipe(
-        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, link: _Link
+        self,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        link: _Link,
+        *,
+        from_client: bool,
     ) -> None:
         """Copy source to sink; chunks are queued with their due time so order is kept."""
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
@@ -91,6 +99,8 @@ class TcpProxy:
         try:
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 while data := await source.read(CHUNK):
+                    if from_client and self.freeze_before and self.freeze_before in data:
+                        self.freeze()
                     queue.put_nowait((loop.time() + self.delay / 2, data))
             queue.put_nowait((loop.time() + self.delay / 2, b""))  # end of stream
             await deliver
