@@ -60,6 +60,7 @@ class Database:
 
     def __init__(self, pool: asyncpg.Pool, *, command_timeout: float) -> None:
         self._pool = pool
+        self.command_timeout = command_timeout
         # A dead path may leave the server's side open, inside a transaction that holds the
         # cursor's and the lease's row locks; the server keeps such a session until TCP
         # keepalive gives up (about 2 h by default), and every restart would wait on those

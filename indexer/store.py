@@ -8,6 +8,7 @@ or one that lost its lease while paused, can never commit.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -341,10 +342,8 @@ class Store:
             outbox_rows: list[tuple[Any, ...]] = []
             if batch.cursor is None or len(fresh) > COPY_ABOVE:
                 # Streamed: the rows and envelopes of a large batch are never all in memory.
-                await conn.copy_records_to_table(
-                    "events", records=new_events, columns=EVENT_COLUMNS
-                )
-                await self._insert_outbox(conn, new_outbox)
+                await self._copy(conn, "events", new_events, EVENT_COLUMNS)
+                await self._copy(conn, "outbox", new_outbox, OUTBOX_COLUMNS)
             else:
                 event_rows, outbox_rows = list(new_events), list(new_outbox)
                 handed = [
@@ -379,9 +378,20 @@ class Store:
                 raise LeaseLost(lease.owner)
         return SavedBatch(fresh=fresh, outbox=handed)
 
-    @staticmethod
-    async def _insert_outbox(conn: asyncpg.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
-        await conn.copy_records_to_table("outbox", records=rows, columns=OUTBOX_COLUMNS)
+    async def _copy(
+        self,
+        conn: asyncpg.Connection,
+        table: str,
+        rows: Iterable[tuple[Any, ...]],
+        columns: Sequence[str],
+    ) -> None:
+        """COPY rows into a table, bounded like a statement.
+
+        asyncpg's command timeout covers a COPY's answer but not its writing: on a path that
+        stops taking data, the write would wait on the socket for ever (asyncpg 0.32).
+        """
+        async with asyncio.timeout(self._db.command_timeout):
+            await conn.copy_records_to_table(table, records=rows, columns=columns)
 
     async def _rebuild_markets(self, conn: asyncpg.Connection, addresses: set[str]) -> None:
         """Recompute the rows of these markets from every event stored for them.
@@ -446,7 +456,7 @@ class Store:
                         if event.market:
                             markets.add(event.market)
                 if notices:
-                    await self._insert_outbox(conn, notices)
+                    await self._copy(conn, "outbox", notices, OUTBOX_COLUMNS)
                 retracted += len(records)
                 if len(records) < READ_PAGE:
                     break

@@ -3,7 +3,9 @@ on loopback: `delay` adds a round-trip time (half of it each way, as a remote da
 Redis across a network), `freeze()` silences the open connections without closing them, as a
 dead network path (a half-open socket) would; `freeze_before = b"..."` does it the moment a
 client sends those bytes, before they pass (e.g. b"COMMIT": the path dies with a transaction
-open on the server). All may be changed while the proxy runs.
+open on the server); `stall_before = b"..."` instead stops reading from that client there, so
+its writes block once the socket buffers are full, as on a path that stops taking data. All
+may be changed while the proxy runs.
 
     async with TcpProxy(postgres.port) as proxy:
         proxy.delay = 0.005  # every round trip through proxy.port now takes 5 ms more
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, Self
@@ -33,17 +36,28 @@ class _Link:
 class TcpProxy:
     """Forwards connections to 127.0.0.1:`target_port`, each byte in order, `delay`/2 late."""
 
-    def __init__(self, target_port: int, *, delay: float = 0.0) -> None:
+    def __init__(
+        self, target_port: int, *, delay: float = 0.0, receive_buffer: int | None = None
+    ) -> None:
         self.target_port = target_port
         self.delay = delay
+        # SO_RCVBUF of the client side, set before connections are accepted (it bounds what
+        # a stalled connection can take: the kernel would otherwise grow it to megabytes).
+        self.receive_buffer = receive_buffer
         self.freeze_before: bytes | None = None
+        self.stall_before: bytes | None = None
         self.port = 0
         self._server: asyncio.Server | None = None
         self._links: list[_Link] = []
         self._pipes: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.receive_buffer is not None:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
+        listener.bind(("127.0.0.1", 0))
+        self._server = await asyncio.start_server(self._accept, sock=listener)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -101,11 +115,22 @@ class TcpProxy:
                 while data := await source.read(CHUNK):
                     if from_client and self.freeze_before and self.freeze_before in data:
                         self.freeze()
+                    if from_client and self.stall_before and self.stall_before in data:
+                        await self._stall(link)
                     queue.put_nowait((loop.time() + self.delay / 2, data))
             queue.put_nowait((loop.time() + self.delay / 2, b""))  # end of stream
             await deliver
         finally:
             deliver.cancel()
+
+    @staticmethod
+    async def _stall(link: _Link) -> None:
+        """Read nothing more from this link's client until the proxy closes (which cancels
+        its pipes); the client's writes block once the socket buffers are full."""
+        client = link.writers[0].transport
+        assert isinstance(client, asyncio.ReadTransport)
+        client.pause_reading()
+        await asyncio.Future()
 
     @staticmethod
     async def _deliver(

@@ -1,0 +1,67 @@
+"""The database layer against a real Postgres, where what matters is below the indexer's
+own behaviour: how the link to the server fails."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from devnet.services import Postgres
+from indexer.batch import Batch, StoredEvent, block_time
+from indexer.catalog import ContractKind
+from indexer.errors import StoreError
+from indexer.rpc_results import BlockHeader, RawLog
+from indexer.store import Store
+from tests.support.tcp_proxy import TcpProxy
+
+TTL = 60.0
+
+
+def header(number: int) -> BlockHeader:
+    return BlockHeader(
+        number=number, hash=f"0x{number + 1:064x}", parent_hash=f"0x{number:064x}", timestamp=0
+    )
+
+
+def raw_event(index: int) -> StoredEvent:
+    """A log the catalogue does not know (stored raw), at block 1."""
+    log = RawLog(
+        address="0x" + "11" * 20,
+        topics=("0x" + "ab" * 32,),
+        data="0x" + "cd" * 96,
+        block_number=1,
+        block_hash=header(1).hash,
+        transaction_hash=f"0x{index:064x}",
+        transaction_index=0,
+        log_index=index,
+        removed=False,
+    )
+    return StoredEvent(log=log, kind=ContractKind.FACTORY, decoded=None, block_time=block_time(0))
+
+
+async def test_rows_sent_by_copy_into_a_path_that_stops_taking_data_end_in_a_store_error(
+    postgres: Postgres, database_url: str
+) -> None:
+    """A batch big enough to go by COPY, written into a network path that stops taking data
+    (the socket buffers fill, the write blocks), fails with a StoreError within the command
+    timeout like any statement, instead of waiting forever."""
+    async with TcpProxy(postgres.port, receive_buffer=4096) as proxy:
+        url = database_url.replace(f":{postgres.port}/", f":{proxy.port}/")
+        async with Store.open(url, command_timeout=2.0) as store:
+            await store.migrate()
+            lease = await store.try_acquire_lease("test", TTL)
+            assert lease is not None
+            await store.init_state(lease, TTL, chain_id=1, cursor=header(0))
+            batch = Batch(
+                events=[raw_event(i) for i in range(20_000)],
+                headers=[header(1)],
+                cursor=header(1),
+                prune_headers_below=0,
+            )
+            proxy.stall_before = b"PGCOPY"  # the first rows of a binary COPY
+            saving = asyncio.create_task(store.save_batch(lease, TTL, batch))
+            await asyncio.wait([saving], timeout=30)  # far past the command timeout
+            assert saving.done(), "the COPY still waits"
+            with pytest.raises(StoreError):
+                saving.result()
