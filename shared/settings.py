@@ -11,6 +11,7 @@ from pydantic import (
     AliasGenerator,
     Field,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -286,8 +287,8 @@ class BroadcasterSettings(ServiceSettings):
         le=63,
         description=(
             "Index of this instance (PM2 sets it per instance, see ecosystem.config.js); added "
-            "to WS_PORT and BROADCASTER_HTTP_PORT, so instance i listens on base + i, and "
-            "appended to WS_UNIX_SOCKET (PATH.i) for i > 0."
+            "to WS_PORT (unless WS_REUSE_PORT: then shared) and BROADCASTER_HTTP_PORT, so "
+            "instance i listens on base + i, and appended to WS_UNIX_SOCKET (PATH.i) for i > 0."
         ),
     )
 
@@ -295,7 +296,7 @@ class BroadcasterSettings(ServiceSettings):
     @classmethod
     def _offset_ports_by_instance(cls, data: Any) -> Any:
         """Instance i of one PM2 app listens on WS_PORT + i and BROADCASTER_HTTP_PORT + i
-        (and WS_UNIX_SOCKET.i for i > 0).
+        (and WS_UNIX_SOCKET.i for i > 0); with WS_REUSE_PORT all share WS_PORT.
 
         PM2 keeps only the instance index per process across `pm2 reload ecosystem.config.js
         --update-env` (it gives every instance of an app the same env), so the ports must be
@@ -310,10 +311,14 @@ class BroadcasterSettings(ServiceSettings):
         if not 0 < instance <= 63:
             return data
         data = dict(data)
-        for key, name in (
-            ("WS_PORT", "ws_port"),
-            ("BROADCASTER_HTTP_PORT", "broadcaster_http_port"),
-        ):
+        offset = [("BROADCASTER_HTTP_PORT", "broadcaster_http_port")]
+        try:  # with SO_REUSEPORT the instances share WS_PORT: the kernel spreads connections
+            shared = TypeAdapter(bool).validate_python(data.get("WS_REUSE_PORT", False))
+        except ValidationError:
+            shared = False  # the field's own validation reports it
+        if not shared:
+            offset.append(("WS_PORT", "ws_port"))
+        for key, name in offset:
             base = str(data.get(key, cls.model_fields[name].default)).strip()
             if base.isdigit():  # otherwise left as given for the port's own validation
                 data[key] = int(base) + instance

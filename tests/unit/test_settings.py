@@ -159,6 +159,17 @@ def test_instance_index_offsets_ports_and_unix_socket(
     assert settings.ws_unix_socket == socket
 
 
+def test_instances_sharing_ws_port_with_reuse_port_keep_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With WS_REUSE_PORT the instances share WS_PORT (the kernel spreads connections); each
+    still gets its own operations port, which cannot be shared."""
+    monkeypatch.setenv("BROADCASTER_INSTANCE", "2")
+    monkeypatch.setenv("WS_REUSE_PORT", "true")
+    settings = load_settings(BroadcasterSettings)
+    assert (settings.ws_port, settings.broadcaster_http_port) == (3180, 9467)
+
+
 def test_empty_trusted_proxies_trusts_none(monkeypatch: pytest.MonkeyPatch) -> None:
     """An empty WS_TRUSTED_PROXIES means no proxy is trusted, not the default list."""
     monkeypatch.setenv("WS_TRUSTED_PROXIES", "")
