@@ -182,9 +182,9 @@ class Hub:
             self.history.append(seq, event)
 
     def restart_at(self, position: int) -> None:
-        """The stream went backwards (recreated): continue from position, closing subscribers."""
+        """The stream was recreated: continue from position, closing subscribers."""
         log.error(
-            "stream went backwards; clients must reload",
+            "stream recreated; clients must reload",
             relayed=self.position,
             stream_top=position,
         )

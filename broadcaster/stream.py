@@ -35,6 +35,9 @@ READ_COUNT = 100
 QUERY_CONNECTIONS = 8  # resumes and health checks share these; a reconnect storm waits its turn
 BACKOFF_BASE = 0.1
 BACKOFF_MAX = 5.0
+# While entries keep coming (no idle read to check on), how often the entry relayed last is
+# looked up again to see that the stream is still the same one.
+SAME_STREAM_CHECK_INTERVAL = 5.0
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -52,6 +55,7 @@ class EventStream:
         self._block_ms = max(1, int(timeout * 500))
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._booted: bytes | None = None  # where follow() starts, once boot() succeeded
+        self._last_entry: Entry | None = None  # the newest entry relayed, as it was read
 
     async def top(self) -> int:
         """The seq of the newest entry ever added (last-generated-id), 0 for no stream."""
@@ -79,11 +83,18 @@ class EventStream:
         """
         cursor, self._booted = self._booted, None
         failures = 0
+        loop = asyncio.get_running_loop()
+        check_due = loop.time() + SAME_STREAM_CHECK_INTERVAL
         while True:
             try:
                 async with asyncio.timeout(self._timeout):
                     if cursor is None:
                         cursor = await self._boot(hub, history)
+                    elif failures or loop.time() >= check_due:
+                        # Redis may be back with another stream (restored, or recreated and
+                        # refilled past our position while we were away).
+                        cursor = await self._check_same_stream(hub, cursor)
+                        check_due = loop.time() + SAME_STREAM_CHECK_INTERVAL
                     raw = await self._reader.xread(
                         {self.key: cursor}, count=READ_COUNT, block=self._block_ms
                     )
@@ -94,10 +105,12 @@ class EventStream:
                 entries = _stream_entries(raw)
                 if entries:
                     cursor = entries[-1][0]
+                    self._last_entry = entries[-1]
                     hub.dispatch(self._parse(entries, metrics))
                 else:
                     async with asyncio.timeout(self._timeout):
-                        cursor = await self._check_not_reset(hub, cursor)
+                        cursor = await self._check_same_stream(hub, cursor)
+                    check_due = loop.time() + SAME_STREAM_CHECK_INTERVAL
             except (RedisError, OSError) as exc:
                 failures += 1
                 metrics.redis_up.set(0)
@@ -133,21 +146,44 @@ class EventStream:
         """Start at the stream's newest entry, with recent entries in memory for resumes."""
         last_id = await self._last_id(self._reader)
         top = entry_seq_or_zero(last_id)
-        if hub.position is None and history and top:
-            newest = await self._reader.xrevrange(self.key, f"{top}-0", "-", count=history)
-            hub.prefill(self._parse(list(reversed(_entries(newest)))))
+        newest: list[Entry] = []
+        if hub.position is None and top:
+            newest = _entries(
+                await self._reader.xrevrange(self.key, last_id, "-", count=max(1, history))
+            )
+            newest.reverse()
+            if history:
+                hub.prefill(self._parse(newest))
         hub.start(top)
         log.info("following the event stream", key=self.key, seq=hub.position)
-        return last_id if hub.position == top else f"{hub.position}-0".encode()
+        if hub.position != top:
+            return f"{hub.position}-0".encode()
+        self._last_entry = newest[-1] if newest and newest[-1][0] == last_id else None
+        return last_id
 
-    async def _check_not_reset(self, hub: Hub, cursor: bytes) -> bytes:
-        """After an idle read: if the stream was recreated below us, follow the new one."""
+    async def _check_same_stream(self, hub: Hub, cursor: bytes) -> bytes:
+        """Check that the stream is still the one followed: the entry relayed last is there as
+        it was read (or trimmed away, which the next read shows as a gap). If not, the stream
+        was recreated (deleted, or Redis restored from another copy): subscribers are closed
+        with 4009 and the new stream is followed from its top."""
         last_id = await self._last_id(self._reader)
         top = entry_seq_or_zero(last_id)
-        if hub.position is not None and top < hub.position:
-            hub.restart_at(top)
-            return last_id
-        return cursor
+        if self._last_entry is None:  # nothing relayed yet: only a stream gone backwards shows
+            if hub.position is not None and top < hub.position:
+                hub.restart_at(top)
+                return last_id
+            return cursor
+        entry_id, fields = self._last_entry
+        found = _entries(await self._reader.xrange(self.key, entry_id, entry_id, count=1))
+        if found and found[0][1] == fields:
+            return cursor
+        if not found and top >= entry_seq_or_zero(entry_id):
+            oldest = _entries(await self._reader.xrange(self.key, "-", "+", count=1))
+            if oldest and entry_seq_or_zero(oldest[0][0]) > entry_seq_or_zero(entry_id):
+                return cursor  # trimmed past it: the read after the cursor shows the gap
+        self._last_entry = None
+        hub.restart_at(top)
+        return last_id
 
     async def _last_id(self, client: aioredis.Redis) -> bytes:
         """The stream's last-generated-id ("0-0" when it does not exist)."""

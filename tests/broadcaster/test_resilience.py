@@ -319,6 +319,35 @@ async def test_recreated_stream_is_followed_again(
         assert [e["seq"] for e in await client.events(1)] == [3]
 
 
+async def test_a_stream_recreated_past_the_position_while_redis_was_away_is_noticed(
+    start: Start, producer: EventProducer, redis_client: aioredis.Redis, redis_server: Redis
+) -> None:
+    """The stream is deleted and refilled past the relayed position while the broadcaster's
+    path to Redis is dead: once back, it sees that the entry it relayed last is another one
+    now, closes subscribers with 4009 (reload) and follows the new stream from its top,
+    instead of relaying the new stream's later events as if they followed the old ones."""
+    async with (
+        TcpProxy(redis_server.port) as proxy,
+        start(
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0", broadcaster_redis_timeout=1.0
+        ) as server,
+        ws_client(server.url) as client,
+    ):
+        await client.subscribe("events:*")
+        await producer.publish(count=5)
+        assert [e["seq"] for e in await client.events(5)] == [1, 2, 3, 4, 5]
+        proxy.freeze()
+        await redis_client.delete(producer.key)
+        producer.seq = 0
+        await producer.publish("MarketCreated", count=8)
+        assert (await client.closed(within=10))[0] == 4009
+        await server.wait_health(seq=8)
+        async with ws_client(server.url) as fresh:
+            await fresh.subscribe("events:*")
+            await producer.publish()
+            assert [e["seq"] for e in await fresh.events(1)] == [9]
+
+
 async def test_a_client_without_subscriptions_follows_a_recreated_stream(
     server: Running, producer: EventProducer, redis_client: aioredis.Redis
 ) -> None:
