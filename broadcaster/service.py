@@ -67,7 +67,7 @@ class StreamTop:
     async def _read(self) -> int | None:
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT):
-                value: int | None = await self._stream.top()
+                value: int | None = await self._stream.monitored_top()
         except (StreamUnavailable, TimeoutError):
             value = None
         finally:

@@ -32,7 +32,10 @@ log = structlog.get_logger()
 # Entries per XREAD: each client gets one write per read, so this bounds what one write adds
 # to a socket buffer (about 100 KiB) during a catch-up after an outage.
 READ_COUNT = 100
-QUERY_CONNECTIONS = 8  # resumes and health checks share these; a reconnect storm waits its turn
+QUERY_CONNECTIONS = 8  # resumes share these; a reconnect storm's resumes wait their turn
+# How long a query may wait for its turn on those connections (first come, first served; the
+# query itself is then bounded by BROADCASTER_REDIS_TIMEOUT).
+QUERY_QUEUE_TIMEOUT = 30.0
 BACKOFF_BASE = 0.1
 BACKOFF_MAX = 5.0
 # While entries keep coming (no idle read to check on), how often the entry relayed last is
@@ -46,10 +49,20 @@ class EventStream:
     """The event stream of one Redis: followed by follow(), queried by resumes (hub.Source)."""
 
     def __init__(
-        self, *, reader: aioredis.Redis, queries: aioredis.Redis, key: str, timeout: float
+        self,
+        *,
+        reader: aioredis.Redis,
+        queries: aioredis.Redis,
+        monitor: aioredis.Redis,
+        key: str,
+        timeout: float,
     ) -> None:
         self._reader = reader
         self._queries = queries
+        self._monitor = monitor  # /healthz's own connection: never queued behind resumes
+        # redis-py's pool serves waiters in no order and its timeout also covers the wait:
+        # in a storm some resumes waited 10 s while others went first. A FIFO turn here.
+        self._turns = asyncio.Semaphore(QUERY_CONNECTIONS)
         self.key = key
         self._timeout = timeout
         self._block_ms = max(1, int(timeout * 500))
@@ -60,19 +73,37 @@ class EventStream:
     async def top(self) -> int:
         """The seq of the newest entry ever added (last-generated-id), 0 for no stream."""
         try:
-            async with asyncio.timeout(self._timeout):
+            async with self._turn(), asyncio.timeout(self._timeout):
                 return entry_seq_or_zero(await self._last_id(self._queries))
         except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+            raise StreamUnavailable(str(exc) or type(exc).__name__) from None
+
+    async def monitored_top(self) -> int:
+        """top() for /healthz, on a connection of its own."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return entry_seq_or_zero(await self._last_id(self._monitor))
+        except (RedisError, OSError) as exc:
             raise StreamUnavailable(str(exc) or type(exc).__name__) from None
 
     async def entries(self, after: int, upto: int, count: int) -> list[tuple[int, Event | None]]:
         """Entries with after < seq <= upto, oldest first (hub.Source)."""
         try:
-            async with asyncio.timeout(self._timeout):
+            async with self._turn(), asyncio.timeout(self._timeout):
                 raw = await self._queries.xrange(self.key, f"({after}-0", f"{upto}-0", count=count)
         except (RedisError, OSError) as exc:
             raise StreamUnavailable(str(exc) or type(exc).__name__) from None
         return self._parse(_entries(raw))
+
+    @asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """One of the query connections, in arrival order (TimeoutError past the queue bound)."""
+        async with asyncio.timeout(QUERY_QUEUE_TIMEOUT):
+            await self._turns.acquire()
+        try:
+            yield
+        finally:
+            self._turns.release()
 
     async def follow(self, hub: Hub, metrics: Metrics, *, history: int) -> None:
         """Relay every entry to the hub, forever. Safe to cancel: nothing is half-done.
@@ -272,8 +303,12 @@ async def open_stream(url: str, *, key: str, redis_timeout: float) -> AsyncItera
         **options,
     )
     queries = aioredis.Redis.from_pool(pool)
+    monitor = aioredis.Redis.from_url(url, single_connection_client=True, **options)
     try:
-        yield EventStream(reader=reader, queries=queries, key=key, timeout=redis_timeout)
+        yield EventStream(
+            reader=reader, queries=queries, monitor=monitor, key=key, timeout=redis_timeout
+        )
     finally:
         await reader.aclose()
         await queries.aclose()
+        await monitor.aclose()

@@ -200,7 +200,9 @@ class WsClient:
         assert message["type"] == kind, message
         return message
 
-    async def subscribe(self, channel: str, since: int | None = None) -> dict[str, Any]:
+    async def subscribe(
+        self, channel: str, since: int | None = None, *, within: float = WITHIN
+    ) -> dict[str, Any]:
         """Subscribe and return the ack; events replayed before the ack are in `replayed`."""
         body: dict[str, Any] = {"type": "subscribe", "channel": channel}
         if since is not None:
@@ -208,7 +210,7 @@ class WsClient:
         await self.send(body)
         replayed: list[dict[str, Any]] = []
         while True:
-            message = await self.recv()
+            message = await self.recv(within)
             if message["type"] == "subscribed":
                 message["replayedEvents"] = replayed
                 return message

@@ -93,6 +93,42 @@ async def test_a_resume_that_could_not_replay_covers_nothing_before_its_ack(
             assert [e["seq"] for e in ack["replayedEvents"]] == list(range(291, 301))
 
 
+async def test_many_resumes_at_once_from_the_stream_are_all_answered(
+    start: Start, producer: EventProducer
+) -> None:
+    """Clients resuming together from the stream (further back than the history in memory)
+    take turns on the Redis connections: each one's reads are bounded, not its wait for a
+    turn, so none is told to reload because the others were served first, and /healthz
+    does not report Redis down meanwhile."""
+    async with start(
+        ws_history_size=10, broadcaster_redis_timeout=0.5, ws_max_connections_per_ip=200
+    ) as server:
+        await producer.publish(count=2000)
+        await server.wait_health(seq=2000)
+
+        async def resume() -> dict[str, Any]:
+            async with ws_client(server.url) as client:
+                # A channel nothing matches: the replay reads all 2000 entries and sends none.
+                return await client.subscribe(f"market:{OTHER_MARKET}", since=1, within=60)
+
+        reports: list[object] = []
+
+        async def watch_health() -> None:
+            while True:
+                reports.append((await server.health())["redis"])
+                await asyncio.sleep(0.2)
+
+        watcher = asyncio.create_task(watch_health())
+        try:
+            acks = await asyncio.gather(*(resume() for _ in range(60)))
+        finally:
+            watcher.cancel()
+    assert [(ack["recovered"], ack["replayed"]) for ack in acks] == [(True, 0)] * 60
+    # /healthz reads Redis on a connection of its own: the storm does not make it say "down".
+    assert reports
+    assert set(reports) == {"up"}
+
+
 async def test_messages_sent_during_a_resume_wait_for_it_in_order(
     start: Start, producer: EventProducer
 ) -> None:
