@@ -13,6 +13,7 @@ from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
 from devnet.services import Anvil, Redis
 from tests.broadcaster.support import Running, read_stream, ws_client
+from tests.indexer.conftest import expected_ids, stored_and_published, tracked_chain_logs
 from tests.support.indexer_process import IndexerProcess, indexer_env
 
 Start = Callable[..., AbstractAsyncContextManager[Running]]
@@ -45,12 +46,17 @@ async def test_chain_activity_reaches_websocket_clients(
                 driver = ActivityDriver(dev_chain, deployment, seed=11, txs_per_block=6)
                 await driver.run(blocks=4)
                 await indexer.wait_cursor(await dev_chain.block_number())
+                await stored_and_published(
+                    dev_chain, redis_client, stream_key, database_url, deployment, within=30
+                )
                 entries = await read_stream(redis_client, stream_key)
-                assert len(entries) >= 10
                 events = await client.events(len(entries), within=30)
         published = [orjson.loads(fields[b"event"]) for _, fields in entries]
         assert [e["seq"] for e in events] == list(range(1, len(entries) + 1))
         assert [e["data"] for e in events] == published
+        # ... and they are the chain's events, every one, in chain order.
+        chain = expected_ids(await tracked_chain_logs(dev_chain, deployment))
+        assert [e["data"]["id"] for e in events] == chain
         market = next(
             e["data"]["marketAddress"] for e in events if e["data"]["type"] == "MarketCreated"
         )

@@ -45,10 +45,11 @@ frames: st.SearchStrategy[str | bytes] = st.one_of(
 )
 @given(batch=st.lists(frames, min_size=1, max_size=6))
 async def test_fuzzed_client_input_never_breaks_the_server(
-    server: Running, batch: list[str | bytes]
+    server: Running, producer: EventProducer, batch: list[str | bytes]
 ) -> None:
-    """Whatever a client sends, it gets answers or a documented close code; the server lives."""
-    code = None
+    """Whatever a client sends, it gets answers or a close frame with a documented code (not
+    a dropped connection); the same server then serves a normal client."""
+    closing: tuple[int, ...] = ()
     async with ws_client(server.url) as client:
         try:
             for frame in batch:
@@ -57,17 +58,9 @@ async def test_fuzzed_client_input_never_breaks_the_server(
             while (await client.recv())["type"] != "pong":
                 pass
         except ConnectionClosed as closed:
-            code = closed.rcvd.code if closed.rcvd is not None else None
-    assert code is None or code in EARNED
-    assert (await server.health())["redis"] == "up"
-
-
-async def test_server_serves_after_fuzzing(server: Running, producer: EventProducer) -> None:
-    """After hostile clients came and went, a normal client subscribes and gets events."""
-    async with ws_client(server.url) as hostile:
-        await hostile.send("\x00" * 100)
-        await hostile.expect("error")
+            closing = (closed.rcvd.code,) if closed.rcvd is not None else (-1,)  # no frame
+    assert set(closing) <= EARNED
     async with ws_client(server.url) as client:
         await client.subscribe("events:*")
-        await producer.publish()
-        assert len(await client.events(1)) == 1
+        published = await producer.publish()
+        assert [e["seq"] for e in await client.events(1)] == [published[0].seq]

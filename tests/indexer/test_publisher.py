@@ -4,6 +4,8 @@ commits."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +22,8 @@ from indexer.service import redis_client
 from indexer.store import OutboxRow, Store
 from tests.broadcaster.support import read_stream
 from tests.support.waiting import eventually
+
+_keys = itertools.count()
 
 IDLE_SETTLE = 0.2  # the publisher reaches its idle wait within a few ms on an empty outbox
 
@@ -47,6 +51,11 @@ async def running(publisher: Publisher) -> AsyncIterator[None]:
         await asyncio.wait([task])
 
 
+def unique_key(name: str) -> str:
+    """A stream key of this test's own, so a test can run again in one session."""
+    return f"kektech:test-{name}:{os.getpid()}:{next(_keys)}"
+
+
 def make_publisher(
     parts: tuple[Store, aioredis.Redis], stream_key: str, **overrides: Any
 ) -> Publisher:
@@ -60,7 +69,8 @@ async def test_a_stop_that_coincides_with_a_wake_up_still_stops_the_publisher(
     publisher_parts: tuple[Store, aioredis.Redis],
 ) -> None:
     """Cancelling the publisher in the same loop turn as a commit wakes it ends its task."""
-    publisher = make_publisher(publisher_parts, "kektech:test-publisher")
+    key = unique_key("publisher")
+    publisher = make_publisher(publisher_parts, key)
     task = asyncio.create_task(publisher.publish_forever(), name="publish-outbox")
     await asyncio.sleep(IDLE_SETTLE)
     assert not task.done()
@@ -99,12 +109,11 @@ async def test_published_rows_are_pruned_in_chunks_down_to_outbox_keep(
         return deleted
 
     store.prune_outbox = counting_prune  # type: ignore[method-assign]
-    publisher = make_publisher(
-        publisher_parts, "kektech:test-prune", outbox_keep=5, prune_every=0.0, prune_chunk=8
-    )
+    key = unique_key("prune")
+    publisher = make_publisher(publisher_parts, key, outbox_keep=5, prune_every=0.0, prune_chunk=8)
     async with running(publisher):
         await eventually(lambda: remaining(database_url, 5), within=10, what="pruning to 5")
-    assert await redis.xlen("kektech:test-prune") == 25, "every row reached Redis first"
+    assert await redis.xlen(key) == 25, "every row reached Redis first"
     assert max(deletes) <= 8
     assert sum(deletes) == 20
 
@@ -123,9 +132,8 @@ async def test_redis_up_reports_redis_while_idle(
 ) -> None:
     """With nothing to publish, kektech_indexer_redis_up still follows whether Redis answers."""
     metrics = Metrics()
-    publisher = make_publisher(
-        publisher_parts, "kektech:test-redis-up", metrics=metrics, ping_every=0.2
-    )
+    key = unique_key("redis-up")
+    publisher = make_publisher(publisher_parts, key, metrics=metrics, ping_every=0.2)
 
     def redis_up() -> float | None:
         return metrics.registry.get_sample_value("kektech_indexer_redis_up")
@@ -176,11 +184,12 @@ async def test_rows_handed_over_by_a_commit_are_published_without_reading_them_b
     """The rows a commit hands over reach Redis as they are, with no read of the outbox
     (here they are not in it, which shows where they came from)."""
     _, redis = publisher_parts
-    publisher = make_publisher(publisher_parts, "kektech:test-handed")
+    key = unique_key("handed")
+    publisher = make_publisher(publisher_parts, key)
     async with running(publisher):
         await asyncio.sleep(IDLE_SETTLE)
         publisher.wake([outbox_row(seq, "commit") for seq in (1, 2, 3)])
-        assert await published(redis, "kektech:test-handed", 3) == [
+        assert await published(redis, key, 3) == [
             outbox_row(seq, "commit").payload for seq in (1, 2, 3)
         ]
 
@@ -191,14 +200,15 @@ async def test_rows_handed_over_after_a_gap_are_published_in_order_once(
     """Rows another process committed (a backfill) precede the handed ones: the publisher
     reads those from the outbox first; every seq reaches the stream once, in order."""
     _, redis = publisher_parts
-    publisher = make_publisher(publisher_parts, "kektech:test-gap")
+    key = unique_key("gap")
+    publisher = make_publisher(publisher_parts, key)
     async with running(publisher):
         await asyncio.sleep(IDLE_SETTLE)
         await insert_outbox(database_url, [outbox_row(seq) for seq in (1, 2, 3, 4)])
         publisher.wake([outbox_row(seq) for seq in (3, 4)])
-        payloads = await published(redis, "kektech:test-gap", 4)
+        payloads = await published(redis, key, 4)
         await asyncio.sleep(IDLE_SETTLE)
-        assert await redis.xlen("kektech:test-gap") == 4
+        assert await redis.xlen(key) == 4
         assert payloads == [outbox_row(seq).payload for seq in (1, 2, 3, 4)]
 
 
@@ -209,10 +219,11 @@ async def test_rows_handed_over_beyond_the_bound_are_read_back_instead(
     past it, it forgets them and reads the outbox, so memory stays bounded and nothing is lost."""
     _, redis = publisher_parts
     await insert_outbox(database_url, [outbox_row(seq) for seq in (1, 2, 3)])
-    publisher = make_publisher(publisher_parts, "kektech:test-bound", handoff_max=2)
+    key = unique_key("bound")
+    publisher = make_publisher(publisher_parts, key, handoff_max=2)
     publisher.wake([outbox_row(seq, "commit") for seq in (1, 2, 3)])  # before it runs
     async with running(publisher):
-        payloads = await published(redis, "kektech:test-bound", 3)
+        payloads = await published(redis, key, 3)
         assert payloads == [outbox_row(seq).payload for seq in (1, 2, 3)]
 
 
@@ -248,7 +259,7 @@ async def test_entries_redis_lost_are_published_again_from_the_outbox(
     """Redis back with an older copy of the stream (ending at 5 while 10 were published):
     the next publication fills 6..10 again from the outbox, so the stream has no hole."""
     _, redis = publisher_parts
-    key = "kektech:test-lost"
+    key = unique_key("lost")
     async with ten_published(publisher_parts, database_url, key) as publisher:
         await _stream_cut_back_to(redis, key, 5)
         await insert_outbox(database_url, [outbox_row(seq) for seq in (11, 12)])
@@ -263,7 +274,7 @@ async def test_entries_lost_beyond_the_outbox_leave_a_hole_and_publishing_goes_o
     """When the outbox no longer holds what Redis lost, the hole stays (said in the log) and
     the publications after it still go out."""
     _, redis = publisher_parts
-    key = "kektech:test-lost-for-good"
+    key = unique_key("lost-for-good")
     async with ten_published(publisher_parts, database_url, key) as publisher:
         conn = await asyncpg.connect(database_url)
         try:
@@ -283,7 +294,7 @@ async def test_a_stream_ahead_of_the_database_is_reported(
     """A stream already holding seqs this database never published (another deployment's,
     or a database rebuilt) is said in the log at start: those seqs are skipped as present."""
     _, redis = publisher_parts
-    key = "kektech:test-ahead"
+    key = unique_key("ahead")
     for seq in range(1, 6):
         await redis.xadd(key, {"seq": str(seq), "event": "{}"}, id=f"{seq}-0")
     await insert_outbox(database_url, [outbox_row(seq) for seq in (1, 2)])
