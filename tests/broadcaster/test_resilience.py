@@ -105,11 +105,13 @@ async def test_a_connection_closed_during_a_resume_leaves_no_subscription_behind
         assert (await server.health())["subscriptions"] == 0
 
 
-async def test_slow_consumer_is_cut_off_and_others_keep_their_latency(
+async def test_slow_consumer_is_cut_off_while_others_keep_receiving(
     start: Start, producer: EventProducer
 ) -> None:
     """A client that stops reading is closed with 4008 past its buffer limit; a reading
-    client gets every event promptly meanwhile."""
+    client gets every event meanwhile, in order, the first ones while the stalled client is
+    still connected (the fan-out does not wait for it). The reading clients' latency is a
+    figure of the slow-500 benchmark (bench/broadcaster)."""
     async with start(ws_send_buffer_bytes=65536) as server:
         slow = await RawClient.open(server.settings.ws_port, rcvbuf=4096)
         try:
@@ -118,20 +120,24 @@ async def test_slow_consumer_is_cut_off_and_others_keep_their_latency(
             await slow.read_frame()  # subscribed; from now on it reads nothing
             async with ws_client(server.url) as fast:
                 await fast.subscribe("events:*")
-                sent: dict[int, float] = {}
-                latencies: list[float] = []
+                received: list[int] = []
+                slow_open_at_first = False
 
                 async def receive() -> None:
+                    nonlocal slow_open_at_first
                     for _ in range(300):
-                        event = await fast.expect("event")
-                        latencies.append(time.perf_counter() - sent[event["seq"]])
+                        received.append((await fast.expect("event"))["seq"])
+                        if len(received) == 1:
+                            slow_open_at_first = (
+                                await server.metric(
+                                    "kektech_broadcaster_slow_consumer_closes_total"
+                                )
+                                == 0
+                            )
 
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(receive())
                     for _ in range(30):
-                        now = time.perf_counter()
-                        for seq in range(producer.seq + 1, producer.seq + 11):
-                            sent[seq] = now
                         await producer.publish(count=10, pad=8192)
                         await asyncio.sleep(0.005)
             code, reason, texts = await slow.until_close(within=10)
@@ -141,8 +147,8 @@ async def test_slow_consumer_is_cut_off_and_others_keep_their_latency(
     assert code == 4008
     assert "since" in reason
     assert 0 < len(texts) < 300
-    latencies.sort()
-    assert latencies[int(len(latencies) * 0.99)] < 0.25
+    assert received == list(range(1, 301))
+    assert slow_open_at_first
     assert slow_closes == 1
 
 
@@ -225,16 +231,15 @@ async def test_unresponsive_client_is_closed_by_the_heartbeat(start: Start) -> N
 async def test_a_handshake_left_unfinished_is_dropped(start: Start) -> None:
     """A socket that starts a handshake and never completes it (slowloris) is closed after
     WS_HANDSHAKE_TIMEOUT, while a real client connects meanwhile as usual."""
-    async with start(ws_handshake_timeout=0.5) as server:
+    async with start(ws_handshake_timeout=1.0) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.settings.ws_port)
         try:
             writer.write(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websock")
-            started = time.monotonic()
             async with ws_client(server.url) as client:
                 assert client.hello["type"] == "connected"
+            assert not reader.at_eof()  # still given its time
             async with asyncio.timeout(5):
                 assert await reader.read() == b""  # closed, and nothing was answered
-            assert time.monotonic() - started >= 0.4
         finally:
             writer.close()
 
