@@ -9,11 +9,14 @@ lease is released so a restart takes over at once.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import os
 import secrets
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -38,17 +41,41 @@ RELEASE_TIMEOUT = 2.0
 
 
 def lease_owner() -> str:
-    """This process's identity in the lease: host, pid and a random tag."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    """This process's identity in the lease: host, pid, a random tag and where pids mean
+    something (see _pid_space)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}:{_pid_space()}"
+
+
+@functools.cache
+def _pid_space() -> str:
+    """Which pids this process sees: this boot of this machine and this PID namespace.
+
+    Host names are no proof: VPSs keep their image's default name, and containers with host
+    networking share the host's. A pid is checked only against holders with the same space.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{boot}|{namespace}".encode()).hexdigest()[:10]
 
 
 def _dead_local_owner(owner: str | None) -> bool:
-    """True when `owner` was a process on this host that no longer exists (e.g. kill -9)."""
+    """True when `owner` was a process of this machine (same pid space) that no longer
+    exists (e.g. kill -9)."""
     if owner is None:
         return False
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
+    host, pid_text, _, space = (*owner.split(":", 3), "", "", "")[:4]
+    if (
+        host != socket.gethostname()
+        or space != _pid_space()
+        or not pid_text.isdigit()
+        or int(pid_text) == os.getpid()
+    ):
         return False
     try:
         os.kill(int(pid_text), 0)

@@ -4,6 +4,7 @@ own behaviour: how the link to the server fails."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
@@ -12,10 +13,12 @@ from indexer.batch import Batch, StoredEvent, block_time
 from indexer.catalog import ContractKind
 from indexer.errors import StoreError
 from indexer.rpc_results import BlockHeader, RawLog
+from indexer.service import acquire_lease, lease_owner
 from indexer.store import Store
 from tests.support.tcp_proxy import TcpProxy
 
 TTL = 60.0
+NO_SUCH_PID = 2**22 + 7  # above Linux's largest pid_max: no process has it
 
 
 def header(number: int) -> BlockHeader:
@@ -65,3 +68,21 @@ async def test_rows_sent_by_copy_into_a_path_that_stops_taking_data_end_in_a_sto
             assert saving.done(), "the COPY still waits"
             with pytest.raises(StoreError):
                 saving.result()
+
+
+async def test_only_a_dead_holder_of_this_machine_loses_the_lease_before_it_expires(
+    database_url: str,
+) -> None:
+    """A lease whose holder was a process of this machine that is gone (kill -9) is taken
+    over at once; one held on another machine (or container) that has the same host name,
+    where that pid means nothing here, is left alone until it expires."""
+    host, _, tag, node = lease_owner().split(":")
+    elsewhere = f"{host}:{NO_SUCH_PID}:{tag}:{'0' * len(node)}"
+    gone_from_here = f"{host}:{NO_SUCH_PID}:{tag}:{node}"
+    async with Store.open(database_url, command_timeout=5.0) as store:
+        await store.migrate()
+        assert await store.try_acquire_lease(elsewhere, TTL) is not None
+        assert await acquire_lease(store, owner=lease_owner(), ttl=TTL, wait=False) is None
+        assert await store.try_acquire_lease(gone_from_here, TTL, steal_from=elsewhere)
+        assert await acquire_lease(store, owner=lease_owner(), ttl=TTL, wait=False) is not None
+        assert socket.gethostname() == host
