@@ -7,10 +7,11 @@
 //   kektech-event-indexer     python -m indexer run, one instance (a second one would only
 //                             wait as a standby for the write lease).
 //   kektech-websocket-server  python -m broadcaster, N instances in fork mode (PM2's cluster
-//                             mode is Node-only). Instance i listens on WS_PORT + i and
+//                             mode is Node-only). Instance i listens on WS_PORT + i (or on
+//                             WS_PORT itself with WS_REUSE_PORT=true) and
 //                             BROADCASTER_HTTP_PORT + i: PM2 gives each instance its index in
 //                             BROADCASTER_INSTANCE (instance_var) and the broadcaster's settings
-//                             add it to both base ports. Per-instance ports cannot be written
+//                             add it to the base ports. Per-instance ports cannot be written
 //                             here: `increment_var` covers one variable only, and
 //                             `pm2 reload ecosystem.config.js --update-env` gives every instance
 //                             of an app the same env (both verified with PM2 7.0.4).

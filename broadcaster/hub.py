@@ -112,6 +112,9 @@ class Hub:
         self.history = History(history_size)
         self.source: Source | None = None
         self.position: int | None = None  # newest seq relayed; None until the stream is read
+        # The top of the stream when it was last found recreated: a `since` at or below it was
+        # the old stream's (or one this server never relayed), never a point to replay from.
+        self.reset_at: int | None = None
         self.last_relay_time: float | None = None
         self.last_block_time: float | None = None
         self.subscription_count = 0
@@ -174,6 +177,11 @@ class Hub:
         """Set where following the stream begins (its newest entry at boot)."""
         if self.position is None:
             self.position = position
+            # Nothing was relayed before (Redis was away since start): what a subscription
+            # made meanwhile covers begins here, whatever `since` it asked for.
+            for client in self.clients:
+                for channel, start in client.subs.items():
+                    client.subs[channel] = max(start, position)
             self._wake_waiters()
 
     def prefill(self, entries: Iterable[tuple[int, Event | None]]) -> None:
@@ -189,6 +197,7 @@ class Hub:
             stream_top=position,
         )
         self.position = position
+        self.reset_at = position
         self.history = History(self._history_size)
         self.drop_subscribed(messages.CLOSE_STREAM_GAP, "stream reset: reconnect and reload")
         for client in self.clients:

@@ -104,7 +104,11 @@ async def _replay(
     to the boundary was delivered.
     """
     if boundary is None:
-        return False, 0, since  # not reading the stream yet (Redis unreachable since boot)
+        # Not reading the stream yet (Redis unreachable since boot); Hub.start() moves the
+        # subscription's start to where following begins.
+        return False, 0, since
+    if hub.reset_at is not None and since <= hub.reset_at:
+        return False, 0, boundary  # an old stream's seq: nothing continues it
     if since >= boundary:
         complete = await _await_since(hub, since, boundary)
         return complete, 0, since if complete else boundary

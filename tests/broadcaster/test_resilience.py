@@ -347,6 +347,10 @@ async def test_a_stream_recreated_past_the_position_while_redis_was_away_is_noti
         await producer.publish("MarketCreated", count=8)
         assert (await client.closed(within=10))[0] == 4009
         await server.wait_health(seq=8)
+        async with ws_client(server.url) as resumed:
+            # Its seq 5 was the old stream's: nothing after it can be replayed as continuing.
+            ack = await resumed.subscribe("events:*", since=5)
+            assert (ack["recovered"], ack["replayed"]) == (False, 0)
         async with ws_client(server.url) as fresh:
             await fresh.subscribe("events:*")
             await producer.publish()

@@ -7,7 +7,11 @@ import contextlib
 import random
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
 
 from broadcaster.service import run
 from devnet.services import Redis
@@ -127,6 +131,43 @@ async def test_many_resumes_at_once_from_the_stream_are_all_answered(
     # /healthz reads Redis on a connection of its own: the storm does not make it say "down".
     assert reports
     assert set(reports) == {"up"}
+
+
+async def test_a_resume_while_redis_was_away_since_boot_claims_nothing(
+    stream_key: str, tmp_path: Path
+) -> None:
+    """A subscription made before the server could read the stream (Redis away since start)
+    covers only what comes after the position the server starts at: a later resume of an
+    overlapping channel still replays the events before it."""
+    with Redis(workdir=tmp_path) as own:
+        producer = EventProducer(aioredis.Redis.from_url(own.url), stream_key)
+        await producer.publish(count=10)  # all on MARKET
+        own.stop()
+        settings = settings_for(own.url, stream_key)
+        task = asyncio.create_task(run(settings), name="broadcaster-under-test")
+        try:
+            url = f"ws://127.0.0.1:{settings.ws_port}{settings.ws_path}"
+            server = Running(settings, task)
+            async with asyncio.timeout(WITHIN):
+                while True:
+                    with contextlib.suppress(aiohttp.ClientError):
+                        if (await server.health())["redis"] == "down":
+                            break
+                    assert not task.done()
+                    await asyncio.sleep(0.05)
+            async with ws_client(url) as client:
+                early = await client.subscribe(f"market:{MARKET}", since=5)
+                assert (early["recovered"], early["replayed"]) == (False, 0)
+                own.start()
+                await server.wait_health(within=15, seq=10)
+                ack = await client.subscribe("events:*", since=5)
+                assert [e["seq"] for e in ack["replayedEvents"]] == [6, 7, 8, 9, 10]
+                assert ack["recovered"] is True
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await producer.redis.aclose()
 
 
 async def test_messages_sent_during_a_resume_wait_for_it_in_order(
