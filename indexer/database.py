@@ -31,6 +31,8 @@ log = structlog.get_logger()
 RELEASE_TIMEOUT = 2.0
 # Closing the pool at shutdown, after which the connections left are dropped.
 CLOSE_TIMEOUT = 2.0
+# Postgres's timeouts are ints of milliseconds: a larger DB_COMMAND_TIMEOUT bounds at this.
+POSTGRES_MAX_TIMEOUT_MS = 2**31 - 1
 # Errors of the connection rather than of a statement: the database is unreachable or the
 # link died. A statement's own error (a PostgresError) is a bug here, so it passes unchanged.
 LINK_ERRORS = (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
@@ -66,11 +68,9 @@ class Database:
         # keepalive gives up (about 2 h by default), and every restart would wait on those
         # locks. Bounded here, per transaction (SET LOCAL: also through a transaction pooler,
         # which refuses such settings at connection start-up), in the same round trip as BEGIN.
-        bound_ms = max(1, int(command_timeout * 1000))
-        self._begin = (
-            f"BEGIN; SET LOCAL idle_in_transaction_session_timeout = {bound_ms};"
-            f" SET LOCAL statement_timeout = {bound_ms}"
-        )
+        bound_ms = max(1, int(min(command_timeout * 1000, POSTGRES_MAX_TIMEOUT_MS)))
+        self.idle_bound = f"SET LOCAL idle_in_transaction_session_timeout = {bound_ms}"
+        self._begin = f"BEGIN; {self.idle_bound}; SET LOCAL statement_timeout = {bound_ms}"
 
     @classmethod
     @asynccontextmanager

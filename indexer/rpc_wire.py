@@ -198,6 +198,13 @@ def check_status(
         kind = "http_5xx" if status >= 500 else f"http_{status}"
         raise TransientFailure(kind, f"HTTP {status}", parse_retry_after(retry_after))
     if batch:
+        # An error object says why (a node behind, a rate limit); only a final one, or none,
+        # is taken as "this endpoint takes no batches".
+        if (
+            error is not None
+            and classify(*error, method, shrinkable=shrinkable) is not Verdict.FINAL
+        ):
+            _raise_for_error(*error, method, shrinkable=shrinkable)
         raise BatchRejected(f"HTTP {status}")
     if error is not None:
         _raise_for_error(*error, method, shrinkable=shrinkable)

@@ -169,7 +169,12 @@ class Store:
         async with self._db.connection() as conn:
             for version, name, sql in _migrations():
                 async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+                    # Bounded on the server like every transaction (Database.transaction), as
+                    # the lock held here would stop every later start; no statement_timeout:
+                    # a migration's DDL may legitimately run long.
+                    await conn.execute(
+                        f"{self._db.idle_bound}; SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})"
+                    )
                     await conn.execute(
                         "CREATE TABLE IF NOT EXISTS schema_migrations ("
                         " version integer PRIMARY KEY, name text NOT NULL,"

@@ -441,6 +441,13 @@ def test_http_statuses_are_classified() -> None:
         check_status(413, b"", None, "eth_getLogs", batch=True, shrinkable=True)
     with pytest.raises(BatchRejected):
         check_status(413, b"", None, "eth_getLogs", batch=True)
+    # A batch answered 4xx with an error object: what the error says, not "no batches here".
+    behind = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32000,"message":"header not found"}}'
+    with pytest.raises(TransientFailure):
+        check_status(400, behind, None, "eth_getLogs", batch=True)
+    refused = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"batch not allowed"}}'
+    with pytest.raises(BatchRejected):
+        check_status(400, refused, None, "eth_getLogs", batch=True)
     with pytest.raises(TransientFailure) as raised:
         check_status(429, b"", "7", "eth_blockNumber")
     assert raised.value.retry_after == 7

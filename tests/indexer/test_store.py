@@ -86,3 +86,31 @@ async def test_only_a_dead_holder_of_this_machine_loses_the_lease_before_it_expi
         assert await store.try_acquire_lease(gone_from_here, TTL, steal_from=elsewhere)
         assert await acquire_lease(store, owner=lease_owner(), ttl=TTL, wait=False) is not None
         assert socket.gethostname() == host
+
+
+async def test_a_migration_cut_off_by_a_dead_network_path_does_not_block_the_next(
+    postgres: Postgres, database_url: str
+) -> None:
+    """Migrations hold a lock while they run: one whose path dies before its end, with the
+    server's side left open, is ended by the server, so the next start migrates."""
+    async with TcpProxy(postgres.port) as proxy:
+        proxy.freeze_before = b"INSERT INTO schema_migrations"
+        url = database_url.replace(f":{postgres.port}/", f":{proxy.port}/")
+        async with Store.open(url, command_timeout=2.0) as cut_off:
+            with pytest.raises(StoreError):
+                await cut_off.migrate()
+        # The dead path's connection stays open on the server's side meanwhile.
+        async with Store.open(database_url, command_timeout=2.0) as store:
+            assert await store.migrate()
+            assert await store.schema_version() == Store.latest_schema_version()
+
+
+async def test_a_command_timeout_past_what_postgres_takes_still_writes(database_url: str) -> None:
+    """A DB_COMMAND_TIMEOUT beyond Postgres's largest timeout (about 24.8 days), e.g. to mean
+    "no limit", bounds the transactions at that largest value instead of failing them."""
+    async with Store.open(database_url, command_timeout=1e9) as store:
+        await store.migrate()
+        lease = await store.try_acquire_lease("test", TTL)
+        assert lease is not None
+        state = await store.init_state(lease, TTL, chain_id=1, cursor=header(0))
+        assert state.block_number == 0
