@@ -47,7 +47,8 @@ PRUNE_CHUNK = 5000
 PING_EVERY = 5.0
 # KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate). ARGV[2]: 1 to refuse a batch that would
 # leave a hole after the stream's newest entry (it returns {-1, top} and writes nothing), 0 to
-# write it anyway. Then per event: seq, channels, envelope. Returns {added, top}.
+# write it anyway; a missing stream has top 0 (Redis restarted empty, or the key deleted).
+# Then per event: seq, channels, envelope. Returns {added, top}.
 PUBLISH_SCRIPT = """
 local key = KEYS[1]
 local top = 0
@@ -59,7 +60,7 @@ if ok then
     end
   end
 end
-if ok and ARGV[2] == '1' and tonumber(ARGV[3]) > top + 1 then
+if ARGV[2] == '1' and tonumber(ARGV[3]) > top + 1 then
   return {-1, top}
 end
 local added = 0

@@ -268,6 +268,25 @@ async def test_entries_redis_lost_are_published_again_from_the_outbox(
         assert await stream_seqs(redis, key) == list(range(1, 13))
 
 
+async def test_a_stream_redis_lost_entirely_is_filled_again_from_the_outbox(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+) -> None:
+    """Redis back without the stream at all (restarted without persistence, or the key
+    deleted): the outbox's rows go out again, so the stream starts with no hole."""
+    _, redis = publisher_parts
+    key = unique_key("lost-whole")
+    async with ten_published(publisher_parts, database_url, key) as publisher:
+        await redis.delete(key)
+        await insert_outbox(database_url, [outbox_row(seq) for seq in (11, 12)])
+        publisher.wake()
+
+        async def refilled() -> bool:
+            return len(await stream_seqs(redis, key)) >= 12
+
+        await eventually(refilled, within=10, what="the stream filled again")
+        assert await stream_seqs(redis, key) == list(range(1, 13))
+
+
 async def test_entries_lost_beyond_the_outbox_leave_a_hole_and_publishing_goes_on(
     publisher_parts: tuple[Store, aioredis.Redis], database_url: str
 ) -> None:
