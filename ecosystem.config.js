@@ -95,7 +95,8 @@ const common = {
   // Readiness: the process is `launching` until it writes "ready" on PM2's IPC channel
   // (shared/readiness.py); after listen_timeout PM2 marks it online regardless.
   wait_ready: true,
-  // Crash loops back off from 100 ms doubling to 15 s; reset after 30 s of uptime.
+  // Crash loops back off from 100 ms, times 1.5 each time, up to 15 s; reset after 30 s of
+  // uptime.
   exp_backoff_restart_delay: 100,
   min_uptime: "10s",
   max_restarts: 10,

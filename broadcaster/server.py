@@ -39,7 +39,7 @@ log = structlog.get_logger()
 
 Status = Callable[[], Awaitable[dict[str, Any]]]
 
-SHUTDOWN_GRACE = 1.0  # for all clients at stop: PM2 kills after 1.6 s by default
+SHUTDOWN_GRACE = 1.0  # for all clients at stop (the app's kill_timeout is 15 s)
 LISTEN_BACKLOG = 16384  # a reconnect storm must not overflow the accept queue (somaxconn caps it)
 SERVER_HEADER = "kektech-broadcaster"
 UNIX_SOCKET_MODE = 0o660  # owner and group (Nginx's) may connect, nobody else

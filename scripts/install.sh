@@ -58,7 +58,8 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
-if command -v node >/dev/null 2>&1; then
+check_node() {
+    local node_major
     node_major="$(node -p 'process.versions.node.split(".")[0]')"
     if [ "$node_major" -lt 18 ]; then
         # Debian 12 has 18; Ubuntu 22.04's 12 cannot even parse the npm tools' scripts.
@@ -66,6 +67,9 @@ if command -v node >/dev/null 2>&1; then
         log "install a current Node.js, e.g. from https://github.com/nodesource/distributions"
         exit 1
     fi
+}
+if command -v node >/dev/null 2>&1; then
+    check_node
 else
     missing+=(nodejs)
 fi
@@ -73,6 +77,7 @@ command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
+    check_node  # the distribution's own may be too old (Ubuntu 22.04: 12)
 fi
 
 PYTHON="$(find_python || true)"
