@@ -10,7 +10,9 @@ from ops.probes.command import resolve_binary, run_command
 
 __all__ = ["ConfigTest", "check_config"]
 
-PERMISSION_DENIED = "(13: Permission denied)"
+# nginx's own wording for a file it may not open, and OpenSSL 3's for a certificate or key
+# (certbot keeps /etc/letsencrypt/live root-only): either means "run it as root".
+PERMISSION_DENIED = ("(13: Permission denied)", "system library::Permission denied")
 # "nginx: [emerg] ..." on a terminal; "2026/11/25 22:47:55 [emerg] 257#257: ..." once error_log
 # is set: keep the level and the message.
 LOG_LINE = re.compile(r"^(?:nginx: )?(?:\d{4}/\d\d/\d\d \d\d:\d\d:\d\d )?(\[\w+\]) (?:\d+#\d+: )?")
@@ -42,5 +44,7 @@ async def check_config(binary: str, conf: str, *, within: float) -> ConfigTest:
     if done.returncode == 0:
         return ConfigTest(True, lines[-1] if lines else "test is successful", False)
     message = problems[0] if problems else (lines[-1] if lines else f"exit {done.returncode}")
-    denied = bool(problems) and all(PERMISSION_DENIED in line for line in problems)
+    denied = bool(problems) and all(
+        any(wording in line for wording in PERMISSION_DENIED) for line in problems
+    )
     return ConfigTest(False, message, denied)

@@ -311,6 +311,35 @@ async def test_nginx_syntax_error_fails(tmp_path: Path) -> None:
     assert "-> fix: correct the file and line named, then sudo nginx -t" in line
 
 
+# What nginx 1.22 with OpenSSL 3 says when the certificate's directory is root-only (certbot
+# keeps /etc/letsencrypt/live 0700) and `nginx -t` runs as the kektech user.
+CERTIFICATE_DENIED = (
+    'nginx: [emerg] cannot load certificate "/etc/letsencrypt/live/ws.kektech.xyz/fullchain.pem":'
+    " BIO_new_file() failed (SSL: error:8000000D:system library::Permission denied:calling"
+    " fopen(/etc/letsencrypt/live/ws.kektech.xyz/fullchain.pem, r)"
+    " error:10080002:BIO routines::system lib)"
+)
+
+
+async def test_nginx_test_refused_a_root_only_certificate_warns(tmp_path: Path) -> None:
+    """`nginx -t` run without root fails on the root-only certificate (OpenSSL 3's wording,
+    not nginx's own "(13: Permission denied)"): a WARN to run it with sudo, not a FAIL."""
+    fake = tmp_path / "nginx"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f"echo '{CERTIFICATE_DENIED}' >&2\n"
+        "echo 'nginx: configuration file /etc/nginx/nginx.conf test failed' >&2\n"
+        "exit 1\n"
+    )
+    fake.chmod(0o755)
+    env = {"DOCTOR_NGINX_BIN": str(fake), "DOCTOR_NGINX_CONF": str(nginx_conf(tmp_path))}
+    result = await run_kektech("doctor", "--only", "nginx", env=env, cwd=tmp_path)
+    assert result.code == 0, result
+    line = result.line("nginx")
+    assert line.startswith("WARN  nginx  cannot test"), line
+    assert "-> fix: run sudo nginx -t" in line
+
+
 @pytest.mark.parametrize(("days", "level", "code"), [(3, "FAIL", 1), (10, "WARN", 0)])
 async def test_expiring_certificate(tmp_path: Path, days: int, level: str, code: int) -> None:
     """A certificate with under 7 days left is a FAIL, under 14 days a WARN, with certbot fix."""
