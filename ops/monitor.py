@@ -1,7 +1,8 @@
 """`kektech check`: the alert conditions, evaluated once per run (cron runs it every minute).
 
-Conditions: the public WebSocket endpoint down for MONITOR_DOWN_AFTER seconds, a PM2 process
-restarted more than MONITOR_MAX_RESTARTS times within MONITOR_RESTART_WINDOW, memory in use
+Conditions: the public WebSocket endpoint down for MONITOR_DOWN_AFTER seconds, an app of
+OPS_PM2_APPS absent from PM2 or not online, a PM2 process restarted more than
+MONITOR_MAX_RESTARTS times within MONITOR_RESTART_WINDOW, memory in use
 above MONITOR_MEMORY_PERCENT, the certificate expiring within MONITOR_TLS_DAYS. What must
 outlive one run (when the endpoint was first seen down, PM2's restart counters over the last
 hour) is kept in MONITOR_STATE_FILE.
@@ -18,7 +19,7 @@ from typing import Any
 
 from ops.errors import CertificateInvalid, ProbeError, StateError
 from ops.probes.memory import read_memory
-from ops.probes.pm2 import Pm2Process, list_processes
+from ops.probes.pm2 import START_FIX, Pm2Process, list_processes
 from ops.probes.tls import Certificate, fetch_certificate
 from ops.probes.websocket import probe_websocket
 from ops.settings import OpsSettings, parse_endpoint
@@ -31,6 +32,9 @@ CONDITIONS = ("websocket", "pm2", "memory", "tls")
 ALERT = "ALERT"
 ERROR = "ERROR"  # the condition could not be evaluated: the monitor is blind to it
 Sample = tuple[float, int]  # (unix time, PM2 restart counter)
+# Statuses of an instance that runs, or is about to: a restart in progress, backoff included,
+# is the restart condition's to count. PM2 gave up ("errored") or someone stopped it: not.
+RUNNING = frozenset({"online", "launching", "waiting restart"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +122,8 @@ async def check_websocket(
 
 
 async def check_pm2(settings: OpsSettings, state: dict[str, Any], *, now: float) -> list[Finding]:
-    """No PM2 process restarted more than MONITOR_MAX_RESTARTS times within the window."""
+    """Every app of OPS_PM2_APPS is in PM2's list with every instance online (or starting), and
+    no PM2 process restarted more than MONITOR_MAX_RESTARTS times within the window."""
     try:
         processes = await list_processes(
             settings.ops_pm2_bin, home=settings.pm2_home_path(), within=settings.ops_timeout
@@ -129,7 +134,7 @@ async def check_pm2(settings: OpsSettings, state: dict[str, Any], *, now: float)
     old: dict[str, Any] = saved if isinstance(saved, dict) else {}
     window = settings.monitor_restart_window
     fresh: dict[str, list[Sample]] = {}
-    findings = []
+    findings = _apps_not_running(settings.ops_pm2_apps, processes)
     for process in processes:
         samples = _history(old.get(process.key), process, now=now, window=window)
         fresh[process.key] = samples
@@ -146,6 +151,29 @@ async def check_pm2(settings: OpsSettings, state: dict[str, Any], *, now: float)
             )
     # Processes that are gone are forgotten; JSON has no tuples.
     state["pm2"] = {key: [list(s) for s in samples] for key, samples in fresh.items()}
+    return findings
+
+
+def _apps_not_running(apps: Sequence[str], processes: Sequence[Pm2Process]) -> list[Finding]:
+    """An app PM2 gave up on (errored), or that was stopped or deleted, restarts no more: its
+    restart counter goes quiet while nothing runs, so its status is checked every run."""
+    findings = []
+    for app in apps:
+        mine = [p for p in processes if p.name == app]
+        if not mine:
+            findings.append(Finding(ALERT, "pm2", f"{app}: not in the PM2 process list", START_FIX))
+            continue
+        down = [p for p in mine if p.status not in RUNNING]
+        if down:
+            statuses = ", ".join(f"#{p.pm_id} {p.status}" for p in mine)
+            findings.append(
+                Finding(
+                    ALERT,
+                    "pm2",
+                    f"{app}: {len(down)} of {len(mine)} instances not online ({statuses})",
+                    f"pm2 logs {app} --lines 100; pm2 restart {app}",
+                )
+            )
     return findings
 
 

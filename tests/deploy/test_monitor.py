@@ -82,12 +82,29 @@ async def test_crash_looping_pm2_app_is_reported_and_a_steady_one_is_not(tmp_pat
             return await pm2.restarts("crasher") >= 4
 
         await eventually(crashed_four_times, within=30, what="crasher restarted 4 times")
-        env = check_env(tmp_path, **pm2.env, MONITOR_MAX_RESTARTS="3")
+        env = check_env(tmp_path, **pm2.env, MONITOR_MAX_RESTARTS="3", OPS_PM2_APPS="steady")
         result = await run_kektech("check", "--only", "pm2", env=env, cwd=tmp_path)
     assert result.code == 1, result
     assert len(result.lines) == 1, result
     assert result.stdout.startswith("ALERT  pm2  crasher#0 restarted "), result
     assert "in the last 60 min" in result.stdout
+    assert "steady" not in result.stdout
+
+
+async def test_an_app_stopped_errored_or_absent_is_reported(tmp_path: Path) -> None:
+    """Each app of OPS_PM2_APPS must be in PM2's list with every instance online, every run:
+    an app PM2 gave up on (errored) or that was stopped no longer restarts, so its restart
+    counter alone would stop alerting about it after one window."""
+    async with pm2_daemon() as pm2:
+        await pm2.start("steady", write_script(tmp_path / "steady.py", STEADY))
+        await pm2.start("halted", write_script(tmp_path / "halted.py", STEADY))
+        await pm2.run("stop", "halted")
+        env = check_env(tmp_path, **pm2.env, OPS_PM2_APPS="steady,halted,absent")
+        result = await run_kektech("check", "--only", "pm2", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    assert len(result.lines) == 2, result
+    assert result.lines[0].startswith("ALERT  pm2  halted: 1 of 1 instances not online"), result
+    assert result.lines[1].startswith("ALERT  pm2  absent: not in the PM2 process list"), result
     assert "steady" not in result.stdout
 
 
@@ -110,7 +127,9 @@ async def test_restarts_older_than_the_window_are_no_longer_reported(tmp_path: P
 
         await eventually(settled, within=30, what="the app crashed 5 times and settled")
         assert await pm2.restarts("settler") == 5
-        env = check_env(tmp_path, **pm2.env, MONITOR_RESTART_WINDOW=str(window))
+        env = check_env(
+            tmp_path, **pm2.env, MONITOR_RESTART_WINDOW=str(window), OPS_PM2_APPS="settler"
+        )
         loop = asyncio.get_running_loop()
         first_seen = loop.time()
         recent = await run_kektech("check", "--only", "pm2", env=env, cwd=tmp_path)
