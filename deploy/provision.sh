@@ -177,6 +177,10 @@ fi
 packages=(git redis-server nginx certbot ufw logrotate cron openssl postgresql pgbouncer nodejs)
 if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     packages+=(python3.11 python3.11-venv)
+elif ! python3 -c 'import ensurepip' 2>/dev/null; then
+    # Debian 12, Ubuntu 24.04: new enough, but venv's pip comes in a package of its own, and
+    # scripts/install.sh runs as the app user, who cannot apt-get.
+    packages+=(python3-venv)
 fi
 # NodeSource's nodejs bundles npm (and conflicts with Ubuntu's npm package).
 if [ "$NODESOURCE" -eq 0 ] && [ ! -f /etc/apt/sources.list.d/nodesource.list ]; then
@@ -266,9 +270,10 @@ if [ ! -f "$ENV_FILE" ]; then
     [ -f "$example" ] || example="$SOURCE/.env.example"
     # The shared .env gets the `ops` user (PING, TYPE, XLEN: `kektech doctor` and `check`);
     # each service's own user exists only in its PM2 environment.
-    sed -e "s|^REDIS_URL=.*|REDIS_URL=$(redis_url ops "$OPS_REDIS_PASSWORD")|" \
-        -e "s|^DATABASE_URL=.*|DATABASE_URL=postgresql://$APP_USER@/$APP_USER?host=/var/run/postgresql|" \
-        "$example" | install_file "$ENV_FILE" 600 "$APP_USER:$APP_USER" secret || true
+    DOMAIN="$DOMAIN" REDIS_URL="$(redis_url ops "$OPS_REDIS_PASSWORD")" \
+        DATABASE_URL="postgresql://$APP_USER@/$APP_USER?host=/var/run/postgresql" \
+        bash "$SOURCE/deploy/render-env.sh" "$example" |
+        install_file "$ENV_FILE" 600 "$APP_USER:$APP_USER" secret || true
 fi
 
 # ---------------------------------------------------------------------------- Postgres
@@ -369,16 +374,21 @@ if [ "$(cat /etc/nginx/nginx.conf 2>/dev/null)" != "$rendered" ]; then
 fi
 
 # ---------------------------------------------------------------------------- firewall
-say "== ufw: deny incoming except 22, 80, 443"
+# SSH on whatever ports sshd listens on, and 22: a server moved to another port must not lock
+# its operator out once the firewall is on.
+read -r -a ssh_ports <<<"$( { echo 22; (sshd -T 2>/dev/null || true) |
+    awk '$1 == "port" {print $2}'; } | sort -un | tr '\n' ' ')"
+say "== ufw: deny incoming except SSH (${ssh_ports[*]}), 80, 443"
 ufw_status="$(ufw status verbose 2>/dev/null || true)"
 grep -q 'deny (incoming)' <<<"$ufw_status" || act ufw default deny incoming
 grep -q 'allow (outgoing)' <<<"$ufw_status" || act ufw default allow outgoing
-for port in 22 80 443; do
+for port in "${ssh_ports[@]}" 80 443; do
     # SSH first, before enabling, so the session running this survives.
     grep -Eq "^$port/tcp +ALLOW IN" <<<"$ufw_status" || act ufw allow "$port/tcp"
 done
 grep -q '^Status: active' <<<"$ufw_status" || act ufw --force enable
-extra="$(grep -E 'ALLOW IN' <<<"$ufw_status" | grep -Ev '^(22|80|443)/tcp' || true)"
+allowed="$(IFS='|'; echo "${ssh_ports[*]}|80|443")"
+extra="$(grep -E 'ALLOW IN' <<<"$ufw_status" | grep -Ev "^($allowed)/tcp" || true)"
 [ -z "$extra" ] || say "WARNING: other ufw rules allow traffic, review them: $extra"
 
 # ---------------------------------------------------------------------------- logs, cron
@@ -416,5 +426,14 @@ fi
 if ! systemctl is-enabled "pm2-$APP_USER" >/dev/null 2>&1; then
     act env PATH="/usr/bin:/bin:/usr/local/bin" "$PM2" startup systemd -u "$APP_USER" --hp "$APP_HOME"
     as_app pm2 save
+fi
+# At boot PM2 restores the apps at once; an indexer that finds Postgres or the network not
+# up yet exits, and after 10 quick exits PM2 stops trying (ecosystem.config.js).
+if install_file "/etc/systemd/system/pm2-$APP_USER.service.d/kektech.conf" 644 root:root <<UNIT; then
+[Unit]
+Wants=network-online.target
+After=network-online.target postgresql.service redis-server.service
+UNIT
+    act systemctl daemon-reload
 fi
 say "done: https://$DOMAIN/health; status: pm2 status (as $APP_USER, whoever runs it)"

@@ -10,7 +10,10 @@
 #   deploy/update.sh [--dir /opt/kektech] [--ecosystem FILE] [--dry-run]
 #
 # Runs as the owner of the checkout (the app user); started as root it runs itself as that
-# user. --dir defaults to the checkout holding this script; --ecosystem to its
+# user. The services' own settings (the names in .env.example) are removed from its
+# environment: the services read .env, and a variable exported in the caller's shell would
+# override it (in the migration, and through --update-env in every app and dump.pm2).
+# --dir defaults to the checkout holding this script; --ecosystem to its
 # ecosystem.config.js. --dry-run prints the steps and changes nothing.
 set -euo pipefail
 
@@ -48,6 +51,11 @@ elif [ "$(id -un)" != "$OWNER" ]; then
     say "running as $OWNER"
     exec runuser -u "$OWNER" -- env HOME="$home" PATH="$PATH" bash "${BASH_SOURCE[0]}" "${ARGS[@]}"
 fi
+
+# PM2_HOME stays: it is also PM2's own, naming the daemon to reload.
+while read -r name; do
+    [ "$name" = PM2_HOME ] || unset "$name"
+done < <(sed -nE 's/^#? ?([A-Z][A-Z0-9_]*)=.*/\1/p' "$DIR/.env.example")
 
 PM2="$DIR/node_modules/.bin/pm2"
 STEPS=4

@@ -39,6 +39,7 @@ PROVISIONED = [
     "/usr/local/bin/kektech",
     "/etc/apt/sources.list.d/nodesource.list",
     "/etc/apt/sources.list.d/redis.list",
+    "/etc/systemd/system/pm2-kektech.service.d/kektech.conf",
 ]
 
 
@@ -73,7 +74,7 @@ def test_every_shell_script_passes_shellcheck() -> None:
 def test_provision_dry_run_prints_the_plan_and_changes_nothing() -> None:
     """`provision.sh --dry-run` as an unprivileged user exits 0, prints the key actions
     (packages, Redis ACL users, certbot webroot and deploy hook, UFW 22/80/443, PM2 start,
-    startup and save) and creates none of the paths a real run would."""
+    startup, save and its boot order) and creates none of the paths a real run would."""
     before = {path: os.path.lexists(path) for path in PROVISIONED}
     result = run(
         unprivileged(["bash", "deploy/provision.sh", "--dry-run", "--email", "ops@example.com"]),
@@ -108,6 +109,10 @@ def test_provision_dry_run_prints_the_plan_and_changes_nothing() -> None:
         "pm2 start ecosystem.config.js",
         "pm2 startup systemd -u kektech --hp /home/kektech",
         "pm2 save",
+        # PM2's boot unit waits for the network, Postgres and Redis.
+        "would write /etc/systemd/system/pm2-kektech.service.d/kektech.conf",
+        "After=network-online.target postgresql.service redis-server.service",
+        "would run: systemctl daemon-reload",
         "python -m indexer migrate",
     ]
     missing = [line for line in expected if line not in out]
@@ -125,6 +130,38 @@ def test_provision_dry_run_substitutes_the_domain() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "-d ws.example.org" in result.stdout
     assert "ws.kektech.xyz" not in result.stdout
+
+
+def test_the_first_env_of_a_vps_names_its_own_domain() -> None:
+    """The .env provisioning writes from .env.example points the monitoring (`kektech check`,
+    doctor's tls) at this VPS's domain, and the services at its Redis user and database."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "DOMAIN": "ws.example.org",
+        "REDIS_URL": "redis://ops:secret-password-0123@127.0.0.1:6379/0",
+        "DATABASE_URL": "postgresql://kektech@/kektech?host=/var/run/postgresql",
+    }
+    result = subprocess.run(
+        ["bash", "deploy/render-env.sh", ".env.example"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for expected in (
+        "OPS_TLS_ENDPOINT=ws.example.org:443",
+        "MONITOR_WS_URL=wss://ws.example.org/ws",
+        "REDIS_URL=redis://ops:secret-password-0123@127.0.0.1:6379/0",
+        "DATABASE_URL=postgresql://kektech@/kektech?host=/var/run/postgresql",
+    ):
+        assert expected in lines
+    settings = [line for line in lines if line and not line.startswith("#")]
+    assert not [line for line in settings if "kektech.xyz" in line]
+    example = (REPO_ROOT / ".env.example").read_text().splitlines()
+    assert len(lines) == len(example)
 
 
 def test_update_dry_run_prints_the_steps() -> None:
@@ -275,7 +312,8 @@ async def test_update_pulls_installs_migrates_and_reloads(
 ) -> None:
     """update.sh, for real, on a checkout one commit behind its origin: fast-forwards to the
     origin, builds .venv from uv.lock, applies the migration the new commit brings, reloads
-    the PM2 apps (new pid) and saves the process list."""
+    the PM2 apps (new pid) and saves the process list; the caller's environment does not
+    reach the apps (PM2's --update-env would merge it in, over .env)."""
     dev, app = checkouts
     (app / ".env").write_text(f"DATABASE_URL={database_url}\nLOG_FORMAT=json\n")
     probe = dev / "indexer" / "migrations" / "0002_update_probe.sql"
@@ -291,7 +329,7 @@ async def test_update_pulls_installs_migrates_and_reloads(
         run,
         ["bash", "deploy/update.sh", "--ecosystem", str(ecosystem)],
         cwd=app,
-        env=pm2.env,
+        env={**pm2.env, "DATABASE_URL": "postgresql://from-the-operators-shell/other"},
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
@@ -302,6 +340,8 @@ async def test_update_pulls_installs_migrates_and_reloads(
     pid_after = pm2.pids()["update-probe"]
     assert pid_after not in (0, pid_before)
     assert (tmp_path / "pm2" / "dump.pm2").exists()
+    app_env = next(p["pm2_env"] for p in json.loads(pm2("jlist")) if p["name"] == "update-probe")
+    assert "from-the-operators-shell" not in json.dumps(app_env)
 
 
 def test_update_stops_at_the_first_failing_step(
