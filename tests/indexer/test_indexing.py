@@ -29,6 +29,7 @@ from tests.indexer.conftest import (
 from tests.reference_events import REFERENCE_EVENTS
 from tests.support.indexer_process import IndexerProcess
 from tests.support.rpc_proxy import RpcFaultProxy
+from tests.support.waiting import eventually
 
 ENVELOPE_FIELDS = {
     "type", "eventType", "id", "seq", "chainId", "contract", "contractKind", "marketAddress",
@@ -37,12 +38,20 @@ ENVELOPE_FIELDS = {
 }  # fmt: skip
 
 
-async def collect_pubsub(client: aioredis.Redis, sink: dict[str, list[dict[str, Any]]]) -> None:
-    """Gather every message on events:* and market:* by channel until cancelled."""
+async def collect_pubsub(
+    client: aioredis.Redis, sink: dict[str, list[dict[str, Any]]], subscribed: asyncio.Event
+) -> None:
+    """Gather every message on events:* and market:* by channel until cancelled; `subscribed`
+    is set once Redis confirmed both pattern subscriptions."""
+    confirmed = 0
     async with client.pubsub() as pubsub:
         await pubsub.psubscribe("events:*", "market:*")
         async for message in pubsub.listen():
-            if message["type"] == "pmessage":
+            if message["type"] == "psubscribe":
+                confirmed += 1
+                if confirmed == 2:
+                    subscribed.set()
+            elif message["type"] == "pmessage":
                 sink[message["channel"].decode()].append(orjson.loads(message["data"]))
 
 
@@ -59,17 +68,23 @@ async def test_every_event_is_indexed_decoded_and_published(
     await driver.cover_all_events()
     await driver.run(blocks=10)
     channels: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    listener = asyncio.create_task(collect_pubsub(redis_client, channels))
-    await asyncio.sleep(0.2)  # let the pattern subscription settle before anything is published
+    subscribed = asyncio.Event()
+    listener = asyncio.create_task(collect_pubsub(redis_client, channels, subscribed))
+    async with asyncio.timeout(10):
+        await subscribed.wait()  # before anything is published
     with make_indexer() as indexer:
         await indexer.wait_cursor(await dev_chain.block_number())
         logs = await tracked_chain_logs(dev_chain, deployment)
         total = await assert_database_equals_chain(database_url, dev_chain, deployment)
         await wait_for_stream(redis_client, stream_key, total)
-        await asyncio.sleep(0.3)  # Pub/Sub messages trail the stream by one round trip
+        entries = await stream_entries(redis_client, stream_key)
+
+        async def on_pubsub_too() -> bool:  # Pub/Sub trails the stream by a round trip
+            return all(e in channels[f"events:{snake_case(e['type'])}"] for _, e in entries)
+
+        await eventually(on_pubsub_too, within=10, what="every event on Pub/Sub")
     listener.cancel()
 
-    entries = await stream_entries(redis_client, stream_key)
     assert_gap_free(entries)
     assert live_ids(entries) == expected_ids(logs)
     envelopes = [envelope for _, envelope in entries]
