@@ -43,6 +43,7 @@ BACKOFF_MAX = 5.0
 SAME_STREAM_CHECK_INTERVAL = 5.0
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+MISSING = b"0-0"  # the last-generated-id of a stream that does not exist
 
 
 class EventStream:
@@ -198,6 +199,10 @@ class EventStream:
         was recreated (deleted, or Redis restored from another copy): subscribers are closed
         with 4009 and the new stream is followed from its top."""
         last_id = await self._last_id(self._reader)
+        if last_id == MISSING:
+            # Gone, not recreated yet: the indexer may write the same entries again from its
+            # outbox (Redis restarted without persistence). Decided once the key is back.
+            return cursor
         top = entry_seq_or_zero(last_id)
         if self._last_entry is None:  # nothing relayed yet: only a stream gone backwards shows
             if hub.position is not None and top < hub.position:
@@ -217,12 +222,12 @@ class EventStream:
         return last_id
 
     async def _last_id(self, client: aioredis.Redis) -> bytes:
-        """The stream's last-generated-id ("0-0" when it does not exist)."""
+        """The stream's last-generated-id (MISSING when it does not exist)."""
         try:
             info = await client.xinfo_stream(self.key)
         except ResponseError as exc:
             if "no such key" in str(exc).lower():
-                return b"0-0"
+                return MISSING
             raise
         last = info["last-generated-id"]
         return last if isinstance(last, bytes) else str(last).encode()

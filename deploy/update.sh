@@ -52,10 +52,15 @@ elif [ "$(id -un)" != "$OWNER" ]; then
     exec runuser -u "$OWNER" -- env HOME="$home" PATH="$PATH" bash "${BASH_SOURCE[0]}" "${ARGS[@]}"
 fi
 
-# PM2_HOME stays: it is also PM2's own, naming the daemon to reload.
-while read -r name; do
-    [ "$name" = PM2_HOME ] || unset "$name"
-done < <(sed -nE 's/^#? ?([A-Z][A-Z0-9_]*)=.*/\1/p' "$DIR/.env.example")
+# PM2_HOME stays: it is also PM2's own, naming the daemon to reload. Again after the pull:
+# the new release's .env.example may name more.
+unset_settings() {
+    local name
+    while read -r name; do
+        [ "$name" = PM2_HOME ] || unset "$name"
+    done < <(sed -nE 's/^#? ?([A-Z][A-Z0-9_]*)=.*/\1/p' "$DIR/.env.example")
+}
+unset_settings
 
 PM2="$DIR/node_modules/.bin/pm2"
 STEPS=4
@@ -82,6 +87,7 @@ before="$(revision)"
 [ "$DRY_RUN" -eq 0 ] || say "dry run: nothing is changed (checkout $DIR at $before)"
 
 run "pull" git pull --ff-only
+unset_settings
 run "install from the lock files" bash scripts/install.sh
 run "migrate the database" .venv/bin/python -m indexer migrate
 run "reload the services" "$PM2" startOrReload "$ECOSYSTEM" --update-env

@@ -170,8 +170,9 @@ class Store:
             for version, name, sql in _migrations():
                 async with conn.transaction():
                     # Bounded on the server like every transaction (Database.transaction), as
-                    # the lock held here would stop every later start; no statement_timeout:
-                    # a migration's DDL may legitimately run long.
+                    # the lock held here would stop every later start. No server-side
+                    # statement_timeout: DB_COMMAND_TIMEOUT already bounds each statement on
+                    # this side, and the server ends it when the connection goes.
                     await conn.execute(
                         f"{self._db.idle_bound}; SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})"
                     )

@@ -32,9 +32,10 @@ CONDITIONS = ("websocket", "pm2", "memory", "tls")
 ALERT = "ALERT"
 ERROR = "ERROR"  # the condition could not be evaluated: the monitor is blind to it
 Sample = tuple[float, int]  # (unix time, PM2 restart counter)
-# Statuses of an instance that runs, or is about to: a restart in progress, backoff included,
-# is the restart condition's to count. PM2 gave up ("errored") or someone stopped it: not.
-RUNNING = frozenset({"online", "launching", "waiting restart"})
+# Statuses of an instance that runs, or is about to: a restart or reload in progress (PM2 goes
+# stopping, stopped, launching for each instance), backoff included, is the restart
+# condition's to count. PM2 gave up ("errored") or someone stopped it ("stopped"): not.
+RUNNING = frozenset({"online", "launching", "waiting restart", "stopping"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from tests.broadcaster.support import (
     RawClient,
     Running,
     envelope,
+    read_stream,
     ws_client,
 )
 from tests.support.tcp_proxy import TcpProxy
@@ -355,6 +356,27 @@ async def test_a_stream_recreated_past_the_position_while_redis_was_away_is_noti
             await fresh.subscribe("events:*")
             await producer.publish()
             assert [e["seq"] for e in await fresh.events(1)] == [9]
+
+
+async def test_a_stream_lost_and_written_again_as_it_was_is_followed_without_a_reset(
+    server: Running, producer: EventProducer, redis_client: aioredis.Redis
+) -> None:
+    """Redis back without the stream (restarted without persistence): while the key is
+    missing, nothing is concluded; when the indexer writes the same entries again from its
+    outbox, the stream is the same one, so clients stay connected, get nothing twice, and get
+    what follows."""
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        await producer.publish(count=5)
+        assert [e["seq"] for e in await client.events(5)] == [1, 2, 3, 4, 5]
+        kept = await read_stream(redis_client, producer.key)
+        await redis_client.delete(producer.key)
+        await asyncio.sleep(2.5)  # idle reads meanwhile (BROADCASTER_REDIS_TIMEOUT=2 s)
+        for entry_id, fields in kept:  # the publisher's refill from the outbox
+            await redis_client.xadd(producer.key, fields, id=entry_id)  # type: ignore[arg-type]
+        await producer.publish()
+        assert [e["seq"] for e in await client.events(1)] == [6]
+        await client.nothing()
 
 
 async def test_a_client_without_subscriptions_follows_a_recreated_stream(
