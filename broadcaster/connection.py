@@ -111,6 +111,7 @@ class Connection(asyncio.Protocol):
         "_paused",
         "_ping_payload",
         "_ping_timer",
+        "_requested",
         "_task",
         "_waiting",
         "buffered",
@@ -140,6 +141,7 @@ class Connection(asyncio.Protocol):
         self._waiting: deque[str | bytes] | None = None
         self._open = False  # whether the handler was told of the opening and not yet of its end
         self._paused = False
+        self._requested = False  # an HTTP request was parsed (answered, or being answered)
         self._held = False  # reading paused: messages wait behind a running task
         self._drain_waiters: list[asyncio.Future[None]] = []
 
@@ -232,6 +234,8 @@ class Connection(asyncio.Protocol):
         if self._open and protocol.state is not OPEN:
             self._left_open()  # a close frame arrived, or the data broke the protocol
         events = protocol.events_received()
+        if not self._requested and protocol.handshake_exc is not None:
+            self._refuse_unparsable()
         self._flush()  # pongs, the echo of a close frame, a refused request
         self._expect_close()
         if self._open and self.backed_up():
@@ -293,8 +297,22 @@ class Connection(asyncio.Protocol):
 
     # The opening handshake
 
+    def _refuse_unparsable(self) -> None:
+        """Answer 400 to a request websockets could not parse (a body, a byte that is not
+        ASCII), which it would end with nothing: a proxy such as Nginx counts an upstream
+        that answers nothing as failed, and three such requests took every instance out."""
+        self._requested = True
+        response = self.protocol.reject(400, "malformed HTTP request\n")
+        response.headers["Server"] = self._options.server_header
+        self.transport.write(response.serialize())  # before the end the protocol queued
+
     def _request(self, request: Request) -> None:
-        answer = self._handler.respond(self, request)
+        self._requested = True
+        try:
+            answer = self._handler.respond(self, request)
+        except Exception:  # a bug: answered, logged, and the server goes on
+            log.exception("handshake answer failed")
+            answer = self.protocol.reject(500, "internal error\n")
         if isinstance(answer, Response):
             self._respond(answer)
         else:

@@ -75,7 +75,11 @@ class Edge:
         path = request.path.partition("?")[0]
         if path != self.settings.ws_path:
             return self.process_http(request)
-        origin = request.headers.get("Origin")
+        origins, real_ips = request.headers.get_all("Origin"), request.headers.get_all("X-Real-IP")
+        if len(origins) > 1 or len(real_ips) > 1:  # ambiguous: neither can be trusted
+            self.metrics.rejected.labels(reason="headers").inc()
+            return _text(http.HTTPStatus.BAD_REQUEST, "repeated Origin or X-Real-IP\n")
+        origin = origins[0] if origins else None
         if self._origins and origin is not None and origin.lower() not in self._origins:
             self.metrics.rejected.labels(reason="origin").inc()
             return _text(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
@@ -85,7 +89,7 @@ class Edge:
         ip = client_ip(
             peer[0] if isinstance(peer, tuple) else None,
             forwarded_for=request.headers.get_all("X-Forwarded-For"),
-            real_ip=request.headers.get("X-Real-IP"),
+            real_ip=real_ips[0] if real_ips else None,
             trusted=self.settings.ws_trusted_proxies,
             local=not isinstance(peer, tuple),  # the Unix socket
         )

@@ -317,6 +317,29 @@ async def test_health_is_the_broadcasters_healthz(edge: Edge) -> None:
     assert (health["status"], health["redis"]) == ("ok", "up")
 
 
+async def test_requests_the_broadcasters_cannot_take_do_not_take_them_out(edge: Edge) -> None:
+    """Requests with a body, which the broadcasters refuse, get an answer (400) through
+    nginx: they are not upstream failures, so one client sending a few cannot make nginx
+    mark every instance down (max_fails) and answer 502 to everyone else."""
+    source = edge.new_ip()
+    connector = aiohttp.TCPConnector(local_addr=(source, 0), force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(4):
+            async with session.get(
+                f"https://127.0.0.1:{edge.layout.https_port}/health",
+                data=b"a body nginx passes on",
+                headers={"Host": HOST},
+                ssl=client_context(edge.layout.cert),
+                server_hostname=HOST,
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as response:
+                assert response.status == 400
+    status, _, _ = await http_get(edge, "/health", source=edge.new_ip())
+    assert status == 200
+    async with edge.ws_client(edge.new_ip()) as client:
+        await client.subscribe("events:*")
+
+
 async def test_http_responses_are_gzipped(edge: Edge) -> None:
     """A client that accepts gzip gets the /health JSON compressed; others get it plain."""
     ip = edge.new_ip()
