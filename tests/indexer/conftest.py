@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,10 @@ def make_indexer(
     deployment: Deployment,
     stream_key: str,
     tmp_path: Path,
-) -> Callable[..., IndexerProcess]:
-    """Build (not start) indexer processes sharing this test's database, chain and stream."""
+) -> Iterator[Callable[..., IndexerProcess]]:
+    """Build (not start) indexer processes sharing this test's database, chain and stream;
+    any still running when the test ends (a failed wait) is killed."""
+    made: list[IndexerProcess] = []
 
     def make(*args: str, **overrides: str) -> IndexerProcess:
         env = indexer_env(
@@ -53,9 +55,12 @@ def make_indexer(
             stream_key=stream_key,
             **overrides,
         )
-        return IndexerProcess(env, *args, log_dir=tmp_path)
+        made.append(IndexerProcess(env, *args, log_dir=tmp_path))
+        return made[-1]
 
-    return make
+    yield make
+    for process in made:
+        process.kill()
 
 
 async def tracked_chain_logs(chain: DevChain, deployment: Deployment) -> list[dict[str, Any]]:
