@@ -196,6 +196,18 @@ class IndexerSettings(ServiceSettings):
             raise ValueError("an address is listed twice")
         return value
 
+    @field_validator("reorg_window")
+    @classmethod
+    def _window_above_confirmations(cls, value: int, info: ValidationInfo) -> int:
+        confirmations = info.data.get("confirmations")
+        if confirmations is not None and value <= confirmations:
+            raise ValueError(
+                f"must be above CONFIRMATIONS ({confirmations}): the window counts from the "
+                "head, and indexing stays CONFIRMATIONS behind it, so reorgs of indexed blocks "
+                "are followed within REORG_WINDOW - CONFIRMATIONS blocks of the cursor"
+            )
+        return value
+
     @field_validator("logs_range_max")
     @classmethod
     def _max_not_below_min(cls, value: int, info: ValidationInfo) -> int:

@@ -254,6 +254,16 @@ def test_indexer_error_names_the_variable(variable: str, value: str, reason: str
     assert str(error) == f"invalid setting {variable}: {error.reason}"
 
 
+def test_a_reorg_window_not_above_confirmations_is_refused() -> None:
+    """REORG_WINDOW counts from the head and CONFIRMATIONS keeps indexing that far behind it:
+    with a window not above it, no reorg of an indexed block could be followed (each one
+    stopped the indexer as "too deep"), so the pair is refused at start."""
+    error = config_error(IndexerSettings, CONFIRMATIONS="10", REORG_WINDOW="4")
+    assert error.variable == "REORG_WINDOW"
+    assert "above CONFIRMATIONS (10)" in error.reason
+    assert load_settings(IndexerSettings).reorg_window == 64  # the defaults pass
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "reason"),
     [
