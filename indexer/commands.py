@@ -81,7 +81,9 @@ async def status(settings: IndexerSettings) -> int:
         else:
             _say(f"cursor: block {state.block_number} ({state.block_hash})")
             if head is not None:
-                _say(f"chain head: block {head}, lag {max(0, head - state.block_number)} blocks")
+                # As the indexer counts it: it stays CONFIRMATIONS behind the head on purpose.
+                lag = max(0, head - settings.confirmations - state.block_number)
+                _say(f"chain head: block {head}, lag {lag} blocks")
         published = await store.published_seq()
         last = await store.last_seq()
         _say(f"publishing: seq {published} of {last} in Redis, backlog {max(0, last - published)}")
@@ -154,7 +156,7 @@ async def reindex(settings: IndexerSettings, first: int) -> int:
 async def verify(settings: IndexerSettings, first: int, last: int | None) -> int:
     """Re-read [first, last] from the chain and report every difference with the database."""
     async with _connections(settings) as (store, rpc):
-        state = await store.load_state()
+        state = await store.load_state() if await store.schema_version() else None
         if state is None:
             _say("nothing indexed yet")
             return 1

@@ -27,9 +27,11 @@ from tests.support.rpc_proxy import RpcFaultProxy
 from tests.support.waiting import eventually
 
 
-async def run_command(make_indexer: Callable[..., IndexerProcess], *args: str) -> tuple[int, str]:
+async def run_command(
+    make_indexer: Callable[..., IndexerProcess], *args: str, **overrides: str
+) -> tuple[int, str]:
     """Run one CLI command to completion; return its exit code and output."""
-    command = make_indexer(*args)
+    command = make_indexer(*args, **overrides)
     command.start()
     code = await command.wait_exit(within=60)
     return code, command.log_text()
@@ -261,6 +263,47 @@ async def test_a_verify_over_many_events_keeps_memory_bounded(
     block, index = first_extra
     assert f"block {block} log {index}: in the database but not on the chain" in output
     assert 0 < command.peak_rss_kib < PEAK_RSS_LIMIT_KIB, command.peak_rss_kib
+
+
+async def test_confirmations_keep_the_indexer_that_far_behind_the_head(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """With CONFIRMATIONS=3 a block is indexed once 3 more follow it: the cursor stays 3 below
+    the head and nothing above it is stored, yet the indexer is caught up (/ready) and
+    `status` says lag 0; the blocks come in as the chain grows."""
+    driver = ActivityDriver(dev_chain, deployment, seed=72, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=6)
+    head = await dev_chain.block_number()
+    with make_indexer(CONFIRMATIONS="3") as indexer:
+        await indexer.wait_cursor(head - 3)
+        await indexer.wait_ready()
+        _, health = await indexer.get("/healthz")
+        assert health["cursor"] == head - 3
+        conn = await asyncpg.connect(database_url)
+        try:
+            newest = await conn.fetchval("SELECT max(block_number) FROM events")
+        finally:
+            await conn.close()
+        assert newest <= head - 3
+        code, output = await run_command(make_indexer, "status", CONFIRMATIONS="3")
+        assert code == 0, output
+        assert f"chain head: block {head}, lag 0 blocks" in output
+        await dev_chain.mine_empty(3)
+        await indexer.wait_cursor(head)
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
+
+
+async def test_verify_on_a_database_never_migrated_says_so(
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """verify against a database no indexer ever used says there is nothing to verify (exit 1),
+    with no traceback."""
+    code, output = await run_command(make_indexer, "verify", "--from", "0")
+    assert (code, output.strip()) == (1, "nothing indexed yet")
 
 
 async def test_unknown_logs_from_tracked_contracts_are_kept_raw(
