@@ -145,6 +145,7 @@ class Follower:
         if chain_id != self._config.chain_id:
             raise ChainIdMismatch(expected=self._config.chain_id, actual=chain_id)
         state = await self._store.load_state()
+        created = state is None
         if state is None:
             state = await self._store.init_state(
                 self._lease,
@@ -156,6 +157,7 @@ class Follower:
         elif state.chain_id != chain_id:
             raise ChainIdMismatch(expected=state.chain_id, actual=chain_id, endpoint="the database")
         self._state = state
+        await self._note_sources(created=created)
         self._children = await self._store.children()
         self._metrics.cursor.set(state.block_number)
         log.info("resuming", cursor=state.block_number, markets=len(self._children))
@@ -174,6 +176,36 @@ class Follower:
                 await self._handle_reorg()
             except BlockNotFound as exc:  # the first step looks again
                 log.warning("the reorg at start-up is looked at again", reason=str(exc))
+
+    async def _note_sources(self, *, created: bool) -> None:
+        """Record the configured contracts and the block each is followed from, and say so
+        when the configuration gained one after indexing began (its earlier events, and the
+        markets a factory created before, are not indexed until backfilled) or lost one."""
+        assert self._state is not None
+        known = await self._store.sources()
+        added = {a: k for a, k in self._static.items() if a not in known}
+        cursor = self._state.block_number
+        # A new database, or one indexed before contracts were recorded: from START_BLOCK.
+        later = not created and bool(known)
+        since = cursor + 1 if later else self._config.start_block
+        if added:
+            await self._store.add_sources([(a, k.value, since) for a, k in added.items()])
+        for address, kind in added.items() if later else ():
+            log.warning(
+                "a contract was added to the configuration after indexing began: followed "
+                "from the block after the cursor; its earlier events need a backfill",
+                contract=address,
+                kind=kind.value,
+                followed_from=since,
+                backfill=f"python -m indexer backfill --from {self._config.start_block}"
+                f" --to {cursor}",
+            )
+        for address in sorted(known.keys() - self._static.keys()):
+            log.warning(
+                "a contract recorded as followed is no longer in the configuration: its "
+                "events are no longer indexed",
+                contract=address,
+            )
 
     async def _cursor_replaced(self) -> bool:
         """Whether the node's block at the cursor's height is another one than the stored.

@@ -297,6 +297,20 @@ class Store:
         assert state is not None
         return state
 
+    async def sources(self) -> dict[str, int]:
+        """The configured contracts recorded so far, and the block each is followed from."""
+        rows = await self._db.fetch("SELECT address, since_block FROM sources")
+        return {r["address"]: int(r["since_block"]) for r in rows}
+
+    async def add_sources(self, rows: Sequence[tuple[str, str, int]]) -> None:
+        """Record contracts as (address, kind, since_block); one already recorded stays."""
+        await self._db.execute(
+            "INSERT INTO sources (address, kind, since_block)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"
+            " ON CONFLICT (address) DO NOTHING",
+            *columns(rows, 3),
+        )
+
     async def children(self) -> dict[str, str]:
         """Every known market clone and the factory that created it."""
         rows = await self._db.fetch("SELECT address, factory FROM markets")

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
 from devnet.services import Anvil, Redis
+from indexer.store import Store
 from tests.broadcaster.support import running, settings_for
 from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.ops import (
@@ -132,7 +133,10 @@ async def test_all_ok_against_running_services(
     ], result
     assert all(line.startswith("OK    ") for line in result.lines), result
     assert "chain 32323, head block" in result.line(f"rpc #0 127.0.0.1:{anvil.port}")
-    assert "migrated (schema version 1 of 1), cursor at block" in result.line("postgres")
+    latest = Store.latest_schema_version()
+    assert f"migrated (schema version {latest} of {latest}), cursor at block" in result.line(
+        "postgres"
+    )
     assert API_KEY not in result.stdout + result.stderr
     assert RPC_PASSWORD not in result.stdout + result.stderr
 
@@ -212,8 +216,8 @@ async def test_unmigrated_database_fails(database_url: str, tmp_path: Path) -> N
     result = await run_kektech("doctor", "--only", "postgres", env=env, cwd=tmp_path)
     assert result.code == 1, result
     assert result.line("postgres") == (
-        "FAIL  postgres  not migrated: schema version 0 of 1 -> fix: python -m indexer migrate "
-        "(starting the indexer also migrates)"
+        f"FAIL  postgres  not migrated: schema version 0 of {Store.latest_schema_version()} "
+        "-> fix: python -m indexer migrate (starting the indexer also migrates)"
     )
 
 

@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 
 from devnet.services import REPO_ROOT, Postgres, free_port
+from indexer.store import Store
 
 SHELLCHECK = REPO_ROOT / ".venv" / "bin" / "shellcheck"
 PM2 = "node_modules/.bin/pm2"
@@ -316,7 +317,8 @@ async def test_update_pulls_installs_migrates_and_reloads(
     reach the apps (PM2's --update-env would merge it in, over .env)."""
     dev, app = checkouts
     (app / ".env").write_text(f"DATABASE_URL={database_url}\nLOG_FORMAT=json\n")
-    probe = dev / "indexer" / "migrations" / "0002_update_probe.sql"
+    name = f"{Store.latest_schema_version() + 1:04d}_update_probe.sql"  # the release's next
+    probe = dev / "indexer" / "migrations" / name
     probe.write_text("CREATE TABLE update_probe (id integer);\n")
     git(dev, "add", "-A")
     git(dev, "commit", "-q", "-m", "a new migration")
@@ -335,7 +337,7 @@ async def test_update_pulls_installs_migrates_and_reloads(
     assert result.returncode == 0, result.stdout + result.stderr
     assert git(app, "rev-parse", "HEAD") == git(dev, "rev-parse", "HEAD")
     assert (app / ".venv" / "bin" / "python").exists()
-    assert "applied: 0002_update_probe.sql" in result.stdout
+    assert f"applied: {name}" in result.stdout
     assert "update_probe" in await tables(database_url)
     pid_after = pm2.pids()["update-probe"]
     assert pid_after not in (0, pid_before)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import aiohttp
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 
 from devnet.chain import Deployment, DevChain
@@ -304,6 +305,36 @@ async def test_verify_on_a_database_never_migrated_says_so(
     with no traceback."""
     code, output = await run_command(make_indexer, "verify", "--from", "0")
     assert (code, output.strip()) == (1, "nothing indexed yet")
+
+
+async def test_a_factory_added_after_indexing_began_is_said_with_its_backfill(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """A factory added to MARKET_FACTORY_ADDRESS after indexing began is followed from the
+    cursor on, and its earlier markets are not indexed by following the chain: at start the
+    indexer says so, naming the backfill that fetches them, and that backfill completes the
+    database."""
+    driver = ActivityDriver(dev_chain, deployment, seed=73, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=8)
+    head = await dev_chain.block_number()
+    with make_indexer(MARKET_FACTORY_ADDRESS=deployment.factory_v1) as indexer:
+        await indexer.wait_cursor(head)
+    with make_indexer() as indexer:  # both factories now
+        await indexer.wait_cursor(head)
+        log = indexer.log_text()
+    assert "added to the configuration after indexing began" in log
+    assert deployment.factory_v2 in log
+    backfill = f"python -m indexer backfill --from {deployment.block} --to {head}"
+    assert backfill in log
+    with pytest.raises(AssertionError):  # the v2 markets created before are missing
+        await assert_database_equals_chain(database_url, dev_chain, deployment)
+    code, output = await run_command(make_indexer, *backfill.split()[3:])
+    assert code == 0, output
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
 
 
 async def test_unknown_logs_from_tracked_contracts_are_kept_raw(
