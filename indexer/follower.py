@@ -151,7 +151,7 @@ class Follower:
                 self._lease,
                 self._config.lease_ttl,
                 chain_id=chain_id,
-                cursor=await self._start_cursor(),
+                cursor=await self._wait_for_start(),
             )
             log.info("cursor created", block=state.block_number)
         elif state.chain_id != chain_id:
@@ -220,6 +220,23 @@ class Follower:
 
     async def _start_cursor(self) -> BlockHeader:
         return await self._header_or_virtual(self._config.start_block - 1)
+
+    async def _wait_for_start(self) -> BlockHeader:
+        """The block before START_BLOCK, once the chain has it: a START_BLOCK beyond the head
+        (a node still syncing, a deployment to come) is waited for, not a reason to exit."""
+        announced = False
+        while True:
+            try:
+                return await self._start_cursor()
+            except BlockNotFound:
+                if not announced:
+                    log.warning(
+                        "START_BLOCK is beyond the chain head: waiting for the chain to reach "
+                        "START_BLOCK",
+                        start_block=self._config.start_block,
+                    )
+                    announced = True
+                await asyncio.sleep(self._config.poll_interval)
 
     async def _header_or_virtual(self, number: int) -> BlockHeader:
         """The header of block `number`, or the virtual parent of block 0 for -1."""

@@ -337,6 +337,37 @@ async def test_a_factory_added_after_indexing_began_is_said_with_its_backfill(
     await assert_database_equals_chain(database_url, dev_chain, deployment)
 
 
+async def test_a_start_block_above_the_head_is_waited_for(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """START_BLOCK beyond the chain's head on an empty database (a node still syncing, or
+    the block of a deployment to come): the indexer waits for the chain to reach it, instead
+    of exiting (PM2 would restart it in a loop), then indexes from there."""
+    head = await dev_chain.block_number()
+    start = head + 4
+    with make_indexer(START_BLOCK=str(start)) as indexer:
+
+        async def waiting() -> bool:
+            return "waiting for the chain to reach START_BLOCK" in indexer.log_text()
+
+        await eventually(waiting, within=30, what="the indexer says it waits")
+        assert indexer.running
+        await dev_chain.mine_empty(3)
+        await ActivityDriver(dev_chain, deployment, seed=74, txs_per_block=3).run(blocks=3)
+        await indexer.wait_cursor(await dev_chain.block_number())
+    conn = await asyncpg.connect(database_url)
+    try:
+        first = await conn.fetchval("SELECT min(block_number) FROM events")
+        count = await conn.fetchval("SELECT count(*) FROM events")
+    finally:
+        await conn.close()
+    assert count > 0
+    assert first >= start
+
+
 async def test_unknown_logs_from_tracked_contracts_are_kept_raw(
     dev_chain: DevChain,
     deployment: Deployment,
