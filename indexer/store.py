@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -56,13 +56,13 @@ COPY_ABOVE = 256
 READ_PAGE = 2000
 REBUILD_GROUP = 500
 MAX_BIGINT = 2**63 - 1
-# Keyset pages, in the order of the primary key and of events_market_idx.
+# Keyset pages (see _pages), in the order of the primary key and of events_market_idx.
 RETRACTED_PAGE = (
     "SELECT * FROM events WHERE block_number > $1 AND (block_number, log_index) < ($2, $3)"
     " ORDER BY block_number DESC, log_index DESC LIMIT $4"
 )
 RANGE_PAGE = (
-    "SELECT * FROM events WHERE (block_number, log_index) > ($1, $2) AND block_number <= $3"
+    "SELECT * FROM events WHERE block_number <= $1 AND (block_number, log_index) > ($2, $3)"
     " ORDER BY block_number, log_index LIMIT $4"
 )
 MARKET_EVENTS_PAGE = (
@@ -128,6 +128,26 @@ def _assign_seqs(events: Sequence[StoredEvent], last_seq: int) -> tuple[list[int
             last_seq += 1
             seqs.append(last_seq)
     return seqs, last_seq
+
+
+async def _pages(
+    fetch: Callable[..., Awaitable[list[asyncpg.Record]]],
+    query: str,
+    *,
+    fixed: Sequence[Any],
+    start: tuple[Any, ...],
+    keys: tuple[str, ...],
+) -> AsyncIterator[list[asyncpg.Record]]:
+    """Keyset pages of READ_PAGE rows: `query` takes the `fixed` arguments, then the position
+    (`start`, then the `keys` of each page's last row), then the limit."""
+    position = start
+    while True:
+        records = await fetch(query, *fixed, *position, READ_PAGE)
+        if records:
+            yield records
+        if len(records) < READ_PAGE:
+            return
+        position = tuple(records[-1][key] for key in keys)
 
 
 def _projected(events: Iterable[StoredEvent]) -> Iterator[ProjectedEvent]:
@@ -426,14 +446,15 @@ class Store:
         for start in range(0, len(affected), REBUILD_GROUP):
             group = affected[start : start + REBUILD_GROUP]
             rows: dict[str, MarketRow | None] = dict.fromkeys(group)
-            position: tuple[str, int, int] = ("", -1, -1)
-            while True:
-                records = await conn.fetch(MARKET_EVENTS_PAGE, group, *position, READ_PAGE)
+            pages = _pages(
+                conn.fetch,
+                MARKET_EVENTS_PAGE,
+                fixed=[group],
+                start=("", -1, -1),
+                keys=("market_address", "block_number", "log_index"),
+            )
+            async for records in pages:
                 apply_events(rows, _projected(map(StoredEvent.from_record, records)))
-                if len(records) < READ_PAGE:
-                    break
-                last = records[-1]
-                position = (last["market_address"], last["block_number"], last["log_index"])
             # Every row was deleted above: each one the fold produced is written back.
             markets = [row for row in rows.values() if row is not None]
             if markets:
@@ -461,9 +482,14 @@ class Store:
             retracted = 0
             markets: set[str] = set()
             # Newest first, a page at a time (a reindex may retract most of the chain).
-            position = (MAX_BIGINT, 0)
-            while True:
-                records = await conn.fetch(RETRACTED_PAGE, ancestor.number, *position, READ_PAGE)
+            pages = _pages(
+                conn.fetch,
+                RETRACTED_PAGE,
+                fixed=[ancestor.number],
+                start=(MAX_BIGINT, 0),
+                keys=("block_number", "log_index"),
+            )
+            async for records in pages:
                 notices = []
                 for event in map(StoredEvent.from_record, records):
                     if event.decoded is not None:
@@ -478,9 +504,6 @@ class Store:
                 if notices:
                     await self._copy(conn, "outbox", notices, OUTBOX_COLUMNS)
                 retracted += len(records)
-                if len(records) < READ_PAGE:
-                    break
-                position = (records[-1]["block_number"], records[-1]["log_index"])
             await conn.execute("DELETE FROM events WHERE block_number > $1", ancestor.number)
             await self._rebuild_markets(conn, markets)
             await conn.execute("DELETE FROM blocks WHERE number > $1", ancestor.number)
@@ -544,14 +567,15 @@ class Store:
 
     async def stored_events(self, first: int, last: int) -> AsyncIterator[list[StoredEvent]]:
         """Stored events of an inclusive block range, in chain order, a page at a time."""
-        position = (first, -1)
-        while True:
-            rows = await self._db.fetch(RANGE_PAGE, *position, last, READ_PAGE)
-            if rows:
-                yield [StoredEvent.from_record(r) for r in rows]
-            if len(rows) < READ_PAGE:
-                return
-            position = (rows[-1]["block_number"], rows[-1]["log_index"])
+        pages = _pages(
+            self._db.fetch,
+            RANGE_PAGE,
+            fixed=[last],
+            start=(first, -1),
+            keys=("block_number", "log_index"),
+        )
+        async for rows in pages:
+            yield [StoredEvent.from_record(r) for r in rows]
 
     async def counts(self) -> dict[str, int]:
         """Row counts for `status`."""
