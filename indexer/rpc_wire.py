@@ -198,14 +198,7 @@ def check_status(
         kind = "http_5xx" if status >= 500 else f"http_{status}"
         raise TransientFailure(kind, f"HTTP {status}", parse_retry_after(retry_after))
     if batch:
-        # An error object says why (a node behind, a rate limit); only a final one, or none,
-        # is taken as "this endpoint takes no batches".
-        if (
-            error is not None
-            and classify(*error, method, shrinkable=shrinkable) is not Verdict.FINAL
-        ):
-            _raise_for_error(*error, method, shrinkable=shrinkable)
-        raise BatchRejected(f"HTTP {status}")
+        _refuse_batch(error, method, shrinkable=shrinkable, why=f"HTTP {status}")
     if error is not None:
         _raise_for_error(*error, method, shrinkable=shrinkable)
     raise RpcResponseError(None, f"HTTP {status}", method)
@@ -237,9 +230,8 @@ def batch_results(
         error = payload.get("error") if isinstance(payload, dict) else None
         if error is not None:
             code, message = _check_error(error, method)
-            if classify(code, message, method, shrinkable=shrinkable) is not Verdict.FINAL:
-                _raise_for_error(code, message, method, shrinkable=shrinkable)
-            raise BatchRejected(f"error {code}: {_excerpt(message)}")
+            why = f"error {code}: {_excerpt(message)}"
+            _refuse_batch((code, message), method, shrinkable=shrinkable, why=why)
         raise BatchRejected("answer to a batch is not a list")
     by_id: dict[object, object] = {}
     for item in payload:
@@ -296,6 +288,17 @@ def _check_error(error: object, method: str) -> tuple[int, str]:
             # Some providers say only "invalid params" and put the reason in `data`.
             return code, f"{message}: {data}" if isinstance(data, str) and data else message
     raise RpcResponseError(None, f"malformed error object: {_excerpt(repr(error))}", method)
+
+
+def _refuse_batch(
+    error: tuple[int, str] | None, method: str, *, shrinkable: bool, why: str
+) -> NoReturn:
+    """A batch failed as a whole. Its error object may say why (a node behind, a rate limit,
+    a range to shrink); only a final one, or none, is taken as "this endpoint takes no
+    batches"."""
+    if error is not None and classify(*error, method, shrinkable=shrinkable) is not Verdict.FINAL:
+        _raise_for_error(*error, method, shrinkable=shrinkable)
+    raise BatchRejected(why)
 
 
 def _raise_for_error(code: int, message: str, method: str, *, shrinkable: bool) -> NoReturn:
