@@ -73,18 +73,18 @@ class EventStream:
 
     async def top(self) -> int:
         """The seq of the newest entry ever added (last-generated-id), 0 for no stream."""
-        try:
-            async with self._turn(), asyncio.timeout(self._timeout):
-                return entry_seq_or_zero(await self._last_id(self._queries))
-        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
-            raise StreamUnavailable(str(exc) or type(exc).__name__) from None
+        async with self._turn():
+            return await self._read_top(self._queries)
 
     async def monitored_top(self) -> int:
         """top() for /healthz, on a connection of its own."""
+        return await self._read_top(self._monitor)
+
+    async def _read_top(self, client: aioredis.Redis) -> int:
         try:
             async with asyncio.timeout(self._timeout):
-                return entry_seq_or_zero(await self._last_id(self._monitor))
-        except (RedisError, OSError) as exc:
+                return entry_seq_or_zero(await self._last_id(client))
+        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
             raise StreamUnavailable(str(exc) or type(exc).__name__) from None
 
     async def entries(self, after: int, upto: int, count: int) -> list[tuple[int, Event | None]]:
@@ -98,9 +98,14 @@ class EventStream:
 
     @asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
-        """One of the query connections, in arrival order (TimeoutError past the queue bound)."""
-        async with asyncio.timeout(QUERY_QUEUE_TIMEOUT):
-            await self._turns.acquire()
+        """One of the query connections, in arrival order (StreamUnavailable past the queue
+        bound)."""
+        try:
+            async with asyncio.timeout(QUERY_QUEUE_TIMEOUT):
+                await self._turns.acquire()
+        except TimeoutError:
+            message = f"no Redis connection free within {QUERY_QUEUE_TIMEOUT:g} s"
+            raise StreamUnavailable(message) from None
         try:
             yield
         finally:
