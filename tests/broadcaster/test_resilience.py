@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -57,16 +57,26 @@ async def test_redis_restart_mid_stream(
     assert await server.metric("kektech_broadcaster_redis_reconnects_total") >= 1
 
 
+@contextlib.asynccontextmanager
+async def through_proxy(start: Start, redis: Redis) -> AsyncIterator[tuple[TcpProxy, Running]]:
+    """A broadcaster whose Redis connections go through a TcpProxy (to freeze them), with
+    BROADCASTER_REDIS_TIMEOUT=1 s so that it notices soon."""
+    async with (
+        TcpProxy(redis.port) as proxy,
+        start(
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0", broadcaster_redis_timeout=1.0
+        ) as server,
+    ):
+        yield proxy, server
+
+
 async def test_half_open_redis_socket_is_detected(
     start: Start, producer: EventProducer, redis_server: Redis
 ) -> None:
     """When the Redis connection goes silent without closing, the reader times out, reconnects
     and catches up: nothing is lost."""
     async with (
-        TcpProxy(redis_server.port) as proxy,
-        start(
-            redis_url=f"redis://127.0.0.1:{proxy.port}/0", broadcaster_redis_timeout=1.0
-        ) as server,
+        through_proxy(start, redis_server) as (proxy, server),
         ws_client(server.url) as client,
     ):
         await client.subscribe("events:*")
@@ -84,12 +94,7 @@ async def test_a_connection_closed_during_a_resume_leaves_no_subscription_behind
     """A resume still waiting on Redis when its client closes does not put the subscription
     back: once the connection is gone, the subscription count is zero, not negative."""
     await producer.publish(count=10)
-    async with (
-        TcpProxy(redis_server.port) as proxy,
-        start(
-            redis_url=f"redis://127.0.0.1:{proxy.port}/0", broadcaster_redis_timeout=1.0
-        ) as server,
-    ):
+    async with through_proxy(start, redis_server) as (proxy, server):
         await server.wait_health(seq=10)
         proxy.freeze()  # the resume below waits on Redis for its timeout
         client = await RawClient.open(server.settings.ws_port)
@@ -333,10 +338,7 @@ async def test_a_stream_recreated_past_the_position_while_redis_was_away_is_noti
     now, closes subscribers with 4009 (reload) and follows the new stream from its top,
     instead of relaying the new stream's later events as if they followed the old ones."""
     async with (
-        TcpProxy(redis_server.port) as proxy,
-        start(
-            redis_url=f"redis://127.0.0.1:{proxy.port}/0", broadcaster_redis_timeout=1.0
-        ) as server,
+        through_proxy(start, redis_server) as (proxy, server),
         ws_client(server.url) as client,
     ):
         await client.subscribe("events:*")
