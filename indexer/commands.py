@@ -16,12 +16,13 @@ from contextlib import asynccontextmanager
 from indexer.errors import IndexerError, StoreError
 from indexer.follower import Follower
 from indexer.metrics import Metrics
-from indexer.rpc import LogRangeSizer, RpcClient
+from indexer.rpc import RpcClient
 from indexer.service import (
     acquire_lease,
     build_follower,
     keep_lease,
     lease_owner,
+    log_range_sizer,
     open_store,
     rpc_client,
     sources,
@@ -168,9 +169,7 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
         report = await verify_range(
             store,
             rpc,
-            LogRangeSizer(
-                settings.logs_range_initial, settings.logs_range_min, settings.logs_range_max
-            ),
+            log_range_sizer(settings),
             first=first,
             last=last,
             factories=[a for a, k in watched.items() if k.value == "factory"],

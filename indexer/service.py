@@ -179,18 +179,22 @@ def build_follower(
     metrics: Metrics,
     on_commit: OnCommit = lambda rows: None,
 ) -> Follower:
-    sizer = LogRangeSizer(
-        settings.logs_range_initial, settings.logs_range_min, settings.logs_range_max
-    )
     return Follower(
         rpc=rpc,
         store=store,
         lease=lease,
         sources=sources(settings),
         config=follow_config(settings),
-        sizer=sizer,
+        sizer=log_range_sizer(settings),
         metrics=metrics,
         on_commit=on_commit,
+    )
+
+
+def log_range_sizer(settings: IndexerSettings) -> LogRangeSizer:
+    """A fresh eth_getLogs range sizer, as the indexer starts with."""
+    return LogRangeSizer(
+        settings.logs_range_initial, settings.logs_range_min, settings.logs_range_max
     )
 
 

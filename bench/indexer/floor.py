@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from indexer.catalog import MARKET_CREATED
-from indexer.rpc import LogRangeSizer, RawLog, RpcClient, fetch_logs
-from indexer.service import rpc_client
+from indexer.rpc import RawLog, RpcClient, fetch_logs
+from indexer.service import log_range_sizer, rpc_client
 from shared.settings import IndexerSettings
 
 
@@ -32,13 +32,6 @@ class Floor:
         return min(self.seconds)
 
 
-def _sizer(settings: IndexerSettings) -> LogRangeSizer:
-    # A fresh sizer per pass, as a freshly started indexer has.
-    return LogRangeSizer(
-        settings.logs_range_initial, settings.logs_range_min, settings.logs_range_max
-    )
-
-
 def tracked_static(settings: IndexerSettings) -> list[str]:
     """Factories, resolution manager and reward distributor (what the indexer starts with)."""
     static = list(settings.market_factory_address)
@@ -51,7 +44,7 @@ async def market_addresses(rpc: RpcClient, settings: IndexerSettings, head: int)
     """Every market clone announced by the factories' MarketCreated logs up to `head`."""
     created = await fetch_logs(
         rpc,
-        _sizer(settings),
+        log_range_sizer(settings),  # a fresh one per pass, as a started indexer has
         from_block=settings.start_block,
         to_block=head,
         addresses=list(settings.market_factory_address),
@@ -64,7 +57,7 @@ async def _fetch_all(
     rpc: RpcClient, settings: IndexerSettings, head: int, addresses: Sequence[str]
 ) -> tuple[list[RawLog], int]:
     """One pass: every tracked log plus the headers of the blocks that have logs."""
-    sizer = _sizer(settings)
+    sizer = log_range_sizer(settings)
     step = settings.logs_max_addresses
     logs: list[RawLog] = []
     for start in range(0, len(addresses), step):
