@@ -23,7 +23,7 @@ import asyncpg
 import orjson
 import structlog
 
-from indexer.errors import StoreError
+from indexer.errors import DatabaseUnavailable, StoreError
 
 log = structlog.get_logger()
 
@@ -36,6 +36,9 @@ POSTGRES_MAX_TIMEOUT_MS = 2**31 - 1
 # Errors of the connection rather than of a statement: the database is unreachable or the
 # link died. A statement's own error (a PostgresError) is a bug here, so it passes unchanged.
 LINK_ERRORS = (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
+# Refusals of a connection that pass by themselves: the server is starting up or shutting
+# down (57P01, 57P03), or has no connection slot free (53300).
+BUSY_ERRORS = (asyncpg.OperatorInterventionError, asyncpg.InsufficientResourcesError)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -95,7 +98,11 @@ class Database:
                 timeout=command_timeout,
             )
         except LINK_ERRORS as exc:
-            raise StoreError(f"database unreachable: {str(exc) or type(exc).__name__}") from exc
+            raise DatabaseUnavailable(
+                f"database unreachable: {str(exc) or type(exc).__name__}"
+            ) from exc
+        except BUSY_ERRORS as exc:
+            raise DatabaseUnavailable(f"database refused the connection for now: {exc}") from exc
         except asyncpg.PostgresError as exc:  # no such database or role, authentication
             raise StoreError(f"database refused the connection: {exc}") from exc
         try:
@@ -127,7 +134,9 @@ class Database:
             finally:
                 await self._pool.release(conn, timeout=RELEASE_TIMEOUT)
         except LINK_ERRORS as exc:
-            raise StoreError(f"database call failed: {str(exc) or type(exc).__name__}") from exc
+            raise DatabaseUnavailable(
+                f"database call failed: {str(exc) or type(exc).__name__}"
+            ) from exc
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:

@@ -11,6 +11,7 @@ from shared.errors import KektechError
 __all__ = [
     "BlockNotFound",
     "ChainIdMismatch",
+    "DatabaseUnavailable",
     "IndexerError",
     "RpcError",
     "RpcRangeTooLarge",
@@ -150,3 +151,7 @@ class ReorgDuringFetch(IndexerError):  # noqa: N818
 
 class StoreError(IndexerError):
     """The database refused or lost an operation the indexer could not complete."""
+
+
+class DatabaseUnavailable(StoreError):  # noqa: N818
+    """The database cannot be reached, or refuses connections for now (starting up, full)."""

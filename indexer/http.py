@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from indexer.errors import IndexerError
 from indexer.metrics import Metrics
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -56,7 +57,14 @@ async def serve_http(
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # e.g. the port is taken, by another indexer on this host
+        await runner.cleanup()
+        raise IndexerError(
+            f"cannot listen on {host}:{port} (INDEXER_HTTP_HOST, INDEXER_HTTP_PORT): "
+            f"{exc.strerror or exc}"
+        ) from exc
     try:
         yield runner
     finally:

@@ -16,6 +16,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from indexer.errors import StoreError
+from indexer.errors import DatabaseUnavailable, RpcUnavailable, StoreError
 from indexer.follower import FollowConfig, Follower, OnCommit, Sources
 from indexer.http import serve_http
 from indexer.metrics import Metrics
@@ -38,6 +39,9 @@ log = structlog.get_logger()
 
 REDIS_TIMEOUT = 5.0
 RELEASE_TIMEOUT = 2.0
+# Back-off of start-up's retries while the database or the RPC endpoint is unavailable.
+START_RETRY_FIRST = 1.0
+START_RETRY_MAX = 30.0
 
 
 def lease_owner() -> str:
@@ -208,41 +212,74 @@ async def keep_lease(
         metrics.record_rpc(rpc.stats)
 
 
-async def run(settings: IndexerSettings) -> None:
-    """The indexer service: runs until cancelled or until a task fails."""
-    metrics = Metrics()
-    state: dict[str, Any] = {"role": "starting", "ready": False}
+@dataclass(slots=True)
+class Health:
+    """What /healthz and /ready say: the role, what start-up waits for, the follower's state."""
+
+    role: str = "starting"
+    waiting_for: str | None = None
     follower: Follower | None = None
 
-    def status() -> dict[str, Any]:
-        if follower is not None:
+    def snapshot(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"role": self.role, "ready": False}
+        if self.waiting_for is not None:
+            state["waiting_for"] = self.waiting_for
+        if self.follower is not None:
+            follower = self.follower
             state.update(
                 head=follower.head,
                 cursor=follower.cursor if follower.head >= 0 else None,
                 ready=follower.caught_up,
             )
-        return dict(state)
+        return state
 
+
+async def run(settings: IndexerSettings) -> None:
+    """The indexer service: runs until cancelled or until a task fails.
+
+    Start-up waits, retrying with back-off, for a database or RPC endpoint that is not there
+    (yet): after a boot or during an outage, exiting would only have PM2 restart it, and PM2
+    gives up on an app that fails ten times within its first 100 s. Once started, such a
+    failure ends the service for PM2 to restart (docs/indexer.md).
+    """
+    metrics = Metrics()
+    health = Health()
+    async with serve_http(
+        host=settings.indexer_http_host,
+        port=settings.indexer_http_port,
+        metrics=metrics,
+        status=health.snapshot,
+    ):
+        delay = START_RETRY_FIRST
+        while True:
+            try:
+                await _serve(settings, metrics, health)
+                return
+            except (DatabaseUnavailable, RpcUnavailable) as exc:
+                if health.role != "starting":
+                    raise
+                health.waiting_for = str(exc)
+                log.warning("start-up waits for a dependency", error=str(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, START_RETRY_MAX)
+
+
+async def _serve(settings: IndexerSettings, metrics: Metrics, health: Health) -> None:
+    """Connect, migrate, check the chain, take the lease, then follow and publish."""
     async with (
         open_store(settings) as store,
         rpc_client(settings) as rpc,
         redis_client(settings.redis_url.get_secret_value()) as redis,
-        serve_http(
-            host=settings.indexer_http_host,
-            port=settings.indexer_http_port,
-            metrics=metrics,
-            status=status,
-        ),
     ):
         await store.migrate()
         # Ready (docs/pm2.md): migrated, HTTP serving, on the right chain (the client checks
         # eth_chainId against CHAIN_ID on first use), leader or standby alike.
         notify_ready("indexer", chain_id=await rpc.chain_id())
-        state["role"] = "standby"
+        health.role, health.waiting_for = "standby", None
         lease = await acquire_lease(store, owner=lease_owner(), ttl=settings.lease_ttl)
         assert lease is not None
         metrics.leader.set(1)
-        state["role"] = "leader"
+        health.role = "leader"
         try:
             publisher = Publisher(
                 redis=redis,
@@ -252,7 +289,7 @@ async def run(settings: IndexerSettings) -> None:
                 outbox_keep=settings.outbox_keep,
                 metrics=metrics,
             )
-            follower = build_follower(
+            health.follower = follower = build_follower(
                 settings,
                 rpc=rpc,
                 store=store,

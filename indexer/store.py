@@ -433,8 +433,16 @@ class Store:
         async with asyncio.timeout(self._db.command_timeout):
             await conn.copy_records_to_table(table, records=rows, columns=columns)
 
-    async def _rebuild_markets(self, conn: asyncpg.Connection, addresses: set[str]) -> None:
+    async def _rebuild_markets(
+        self, conn: asyncpg.Connection, addresses: set[str], *, created_above: int | None = None
+    ) -> None:
         """Recompute the rows of these markets from every event stored for them.
+
+        A row is recomputed from its market's MarketCreated on, so a market whose events were
+        pruned (docs/operations.md) keeps its row as it is: nothing is left to recompute it
+        from, and the indexer follows the markets listed there. With `created_above` (a
+        rollback's ancestor), the rows of markets created above it, on the retracted branch,
+        are deleted.
 
         A group of markets at a time, their events read a page at a time: a popular market
         or a reindex over many markets must not need all their events in memory at once.
@@ -442,7 +450,12 @@ class Store:
         if not addresses:
             return
         affected = sorted(addresses)
-        await conn.execute("DELETE FROM markets WHERE address = ANY($1::text[])", affected)
+        if created_above is not None:
+            await conn.execute(
+                "DELETE FROM markets WHERE address = ANY($1::text[]) AND created_block > $2",
+                affected,
+                created_above,
+            )
         for start in range(0, len(affected), REBUILD_GROUP):
             group = affected[start : start + REBUILD_GROUP]
             rows: dict[str, MarketRow | None] = dict.fromkeys(group)
@@ -455,7 +468,7 @@ class Store:
             )
             async for records in pages:
                 apply_events(rows, _projected(map(StoredEvent.from_record, records)))
-            # Every row was deleted above: each one the fold produced is written back.
+            # The upsert replaces every column of a row the fold produced.
             markets = [row for row in rows.values() if row is not None]
             if markets:
                 rows_by_column = columns(map(market_values, markets), len(MARKET_COLUMNS))
@@ -505,7 +518,7 @@ class Store:
                     await self._copy(conn, "outbox", notices, OUTBOX_COLUMNS)
                 retracted += len(records)
             await conn.execute("DELETE FROM events WHERE block_number > $1", ancestor.number)
-            await self._rebuild_markets(conn, markets)
+            await self._rebuild_markets(conn, markets, created_above=ancestor.number)
             await conn.execute("DELETE FROM blocks WHERE number > $1", ancestor.number)
             await self._save_headers(conn, [ancestor])
             await conn.execute(

@@ -172,6 +172,16 @@ async def check_indexer(settings: OpsSettings) -> list[Verdict]:
         ]
     if ready.status == 200:
         return [Verdict(Level.OK, "indexer", f"ready, {where}")]
+    waiting = body.get("waiting_for")
+    if role == "starting" and isinstance(waiting, str):
+        return [
+            Verdict(
+                Level.FAIL,
+                "indexer",
+                f"start-up waits for: {waiting}",
+                "see the postgres and rpc checks; the indexer goes on by itself once they pass",
+            )
+        ]
     if role == "standby":
         return [
             Verdict(

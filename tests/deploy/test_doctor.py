@@ -288,6 +288,33 @@ async def test_a_standby_indexer_is_a_warning_not_a_redis_failure(
     assert result.line("indexer").startswith("WARN  indexer  standby"), result
 
 
+async def test_an_indexer_waiting_for_its_database_fails_with_the_reason(
+    anvil: Anvil, deployment: Deployment, redis_server: Redis, tmp_path: Path
+) -> None:
+    """An indexer whose start-up waits for an unreachable database answers on /healthz but
+    indexes nothing: doctor FAILs it, saying what it waits for."""
+    env = indexer_env(
+        database_url=f"postgresql://kektech@127.0.0.1:{dead_port()}/kektech",
+        redis_url=redis_server.url,
+        rpc_url=anvil.rpc_url,
+        deployment=deployment,
+        stream_key="kektech:events",
+    )
+    with IndexerProcess(env, log_dir=tmp_path) as indexer:
+
+        async def waiting() -> bool:
+            with contextlib.suppress(aiohttp.ClientError):
+                return "waiting_for" in (await indexer.get("/healthz"))[1]
+            return False
+
+        await eventually(waiting, within=30, what="the indexer waits for its database")
+        result = await run_kektech("doctor", "--only", "indexer", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    line = result.line("indexer")
+    assert line.startswith("FAIL  indexer  start-up waits for: database unreachable"), result
+    assert "-> fix: see the postgres and rpc checks" in line
+
+
 async def test_services_not_running_fail(tmp_path: Path) -> None:
     """An indexer and a broadcaster that do not run are FAILs with the PM2 commands to fix."""
     env = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 from collections.abc import Callable
 
 import aiohttp
@@ -75,6 +76,69 @@ async def test_second_instance_waits_as_standby_then_takes_over(
         count = await assert_database_equals_chain(database_url, dev_chain, deployment)
         await wait_for_stream(redis_client, stream_key, count)
     assert_gap_free(await stream_entries(redis_client, stream_key))
+
+
+async def test_an_http_port_already_taken_stops_it_with_a_clear_error(
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """A second indexer on this host with the first one's INDEXER_HTTP_PORT cannot serve its
+    endpoints: it says which port and which settings, without a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, log = await run_command(make_indexer, "run", INDEXER_HTTP_PORT=str(port))
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port} (INDEXER_HTTP_HOST, INDEXER_HTTP_PORT)" in log
+    assert "Traceback" not in log
+
+
+async def test_a_pruned_market_keeps_its_row_through_a_rollback(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """A market's events pruned as docs/operations.md says (its `markets` row kept), then a
+    later event naming it rolled back by a reindex: the rollback cannot recompute the row
+    without the market's MarketCreated, so it keeps it, and the market stays followed."""
+    driver = ActivityDriver(dev_chain, deployment, seed=64, txs_per_block=5)
+    await driver.cover_all_events()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(await dev_chain.block_number())
+    conn = await asyncpg.connect(database_url)
+    try:
+        market = await conn.fetchval("SELECT address FROM markets ORDER BY created_block LIMIT 1")
+        before = await conn.fetchrow("SELECT * FROM markets WHERE address = $1", market)
+        await conn.execute("DELETE FROM events WHERE market_address = ANY($1)", [market])
+    finally:
+        await conn.close()
+    rewards = dev_chain.contract("RewardDistributor")
+    await dev_chain.send(
+        sender=dev_chain.accounts[3],
+        to=deployment.reward_distributor,
+        data=rewards.encode_abi("claimReward", [market, 1, 5]),
+    )
+    claimed = (await dev_chain.mine())["number"]
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(claimed)
+    code, log = await run_command(make_indexer, "reindex", "--from", str(claimed))
+    assert code == 0, log
+    conn = await asyncpg.connect(database_url)
+    try:
+        after = await conn.fetchrow("SELECT * FROM markets WHERE address = $1", market)
+        claims = await conn.fetchval(
+            "SELECT count(*) FROM events WHERE market_address = $1 AND block_number = $2",
+            market,
+            claimed,
+        )
+    finally:
+        await conn.close()
+    assert claims == 1  # the claim was rolled back and indexed again
+    assert after is not None, "the rollback deleted the pruned market's row"
+    was, now = dict(before), dict(after)
+    assert was.pop("updated_block") <= now.pop("updated_block")
+    assert now == was
 
 
 async def test_status_verify_backfill_and_reindex(

@@ -7,12 +7,13 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
-from devnet.services import Anvil, Postgres, Redis
+from devnet.services import Anvil, Postgres, Redis, free_port
 from tests.broadcaster.support import read_stream_after
 from tests.indexer.conftest import (
     assert_database_equals_chain,
@@ -580,3 +581,50 @@ async def test_a_transaction_cut_off_by_a_dead_network_path_does_not_block_the_r
                 restarted, dev_chain, redis_client, stream_key, database_url, deployment
             )
     assert_gap_free(entries)
+
+
+async def test_start_up_waits_for_the_database_and_the_rpc_endpoint(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    postgres: Postgres,
+    anvil: Anvil,
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """Postgres, then the RPC endpoint, are not there yet when the indexer starts (a boot, a
+    deploy during an outage): it waits for each, saying on /healthz what it waits for, instead
+    of exiting (PM2 gives up on an app that fails ten times in its first 100 s), then indexes
+    everything."""
+    driver = ActivityDriver(dev_chain, deployment, seed=63, txs_per_block=3)
+    await driver.run(blocks=3)
+    # Proxies to ports where nothing listens: every connection is cut, as to a server down.
+    async with TcpProxy(free_port()) as db_path, TcpProxy(free_port()) as rpc_path:
+        url = database_url.replace(f":{postgres.port}/", f":{db_path.port}/")
+        rpc_url = f"http://127.0.0.1:{rpc_path.port}"
+        with make_indexer(DATABASE_URL=url, RPC_PROVIDER_URL=rpc_url) as indexer:
+
+            async def waiting_for(what: str) -> bool:
+                try:
+                    status, body = await indexer.get("/healthz")
+                except aiohttp.ClientError:
+                    return False
+                reason = body.get("waiting_for")
+                return status == 200 and isinstance(reason, str) and what in reason
+
+            await eventually(lambda: waiting_for("database"), within=30, what="waits for Postgres")
+            assert indexer.running
+            db_path.target_port = postgres.port
+            await eventually(lambda: waiting_for("eth_chainId"), within=60, what="waits for RPC")
+            assert indexer.running
+            rpc_path.target_port = anvil.port
+            entries = await caught_up(
+                indexer, dev_chain, redis_client, stream_key, database_url, deployment
+            )
+            _, body = await indexer.get("/healthz")
+            assert "waiting_for" not in body
+    assert_gap_free(entries)
+    log = indexer.log_text()
+    assert "start-up waits for a dependency" in log
+    assert "Traceback" not in log
