@@ -252,6 +252,10 @@ class EventStream:
             except InvalidEntry as exc:
                 _invalid(exc, metrics)
                 parsed.append((seq, None))
+            except Exception as exc:  # a validation bug: skip the entry, not every instance
+                log.exception("stream entry refused by an unexpected error", entry=seq)
+                _invalid(InvalidEntry(str(seq), type(exc).__name__), metrics)
+                parsed.append((seq, None))
         return parsed
 
 

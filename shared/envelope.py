@@ -130,6 +130,11 @@ class EventEnvelope(BaseModel):
     @classmethod
     def from_json_bytes(cls, raw: bytes | bytearray | str) -> Self:
         """Parse and validate JSON, raising EnvelopeError on anything that is not an envelope."""
+        if _maybe_not_json(raw):
+            try:
+                orjson.loads(raw)  # strict JSON: no NaN or Infinity, which browsers refuse
+            except orjson.JSONDecodeError as exc:
+                raise EnvelopeError(f"invalid event envelope: not JSON: {exc}") from None
         try:
             return cls.model_validate_json(raw)
         except ValidationError as exc:
@@ -166,6 +171,10 @@ class WireEnvelope(EventEnvelope):
     @classmethod
     def _normalize_timestamp(cls, value: object) -> str:
         if isinstance(value, str) and _CANONICAL_TIME.fullmatch(value):
+            try:
+                datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"timestamp is not a date: {value}") from None
             return value
         raise ValueError('timestamp must be "YYYY-MM-DDTHH:MM:SSZ" (UTC)')
 
@@ -192,6 +201,15 @@ def normalize_timestamp(value: object) -> str:
         except (OverflowError, OSError, ValueError):
             raise ValueError("timestamp is out of range") from None
     raise ValueError("timestamp must be an ISO 8601 string, a datetime or Unix seconds")
+
+
+def _maybe_not_json(raw: bytes | bytearray | str) -> bool:
+    """Whether raw may hold NaN or Infinity, which pydantic's parser takes as numbers but
+    JSON (and so JSON.parse in browsers) does not have. A plain substring test: the strict
+    parse that settles it runs only then."""
+    if isinstance(raw, str):
+        return "NaN" in raw or "Infinity" in raw
+    return b"NaN" in raw or b"Infinity" in raw
 
 
 def _get_either(values: dict[str, Any], alias: str, name: str) -> Any:

@@ -137,11 +137,35 @@ async def test_invalid_entries_are_skipped(server: Running, producer: EventProdu
         await producer.publish_raw(
             {"seq": 4, "channels": "events:*", "event": envelope(4).to_json_bytes()}
         )
-        await producer.publish()  # seq 5, valid
+        impossible = orjson.loads(envelope(5).to_json_bytes()) | {
+            "timestamp": "2024-02-30T00:00:00Z"
+        }
+        await producer.publish_raw(
+            {"seq": 5, "channels": "events:bet_placed", "event": orjson.dumps(impossible)}
+        )
+        not_json = envelope(6).to_json_bytes()[:-1] + b',"extra":NaN}'
+        await producer.publish_raw({"seq": 6, "channels": "events:bet_placed", "event": not_json})
+        await producer.publish()  # seq 7, valid
         [event] = await client.events(1)
-        assert event["seq"] == 5
+        assert event["seq"] == 7
         await client.nothing(0.05)
-    assert await server.metric("kektech_broadcaster_invalid_entries_total") == 4
+    assert await server.metric("kektech_broadcaster_invalid_entries_total") == 6
+
+
+async def test_invalid_entries_in_the_history_do_not_stop_a_start(
+    start: Start, producer: EventProducer
+) -> None:
+    """Entries a start-up reads as its history (here an impossible date) are skipped too: one
+    bad entry must not keep every instance from starting."""
+    impossible = orjson.loads(envelope(1).to_json_bytes()) | {"timestamp": "2024-02-30T00:00:00Z"}
+    await producer.publish_raw(
+        {"seq": 1, "channels": "events:bet_placed", "event": orjson.dumps(impossible)}
+    )
+    async with start() as server, ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        await producer.publish()  # seq 2, valid
+        [event] = await client.events(1)
+        assert event["seq"] == 2
 
 
 async def test_instances_side_by_side(start: Start, producer: EventProducer) -> None:

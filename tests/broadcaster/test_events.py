@@ -42,6 +42,18 @@ def test_channels_field_is_optional() -> None:
     assert parse_entry(b"3-0", entry).channels == ("events:bet_placed", "market:" + MARKET)
 
 
+def _with(seq: int, **changes: object) -> bytes:
+    """The envelope of seq with some wire fields replaced."""
+    return orjson.dumps({**orjson.loads(envelope(seq).to_json_bytes()), **changes})
+
+
+def test_a_question_naming_nan_or_infinity_is_valid() -> None:
+    """Only the bare JSON tokens are refused, not the words inside a string."""
+    question = {"question": "NaN or Infinity?", "category": "x"}
+    event = parse_entry(b"3-0", fields(3, event=_with(3, data=question)))
+    assert orjson.loads(event.envelope)["data"] == question
+
+
 @pytest.mark.parametrize(
     ("entry_id", "entry"),
     [
@@ -55,10 +67,16 @@ def test_channels_field_is_optional() -> None:
         (b"4-0", {**fields(3), b"seq": b"4"}),
         (b"3-0", fields(3, channels=b"events:*")),
         (b"3-0", fields(3, channels=b"nonsense")),
+        (b"3-0", fields(3, event=_with(3, timestamp="2024-02-30T00:00:00Z"))),
+        (b"3-0", fields(3, event=_with(3, timestamp="0000-01-01T00:00:00Z"))),
+        (b"3-0", fields(3, event=_with(3, timestamp="2024-01-01T24:00:00Z"))),
+        (b"3-0", fields(3, event=envelope(3).to_json_bytes()[:-1] + b',"extra":NaN}')),
+        (b"3-0", fields(3, event=envelope(3).to_json_bytes()[:-1] + b',"x":-Infinity}')),
     ],
 )
 def test_invalid_entries(entry_id: bytes, entry: dict[bytes, bytes]) -> None:
-    """Bad IDs, mismatched seqs, invalid envelopes and bad channels are refused."""
+    """Bad IDs, mismatched seqs, invalid envelopes (impossible dates, JSON that browsers
+    cannot parse: NaN, Infinity) and bad channels are refused."""
     with pytest.raises(InvalidEntry):
         parse_entry(entry_id, entry)
 
