@@ -21,6 +21,8 @@ __all__ = ["BlockHeader", "LogQuery", "RawLog", "TopicFilter", "parse_header", "
 
 GET_BLOCK = "eth_getBlockByNumber"
 MAX_TOPICS = 4
+# 9999-12-31T23:59:59Z: a block time past it has no date (the envelope's ISO timestamp).
+MAX_TIMESTAMP = 253_402_300_799
 
 _HASH_RE = re.compile(r"0x[0-9a-fA-F]{64}")
 _DATA_RE = re.compile(r"0x[0-9a-fA-F]*")
@@ -125,6 +127,8 @@ def parse_header(result: object, number: int | None) -> BlockHeader:
     )
     if number is not None and header.number != number:
         raise RpcResponseError(None, f"asked for block {number}, got {header.number}", GET_BLOCK)
+    if header.timestamp > MAX_TIMESTAMP:
+        raise RpcResponseError(None, f"block time {header.timestamp} is past year 9999", GET_BLOCK)
     return header
 
 

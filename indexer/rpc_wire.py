@@ -41,6 +41,9 @@ TRANSIENT_CODES = frozenset({-32005, -32603, 429})
 # later attempt may well succeed.
 TRANSIENT_STATUSES = frozenset({401, 403, 408, 425, 429})
 ERROR_EXCERPT = 200
+# The largest quantity taken from a node: block numbers, log and transaction indexes, times
+# and chain ids are Postgres bigints, and no chain comes near it.
+MAX_QUANTITY = 2**63 - 1
 
 # Provider wordings for an eth_getLogs query that asks for too much, checked before the
 # transient patterns because Infura answers both "rate limited" and "more than 10000 results"
@@ -236,6 +239,10 @@ def batch_results(
     by_id: dict[object, object] = {}
     for item in payload:
         item_id = item.get("id") if isinstance(item, dict) else None
+        if isinstance(item_id, bool) or not isinstance(item_id, int | str | None):
+            raise RpcResponseError(
+                None, f"batch answer has an id of type {type(item_id).__name__}", method
+            )
         if item_id in by_id:
             raise RpcResponseError(None, f"batch answer repeats id {item_id!r}", method)
         by_id[item_id] = item
@@ -256,12 +263,16 @@ def batch_results(
 
 
 def parse_quantity(value: object, what: str, method: str) -> int:
-    """Return a non-negative JSON-RPC hex quantity ("0x1a") as an int."""
+    """Return a non-negative JSON-RPC hex quantity ("0x1a") as an int, at most MAX_QUANTITY."""
     if isinstance(value, str) and value.startswith("0x"):
         try:
-            return int(value, 16)
+            quantity = int(value, 16)
         except ValueError:
             pass
+        else:
+            if quantity <= MAX_QUANTITY:
+                return quantity
+            raise RpcResponseError(None, f"{what} is out of range: {_excerpt(value)}", method)
     raise RpcResponseError(None, f"{what} is not a hex quantity: {_excerpt(repr(value))}", method)
 
 

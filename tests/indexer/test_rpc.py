@@ -28,11 +28,12 @@ from indexer.errors import (
     RpcUnavailable,
 )
 from indexer.rpc import LogRangeSizer, RawLog, RpcClient, fetch_logs
-from indexer.rpc_results import LogQuery, parse_logs
+from indexer.rpc_results import LogQuery, parse_header, parse_logs
 from indexer.rpc_wire import (
     BatchRejected,
     TransientFailure,
     Verdict,
+    batch_results,
     check_status,
     classify,
     result_of,
@@ -492,6 +493,42 @@ def test_unexpected_logs_are_rejected(result: object) -> None:
     assert parse_logs([_log_item()], query)
     with pytest.raises(RpcResponseError):
         parse_logs(result, query)
+
+
+def _header_item(**changes: Any) -> dict[str, Any]:
+    item = {
+        "number": "0x5",
+        "hash": "0x" + "22" * 32,
+        "parentHash": "0x" + "11" * 32,
+        "timestamp": "0x6553f100",
+    }
+    return item | changes
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"timestamp": "0xffffffffffffff"},  # past year 9999: no date has it
+        {"number": "0x" + "f" * 300},  # past what any chain (or Postgres's bigint) holds
+        {"number": "0x8000000000000000"},
+        {"timestamp": "0x"},
+    ],
+    ids=["timestamp-past-9999", "huge-number", "number-past-bigint", "empty"],
+)
+def test_a_header_with_impossible_values_is_a_bad_response(changes: dict[str, str]) -> None:
+    """A buggy or hostile node's out-of-range numbers fail the answer as malformed (named as
+    the node's fault, retried by the caller's policy), not deep in the indexer as a crash."""
+    assert parse_header(_header_item(), None).number == 5
+    with pytest.raises(RpcResponseError):
+        parse_header(_header_item(**changes), None)
+
+
+@pytest.mark.parametrize("bad_id", [[1], {"id": 1}, 1.5, True])
+def test_a_batch_answer_with_a_strange_id_is_a_bad_response(bad_id: object) -> None:
+    answer = [{"jsonrpc": "2.0", "id": bad_id, "result": "0x1"}]
+    assert batch_results([{"jsonrpc": "2.0", "id": 1, "result": "0x1"}], [1], "eth_x") == ["0x1"]
+    with pytest.raises(RpcResponseError):
+        batch_results(answer, [1], "eth_x")
 
 
 def test_a_log_marked_removed_makes_the_range_be_fetched_again() -> None:
