@@ -545,7 +545,7 @@ async def test_a_database_that_stops_answering_makes_the_indexer_exit_for_a_rest
             proxy.freeze()
             await driver.run(blocks=2)
             assert await indexer.wait_exit(within=STOP_BOUND) == 1
-    assert '"error_type":"StoreError"' in indexer.log_text()
+    assert '"error_type":"DatabaseUnavailable"' in indexer.log_text()
     with make_indexer() as restarted:
         entries = await caught_up(
             restarted, dev_chain, redis_client, stream_key, database_url, deployment
