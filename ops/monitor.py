@@ -11,7 +11,7 @@ hour) is kept in MONITOR_STATE_FILE.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import pairwise
@@ -36,6 +36,10 @@ Sample = tuple[float, int]  # (unix time, PM2 restart counter)
 # stopping, stopped, launching for each instance), backoff included, is the restart
 # condition's to count. PM2 gave up ("errored") or someone stopped it ("stopped"): not.
 RUNNING = frozenset({"online", "launching", "waiting restart", "stopping"})
+WAITING = "waiting restart"
+# PM2 7 leaves an app it gave up on (too many unstable restarts) in "waiting restart" when a
+# restart delay is set, and restarts nothing. A wait this much longer than the delay is that.
+WAITING_MARGIN = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +139,8 @@ async def check_pm2(settings: OpsSettings, state: dict[str, Any], *, now: float)
     old: dict[str, Any] = saved if isinstance(saved, dict) else {}
     window = settings.monitor_restart_window
     fresh: dict[str, list[Sample]] = {}
-    findings = _apps_not_running(settings.ops_pm2_apps, processes)
+    stuck = _stuck_waiting(processes, state, now=now)
+    findings = _apps_not_running(settings.ops_pm2_apps, processes, stuck)
     for process in processes:
         samples = _history(old.get(process.key), process, now=now, window=window)
         fresh[process.key] = samples
@@ -155,18 +160,55 @@ async def check_pm2(settings: OpsSettings, state: dict[str, Any], *, now: float)
     return findings
 
 
-def _apps_not_running(apps: Sequence[str], processes: Sequence[Pm2Process]) -> list[Finding]:
-    """An app PM2 gave up on (errored), or that was stopped or deleted, restarts no more: its
-    restart counter goes quiet while nothing runs, so its status is checked every run."""
+def _stuck_waiting(
+    processes: Sequence[Pm2Process], state: dict[str, Any], *, now: float
+) -> dict[str, float]:
+    """Seconds each process stuck in "waiting restart" has waited, by key: the same restart
+    counter seen waiting since longer than its restart delay plus WAITING_MARGIN."""
+    saved = state.get("pm2_waiting")
+    old: dict[str, Any] = saved if isinstance(saved, dict) else {}
+    waiting: dict[str, list[float]] = {}
+    stuck: dict[str, float] = {}
+    for process in processes:
+        if process.status != WAITING:
+            continue
+        seen = old.get(process.key)
+        since = now
+        if (
+            isinstance(seen, list)
+            and len(seen) == 2
+            and all(isinstance(v, int | float) for v in seen)
+            and seen[1] == process.restarts
+            and seen[0] <= now
+        ):
+            since = float(seen[0])
+        waiting[process.key] = [since, process.restarts]
+        if now - since > process.restart_delay + WAITING_MARGIN:
+            stuck[process.key] = now - since
+    state["pm2_waiting"] = waiting
+    return stuck
+
+
+def _apps_not_running(
+    apps: Sequence[str], processes: Sequence[Pm2Process], stuck: Mapping[str, float]
+) -> list[Finding]:
+    """An app PM2 gave up on (errored, or stuck waiting to restart), or that was stopped or
+    deleted, restarts no more: its restart counter goes quiet while nothing runs, so its status
+    is checked every run."""
     findings = []
     for app in apps:
         mine = [p for p in processes if p.name == app]
         if not mine:
             findings.append(Finding(ALERT, "pm2", f"{app}: not in the PM2 process list", START_FIX))
             continue
-        down = [p for p in mine if p.status not in RUNNING]
+        down = [p for p in mine if p.status not in RUNNING or p.key in stuck]
         if down:
-            statuses = ", ".join(f"#{p.pm_id} {p.status}" for p in mine)
+            statuses = ", ".join(
+                f"#{p.pm_id} {p.status}, not restarted for {stuck[p.key]:.0f} s"
+                if p.key in stuck
+                else f"#{p.pm_id} {p.status}"
+                for p in mine
+            )
             findings.append(
                 Finding(
                     ALERT,

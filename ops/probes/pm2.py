@@ -29,6 +29,9 @@ class Pm2Process:
     restarts: int  # restart_time: every restart since `pm2 start` or `pm2 reset`
     created_at: float | None  # seconds since the epoch of `pm2 start` (kept across restarts)
     memory: int  # bytes
+    # Seconds PM2 waits before restarting it (exp_backoff_restart_delay's current step, or
+    # restart_delay); 0 without a delay.
+    restart_delay: float = 0.0
 
     @property
     def key(self) -> str:
@@ -72,7 +75,16 @@ def _process(item: Mapping[str, Any]) -> Pm2Process:
         restarts=int(env.get("restart_time", 0)),
         created_at=created / 1000 if isinstance(created, int | float) else None,
         memory=int((item.get("monit") or {}).get("memory", 0)),
+        restart_delay=_milliseconds(env.get("prev_restart_delay") or env.get("restart_delay")),
     )
+
+
+def _milliseconds(value: object) -> float:
+    """Seconds of a PM2 delay in ms (a number or a numeric string), 0 if it is neither."""
+    try:
+        return max(0.0, float(str(value))) / 1000 if value is not None else 0.0
+    except ValueError:
+        return 0.0
 
 
 async def list_processes(binary: str, *, home: Path, within: float) -> list[Pm2Process]:

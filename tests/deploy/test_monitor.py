@@ -108,6 +108,41 @@ async def test_an_app_stopped_errored_or_absent_is_reported(tmp_path: Path) -> N
     assert "steady" not in result.stdout
 
 
+async def test_an_app_pm2_gave_up_on_while_showing_waiting_restart_is_reported(
+    tmp_path: Path,
+) -> None:
+    """With a restart delay (ecosystem.config.js has exp_backoff_restart_delay), PM2 7 leaves
+    an app that failed max_restarts times early in "waiting restart" and never restarts it. That
+    status usually means "restarting in a moment", so it is reported once it outlasts the
+    delay, every run while it lasts."""
+    async with pm2_daemon() as pm2:
+        script = write_script(tmp_path / "fail.py", "import sys\nsys.exit(1)\n")
+        options = ("--exp-backoff-restart-delay", "100", "--max-restarts", "5")
+        await pm2.start("quitter", script, *options)
+
+        async def given_up() -> bool:
+            log = (pm2.home / "pm2.log").read_text(errors="replace")
+            return "too many unstable restarts" in log
+
+        await eventually(given_up, within=30, what="PM2 gave up on the app")
+        [process] = await pm2.processes()
+        assert process["pm2_env"]["status"] == "waiting restart"  # PM2's bug, as on a VPS
+        env = check_env(tmp_path, **pm2.env, OPS_PM2_APPS="quitter", MONITOR_MAX_RESTARTS="100")
+        first = await run_kektech("check", "--only", "pm2", env=env, cwd=tmp_path)
+        assert (first.code, first.stdout) == (0, ""), first  # maybe about to restart
+
+        async def reported() -> bool:
+            result = await run_kektech("check", "--only", "pm2", env=env, cwd=tmp_path)
+            return result.code == 1
+
+        await eventually(reported, within=30, what="the stuck app is reported")
+        result = await run_kektech("check", "--only", "pm2", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    assert result.stdout.startswith(
+        "ALERT  pm2  quitter: 1 of 1 instances not online (#0 waiting restart, not restarted"
+    ), result
+
+
 async def test_restarts_older_than_the_window_are_no_longer_reported(tmp_path: Path) -> None:
     """Once its restarts fall out of MONITOR_RESTART_WINDOW, an app that settled is not reported."""
     marks = tmp_path / "marks"
