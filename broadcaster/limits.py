@@ -24,14 +24,27 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Spend one token if there is one."""
-        elapsed = now - self._stamp
-        if elapsed > 0:
-            self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
-            self._stamp = now
+        self._refill(now)
         if self._tokens >= 1:
             self._tokens -= 1
             return True
         return False
+
+    def available(self, now: float) -> bool:
+        """Whether at least one token is left (nothing is spent)."""
+        self._refill(now)
+        return self._tokens >= 1
+
+    def spend(self, amount: float, now: float) -> None:
+        """Spend `amount` tokens after the fact; the balance may go below zero."""
+        self._refill(now)
+        self._tokens -= amount
+
+    def _refill(self, now: float) -> None:
+        elapsed = now - self._stamp
+        if elapsed > 0:
+            self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
+            self._stamp = now
 
 
 class ConnectionCounter:

@@ -26,6 +26,9 @@ __all__ = ["Resume", "first_covered", "go_live", "resume"]
 log = structlog.get_logger()
 
 REPLAY_PAGE = 500
+# Entries a replay scans between two turns of the event loop: ~1-3 ms of work, even when each
+# is tested against a hundred subscriptions.
+REPLAY_YIELD_EVERY = 256
 # A replaying client that reads nothing for this long is dropped as a slow consumer.
 REPLAY_DRAIN_TIMEOUT = 30.0
 # How long a resume waits for this instance to reach a `since` another instance already sent.
@@ -165,7 +168,9 @@ async def _send(
     """Write the replayed events the new subscription adds; pace on the client's reading."""
     sent = 0
     now_ms = hub.now_ms()
-    for _, event in entries:
+    for scanned, (_, event) in enumerate(entries, start=1):
+        if scanned % REPLAY_YIELD_EVERY == 0:
+            await asyncio.sleep(0)  # a long replay must not hold up everyone else's events
         if event is None:
             continue
         channel = next((c for c in event.channels if wanted(c)), None)

@@ -23,6 +23,12 @@ __all__ = ["Session"]
 # Invalid messages tolerated: a burst of 10, then one per 10 s; past that the client is closed.
 ERROR_BURST = 10.0
 ERROR_RATE = 0.1
+# History a connection's resumes may read: twice WS_REPLAY_LIMIT entries at once, then that
+# limit's worth per minute. A resume costs the entries it scans even when it sends nothing
+# (each is tested against the connection's subscriptions), so without this bound one client
+# repeating cheap messages could keep the server busy for everyone.
+REPLAY_BURST_LIMITS = 2
+REPLAY_REFILL_SECONDS = 60.0
 
 
 class Session:
@@ -44,6 +50,8 @@ class Session:
         now = clock()
         self._messages = TokenBucket(rate, burst, now)
         self._errors = TokenBucket(ERROR_RATE, ERROR_BURST, now)
+        limit = hub.replay_limit
+        self._history = TokenBucket(limit / REPLAY_REFILL_SECONDS, REPLAY_BURST_LIMITS * limit, now)
 
     def greeting(self) -> bytes:
         """The frame that opens the conversation (the connection sends it with the 101)."""
@@ -83,6 +91,15 @@ class Session:
                     request.channel, self.hub.now_ms(), seq=seq, recovered=None, replayed=None
                 )
             )
+        elif not self._history.available(self._clock()):
+            self._refuse(
+                ClientError(
+                    "rate_limited",
+                    "resumes read more history than allowed: retry later, or subscribe "
+                    "without since",
+                    channel=request.channel,
+                )
+            )
         else:
             return self._resume(request.channel, request.since)
         return None
@@ -93,6 +110,9 @@ class Session:
         except ClientError as problem:  # raised before anything changed
             self._refuse(problem)
             return
+        if resume.seq is not None:
+            read = min(max(0, resume.seq - since), self.hub.replay_limit)
+            self._history.spend(read, self._clock())
         # The ack separates the replay from the live events held back meanwhile.
         self._reply(
             messages.subscribed(

@@ -366,3 +366,27 @@ async def test_no_gap_no_duplicate_under_concurrent_publishing(
         ]
         assert ack["recovered"] is True
         assert seqs == wanted, (channel, since)
+
+
+async def test_resumes_are_limited_by_the_history_they_read(
+    start: Start, producer: EventProducer
+) -> None:
+    """A resume costs the server the history it reads, even when it sends nothing: a client
+    repeating resumes over a long history is refused (rate_limited) once it has read twice
+    WS_REPLAY_LIMIT entries, while another connection resumes as usual."""
+    await producer.publish(count=150)
+    absent = "market:0x" + "00" * 20
+    async with (
+        start(ws_replay_limit=100) as server,
+        ws_client(server.url) as abuser,
+        ws_client(server.url) as other,
+    ):
+        for _ in range(2):
+            ack = await abuser.subscribe(absent, since=50)
+            assert (ack["recovered"], ack["replayedEvents"]) == (True, [])
+        await abuser.send({"type": "subscribe", "channel": absent, "since": 50})
+        error = await abuser.expect("error")
+        assert error["code"] == "rate_limited"
+        ack = await other.subscribe("events:*", since=140)
+        assert [e["seq"] for e in ack["replayedEvents"]] == list(range(141, 151))
+        await abuser.subscribe("events:*")  # a plain subscribe is still fine
