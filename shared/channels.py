@@ -31,6 +31,7 @@ MAX_CHANNEL_LENGTH = 128
 PROPOSAL_APPROVED_CHANNEL = EVENTS_PREFIX + "proposal_approved"
 
 _ALLOWED = re.compile(r"[A-Za-z0-9_:*?.-]+")
+_STAR_RUNS = re.compile(r"\*{2,}")
 _EVENT_SUFFIX = re.compile(r"[a-z0-9_*?]+")
 _ADDRESS_GLOB = re.compile(r"[0-9a-fx*?]{1,42}")
 # The literal text before a market glob's first wildcard must be a prefix of "0x<hex>".
@@ -94,6 +95,8 @@ def validate_channel(channel: object) -> str:
         raise ChannelError(f"channel is longer than {MAX_CHANNEL_LENGTH} characters")
     if not _ALLOWED.fullmatch(channel):
         raise ChannelError("channel may only contain letters, digits and _ : * ? . -")
+    if "**" in channel:  # the same pattern: one subscription, not two sharing a route
+        channel = _STAR_RUNS.sub("*", channel)
     if channel == "*":
         return channel
     if channel.startswith(EVENTS_PREFIX):
@@ -121,7 +124,7 @@ def compile_pattern(pattern: str) -> Callable[[str], bool]:
     its leftmost position in an atomic group, so a hostile pattern such as "*a*a*a*a*b" cannot
     make the regex engine backtrack exponentially (Redis itself had this bug, CVE-2022-36021).
     """
-    parts = [_segment_regex(s) for s in re.sub(r"\*+", "*", pattern.lower()).split("*")]
+    parts = [_segment_regex(s) for s in _STAR_RUNS.sub("*", pattern.lower()).split("*")]
     if len(parts) == 1:
         regex = parts[0]
     else:

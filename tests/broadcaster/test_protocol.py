@@ -64,6 +64,23 @@ async def test_subscribe_unsubscribe_and_ping(server: Running, producer: EventPr
         await client.expect("unsubscribed")
 
 
+async def test_patterns_that_differ_only_in_repeated_stars_are_one_subscription(
+    server: Running, producer: EventProducer
+) -> None:
+    """`events:**` is `events:*` (acked in that form): holding both and dropping one must not
+    leave a subscription that no longer receives anything."""
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        ack = await client.subscribe("events:**")
+        assert ack["channel"] == "events:*"
+        await client.send({"type": "unsubscribe", "channel": "events:**"})
+        assert (await client.expect("unsubscribed"))["channel"] == "events:*"
+        await client.subscribe("market:0x31d2**")
+        await producer.publish(market=MARKET)
+        assert [e["seq"] for e in await client.events(1)] == [1]
+        assert (await server.health())["subscriptions"] == 1
+
+
 async def test_market_channel_is_normalized(server: Running) -> None:
     """A market subscription is acknowledged in lowercase, however it was written."""
     async with ws_client(server.url) as client:
