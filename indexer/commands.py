@@ -12,6 +12,7 @@ import contextlib
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TextIO
 
 from indexer.errors import IndexerError, StoreError
 from indexer.follower import Follower
@@ -29,13 +30,15 @@ from indexer.service import (
 )
 from indexer.store import Store
 from indexer.verification import verify_range
+from shared.redaction import Writer
 from shared.settings import IndexerSettings
 
 MAX_REPORTED = 20
 
 
-def _say(line: str) -> None:
-    print(line, flush=True)
+def _say(settings: IndexerSettings, line: str, *, stream: TextIO | None = None) -> None:
+    """Print a line of the command's output, with the settings' secrets redacted as in logs."""
+    Writer(settings.log_secrets()).say(line, stream=stream)
 
 
 @asynccontextmanager
@@ -54,11 +57,11 @@ async def migrate(settings: IndexerSettings) -> int:
             applied = await store.migrate()
             version = await store.schema_version()
     except StoreError as exc:  # refused, unknown host, timed out: the operator's one line
-        sys.stderr.write(f"kektech: {exc}\n")
+        _say(settings, f"kektech: {exc}", stream=sys.stderr)
         return 1
     for name in applied:
-        _say(f"applied: {name}")
-    _say(f"schema: version {version}, {len(applied) or 'no'} migrations applied")
+        _say(settings, f"applied: {name}")
+    _say(settings, f"schema: version {version}, {len(applied) or 'no'} migrations applied")
     return 0
 
 
@@ -67,34 +70,38 @@ async def status(settings: IndexerSettings) -> int:
     the database is: there is nothing to report without it)."""
     async with _connections(settings) as (store, rpc):
         version = await store.schema_version()
-        _say(f"schema: version {version} of {Store.latest_schema_version()}")
+        _say(settings, f"schema: version {version} of {Store.latest_schema_version()}")
         try:
             head: int | None = await rpc.block_number()
         except IndexerError as exc:
             head = None
-            _say(f"chain head: unreachable ({exc})")
+            _say(settings, f"chain head: unreachable ({exc})")
         if version == 0:
-            _say("cursor: none (the database was never migrated)")
+            _say(settings, "cursor: none (the database was never migrated)")
             return 0
         state = await store.load_state()
         if state is None:
-            _say("cursor: none yet (the indexer has not started)")
+            _say(settings, "cursor: none yet (the indexer has not started)")
         else:
-            _say(f"cursor: block {state.block_number} ({state.block_hash})")
+            _say(settings, f"cursor: block {state.block_number} ({state.block_hash})")
             if head is not None:
                 # As the indexer counts it: it stays CONFIRMATIONS behind the head on purpose.
                 lag = max(0, head - settings.confirmations - state.block_number)
-                _say(f"chain head: block {head}, lag {lag} blocks")
+                _say(settings, f"chain head: block {head}, lag {lag} blocks")
         published = await store.published_seq()
         last = await store.last_seq()
-        _say(f"publishing: seq {published} of {last} in Redis, backlog {max(0, last - published)}")
+        _say(
+            settings,
+            f"publishing: seq {published} of {last} in Redis, backlog {max(0, last - published)}",
+        )
         counts = await store.counts()
         _say(
+            settings,
             f"stored: {counts['events']} events, {counts['markets']} markets, "
-            f"{counts['outbox']} outbox rows"
+            f"{counts['outbox']} outbox rows",
         )
         holder, expires = await store.lease_holder()
-        _say(f"write lease: {holder or 'free'}" + (f" until {expires}" if holder else ""))
+        _say(settings, f"write lease: {holder or 'free'}" + (f" until {expires}" if holder else ""))
     return 0
 
 
@@ -107,8 +114,9 @@ async def _writer(settings: IndexerSettings) -> AsyncIterator[Follower | None]:
         if lease is None:
             holder, _ = await store.lease_holder()
             _say(
+                settings,
                 f"an indexer is running (write lease held by {holder}); stop it first, "
-                "e.g. `pm2 stop kektech-event-indexer`"
+                "e.g. `pm2 stop kektech-event-indexer`",
             )
             yield None
             return
@@ -135,10 +143,10 @@ async def backfill(settings: IndexerSettings, first: int, last: int) -> int:
         if follower is None:
             return 1
         if last > follower.cursor:
-            _say(f"block {last} is above the cursor {follower.cursor}: `run` indexes it")
+            _say(settings, f"block {last} is above the cursor {follower.cursor}: `run` indexes it")
             return 1
         stored = await follower.backfill(first, last)
-        _say(f"backfill {first}..{last}: {stored} missing events stored")
+        _say(settings, f"backfill {first}..{last}: {stored} missing events stored")
     return 0
 
 
@@ -148,9 +156,9 @@ async def reindex(settings: IndexerSettings, first: int) -> int:
         if follower is None:
             return 1
         removed = await follower.rewind(first - 1)
-        _say(f"rolled back to block {first - 1}: {removed} events removed")
+        _say(settings, f"rolled back to block {first - 1}: {removed} events removed")
         await follower.follow(until=await follower.current_target())
-        _say(f"indexed again up to block {follower.cursor}")
+        _say(settings, f"indexed again up to block {follower.cursor}")
     return 0
 
 
@@ -159,11 +167,11 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
     async with _connections(settings) as (store, rpc):
         state = await store.load_state() if await store.schema_version() else None
         if state is None:
-            _say("nothing indexed yet")
+            _say(settings, "nothing indexed yet")
             return 1
         last = state.block_number if last is None else min(last, state.block_number)
         if last < first:
-            _say(f"nothing to verify: the cursor is at block {state.block_number}")
+            _say(settings, f"nothing to verify: the cursor is at block {state.block_number}")
             return 0
         watched = sources(settings).static_kinds()
         report = await verify_range(
@@ -180,12 +188,13 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
             keep=MAX_REPORTED,
         )
     for difference in report.first:
-        _say(f"block {difference.block} log {difference.log_index}: {difference.what}")
+        _say(settings, f"block {difference.block} log {difference.log_index}: {difference.what}")
     if report.differences > MAX_REPORTED:
-        _say(f"... and {report.differences - MAX_REPORTED} more")
+        _say(settings, f"... and {report.differences - MAX_REPORTED} more")
     verdict = "OK" if not report.differences else f"{report.differences} differences"
     _say(
+        settings,
         f"verify {first}..{last}: {report.chain_logs} logs on chain,"
-        f" {report.stored_events} stored: {verdict}"
+        f" {report.stored_events} stored: {verdict}",
     )
     return 0 if not report.differences else 1

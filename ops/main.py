@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from ops.doctor import CHECKS, diagnose
 from ops.monitor import ALERT, CONDITIONS, evaluate
 from ops.settings import OpsSettings
-from ops.verdicts import Level, Writer
+from ops.verdicts import Level
 from shared.logs import configure_logging
+from shared.redaction import Writer
 from shared.settings import settings_or_exit
 
 __all__ = ["main"]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import re
+import sys
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TextIO
 
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 __all__ = [
     "REDACTED",
+    "Writer",
+    "known_secrets",
     "redact_secrets",
     "redact_text",
     "redact_value",
@@ -71,12 +75,32 @@ def redact_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDic
     return _redact_event(event_dict, None)
 
 
+def known_secrets(secrets: Iterable[str]) -> re.Pattern[str] | None:
+    """One pattern matching every secret string (longest first), or None if there is none."""
+    return _known_pattern(tuple(sorted({s for s in secrets if s}, key=len, reverse=True)))
+
+
+@functools.cache
+def _known_pattern(ordered: tuple[str, ...]) -> re.Pattern[str] | None:
+    return re.compile("|".join(re.escape(s) for s in ordered)) if ordered else None
+
+
+class Writer:
+    """Prints lines for people (command output) with every given secret and URL credential
+    replaced by ***, as the logs do."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._known = known_secrets(secrets)
+
+    def say(self, line: str, *, stream: TextIO | None = None) -> None:
+        print(redact_text(line, self._known), file=stream or sys.stdout, flush=True)
+
+
 def secret_redactor(secrets: Iterable[str]) -> Processor:
     """Return a processor like redact_secrets that also replaces each given secret string."""
-    ordered = sorted({s for s in secrets if s}, key=len, reverse=True)
-    if not ordered:
+    known = known_secrets(secrets)
+    if known is None:
         return redact_secrets
-    known = re.compile("|".join(re.escape(s) for s in ordered))
 
     def redact_known_secrets(
         logger: WrappedLogger, method_name: str, event_dict: EventDict

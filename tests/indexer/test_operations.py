@@ -12,6 +12,7 @@ import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
@@ -139,6 +140,36 @@ async def test_a_pruned_market_keeps_its_row_through_a_rollback(
     was, now = dict(before), dict(after)
     assert was.pop("updated_block") <= now.pop("updated_block")
     assert now == was
+
+
+async def test_status_never_prints_a_secret_a_node_echoes(
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """A provider whose error message quotes the request path, API key included: `status`
+    prints the error with the key redacted, as the logs would."""
+    key = "k3yABCDEFGHIJKLMNOP1234"
+
+    async def refuse(request: web.Request) -> web.Response:
+        call = await request.json()
+        error = {"code": -32600, "message": f"invalid request to {request.path}: unknown key"}
+        return web.json_response({"jsonrpc": "2.0", "id": call["id"], "error": error})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        url = f"http://127.0.0.1:{port}/v2/{key}"
+        code, output = await run_command(make_indexer, "status", RPC_PROVIDER_URL=url)
+    finally:
+        await runner.cleanup()
+    assert code == 0, output
+    assert "chain head: unreachable (" in output
+    assert "/v2/***" in output
+    assert key not in output
 
 
 async def test_status_verify_backfill_and_reindex(
