@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import signal
 from collections.abc import Coroutine
 from typing import Any
 
 import structlog
+
+from shared import stop_signals
 
 __all__ = ["leaf_errors", "run_until_signalled", "tune_collector"]
 
@@ -62,8 +63,11 @@ def run_until_signalled(
             if insist_after is not None:
                 loop.call_later(insist_after, insist)
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stop_signals.STOP_SIGNALS:
             loop.add_signal_handler(sig, stop, sig)
+        early = stop_signals.held()
+        if early is not None:  # received while starting (stop_signals.hold)
+            stop(early)
         try:
             return await main or 0
         except asyncio.CancelledError:
