@@ -241,6 +241,7 @@ async def serve_clients(
             listeners.append(await loop.create_unix_server(client, path, backlog=LISTEN_BACKLOG))
             # Nginx connects as another user: the socket's group (see docs/broadcaster.md).
             os.chmod(path, UNIX_SOCKET_MODE)
+            stack.callback(_remove_socket, path, os.stat(path).st_ino)
         ops_listener = await loop.create_server(
             lambda: Connection(ops, options),
             settings.broadcaster_http_host,
@@ -259,6 +260,14 @@ def _refuse_live_socket(path: str) -> None:
         except OSError:  # nothing there, or nobody listening
             return
     raise SocketInUse(path)
+
+
+def _remove_socket(path: str, inode: int) -> None:
+    """Remove the socket file at stop (the server does not), unless another server has bound
+    a new one there since."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
 
 
 def _close_ops(ops: OpsEdge, listener: asyncio.Server) -> None:

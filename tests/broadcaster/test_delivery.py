@@ -200,7 +200,7 @@ async def test_unix_socket_for_a_local_proxy(
     start: Start, producer: EventProducer, tmp_path: Path
 ) -> None:
     """With WS_UNIX_SOCKET, clients reach the broadcaster through the socket file (as Nginx
-    would), and X-Forwarded-For is believed there for the per-IP limit."""
+    would), and X-Forwarded-For is believed there for the per-IP limit; a stop removes it."""
     path = str(tmp_path / "ws.sock")
     async with start(ws_unix_socket=path, ws_max_connections_per_ip=1) as server:
         headers = {"X-Forwarded-For": "203.0.113.5"}
@@ -218,6 +218,7 @@ async def test_unix_socket_for_a_local_proxy(
             async with unix_connect(path, "ws://localhost/ws", additional_headers=other):
                 pass
         assert (await server.health())["redis"] == "up"
+    assert not (tmp_path / "ws.sock").exists(), "a clean stop leaves its socket file behind"
 
 
 async def test_instances_get_their_own_unix_socket_and_never_take_another_s(
