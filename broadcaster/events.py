@@ -33,12 +33,15 @@ class Event:
     envelope: bytes
     block_time: float
     frames: dict[str, bytes] = field(default_factory=dict)
+    relayed_ms: int = 0  # when first framed: every frame's timestamp, whatever its channel
 
     def frame(self, channel: str, now_ms: int) -> bytes:
         """The WebSocket frame of this event on one channel, encoded on first use only."""
         framed = self.frames.get(channel)
         if framed is None:
-            payload = messages.event(channel, self.seq, self.envelope, now_ms)
+            if not self.relayed_ms:
+                self.relayed_ms = now_ms
+            payload = messages.event(channel, self.seq, self.envelope, self.relayed_ms)
             framed = self.frames[channel] = messages.text_frame(payload)
         return framed
 

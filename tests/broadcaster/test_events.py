@@ -35,6 +35,16 @@ def test_valid_entry() -> None:
     assert event.frame("events:bet_placed", 100) is frame  # encoded once
 
 
+def test_an_event_keeps_the_time_it_was_first_relayed_on_every_channel() -> None:
+    """Its frame on a channel built later (a replay from memory on another channel) still
+    says when the event was first relayed, as documented."""
+    event = parse_entry(b"3-0", fields(3))
+    first = event.frame("events:bet_placed", 1_000)
+    later = event.frame("market:" + MARKET, 2_500)
+    stamps = [orjson.loads(f[f.index(b"{") :])["timestamp"] for f in (first, later)]
+    assert stamps == [1_000, 1_000]
+
+
 def test_channels_field_is_optional() -> None:
     """Without a channels field the channels are derived from the envelope."""
     entry = fields(3)
