@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import http
 import os
 import socket
@@ -101,17 +102,25 @@ class Edge:
         return connection.accept(request)
 
     async def process_http(self, request: Request) -> Response:
-        """The operations endpoints (on both ports)."""
+        """The operations endpoints (on both ports), for GET and HEAD."""
         path = request.path.partition("?")[0]
+        if path not in ("/healthz", "/metrics"):
+            self.metrics.rejected.labels(reason="path").inc()
+            return _text(http.HTTPStatus.NOT_FOUND, "not found\n")
+        if request.method not in ("GET", "HEAD"):
+            refusal = _text(http.HTTPStatus.METHOD_NOT_ALLOWED, "GET or HEAD only\n")
+            refusal.headers["Allow"] = "GET, HEAD"
+            return refusal
         if path == "/healthz":
             body = await self.status()
             up = body.get("redis") == "up"
             status = http.HTTPStatus.OK if up else http.HTTPStatus.SERVICE_UNAVAILABLE
-            return _response(status, orjson.dumps(body), "application/json")
-        if path == "/metrics":
-            return _response(http.HTTPStatus.OK, self.metrics.render(), PROMETHEUS_CONTENT_TYPE)
-        self.metrics.rejected.labels(reason="path").inc()
-        return _text(http.HTTPStatus.NOT_FOUND, "not found\n")
+            response = _response(status, orjson.dumps(body), "application/json")
+        else:
+            response = _response(http.HTTPStatus.OK, self.metrics.render(), PROMETHEUS_CONTENT_TYPE)
+        if request.method == "HEAD":  # the same headers, Content-Length included; no body
+            return dataclasses.replace(response, body=b"")
+        return response
 
     def opened(self, connection: Connection) -> Session:
         """A client is connected: start its session (its greeting is sent with the 101)."""

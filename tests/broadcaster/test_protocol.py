@@ -394,6 +394,33 @@ async def test_http_answer_reaches_a_client_that_closed_its_sending_side(
         assert b'"redis":"up"' in answer
 
 
+async def test_health_and_metrics_answer_get_and_head_only(server: Running) -> None:
+    """HEAD gets GET's status and headers without a body (HTTP forbids one); other methods
+    get 405 with the methods allowed."""
+    port = server.settings.ws_port
+    for path in ("/healthz", "/metrics"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            async with asyncio.timeout(WITHIN):
+                answer = await reader.read()  # the server closes after its answer
+        finally:
+            writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert int(dict(_fields(head))["Content-Length"]) > 0
+        assert body == b"", path
+        status, fields = await http_exchange(
+            port, f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        )
+        assert (status, fields["Allow"]) == (405, "GET, HEAD")
+
+
+def _fields(head: bytes) -> list[tuple[str, str]]:
+    lines = head.decode().split("\r\n")[1:]
+    return [(name, value) for name, _, value in (line.partition(": ") for line in lines)]
+
+
 async def test_origin_allowlist(start: Start) -> None:
     """With WS_ALLOWED_ORIGINS set, other browser origins get 403; listed ones connect."""
     async with start(ws_allowed_origins="https://kektech.xyz") as server:
