@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import structlog
 
@@ -42,11 +43,16 @@ class Resume:
     seq: int | None
     recovered: bool
     replayed: int
+    scanned: int = 0  # history entries read for it (what it cost, sent or not)
 
 
-async def resume(hub: Hub, client: Client, channel: str, since: int) -> Resume:
+async def resume(
+    hub: Hub, client: Client, channel: str, since: int, *, may_read: bool = True
+) -> Resume:
     """Subscribe and replay what came after since; live events wait for go_live().
 
+    `may_read` False (the connection read all the history it may for now): nothing before
+    the position is read, so a since below it gets recovered: false.
     The caller sends the ack, then calls go_live(). If this raises (the connection is being
     closed), Hub.disconnect() forgets the held events.
     """
@@ -58,10 +64,14 @@ async def resume(hub: Hub, client: Client, channel: str, since: int) -> Resume:
     client.subs[channel] = min(since, older.get(channel, since))
     client.pending = []
     client.pending_bytes = 0
-    recovered, replayed, covered = await _replay(hub, client, channel, since, boundary, older)
+    if may_read or boundary is None or since >= boundary:
+        outcome = await _replay(hub, client, channel, since, boundary, older)
+    else:
+        outcome = _Replayed(False, 0, boundary, 0)
+    recovered, replayed, covered, scanned = outcome
     if client.dropped or client not in hub.clients:
         # Closed meanwhile: its subscriptions are gone and must stay so (and uncounted).
-        return Resume(seq=boundary, recovered=False, replayed=replayed)
+        return Resume(seq=boundary, recovered=False, replayed=replayed, scanned=scanned)
     # A later resume of an overlapping channel skips what this one covers, so it must claim
     # only what it delivered: from the last gap in its replay (the start of a trimmed stream),
     # or from the boundary if the replay was refused or cut short (then some may come twice,
@@ -69,7 +79,14 @@ async def resume(hub: Hub, client: Client, channel: str, since: int) -> Resume:
     client.subs[channel] = min(covered, older.get(channel, covered))
     hub.metrics.replays.labels(recovered=str(recovered).lower()).inc()
     hub.metrics.replay_size.observe(replayed)
-    return Resume(seq=boundary, recovered=recovered, replayed=replayed)
+    return Resume(seq=boundary, recovered=recovered, replayed=replayed, scanned=scanned)
+
+
+class _Replayed(NamedTuple):
+    complete: bool  # every matching event in (since, boundary] was sent
+    sent: int
+    covered: int  # the seq after which every matching event up to the boundary was delivered
+    scanned: int  # history entries read
 
 
 def go_live(hub: Hub, client: Client) -> None:
@@ -100,47 +117,45 @@ async def _replay(
     since: int,
     boundary: int | None,
     older: dict[str, int],
-) -> tuple[bool, int, int]:
-    """Send the history of channel in (since, boundary].
-
-    Returns (complete, sent, covered): covered is the seq after which every matching event up
-    to the boundary was delivered.
-    """
+) -> _Replayed:
+    """Send the history of channel in (since, boundary]."""
     if boundary is None:
         # Not reading the stream yet (Redis unreachable since boot); Hub.start() moves the
         # subscription's start to where following begins.
-        return False, 0, since
+        return _Replayed(False, 0, since, 0)
     if hub.reset_at is not None and since <= hub.reset_at:
-        return False, 0, boundary  # an old stream's seq: nothing continues it
+        return _Replayed(False, 0, boundary, 0)  # an old stream's seq: nothing continues it
     if since >= boundary:
         complete = await _await_since(hub, since, boundary)
-        return complete, 0, since if complete else boundary
+        return _Replayed(complete, 0, since if complete else boundary, 0)
     if boundary - since > hub.replay_limit:
-        return False, 0, boundary
+        return _Replayed(False, 0, boundary, 0)
     covered = [(matcher(sub), start) for sub, start in older.items()]
     wanted = matcher(channel)
     if hub.history.covers(since, boundary):
         entries = hub.history.between(since, boundary)
-        return True, await _send(hub, client, entries, wanted, covered), since
+        sent = await _send(hub, client, entries, wanted, covered)
+        return _Replayed(True, sent, since, len(entries))
     if hub.source is None:
-        return False, 0, boundary
-    sent, after, contiguous_from = 0, since, since
+        return _Replayed(False, 0, boundary, 0)
+    sent, scanned, after, contiguous_from = 0, 0, since, since
     while after < boundary:
         try:
             page = await hub.source.entries(after, boundary, REPLAY_PAGE)
         except StreamUnavailable as exc:
             log.warning("resume could not read the stream", error=str(exc))
-            return False, sent, boundary
+            return _Replayed(False, sent, boundary, scanned)
         if not page:
             break
         for seq, _ in page:
             if seq != after + 1:  # trimmed or missing: nothing before it is delivered whole
                 contiguous_from = seq - 1
             after = seq
+        scanned += len(page)
         sent += await _send(hub, client, page, wanted, covered)
     if after < boundary:
-        return False, sent, boundary
-    return contiguous_from == since, sent, contiguous_from
+        return _Replayed(False, sent, boundary, scanned)
+    return _Replayed(contiguous_from == since, sent, contiguous_from, scanned)
 
 
 async def _await_since(hub: Hub, since: int, boundary: int) -> bool:

@@ -23,11 +23,12 @@ __all__ = ["Session"]
 # Invalid messages tolerated: a burst of 10, then one per 10 s; past that the client is closed.
 ERROR_BURST = 10.0
 ERROR_RATE = 0.1
-# History a connection's resumes may read: twice WS_REPLAY_LIMIT entries at once, then that
-# limit's worth per minute. A resume costs the entries it scans even when it sends nothing
+# History a connection's resumes may read: four times WS_REPLAY_LIMIT entries at once, then
+# that limit's worth per minute. A resume costs the entries it reads even when it sends nothing
 # (each is tested against the connection's subscriptions), so without this bound one client
-# repeating cheap messages could keep the server busy for everyone.
-REPLAY_BURST_LIMITS = 2
+# repeating cheap messages could keep the server busy for everyone. Past it, a resume reads
+# nothing and is answered recovered: false (no error: the client reloads, as for a miss).
+REPLAY_BURST_LIMITS = 4
 REPLAY_REFILL_SECONDS = 60.0
 
 
@@ -51,7 +52,9 @@ class Session:
         self._messages = TokenBucket(rate, burst, now)
         self._errors = TokenBucket(ERROR_RATE, ERROR_BURST, now)
         limit = hub.replay_limit
-        self._history = TokenBucket(limit / REPLAY_REFILL_SECONDS, REPLAY_BURST_LIMITS * limit, now)
+        self._history = TokenBucket(
+            limit / REPLAY_REFILL_SECONDS, max(1, REPLAY_BURST_LIMITS * limit), now
+        )
 
     def greeting(self) -> bytes:
         """The frame that opens the conversation (the connection sends it with the 101)."""
@@ -91,28 +94,18 @@ class Session:
                     request.channel, self.hub.now_ms(), seq=seq, recovered=None, replayed=None
                 )
             )
-        elif not self._history.available(self._clock()):
-            self._refuse(
-                ClientError(
-                    "rate_limited",
-                    "resumes read more history than allowed: retry later, or subscribe "
-                    "without since",
-                    channel=request.channel,
-                )
-            )
         else:
             return self._resume(request.channel, request.since)
         return None
 
     async def _resume(self, channel: str, since: int) -> None:
+        may_read = self._history.available(self._clock())
         try:
-            resume = await replay.resume(self.hub, self.client, channel, since)
+            resume = await replay.resume(self.hub, self.client, channel, since, may_read=may_read)
         except ClientError as problem:  # raised before anything changed
             self._refuse(problem)
             return
-        if resume.seq is not None:
-            read = min(max(0, resume.seq - since), self.hub.replay_limit)
-            self._history.spend(read, self._clock())
+        self._history.spend(resume.scanned, self._clock())
         # The ack separates the replay from the live events held back meanwhile.
         self._reply(
             messages.subscribed(

@@ -371,9 +371,10 @@ async def test_no_gap_no_duplicate_under_concurrent_publishing(
 async def test_resumes_are_limited_by_the_history_they_read(
     start: Start, producer: EventProducer
 ) -> None:
-    """A resume costs the server the history it reads, even when it sends nothing: a client
-    repeating resumes over a long history is refused (rate_limited) once it has read twice
-    WS_REPLAY_LIMIT entries, while another connection resumes as usual."""
+    """A resume costs the server the history it reads, even when it sends nothing: once a
+    connection has read four times WS_REPLAY_LIMIT entries, its resumes read nothing and are
+    answered recovered: false (no error), while a resume that needs no history, and other
+    connections, go on as usual."""
     await producer.publish(count=150)
     absent = "market:0x" + "00" * 20
     async with (
@@ -381,12 +382,25 @@ async def test_resumes_are_limited_by_the_history_they_read(
         ws_client(server.url) as abuser,
         ws_client(server.url) as other,
     ):
-        for _ in range(2):
-            ack = await abuser.subscribe(absent, since=50)
+        for _ in range(4):
+            ack = await abuser.subscribe(absent, since=50)  # reads 100 entries, sends none
             assert (ack["recovered"], ack["replayedEvents"]) == (True, [])
-        await abuser.send({"type": "subscribe", "channel": absent, "since": 50})
-        error = await abuser.expect("error")
-        assert error["code"] == "rate_limited"
+        ack = await abuser.subscribe("events:*", since=140)
+        assert (ack["recovered"], ack["replayedEvents"]) == (False, [])
+        assert (await abuser.subscribe("events:bet_placed", since=150))["recovered"] is True
         ack = await other.subscribe("events:*", since=140)
         assert [e["seq"] for e in ack["replayedEvents"]] == list(range(141, 151))
-        await abuser.subscribe("events:*")  # a plain subscribe is still fine
+        await producer.publish()
+        assert [e["seq"] for e in await abuser.events(1)] == [151]
+
+
+async def test_resumes_beyond_the_history_cost_nothing(
+    start: Start, producer: EventProducer
+) -> None:
+    """A client back after longer than WS_REPLAY_LIMIT resumes each of its channels: each is a
+    miss that reads nothing, so none is refused however many channels it has."""
+    await producer.publish(count=150)
+    async with start(ws_replay_limit=100) as server, ws_client(server.url) as client:
+        for index in range(20):
+            ack = await client.subscribe(f"market:0x{index:040x}", since=10)
+            assert ack["recovered"] is False
