@@ -15,6 +15,7 @@ With store.py, the only module that speaks asyncpg.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -39,6 +40,14 @@ LINK_ERRORS = (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.PostgresCo
 # Refusals of a connection that pass by themselves: the server is starting up or shutting
 # down (57P01, 57P03), or has no connection slot free (53300).
 BUSY_ERRORS = (asyncpg.OperatorInterventionError, asyncpg.InsufficientResourcesError)
+# Connection settings that cannot work, whatever the server does: a bad DATABASE_URL
+# parameter, a certificate file that is not there or not readable, TLS that does not verify.
+SETTINGS_ERRORS = (
+    asyncpg.ClientConfigurationError,
+    FileNotFoundError,
+    PermissionError,
+    ssl.SSLCertVerificationError,
+)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -97,6 +106,8 @@ class Database:
                 command_timeout=command_timeout,
                 timeout=command_timeout,
             )
+        except SETTINGS_ERRORS as exc:
+            raise StoreError(f"database connection settings do not work: {exc}") from exc
         except LINK_ERRORS as exc:
             raise DatabaseUnavailable(
                 f"database unreachable: {str(exc) or type(exc).__name__}"

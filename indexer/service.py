@@ -33,6 +33,7 @@ from indexer.publisher import Publisher
 from indexer.rpc import LogRangeSizer, RpcClient
 from indexer.store import Lease, Store
 from shared.readiness import notify_ready
+from shared.redaction import known_secrets, redact_text
 from shared.settings import IndexerSettings
 
 log = structlog.get_logger()
@@ -244,6 +245,7 @@ async def run(settings: IndexerSettings) -> None:
     """
     metrics = Metrics()
     health = Health()
+    secrets = known_secrets(settings.log_secrets())
     async with serve_http(
         host=settings.indexer_http_host,
         port=settings.indexer_http_port,
@@ -258,7 +260,8 @@ async def run(settings: IndexerSettings) -> None:
             except (DatabaseUnavailable, RpcUnavailable) as exc:
                 if health.role != "starting":
                     raise
-                health.waiting_for = str(exc)
+                # Served on /healthz, which logging's redaction does not cover.
+                health.waiting_for = redact_text(str(exc), secrets)
                 log.warning("start-up waits for a dependency", error=str(exc), retry_in=delay)
             await asyncio.sleep(delay)
             delay = min(2 * delay, START_RETRY_MAX)

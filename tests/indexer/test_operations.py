@@ -172,6 +172,55 @@ async def test_status_never_prints_a_secret_a_node_echoes(
     assert key not in output
 
 
+async def test_database_settings_that_cannot_work_stop_it_instead_of_a_wait(
+    make_indexer: Callable[..., IndexerProcess], database_url: str
+) -> None:
+    """A DATABASE_URL whose parameters cannot work (here a bad sslmode) is not an outage to
+    wait out: the indexer stops with exit 1, saying so."""
+    bad = database_url + ("&" if "?" in database_url else "?") + "sslmode=bogus"
+    code, log = await run_command(make_indexer, "run", DATABASE_URL=bad)
+    assert code == 1, log
+    assert "database connection settings do not work" in log
+    assert "start-up waits" not in log
+
+
+async def test_what_start_up_waits_for_is_shown_without_secrets(
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """/healthz says why start-up waits; a provider error that quotes the URL's API key is
+    shown with the key redacted there too, as in the logs."""
+    key = "k3yABCDEFGHIJKLMNOP1234"
+
+    async def busy(request: web.Request) -> web.Response:
+        call = await request.json()
+        error = {"code": -32005, "message": f"rate limit for {request.path}"}
+        return web.json_response({"jsonrpc": "2.0", "id": call["id"], "error": error})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", busy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v2/{key}"
+        with make_indexer(RPC_PROVIDER_URL=url, RPC_MAX_RETRIES="0") as indexer:
+
+            async def waiting() -> bool:
+                try:
+                    _, body = await indexer.get("/healthz")
+                except aiohttp.ClientError:
+                    return False
+                return "rate limit" in str(body.get("waiting_for"))
+
+            await eventually(waiting, within=30, what="start-up waits for the RPC endpoint")
+            _, body = await indexer.get("/healthz")
+    finally:
+        await runner.cleanup()
+    assert "/v2/***" in str(body["waiting_for"])
+    assert key not in str(body)
+    assert key not in indexer.log_text()
+
+
 async def test_status_verify_backfill_and_reindex(
     dev_chain: DevChain,
     deployment: Deployment,
