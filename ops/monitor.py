@@ -1,6 +1,7 @@
 """`kektech check`: the alert conditions, evaluated once per run (cron runs it every minute).
 
-Conditions: the public WebSocket endpoint down for MONITOR_DOWN_AFTER seconds, an app of
+Conditions: the public WebSocket endpoint down for MONITOR_DOWN_AFTER seconds, the indexer
+not answering or its start-up waiting on a dependency for as long, an app of
 OPS_PM2_APPS absent from PM2 or not online, a PM2 process restarted more than
 MONITOR_MAX_RESTARTS times within MONITOR_RESTART_WINDOW, memory in use
 above MONITOR_MEMORY_PERCENT, the certificate expiring within MONITOR_TLS_DAYS. What must
@@ -18,6 +19,7 @@ from itertools import pairwise
 from typing import Any
 
 from ops.errors import CertificateInvalid, ProbeError, StateError
+from ops.probes.http import get
 from ops.probes.memory import read_memory
 from ops.probes.pm2 import START_FIX, Pm2Process, list_processes
 from ops.probes.tls import Certificate, fetch_certificate
@@ -28,7 +30,7 @@ from ops.verdicts import render_line
 
 __all__ = ["CONDITIONS", "Finding", "count_restarts", "evaluate"]
 
-CONDITIONS = ("websocket", "pm2", "memory", "tls")
+CONDITIONS = ("websocket", "indexer", "pm2", "memory", "tls")
 ALERT = "ALERT"
 ERROR = "ERROR"  # the condition could not be evaluated: the monitor is blind to it
 Sample = tuple[float, int]  # (unix time, PM2 restart counter)
@@ -96,18 +98,10 @@ async def check_websocket(
     mine: dict[str, Any] = saved if isinstance(saved, dict) and saved.get("url") == url else {}
     state["websocket"] = mine
     mine["url"] = url
-    previous = mine.get("checked_at")
-    mine["checked_at"] = now
     try:
         await probe_websocket(url, ca_file=settings.ops_tls_ca_file, within=settings.ops_timeout)
     except ProbeError as exc:
-        # After a gap in the runs longer than the alert delay (the VPS or cron was down), the
-        # endpoint's state meanwhile is unknown: its downtime is counted from now.
-        blind = isinstance(previous, int | float) and now - previous > settings.monitor_down_after
-        if blind or not isinstance(mine.get("down_since"), int | float):
-            mine["down_since"] = now
-        since = float(mine["down_since"])
-        mine["last_error"] = str(exc)
+        since = _failing_since(mine, str(exc), now=now, down_after=settings.monitor_down_after)
         down_for = now - since
         if down_for < settings.monitor_down_after:
             return []
@@ -121,9 +115,59 @@ async def check_websocket(
                 "kektech doctor; pm2 status; sudo systemctl status nginx",
             )
         ]
+    _passing(mine, now=now)
+    return []
+
+
+async def check_indexer(
+    settings: OpsSettings, state: dict[str, Any], *, now: float
+) -> list[Finding]:
+    """The indexer answers /healthz and its start-up is not waiting on a dependency, or has
+    not been for MONITOR_DOWN_AFTER (a wait is otherwise invisible: PM2 shows it online)."""
+    url = f"http://{settings.indexer_http_host}:{settings.indexer_http_port}/healthz"
+    saved = state.get("indexer")
+    mine: dict[str, Any] = saved if isinstance(saved, dict) else {}
+    state["indexer"] = mine
+    try:
+        body = (await get(url, within=settings.ops_timeout)).json()
+    except ProbeError as exc:
+        problem = f"not answering: {exc}"
+    else:
+        waiting = body.get("waiting_for")
+        if not isinstance(waiting, str):
+            _passing(mine, now=now)
+            return []
+        problem = f"start-up waits for: {waiting}"
+    since = _failing_since(mine, problem, now=now, down_after=settings.monitor_down_after)
+    if now - since < settings.monitor_down_after:
+        return []
+    return [
+        Finding(
+            ALERT,
+            "indexer",
+            f"{problem} (for {now - since:.0f} s)",
+            "kektech doctor; pm2 logs kektech-event-indexer --lines 100",
+        )
+    ]
+
+
+def _failing_since(mine: dict[str, Any], problem: str, *, now: float, down_after: float) -> float:
+    """Record a failing run of a condition; return when its failure began. After a gap in the
+    runs longer than the alert delay (the VPS or cron was down), the state meanwhile is
+    unknown: the failure is counted from now."""
+    previous = mine.get("checked_at")
+    mine["checked_at"] = now
+    blind = isinstance(previous, int | float) and now - previous > down_after
+    if blind or not isinstance(mine.get("down_since"), int | float):
+        mine["down_since"] = now
+    mine["last_error"] = problem
+    return float(mine["down_since"])
+
+
+def _passing(mine: dict[str, Any], *, now: float) -> None:
+    mine["checked_at"] = now
     mine.pop("down_since", None)
     mine.pop("last_error", None)
-    return []
 
 
 async def check_pm2(settings: OpsSettings, state: dict[str, Any], *, now: float) -> list[Finding]:
@@ -294,7 +338,7 @@ async def evaluate(settings: OpsSettings, names: Sequence[str], *, now: float) -
     """Evaluate the named conditions concurrently and save what the next run needs."""
     findings: list[Finding] = []
     path = settings.monitor_state_file
-    stateful = "websocket" in names or "pm2" in names
+    stateful = any(name in names for name in ("websocket", "indexer", "pm2"))
     state: dict[str, Any] = {}
     if stateful:
         try:
@@ -303,6 +347,7 @@ async def evaluate(settings: OpsSettings, names: Sequence[str], *, now: float) -
             findings.append(Finding(ERROR, "state", str(exc)))
     jobs: dict[str, Callable[[], Coroutine[Any, Any, list[Finding]]]] = {
         "websocket": lambda: check_websocket(settings, state, now=now),
+        "indexer": lambda: check_indexer(settings, state, now=now),
         "pm2": lambda: check_pm2(settings, state, now=now),
         "memory": lambda: check_memory(settings),
     }

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from devnet.services import Redis
+from devnet.chain import Deployment
+from devnet.services import Anvil, Redis
 from ops.monitor import count_restarts
 from ops.probes.memory import read_memory
 from tests.broadcaster.support import running, settings_for
+from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.ops import (
     dead_port,
     make_certificate,
@@ -70,6 +74,50 @@ async def test_endpoint_down_is_reported_only_after_the_threshold(
         assert (back.code, back.stdout) == (0, ""), back
     state = json.loads((tmp_path / "state" / "monitor.json").read_text())
     assert "down_since" not in state["websocket"]
+
+
+async def test_an_indexer_waiting_at_start_up_is_reported_after_the_threshold(
+    anvil: Anvil, deployment: Deployment, redis_server: Redis, tmp_path: Path
+) -> None:
+    """An indexer whose start-up waits for its database is online for PM2 and restarts
+    nothing, so only this condition sees it: reported once it has waited MONITOR_DOWN_AFTER."""
+    env = indexer_env(
+        database_url=f"postgresql://kektech@127.0.0.1:{dead_port()}/kektech",
+        redis_url=redis_server.url,
+        rpc_url=anvil.rpc_url,
+        deployment=deployment,
+        stream_key="kektech:events",
+    )
+    check = check_env(
+        tmp_path,
+        INDEXER_HTTP_PORT=env["INDEXER_HTTP_PORT"],
+        MONITOR_DOWN_AFTER=str(DOWN_AFTER),
+    )
+    with IndexerProcess(env, log_dir=tmp_path) as indexer:
+
+        async def waiting() -> bool:
+            with contextlib.suppress(aiohttp.ClientError):
+                return "waiting_for" in (await indexer.get("/healthz"))[1]
+            return False
+
+        await eventually(waiting, within=30, what="the indexer waits for its database")
+        first = await run_kektech("check", "--only", "indexer", env=check, cwd=tmp_path)
+        assert (first.code, first.stdout) == (0, ""), first  # not for long enough yet
+        started = time.monotonic()
+
+        async def reported() -> bool:
+            result = await run_kektech("check", "--only", "indexer", env=check, cwd=tmp_path)
+            return result.code == 1
+
+        await eventually(reported, within=30, what="the waiting indexer is reported")
+        assert time.monotonic() - started >= DOWN_AFTER - 1
+        result = await run_kektech("check", "--only", "indexer", env=check, cwd=tmp_path)
+    assert result.stdout.startswith("ALERT  indexer  start-up waits for: database unreachable"), (
+        result
+    )
+    # Stopped: still failing since the wait began, now as "not answering".
+    gone = await run_kektech("check", "--only", "indexer", env=check, cwd=tmp_path)
+    assert gone.stdout.startswith("ALERT  indexer  not answering"), gone
 
 
 async def test_crash_looping_pm2_app_is_reported_and_a_steady_one_is_not(tmp_path: Path) -> None:
