@@ -301,13 +301,7 @@ async def test_an_indexer_waiting_for_its_database_fails_with_the_reason(
         stream_key="kektech:events",
     )
     with IndexerProcess(env, log_dir=tmp_path) as indexer:
-
-        async def waiting() -> bool:
-            with contextlib.suppress(aiohttp.ClientError):
-                return "waiting_for" in (await indexer.get("/healthz"))[1]
-            return False
-
-        await eventually(waiting, within=30, what="the indexer waits for its database")
+        await indexer.wait_waiting_for("database")
         result = await run_kektech("doctor", "--only", "indexer", env=env, cwd=tmp_path)
     assert result.code == 1, result
     line = result.line("indexer")

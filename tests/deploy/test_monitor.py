@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from devnet.chain import Deployment
@@ -94,13 +92,7 @@ async def test_an_indexer_waiting_at_start_up_is_reported_after_the_threshold(
         MONITOR_DOWN_AFTER=str(DOWN_AFTER),
     )
     with IndexerProcess(env, log_dir=tmp_path) as indexer:
-
-        async def waiting() -> bool:
-            with contextlib.suppress(aiohttp.ClientError):
-                return "waiting_for" in (await indexer.get("/healthz"))[1]
-            return False
-
-        await eventually(waiting, within=30, what="the indexer waits for its database")
+        await indexer.wait_waiting_for("database")
         first = await run_kektech("check", "--only", "indexer", env=check, cwd=tmp_path)
         assert (first.code, first.stdout) == (0, ""), first  # not for long enough yet
         started = time.monotonic()

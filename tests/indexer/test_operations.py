@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import asyncpg
@@ -28,6 +28,30 @@ from tests.indexer.conftest import (
 from tests.support.indexer_process import IndexerProcess
 from tests.support.rpc_proxy import RpcFaultProxy
 from tests.support.waiting import eventually
+
+API_KEY = "k3yABCDEFGHIJKLMNOP1234"
+KEYED = f"/v2/{API_KEY}"  # an RPC URL's path as providers put their key in it
+
+
+@contextlib.asynccontextmanager
+async def erring_node(code: int, message: str) -> AsyncIterator[str]:
+    """A JSON-RPC node on loopback answering every call with error `code` and `message`, in
+    which "{path}" becomes the request's path (providers quote it); yields its base URL."""
+
+    async def answer(request: web.Request) -> web.Response:
+        call = await request.json()
+        error = {"code": code, "message": message.format(path=request.path)}
+        return web.json_response({"jsonrpc": "2.0", "id": call["id"], "error": error})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 async def run_command(
@@ -147,29 +171,12 @@ async def test_status_never_prints_a_secret_a_node_echoes(
 ) -> None:
     """A provider whose error message quotes the request path, API key included: `status`
     prints the error with the key redacted, as the logs would."""
-    key = "k3yABCDEFGHIJKLMNOP1234"
-
-    async def refuse(request: web.Request) -> web.Response:
-        call = await request.json()
-        error = {"code": -32600, "message": f"invalid request to {request.path}: unknown key"}
-        return web.json_response({"jsonrpc": "2.0", "id": call["id"], "error": error})
-
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", refuse)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
-        url = f"http://127.0.0.1:{port}/v2/{key}"
-        code, output = await run_command(make_indexer, "status", RPC_PROVIDER_URL=url)
-    finally:
-        await runner.cleanup()
+    async with erring_node(-32600, "invalid request to {path}: unknown key") as node:
+        code, output = await run_command(make_indexer, "status", RPC_PROVIDER_URL=node + KEYED)
     assert code == 0, output
     assert "chain head: unreachable (" in output
     assert "/v2/***" in output
-    assert key not in output
+    assert API_KEY not in output
 
 
 async def test_database_settings_that_cannot_work_stop_it_instead_of_a_wait(
@@ -189,36 +196,14 @@ async def test_what_start_up_waits_for_is_shown_without_secrets(
 ) -> None:
     """/healthz says why start-up waits; a provider error that quotes the URL's API key is
     shown with the key redacted there too, as in the logs."""
-    key = "k3yABCDEFGHIJKLMNOP1234"
-
-    async def busy(request: web.Request) -> web.Response:
-        call = await request.json()
-        error = {"code": -32005, "message": f"rate limit for {request.path}"}
-        return web.json_response({"jsonrpc": "2.0", "id": call["id"], "error": error})
-
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", busy)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v2/{key}"
+    async with erring_node(-32005, "rate limit for {path}") as node:
+        url = node + KEYED
         with make_indexer(RPC_PROVIDER_URL=url, RPC_MAX_RETRIES="0") as indexer:
-
-            async def waiting() -> bool:
-                try:
-                    _, body = await indexer.get("/healthz")
-                except aiohttp.ClientError:
-                    return False
-                return "rate limit" in str(body.get("waiting_for"))
-
-            await eventually(waiting, within=30, what="start-up waits for the RPC endpoint")
+            await indexer.wait_waiting_for("rate limit")
             _, body = await indexer.get("/healthz")
-    finally:
-        await runner.cleanup()
     assert "/v2/***" in str(body["waiting_for"])
-    assert key not in str(body)
-    assert key not in indexer.log_text()
+    assert API_KEY not in str(body)
+    assert API_KEY not in indexer.log_text()
 
 
 async def test_status_verify_backfill_and_reindex(

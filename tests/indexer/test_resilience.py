@@ -7,7 +7,6 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
@@ -604,19 +603,10 @@ async def test_start_up_waits_for_the_database_and_the_rpc_endpoint(
         url = database_url.replace(f":{postgres.port}/", f":{db_path.port}/")
         rpc_url = f"http://127.0.0.1:{rpc_path.port}"
         with make_indexer(DATABASE_URL=url, RPC_PROVIDER_URL=rpc_url) as indexer:
-
-            async def waiting_for(what: str) -> bool:
-                try:
-                    status, body = await indexer.get("/healthz")
-                except aiohttp.ClientError:
-                    return False
-                reason = body.get("waiting_for")
-                return status == 200 and isinstance(reason, str) and what in reason
-
-            await eventually(lambda: waiting_for("database"), within=30, what="waits for Postgres")
+            await indexer.wait_waiting_for("database")
             assert indexer.running
             db_path.target_port = postgres.port
-            await eventually(lambda: waiting_for("eth_chainId"), within=60, what="waits for RPC")
+            await indexer.wait_waiting_for("eth_chainId", within=60)
             assert indexer.running
             rpc_path.target_port = anvil.port
             entries = await caught_up(

@@ -174,6 +174,27 @@ class IndexerProcess:
                 raise TimeoutError(f"indexer not ready in {within}s:\n{self.log_text()[-4000:]}")
             await asyncio.sleep(0.05)
 
+    async def wait_waiting_for(self, what: str = "", within: float = 30.0) -> str:
+        """Wait until start-up says (on /healthz, answering 200) that it waits for something
+        naming `what`; return that reason."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            if not self.running:
+                raise RuntimeError(f"indexer exited:\n{self.log_text()[-4000:]}")
+            try:
+                status, body = await self.get("/healthz")
+                reason = body.get("waiting_for")
+                if status == 200 and isinstance(reason, str) and what in reason:
+                    return reason
+            except aiohttp.ClientError:
+                pass
+            if loop.time() > deadline:
+                raise TimeoutError(
+                    f"start-up not waiting for {what!r} after {within}s:\n{self.log_text()[-4000:]}"
+                )
+            await asyncio.sleep(0.05)
+
     async def wait_cursor(self, block: int, within: float = 60.0) -> dict[str, object]:
         """Wait until the indexer has stored every block up to `block`."""
         loop = asyncio.get_running_loop()
