@@ -8,11 +8,18 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, settings
 
 from devnet.chain import Deployment, DevChain, deploy
 from devnet.services import Anvil, PgBouncer, Postgres, Redis
 
 _database_names = itertools.count()
+
+# Timing belongs to the benchmarks, not to tests: no per-example deadline, and slow input
+# generation is no failure (the first st.text() of a run builds Hypothesis's Unicode tables,
+# which took 3 s on a loaded machine).
+settings.register_profile("kektech", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("kektech")
 
 
 @pytest.fixture(scope="session")
