@@ -16,6 +16,8 @@ answers and `rpc_ranges` splits long eth_getLogs ranges; this module retries and
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import itertools
 import random
 import time
@@ -29,7 +31,14 @@ import aiohttp
 import structlog
 
 from indexer import rpc_wire as wire
-from indexer.errors import ChainIdMismatch, RpcError, RpcRangeTooLarge, RpcUnavailable
+from indexer.errors import (
+    BlockNotFound,
+    ChainIdMismatch,
+    RpcError,
+    RpcRangeTooLarge,
+    RpcResponseError,
+    RpcUnavailable,
+)
 from indexer.rpc_ranges import LogRangeSizer, fetch_logs
 from indexer.rpc_results import (
     BlockHeader,
@@ -96,7 +105,6 @@ class RpcClient:
         self._max_batch_size = max_batch_size
         self._expected_chain_id = expected_chain_id
         self._current = 0
-        self._batches = True
         self._ids = itertools.count(1)
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._session: aiohttp.ClientSession | None = None
@@ -121,28 +129,31 @@ class RpcClient:
 
     async def chain_id(self) -> int:
         """Return the chain id of the current endpoint."""
-        result = await self._call("eth_chainId", [])
-        return wire.parse_quantity(result, "chain id", "eth_chainId")
+        return await self._call("eth_chainId", [], _parse_chain_id)
 
     async def block_number(self) -> int:
         """Return the number of the newest block."""
-        result = await self._call("eth_blockNumber", [])
-        return wire.parse_quantity(result, "block number", "eth_blockNumber")
+        return await self._call("eth_blockNumber", [], _parse_block_number)
 
     async def get_block_header(self, number: int) -> BlockHeader:
         """Return the header of a block; BlockNotFound if the node does not have it yet."""
-        return parse_header(await self._call("eth_getBlockByNumber", _block_params(number)), number)
+        return await self._call(
+            "eth_getBlockByNumber", _block_params(number), lambda r: parse_header(r, number)
+        )
 
     async def get_head(self) -> BlockHeader:
         """Return the header of the newest block."""
-        return parse_header(await self._call("eth_getBlockByNumber", ["latest", False]), None)
+        return await self._call(
+            "eth_getBlockByNumber", ["latest", False], lambda r: parse_header(r, None)
+        )
 
     async def get_block_headers(self, numbers: Sequence[int]) -> list[BlockHeader]:
         """Return the headers of several blocks in order, fetched in JSON-RPC batches."""
-        results = await self.request_batch(
-            "eth_getBlockByNumber", [_block_params(n) for n in numbers]
+        return await self._request_batch(
+            "eth_getBlockByNumber",
+            [_block_params(n) for n in numbers],
+            lambda i, result: parse_header(result, numbers[i]),
         )
-        return [parse_header(r, n) for r, n in zip(results, numbers, strict=True)]
 
     async def get_logs(
         self,
@@ -164,17 +175,16 @@ class RpcClient:
         """
         query = LogQuery.build(from_block, to_block, addresses, topics)
         if self._batches:
-            try:
-                result = await self._logs_with_proof(query, to_block, shrinkable=shrinkable)
-            except wire.BatchRejected as rejected:
-                self._stop_batches(rejected)
-            else:
-                return parse_logs(result, query)
-        result = await self._call(wire.GET_LOGS, query.params(), shrinkable=shrinkable)
-        return parse_logs(result, query)
+            with contextlib.suppress(wire.BatchRejected):  # then alone
+                return await self._logs_with_proof(query, to_block, shrinkable=shrinkable)
+        return await self._call(
+            wire.GET_LOGS, query.params(), lambda r: parse_logs(r, query), shrinkable=shrinkable
+        )
 
-    async def _logs_with_proof(self, query: LogQuery, to_block: int, *, shrinkable: bool) -> object:
-        """The raw eth_getLogs result, from a node shown to have block `to_block`."""
+    async def _logs_with_proof(
+        self, query: LogQuery, to_block: int, *, shrinkable: bool
+    ) -> list[RawLog]:
+        """The logs answering query, from a node shown to have block `to_block`."""
         ids = [next(self._ids), next(self._ids)]
         body = wire.encode_calls(
             [
@@ -183,7 +193,7 @@ class RpcClient:
             ]
         )
 
-        async def attempt(endpoint: Endpoint) -> object:
+        async def attempt(endpoint: Endpoint) -> list[RawLog]:
             payload = await self._post(
                 endpoint, body, wire.GET_LOGS, shrinkable=shrinkable, batch=True
             )
@@ -191,7 +201,7 @@ class RpcClient:
             if header is None:
                 raise wire.TransientFailure("behind", f"the node has no block {to_block} yet")
             parse_header(header, to_block)  # checked: a wrong one is an error, not a proof
-            return result
+            return parse_logs(result, query)
 
         return await self._with_retries(wire.GET_LOGS, attempt)
 
@@ -204,55 +214,78 @@ class RpcClient:
         not seen the block: it answers "unknown block", which is retried. Used at the tip.
         """
         queries = [LogQuery.at_block(header, addresses) for header in headers]
-        results = await self.request_batch(wire.GET_LOGS, [q.params() for q in queries])
-        logs: list[RawLog] = []
-        for result, query in zip(results, queries, strict=True):
-            logs += parse_logs(result, query)
-        return logs
+        answers = await self._request_batch(
+            wire.GET_LOGS,
+            [q.params() for q in queries],
+            lambda i, result: parse_logs(result, queries[i]),
+        )
+        return [log for logs in answers for log in logs]
 
     async def request(self, method: str, params: Sequence[object] = ()) -> object:
         """Call any JSON-RPC method and return its unchecked result."""
-        return await self._call(method, list(params))
+        return await self._call(method, list(params), _unchecked)
 
-    async def request_batch(
-        self, method: str, params_list: Sequence[Sequence[object]]
-    ) -> list[object]:
-        """Call one method once per parameter list, in batches; results in request order."""
-        results: list[object] = []
+    async def _request_batch(
+        self,
+        method: str,
+        params_list: Sequence[Sequence[object]],
+        parse: Callable[[int, object], T],
+    ) -> list[T]:
+        """Call one method once per parameter list, in batches; answers in request order.
+
+        parse(i, result) checks the result of params_list[i], in the attempt that got it.
+        """
+        answers: list[T] = []
         for start in range(0, len(params_list), self._max_batch_size):
             chunk = params_list[start : start + self._max_batch_size]
             if self._batches:
                 try:
-                    results += await self._batch(method, chunk)
+                    answers += await self._batch(method, chunk, start, parse)
                     continue
-                except wire.BatchRejected as rejected:
-                    self._stop_batches(rejected)
-            for params in chunk:
-                results.append(await self._call(method, list(params)))
-        return results
+                except wire.BatchRejected:
+                    pass  # then one by one
+            for i, params in enumerate(chunk, start):
+                answers.append(await self._call(method, list(params), functools.partial(parse, i)))
+        return answers
 
-    def _stop_batches(self, rejected: wire.BatchRejected) -> None:
-        self.stats.errors["batch_rejected"] += 1
-        self._batches = False
-        log.warning("rpc batches rejected, calling one by one", reason=str(rejected))
+    @property
+    def _batches(self) -> bool:
+        """Whether the current endpoint takes batches, as far as the client knows."""
+        return self._endpoints[self._current].batches
 
-    async def _call(self, method: str, params: list[object], *, shrinkable: bool = False) -> object:
+    async def _call(
+        self,
+        method: str,
+        params: list[object],
+        parse: Callable[[object], T],
+        *,
+        shrinkable: bool = False,
+    ) -> T:
+        """One call; parse checks its result in the attempt, so a bad answer can fail over."""
         request_id = next(self._ids)
         body = wire.encode_request(request_id, method, params)
 
-        async def attempt(endpoint: Endpoint) -> object:
+        async def attempt(endpoint: Endpoint) -> T:
             payload = await self._post(endpoint, body, method, shrinkable=shrinkable)
-            return wire.result_of(payload, request_id, method, shrinkable=shrinkable)
+            return parse(wire.result_of(payload, request_id, method, shrinkable=shrinkable))
 
         return await self._with_retries(method, attempt)
 
-    async def _batch(self, method: str, params_list: Sequence[Sequence[object]]) -> list[object]:
+    async def _batch(
+        self,
+        method: str,
+        params_list: Sequence[Sequence[object]],
+        first: int,
+        parse: Callable[[int, object], T],
+    ) -> list[T]:
+        """One batch; parse(first + i, result) checks the result of params_list[i]."""
         ids = [next(self._ids) for _ in params_list]
         body = wire.encode_batch(ids, method, params_list)
 
-        async def attempt(endpoint: Endpoint) -> list[object]:
+        async def attempt(endpoint: Endpoint) -> list[T]:
             payload = await self._post(endpoint, body, method, batch=True)
-            return wire.batch_results(payload, ids, method)
+            results = wire.batch_results(payload, ids, method)
+            return [parse(i, result) for i, result in enumerate(results, first)]
 
         return await self._with_retries(method, attempt)
 
@@ -260,9 +293,13 @@ class RpcClient:
         """Run attempt until it succeeds, failing over and backing off on transient failures.
 
         The one place that retries. Safe to cancel: an attempt changes nothing on the node.
+        An answer that cannot be used (malformed, or an HTTP status such as 404 for a mistyped
+        path) is the endpoint's fault, which waiting does not cure: the call moves on to the
+        next endpoint at once, and raises it when every endpoint has given one.
         """
         self.stats.calls += 1
         last_error = "no attempt made"
+        unusable: set[int] = set()
         for number in range(1, self._attempts + 1):
             index = self._current
             endpoint = self._endpoints[index]
@@ -290,6 +327,33 @@ class RpcClient:
                     retry_in=round(delay, 3),
                 )
                 await asyncio.sleep(delay)
+            except RpcResponseError as exc:
+                if exc.code is not None:  # the node's considered refusal: the same anywhere
+                    self.stats.errors["rpc_error"] += 1
+                    raise
+                self.stats.errors["bad_response"] += 1
+                unusable.add(index)
+                if len(unusable) == len(self._endpoints) or number == self._attempts:
+                    raise
+                log.warning(
+                    "rpc endpoint gave an unusable answer, failing over",
+                    method=method,
+                    endpoint=endpoint.label,
+                    detail=exc.message,
+                )
+                self._fail_over(index)
+            except wire.BatchRejected as rejected:
+                # The caller sends the calls one by one; other endpoints keep their batches.
+                self.stats.errors["batch_rejected"] += 1
+                endpoint.batches = False
+                log.warning(
+                    "rpc endpoint rejects batches, calling it one by one",
+                    endpoint=endpoint.label,
+                    reason=str(rejected),
+                )
+                raise
+            except BlockNotFound:
+                raise  # an answer ("not yet"), not an error of the endpoint
             except RpcError as exc:
                 self.stats.errors[_error_kind(exc)] += 1
                 raise
@@ -313,8 +377,7 @@ class RpcClient:
         request_id = next(self._ids)
         body = wire.encode_request(request_id, "eth_chainId", [])
         payload = await self._post(endpoint, body, "eth_chainId")
-        result = wire.result_of(payload, request_id, "eth_chainId")
-        actual = wire.parse_quantity(result, "chain id", "eth_chainId")
+        actual = _parse_chain_id(wire.result_of(payload, request_id, "eth_chainId"))
         if actual != expected:
             raise ChainIdMismatch(expected, actual, endpoint.label)
         endpoint.verified = True
@@ -331,6 +394,18 @@ class RpcClient:
         assert self._session is not None, "RpcClient used outside `async with`"
         self.stats.attempts += 1
         return await post(self._session, endpoint, body, method, shrinkable=shrinkable, batch=batch)
+
+
+def _parse_chain_id(result: object) -> int:
+    return wire.parse_quantity(result, "chain id", "eth_chainId")
+
+
+def _parse_block_number(result: object) -> int:
+    return wire.parse_quantity(result, "block number", "eth_blockNumber")
+
+
+def _unchecked(result: object) -> object:
+    return result
 
 
 def _block_params(number: int) -> list[object]:

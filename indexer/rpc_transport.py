@@ -29,6 +29,7 @@ class Endpoint:
     secrets: list[str]
     ready_at: float = 0.0  # monotonic time a Retry-After asked us to wait for
     verified: bool = False  # chain id checked
+    batches: bool = True  # takes JSON-RPC batches (until it refuses one)
 
     @classmethod
     def from_url(cls, index: int, url: str) -> Endpoint:

@@ -6,7 +6,7 @@ import itertools
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,7 @@ from indexer.rpc_wire import (
     classify,
     result_of,
 )
-from tests.support.rpc_proxy import FAULT_KINDS, RpcFaultProxy
+from tests.support.rpc_proxy import ENDPOINT_FAULTS, FAULT_KINDS, RpcFaultProxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -327,6 +327,76 @@ async def test_deterministic_error_is_not_retried(chain: Chain) -> None:
     assert raised.value.code == -32602
     assert raised.value.method == "eth_getBlockByNumber"
     assert client.stats.attempts == 1
+
+
+# Each of the client's calls, as a test makes it of a chain; each checks its own answer.
+CALLS: dict[str, Callable[[RpcClient, Chain], Awaitable[object]]] = {
+    "chain_id": lambda client, chain: client.chain_id(),
+    "block_number": lambda client, chain: client.block_number(),
+    "head": lambda client, chain: client.get_head(),
+    "headers": lambda client, chain: client.get_block_headers(range(1, 6)),
+    "logs": lambda client, chain: client.get_logs(1, chain.head, addresses=[chain.emitter_b]),
+    "logs_by_hash": lambda client, chain: logs_by_hash(client, chain),
+}
+
+
+async def logs_by_hash(client: RpcClient, chain: Chain) -> list[RawLog]:
+    return await client.get_logs_at(
+        await client.get_block_headers(range(1, 11)), addresses=[chain.emitter_a]
+    )
+
+
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("fault", ENDPOINT_FAULTS)
+async def test_an_endpoint_with_unusable_answers_is_failed_over(
+    chain: Chain, fault: str, call: str
+) -> None:
+    """An endpoint whose answers cannot be used (a mistyped URL path's 404, results of the wrong
+    shape) is no reason to stop while another serves: the call moves on to the next endpoint
+    at once and gets the answer the node gives."""
+    async with (
+        RpcFaultProxy(chain.url, seed=6, rates={fault: 1.0}) as broken,
+        RpcFaultProxy(chain.url, seed=7) as working,
+    ):
+        async with client_for(working.url) as alone:
+            expected = await CALLS[call](alone, chain)
+        requests_alone = working.requests
+        async with client_for(broken.url, working.url) as client:
+            assert await CALLS[call](client, chain) == expected
+            broken_requests, working_requests = broken.requests, working.requests
+            assert await CALLS[call](client, chain) == expected
+        # Served from then on by the working endpoint as it serves alone, batches included (a
+        # 404 to a batch reads as "no batches here", for the endpoint that answered it).
+        assert broken.requests == broken_requests
+        assert working.requests - working_requests == requests_alone
+    assert client.stats.failovers == 1
+    assert client.stats.errors["bad_response"] == 1
+
+
+@pytest.mark.parametrize("fault", ENDPOINT_FAULTS)
+async def test_unusable_answers_from_every_endpoint_are_final(chain: Chain, fault: str) -> None:
+    """When every endpoint gives unusable answers, retrying cannot help: the call raises the
+    last one's error after one attempt on each, without waiting out backoffs."""
+    async with (
+        RpcFaultProxy(chain.url, seed=7, rates={fault: 1.0}) as first,
+        RpcFaultProxy(chain.url, seed=8, rates={fault: 1.0}) as second,
+    ):
+        async with client_for(first.url, second.url, backoff_base=5, backoff_max=5) as client:
+            with pytest.raises(RpcResponseError) as raised:
+                await client.block_number()
+        assert (first.requests, second.requests) == (1, 1)
+    assert raised.value.code is None
+    assert raised.value.method == "eth_blockNumber"
+
+
+async def test_a_chain_id_check_that_gets_an_unusable_answer_fails_over(chain: Chain) -> None:
+    """The chain id check of an endpoint is one of its calls: a garbled answer to it moves on to
+    the next endpoint, which is checked in turn."""
+    async with RpcFaultProxy(chain.url, seed=9, rates={"garbled": 1.0}) as broken:
+        async with client_for(broken.url, chain.url, expected_chain_id=ANVIL_CHAIN_ID) as client:
+            assert await client.block_number() == chain.head
+        assert broken.methods == {"eth_chainId": 1}
+    assert client.stats.failovers == 1
 
 
 @pytest.mark.parametrize(

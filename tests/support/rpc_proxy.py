@@ -19,6 +19,12 @@ per fault kind (their sum at most 1):
                     eth_blockNumber and "latest" give the node's own top, the newest blocks by
                     number are null (other calls faithful)
 
+Faults of the endpoint itself, not of the moment, which no retry on it cures (not in
+FAULT_KINDS, whose faults a lone endpoint survives; usable in `rates` and `schedule()` alike):
+
+    http_404        HTTP 404 Not Found, as a provider answers a URL with a mistyped path
+    garbled         HTTP 200, every call answered with a result of the wrong shape
+
 Random faults hit only requests that call one of `fault_methods` (None: every method).
 
 Besides, eth_getLogs is limited the way public providers limit it, deterministically:
@@ -56,7 +62,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-__all__ = ["FAULT_KINDS", "RpcFaultProxy"]
+__all__ = ["ENDPOINT_FAULTS", "FAULT_KINDS", "RpcFaultProxy"]
 
 FAULT_KINDS = (
     "http_429",
@@ -68,6 +74,7 @@ FAULT_KINDS = (
     "invalid_json",
     "lagging",
 )
+ENDPOINT_FAULTS = ("http_404", "garbled")
 RATE_LIMIT_ERRORS = (
     (-32005, "limit exceeded"),
     (429, "Too Many Requests"),
@@ -141,12 +148,12 @@ class RpcFaultProxy:
     def schedule(self, *faults: str | None) -> None:
         """Queue faults for the next HTTP requests, in order; None lets one request through."""
         for fault in faults:
-            if fault is not None and fault not in FAULT_KINDS:
+            if fault is not None and fault not in FAULT_KINDS + ENDPOINT_FAULTS:
                 raise ValueError(f"unknown fault {fault!r}")
         self._schedule.extend(faults)
 
     async def __aenter__(self) -> Self:
-        unknown = set(self.rates) - set(FAULT_KINDS)
+        unknown = set(self.rates) - {*FAULT_KINDS, *ENDPOINT_FAULTS}
         if unknown or sum(self.rates.values()) > 1:
             raise ValueError(f"rates must name known faults and sum to <= 1: {self.rates}")
         app = web.Application()
@@ -228,7 +235,7 @@ class RpcFaultProxy:
         if self.fault_methods is not None and not set(methods) & set(self.fault_methods):
             return None
         draw = self._rng.random()
-        for kind in FAULT_KINDS:
+        for kind in FAULT_KINDS + ENDPOINT_FAULTS:
             draw -= self.rates.get(kind, 0.0)
             if draw < 0:
                 return kind
@@ -238,6 +245,13 @@ class RpcFaultProxy:
         if fault == "http_429":
             headers = {"Retry-After": f"{self.retry_after:g}"}
             return web.Response(status=429, text="Too Many Requests", headers=headers)
+        if fault == "http_404":
+            return web.Response(status=404, text="Not Found")
+        if fault == "garbled":
+            answers = [
+                {"jsonrpc": "2.0", "id": c.get("id"), "result": {"garbled": 1}} for c in calls
+            ]
+            return _json(answers if batch else answers[0])
         if fault in ("http_502", "http_503"):
             return web.Response(status=int(fault[-3:]), text="upstream unavailable")
         if fault == "invalid_json":
