@@ -41,6 +41,12 @@ BACKOFF_MAX = 5.0
 # While entries keep coming (no idle read to check on), how often the entry relayed last is
 # looked up again to see that the stream is still the same one.
 SAME_STREAM_CHECK_INTERVAL = 5.0
+# A stream that is missing, or ends before the entry relayed last, lost entries that the
+# indexer writes again from its outbox (Redis restarted empty or from an older snapshot; the
+# indexer looks every 5 s while idle). Until the stream reaches that entry again nothing is
+# read, only its top polled; once it exists this long and still ends short, it is a new one.
+REFILL_GRACE = 15.0
+REFILL_POLL = 0.25
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 MISSING = b"0-0"  # the last-generated-id of a stream that does not exist
@@ -70,6 +76,8 @@ class EventStream:
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._booted: bytes | None = None  # where follow() starts, once boot() succeeded
         self._last_entry: Entry | None = None  # the newest entry relayed, as it was read
+        self._awaiting_refill = False  # the stream ends before _last_entry: read nothing
+        self._short_since: float | None = None  # loop time it was first seen existing, short
 
     async def top(self) -> int:
         """The seq of the newest entry ever added (last-generated-id), 0 for no stream."""
@@ -127,18 +135,23 @@ class EventStream:
                 async with asyncio.timeout(self._timeout):
                     if cursor is None:
                         cursor = await self._boot(hub, history)
-                    elif failures or loop.time() >= check_due:
+                    elif failures or self._awaiting_refill or loop.time() >= check_due:
                         # Redis may be back with another stream (restored, or recreated and
                         # refilled past our position while we were away).
                         cursor = await self._check_same_stream(hub, cursor)
                         check_due = loop.time() + SAME_STREAM_CHECK_INTERVAL
-                    raw = await self._reader.xread(
-                        {self.key: cursor}, count=READ_COUNT, block=self._block_ms
-                    )
+                    raw = None
+                    if not self._awaiting_refill:
+                        raw = await self._reader.xread(
+                            {self.key: cursor}, count=READ_COUNT, block=self._block_ms
+                        )
                 if failures:
                     log.info("redis reading resumed", after_failures=failures, seq=hub.position)
                     failures = 0
                 metrics.redis_up.set(1)
+                if raw is None:
+                    await asyncio.sleep(REFILL_POLL)
+                    continue
                 entries = _stream_entries(raw)
                 if entries:
                     cursor = entries[-1][0]
@@ -202,13 +215,22 @@ class EventStream:
         """Check that the stream is still the one followed: the entry relayed last is there as
         it was read (or trimmed away, which the next read shows as a gap). If not, the stream
         was recreated (deleted, or Redis restored from another copy): subscribers are closed
-        with 4009 and the new stream is followed from its top."""
+        with 4009 and the new stream is followed from its top.
+
+        A stream that is missing or ends before that entry is waited for (REFILL_GRACE)
+        while the indexer writes the lost entries again, reading nothing meanwhile.
+        """
         last_id = await self._last_id(self._reader)
-        if last_id == MISSING:
-            # Gone, not recreated yet: the indexer may write the same entries again from its
-            # outbox (Redis restarted without persistence). Decided once the key is back.
-            return cursor
         top = entry_seq_or_zero(last_id)
+        if self._last_entry is not None and top < entry_seq_or_zero(self._last_entry[0]):
+            if self._refill_awaited(hub, missing=last_id == MISSING, top=top):
+                return cursor
+        elif self._awaiting_refill:
+            log.info("the stream reached the entry relayed last again", seq=hub.position)
+        self._awaiting_refill, self._short_since = False, None
+        if last_id == MISSING:
+            # Gone, not recreated yet, before anything was relayed: decided once it is back.
+            return cursor
         if self._last_entry is None:  # nothing relayed yet: only a stream gone backwards shows
             if hub.position is not None and top < hub.position:
                 hub.restart_at(top)
@@ -225,6 +247,31 @@ class EventStream:
         self._last_entry = None
         hub.restart_at(top)
         return last_id
+
+    def _refill_awaited(self, hub: Hub, *, missing: bool, top: int) -> bool:
+        """Whether to go on waiting for the stream to reach the entry relayed last again."""
+        if not self._awaiting_refill:
+            self._awaiting_refill = True
+            log.warning(
+                "the stream ends before the entry relayed last (Redis lost entries); "
+                "waiting for the indexer to write them again",
+                seq=hub.position,
+                stream_top=top,
+            )
+        if missing:  # the grace counts from when the key is back
+            return True
+        now = asyncio.get_running_loop().time()
+        if self._short_since is None:
+            self._short_since = now
+        if now - self._short_since < REFILL_GRACE:
+            return True
+        log.warning(
+            "the stream stayed short of the entry relayed last: taken as a new stream",
+            seq=hub.position,
+            stream_top=top,
+            waited=REFILL_GRACE,
+        )
+        return False
 
     async def _last_id(self, client: aioredis.Redis) -> bytes:
         """The stream's last-generated-id (MISSING when it does not exist)."""

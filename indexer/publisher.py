@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from indexer.metrics import Metrics
 from indexer.store import OutboxRow, Store
@@ -42,8 +42,9 @@ PRUNE_EVERY = 60.0
 # Rows deleted per pruning statement: the publisher prunes while idle, one chunk per idle
 # turn, so a large backlog of published rows never holds up the next publication for long.
 PRUNE_CHUNK = 5000
-# While idle, Redis is pinged this often so that kektech_indexer_redis_up means "Redis
-# answers" at all times, not only when there is something to publish.
+# While idle, the stream's top is read this often: kektech_indexer_redis_up then means "Redis
+# answers" at all times, not only when there is something to publish, and entries Redis lost
+# (restarted empty or from an older snapshot) are written again at once, not at the next event.
 PING_EVERY = 5.0
 # KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate). ARGV[2]: 1 to refuse a batch that would
 # leave a hole after the stream's newest entry (it returns {-1, top} and writes nothing), 0 to
@@ -162,8 +163,11 @@ class Publisher:
             if not rows:
                 self._metrics.publish_backlog.set(0)
                 if loop.time() >= next_ping:
-                    await self._ping()
+                    top = await self._stream_top()
                     next_ping = loop.time() + self._ping_every
+                    if top is not None and top < self._published:
+                        accept_hole = await self._rewind_to(top, self._published + 1)
+                        continue
                 if loop.time() >= next_prune:
                     pruned = await self._store.prune_outbox(self._outbox_keep, self._prune_chunk)
                     if pruned == self._prune_chunk:
@@ -212,14 +216,8 @@ class Publisher:
         """Say so when the stream already holds seqs this database has not published: they are
         taken as already there (the script skips them), which is right for a database
         restored or rebuilt for the same deployment, and hides events for another one."""
-        try:
-            async with asyncio.timeout(REDIS_CALL_TIMEOUT):
-                info = await self._redis.xinfo_stream(self._stream_key)
-        except (RedisError, TimeoutError):
-            return  # no stream yet, or Redis down: publishing will tell
-        last_id = info.get("last-generated-id") or "0-0"
-        top = int((last_id.decode() if isinstance(last_id, bytes) else last_id).split("-")[0])
-        if top > self._published:
+        top = await self._stream_top()
+        if top is not None and top > self._published:
             log.warning(
                 "the stream already holds seqs this database has not published; they are "
                 "skipped as already there. Right after restoring or rebuilding this "
@@ -230,15 +228,25 @@ class Publisher:
                 published=self._published,
             )
 
-    async def _ping(self) -> None:
-        """Record whether Redis answers; publishing retries on its own, so no raise here."""
+    async def _stream_top(self) -> int | None:
+        """The seq of the stream's newest entry (0: no stream), None when Redis does not
+        answer. Records whether Redis answers; publishing retries on its own, so no raise."""
         try:
             async with asyncio.timeout(REDIS_CALL_TIMEOUT):
-                await self._redis.ping()
+                info = await self._redis.xinfo_stream(self._stream_key)
+        except ResponseError as exc:
+            if "no such key" not in str(exc).lower():
+                self._metrics.redis_up.set(0)
+                log.warning("redis refused XINFO STREAM", error=str(exc))
+                return None
+            top = 0
         except (RedisError, TimeoutError):
             self._metrics.redis_up.set(0)
+            return None
         else:
-            self._metrics.redis_up.set(1)
+            top = _seq_of(info.get("last-generated-id"))
+        self._metrics.redis_up.set(1)
+        return top
 
     async def _rewind_to(self, top: int, first: int) -> bool:
         """The stream ends at top, below what was published: Redis lost its newest entries
@@ -270,3 +278,9 @@ class Publisher:
             args += [row.seq, row.channels, row.payload]
         added, top = await self._script(keys=[self._stream_key], args=args)
         return int(top) if int(added) < 0 else None
+
+
+def _seq_of(last_id: object) -> int:
+    """The seq of a stream entry ID as XINFO gives it (bytes or str, "<seq>-0")."""
+    text = last_id.decode() if isinstance(last_id, bytes) else str(last_id or "0-0")
+    return int(text.split("-")[0])

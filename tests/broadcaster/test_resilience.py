@@ -20,6 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.server import ServerProtocol
 
+from broadcaster import stream
 from broadcaster.connection import Connection
 from broadcaster.session import Session
 from devnet.services import REPO_ROOT, Redis, free_port
@@ -311,10 +312,14 @@ async def test_stream_gap_closes_subscribers_with_4009(
 
 
 async def test_recreated_stream_is_followed_again(
-    server: Running, producer: EventProducer, redis_client: aioredis.Redis
+    server: Running,
+    producer: EventProducer,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """If the stream is deleted and restarts at seq 1, subscribers get 4009 and the new
-    stream is relayed."""
+    """If the stream is deleted and restarts at seq 1, and stays short of the entry relayed
+    last for REFILL_GRACE (here 1 s), subscribers get 4009 and the new stream is relayed."""
+    monkeypatch.setattr(stream, "REFILL_GRACE", 1.0)
     async with ws_client(server.url) as client:
         await client.subscribe("events:*")
         await producer.publish(count=5)
@@ -381,11 +386,40 @@ async def test_a_stream_lost_and_written_again_as_it_was_is_followed_without_a_r
         await client.nothing()
 
 
+@pytest.mark.parametrize("keep", [0, 3], ids=["lost-whole", "lost-newest"])
+async def test_a_stream_written_again_in_steps_is_followed_without_a_reset(
+    server: Running, producer: EventProducer, redis_client: aioredis.Redis, keep: int
+) -> None:
+    """Redis back without its newest entries (an older snapshot), or empty, and the indexer
+    writes them again from its outbox, in steps, a few seconds later: a stream that ends
+    before the entry relayed last is waited for, so clients stay connected, get nothing
+    twice, and get what follows."""
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        await producer.publish(count=5)
+        assert [e["seq"] for e in await client.events(5)] == [1, 2, 3, 4, 5]
+        kept = await read_stream(redis_client, producer.key)
+        await redis_client.delete(producer.key)
+        for entry_id, fields in kept[:keep]:  # what the older snapshot held
+            await redis_client.xadd(producer.key, fields, id=entry_id)  # type: ignore[arg-type]
+        await asyncio.sleep(2.5)  # idle reads meanwhile (BROADCASTER_REDIS_TIMEOUT=2 s)
+        for entry_id, fields in kept[keep:]:  # the refill, one entry at a time
+            await redis_client.xadd(producer.key, fields, id=entry_id)  # type: ignore[arg-type]
+            await asyncio.sleep(0.3)
+        await producer.publish()
+        assert [e["seq"] for e in await client.events(1)] == [6]
+        await client.nothing()
+
+
 async def test_a_client_without_subscriptions_follows_a_recreated_stream(
-    server: Running, producer: EventProducer, redis_client: aioredis.Redis
+    server: Running,
+    producer: EventProducer,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A client that held no subscription when the stream restarted at seq 1 (so it was not
     closed) gets the new stream's events once it subscribes, though it saw higher seqs."""
+    monkeypatch.setattr(stream, "REFILL_GRACE", 1.0)
     async with ws_client(server.url) as client:
         await client.subscribe("events:*")
         await producer.publish(count=5)

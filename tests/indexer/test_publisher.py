@@ -287,6 +287,29 @@ async def test_a_stream_redis_lost_entirely_is_filled_again_from_the_outbox(
         assert await stream_seqs(redis, key) == list(range(1, 13))
 
 
+@pytest.mark.parametrize("keep", [0, 5], ids=["lost-whole", "lost-newest"])
+async def test_a_stream_that_lost_entries_is_filled_again_while_idle(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str, keep: int
+) -> None:
+    """Redis back without its newest entries while no block comes: the publisher notices on
+    its idle check and writes them again at once, not at the next event, which may be hours
+    away (until then broadcasters cannot tell the stream from a new one)."""
+    _, redis = publisher_parts
+    key = unique_key("lost-idle")
+    await insert_outbox(database_url, [outbox_row(seq) for seq in range(1, 11)])
+    publisher = make_publisher(publisher_parts, key, ping_every=0.2)
+    async with running(publisher):
+        await published(redis, key, 10)
+        await asyncio.sleep(IDLE_SETTLE)
+        await _stream_cut_back_to(redis, key, keep)
+
+        async def refilled() -> bool:
+            return len(await stream_seqs(redis, key)) >= 10
+
+        await eventually(refilled, within=10, what="the stream filled again")
+        assert await stream_seqs(redis, key) == list(range(1, 11))
+
+
 async def test_entries_lost_beyond_the_outbox_leave_a_hole_and_publishing_goes_on(
     publisher_parts: tuple[Store, aioredis.Redis], database_url: str
 ) -> None:
