@@ -133,6 +133,42 @@ def test_provision_dry_run_substitutes_the_domain() -> None:
     assert "ws.kektech.xyz" not in result.stdout
 
 
+def test_rendering_the_first_env_puts_no_secret_on_a_command_line(tmp_path: Path) -> None:
+    """render-env.sh takes the URLs from its environment and must keep them out of every
+    command's arguments (any local user reads those in ps): each tool it may run is wrapped
+    here to record its arguments. Values are written as given, `&` and `\\` included."""
+    calls = tmp_path / "calls.log"
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for tool in ("sed", "awk", "mawk", "gawk", "perl", "python3", "envsubst"):
+        real = shutil.which(tool)
+        if real is None:
+            continue
+        shim = shims / tool
+        shim.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\nexec {real} "$@"\n')
+        shim.chmod(0o755)
+    password = r"s3cret&more\1-0123"
+    env = {
+        "PATH": f"{shims}:{os.environ['PATH']}",
+        "DOMAIN": "ws.example.org",
+        "REDIS_URL": f"redis://ops:{password}@127.0.0.1:6379/0",
+        "DATABASE_URL": f"postgresql://kektech:{password}@db.example.org/kektech",
+    }
+    result = subprocess.run(
+        ["bash", "deploy/render-env.sh", ".env.example"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"REDIS_URL={env['REDIS_URL']}" in result.stdout.splitlines()
+    assert f"DATABASE_URL={env['DATABASE_URL']}" in result.stdout.splitlines()
+    assert calls.exists(), "the script ran none of the wrapped tools; wrap the one it uses"
+    assert password not in calls.read_text()
+
+
 def test_the_first_env_of_a_vps_names_its_own_domain() -> None:
     """The .env provisioning writes from .env.example points the monitoring (`kektech check`,
     doctor's tls) at this VPS's domain, and the services at its Redis user and database."""
