@@ -7,7 +7,12 @@ import structlog
 from broadcaster.service import run
 from shared.errors import KektechError
 from shared.logs import configure_logging
-from shared.process import leaf_errors, run_until_signalled, tune_collector
+from shared.process import (
+    leaf_errors,
+    raise_open_files_limit,
+    run_until_signalled,
+    tune_collector,
+)
 from shared.settings import BroadcasterSettings, settings_or_exit
 
 log = structlog.get_logger()
@@ -17,12 +22,21 @@ log = structlog.get_logger()
 # benchmark machine, 10k handshakes took 10.4 s instead of 6.5 s and the p99 latency of
 # 1,000 events/s over 10k market clients was 929 ms instead of 26 ms (docs/broadcaster.md).
 GC_THRESHOLDS = (50_000, 20, 20)
+# Below this many open files a broadcaster serves too few clients for nginx.conf's sizing.
+LOW_OPEN_FILES = 16_384
 
 
 def main() -> int:
     settings = settings_or_exit(BroadcasterSettings)
     configure_logging(settings.log_level, settings.log_format, secrets=settings.log_secrets())
     tune_collector(GC_THRESHOLDS)
+    open_files = raise_open_files_limit()
+    if open_files < LOW_OPEN_FILES:
+        log.warning(
+            "the open files limit bounds the connections this server can hold; raise the "
+            "hard limit (LimitNOFILE in PM2's systemd unit, `ulimit -Hn`)",
+            open_files=open_files,
+        )
     try:
         return run_until_signalled(run(settings))
     except (KektechError, ExceptionGroup) as exc:

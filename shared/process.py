@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import resource
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from shared import stop_signals
 
-__all__ = ["leaf_errors", "run_until_signalled", "tune_collector"]
+__all__ = ["leaf_errors", "raise_open_files_limit", "run_until_signalled", "tune_collector"]
+
+# What Linux allows a process's limit of open files to be at most (fs.nr_open); its default.
+NR_OPEN = Path("/proc/sys/fs/nr_open")
+DEFAULT_NR_OPEN = 1_048_576
 
 log = structlog.get_logger()
 
@@ -23,6 +29,31 @@ def tune_collector(thresholds: tuple[int, int, int]) -> None:
     """
     gc.set_threshold(*thresholds)
     gc.freeze()
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit; return the new one.
+
+    Every connection holds a descriptor. The soft limit comes from whoever started us: 1024
+    from a login shell, which a PM2 daemon started from one passes on to its apps (systemd's
+    unit sets more, but only once the daemon is started through it). The hard limit is the
+    one an administrator sets; raising the soft one up to it needs no privilege.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel refuses more than fs.nr_open
+        try:
+            target = int(NR_OPEN.read_text())
+        except (OSError, ValueError):
+            target = DEFAULT_NR_OPEN
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("could not raise the open files limit", soft=soft, hard=hard, error=str(exc))
+        return soft
+    return target
 
 
 def run_until_signalled(

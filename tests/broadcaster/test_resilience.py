@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import gc
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -435,12 +437,25 @@ async def test_a_client_without_subscriptions_follows_a_recreated_stream(
         assert [e["seq"] for e in await client.events(2)] == [3, 4]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-async def test_graceful_stop(
-    redis_server: Redis, stream_key: str, sig: signal.Signals, tmp_path: Path
-) -> None:
-    """On SIGTERM/SIGINT `python -m broadcaster` closes clients with 1012 and exits 0 within
-    PM2's kill timeout (1.6 s)."""
+@dataclass
+class BroadcasterProcess:
+    """A `python -m broadcaster` of a test's own: its process, WebSocket URL and log file."""
+
+    proc: asyncio.subprocess.Process
+    url: str
+    log_path: Path
+
+
+@contextlib.asynccontextmanager
+async def broadcaster_process(
+    redis_server: Redis,
+    stream_key: str,
+    tmp_path: Path,
+    preexec_fn: Callable[[], None] | None = None,
+    **settings: str,
+) -> AsyncIterator[BroadcasterProcess]:
+    """Start the broadcaster as PM2 would (JSON logs; `settings` override), wait until
+    /healthz answers 200, and kill it after the block if it is still running."""
     port, ops = free_port(), free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
@@ -449,6 +464,7 @@ async def test_graceful_stop(
         "WS_PORT": str(port),
         "BROADCASTER_HTTP_PORT": str(ops),
         "LOG_FORMAT": "json",
+        **settings,
     }
     log_path = tmp_path / "broadcaster.log"
     with log_path.open("wb") as log:
@@ -461,6 +477,7 @@ async def test_graceful_stop(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
     try:
         async with asyncio.timeout(15):
@@ -474,26 +491,76 @@ async def test_graceful_stop(
                             break
                 assert proc.returncode is None, log_path.read_text()
                 await asyncio.sleep(0.05)
-        async with contextlib.AsyncExitStack() as stack:
-            clients = [
-                await stack.enter_async_context(ws_client(f"ws://127.0.0.1:{port}/ws"))
-                for _ in range(3)
-            ]
-            for client in clients:
-                await client.subscribe("events:*")
-            started = time.monotonic()
-            proc.send_signal(sig)
-            codes = [await client.closed() for client in clients]
-            async with asyncio.timeout(5):
-                await proc.wait()
-            elapsed = time.monotonic() - started
+        yield BroadcasterProcess(proc, f"ws://127.0.0.1:{port}/ws", log_path)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_graceful_stop(
+    redis_server: Redis, stream_key: str, sig: signal.Signals, tmp_path: Path
+) -> None:
+    """On SIGTERM/SIGINT `python -m broadcaster` closes clients with 1012 and exits 0 within
+    PM2's kill timeout (1.6 s)."""
+    async with (
+        broadcaster_process(redis_server, stream_key, tmp_path) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        proc = server.proc
+        clients = [await stack.enter_async_context(ws_client(server.url)) for _ in range(3)]
+        for client in clients:
+            await client.subscribe("events:*")
+        started = time.monotonic()
+        proc.send_signal(sig)
+        codes = [await client.closed() for client in clients]
+        async with asyncio.timeout(5):
+            await proc.wait()
+        elapsed = time.monotonic() - started
+    log_path = server.log_path
     output = log_path.read_text()
     assert proc.returncode == 0, output
     assert elapsed < 1.6
     assert {code for code, _ in codes} == {1012}
     lines = [orjson.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert any(line["event"] == "stopped by signal" for line in lines)
+
+
+LOW_OPEN_FILES = 64  # what the process is started with: fewer than the clients below
+CLIENTS_PAST_THE_LIMIT = 100
+
+
+def _low_open_files_limit() -> None:
+    """In the child before exec: the soft limit of a login shell's PM2 daemon, scaled down."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LOW_OPEN_FILES, hard))
+
+
+async def test_connections_are_not_bounded_by_an_inherited_soft_open_files_limit(
+    redis_server: Redis, stream_key: str, tmp_path: Path
+) -> None:
+    """A broadcaster started with a low soft limit of open files (a PM2 daemon started from a
+    login shell passes on its 1024) raises it to the hard limit, so clients past the soft
+    limit still connect."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4 * CLIENTS_PAST_THE_LIMIT:
+        pytest.fail(f"this machine's hard limit of open files ({hard}) is too low for the test")
+    async with (
+        broadcaster_process(
+            redis_server,
+            stream_key,
+            tmp_path,
+            _low_open_files_limit,
+            WS_MAX_CONNECTIONS_PER_IP=str(2 * CLIENTS_PAST_THE_LIMIT),
+        ) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        clients = [
+            await stack.enter_async_context(ws_client(server.url))
+            for _ in range(CLIENTS_PAST_THE_LIMIT)
+        ]
+        for client in clients[-3:]:
+            await client.send({"type": "ping"})
+            await client.expect("pong")
+        assert server.proc.returncode is None
