@@ -47,6 +47,9 @@ SAME_STREAM_CHECK_INTERVAL = 5.0
 # read, only its top polled; once it exists this long and still ends short, it is a new one.
 REFILL_GRACE = 15.0
 REFILL_POLL = 0.25
+# A stream missing at boot that comes back written from its middle is the indexer's refill
+# of entries relayed long ago: followed from its top once it grew no more for this long.
+REFILL_SETTLE = 1.0
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 MISSING = b"0-0"  # the last-generated-id of a stream that does not exist
@@ -78,6 +81,7 @@ class EventStream:
         self._last_entry: Entry | None = None  # the newest entry relayed, as it was read
         self._awaiting_refill = False  # the stream ends before _last_entry: read nothing
         self._short_since: float | None = None  # loop time it was first seen existing, short
+        self._from_start = False  # following from seq 0: there was no stream at boot
 
     async def top(self) -> int:
         """The seq of the newest entry ever added (last-generated-id), 0 for no stream."""
@@ -153,6 +157,10 @@ class EventStream:
                     await asyncio.sleep(REFILL_POLL)
                     continue
                 entries = _stream_entries(raw)
+                if entries and self._from_start and entry_seq_or_zero(entries[0][0]) > 1:
+                    cursor = await self._follow_refill(hub)
+                    continue
+                self._from_start = False
                 if entries:
                     cursor = entries[-1][0]
                     self._last_entry = entries[-1]
@@ -205,6 +213,7 @@ class EventStream:
             if history:
                 hub.prefill(self._parse(newest))
         hub.start(top)
+        self._from_start = hub.position == 0
         log.info("following the event stream", key=self.key, seq=hub.position)
         if hub.position != top:
             return f"{hub.position}-0".encode()
@@ -246,6 +255,27 @@ class EventStream:
                 return cursor  # trimmed past it: the read after the cursor shows the gap
         self._last_entry = None
         hub.restart_at(top)
+        return last_id
+
+    async def _follow_refill(self, hub: Hub) -> bytes:
+        """The stream, missing at boot, came back written from its middle: the indexer's
+        refill after Redis lost it, not news. Wait until it stops growing, then follow it from
+        its top; clients that subscribed meanwhile are closed with 4009 (reload)."""
+        log.warning(
+            "the stream came back written from its middle (Redis lost it); "
+            "following it from its top once the indexer's refill settles",
+        )
+        async with asyncio.timeout(self._timeout):
+            last_id = await self._last_id(self._reader)
+        while True:
+            await asyncio.sleep(REFILL_SETTLE)
+            async with asyncio.timeout(self._timeout):
+                settled = await self._last_id(self._reader)
+            if settled == last_id:
+                break
+            last_id = settled
+        self._from_start = False
+        hub.restart_at(entry_seq_or_zero(last_id))
         return last_id
 
     def _refill_awaited(self, hub: Hub, *, missing: bool, top: int) -> bool:

@@ -413,6 +413,26 @@ async def test_a_stream_written_again_in_steps_is_followed_without_a_reset(
         await client.nothing()
 
 
+async def test_a_stream_refilled_from_its_middle_after_a_boot_without_it_is_not_relayed(
+    server: Running, producer: EventProducer
+) -> None:
+    """Started while Redis had lost the stream (restarted without persistence), a broadcaster
+    sees it come back written from its middle, in steps: the indexer's refill of entries
+    relayed long ago. They are history, not news: it waits for the refill to settle, closes
+    the clients that subscribed meanwhile with 4009 (reload), and relays what comes next."""
+    producer.seq = 4_000  # the refill's first batch: seqs the stream held before Redis lost it
+    await producer.publish(count=2)
+    async with ws_client(server.url) as meanwhile:
+        await meanwhile.subscribe("events:*")
+        await producer.publish(count=2)  # the refill's next batch
+        assert (await meanwhile.closed(within=10))[0] == 4009
+    async with ws_client(server.url) as later:
+        await later.subscribe("events:*")
+        await producer.publish()
+        assert [e["seq"] for e in await later.events(1)] == [4_005]
+        await later.nothing()
+
+
 async def test_a_client_without_subscriptions_follows_a_recreated_stream(
     server: Running,
     producer: EventProducer,
