@@ -10,11 +10,12 @@
 #   deploy/update.sh [--dir /opt/kektech] [--ecosystem FILE] [--dry-run]
 #
 # Runs as the owner of the checkout (the app user); started as root it runs itself as that
-# user. The services' own settings (the names in .env.example) are removed from its
-# environment: the services read .env, and a variable exported in the caller's shell would
-# override it (in the migration, and through --update-env in every app and dump.pm2).
-# --dir defaults to the checkout holding this script; --ecosystem to its
-# ecosystem.config.js. --dry-run prints the steps and changes nothing.
+# user, with nothing of root's environment but PATH, LANG and PM2_HOME. The services' own
+# settings (the names in .env.example) are removed from its environment: the services read
+# .env, and a variable exported in the caller's shell would override it (in the migration,
+# and through --update-env in every app and dump.pm2). --dir defaults to the checkout
+# holding this script; --ecosystem to its ecosystem.config.js. --dry-run prints the steps
+# and changes nothing.
 set -euo pipefail
 
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,7 +23,7 @@ ECOSYSTEM=""
 DRY_RUN=0
 ARGS=("$@")
 
-usage() { sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -49,7 +50,11 @@ elif [ "$(id -un)" != "$OWNER" ]; then
     [ "$(id -u)" -eq 0 ] || fail "run as $OWNER, the owner of $DIR (or as root)"
     home="$(getent passwd "$OWNER" | cut -d: -f6)"
     say "running as $OWNER"
-    exec runuser -u "$OWNER" -- env HOME="$home" PATH="$PATH" bash "${BASH_SOURCE[0]}" "${ARGS[@]}"
+    # Nothing else of root's environment: PM2 (--update-env) copies the environment it is
+    # given into every app and dump.pm2, where the owner reads it (`pm2 env`).
+    exec runuser -u "$OWNER" -- env -i HOME="$home" USER="$OWNER" LOGNAME="$OWNER" \
+        LANG="${LANG:-C.UTF-8}" PATH="$PATH" ${PM2_HOME:+PM2_HOME="$PM2_HOME"} \
+        bash "${BASH_SOURCE[0]}" "${ARGS[@]}"
 fi
 
 # PM2_HOME stays: it is also PM2's own, naming the daemon to reload. Again after the pull:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -199,6 +201,43 @@ def test_the_first_env_of_a_vps_names_its_own_domain() -> None:
     assert not [line for line in settings if "kektech.xyz" in line]
     example = (REPO_ROOT / ".env.example").read_text().splitlines()
     assert len(lines) == len(example)
+
+
+def test_update_started_as_root_passes_none_of_roots_environment_on(tmp_path: Path) -> None:
+    """Started as root, update.sh runs itself as the checkout's owner with a clean
+    environment: whatever root's shell exported (a cloud token, say) must not reach that
+    user's commands, PM2 among them, which would copy it into every app and dump.pm2. The
+    owner's commands are observed through a `git` that records its environment and fails
+    (so the update stops at its first step)."""
+    if os.geteuid() != 0:
+        pytest.skip("only root starts update.sh as another user")
+    base = Path(tempfile.mkdtemp(prefix="kektech-update-"))  # /tmp: nobody can reach it
+    try:
+        base.chmod(0o755)
+        checkout, shims, seen = base / "app", base / "bin", base / "git-env.txt"
+        (checkout / ".git").mkdir(parents=True)
+        shutil.copy(REPO_ROOT / ".env.example", checkout / ".env.example")
+        shutil.copy(REPO_ROOT / "deploy" / "update.sh", base / "update.sh")
+        shims.mkdir()
+        (shims / "git").write_text(f"#!/bin/sh\nenv >> {seen}\nexit 1\n")
+        (shims / "git").chmod(0o755)
+        seen.touch()
+        for path in (checkout, checkout / ".git", checkout / ".env.example", seen):
+            shutil.chown(path, "nobody", "nogroup")
+        env = {
+            "PATH": f"{shims}:{os.environ['PATH']}",
+            "HOME": "/root",
+            "ROOT_ONLY_TOKEN": "root-secret-0123",
+        }
+        result = run(["bash", str(base / "update.sh"), "--dir", str(checkout)], env=env)
+        assert "running as nobody" in result.stdout, result.stdout + result.stderr
+        assert "[1/4] pull" in result.stdout, result.stdout + result.stderr
+        assert result.returncode == 1
+        observed = seen.read_text()
+        assert f"HOME={pwd.getpwnam('nobody').pw_dir}" in observed.splitlines()
+        assert "root-secret-0123" not in observed
+    finally:
+        shutil.rmtree(base)
 
 
 def test_update_dry_run_prints_the_steps() -> None:
