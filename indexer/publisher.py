@@ -48,7 +48,8 @@ PRUNE_CHUNK = 5000
 PING_EVERY = 5.0
 # KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate). ARGV[2]: 1 to refuse a batch that would
 # leave a hole after the stream's newest entry (it returns {-1, top} and writes nothing), 0 to
-# write it anyway; a missing stream has top 0 (Redis restarted empty, or the key deleted).
+# write it anyway; a missing stream has top 0 (Redis restarted empty, or the key deleted),
+# while any other XINFO error (an ACL refusing it) fails the call rather than reading as one.
 # Then per event: seq, channels, envelope. Returns {added, top}.
 PUBLISH_SCRIPT = """
 local key = KEYS[1]
@@ -59,6 +60,11 @@ if ok then
     if info[i] == 'last-generated-id' then
       top = tonumber(string.match(info[i + 1], '^(%d+)'))
     end
+  end
+else
+  local message = type(info) == 'table' and info.err or tostring(info)
+  if not string.find(string.lower(message), 'no such key', 1, true) then
+    return redis.error_reply(message)
   end
 end
 if ARGV[2] == '1' and tonumber(ARGV[3]) > top + 1 then

@@ -345,3 +345,42 @@ async def test_a_stream_ahead_of_the_database_is_reported(
             await asyncio.sleep(IDLE_SETTLE)
     ahead = [e for e in logs if e["event"].startswith("the stream already holds seqs")]
     assert [(e["stream_top"], e["published"]) for e in ahead] == [(5, 0)]
+
+
+async def test_a_stream_the_redis_user_may_not_inspect_is_an_error_not_a_lost_stream(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str, redis_server: Redis
+) -> None:
+    """A Redis user refused XINFO (an ACL without `+xinfo|stream`) cannot see the stream's
+    top. That is an error to report and retry, not a stream Redis lost: the publisher must
+    not rewind and publish the outbox again over entries that are there."""
+    store, redis = publisher_parts
+    key = unique_key("no-xinfo")
+    user, password = f"no-xinfo-{os.getpid()}", "no-xinfo-password"
+    await redis.acl_setuser(
+        user,
+        enabled=True,
+        passwords=[f"+{password}"],
+        keys=["*"],
+        channels=["*"],
+        commands=["-@all", "+evalsha", "+eval", "+script|load", "+xadd", "+publish", "+ping"],
+    )
+    await insert_outbox(database_url, [outbox_row(seq) for seq in range(1, 8)])
+    for seq in range(1, 6):  # published before: in the stream and recorded as published
+        row = outbox_row(seq)
+        await redis.xadd(key, {"seq": str(seq), "event": row.payload}, id=f"{seq}-0")
+    await store.mark_published(5)
+    url = redis_server.url.replace("redis://", f"redis://{user}:{password}@", 1)
+    try:
+        async with redis_client(url) as limited:
+            publisher = make_publisher((store, limited), key)
+            with structlog.testing.capture_logs() as logs:
+                async with running(publisher):
+                    await asyncio.sleep(1.0)
+    finally:
+        await redis.acl_deluser(user)
+    assert not [e for e in logs if e["event"].startswith("the stream lost its newest entries")]
+    failures = [e for e in logs if e["event"] == "redis publish failed, will retry"]
+    assert failures  # the refusal itself, in Redis's words ("NOPERM", "can't run this command")
+    assert any(words in failures[0]["error"] for words in ("NOPERM", "can't run this command"))
+    assert await stream_seqs(redis, key) == [1, 2, 3, 4, 5]
+    assert await store.published_seq() == 5
