@@ -44,7 +44,7 @@ SAME_STREAM_CHECK_INTERVAL = 5.0
 # A stream that is missing, or ends before the entry relayed last, lost entries that the
 # indexer writes again from its outbox (Redis restarted empty or from an older snapshot; the
 # indexer looks every 5 s while idle). Until the stream reaches that entry again nothing is
-# read, only its top polled; once it exists this long and still ends short, it is a new one.
+# read, only its top polled; once it exists and grew no more for this long, it is a new one.
 REFILL_GRACE = 15.0
 REFILL_POLL = 0.25
 # A stream missing at boot that comes back written from its middle is the indexer's refill
@@ -80,7 +80,8 @@ class EventStream:
         self._booted: bytes | None = None  # where follow() starts, once boot() succeeded
         self._last_entry: Entry | None = None  # the newest entry relayed, as it was read
         self._awaiting_refill = False  # the stream ends before _last_entry: read nothing
-        self._short_since: float | None = None  # loop time it was first seen existing, short
+        self._short_since: float | None = None  # loop time it was last seen growing, short
+        self._short_top = 0  # its top then
         self._from_start = False  # following from seq 0: there was no stream at boot
 
     async def top(self) -> int:
@@ -157,10 +158,11 @@ class EventStream:
                     await asyncio.sleep(REFILL_POLL)
                     continue
                 entries = _stream_entries(raw)
-                if entries and self._from_start and entry_seq_or_zero(entries[0][0]) > 1:
-                    cursor = await self._follow_refill(hub)
-                    continue
-                self._from_start = False
+                if entries and self._from_start:
+                    self._from_start = False
+                    if entry_seq_or_zero(entries[0][0]) > 1:
+                        cursor = await self._follow_refill(hub)
+                        continue
                 if entries:
                     cursor = entries[-1][0]
                     self._last_entry = entries[-1]
@@ -265,16 +267,17 @@ class EventStream:
             "the stream came back written from its middle (Redis lost it); "
             "following it from its top once the indexer's refill settles",
         )
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + REFILL_GRACE  # a stream that never stops growing is live
         async with asyncio.timeout(self._timeout):
             last_id = await self._last_id(self._reader)
-        while True:
+        while loop.time() < give_up:
             await asyncio.sleep(REFILL_SETTLE)
             async with asyncio.timeout(self._timeout):
                 settled = await self._last_id(self._reader)
             if settled == last_id:
                 break
             last_id = settled
-        self._from_start = False
         hub.restart_at(entry_seq_or_zero(last_id))
         return last_id
 
@@ -289,10 +292,11 @@ class EventStream:
                 stream_top=top,
             )
         if missing:  # the grace counts from when the key is back
+            self._short_since = None
             return True
         now = asyncio.get_running_loop().time()
-        if self._short_since is None:
-            self._short_since = now
+        if self._short_since is None or top > self._short_top:  # growing: the refill goes on
+            self._short_since, self._short_top = now, top
         if now - self._short_since < REFILL_GRACE:
             return True
         log.warning(

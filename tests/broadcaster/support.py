@@ -232,13 +232,21 @@ class WsClient:
 
     async def closed(self, within: float = WITHIN) -> tuple[int | None, str | None]:
         """Wait until the server closes the connection; return (code, reason)."""
+        _, close = await self.messages_until_closed(within)
+        return close
+
+    async def messages_until_closed(
+        self, within: float = WITHIN
+    ) -> tuple[list[dict[str, Any]], tuple[int | None, str | None]]:
+        """Read until the server closes the connection; return what came and (code, reason)."""
+        received: list[dict[str, Any]] = []
         async with asyncio.timeout(within):
             with contextlib.suppress(ConnectionClosed):
                 while True:
-                    await self.ws.recv()
+                    received.append(orjson.loads(await self.ws.recv()))
         await self.ws.wait_closed()
         rcvd = self.ws.protocol.close_rcvd
-        return (rcvd.code, rcvd.reason) if rcvd else (None, None)
+        return received, ((rcvd.code, rcvd.reason) if rcvd else (None, None))
 
 
 @contextlib.asynccontextmanager

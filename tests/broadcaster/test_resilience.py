@@ -414,18 +414,26 @@ async def test_a_stream_written_again_in_steps_is_followed_without_a_reset(
 
 
 async def test_a_stream_refilled_from_its_middle_after_a_boot_without_it_is_not_relayed(
-    server: Running, producer: EventProducer
+    server: Running, producer: EventProducer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Started while Redis had lost the stream (restarted without persistence), a broadcaster
-    sees it come back written from its middle, in steps: the indexer's refill of entries
-    relayed long ago. They are history, not news: it waits for the refill to settle, closes
-    the clients that subscribed meanwhile with 4009 (reload), and relays what comes next."""
-    producer.seq = 4_000  # the refill's first batch: seqs the stream held before Redis lost it
-    await producer.publish(count=2)
-    async with ws_client(server.url) as meanwhile:
+    sees it come back, after some idle reads, written from its middle in steps: the indexer's
+    refill of entries relayed long ago. They are history, not news: none reaches a client
+    as an event; it waits for the refill to settle (REFILL_SETTLE, here 3 s), closes the
+    clients subscribed meanwhile with 4009 (reload), and relays what comes next."""
+    monkeypatch.setattr(stream, "REFILL_SETTLE", 3.0)
+    await asyncio.sleep(2.5)  # idle reads on the missing stream (BROADCASTER_REDIS_TIMEOUT=2 s)
+    async with ws_client(server.url) as before, ws_client(server.url) as meanwhile:
+        await before.subscribe("events:*")
+        producer.seq = 4_000  # the refill's first batch: seqs the stream held before
+        await producer.publish(count=2)
+        await asyncio.sleep(0.3)
         await meanwhile.subscribe("events:*")
         await producer.publish(count=2)  # the refill's next batch
-        assert (await meanwhile.closed(within=10))[0] == 4009
+        for client in (before, meanwhile):
+            received, (code, _) = await client.messages_until_closed(within=15)
+            assert code == 4009
+            assert [m["data"]["seq"] for m in received if m["type"] == "event"] == []
     async with ws_client(server.url) as later:
         await later.subscribe("events:*")
         await producer.publish()
