@@ -333,8 +333,11 @@ class RpcClient:
                     raise
                 self.stats.errors["bad_response"] += 1
                 unusable.add(index)
-                if len(unusable) == len(self._endpoints) or number == self._attempts:
+                if len(unusable) == len(self._endpoints):
                     raise
+                last_error = f"bad_response at {endpoint.label}: {exc.message}"
+                if number == self._attempts:
+                    break  # others failed for now only: as for any outage
                 log.warning(
                     "rpc endpoint gave an unusable answer, failing over",
                     method=method,

@@ -365,10 +365,11 @@ async def test_an_endpoint_with_unusable_answers_is_failed_over(
             assert await CALLS[call](client, chain) == expected
             broken_requests, working_requests = broken.requests, working.requests
             assert await CALLS[call](client, chain) == expected
-        # Served from then on by the working endpoint as it serves alone, batches included (a
-        # 404 to a batch reads as "no batches here", for the endpoint that answered it).
-        assert broken.requests == broken_requests
-        assert working.requests - working_requests == requests_alone
+        # One request reached the broken endpoint; the working one serves as it does alone,
+        # batches (and with them the range's proof) included, from the first call on.
+        assert broken.requests == broken_requests == 1
+        assert working_requests - requests_alone == requests_alone  # the first call
+        assert working.requests - working_requests == requests_alone  # the second
     assert client.stats.failovers == 1
     assert client.stats.errors["bad_response"] == 1
 
@@ -387,6 +388,23 @@ async def test_unusable_answers_from_every_endpoint_are_final(chain: Chain, faul
         assert (first.requests, second.requests) == (1, 1)
     assert raised.value.code is None
     assert raised.value.method == "eth_blockNumber"
+
+
+async def test_retries_spent_while_another_endpoint_is_only_down_are_an_outage(
+    chain: Chain,
+) -> None:
+    """One endpoint gives unusable answers while the other is only down for now (503): when
+    the retries run out, that is an outage (RpcUnavailable, waited out at start-up), not the
+    final error only every endpoint's unusable answers make, whichever endpoint came last."""
+    async with (
+        RpcFaultProxy(chain.url, seed=10, rates={"http_404": 1.0}) as broken,
+        RpcFaultProxy(chain.url, seed=11, rates={"http_503": 1.0}) as down,
+    ):
+        async with client_for(broken.url, down.url, max_retries=2) as client:
+            with pytest.raises(RpcUnavailable) as raised:
+                await client.block_number()
+        assert (broken.requests, down.requests) == (2, 1)  # the last attempt was the 404's
+    assert "bad_response" in raised.value.last_error
 
 
 async def test_a_chain_id_check_that_gets_an_unusable_answer_fails_over(chain: Chain) -> None:
