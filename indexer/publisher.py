@@ -160,6 +160,7 @@ class Publisher:
         next_ping = loop.time()
         failures = 0
         accept_hole = False  # the stream lost entries the outbox cannot give again
+        reported_top: int | None = None  # a short stream's top, already acted on while idle
         while True:
             # Cleared before looking, so a commit landing during the query still wakes us.
             self._wake.clear()
@@ -171,7 +172,8 @@ class Publisher:
                 if loop.time() >= next_ping:
                     top = await self._stream_top()
                     next_ping = loop.time() + self._ping_every
-                    if top is not None and top < self._published:
+                    if top is not None and top < self._published and top != reported_top:
+                        reported_top = top  # once: with nothing to write again, it stays short
                         accept_hole = await self._rewind_to(top, self._published + 1)
                         continue
                 if loop.time() >= next_prune:
@@ -212,6 +214,7 @@ class Publisher:
                 continue
             self._metrics.redis_up.set(1)
             self._published = rows[-1].seq
+            reported_top = None
             await self._store.mark_published(self._published)
             self._metrics.published_seq.set(self._published)
             if len(rows) == BATCH_SIZE:  # still draining: worth a query to show how much is left

@@ -301,13 +301,41 @@ async def test_a_stream_that_lost_entries_is_filled_again_while_idle(
     async with running(publisher):
         await published(redis, key, 10)
         await asyncio.sleep(IDLE_SETTLE)
-        await _stream_cut_back_to(redis, key, keep)
 
         async def refilled() -> bool:
             return len(await stream_seqs(redis, key)) >= 10
 
-        await eventually(refilled, within=10, what="the stream filled again")
-        assert await stream_seqs(redis, key) == list(range(1, 11))
+        for _ in range(2):  # and again, should Redis lose them once more
+            await _stream_cut_back_to(redis, key, keep)
+            await eventually(refilled, within=10, what="the stream filled again")
+            assert await stream_seqs(redis, key) == list(range(1, 11))
+
+
+async def test_a_hole_found_while_idle_is_reported_once(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+) -> None:
+    """With OUTBOX_KEEP=0 nothing published can be written again: a stream Redis lost while
+    idle leaves a hole, reported once, not at every idle check until the next event."""
+    _, redis = publisher_parts
+    key = unique_key("hole-idle")
+    await insert_outbox(database_url, [outbox_row(seq) for seq in range(1, 6)])
+    publisher = make_publisher(publisher_parts, key, outbox_keep=0, ping_every=0.1, prune_every=0)
+    with structlog.testing.capture_logs() as logs:
+        async with running(publisher):
+            await published(redis, key, 5)
+
+            async def pruned() -> bool:
+                conn = await asyncpg.connect(database_url)
+                try:
+                    return bool(await conn.fetchval("SELECT count(*) FROM outbox") == 0)
+                finally:
+                    await conn.close()
+
+            await eventually(pruned, within=10, what="the outbox pruned")
+            await redis.delete(key)
+            await asyncio.sleep(3.5)  # idle checks every IDLE_POLL (1 s)
+    holes = [e for e in logs if e["event"].startswith("the stream keeps a hole")]
+    assert len(holes) == 1
 
 
 async def test_entries_lost_beyond_the_outbox_leave_a_hole_and_publishing_goes_on(
