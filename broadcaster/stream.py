@@ -46,6 +46,9 @@ SAME_STREAM_CHECK_INTERVAL = 5.0
 # indexer looks every 5 s while idle). Until the stream reaches that entry again nothing is
 # read, only its top polled; once it exists and grew no more for this long, it is a new one.
 REFILL_GRACE = 15.0
+# However it keeps growing, a stream still short of that entry after this long is a new one
+# (re-indexed from scratch, say): a refill of OUTBOX_KEEP entries takes seconds.
+REFILL_LIMIT = 60.0
 REFILL_POLL = 0.25
 # A stream missing at boot that comes back written from its middle is the indexer's refill
 # of entries relayed long ago: followed from its top once it grew no more for this long.
@@ -82,6 +85,7 @@ class EventStream:
         self._awaiting_refill = False  # the stream ends before _last_entry: read nothing
         self._short_since: float | None = None  # loop time it was last seen growing, short
         self._short_top = 0  # its top then
+        self._short_first: float | None = None  # loop time it was first seen existing, short
         self._from_start = False  # following from seq 0: there was no stream at boot
 
     async def top(self) -> int:
@@ -159,10 +163,11 @@ class EventStream:
                     continue
                 entries = _stream_entries(raw)
                 if entries and self._from_start:
-                    self._from_start = False
                     if entry_seq_or_zero(entries[0][0]) > 1:
+                        # Clears _from_start once done: a Redis failure meanwhile comes back here.
                         cursor = await self._follow_refill(hub)
                         continue
+                    self._from_start = False
                 if entries:
                     cursor = entries[-1][0]
                     self._last_entry = entries[-1]
@@ -238,7 +243,7 @@ class EventStream:
                 return cursor
         elif self._awaiting_refill:
             log.info("the stream reached the entry relayed last again", seq=hub.position)
-        self._awaiting_refill, self._short_since = False, None
+        self._awaiting_refill, self._short_since, self._short_first = False, None, None
         if last_id == MISSING:
             # Gone, not recreated yet, before anything was relayed: decided once it is back.
             return cursor
@@ -278,6 +283,7 @@ class EventStream:
             if settled == last_id:
                 break
             last_id = settled
+        self._from_start = False
         hub.restart_at(entry_seq_or_zero(last_id))
         return last_id
 
@@ -295,9 +301,11 @@ class EventStream:
             self._short_since = None
             return True
         now = asyncio.get_running_loop().time()
+        if self._short_first is None:
+            self._short_first = now
         if self._short_since is None or top > self._short_top:  # growing: the refill goes on
             self._short_since, self._short_top = now, top
-        if now - self._short_since < REFILL_GRACE:
+        if now - self._short_since < REFILL_GRACE and now - self._short_first < REFILL_LIMIT:
             return True
         log.warning(
             "the stream stayed short of the entry relayed last: taken as a new stream",

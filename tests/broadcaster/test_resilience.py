@@ -388,6 +388,38 @@ async def test_a_stream_lost_and_written_again_as_it_was_is_followed_without_a_r
         await client.nothing()
 
 
+async def test_a_short_stream_that_keeps_growing_is_taken_as_new_after_the_limit(
+    server: Running,
+    producer: EventProducer,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream recreated from seq 1 that keeps growing (re-indexed from scratch) restarts the
+    refill grace at each growth, but is taken as a new one after REFILL_LIMIT (here 3 s),
+    not only once it outgrows the old position: until then nothing would be relayed."""
+    monkeypatch.setattr(stream, "REFILL_GRACE", 2.0)
+    monkeypatch.setattr(stream, "REFILL_LIMIT", 3.0)
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        await producer.publish(count=50)
+        await client.events(50)
+        await redis_client.delete(producer.key)
+        producer.seq = 0
+
+        async def regrow() -> None:
+            for _ in range(40):  # 10 s of growth, every 0.25 s, staying below seq 50
+                await producer.publish("MarketCreated")
+                await asyncio.sleep(0.25)
+
+        growing = asyncio.create_task(regrow())
+        try:
+            assert (await client.closed(within=7))[0] == 4009
+        finally:
+            growing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await growing
+
+
 @pytest.mark.parametrize("keep", [0, 3], ids=["lost-whole", "lost-newest"])
 async def test_a_stream_written_again_in_steps_is_followed_without_a_reset(
     server: Running, producer: EventProducer, redis_client: aioredis.Redis, keep: int
