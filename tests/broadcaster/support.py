@@ -140,6 +140,11 @@ class EventProducer:
         await self.redis.xadd(self.key, dict(fields), id=f"{self.seq}-0")
         return self.seq
 
+    async def recreate(self) -> None:
+        """Delete the stream and number again from seq 1, as a store rebuilt from scratch would."""
+        await self.redis.delete(self.key)
+        self.seq = 0
+
     async def trim_to(self, keep: int) -> None:
         """Trim the stream exactly, as MAXLEN would eventually."""
         await self.redis.xtrim(self.key, maxlen=keep, approximate=False)

@@ -316,7 +316,6 @@ async def test_stream_gap_closes_subscribers_with_4009(
 async def test_recreated_stream_is_followed_again(
     server: Running,
     producer: EventProducer,
-    redis_client: aioredis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """If the stream is deleted and restarts at seq 1, and stays short of the entry relayed
@@ -326,8 +325,7 @@ async def test_recreated_stream_is_followed_again(
         await client.subscribe("events:*")
         await producer.publish(count=5)
         await client.events(5)
-        await redis_client.delete(producer.key)
-        producer.seq = 0
+        await producer.recreate()
         await producer.publish(count=2)
         assert (await client.closed(within=10))[0] == 4009
     await server.wait_health(seq=2)
@@ -338,7 +336,7 @@ async def test_recreated_stream_is_followed_again(
 
 
 async def test_a_stream_recreated_past_the_position_while_redis_was_away_is_noticed(
-    start: Start, producer: EventProducer, redis_client: aioredis.Redis, redis_server: Redis
+    start: Start, producer: EventProducer, redis_server: Redis
 ) -> None:
     """The stream is deleted and refilled past the relayed position while the broadcaster's
     path to Redis is dead: once back, it sees that the entry it relayed last is another one
@@ -352,8 +350,7 @@ async def test_a_stream_recreated_past_the_position_while_redis_was_away_is_noti
         await producer.publish(count=5)
         assert [e["seq"] for e in await client.events(5)] == [1, 2, 3, 4, 5]
         proxy.freeze()
-        await redis_client.delete(producer.key)
-        producer.seq = 0
+        await producer.recreate()
         await producer.publish("MarketCreated", count=8)
         assert (await client.closed(within=10))[0] == 4009
         await server.wait_health(seq=8)
@@ -391,7 +388,6 @@ async def test_a_stream_lost_and_written_again_as_it_was_is_followed_without_a_r
 async def test_a_short_stream_that_keeps_growing_is_taken_as_new_after_the_limit(
     server: Running,
     producer: EventProducer,
-    redis_client: aioredis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A stream recreated from seq 1 that keeps growing (re-indexed from scratch) restarts the
@@ -403,8 +399,7 @@ async def test_a_short_stream_that_keeps_growing_is_taken_as_new_after_the_limit
         await client.subscribe("events:*")
         await producer.publish(count=50)
         await client.events(50)
-        await redis_client.delete(producer.key)
-        producer.seq = 0
+        await producer.recreate()
 
         async def regrow() -> None:
             for _ in range(40):  # 10 s of growth, every 0.25 s, staying below seq 50
@@ -476,7 +471,6 @@ async def test_a_stream_refilled_from_its_middle_after_a_boot_without_it_is_not_
 async def test_a_client_without_subscriptions_follows_a_recreated_stream(
     server: Running,
     producer: EventProducer,
-    redis_client: aioredis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A client that held no subscription when the stream restarted at seq 1 (so it was not
@@ -488,8 +482,7 @@ async def test_a_client_without_subscriptions_follows_a_recreated_stream(
         await client.events(5)
         await client.send({"type": "unsubscribe", "channel": "events:*"})
         await client.expect("unsubscribed")
-        await redis_client.delete(producer.key)
-        producer.seq = 0
+        await producer.recreate()
         await producer.publish(count=2)
         await server.wait_health(seq=2)
         await client.subscribe("events:*")

@@ -135,6 +135,20 @@ def test_provision_dry_run_substitutes_the_domain() -> None:
     assert "ws.kektech.xyz" not in result.stdout
 
 
+def render_env(env: Mapping[str, str]) -> str:
+    """The .env that deploy/render-env.sh writes from .env.example in environment `env`."""
+    result = subprocess.run(
+        ["bash", "deploy/render-env.sh", ".env.example"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_rendering_the_first_env_puts_no_secret_on_a_command_line(tmp_path: Path) -> None:
     """render-env.sh takes the URLs from its environment and must keep them out of every
     command's arguments (any local user reads those in ps): each tool it may run is wrapped
@@ -156,17 +170,9 @@ def test_rendering_the_first_env_puts_no_secret_on_a_command_line(tmp_path: Path
         "REDIS_URL": f"redis://ops:{password}@127.0.0.1:6379/0",
         "DATABASE_URL": f"postgresql://kektech:{password}@db.example.org/kektech",
     }
-    result = subprocess.run(
-        ["bash", "deploy/render-env.sh", ".env.example"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert f"REDIS_URL={env['REDIS_URL']}" in result.stdout.splitlines()
-    assert f"DATABASE_URL={env['DATABASE_URL']}" in result.stdout.splitlines()
+    rendered = render_env(env)
+    assert f"REDIS_URL={env['REDIS_URL']}" in rendered.splitlines()
+    assert f"DATABASE_URL={env['DATABASE_URL']}" in rendered.splitlines()
     assert calls.exists(), "the script ran none of the wrapped tools; wrap the one it uses"
     assert password not in calls.read_text()
 
@@ -180,16 +186,8 @@ def test_the_first_env_of_a_vps_names_its_own_domain() -> None:
         "REDIS_URL": "redis://ops:secret-password-0123@127.0.0.1:6379/0",
         "DATABASE_URL": "postgresql://kektech@/kektech?host=/var/run/postgresql",
     }
-    result = subprocess.run(
-        ["bash", "deploy/render-env.sh", ".env.example"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    rendered = render_env(env)
+    lines = rendered.splitlines()
     for expected in (
         "OPS_TLS_ENDPOINT=ws.example.org:443",
         "MONITOR_WS_URL=wss://ws.example.org/ws",

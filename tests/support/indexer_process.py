@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -159,58 +159,47 @@ class IndexerProcess:
 
     async def wait_ready(self, within: float = 30.0) -> dict[str, object]:
         """Wait until /ready answers 200 (leader and caught up with the chain)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
-        while True:
-            if not self.running:
-                raise RuntimeError(f"indexer exited:\n{self.log_text()}")
-            try:
-                status, body = await self.get("/ready")
-                if status == 200:
-                    return body
-            except aiohttp.ClientError:
-                pass
-            if loop.time() > deadline:
-                raise TimeoutError(f"indexer not ready in {within}s:\n{self.log_text()[-4000:]}")
-            await asyncio.sleep(0.05)
+        return await self._wait_for("/ready", lambda status, _: status == 200, within, "ready")
 
     async def wait_waiting_for(self, what: str = "", within: float = 30.0) -> str:
         """Wait until start-up says (on /healthz, answering 200) that it waits for something
         naming `what`; return that reason."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
-        while True:
-            if not self.running:
-                raise RuntimeError(f"indexer exited:\n{self.log_text()[-4000:]}")
-            try:
-                status, body = await self.get("/healthz")
-                reason = body.get("waiting_for")
-                if status == 200 and isinstance(reason, str) and what in reason:
-                    return reason
-            except aiohttp.ClientError:
-                pass
-            if loop.time() > deadline:
-                raise TimeoutError(
-                    f"start-up not waiting for {what!r} after {within}s:\n{self.log_text()[-4000:]}"
-                )
-            await asyncio.sleep(0.05)
+
+        def waits(status: int, body: dict[str, object]) -> bool:
+            reason = body.get("waiting_for")
+            return status == 200 and isinstance(reason, str) and what in reason
+
+        body = await self._wait_for("/healthz", waits, within, f"start-up waiting for {what!r}")
+        return str(body["waiting_for"])
 
     async def wait_cursor(self, block: int, within: float = 60.0) -> dict[str, object]:
         """Wait until the indexer has stored every block up to `block`."""
+
+        def reached(_: int, body: dict[str, object]) -> bool:
+            cursor = body.get("cursor")
+            return isinstance(cursor, int) and cursor >= block
+
+        return await self._wait_for("/healthz", reached, within, f"cursor at {block}")
+
+    async def _wait_for(
+        self,
+        path: str,
+        done: Callable[[int, dict[str, object]], bool],
+        within: float,
+        what: str,
+    ) -> dict[str, object]:
+        """Poll `path` until `done(status, body)`; fail at once if the indexer exits."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while True:
             if not self.running:
                 raise RuntimeError(f"indexer exited:\n{self.log_text()[-4000:]}")
             try:
-                _, body = await self.get("/healthz")
-                cursor = body.get("cursor")
-                if isinstance(cursor, int) and cursor >= block:
+                status, body = await self.get(path)
+                if done(status, body):
                     return body
             except aiohttp.ClientError:
                 pass
             if loop.time() > deadline:
-                raise TimeoutError(
-                    f"cursor below {block} after {within}s:\n{self.log_text()[-4000:]}"
-                )
+                raise TimeoutError(f"no {what} after {within}s:\n{self.log_text()[-4000:]}")
             await asyncio.sleep(0.05)
