@@ -440,6 +440,29 @@ async def test_a_stream_written_again_in_steps_is_followed_without_a_reset(
         await client.nothing()
 
 
+async def test_the_refill_grace_counts_from_the_streams_last_growth(
+    server: Running,
+    producer: EventProducer,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refill that takes longer in all than REFILL_GRACE (here 2.5 s) but grows more often
+    than that is waited for to its end: clients stay connected and get nothing twice."""
+    monkeypatch.setattr(stream, "REFILL_GRACE", 2.5)
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        await producer.publish(count=5)
+        assert [e["seq"] for e in await client.events(5)] == [1, 2, 3, 4, 5]
+        kept = await read_stream(redis_client, producer.key)
+        await redis_client.delete(producer.key)
+        for entry_id, fields in kept:  # one entry a second: 4 s from the first to the last
+            await redis_client.xadd(producer.key, fields, id=entry_id)  # type: ignore[arg-type]
+            await asyncio.sleep(1.0)
+        await producer.publish()
+        assert [e["seq"] for e in await client.events(1)] == [6]
+        await client.nothing()
+
+
 async def test_a_stream_refilled_from_its_middle_after_a_boot_without_it_is_not_relayed(
     server: Running, producer: EventProducer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -466,6 +489,41 @@ async def test_a_stream_refilled_from_its_middle_after_a_boot_without_it_is_not_
         await producer.publish()
         assert [e["seq"] for e in await later.events(1)] == [4_005]
         await later.nothing()
+
+
+async def test_a_redis_outage_while_a_refill_settles_does_not_let_it_through(
+    server: Running,
+    producer: EventProducer,
+    redis_server: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Started without the stream, a broadcaster waiting for the indexer's refill to settle
+    (REFILL_SETTLE, here 3 s) loses Redis meanwhile: once back it still takes the refill as
+    history, relays none of it, closes its subscribers with 4009, and relays what follows.
+    It is no gap either: no false alarm of entries trimmed before they were read."""
+    monkeypatch.setattr(stream, "REFILL_SETTLE", 3.0)
+    await asyncio.sleep(2.5)  # idle reads on the missing stream (BROADCASTER_REDIS_TIMEOUT=2 s)
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        producer.seq = 4_000  # the refill's first batch: seqs the stream held before
+        await producer.publish(count=2)
+        await asyncio.sleep(1.0)  # read, and waiting for the refill to settle
+        redis_server.stop()
+        try:
+            await server.wait_health(redis="down")
+            await asyncio.sleep(2.5)  # past the settle wait: its next read fails
+        finally:  # the session's Redis: the tests after this one need it
+            redis_server.start()
+        await producer.publish(count=2)  # the refill's next batch
+        received, (code, _) = await client.messages_until_closed(within=20)
+        assert code == 4009
+        assert [m["data"]["seq"] for m in received if m["type"] == "event"] == []
+    async with ws_client(server.url) as later:
+        await later.subscribe("events:*")
+        await producer.publish()
+        assert [e["seq"] for e in await later.events(1)] == [4_005]
+        await later.nothing()
+    assert await server.metric("kektech_broadcaster_stream_gap_entries_total") == 0
 
 
 async def test_a_client_without_subscriptions_follows_a_recreated_stream(
