@@ -179,6 +179,9 @@ class EventStream:
             except (RedisError, OSError) as exc:
                 failures += 1
                 metrics.redis_up.set(0)
+                # Nothing can refill the stream while Redis is away: the refill's grace and
+                # limit count again from the first look once it is back.
+                self._short_since = self._short_first = None
                 metrics.redis_reconnects.inc()
                 delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** min(failures, 16))
                 delay *= 0.5 + self._rng.random() / 2

@@ -304,6 +304,14 @@ class Running:
                         return body
                 await asyncio.sleep(0.02)
 
+    async def wait_metric(self, name: str, value: float, within: float = WITHIN) -> None:
+        """Wait until metric() of `name` equals `value`."""
+        async with asyncio.timeout(within):
+            while True:
+                if await self.metric(name) == value:
+                    return
+                await asyncio.sleep(0.02)
+
     async def metric(self, name: str) -> float:
         """The sum of a Prometheus metric's samples (all label sets)."""
         _, body = await self.get("/metrics")

@@ -463,6 +463,41 @@ async def test_the_refill_grace_counts_from_the_streams_last_growth(
         await client.nothing()
 
 
+async def test_a_redis_outage_during_a_refill_does_not_use_up_its_grace(
+    server: Running,
+    producer: EventProducer,
+    redis_client: aioredis.Redis,
+    redis_server: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis back from an older snapshot, then away again for longer than REFILL_GRACE (here
+    2 s) before the indexer could write the lost entries: the grace counts again once Redis
+    is back, so the refill that follows keeps clients connected, and nothing comes twice."""
+    monkeypatch.setattr(stream, "REFILL_GRACE", 2.0)
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        await producer.publish(count=5)
+        assert [e["seq"] for e in await client.events(5)] == [1, 2, 3, 4, 5]
+        kept = await read_stream(redis_client, producer.key)
+        await redis_client.delete(producer.key)
+        for entry_id, fields in kept[:2]:  # what the older snapshot held
+            await redis_client.xadd(producer.key, fields, id=entry_id)  # type: ignore[arg-type]
+        await asyncio.sleep(1.5)  # seen short by now (idle reads block for 1 s)
+        redis_server.stop()
+        try:
+            await server.wait_health(redis="down")
+            await asyncio.sleep(3.0)
+        finally:  # the session's Redis: the tests after this one need it
+            redis_server.start()
+        await server.wait_metric("kektech_broadcaster_redis_up", 1)  # read again
+        await redis_client.connection_pool.disconnect()  # its connection died with Redis
+        for entry_id, fields in kept[2:]:  # the indexer's refill, once Redis is back
+            await redis_client.xadd(producer.key, fields, id=entry_id)  # type: ignore[arg-type]
+        await producer.publish()
+        assert [e["seq"] for e in await client.events(1)] == [6]
+        await client.nothing()
+
+
 async def test_a_stream_refilled_from_its_middle_after_a_boot_without_it_is_not_relayed(
     server: Running, producer: EventProducer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
