@@ -323,6 +323,17 @@ if [ "$DRY_RUN" -eq 0 ]; then
         fail "redis-server does not answer the admin user after the restart: journalctl -u redis-server"
 fi
 
+# ---------------------------------------------------------------------------- kernel
+# Before Nginx listens: the kernel caps an accept queue at somaxconn when listen() is called.
+say "== kernel: accept queues for reconnect storms"
+if install_file /etc/sysctl.d/60-kektech.conf 644 root:root <"$SOURCE/deploy/sysctl/60-kektech.conf"; then
+    act sysctl -p /etc/sysctl.d/60-kektech.conf
+    # A socket already listening keeps the queue it got; a reload does not listen again.
+    if systemctl is-active --quiet nginx 2>/dev/null; then
+        say "NOTE: the deeper accept queues apply to nginx and the broadcasters at their next restart"
+    fi
+fi
+
 # ---------------------------------------------------------------------------- Nginx, TLS
 say "== nginx and certificates for $DOMAIN"
 CERT="/etc/letsencrypt/live/$DOMAIN/fullchain.pem"

@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 import re
+import select
+import signal
+import socket
 import ssl
 import subprocess
 import sys
+import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator
@@ -22,7 +27,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from devnet.services import Redis
+from devnet.services import Redis, free_port
+from shared.process import raise_open_files_limit
 from tests.support.nginx import (
     HOST,
     PROD_USER_LINE,
@@ -32,6 +38,7 @@ from tests.support.nginx import (
     client_context,
     handshake_statuses,
     http_get,
+    nginx_edge,
     render,
     running_edge,
     substitute,
@@ -42,6 +49,7 @@ GIXY = Path(sys.executable).parent / "gixy"
 PROXY_READ_TIMEOUT = 60.0  # nginx.conf, location = /ws
 CONNECTIONS_PER_IP = 50  # nginx.conf, limit_conn ws_conn
 HANDSHAKE_INTERVAL = 0.12  # slower than limit_req's 10 r/s
+STORM = 1_000  # connections at once: more than 511, fewer than a usual somaxconn (4,096)
 SECURITY_HEADERS = {
     "Strict-Transport-Security": "max-age=63072000",
     "X-Content-Type-Options": "nosniff",
@@ -166,6 +174,49 @@ async def test_unknown_host_names_are_dropped(edge: Edge) -> None:
             await http_get(
                 edge, "/health", source=edge.new_ip(), host="other.example", scheme=scheme
             )
+
+
+def test_a_connection_storm_waits_in_the_accept_queue() -> None:
+    """Connections that come faster than nginx's workers accept them (a reconnect storm while
+    they are busy with TLS handshakes; here they are stopped) wait in the kernel's accept
+    queue, not dropped as SYNs, which would cost each such client 1 s, then 3 s more: all of
+    STORM complete the TCP handshake at once (nginx's own default queue holds 511)."""
+    raise_open_files_limit()
+    with nginx_edge(
+        ws_ports=[free_port(), free_port()], health_ports=[free_port(), free_port()]
+    ) as server:
+        workers = server.worker_pids()
+        assert workers
+        sockets = [socket.socket() for _ in range(STORM)]
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            for sock in sockets:
+                sock.setblocking(False)
+                sock.connect_ex(("127.0.0.1", server.layout.https_port))
+            connected = connected_within(sockets, within=0.8)  # before the first retransmit
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+            for sock in sockets:
+                sock.close()
+    assert connected == STORM
+
+
+def connected_within(sockets: list[socket.socket], within: float) -> int:
+    """How many of these non-blocking sockets finished connecting within `within` seconds."""
+    poller = select.poll()
+    pending = {sock.fileno(): sock for sock in sockets}
+    for fd in pending:
+        poller.register(fd, select.POLLOUT)
+    connected = 0
+    deadline = time.monotonic() + within
+    while pending and (left := deadline - time.monotonic()) > 0:
+        for fd, _ in poller.poll(left * 1000):
+            poller.unregister(fd)
+            if pending.pop(fd).getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                connected += 1
+    return connected
 
 
 async def test_eleventh_handshake_of_an_instant_burst_gets_429(edge: Edge) -> None:

@@ -38,6 +38,7 @@ PROVISIONED = [
     "/etc/letsencrypt/renewal-hooks/deploy/reload-nginx.sh",
     "/etc/logrotate.d/kektech",
     "/etc/cron.d/kektech-check",
+    "/etc/sysctl.d/60-kektech.conf",
     "/usr/local/bin/pm2",
     "/usr/local/bin/kektech",
     "/etc/apt/sources.list.d/nodesource.list",
@@ -76,8 +77,8 @@ def test_every_shell_script_passes_shellcheck() -> None:
 
 def test_provision_dry_run_prints_the_plan_and_changes_nothing() -> None:
     """`provision.sh --dry-run` as an unprivileged user exits 0, prints the key actions
-    (packages, Redis ACL users, certbot webroot and deploy hook, UFW 22/80/443, PM2 start,
-    startup, save and its boot order) and creates none of the paths a real run would."""
+    (packages, Redis ACL users, accept queues, certbot webroot and deploy hook, UFW 22/80/443,
+    PM2 start, startup, save and its boot order) and creates none of the paths a real run would."""
     before = {path: os.path.lexists(path) for path in PROVISIONED}
     result = run(
         unprivileged(["bash", "deploy/provision.sh", "--dry-run", "--email", "ops@example.com"]),
@@ -100,6 +101,10 @@ def test_provision_dry_run_prints_the_plan_and_changes_nothing() -> None:
         "would run: certbot certonly --webroot -w /var/www/certbot -d ws.kektech.xyz",
         "would write /etc/letsencrypt/renewal-hooks/deploy/reload-nginx.sh",
         "nginx -t -c /etc/nginx/nginx.conf.kektech-candidate",
+        # Accept queues deep enough for a reconnect storm, before Nginx listens.
+        "would write /etc/sysctl.d/60-kektech.conf",
+        "net.core.somaxconn = 16384",
+        "would run: sysctl -p /etc/sysctl.d/60-kektech.conf",
         "would run: ufw default deny incoming",
         "would run: ufw allow 22/tcp",
         "would run: ufw allow 80/tcp",

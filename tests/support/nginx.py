@@ -202,6 +202,13 @@ class Nginx:
                     return False
         return True
 
+    def worker_pids(self) -> list[int]:
+        """The worker processes' ids (the master's children)."""
+        assert self.process is not None
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        return [int(child) for child in children.split()]
+
     def stop(self) -> None:
         """Graceful stop (QUIT), then KILL of master and workers if it has not exited in time."""
         if self.process is None or self.process.poll() is not None:
