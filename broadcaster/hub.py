@@ -66,6 +66,7 @@ class Client:
     """One connection's subscriptions and delivery state."""
 
     __slots__ = (
+        "address",
         "buffered",
         "dropped",
         "id",
@@ -78,9 +79,10 @@ class Client:
         "write",
     )
 
-    def __init__(self, client_id: str, peer: Peer) -> None:
+    def __init__(self, client_id: str, peer: Peer, address: str = "") -> None:
         self.id = client_id
         self.peer = peer
+        self.address = address  # its per-IP key (limits.per_ip_key), for per-address shares
         # Bound methods, looked up once: the fan-out loop calls them per recipient.
         self.write: Callable[[bytes], None] = peer.write
         self.buffered: Callable[[], int] = peer.buffered
@@ -104,6 +106,7 @@ class Hub:
         replay_limit: int,
         max_subscriptions: int,
         max_glob_patterns: int,
+        max_glob_patterns_per_ip: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.metrics = metrics
@@ -123,6 +126,8 @@ class Hub:
         self.replay_limit = replay_limit
         self._max_subscriptions = max_subscriptions
         self._max_globs = max_glob_patterns
+        self._max_globs_per_address = max_glob_patterns_per_ip
+        self._globs_by_address: dict[str, int] = {}  # glob subscriptions held per address
         self._clock = clock
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         # Read when scraped, not updated per connection, subscription or event: a connect
@@ -136,8 +141,8 @@ class Hub:
 
     # Connections
 
-    def connect(self, client_id: str, peer: Peer) -> Client:
-        client = Client(client_id, peer)
+    def connect(self, client_id: str, peer: Peer, address: str = "") -> Client:
+        client = Client(client_id, peer, address)
         self.clients.add(client)
         return client
 
@@ -352,6 +357,8 @@ class Hub:
         if client.subs.pop(channel, None) is not None:
             self.registry.remove(channel, client)
             self._count_subscriptions(-1)
+            if kind_of(channel) == "glob":
+                self._count_glob(client, -1)
 
     def admit(self, client: Client, channel: str) -> None:
         """Refuse a new subscription past the limits (ClientError)."""
@@ -363,11 +370,17 @@ class Hub:
                 f"at most {self._max_subscriptions} subscriptions per connection",
                 channel=channel,
             )
-        if (
-            kind_of(channel) == "glob"
-            and not self.registry.has_glob(channel)
-            and self.registry.glob_count >= self._max_globs
-        ):
+        if kind_of(channel) != "glob":
+            return
+        if self._globs_by_address.get(client.address, 0) >= self._max_globs_per_address:
+            raise ClientError(
+                "too_many_patterns",
+                f"at most {self._max_globs_per_address} wildcard patterns other than a "
+                "trailing * per client address; subscribe to a channel or a pattern ending "
+                "in * such as events:*",
+                channel=channel,
+            )
+        if not self.registry.has_glob(channel) and self.registry.glob_count >= self._max_globs:
             raise ClientError(
                 "too_many_patterns",
                 "the server holds too many distinct wildcard patterns; subscribe to a channel "
@@ -379,12 +392,23 @@ class Hub:
         """Add a subscription to routing (client.subs is the caller's)."""
         self.registry.add(channel, client)
         self._count_subscriptions(1)
+        if kind_of(channel) == "glob":
+            self._count_glob(client, 1)
 
     def _unroute(self, client: Client) -> None:
         for channel in client.subs:
             self.registry.remove(channel, client)
+            if kind_of(channel) == "glob":
+                self._count_glob(client, -1)
         self._count_subscriptions(-len(client.subs))
         client.subs = {}
+
+    def _count_glob(self, client: Client, delta: int) -> None:
+        held = self._globs_by_address.get(client.address, 0) + delta
+        if held:
+            self._globs_by_address[client.address] = held
+        else:
+            del self._globs_by_address[client.address]
 
     def _count_subscriptions(self, delta: int) -> None:
         self.subscription_count += delta

@@ -125,7 +125,7 @@ class Edge:
     def opened(self, connection: Connection) -> Session:
         """A client is connected: start its session (its greeting is sent with the 101)."""
         self.metrics.connections_opened.inc()
-        client = self.hub.connect(connection.id, connection)
+        client = self.hub.connect(connection.id, connection, address=connection.ip or "")
         session = Session(self.hub, client, rate=self.settings.ws_rate_limit, burst=self._burst)
         self.sessions[connection] = session
         return session

@@ -41,6 +41,7 @@ def build_hub(settings: BroadcasterSettings, metrics: Metrics) -> Hub:
         replay_limit=settings.ws_replay_limit,
         max_subscriptions=settings.ws_max_subscriptions,
         max_glob_patterns=settings.ws_max_glob_patterns,
+        max_glob_patterns_per_ip=settings.ws_max_glob_patterns_per_ip,
     )
 
 

@@ -276,6 +276,15 @@ class BroadcasterSettings(ServiceSettings):
             "clients together may hold; each costs a match per event."
         ),
     )
+    ws_max_glob_patterns_per_ip: int = Field(
+        default=16,
+        ge=0,
+        description=(
+            "Wildcard subscriptions other than a trailing * that the connections of one "
+            "client IP may hold together, so that one client cannot use up "
+            "WS_MAX_GLOB_PATTERNS."
+        ),
+    )
     ws_replay_limit: int = Field(
         default=10_000,
         ge=0,

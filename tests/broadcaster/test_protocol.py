@@ -145,6 +145,39 @@ async def test_distinct_wildcard_patterns_are_capped(start: Start) -> None:
         await b.subscribe("market:0x31*")
 
 
+async def test_one_client_address_cannot_take_every_wildcard_pattern(start: Start) -> None:
+    """The connections of one client IP together hold at most WS_MAX_GLOB_PATTERNS_PER_IP
+    (here 2) wildcard subscriptions other than a trailing *, so that one client cannot use up
+    the server-wide cap for everyone; another address still gets its share, and a share
+    comes back when a subscription or a connection ends."""
+    one = {"additional_headers": {"X-Forwarded-For": "203.0.113.5"}}
+    other = {"additional_headers": {"X-Forwarded-For": "203.0.113.6"}}
+    async with (
+        start(ws_max_glob_patterns_per_ip=2) as server,
+        ws_client(server.url, **one) as a,
+        ws_client(server.url, **one) as b,
+        ws_client(server.url, **other) as c,
+    ):
+        await a.subscribe("events:*_placed")
+        await b.subscribe("events:market_?reated")
+        for client in (a, b):
+            await client.send({"type": "subscribe", "channel": "events:*_claimed"})
+            error = await client.expect("error")
+            assert (error["code"], error["channel"]) == ("too_many_patterns", "events:*_claimed")
+        await b.subscribe("market:0x31*")  # a prefix pattern costs no share
+        await c.subscribe("events:*_claimed")
+        await a.send({"type": "unsubscribe", "channel": "events:*_placed"})
+        await a.expect("unsubscribed")
+        await b.subscribe("events:*_placed")
+        await b.send({"type": "subscribe", "channel": "events:*_resolved"})
+        assert (await b.expect("error"))["code"] == "too_many_patterns"
+    async with start(ws_max_glob_patterns_per_ip=1) as server:
+        async with ws_client(server.url, **one) as a:
+            await a.subscribe("events:*_placed")
+        async with ws_client(server.url, **one) as b:  # the closed connection's share is back
+            await b.subscribe("events:*_placed")
+
+
 async def test_repeated_invalid_messages_close_with_1008(server: Running) -> None:
     """After a burst of invalid messages the server closes with 1008 (policy violation)."""
     async with ws_client(server.url) as client:
