@@ -314,9 +314,10 @@ class RpcClient:
                     endpoint.ready_at = time.monotonic() + min(
                         failure.retry_after, self._backoff_max
                     )
+                next_endpoint = self._fail_over(index)  # the next call starts there too
                 if number == self._attempts:
                     break
-                delay = self._backoff(number, self._fail_over(index))
+                delay = self._backoff(number, next_endpoint)
                 log.warning(
                     "rpc attempt failed",
                     method=method,
@@ -336,6 +337,7 @@ class RpcClient:
                 if len(unusable) == len(self._endpoints):
                     raise
                 last_error = f"bad_response at {endpoint.label}: {exc.message}"
+                self._fail_over(index)  # the next call starts past it too
                 if number == self._attempts:
                     break  # others failed for now only: as for any outage
                 log.warning(
@@ -344,7 +346,6 @@ class RpcClient:
                     endpoint=endpoint.label,
                     detail=exc.message,
                 )
-                self._fail_over(index)
             except wire.BatchRejected as rejected:
                 # The caller sends the calls one by one; other endpoints keep their batches.
                 self.stats.errors["batch_rejected"] += 1

@@ -407,6 +407,24 @@ async def test_retries_spent_while_another_endpoint_is_only_down_are_an_outage(
     assert "bad_response" in raised.value.last_error
 
 
+async def test_the_call_after_an_outage_starts_past_the_endpoint_that_failed_last(
+    chain: Chain,
+) -> None:
+    """A call whose retries ran out on an endpoint with unusable answers leaves it: the next
+    call starts at the next endpoint (back by then), not with one more request to it."""
+    async with (
+        RpcFaultProxy(chain.url, seed=12, rates={"http_404": 1.0}) as broken,
+        RpcFaultProxy(chain.url, seed=13, rates={"http_503": 1.0}) as down,
+    ):
+        async with client_for(broken.url, down.url, max_retries=2) as client:
+            with pytest.raises(RpcUnavailable):
+                await client.block_number()
+            assert (broken.requests, down.requests) == (2, 1)
+            down.rates = {}  # back
+            assert await client.block_number() == chain.head
+        assert (broken.requests, down.requests) == (2, 2)
+
+
 async def test_a_chain_id_check_that_gets_an_unusable_answer_fails_over(chain: Chain) -> None:
     """The chain id check of an endpoint is one of its calls: a garbled answer to it moves on to
     the next endpoint, which is checked in turn."""
