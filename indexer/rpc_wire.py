@@ -41,7 +41,8 @@ TRANSIENT_CODES = frozenset({-32005, -32603, 429})
 # later attempt may well succeed.
 TRANSIENT_STATUSES = frozenset({401, 403, 408, 425, 429})
 # Statuses that say "no JSON-RPC at this URL" (a mistyped path) for a batch as for a single
-# call: not a refusal of batches, which would lose them for nothing.
+# call, unless the body holds a JSON-RPC error: not a refusal of batches, which would lose
+# them for nothing.
 NOT_AN_ENDPOINT_STATUSES = frozenset({404, 405, 410})
 ERROR_EXCERPT = 200
 # The largest quantity taken from a node: block numbers, log and transaction indexes, times
@@ -203,7 +204,8 @@ def check_status(
     if status in TRANSIENT_STATUSES or status >= 500:
         kind = "http_5xx" if status >= 500 else f"http_{status}"
         raise TransientFailure(kind, f"HTTP {status}", parse_retry_after(retry_after))
-    if batch and status not in NOT_AN_ENDPOINT_STATUSES:
+    if batch and (status not in NOT_AN_ENDPOINT_STATUSES or error is not None):
+        # A JSON-RPC error object shows a JSON-RPC endpoint, whatever the status.
         _refuse_batch(error, method, shrinkable=shrinkable, why=f"HTTP {status}")
     if error is not None:
         _raise_for_error(*error, method, shrinkable=shrinkable)

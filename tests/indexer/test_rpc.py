@@ -564,6 +564,30 @@ def test_http_statuses_are_classified() -> None:
         check_status(400, b"bad request", None, "eth_blockNumber")
 
 
+@pytest.mark.parametrize("status", [404, 405, 410])
+def test_a_batch_answered_no_such_endpoint_is_a_refusal_only_when_json_rpc_says_so(
+    status: int,
+) -> None:
+    """404/405/410 without a JSON-RPC error is no JSON-RPC at that URL (a mistyped path): an
+    unusable answer, for a batch as for one call, not a refusal of batches, which would lose
+    them for nothing. With a JSON-RPC error body the endpoint does speak JSON-RPC: a final
+    error to a batch then refuses batches (the calls go one by one), as for any other status."""
+    for body in (b"", b"<html>Not Found</html>"):
+        for batch in (False, True):
+            with pytest.raises(RpcResponseError) as raised:
+                check_status(status, body, None, "eth_getBlockByNumber", batch=batch)
+            assert raised.value.code is None
+    refused = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"batch not allowed"}}'
+    with pytest.raises(BatchRejected):
+        check_status(status, refused, None, "eth_getBlockByNumber", batch=True)
+    with pytest.raises(RpcResponseError) as raised:
+        check_status(status, refused, None, "eth_getBlockByNumber")
+    assert raised.value.code == -32600
+    behind = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32000,"message":"header not found"}}'
+    with pytest.raises(TransientFailure):
+        check_status(status, behind, None, "eth_getBlockByNumber", batch=True)
+
+
 def _log_item(**changes: Any) -> dict[str, Any]:
     item = {
         "address": "0x" + "11" * 20,
