@@ -9,7 +9,7 @@ import contextlib
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +144,21 @@ class EventProducer:
         """Delete the stream and number again from seq 1, as a store rebuilt from scratch would."""
         await self.redis.delete(self.key)
         self.seq = 0
+
+    async def lose(self) -> list[StreamEntry]:
+        """Delete the stream, as a Redis restarted without it would have lost it; return its
+        entries as they were, for rewrite()."""
+        entries = await read_stream(self.redis, self.key)
+        await self.redis.delete(self.key)
+        return entries
+
+    async def rewrite(self, entries: Sequence[StreamEntry], *, pause: float = 0.0) -> None:
+        """Write entries again as they were (the indexer's refill from its outbox, or what an
+        older snapshot held), `pause` seconds after each."""
+        for entry_id, fields in entries:
+            await self.redis.xadd(self.key, fields, id=entry_id)  # type: ignore[arg-type]
+            if pause:
+                await asyncio.sleep(pause)
 
     async def trim_to(self, keep: int) -> None:
         """Trim the stream exactly, as MAXLEN would eventually."""

@@ -19,7 +19,6 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-import redis.asyncio as aioredis
 from websockets.server import ServerProtocol
 
 from broadcaster import stream
@@ -31,8 +30,8 @@ from tests.broadcaster.support import (
     EventProducer,
     RawClient,
     Running,
+    WsClient,
     envelope,
-    read_stream,
     ws_client,
 )
 from tests.support.tcp_proxy import TcpProxy
@@ -346,9 +345,7 @@ async def test_a_stream_recreated_past_the_position_while_redis_was_away_is_noti
         through_proxy(start, redis_server) as (proxy, server),
         ws_client(server.url) as client,
     ):
-        await client.subscribe("events:*")
-        await producer.publish(count=5)
-        assert [e["seq"] for e in await client.events(5)] == [1, 2, 3, 4, 5]
+        await relaying(client, producer)
         proxy.freeze()
         await producer.recreate()
         await producer.publish("MarketCreated", count=8)
@@ -364,25 +361,40 @@ async def test_a_stream_recreated_past_the_position_while_redis_was_away_is_noti
             assert [e["seq"] for e in await fresh.events(1)] == [9]
 
 
+async def relaying(client: WsClient, producer: EventProducer) -> None:
+    """Subscribe the client to every event, and see it get the stream's first five."""
+    await client.subscribe("events:*")
+    await producer.publish(count=5)
+    assert [e["seq"] for e in await client.events(5)] == [1, 2, 3, 4, 5]
+
+
+async def relays_only_the_next(client: WsClient, producer: EventProducer) -> None:
+    """Publish one event and see the client get it, and nothing else (no entry twice)."""
+    await producer.publish()
+    assert [e["seq"] for e in await client.events(1)] == [producer.seq]
+    await client.nothing()
+
+
+async def closed_for_reload_without_events(client: WsClient, within: float) -> None:
+    """See the client closed with 4009 (reload) without having got any event."""
+    received, (code, _) = await client.messages_until_closed(within=within)
+    assert code == 4009
+    assert [m["data"]["seq"] for m in received if m["type"] == "event"] == []
+
+
 async def test_a_stream_lost_and_written_again_as_it_was_is_followed_without_a_reset(
-    server: Running, producer: EventProducer, redis_client: aioredis.Redis
+    server: Running, producer: EventProducer
 ) -> None:
     """Redis back without the stream (restarted without persistence): while the key is
     missing, nothing is concluded; when the indexer writes the same entries again from its
     outbox, the stream is the same one, so clients stay connected, get nothing twice, and get
     what follows."""
     async with ws_client(server.url) as client:
-        await client.subscribe("events:*")
-        await producer.publish(count=5)
-        assert [e["seq"] for e in await client.events(5)] == [1, 2, 3, 4, 5]
-        kept = await read_stream(redis_client, producer.key)
-        await redis_client.delete(producer.key)
+        await relaying(client, producer)
+        kept = await producer.lose()
         await asyncio.sleep(2.5)  # idle reads meanwhile (BROADCASTER_REDIS_TIMEOUT=2 s)
-        for entry_id, fields in kept:  # the publisher's refill from the outbox
-            await redis_client.xadd(producer.key, fields, id=entry_id)  # type: ignore[arg-type]
-        await producer.publish()
-        assert [e["seq"] for e in await client.events(1)] == [6]
-        await client.nothing()
+        await producer.rewrite(kept)  # the publisher's refill from the outbox
+        await relays_only_the_next(client, producer)
 
 
 async def test_a_short_stream_that_keeps_growing_is_taken_as_new_after_the_limit(
@@ -417,56 +429,39 @@ async def test_a_short_stream_that_keeps_growing_is_taken_as_new_after_the_limit
 
 @pytest.mark.parametrize("keep", [0, 3], ids=["lost-whole", "lost-newest"])
 async def test_a_stream_written_again_in_steps_is_followed_without_a_reset(
-    server: Running, producer: EventProducer, redis_client: aioredis.Redis, keep: int
+    server: Running, producer: EventProducer, keep: int
 ) -> None:
     """Redis back without its newest entries (an older snapshot), or empty, and the indexer
     writes them again from its outbox, in steps, a few seconds later: a stream that ends
     before the entry relayed last is waited for, so clients stay connected, get nothing
     twice, and get what follows."""
     async with ws_client(server.url) as client:
-        await client.subscribe("events:*")
-        await producer.publish(count=5)
-        assert [e["seq"] for e in await client.events(5)] == [1, 2, 3, 4, 5]
-        kept = await read_stream(redis_client, producer.key)
-        await redis_client.delete(producer.key)
-        for entry_id, fields in kept[:keep]:  # what the older snapshot held
-            await redis_client.xadd(producer.key, fields, id=entry_id)  # type: ignore[arg-type]
+        await relaying(client, producer)
+        kept = await producer.lose()
+        await producer.rewrite(kept[:keep])  # what the older snapshot held
         await asyncio.sleep(2.5)  # idle reads meanwhile (BROADCASTER_REDIS_TIMEOUT=2 s)
-        for entry_id, fields in kept[keep:]:  # the refill, one entry at a time
-            await redis_client.xadd(producer.key, fields, id=entry_id)  # type: ignore[arg-type]
-            await asyncio.sleep(0.3)
-        await producer.publish()
-        assert [e["seq"] for e in await client.events(1)] == [6]
-        await client.nothing()
+        await producer.rewrite(kept[keep:], pause=0.3)  # the refill, one entry at a time
+        await relays_only_the_next(client, producer)
 
 
 async def test_the_refill_grace_counts_from_the_streams_last_growth(
     server: Running,
     producer: EventProducer,
-    redis_client: aioredis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A refill that takes longer in all than REFILL_GRACE (here 2.5 s) but grows more often
     than that is waited for to its end: clients stay connected and get nothing twice."""
     monkeypatch.setattr(stream, "REFILL_GRACE", 2.5)
     async with ws_client(server.url) as client:
-        await client.subscribe("events:*")
-        await producer.publish(count=5)
-        assert [e["seq"] for e in await client.events(5)] == [1, 2, 3, 4, 5]
-        kept = await read_stream(redis_client, producer.key)
-        await redis_client.delete(producer.key)
-        for entry_id, fields in kept:  # one entry a second: 4 s from the first to the last
-            await redis_client.xadd(producer.key, fields, id=entry_id)  # type: ignore[arg-type]
-            await asyncio.sleep(1.0)
-        await producer.publish()
-        assert [e["seq"] for e in await client.events(1)] == [6]
-        await client.nothing()
+        await relaying(client, producer)
+        kept = await producer.lose()
+        await producer.rewrite(kept, pause=1.0)  # 4 s from the first entry to the last
+        await relays_only_the_next(client, producer)
 
 
 async def test_a_redis_outage_during_a_refill_does_not_use_up_its_grace(
     server: Running,
     producer: EventProducer,
-    redis_client: aioredis.Redis,
     redis_server: Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -475,13 +470,9 @@ async def test_a_redis_outage_during_a_refill_does_not_use_up_its_grace(
     is back, so the refill that follows keeps clients connected, and nothing comes twice."""
     monkeypatch.setattr(stream, "REFILL_GRACE", 2.0)
     async with ws_client(server.url) as client:
-        await client.subscribe("events:*")
-        await producer.publish(count=5)
-        assert [e["seq"] for e in await client.events(5)] == [1, 2, 3, 4, 5]
-        kept = await read_stream(redis_client, producer.key)
-        await redis_client.delete(producer.key)
-        for entry_id, fields in kept[:2]:  # what the older snapshot held
-            await redis_client.xadd(producer.key, fields, id=entry_id)  # type: ignore[arg-type]
+        await relaying(client, producer)
+        kept = await producer.lose()
+        await producer.rewrite(kept[:2])  # what the older snapshot held
         await asyncio.sleep(1.5)  # seen short by now (idle reads block for 1 s)
         redis_server.stop()
         try:
@@ -490,12 +481,9 @@ async def test_a_redis_outage_during_a_refill_does_not_use_up_its_grace(
         finally:  # the session's Redis: the tests after this one need it
             redis_server.start()
         await server.wait_metric("kektech_broadcaster_redis_up", 1)  # read again
-        await redis_client.connection_pool.disconnect()  # its connection died with Redis
-        for entry_id, fields in kept[2:]:  # the indexer's refill, once Redis is back
-            await redis_client.xadd(producer.key, fields, id=entry_id)  # type: ignore[arg-type]
-        await producer.publish()
-        assert [e["seq"] for e in await client.events(1)] == [6]
-        await client.nothing()
+        await producer.redis.connection_pool.disconnect()  # its connection died with Redis
+        await producer.rewrite(kept[2:])  # the indexer's refill, once Redis is back
+        await relays_only_the_next(client, producer)
 
 
 async def test_a_stream_refilled_from_its_middle_after_a_boot_without_it_is_not_relayed(
@@ -516,14 +504,10 @@ async def test_a_stream_refilled_from_its_middle_after_a_boot_without_it_is_not_
         await meanwhile.subscribe("events:*")
         await producer.publish(count=2)  # the refill's next batch
         for client in (before, meanwhile):
-            received, (code, _) = await client.messages_until_closed(within=15)
-            assert code == 4009
-            assert [m["data"]["seq"] for m in received if m["type"] == "event"] == []
+            await closed_for_reload_without_events(client, within=15)
     async with ws_client(server.url) as later:
         await later.subscribe("events:*")
-        await producer.publish()
-        assert [e["seq"] for e in await later.events(1)] == [4_005]
-        await later.nothing()
+        await relays_only_the_next(later, producer)  # seq 4,005
 
 
 async def test_a_redis_outage_while_a_refill_settles_does_not_let_it_through(
@@ -550,14 +534,10 @@ async def test_a_redis_outage_while_a_refill_settles_does_not_let_it_through(
         finally:  # the session's Redis: the tests after this one need it
             redis_server.start()
         await producer.publish(count=2)  # the refill's next batch
-        received, (code, _) = await client.messages_until_closed(within=20)
-        assert code == 4009
-        assert [m["data"]["seq"] for m in received if m["type"] == "event"] == []
+        await closed_for_reload_without_events(client, within=20)
     async with ws_client(server.url) as later:
         await later.subscribe("events:*")
-        await producer.publish()
-        assert [e["seq"] for e in await later.events(1)] == [4_005]
-        await later.nothing()
+        await relays_only_the_next(later, producer)  # seq 4,005
     assert await server.metric("kektech_broadcaster_stream_gap_entries_total") == 0
 
 
