@@ -105,6 +105,13 @@ class ServiceSettings(BaseSettings):
         return tuple(dict.fromkeys(found))
 
 
+# The contract roles validated before each one (fields are validated in order).
+ROLES_CHECKED_BEFORE = {
+    "resolution_manager_address": ("market_factory_address",),
+    "reward_distributor_address": ("market_factory_address", "resolution_manager_address"),
+}
+
+
 class IndexerSettings(ServiceSettings):
     """Settings of the chain indexer."""
 
@@ -194,6 +201,16 @@ class IndexerSettings(ServiceSettings):
     def _no_duplicate_factories(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if len(set(value)) != len(value):
             raise ValueError("an address is listed twice")
+        return value
+
+    @field_validator("resolution_manager_address", "reward_distributor_address")
+    @classmethod
+    def _one_role_per_address(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """The same contract in two roles would have its logs decoded as one of them only."""
+        for name in ROLES_CHECKED_BEFORE.get(info.field_name or "", ()):
+            held = info.data.get(name)
+            if value is not None and value in (held if isinstance(held, tuple) else (held,)):
+                raise ValueError(f"is also in {name.upper()}: each contract has one role")
         return value
 
     @field_validator("reorg_window")

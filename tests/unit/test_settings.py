@@ -254,6 +254,24 @@ def test_indexer_error_names_the_variable(variable: str, value: str, reason: str
     assert str(error) == f"invalid setting {variable}: {error.reason}"
 
 
+@pytest.mark.parametrize(
+    ("variable", "other"),
+    [
+        ("RESOLUTION_MANAGER_ADDRESS", "MARKET_FACTORY_ADDRESS"),
+        ("REWARD_DISTRIBUTOR_ADDRESS", "MARKET_FACTORY_ADDRESS"),
+        ("REWARD_DISTRIBUTOR_ADDRESS", "RESOLUTION_MANAGER_ADDRESS"),
+    ],
+)
+def test_one_address_in_two_roles_is_refused(variable: str, other: str) -> None:
+    """A contract has one role: the same address given for two (a copy-paste slip) would
+    have its logs decoded as only one of them, a factory's as anything else losing every
+    market, so the pair is refused at start, whatever the case of its letters."""
+    env = {other: f"{FACTORY_V2},{FACTORY_V1}" if other == "MARKET_FACTORY_ADDRESS" else FACTORY_V1}
+    error = config_error(IndexerSettings, **env, **{variable: FACTORY_V1.upper().replace("X", "x")})
+    assert error.variable == variable
+    assert f"also in {other}" in error.reason
+
+
 def test_a_reorg_window_not_above_confirmations_is_refused() -> None:
     """REORG_WINDOW counts from the head and CONFIRMATIONS keeps indexing that far behind it:
     with a window not above it, no reorg of an indexed block could be followed (each one
