@@ -462,6 +462,23 @@ class ActivityDriver:
                 txs.append(tx)
         await self._mine(txs)
 
+    async def active_market(self, factory: str) -> Market:
+        """An active market of `factory`: one there is, or one created and activated now."""
+        for market in self.markets.values():
+            if market.state is State.ACTIVE and market.factory == factory:
+                return market
+        before = set(self.markets)
+        await self._mine([self._create_market(factory)])
+        (address,) = set(self.markets) - before
+        market = self.markets[address]
+        await self._mine([self._approve(market)])
+        await self._mine([self._activate(market)])
+        return market
+
+    async def bet(self, market: Market) -> None:
+        """Mine one block holding a bet on `market`, active still (no run() since it was)."""
+        await self._mine([self._bet(market)])
+
     async def run(
         self,
         *,

@@ -191,6 +191,12 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
         _say(settings, f"block {difference.block} log {difference.log_index}: {difference.what}")
     if report.differences > MAX_REPORTED:
         _say(settings, f"... and {report.differences - MAX_REPORTED} more")
+    if report.not_compared:
+        _say(
+            settings,
+            f"{report.not_compared} stored events of contracts no longer in the configuration"
+            " were not compared",
+        )
     verdict = "OK" if not report.differences else f"{report.differences} differences"
     _say(
         settings,

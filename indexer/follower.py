@@ -158,7 +158,7 @@ class Follower:
             raise ChainIdMismatch(expected=state.chain_id, actual=chain_id, endpoint="the database")
         self._state = state
         await self._note_sources(created=created)
-        self._children = await self._store.children()
+        self._children = await self._followed_children()
         self._metrics.cursor.set(state.block_number)
         log.info("resuming", cursor=state.block_number, markets=len(self._children))
         try:
@@ -200,12 +200,16 @@ class Follower:
                 backfill=f"python -m indexer backfill --from {self._config.start_block}"
                 f" --to {cursor}",
             )
-        for address in sorted(known.keys() - self._static.keys()):
+        dropped = sorted(known.keys() - self._static.keys())
+        for address in dropped:
             log.warning(
                 "a contract recorded as followed is no longer in the configuration: its "
-                "events are no longer indexed",
+                "events (and a factory's markets') are no longer indexed; configured again, "
+                "it will be said to need a backfill",
                 contract=address,
             )
+        if dropped:  # so that a contract configured again is a contract added, as it is
+            await self._store.remove_sources(dropped)
 
     async def _cursor_replaced(self) -> bool:
         """Whether the node's block at the cursor's height is another one than the stored.
@@ -264,8 +268,18 @@ class Follower:
         state = await self._store.load_state()
         assert state is not None
         self._state = state
-        self._children = await self._store.children()
+        self._children = await self._followed_children()
         self._metrics.cursor.set(state.block_number)
+
+    async def _followed_children(self) -> dict[str, str]:
+        """The known market clones of the configured factories (a factory dropped from the
+        configuration takes its markets with it)."""
+        children = await self._store.children()
+        return {
+            market: factory
+            for market, factory in children.items()
+            if self._static.get(factory) is ContractKind.FACTORY
+        }
 
     # -- main loop ---------------------------------------------------------------------------
 

@@ -331,6 +331,10 @@ class Store:
             *columns(rows, 3),
         )
 
+    async def remove_sources(self, addresses: Sequence[str]) -> None:
+        """Forget contracts no longer configured."""
+        await self._db.execute("DELETE FROM sources WHERE address = ANY($1::text[])", addresses)
+
     async def children(self) -> dict[str, str]:
         """Every known market clone and the factory that created it."""
         rows = await self._db.fetch("SELECT address, factory FROM markets")

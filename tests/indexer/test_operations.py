@@ -466,6 +466,68 @@ async def test_a_factory_added_after_indexing_began_is_said_with_its_backfill(
     await assert_database_equals_chain(database_url, dev_chain, deployment)
 
 
+async def test_a_factory_dropped_from_the_configuration_is_no_longer_followed(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """A factory dropped from MARKET_FACTORY_ADDRESS (a bad .env, say) is no longer followed,
+    nor are its markets, as the start-up warning says; verify then compares what the
+    configuration follows and names the other stored events as not compared, rather than as
+    differences. Configured again, the factory is said to need a backfill for the blocks it
+    missed, as any contract added after indexing began, and that backfill completes the
+    database."""
+    driver = ActivityDriver(dev_chain, deployment, seed=76, txs_per_block=4)
+    await driver.cover_all_events()
+    market = await driver.active_market(deployment.factory_v2)
+    first_head = await dev_chain.block_number()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(first_head)
+    v1_only = {"MARKET_FACTORY_ADDRESS": deployment.factory_v1}
+    await driver.bet(market)  # a market of the factory to be dropped
+    await driver.run(blocks=8)
+    head = await dev_chain.block_number()
+    with make_indexer(**v1_only) as indexer:
+        await indexer.wait_cursor(head)
+        assert "no longer in the configuration" in indexer.log_text()
+    conn = await asyncpg.connect(database_url)
+    try:
+        v2 = {deployment.factory_v2} | {
+            r["address"]
+            for r in await conn.fetch(
+                "SELECT address FROM markets WHERE factory = $1", deployment.factory_v2
+            )
+        }
+        stored_late = await conn.fetchval(
+            "SELECT count(*) FROM events WHERE contract = ANY($1) AND block_number > $2",
+            list(v2),
+            first_head,
+        )
+    finally:
+        await conn.close()
+    chain_late = [
+        lg
+        for lg in await tracked_chain_logs(dev_chain, deployment)
+        if lg["address"].lower() in v2 and int(lg["blockNumber"], 16) > first_head
+    ]
+    assert {lg["address"].lower() for lg in chain_late} - {deployment.factory_v2}  # a market's
+    assert stored_late == 0
+    code, output = await run_command(make_indexer, "verify", "--from", "0", **v1_only)
+    assert code == 0, output
+    assert "not compared" in output
+    assert "not on the chain" not in output
+    with make_indexer() as indexer:  # both factories again
+        await indexer.wait_cursor(head)
+        log = indexer.log_text()
+    assert "added to the configuration after indexing began" in log
+    backfill = f"python -m indexer backfill --from {deployment.block} --to {head}"
+    assert backfill in log
+    code, output = await run_command(make_indexer, *backfill.split()[3:])
+    assert code == 0, output
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
+
+
 async def test_a_start_block_above_the_head_is_waited_for(
     dev_chain: DevChain,
     deployment: Deployment,
