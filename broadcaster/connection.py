@@ -201,6 +201,9 @@ class Connection(asyncio.Protocol):
         self._expect_close()
 
     def _left_open(self) -> None:
+        """The connection is no longer open: nothing it started may go on (a resume that
+        has not run yet would route it again), and the hub forgets it."""
+        self._stop_work()
         if self._open:
             self._open = False
             self._handler.closing(self)
@@ -434,6 +437,9 @@ class Connection(asyncio.Protocol):
             return
         if work is not None:
             self._task = self.loop.create_task(self._run(work))
+            # A task cancelled before its first step never awaits `work`: closed here then
+            # (when the task is done, `work` has finished or never started).
+            self._task.add_done_callback(lambda _: work.close())
 
     async def _run(self, work: Work) -> None:
         """Run a message's waiting part, then the messages that arrived meanwhile."""

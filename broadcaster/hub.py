@@ -146,6 +146,11 @@ class Hub:
         self.clients.add(client)
         return client
 
+    def serves(self, client: Client) -> bool:
+        """Whether the client is still connected: one disconnected or dropped is never routed
+        again (its connection may not be written to any more)."""
+        return not client.dropped and client in self.clients
+
     def disconnect(self, client: Client) -> None:
         """Forget a connection (idempotent)."""
         self._unroute(client)
@@ -347,6 +352,8 @@ class Hub:
 
     def subscribe(self, client: Client, channel: str) -> int | None:
         """Subscribe from now on; return the seq after which events come."""
+        if not self.serves(client):
+            return self.position
         self.admit(client, channel)
         if channel not in client.subs:
             client.subs[channel] = self.position or 0

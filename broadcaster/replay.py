@@ -56,6 +56,8 @@ async def resume(
     The caller sends the ack, then calls go_live(). If this raises (the connection is being
     closed), Hub.disconnect() forgets the held events.
     """
+    if not hub.serves(client):  # closed before this began
+        return Resume(seq=hub.position, recovered=False, replayed=0)
     hub.admit(client, channel)
     older = {sub: start for sub, start in client.subs.items()}
     boundary = hub.position

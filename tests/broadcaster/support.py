@@ -372,6 +372,20 @@ async def running(settings: BroadcasterSettings) -> AsyncIterator[Running]:
             await task
 
 
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """One WebSocket frame as a client sends it (masked)."""
+    mask = os.urandom(4)
+    length = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if length < 126:
+        header = struct.pack("!BB", first, 0x80 | length)
+    elif length < 65536:
+        header = struct.pack("!BBH", first, 0x80 | 126, length)
+    else:
+        header = struct.pack("!BBQ", first, 0x80 | 127, length)
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
 class RawClient:
     """A hand-written WebSocket client for what real clients will not do: ignore pings, stop
     reading, send raw bytes. Its receive buffers are tiny so that not reading pushes back."""
@@ -396,17 +410,7 @@ class RawClient:
 
     def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True) -> None:
         """Send one masked frame (clients must mask); fin=False for all but a message's last."""
-        mask = os.urandom(4)
-        length = len(payload)
-        first = (0x80 if fin else 0) | opcode
-        if length < 126:
-            header = struct.pack("!BB", first, 0x80 | length)
-        elif length < 65536:
-            header = struct.pack("!BBH", first, 0x80 | 126, length)
-        else:
-            header = struct.pack("!BBQ", first, 0x80 | 127, length)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.writer.write(header + mask + masked)
+        self.writer.write(client_frame(opcode, payload, fin=fin))
 
     async def read_frame(self) -> tuple[int, bytes]:
         head = await self.reader.readexactly(2)

@@ -8,6 +8,7 @@ import gc
 import os
 import resource
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from tests.broadcaster.support import (
     RawClient,
     Running,
     WsClient,
+    client_frame,
     envelope,
     ws_client,
 )
@@ -287,6 +289,37 @@ async def test_ended_connections_are_freed_without_the_cycle_collector(
         pytest.fail(f"still in memory after their connections ended: {sorted(left)}")
     finally:
         gc.enable()
+
+
+async def test_a_resume_read_together_with_the_close_routes_nothing_to_the_closed_client(
+    server: Running, producer: EventProducer
+) -> None:
+    """uvloop may hand a connection two reads in one poll, before any task runs (a client can
+    arrange it: 256,000 bytes ending with a resume, then a close frame). The resume then
+    runs after the close: it must not route the closed connection again, or the next event
+    written to it (past its end of stream) raised in the fan-out and stopped the server.
+    The two reads are made here by calling the server's protocol object as the loop would."""
+    await producer.publish()
+    raw = await RawClient.open(server.settings.ws_port)
+    try:
+        local = raw.writer.get_extra_info("sockname")
+        (connection,) = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, Connection) and o.is_open() and o.remote_address() == local
+        ]
+        resume = {"type": "subscribe", "channel": "*", "since": 0}
+        connection.data_received(client_frame(0x1, orjson.dumps(resume)))
+        connection.data_received(client_frame(0x8, struct.pack("!H", 1000)))
+        await asyncio.sleep(0.1)  # the resume's task runs
+        async with ws_client(server.url) as other:
+            await other.subscribe("events:*")
+            await producer.publish()
+            assert [e["seq"] for e in await other.events(1)] == [2]
+        assert not server.task.done()
+        await server.wait_health(subscriptions=0)
+    finally:
+        raw.close()
 
 
 async def test_stream_gap_closes_subscribers_with_4009(
