@@ -362,7 +362,7 @@ class Follower:
         start = first
         while start <= last:
             end = self._batch_end(start, last)
-            stored += await self._save(await self._prepare_deep(start, end, move_cursor=False))
+            stored += await self._save(await self._prepare_deep(start, end))
             start = end + 1
         return stored
 
@@ -373,8 +373,11 @@ class Follower:
         overlapping them keeps both busy. Ranges are sized to about `batch_events` events,
         which bounds memory whatever the density of the chain.
         """
+        assert self._state is not None
         first = self.cursor + 1
-        batch: Batch | None = await self._prepare_deep(first, self._batch_end(first, deep_end))
+        batch: Batch | None = await self._prepare_deep(
+            first, self._batch_end(first, deep_end), extends=self._state.block_hash
+        )
         while batch is not None:
             assert batch.cursor is not None
             following = batch.cursor.number + 1
@@ -385,7 +388,9 @@ class Follower:
             # commit's own failure is the one to report first.
             saved, upcoming = await asyncio.gather(
                 self._save(batch),
-                self._prepare_deep(following, self._batch_end(following, deep_end)),
+                self._prepare_deep(
+                    following, self._batch_end(following, deep_end), extends=batch.cursor.hash
+                ),
                 return_exceptions=True,
             )
             if isinstance(saved, BaseException):
@@ -402,13 +407,19 @@ class Follower:
         blocks = max(1, min(self._sizer.maximum, int(self._config.batch_events / self._density)))
         return min(deep_end, first + blocks - 1)
 
-    async def _prepare_deep(self, first: int, last: int, *, move_cursor: bool = True) -> Batch:
+    async def _prepare_deep(self, first: int, last: int, *, extends: str | None = None) -> Batch:
+        """A range below the reorg window. `extends`: the hash of the block before `first`
+        (the stored cursor, or the range before) when the range moves the cursor; its first
+        block must link to it, as the one check that a replaced cursor was not missed (a
+        backend still on the old branch may have answered the check of the cursor itself)."""
         gathered = await self._gather(first, last)
-        blocks = sorted({lg.block_number for lg in gathered.logs} | {last})
+        blocks = sorted({lg.block_number for lg in gathered.logs} | {first, last})
         headers = {h.number: h for h in await self._rpc.get_block_headers(blocks)}
         self._note_density(len(gathered.logs), first, last)
-        if not move_cursor:
+        if extends is None:  # a backfill: the cursor stays
             return self._batch(gathered, headers, stored_headers=[], cursor=None)
+        if headers[first].parent_hash != extends:
+            raise ReorgDuringFetch(f"block {first} does not extend block {first - 1} as stored")
         return self._batch(gathered, headers, stored_headers=[headers[last]], cursor=headers[last])
 
     async def _index_tip(self, first: int, last: int, head: BlockHeader | None) -> None:

@@ -219,9 +219,9 @@ class IndexerSettings(ServiceSettings):
         confirmations = info.data.get("confirmations")
         if confirmations is not None and value <= confirmations:
             raise ValueError(
-                f"must be above CONFIRMATIONS ({confirmations}): the window counts from the "
-                "head, and indexing stays CONFIRMATIONS behind it, so reorgs of indexed blocks "
-                "are followed within REORG_WINDOW - CONFIRMATIONS blocks of the cursor"
+                f"must be above CONFIRMATIONS ({confirmations}): the window of blocks checked "
+                "one by one counts from the head, and indexing stays CONFIRMATIONS behind it, "
+                "so only the newest REORG_WINDOW - CONFIRMATIONS indexed blocks are checked"
             )
         return value
 

@@ -262,6 +262,43 @@ async def test_a_reorg_outgrown_by_more_than_the_window_before_the_next_poll_is_
     assert_gap_free(entries)
 
 
+async def test_a_reorg_hidden_from_the_cursor_check_by_a_stale_backend_is_still_followed(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """The cursor's block replaced while the indexer was down, the new branch grown past
+    REORG_WINDOW, and the first checks of the cursor answered by a backend still on the old
+    branch (behind a load balancer): the deep range must still link to the stored cursor, so
+    the indexer rolls the replaced blocks back instead of adding the new branch on top."""
+    driver = ActivityDriver(dev_chain, deployment, seed=44, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=10)
+    indexer = make_indexer(REORG_WINDOW="8")
+    with indexer:
+        await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
+    cursor = await dev_chain.block_number()
+    old_header = await dev_chain.request("eth_getBlockByNumber", [hex(cursor), False])
+    retracted = await blocks_events(dev_chain, deployment, cursor - 2)
+    assert retracted, "the reorged blocks hold events"
+    await dev_chain.request("anvil_reorg", [3, reorg_transactions(dev_chain, deployment)])
+    await dev_chain.mine_empty(20)
+    async with RpcFaultProxy(anvil.rpc_url, seed=14) as proxy:
+        proxy.stale_header(cursor, old_header, times=3)
+        with make_indexer(REORG_WINDOW="8", RPC_PROVIDER_URL=proxy.url) as indexer:
+            entries = await caught_up(
+                indexer, dev_chain, redis_client, stream_key, database_url, deployment
+            )
+        assert proxy.injected["stale_header"] == 3
+    removals = [envelope["id"] for _, envelope in entries if envelope["removed"]]
+    assert removals == list(reversed(retracted))
+    assert_gap_free(entries)
+
+
 async def test_a_chain_shorter_than_the_cursor_at_start_up_is_waited_for(
     dev_chain: DevChain,
     deployment: Deployment,

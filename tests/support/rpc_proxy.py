@@ -34,6 +34,10 @@ Besides, eth_getLogs is limited the way public providers limit it, deterministic
     max_results     an answer with more than max_results logs becomes "more than N results"
     reject_batches  every batch is answered with one "batch not supported" error object
 
+`stale_header(number, header, times)` has the next `times` single eth_getBlockByNumber calls
+for that number answered with `header`: a block as a backend still on a replaced branch has
+it (batches are answered faithfully).
+
 Block tags ("latest") and blockHash filters are not range-checked. Every setting above is a
 plain attribute and may be changed while the proxy runs.
 
@@ -135,6 +139,7 @@ class RpcFaultProxy:
         self.injected: Counter[str] = Counter()
         self._rng = random.Random(seed)
         self._schedule: deque[str | None] = deque()
+        self._stale: dict[str, deque[object]] = {}  # hex block number -> headers to answer
         self._wordings = itertools.count()
         self._runner: web.AppRunner | None = None
         self._upstream: aiohttp.ClientSession | None = None
@@ -151,6 +156,11 @@ class RpcFaultProxy:
             if fault is not None and fault not in FAULT_KINDS + ENDPOINT_FAULTS:
                 raise ValueError(f"unknown fault {fault!r}")
         self._schedule.extend(faults)
+
+    def stale_header(self, number: int, header: object, times: int) -> None:
+        """Answer the next `times` single eth_getBlockByNumber calls for block `number` with
+        `header` (as a backend on a replaced branch would)."""
+        self._stale.setdefault(hex(number), deque()).extend([header] * times)
 
     async def __aenter__(self) -> Self:
         unknown = set(self.rates) - {*FAULT_KINDS, *ENDPOINT_FAULTS}
@@ -200,6 +210,9 @@ class RpcFaultProxy:
         if self.on_call is not None:
             for method, params in received:
                 await self.on_call(method, params)
+        if not batch and (stale := self._stale_answer(payload)) is not None:
+            self.injected["stale_header"] += 1
+            return _json(stale)
         if batch and self.reject_batches:
             self.injected["batch_rejected"] += 1
             return _json(_error(None, -32600, "batch requests are not supported"))
@@ -228,6 +241,15 @@ class RpcFaultProxy:
                 return web.Response(status=status, body=raw, content_type=JSON)
             return _json(self._limit_results(payload, orjson.loads(raw)))
         return await self._forward_batch(body, calls)
+
+    def _stale_answer(self, call: object) -> dict[str, Any] | None:
+        if not isinstance(call, dict) or call.get("method") != "eth_getBlockByNumber":
+            return None
+        params = call.get("params") or []
+        queued = self._stale.get(params[0]) if params and isinstance(params[0], str) else None
+        if not queued:
+            return None
+        return {"jsonrpc": "2.0", "id": call.get("id"), "result": queued.popleft()}
 
     def _pick_fault(self, methods: Iterable[str]) -> str | None:
         if self._schedule:
