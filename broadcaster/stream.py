@@ -252,8 +252,7 @@ class EventStream:
             return cursor
         if self._last_entry is None:  # nothing relayed yet: only a stream gone backwards shows
             if hub.position is not None and top < hub.position:
-                hub.restart_at(top)
-                return last_id
+                return await self._restart_at_top(hub, last_id)
             return cursor
         entry_id, fields = self._last_entry
         found = _entries(await self._reader.xrange(self.key, entry_id, entry_id, count=1))
@@ -263,8 +262,15 @@ class EventStream:
             oldest = _entries(await self._reader.xrange(self.key, "-", "+", count=1))
             if oldest and entry_seq_or_zero(oldest[0][0]) > entry_seq_or_zero(entry_id):
                 return cursor  # trimmed past it: the read after the cursor shows the gap
-        self._last_entry = None
-        hub.restart_at(top)
+        return await self._restart_at_top(hub, last_id)
+
+    async def _restart_at_top(self, hub: Hub, last_id: bytes) -> bytes:
+        """Follow the stream from its top, closing subscribers with 4009. The entry there is
+        kept as the one relayed last: if entries are lost again before anything new comes,
+        the stream is then waited for, not taken for a new one once more."""
+        found = _entries(await self._reader.xrange(self.key, last_id, last_id, count=1))
+        self._last_entry = found[0] if found else None
+        hub.restart_at(entry_seq_or_zero(last_id))
         return last_id
 
     async def _follow_refill(self, hub: Hub) -> bytes:
@@ -279,16 +285,22 @@ class EventStream:
         give_up = loop.time() + REFILL_GRACE  # a stream that never stops growing is live
         async with asyncio.timeout(self._timeout):
             last_id = await self._last_id(self._reader)
-        while loop.time() < give_up:
+        while last_id != MISSING and loop.time() < give_up:
             await asyncio.sleep(REFILL_SETTLE)
             async with asyncio.timeout(self._timeout):
                 settled = await self._last_id(self._reader)
             if settled == last_id:
                 break
             last_id = settled
+        if last_id == MISSING:
+            # Gone again (deleted, evicted): still following from seq 0, what comes back is
+            # looked at as it was at boot.
+            log.warning("the stream went missing while its refill settled; waiting for it")
+            return MISSING
+        async with asyncio.timeout(self._timeout):
+            cursor = await self._restart_at_top(hub, last_id)
         self._from_start = False
-        hub.restart_at(entry_seq_or_zero(last_id))
-        return last_id
+        return cursor
 
     def _refill_awaited(self, hub: Hub, *, missing: bool, top: int) -> bool:
         """Whether to go on waiting for the stream to reach the entry relayed last again."""

@@ -543,6 +543,54 @@ async def test_a_stream_refilled_from_its_middle_after_a_boot_without_it_is_not_
         await relays_only_the_next(later, producer)  # seq 4,005
 
 
+async def test_entries_lost_again_before_anything_new_after_a_refill_are_waited_for(
+    server: Running, producer: EventProducer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Followed from its top after a boot without it, the refilled stream loses its newest
+    entries again (Redis back from an older snapshot) before any new event was relayed: the
+    entry at the top it was followed from is the one to wait for, as for any entry relayed,
+    so clients stay connected and the second refill is not relayed as news."""
+    monkeypatch.setattr(stream, "REFILL_SETTLE", 1.0)
+    await asyncio.sleep(2.5)  # idle reads on the missing stream (BROADCASTER_REDIS_TIMEOUT=2 s)
+    producer.seq = 4_000  # the indexer's refill: seqs the stream held before
+    await producer.publish(count=4)
+    await server.wait_health(seq=4_004)  # settled, followed from its top
+    kept = await producer.lose()
+    await producer.rewrite(kept[:2])  # what the older snapshot held
+    await asyncio.sleep(2.5)  # idle reads meanwhile
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        await producer.rewrite(kept[2:])  # the indexer's refill, again
+        await relays_only_the_next(client, producer)  # seq 4,005
+    assert await server.metric("kektech_broadcaster_stream_gap_entries_total") == 0
+
+
+async def test_a_stream_gone_again_while_its_refill_settles_is_no_gap(
+    server: Running, producer: EventProducer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started without the stream, a broadcaster sees the indexer's refill and waits for it to
+    settle (REFILL_SETTLE, here 2 s); meanwhile the key goes away again (deleted, evicted)
+    for two of those waits, and is then refilled: it is the same refill of history, not a
+    new stream at seq 0 with 4,000 entries missing, so no gap is counted and none of it is
+    relayed."""
+    monkeypatch.setattr(stream, "REFILL_SETTLE", 2.0)
+    await asyncio.sleep(2.5)  # idle reads on the missing stream (BROADCASTER_REDIS_TIMEOUT=2 s)
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        producer.seq = 4_000
+        await producer.publish(count=2)
+        await asyncio.sleep(0.5)  # read, and waiting for the refill to settle
+        kept = await producer.lose()
+        await asyncio.sleep(5.0)  # two settle waits see the stream missing
+        await producer.rewrite(kept)
+        await producer.publish(count=2)  # the rest of the refill
+        await closed_for_reload_without_events(client, within=15)
+    async with ws_client(server.url) as later:
+        await later.subscribe("events:*")
+        await relays_only_the_next(later, producer)  # seq 4,005
+    assert await server.metric("kektech_broadcaster_stream_gap_entries_total") == 0
+
+
 async def test_a_redis_outage_while_a_refill_settles_does_not_let_it_through(
     server: Running,
     producer: EventProducer,
