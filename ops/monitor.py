@@ -42,6 +42,9 @@ WAITING = "waiting restart"
 # PM2 7 leaves an app it gave up on (too many unstable restarts) in "waiting restart" when a
 # restart delay is set, and restarts nothing. A wait this much longer than the delay is that.
 WAITING_MARGIN = 5.0
+# Cron runs the check every minute: a longer silence than a few runs (the VPS or cron was
+# down) is a gap in what was seen, after which a failure is counted from the next run.
+RUNS_GAP = 180.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +160,8 @@ def _failing_since(mine: dict[str, Any], problem: str, *, now: float, down_after
     unknown: the failure is counted from now."""
     previous = mine.get("checked_at")
     mine["checked_at"] = now
-    blind = isinstance(previous, int | float) and now - previous > down_after
+    gap = max(down_after, RUNS_GAP)  # runs a minute apart are no gap, whatever the delay
+    blind = isinstance(previous, int | float) and now - previous > gap
     if blind or not isinstance(mine.get("down_since"), int | float):
         mine["down_since"] = now
     mine["last_error"] = problem

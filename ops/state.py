@@ -22,6 +22,8 @@ def load_state(path: Path) -> dict[str, Any]:
         return {}
     except OSError as exc:
         raise StateError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        return {}  # damaged: start over, as below
     try:
         value = json.loads(text)
     except json.JSONDecodeError:

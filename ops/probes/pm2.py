@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +14,11 @@ import orjson
 from ops.errors import ProbeError
 from ops.probes.command import resolve_binary, run_command
 
-__all__ = ["Pm2Process", "daemon_pid", "list_processes", "parse_jlist"]
+__all__ = ["Pm2Process", "daemon_running", "list_processes", "parse_jlist"]
 
 LOCAL_PM2 = Path("node_modules/.bin/pm2")  # the project's own pm2, relative to /opt/kektech
 START_FIX = "start the apps: pm2 start ecosystem.config.js && pm2 save"
+DAEMON_CONNECT_TIMEOUT = 1.0  # a local socket answers at once, or refuses
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,19 +40,16 @@ class Pm2Process:
         return f"{self.name}#{self.pm_id}"
 
 
-def daemon_pid(home: Path) -> int | None:
-    """The PID of the PM2 daemon of home if it runs, else None."""
-    try:
-        pid = int((home / "pm2.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid  # alive, owned by another user
-    return pid
+def daemon_running(home: Path) -> bool:
+    """Whether the PM2 daemon of home runs: it answers on its RPC socket. (Its pm2.pid is no
+    proof: a daemon killed outright leaves it behind, and the PID may be another's since.)"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(DAEMON_CONNECT_TIMEOUT)
+        try:
+            sock.connect(str(home / "rpc.sock"))
+        except OSError:
+            return False
+    return True
 
 
 def parse_jlist(text: str) -> list[Pm2Process]:
@@ -96,7 +95,7 @@ async def list_processes(binary: str, *, home: Path, within: float) -> list[Pm2P
             fix="install PM2 (npm install) or set OPS_PM2_BIN to its path",
         )
     # `pm2 jlist` would start a daemon if none runs: look first, and report the absence.
-    if daemon_pid(home) is None:
+    if not daemon_running(home):
         raise ProbeError(
             f"the PM2 daemon is not running (PM2_HOME={home})",
             fix="pm2 resurrect (or sudo systemctl start pm2-kektech), then pm2 status; "

@@ -399,6 +399,25 @@ async def test_pm2_daemon_not_running_fails(tmp_path: Path) -> None:
     assert "-> fix: pm2 resurrect" in line
 
 
+async def test_a_pm2_pid_file_left_by_a_killed_daemon_is_no_daemon(tmp_path: Path) -> None:
+    """A daemon killed outright (the OOM killer) leaves its pm2.pid, whose PID another process
+    may have since: that is no daemon, so doctor says it is not running, and starts none
+    (`pm2 jlist` would start an empty one, hiding apps still running unsupervised)."""
+    async with pm2_daemon() as pm2:
+        other = await asyncio.create_subprocess_exec("sleep", "60")
+        try:
+            pm2.home.mkdir(exist_ok=True)
+            (pm2.home / "pm2.pid").write_text(str(other.pid))
+            result = await run_kektech("doctor", "--only", "pm2", env=pm2.env, cwd=tmp_path)
+            assert not (pm2.home / "rpc.sock").exists()
+        finally:
+            other.kill()
+            await other.wait()
+    assert result.code == 1, result
+    line = result.line("pm2")
+    assert line.startswith(f"FAIL  pm2  the PM2 daemon is not running (PM2_HOME={pm2.home})")
+
+
 async def test_pm2_apps_missing_or_stopped_fail(tmp_path: Path) -> None:
     """An app absent from PM2, or stopped, is a FAIL naming it and the command to fix it."""
     async with pm2_daemon() as pm2:

@@ -293,3 +293,32 @@ async def test_downtime_is_not_counted_across_a_gap_in_the_runs(tmp_path: Path) 
     result = await run_kektech("check", "--only", "websocket", env=env, cwd=tmp_path)
     assert (result.code, result.stdout) == (0, ""), result
     assert json.loads(state_file.read_text())["websocket"]["down_since"] > long_ago
+
+
+async def test_an_alert_delay_below_the_run_interval_still_alerts(tmp_path: Path) -> None:
+    """With MONITOR_DOWN_AFTER below the minute between cron runs, consecutive runs are no gap
+    in the monitoring: a failure seen a minute ago and still there is reported."""
+    url = f"ws://127.0.0.1:{dead_port()}/ws"
+    env = check_env(tmp_path, MONITOR_WS_URL=url, MONITOR_DOWN_AFTER="30")
+    state_file = tmp_path / "state" / "monitor.json"
+    state_file.parent.mkdir()
+    now = time.time()
+    remembered = {"url": url, "down_since": now - 120, "checked_at": now - 60}
+    state_file.write_text(json.dumps({"websocket": remembered}))
+    result = await run_kektech("check", "--only", "websocket", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    assert result.stdout.startswith(f"ALERT  websocket  {url} down for ")
+
+
+async def test_a_state_file_that_is_not_utf8_is_started_over(tmp_path: Path) -> None:
+    """A state file damaged into bytes that are not UTF-8 is started over like any torn one,
+    not a traceback at every run from then on."""
+    url = f"ws://127.0.0.1:{dead_port()}/ws"
+    env = check_env(tmp_path, MONITOR_WS_URL=url, MONITOR_DOWN_AFTER="300")
+    state_file = tmp_path / "state" / "monitor.json"
+    state_file.parent.mkdir()
+    state_file.write_bytes(b'{"websocket": {"url": "\xff"}}')
+    result = await run_kektech("check", "--only", "websocket", env=env, cwd=tmp_path)
+    assert (result.code, result.stdout) == (0, ""), result
+    assert "Traceback" not in result.stderr
+    assert "websocket" in json.loads(state_file.read_text(encoding="utf-8"))
