@@ -12,6 +12,7 @@ hour) is kept in MONITOR_STATE_FILE.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -80,7 +81,7 @@ def _history(saved: object, process: Pm2Process, *, now: float, window: float) -
         for item in (saved if isinstance(saved, list) else [])
         if isinstance(item, list)
         and len(item) == 2
-        and all(isinstance(v, int | float) for v in item)
+        and all(isinstance(v, int | float) and math.isfinite(v) for v in item)
         and item[0] < now
     ]
     if not samples and process.created_at is not None and now - process.created_at < window:

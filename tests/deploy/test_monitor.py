@@ -322,3 +322,21 @@ async def test_a_state_file_that_is_not_utf8_is_started_over(tmp_path: Path) -> 
     assert (result.code, result.stdout) == (0, ""), result
     assert "Traceback" not in result.stderr
     assert "websocket" in json.loads(state_file.read_text(encoding="utf-8"))
+
+
+async def test_a_saved_restart_count_that_is_no_number_is_dropped(tmp_path: Path) -> None:
+    """A hand-edited sample such as NaN or Infinity in the state file is dropped like any
+    malformed one, instead of failing the whole pm2 condition (and its other alerts) at
+    every run."""
+    async with pm2_daemon() as pm2:
+        await pm2.start("steady", write_script(tmp_path / "steady.py", STEADY))
+        state_file = tmp_path / "state" / "monitor.json"
+        state_file.parent.mkdir()
+        now = time.time()
+        saved = {"steady#0": [[now - 100, float("nan")], [now - 50, float("inf")]]}
+        state_file.write_text(json.dumps({"pm2": saved}))
+        env = check_env(tmp_path, **pm2.env, OPS_PM2_APPS="steady,absent")
+        result = await run_kektech("check", "--only", "pm2", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    assert result.lines == [result.line("pm2")], result
+    assert result.stdout.startswith("ALERT  pm2  absent: not in the PM2 process list"), result
