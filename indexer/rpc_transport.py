@@ -6,13 +6,12 @@ Nothing here retries; `RpcClient._with_retries` decides what a failure leads to.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import aiohttp
 
 from indexer import rpc_wire as wire
 from indexer.errors import RpcRangeTooLarge
-from shared.config_types import url_secret_fragments
+from shared.config_types import public_host, url_secret_fragments
 
 __all__ = ["Endpoint", "post"]
 
@@ -25,7 +24,7 @@ class Endpoint:
     """One JSON-RPC URL and what the client has learnt about it."""
 
     url: str
-    label: str  # "#index host[:port]", the only form that reaches logs and errors
+    label: str  # "#index host[:port]" (keys in the host hidden), the only form logs show
     secrets: list[str]
     ready_at: float = 0.0  # monotonic time a Retry-After asked us to wait for
     verified: bool = False  # chain id checked
@@ -34,9 +33,7 @@ class Endpoint:
     @classmethod
     def from_url(cls, index: int, url: str) -> Endpoint:
         """Return the endpoint for url, the index-th in the client's list."""
-        parts = urlsplit(url)
-        port = f":{parts.port}" if parts.port else ""
-        return cls(url, f"#{index} {parts.hostname}{port}", [url, *url_secret_fragments(url)])
+        return cls(url, f"#{index} {public_host(url)}", [url, *url_secret_fragments(url)])
 
     def redact(self, text: str) -> str:
         """Return text with the URL and its secret parts blanked out."""

@@ -22,6 +22,7 @@ __all__ = [
     "Port",
     "PostgresUrlSecret",
     "RedisUrlSecret",
+    "public_host",
     "split_csv",
     "url_secret_fragments",
 ]
@@ -125,7 +126,7 @@ def _parse_network(value: object) -> object:
 
 def url_secret_fragments(url: str) -> list[str]:
     """Return the URL itself and its parts that are secret by themselves: the password, every
-    query value, and the path segments that look like API keys."""
+    query value, and the path segments and host name labels that look like API keys."""
     # RPC providers embed API keys in the path (/v2/<key>) or query (?apikey=<key>), and
     # libraries (and providers' error messages) quote URLs in their own spelling, so the parts
     # are redacted as well as the whole URL. Only http(s) paths are searched: a database path
@@ -138,7 +139,33 @@ def url_secret_fragments(url: str) -> list[str]:
     if parts.scheme.lower() in ("http", "https"):
         candidates += [p.partition("=")[2] for p in parts.query.split("&")]
         candidates += [token for token in parts.path.split("/") if _looks_like_a_key(token)]
+        candidates += [label for label in _host_labels(parts.hostname) if _looks_like_a_key(label)]
     return [c for c in candidates if len(c) >= MIN_SECRET_FRAGMENT]
+
+
+def public_host(url: str) -> str:
+    """Return the host[:port] of an http(s) URL fit for logs: labels that look like API keys
+    (some providers issue "<key>.rpc.example") become "***", IP addresses are kept whole."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if _is_ip_address(host):
+        shown = f"[{host}]" if ":" in host else host
+    else:
+        shown = ".".join("***" if _looks_like_a_key(label) else label for label in host.split("."))
+    return f"{shown}:{parts.port}" if parts.port else shown
+
+
+def _host_labels(host: str | None) -> list[str]:
+    """The dot-separated labels of a host name; none for an IP address."""
+    return [] if not host or _is_ip_address(host) else host.split(".")
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _looks_like_a_key(token: str) -> bool:

@@ -21,7 +21,8 @@ class ChainInfo:
 
 
 def endpoint_label(index: int, url: str) -> str:
-    """The URL as logs show it: "#0 host:port", never its path or query (API keys live there)."""
+    """The URL as logs show it: "#0 host:port", never its path or query, nor a host name label
+    that looks like an API key."""
     return Endpoint.from_url(index, url).label
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -29,6 +30,7 @@ from indexer.errors import (
 )
 from indexer.rpc import LogRangeSizer, RawLog, RpcClient, fetch_logs
 from indexer.rpc_results import LogQuery, parse_header, parse_logs
+from indexer.rpc_transport import Endpoint
 from indexer.rpc_wire import (
     BatchRejected,
     TransientFailure,
@@ -465,6 +467,39 @@ async def test_endpoint_secrets_never_reach_errors_or_logs() -> None:
     assert events
     text = f"{raised.value} {raised.value!r} {raised.value.last_error} {events}"
     assert not [s for s in secrets if s in text]
+
+
+@pytest.mark.parametrize(
+    ("url", "key", "shown"),
+    [
+        ("https://0123456789abcdef0123456789abcdef.based.rpc.rivet.cloud/", "0123456789abcdef",
+         "#0 ***.based.rpc.rivet.cloud"),
+        ("http://ab12cd34ef.node.example:8545/rpc", "ab12cd34ef", "#0 ***.node.example:8545"),
+    ],
+)  # fmt: skip
+def test_an_api_key_in_the_host_name_stays_out_of_labels_and_errors(
+    url: str, key: str, shown: str
+) -> None:
+    """Some providers (Rivet) put the API key in the host name. The label that names the
+    endpoint in logs and errors hides it but still says which provider it is, and connection
+    errors, which quote the host, are redacted too."""
+    endpoint = Endpoint.from_url(0, url)
+    assert endpoint.label == shown
+    host = urlsplit(url).netloc
+    assert key not in endpoint.redact(f"Cannot connect to host {host} ssl:default")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://127.0.0.1:8545", "#3 127.0.0.1:8545"),
+        ("http://[2001:db8::1]:8545/", "#3 [2001:db8::1]:8545"),
+        ("https://eth-mainnet.g.alchemy.com/v2/0123456789abcdef", "#3 eth-mainnet.g.alchemy.com"),
+    ],
+)
+def test_a_host_name_without_a_key_is_shown_whole(url: str, shown: str) -> None:
+    """Addresses and provider host names are what the operator needs to see: kept whole."""
+    assert Endpoint.from_url(3, url).label == shown
 
 
 async def test_wrong_chain_raises_chain_id_mismatch(chain: Chain) -> None:

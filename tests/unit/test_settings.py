@@ -435,13 +435,16 @@ def test_log_secrets_lists_secret_parts(monkeypatch: pytest.MonkeyPatch) -> None
         ("https://rpc.example/mainnet/v2/abcdSECRETKEY12", "abcdSECRETKEY12"),  # letters+digits
         ("https://rpc.example/mainnet/?dkey=SECRET12", "SECRET12"),  # any query value of 8+
         ("https://rpc.example/mainnet/v2/AbCdEfGhIjKlMnOpQr", "AbCdEfGhIjKlMnOpQr"),
+        # A key as the first label of the host name, as Rivet issues them.
+        ("https://0123456789abcdef0123456789abcdef.mainnet.rpc.example/", "0123456789abcdef" * 2),
+        ("https://ab12cd34ef.mainnet.rpc.example:8545/", "ab12cd34ef"),
     ],
 )
 def test_short_api_keys_are_secret_too(
     monkeypatch: pytest.MonkeyPatch, url: str, secret: str
 ) -> None:
-    """Keys shorter than the providers' usual 32 characters are still found; route segments
-    such as "v2" or "mainnet" are not."""
+    """Keys shorter than the providers' usual 32 characters are still found, in the path, the
+    query or the host name; route segments and host labels such as "v2" or "mainnet" are not."""
     monkeypatch.setenv("RPC_PROVIDER_URL", url)
     secrets = load_settings(IndexerSettings).log_secrets()
     assert secret in secrets
