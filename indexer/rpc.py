@@ -16,7 +16,6 @@ answers and `rpc_ranges` splits long eth_getLogs ranges; this module retries and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
 import random
@@ -61,6 +60,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_BATCH_SIZE = 100
+# After an endpoint refuses a batch, its calls go one by one for this long, then batches are
+# tried again: one refusal costs that many seconds without range proofs, not all of them.
+DEFAULT_BATCH_RETRY_INTERVAL = 600.0
 # Past this many doublings the backoff cap has long been reached; keeps 2**n small.
 MAX_BACKOFF_EXPONENT = 32
 
@@ -91,18 +93,23 @@ class RpcClient:
         backoff_base: float = 0.2,
         backoff_max: float = 10.0,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        batch_retry_interval: float = DEFAULT_BATCH_RETRY_INTERVAL,
         expected_chain_id: int | None = None,
     ) -> None:
         if not urls:
             raise ValueError("at least one RPC URL is required")
-        if timeout <= 0 or max_retries < 0 or max_batch_size < 1:
-            raise ValueError("timeout and max_batch_size must be positive, max_retries >= 0")
+        if timeout <= 0 or max_retries < 0 or max_batch_size < 1 or batch_retry_interval < 0:
+            raise ValueError(
+                "timeout and max_batch_size must be positive, max_retries and"
+                " batch_retry_interval >= 0"
+            )
         self._endpoints = [Endpoint.from_url(i, url) for i, url in enumerate(urls)]
         self._timeout = timeout
         self._attempts = max_retries + 1
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._max_batch_size = max_batch_size
+        self._batch_retry_interval = batch_retry_interval
         self._expected_chain_id = expected_chain_id
         self._current = 0
         self._ids = itertools.count(1)
@@ -169,38 +176,41 @@ class RpcClient:
         A node that has not seen the range's last block answers with an empty or partial list,
         not an error, and behind a load balancer it may be another node than the one that gave
         the head. So the header of `to_block` goes in the same batch (one HTTP request, one
-        node): an answer without it is retried like "unknown block". (An endpoint that takes
-        no batches gets the query alone, unproven.) `shrinkable`: a smaller range could
-        replace this one, so a timeout or a range refusal raises RpcRangeTooLarge.
+        node): an answer without it is retried like "unknown block". An endpoint that refuses
+        batches gets the query alone, unproven; which of the two is decided at each attempt,
+        by the endpoint it goes to. `shrinkable`: a smaller range could replace this one, so
+        a timeout or a range refusal raises RpcRangeTooLarge.
         """
         query = LogQuery.build(from_block, to_block, addresses, topics)
-        if self._batches:
-            with contextlib.suppress(wire.BatchRejected):  # then alone
-                return await self._logs_with_proof(query, to_block, shrinkable=shrinkable)
-        return await self._call(
-            wire.GET_LOGS, query.params(), lambda r: parse_logs(r, query), shrinkable=shrinkable
-        )
-
-    async def _logs_with_proof(
-        self, query: LogQuery, to_block: int, *, shrinkable: bool
-    ) -> list[RawLog]:
-        """The logs answering query, from a node shown to have block `to_block`."""
-        ids = [next(self._ids), next(self._ids)]
-        body = wire.encode_calls(
+        logs_id, header_id, alone_id = next(self._ids), next(self._ids), next(self._ids)
+        proven = wire.encode_calls(
             [
-                (ids[0], wire.GET_LOGS, query.params()),
-                (ids[1], "eth_getBlockByNumber", _block_params(to_block)),
+                (logs_id, wire.GET_LOGS, query.params()),
+                (header_id, "eth_getBlockByNumber", _block_params(to_block)),
             ]
         )
+        alone = wire.encode_request(alone_id, wire.GET_LOGS, query.params())
 
-        async def attempt(endpoint: Endpoint) -> list[RawLog]:
+        async def with_proof(endpoint: Endpoint) -> list[RawLog]:
             payload = await self._post(
-                endpoint, body, wire.GET_LOGS, shrinkable=shrinkable, batch=True
+                endpoint, proven, wire.GET_LOGS, shrinkable=shrinkable, batch=True
             )
+            ids = [logs_id, header_id]
             result, header = wire.batch_results(payload, ids, wire.GET_LOGS, shrinkable=shrinkable)
             if header is None:
                 raise wire.TransientFailure("behind", f"the node has no block {to_block} yet")
             parse_header(header, to_block)  # checked: a wrong one is an error, not a proof
+            return parse_logs(result, query)
+
+        async def attempt(endpoint: Endpoint) -> list[RawLog]:
+            # Decided at each attempt: a retry may go to an endpoint that can prove its answer.
+            if endpoint.batches:
+                try:
+                    return await with_proof(endpoint)
+                except wire.BatchRejected as rejected:
+                    self._batch_refused(endpoint, rejected)
+            payload = await self._post(endpoint, alone, wire.GET_LOGS, shrinkable=shrinkable)
+            result = wire.result_of(payload, alone_id, wire.GET_LOGS, shrinkable=shrinkable)
             return parse_logs(result, query)
 
         return await self._with_retries(wire.GET_LOGS, attempt)
@@ -347,21 +357,28 @@ class RpcClient:
                     detail=exc.message,
                 )
             except wire.BatchRejected as rejected:
-                # The caller sends the calls one by one; other endpoints keep their batches.
-                self.stats.errors["batch_rejected"] += 1
-                endpoint.batches = False
-                log.warning(
-                    "rpc endpoint rejects batches, calling it one by one",
-                    endpoint=endpoint.label,
-                    reason=str(rejected),
-                )
-                raise
+                self._batch_refused(endpoint, rejected)
+                raise  # the caller sends the calls one by one
             except BlockNotFound:
                 raise  # an answer ("not yet"), not an error of the endpoint
             except RpcError as exc:
                 self.stats.errors[_error_kind(exc)] += 1
                 raise
         raise RpcUnavailable(method, self._attempts, last_error)
+
+    def _batch_refused(self, endpoint: Endpoint, rejected: wire.BatchRejected) -> None:
+        """Note a refused batch. After a lasting refusal the endpoint gets no batches for
+        batch_retry_interval seconds (other endpoints keep theirs), then they are tried again:
+        a provider's plan or a firewall's mood may change, and batches carry range proofs."""
+        self.stats.errors["batch_rejected"] += 1
+        retry_in = self._batch_retry_interval if rejected.lasting else 0.0
+        endpoint.batches_from = max(endpoint.batches_from, time.monotonic() + retry_in)
+        log.warning(
+            "rpc endpoint refused a batch, sending its calls one by one",
+            endpoint=endpoint.label,
+            reason=str(rejected),
+            batches_again_in=retry_in,
+        )
 
     def _fail_over(self, index: int) -> Endpoint:
         """Move on from the endpoint at index, unless a concurrent call already did."""

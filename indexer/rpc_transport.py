@@ -5,6 +5,7 @@ Nothing here retries; `RpcClient._with_retries` decides what a failure leads to.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -28,7 +29,12 @@ class Endpoint:
     secrets: list[str]
     ready_at: float = 0.0  # monotonic time a Retry-After asked us to wait for
     verified: bool = False  # chain id checked
-    batches: bool = True  # takes JSON-RPC batches (until it refuses one)
+    batches_from: float = 0.0  # monotonic time to send batches again after a refusal
+
+    @property
+    def batches(self) -> bool:
+        """Whether to send it JSON-RPC batches: it has not refused one lately."""
+        return time.monotonic() >= self.batches_from
 
     @classmethod
     def from_url(cls, index: int, url: str) -> Endpoint:

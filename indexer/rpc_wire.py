@@ -111,7 +111,17 @@ class TransientFailure(Exception):  # noqa: N818 - named like the errors module'
 
 
 class BatchRejected(Exception):  # noqa: N818 - named like the errors module's
-    """The endpoint does not take JSON-RPC batches; RpcClient falls back to single calls."""
+    """A batch was refused as a batch; RpcClient sends its calls one by one.
+
+    `lasting`: the endpoint refuses batches (an error says so, or a status without a
+    JSON-RPC reason), so it gets none for a while. Otherwise only this batch was too large.
+    """
+
+    lasting: bool
+
+    def __init__(self, reason: str, *, lasting: bool = True) -> None:
+        self.lasting = lasting
+        super().__init__(reason)
 
 
 class Verdict(enum.Enum):
@@ -192,6 +202,8 @@ def check_status(
 
     `shrinkable`: the request is an eth_getLogs range (with, in a batch, only the header that
     proves the node has its last block), so a 413 or a range refusal means "ask for less".
+    Otherwise a 413 sends a batch's calls one by one, and a single call is tried again (a
+    provider loaded, or an answer too large for now: nothing smaller could replace it).
     """
     if status == 200:
         return
@@ -204,6 +216,10 @@ def check_status(
     if status in TRANSIENT_STATUSES or status >= 500:
         kind = "http_5xx" if status >= 500 else f"http_{status}"
         raise TransientFailure(kind, f"HTTP {status}", parse_retry_after(retry_after))
+    if status == 413:  # a size limit: for this request, not for every batch or call
+        if batch:
+            raise BatchRejected("HTTP 413 payload too large", lasting=False)
+        raise TransientFailure("http_413", "HTTP 413 payload too large")
     if batch and (status not in NOT_AN_ENDPOINT_STATUSES or error is not None):
         # A JSON-RPC error object shows a JSON-RPC endpoint, whatever the status.
         _refuse_batch(error, method, shrinkable=shrinkable, why=f"HTTP {status}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import socket
@@ -227,6 +228,78 @@ async def test_headers_fall_back_to_single_calls_when_batches_are_rejected(chain
         assert proxy.injected["batch_rejected"] == 1
     async with client_for(chain.url) as direct:
         assert headers == again == await direct.get_block_headers(numbers)
+
+
+async def test_a_batch_too_large_goes_one_by_one_and_batches_stay(chain: Chain) -> None:
+    """HTTP 413 to a batch says that request was too large, not that the endpoint takes no
+    batches: its calls go one by one, and the next call is a batch again."""
+    async with RpcFaultProxy(chain.url, seed=16) as proxy:
+        proxy.schedule("http_413")
+        async with client_for(proxy.url) as client:
+            headers = await client.get_block_headers(range(10))
+            sent = proxy.requests
+            later = await client.get_block_headers(range(10, 20))
+        assert sent == 1 + 10  # the refused batch, then its calls
+        assert proxy.requests - sent == 1
+    async with client_for(chain.url) as direct:
+        assert headers + later == await direct.get_block_headers(range(20))
+
+
+async def test_a_range_at_the_floor_answered_413_is_retried(chain: Chain) -> None:
+    """A range that cannot be made smaller, refused with HTTP 413 (proven and alone), is tried
+    again like any overloaded answer, not given up as an unusable endpoint's."""
+    first, last = chain.head - 40, chain.head
+    expected = await direct_logs(chain.url, first, last, address=chain.emitter_a)
+    async with RpcFaultProxy(chain.url, seed=17) as proxy:
+        proxy.schedule("http_413", "http_413")
+        async with client_for(proxy.url) as client:
+            logs = await client.get_logs(first, last, addresses=[chain.emitter_a], shrinkable=False)
+            assert proxy.requests == 3  # proven (413), alone (413), proven
+            await client.get_logs(first, last, addresses=[chain.emitter_a], shrinkable=False)
+        assert proxy.requests == 4
+        assert proxy.methods["eth_getBlockByNumber"] == 3  # batches kept: every later one proven
+    assert as_tuples(logs) == expected
+
+
+async def test_a_batch_refused_without_a_json_rpc_reason_is_tried_again_later(
+    chain: Chain,
+) -> None:
+    """An HTML 400 to a batch (a firewall's, say) sends the calls one by one for a while, then
+    batches are tried again: one such answer must not cost the range proofs for good."""
+    async with RpcFaultProxy(chain.url, seed=18) as proxy:
+        proxy.schedule("http_400")
+        async with client_for(proxy.url, batch_retry_interval=0.5) as client:
+            headers = await client.get_block_headers(range(10))
+            assert proxy.requests == 1 + 10
+            assert await client.get_block_headers(range(10)) == headers
+            assert proxy.requests == 1 + 10 + 10  # within the interval: one by one
+            await asyncio.sleep(0.6)
+            assert await client.get_block_headers(range(10)) == headers
+            assert proxy.requests == 1 + 10 + 10 + 1
+    async with client_for(chain.url) as direct:
+        assert headers == await direct.get_block_headers(range(10))
+
+
+async def test_an_unproven_range_answer_is_taken_only_from_an_endpoint_that_cannot_prove(
+    chain: Chain,
+) -> None:
+    """Whether a range's logs need their proof depends on the endpoint that answers, not on
+    the one the call started at: after a retry moves from an endpoint without batches to one
+    with them, a lagging backend's empty answer there is not taken."""
+    first, last = chain.head - 60, chain.head
+    expected = await direct_logs(chain.url, first, last, address=chain.emitter_a)
+    assert expected
+    async with (
+        RpcFaultProxy(chain.url, seed=19, reject_batches=True, rates={"http_429": 1.0}) as alone,
+        RpcFaultProxy(chain.url, seed=20, rates={"lagging": 1.0}, lag_blocks=100) as behind,
+        client_for(alone.url, behind.url) as client,
+    ):
+        with pytest.raises(RpcUnavailable):
+            await client.get_logs(first, last, addresses=[chain.emitter_a])
+        assert behind.injected["lagging"] >= 1
+        alone.rates = behind.rates = {}
+        logs = await client.get_logs(first, last, addresses=[chain.emitter_a])
+    assert as_tuples(logs) == expected
 
 
 async def test_get_logs_equals_the_nodes_answer(chain: Chain) -> None:
@@ -575,14 +648,21 @@ def test_other_errors_classify_as_transient_or_final(
 
 
 def test_http_statuses_are_classified() -> None:
-    """413 on an eth_getLogs range is a range error, 429/5xx are transient, other 4xx are
-    final (for a batch: batches refused)."""
+    """413 on an eth_getLogs range is a range error, on another batch a refusal of that batch
+    alone, on another single call transient; 429/5xx are transient, other 4xx are final (for
+    a batch: batches refused for a while)."""
     with pytest.raises(RpcRangeTooLarge):
         check_status(413, b"", None, "eth_getLogs", shrinkable=True)
     with pytest.raises(RpcRangeTooLarge):
         check_status(413, b"", None, "eth_getLogs", batch=True, shrinkable=True)
-    with pytest.raises(BatchRejected):
+    with pytest.raises(BatchRejected) as rejected:
         check_status(413, b"", None, "eth_getLogs", batch=True)
+    assert not rejected.value.lasting
+    with pytest.raises(TransientFailure):
+        check_status(413, b"", None, "eth_getLogs")
+    with pytest.raises(BatchRejected) as rejected:
+        check_status(400, b"<html>blocked</html>", None, "eth_getBlockByNumber", batch=True)
+    assert rejected.value.lasting
     # A batch answered 4xx with an error object: what the error says, not "no batches here".
     behind = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32000,"message":"header not found"}}'
     with pytest.raises(TransientFailure):

@@ -9,6 +9,7 @@ per fault kind (their sum at most 1):
     http_429        HTTP 429 with `Retry-After: <retry_after>`
     http_502        HTTP 502 Bad Gateway
     http_503        HTTP 503 Service Unavailable
+    http_413        HTTP 413 Payload Too Large (a provider's size limit, for a body or an answer)
     rpc_rate_limit  HTTP 200, a JSON-RPC rate-limit error for every call (provider wordings rotate)
     timeout         the faithful answer, but only after `timeout_delay` seconds
     drop            the connection is closed without an answer
@@ -24,6 +25,11 @@ FAULT_KINDS, whose faults a lone endpoint survives; usable in `rates` and `sched
 
     http_404        HTTP 404 Not Found, as a provider answers a URL with a mistyped path
     garbled         HTTP 200, every call answered with a result of the wrong shape
+
+And one that only some requests get, as a web application firewall in front of a provider
+blocks a request it dislikes (in OTHER_FAULTS; a single call answered so is unusable):
+
+    http_400        HTTP 400 with an HTML page
 
 Random faults hit only requests that call one of `fault_methods` (None: every method).
 
@@ -66,12 +72,13 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-__all__ = ["ENDPOINT_FAULTS", "FAULT_KINDS", "RpcFaultProxy"]
+__all__ = ["ENDPOINT_FAULTS", "FAULT_KINDS", "OTHER_FAULTS", "RpcFaultProxy"]
 
 FAULT_KINDS = (
     "http_429",
     "http_502",
     "http_503",
+    "http_413",
     "rpc_rate_limit",
     "timeout",
     "drop",
@@ -79,6 +86,8 @@ FAULT_KINDS = (
     "lagging",
 )
 ENDPOINT_FAULTS = ("http_404", "garbled")
+OTHER_FAULTS = ("http_400",)
+ALL_FAULTS = FAULT_KINDS + ENDPOINT_FAULTS + OTHER_FAULTS
 RATE_LIMIT_ERRORS = (
     (-32005, "limit exceeded"),
     (429, "Too Many Requests"),
@@ -153,7 +162,7 @@ class RpcFaultProxy:
     def schedule(self, *faults: str | None) -> None:
         """Queue faults for the next HTTP requests, in order; None lets one request through."""
         for fault in faults:
-            if fault is not None and fault not in FAULT_KINDS + ENDPOINT_FAULTS:
+            if fault is not None and fault not in ALL_FAULTS:
                 raise ValueError(f"unknown fault {fault!r}")
         self._schedule.extend(faults)
 
@@ -163,7 +172,7 @@ class RpcFaultProxy:
         self._stale.setdefault(hex(number), deque()).extend([header] * times)
 
     async def __aenter__(self) -> Self:
-        unknown = set(self.rates) - {*FAULT_KINDS, *ENDPOINT_FAULTS}
+        unknown = set(self.rates) - set(ALL_FAULTS)
         if unknown or sum(self.rates.values()) > 1:
             raise ValueError(f"rates must name known faults and sum to <= 1: {self.rates}")
         app = web.Application()
@@ -257,7 +266,7 @@ class RpcFaultProxy:
         if self.fault_methods is not None and not set(methods) & set(self.fault_methods):
             return None
         draw = self._rng.random()
-        for kind in FAULT_KINDS + ENDPOINT_FAULTS:
+        for kind in ALL_FAULTS:
             draw -= self.rates.get(kind, 0.0)
             if draw < 0:
                 return kind
@@ -269,6 +278,11 @@ class RpcFaultProxy:
             return web.Response(status=429, text="Too Many Requests", headers=headers)
         if fault == "http_404":
             return web.Response(status=404, text="Not Found")
+        if fault == "http_413":
+            return web.Response(status=413, text="Payload Too Large")
+        if fault == "http_400":
+            page = "<html><body><h1>400 Bad Request</h1>Request blocked.</body></html>"
+            return web.Response(status=400, text=page, content_type="text/html")
         if fault == "garbled":
             answers = [
                 {"jsonrpc": "2.0", "id": c.get("id"), "result": {"garbled": 1}} for c in calls
