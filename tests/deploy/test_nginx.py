@@ -43,6 +43,7 @@ from tests.support.nginx import (
     running_edge,
     substitute,
     substitutions,
+    with_claimed_addresses,
 )
 
 GIXY = Path(sys.executable).parent / "gixy"
@@ -223,6 +224,21 @@ async def test_eleventh_handshake_of_an_instant_burst_gets_429(edge: Edge) -> No
     """Of 15 handshakes from one IP in the same instant, 10 upgrade (101), 5 get 429."""
     statuses = await handshake_statuses(edge, source=edge.new_ip(), count=15)
     assert sorted(statuses) == [101] * 10 + [429] * 5
+
+
+async def test_an_ipv6_client_is_limited_by_its_64(redis_server: Redis) -> None:
+    """An IPv6 subscriber line or host is given a whole /64: nginx counts its addresses as one
+    client, as the broadcaster does, or each of its 2^64 addresses would get limits of its
+    own. Of 15 handshakes at once from 15 addresses of one /64, 10 upgrade and 5 get 429;
+    another /64 has its own budget."""
+    template = with_claimed_addresses(TEMPLATE.read_text())
+    async with running_edge(redis_server.url, stream_key(), template=template) as edge:
+        one_net = [f"2001:db8:1:2::{i:x}" for i in range(1, 16)]
+        statuses = await handshake_statuses(edge, source=edge.new_ip(), count=15, claimed=one_net)
+        assert sorted(statuses) == [101] * 10 + [429] * 5
+        other_net = [f"2001:db8:1:3:{i:x}::1" for i in range(1, 11)]
+        statuses = await handshake_statuses(edge, source=edge.new_ip(), count=10, claimed=other_net)
+        assert statuses == [101] * 10
 
 
 async def test_open_connections_per_ip_are_capped(edge: Edge) -> None:

@@ -33,6 +33,8 @@ TEMPLATE = REPO / "nginx.conf"
 NGINX = "/usr/sbin/nginx"
 HOST = "ws.kektech.xyz"
 START_TIMEOUT = 10.0
+# The field a test edge takes client addresses from (see with_claimed_addresses).
+CLAIMED_IP_HEADER = "X-Test-Client-IP"
 STOP_TIMEOUT = 5.0
 
 # What the production file names, as the tests replace it (see render()).
@@ -361,12 +363,27 @@ async def running_edge(
         await redis.aclose()
 
 
-async def handshake_statuses(edge: Edge, *, source: str, count: int) -> list[int]:
+def with_claimed_addresses(template: str) -> str:
+    """nginx.conf that takes the client address of a loopback connection from the
+    CLAIMED_IP_HEADER field (realip, which sets the address before any limit counts it): the
+    only way to reach nginx from IPv6 addresses a loopback interface does not have."""
+    anchor = "    limit_req_status 429;\n"
+    assert anchor in template, "nginx.conf no longer sets limit_req_status"
+    trust = f"    set_real_ip_from 127.0.0.0/8;\n    real_ip_header {CLAIMED_IP_HEADER};\n"
+    return template.replace(anchor, trust + anchor)
+
+
+async def handshake_statuses(
+    edge: Edge, *, source: str, count: int, claimed: Sequence[str] = ()
+) -> list[int]:
     """Open `count` TLS connections from one IP, then send every upgrade request at once.
 
     TLS handshakes first, so that the HTTP requests reach nginx within a millisecond or two:
-    an "instant" burst for limit_req, whatever the machine's speed.
+    an "instant" burst for limit_req, whatever the machine's speed. `claimed`: the address
+    each request claims, for an edge rendered with_claimed_addresses.
     """
+    if claimed and len(claimed) != count:
+        raise ValueError("claim one address per connection")
     context = client_context(edge.layout.cert)
     streams = [
         await asyncio.open_connection(
@@ -379,9 +396,9 @@ async def handshake_statuses(edge: Edge, *, source: str, count: int) -> list[int
         for _ in range(count)
     ]
     try:
-        request = handshake_request(HOST, key="dGhlIHNhbXBsZSBub25jZQ==")
-        for _, writer in streams:
-            writer.write(request)
+        for i, (_, writer) in enumerate(streams):
+            headers = {CLAIMED_IP_HEADER: claimed[i]} if claimed else None
+            writer.write(handshake_request(HOST, key="dGhlIHNhbXBsZSBub25jZQ==", headers=headers))
         async with asyncio.timeout(10):
             heads = await asyncio.gather(*(reader.readuntil(b"\r\n") for reader, _ in streams))
         return [int(head.split()[1]) for head in heads]
