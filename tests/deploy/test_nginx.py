@@ -18,17 +18,19 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from devnet.services import Redis, free_port
 from shared.process import raise_open_files_limit
+from tests.broadcaster.support import EventProducer, running, settings_for
 from tests.support.nginx import (
     HOST,
     PROD_USER_LINE,
@@ -151,6 +153,38 @@ async def test_broadcaster_limits_the_client_ip_nginx_forwards(redis_server: Red
             spoofed = {"X-Forwarded-For": first_ip, "X-Real-IP": first_ip}
             async with limited.ws_client(second_ip, additional_headers=spoofed) as other:
                 await other.subscribe("events:*")
+
+
+async def test_a_rolling_restart_of_the_broadcasters_leaves_no_handshake_unserved(
+    redis_server: Redis,
+) -> None:
+    """PM2 restarts the instances one after the other, without a pause. The connects the first
+    one refuses while it restarts must not make nginx skip it once it is back: when the second
+    one goes down in turn, the next handshake is served at once, not answered 502."""
+    key = stream_key()
+    settings = [settings_for(redis_server.url, key) for _ in range(2)]
+    async with (
+        aioredis.Redis.from_url(redis_server.url) as redis,
+        AsyncExitStack() as first_instance,
+        AsyncExitStack() as second_instance,
+    ):
+        producer = EventProducer(redis, key)
+        await producer.publish()  # the stream exists before the broadcasters follow it
+        await first_instance.enter_async_context(running(settings[0]))
+        await second_instance.enter_async_context(running(settings[1]))
+        with nginx_edge(
+            ws_ports=[s.ws_port for s in settings],
+            health_ports=[s.broadcaster_http_port for s in settings],
+        ) as server:
+            edge = Edge(server, [], producer)
+            source = edge.new_ip()
+            await first_instance.aclose()  # PM2 stops the first instance ...
+            for _ in range(5):  # ... clients reconnect meanwhile, to the second
+                assert await handshake_statuses(edge, source=source, count=1) == [101]
+                await asyncio.sleep(HANDSHAKE_INTERVAL)
+            await first_instance.enter_async_context(running(settings[0]))  # ... it is back
+            await second_instance.aclose()  # ... and PM2 stops the second one
+            assert await handshake_statuses(edge, source=source, count=1) == [101]
 
 
 async def test_port_80_serves_acme_webroot_and_redirects_the_rest(edge: Edge) -> None:
