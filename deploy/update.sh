@@ -5,9 +5,13 @@
 #   2. scripts/install.sh: .venv from uv.lock (uv sync --frozen), node_modules from
 #      package-lock.json (npm ci, when it changed)
 #   3. python -m indexer migrate
-#   4. pm2 startOrReload ecosystem.config.js --update-env, then pm2 save
+#   4. pm2 startOrReload ecosystem.config.js --update-env
+#   5. kektech settle: every PM2 process stays online, without a restart, for --settle
+#      seconds (default 30); then pm2 save
+# When a step after the pull fails, the checkout goes back to the previous commit and is
+# installed again, and after step 4 or 5 the services are reloaded on it; exit code 1.
 #
-#   deploy/update.sh [--dir /opt/kektech] [--ecosystem FILE] [--dry-run]
+#   deploy/update.sh [--dir /opt/kektech] [--ecosystem FILE] [--settle S] [--dry-run]
 #
 # Runs as the owner of the checkout (the app user); started as root it runs itself as that
 # user, with nothing of root's environment but PATH, LANG and PM2_HOME. The services' own
@@ -20,16 +24,18 @@ set -euo pipefail
 
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ECOSYSTEM=""
+SETTLE=30
 DRY_RUN=0
 ARGS=("$@")
 
-usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY_RUN=1 ;;
         --dir) DIR="${2:?--dir needs a value}"; shift ;;
         --ecosystem) ECOSYSTEM="${2:?--ecosystem needs a value}"; shift ;;
+        --settle) SETTLE="${2:?--settle needs a value}"; shift ;;
         -h | --help) usage; exit 0 ;;
         *) printf 'update: unknown argument %s\n' "$1" >&2; usage >&2; exit 2 ;;
     esac
@@ -39,6 +45,7 @@ done
 say() { printf 'update: %s\n' "$*"; }
 fail() { printf 'update: ERROR: %s\n' "$*" >&2; exit 1; }
 
+[[ "$SETTLE" =~ ^[0-9]+$ ]] || fail "--settle takes whole seconds, not $SETTLE"
 [ -d "$DIR/.git" ] || fail "$DIR is not a git checkout"
 DIR="$(cd "$DIR" && pwd)"
 ECOSYSTEM="${ECOSYSTEM:-$DIR/ecosystem.config.js}"
@@ -68,9 +75,11 @@ unset_settings() {
 unset_settings
 
 PM2="$DIR/node_modules/.bin/pm2"
-STEPS=4
+# The processes of this PM2 (PM2_HOME), asked with the checkout's own pm2.
+SETTLE_COMMAND=(env OPS_PM2_BIN="$PM2" .venv/bin/python -m ops settle --seconds "$SETTLE")
+STEPS=5
 step=0
-# run NAME COMMAND...: one numbered step; the first failure ends the update.
+# run NAME COMMAND...: one numbered step; the first failure ends the update (rolled back).
 run() {
     local name="$1" status=0
     shift
@@ -81,21 +90,51 @@ run() {
     fi
     say "[$step/$STEPS] $name: $*"
     (cd "$DIR" && "$@") || status=$?
-    if [ "$status" -ne 0 ]; then
-        fail "step $step/$STEPS ($name) failed with exit code $status; later steps did not run." \
-            "The services still run the previous release (see docs/deployment.md, Rollback)."
+    if [ "$status" -eq 0 ]; then
+        return 0
     fi
+    local failed="step $step/$STEPS ($name) failed with exit code $status"
+    if [ "$step" -eq 1 ]; then
+        fail "$failed; later steps did not run. The services still run $before."
+    fi
+    roll_back "$failed"
+}
+
+# roll_back WHY: the checkout and its install back to $before; the services too once the
+# reload has run. Migrations already applied stay (docs/deployment.md, Rollback).
+roll_back() {
+    local why="$1"
+    say "$why: rolling back to $before"
+    if ! { git -C "$DIR" reset -q --hard "$before_full" && (cd "$DIR" && bash scripts/install.sh); }
+    then
+        fail "$why, and the rollback to $before failed: the checkout is at $(revision)." \
+            "Roll back by hand (docs/deployment.md, Rollback)."
+    fi
+    if [ "$step" -lt 4 ]; then
+        fail "$why. The checkout is back at $before, which the services still run."
+    fi
+    if (cd "$DIR" && "$PM2" startOrReload "$ECOSYSTEM" --update-env) &&
+        (cd "$DIR" && "${SETTLE_COMMAND[@]}"); then
+        fail "$why. Rolled back: the services run $before again (the saved list is unchanged)."
+    fi
+    fail "$why, and $before does not settle either after the rollback: see pm2 status" \
+        "and pm2 logs."
 }
 
 revision() { git -C "$DIR" rev-parse --short HEAD 2>/dev/null || printf 'unknown'; }
 before="$(revision)"
-[ "$DRY_RUN" -eq 0 ] || say "dry run: nothing is changed (checkout $DIR at $before)"
+if [ "$DRY_RUN" -eq 1 ]; then
+    say "dry run: nothing is changed (checkout $DIR at $before)"
+else
+    before_full="$(git -C "$DIR" rev-parse HEAD)" || fail "cannot read the commit of $DIR"
+fi
 
 run "pull" git pull --ff-only
 unset_settings
 run "install from the lock files" bash scripts/install.sh
 run "migrate the database" .venv/bin/python -m indexer migrate
 run "reload the services" "$PM2" startOrReload "$ECOSYSTEM" --update-env
+run "check that they stay up" "${SETTLE_COMMAND[@]}"
 if [ "$DRY_RUN" -eq 1 ]; then
     say "would run: $PM2 save"
 else

@@ -1,9 +1,11 @@
-"""`kektech doctor | check`: the operator's troubleshooting checklist and the cron monitor.
+"""`kektech doctor | check | settle`: the operator's troubleshooting checklist, the cron
+monitor, and the wait after a reload.
 
 Exit codes. doctor: 0 when no check FAILs (WARN lines are printed but do not change the code),
 1 when at least one FAILs. check: 0 when no condition holds (nothing is printed unless
 --verbose), 1 when at least one ALERT, 2 when no ALERT but a condition could not be evaluated
-(ERROR). Both: 2 for invalid settings or arguments.
+(ERROR). settle: 0 when every PM2 process stayed online without a restart, 1 when one did
+not, 2 when PM2 could not be asked. All: 2 for invalid settings or arguments.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ import time
 from collections.abc import Sequence
 
 from ops.doctor import CHECKS, diagnose
+from ops.errors import ProbeError
 from ops.monitor import ALERT, CONDITIONS, evaluate
+from ops.probes.pm2 import Pm2Process, list_processes
 from ops.settings import OpsSettings
-from ops.verdicts import Level
+from ops.settle import watch
+from ops.verdicts import Level, Verdict
 from shared.logs import configure_logging
 from shared.redaction import Writer
 from shared.settings import settings_or_exit
@@ -26,6 +31,9 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_PROBLEM = 1
 EXIT_BLIND = 2
+DEFAULT_SETTLE_SECONDS = 30.0
+MAX_SETTLE_SECONDS = 3600.0
+SETTLE_FIX = "pm2 logs <app> --lines 100"
 
 
 def _names(value: str, known: Sequence[str]) -> list[str]:
@@ -75,7 +83,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     check.add_argument(
         "-v", "--verbose", action="store_true", help="print a summary line when healthy"
     )
+    settle = sub.add_parser(
+        "settle",
+        help="wait until every PM2 process has stayed online, without a restart, for a while",
+        description="Watch `pm2 jlist` for --seconds. Exit 0 when every process stayed online "
+        "without a restart, 1 at the first that did not (one FAIL line each), 2 when PM2 "
+        "could not be asked.",
+    )
+    settle.add_argument(
+        "--seconds", type=_duration, default=DEFAULT_SETTLE_SECONDS, metavar="S",
+        help=f"how long to watch (default {DEFAULT_SETTLE_SECONDS:g})",
+    )  # fmt: skip
     return parser.parse_args(argv)
+
+
+def _duration(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_SETTLE_SECONDS:
+        raise argparse.ArgumentTypeError(f"not a number of seconds from 0 to {MAX_SETTLE_SECONDS}")
+    return seconds
 
 
 def _chosen(args: argparse.Namespace, known: Sequence[str]) -> list[str]:
@@ -105,6 +134,29 @@ async def run_check(
     return EXIT_PROBLEM if any(f.kind == ALERT for f in findings) else EXIT_BLIND
 
 
+async def run_settle(settings: OpsSettings, seconds: float, *, out: Writer) -> int:
+    async def processes() -> list[Pm2Process]:
+        return await list_processes(
+            settings.ops_pm2_bin, home=settings.pm2_home_path(), within=settings.ops_timeout
+        )
+
+    try:
+        settled = await watch(processes, seconds=seconds)
+    except ProbeError as exc:
+        out.say(Verdict(Level.FAIL, "settle", str(exc), exc.fix).line())
+        return EXIT_BLIND
+    for problem in settled.problems:
+        out.say(Verdict(Level.FAIL, "settle", problem, SETTLE_FIX).line())
+    if settled.problems:
+        return EXIT_PROBLEM
+    out.say(
+        Verdict(
+            Level.OK, "settle", f"{settled.processes} processes online for {seconds:g} s"
+        ).line()
+    )
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_or_exit(OpsSettings)
@@ -113,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Writer(secrets)
     if args.command == "doctor":
         return asyncio.run(run_doctor(settings, _chosen(args, tuple(CHECKS)), out=out))
+    if args.command == "settle":
+        return asyncio.run(run_settle(settings, args.seconds, out=out))
     return asyncio.run(
         run_check(settings, _chosen(args, CONDITIONS), out=out, verbose=args.verbose)
     )

@@ -211,7 +211,7 @@ def test_update_started_as_root_passes_none_of_roots_environment_on(tmp_path: Pa
     environment: whatever root's shell exported (a cloud token, say) must not reach that
     user's commands, PM2 among them, which would copy it into every app and dump.pm2. The
     owner's commands are observed through a `git` that records its environment and fails
-    (so the update stops at its first step)."""
+    (so the update stops at once: it cannot read the checkout's commit)."""
     if os.geteuid() != 0:
         pytest.skip("only root starts update.sh as another user")
     base = Path(tempfile.mkdtemp(prefix="kektech-update-"))  # /tmp: nobody can reach it
@@ -234,7 +234,7 @@ def test_update_started_as_root_passes_none_of_roots_environment_on(tmp_path: Pa
         }
         result = run(["bash", str(base / "update.sh"), "--dir", str(checkout)], env=env)
         assert "running as nobody" in result.stdout, result.stdout + result.stderr
-        assert "[1/4] pull" in result.stdout, result.stdout + result.stderr
+        assert "cannot read the commit" in result.stderr, result.stdout + result.stderr
         assert result.returncode == 1
         observed = seen.read_text()
         assert f"HOME={pwd.getpwnam('nobody').pw_dir}" in observed.splitlines()
@@ -245,16 +245,18 @@ def test_update_started_as_root_passes_none_of_roots_environment_on(tmp_path: Pa
 
 def test_update_dry_run_prints_the_steps() -> None:
     """`update.sh --dry-run` as an unprivileged user exits 0 and prints pull, install,
-    migrate, reload and save without running them."""
+    migrate, reload, the settle check and save without running them."""
     result = run(unprivileged(["bash", "deploy/update.sh", "--dry-run"]), cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     for text in (
-        "[1/4] pull: would run: git pull --ff-only",
-        "[2/4] install from the lock files: would run: bash scripts/install.sh",
-        "[3/4] migrate the database: would run: .venv/bin/python -m indexer migrate",
-        "[4/4] reload the services: would run:",
+        "[1/5] pull: would run: git pull --ff-only",
+        "[2/5] install from the lock files: would run: bash scripts/install.sh",
+        "[3/5] migrate the database: would run: .venv/bin/python -m indexer migrate",
+        "[4/5] reload the services: would run:",
         "startOrReload",
         "--update-env",
+        "[5/5] check that they stay up: would run:",
+        ".venv/bin/python -m ops settle --seconds 30",
         "would run: " + str(REPO_ROOT / PM2) + " save",
     ):
         assert text in result.stdout, result.stdout
@@ -385,6 +387,53 @@ def trivial_ecosystem(path: Path) -> Path:
     return path
 
 
+def script_ecosystem(path: Path, script: Path) -> Path:
+    """An ecosystem whose one app runs a shell script of the checkout: what a release runs."""
+    app = {"name": "update-probe", "script": str(script), "interpreter": "bash"}
+    path.write_text(f"module.exports = {{ apps: [{json.dumps(app)}] }};\n")
+    return path
+
+
+def commit_and_push(dev: Path, message: str) -> None:
+    git(dev, "add", "-A")
+    git(dev, "commit", "-q", "-m", message)
+    git(dev, "push", "-q", "origin", "main")
+
+
+@pytest.mark.timeout(300)
+def test_an_update_whose_services_do_not_stay_up_is_rolled_back(
+    checkouts: tuple[Path, Path], pm2: Pm2, database_url: str, tmp_path: Path
+) -> None:
+    """A release whose service cannot start (a setting missing, say) crash-loops after the
+    reload, which PM2 still reports as done: update.sh sees the restarts within --settle, puts
+    the previous commit back, reloads it, exits 1, and leaves the saved process list alone."""
+    dev, app = checkouts
+    (app / ".env").write_text(f"DATABASE_URL={database_url}\nLOG_FORMAT=json\n")
+    (dev / "service.sh").write_text("exec sleep 3600\n")
+    commit_and_push(dev, "a service that runs")
+    git(app, "pull", "-q", "--ff-only")
+    running_release = git(app, "rev-parse", "HEAD")
+    (dev / "service.sh").write_text("echo 'missing setting' >&2\nexit 2\n")
+    commit_and_push(dev, "a service that cannot start")
+    ecosystem = script_ecosystem(tmp_path / "probe.config.js", app / "service.sh")
+    pm2("start", str(ecosystem))
+
+    command = ["bash", "deploy/update.sh", "--ecosystem", str(ecosystem), "--settle", "5"]
+    result = run(command, cwd=app, env=pm2.env)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "step 5/5 (check that they stay up) failed" in result.stderr
+    assert "Rolled back" in result.stderr
+    assert git(app, "rev-parse", "HEAD") == running_release
+    [probe] = json.loads(pm2("jlist"))
+    assert probe["pm2_env"]["status"] == "online"
+    assert Path(f"/proc/{probe['pid']}/cmdline").read_bytes().split(b"\0")[:2] == [
+        b"sleep",
+        b"3600",
+    ]
+    assert not (tmp_path / "pm2" / "dump.pm2").exists()
+
+
 @pytest.mark.timeout(240)
 async def test_update_pulls_installs_migrates_and_reloads(
     checkouts: tuple[Path, Path], pm2: Pm2, database_url: str, tmp_path: Path
@@ -442,7 +491,7 @@ def test_update_stops_at_the_first_failing_step(
     result = run(["bash", "deploy/update.sh", "--ecosystem", str(ecosystem)], cwd=app, env=pm2.env)
 
     assert result.returncode == 1
-    assert "step 1/4 (pull) failed" in result.stderr
-    assert "[2/4]" not in result.stdout
+    assert "step 1/5 (pull) failed" in result.stderr
+    assert "[2/5]" not in result.stdout
     assert not (app / ".venv").exists()
     assert pm2.pids()["update-probe"] == pid_before
