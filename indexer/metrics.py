@@ -62,6 +62,11 @@ class Metrics:
             "kektech_indexer_published_seq", "Last seq published to Redis", registry=r
         )
         self.redis_up = Gauge("kektech_indexer_redis_up", "1 when Redis answers", registry=r)
+        self.stream_missing = Counter(
+            "kektech_indexer_stream_missing",
+            "Published seqs the stream lacks: gone from the outbox, or taken by another writer",
+            registry=r,
+        )
         self.leader = Gauge(
             "kektech_indexer_leader", "1 when this instance holds the write lease", registry=r
         )

@@ -50,7 +50,10 @@ PING_EVERY = 5.0
 # leave a hole after the stream's newest entry (it returns {-1, top} and writes nothing), 0 to
 # write it anyway; a missing stream has top 0 (Redis restarted empty, or the key deleted),
 # while any other XINFO error (an ACL refusing it) fails the call rather than reading as one.
-# Then per event: seq, channels, envelope. Returns {added, top}.
+# Then per event: seq, channels, envelope. An event whose seq is not above the top is not
+# written: normally it is there already (written before a crash, or before a reply was lost),
+# which is checked, so that another writer's entry in its place is reported (`foreign`).
+# Returns {added, top, foreign seqs}.
 PUBLISH_SCRIPT = """
 local key = KEYS[1]
 local top = 0
@@ -71,18 +74,29 @@ if ARGV[2] == '1' and tonumber(ARGV[3]) > top + 1 then
   return {-1, top}
 end
 local added = 0
+local foreign = {}
 for i = 3, #ARGV, 3 do
   local seq, channels, event = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if tonumber(seq) > top then
     redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], seq .. '-0',
                'seq', seq, 'channels', channels, 'event', event)
     added = added + 1
+  else
+    local found = redis.call('XRANGE', key, seq .. '-0', seq .. '-0')[1]
+    local same = false
+    if found then
+      local fields = found[2]
+      for j = 1, #fields, 2 do
+        if fields[j] == 'event' then same = fields[j + 1] == event end
+      end
+    end
+    if not same then foreign[#foreign + 1] = seq end
   end
   for channel in string.gmatch(channels, '%S+') do
     redis.call('PUBLISH', channel, event)
   end
 end
-return {added, top}
+return {added, top, foreign}
 """
 
 
@@ -187,6 +201,9 @@ class Publisher:
                     async with asyncio.timeout(IDLE_POLL):
                         await self._wake.wait()
                 continue
+            if missing := _missing_seqs(self._published + 1, rows):
+                self._report_missing(missing)
+                accept_hole = True  # the script would refuse a batch that starts past a gap
             try:
                 async with asyncio.timeout(REDIS_CALL_TIMEOUT):
                     top = await self._publish(rows, refuse_hole=not accept_hole)
@@ -275,9 +292,22 @@ class Publisher:
                 missing_from=top + 1,
                 missing_to=restart,
             )
+            self._metrics.stream_missing.inc(restart - top)
         self._published = restart
         self._handed.clear()
         return restart > top
+
+    def _report_missing(self, missing: Sequence[tuple[int, int]]) -> None:
+        """Seqs absent from the outbox (deleted by hand: it has no gaps of its own) can never
+        reach the stream; the broadcaster will see a gap there."""
+        for first, last in missing:
+            log.error(
+                "the outbox misses seqs between the published ones: they are lost for the "
+                "stream (was a row deleted by hand?)",
+                missing_from=first,
+                missing_to=last,
+            )
+            self._metrics.stream_missing.inc(last - first + 1)
 
     async def _publish(self, rows: list[OutboxRow], *, refuse_hole: bool) -> int | None:
         """Write rows to the stream and channels; returns the stream's top instead when it ends
@@ -285,8 +315,34 @@ class Publisher:
         args: list[bytes | str | int] = [self._maxlen, 1 if refuse_hole else 0]
         for row in rows:
             args += [row.seq, row.channels, row.payload]
-        added, top = await self._script(keys=[self._stream_key], args=args)
-        return int(top) if int(added) < 0 else None
+        added, top, *rest = await self._script(keys=[self._stream_key], args=args)
+        if int(added) < 0:
+            return int(top)
+        if foreign := [int(seq) for seq in (rest[0] if rest else ())]:
+            log.error(
+                "the stream holds other entries at the seqs of these events, so they are not "
+                "in it: another deployment writes to this stream? Give each its own "
+                "REDIS_STREAM_KEY",
+                stream=self._stream_key,
+                stream_top=int(top),
+                first_seq=foreign[0],
+                last_seq=foreign[-1],
+                count=len(foreign),
+            )
+            self._metrics.stream_missing.inc(len(foreign))
+        return None
+
+
+def _missing_seqs(expected: int, rows: Sequence[OutboxRow]) -> list[tuple[int, int]]:
+    """The (first, last) runs of seqs from `expected` on that rows skip."""
+    if rows[0].seq == expected and rows[-1].seq == expected + len(rows) - 1:
+        return []  # the usual case: rows are distinct and ascending, so none is skipped
+    missing = []
+    for row in rows:
+        if row.seq > expected:
+            missing.append((expected, row.seq - 1))
+        expected = row.seq + 1
+    return missing
 
 
 def _seq_of(last_id: object) -> int:

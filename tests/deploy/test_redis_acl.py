@@ -16,6 +16,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
 from devnet.services import Anvil
+from indexer.publisher import PUBLISH_SCRIPT
 from ops.probes.redis import probe_redis
 from tests.broadcaster.support import running, settings_for, ws_client
 from tests.support.indexer_process import IndexerProcess, indexer_env
@@ -136,6 +137,26 @@ async def test_indexer_user_cannot_touch_other_keys_or_administer(
     finally:
         await client.aclose()
     assert await admin.dbsize() == 0
+
+
+async def test_indexer_user_can_check_seqs_already_in_its_stream(
+    server: AclRedis, admin: aioredis.Redis
+) -> None:
+    """The publish script reads back the stream entry of a seq it skips (its own, written
+    before a crash, or another writer's): the indexer user is allowed that read, so a retry
+    after a crash publishes instead of failing with NOPERM at every attempt."""
+    event = b'{"type":"Test","seq":1}'
+    await admin.xadd(STREAM_KEY, {"seq": "1", "channels": "events:test", "event": event}, id="1-0")
+    client = aioredis.Redis.from_url(server.url("indexer"))
+    try:
+        publish = client.register_script(PUBLISH_SCRIPT)
+        args: list[bytes | str | int] = [1000, 1, 1, "events:test", event]
+        args += [2, "events:test", b'{"seq":2}']
+        added, top, foreign = await publish(keys=[STREAM_KEY], args=args)
+    finally:
+        await client.aclose()
+    assert (added, top, foreign) == (1, 1, [])
+    assert await denials(admin) == []
 
 
 async def test_default_user_cannot_authenticate(server: AclRedis) -> None:

@@ -51,6 +51,18 @@ async def running(publisher: Publisher) -> AsyncIterator[None]:
         await asyncio.wait([task])
 
 
+def stream_missing(metrics: Metrics) -> float:
+    """kektech_indexer_stream_missing_total of these metrics."""
+    return metrics.registry.get_sample_value("kektech_indexer_stream_missing_total") or 0.0
+
+
+async def published_up_to(publisher: Publisher, seq: int) -> None:
+    async def reached() -> bool:
+        return publisher.published >= seq
+
+    await eventually(reached, within=10, what=f"seq {seq} published")
+
+
 def unique_key(name: str) -> str:
     """A stream key of this test's own, so a test can run again in one session."""
     return f"kektech:test-{name}:{os.getpid()}:{next(_keys)}"
@@ -242,11 +254,11 @@ async def stream_seqs(redis: aioredis.Redis, key: str) -> list[int]:
 
 @asynccontextmanager
 async def ten_published(
-    parts: tuple[Store, aioredis.Redis], database_url: str, key: str
+    parts: tuple[Store, aioredis.Redis], database_url: str, key: str, **overrides: Any
 ) -> AsyncIterator[Publisher]:
     """A running publisher that has published seqs 1..10 to `key` and gone idle."""
     await insert_outbox(database_url, [outbox_row(seq) for seq in range(1, 11)])
-    publisher = make_publisher(parts, key)
+    publisher = make_publisher(parts, key, **overrides)
     async with running(publisher):
         await published(parts[1], key, 10)
         await asyncio.sleep(IDLE_SETTLE)
@@ -356,6 +368,72 @@ async def test_entries_lost_beyond_the_outbox_leave_a_hole_and_publishing_goes_o
         publisher.wake()
         await published(redis, key, 9)
         assert await stream_seqs(redis, key) == [1, 2, 3, 4, 5, 9, 10, 11, 12]
+
+
+async def test_seqs_missing_from_the_outbox_are_reported_and_the_rest_published(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+) -> None:
+    """Outbox seqs have no gaps, but an operator may delete a row by hand. A seq missing right
+    after the stream's top, or inside a batch, is said in the log (and counted) once, and
+    what follows is published: the publisher neither stalls on it nor skips it silently."""
+    _, redis = publisher_parts
+    key = unique_key("outbox-gap")
+    metrics = Metrics()
+    with structlog.testing.capture_logs() as logs:
+        async with ten_published(publisher_parts, database_url, key, metrics=metrics) as publisher:
+            await insert_outbox(database_url, [outbox_row(seq) for seq in (12, 13, 15)])
+            publisher.wake()
+            await published(redis, key, 13)
+            await asyncio.sleep(IDLE_SETTLE)
+            assert await stream_seqs(redis, key) == [*range(1, 11), 12, 13, 15]
+            assert publisher.published == 15
+    missing = [e for e in logs if e["event"].startswith("the outbox misses seqs")]
+    assert [(e["missing_from"], e["missing_to"]) for e in missing] == [(11, 11), (14, 14)]
+    assert not [e for e in logs if e["event"].startswith("the stream lost its newest")]
+    assert stream_missing(metrics) == 2
+
+
+async def test_rows_whose_seqs_another_writer_took_in_the_stream_are_reported(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+) -> None:
+    """The stream gets entries the publisher did not write (another deployment on the same
+    REDIS_STREAM_KEY) while it runs: rows whose seqs are then at or below its top cannot be
+    written. That is an error in the log and a count, not a silent "already there"."""
+    _, redis = publisher_parts
+    key = unique_key("taken")
+    metrics = Metrics()
+    with structlog.testing.capture_logs() as logs:
+        async with ten_published(publisher_parts, database_url, key, metrics=metrics) as publisher:
+            await redis.xadd(key, {"seq": "100", "event": "{}"}, id="100-0")
+            await insert_outbox(database_url, [outbox_row(seq) for seq in (11, 12, 13)])
+            publisher.wake()
+            await published_up_to(publisher, 13)
+    taken = [e for e in logs if e["event"].startswith("the stream holds other entries")]
+    assert [(e["first_seq"], e["last_seq"], e["count"]) for e in taken] == [(11, 13, 3)]
+    assert stream_missing(metrics) == 3
+
+
+async def test_rows_already_in_the_stream_after_a_crash_are_skipped_quietly(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+) -> None:
+    """A crash between the stream write and recording it leaves rows that are in the stream
+    but not marked published: the next publisher skips them as what they are, its own
+    entries, with no error and nothing counted as missing."""
+    _, redis = publisher_parts
+    key = unique_key("crashed")
+    rows = [outbox_row(seq) for seq in range(1, 8)]
+    await insert_outbox(database_url, rows)
+    for row in rows[:5]:  # written, then the process died before mark_published
+        fields = {"seq": str(row.seq), "channels": row.channels, "event": row.payload}
+        await redis.xadd(key, fields, id=f"{row.seq}-0")  # type: ignore[arg-type]
+    metrics = Metrics()
+    publisher = make_publisher(publisher_parts, key, metrics=metrics)
+    with structlog.testing.capture_logs() as logs:
+        async with running(publisher):
+            await published_up_to(publisher, 7)
+    assert await stream_seqs(redis, key) == list(range(1, 8))
+    assert not [e for e in logs if e["log_level"] == "error"]
+    assert stream_missing(metrics) == 0
 
 
 async def test_a_stream_ahead_of_the_database_is_reported(
