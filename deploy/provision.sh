@@ -334,6 +334,25 @@ if install_file /etc/sysctl.d/60-kektech.conf 644 root:root <"$SOURCE/deploy/sys
     fi
 fi
 
+# ---------------------------------------------------------------------------- firewall
+# Before Nginx and certbot: an image with UFW already active (SSH only) would fail the
+# HTTP-01 challenge. SSH on whatever ports sshd listens on, and 22: a server moved to
+# another port must not lock its operator out once the firewall is on.
+read -r -a ssh_ports <<<"$( { echo 22; (sshd -T 2>/dev/null || true) |
+    awk '$1 == "port" {print $2}'; } | sort -un | tr '\n' ' ')"
+say "== ufw: deny incoming except SSH (${ssh_ports[*]}), 80, 443"
+ufw_status="$(ufw status verbose 2>/dev/null || true)"
+grep -q 'deny (incoming)' <<<"$ufw_status" || act ufw default deny incoming
+grep -q 'allow (outgoing)' <<<"$ufw_status" || act ufw default allow outgoing
+for port in "${ssh_ports[@]}" 80 443; do
+    # SSH first, before enabling, so the session running this survives.
+    grep -Eq "^$port/tcp +ALLOW IN" <<<"$ufw_status" || act ufw allow "$port/tcp"
+done
+grep -q '^Status: active' <<<"$ufw_status" || act ufw --force enable
+allowed="$(IFS='|'; echo "${ssh_ports[*]}|80|443")"
+extra="$(grep -E 'ALLOW IN' <<<"$ufw_status" | grep -Ev "^($allowed)/tcp" || true)"
+[ -z "$extra" ] || say "WARNING: other ufw rules allow traffic, review them: $extra"
+
 # ---------------------------------------------------------------------------- Nginx, TLS
 say "== nginx and certificates for $DOMAIN"
 CERT="/etc/letsencrypt/live/$DOMAIN/fullchain.pem"
@@ -384,24 +403,6 @@ if [ "$(cat /etc/nginx/nginx.conf 2>/dev/null)" != "$rendered" ]; then
     act systemctl reload-or-restart nginx
 fi
 
-# ---------------------------------------------------------------------------- firewall
-# SSH on whatever ports sshd listens on, and 22: a server moved to another port must not lock
-# its operator out once the firewall is on.
-read -r -a ssh_ports <<<"$( { echo 22; (sshd -T 2>/dev/null || true) |
-    awk '$1 == "port" {print $2}'; } | sort -un | tr '\n' ' ')"
-say "== ufw: deny incoming except SSH (${ssh_ports[*]}), 80, 443"
-ufw_status="$(ufw status verbose 2>/dev/null || true)"
-grep -q 'deny (incoming)' <<<"$ufw_status" || act ufw default deny incoming
-grep -q 'allow (outgoing)' <<<"$ufw_status" || act ufw default allow outgoing
-for port in "${ssh_ports[@]}" 80 443; do
-    # SSH first, before enabling, so the session running this survives.
-    grep -Eq "^$port/tcp +ALLOW IN" <<<"$ufw_status" || act ufw allow "$port/tcp"
-done
-grep -q '^Status: active' <<<"$ufw_status" || act ufw --force enable
-allowed="$(IFS='|'; echo "${ssh_ports[*]}|80|443")"
-extra="$(grep -E 'ALLOW IN' <<<"$ufw_status" | grep -Ev "^($allowed)/tcp" || true)"
-[ -z "$extra" ] || say "WARNING: other ufw rules allow traffic, review them: $extra"
-
 # ---------------------------------------------------------------------------- logs, cron
 say "== log rotation and monitoring cron"
 install_file /etc/logrotate.d/kektech 644 root:root <"$SOURCE/deploy/logrotate/kektech" || true
@@ -439,7 +440,7 @@ if ! systemctl is-enabled "pm2-$APP_USER" >/dev/null 2>&1; then
     as_app pm2 save
 fi
 # At boot PM2 restores the apps at once; an indexer that finds Postgres or the network not
-# up yet exits, and after 10 quick exits PM2 stops trying (ecosystem.config.js).
+# up yet waits for them (logging why), which only delays its start: order the unit anyway.
 if install_file "/etc/systemd/system/pm2-$APP_USER.service.d/kektech.conf" 644 root:root <<UNIT; then
 [Unit]
 Wants=network-online.target

@@ -125,6 +125,9 @@ def test_provision_dry_run_prints_the_plan_and_changes_nothing() -> None:
     ]
     missing = [line for line in expected if line not in out]
     assert not missing, out
+    # The firewall lets HTTP in before certbot needs it: an image with UFW already active
+    # (SSH only) would otherwise fail the challenge, and every re-run would stop there.
+    assert out.index("would run: ufw allow 80/tcp") < out.index("would run: certbot certonly")
     assert "generated-on-the-first-real-run" not in out  # secrets are masked even as dummies
     assert {path: os.path.lexists(path) for path in PROVISIONED} == before
 
