@@ -45,7 +45,8 @@ done
 say() { printf 'update: %s\n' "$*"; }
 fail() { printf 'update: ERROR: %s\n' "$*" >&2; exit 1; }
 
-[[ "$SETTLE" =~ ^[0-9]+$ ]] || fail "--settle takes whole seconds, not $SETTLE"
+[[ "$SETTLE" =~ ^[0-9]{1,4}$ ]] && [ "$SETTLE" -le 3600 ] ||
+    fail "--settle takes whole seconds from 0 to 3600, not $SETTLE"
 [ -d "$DIR/.git" ] || fail "$DIR is not a git checkout"
 DIR="$(cd "$DIR" && pwd)"
 ECOSYSTEM="${ECOSYSTEM:-$DIR/ecosystem.config.js}"
@@ -113,8 +114,14 @@ roll_back() {
     if [ "$step" -lt 4 ]; then
         fail "$why. The checkout is back at $before, which the services still run."
     fi
-    if (cd "$DIR" && "$PM2" startOrReload "$ECOSYSTEM" --update-env) &&
-        (cd "$DIR" && "${SETTLE_COMMAND[@]}"); then
+    if ! (cd "$DIR" && "$PM2" startOrReload "$ECOSYSTEM" --update-env); then
+        fail "$why, and reloading $before failed too: see pm2 status and pm2 logs."
+    fi
+    if [ ! -f "$DIR/ops/settle.py" ]; then  # a release from before `kektech settle`
+        fail "$why. Rolled back and reloaded $before, which cannot check that the services" \
+            "stay up: see pm2 status (the saved list is unchanged)."
+    fi
+    if (cd "$DIR" && "${SETTLE_COMMAND[@]}"); then
         fail "$why. Rolled back: the services run $before again (the saved list is unchanged)."
     fi
     fail "$why, and $before does not settle either after the rollback: see pm2 status" \

@@ -46,14 +46,16 @@ PRUNE_CHUNK = 5000
 # answers" at all times, not only when there is something to publish, and entries Redis lost
 # (restarted empty or from an older snapshot) are written again at once, not at the next event.
 PING_EVERY = 5.0
-# KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate). ARGV[2]: 1 to refuse a batch that would
-# leave a hole after the stream's newest entry (it returns {-1, top} and writes nothing), 0 to
-# write it anyway; a missing stream has top 0 (Redis restarted empty, or the key deleted),
-# while any other XINFO error (an ACL refusing it) fails the call rather than reading as one.
+# KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate). ARGV[2]: the seq the batch must follow
+# on from, to refuse it when the stream ends before that (it returns {-1, top} and writes
+# nothing: Redis lost entries), or 0 to write it anyway; a missing stream has top 0 (Redis
+# restarted empty, or the key deleted), while any other XINFO error (an ACL refusing it)
+# fails the call rather than reading as one.
 # Then per event: seq, channels, envelope. An event whose seq is not above the top is not
 # written: normally it is there already (written before a crash, or before a reply was lost),
-# which is checked, so that another writer's entry in its place is reported (`foreign`).
-# Returns {added, top, foreign seqs}.
+# which is checked, so that another writer's entry in its place is reported (`foreign`);
+# a user that may not XRANGE leaves it `unchecked` rather than failing the batch.
+# Returns {added, top, foreign seqs, unchecked count}.
 PUBLISH_SCRIPT = """
 local key = KEYS[1]
 local top = 0
@@ -70,11 +72,12 @@ else
     return redis.error_reply(message)
   end
 end
-if ARGV[2] == '1' and tonumber(ARGV[3]) > top + 1 then
+if tonumber(ARGV[2]) > top + 1 then
   return {-1, top}
 end
 local added = 0
 local foreign = {}
+local unchecked = 0
 for i = 3, #ARGV, 3 do
   local seq, channels, event = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if tonumber(seq) > top then
@@ -82,21 +85,25 @@ for i = 3, #ARGV, 3 do
                'seq', seq, 'channels', channels, 'event', event)
     added = added + 1
   else
-    local found = redis.call('XRANGE', key, seq .. '-0', seq .. '-0')[1]
-    local same = false
-    if found then
-      local fields = found[2]
-      for j = 1, #fields, 2 do
-        if fields[j] == 'event' then same = fields[j + 1] == event end
+    local read, found = pcall(redis.call, 'XRANGE', key, seq .. '-0', seq .. '-0')
+    if not read then
+      unchecked = unchecked + 1
+    else
+      local same = false
+      if found[1] then
+        local fields = found[1][2]
+        for j = 1, #fields, 2 do
+          if fields[j] == 'event' then same = fields[j + 1] == event end
+        end
       end
+      if not same then foreign[#foreign + 1] = seq end
     end
-    if not same then foreign[#foreign + 1] = seq end
   end
   for channel in string.gmatch(channels, '%S+') do
     redis.call('PUBLISH', channel, event)
   end
 end
-return {added, top, foreign}
+return {added, top, foreign, unchecked}
 """
 
 
@@ -130,6 +137,8 @@ class Publisher:
         self._wake = asyncio.Event()
         self._handed: deque[OutboxRow] = deque()
         self._published = 0
+        self._reported_missing = 0  # the last seq reported missing from the outbox
+        self._told_unchecked = False
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         # redis-py loads the script again by itself after a Redis restart (NOSCRIPT).
         self._script = redis.register_script(PUBLISH_SCRIPT)
@@ -203,10 +212,10 @@ class Publisher:
                 continue
             if missing := _missing_seqs(self._published + 1, rows):
                 self._report_missing(missing)
-                accept_hole = True  # the script would refuse a batch that starts past a gap
+            follows = 0 if accept_hole else self._published + 1
             try:
                 async with asyncio.timeout(REDIS_CALL_TIMEOUT):
-                    top = await self._publish(rows, refuse_hole=not accept_hole)
+                    top = await self._publish(rows, follows=follows)
             except (RedisError, TimeoutError) as exc:
                 failures += 1
                 last_seq = await self._store.last_seq()
@@ -299,8 +308,12 @@ class Publisher:
 
     def _report_missing(self, missing: Sequence[tuple[int, int]]) -> None:
         """Seqs absent from the outbox (deleted by hand: it has no gaps of its own) can never
-        reach the stream; the broadcaster will see a gap there."""
+        reach the stream; the broadcaster will see a gap there. Each run once, though a failed
+        publication reads the same rows again."""
         for first, last in missing:
+            if last <= self._reported_missing:
+                continue
+            self._reported_missing = last
             log.error(
                 "the outbox misses seqs between the published ones: they are lost for the "
                 "stream (was a row deleted by hand?)",
@@ -309,16 +322,25 @@ class Publisher:
             )
             self._metrics.stream_missing.inc(last - first + 1)
 
-    async def _publish(self, rows: list[OutboxRow], *, refuse_hole: bool) -> int | None:
+    async def _publish(self, rows: list[OutboxRow], *, follows: int) -> int | None:
         """Write rows to the stream and channels; returns the stream's top instead when it ends
-        before rows[0] (and refuse_hole), having written nothing."""
-        args: list[bytes | str | int] = [self._maxlen, 1 if refuse_hole else 0]
+        before seq `follows` (unless 0), having written nothing."""
+        args: list[bytes | str | int] = [self._maxlen, follows]
         for row in rows:
             args += [row.seq, row.channels, row.payload]
         added, top, *rest = await self._script(keys=[self._stream_key], args=args)
         if int(added) < 0:
             return int(top)
-        if foreign := [int(seq) for seq in (rest[0] if rest else ())]:
+        foreign_seqs, unchecked = rest
+        if int(unchecked) and not self._told_unchecked:
+            self._told_unchecked = True
+            log.warning(
+                "cannot check the seqs already in the stream that are skipped: the Redis user "
+                "may not XRANGE. Re-run deploy/provision.sh to install the current ACL",
+                stream=self._stream_key,
+                unchecked=int(unchecked),
+            )
+        if foreign := [int(seq) for seq in foreign_seqs]:
             log.error(
                 "the stream holds other entries at the seqs of these events, so they are not "
                 "in it: another deployment writes to this stream? Give each its own "

@@ -139,7 +139,7 @@ def url_secret_fragments(url: str) -> list[str]:
     if parts.scheme.lower() in ("http", "https"):
         candidates += [p.partition("=")[2] for p in parts.query.split("&")]
         candidates += [token for token in parts.path.split("/") if _looks_like_a_key(token)]
-        candidates += [label for label in _host_labels(parts.hostname) if _looks_like_a_key(label)]
+        candidates += [label for label in _host_labels(parts.hostname) if _is_host_key(label)]
     return [c for c in candidates if len(c) >= MIN_SECRET_FRAGMENT]
 
 
@@ -151,8 +151,15 @@ def public_host(url: str) -> str:
     if _is_ip_address(host):
         shown = f"[{host}]" if ":" in host else host
     else:
-        shown = ".".join("***" if _looks_like_a_key(label) else label for label in host.split("."))
+        shown = ".".join("***" if _is_host_key(label) else label for label in host.split("."))
     return f"{shown}:{parts.port}" if parts.port else shown
+
+
+def _is_host_key(label: str) -> bool:
+    """A host name label that is an API key: key-like and unhyphenated. Providers' own labels
+    join words with hyphens ("arbitrum-mainnet", "bsc-dataseed1"); keys are one run of
+    letters and digits."""
+    return "-" not in label and _looks_like_a_key(label)
 
 
 def _host_labels(host: str | None) -> list[str]:

@@ -296,6 +296,16 @@ def test_update_dry_run_prints_the_steps() -> None:
         assert text in result.stdout, result.stdout
 
 
+def test_update_refuses_a_settle_time_kektech_settle_would_refuse() -> None:
+    """--settle outside 0..3600 s stops the update before it starts, rather than failing its
+    step 5 on a healthy release (and rolling that back)."""
+    command = ["bash", "deploy/update.sh", "--dry-run", "--settle", "5000"]
+    result = run(unprivileged(command), cwd=REPO_ROOT)
+    assert result.returncode == 1
+    assert "--settle takes whole seconds from 0 to 3600" in result.stderr
+    assert "[1/5]" not in result.stdout
+
+
 # -------------------------------------------------------------------------- migrate
 
 

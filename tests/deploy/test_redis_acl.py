@@ -152,10 +152,10 @@ async def test_indexer_user_can_check_seqs_already_in_its_stream(
         publish = client.register_script(PUBLISH_SCRIPT)
         args: list[bytes | str | int] = [1000, 1, 1, "events:test", event]
         args += [2, "events:test", b'{"seq":2}']
-        added, top, foreign = await publish(keys=[STREAM_KEY], args=args)
+        added, top, foreign, unchecked = await publish(keys=[STREAM_KEY], args=args)
     finally:
         await client.aclose()
-    assert (added, top, foreign) == (1, 1, [])
+    assert (added, top, foreign, unchecked) == (1, 1, [], 0)
     assert await denials(admin) == []
 
 

@@ -393,6 +393,71 @@ async def test_seqs_missing_from_the_outbox_are_reported_and_the_rest_published(
     assert stream_missing(metrics) == 2
 
 
+async def test_a_missing_seq_is_reported_once_across_failed_publications(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+) -> None:
+    """Publications that fail (here: the key is not a stream yet) are retried with the same
+    rows; the seq missing among them is still reported and counted once."""
+    _, redis = publisher_parts
+    key = unique_key("gap-retried")
+    await redis.set(key, "not a stream")
+    await insert_outbox(database_url, [outbox_row(seq) for seq in (1, 2, 4)])
+    metrics = Metrics()
+    publisher = make_publisher(publisher_parts, key, metrics=metrics)
+    with structlog.testing.capture_logs() as logs:
+        async with running(publisher):
+
+            async def retried() -> bool:
+                failed = [e for e in logs if e["event"] == "redis publish failed, will retry"]
+                return len(failed) >= 2
+
+            await eventually(retried, within=10, what="two failed publications")
+            await redis.delete(key)
+            await published_up_to(publisher, 4)
+    assert await stream_seqs(redis, key) == [1, 2, 4]
+    missing = [e for e in logs if e["event"].startswith("the outbox misses seqs")]
+    assert [(e["missing_from"], e["missing_to"]) for e in missing] == [(3, 3)]
+    assert stream_missing(metrics) == 1
+
+
+async def test_a_redis_user_without_xrange_still_publishes_rows_it_skips(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str, redis_server: Redis
+) -> None:
+    """The check of skipped seqs reads the stream (XRANGE). A Redis user not yet given
+    `+xrange` (provision.sh not re-run after the update that needs it) must not stall the
+    publisher on a retry after a crash: the rows go out unchecked, and the log says why."""
+    store, redis = publisher_parts
+    key = unique_key("no-xrange")
+    user, password = f"no-xrange-{os.getpid()}", "no-xrange-password"
+    await redis.acl_setuser(
+        user,
+        enabled=True,
+        passwords=[f"+{password}"],
+        keys=["*"],
+        channels=["*"],
+        commands=[
+            "-@all", "+evalsha", "+script|load", "+xinfo|stream", "+xadd", "+publish", "+ping",
+        ],
+    )  # fmt: skip
+    rows = [outbox_row(seq) for seq in range(1, 8)]
+    await insert_outbox(database_url, rows)
+    for row in rows[:5]:  # written, then the process died before mark_published
+        fields = {"seq": str(row.seq), "channels": row.channels, "event": row.payload}
+        await redis.xadd(key, fields, id=f"{row.seq}-0")  # type: ignore[arg-type]
+    url = redis_server.url.replace("redis://", f"redis://{user}:{password}@", 1)
+    try:
+        async with redis_client(url) as limited:
+            publisher = make_publisher((store, limited), key)
+            with structlog.testing.capture_logs() as logs:
+                async with running(publisher):
+                    await published_up_to(publisher, 7)
+    finally:
+        await redis.acl_deluser(user)
+    assert await stream_seqs(redis, key) == list(range(1, 8))
+    unchecked = [e for e in logs if e["event"].startswith("cannot check the seqs")]
+    assert len(unchecked) == 1
+
+
 async def test_rows_whose_seqs_another_writer_took_in_the_stream_are_reported(
     publisher_parts: tuple[Store, aioredis.Redis], database_url: str
 ) -> None:
