@@ -28,6 +28,7 @@ import structlog
 from broadcaster import messages
 from broadcaster.errors import ClientError
 from broadcaster.events import Event, History
+from broadcaster.limits import TokenBucket
 from broadcaster.metrics import Metrics
 from broadcaster.routing import Registry, kind_of
 
@@ -36,6 +37,16 @@ __all__ = ["Client", "Hub", "Peer", "Source"]
 log = structlog.get_logger()
 
 SLOW_REASON = "slow consumer: reconnect and resume with since"
+# History one client address's resumes may read: four times WS_REPLAY_LIMIT entries at once,
+# then that limit's worth per minute. A resume costs the entries it reads even when it sends
+# nothing (each is tested against the connection's subscriptions), so without this bound one
+# client repeating cheap messages could keep the server busy for everyone. Past it, a resume
+# reads nothing and is answered recovered: false (no error: the client reloads, as for a
+# miss).
+REPLAY_BURST_LIMITS = 4
+REPLAY_REFILL_SECONDS = 60.0
+# Budgets of addresses are dropped once refilled, looked for when there are this many.
+HISTORY_BUDGETS_BEFORE_PRUNING = 4096
 
 
 class Peer(Protocol):
@@ -128,6 +139,7 @@ class Hub:
         self._max_globs = max_glob_patterns
         self._max_globs_per_address = max_glob_patterns_per_ip
         self._globs_by_address: dict[str, int] = {}  # glob subscriptions held per address
+        self._history_by_address: dict[str, TokenBucket] = {}
         self._clock = clock
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         # Read when scraped, not updated per connection, subscription or event: a connect
@@ -138,6 +150,28 @@ class Hub:
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
+
+    def history_budget(self, address: str, now: float) -> TokenBucket:
+        """The history the resumes of one client address may read, all its connections
+        together: a connection of its own would buy a fresh budget with every reconnect.
+
+        Kept after the address's last connection closes, until refilled: forgetting it at
+        once would hand the next connection a full one. (`now`: the sessions' clock.)
+        """
+        budget = self._history_by_address.get(address)
+        if budget is None:
+            if len(self._history_by_address) >= HISTORY_BUDGETS_BEFORE_PRUNING:
+                self._history_by_address = {
+                    key: kept
+                    for key, kept in self._history_by_address.items()
+                    if not kept.full(now)
+                }
+            limit = self.replay_limit
+            budget = TokenBucket(
+                limit / REPLAY_REFILL_SECONDS, max(1, REPLAY_BURST_LIMITS * limit), now
+            )
+            self._history_by_address[address] = budget
+        return budget
 
     # Connections
 

@@ -40,6 +40,11 @@ class TokenBucket:
         self._refill(now)
         self._tokens -= amount
 
+    def full(self, now: float) -> bool:
+        """Whether the bucket is back to its burst (forgetting it would change nothing)."""
+        self._refill(now)
+        return self._tokens >= self._burst
+
     def _refill(self, now: float) -> None:
         elapsed = now - self._stamp
         if elapsed > 0:

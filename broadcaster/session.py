@@ -23,13 +23,6 @@ __all__ = ["Session"]
 # Invalid messages tolerated: a burst of 10, then one per 10 s; past that the client is closed.
 ERROR_BURST = 10.0
 ERROR_RATE = 0.1
-# History a connection's resumes may read: four times WS_REPLAY_LIMIT entries at once, then
-# that limit's worth per minute. A resume costs the entries it reads even when it sends nothing
-# (each is tested against the connection's subscriptions), so without this bound one client
-# repeating cheap messages could keep the server busy for everyone. Past it, a resume reads
-# nothing and is answered recovered: false (no error: the client reloads, as for a miss).
-REPLAY_BURST_LIMITS = 4
-REPLAY_REFILL_SECONDS = 60.0
 
 
 class Session:
@@ -51,10 +44,7 @@ class Session:
         now = clock()
         self._messages = TokenBucket(rate, burst, now)
         self._errors = TokenBucket(ERROR_RATE, ERROR_BURST, now)
-        limit = hub.replay_limit
-        self._history = TokenBucket(
-            limit / REPLAY_REFILL_SECONDS, max(1, REPLAY_BURST_LIMITS * limit), now
-        )
+        self._history = hub.history_budget(client.address, now)
 
     def greeting(self) -> bytes:
         """The frame that opens the conversation (the connection sends it with the 101)."""

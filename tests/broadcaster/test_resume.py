@@ -28,6 +28,9 @@ from tests.broadcaster.support import (
 
 Start = Callable[..., AbstractAsyncContextManager[Running]]
 
+# A second client address on loopback: limits shared per address do not reach it.
+ANOTHER_ADDRESS: dict[str, Any] = {"host": "127.0.0.1", "local_addr": ("127.0.0.2", 0)}
+
 
 async def test_resume_from_memory(server: Running, producer: EventProducer) -> None:
     """Events after since are replayed in order before the ack (recovered), then live."""
@@ -372,15 +375,15 @@ async def test_resumes_are_limited_by_the_history_they_read(
     start: Start, producer: EventProducer
 ) -> None:
     """A resume costs the server the history it reads, even when it sends nothing: once a
-    connection has read four times WS_REPLAY_LIMIT entries, its resumes read nothing and are
-    answered recovered: false (no error), while a resume that needs no history, and other
-    connections, go on as usual."""
+    client address has read four times WS_REPLAY_LIMIT entries, its resumes read nothing and
+    are answered recovered: false (no error), while a resume that needs no history, and
+    other clients, go on as usual."""
     await producer.publish(count=150)
     absent = "market:0x" + "00" * 20
     async with (
         start(ws_replay_limit=100) as server,
         ws_client(server.url) as abuser,
-        ws_client(server.url) as other,
+        ws_client(server.url, **ANOTHER_ADDRESS) as other,
     ):
         for _ in range(4):
             ack = await abuser.subscribe(absent, since=50)  # reads 100 entries, sends none
@@ -392,6 +395,27 @@ async def test_resumes_are_limited_by_the_history_they_read(
         assert [e["seq"] for e in ack["replayedEvents"]] == list(range(141, 151))
         await producer.publish()
         assert [e["seq"] for e in await abuser.events(1)] == [151]
+
+
+async def test_new_connections_of_one_address_share_its_history_budget(
+    start: Start, producer: EventProducer
+) -> None:
+    """Connecting again buys no more history: the budget belongs to the client address, all
+    its connections together, so reconnecting to resume once more is answered recovered:
+    false like a further resume on the same connection."""
+    await producer.publish(count=150)
+    absent = "market:0x" + "00" * 20
+    async with start(ws_replay_limit=100) as server:
+        for _ in range(4):
+            async with ws_client(server.url) as abuser:
+                ack = await abuser.subscribe(absent, since=50)  # reads 100 entries
+                assert ack["recovered"] is True
+        async with ws_client(server.url) as abuser:
+            ack = await abuser.subscribe("events:*", since=140)
+            assert (ack["recovered"], ack["replayedEvents"]) == (False, [])
+        async with ws_client(server.url, **ANOTHER_ADDRESS) as other:
+            ack = await other.subscribe("events:*", since=140)
+            assert [e["seq"] for e in ack["replayedEvents"]] == list(range(141, 151))
 
 
 async def test_resumes_beyond_the_history_cost_nothing(
