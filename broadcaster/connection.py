@@ -62,6 +62,10 @@ class Conversation(Protocol):
         CloseConnection."""
         ...
 
+    def pinged(self) -> None:
+        """Count a ping frame the protocol answered; raise CloseConnection for a flood."""
+        ...
+
 
 class Handler(Protocol):
     """The edge's policy, told of each connection's life (server.Edge)."""
@@ -287,7 +291,12 @@ class Connection(asyncio.Protocol):
     # Sending what the protocol produced
 
     def _flush(self) -> None:
-        for data in self.protocol.data_to_send():
+        chunks = self.protocol.data_to_send()
+        if not chunks:
+            return
+        if len(chunks) > 1 and all(chunks):  # pongs to a burst of pings: one write for all
+            chunks = [b"".join(chunks)]
+        for data in chunks:
             if data:
                 self.transport.write(data)
             elif self.transport.can_write_eof():
@@ -396,12 +405,22 @@ class Connection(asyncio.Protocol):
             if frame.fin:
                 self._fragments = None
                 self._message(fragments[0].opcode, b"".join(bytes(f.data) for f in fragments))
+        elif opcode is Opcode.PING:
+            self._pinged()
         elif opcode is Opcode.PONG and frame.data == self._ping_payload:
             self._ping_payload = None
             if self._ping_timer is not None:
                 self._ping_timer.cancel()
             self._schedule_ping()
         # PING is answered and CLOSE echoed by the protocol itself (flushed above).
+
+    def _pinged(self) -> None:
+        if self.protocol.state is not OPEN or self.conversation is None:
+            return
+        try:
+            self.conversation.pinged()
+        except CloseConnection as decision:
+            self.close(decision.code, decision.reason)
 
     def _message(self, opcode: Opcode, data: bytes) -> None:
         if self.protocol.state is not OPEN:

@@ -200,6 +200,35 @@ async def test_flooding_closes_with_1008(start: Start) -> None:
     assert (code, reason) == (1008, "message rate limit exceeded")
 
 
+async def test_a_flood_of_ping_frames_closes_with_1008(start: Start) -> None:
+    """WebSocket ping frames, which the protocol answers by itself, count against
+    WS_RATE_LIMIT like messages: a flood of them ends with 1008, instead of costing the
+    server a pong each for as long as the client keeps sending."""
+    async with (
+        start(ws_rate_limit=5, ws_max_subscriptions=5) as server,
+        ws_client(server.url) as client,
+    ):
+        for index in range(40):
+            await client.ws.ping(b"%d" % index)
+        code, reason = await client.closed()
+    assert (code, reason) == (1008, "ping rate limit exceeded")
+
+
+async def test_pings_within_the_rate_are_answered(start: Start) -> None:
+    """A client's own heartbeat pings, at the message rate or below, get their pongs and
+    leave the connection open."""
+    async with (
+        start(ws_rate_limit=5, ws_max_subscriptions=5) as server,
+        ws_client(server.url) as client,
+    ):
+        for index in range(3):
+            pong = await client.ws.ping(b"%d" % index)
+            async with asyncio.timeout(WITHIN):
+                await pong
+        await client.send({"type": "ping"})
+        assert (await client.expect("pong"))["type"] == "pong"
+
+
 async def test_flood_answers_pongs_then_rate_limited_errors(start: Start) -> None:
     """Within the burst every ping is answered; past it, rate_limited errors."""
     async with (

@@ -164,8 +164,9 @@ async def test_slow_consumer_is_cut_off_while_others_keep_receiving(
 
 async def test_a_client_that_pings_without_reading_is_cut_off(start: Start) -> None:
     """Pongs pile up for a client that sends pings and reads nothing: past
-    WS_SEND_BUFFER_BYTES it is closed as a slow consumer, as when events pile up."""
-    async with start(ws_send_buffer_bytes=65536) as server:
+    WS_SEND_BUFFER_BYTES it is closed as a slow consumer, as when events pile up. (Here the
+    rate limit, which closes a ping flood by itself, is set out of reach.)"""
+    async with start(ws_send_buffer_bytes=65536, ws_rate_limit=1e9) as server:
         flooder = await RawClient.open(server.settings.ws_port, rcvbuf=4096)
         slow_closes = 0.0
         try:
