@@ -203,9 +203,10 @@ async def test_port_80_serves_acme_webroot_and_redirects_the_rest(edge: Edge) ->
 
 
 async def test_unknown_host_names_are_dropped(edge: Edge) -> None:
-    """A request for another host name gets no answer at all (444), on 80 and on 443."""
+    """A request for another host name gets no answer at all (444, which
+    reset_timedout_connection turns into a reset), on 80 and on 443."""
     for scheme in ("http", "https"):
-        with pytest.raises(aiohttp.ServerDisconnectedError):
+        with pytest.raises((aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
             await http_get(
                 edge, "/health", source=edge.new_ip(), host="other.example", scheme=scheme
             )
@@ -416,6 +417,17 @@ async def test_health_is_the_broadcasters_healthz(edge: Edge) -> None:
     direct = await edge.broadcasters[0].health()
     assert health.keys() == direct.keys()
     assert (health["status"], health["redis"]) == ("ok", "up")
+
+
+async def test_health_requests_are_rate_limited_per_client(edge: Edge) -> None:
+    """/health runs on the broadcaster's event loop, so one client may not poll it at will:
+    a burst of 10 beyond the first passes, the rest of an instant get 429; another client is
+    not affected."""
+    source = edge.new_ip()
+    statuses = [(await http_get(edge, "/health", source=source))[0] for _ in range(15)]
+    assert statuses[:11] == [200] * 11
+    assert 429 in statuses
+    assert (await http_get(edge, "/health", source=edge.new_ip()))[0] == 200
 
 
 async def test_requests_the_broadcasters_cannot_take_do_not_take_them_out(edge: Edge) -> None:
