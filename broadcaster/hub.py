@@ -28,7 +28,7 @@ import structlog
 from broadcaster import messages
 from broadcaster.errors import ClientError
 from broadcaster.events import Event, History
-from broadcaster.limits import TokenBucket
+from broadcaster.limits import AddressBudgets, TokenBucket
 from broadcaster.metrics import Metrics
 from broadcaster.routing import Registry, kind_of
 
@@ -45,8 +45,12 @@ SLOW_REASON = "slow consumer: reconnect and resume with since"
 # miss).
 REPLAY_BURST_LIMITS = 4
 REPLAY_REFILL_SECONDS = 60.0
-# Budgets of addresses are dropped once refilled, looked for when there are this many.
-HISTORY_BUDGETS_BEFORE_PRUNING = 4096
+# Wildcard patterns no subscription holds yet, which subscribing compiles (some 0.6 ms for a
+# long one, against microseconds for a message), per client address: a burst as large as the
+# default WS_MAX_GLOB_PATTERNS_PER_IP, then one a second. Churning distinct patterns
+# (subscribe, unsubscribe, the next) would otherwise cost the server a compile per message.
+NEW_GLOBS_BURST = 16.0
+NEW_GLOBS_PER_SECOND = 1.0
 
 
 class Peer(Protocol):
@@ -139,7 +143,10 @@ class Hub:
         self._max_globs = max_glob_patterns
         self._max_globs_per_address = max_glob_patterns_per_ip
         self._globs_by_address: dict[str, int] = {}  # glob subscriptions held per address
-        self._history_by_address: dict[str, TokenBucket] = {}
+        self._history_budgets = AddressBudgets(
+            replay_limit / REPLAY_REFILL_SECONDS, max(1, REPLAY_BURST_LIMITS * replay_limit)
+        )
+        self._new_glob_budgets = AddressBudgets(NEW_GLOBS_PER_SECOND, NEW_GLOBS_BURST)
         self._clock = clock
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         # Read when scraped, not updated per connection, subscription or event: a connect
@@ -154,24 +161,8 @@ class Hub:
     def history_budget(self, address: str, now: float) -> TokenBucket:
         """The history the resumes of one client address may read, all its connections
         together: a connection of its own would buy a fresh budget with every reconnect.
-
-        Kept after the address's last connection closes, until refilled: forgetting it at
-        once would hand the next connection a full one. (`now`: the sessions' clock.)
-        """
-        budget = self._history_by_address.get(address)
-        if budget is None:
-            if len(self._history_by_address) >= HISTORY_BUDGETS_BEFORE_PRUNING:
-                self._history_by_address = {
-                    key: kept
-                    for key, kept in self._history_by_address.items()
-                    if not kept.full(now)
-                }
-            limit = self.replay_limit
-            budget = TokenBucket(
-                limit / REPLAY_REFILL_SECONDS, max(1, REPLAY_BURST_LIMITS * limit), now
-            )
-            self._history_by_address[address] = budget
-        return budget
+        (`now`: the sessions' clock.)"""
+        return self._history_budgets.of(address, now)
 
     # Connections
 
@@ -421,11 +412,21 @@ class Hub:
                 "in * such as events:*",
                 channel=channel,
             )
-        if not self.registry.has_glob(channel) and self.registry.glob_count >= self._max_globs:
+        if self.registry.has_glob(channel):
+            return  # compiled already: routing it costs no more than a channel
+        if self.registry.glob_count >= self._max_globs:
             raise ClientError(
                 "too_many_patterns",
                 "the server holds too many distinct wildcard patterns; subscribe to a channel "
                 "or a pattern ending in * such as events:*",
+                channel=channel,
+            )
+        now = time.monotonic()
+        if not self._new_glob_budgets.of(client.address, now).take(now):
+            raise ClientError(
+                "rate_limited",
+                f"more than {NEW_GLOBS_PER_SECOND:g} new wildcard patterns per second per "
+                "client address",
                 channel=channel,
             )
 

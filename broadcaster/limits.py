@@ -52,6 +52,37 @@ class TokenBucket:
             self._stamp = now
 
 
+class AddressBudgets:
+    """A TokenBucket per client address, shared by all its connections.
+
+    A budget outlives the address's connections until it has refilled: forgetting it when
+    the last one closes would hand the next connection a full one. Refilled budgets are
+    dropped whenever `prune_at` are held, which bounds the memory in steady state.
+    """
+
+    __slots__ = ("_buckets", "_burst", "_prune_at", "_rate")
+
+    def __init__(self, rate: float, burst: float, *, prune_at: int = 4096) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._prune_at = prune_at
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def of(self, address: str, now: float) -> TokenBucket:
+        """The budget of address (a full one for an address not seen lately)."""
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            if len(self._buckets) >= self._prune_at:
+                self._buckets = {
+                    key: kept for key, kept in self._buckets.items() if not kept.full(now)
+                }
+            bucket = self._buckets[address] = TokenBucket(self._rate, self._burst, now)
+        return bucket
+
+
 class ConnectionCounter:
     """Open connections per client IP, with a ceiling."""
 

@@ -37,6 +37,11 @@ def kind_of(subscription: str) -> Kind:
     return "glob"
 
 
+@functools.lru_cache(maxsize=1024)  # a resume asks for its connection's globs each time
+def _glob_matcher(subscription: str) -> Callable[[str], bool]:
+    return compile_pattern(subscription)
+
+
 def matcher(subscription: str) -> Callable[[str], bool]:
     """A fast predicate telling whether a normalized channel matches a normalized subscription."""
     kind = kind_of(subscription)
@@ -45,7 +50,7 @@ def matcher(subscription: str) -> Callable[[str], bool]:
     if kind == "prefix":
         prefix = _STARS.sub("*", subscription)[:-1]
         return lambda channel: channel.startswith(prefix)
-    return compile_pattern(subscription)
+    return _glob_matcher(subscription)
 
 
 def matches(subscription: str, channel: str) -> bool:
@@ -86,7 +91,7 @@ class Registry(Generic[S]):
         else:
             entry = self._globs.get(subscription)
             if entry is None:
-                entry = self._globs[subscription] = (compile_pattern(subscription), set())
+                entry = self._globs[subscription] = (_glob_matcher(subscription), set())
             entry[1].add(subscriber)
 
     def remove(self, subscription: str, subscriber: S) -> None:

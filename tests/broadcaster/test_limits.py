@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from ipaddress import ip_network
 
-from broadcaster.hub import HISTORY_BUDGETS_BEFORE_PRUNING, Hub
-from broadcaster.limits import ConnectionCounter, TokenBucket, client_ip, per_ip_key
-from broadcaster.metrics import Metrics
+from broadcaster.limits import (
+    AddressBudgets,
+    ConnectionCounter,
+    TokenBucket,
+    client_ip,
+    per_ip_key,
+)
 
 LOCAL = (ip_network("127.0.0.1"), ip_network("::1"))
 
@@ -21,24 +25,22 @@ def test_token_bucket_allows_burst_then_rate() -> None:
     assert [bucket.take(100.0) for _ in range(3)] == [True, True, False]
 
 
-def test_history_budgets_outlive_connections_until_refilled() -> None:
-    """An address's history budget is the same object for each of its connections, and is
-    forgotten only once refilled (when enough other addresses have come), so that memory
-    stays bounded while no reconnect ever finds a fresh budget."""
-    hub = Hub(
-        metrics=Metrics(), send_buffer_bytes=1 << 20, history_size=10, replay_limit=100,
-        max_subscriptions=10, max_glob_patterns=10, max_glob_patterns_per_ip=10,
-    )  # fmt: skip
-    spent = hub.history_budget("spender", 0.0)
+def test_address_budgets_outlive_connections_until_refilled() -> None:
+    """An address's budget is the same bucket for each of its connections, and is forgotten
+    only once refilled (when `prune_at` addresses are held), so that memory stays bounded
+    while no reconnect ever finds a fresh budget."""
+    budgets = AddressBudgets(rate=1.0, burst=10.0, prune_at=100)
+    spent = budgets.of("spender", 0.0)
     spent.spend(1000, 0.0)  # a resume reads past the balance: it goes below zero
-    assert hub.history_budget("spender", 1.0) is spent
-    for index in range(HISTORY_BUDGETS_BEFORE_PRUNING):
-        hub.history_budget(f"idle-{index}", 1.0)
-    hub.history_budget("newcomer", 2.0)  # prunes the refilled ones first
-    assert hub.history_budget("spender", 2.0) is spent
-    assert not hub.history_budget("spender", 2.0).available(2.0)
-    assert hub.history_budget("idle-0", 2.0).full(2.0)  # a new, full one
-    assert len(hub._history_by_address) < HISTORY_BUDGETS_BEFORE_PRUNING
+    assert budgets.of("spender", 1.0) is spent
+    idle = [budgets.of(f"idle-{index}", 1.0) for index in range(99)]
+    assert len(budgets) == 100
+    budgets.of("newcomer", 2.0)  # prunes the refilled ones first
+    assert len(budgets) == 2
+    assert budgets.of("spender", 2.0) is spent
+    assert not spent.available(2.0)
+    assert budgets.of("idle-0", 2.0) is not idle[0]  # forgotten: a new, full one
+    assert budgets.of("idle-0", 2.0).full(2.0)
 
 
 def test_connection_counter() -> None:

@@ -200,6 +200,31 @@ async def test_flooding_closes_with_1008(start: Start) -> None:
     assert (code, reason) == (1008, "message rate limit exceeded")
 
 
+async def test_new_wildcard_patterns_of_one_address_are_rate_limited(start: Start) -> None:
+    """A wildcard pattern new to the server is compiled, which costs far more than a message:
+    churning distinct ones (subscribe, unsubscribe, the next) gets rate_limited past a burst
+    of 16 per client address, while another address is not affected."""
+    one = {"additional_headers": {"X-Forwarded-For": "203.0.113.7"}}
+    other = {"additional_headers": {"X-Forwarded-For": "203.0.113.8"}}
+    async with (
+        start(ws_rate_limit=1000) as server,
+        ws_client(server.url, **one) as a,
+        ws_client(server.url, **other) as c,
+    ):
+        outcomes = []
+        for index in range(21):
+            channel = f"events:*_x{index}"
+            await a.send({"type": "subscribe", "channel": channel})
+            reply = await a.recv()
+            outcomes.append(reply.get("code", reply["type"]))
+            if reply["type"] == "subscribed":
+                await a.send({"type": "unsubscribe", "channel": channel})
+                await a.expect("unsubscribed")
+        assert outcomes[:16] == ["subscribed"] * 16
+        assert "rate_limited" in outcomes[16:]
+        await c.subscribe("events:*_x20")
+
+
 async def test_a_flood_of_ping_frames_closes_with_1008(start: Start) -> None:
     """WebSocket ping frames, which the protocol answers by itself, count against
     WS_RATE_LIMIT like messages: a flood of them ends with 1008, instead of costing the
