@@ -34,6 +34,10 @@ REPLAY_YIELD_EVERY = 256
 REPLAY_DRAIN_TIMEOUT = 30.0
 # How long a resume waits for this instance to reach a `since` another instance already sent.
 CATCH_UP_TIMEOUT = 5.0
+# What asking Redis for the stream's top (a `since` past this instance's position) costs the
+# address's history budget: as much as reading a page of history, so that repeating such
+# resumes cannot keep Redis busy for free.
+TOP_QUERY_COST = REPLAY_PAGE
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +47,7 @@ class Resume:
     seq: int | None
     recovered: bool
     replayed: int
-    scanned: int = 0  # history entries read for it (what it cost, sent or not)
+    scanned: int = 0  # history entries read for it, or their worth (its cost, sent or not)
 
 
 async def resume(
@@ -51,8 +55,9 @@ async def resume(
 ) -> Resume:
     """Subscribe and replay what came after since; live events wait for go_live().
 
-    `may_read` False (the connection read all the history it may for now): nothing before
-    the position is read, so a since below it gets recovered: false.
+    `may_read` False (the connection's address read all the history it may for now):
+    neither history nor the stream's top is read, so a since other than the position gets
+    recovered: false.
     The caller sends the ack, then calls go_live(). If this raises (the connection is being
     closed), Hub.disconnect() forgets the held events.
     """
@@ -66,7 +71,7 @@ async def resume(
     client.subs[channel] = min(since, older.get(channel, since))
     client.pending = []
     client.pending_bytes = 0
-    if may_read or boundary is None or since >= boundary:
+    if may_read or boundary is None or since == boundary:
         outcome = await _replay(hub, client, channel, since, boundary, older)
     else:
         outcome = _Replayed(False, 0, boundary, 0)
@@ -88,7 +93,7 @@ class _Replayed(NamedTuple):
     complete: bool  # every matching event in (since, boundary] was sent
     sent: int
     covered: int  # the seq after which every matching event up to the boundary was delivered
-    scanned: int  # history entries read
+    scanned: int  # history entries read, or their worth (TOP_QUERY_COST)
 
 
 def go_live(hub: Hub, client: Client) -> None:
@@ -129,7 +134,8 @@ async def _replay(
         return _Replayed(False, 0, boundary, 0)  # an old stream's seq: nothing continues it
     if since >= boundary:
         complete = await _await_since(hub, since, boundary)
-        return _Replayed(complete, 0, since if complete else boundary, 0)
+        cost = TOP_QUERY_COST if since > boundary else 0
+        return _Replayed(complete, 0, since if complete else boundary, cost)
     if boundary - since > hub.replay_limit:
         return _Replayed(False, 0, boundary, 0)
     covered = [(matcher(sub), start) for sub, start in older.items()]

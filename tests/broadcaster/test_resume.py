@@ -418,6 +418,23 @@ async def test_new_connections_of_one_address_share_its_history_budget(
             assert [e["seq"] for e in ack["replayedEvents"]] == list(range(141, 151))
 
 
+async def test_resumes_from_beyond_the_position_are_charged_for_asking_redis(
+    start: Start, producer: EventProducer
+) -> None:
+    """A `since` past this instance's position makes it ask Redis for the stream's top,
+    which costs as much as reading a page of history: such resumes spend the address's
+    history budget like any other, so repeating them cannot keep Redis busy for free."""
+    await producer.publish(count=150)
+    async with start(ws_replay_limit=1000) as server, ws_client(server.url) as client:
+        for _ in range(8):  # four times the limit: 4,000 entries' worth, 500 each
+            ack = await client.subscribe("events:*", since=10_000)
+            assert ack["recovered"] is False  # a seq the stream never had
+        ack = await client.subscribe("events:*", since=140)
+        assert (ack["recovered"], ack["replayedEvents"]) == (False, [])
+        ack = await client.subscribe("events:*", since=10_000)
+        assert ack["recovered"] is False
+
+
 async def test_resumes_beyond_the_history_cost_nothing(
     start: Start, producer: EventProducer
 ) -> None:
