@@ -30,6 +30,11 @@ from tests.support.handshake import handshake_request
 Start = Callable[..., AbstractAsyncContextManager[Running]]
 
 
+def via(ip: str) -> dict[str, Any]:
+    """ws_client options for a client at ip, as the trusted local proxy forwards it."""
+    return {"additional_headers": {"X-Forwarded-For": ip}}
+
+
 async def test_greeting(server: Running) -> None:
     """A client is greeted with connected, its clientId, a millisecond timestamp and the seq."""
     async with ws_client(server.url) as client:
@@ -150,8 +155,7 @@ async def test_one_client_address_cannot_take_every_wildcard_pattern(start: Star
     (here 2) wildcard subscriptions other than a trailing *, so that one client cannot use up
     the server-wide cap for everyone; another address still gets its share, and a share
     comes back when a subscription or a connection ends."""
-    one = {"additional_headers": {"X-Forwarded-For": "203.0.113.5"}}
-    other = {"additional_headers": {"X-Forwarded-For": "203.0.113.6"}}
+    one, other = via("203.0.113.5"), via("203.0.113.6")
     async with (
         start(ws_max_glob_patterns_per_ip=2) as server,
         ws_client(server.url, **one) as a,
@@ -204,12 +208,10 @@ async def test_new_wildcard_patterns_of_one_address_are_rate_limited(start: Star
     """A wildcard pattern new to the server is compiled, which costs far more than a message:
     churning distinct ones (subscribe, unsubscribe, the next) gets rate_limited past a burst
     of 16 per client address, while another address is not affected."""
-    one = {"additional_headers": {"X-Forwarded-For": "203.0.113.7"}}
-    other = {"additional_headers": {"X-Forwarded-For": "203.0.113.8"}}
     async with (
         start(ws_rate_limit=1000) as server,
-        ws_client(server.url, **one) as a,
-        ws_client(server.url, **other) as c,
+        ws_client(server.url, **via("203.0.113.7")) as a,
+        ws_client(server.url, **via("203.0.113.8")) as c,
     ):
         outcomes = []
         for index in range(21):
@@ -524,10 +526,6 @@ async def test_origin_allowlist(start: Start) -> None:
 async def test_connections_per_ip(start: Start) -> None:
     """Per real client IP (X-Forwarded-For from the trusted local proxy) the limit holds."""
     async with start(ws_max_connections_per_ip=2) as server:
-
-        def via(ip: str) -> dict[str, Any]:
-            return {"additional_headers": {"X-Forwarded-For": ip}}
-
         async with (
             ws_client(server.url, **via("203.0.113.7")),
             ws_client(server.url, **via("203.0.113.7")),
@@ -545,12 +543,13 @@ async def test_connections_per_ip(start: Start) -> None:
 
 async def test_forwarded_for_is_ignored_from_untrusted_peers(start: Start) -> None:
     """With no trusted proxy, X-Forwarded-For cannot dodge the per-IP limit."""
-    async with start(ws_max_connections_per_ip=1, ws_trusted_proxies="") as server:
-        headers = {"additional_headers": {"X-Forwarded-For": "203.0.113.8"}}
-        async with ws_client(server.url):
-            with pytest.raises(InvalidStatus) as caught:
-                async with ws_client(server.url, **headers):
-                    pass
+    async with (
+        start(ws_max_connections_per_ip=1, ws_trusted_proxies="") as server,
+        ws_client(server.url),
+    ):
+        with pytest.raises(InvalidStatus) as caught:
+            async with ws_client(server.url, **via("203.0.113.8")):
+                pass
     assert caught.value.response.status_code == 429
 
 

@@ -51,6 +51,29 @@ async def running(publisher: Publisher) -> AsyncIterator[None]:
         await asyncio.wait([task])
 
 
+@asynccontextmanager
+async def redis_user(
+    admin: aioredis.Redis, server: Redis, name: str, commands: list[str]
+) -> AsyncIterator[aioredis.Redis]:
+    """A client of a Redis user allowed only `commands` (every key and channel), for the
+    block; the user is deleted after it."""
+    user, password = f"{name}-{os.getpid()}", f"{name}-password"
+    await admin.acl_setuser(
+        user,
+        enabled=True,
+        passwords=[f"+{password}"],
+        keys=["*"],
+        channels=["*"],
+        commands=["-@all", *commands],
+    )
+    try:
+        url = server.url.replace("redis://", f"redis://{user}:{password}@", 1)
+        async with redis_client(url) as client:
+            yield client
+    finally:
+        await admin.acl_deluser(user)
+
+
 def stream_missing(metrics: Metrics) -> float:
     """kektech_indexer_stream_missing_total of these metrics."""
     return metrics.registry.get_sample_value("kektech_indexer_stream_missing_total") or 0.0
@@ -428,31 +451,13 @@ async def test_a_redis_user_without_xrange_still_publishes_rows_it_skips(
     publisher on a retry after a crash: the rows go out unchecked, and the log says why."""
     store, redis = publisher_parts
     key = unique_key("no-xrange")
-    user, password = f"no-xrange-{os.getpid()}", "no-xrange-password"
-    await redis.acl_setuser(
-        user,
-        enabled=True,
-        passwords=[f"+{password}"],
-        keys=["*"],
-        channels=["*"],
-        commands=[
-            "-@all", "+evalsha", "+script|load", "+xinfo|stream", "+xadd", "+publish", "+ping",
-        ],
-    )  # fmt: skip
-    rows = [outbox_row(seq) for seq in range(1, 8)]
-    await insert_outbox(database_url, rows)
-    for row in rows[:5]:  # written, then the process died before mark_published
-        fields = {"seq": str(row.seq), "channels": row.channels, "event": row.payload}
-        await redis.xadd(key, fields, id=f"{row.seq}-0")  # type: ignore[arg-type]
-    url = redis_server.url.replace("redis://", f"redis://{user}:{password}@", 1)
-    try:
-        async with redis_client(url) as limited:
-            publisher = make_publisher((store, limited), key)
-            with structlog.testing.capture_logs() as logs:
-                async with running(publisher):
-                    await published_up_to(publisher, 7)
-    finally:
-        await redis.acl_deluser(user)
+    await crashed_after_writing(redis, database_url, key)
+    allowed = ["+evalsha", "+script|load", "+xinfo|stream", "+xadd", "+publish", "+ping"]
+    async with redis_user(redis, redis_server, "no-xrange", allowed) as limited:
+        publisher = make_publisher((store, limited), key)
+        with structlog.testing.capture_logs() as logs:
+            async with running(publisher):
+                await published_up_to(publisher, 7)
     assert await stream_seqs(redis, key) == list(range(1, 8))
     unchecked = [e for e in logs if e["event"].startswith("cannot check the seqs")]
     assert len(unchecked) == 1
@@ -478,6 +483,16 @@ async def test_rows_whose_seqs_another_writer_took_in_the_stream_are_reported(
     assert stream_missing(metrics) == 3
 
 
+async def crashed_after_writing(redis: aioredis.Redis, database_url: str, key: str) -> None:
+    """Outbox rows 1..7, of which 1..5 are in the stream but not marked published: what a
+    publisher that died between its stream write and recording it leaves behind."""
+    rows = [outbox_row(seq) for seq in range(1, 8)]
+    await insert_outbox(database_url, rows)
+    for row in rows[:5]:
+        fields = {"seq": str(row.seq), "channels": row.channels, "event": row.payload}
+        await redis.xadd(key, fields, id=f"{row.seq}-0")  # type: ignore[arg-type]
+
+
 async def test_rows_already_in_the_stream_after_a_crash_are_skipped_quietly(
     publisher_parts: tuple[Store, aioredis.Redis], database_url: str
 ) -> None:
@@ -486,11 +501,7 @@ async def test_rows_already_in_the_stream_after_a_crash_are_skipped_quietly(
     entries, with no error and nothing counted as missing."""
     _, redis = publisher_parts
     key = unique_key("crashed")
-    rows = [outbox_row(seq) for seq in range(1, 8)]
-    await insert_outbox(database_url, rows)
-    for row in rows[:5]:  # written, then the process died before mark_published
-        fields = {"seq": str(row.seq), "channels": row.channels, "event": row.payload}
-        await redis.xadd(key, fields, id=f"{row.seq}-0")  # type: ignore[arg-type]
+    await crashed_after_writing(redis, database_url, key)
     metrics = Metrics()
     publisher = make_publisher(publisher_parts, key, metrics=metrics)
     with structlog.testing.capture_logs() as logs:
@@ -526,29 +537,17 @@ async def test_a_stream_the_redis_user_may_not_inspect_is_an_error_not_a_lost_st
     not rewind and publish the outbox again over entries that are there."""
     store, redis = publisher_parts
     key = unique_key("no-xinfo")
-    user, password = f"no-xinfo-{os.getpid()}", "no-xinfo-password"
-    await redis.acl_setuser(
-        user,
-        enabled=True,
-        passwords=[f"+{password}"],
-        keys=["*"],
-        channels=["*"],
-        commands=["-@all", "+evalsha", "+eval", "+script|load", "+xadd", "+publish", "+ping"],
-    )
     await insert_outbox(database_url, [outbox_row(seq) for seq in range(1, 8)])
     for seq in range(1, 6):  # published before: in the stream and recorded as published
         row = outbox_row(seq)
         await redis.xadd(key, {"seq": str(seq), "event": row.payload}, id=f"{seq}-0")
     await store.mark_published(5)
-    url = redis_server.url.replace("redis://", f"redis://{user}:{password}@", 1)
-    try:
-        async with redis_client(url) as limited:
-            publisher = make_publisher((store, limited), key)
-            with structlog.testing.capture_logs() as logs:
-                async with running(publisher):
-                    await asyncio.sleep(1.0)
-    finally:
-        await redis.acl_deluser(user)
+    allowed = ["+evalsha", "+eval", "+script|load", "+xadd", "+publish", "+ping"]
+    async with redis_user(redis, redis_server, "no-xinfo", allowed) as limited:
+        publisher = make_publisher((store, limited), key)
+        with structlog.testing.capture_logs() as logs:
+            async with running(publisher):
+                await asyncio.sleep(1.0)
     assert not [e for e in logs if e["event"].startswith("the stream lost its newest entries")]
     failures = [e for e in logs if e["event"] == "redis publish failed, will retry"]
     assert failures  # the refusal itself, in Redis's words ("NOPERM", "can't run this command")
