@@ -47,8 +47,8 @@ PRUNE_CHUNK = 5000
 # (restarted empty or from an older snapshot) are written again at once, not at the next event.
 PING_EVERY = 5.0
 # KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate). ARGV[2]: the seq the batch must follow
-# on from, to refuse it when the stream ends before that (it returns {-1, top} and writes
-# nothing: Redis lost entries), or 0 to write it anyway; a missing stream has top 0 (Redis
+# on from, to refuse it when the stream ends before that (it returns {-1, top, {}, 0} and
+# writes nothing: Redis lost entries), or 0 to write it anyway; a missing stream has top 0 (Redis
 # restarted empty, or the key deleted), while any other XINFO error (an ACL refusing it)
 # fails the call rather than reading as one.
 # Then per event: seq, channels, envelope. An event whose seq is not above the top is not
@@ -73,7 +73,7 @@ else
   end
 end
 if tonumber(ARGV[2]) > top + 1 then
-  return {-1, top}
+  return {-1, top, {}, 0}
 end
 local added = 0
 local foreign = {}
@@ -328,10 +328,9 @@ class Publisher:
         args: list[bytes | str | int] = [self._maxlen, follows]
         for row in rows:
             args += [row.seq, row.channels, row.payload]
-        added, top, *rest = await self._script(keys=[self._stream_key], args=args)
+        added, top, foreign_seqs, unchecked = await self._script(keys=[self._stream_key], args=args)
         if int(added) < 0:
             return int(top)
-        foreign_seqs, unchecked = rest
         if int(unchecked) and not self._told_unchecked:
             self._told_unchecked = True
             log.warning(
