@@ -196,6 +196,11 @@ class Connection(asyncio.Protocol):
     def abort(self) -> None:
         self.transport.abort()
 
+    def refuse(self, response: bytes) -> None:
+        """Answer with `response` (a whole HTTP response) before reading anything, and close."""
+        self.transport.write(response)
+        self.transport.close()
+
     def _fail(self, code: int, reason: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): close frame, end of stream, no more reading."""
         self._stop_work()

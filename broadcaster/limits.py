@@ -6,9 +6,13 @@ import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-__all__ = ["ConnectionCounter", "TokenBucket", "client_ip"]
+__all__ = ["ConnectionCounter", "TokenBucket", "client_ip", "connection_ceiling"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Open files a broadcaster keeps for itself, whatever its clients take: its Redis connections
+# (reader, health monitor, 8 for resumes), listeners, metrics scrapes, the event loop's own.
+FILES_RESERVED = 64
 
 
 class TokenBucket:
@@ -81,6 +85,15 @@ class AddressBudgets:
                 }
             bucket = self._buckets[address] = TokenBucket(self._rate, self._burst, now)
         return bucket
+
+
+def connection_ceiling(configured: int, open_files: int) -> int:
+    """The connections to hold at most: WS_MAX_CONNECTIONS, lowered so that FILES_RESERVED of
+    the process's open files stay free (at the limit, a reconnect to Redis would fail).
+    `open_files` is the soft limit; resource.RLIM_INFINITY (-1) means none."""
+    if open_files < 0:
+        return configured
+    return max(1, min(configured, open_files - FILES_RESERVED))
 
 
 class ConnectionCounter:

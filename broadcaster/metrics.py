@@ -26,7 +26,7 @@ class Metrics:
         )
         self.rejected = Counter(
             p + "rejected",
-            "Handshakes refused, by reason (path, origin, ip_limit, shutdown)",
+            "Handshakes refused, by reason (path, origin, headers, ip_limit, full)",
             ["reason"],
             registry=r,
         )

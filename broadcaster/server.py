@@ -15,7 +15,9 @@ import contextlib
 import dataclasses
 import http
 import os
+import resource
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,7 +31,7 @@ from broadcaster import messages
 from broadcaster.connection import Connection, Options
 from broadcaster.errors import SocketInUse
 from broadcaster.hub import Hub
-from broadcaster.limits import ConnectionCounter, client_ip, per_ip_key
+from broadcaster.limits import ConnectionCounter, client_ip, connection_ceiling, per_ip_key
 from broadcaster.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
 from broadcaster.session import Session
 from shared.settings import BroadcasterSettings
@@ -45,18 +47,26 @@ LISTEN_BACKLOG = 16384  # a reconnect storm must not overflow the accept queue (
 SERVER_HEADER = "kektech-broadcaster"
 UNIX_SOCKET_MODE = 0o660  # owner and group (Nginx's) may connect, nobody else
 RESTART_REASON = "service restart: reconnect and resume with since"
+FULL_WARNING_INTERVAL = 60.0  # seconds between warnings while connections are refused
 
 
 class Edge:
     """Handshake policy, HTTP endpoints and the sessions of open connections."""
 
     def __init__(
-        self, settings: BroadcasterSettings, *, hub: Hub, metrics: Metrics, status: Status
+        self,
+        settings: BroadcasterSettings,
+        *,
+        hub: Hub,
+        metrics: Metrics,
+        status: Status,
+        max_connections: int,
     ) -> None:
         self.settings = settings
         self.hub = hub
         self.metrics = metrics
         self.status = status
+        self.max_connections = max_connections
         self.per_ip = ConnectionCounter(settings.ws_max_connections_per_ip)
         self.connections: set[Connection] = set()
         self.sessions: dict[Connection, Session] = {}
@@ -64,8 +74,20 @@ class Edge:
         self._all_closed = asyncio.Event()
         self._origins = frozenset(settings.ws_allowed_origins)
         self._burst = float(max(2 * settings.ws_rate_limit, settings.ws_max_subscriptions))
+        self._full = _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "server full\n").serialize()
+        self._full_warned_at: float | None = None
 
     def connected(self, connection: Connection) -> None:
+        """A socket was accepted: hold it, or answer 503 at once when max_connections are
+        held (before reading its request: the descriptor is what is short)."""
+        if len(self.connections) >= self.max_connections:
+            self.metrics.rejected.labels(reason="full").inc()
+            now = time.monotonic()
+            if self._full_warned_at is None or now - self._full_warned_at >= FULL_WARNING_INTERVAL:
+                self._full_warned_at = now
+                log.warning("server full: refusing connections", connections=self.max_connections)
+            connection.refuse(self._full)
+            return
         self.connections.add(connection)
         self._all_closed.clear()
 
@@ -215,7 +237,16 @@ async def serve_clients(
     On exit: stop accepting, close every client with 1012 (service restart) so it reconnects
     and resumes, abort whoever has not finished the closing handshake within SHUTDOWN_GRACE.
     """
-    edge = Edge(settings, hub=hub, metrics=metrics, status=status)
+    open_files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    max_connections = connection_ceiling(settings.ws_max_connections, open_files)
+    if max_connections < settings.ws_max_connections:
+        log.warning(
+            "the open files limit lowers WS_MAX_CONNECTIONS",
+            ws_max_connections=settings.ws_max_connections,
+            connections=max_connections,
+            open_files=open_files,
+        )
+    edge = Edge(settings, hub=hub, metrics=metrics, status=status, max_connections=max_connections)
     ops = OpsEdge(edge)
     limit = settings.ws_send_buffer_bytes
     options = Options(

@@ -255,6 +255,15 @@ class BroadcasterSettings(ServiceSettings):
     ws_max_connections_per_ip: int = Field(
         default=50, ge=1, description="Per client IP (IPv4 address, or IPv6 /64)."
     )
+    ws_max_connections: int = Field(
+        default=20_000,
+        ge=1,
+        description=(
+            "Connections this process holds on its public listeners (WebSockets, handshakes "
+            "and HTTP requests together); more are answered 503 at once. Lowered at start to "
+            "leave the process open files for itself (Redis, the metrics port)."
+        ),
+    )
     ws_max_subscriptions: int = Field(default=100, ge=1, description="Channels per connection.")
     ws_allowed_origins: Annotated[tuple[Origin, ...], NoDecode] = Field(
         default=(), description="Comma-separated Origin values; empty allows every origin."

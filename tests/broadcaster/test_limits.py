@@ -5,10 +5,12 @@ from __future__ import annotations
 from ipaddress import ip_network
 
 from broadcaster.limits import (
+    FILES_RESERVED,
     AddressBudgets,
     ConnectionCounter,
     TokenBucket,
     client_ip,
+    connection_ceiling,
     per_ip_key,
 )
 
@@ -54,6 +56,15 @@ def test_connection_counter() -> None:
     assert counter.acquire("a")
     counter.release("b")
     assert counter.count("b") == 0
+
+
+def test_connection_ceiling_leaves_open_files_for_the_process() -> None:
+    """WS_MAX_CONNECTIONS is lowered to keep FILES_RESERVED descriptors free; an unlimited
+    soft limit (RLIM_INFINITY, -1) lowers nothing; there is always room for one client."""
+    assert connection_ceiling(20_000, 1_048_576) == 20_000
+    assert connection_ceiling(20_000, 1024) == 1024 - FILES_RESERVED
+    assert connection_ceiling(20_000, -1) == 20_000
+    assert connection_ceiling(20_000, FILES_RESERVED) == 1
 
 
 def test_headers_ignored_from_untrusted_peer() -> None:

@@ -541,6 +541,21 @@ async def test_connections_per_ip(start: Start) -> None:
             assert again.hello["type"] == "connected"
 
 
+async def test_connections_past_the_server_limit_get_503(start: Start) -> None:
+    """Past WS_MAX_CONNECTIONS (whoever holds them) a connection is answered 503 at once; a
+    slot is free again when a connection ends, and the metrics port still answers."""
+    async with start(ws_max_connections=2) as server:
+        async with ws_client(server.url, **via("203.0.113.7")), ws_client(server.url):
+            with pytest.raises(InvalidStatus) as caught:
+                async with ws_client(server.url, **via("198.51.100.1")):
+                    pass
+            assert caught.value.response.status_code == 503
+            assert caught.value.response.body == b"server full\n"
+            assert await server.metric("kektech_broadcaster_rejected_total") == 1
+        async with ws_client(server.url, **via("198.51.100.1")) as again:
+            assert again.hello["type"] == "connected"
+
+
 async def test_forwarded_for_is_ignored_from_untrusted_peers(start: Start) -> None:
     """With no trusted proxy, X-Forwarded-For cannot dodge the per-IP limit."""
     async with (

@@ -20,6 +20,8 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+import redis.asyncio as aioredis
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.server import ServerProtocol
 
 from broadcaster import stream
@@ -774,3 +776,54 @@ async def test_connections_are_not_bounded_by_an_inherited_soft_open_files_limit
             await client.send({"type": "ping"})
             await client.expect("pong")
         assert server.proc.returncode is None
+
+
+OPEN_FILES_CAP = 160  # soft and hard: fewer than the clients the test tries to connect
+CLIENTS_PAST_THE_CAP = 200
+
+
+def _capped_open_files() -> None:
+    """In the child before exec: a hard limit of open files a storm of clients can reach."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES_CAP, OPEN_FILES_CAP))
+
+
+async def _try_connect(url: str, stack: contextlib.AsyncExitStack) -> bool:
+    """Open a client and keep it open until the stack closes; False if it was refused."""
+    try:
+        async with asyncio.timeout(3):
+            await stack.enter_async_context(ws_client(url))
+    except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed):
+        return False
+    return True
+
+
+async def test_a_full_server_keeps_descriptors_to_reconnect_to_redis(
+    redis_server: Redis, stream_key: str, tmp_path: Path
+) -> None:
+    """With clients at the open files limit, the broadcaster still has the descriptors it needs
+    for itself: it reconnects to Redis after a restart, while clients keep knocking, and
+    delivers to the clients it holds; clients past its capacity are refused, not left hanging."""
+    with Redis(workdir=tmp_path) as own:
+        producer = EventProducer(aioredis.Redis.from_url(own.url), stream_key)
+        async with (
+            broadcaster_process(
+                own,
+                stream_key,
+                tmp_path,
+                _capped_open_files,
+                WS_MAX_CONNECTIONS_PER_IP=str(10 * CLIENTS_PAST_THE_CAP),
+            ) as server,
+            contextlib.AsyncExitStack() as stack,
+            ws_client(server.url) as first,
+        ):
+            await first.subscribe("events:*")
+            admitted = [await _try_connect(server.url, stack) for _ in range(CLIENTS_PAST_THE_CAP)]
+            assert not all(admitted)  # some were past the server's capacity
+            own.stop()
+            await asyncio.sleep(1)
+            # Clients that keep knocking while Redis is away must not take its descriptors.
+            await asyncio.gather(*(_try_connect(server.url, stack) for _ in range(20)))
+            own.start()
+            await producer.publish(count=3)
+            assert [e["seq"] for e in await first.events(3, within=15)] == [1, 2, 3]
+        await producer.redis.aclose()

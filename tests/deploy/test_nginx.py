@@ -187,6 +187,38 @@ async def test_a_rolling_restart_of_the_broadcasters_leaves_no_handshake_unserve
             assert await handshake_statuses(edge, source=source, count=1) == [101]
 
 
+async def test_a_handshake_refused_by_a_full_instance_is_served_by_another(
+    redis_server: Redis,
+) -> None:
+    """An instance at WS_MAX_CONNECTIONS answers 503; nginx then tries the next instance, as
+    it does for a refused connect, instead of passing the 503 to the client."""
+    key = stream_key()
+    settings = [
+        settings_for(redis_server.url, key, ws_max_connections=1),
+        settings_for(redis_server.url, key),
+    ]
+    async with (
+        aioredis.Redis.from_url(redis_server.url) as redis,
+        running(settings[0]) as full,
+        running(settings[1]) as roomy,
+        AsyncExitStack() as clients,
+    ):
+        producer = EventProducer(redis, key)
+        await producer.publish()
+        with nginx_edge(
+            ws_ports=[s.ws_port for s in settings],
+            health_ports=[s.broadcaster_http_port for s in settings],
+        ) as server:
+            edge = Edge(server, [full, roomy], producer)
+            # least_conn alternates: without the retry, the third or fourth gets the 503.
+            for _ in range(4):
+                client = await clients.enter_async_context(edge.ws_client(edge.new_ip()))
+                await client.subscribe("events:*")
+            assert await full.metric("kektech_broadcaster_connections") == 1
+            assert await full.metric("kektech_broadcaster_rejected_total") >= 1
+            assert await roomy.metric("kektech_broadcaster_connections") == 3
+
+
 async def test_port_80_serves_acme_webroot_and_redirects_the_rest(edge: Edge) -> None:
     """Port 80 serves certbot's challenge files from the webroot and 301s all else to HTTPS."""
     challenge = edge.layout.webroot / ".well-known" / "acme-challenge" / "token-abc"
