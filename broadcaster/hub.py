@@ -213,10 +213,11 @@ class Hub:
         if self.position is None:
             self.position = position
             # Nothing was relayed before (Redis was away since start): what a subscription
-            # made meanwhile covers begins here, whatever `since` it asked for.
+            # made meanwhile covers begins here, whatever `since` it asked for (one past the
+            # stream, from a Redis restored from an older copy, included).
             for client in self.clients:
-                for channel, start in client.subs.items():
-                    client.subs[channel] = max(start, position)
+                for channel in client.subs:
+                    client.subs[channel] = position
             self._wake_waiters()
 
     def prefill(self, entries: Iterable[tuple[int, Event | None]]) -> None:

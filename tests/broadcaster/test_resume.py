@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,28 @@ async def test_many_resumes_at_once_from_the_stream_are_all_answered(
     assert set(reports) == {"up"}
 
 
+@contextlib.asynccontextmanager
+async def started_while_redis_is_away(own: Redis, stream_key: str) -> AsyncIterator[Running]:
+    """Stop `own`, then start a broadcaster on it and wait until it reports Redis down."""
+    own.stop()
+    settings = settings_for(own.url, stream_key)
+    task = asyncio.create_task(run(settings), name="broadcaster-under-test")
+    try:
+        server = Running(settings, task)
+        async with asyncio.timeout(WITHIN):
+            while True:
+                with contextlib.suppress(aiohttp.ClientError):
+                    if (await server.health())["redis"] == "down":
+                        break
+                assert not task.done()
+                await asyncio.sleep(0.05)
+        yield server
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def test_a_resume_while_redis_was_away_since_boot_claims_nothing(
     stream_key: str, tmp_path: Path
 ) -> None:
@@ -145,20 +167,11 @@ async def test_a_resume_while_redis_was_away_since_boot_claims_nothing(
     with Redis(workdir=tmp_path) as own:
         producer = EventProducer(aioredis.Redis.from_url(own.url), stream_key)
         await producer.publish(count=10)  # all on MARKET
-        own.stop()
-        settings = settings_for(own.url, stream_key)
-        task = asyncio.create_task(run(settings), name="broadcaster-under-test")
         try:
-            url = f"ws://127.0.0.1:{settings.ws_port}{settings.ws_path}"
-            server = Running(settings, task)
-            async with asyncio.timeout(WITHIN):
-                while True:
-                    with contextlib.suppress(aiohttp.ClientError):
-                        if (await server.health())["redis"] == "down":
-                            break
-                    assert not task.done()
-                    await asyncio.sleep(0.05)
-            async with ws_client(url) as client:
+            async with (
+                started_while_redis_is_away(own, stream_key) as server,
+                ws_client(server.url) as client,
+            ):
                 early = await client.subscribe(f"market:{MARKET}", since=5)
                 assert (early["recovered"], early["replayed"]) == (False, 0)
                 own.start()
@@ -167,9 +180,35 @@ async def test_a_resume_while_redis_was_away_since_boot_claims_nothing(
                 assert [e["seq"] for e in ack["replayedEvents"]] == [6, 7, 8, 9, 10]
                 assert ack["recovered"] is True
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await producer.redis.aclose()
+
+
+async def test_a_resume_past_the_stream_while_redis_was_away_claims_only_what_follows(
+    stream_key: str, tmp_path: Path
+) -> None:
+    """A subscription made while Redis was away, with a `since` the stream never reached
+    (Redis came back from an older copy), covers what follows the position the server starts
+    at: a later resume of an overlapping channel does not deliver the live events again."""
+    with Redis(workdir=tmp_path) as own:
+        producer = EventProducer(aioredis.Redis.from_url(own.url), stream_key)
+        await producer.publish(count=10)  # all on MARKET
+        try:
+            async with (
+                started_while_redis_is_away(own, stream_key) as server,
+                ws_client(server.url) as client,
+            ):
+                early = await client.subscribe(f"market:{MARKET}", since=500)
+                assert early["recovered"] is False
+                own.start()
+                await server.wait_health(within=15, seq=10)
+                await producer.publish(count=2)
+                assert [e["seq"] for e in await client.events(2)] == [11, 12]
+                ack = await client.subscribe("events:*", since=10)
+                assert ack["replayedEvents"] == []
+                assert ack["recovered"] is True
+                await producer.publish()
+                assert [e["seq"] for e in await client.events(1)] == [13]
+        finally:
             await producer.redis.aclose()
 
 
