@@ -244,18 +244,26 @@ class RpcClient:
         """Call one method once per parameter list, in batches; answers in request order.
 
         parse(i, result) checks the result of params_list[i], in the attempt that got it.
+        A batch refused as too large (HTTP 413) is halved until the endpoint takes it, and
+        the rest of the call goes at that size; a batch refused as such goes call by call.
         """
         answers: list[T] = []
-        for start in range(0, len(params_list), self._max_batch_size):
-            chunk = params_list[start : start + self._max_batch_size]
+        size = self._max_batch_size
+        start = 0
+        while start < len(params_list):
+            chunk = params_list[start : start + size]
             if self._batches:
                 try:
                     answers += await self._batch(method, chunk, start, parse)
+                    start += len(chunk)
                     continue
-                except wire.BatchRejected:
-                    pass  # then one by one
+                except wire.BatchRejected as rejected:
+                    if not rejected.lasting and len(chunk) > 1:
+                        size = (len(chunk) + 1) // 2
+                        continue
             for i, params in enumerate(chunk, start):
                 answers.append(await self._call(method, list(params), functools.partial(parse, i)))
+            start += len(chunk)
         return answers
 
     @property

@@ -230,19 +230,45 @@ async def test_headers_fall_back_to_single_calls_when_batches_are_rejected(chain
         assert headers == again == await direct.get_block_headers(numbers)
 
 
-async def test_a_batch_too_large_goes_one_by_one_and_batches_stay(chain: Chain) -> None:
+async def test_a_batch_too_large_goes_in_halves_and_batches_stay(chain: Chain) -> None:
     """HTTP 413 to a batch says that request was too large, not that the endpoint takes no
-    batches: its calls go one by one, and the next call is a batch again."""
+    batches: its calls go in two smaller batches, and the next call is a whole batch again."""
     async with RpcFaultProxy(chain.url, seed=16) as proxy:
         proxy.schedule("http_413")
         async with client_for(proxy.url) as client:
             headers = await client.get_block_headers(range(10))
             sent = proxy.requests
             later = await client.get_block_headers(range(10, 20))
-        assert sent == 1 + 10  # the refused batch, then its calls
+        assert sent == 1 + 2  # the refused batch, then its two halves
         assert proxy.requests - sent == 1
     async with client_for(chain.url) as direct:
         assert headers + later == await direct.get_block_headers(range(20))
+
+
+async def test_a_batch_over_the_endpoints_size_limit_is_sent_in_smaller_batches(
+    chain: Chain,
+) -> None:
+    """An endpoint with a body size limit answers a large batch with HTTP 413: the batch is
+    halved until it fits, and the rest of the call goes in batches of that size, not call by
+    call (100 headers here: 3 refused batches and 8 of 13, against 1 and 100 single calls)."""
+    numbers = range(100)
+    call_bytes = len(
+        orjson.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 1000,
+                "method": "eth_getBlockByNumber",
+                "params": ["0x63", False],
+            }
+        )
+    )
+    async with RpcFaultProxy(chain.url, seed=18, max_body=16 * call_bytes) as proxy:
+        async with client_for(proxy.url) as client:
+            headers = await client.get_block_headers(numbers)
+        assert proxy.injected["body_too_large"] >= 1
+        assert proxy.requests < 20
+    async with client_for(chain.url) as direct:
+        assert headers == await direct.get_block_headers(numbers)
 
 
 async def test_a_range_at_the_floor_answered_413_is_retried(chain: Chain) -> None:

@@ -39,6 +39,8 @@ Besides, eth_getLogs is limited the way public providers limit it, deterministic
                     (wordings rotate; one of them is HTTP 413 for a single request)
     max_results     an answer with more than max_results logs becomes "more than N results"
     reject_batches  every batch is answered with one "batch not supported" error object
+    max_body        a request body of more than max_body bytes is answered HTTP 413 (a
+                    provider's or its proxy's size limit, e.g. nginx's client_max_body_size)
 
 `stale_header(number, header, times)` has the next `times` single eth_getBlockByNumber calls
 for that number answered with `header`: a block as a backend still on a replaced branch has
@@ -50,8 +52,9 @@ plain attribute and may be changed while the proxy runs.
 Counters for assertions: `requests` (HTTP requests received), `forwarded` (HTTP requests sent
 upstream), `methods` (Counter of JSON-RPC methods received), `calls` (every JSON-RPC call
 received, as (method, params)) and `injected` (Counter of faults by kind, plus "range",
-"results" and "batch_rejected" for the provider limits). `on_call`, when set, is awaited with
-each call's method and params before the request is answered (to hold one back).
+"results", "batch_rejected" and "body_too_large" for the provider limits). `on_call`, when
+set, is awaited with each call's method and params before the request is answered (to hold
+one back).
 
     async with RpcFaultProxy(anvil.rpc_url, seed=7, rates={"http_503": 0.2}) as proxy:
         async with RpcClient([proxy.url], timeout=1, max_retries=10) as client: ...
@@ -127,6 +130,7 @@ class RpcFaultProxy:
         max_range: int | None = None,
         max_results: int | None = None,
         reject_batches: bool = False,
+        max_body: int | None = None,
         lag_blocks: int = 1,
     ) -> None:
         self.upstream_url = upstream_url
@@ -137,6 +141,7 @@ class RpcFaultProxy:
         self.max_range = max_range
         self.max_results = max_results
         self.reject_batches = reject_batches
+        self.max_body = max_body
         self.lag_blocks = lag_blocks
         self.delay = 0.0  # seconds before any request is handled: a remote node's round trip
         self.requests = 0
@@ -222,6 +227,9 @@ class RpcFaultProxy:
         if not batch and (stale := self._stale_answer(payload)) is not None:
             self.injected["stale_header"] += 1
             return _json(stale)
+        if self.max_body is not None and len(body) > self.max_body:
+            self.injected["body_too_large"] += 1
+            return web.Response(status=413, text="Payload Too Large")
         if batch and self.reject_batches:
             self.injected["batch_rejected"] += 1
             return _json(_error(None, -32600, "batch requests are not supported"))
