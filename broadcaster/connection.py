@@ -29,6 +29,7 @@ from typing import Any, Protocol, cast
 
 import structlog
 from websockets.datastructures import Headers
+from websockets.exceptions import InvalidMessage
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import CONNECTING, OPEN
@@ -107,8 +108,10 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "_deadline",
         "_drain_waiters",
+        "_early",
         "_fragments",
         "_handler",
+        "_head_tail",
         "_held",
         "_open",
         "_options",
@@ -147,6 +150,8 @@ class Connection(asyncio.Protocol):
         self._paused = False
         self._requested = False  # an HTTP request was parsed (answered, or being answered)
         self._held = False  # reading paused: messages wait behind a running task
+        self._head_tail = b""  # the last bytes of the request's head read so far
+        self._early: bytes | None = None  # what came after the request, until it is answered
         self._drain_waiters: list[asyncio.Future[None]] = []
 
     # What the hub uses (hub.Peer): write and buffered are the transport's own methods.
@@ -241,13 +246,17 @@ class Connection(asyncio.Protocol):
         self._handler.connected(self)
 
     def data_received(self, data: bytes) -> None:
+        if not self._requested:
+            data = self._up_to_request_end(data)
         protocol = self.protocol
         protocol.receive_data(data)
         if self._open and protocol.state is not OPEN:
             self._left_open()  # a close frame arrived, or the data broke the protocol
         events = protocol.events_received()
         if not self._requested and protocol.handshake_exc is not None:
-            self._refuse_unparsable()
+            self._requested = True
+            if isinstance(protocol.handshake_exc, InvalidMessage):  # websockets answers nothing
+                self._refuse_unparsable()
         self._flush()  # pongs, the echo of a close frame, a refused request
         self._expect_close()
         if self._open and self.backed_up():
@@ -314,11 +323,26 @@ class Connection(asyncio.Protocol):
 
     # The opening handshake
 
+    def _up_to_request_end(self, data: bytes) -> bytes:
+        """The part of data up to the end of the request's head; what follows is kept in
+        _early until the request is answered. websockets would parse it as frames at once,
+        before the answer: a ping's pong would go out ahead of the 101, and the bytes after
+        an HTTP request (a pipelined one) would fail the connection before its answer."""
+        seen = self._head_tail + data
+        end = seen.find(b"\r\n\r\n")
+        if end < 0:
+            self._head_tail = seen[-3:]
+            return data
+        cut = end + 4 - len(self._head_tail)
+        self._head_tail = b""
+        if cut < len(data):
+            self._early = data[cut:]
+        return data[:cut]
+
     def _refuse_unparsable(self) -> None:
         """Answer 400 to a request websockets could not parse (a body, a byte that is not
         ASCII), which it would end with nothing: a proxy such as Nginx counts an upstream
         that answers nothing as failed, and three such requests took every instance out."""
-        self._requested = True
         response = self.protocol.reject(400, "malformed HTTP request\n")
         response.headers["Server"] = self._options.server_header
         self.transport.write(response.serialize())  # before the end the protocol queued
@@ -333,6 +357,8 @@ class Connection(asyncio.Protocol):
         if isinstance(answer, Response):
             self._respond(answer)
         else:
+            # Nothing more is read until the answer is sent, and then the connection ends.
+            self.transport.pause_reading()
             self._task = self.loop.create_task(self._respond_later(answer))
 
     async def _respond_later(self, answer: Coroutine[Any, Any, Response]) -> None:
@@ -377,6 +403,7 @@ class Connection(asyncio.Protocol):
         response.headers["Server"] = self._options.server_header
         self.protocol.send_response(response)
         if self.protocol.state is not OPEN:
+            self._early = None
             self._flush()
             self.transport.close()  # an HTTP answer or a refusal: sent, then the socket ends
             return
@@ -388,6 +415,9 @@ class Connection(asyncio.Protocol):
         # The 101 and the greeting in one write: one system call, one read for the client.
         self.transport.write(b"".join(self.protocol.data_to_send()) + conversation.greeting())
         self._schedule_ping()
+        if self._early is not None:  # frames sent right behind the request
+            early, self._early = self._early, None
+            self.data_received(early)
 
     # Frames and messages
 

@@ -7,6 +7,7 @@ import base64
 import email.utils
 import hashlib
 import os
+import struct
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -23,6 +24,7 @@ from tests.broadcaster.support import (
     EventProducer,
     RawClient,
     Running,
+    client_frame,
     ws_client,
 )
 from tests.support.handshake import handshake_request
@@ -481,6 +483,70 @@ async def test_http_answer_reaches_a_client_that_closed_its_sending_side(
             writer.close()
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
         assert b'"redis":"up"' in answer
+
+
+async def exchange_all(port: int, data: bytes) -> bytes:
+    """Send raw bytes in one write; return everything the server sent until it closed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        async with asyncio.timeout(WITHIN):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_bytes_after_an_http_request_in_its_segment_leave_its_answer_alone(
+    server: Running, producer: EventProducer
+) -> None:
+    """A request followed in the same segment by more bytes (a pipelined request, a stray
+    CRLF) gets its answer, once, on both ports: the rest is not read as WebSocket frames."""
+    await producer.publish()
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    for port in (server.settings.ws_port, server.settings.broadcaster_http_port):
+        for after in (request, b"\r\n", b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"):
+            answer = await exchange_all(port, request + after)
+            assert answer.startswith(b"HTTP/1.1 200"), (port, after, answer[:200])
+            assert answer.count(b"HTTP/1.1 ") == 1
+            assert b'"redis":"up"' in answer
+
+
+async def test_frames_in_the_segment_of_the_upgrade_request_follow_the_101(
+    server: Running,
+) -> None:
+    """Frames a client sends right behind its upgrade request, in the same segment, are
+    handled after the handshake is answered: the 101 comes first, then the greeting, then
+    the pong to a ping and the echo of a close."""
+    ping = client_frame(0x9, b"PP")
+    close = client_frame(0x8, struct.pack("!H", 1000))
+    answer = await exchange_all(
+        server.settings.ws_port, handshake_request("127.0.0.1") + ping + close
+    )
+    head, _, frames = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), answer[:200]
+    opcodes = []
+    while frames:
+        length = frames[1] & 0x7F
+        offset = 2
+        if length == 126:
+            length, offset = struct.unpack("!H", frames[2:4])[0], 4
+        opcodes.append((frames[0] & 0x0F, frames[offset : offset + length]))
+        frames = frames[offset + length :]
+    assert [opcode for opcode, _ in opcodes] == [0x1, 0xA, 0x8]
+    assert orjson.loads(opcodes[0][1])["type"] == "connected"
+    assert opcodes[1][1] == b"PP"
+    assert opcodes[2][1][:2] == struct.pack("!H", 1000)
+
+
+async def test_a_request_with_oversized_headers_gets_one_answer(server: Running) -> None:
+    """A request line or header field too long for websockets gets its answer (414, 431),
+    alone: not a 400 of ours ahead of it."""
+    long_target = b"GET /ws?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    long_field = b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n"
+    for request, status in ((long_target, b"414"), (long_field, b"431")):
+        answer = await exchange_all(server.settings.ws_port, request)
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+        assert answer.count(b"HTTP/1.1 ") == 1
 
 
 async def test_health_and_metrics_answer_get_and_head_only(server: Running) -> None:
