@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterator
 from ipaddress import ip_network
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+from dotenv.parser import parse_stream
 from pydantic import (
     AliasGenerator,
     Field,
@@ -389,6 +392,7 @@ class BroadcasterSettings(ServiceSettings):
 def load_settings(cls: type[SettingsT]) -> SettingsT:
     """Build settings from the environment and .env, or raise ConfigError naming the variable."""
     try:
+        _check_env_files(cls)
         return cls()
     except ValidationError as exc:
         # `from None`: the pydantic error quotes the input, which may be a secret.
@@ -401,6 +405,41 @@ def load_settings(cls: type[SettingsT]) -> SettingsT:
         raise ConfigError(".env", "file is not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(".env", f"file cannot be read ({exc.strerror})") from None
+
+
+def _check_env_files(cls: type[ServiceSettings]) -> None:
+    """Raise ConfigError for a line of the env file that python-dotenv cannot parse.
+
+    python-dotenv skips such a line (a quote left open, say) with only a warning on stderr, so
+    its variable would silently take its default: MARKET_FACTORY_ADDRESS would follow no
+    factory. The message names the line by number only, since the line may hold a secret.
+    """
+    encoding = cls.model_config.get("env_file_encoding") or "utf-8"
+    for path in _env_files(cls.model_config.get("env_file")):
+        if not path.is_file():  # an absent file is no error, as for pydantic-settings
+            continue
+        with path.open(encoding=encoding) as file:
+            for binding in parse_stream(file):
+                if binding.error:
+                    line = binding.original.line + _leading_newlines(binding.original.string)
+                    raise ConfigError(
+                        str(path), f"line {line} cannot be parsed (an unclosed quote?)"
+                    )
+
+
+def _env_files(setting: object) -> Iterator[Path]:
+    """The paths of model_config's env_file: none, one, or a sequence of them."""
+    if setting is None:
+        return
+    for item in setting if isinstance(setting, list | tuple) else (setting,):
+        yield Path(item).expanduser()
+
+
+def _leading_newlines(text: str) -> int:
+    """Line breaks before the first character that is not blank: python-dotenv numbers a bad
+    statement from the blank lines it skipped on the way to it."""
+    blank = text[: len(text) - len(text.lstrip())]
+    return len(re.findall(r"\r\n|\r|\n", blank))
 
 
 def settings_or_exit(cls: type[SettingsT]) -> SettingsT:

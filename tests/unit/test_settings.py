@@ -457,3 +457,35 @@ def test_unreadable_dotenv_is_a_config_error(clean_env: Path) -> None:
     (clean_env / ".env").write_bytes(b"CHAIN_ID=\xff\xfe\n")
     with pytest.raises(ConfigError, match=r"invalid setting \.env: file is not UTF-8 text"):
         load_settings(IndexerSettings)
+
+
+def test_a_dotenv_line_that_cannot_be_parsed_is_a_config_error(clean_env: Path) -> None:
+    """A .env line python-dotenv cannot parse (a quote left open) would be skipped with a
+    warning, and the service would start on that variable's default: it is refused instead,
+    by its line number, without quoting the line (it may hold a secret)."""
+    (clean_env / ".env").write_text(
+        "CHAIN_ID=32323\n# factories v1, v2\n\n"
+        f'MARKET_FACTORY_ADDRESS="{FACTORY_V1},{FACTORY_V2}\n'
+        "DATABASE_URL=postgresql://kektech:s3cr3t-db@127.0.0.1:5432/kektech\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(IndexerSettings)
+    assert str(caught.value) == (
+        "invalid setting .env: line 4 cannot be parsed (an unclosed quote?)"
+    )
+    assert FACTORY_V1 not in str(caught.value)
+
+
+def test_settings_or_exit_stops_on_a_dotenv_line_that_cannot_be_parsed(
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A service given such a .env prints the one line and exits 2, like any invalid setting."""
+    (clean_env / ".env").write_text("LOG_LEVEL=INFO\nREDIS_URL='redis://:s3cr3t@cache:6379\n")
+    with pytest.raises(SystemExit) as caught:
+        settings_or_exit(BroadcasterSettings)
+    assert caught.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "kektech: invalid setting .env: line 2 cannot be parsed (an unclosed quote?)\n"
+    )
