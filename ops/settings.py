@@ -15,7 +15,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import NoDecode
 
 from shared.config_types import Port, check_host, check_url, split_csv
-from shared.settings import IndexerSettings
+from shared.settings import DAY_SECONDS, IndexerSettings
 
 __all__ = ["OpsSettings", "parse_endpoint"]
 
@@ -70,7 +70,10 @@ class OpsSettings(IndexerSettings):
         default="wss://ws.kektech.xyz/ws", description="Public WebSocket URL probed by check."
     )
     monitor_down_after: float = Field(
-        default=300.0, ge=0, description="Seconds the endpoint must be down before an alert."
+        default=300.0,
+        ge=0,
+        le=DAY_SECONDS,
+        description="Seconds the endpoint must be down before an alert.",
     )
     monitor_state_file: Path = Field(
         default=Path("/var/lib/kektech/monitor.json"),
@@ -79,7 +82,9 @@ class OpsSettings(IndexerSettings):
     monitor_max_restarts: int = Field(
         default=3, ge=0, description="Restarts per window above which a PM2 process alerts."
     )
-    monitor_restart_window: float = Field(default=3600.0, gt=0, description="Seconds.")
+    monitor_restart_window: float = Field(
+        default=3600.0, gt=0, le=DAY_SECONDS, description="Seconds."
+    )
     monitor_memory_percent: float = Field(
         default=80.0, gt=0, le=100, description="Memory in use (MemAvailable) that alerts."
     )

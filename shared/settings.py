@@ -53,6 +53,9 @@ __all__ = [
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["auto", "json", "console"]
 SettingsT = TypeVar("SettingsT", bound="ServiceSettings")
+# The most a timeout or interval may be: longer is a slip (milliseconds, a stray digit), and
+# the event loop cannot wait past about 24.8 days at all (OverflowError at the first wait).
+DAY_SECONDS = 86_400.0
 
 
 class ServiceSettings(BaseSettings):
@@ -64,6 +67,9 @@ class ServiceSettings(BaseSettings):
         # Both services share one .env, so each ignores the other's variables.
         extra="ignore",
         frozen=True,
+        # inf and nan (1e999 reads as inf) are no numbers of seconds or days: a timeout of inf
+        # overflows the event loop, a delay of inf silences an alert for good.
+        allow_inf_nan=False,
         # The variable is exactly the upper-case field name: REDIS_URL, never redis_url.
         case_sensitive=True,
         alias_generator=AliasGenerator(validation_alias=str.upper),
@@ -141,7 +147,9 @@ class IndexerSettings(ServiceSettings):
         default=1.0, gt=0, le=60, description="Seconds between head polls."
     )
     reorg_window: int = Field(default=64, ge=1, description="Recent block hashes kept for reorgs.")
-    rpc_timeout: float = Field(default=10.0, gt=0, description="Seconds per JSON-RPC request.")
+    rpc_timeout: float = Field(
+        default=10.0, gt=0, le=DAY_SECONDS, description="Seconds per JSON-RPC request."
+    )
     rpc_max_retries: int = Field(default=5, ge=0, description="Retries of a failed RPC request.")
     logs_range_min: int = Field(default=1, ge=1, description="Smallest eth_getLogs block range.")
     logs_range_max: int = Field(default=10_000, ge=1, description="Largest eth_getLogs range.")
@@ -158,6 +166,7 @@ class IndexerSettings(ServiceSettings):
     db_command_timeout: float = Field(
         default=60.0,
         gt=0,
+        le=DAY_SECONDS,
         description=(
             "Seconds one database statement may take. Past it the connection is dropped and "
             "the indexer exits for PM2 to restart it: a dead network path to the database "
@@ -275,12 +284,20 @@ class BroadcasterSettings(ServiceSettings):
     ws_send_buffer_bytes: int = Field(
         default=1_048_576, ge=4096, description="Unsent bytes per client before it is dropped."
     )
-    ws_heartbeat_interval: float = Field(default=30.0, gt=0, description="Seconds between pings.")
+    ws_heartbeat_interval: float = Field(
+        default=30.0, gt=0, le=DAY_SECONDS, description="Seconds between pings."
+    )
     ws_heartbeat_timeout: float = Field(
-        default=20.0, gt=0, description="Seconds a client has to answer a ping before it is closed."
+        default=20.0,
+        gt=0,
+        le=DAY_SECONDS,
+        description="Seconds a client has to answer a ping before it is closed.",
     )
     ws_handshake_timeout: float = Field(
-        default=10.0, gt=0, description="Seconds a new connection has to complete its handshake."
+        default=10.0,
+        gt=0,
+        le=DAY_SECONDS,
+        description="Seconds a new connection has to complete its handshake.",
     )
     ws_rate_limit: float = Field(default=20.0, gt=0, description="Client messages per second.")
     ws_trusted_proxies: Annotated[tuple[IpNetwork, ...], NoDecode] = Field(
@@ -325,6 +342,7 @@ class BroadcasterSettings(ServiceSettings):
     broadcaster_redis_timeout: float = Field(
         default=10.0,
         ge=0.5,
+        le=DAY_SECONDS,
         description="Seconds without an answer after which the Redis connection counts as dead.",
     )
     broadcaster_http_host: str = Field(

@@ -30,6 +30,18 @@ ALL_VARIABLES = sorted(
     }
 )
 
+# Every setting that is a number of seconds, days, percent or a rate, with the first class
+# that reads it.
+FLOAT_VARIABLES = list(
+    {
+        name.upper(): cls
+        for cls in (OpsSettings, BroadcasterSettings, IndexerSettings)
+        for name, field in cls.model_fields.items()
+        if field.annotation is float
+    }.items()
+)
+DAY = 86_400
+
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
@@ -489,3 +501,44 @@ def test_settings_or_exit_stops_on_a_dotenv_line_that_cannot_be_parsed(
     assert captured.err == (
         "kektech: invalid setting .env: line 2 cannot be parsed (an unclosed quote?)\n"
     )
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity", "1e999"])
+@pytest.mark.parametrize(
+    ("variable", "cls"), FLOAT_VARIABLES, ids=[name for name, _ in FLOAT_VARIABLES]
+)
+def test_a_number_that_is_not_finite_is_refused(
+    variable: str, cls: type[ServiceSettings], value: str
+) -> None:
+    """inf or nan (1e999 is inf too) is no number of seconds or days: RPC_TIMEOUT=inf failed
+    every RPC call with an OverflowError naming no setting, MONITOR_DOWN_AFTER=inf kept check
+    silent with both services down. Each is refused by its variable's name."""
+    error = config_error(cls, **{variable: value})
+    assert error.variable == variable
+    assert "finite number" in error.reason
+
+
+@pytest.mark.parametrize(
+    ("cls", "variable"),
+    [
+        (IndexerSettings, "RPC_TIMEOUT"),
+        (IndexerSettings, "DB_COMMAND_TIMEOUT"),
+        (BroadcasterSettings, "WS_HEARTBEAT_INTERVAL"),
+        (BroadcasterSettings, "WS_HEARTBEAT_TIMEOUT"),
+        (BroadcasterSettings, "WS_HANDSHAKE_TIMEOUT"),
+        (BroadcasterSettings, "BROADCASTER_REDIS_TIMEOUT"),
+        (OpsSettings, "MONITOR_DOWN_AFTER"),
+        (OpsSettings, "MONITOR_RESTART_WINDOW"),
+    ],
+)
+def test_a_timeout_or_interval_above_a_day_is_refused(
+    cls: type[ServiceSettings], variable: str
+) -> None:
+    """A wait of more than a day is a slip (a value in milliseconds, a stray digit); past
+    about 24.8 days the event loop could not even wait that long (OverflowError)."""
+    error = config_error(cls, **{variable: "1e300"})
+    assert error.variable == variable
+    assert f"less than or equal to {DAY}" in error.reason
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(variable, str(DAY))
+        assert getattr(load_settings(cls), variable.lower()) == DAY
