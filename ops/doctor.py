@@ -20,6 +20,7 @@ from ops.probes.rpc import ChainInfo, endpoint_label, probe_rpc
 from ops.probes.tls import fetch_certificate
 from ops.settings import OpsSettings, parse_endpoint
 from ops.verdicts import Level, Verdict
+from shared.config_types import url_host
 
 __all__ = ["CHECKS", "diagnose"]
 
@@ -143,7 +144,7 @@ async def check_postgres(settings: OpsSettings) -> list[Verdict]:
 
 async def check_indexer(settings: OpsSettings) -> list[Verdict]:
     """The indexer answers /ready, leads, keeps up with the chain and reaches Redis."""
-    base = f"http://{settings.indexer_http_host}:{settings.indexer_http_port}"
+    base = f"http://{url_host(settings.indexer_http_host)}:{settings.indexer_http_port}"
     restart = f"pm2 logs {INDEXER_APP} --lines 100; pm2 restart {INDEXER_APP}"
     try:
         ready = await get(base + "/ready", within=settings.ops_timeout)
@@ -205,7 +206,7 @@ async def check_indexer(settings: OpsSettings) -> list[Verdict]:
 
 async def check_broadcasters(settings: OpsSettings) -> list[Verdict]:
     """Each broadcaster instance answers /healthz and reads the stream."""
-    host = settings.doctor_broadcaster_host
+    host = url_host(settings.doctor_broadcaster_host)
     ports = settings.doctor_broadcaster_ports
     answers = await asyncio.gather(
         *(get(f"http://{host}:{port}/healthz", within=settings.ops_timeout) for port in ports),

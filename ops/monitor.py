@@ -28,6 +28,7 @@ from ops.probes.websocket import probe_websocket
 from ops.settings import OpsSettings, parse_endpoint
 from ops.state import load_state, save_state
 from ops.verdicts import render_line
+from shared.config_types import url_host
 
 __all__ = ["CONDITIONS", "Finding", "count_restarts", "evaluate"]
 
@@ -128,7 +129,8 @@ async def check_indexer(
 ) -> list[Finding]:
     """The indexer answers /healthz and its start-up is not waiting on a dependency, or has
     not been for MONITOR_DOWN_AFTER (a wait is otherwise invisible: PM2 shows it online)."""
-    url = f"http://{settings.indexer_http_host}:{settings.indexer_http_port}/healthz"
+    host = url_host(settings.indexer_http_host)
+    url = f"http://{host}:{settings.indexer_http_port}/healthz"
     saved = state.get("indexer")
     mine: dict[str, Any] = saved if isinstance(saved, dict) else {}
     state["indexer"] = mine

@@ -24,6 +24,7 @@ __all__ = [
     "RedisUrlSecret",
     "public_host",
     "split_csv",
+    "url_host",
     "url_secret_fragments",
 ]
 
@@ -149,10 +150,16 @@ def public_host(url: str) -> str:
     parts = urlsplit(url)
     host = parts.hostname or ""
     if _is_ip_address(host):
-        shown = f"[{host}]" if ":" in host else host
+        shown = url_host(host)
     else:
         shown = ".".join("***" if _is_host_key(label) else label for label in host.split("."))
     return f"{shown}:{parts.port}" if parts.port else shown
+
+
+def url_host(host: str) -> str:
+    """Return host as a URL spells it: an IPv6 literal in brackets ("[::1]"), so that its
+    colons are not taken for the port's; any other host (or one bracketed already) as given."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _is_host_key(label: str) -> bool:

@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from broadcaster.service import run
 from devnet.services import free_port
 from shared.channels import channels_for
+from shared.config_types import url_host
 from shared.envelope import ContractKind, EventEnvelope, normalize_timestamp
 from shared.settings import BroadcasterSettings
 from tests.support.handshake import handshake_request
@@ -290,7 +291,8 @@ class Running:
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.settings.broadcaster_http_port}"
+        host = url_host(self.settings.broadcaster_http_host)
+        return f"http://{host}:{self.settings.broadcaster_http_port}"
 
     @property
     def public_http(self) -> str:

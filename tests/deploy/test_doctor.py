@@ -482,3 +482,41 @@ async def test_another_program_on_a_broadcaster_port_is_not_taken_for_it(tmp_pat
         await server.wait_closed()
     assert result.code == 1, result
     assert "answers HTTP 200 without a broadcaster's health report" in result.lines[0], result
+
+
+async def test_services_listening_on_ipv6_loopback_are_reached(
+    anvil: Anvil, deployment: Deployment, redis_server: Redis, tmp_path: Path
+) -> None:
+    """An indexer and a broadcaster whose health ports listen on ::1 are probed at
+    http://[::1]:port, not at the invalid http://::1:port, which failed both as not
+    answering."""
+    env = indexer_env(
+        database_url=f"postgresql://kektech@127.0.0.1:{dead_port()}/kektech",
+        redis_url=redis_server.url,
+        rpc_url=anvil.rpc_url,
+        deployment=deployment,
+        stream_key="kektech:events",
+        INDEXER_HTTP_HOST="::1",
+    )
+    settings = settings_for(
+        redis_server.url, f"test:{os.getpid()}:ipv6", broadcaster_http_host="::1"
+    )
+    async with running(settings):
+        with IndexerProcess(env, log_dir=tmp_path) as indexer:
+            await indexer.wait_waiting_for("database")
+            doctor_env = {
+                **env,
+                "DOCTOR_BROADCASTER_HOST": "::1",
+                "DOCTOR_BROADCASTER_PORTS": str(settings.broadcaster_http_port),
+            }
+            result = await run_kektech(
+                "doctor", "--only", "indexer,broadcaster", env=doctor_env, cwd=tmp_path
+            )
+    # The indexer answers: it says what its start-up waits for.
+    assert result.line("indexer").startswith(
+        "FAIL  indexer  start-up waits for: database unreachable"
+    ), result
+    broadcaster = result.line(f"broadcaster :{settings.broadcaster_http_port}")
+    assert broadcaster.startswith(
+        f"OK    broadcaster :{settings.broadcaster_http_port}  healthy: Redis up"
+    ), result

@@ -112,6 +112,34 @@ async def test_an_indexer_waiting_at_start_up_is_reported_after_the_threshold(
     assert gone.stdout.startswith("ALERT  indexer  not answering"), gone
 
 
+async def test_an_indexer_listening_on_ipv6_loopback_is_reached(
+    anvil: Anvil, deployment: Deployment, redis_server: Redis, tmp_path: Path
+) -> None:
+    """An indexer whose health port listens on ::1 is asked at http://[::1]:port, not at the
+    invalid http://::1:port, which was reported as not answering."""
+    env = indexer_env(
+        database_url=f"postgresql://kektech@127.0.0.1:{dead_port()}/kektech",
+        redis_url=redis_server.url,
+        rpc_url=anvil.rpc_url,
+        deployment=deployment,
+        stream_key="kektech:events",
+        INDEXER_HTTP_HOST="::1",
+    )
+    check = check_env(
+        tmp_path,
+        INDEXER_HTTP_HOST="::1",
+        INDEXER_HTTP_PORT=env["INDEXER_HTTP_PORT"],
+        MONITOR_DOWN_AFTER="0",  # what it finds is reported at once
+    )
+    with IndexerProcess(env, log_dir=tmp_path) as indexer:
+        await indexer.wait_waiting_for("database")
+        result = await run_kektech("check", "--only", "indexer", env=check, cwd=tmp_path)
+    # It answered: what is reported is what its start-up waits for.
+    assert result.stdout.startswith("ALERT  indexer  start-up waits for: database unreachable"), (
+        result
+    )
+
+
 async def test_crash_looping_pm2_app_is_reported_and_a_steady_one_is_not(tmp_path: Path) -> None:
     """An app PM2 restarts more than 3 times within the hour is reported; a steady app is not."""
     async with pm2_daemon() as pm2:

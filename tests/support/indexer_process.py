@@ -17,6 +17,7 @@ import aiohttp
 
 from devnet.chain import Deployment
 from devnet.services import REPO_ROOT, free_port
+from shared.config_types import url_host
 
 STOP_TIMEOUT = 15.0
 
@@ -65,7 +66,8 @@ class IndexerProcess:
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.env['INDEXER_HTTP_PORT']}"
+        host = url_host(self.env.get("INDEXER_HTTP_HOST", "127.0.0.1"))
+        return f"http://{host}:{self.env['INDEXER_HTTP_PORT']}"
 
     def start(self) -> None:
         base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
