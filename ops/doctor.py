@@ -154,7 +154,17 @@ async def check_indexer(settings: OpsSettings) -> list[Verdict]:
     except ProbeError as exc:
         return [Verdict(Level.FAIL, "indexer", f"not answering: {exc}", f"pm2 status; {restart}")]
     body = ready.json()
-    role = body.get("role", "?")
+    if not isinstance(body.get("role"), str) or not isinstance(body.get("ready"), bool):
+        # Every answer of the indexer's /ready carries both, 200 or 503.
+        return [
+            Verdict(
+                Level.FAIL,
+                "indexer",
+                f"answers HTTP {ready.status} without an indexer's /ready report",
+                "check INDEXER_HTTP_HOST and INDEXER_HTTP_PORT: another program listens there",
+            )
+        ]
+    role = body["role"]
     head, cursor = body.get("head"), body.get("cursor")
     # Measured from where the indexer aims: CONFIRMATIONS blocks below the head.
     target = head - settings.confirmations if isinstance(head, int) else None

@@ -20,7 +20,7 @@ from itertools import pairwise
 from typing import Any
 
 from ops.errors import CertificateInvalid, ProbeError, StateError
-from ops.probes.http import get
+from ops.probes.http import Answer, get
 from ops.probes.memory import read_memory
 from ops.probes.pm2 import START_FIX, Pm2Process, list_processes
 from ops.probes.tls import Certificate, fetch_certificate
@@ -135,15 +135,12 @@ async def check_indexer(
     mine: dict[str, Any] = saved if isinstance(saved, dict) else {}
     state["indexer"] = mine
     try:
-        body = (await get(url, within=settings.ops_timeout)).json()
+        problem = _indexer_problem(await get(url, within=settings.ops_timeout))
     except ProbeError as exc:
         problem = f"not answering: {exc}"
-    else:
-        waiting = body.get("waiting_for")
-        if not isinstance(waiting, str):
-            _passing(mine, now=now)
-            return []
-        problem = f"start-up waits for: {waiting}"
+    if problem is None:
+        _passing(mine, now=now)
+        return []
     since = _failing_since(mine, problem, now=now, down_after=settings.monitor_down_after)
     if now - since < settings.monitor_down_after:
         return []
@@ -155,6 +152,19 @@ async def check_indexer(
             "kektech doctor; pm2 logs kektech-event-indexer --lines 100",
         )
     ]
+
+
+def _indexer_problem(answer: Answer) -> str | None:
+    """What is wrong according to the answer on the indexer's /healthz, None if nothing is.
+
+    The indexer's report is HTTP 200 with "status": "ok"; anything else comes from another
+    program on its port (the indexer then cannot listen there), which is no indexer running.
+    """
+    body = answer.json()
+    if answer.status != 200 or body.get("status") != "ok":
+        return f"answers HTTP {answer.status} without an indexer's health report"
+    waiting = body.get("waiting_for")
+    return f"start-up waits for: {waiting}" if isinstance(waiting, str) else None
 
 
 def _failing_since(mine: dict[str, Any], problem: str, *, now: float, down_after: float) -> float:

@@ -22,6 +22,7 @@ from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.ops import (
     dead_port,
     make_certificate,
+    other_http_server,
     pm2_daemon,
     run_kektech,
     tls_server,
@@ -465,23 +466,24 @@ async def test_hanging_dependencies_cannot_hang_doctor(tmp_path: Path) -> None:
 async def test_another_program_on_a_broadcaster_port_is_not_taken_for_it(tmp_path: Path) -> None:
     """An HTTP 200 that is not a broadcaster's health report (another program listens on
     the port) is a FAIL, not a healthy broadcaster."""
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    try:
-        port = server.sockets[0].getsockname()[1]
+    async with other_http_server() as port:
         env = {"DOCTOR_BROADCASTER_PORTS": str(port)}
         result = await run_kektech("doctor", "--only", "broadcaster", env=env, cwd=tmp_path)
-    finally:
-        server.close()
-        await server.wait_closed()
     assert result.code == 1, result
     assert "answers HTTP 200 without a broadcaster's health report" in result.lines[0], result
+
+
+async def test_another_program_on_the_indexer_port_is_not_taken_for_it(tmp_path: Path) -> None:
+    """An HTTP 200 on the indexer's port that is not an indexer's /ready report (another
+    program listens there) is a FAIL, not a ready indexer."""
+    async with other_http_server() as port:
+        env = {"INDEXER_HTTP_PORT": str(port)}
+        result = await run_kektech("doctor", "--only", "indexer", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    assert result.line("indexer") == (
+        "FAIL  indexer  answers HTTP 200 without an indexer's /ready report"
+        " -> fix: check INDEXER_HTTP_HOST and INDEXER_HTTP_PORT: another program listens there"
+    ), result
 
 
 async def test_services_listening_on_ipv6_loopback_are_reached(

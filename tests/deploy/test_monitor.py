@@ -19,6 +19,7 @@ from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.ops import (
     dead_port,
     make_certificate,
+    other_http_server,
     pm2_daemon,
     run_kektech,
     tls_server,
@@ -138,6 +139,18 @@ async def test_an_indexer_listening_on_ipv6_loopback_is_reached(
     assert result.stdout.startswith("ALERT  indexer  start-up waits for: database unreachable"), (
         result
     )
+
+
+async def test_another_program_on_the_indexer_port_is_not_taken_for_it(tmp_path: Path) -> None:
+    """Another program answering on the indexer's port is no indexer: it counts as the
+    indexer not answering, and is reported after MONITOR_DOWN_AFTER like that."""
+    async with other_http_server() as port:
+        env = check_env(tmp_path, INDEXER_HTTP_PORT=str(port), MONITOR_DOWN_AFTER="0")
+        result = await run_kektech("check", "--only", "indexer", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    assert result.stdout.startswith(
+        "ALERT  indexer  answers HTTP 200 without an indexer's health report (for 0 s)"
+    ), result
 
 
 async def test_crash_looping_pm2_app_is_reported_and_a_steady_one_is_not(tmp_path: Path) -> None:

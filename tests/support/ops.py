@@ -179,6 +179,25 @@ async def tls_server(cert: Path, key: Path) -> AsyncIterator[int]:
         await server.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def other_http_server() -> AsyncIterator[int]:
+    """Another program on a service's port: it answers every request with HTTP 200 and the
+    body "ok"; yields its port."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def dead_port() -> int:
     """A loopback port where nothing listens."""
     return free_port()
