@@ -62,6 +62,10 @@ def check_url(url: str, schemes: frozenset[str], *, need_host: bool = True) -> s
         *others, last = sorted(schemes)
         expected = f"{', '.join(others)} or {last}" if others else last
         raise ValueError(f"URL scheme must be {expected}")
+    if parts.netloc.count("@") > 1:
+        # urlsplit takes the last @ as the end of the credentials, asyncpg the first: the
+        # same URL would name another host there. RFC 3986 allows no raw @ in them anyway.
+        raise ValueError("more than one @ before the host: percent-encode @ in the password as %40")
     if need_host and not parts.hostname:
         raise ValueError("URL has no host")
     if parts.hostname:

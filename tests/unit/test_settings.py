@@ -247,6 +247,10 @@ def test_env_example_lists_every_variable() -> None:
         ("DATABASE_URL", "mysql://root:hunter2@db/x", "scheme must be postgres or postgresql"),
         ("REDIS_URL", "http://:hunter2@cache:6379", "scheme must be redis, rediss or unix"),
         ("REDIS_URL", "redis://:hunter2@", "no host"),
+        # asyncpg splits user:password@host at the first @, urlsplit at the last: refused.
+        ("DATABASE_URL", "postgres://kek:p@ssw0rd@127.0.0.1:5432/db", "as %40"),
+        ("REDIS_URL", "redis://default:p@ss@127.0.0.1:6379/0", "as %40"),
+        ("RPC_PROVIDER_URL", "https://rpc.example/a,https://u:p@ss@rpc.example/", "item 2: more"),
         ("SUPABASE_URL", "http://project.supabase.co", "scheme must be https"),
         ("START_BLOCK", "-1", "greater than or equal to 0"),
         ("CHAIN_ID", "basedai", "valid integer"),
@@ -346,6 +350,7 @@ def test_broadcaster_error_names_the_variable(variable: str, value: str, reason:
         ("RPC_PROVIDER_URL", "https://node.example:99999/v2/s3cr3t-path", "s3cr3t"),
         ("DATABASE_URL", "mysql://root:s3cr3t-db@db.example/x", "s3cr3t"),
         ("REDIS_URL", "http://:s3cr3t-redis@cache.example", "s3cr3t"),
+        ("DATABASE_URL", "postgres://kek:s3cr3t@db@db.example/x", "s3cr3t"),
     ],
 )
 def test_error_never_contains_the_secret(variable: str, value: str, secret: str) -> None:
@@ -542,3 +547,31 @@ def test_a_timeout_or_interval_above_a_day_is_refused(
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(variable, str(DAY))
         assert getattr(load_settings(cls), variable.lower()) == DAY
+
+
+def test_a_raw_at_sign_in_a_password_is_refused_with_the_fix() -> None:
+    """A raw @ in the password passed as valid, then asyncpg (which splits at the first @)
+    looked up "ssw0rd@127.0.0.1" as a host name: refused now, saying how to write it."""
+    error = config_error(IndexerSettings, DATABASE_URL="postgres://kek:p@ssw0rd@127.0.0.1/db")
+    assert str(error) == (
+        "invalid setting DATABASE_URL: more than one @ before the host: "
+        "percent-encode @ in the password as %40"
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DATABASE_URL", "postgres://kek:p%40ssw0rd@127.0.0.1:5432/db"),
+        ("DATABASE_URL", "postgresql:///kektech?host=/var/run/postgresql&user=a@b"),
+        ("REDIS_URL", "redis://default:p%40ss@127.0.0.1:6379/0"),
+        ("REDIS_URL", "unix:///run/redis/redis.sock?password=p@ss"),
+        ("RPC_PROVIDER_URL", "https://rpc.example/v2/key@team?email=ops@kektech.xyz#a@b"),
+        ("RPC_PROVIDER_URL", "https://ops:p%40ss@[::1]:8545/"),
+    ],
+)
+def test_an_at_sign_outside_the_credentials_is_still_accepted(variable: str, value: str) -> None:
+    """An encoded @ in the password, or an @ in a path, query or fragment, is a valid URL."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(variable, value)
+        load_settings(IndexerSettings)
