@@ -26,8 +26,10 @@ def load_state(path: Path) -> dict[str, Any]:
         return {}  # damaged: start over, as below
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
-        # A torn or hand-edited file: start over rather than stop monitoring.
+    except (ValueError, RecursionError):
+        # A torn or hand-edited file (JSONDecodeError is a ValueError), or JSON that Python
+        # will not load: nested too deep, or an integer too long to convert. Start over rather
+        # than stop monitoring; the next save replaces the file.
         return {}
     return value if isinstance(value, dict) else {}
 

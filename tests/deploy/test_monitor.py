@@ -365,6 +365,30 @@ async def test_a_state_file_that_is_not_utf8_is_started_over(tmp_path: Path) -> 
     assert "websocket" in json.loads(state_file.read_text(encoding="utf-8"))
 
 
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        "[" * 100_000 + "]" * 100_000,  # nested too deep for the parser (RecursionError)
+        '{"websocket": {"checked_at": ' + "9" * 5000 + "}}",  # an integer too long to convert
+    ],
+    ids=["deeply-nested", "over-long-integer"],
+)
+async def test_a_state_file_python_cannot_load_is_started_over(
+    tmp_path: Path, damaged: str
+) -> None:
+    """A state file that is JSON Python refuses to load is started over like a torn one,
+    and rewritten, rather than a traceback and no finding at every run from then on."""
+    url = f"ws://127.0.0.1:{dead_port()}/ws"
+    env = check_env(tmp_path, MONITOR_WS_URL=url, MONITOR_DOWN_AFTER="300")
+    state_file = tmp_path / "state" / "monitor.json"
+    state_file.parent.mkdir()
+    state_file.write_text(damaged)
+    result = await run_kektech("check", "--only", "websocket", env=env, cwd=tmp_path)
+    assert (result.code, result.stdout) == (0, ""), result
+    assert "Traceback" not in result.stderr
+    assert "websocket" in json.loads(state_file.read_text(encoding="utf-8"))
+
+
 async def test_a_saved_restart_count_that_is_no_number_is_dropped(tmp_path: Path) -> None:
     """A hand-edited sample such as NaN or Infinity in the state file is dropped like any
     malformed one, instead of failing the whole pm2 condition (and its other alerts) at
