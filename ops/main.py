@@ -38,6 +38,10 @@ SETTLE_FIX = "pm2 logs <app> --lines 100"
 
 def _names(value: str, known: Sequence[str]) -> list[str]:
     names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:  # `--only ""` (an unset shell variable, say) would otherwise run everything
+        raise argparse.ArgumentTypeError(
+            f"at least one name is required (choose from {', '.join(known)})"
+        )
     unknown = [name for name in names if name not in known]
     if unknown:
         raise argparse.ArgumentTypeError(
@@ -94,7 +98,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--seconds", type=_duration, default=DEFAULT_SETTLE_SECONDS, metavar="S",
         help=f"how long to watch (default {DEFAULT_SETTLE_SECONDS:g})",
     )  # fmt: skip
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command in ("doctor", "check"):
+        selecting = doctor if args.command == "doctor" else check
+        args.names = _chosen(args, tuple(CHECKS) if args.command == "doctor" else CONDITIONS)
+        if not args.names:  # would pass in silence, checking nothing
+            selecting.error("--skip leaves nothing to check")
+    return args
 
 
 def _duration(value: str) -> float:
@@ -164,9 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format, secrets=secrets)
     out = Writer(secrets)
     if args.command == "doctor":
-        return asyncio.run(run_doctor(settings, _chosen(args, tuple(CHECKS)), out=out))
+        return asyncio.run(run_doctor(settings, args.names, out=out))
     if args.command == "settle":
         return asyncio.run(run_settle(settings, args.seconds, out=out))
-    return asyncio.run(
-        run_check(settings, _chosen(args, CONDITIONS), out=out, verbose=args.verbose)
-    )
+    return asyncio.run(run_check(settings, args.names, out=out, verbose=args.verbose))

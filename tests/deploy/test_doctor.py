@@ -522,3 +522,26 @@ async def test_services_listening_on_ipv6_loopback_are_reached(
     assert broadcaster.startswith(
         f"OK    broadcaster :{settings.broadcaster_http_port}  healthy: Redis up"
     ), result
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("--only", ""), "argument --only: at least one name is required (choose from rpc, "),
+        (("--only", " , "), "argument --only: at least one name is required"),
+        (("--skip", ""), "argument --skip: at least one name is required"),
+        (
+            ("--skip", "rpc,redis,postgres,indexer,broadcaster,pm2,nginx,tls"),
+            "--skip leaves nothing to check",
+        ),
+    ],
+)
+async def test_a_selection_of_no_check_is_a_usage_error(
+    tmp_path: Path, args: tuple[str, ...], error: str
+) -> None:
+    """An empty --only ran every check, and a --skip of every check ran none and passed
+    (exit 0, no output): both are refused as usage errors (exit 2) instead."""
+    result = await run_kektech("doctor", *args, env={}, cwd=tmp_path)
+    assert result.code == 2, result
+    assert result.stdout == "", result
+    assert f"kektech doctor: error: {error}" in result.stderr, result

@@ -313,6 +313,24 @@ async def test_unwritable_state_file_is_an_error_not_silence(tmp_path: Path) -> 
     assert "ERROR  state  cannot write in " in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("--only", ""), "argument --only: at least one name is required (choose from websocket, "),
+        (("--skip", "websocket,indexer,pm2,memory,tls"), "--skip leaves nothing to check"),
+    ],
+)
+async def test_a_selection_of_no_condition_is_a_usage_error(
+    tmp_path: Path, args: tuple[str, ...], error: str
+) -> None:
+    """An empty --only evaluated every condition, and a --skip of all of them printed
+    "OK no alert ( checked)" and exit 0 to cron: both are usage errors (exit 2) instead."""
+    result = await run_kektech("check", "--verbose", *args, env=check_env(tmp_path), cwd=tmp_path)
+    assert result.code == 2, result
+    assert result.stdout == "", result
+    assert f"kektech check: error: {error}" in result.stderr, result
+
+
 def test_restart_counting_uses_the_window_and_survives_a_counter_reset() -> None:
     """Restarts count from the last sample before the window; a reset counter adds its value."""
     samples = [(0.0, 7), (10.0, 9), (20.0, 1)]  # `pm2 reset` between 10 and 20, then 1 crash
