@@ -95,6 +95,7 @@ class RpcClient:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         batch_retry_interval: float = DEFAULT_BATCH_RETRY_INTERVAL,
         expected_chain_id: int | None = None,
+        first_index: int = 0,
     ) -> None:
         if not urls:
             raise ValueError("at least one RPC URL is required")
@@ -103,7 +104,12 @@ class RpcClient:
                 "timeout and max_batch_size must be positive, max_retries and"
                 " batch_retry_interval >= 0"
             )
-        self._endpoints = [Endpoint.from_url(i, url) for i, url in enumerate(urls)]
+        # Endpoints are named "#i host" in logs and errors, counted from first_index: a client
+        # given one URL of RPC_PROVIDER_URL (kektech doctor probes each alone) names it as the
+        # indexer does.
+        self._endpoints = [
+            Endpoint.from_url(i, url) for i, url in enumerate(urls, start=first_index)
+        ]
         self._timeout = timeout
         self._attempts = max_retries + 1
         self._backoff_base = backoff_base

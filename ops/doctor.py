@@ -40,7 +40,11 @@ async def check_rpc(settings: OpsSettings) -> list[Verdict]:
     """Each RPC_PROVIDER_URL answers, on CHAIN_ID; the indexer fails over between them."""
     urls = settings.rpc_urls()
     results = await asyncio.gather(
-        *(probe_rpc(url, within=settings.ops_timeout) for url in urls), return_exceptions=True
+        *(
+            probe_rpc(url, index=index, within=settings.ops_timeout)
+            for index, url in enumerate(urls)
+        ),
+        return_exceptions=True,
     )
     # Only a node on the right chain is one the indexer can fail over to.
     reachable = sum(isinstance(r, ChainInfo) and r.chain_id == settings.chain_id for r in results)

@@ -26,10 +26,11 @@ def endpoint_label(index: int, url: str) -> str:
     return Endpoint.from_url(index, url).label
 
 
-async def probe_rpc(url: str, *, within: float) -> ChainInfo:
-    """Ask one URL for eth_chainId and eth_blockNumber, once each (no retries, no failover)."""
+async def probe_rpc(url: str, *, index: int, within: float) -> ChainInfo:
+    """Ask one URL, the index-th of RPC_PROVIDER_URL, for eth_chainId and eth_blockNumber,
+    once each (no retries, no failover)."""
     try:
-        async with RpcClient([url], timeout=within, max_retries=0) as client:
+        async with RpcClient([url], timeout=within, max_retries=0, first_index=index) as client:
             return ChainInfo(await client.chain_id(), await client.block_number())
     except IndexerError as exc:
         # The client's messages are redacted already: they name the endpoint by its label.

@@ -180,6 +180,17 @@ async def test_dead_rpc_fails_alone_and_warns_beside_a_working_one(
     assert "fails over" not in wrong_chain.lines[1]
 
 
+async def test_a_failing_rpc_url_is_named_by_its_own_index(tmp_path: Path) -> None:
+    """The detail of a failing URL names the endpoint as the line does (#1 for the second
+    URL), not as #0, the index it had in the one-URL client that probed it."""
+    first, second = f"127.0.0.1:{dead_port()}", f"127.0.0.1:{dead_port()}"
+    env = {"RPC_PROVIDER_URL": f"http://{first},http://{second}"}
+    result = await run_kektech("doctor", "--only", "rpc", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    assert f"last: connect at #0 {first}: " in result.line(f"rpc #0 {first}"), result
+    assert f"last: connect at #1 {second}: " in result.line(f"rpc #1 {second}"), result
+
+
 async def test_a_slow_node_within_the_timeout_is_ok(anvil: Anvil, tmp_path: Path) -> None:
     """Each probe may take up to OPS_TIMEOUT, and the rpc check makes two in a row: a node
     answering each in 2.5 s (timeout 3 s) is OK, not cut off as a whole after one timeout."""
