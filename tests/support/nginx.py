@@ -204,12 +204,21 @@ class Nginx:
                     return False
         return True
 
-    def worker_pids(self) -> list[int]:
-        """The worker processes' ids (the master's children)."""
+    def worker_pids(self, within: float = 10.0) -> list[int]:
+        """The worker processes' ids (the master's children), once all of them are started.
+
+        The master listens before it forks the workers (`worker_processes auto`: one per
+        CPU), so right after start-up some may not exist yet.
+        """
         assert self.process is not None
         pid = self.process.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-        return [int(child) for child in children.split()]
+        expected = os.cpu_count() or 1
+        deadline = time.monotonic() + within
+        while True:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            if len(children) >= expected or time.monotonic() > deadline:
+                return [int(child) for child in children]
+            time.sleep(0.02)
 
     def stop(self) -> None:
         """Graceful stop (QUIT), then KILL of master and workers if it has not exited in time."""
