@@ -106,8 +106,13 @@ async def status(settings: IndexerSettings) -> int:
 
 
 @asynccontextmanager
-async def _writer(settings: IndexerSettings) -> AsyncIterator[Follower | None]:
-    """A follower holding the write lease, or None if a running indexer holds it."""
+async def _writer(
+    settings: IndexerSettings, *, rewind_to: int | None = None
+) -> AsyncIterator[Follower | None]:
+    """A follower holding the write lease, or None if a running indexer holds it.
+
+    `rewind_to`: the block a reindex rolls back to (see Follower.prepare).
+    """
     async with _connections(settings) as (store, rpc):
         await store.migrate()
         lease = await acquire_lease(store, owner=lease_owner(), ttl=settings.lease_ttl, wait=False)
@@ -128,7 +133,7 @@ async def _writer(settings: IndexerSettings) -> AsyncIterator[Follower | None]:
         )
         try:
             follower = build_follower(settings, rpc=rpc, store=store, lease=lease, metrics=metrics)
-            await follower.prepare()
+            await follower.prepare(rewind_to=rewind_to)
             yield follower
         finally:
             renewal.cancel()
@@ -151,8 +156,12 @@ async def backfill(settings: IndexerSettings, first: int, last: int) -> int:
 
 
 async def reindex(settings: IndexerSettings, first: int) -> int:
-    """Roll back to first-1 (queueing removal notices), then index up to the head again."""
-    async with _writer(settings) as follower:
+    """Roll back to first-1 (queueing removal notices), then index up to the head again.
+
+    The recovery from a reorg too deep for the indexer to roll back by itself, when `first`
+    is at or below the block that error names.
+    """
+    async with _writer(settings, rewind_to=first - 1) as follower:
         if follower is None:
             return 1
         removed = await follower.rewind(first - 1)

@@ -127,21 +127,45 @@ class LeaseLost(IndexerError):  # noqa: N818
 
 
 class ReorgTooDeep(IndexerError):  # noqa: N818
-    """No stored block within the reorg window is still canonical: refuse to delete data."""
+    """No stored block within the reorg window is still canonical: refuse to delete data.
+
+    `ancestor`: the newest stored block still on the chain, found among the older headers
+    kept (2 x REORG_WINDOW below the newest), None if none is; `since` follows from it: the
+    block a `reindex` can start from knowing that nothing below it was replaced.
+    """
 
     cursor: int
     window: int
+    ancestor: int | None
+    start_block: int
 
-    def __init__(self, cursor: int, window: int) -> None:
+    def __init__(self, cursor: int, window: int, ancestor: int | None, start_block: int) -> None:
         self.cursor = cursor
         self.window = window
-        super().__init__(cursor, window)
+        self.ancestor = ancestor
+        self.start_block = start_block
+        super().__init__(cursor, window, ancestor, start_block)
+
+    @property
+    def since(self) -> int:
+        """The first block to index again: the one after `ancestor`, or START_BLOCK."""
+        return self.start_block if self.ancestor is None else self.ancestor + 1
 
     def __str__(self) -> str:
+        if self.ancestor is None:
+            found = (
+                "no stored block is still on the chain, so the fork cannot be placed above"
+                " START_BLOCK"
+            )
+        else:
+            found = f"block {self.ancestor} is the newest stored block still on the chain"
         return (
             f"reorg deeper than REORG_WINDOW={self.window} blocks below block {self.cursor}: "
-            "no common ancestor in the window; stopping without deleting anything. Check the "
-            "RPC endpoint, then raise REORG_WINDOW or run `python -m indexer reindex --from N`"
+            f"{found}; stopping without deleting anything. Check the RPC endpoint (a node on "
+            "another branch looks the same), then run "
+            f"`python -m indexer reindex --from {self.since}`: it rolls back every block from "
+            f"{self.since} on, queueing removal notices for their events, and indexes the "
+            "chain again from there"
         )
 
 

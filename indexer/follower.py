@@ -139,8 +139,14 @@ class Follower:
 
     # -- start-up ----------------------------------------------------------------------------
 
-    async def prepare(self) -> None:
-        """Check the chain, create or load the cursor, and handle a reorg that happened offline."""
+    async def prepare(self, *, rewind_to: int | None = None) -> None:
+        """Check the chain, create or load the cursor, and handle a reorg that happened offline.
+
+        `rewind_to` (a reindex, which rolls back to that block next): a reorg too deep to roll
+        back by itself is no reason to stop when the reindex goes below it, to a block known
+        to be on both branches (ReorgTooDeep.since); it is when the reindex would keep blocks
+        of the replaced branch.
+        """
         chain_id = await self._rpc.chain_id()
         if chain_id != self._config.chain_id:
             raise ChainIdMismatch(expected=self._config.chain_id, actual=chain_id)
@@ -176,6 +182,15 @@ class Follower:
                 await self._handle_reorg()
             except BlockNotFound as exc:  # the first step looks again
                 log.warning("the reorg at start-up is looked at again", reason=str(exc))
+            except ReorgTooDeep as exc:
+                if rewind_to is None or rewind_to >= exc.since:
+                    raise
+                log.warning(
+                    "reorg deeper than REORG_WINDOW at start-up: rolled back by the reindex",
+                    cursor=exc.cursor,
+                    ancestor=exc.ancestor,
+                    rewind_to=rewind_to,
+                )
 
     async def _note_sources(self, *, created: bool) -> None:
         """Record the configured contracts and the block each is followed from, and say so
@@ -614,22 +629,42 @@ class Follower:
         """Roll back to the newest stored block that is still canonical, or halt if too deep."""
         assert self._state is not None
         window = self._config.reorg_window
-        ancestor = None
-        for stored in await self._store.recent_headers(window + 1):
-            if self._state.block_number - stored.number > window:
-                break
-            if stored.number < 0:
-                ancestor = stored  # the virtual parent of block 0 is always an ancestor
-                break
-            if await self._canonical(stored):  # not if the new branch is shorter than it
-                ancestor = stored
-                break
+        cursor = self._state.block_number
+        # Every header pruning keeps: those below the window only name the block to reindex
+        # from when the reorg is too deep.
+        stored = await self._store.recent_headers(2 * window + 1)
+        ancestor = await self._ancestor([h for h in stored if cursor - h.number <= window])
         if ancestor is None:
-            raise ReorgTooDeep(cursor=self._state.block_number, window=window)
-        depth = self._state.block_number - ancestor.number
+            older = [h for h in stored if cursor - h.number > window]
+            raise ReorgTooDeep(
+                cursor=cursor,
+                window=window,
+                ancestor=await self._newest_canonical(older),
+                start_block=self._config.start_block,
+            )
+        depth = cursor - ancestor.number
         removed = await self._store.rollback(self._lease, self._config.lease_ttl, ancestor)
         await self._reload_state()
         self._metrics.reorgs.inc()
         self._metrics.reorg_depth.observe(depth)
         log.warning("reorg rolled back", depth=depth, ancestor=ancestor.number, removed=removed)
         self._on_commit(())
+
+    async def _ancestor(self, stored: Sequence[BlockHeader]) -> BlockHeader | None:
+        """The newest of these stored headers (newest first) that is still canonical."""
+        for header in stored:
+            if header.number < 0:
+                return header  # the virtual parent of block 0 is always an ancestor
+            if await self._canonical(header):  # not if the new branch is shorter than it
+                return header
+        return None
+
+    async def _newest_canonical(self, stored: Sequence[BlockHeader]) -> int | None:
+        """The newest of these stored headers (newest first) still on the chain, asked in one
+        batch: only for the message of a reorg too deep, which these headers may place."""
+        numbers = [h.number for h in stored if h.number >= 0]
+        current = {h.number: h.hash for h in await self._rpc.get_block_headers(numbers)}
+        for header in stored:
+            if header.number < 0 or current[header.number] == header.hash:
+                return header.number
+        return None

@@ -25,6 +25,7 @@ from tests.indexer.conftest import (
     tracked_chain_logs,
 )
 from tests.indexer.test_indexing import STOP_BOUND
+from tests.indexer.test_operations import run_command
 from tests.support.indexer_process import IndexerProcess
 from tests.support.rpc_proxy import RpcFaultProxy
 from tests.support.tcp_proxy import TcpProxy
@@ -358,6 +359,55 @@ async def test_reorg_deeper_than_the_window_halts_without_deleting(
     assert await stored_keys(database_url) == stored
     with pytest.raises(AssertionError):
         await assert_database_equals_chain(database_url, dev_chain, deployment)
+
+
+async def test_after_a_reorg_deeper_than_the_window_the_named_reindex_recovers(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """The halt on a reorg deeper than REORG_WINDOW names the block to reindex from (the one
+    after the newest stored block still on the chain); that reindex, run as said, rolls back
+    the replaced blocks and indexes the new branch: the database equals the chain again and
+    the retracted events are announced as removals. A backfill, or a reindex from a replaced
+    block, is refused meanwhile, naming the same command, and deletes nothing."""
+    window = {"REORG_WINDOW": "4"}
+    driver = ActivityDriver(dev_chain, deployment, seed=45, txs_per_block=3)
+    await driver.cover_all_events()
+    with make_indexer(**window) as indexer:
+        await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
+        for _ in range(10):  # followed block by block: every header of the tip is stored
+            await driver.run(blocks=1)
+            await indexer.wait_cursor(await dev_chain.block_number())
+        head = await dev_chain.block_number()
+        retracted = await blocks_events(dev_chain, deployment, head - 5)
+        assert retracted, "the reorged blocks hold events"
+        await dev_chain.request("anvil_reorg", [6, reorg_transactions(dev_chain, deployment)])
+        await dev_chain.mine_empty(1)
+        assert await indexer.wait_exit(within=20) == 1
+    reindex = f"python -m indexer reindex --from {head - 5}"
+    assert reindex in indexer.log_text()
+    stored = await stored_keys(database_url)
+
+    code, output = await run_command(make_indexer, "backfill", "--from", "1", "--to", "2", **window)
+    assert (code, reindex in output) == (1, True), output
+    code, output = await run_command(make_indexer, "reindex", "--from", str(head), **window)
+    assert (code, reindex in output) == (1, True), output
+    assert await stored_keys(database_url) == stored
+
+    code, output = await run_command(make_indexer, *reindex.split()[3:], **window)
+    assert code == 0, output
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
+    with make_indexer(**window) as indexer:
+        entries = await caught_up(
+            indexer, dev_chain, redis_client, stream_key, database_url, deployment
+        )
+    removals = [envelope["id"] for _, envelope in entries if envelope["removed"]]
+    assert removals == list(reversed(retracted))
+    assert_gap_free(entries)
 
 
 async def test_rpc_faults_cause_no_loss_and_no_duplicates(
