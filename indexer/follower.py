@@ -237,25 +237,27 @@ class Follower:
         current = await self._rpc.get_block_header(self._state.block_number)
         return current.hash != self._state.block_hash
 
-    async def _start_cursor(self) -> BlockHeader:
-        return await self._header_or_virtual(self._config.start_block - 1)
-
     async def _wait_for_start(self) -> BlockHeader:
-        """The block before START_BLOCK, once the chain has it: a START_BLOCK beyond the head
-        (a node still syncing, a deployment to come) is waited for, not a reason to exit."""
+        """The block before START_BLOCK, once the chain has it CONFIRMATIONS deep, as any block
+        indexed: a START_BLOCK beyond the head (a node still syncing, a deployment to come) is
+        waited for, not a reason to exit."""
+        before = self._config.start_block - 1
         announced = False
         while True:
             try:
-                return await self._start_cursor()
+                if before < 0 or self._target(await self._rpc.block_number()) >= before:
+                    return await self._header_or_virtual(before)
             except BlockNotFound:
-                if not announced:
-                    log.warning(
-                        "START_BLOCK is beyond the chain head: waiting for the chain to reach "
-                        "START_BLOCK",
-                        start_block=self._config.start_block,
-                    )
-                    announced = True
-                await asyncio.sleep(self._config.poll_interval)
+                pass  # a node behind the one that gave the head
+            if not announced:
+                log.warning(
+                    "START_BLOCK is beyond the chain head (less CONFIRMATIONS): waiting for "
+                    "the chain to reach START_BLOCK",
+                    start_block=self._config.start_block,
+                    confirmations=self._config.confirmations,
+                )
+                announced = True
+            await asyncio.sleep(self._config.poll_interval)
 
     async def _header_or_virtual(self, number: int) -> BlockHeader:
         """The header of block `number`, or the virtual parent of block 0 for -1."""
@@ -651,10 +653,15 @@ class Follower:
         self._on_commit(())
 
     async def _ancestor(self, stored: Sequence[BlockHeader]) -> BlockHeader | None:
-        """The newest of these stored headers (newest first) that is still canonical."""
+        """The newest of these stored headers (newest first) that is still canonical.
+
+        The block before START_BLOCK (the first cursor; the virtual parent of block 0 when
+        START_BLOCK is 0) is always an ancestor, as the node has it now: nothing below it is
+        stored, so a reorg that replaced it too retracts only what is above it.
+        """
         for header in stored:
-            if header.number < 0:
-                return header  # the virtual parent of block 0 is always an ancestor
+            if header.number < 0 or header.number == self._config.start_block - 1:
+                return await self._header_or_virtual(header.number)
             if await self._canonical(header):  # not if the new branch is shorter than it
                 return header
         return None

@@ -108,10 +108,12 @@ async def stored_keys(database_url: str) -> list[tuple[Any, ...]]:
 
 
 async def assert_database_equals_chain(
-    database_url: str, chain: DevChain, deployment: Deployment
+    database_url: str, chain: DevChain, deployment: Deployment, *, first: int = 0
 ) -> int:
-    """The events table is exactly the tracked logs of the canonical chain; returns the count."""
-    expected = [chain_key(lg) for lg in await tracked_chain_logs(chain, deployment)]
+    """The events table is exactly the tracked logs of the canonical chain from block `first`
+    on (an indexer's START_BLOCK); returns the count."""
+    logs = await tracked_chain_logs(chain, deployment)
+    expected = [chain_key(lg) for lg in logs if int(lg["blockNumber"], 16) >= first]
     stored = await stored_keys(database_url)
     missing = sorted(set(expected) - set(stored))[:5]
     extra = sorted(set(stored) - set(expected))[:5]

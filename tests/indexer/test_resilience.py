@@ -7,6 +7,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
@@ -23,6 +24,7 @@ from tests.indexer.conftest import (
     stored_keys,
     stream_entries,
     tracked_chain_logs,
+    wait_for_stream,
 )
 from tests.indexer.test_indexing import STOP_BOUND
 from tests.indexer.test_operations import run_command
@@ -230,6 +232,103 @@ async def test_reorg_while_stopped_is_found_at_start_up(
         )
     assert any(envelope["removed"] for _, envelope in entries)
     assert_gap_free(entries)
+
+
+async def factory_event_block(chain: DevChain, deployment: Deployment) -> None:
+    """Mine a block holding one factory event (tracked from any START_BLOCK)."""
+    [[tx, _]] = reorg_transactions(chain, deployment)
+    assert isinstance(tx, dict)
+    await chain.send(sender=tx["from"], to=tx["to"], data=tx["data"])
+    await chain.mine()
+
+
+async def cursor_exists(database_url: str) -> bool:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return bool(await conn.fetchval("SELECT count(*) FROM indexer_state"))
+    finally:
+        await conn.close()
+
+
+async def test_a_reorg_replacing_the_block_before_start_block_is_followed(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """The first cursor is the block before START_BLOCK, and nothing below it is stored: a
+    reorg replacing that block (here with the blocks indexed above it) is rolled back onto
+    the node's block there, the retracted events announced as removals, instead of a halt
+    saying the reorg is deeper than REORG_WINDOW."""
+    await dev_chain.mine_empty(3)  # the reorg stays above the deployment
+    start = await dev_chain.block_number() + 1
+    settings = {"START_BLOCK": str(start), "REORG_WINDOW": "8"}
+    with make_indexer(**settings) as indexer:
+        await indexer.wait_cursor(start - 1)
+        for _ in range(3):
+            await factory_event_block(dev_chain, deployment)
+        await indexer.wait_cursor(await dev_chain.block_number())
+        retracted = await blocks_events(dev_chain, deployment, start)
+        assert len(retracted) == 3
+        replacement = [[tx, 1] for [tx, _] in reorg_transactions(dev_chain, deployment)]
+        await dev_chain.request("anvil_reorg", [4, replacement])  # from start - 1 on
+        await dev_chain.mine_empty(1)
+        await indexer.wait_cursor(await dev_chain.block_number())
+
+        async def stored() -> bool:
+            try:
+                await assert_database_equals_chain(database_url, dev_chain, deployment, first=start)
+            except AssertionError:
+                return False
+            return True
+
+        await eventually(stored, within=30, what="the database equals the chain")
+        assert indexer.running
+        assert await indexer.metric("kektech_indexer_reorgs_total") == 1
+        new_branch = await blocks_events(dev_chain, deployment, start)
+        assert len(new_branch) == 1
+        await wait_for_stream(redis_client, stream_key, 2 * len(retracted) + len(new_branch))
+    entries = await stream_entries(redis_client, stream_key)
+    removals = [envelope["id"] for _, envelope in entries if envelope["removed"]]
+    assert removals == list(reversed(retracted))
+    assert_gap_free(entries)
+
+
+async def test_the_first_cursor_waits_for_confirmations(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """With CONFIRMATIONS=2 the first cursor (the block before START_BLOCK) is taken only once
+    two blocks follow it, as any indexed block: a reorg of the blocks that are not confirmed
+    yet does not concern the indexer."""
+    await dev_chain.mine_empty(3)  # the reorg stays above the deployment
+    start = await dev_chain.block_number() + 1
+    settings = {"START_BLOCK": str(start), "CONFIRMATIONS": "2"}
+    with make_indexer(**settings) as indexer:
+
+        async def waiting() -> bool:
+            return "waiting for the chain to reach START_BLOCK" in indexer.log_text()
+
+        await eventually(waiting, within=10, what="the indexer says it waits")
+        await dev_chain.mine_empty(1)  # start - 1 is followed by one block only
+        await asyncio.sleep(0.5)
+        assert not await cursor_exists(database_url)
+        replacement = [[tx, 1] for [tx, _] in reorg_transactions(dev_chain, deployment)]
+        await dev_chain.request("anvil_reorg", [2, replacement])  # start - 1 and start
+        await dev_chain.mine_empty(2)
+        await indexer.wait_cursor(start)
+        assert indexer.running
+        assert await indexer.metric("kektech_indexer_reorgs_total") == 0
+        assert await assert_database_equals_chain(database_url, dev_chain, deployment, first=start)
+        await wait_for_stream(redis_client, stream_key, 1)
+    entries = await stream_entries(redis_client, stream_key)
+    assert not any(envelope["removed"] for _, envelope in entries)
 
 
 async def test_a_reorg_outgrown_by_more_than_the_window_before_the_next_poll_is_followed(
