@@ -180,7 +180,7 @@ class Follower:
         if replaced:
             try:
                 await self._handle_reorg()
-            except BlockNotFound as exc:  # the first step looks again
+            except (ReorgDuringFetch, BlockNotFound) as exc:  # the first step looks again
                 log.warning("the reorg at start-up is looked at again", reason=str(exc))
             except ReorgTooDeep as exc:
                 if rewind_to is None or rewind_to >= exc.since:
@@ -317,7 +317,7 @@ class Follower:
             if self._replaced(head):
                 try:
                     await self._handle_reorg()
-                except BlockNotFound as exc:
+                except (ReorgDuringFetch, BlockNotFound) as exc:
                     await self._fetch_again(exc)
                 continue
             self._metrics.lag.set(max(0, self._target(self.head) - self.cursor))
@@ -628,7 +628,13 @@ class Follower:
     # -- reorgs ------------------------------------------------------------------------------
 
     async def _handle_reorg(self) -> None:
-        """Roll back to the newest stored block that is still canonical, or halt if too deep."""
+        """Roll back to the newest stored block that is still canonical, or halt if too deep.
+
+        ReorgDuringFetch when that block is the cursor itself, unchanged: the answers that
+        showed it replaced (the head, the next block's parent) came from a backend on another
+        branch than the one answering now, as behind a load balancer. There is nothing to roll
+        back, and the caller asks again after a pause rather than at once.
+        """
         assert self._state is not None
         window = self._config.reorg_window
         cursor = self._state.block_number
@@ -644,6 +650,8 @@ class Follower:
                 ancestor=await self._newest_canonical(older),
                 start_block=self._config.start_block,
             )
+        if (ancestor.number, ancestor.hash) == (cursor, self._state.block_hash):
+            raise ReorgDuringFetch(f"block {cursor} looked replaced, yet the node still has it")
         depth = cursor - ancestor.number
         removed = await self._store.rollback(self._lease, self._config.lease_ttl, ancestor)
         await self._reload_state()

@@ -399,6 +399,44 @@ async def test_a_reorg_hidden_from_the_cursor_check_by_a_stale_backend_is_still_
     assert_gap_free(entries)
 
 
+async def test_a_head_from_another_branch_at_the_cursor_is_no_reorg(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """Behind a load balancer the head may come from a backend on another branch (a sibling
+    of the cursor's block, at its height) while the cursor's block asked by number comes from
+    one that has it: nothing is replaced, so nothing is rolled back nor counted as a reorg,
+    and the indexer asks again at its pace instead of spinning."""
+    head = await dev_chain.block_number()
+    snapshot = await dev_chain.request("evm_snapshot", [])
+    await factory_event_block(dev_chain, deployment)
+    sibling = await dev_chain.request("eth_getBlockByNumber", [hex(head + 1), False])
+    await dev_chain.request("evm_revert", [snapshot])
+    await dev_chain.mine_empty(1)  # the block at head + 1 the node has
+    async with RpcFaultProxy(anvil.rpc_url, seed=15) as proxy:
+        settings = {"RPC_PROVIDER_URL": proxy.url, "POLL_INTERVAL": "0.5"}
+        with make_indexer(**settings) as indexer:
+            await indexer.wait_cursor(head + 1)
+            proxy.stale_header("latest", sibling, times=10_000)
+            before = proxy.requests
+            await asyncio.sleep(2)
+            requests = proxy.requests - before
+            stale = proxy.injected["stale_header"]
+            assert indexer.running
+            assert await indexer.metric("kektech_indexer_reorgs_total") == 0
+            assert (await indexer.metric("kektech_indexer_fetch_retries_total") or 0) > 0
+            proxy.clear_stale()
+            await factory_event_block(dev_chain, deployment)
+            await indexer.wait_cursor(head + 2)
+    assert 0 < stale <= 8, stale  # about one head poll per half second
+    assert requests <= 20, requests
+    assert "reorg rolled back" not in indexer.log_text()
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
+
+
 async def test_a_chain_shorter_than_the_cursor_at_start_up_is_waited_for(
     dev_chain: DevChain,
     deployment: Deployment,

@@ -44,7 +44,9 @@ Besides, eth_getLogs is limited the way public providers limit it, deterministic
 
 `stale_header(number, header, times)` has the next `times` single eth_getBlockByNumber calls
 for that number answered with `header`: a block as a backend still on a replaced branch has
-it (batches are answered faithfully).
+it (batches are answered faithfully). `number` may be a block tag instead, "latest": the head
+as such a backend reports it, while the calls by number reach another backend, as behind a
+load balancer. `clear_stale()` drops the answers still queued.
 
 Block tags ("latest") and blockHash filters are not range-checked. Every setting above is a
 plain attribute and may be changed while the proxy runs.
@@ -153,7 +155,7 @@ class RpcFaultProxy:
         self.injected: Counter[str] = Counter()
         self._rng = random.Random(seed)
         self._schedule: deque[str | None] = deque()
-        self._stale: dict[str, deque[object]] = {}  # hex block number -> headers to answer
+        self._stale: dict[str, deque[object]] = {}  # hex block number or tag -> headers
         self._wordings = itertools.count()
         self._runner: web.AppRunner | None = None
         self._upstream: aiohttp.ClientSession | None = None
@@ -171,10 +173,15 @@ class RpcFaultProxy:
                 raise ValueError(f"unknown fault {fault!r}")
         self._schedule.extend(faults)
 
-    def stale_header(self, number: int, header: object, times: int) -> None:
-        """Answer the next `times` single eth_getBlockByNumber calls for block `number` with
-        `header` (as a backend on a replaced branch would)."""
-        self._stale.setdefault(hex(number), deque()).extend([header] * times)
+    def stale_header(self, number: int | str, header: object, times: int) -> None:
+        """Answer the next `times` single eth_getBlockByNumber calls for block `number` (or a
+        block tag: "latest") with `header` (as a backend on a replaced branch would)."""
+        key = number if isinstance(number, str) else hex(number)
+        self._stale.setdefault(key, deque()).extend([header] * times)
+
+    def clear_stale(self) -> None:
+        """Answer faithfully again: drop every stale header still queued."""
+        self._stale.clear()
 
     async def __aenter__(self) -> Self:
         unknown = set(self.rates) - set(ALL_FAULTS)
