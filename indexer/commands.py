@@ -150,8 +150,15 @@ async def backfill(settings: IndexerSettings, first: int, last: int) -> int:
         if last > follower.cursor:
             _say(settings, f"block {last} is above the cursor {follower.cursor}: `run` indexes it")
             return 1
-        stored = await follower.backfill(first, last)
-        _say(settings, f"backfill {first}..{last}: {stored} missing events stored")
+        done = await follower.backfill(first, last)
+        _say(settings, f"backfill {first}..{last}: {done.events} missing events stored")
+        if done.markets and last < done.cursor:
+            _say(
+                settings,
+                f"{done.markets} markets found that were not followed: their events from block"
+                f" {last + 1} to the cursor {done.cursor} were fetched too,"
+                f" {done.later_events} missing events stored",
+            )
     return 0
 
 

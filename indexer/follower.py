@@ -86,6 +86,17 @@ class FollowConfig:
     batch_events: int = 2000
 
 
+@dataclass(frozen=True, slots=True)
+class Backfilled:
+    """What a backfill stored: events of the range asked for, markets found there that were
+    not followed, and those markets' events from the range's end to the cursor."""
+
+    events: int
+    markets: int
+    later_events: int
+    cursor: int
+
+
 @dataclass
 class _Range:
     """Logs and headers gathered for one range before it is turned into a batch."""
@@ -369,17 +380,36 @@ class Follower:
         self._metrics.fetch_retries.inc()
         await asyncio.sleep(min(self._config.poll_interval, 0.5))
 
-    async def backfill(self, first: int, last: int) -> int:
-        """Fetch an already indexed range again and store what is missing; the cursor stays."""
+    async def backfill(self, first: int, last: int) -> Backfilled:
+        """Fetch an already indexed range again and store what is missing; the cursor stays.
+
+        Markets found in the range that were not followed (announced by a factory added to
+        the configuration later, or an announcement missing) get their events after `last`
+        too, up to the cursor: following the chain went on without them.
+        """
         assert self._state is not None
-        if last > self._state.block_number:
-            raise ValueError(f"block {last} is above the cursor {self._state.block_number}")
-        # Range by range like catch-up: memory stays bounded and every commit renews the lease.
+        cursor = self._state.block_number
+        if last > cursor:
+            raise ValueError(f"block {last} is above the cursor {cursor}")
+        known = set(self._children)
+        stored = await self._backfill_ranges(first, last)
+        found = sorted(self._children.keys() - known)
+        later = 0
+        if found and last < cursor:
+            later = await self._backfill_ranges(last + 1, cursor, addresses=found)
+        return Backfilled(events=stored, markets=len(found), later_events=later, cursor=cursor)
+
+    async def _backfill_ranges(
+        self, first: int, last: int, *, addresses: Sequence[str] | None = None
+    ) -> int:
+        """Store what is missing of [first, last], of `addresses` only if given; returns the
+        events stored. Range by range like catch-up: memory stays bounded and every commit
+        renews the lease."""
         stored = 0
         start = first
         while start <= last:
             end = self._batch_end(start, last)
-            stored += await self._save(await self._prepare_deep(start, end))
+            stored += await self._save(await self._prepare_deep(start, end, addresses=addresses))
             start = end + 1
         return stored
 
@@ -424,12 +454,20 @@ class Follower:
         blocks = max(1, min(self._sizer.maximum, int(self._config.batch_events / self._density)))
         return min(deep_end, first + blocks - 1)
 
-    async def _prepare_deep(self, first: int, last: int, *, extends: str | None = None) -> Batch:
+    async def _prepare_deep(
+        self,
+        first: int,
+        last: int,
+        *,
+        extends: str | None = None,
+        addresses: Sequence[str] | None = None,
+    ) -> Batch:
         """A range below the reorg window. `extends`: the hash of the block before `first`
         (the stored cursor, or the range before) when the range moves the cursor; its first
         block must link to it, as the one check that a replaced cursor was not missed (a
-        backend still on the old branch may have answered the check of the cursor itself)."""
-        gathered = await self._gather(first, last)
+        backend still on the old branch may have answered the check of the cursor itself).
+        `addresses` (a backfill of markets only): the contracts to fetch, instead of all."""
+        gathered = await self._gather(first, last, addresses=addresses)
         blocks = sorted({lg.block_number for lg in gathered.logs} | {first, last})
         headers = {h.number: h for h in await self._rpc.get_block_headers(blocks)}
         self._note_density(len(gathered.logs), first, last)
@@ -477,13 +515,22 @@ class Follower:
         return current.hash == header.hash
 
     async def _gather(
-        self, first: int, last: int, *, tip: Sequence[BlockHeader] | None = None
+        self,
+        first: int,
+        last: int,
+        *,
+        tip: Sequence[BlockHeader] | None = None,
+        addresses: Sequence[str] | None = None,
     ) -> _Range:
         """Every tracked log of the range, children created inside it included.
 
         `tip`: the range's headers, to ask for logs by block hash rather than by range.
+        `addresses`: only these markets' logs (markets announce no children).
         """
         gathered = _Range()
+        if addresses is not None:
+            gathered.logs = await self._fetch(first, last, addresses)
+            return gathered
         addresses = [*self._static, *self._children]
         gathered.logs = await self._fetch(first, last, addresses, tip=tip)
         pending = self._new_children(gathered.logs, gathered.children)

@@ -466,6 +466,38 @@ async def test_a_factory_added_after_indexing_began_is_said_with_its_backfill(
     await assert_database_equals_chain(database_url, dev_chain, deployment)
 
 
+async def test_markets_a_backfill_finds_get_their_events_up_to_the_cursor(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """The backfill named at start (`--to` the cursor of then) finds the markets the added
+    factory created before; their events after `--to`, which the service went on without,
+    are fetched by the same backfill up to the cursor of now, and its output says so: the
+    database equals the chain after the one command."""
+    driver = ActivityDriver(dev_chain, deployment, seed=77, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=4)
+    market = await driver.active_market(deployment.factory_v2)
+    head = await dev_chain.block_number()
+    with make_indexer(MARKET_FACTORY_ADDRESS=deployment.factory_v1) as indexer:
+        await indexer.wait_cursor(head)
+    with make_indexer() as indexer:  # both factories now
+        await indexer.wait_cursor(head)
+        for _ in range(3):  # bets in a market of v2 that the service does not know
+            await driver.bet(market)
+        cursor = await dev_chain.block_number()
+        await indexer.wait_cursor(cursor)
+        log = indexer.log_text()
+    backfill = f"python -m indexer backfill --from {deployment.block} --to {head}"
+    assert backfill in log
+    code, output = await run_command(make_indexer, *backfill.split()[3:])
+    assert code == 0, output
+    assert f"their events from block {head + 1} to the cursor {cursor} were fetched too" in output
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
+
+
 async def test_a_factory_dropped_from_the_configuration_is_no_longer_followed(
     dev_chain: DevChain,
     deployment: Deployment,
