@@ -9,7 +9,7 @@ import contextlib
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -352,9 +352,19 @@ def settings_for(redis_url: str, stream_key: str, **overrides: Any) -> Broadcast
     return BroadcasterSettings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
+def following(health: dict[str, Any]) -> bool:
+    """Whether /healthz says the broadcaster follows the stream."""
+    return health.get("seq") is not None
+
+
 @contextlib.asynccontextmanager
-async def running(settings: BroadcasterSettings) -> AsyncIterator[Running]:
-    """Run the broadcaster until the block exits; wait until it follows the stream."""
+async def running(
+    settings: BroadcasterSettings,
+    *,
+    ready: Callable[[dict[str, Any]], bool] = following,
+) -> AsyncIterator[Running]:
+    """Run the broadcaster until the block exits; wait until its /healthz is `ready` (by
+    default: it follows the stream)."""
     task = asyncio.create_task(run(settings), name="broadcaster-under-test")
     instance = Running(settings, task)
     try:
@@ -364,7 +374,7 @@ async def running(settings: BroadcasterSettings) -> AsyncIterator[Running]:
                     task.result()
                     raise AssertionError("broadcaster stopped during start-up")
                 with contextlib.suppress(aiohttp.ClientError):
-                    if (await instance.health()).get("seq") is not None:
+                    if ready(await instance.health()):
                         break
                 await asyncio.sleep(0.02)
         yield instance

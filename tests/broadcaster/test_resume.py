@@ -7,10 +7,10 @@ import contextlib
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import redis.asyncio as aioredis
 
 from broadcaster.service import run
@@ -22,6 +22,7 @@ from tests.broadcaster.support import (
     EventProducer,
     Running,
     WsClient,
+    running,
     settings_for,
     ws_client,
 )
@@ -136,26 +137,33 @@ async def test_many_resumes_at_once_from_the_stream_are_all_answered(
     assert set(reports) == {"up"}
 
 
+@dataclass
+class BootedWithoutRedis:
+    """A broadcaster started while its Redis was down; a client connected to it meanwhile."""
+
+    redis: Redis  # stopped: start() brings it back with the 10 events on MARKET it holds
+    producer: EventProducer
+    server: Running
+    client: WsClient
+
+
 @contextlib.asynccontextmanager
-async def started_while_redis_is_away(own: Redis, stream_key: str) -> AsyncIterator[Running]:
-    """Stop `own`, then start a broadcaster on it and wait until it reports Redis down."""
-    own.stop()
-    settings = settings_for(own.url, stream_key)
-    task = asyncio.create_task(run(settings), name="broadcaster-under-test")
-    try:
-        server = Running(settings, task)
-        async with asyncio.timeout(WITHIN):
-            while True:
-                with contextlib.suppress(aiohttp.ClientError):
-                    if (await server.health())["redis"] == "down":
-                        break
-                assert not task.done()
-                await asyncio.sleep(0.05)
-        yield server
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+async def booted_without_redis(
+    stream_key: str, tmp_path: Path
+) -> AsyncIterator[BootedWithoutRedis]:
+    """A private Redis with 10 events on MARKET, stopped; a broadcaster started on it then
+    (reporting Redis down), and a client connected to it."""
+    with Redis(workdir=tmp_path) as own:
+        async with aioredis.Redis.from_url(own.url) as redis:
+            producer = EventProducer(redis, stream_key)
+            await producer.publish(count=10)
+            own.stop()
+            settings = settings_for(own.url, stream_key)
+            async with (
+                running(settings, ready=lambda health: health["redis"] == "down") as server,
+                ws_client(server.url) as client,
+            ):
+                yield BootedWithoutRedis(own, producer, server, client)
 
 
 async def test_a_resume_while_redis_was_away_since_boot_claims_nothing(
@@ -164,23 +172,14 @@ async def test_a_resume_while_redis_was_away_since_boot_claims_nothing(
     """A subscription made before the server could read the stream (Redis away since start)
     covers only what comes after the position the server starts at: a later resume of an
     overlapping channel still replays the events before it."""
-    with Redis(workdir=tmp_path) as own:
-        producer = EventProducer(aioredis.Redis.from_url(own.url), stream_key)
-        await producer.publish(count=10)  # all on MARKET
-        try:
-            async with (
-                started_while_redis_is_away(own, stream_key) as server,
-                ws_client(server.url) as client,
-            ):
-                early = await client.subscribe(f"market:{MARKET}", since=5)
-                assert (early["recovered"], early["replayed"]) == (False, 0)
-                own.start()
-                await server.wait_health(within=15, seq=10)
-                ack = await client.subscribe("events:*", since=5)
-                assert [e["seq"] for e in ack["replayedEvents"]] == [6, 7, 8, 9, 10]
-                assert ack["recovered"] is True
-        finally:
-            await producer.redis.aclose()
+    async with booted_without_redis(stream_key, tmp_path) as boot:
+        early = await boot.client.subscribe(f"market:{MARKET}", since=5)
+        assert (early["recovered"], early["replayed"]) == (False, 0)
+        boot.redis.start()
+        await boot.server.wait_health(within=15, seq=10)
+        ack = await boot.client.subscribe("events:*", since=5)
+        assert [e["seq"] for e in ack["replayedEvents"]] == [6, 7, 8, 9, 10]
+        assert ack["recovered"] is True
 
 
 async def test_a_resume_past_the_stream_while_redis_was_away_claims_only_what_follows(
@@ -189,27 +188,18 @@ async def test_a_resume_past_the_stream_while_redis_was_away_claims_only_what_fo
     """A subscription made while Redis was away, with a `since` the stream never reached
     (Redis came back from an older copy), covers what follows the position the server starts
     at: a later resume of an overlapping channel does not deliver the live events again."""
-    with Redis(workdir=tmp_path) as own:
-        producer = EventProducer(aioredis.Redis.from_url(own.url), stream_key)
-        await producer.publish(count=10)  # all on MARKET
-        try:
-            async with (
-                started_while_redis_is_away(own, stream_key) as server,
-                ws_client(server.url) as client,
-            ):
-                early = await client.subscribe(f"market:{MARKET}", since=500)
-                assert early["recovered"] is False
-                own.start()
-                await server.wait_health(within=15, seq=10)
-                await producer.publish(count=2)
-                assert [e["seq"] for e in await client.events(2)] == [11, 12]
-                ack = await client.subscribe("events:*", since=10)
-                assert ack["replayedEvents"] == []
-                assert ack["recovered"] is True
-                await producer.publish()
-                assert [e["seq"] for e in await client.events(1)] == [13]
-        finally:
-            await producer.redis.aclose()
+    async with booted_without_redis(stream_key, tmp_path) as boot:
+        early = await boot.client.subscribe(f"market:{MARKET}", since=500)
+        assert early["recovered"] is False
+        boot.redis.start()
+        await boot.server.wait_health(within=15, seq=10)
+        await boot.producer.publish(count=2)
+        assert [e["seq"] for e in await boot.client.events(2)] == [11, 12]
+        ack = await boot.client.subscribe("events:*", since=10)
+        assert ack["replayedEvents"] == []
+        assert ack["recovered"] is True
+        await boot.producer.publish()
+        assert [e["seq"] for e in await boot.client.events(1)] == [13]
 
 
 async def test_messages_sent_during_a_resume_wait_for_it_in_order(

@@ -26,6 +26,7 @@ from tests.support.ops import (
     pm2_daemon,
     run_kektech,
     tls_server,
+    waiting_indexer_env,
     write_script,
 )
 from tests.support.rpc_proxy import RpcFaultProxy
@@ -305,13 +306,7 @@ async def test_an_indexer_waiting_for_its_database_fails_with_the_reason(
 ) -> None:
     """An indexer whose start-up waits for an unreachable database answers on /healthz but
     indexes nothing: doctor FAILs it, saying what it waits for."""
-    env = indexer_env(
-        database_url=f"postgresql://kektech@127.0.0.1:{dead_port()}/kektech",
-        redis_url=redis_server.url,
-        rpc_url=anvil.rpc_url,
-        deployment=deployment,
-        stream_key="kektech:events",
-    )
+    env = waiting_indexer_env(anvil, deployment, redis_server)
     with IndexerProcess(env, log_dir=tmp_path) as indexer:
         await indexer.wait_waiting_for("database")
         result = await run_kektech("doctor", "--only", "indexer", env=env, cwd=tmp_path)
@@ -503,14 +498,7 @@ async def test_services_listening_on_ipv6_loopback_are_reached(
     """An indexer and a broadcaster whose health ports listen on ::1 are probed at
     http://[::1]:port, not at the invalid http://::1:port, which failed both as not
     answering."""
-    env = indexer_env(
-        database_url=f"postgresql://kektech@127.0.0.1:{dead_port()}/kektech",
-        redis_url=redis_server.url,
-        rpc_url=anvil.rpc_url,
-        deployment=deployment,
-        stream_key="kektech:events",
-        INDEXER_HTTP_HOST="::1",
-    )
+    env = waiting_indexer_env(anvil, deployment, redis_server, INDEXER_HTTP_HOST="::1")
     settings = settings_for(
         redis_server.url, f"test:{os.getpid()}:ipv6", broadcaster_http_host="::1"
     )

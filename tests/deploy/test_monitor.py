@@ -15,7 +15,7 @@ from devnet.services import Anvil, Redis
 from ops.monitor import count_restarts
 from ops.probes.memory import read_memory
 from tests.broadcaster.support import running, settings_for
-from tests.support.indexer_process import IndexerProcess, indexer_env
+from tests.support.indexer_process import IndexerProcess
 from tests.support.ops import (
     dead_port,
     make_certificate,
@@ -23,6 +23,7 @@ from tests.support.ops import (
     pm2_daemon,
     run_kektech,
     tls_server,
+    waiting_indexer_env,
     write_script,
 )
 from tests.support.waiting import eventually
@@ -80,13 +81,7 @@ async def test_an_indexer_waiting_at_start_up_is_reported_after_the_threshold(
 ) -> None:
     """An indexer whose start-up waits for its database is online for PM2 and restarts
     nothing, so only this condition sees it: reported once it has waited MONITOR_DOWN_AFTER."""
-    env = indexer_env(
-        database_url=f"postgresql://kektech@127.0.0.1:{dead_port()}/kektech",
-        redis_url=redis_server.url,
-        rpc_url=anvil.rpc_url,
-        deployment=deployment,
-        stream_key="kektech:events",
-    )
+    env = waiting_indexer_env(anvil, deployment, redis_server)
     check = check_env(
         tmp_path,
         INDEXER_HTTP_PORT=env["INDEXER_HTTP_PORT"],
@@ -118,14 +113,7 @@ async def test_an_indexer_listening_on_ipv6_loopback_is_reached(
 ) -> None:
     """An indexer whose health port listens on ::1 is asked at http://[::1]:port, not at the
     invalid http://::1:port, which was reported as not answering."""
-    env = indexer_env(
-        database_url=f"postgresql://kektech@127.0.0.1:{dead_port()}/kektech",
-        redis_url=redis_server.url,
-        rpc_url=anvil.rpc_url,
-        deployment=deployment,
-        stream_key="kektech:events",
-        INDEXER_HTTP_HOST="::1",
-    )
+    env = waiting_indexer_env(anvil, deployment, redis_server, INDEXER_HTTP_HOST="::1")
     check = check_env(
         tmp_path,
         INDEXER_HTTP_HOST="::1",

@@ -18,7 +18,9 @@ from typing import Any
 
 import orjson
 
-from devnet.services import REPO_ROOT, free_port
+from devnet.chain import Deployment
+from devnet.services import REPO_ROOT, Anvil, Redis, free_port
+from tests.support.indexer_process import indexer_env
 
 PM2_BIN = REPO_ROOT / "node_modules" / ".bin" / "pm2"
 COMMAND_TIMEOUT = 60.0
@@ -201,3 +203,18 @@ async def other_http_server() -> AsyncIterator[int]:
 def dead_port() -> int:
     """A loopback port where nothing listens."""
     return free_port()
+
+
+def waiting_indexer_env(
+    anvil: Anvil, deployment: Deployment, redis: Redis, **settings: str
+) -> dict[str, str]:
+    """The environment of an indexer whose database nobody listens on: it answers on its
+    health port and waits for the database at start-up."""
+    return indexer_env(
+        database_url=f"postgresql://kektech@127.0.0.1:{dead_port()}/kektech",
+        redis_url=redis.url,
+        rpc_url=anvil.rpc_url,
+        deployment=deployment,
+        stream_key="kektech:events",
+        **settings,
+    )
