@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -49,3 +50,21 @@ async def server(
     """A broadcaster with default settings."""
     async with start() as instance:
         yield instance
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[Redis]:
+    """A Redis server of this test's own, for a test that stops it: were the session's server
+    not to come back, every test after it would fail."""
+    with Redis(workdir=tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+async def own_producer(own_redis: Redis, stream_key: str) -> AsyncIterator[EventProducer]:
+    """Writes events to this test's stream on `own_redis`, as the indexer does."""
+    client = aioredis.Redis.from_url(own_redis.url)
+    try:
+        yield EventProducer(client, stream_key)
+    finally:
+        await client.aclose()

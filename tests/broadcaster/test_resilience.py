@@ -44,23 +44,26 @@ Start = Callable[..., AbstractAsyncContextManager[Running]]
 
 
 async def test_redis_restart_mid_stream(
-    server: Running, producer: EventProducer, redis_server: Redis
+    start: Start, own_producer: EventProducer, own_redis: Redis
 ) -> None:
     """Clients stay connected across a Redis restart and get every event once, in order."""
-    async with ws_client(server.url) as a, ws_client(server.url) as b:
+    producer = own_producer
+    async with (
+        start(redis_url=own_redis.url) as server,
+        ws_client(server.url) as a,
+        ws_client(server.url) as b,
+    ):
         await a.subscribe("events:*")
         await b.subscribe("events:*")
         await producer.publish(count=5)
-        redis_server.stop()
-        try:
-            await server.wait_health(redis="down")
-        finally:  # the session's Redis: the tests after this one need it
-            redis_server.start()
+        own_redis.stop()
+        await server.wait_health(redis="down")
+        own_redis.start()
         await producer.publish(count=5)  # the producer's client reconnects by itself
         for client in (a, b):
             assert [e["seq"] for e in await client.events(10, within=10)] == list(range(1, 11))
         await server.wait_health(redis="up", seq=10)
-    assert await server.metric("kektech_broadcaster_redis_reconnects_total") >= 1
+        assert await server.metric("kektech_broadcaster_redis_reconnects_total") >= 1
 
 
 @contextlib.asynccontextmanager
@@ -504,26 +507,25 @@ async def test_the_refill_grace_counts_from_the_streams_last_growth(
 
 
 async def test_a_redis_outage_during_a_refill_does_not_use_up_its_grace(
-    server: Running,
-    producer: EventProducer,
-    redis_server: Redis,
+    start: Start,
+    own_producer: EventProducer,
+    own_redis: Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Redis back from an older snapshot, then away again for longer than REFILL_GRACE (here
     2 s) before the indexer could write the lost entries: the grace counts again once Redis
     is back, so the refill that follows keeps clients connected, and nothing comes twice."""
     monkeypatch.setattr(stream, "REFILL_GRACE", 2.0)
-    async with ws_client(server.url) as client:
+    producer = own_producer
+    async with start(redis_url=own_redis.url) as server, ws_client(server.url) as client:
         await relaying(client, producer)
         kept = await producer.lose()
         await producer.rewrite(kept[:2])  # what the older snapshot held
         await asyncio.sleep(1.5)  # seen short by now (idle reads block for 1 s)
-        redis_server.stop()
-        try:
-            await server.wait_health(redis="down")
-            await asyncio.sleep(3.0)
-        finally:  # the session's Redis: the tests after this one need it
-            redis_server.start()
+        own_redis.stop()
+        await server.wait_health(redis="down")
+        await asyncio.sleep(3.0)
+        own_redis.start()
         await server.wait_metric("kektech_broadcaster_redis_up", 1)  # read again
         await producer.redis.connection_pool.disconnect()  # its connection died with Redis
         await producer.rewrite(kept[2:])  # the indexer's refill, once Redis is back
@@ -600,9 +602,9 @@ async def test_a_stream_gone_again_while_its_refill_settles_is_no_gap(
 
 
 async def test_a_redis_outage_while_a_refill_settles_does_not_let_it_through(
-    server: Running,
-    producer: EventProducer,
-    redis_server: Redis,
+    start: Start,
+    own_producer: EventProducer,
+    own_redis: Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Started without the stream, a broadcaster waiting for the indexer's refill to settle
@@ -610,21 +612,21 @@ async def test_a_redis_outage_while_a_refill_settles_does_not_let_it_through(
     history, relays none of it, closes its subscribers with 4009, and relays what follows.
     It is no gap either: no false alarm of entries trimmed before they were read."""
     monkeypatch.setattr(stream, "REFILL_SETTLE", 3.0)
-    await asyncio.sleep(2.5)  # idle reads on the missing stream (BROADCASTER_REDIS_TIMEOUT=2 s)
-    async with ws_client(server.url) as client:
-        await client.subscribe("events:*")
-        producer.seq = 4_000  # the refill's first batch: seqs the stream held before
-        await producer.publish(count=2)
-        await asyncio.sleep(1.0)  # read, and waiting for the refill to settle
-        redis_server.stop()
-        try:
+    producer = own_producer
+    async with start(redis_url=own_redis.url) as server:
+        await asyncio.sleep(2.5)  # idle reads on the missing stream (BROADCASTER_REDIS_TIMEOUT=2 s)
+        async with ws_client(server.url) as client:
+            await client.subscribe("events:*")
+            producer.seq = 4_000  # the refill's first batch: seqs the stream held before
+            await producer.publish(count=2)
+            await asyncio.sleep(1.0)  # read, and waiting for the refill to settle
+            own_redis.stop()
             await server.wait_health(redis="down")
             await asyncio.sleep(2.5)  # past the settle wait: its next read fails
-        finally:  # the session's Redis: the tests after this one need it
-            redis_server.start()
-        await producer.publish(count=2)  # the refill's next batch
-        await closed_for_reload_without_events(client, within=20)
-    await relays_what_follows_with_no_gap(server, producer)  # seq 4,005
+            own_redis.start()
+            await producer.publish(count=2)  # the refill's next batch
+            await closed_for_reload_without_events(client, within=20)
+        await relays_what_follows_with_no_gap(server, producer)  # seq 4,005
 
 
 async def test_a_client_without_subscriptions_follows_a_recreated_stream(

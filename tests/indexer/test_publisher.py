@@ -8,6 +8,7 @@ import itertools
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -163,12 +164,12 @@ async def remaining(database_url: str, rows: int) -> bool:
 
 
 async def test_redis_up_reports_redis_while_idle(
-    publisher_parts: tuple[Store, aioredis.Redis], redis_server: Redis
+    publisher_parts: tuple[Store, aioredis.Redis], tmp_path: Path
 ) -> None:
     """With nothing to publish, kektech_indexer_redis_up still follows whether Redis answers."""
+    store, _ = publisher_parts
     metrics = Metrics()
     key = unique_key("redis-up")
-    publisher = make_publisher(publisher_parts, key, metrics=metrics, ping_every=0.2)
 
     def redis_up() -> float | None:
         return metrics.registry.get_sample_value("kektech_indexer_redis_up")
@@ -176,14 +177,17 @@ async def test_redis_up_reports_redis_while_idle(
     async def is_up(expected: float) -> bool:
         return redis_up() == expected
 
-    async with running(publisher):
-        await eventually(lambda: is_up(1), within=5, what="redis_up 1 before any publication")
-        redis_server.stop()
-        try:
-            await eventually(lambda: is_up(0), within=10, what="redis_up 0 with Redis stopped")
-        finally:
-            redis_server.start()
-        await eventually(lambda: is_up(1), within=10, what="redis_up 1 again")
+    # A Redis of its own to stop: the session's, were it not to come back, would fail every
+    # test after this one.
+    with Redis(workdir=tmp_path) as own:
+        async with redis_client(own.url) as redis:
+            publisher = make_publisher((store, redis), key, metrics=metrics, ping_every=0.2)
+            async with running(publisher):
+                await eventually(lambda: is_up(1), within=5, what="redis_up 1 before publishing")
+                own.stop()
+                await eventually(lambda: is_up(0), within=10, what="redis_up 0, Redis stopped")
+                own.start()
+                await eventually(lambda: is_up(1), within=10, what="redis_up 1 again")
 
 
 def outbox_row(seq: int, origin: str = "outbox") -> OutboxRow:
