@@ -55,7 +55,7 @@ def free_port() -> int:
     the service binds it the kernel may give it to any outgoing connection as its source
     port (a client connecting to Redis, say), so that the bind fails with EADDRINUSE.
     """
-    below = _ephemeral_low()
+    below = ephemeral_low()
     for port in _PORT_PICKER.sample(range(FIRST_PORT, below), PORT_ATTEMPTS):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
@@ -66,7 +66,7 @@ def free_port() -> int:
     raise ServiceError(f"no free port below {below} in {PORT_ATTEMPTS} attempts")
 
 
-def _ephemeral_low() -> int:
+def ephemeral_low() -> int:
     """The first port of the kernel's range for outgoing connections."""
     try:
         return int(Path(EPHEMERAL_RANGE).read_text().split()[0])

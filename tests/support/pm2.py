@@ -16,7 +16,7 @@ from typing import Any, Self
 
 import aiohttp
 
-from devnet.services import REPO_ROOT
+from devnet.services import FIRST_PORT, REPO_ROOT, ephemeral_low
 from tests.support.waiting import eventually
 
 PM2 = REPO_ROOT / "node_modules" / ".bin" / "pm2"
@@ -27,6 +27,7 @@ BROADCASTER = "kektech-websocket-server"
 COMMAND_TIMEOUT = 90.0
 # pm2.log lines start with "2026-11-25T23:40:00: PM2 log: " (local time, second resolution).
 PM2_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d): PM2 log: (.*)$")
+_PORT_PICKER = random.SystemRandom()  # not seeded alike in parallel test processes
 
 
 def consecutive_free_ports(count: int) -> int:
@@ -34,10 +35,13 @@ def consecutive_free_ports(count: int) -> int:
 
     SO_REUSEADDR as the services' listeners use it, so a client connection in TIME_WAIT on
     one of the ports (common: Linux gives connect() even ports) does not disqualify it.
+    Taken below the kernel's ephemeral range, as free_port() does: a port inside it may be
+    given to an outgoing connection as its source port before PM2's app binds it.
     """
     last_error: OSError | None = None
+    below = ephemeral_low()
     for _ in range(200):
-        base = random.randrange(20_000, 60_000)
+        base = _PORT_PICKER.randrange(FIRST_PORT, below - count + 1)
         sockets = []
         try:
             for port in range(base, base + count):
