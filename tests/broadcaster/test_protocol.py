@@ -259,9 +259,11 @@ async def test_pings_within_the_rate_are_answered(start: Start) -> None:
 
 
 async def test_flood_answers_pongs_then_rate_limited_errors(start: Start) -> None:
-    """Within the burst every ping is answered; past it, rate_limited errors."""
+    """Within the burst every ping is answered; past it, rate_limited errors. The burst is
+    10 (WS_MAX_SUBSCRIPTIONS, above twice the rate); at 0.01 messages a second no token comes
+    back while the test runs, however slowly (at 5 a second, a 200 ms stall gave one back)."""
     async with (
-        start(ws_rate_limit=5, ws_max_subscriptions=5) as server,
+        start(ws_rate_limit=0.01, ws_max_subscriptions=10) as server,
         ws_client(server.url) as client,
     ):
         for _ in range(12):
