@@ -364,19 +364,25 @@ async def test_no_gap_no_duplicate_under_concurrent_publishing(
             async with ws_client(server.url) as client:
                 ack = await client.subscribe(channel, since=since)
                 seqs = [e["seq"] for e in ack["replayedEvents"]]
-                await collect(client, seqs)
+                await collect(client, channel, since, seqs)
                 return seqs, ack
 
-        async def collect(client: WsClient, seqs: list[int]) -> None:
-            """Gather live events until the producer is done and the flow has stopped."""
-            while True:
-                try:
-                    event = await client.expect("event", within=0.5)
-                except TimeoutError:
-                    if done.is_set():
-                        return
-                    continue
-                seqs.append(event["seq"])
+        def last_on(channel: str) -> int:
+            """The last seq published on the channel (once the producer is done)."""
+            on = [s for s, m in markets.items() if channel == "events:*" or m == MARKET]
+            return max(on, default=0)
+
+        async def collect(client: WsClient, channel: str, since: int, seqs: list[int]) -> None:
+            """Gather live events up to the last one published on the channel, then see that
+            nothing follows it. Not "until the flow pauses": a loaded machine may pause it."""
+            async with asyncio.timeout(60):
+                while not (done.is_set() and max(seqs, default=since) >= last_on(channel)):
+                    try:
+                        event = await client.expect("event", within=0.5)
+                    except TimeoutError:
+                        continue  # has the producer finished meanwhile?
+                    seqs.append(event["seq"])
+            await client.nothing()
 
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(publish())
