@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 import structlog.testing
 
 from devnet.services import Redis
+from indexer import publisher as publisher_module
 from indexer.metrics import Metrics
 from indexer.publisher import Publisher
 from indexer.service import redis_client
@@ -351,13 +352,25 @@ async def test_a_stream_that_lost_entries_is_filled_again_while_idle(
 
 
 async def test_a_hole_found_while_idle_is_reported_once(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+    publisher_parts: tuple[Store, aioredis.Redis],
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With OUTBOX_KEEP=0 nothing published can be written again: a stream Redis lost while
     idle leaves a hole, reported once, not at every idle check until the next event."""
     _, redis = publisher_parts
     key = unique_key("hole-idle")
     await insert_outbox(database_url, [outbox_row(seq) for seq in range(1, 6)])
+    monkeypatch.setattr(publisher_module, "IDLE_POLL", 0.1)  # idle turns come often
+    stream_reads = 0  # XINFO STREAM: what each idle check asks Redis
+    xinfo_stream = redis.xinfo_stream
+
+    async def counted_xinfo_stream(name: str) -> Any:
+        nonlocal stream_reads
+        stream_reads += 1
+        return await xinfo_stream(name)
+
+    monkeypatch.setattr(redis, "xinfo_stream", counted_xinfo_stream)
     publisher = make_publisher(publisher_parts, key, outbox_keep=0, ping_every=0.1, prune_every=0)
     with structlog.testing.capture_logs() as logs:
         async with running(publisher):
@@ -372,9 +385,22 @@ async def test_a_hole_found_while_idle_is_reported_once(
 
             await eventually(pruned, within=10, what="the outbox pruned")
             await redis.delete(key)
-            await asyncio.sleep(3.5)  # idle checks every IDLE_POLL (1 s)
-    holes = [e for e in logs if e["event"].startswith("the stream keeps a hole")]
-    assert len(holes) == 1
+
+            def holes() -> list[MutableMapping[str, Any]]:
+                return [e for e in logs if e["event"].startswith("the stream keeps a hole")]
+
+            async def reported() -> bool:
+                return bool(holes())
+
+            await eventually(reported, within=10, what="the hole reported")
+            reads_at_report = stream_reads
+
+            async def checked_again() -> bool:
+                return stream_reads >= reads_at_report + 3
+
+            # Idle checks that find the same hole, with the chance to report it again.
+            await eventually(checked_again, within=10, what="three more idle checks")
+    assert len(holes()) == 1
 
 
 async def test_entries_lost_beyond_the_outbox_leave_a_hole_and_publishing_goes_on(
@@ -526,11 +552,18 @@ async def test_a_stream_ahead_of_the_database_is_reported(
     for seq in range(1, 6):
         await redis.xadd(key, {"seq": str(seq), "event": "{}"}, id=f"{seq}-0")
     await insert_outbox(database_url, [outbox_row(seq) for seq in (1, 2)])
+
+    def ahead() -> list[MutableMapping[str, Any]]:
+        return [e for e in logs if e["event"].startswith("the stream already holds seqs")]
+
+    async def said() -> bool:
+        return bool(ahead())
+
     with structlog.testing.capture_logs() as logs:
         async with running(make_publisher(publisher_parts, key)):
-            await asyncio.sleep(IDLE_SETTLE)
-    ahead = [e for e in logs if e["event"].startswith("the stream already holds seqs")]
-    assert [(e["stream_top"], e["published"]) for e in ahead] == [(5, 0)]
+            await eventually(said, within=10, what="the stream ahead reported")
+            await asyncio.sleep(IDLE_SETTLE)  # a while to say it again, which it must not
+    assert [(e["stream_top"], e["published"]) for e in ahead()] == [(5, 0)]
 
 
 async def test_a_stream_the_redis_user_may_not_inspect_is_an_error_not_a_lost_stream(
@@ -549,12 +582,21 @@ async def test_a_stream_the_redis_user_may_not_inspect_is_an_error_not_a_lost_st
     allowed = ["+evalsha", "+eval", "+script|load", "+xadd", "+publish", "+ping"]
     async with redis_user(redis, redis_server, "no-xinfo", allowed) as limited:
         publisher = make_publisher((store, limited), key)
+
+        def failures() -> list[MutableMapping[str, Any]]:
+            return [e for e in logs if e["event"] == "redis publish failed, will retry"]
+
+        async def retried() -> bool:
+            return len(failures()) >= 2
+
         with structlog.testing.capture_logs() as logs:
             async with running(publisher):
-                await asyncio.sleep(1.0)
+                # Refused, and refused again after the retry: by then a publisher that took
+                # the refusal for a lost stream has rewound.
+                await eventually(retried, within=10, what="a publication refused twice")
     assert not [e for e in logs if e["event"].startswith("the stream lost its newest entries")]
-    failures = [e for e in logs if e["event"] == "redis publish failed, will retry"]
-    assert failures  # the refusal itself, in Redis's words ("NOPERM", "can't run this command")
-    assert any(words in failures[0]["error"] for words in ("NOPERM", "can't run this command"))
+    # The refusal itself, in Redis's words ("NOPERM", "can't run this command").
+    refusal = failures()[0]["error"]
+    assert any(words in refusal for words in ("NOPERM", "can't run this command"))
     assert await stream_seqs(redis, key) == [1, 2, 3, 4, 5]
     assert await store.published_seq() == 5
