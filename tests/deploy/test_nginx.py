@@ -248,11 +248,14 @@ def test_a_connection_storm_waits_in_the_accept_queue() -> None:
     """Connections that come faster than nginx's workers accept them (a reconnect storm while
     they are busy with TLS handshakes; here they are stopped) wait in the kernel's accept
     queue, not dropped as SYNs, which would cost each such client 1 s, then 3 s more: all of
-    STORM complete the TCP handshake at once (nginx's own default queue holds 511)."""
+    STORM complete the TCP handshake and wait in the listener's queue (nginx's own default
+    queue holds 511; a full queue drops SYNs, so with the workers stopped its length could
+    never reach STORM)."""
     raise_open_files_limit()
     with nginx_edge(
         ws_ports=[free_port(), free_port()], health_ports=[free_port(), free_port()]
     ) as server:
+        port = server.layout.https_port
         workers = server.worker_pids()
         assert workers
         sockets = [socket.socket() for _ in range(STORM)]
@@ -261,14 +264,31 @@ def test_a_connection_storm_waits_in_the_accept_queue() -> None:
         try:
             for sock in sockets:
                 sock.setblocking(False)
-                sock.connect_ex(("127.0.0.1", server.layout.https_port))
-            connected = connected_within(sockets, within=0.8)  # before the first retransmit
+                sock.connect_ex(("127.0.0.1", port))
+            deadline = time.monotonic() + 15
+            while (waiting := accept_queue(port)) < STORM and time.monotonic() < deadline:
+                time.sleep(0.05)
+            connected = connected_within(sockets, within=15)
         finally:
             for pid in workers:
                 os.kill(pid, signal.SIGCONT)
             for sock in sockets:
                 sock.close()
+    assert waiting == STORM
     assert connected == STORM
+
+
+def accept_queue(port: int) -> int:
+    """Connections waiting to be accepted on the IPv4 listeners of a port: for a listening
+    socket, the rx_queue of /proc/net/tcp is its accept queue's length."""
+    queues = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()  # sl local_address rem_address st tx_queue:rx_queue ...
+        local_port = int(fields[1].split(":")[1], 16)
+        if fields[3] == "0A" and local_port == port:  # 0A: LISTEN
+            queues.append(int(fields[4].split(":")[1], 16))
+    assert queues, f"nothing listens on port {port}"
+    return sum(queues)
 
 
 def connected_within(sockets: list[socket.socket], within: float) -> int:
