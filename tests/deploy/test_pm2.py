@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +28,9 @@ from tests.support.pm2 import (
     INDEXER,
     Pm2,
     consecutive_free_ports,
+    evaluate_ecosystem,
     http_json,
+    kill_timeouts,
     write_dotenv,
 )
 from tests.support.waiting import eventually
@@ -39,7 +38,6 @@ from tests.support.waiting import eventually
 INSTANCES = 2
 # ecosystem.config.js
 LISTEN_TIMEOUT = {INDEXER: 60.0, BROADCASTER: 30.0}
-KILL_TIMEOUT = {INDEXER: 15.0, BROADCASTER: 15.0}
 
 
 @dataclass
@@ -300,6 +298,7 @@ async def test_indexer_restart_under_load_loses_nothing(
 async def test_pm2_stop_ends_each_app_with_sigint_within_kill_timeout(stack: Stack) -> None:
     """pm2 stop: every process logs its own stop and exits 0 on SIGINT, never SIGKILLed."""
     pm2 = stack.pm2
+    kill_timeout = kill_timeouts()
     async with ws_client(stack.ws_url(0)) as client:
         await client.subscribe("events:*")
         for name in (INDEXER, BROADCASTER):
@@ -307,7 +306,7 @@ async def test_pm2_stop_ends_each_app_with_sigint_within_kill_timeout(stack: Sta
             pm2.run("stop", name)
             took = time.monotonic() - started
             assert pm2.statuses(name) == ["stopped"] * len(pm2.processes(name))
-            assert took < KILL_TIMEOUT[name], f"pm2 stop {name} took {took:.1f}s"
+            assert took < kill_timeout[name], f"pm2 stop {name} took {took:.1f}s"
             exits = pm2.daemon_events(rf"\[{name}:\d+\] exited with code")
             assert [message.split("] exited ")[1] for _, message in exits] == [
                 "with code [0] via signal [SIGINT]"
@@ -332,21 +331,6 @@ async def test_reload_from_the_ecosystem_keeps_each_instance_on_its_own_ports(
         assert health["redis"] == "up"
         async with ws_client(stack.ws_url(instance)) as client:
             assert client.hello["type"] == "connected"
-
-
-def evaluate_ecosystem(**env: str) -> list[dict[str, Any]]:
-    """The apps ecosystem.config.js defines when PM2 evaluates it with `env`."""
-    result = subprocess.run(
-        ["node", "-e", "process.stdout.write(JSON.stringify(require(process.argv[1]).apps))",
-         str(ECOSYSTEM)],
-        env={"PATH": os.environ["PATH"], **env},
-        capture_output=True,
-        text=True,
-        check=True,
-    )  # fmt: skip
-    apps = json.loads(result.stdout)
-    assert isinstance(apps, list)
-    return apps
 
 
 def test_ecosystem_merges_each_service_env_file_into_its_app(tmp_path: Path) -> None:

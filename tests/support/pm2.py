@@ -58,6 +58,27 @@ def consecutive_free_ports(count: int) -> int:
     raise RuntimeError(f"no {count} consecutive free ports: {last_error}")
 
 
+def evaluate_ecosystem(**env: str) -> list[dict[str, Any]]:
+    """The apps ecosystem.config.js defines when PM2 evaluates it with `env`."""
+    result = subprocess.run(
+        ["node", "-e", "process.stdout.write(JSON.stringify(require(process.argv[1]).apps))",
+         str(ECOSYSTEM)],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )  # fmt: skip
+    apps = json.loads(result.stdout)
+    assert isinstance(apps, list)
+    return apps
+
+
+def kill_timeouts() -> dict[str, float]:
+    """Seconds PM2 waits after an app's stop signal before it SIGKILLs it (kill_timeout in
+    ecosystem.config.js), by app name."""
+    return {str(app["name"]): float(app["kill_timeout"]) / 1000 for app in evaluate_ecosystem()}
+
+
 def write_dotenv(directory: Path, values: Mapping[str, str]) -> Path:
     """The untracked .env both services read from their working directory."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -199,11 +199,15 @@ def test_compile_pattern_is_cached() -> None:
 
 
 def test_hostile_pattern_is_fast() -> None:
-    """A pattern built to backtrack exponentially fails quickly on a long channel."""
+    """A pattern built to backtrack exponentially fails quickly on a long channel.
+
+    The bound is no speed goal: the linear match takes microseconds, while a backtracking
+    one does not end (without the atomic groups, "*a" * 4 + "*b" already takes a second,
+    and each star more multiplies that), so 10 s leaves a loaded machine all the room."""
     matcher = compile_pattern("*a" * 30 + "*b")
     started = time.perf_counter()
     assert not matcher("a" * MAX_CHANNEL_LENGTH)
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < 10
 
 
 @functools.cache
