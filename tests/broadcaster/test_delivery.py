@@ -15,6 +15,7 @@ from websockets.asyncio.client import unix_connect
 from websockets.exceptions import InvalidStatus
 
 from broadcaster.errors import SocketInUse
+from indexer.publisher import PUBLISH_SCRIPT
 from shared.channels import channels_for
 from tests.broadcaster.support import (
     MARKET,
@@ -84,16 +85,27 @@ async def test_each_event_once_per_connection(server: Running, producer: EventPr
 async def test_republication_is_not_delivered_twice(
     server: Running, producer: EventProducer, redis_client: aioredis.Redis
 ) -> None:
-    """The indexer's retries (Pub/Sub again, the same stream ID refused) reach no one twice."""
+    """The indexer's retries after a crash reach no one twice: its publish script, run again
+    on the same outbox row, skips the seq the stream holds (and PUBLISHes it again on Pub/Sub,
+    which the broadcaster does not read)."""
+    publish_rows = redis_client.register_script(PUBLISH_SCRIPT)
+    env = envelope(1)
+    channels = " ".join(channels_for(env.type, env.contract_kind, env.market_address))
+    # What Publisher._publish sends for one row: MAXLEN, the seq the batch follows on from
+    # (the recorded position + 1, still 1 after a crash before it was recorded), the row.
+    args: list[bytes | str | int] = [producer.maxlen, 1, 1, channels, env.to_json_bytes()]
     async with ws_client(server.url) as client:
         await client.subscribe("events:*")
-        [env] = await producer.publish()
-        for _ in range(3):  # what a retrying indexer does after a crash
-            for channel in channels_for(env.type, env.contract_kind, env.market_address):
-                await redis_client.publish(channel, env.to_json_bytes())
+        added = []
+        for _ in range(4):  # the publication, then what a retrying indexer does after a crash
+            result = await publish_rows(keys=[producer.key], args=args)
+            added.append(result[0])
+        producer.seq = 1
         await producer.publish()
         assert [e["seq"] for e in await client.events(2)] == [1, 2]
         await client.nothing(0.1)
+    assert added == [1, 0, 0, 0]  # written once, then skipped as already there
+    assert await redis_client.xlen(producer.key) == 2
 
 
 async def test_market_addresses_match_case_insensitively(
