@@ -40,6 +40,7 @@ from tests.broadcaster.support import (
 )
 from tests.support.pm2 import BROADCASTER, kill_timeouts
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import eventually
 
 Start = Callable[..., AbstractAsyncContextManager[Running]]
 
@@ -106,14 +107,25 @@ async def test_a_connection_closed_during_a_resume_leaves_no_subscription_behind
     await producer.publish(count=10)
     async with through_proxy(start, redis_server) as (proxy, server):
         await server.wait_health(seq=10)
-        proxy.freeze()  # the resume below waits on Redis for its timeout
+        # The resume below asks Redis for the stream's top (a since past the position) on a
+        # connection of the resumes' own, opened for it: that one gets no answer, and the
+        # resume waits for its timeout. (Freezing the connections open now instead, as this
+        # test once did, froze only the reader's and /healthz's: the resume was answered at once.)
+        proxy.freeze_new = True
         client = await RawClient.open(server.settings.ws_port)
         try:
             await client.read_frame()  # connected
             client.send_frame(0x1, b'{"type":"subscribe","channel":"events:*","since":15}')
             client.send_frame(0x8, b"\x03\xe8")
             await client.until_close()
-            await asyncio.sleep(2.0)  # the resume's Redis read times out meanwhile
+
+            async def resume_gave_up() -> bool:
+                # The resume's Redis command ended: cancelled with the connection's work, or
+                # timed out were it not; redis-py then drops its connection, and the resume
+                # has ended by the time the proxy sees that (nothing in between awaits).
+                return proxy.closed_while_frozen >= 1
+
+            await eventually(resume_gave_up, within=15, what="the resume's Redis query ended")
         finally:
             client.close()
         await server.wait_health(connections=0)

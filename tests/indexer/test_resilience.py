@@ -299,6 +299,7 @@ async def test_a_reorg_replacing_the_block_before_start_block_is_followed(
 async def test_the_first_cursor_waits_for_confirmations(
     dev_chain: DevChain,
     deployment: Deployment,
+    anvil: Anvil,
     make_indexer: Callable[..., IndexerProcess],
     redis_client: aioredis.Redis,
     database_url: str,
@@ -309,24 +310,38 @@ async def test_the_first_cursor_waits_for_confirmations(
     yet does not concern the indexer."""
     await dev_chain.mine_empty(3)  # the reorg stays above the deployment
     start = await dev_chain.block_number() + 1
-    settings = {"START_BLOCK": str(start), "CONFIRMATIONS": "2"}
-    with make_indexer(**settings) as indexer:
+    async with RpcFaultProxy(anvil.rpc_url, seed=17) as proxy:
+        settings = {
+            "START_BLOCK": str(start),
+            "CONFIRMATIONS": "2",
+            "RPC_PROVIDER_URL": proxy.url,
+        }
+        with make_indexer(**settings) as indexer:
 
-        async def waiting() -> bool:
-            return "waiting for the chain to reach START_BLOCK" in indexer.log_text()
+            async def waiting() -> bool:
+                return "waiting for the chain to reach START_BLOCK" in indexer.log_text()
 
-        await eventually(waiting, within=10, what="the indexer says it waits")
-        await dev_chain.mine_empty(1)  # start - 1 is followed by one block only
-        await asyncio.sleep(0.5)
-        assert not await cursor_exists(database_url)
-        replacement = [[tx, 1] for [tx, _] in reorg_transactions(dev_chain, deployment)]
-        await dev_chain.request("anvil_reorg", [2, replacement])  # start - 1 and start
-        await dev_chain.mine_empty(2)
-        await indexer.wait_cursor(start)
-        assert indexer.running
-        assert await indexer.metric("kektech_indexer_reorgs_total") == 0
-        assert await assert_database_equals_chain(database_url, dev_chain, deployment, first=start)
-        await wait_for_stream(redis_client, stream_key, 1)
+            await eventually(waiting, within=10, what="the indexer says it waits")
+            await dev_chain.mine_empty(1)  # start - 1 is followed by one block only
+            polls = proxy.methods["eth_blockNumber"]
+
+            async def looked_again() -> bool:
+                # Two polls after the block: the indexer has acted on the first one's answer.
+                return proxy.methods["eth_blockNumber"] >= polls + 2
+
+            await eventually(looked_again, within=30, what="two polls of the head")
+            assert not await cursor_exists(database_url)
+            replacement = [[tx, 1] for [tx, _] in reorg_transactions(dev_chain, deployment)]
+            await dev_chain.request("anvil_reorg", [2, replacement])  # start - 1 and start
+            await dev_chain.mine_empty(2)
+            await indexer.wait_cursor(start)
+            assert indexer.running
+            assert await indexer.metric("kektech_indexer_reorgs_total") == 0
+            stored = await assert_database_equals_chain(
+                database_url, dev_chain, deployment, first=start
+            )
+            assert stored
+            await wait_for_stream(redis_client, stream_key, 1)
     entries = await stream_entries(redis_client, stream_key)
     assert not any(envelope["removed"] for _, envelope in entries)
 
@@ -334,6 +349,7 @@ async def test_the_first_cursor_waits_for_confirmations(
 async def test_a_reorg_outgrown_by_more_than_the_window_before_the_next_poll_is_followed(
     dev_chain: DevChain,
     deployment: Deployment,
+    anvil: Anvil,
     make_indexer: Callable[..., IndexerProcess],
     redis_client: aioredis.Redis,
     database_url: str,
@@ -345,18 +361,31 @@ async def test_a_reorg_outgrown_by_more_than_the_window_before_the_next_poll_is_
     driver = ActivityDriver(dev_chain, deployment, seed=42, txs_per_block=3)
     await driver.cover_all_events()
     await driver.run(blocks=10)
-    with make_indexer(REORG_WINDOW="8", POLL_INTERVAL="3") as indexer:
-        head = await dev_chain.block_number()
-        await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
-        retracted = await blocks_events(dev_chain, deployment, head - 2)
-        assert retracted, "the reorged blocks hold events"
-        await asyncio.sleep(0.5)  # the indexer is waiting for its next poll
-        await dev_chain.request("anvil_reorg", [3, reorg_transactions(dev_chain, deployment)])
-        await dev_chain.mine_empty(20)
-        entries = await caught_up(
-            indexer, dev_chain, redis_client, stream_key, database_url, deployment
-        )
-        assert await indexer.metric("kektech_indexer_reorgs_total") == 1
+    armed, held, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def hold_head_polls(method: str, params: list[Any]) -> None:
+        """Hold the indexer's next look at the head (and any after it) until released."""
+        if armed.is_set() and method == "eth_getBlockByNumber" and params[:1] == ["latest"]:
+            held.set()
+            await release.wait()
+
+    async with RpcFaultProxy(anvil.rpc_url, seed=16) as proxy:
+        proxy.on_call = hold_head_polls
+        with make_indexer(REORG_WINDOW="8", RPC_PROVIDER_URL=proxy.url) as indexer:
+            head = await dev_chain.block_number()
+            await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
+            retracted = await blocks_events(dev_chain, deployment, head - 2)
+            assert retracted, "the reorged blocks hold events"
+            armed.set()
+            async with asyncio.timeout(30):
+                await held.wait()  # the indexer's next poll, which sees nothing until...
+            await dev_chain.request("anvil_reorg", [3, reorg_transactions(dev_chain, deployment)])
+            await dev_chain.mine_empty(20)
+            release.set()  # ...the new branch is 20 blocks past the cursor
+            entries = await caught_up(
+                indexer, dev_chain, redis_client, stream_key, database_url, deployment
+            )
+            assert await indexer.metric("kektech_indexer_reorgs_total") == 1
     removals = [envelope["id"] for _, envelope in entries if envelope["removed"]]
     assert removals == list(reversed(retracted))
     assert_gap_free(entries)
@@ -457,7 +486,13 @@ async def test_a_chain_shorter_than_the_cursor_at_start_up_is_waited_for(
     await dev_chain.request("evm_revert", [snapshot])
     with indexer:
         await indexer.wait_ready()
-        await asyncio.sleep(1.0)  # a few polls of the shorter chain
+        shorter = await dev_chain.block_number()
+
+        async def polled_the_shorter_chain() -> bool:
+            said = "waiting for the chain to reach it" in indexer.log_text()
+            return said and await indexer.metric("kektech_indexer_head_block") == shorter
+
+        await eventually(polled_the_shorter_chain, within=30, what="a poll of the shorter chain")
         assert indexer.running
         unpause = dev_chain.contract("FlexibleMarketFactoryUnified").encode_abi(
             "setPaused", [False]
@@ -738,9 +773,14 @@ async def test_stops_promptly_when_postgres_stops_answering(
         url = database_url.replace(f":{postgres.port}/", f":{proxy.port}/")
         with make_indexer(DATABASE_URL=url) as indexer:
             await indexer.wait_cursor(await dev_chain.block_number())
-            proxy.freeze()
+            # The path dies as the next batch's transaction begins: its BEGIN never arrives.
+            proxy.freeze_before = b"BEGIN"
             await driver.run(blocks=1)  # a batch to commit while the database is unreachable
-            await asyncio.sleep(0.5)
+
+            async def committing() -> bool:
+                return proxy.frozen
+
+            await eventually(committing, within=30, what="the batch's commit began")
             started = asyncio.get_running_loop().time()
             assert await asyncio.to_thread(indexer.stop) == 0
             assert asyncio.get_running_loop().time() - started < STOP_BOUND

@@ -4,8 +4,11 @@ Redis across a network), `freeze()` silences the open connections without closin
 dead network path (a half-open socket) would; `freeze_before = b"..."` does it the moment a
 client sends those bytes, before they pass (e.g. b"COMMIT": the path dies with a transaction
 open on the server); `stall_before = b"..."` instead stops reading from that client there, so
-its writes block once the socket buffers are full, as on a path that stops taking data. All
-may be changed while the proxy runs.
+its writes block once the socket buffers are full, as on a path that stops taking data;
+`freeze_new = True` silences the connections opened from then on, from their start. All
+may be changed while the proxy runs. `frozen` says whether a freeze happened, and
+`closed_while_frozen` counts the silenced connections their client gave up on and closed
+(redis-py does, for one, when a command times out).
 
     async with TcpProxy(postgres.port) as proxy:
         proxy.delay = 0.005  # every round trip through proxy.port now takes 5 ms more
@@ -46,6 +49,8 @@ class TcpProxy:
         self.receive_buffer = receive_buffer
         self.freeze_before: bytes | None = None
         self.stall_before: bytes | None = None
+        self.freeze_new = False
+        self.closed_while_frozen = 0
         self.port = 0
         self._server: asyncio.Server | None = None
         self._links: list[_Link] = []
@@ -82,6 +87,11 @@ class TcpProxy:
         for link in self._links:
             link.frozen = True
 
+    @property
+    def frozen(self) -> bool:
+        """Whether some connection was silenced (by freeze(), freeze_before or freeze_new)."""
+        return any(link.frozen for link in self._links)
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -89,6 +99,7 @@ class TcpProxy:
             writer.transport.abort()
             return
         link = _Link(writer, up_writer)
+        link.frozen = self.freeze_new
         self._links.append(link)
         self._spawn(self._pipe(reader, up_writer, link, from_client=True))
         self._spawn(self._pipe(up_reader, writer, link, from_client=False))
@@ -118,6 +129,8 @@ class TcpProxy:
                     if from_client and self.stall_before and self.stall_before in data:
                         await self._stall(link)
                     queue.put_nowait((loop.time() + self.delay / 2, data))
+            if from_client and link.frozen:
+                self.closed_while_frozen += 1
             queue.put_nowait((loop.time() + self.delay / 2, b""))  # end of stream
             await deliver
         finally:
