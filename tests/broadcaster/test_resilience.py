@@ -20,7 +20,6 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.server import ServerProtocol
 
@@ -815,32 +814,29 @@ async def _try_connect(url: str, stack: contextlib.AsyncExitStack) -> bool:
 
 
 async def test_a_full_server_keeps_descriptors_to_reconnect_to_redis(
-    redis_server: Redis, stream_key: str, tmp_path: Path
+    own_redis: Redis, own_producer: EventProducer, stream_key: str, tmp_path: Path
 ) -> None:
     """With clients at the open files limit, the broadcaster still has the descriptors it needs
     for itself: it reconnects to Redis after a restart, while clients keep knocking, and
     delivers to the clients it holds; clients past its capacity are refused, not left hanging."""
-    with Redis(workdir=tmp_path) as own:
-        producer = EventProducer(aioredis.Redis.from_url(own.url), stream_key)
-        async with (
-            broadcaster_process(
-                own,
-                stream_key,
-                tmp_path,
-                _capped_open_files,
-                WS_MAX_CONNECTIONS_PER_IP=str(10 * CLIENTS_PAST_THE_CAP),
-            ) as server,
-            contextlib.AsyncExitStack() as stack,
-            ws_client(server.url) as first,
-        ):
-            await first.subscribe("events:*")
-            admitted = [await _try_connect(server.url, stack) for _ in range(CLIENTS_PAST_THE_CAP)]
-            assert not all(admitted)  # some were past the server's capacity
-            own.stop()
-            await asyncio.sleep(1)
-            # Clients that keep knocking while Redis is away must not take its descriptors.
-            await asyncio.gather(*(_try_connect(server.url, stack) for _ in range(20)))
-            own.start()
-            await producer.publish(count=3)
-            assert [e["seq"] for e in await first.events(3, within=15)] == [1, 2, 3]
-        await producer.redis.aclose()
+    async with (
+        broadcaster_process(
+            own_redis,
+            stream_key,
+            tmp_path,
+            _capped_open_files,
+            WS_MAX_CONNECTIONS_PER_IP=str(10 * CLIENTS_PAST_THE_CAP),
+        ) as server,
+        contextlib.AsyncExitStack() as stack,
+        ws_client(server.url) as first,
+    ):
+        await first.subscribe("events:*")
+        admitted = [await _try_connect(server.url, stack) for _ in range(CLIENTS_PAST_THE_CAP)]
+        assert not all(admitted)  # some were past the server's capacity
+        own_redis.stop()
+        await asyncio.sleep(1)
+        # Clients that keep knocking while Redis is away must not take its descriptors.
+        await asyncio.gather(*(_try_connect(server.url, stack) for _ in range(20)))
+        own_redis.start()
+        await own_producer.publish(count=3)
+        assert [e["seq"] for e in await first.events(3, within=15)] == [1, 2, 3]

@@ -26,6 +26,7 @@ from tests.broadcaster.support import (
     settings_for,
     ws_client,
 )
+from tests.support.tasks import background
 
 Start = Callable[..., AbstractAsyncContextManager[Running]]
 
@@ -126,11 +127,8 @@ async def test_many_resumes_at_once_from_the_stream_are_all_answered(
                 reports.append((await server.health())["redis"])
                 await asyncio.sleep(0.2)
 
-        watcher = asyncio.create_task(watch_health())
-        try:
+        async with background(watch_health()):
             acks = await asyncio.gather(*(resume() for _ in range(60)))
-        finally:
-            watcher.cancel()
     assert [(ack["recovered"], ack["replayed"]) for ack in acks] == [(True, 0)] * 60
     # /healthz reads Redis on a connection of its own: the storm does not make it say "down".
     assert reports

@@ -88,8 +88,8 @@ async def test_all_ok_against_running_services(
     cert, key = make_certificate(tmp_path, days=90)
     first = settings_for(redis_server.url, stream_key)
     second = settings_for(redis_server.url, stream_key)
-    redis = aioredis.Redis.from_url(redis_server.url)
     async with (
+        aioredis.Redis.from_url(redis_server.url) as redis,
         pm2_daemon() as pm2,
         running(first),
         running(second),
@@ -102,7 +102,6 @@ async def test_all_ok_against_running_services(
                 return int(await redis.xlen(stream_key)) > 0
 
             await eventually(published, within=30, what="the indexer published")
-            await redis.aclose()
             steady = write_script(tmp_path / "steady.py", STEADY)
             await pm2.start("kektech-event-indexer", steady)
             await pm2.start("kektech-websocket-server", steady)

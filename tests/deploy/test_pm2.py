@@ -33,6 +33,7 @@ from tests.support.pm2 import (
     kill_timeouts,
     write_dotenv,
 )
+from tests.support.tasks import background
 from tests.support.waiting import eventually
 
 INSTANCES = 2
@@ -277,8 +278,7 @@ async def test_indexer_restart_under_load_loses_nothing(
     """pm2 restart of the indexer while blocks arrive: database equals chain, stream gap-free."""
     driver = ActivityDriver(dev_chain, deployment, seed=23, txs_per_block=10)
     await driver.cover_all_events()
-    load = asyncio.create_task(driver.run(blocks=30, block_interval=0.1), name="chain-load")
-    try:
+    async with background(driver.run(blocks=30, block_interval=0.1), name="chain-load") as load:
         await eventually(lambda: has_events(redis_client, stack.stream_key), within=30,
                          what="events in the stream")  # fmt: skip
         (before,) = [p["pid"] for p in stack.pm2.processes(INDEXER)]
@@ -288,8 +288,6 @@ async def test_indexer_restart_under_load_loses_nothing(
         assert after != before
         assert stack.pm2.statuses(INDEXER) == ["online"]
         await load
-    finally:
-        load.cancel()
     entries = await wait_indexed(stack, dev_chain, deployment, database_url, redis_client)
     assert_gap_free(entries)
     assert len(ready_lines(stack, INDEXER)) == 2

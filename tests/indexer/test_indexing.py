@@ -29,6 +29,7 @@ from tests.indexer.conftest import (
 from tests.reference_events import REFERENCE_EVENTS
 from tests.support.indexer_process import IndexerProcess
 from tests.support.rpc_proxy import RpcFaultProxy
+from tests.support.tasks import background
 from tests.support.waiting import eventually
 
 ENVELOPE_FIELDS = {
@@ -69,21 +70,20 @@ async def test_every_event_is_indexed_decoded_and_published(
     await driver.run(blocks=10)
     channels: dict[str, list[dict[str, Any]]] = defaultdict(list)
     subscribed = asyncio.Event()
-    listener = asyncio.create_task(collect_pubsub(redis_client, channels, subscribed))
-    async with asyncio.timeout(10):
-        await subscribed.wait()  # before anything is published
-    with make_indexer() as indexer:
-        await indexer.wait_cursor(await dev_chain.block_number())
-        logs = await tracked_chain_logs(dev_chain, deployment)
-        total = await assert_database_equals_chain(database_url, dev_chain, deployment)
-        await wait_for_stream(redis_client, stream_key, total)
-        entries = await stream_entries(redis_client, stream_key)
+    async with background(collect_pubsub(redis_client, channels, subscribed), name="pubsub"):
+        async with asyncio.timeout(10):
+            await subscribed.wait()  # before anything is published
+        with make_indexer() as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+            logs = await tracked_chain_logs(dev_chain, deployment)
+            total = await assert_database_equals_chain(database_url, dev_chain, deployment)
+            await wait_for_stream(redis_client, stream_key, total)
+            entries = await stream_entries(redis_client, stream_key)
 
-        async def on_pubsub_too() -> bool:  # Pub/Sub trails the stream by a round trip
-            return all(e in channels[f"events:{snake_case(e['type'])}"] for _, e in entries)
+            async def on_pubsub_too() -> bool:  # Pub/Sub trails the stream by a round trip
+                return all(e in channels[f"events:{snake_case(e['type'])}"] for _, e in entries)
 
-        await eventually(on_pubsub_too, within=10, what="every event on Pub/Sub")
-    listener.cancel()
+            await eventually(on_pubsub_too, within=10, what="every event on Pub/Sub")
 
     assert_gap_free(entries)
     assert live_ids(entries) == expected_ids(logs)

@@ -30,6 +30,7 @@ from tests.indexer.test_indexing import STOP_BOUND
 from tests.indexer.test_operations import run_command
 from tests.support.indexer_process import IndexerProcess
 from tests.support.rpc_proxy import RpcFaultProxy
+from tests.support.tasks import background
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
 
@@ -59,31 +60,32 @@ async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
     """Ten SIGKILLs during a busy run: the database equals the chain and the stream is gap-free."""
     driver = ActivityDriver(dev_chain, deployment, seed=21, txs_per_block=12)
     await driver.cover_all_events()
-    busy = asyncio.create_task(driver.run(blocks=150, block_interval=0.1))
     seen: list[int] = []
-    consumer = asyncio.create_task(follow_stream(redis_client, stream_key, seen))
     rng = random.Random(2026)
     indexer = make_indexer()
-    for _ in range(10):
+    async with (
+        background(driver.run(blocks=150, block_interval=0.1), name="chain-load") as busy,
+        background(follow_stream(redis_client, stream_key, seen), name="stream-consumer"),
+    ):
+        for _ in range(10):
+            indexer.start()
+            await indexer.wait_cursor(0)  # started: following the chain, not still importing
+            await asyncio.sleep(rng.uniform(0.05, 1.5))
+            assert indexer.running
+            indexer.kill()
+        await busy
         indexer.start()
-        await indexer.wait_cursor(0)  # started: following the chain, not still importing
-        await asyncio.sleep(rng.uniform(0.05, 1.5))
-        assert indexer.running
-        indexer.kill()
-    await busy
-    indexer.start()
-    try:
-        entries = await caught_up(
-            indexer, dev_chain, redis_client, stream_key, database_url, deployment
-        )
-    finally:
-        indexer.kill()
+        try:
+            entries = await caught_up(
+                indexer, dev_chain, redis_client, stream_key, database_url, deployment
+            )
+        finally:
+            indexer.kill()
 
-    async def consumed() -> bool:
-        return len(seen) >= len(entries)
+        async def consumed() -> bool:
+            return len(seen) >= len(entries)
 
-    await eventually(consumed, within=10, what="the live consumer read the whole stream")
-    consumer.cancel()
+        await eventually(consumed, within=10, what="the live consumer read the whole stream")
     assert_gap_free(entries)
     assert_no_duplicates(entries)
     assert seen == [seq for seq, _ in entries]  # the live consumer saw all of them, in order
@@ -101,20 +103,19 @@ async def test_redis_outage_loses_nothing_and_the_backlog_drains(
     driver = ActivityDriver(dev_chain, deployment, seed=22, txs_per_block=6)
     await driver.cover_all_events()
     with Redis() as own_redis:
-        client = aioredis.Redis.from_url(own_redis.url)
-        with make_indexer(REDIS_URL=own_redis.url) as indexer:
-            await indexer.wait_ready()
-            own_redis.stop()
-            await driver.run(blocks=30, block_interval=0.05)
-            await indexer.wait_cursor(await dev_chain.block_number())
-            assert await indexer.metric("kektech_indexer_redis_up") == 0
-            backlog = await indexer.metric("kektech_indexer_publish_backlog")
-            assert (backlog or 0) > 0
-            own_redis.start()
-            entries = await caught_up(
-                indexer, dev_chain, client, stream_key, database_url, deployment
-            )
-        await client.aclose()
+        async with aioredis.Redis.from_url(own_redis.url) as client:
+            with make_indexer(REDIS_URL=own_redis.url) as indexer:
+                await indexer.wait_ready()
+                own_redis.stop()
+                await driver.run(blocks=30, block_interval=0.05)
+                await indexer.wait_cursor(await dev_chain.block_number())
+                assert await indexer.metric("kektech_indexer_redis_up") == 0
+                backlog = await indexer.metric("kektech_indexer_publish_backlog")
+                assert (backlog or 0) > 0
+                own_redis.start()
+                entries = await caught_up(
+                    indexer, dev_chain, client, stream_key, database_url, deployment
+                )
     assert_gap_free(entries)
 
 

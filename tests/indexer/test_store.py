@@ -15,6 +15,7 @@ from indexer.errors import StoreError
 from indexer.rpc_results import BlockHeader, RawLog
 from indexer.service import acquire_lease, lease_owner
 from indexer.store import Store
+from tests.support.tasks import background
 from tests.support.tcp_proxy import TcpProxy
 
 TTL = 60.0
@@ -63,11 +64,11 @@ async def test_rows_sent_by_copy_into_a_path_that_stops_taking_data_end_in_a_sto
                 prune_headers_below=0,
             )
             proxy.stall_before = b"PGCOPY"  # the first rows of a binary COPY
-            saving = asyncio.create_task(store.save_batch(lease, TTL, batch))
-            await asyncio.wait([saving], timeout=30)  # far past the command timeout
-            assert saving.done(), "the COPY still waits"
-            with pytest.raises(StoreError):
-                saving.result()
+            async with background(store.save_batch(lease, TTL, batch)) as saving:
+                await asyncio.wait([saving], timeout=30)  # far past the command timeout
+                assert saving.done(), "the COPY still waits"
+                with pytest.raises(StoreError):
+                    saving.result()
 
 
 async def test_only_a_dead_holder_of_this_machine_loses_the_lease_before_it_expires(

@@ -42,15 +42,13 @@ async def test_fresh_databases_are_isolated(database_url: str, postgres: Postgre
 async def test_redis_keeps_its_data_across_a_restart() -> None:
     """A stopped and restarted Redis keeps what it had (append-only file) on the same port."""
     with Redis() as server:
-        client = aioredis.from_url(server.url)
-        await client.set("k", "v")
-        await client.aclose()
+        async with aioredis.from_url(server.url) as client:
+            await client.set("k", "v")
         server.stop()
         assert not server.running
         server.start()
-        client = aioredis.from_url(server.url)
-        assert await client.get("k") == b"v"
-        await client.aclose()
+        async with aioredis.from_url(server.url) as client:
+            assert await client.get("k") == b"v"
 
 
 def test_anvil_runs_the_kektech_chain_id(anvil: Anvil) -> None:
