@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
 import orjson
 import redis.asyncio as aioredis
@@ -28,6 +29,7 @@ async def test_chain_activity_reaches_websocket_clients(
     redis_client: aioredis.Redis,
     stream_key: str,
     start: Start,
+    tmp_path: Path,
 ) -> None:
     """Every event the indexer publishes reaches an events:* client, in seq order, intact,
     and a market subscription resumed from 0 gets exactly that market's events."""
@@ -41,7 +43,7 @@ async def test_chain_activity_reaches_websocket_clients(
     async with start() as server:
         async with ws_client(server.url) as client:
             await client.subscribe("events:*")
-            with IndexerProcess(env) as indexer:
+            with IndexerProcess(env, log_dir=tmp_path) as indexer:
                 await indexer.wait_ready()
                 driver = ActivityDriver(dev_chain, deployment, seed=11, txs_per_block=6)
                 await driver.run(blocks=4)
