@@ -139,6 +139,13 @@ def assert_gap_free(entries: list[tuple[int, dict[str, Any]]]) -> None:
     assert all(envelope["seq"] == seq for seq, envelope in entries)
 
 
+def assert_retracted(entries: list[tuple[int, dict[str, Any]]], retracted: list[str]) -> None:
+    """The stream announces exactly the retracted events as removed, newest first, gap-free."""
+    removals = [envelope["id"] for _, envelope in entries if envelope["removed"]]
+    assert removals == list(reversed(retracted))
+    assert_gap_free(entries)
+
+
 def assert_no_duplicates(entries: list[tuple[int, dict[str, Any]]]) -> None:
     """Without a reorg, no event is in the stream twice (at-least-once stops at the stream)."""
     ids = [envelope["id"] for _, envelope in entries]

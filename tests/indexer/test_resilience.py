@@ -19,6 +19,7 @@ from tests.indexer.conftest import (
     assert_database_equals_chain,
     assert_gap_free,
     assert_no_duplicates,
+    assert_retracted,
     caught_up,
     expected_ids,
     stored_keys,
@@ -158,9 +159,7 @@ async def test_reorgs_within_the_window_follow_the_canonical_chain(
         assert indexer.running
         assert await indexer.metric("kektech_indexer_reorgs_total") == 1
         assert await indexer.metric("kektech_indexer_reorg_depth_blocks_sum") == depth
-    removals = [envelope["id"] for _, envelope in entries if envelope["removed"]]
-    assert removals == list(reversed(retracted))
-    assert_gap_free(entries)
+    assert_retracted(entries, retracted)
     new_branch = await blocks_events(dev_chain, deployment, head - depth + 1)
     assert new_branch
     assert not set(new_branch) & set(retracted)
@@ -292,9 +291,7 @@ async def test_a_reorg_replacing_the_block_before_start_block_is_followed(
         assert len(new_branch) == 1
         await wait_for_stream(redis_client, stream_key, 2 * len(retracted) + len(new_branch))
     entries = await stream_entries(redis_client, stream_key)
-    removals = [envelope["id"] for _, envelope in entries if envelope["removed"]]
-    assert removals == list(reversed(retracted))
-    assert_gap_free(entries)
+    assert_retracted(entries, retracted)
 
 
 async def test_the_first_cursor_waits_for_confirmations(
@@ -387,9 +384,7 @@ async def test_a_reorg_outgrown_by_more_than_the_window_before_the_next_poll_is_
                 indexer, dev_chain, redis_client, stream_key, database_url, deployment
             )
             assert await indexer.metric("kektech_indexer_reorgs_total") == 1
-    removals = [envelope["id"] for _, envelope in entries if envelope["removed"]]
-    assert removals == list(reversed(retracted))
-    assert_gap_free(entries)
+    assert_retracted(entries, retracted)
 
 
 async def test_a_reorg_hidden_from_the_cursor_check_by_a_stale_backend_is_still_followed(
@@ -424,9 +419,7 @@ async def test_a_reorg_hidden_from_the_cursor_check_by_a_stale_backend_is_still_
                 indexer, dev_chain, redis_client, stream_key, database_url, deployment
             )
         assert proxy.injected["stale_header"] == 3
-    removals = [envelope["id"] for _, envelope in entries if envelope["removed"]]
-    assert removals == list(reversed(retracted))
-    assert_gap_free(entries)
+    assert_retracted(entries, retracted)
 
 
 async def test_a_head_from_another_branch_at_the_cursor_is_no_reorg(
@@ -578,9 +571,7 @@ async def test_after_a_reorg_deeper_than_the_window_the_named_reindex_recovers(
         entries = await caught_up(
             indexer, dev_chain, redis_client, stream_key, database_url, deployment
         )
-    removals = [envelope["id"] for _, envelope in entries if envelope["removed"]]
-    assert removals == list(reversed(retracted))
-    assert_gap_free(entries)
+    assert_retracted(entries, retracted)
 
 
 async def test_rpc_faults_cause_no_loss_and_no_duplicates(
