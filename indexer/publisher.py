@@ -249,12 +249,27 @@ class Publisher:
 
     async def _note_stream_ahead(self) -> None:
         """Say so when the stream already holds seqs this database has not published: they are
-        taken as already there (the script skips them), which is right for a database
-        restored or rebuilt for the same deployment, and hides events for another one."""
+        taken as already there (the script skips them, checking each).
+
+        Up to the last seq this database assigned, that is what a publisher stopped between
+        its stream write and recording it leaves (a crash, a stop, a takeover): ordinary.
+        Past it, the seqs were never this database's: right for a database restored or
+        rebuilt for the same deployment, and hiding events for another one.
+        """
         top = await self._stream_top()
-        if top is not None and top > self._published:
+        if top is None or top <= self._published:
+            return
+        if top <= await self._store.last_seq():
+            log.info(
+                "resuming after a stop between publishing and recording it: the seqs "
+                "already in the stream are checked, not written again",
+                stream=self._stream_key,
+                stream_top=top,
+                published=self._published,
+            )
+        else:
             log.warning(
-                "the stream already holds seqs this database has not published; they are "
+                "the stream already holds seqs this database never assigned; they are "
                 "skipped as already there. Right after restoring or rebuilding this "
                 "deployment's database; if the stream belongs to another deployment, "
                 "delete it (DEL) or set REDIS_STREAM_KEY",
