@@ -3,7 +3,8 @@
 The same fold serves the forward path (apply a batch to the rows it touches) and the reorg
 path (rebuild an affected market from the events that remain), so both always agree. Early
 markets (template v1) emit no MarketStateChanged, so the state also follows the lifecycle
-events that accompany each transition.
+events that accompany each transition. A cancellation is not one: cancelMarket() emits
+MarketResolved(CANCELLED) alone, in whatever state the market is, and leaves that state.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ STATE_BY_EVENT: dict[tuple[ContractKind, str], str] = {
     (ContractKind.MARKET, "MarketApproved"): "APPROVED",
     (ContractKind.MARKET, "MarketActivated"): "ACTIVE",
     (ContractKind.MARKET, "ResolutionProposed"): "RESOLVING",
-    (ContractKind.MARKET, "MarketResolved"): "RESOLVING",
     (ContractKind.MARKET, "MarketDisputed"): "DISPUTED",
     (ContractKind.MARKET, "MarketFinalized"): "FINALIZED",
 }
+# resolveMarket() moves the market to RESOLVING with MarketResolved(OUTCOME1/2); cancelMarket()
+# emits MarketResolved(CANCELLED) and moves it nowhere.
+MARKET_RESOLVED = (ContractKind.MARKET, "MarketResolved")
+CANCELLED = str(OUTCOME_NAMES.index("CANCELLED"))
 # Events that set the market's outcome, and the argument holding it.
 OUTCOME_ARGUMENT: dict[tuple[ContractKind, str], str] = {
     (ContractKind.MARKET, "MarketResolved"): "result",
@@ -123,6 +127,8 @@ def apply_event(row: MarketRow | None, event: ProjectedEvent) -> MarketRow | Non
         row.state = STATE_NAMES[index] if index < len(STATE_NAMES) else "UNKNOWN"
     elif key in STATE_BY_EVENT:
         row.state = STATE_BY_EVENT[key]
+    elif key == MARKET_RESOLVED and args["result"] != CANCELLED:
+        row.state = "RESOLVING"
     if key in OUTCOME_ARGUMENT:
         row.outcome = _outcome_name(args[OUTCOME_ARGUMENT[key]])
     elif key == (ContractKind.RESOLUTION_MANAGER, "DisputeResolved") and args["upheld"]:
