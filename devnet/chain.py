@@ -127,6 +127,10 @@ class DevChain:
             tx["to"] = to
         return cast(str, await self.request("eth_sendTransaction", [tx]))
 
+    async def call(self, *, to: str, data: str) -> str:
+        """eth_call against the latest block; returns the 0x result."""
+        return cast(str, await self.request("eth_call", [{"to": to, "data": data}, "latest"]))
+
     async def mine(self) -> dict[str, Any]:
         """Mine one block with everything queued and return its receipts, all checked."""
         await self.request("evm_mine", [])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from eth_utils.crypto import keccak
 
-from devnet.chain import Deployment, DevChain
+from devnet.chain import ChainError, Deployment, DevChain
 from devnet.driver import ActivityDriver
 from tests.reference_events import REFERENCE_EVENTS, canonical, indexed_count
 
@@ -117,3 +118,44 @@ async def test_legacy_markets_emit_no_state_machine_events(
     assert legacy, "the coverage script creates at least one legacy market"
     assert emitters.isdisjoint(legacy)
     assert emitters, "current-template markets do emit it"
+
+
+async def test_a_cancelled_market_keeps_its_state_and_refunds_its_bettors(
+    dev_chain: DevChain, deployment: Deployment
+) -> None:
+    """cancelMarket() logs MarketResolved(CANCELLED) alone and leaves the state; the market then
+    refuses resolution and bets, and gives each bettor their stake back."""
+    driver = ActivityDriver(dev_chain, deployment, seed=6)
+    views, manager = dev_chain.contract("PredictionMarket"), dev_chain.contract("ResolutionManager")
+    admin, rm = dev_chain.accounts[0], deployment.resolution_manager
+    for factory in deployment.factories:
+        market = await driver.active_market(factory)
+        await driver.bet(market)
+        cancel = manager.encode_abi("cancelMarket", [market.address])
+        await dev_chain.send(sender=admin, to=rm, data=cancel)
+        (receipt,) = (await dev_chain.mine())["receipts"]
+        (log,) = receipt["logs"]
+        assert log["address"].lower() == market.address
+        assert log["topics"][0] == topic0(
+            "MarketResolved(uint8 indexed result, address indexed resolver, uint256 timestamp)"
+        )
+        assert int(log["topics"][1], 16) == 3  # CANCELLED
+        assert "0x" + log["topics"][2][-40:] == admin
+        for view, value in (("state", 2), ("outcome", 3), ("cancelled", 1)):  # ACTIVE, CANCELLED
+            data = views.encode_abi(view)
+            assert int(await dev_chain.call(to=market.address, data=data), 16) == value
+        refused = (
+            (rm, manager.encode_abi("resolveMarket", [market.address, 1]), 0),
+            (rm, cancel, 0),
+            (market.address, views.encode_abi("placeBet", [1]), 1),
+        )
+        for to, data, value in refused:
+            await dev_chain.send(sender=admin, to=to, data=data, value=value)
+            with pytest.raises(ChainError, match="reverted"):
+                await dev_chain.mine()
+        ((bettor, _), stake) = next(iter(market.stakes.items()))
+        claim = views.encode_abi("claimWinnings")
+        await dev_chain.send(sender=bettor, to=market.address, data=claim)
+        (receipt,) = (await dev_chain.mine())["receipts"]
+        (claimed,) = receipt["logs"]
+        assert int(claimed["data"][2:66], 16) == stake  # WinningsClaimed(bettor, amount, ts)

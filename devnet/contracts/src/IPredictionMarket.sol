@@ -28,5 +28,7 @@ interface IPredictionMarket {
 
     function finalize(uint8 finalOutcome) external;
 
+    function cancel(address resolver) external;
+
     function creator() external view returns (address);
 }

@@ -58,6 +58,8 @@ contract PredictionMarket is Initializable {
     Outcome private _outcome;
     Outcome private _proposedOutcome;
     bool public rejected;
+    /// @notice True once cancelled (see `cancel`).
+    bool public cancelled;
 
     /// @notice Total stake on OUTCOME1 / OUTCOME2 (wei).
     uint256 public pool1;
@@ -76,6 +78,11 @@ contract PredictionMarket is Initializable {
 
     modifier onlyResolutionManager() {
         require(msg.sender == resolutionManager, "PredictionMarket: caller is not the resolution manager");
+        _;
+    }
+
+    modifier notCancelled() {
+        require(!cancelled, "PredictionMarket: market was cancelled");
         _;
     }
 
@@ -110,14 +117,14 @@ contract PredictionMarket is Initializable {
 
     // ---------------------------------------------------------------- lifecycle (factory)
 
-    function approve() external onlyFactory {
+    function approve() external onlyFactory notCancelled {
         require(!rejected, "PredictionMarket: market was rejected");
         require(_state == MarketState.PROPOSED, "PredictionMarket: market is not PROPOSED");
         emit MarketApproved(block.timestamp);
         _setState(MarketState.APPROVED);
     }
 
-    function activate() external onlyFactory {
+    function activate() external onlyFactory notCancelled {
         require(!rejected, "PredictionMarket: market was rejected");
         require(_state == MarketState.APPROVED, "PredictionMarket: market is not APPROVED");
         emit MarketActivated(block.timestamp);
@@ -125,7 +132,7 @@ contract PredictionMarket is Initializable {
     }
 
     /// @notice Marks the market rejected (state is left as is; no MarketStateChanged).
-    function reject(string calldata reason) external onlyFactory {
+    function reject(string calldata reason) external onlyFactory notCancelled {
         require(!rejected, "PredictionMarket: market already rejected");
         require(
             _state == MarketState.PROPOSED || _state == MarketState.APPROVED,
@@ -137,7 +144,7 @@ contract PredictionMarket is Initializable {
 
     // ---------------------------------------------------------------- betting
 
-    function placeBet(uint8 outcome_) external payable {
+    function placeBet(uint8 outcome_) external payable notCancelled {
         require(
             outcome_ == uint8(Outcome.OUTCOME1) || outcome_ == uint8(Outcome.OUTCOME2),
             "PredictionMarket: outcome must be 1 or 2"
@@ -162,7 +169,7 @@ contract PredictionMarket is Initializable {
 
     // ---------------------------------------------------------------- resolution (resolution manager)
 
-    function proposeResolution(uint8 outcome_, address proposer) external onlyResolutionManager {
+    function proposeResolution(uint8 outcome_, address proposer) external onlyResolutionManager notCancelled {
         _requireResolvedOutcome(outcome_);
         require(_state == MarketState.ACTIVE, "PredictionMarket: market is not ACTIVE");
         _proposedOutcome = Outcome(outcome_);
@@ -170,8 +177,13 @@ contract PredictionMarket is Initializable {
         _setState(MarketState.RESOLVING);
     }
 
-    function resolve(uint8 result, address resolver) external onlyResolutionManager {
-        _requireResolvedOutcome(result);
+    /// @notice Like the deployed resolveMarket(), only to OUTCOME1 or OUTCOME2: a MarketResolved of
+    ///         CANCELLED comes from `cancel` alone, and moves the market nowhere.
+    function resolve(uint8 result, address resolver) external onlyResolutionManager notCancelled {
+        require(
+            result == uint8(Outcome.OUTCOME1) || result == uint8(Outcome.OUTCOME2),
+            "PredictionMarket: outcome must be 1 or 2"
+        );
         require(
             _state == MarketState.ACTIVE || _state == MarketState.RESOLVING || _state == MarketState.DISPUTED,
             "PredictionMarket: market cannot be resolved in its current state"
@@ -183,13 +195,13 @@ contract PredictionMarket is Initializable {
         }
     }
 
-    function dispute(address disputer, string calldata reason) external onlyResolutionManager {
+    function dispute(address disputer, string calldata reason) external onlyResolutionManager notCancelled {
         require(_state == MarketState.RESOLVING, "PredictionMarket: market is not RESOLVING");
         emit MarketDisputed(disputer, reason);
         _setState(MarketState.DISPUTED);
     }
 
-    function finalize(uint8 finalOutcome) external onlyResolutionManager {
+    function finalize(uint8 finalOutcome) external onlyResolutionManager notCancelled {
         _requireResolvedOutcome(finalOutcome);
         require(
             _state == MarketState.ACTIVE || _state == MarketState.RESOLVING || _state == MarketState.DISPUTED,
@@ -200,12 +212,27 @@ contract PredictionMarket is Initializable {
         _setState(MarketState.FINALIZED);
     }
 
+    /// @notice The deployed cancelMarket(): in any state, a rejected market included, while no
+    ///         outcome is set. Sets the outcome to CANCELLED and emits MarketResolved(CANCELLED)
+    ///         alone: the state is left as is (no MarketStateChanged). The market then takes no
+    ///         more lifecycle call or bet; every bettor may claim their stake back.
+    function cancel(address resolver) external onlyResolutionManager {
+        require(_outcome == Outcome.UNRESOLVED, "PredictionMarket: market already resolved");
+        cancelled = true;
+        _outcome = Outcome.CANCELLED;
+        emit MarketResolved(uint8(Outcome.CANCELLED), resolver, block.timestamp);
+    }
+
     // ---------------------------------------------------------------- claims
 
     /// @notice After FINALIZED: a bettor on the final outcome gets stake * totalPool / winningPool;
     ///         if CANCELLED every bettor gets their total stake back. Capped to the balance.
+    ///         After a cancellation (in any state): every bettor gets their total stake back.
     function claimWinnings() external {
-        require(_state == MarketState.FINALIZED, "PredictionMarket: market is not FINALIZED");
+        require(
+            _state == MarketState.FINALIZED || cancelled,
+            "PredictionMarket: market is not FINALIZED or cancelled"
+        );
         require(!hasClaimed[msg.sender], "PredictionMarket: winnings already claimed");
         uint256 amount = claimableAmount(msg.sender);
         require(amount > 0, "PredictionMarket: nothing to claim");
@@ -242,9 +269,10 @@ contract PredictionMarket is Initializable {
         return _stakes[bettor][outcome_];
     }
 
-    /// @notice Amount `bettor` would be owed now (before capping to the balance); 0 if not FINALIZED.
+    /// @notice Amount `bettor` would be owed now (before capping to the balance); 0 if neither
+    ///         FINALIZED nor cancelled.
     function claimableAmount(address bettor) public view returns (uint256) {
-        if (_state != MarketState.FINALIZED || hasClaimed[bettor]) {
+        if ((_state != MarketState.FINALIZED && !cancelled) || hasClaimed[bettor]) {
             return 0;
         }
         if (_outcome == Outcome.CANCELLED) {

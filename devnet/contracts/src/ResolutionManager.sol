@@ -47,6 +47,12 @@ contract ResolutionManager {
         emit CommunityDisputeWindowOpened(market, outcome, block.timestamp + DISPUTE_WINDOW);
     }
 
+    /// @notice Cancels `market` (the deployed market's own cancelMarket(), which an admin or
+    ///         resolver calls there): the market emits MarketResolved(CANCELLED); nothing here.
+    function cancelMarket(address market) external {
+        IPredictionMarket(market).cancel(msg.sender);
+    }
+
     function disputeResolution(address market, string calldata reason) external payable {
         emit ResolutionDisputed(market, msg.sender, reason, msg.value, block.timestamp);
         IPredictionMarket(market).dispute(msg.sender, reason);
