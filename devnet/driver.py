@@ -22,6 +22,7 @@ from eth_utils.crypto import keccak
 from devnet.chain import Deployment, DevChain
 
 WEI = 10**18
+CANCELLED = 3  # the Outcome a cancellation sets
 MARKET_CREATED_TOPIC = (
     "0x"
     + keccak(text="MarketCreated(address,address,string,uint256,uint256,bytes32,uint256)").hex()
@@ -52,7 +53,15 @@ class Market:
     creator: str
     state: State = State.PROPOSED
     outcome: int = 0
+    # A cancelled market keeps the state it was cancelled in (as on the chain) and takes only
+    # claims from then on.
+    cancelled: bool = False
+    # An outcome the resolution manager announced on its own (AdminResolution, an upheld
+    # DisputeResolved) since the market last set `outcome`: the market does not apply it, the
+    # markets projection does (docs/protocol.md).
+    announced_outcome: int | None = None
     stakes: dict[tuple[str, int], int] = field(default_factory=dict)
+    bets: dict[int, int] = field(default_factory=lambda: {1: 0, 2: 0})  # count per outcome
     claimed: set[str] = field(default_factory=set)
     dispute_bond: int = 0
     bond_refunded: bool = False
@@ -128,6 +137,7 @@ class ActivityDriver:
         self._rd = chain.contract("RewardDistributor")
         self._question_no = 0
         self._buckets = {state: _Bucket() for state in State}
+        self._cancelled = _Bucket()
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -209,6 +219,7 @@ class ActivityDriver:
         amount = self.rng.randint(1, 1000) * WEI // 10_000
         key = (bettor, outcome)
         m.stakes[key] = m.stakes.get(key, 0) + amount
+        m.bets[outcome] += 1
         return _Tx(bettor, m.address, self._call(self._market, "placeBet", outcome), amount)
 
     def _propose(self, m: Market, outcome: int | None = None) -> _Tx:
@@ -220,6 +231,7 @@ class ActivityDriver:
     def _resolve(self, m: Market, outcome: int | None = None) -> _Tx:
         self._move(m, State.RESOLVING)
         m.outcome = outcome or self.rng.choice((1, 2))
+        m.announced_outcome = None
         data = self._call(self._rm, "resolveMarket", m.address, m.outcome)
         return _Tx(self._admin, self.deployment.resolution_manager, data)
 
@@ -237,18 +249,22 @@ class ActivityDriver:
     def _resolve_dispute(self, m: Market) -> _Tx:
         upheld = self.rng.random() < 0.5
         new_outcome = self.rng.choice((1, 2))
+        if upheld:
+            m.announced_outcome = new_outcome
         data = self._call(self._rm, "resolveDispute", m.address, upheld, new_outcome)
         return _Tx(self._admin, self.deployment.resolution_manager, data)
 
     def _finalize(self, m: Market, outcome: int | None = None) -> _Tx:
         self._move(m, State.FINALIZED)
         m.outcome = outcome or m.outcome or self.rng.choice((1, 2, 3))
+        m.announced_outcome = None
         data = self._call(self._rm, "finalizeResolution", m.address, m.outcome)
         return _Tx(self._admin, self.deployment.resolution_manager, data)
 
     def _auto_finalize(self, m: Market) -> _Tx:
         self._move(m, State.FINALIZED)
         m.outcome = m.outcome or self.rng.choice((1, 2))
+        m.announced_outcome = None
         data = self._call(self._rm, "autoFinalize", m.address, m.outcome)
         return _Tx(self._admin, self.deployment.resolution_manager, data)
 
@@ -258,7 +274,8 @@ class ActivityDriver:
         return _Tx(self._admin, self.deployment.resolution_manager, data)
 
     def _admin_resolve(self, m: Market) -> _Tx:
-        data = self._call(self._rm, "adminResolve", m.address, 3, "ambiguous question")
+        m.announced_outcome = CANCELLED
+        data = self._call(self._rm, "adminResolve", m.address, CANCELLED, "ambiguous question")
         return _Tx(self._admin, self.deployment.resolution_manager, data)
 
     def _return_bond(self, m: Market) -> _Tx:
@@ -267,9 +284,18 @@ class ActivityDriver:
         data = self._call(self._rm, "returnDisputeBond", m.address, m.factory)
         return _Tx(self._admin, self.deployment.resolution_manager, data)
 
+    def _cancel(self, m: Market) -> _Tx:
+        self._buckets[m.state].remove(m)
+        self._cancelled.add(m)
+        m.cancelled = True
+        m.outcome = CANCELLED
+        m.announced_outcome = None
+        data = self._call(self._rm, "cancelMarket", m.address)
+        return _Tx(self._admin, self.deployment.resolution_manager, data)
+
     def _claim(self, m: Market) -> _Tx | None:
         for (bettor, outcome), _amount in sorted(m.stakes.items()):
-            winner = m.outcome == 3 or outcome == m.outcome
+            winner = m.outcome == CANCELLED or outcome == m.outcome
             if winner and bettor not in m.claimed:
                 m.claimed.add(bettor)
                 return _Tx(bettor, m.address, self._call(self._market, "claimWinnings"))
@@ -327,8 +353,9 @@ class ActivityDriver:
         await self._mine(
             [self._create_market(v2), self._create_market(v1)]
             + [self._create_market(v2) for _ in range(2)]
+            + [self._create_market(v1)]
         )
-        current, legacy, third, fourth = (
+        current, legacy, third, fourth, fifth = (
             self.markets[a] for a in sorted(set(self.markets) - before, key=self._creation_order)
         )
         await self._mine(
@@ -337,10 +364,18 @@ class ActivityDriver:
                 self._approve(legacy),
                 self._approve(third),
                 self._reject(fourth),
+                self._approve(fifth),
                 self._fee_distribution(),
             ]
         )
-        await self._mine([self._activate(current), self._activate(legacy), self._activate(third)])
+        await self._mine(
+            [
+                self._activate(current),
+                self._activate(legacy),
+                self._activate(third),
+                self._activate(fifth),
+            ]
+        )
         u1, u2 = self._users[0], self._users[1]
         await self._mine(
             [
@@ -348,11 +383,21 @@ class ActivityDriver:
                 self._bet(current, u2, 2),
                 self._bet(legacy, u1, 2),
                 self._bet(third, u2, 1),
+                self._bet(fifth, u1, 1),
+                self._bet(fifth, u2, 2),
                 self._collect_fees(current),
             ]
         )
+        # Cancelled markets keep their state: a legacy one while ACTIVE, with bets to refund,
+        # and a rejected one.
         await self._mine(
-            [self._propose(current, 1), self._resolve(third, 2), self._resolve(legacy, 2)]
+            [
+                self._propose(current, 1),
+                self._resolve(third, 2),
+                self._resolve(legacy, 2),
+                self._cancel(fifth),
+                self._cancel(fourth),
+            ]
         )
         current.outcome = 1
         await self._mine(
@@ -372,7 +417,7 @@ class ActivityDriver:
                 self._finalize(legacy, 3),
             ]
         )
-        claims = [self._claim(current), self._claim(legacy)]
+        claims = [self._claim(current), self._claim(legacy), self._claim(fifth)]
         await self._mine(
             [tx for tx in claims if tx is not None]
             + [
@@ -412,6 +457,8 @@ class ActivityDriver:
                 options += [
                     (weight, functools.partial(self._on_random, a, bucket)) for a in actions
                 ]
+        if self._cancelled:  # in no state's bucket: they take nothing but refund claims
+            options.append((1.0, functools.partial(self._on_random, self._claim, self._cancelled)))
         options += [
             (0.3, self._treasury),
             (0.3, self._staker_rewards),
@@ -429,7 +476,7 @@ class ActivityDriver:
         return action(bucket.choice(self.rng))
 
     def _state_actions(self) -> list[tuple[State, float, list[Callable[[Market], _Tx | None]]]]:
-        return [
+        actions: list[tuple[State, float, list[Callable[[Market], _Tx | None]]]] = [
             (State.PROPOSED, 3.0, [self._approve, self._approve, self._reject]),
             (State.APPROVED, 3.0, [self._activate]),
             (State.ACTIVE, 10.0, [self._bet, self._bet, self._bet, self._bet]),
@@ -444,6 +491,15 @@ class ActivityDriver:
             (State.FINALIZED, 0.2, [self._admin_resolve, self._return_bond_if_any]),
             (State.REJECTED, 0.5, [self._deactivate_once]),
         ]
+        return actions + [
+            (state, 0.3, [self._cancel_unresolved])
+            for state in State
+            if state is not State.FINALIZED
+        ]
+
+    def _cancel_unresolved(self, m: Market) -> _Tx | None:
+        # A market resolved (not only proposed) has an outcome, and cancelMarket() refuses it.
+        return None if m.outcome else self._cancel(m)
 
     def _return_bond_if_any(self, m: Market) -> _Tx | None:
         return self._return_bond(m) if m.dispute_bond else None
@@ -465,7 +521,7 @@ class ActivityDriver:
     async def active_market(self, factory: str) -> Market:
         """An active market of `factory`: one there is, or one created and activated now."""
         for market in self.markets.values():
-            if market.state is State.ACTIVE and market.factory == factory:
+            if market.state is State.ACTIVE and not market.cancelled and market.factory == factory:
                 return market
         before = set(self.markets)
         await self._mine([self._create_market(factory)])
