@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
 from devnet.services import Anvil
+from indexer.catalog import OUTCOME_NAMES, STATE_NAMES
 from shared.channels import snake_case
 from shared.envelope import EventEnvelope
 from tests.indexer.conftest import (
@@ -126,7 +127,10 @@ async def test_markets_projection_follows_the_chain(
     make_indexer: Callable[..., IndexerProcess],
     database_url: str,
 ) -> None:
-    """The markets table has every market with its creator, question, state and bet volumes."""
+    """The markets table has every market with its creator, question, bets, and the state and
+    outcome the market itself holds on the chain, cancelled markets included; the outcome is
+    the one the resolution manager announced instead where it announced one since (which the
+    market does not apply)."""
     driver = ActivityDriver(dev_chain, deployment, seed=12, txs_per_block=10)
     await driver.cover_all_events()
     await driver.run(blocks=40)
@@ -138,6 +142,9 @@ async def test_markets_projection_follows_the_chain(
     finally:
         await conn.close()
     assert set(rows) == set(driver.markets)
+    views = dev_chain.contract("PredictionMarket")
+    cancelled_in = {market.state.name for market in driver.markets.values() if market.cancelled}
+    assert {"ACTIVE", "REJECTED"} <= cancelled_in
     for address, market in driver.markets.items():
         row = rows[address]
         assert row["factory"] == market.factory
@@ -150,6 +157,12 @@ async def test_markets_projection_follows_the_chain(
             volumes[1],
             volumes[2],
         )
+        assert (row["bets_outcome1"], row["bets_outcome2"]) == (market.bets[1], market.bets[2])
+        state = int(await dev_chain.call(to=address, data=views.encode_abi("state")), 16)
+        outcome = int(await dev_chain.call(to=address, data=views.encode_abi("outcome")), 16)
+        if market.announced_outcome is not None:
+            outcome = market.announced_outcome
+        assert (row["state"], row["outcome"]) == (STATE_NAMES[state], OUTCOME_NAMES[outcome])
         if market.state.name == "REJECTED":
             assert row["rejected"] is True
         else:
