@@ -5,6 +5,8 @@
 #     python3 venv, openssl (throwaway TLS certificates in the Nginx tests)
 #   - npm: the tools pinned in package-lock.json (anvil, solc, pm2)
 #   - Python: .venv from uv.lock (uv itself pinned below)
+#   - promtool (the alert rules' tests) from the distribution's prometheus package, unpacked
+#     into .venv/bin: the package is not installed, so no Prometheus server is started
 set -euo pipefail
 
 UV_VERSION="0.13.8"
@@ -19,15 +21,19 @@ as_root() {
 }
 
 APT_UPDATED=0
+apt_update() {
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        as_root apt-get update -qq
+        APT_UPDATED=1
+    fi
+}
+
 apt_install() {
     if ! command -v apt-get >/dev/null 2>&1; then
         log "apt-get not found: install these packages by hand: $*"
         exit 1
     fi
-    if [ "$APT_UPDATED" -eq 0 ]; then
-        as_root apt-get update -qq
-        APT_UPDATED=1
-    fi
+    apt_update
     log "apt-get install $*"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
@@ -111,4 +117,32 @@ if [ "$(.venv/bin/uv --version 2>/dev/null | cut -d' ' -f2)" != "$UV_VERSION" ];
     .venv/bin/python -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION"
 fi
 .venv/bin/uv sync --frozen --quiet
-log "ready: $(.venv/bin/python --version), anvil $(node_modules/.bin/anvil --version | head -n1 | cut -d' ' -f3)"
+
+# --- promtool -----------------------------------------------------------------------------------
+# tests/deploy/test_alert_*.py run deploy/monitoring/alerts.yml under `promtool test rules`.
+# Debian and Ubuntu ship promtool only inside the prometheus package, whose installation would
+# start a Prometheus server: the package is downloaded and promtool alone taken out of it.
+# APT::Sandbox::User=root: as root, apt would warn that its sandbox user cannot write the
+# scratch directory, then download as root all the same.
+apt_download() {
+    (cd "$1" && apt-get download -qq -o APT::Sandbox::User=root "$2")
+}
+if ! .venv/bin/promtool --version >/dev/null 2>&1; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "apt-get not found: put promtool (Prometheus 2.x) at .venv/bin/promtool by hand"
+        exit 1
+    fi
+    log "promtool from the prometheus package"
+    scratch="$(mktemp -d)"
+    trap 'rm -rf "$scratch"' EXIT
+    # Package lists missing or older than the mirror: update them once and try again.
+    if ! apt_download "$scratch" prometheus 2>/dev/null; then
+        apt_update
+        apt_download "$scratch" prometheus
+    fi
+    dpkg-deb --fsys-tarfile "$scratch"/prometheus_*.deb |
+        tar -xO ./usr/bin/promtool >"$scratch/promtool"
+    chmod 755 "$scratch/promtool"
+    mv "$scratch/promtool" .venv/bin/promtool
+fi
+log "ready: $(.venv/bin/python --version), anvil $(node_modules/.bin/anvil --version | head -n1 | cut -d' ' -f3), promtool $(.venv/bin/promtool --version 2>&1 | head -n1 | cut -d' ' -f3)"

@@ -1,8 +1,9 @@
-"""scripts/install.sh on a machine it has to complete, with apt-get and node faked."""
+"""scripts/install.sh on a machine it has to complete, with apt-get, node and the like faked."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -56,3 +57,98 @@ def test_a_node_too_old_from_the_distribution_stops_the_install(tmp_path: Path) 
     assert "node v12.22.9 is too old" in result.stderr
     assert not (bin_dir / "npm.log").exists()
     assert os.access(bin_dir / "node", os.X_OK)
+
+
+# apt-get whose package lists are out of date until `apt-get update`: `download` fails before
+# and afterwards copies the prometheus package the test built into the current directory.
+FAKE_APT_STALE = """#!/bin/sh
+here="${{0%/*}}"
+echo "$*" >> "$here/apt.log"
+case " $* " in
+  *" update "*) : > "$here/updated";;
+  *" download "*) [ -e "$here/updated" ] || exit 100; {cp} {deb} .;;
+esac
+"""
+# Stand-ins for what install.sh only asks questions of before the promtool step: a Python
+# and a .venv that pass its checks, a uv of the pinned version, anvil, node 20.
+PASSES = "#!/bin/sh\nexit 0\n"
+FAKE_UV = '#!/bin/sh\n[ "$1" != --version ] || echo uv {version}\n'
+FAKE_NODE = "#!/bin/sh\necho 20\n"
+FAKE_PROMTOOL = "#!/bin/sh\necho 'promtool, version 2.42.0+ds (branch: debian/sid)'\n"
+
+
+def prometheus_deb(tmp_path: Path) -> Path:
+    """A package laid out like Debian's prometheus, with a promtool that prints a version."""
+    tree = tmp_path / "prometheus"
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN" / "control").write_text(
+        "Package: prometheus\nVersion: 2.42.0+ds-5\nArchitecture: all\n"
+        "Maintainer: test <test@example.org>\nDescription: test package\n"
+    )
+    for name, text in (("prometheus", PASSES), ("promtool", FAKE_PROMTOOL)):
+        (tree / "usr" / "bin").mkdir(parents=True, exist_ok=True)
+        (tree / "usr" / "bin" / name).write_text(text)
+        (tree / "usr" / "bin" / name).chmod(0o755)
+    deb = tmp_path / "prometheus_2.42.0+ds-5_all.deb"
+    subprocess.run(["dpkg-deb", "--build", "-Zxz", str(tree), str(deb)], check=True,
+                   capture_output=True)  # fmt: skip
+    return deb
+
+
+def test_promtool_is_taken_out_of_the_prometheus_package_once(tmp_path: Path) -> None:
+    """install.sh puts promtool from the distribution's prometheus package into .venv/bin
+    without installing the package (which would start a Prometheus server), updating stale
+    package lists when the download fails; a second run asks apt nothing."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "scripts" / "install.sh", root / "scripts" / "install.sh")
+    shutil.copy(REPO_ROOT / "package-lock.json", root / "package-lock.json")
+    (root / "node_modules" / ".bin").mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "package-lock.json", root / "node_modules" / ".kektech-lock")
+    (root / ".venv" / "bin").mkdir(parents=True)
+    version = re.search(r'^UV_VERSION="(.+)"$', (root / "scripts" / "install.sh").read_text(), re.M)
+    assert version is not None
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    cp = shutil.which("cp")
+    assert cp is not None
+    for path, text in (
+        (root / ".venv" / "bin" / "python", PASSES),
+        (root / ".venv" / "bin" / "uv", FAKE_UV.format(version=version[1])),
+        (root / "node_modules" / ".bin" / "anvil", PASSES),
+        (bin_dir / "python3", PASSES),
+        (bin_dir / "node", FAKE_NODE),
+        (bin_dir / "npm", PASSES),
+        (bin_dir / "apt-get", FAKE_APT_STALE.format(cp=cp, deb=prometheus_deb(tmp_path))),
+    ):
+        path.write_text(text)
+        path.chmod(0o755)
+    for name in ("env", "id", "dirname", "cmp", "cut", "head", "mktemp", "dpkg-deb", "tar",
+                 "chmod", "mv", "rm", "redis-server", "nginx", "pgbouncer", "openssl"):  # fmt: skip
+        real = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+        assert real is not None, name
+        (bin_dir / name).symlink_to(real)
+
+    def install() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["/bin/bash", str(root / "scripts" / "install.sh")],
+            env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    first = install()
+    assert first.returncode == 0, first.stderr
+    assert "promtool 2.42.0+ds" in first.stderr  # the "ready" line
+    promtool = root / ".venv" / "bin" / "promtool"
+    assert promtool.read_text() == FAKE_PROMTOOL
+    assert os.access(promtool, os.X_OK)
+    apt = (bin_dir / "apt.log").read_text().splitlines()
+    assert [line.split()[0] for line in apt if "prometheus" in line] == ["download"] * 2
+    assert "update -qq" in apt
+    assert not [line for line in apt if line.startswith("install") and "prometheus" in line]
+    second = install()
+    assert second.returncode == 0, second.stderr
+    assert (bin_dir / "apt.log").read_text().splitlines() == apt
