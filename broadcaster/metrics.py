@@ -11,6 +11,10 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 FANOUT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 REPLAY_BUCKETS = (0, 1, 10, 100, 1000, 10_000, 100_000)
+# Every reason server.py refuses a handshake for. Each is exported at 0 from the start: a
+# series that appears only at its first refusal begins at that count, which increase() cannot
+# see, so a single burst would never raise KektechBroadcasterFull.
+REJECT_REASONS = ("path", "origin", "headers", "ip_limit", "full")
 
 
 class Metrics:
@@ -26,10 +30,12 @@ class Metrics:
         )
         self.rejected = Counter(
             p + "rejected",
-            "Handshakes refused, by reason (path, origin, headers, ip_limit, full)",
+            f"Handshakes refused, by reason ({', '.join(REJECT_REASONS)})",
             ["reason"],
             registry=r,
         )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason)
         self.closes = Counter(
             p + "server_closes",
             "Connections the server closed, by close code",

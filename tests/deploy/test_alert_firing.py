@@ -217,6 +217,10 @@ FAULTS = {
         fires={"KektechBroadcasterConnectionsNearLimit": alert(BROADCASTERS[1], "warning")},
         lasting=lambda d, m: d.broadcasters[1].connections.set(6001),
     ),
+    "broadcaster full": Fault(  # a single burst of refusals, the first since start
+        fires={"KektechBroadcasterFull": alert(BROADCASTERS[0], "warning", reason="full")},
+        once={BURST_AT: lambda d: d.broadcasters[0].rejected.labels(reason="full").inc(40)},
+    ),
     "memory high": Fault(
         fires={"KektechNodeMemoryHigh": alert(NODE, "warning")},
         lasting=lambda d, m: setattr(d, "memory_available", 0.19 * MEMORY_TOTAL),
@@ -258,6 +262,11 @@ def test_the_samples_scraped_are_those_metrics_renders() -> None:
         names += collected.samples
     bucket = 'kektech_indexer_reorg_depth_blocks_bucket{instance="127.0.0.1:9464",'
     assert bucket + 'job="kektech-indexer",le="16.0"}' in names  # as the deep reorg rule has it
+
+
+def test_every_rule_has_a_fault_that_fires_it() -> None:
+    """The faults below cover alerts.yml: no rule is left untested."""
+    assert {alert for fault in FAULTS.values() for alert in fault.fires} == set(rule_names())
 
 
 def test_a_healthy_hour_fires_no_alert(tmp_path: Path) -> None:
