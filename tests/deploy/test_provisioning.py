@@ -246,37 +246,6 @@ def test_update_started_as_root_passes_none_of_roots_environment_on(tmp_path: Pa
         shutil.rmtree(base)
 
 
-def test_the_pm2_wrapper_keeps_the_callers_service_settings_from_pm2(tmp_path: Path) -> None:
-    """/usr/local/bin/pm2 hands PM2 no setting of the services exported in the caller's shell
-    (--update-env would copy it into every app, over .env), but keeps what
-    ecosystem.config.js reads (KEKTECH_*). Run here as the app user itself, on a copy whose
-    paths point at a fake PM2 that prints its environment."""
-    user = pwd.getpwuid(os.geteuid()).pw_name
-    root, home = tmp_path / "opt", tmp_path / "home"
-    (root / "node_modules" / ".bin").mkdir(parents=True)
-    home.mkdir()
-    shutil.copy(REPO_ROOT / ".env.example", root / ".env.example")
-    fake = root / "node_modules" / ".bin" / "pm2"
-    fake.write_text("#!/bin/sh\nenv\n")
-    fake.chmod(0o755)
-    wrapper = (REPO_ROOT / "deploy" / "bin" / "pm2.sh").read_text()
-    wrapper = wrapper.replace("/opt/kektech", str(root)).replace("/home/kektech", str(home))
-    assert "= kektech ]" in wrapper
-    (tmp_path / "pm2.sh").write_text(wrapper.replace("= kektech ]", f"= {user} ]"))
-    env = {
-        "PATH": os.environ["PATH"],
-        "DATABASE_URL": "postgresql://from-the-shell/other",
-        "REDIS_URL": "redis://from-the-shell:6379/0",
-        "KEKTECH_BROADCASTER_INSTANCES": "3",
-    }
-    result = run(["sh", str(tmp_path / "pm2.sh"), "reload", "--update-env"], env=env)
-    assert result.returncode == 0, result.stderr
-    seen = result.stdout.splitlines()
-    assert "KEKTECH_BROADCASTER_INSTANCES=3" in seen
-    assert f"HOME={home}" in seen
-    assert "from-the-shell" not in result.stdout
-
-
 def test_update_dry_run_prints_the_steps() -> None:
     """`update.sh --dry-run` as an unprivileged user exits 0 and prints pull, install,
     migrate, reload, the settle check and save without running them."""
