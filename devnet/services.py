@@ -215,7 +215,13 @@ class _Service:
         self._process: _Process | None = None
 
     def __enter__(self) -> Self:
-        self.start()
+        # __exit__ runs only once __enter__ returned: a failed start (a port taken, a timeout)
+        # must stop what it spawned and remove the temp dir itself.
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(

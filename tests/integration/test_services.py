@@ -9,9 +9,10 @@ from pathlib import Path
 
 import asyncpg
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
-from devnet.services import Anvil, Postgres, Redis, free_port
+from devnet.services import Anvil, Postgres, Redis, ServiceError, free_port
 
 
 async def test_postgres_runs_unprivileged_and_accepts_connections(postgres: Postgres) -> None:
@@ -95,3 +96,15 @@ def test_free_ports_are_outside_the_ephemeral_range() -> None:
     for port in ports[:5]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_a_service_that_fails_to_start_leaves_nothing_behind() -> None:
+    """`with Redis(port=taken)` raises ServiceError, and the temp dir made for it is gone."""
+    with socket.create_server(("127.0.0.1", 0)) as blocker:
+        server = Redis(port=blocker.getsockname()[1])
+        workdir = server.workdir
+        assert workdir.exists()
+        with pytest.raises(ServiceError), server:
+            pass
+    assert not server.running
+    assert not workdir.exists()
