@@ -91,6 +91,18 @@ def _run_as() -> str | None:
     return UNPRIVILEGED_USER if os.geteuid() == 0 else None
 
 
+def _identity(user: str | None) -> tuple[int | None, int | None, list[int] | None]:
+    """Popen's user, group and extra_groups to run a child as `user` (None: as we are).
+
+    Popen's `user` alone changes only the uid: the child kept root's group 0 (and root's
+    supplementary groups), so it could still read and write what group root may.
+    """
+    if user is None:
+        return None, None, None
+    entry = pwd.getpwnam(user)
+    return entry.pw_uid, entry.pw_gid, []
+
+
 def _chown_tree(path: Path, user: str | None) -> None:
     if user is None:
         return
@@ -141,6 +153,7 @@ class _Process:
     popen: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def spawn(self) -> None:
+        uid, gid, groups = _identity(self.user)
         log = self.log_path.open("ab")
         try:
             self.popen = subprocess.Popen(
@@ -148,7 +161,9 @@ class _Process:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                user=self.user,
+                user=uid,
+                group=gid,
+                extra_groups=groups,
                 env=self.env,
                 # Own process group: a Ctrl-C in the terminal reaches only the parent, which then
                 # stops the children in order instead of racing them.
@@ -424,6 +439,7 @@ class Postgres(_Service):
 
     def _initdb(self, data: Path) -> None:
         _chown_tree(self.workdir, self._run_as)
+        uid, gid, groups = _identity(self._run_as)
         result = subprocess.run(
             [
                 str(self._bin / "initdb"),
@@ -437,7 +453,9 @@ class Postgres(_Service):
                 "--no-sync",
             ],
             capture_output=True,
-            user=self._run_as,
+            user=uid,
+            group=gid,
+            extra_groups=groups,
             check=False,
         )
         if result.returncode != 0:

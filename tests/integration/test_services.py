@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 import urllib.request
 from pathlib import Path
@@ -12,7 +13,14 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from devnet.services import Anvil, Postgres, Redis, ServiceError, free_port
+from devnet.services import (
+    UNPRIVILEGED_USER,
+    Anvil,
+    Postgres,
+    Redis,
+    ServiceError,
+    free_port,
+)
 
 
 async def test_postgres_runs_unprivileged_and_accepts_connections(postgres: Postgres) -> None:
@@ -25,6 +33,22 @@ async def test_postgres_runs_unprivileged_and_accepts_connections(postgres: Post
         await conn.close()
     assert postgres.pid is not None
     assert os.stat(f"/proc/{postgres.pid}").st_uid != 0
+
+
+def test_postgres_runs_with_its_users_group(postgres: Postgres) -> None:
+    """Started as root, the server runs as the unprivileged user with that user's group and no
+    supplementary groups (not root's group 0); otherwise as the current user and group."""
+    assert postgres.pid is not None
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{postgres.pid}/status").read_text().splitlines()
+    )
+    uids, gids = ({int(v) for v in status[key].split()} for key in ("Uid", "Gid"))
+    if os.geteuid() == 0:
+        user = pwd.getpwnam(UNPRIVILEGED_USER)
+        assert (uids, gids) == ({user.pw_uid}, {user.pw_gid})
+        assert status["Groups"].split() == []
+    else:
+        assert (uids, gids) == ({os.getuid()}, {os.getgid()})
 
 
 async def test_fresh_databases_are_isolated(database_url: str, postgres: Postgres) -> None:
