@@ -13,7 +13,14 @@ import time
 
 from devnet.chain import Deployment, DevChain, deploy
 from devnet.driver import ActivityDriver
-from devnet.services import LocalServices, ServiceError, free_port, local_services
+from devnet.services import (
+    LocalServices,
+    ServiceError,
+    die_with_parent,
+    free_port,
+    interrupt_on_stop_signals,
+    local_services,
+)
 
 STOP_GRACE = 10.0
 
@@ -47,9 +54,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def start_service(module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start `python -m <module>` with the local services' settings; it logs to our stderr."""
+    """Start `python -m <module>` with the local services' settings; it logs to our stderr.
+
+    It gets SIGTERM (a clean stop) if we die without stopping it, e.g. by SIGKILL.
+    """
     return subprocess.Popen(
-        [sys.executable, "-m", module], env={**os.environ, **env}, stdin=subprocess.DEVNULL
+        [sys.executable, "-m", module],
+        env={**os.environ, **env},
+        stdin=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
     )
 
 
@@ -117,8 +130,10 @@ async def drive(chain: DevChain, deployment: Deployment, args: argparse.Namespac
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM and SIGHUP stop it as Ctrl-C does: the services and their temp dirs go too.
+    interrupt_on_stop_signals()
     try:
-        with local_services() as services:
+        with contextlib.suppress(KeyboardInterrupt), local_services() as services:
             print(
                 "local services:\n"
                 f"  DATABASE_URL={services.postgres.url}\n"
@@ -126,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  RPC_PROVIDER_URL={services.anvil.rpc_url}",
                 file=sys.stderr,
             )
-            with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(simulate(services, args))
+            asyncio.run(simulate(services, args))
     except ServiceError as exc:
         print(f"devnet: {exc}", file=sys.stderr)
         return 1

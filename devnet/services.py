@@ -3,7 +3,8 @@
 Used by the pytest fixtures, the demo (`python -m devnet`) and the benchmarks. Each service
 runs as a child process on a free 127.0.0.1 port with its files in a temporary directory that
 is removed on stop. Children get a parent-death signal so a killed test run leaves nothing
-behind, and every service stops cleanly on Ctrl-C through the context managers.
+behind, and every service stops cleanly on Ctrl-C through the context managers (on SIGTERM
+and SIGHUP too in a program that calls `interrupt_on_stop_signals`).
 """
 
 from __future__ import annotations
@@ -74,10 +75,26 @@ def ephemeral_low() -> int:
         return 32768  # Linux's default
 
 
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGTERM this child when the process that started it dies."""
+def die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this child when the process that started it dies.
+
+    A `preexec_fn` for Popen (Linux). The signal comes when the *thread* that spawned the child
+    ends: spawn from the main thread (or the event loop's), not from a worker thread.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def interrupt_on_stop_signals() -> None:
+    """Make SIGTERM and SIGHUP do what Ctrl-C does: raise KeyboardInterrupt.
+
+    Their default action ends the process on the spot, running no `finally` block and no
+    context manager's exit: the services' temp dirs were left behind, and so were children
+    without a parent-death signal (a demo's broadcaster was seen running long after). For the
+    main() of the demo and the benchmarks, which clean up on Ctrl-C already.
+    """
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
 
 
 def _port_open(port: int) -> bool:
@@ -168,7 +185,7 @@ class _Process:
                 # Own process group: a Ctrl-C in the terminal reaches only the parent, which then
                 # stops the children in order instead of racing them.
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         finally:
             log.close()

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -14,6 +18,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from devnet.services import free_port
+from tests.support.processes import descendants, running
 from tests.support.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,22 +34,28 @@ async def port_open(port: int) -> bool:
     return True
 
 
+async def start_demo(
+    tmp_path: Path, ws_port: int, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """`python -m devnet` with its output in tmp_path/demo.log."""
+    with (tmp_path / "demo.log").open("wb") as log:
+        return await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "devnet", "--ws-port", str(ws_port), "--block-interval", "0.3"],
+            cwd=tmp_path,  # no stray .env from the checkout
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
 @pytest.mark.timeout(180)
 async def test_demo_streams_chain_events_to_a_websocket_client_and_stops_cleanly(
     tmp_path: Path,
 ) -> None:
     """The demo indexes the simulated chain, serves its events over WebSocket; Ctrl-C stops it."""
     ws_port = free_port()
-    log_path = tmp_path / "demo.log"
-    with log_path.open("wb") as log:
-        demo = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "devnet", "--ws-port", str(ws_port), "--block-interval", "0.3"],
-            cwd=tmp_path,  # no stray .env from the checkout
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    demo = await start_demo(tmp_path, ws_port)
     try:
         await eventually(lambda: port_open(ws_port), within=120, what="the demo's WebSocket port")
         received: list[dict[str, object]] = []
@@ -69,6 +80,103 @@ async def test_demo_streams_chain_events_to_a_websocket_client_and_stops_cleanly
             demo.kill()
             await demo.wait()
             raise
-    output = log_path.read_text(errors="replace")
+    output = (tmp_path / "demo.log").read_text(errors="replace")
     assert code == 0, output[-3000:]
     assert not await port_open(ws_port), "the broadcaster stopped with the demo"
+
+
+@pytest.fixture
+def services_tmpdir() -> Iterator[Path]:
+    """A TMPDIR for the demo's services, so that only their temp dirs are looked at.
+
+    Not in tmp_path: Postgres, run as an unprivileged user under root, must reach its own.
+    """
+    temp = Path(tempfile.mkdtemp(prefix="kektech-test-demo-"))
+    temp.chmod(0o711)
+    yield temp
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def entries(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir())
+
+
+async def start_whole_demo(
+    tmp_path: Path, services_tmpdir: Path
+) -> tuple[asyncio.subprocess.Process, dict[int, str]]:
+    """The demo with every process up; returns it and the processes it started."""
+    ws_port = free_port()
+    demo = await start_demo(tmp_path, ws_port, {"TMPDIR": str(services_tmpdir)})
+    try:
+        # The broadcaster is started last: everything is up once it listens.
+        await eventually(lambda: port_open(ws_port), within=120, what="the demo's WebSocket")
+    except BaseException:
+        demo.kill()
+        await demo.wait()
+        raise
+    children = descendants(demo.pid)
+    commands = " ".join(running(children).values())
+    for name in ("postgres", "redis-server", "anvil", "-m indexer", "-m broadcaster"):
+        assert name in commands, commands
+    assert len(entries(services_tmpdir)) == 3  # Postgres, Redis, anvil
+    return demo, children
+
+
+async def wait_ended(children: dict[int, str], within: float) -> dict[int, str]:
+    """Wait until none of `children` runs; returns those still running after `within` s."""
+
+    async def all_ended() -> bool:
+        return not running(children)
+
+    with contextlib.suppress(TimeoutError):
+        await eventually(all_ended, within=within, what="every process the demo started ended")
+    return running(children)
+
+
+def kill_all(children: dict[int, str]) -> None:
+    """SIGKILL what a failed test left running, so that the next test does not find it."""
+    for pid in running(children):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+async def test_sigterm_stops_the_demo_and_everything_it_started(
+    tmp_path: Path, services_tmpdir: Path, sig: signal.Signals
+) -> None:
+    """SIGTERM (`kill`, a supervisor) or SIGHUP (its terminal closed) stops the demo as Ctrl-C
+    does: the indexer, the broadcaster and the local services end with it, and the services'
+    temp dirs are removed."""
+    demo, children = await start_whole_demo(tmp_path, services_tmpdir)
+    try:
+        demo.send_signal(sig)
+        try:
+            async with asyncio.timeout(60):
+                code = await demo.wait()
+        except TimeoutError:
+            demo.kill()
+            await demo.wait()
+            raise
+        output = (tmp_path / "demo.log").read_text(errors="replace")
+        assert code == 0, output[-3000:]
+        # A moment for a grandchild to follow its parent (anvil's binary, under npm's wrapper).
+        assert await wait_ended(children, within=5) == {}
+        assert entries(services_tmpdir) == []
+    finally:
+        kill_all(children)
+
+
+@pytest.mark.timeout(180)
+async def test_a_killed_demo_takes_its_processes_with_it(
+    tmp_path: Path, services_tmpdir: Path
+) -> None:
+    """SIGKILL leaves the demo no chance to clean up (its temp dirs stay), but every process
+    it started gets a parent-death signal and stops."""
+    demo, children = await start_whole_demo(tmp_path, services_tmpdir)
+    try:
+        demo.kill()
+        await demo.wait()
+        # The indexer and the broadcaster stop cleanly on that SIGTERM: seconds, not 10.
+        assert await wait_ended(children, within=10) == {}
+    finally:
+        kill_all(children)
