@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -81,3 +84,15 @@ async def dev_chain(anvil: Anvil) -> AsyncIterator[DevChain]:
 async def deployment(dev_chain: DevChain) -> Deployment:
     """The KEKTECH test contracts deployed on the test's dev chain."""
     return await deploy(dev_chain)
+
+
+@pytest.fixture
+def services_tmpdir() -> Iterator[Path]:
+    """A TMPDIR for a program that starts local services, to look at only its temp dirs.
+
+    Not in tmp_path: Postgres, run as an unprivileged user under root, must reach its own.
+    """
+    temp = Path(tempfile.mkdtemp(prefix="kektech-test-services-"))
+    temp.chmod(0o711)
+    yield temp
+    shutil.rmtree(temp, ignore_errors=True)

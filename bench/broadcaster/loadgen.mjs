@@ -14,7 +14,7 @@
 //   start   reset the counters: the measurement window begins
 //   mark    note the p99 so far (p99BeforeMarkMs), begin a second histogram (p99AfterMarkMs)
 //   report  the counters since start (latency percentiles, deliveries, gaps, duplicates)
-//   exit    close every client and exit
+//   exit    close every client and exit (as it does when stdin closes)
 // It prints {"phase":"connected",...} once every client is subscribed.
 
 import { createConnection } from "node:net";
@@ -268,8 +268,14 @@ function report() {
   };
 }
 
-process.stdout.write(JSON.stringify(await connectAll()) + "\n");
+function exit() {
+  for (const c of clients) c.socket.destroy();
+  process.exit(0);
+}
+
+// Listening from the start: stdin closes when run.py exits, even killed, and so must we.
 const commands = createInterface({ input: process.stdin });
+commands.on("close", exit);
 commands.on("line", (line) => {
   const command = line.trim();
   if (command === "start") {
@@ -289,7 +295,7 @@ commands.on("line", (line) => {
   } else if (command === "report") {
     process.stdout.write(JSON.stringify(report()) + "\n");
   } else if (command === "exit") {
-    for (const c of clients) c.socket.destroy();
-    process.exit(0);
+    exit();
   }
 });
+process.stdout.write(JSON.stringify(await connectAll()) + "\n");

@@ -32,7 +32,13 @@ from typing import Any
 
 import orjson
 
-from devnet.services import REPO_ROOT, Redis, free_port
+from devnet.services import (
+    REPO_ROOT,
+    Redis,
+    die_with_parent,
+    free_port,
+    interrupt_on_stop_signals,
+)
 
 LOADGEN = Path(__file__).with_name("loadgen.mjs")
 STREAM_KEY = "bench:events"
@@ -244,7 +250,12 @@ async def _spawn(
         command = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", module]
     with (logdir / f"{name}.log").open("wb") as log:
         return await asyncio.create_subprocess_exec(
-            *command, cwd=options.root, env=env, stdout=log, stderr=log
+            *command,
+            cwd=options.root,
+            env=env,
+            stdout=log,
+            stderr=log,
+            preexec_fn=die_with_parent,
         )
 
 
@@ -301,6 +312,7 @@ class LoadGen:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             limit=2**20,
+            preexec_fn=die_with_parent,
         )
         return cls(proc)
 
@@ -355,8 +367,14 @@ async def publish(redis: Redis, scenario: Scenario, duration: float, tick: float
         str(tick),
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
+        preexec_fn=die_with_parent,
     )
-    out, _ = await proc.communicate()
+    try:
+        out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:  # cancelled: the run is being stopped
+            proc.kill()
+            await proc.wait()
     return int(orjson.loads(out.splitlines()[-1])["published"])
 
 
@@ -610,7 +628,14 @@ def main() -> int:
         profile=Path(args.profile).resolve() if args.profile else None,
         instances=args.instances,
     )
-    rows = asyncio.run(main_async(args, logdir, options))
+    # SIGTERM and SIGHUP stop it as Ctrl-C does: the servers, the load generator, the
+    # publisher and Redis are stopped on the way out.
+    interrupt_on_stop_signals()
+    try:
+        rows = asyncio.run(main_async(args, logdir, options))
+    except KeyboardInterrupt:
+        print(f"interrupted; server logs in {logdir}", file=sys.stderr)
+        return 130
     print(render(rows))
     for row in rows:
         if "error" in row.values:

@@ -33,7 +33,15 @@ from bench.indexer.proc import read_memory
 from bench.indexer.report import Result, render, write_json
 from devnet.chain import deploy
 from devnet.driver import ActivityDriver
-from devnet.services import REPO_ROOT, Anvil, LocalServices, Postgres, Redis, ServiceError
+from devnet.services import (
+    REPO_ROOT,
+    Anvil,
+    LocalServices,
+    Postgres,
+    Redis,
+    ServiceError,
+    interrupt_on_stop_signals,
+)
 from shared.settings import IndexerSettings
 from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.rpc_proxy import RpcFaultProxy
@@ -267,12 +275,17 @@ async def bench(args: argparse.Namespace, local: LocalServices) -> Result:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM and SIGHUP stop it as Ctrl-C does: the indexer and the services are stopped.
+    interrupt_on_stop_signals()
     try:
         with services(durable=args.postgres == "durable") as local:
             result = asyncio.run(bench(args, local))
     except ServiceError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
     print(render(result))
     write_json(args.out, result)
     print(f"\nwritten to {args.out}")

@@ -1,14 +1,28 @@
-"""The indexer benchmark still runs end to end and measures what it says (tiny chain, no timing
-asserted: figures belong to the benchmark, not to the tests)."""
+"""The benchmarks still run end to end and measure what they say (tiny chains and client
+counts, no timing asserted: figures belong to the benchmarks, not to the tests), and stop
+everything they started however they are stopped."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import os
+import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from bench.broadcaster.run import LoadGen, Scenario
+from devnet.services import free_port
+from tests.support.processes import descendants, kill_all, running, wait_ended
+from tests.support.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENTS = 300
@@ -53,3 +67,151 @@ def test_indexer_benchmark_runs_on_a_small_chain(tmp_path: Path) -> None:
     assert result["indexer_exit_code"] == 0
     assert len(result["goals"]) == 5
     assert "written to" in done.stdout.decode()
+
+
+@contextlib.asynccontextmanager
+async def subscribing_server() -> AsyncIterator[str]:
+    """A WebSocket server that confirms every subscription and sends nothing else; its URL."""
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):  # the generator's clients just go away
+            async for raw in ws:
+                message = json.loads(raw)
+                if message.get("type") == "subscribe":
+                    channel = message["channel"]
+                    await ws.send(json.dumps({"type": "subscribed", "channel": channel}))
+
+    port = free_port()
+    async with serve(handler, "127.0.0.1", port):
+        yield f"ws://127.0.0.1:{port}/ws"
+
+
+async def test_the_load_generator_exits_when_its_stdin_closes() -> None:
+    """Its commands come on stdin: once that closes (run.py exited, even killed) it exits,
+    rather than holding its clients open."""
+    async with subscribing_server() as url:
+        gen = await LoadGen.start(url, Scenario("stdin", 5, 0))
+        try:
+            assert (await gen.line())["open"] == 5
+            assert gen.proc.stdin is not None
+            gen.proc.stdin.close()
+            async with asyncio.timeout(10):
+                assert await gen.proc.wait() == 0
+        finally:
+            if gen.proc.returncode is None:
+                gen.proc.kill()
+                await gen.proc.wait()
+
+
+# `python -m bench.broadcaster.run` on a scenario of 20 clients at 20 events/s for a minute.
+TINY_BROADCASTER_BENCH = """
+import sys
+from bench.broadcaster import run
+run.SCENARIOS["tiny"] = run.Scenario("tiny", 20, 20)
+sys.argv = [
+    "run", "--server", "broadcaster", "--scenario", "tiny", "--duration", "60",
+    "--warmup", "0.5", "--logdir", sys.argv[1],
+]
+sys.exit(run.main())
+"""
+
+
+async def running_broadcaster_bench(
+    tmp_path: Path,
+) -> tuple[asyncio.subprocess.Process, dict[int, str]]:
+    """The broadcaster benchmark in its measured window; returns it and what it started."""
+    bench = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", TINY_BROADCASTER_BENCH, str(tmp_path / "logs"),
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    async def publishing() -> bool:
+        return "bench.broadcaster.publisher" in " ".join(running(descendants(bench.pid)).values())
+
+    try:
+        await eventually(publishing, within=60, what="the benchmark's publisher running")
+    except BaseException:
+        bench.kill()
+        await bench.wait()
+        raise
+    started = descendants(bench.pid)
+    commands = " ".join(running(started).values())
+    for name in ("redis-server", "-m broadcaster", "loadgen.mjs", "bench.broadcaster.publisher"):
+        assert name in commands, commands
+    return bench, started
+
+
+@pytest.mark.timeout(120)
+async def test_sigterm_stops_the_broadcaster_benchmark_and_what_it_started(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM stops the benchmark as Ctrl-C does (exit code 130): the server, the load
+    generator, the publisher and Redis end with it, and Redis's temp dir is removed."""
+    bench, started = await running_broadcaster_bench(tmp_path)
+    try:
+        bench.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            assert await bench.wait() == 130
+        assert await wait_ended(started, within=5) == {}
+        assert sorted(os.listdir(tmp_path)) == ["logs"]
+    finally:
+        kill_all(started)
+
+
+@pytest.mark.timeout(120)
+async def test_a_killed_broadcaster_benchmark_takes_its_processes_with_it(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL leaves no chance to clean up, but the server, the load generator, the
+    publisher and Redis get a parent-death signal and stop."""
+    bench, started = await running_broadcaster_bench(tmp_path)
+    try:
+        bench.kill()
+        await bench.wait()
+        assert await wait_ended(started, within=10) == {}
+    finally:
+        kill_all(started)
+
+
+@pytest.mark.timeout(300)
+async def test_sigterm_stops_the_indexer_benchmark_and_what_it_started(
+    tmp_path: Path, services_tmpdir: Path
+) -> None:
+    """SIGTERM in the live phase stops the benchmark as Ctrl-C does (exit code 130): the
+    indexer, Postgres, Redis and anvil end with it and their temp dirs are removed; only the
+    indexer's log is kept, as the benchmark says."""
+    bench = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.indexer.run",
+        "--events", str(EVENTS), "--txs-per-block", "5", "--live-samples", "500",
+        "--floor-repeats", "1", "--postgres", "fast", "--out", str(tmp_path / "bench.json"),
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(services_tmpdir)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert bench.stderr is not None
+    started: dict[int, str] = {}
+    try:
+        async with asyncio.timeout(240):
+            while not (line := await bench.stderr.readline()).startswith(b"live ..."):
+                assert line, "the benchmark ended before its live phase"
+        started = descendants(bench.pid)
+        commands = " ".join(running(started).values())
+        for name in ("postgres", "redis-server", "anvil", "-m indexer"):
+            assert name in commands, commands
+        bench.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            rest = (await bench.stderr.read()).decode(errors="replace")
+            assert await bench.wait() == 130, rest
+        assert "indexer log kept at" in rest
+        assert await wait_ended(started, within=5) == {}
+        left = os.listdir(services_tmpdir)
+        assert [name for name in left if not name.startswith("kektech-indexer-")] == [], left
+    finally:
+        if bench.returncode is None:
+            bench.kill()
+            await bench.wait()
+        kill_all(started)

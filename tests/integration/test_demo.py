@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -18,7 +14,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from devnet.services import free_port
-from tests.support.processes import descendants, running
+from tests.support.processes import descendants, kill_all, running, wait_ended
 from tests.support.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,18 +81,6 @@ async def test_demo_streams_chain_events_to_a_websocket_client_and_stops_cleanly
     assert not await port_open(ws_port), "the broadcaster stopped with the demo"
 
 
-@pytest.fixture
-def services_tmpdir() -> Iterator[Path]:
-    """A TMPDIR for the demo's services, so that only their temp dirs are looked at.
-
-    Not in tmp_path: Postgres, run as an unprivileged user under root, must reach its own.
-    """
-    temp = Path(tempfile.mkdtemp(prefix="kektech-test-demo-"))
-    temp.chmod(0o711)
-    yield temp
-    shutil.rmtree(temp, ignore_errors=True)
-
-
 def entries(directory: Path) -> list[str]:
     return sorted(path.name for path in directory.iterdir())
 
@@ -120,23 +104,6 @@ async def start_whole_demo(
         assert name in commands, commands
     assert len(entries(services_tmpdir)) == 3  # Postgres, Redis, anvil
     return demo, children
-
-
-async def wait_ended(children: dict[int, str], within: float) -> dict[int, str]:
-    """Wait until none of `children` runs; returns those still running after `within` s."""
-
-    async def all_ended() -> bool:
-        return not running(children)
-
-    with contextlib.suppress(TimeoutError):
-        await eventually(all_ended, within=within, what="every process the demo started ended")
-    return running(children)
-
-
-def kill_all(children: dict[int, str]) -> None:
-    """SIGKILL what a failed test left running, so that the next test does not find it."""
-    for pid in running(children):
-        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.timeout(180)

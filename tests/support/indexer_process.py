@@ -16,7 +16,7 @@ from typing import Self
 import aiohttp
 
 from devnet.chain import Deployment
-from devnet.services import REPO_ROOT, free_port
+from devnet.services import REPO_ROOT, die_with_parent, free_port
 from shared.config_types import url_host
 
 STOP_TIMEOUT = 15.0
@@ -79,6 +79,8 @@ class IndexerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                # A killed test run or benchmark leaves no indexer behind.
+                preexec_fn=die_with_parent,
             )
 
     def __enter__(self) -> Self:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from pathlib import Path
+
+from tests.support.waiting import eventually
 
 PROC = Path("/proc")
 
@@ -55,3 +60,20 @@ def running(processes: dict[int, str]) -> dict[int, str]:
             continue
         alive[pid] = command.decode(errors="replace").strip()
     return alive
+
+
+async def wait_ended(processes: dict[int, str], *, within: float) -> dict[int, str]:
+    """Wait until none of `processes` runs; returns those still running after `within` s."""
+
+    async def all_ended() -> bool:
+        return not running(processes)
+
+    with contextlib.suppress(TimeoutError):
+        await eventually(all_ended, within=within, what="every process ended")
+    return running(processes)
+
+
+def kill_all(processes: dict[int, str]) -> None:
+    """SIGKILL those still running: what a failed test left, not for the next one to find."""
+    for pid in running(processes):
+        os.kill(pid, signal.SIGKILL)
