@@ -15,7 +15,10 @@
 //   mark    note the p99 so far (p99BeforeMarkMs), begin a second histogram (p99AfterMarkMs)
 //   report  the counters since start (latency percentiles, deliveries, gaps, duplicates)
 //   exit    close every client and exit (as it does when stdin closes)
-// It prints {"phase":"connected",...} once every client is subscribed.
+// It prints {"phase":"connected",...} once every client is subscribed or gone: `subscribed`
+// says how many were, `allConnectedMs` is null unless all of them were, and `closes` counts
+// the clients gone by reason, one each: a close code, "http <status>" (handshake refused), a
+// socket error (e.g. ECONNREFUSED), or "dropped" (closed without any of those).
 
 import { createConnection } from "node:net";
 import { randomBytes } from "node:crypto";
@@ -47,6 +50,11 @@ let duplicates = 0;
 let maxLatencyUs = 0;
 let measuring = false;
 const closes = {};
+const closed = (client, reason) => {
+  if (client.closed) return;
+  client.closed = true;
+  closes[reason] = (closes[reason] || 0) + 1;
+};
 const clients = [];
 // The generator's own stalls, over the measurement window: a latency tail they explain is
 // the generator's, not the server's.
@@ -133,8 +141,9 @@ function onData(client, chunk) {
       client.rest = Buffer.from(buf); // a copy: chunk is the shared read buffer
       return;
     }
-    if (!buf.subarray(0, 12).toString().includes(" 101")) {
-      closes.http = (closes.http || 0) + 1;
+    const status = buf.subarray(0, 12).toString().split(" ")[1];
+    if (status !== "101") {
+      closed(client, `http ${status}`);
       client.socket.destroy();
       return;
     }
@@ -162,9 +171,7 @@ function onData(client, chunk) {
     if (opcode === 1) onText(client, buf, start, end);
     else if (opcode === 9) client.socket.write(maskedFrame(10, buf.subarray(start, end)));
     else if (opcode === 8) {
-      const code = length >= 2 ? buf.readUInt16BE(start) : 1005;
-      closes[code] = (closes[code] || 0) + 1;
-      client.closed = true;
+      closed(client, String(length >= 2 ? buf.readUInt16BE(start) : 1005));
       client.socket.end(maskedFrame(8, buf.subarray(start, start + 2)));
       client.resolve();
       return;
@@ -197,10 +204,11 @@ function open(i) {
       );
     });
     client.socket = socket;
-    socket.on("error", () => {});
+    socket.on("error", (error) => {
+      client.error = error.code || "error";
+    });
     socket.on("close", () => {
-      if (!client.closed) closes.dropped = (closes.dropped || 0) + 1;
-      client.closed = true;
+      closed(client, client.error || "dropped");
       resolve();
     });
     clients.push(client);
@@ -222,8 +230,8 @@ async function connectAll() {
   return {
     phase: "connected",
     clients: clients.length,
-    open: subscribed.length,
-    allConnectedMs: now() - started,
+    subscribed: subscribed.length,
+    allConnectedMs: subscribed.length === config.clients ? now() - started : null,
     handshakeP50Ms: pick(handshakes, 0.5),
     handshakeP99Ms: pick(handshakes, 0.99),
     handshakeMaxMs: pick(handshakes, 1),

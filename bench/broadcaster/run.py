@@ -134,6 +134,11 @@ class Row:
     rate: float
     values: dict[str, Any] = field(default_factory=dict)
 
+    def fail(self, message: str) -> None:
+        """Mark the row failed: its figures do not measure the scenario as it says."""
+        error = self.values.get("error")
+        self.values["error"] = f"{error}; {message}" if error else message
+
 
 def raise_fd_limit() -> None:
     """10k clients need 10k descriptors in the generator and in the server."""
@@ -426,17 +431,25 @@ async def run_scenario(
                 gen_cpu_connect = cpu_seconds(gen.proc.pid)
                 await asyncio.sleep(1.0)  # let the connection burst settle before sizing memory
                 rss_idle = servers.rss()
+                subscribed = connected["subscribed"]
+                all_connected_ms = connected["allConnectedMs"]  # None unless all subscribed
                 row.values.update(
-                    connected=connected["open"],
-                    all_connected_s=connected["allConnectedMs"] / 1000,
+                    connected=subscribed,
+                    all_connected_s=None if all_connected_ms is None else all_connected_ms / 1000,
+                    connect_closes=connected["closes"],
                     handshake_p50_ms=connected["handshakeP50Ms"],
                     handshake_p99_ms=connected["handshakeP99Ms"],
                     connect_cpu_s=cpu_connect,
-                    connect_cpu_us=1e6 * cpu_connect / max(1, connected["open"]),
+                    connect_cpu_us=1e6 * cpu_connect / max(1, subscribed),
                     connect_gen_cpu_s=gen_cpu_connect,
                     rss_idle_mb=rss_idle / 1024,
-                    kib_per_conn=(rss_idle - rss_before) / max(1, connected["open"]),
+                    kib_per_conn=(rss_idle - rss_before) / max(1, subscribed),
                 )
+                if subscribed < scenario.clients:
+                    row.fail(
+                        f"{subscribed} of {scenario.clients} clients subscribed"
+                        f" (the others: {connected['closes']})"
+                    )
                 if scenario.rate:
                     publisher = asyncio.create_task(
                         publish(redis, scenario, warmup + duration + 0.5, tick)
@@ -498,6 +511,7 @@ COLUMNS = (
     ("scenario", "scenario", "{}"),
     ("clients", "clients", "{}"),
     ("rate", "ev/s", "{:g}"),
+    ("subscribed", "subscribed", "{}"),
     ("deliveries_per_s", "deliv/s", "{:,.0f}"),
     ("p50_ms", "p50 ms", "{:.2f}"),
     ("p99_ms", "p99 ms", "{:.2f}"),
@@ -537,6 +551,8 @@ def render(rows: list[Row]) -> str:
             "rate": row.rate,
             **row.values,
         }
+        if row.values.get("connected") is not None:
+            values["subscribed"] = f"{row.values['connected']}/{row.clients}"
         table.append(
             ["-" if values.get(key) is None else fmt.format(values[key]) for key, _, fmt in COLUMNS]
         )
@@ -572,8 +588,9 @@ async def main_async(args: argparse.Namespace, logdir: Path, options: ServerOpti
                     )
                 except (RuntimeError, TimeoutError, OSError) as exc:
                     row = Row(kind, transport, name, scenario.clients, scenario.rate)
-                    row.values["error"] = str(exc)
-                    print(f"  failed: {exc}", file=sys.stderr)
+                    row.fail(str(exc))
+                if "error" in row.values:
+                    print(f"  failed: {row.values['error']}", file=sys.stderr)
                 rows.append(row)
                 print(render([row]).splitlines()[-1], file=sys.stderr, flush=True)
     return rows
@@ -637,14 +654,14 @@ def main() -> int:
         print(f"interrupted; server logs in {logdir}", file=sys.stderr)
         return 130
     print(render(rows))
-    for row in rows:
-        if "error" in row.values:
-            print(f"{row.server}/{row.scenario}: {row.values['error']}")
+    failed = [row for row in rows if "error" in row.values]
+    for row in failed:
+        print(f"{row.server}/{row.scenario}: {row.values['error']}")
     if args.json:
         Path(args.json).write_bytes(
             orjson.dumps([row.__dict__ for row in rows], option=orjson.OPT_INDENT_2)
         )
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from bench.broadcaster.run import LoadGen, Scenario
+from bench.broadcaster.run import LoadGen, Scenario, ServerOptions, render, run_scenario
 from devnet.services import free_port
 from tests.support.processes import descendants, kill_all, running, wait_ended
 from tests.support.waiting import eventually
@@ -92,7 +92,7 @@ async def test_the_load_generator_exits_when_its_stdin_closes() -> None:
     async with subscribing_server() as url:
         gen = await LoadGen.start(url, Scenario("stdin", 5, 0))
         try:
-            assert (await gen.line())["open"] == 5
+            assert (await gen.line())["subscribed"] == 5
             assert gen.proc.stdin is not None
             gen.proc.stdin.close()
             async with asyncio.timeout(10):
@@ -215,3 +215,57 @@ async def test_sigterm_stops_the_indexer_benchmark_and_what_it_started(
             bench.kill()
             await bench.wait()
         kill_all(started)
+
+
+async def test_the_broadcaster_benchmark_counts_clients_that_never_subscribed(
+    tmp_path: Path,
+) -> None:
+    """With a server that takes 10 of 20 clients, the row says 10/20 subscribed, has no "all
+    connected" time and an error; each refused client is counted once, by its reason."""
+    rows = []
+    for limit in ("20", "10"):
+        rows.append(
+            await run_scenario(
+                "broadcaster",
+                Scenario(f"storm-{limit}", 20, 0),
+                transport="tcp",
+                duration=1,
+                warmup=0,
+                tick=0.002,
+                logdir=tmp_path,
+                options=ServerOptions(env={"WS_MAX_CONNECTIONS": limit}),
+            )
+        )
+    full, half = (row.values for row in rows)
+    assert full["connected"] == 20
+    assert full["all_connected_s"] > 0
+    assert full["connect_closes"] == {}
+    assert "error" not in full
+    assert half["connected"] == 10
+    assert half["all_connected_s"] is None
+    assert half["connect_closes"] == {"http 503": 10}
+    assert "10 of 20 clients subscribed" in half["error"]
+    table = render(rows).splitlines()
+    assert "subscribed" in table[0]
+    assert " 20/20 " in table[1]
+    assert " 10/20 " in table[2]
+
+
+def test_the_broadcaster_benchmark_exits_with_1_when_a_row_failed(tmp_path: Path) -> None:
+    """A run with a row that failed says so after the table, and its exit code is 1."""
+    script = TINY_BROADCASTER_BENCH.replace(
+        'run.Scenario("tiny", 20, 20)', 'run.Scenario("tiny", 20, 0)'
+    ).replace(
+        '"--logdir", sys.argv[1],',
+        '"--logdir", sys.argv[1], "--server-env", "WS_MAX_CONNECTIONS=10",',
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    output = done.stdout.decode()
+    assert done.returncode == 1, output + done.stderr.decode()[-3000:]
+    assert "broadcaster/tiny: 10 of 20 clients subscribed" in output
