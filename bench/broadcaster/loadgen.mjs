@@ -4,7 +4,10 @@
 // small machine, so every client does only what a client must (handshake, masked subscribe,
 // pong, walking frame headers), and only every `sampleEvery`-th client also reads the
 // publisher's send stamp ("sentAt", wall-clock ms, in the envelope args) to measure
-// publish-to-receive latency. Every client counts its events and checks their seq order.
+// publish-to-receive latency. Every client counts its events and checks their seq order: on
+// events:* seqs follow each other; on a market channel they step by the number of markets,
+// as the publisher gives event seq s to market s % markets. Deliveries are also counted per
+// seq, so that what arrived can be held against what was published (`tally`).
 // (A first version on npm's `ws` needed 55-65 % of the machine's CPU at 100k messages/s and
 // was the bottleneck of the measurement; this one needs no package at all.)
 //
@@ -14,6 +17,8 @@
 //   start   reset the counters: the measurement window begins
 //   mark    note the p99 so far (p99BeforeMarkMs), begin a second histogram (p99AfterMarkMs)
 //   report  the counters since start (latency percentiles, deliveries, gaps, duplicates)
+//   tally A B  for the events of seqs A+1..B: deliveries the clients should have had (each
+//           event's recipients, the clients that stop reading not counted), had, and missed
 //   exit    close every client and exit (as it does when stdin closes)
 // It prints {"phase":"connected",...} once every client is subscribed or gone: `subscribed`
 // says how many were, `allConnectedMs` is null unless all of them were, and `closes` counts
@@ -49,6 +54,13 @@ let gaps = 0;
 let duplicates = 0;
 let maxLatencyUs = 0;
 let measuring = false;
+// Deliveries per seq, duplicates not counted, since the clients connected (not only since
+// start: what a tally asks about may have arrived before). Grown as seqs come.
+let delivered = new Uint32Array(1 << 16);
+// Event seq s goes to market s % markets: how many reading clients follow each market.
+const step = config.mode === "markets" ? config.markets : 1;
+const readers = new Uint32Array(step);
+for (let i = config.slow || 0; i < config.clients; i++) readers[i % step]++;
 const closes = {};
 const closed = (client, reason) => {
   if (client.closed) return;
@@ -105,7 +117,10 @@ function onText(client, buf, start, end) {
   if (end - start > EVENT_HEAD.length && buf.compare(EVENT_HEAD, 0, EVENT_HEAD.length, start, start + EVENT_HEAD.length) === 0) {
     const seq = numberAfter(buf, SEQ, start, end);
     if (seq <= client.lastSeq) duplicates++;
-    else if (config.mode === "events" && client.lastSeq > 0 && seq !== client.lastSeq + 1) gaps++;
+    else {
+      if (client.lastSeq > 0 && seq !== client.lastSeq + step) gaps++;
+      if (!client.slow) countDelivery(seq);
+    }
     client.lastSeq = seq;
     if (!measuring) return;
     received++;
@@ -129,6 +144,35 @@ function onText(client, buf, start, end) {
     if (client.slow) client.socket.pause(); // stop reading: a slow consumer
     client.resolve();
   }
+}
+
+function countDelivery(seq) {
+  if (seq >= delivered.length) {
+    let size = delivered.length;
+    while (size <= seq) size *= 2;
+    const grown = new Uint32Array(size);
+    grown.set(delivered);
+    delivered = grown;
+  }
+  delivered[seq]++;
+}
+
+function tally(after, last) {
+  let expected = 0;
+  let had = 0;
+  let missing = 0;
+  let eventsShort = 0;
+  for (let seq = after + 1; seq <= last; seq++) {
+    const wanted = readers[seq % step];
+    const got = seq < delivered.length ? delivered[seq] : 0;
+    expected += wanted;
+    had += got;
+    if (got < wanted) {
+      missing += wanted - got;
+      eventsShort++;
+    }
+  }
+  return { phase: "tally", events: Math.max(0, last - after), expected, delivered: had, missing, eventsShort };
 }
 
 function onData(client, chunk) {
@@ -302,6 +346,9 @@ commands.on("line", (line) => {
     process.stdout.write(JSON.stringify({ phase: "marked" }) + "\n");
   } else if (command === "report") {
     process.stdout.write(JSON.stringify(report()) + "\n");
+  } else if (command.startsWith("tally ")) {
+    const [after, last] = command.split(" ").slice(1).map(Number);
+    process.stdout.write(JSON.stringify(tally(after, last)) + "\n");
   } else if (command === "exit") {
     exit();
   }

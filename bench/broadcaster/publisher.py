@@ -3,7 +3,8 @@
 Writes exactly what the indexer writes (entry ID `<seq>-0`; fields seq, channels, event; one
 MULTI/EXEC per batch), with the wall-clock send time in ms in the envelope args as `sentAt`,
 so the load generator can measure publish-to-receive latency. Events rotate over --markets
-market addresses (0x00..01, 0x00..02, ...), the ones the load generator subscribes to.
+market addresses (0x00..01, 0x00..02, ...), the ones the load generator subscribes to: event
+seq s goes to market_address(s % markets).
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ BLOCK = "0x" + "cd" * 32
 
 def market_address(i: int) -> str:
     return "0x" + format(i + 1, "040x")
+
+
+async def last_seq(client: aioredis.Redis, key: str) -> int:
+    """The seq of the newest entry ever added to the stream (0 before the first)."""
+    if not await client.exists(key):
+        return 0
+    info = await client.xinfo_stream(key)
+    return int(info["last-generated-id"].split(b"-")[0])
 
 
 def template(pad: int) -> dict[str, Any]:
@@ -78,8 +87,7 @@ async def publish(
     """Publish rate events per second for duration seconds; return how many."""
     client = aioredis.Redis.from_url(url)
     base = template(pad)
-    info = await client.xinfo_stream(key) if await client.exists(key) else None
-    seq = int(info["last-generated-id"].split(b"-")[0]) if info else 0
+    seq = await last_seq(client, key)
     published = 0
     started = time.monotonic()
     try:

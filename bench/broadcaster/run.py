@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import redis.asyncio as aioredis
 
+from bench.broadcaster.publisher import last_seq
 from devnet.services import (
     REPO_ROOT,
     Redis,
@@ -43,6 +45,10 @@ from devnet.services import (
 LOADGEN = Path(__file__).with_name("loadgen.mjs")
 STREAM_KEY = "bench:events"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# After the window, how long deliveries may still come in (a server behind drains its
+# backlog), and how long without a new one ends the wait early.
+SETTLE_TIMEOUT = 30.0
+SETTLE_QUIET = 3.0
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
@@ -383,6 +389,23 @@ async def publish(redis: Redis, scenario: Scenario, duration: float, tick: float
     return int(orjson.loads(out.splitlines()[-1])["published"])
 
 
+async def settle_deliveries(gen: LoadGen, after: int, last: int) -> dict[str, Any]:
+    """The generator's tally of the events of seqs after+1..last, once all have arrived or
+    deliveries stopped coming (none for SETTLE_QUIET s; at most SETTLE_TIMEOUT s); "waited"
+    is how long that took."""
+    started = quiet_since = time.monotonic()
+    tally = await gen.command(f"tally {after} {last}")
+    while tally["missing"] and time.monotonic() - started < SETTLE_TIMEOUT:
+        await asyncio.sleep(0.1)
+        previous = tally["delivered"]
+        tally = await gen.command(f"tally {after} {last}")
+        if tally["delivered"] != previous:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= SETTLE_QUIET:
+            break
+    return {**tally, "waited": time.monotonic() - started}
+
+
 async def watch_cut_off(servers: Servers, gen: LoadGen, duration: float, row: Row) -> None:
     """Wait out the window, noting when the server cut the slow client off (4008).
 
@@ -451,58 +474,105 @@ async def run_scenario(
                         f" (the others: {connected['closes']})"
                     )
                 if scenario.rate:
-                    publisher = asyncio.create_task(
-                        publish(redis, scenario, warmup + duration + 0.5, tick)
+                    await measure_deliveries(
+                        kind,
+                        scenario,
+                        servers=servers,
+                        redis=redis,
+                        gen=gen,
+                        row=row,
+                        duration=duration,
+                        warmup=warmup,
+                        tick=tick,
                     )
-                    await asyncio.sleep(warmup)
-                    await gen.command("start")
-                    server_cpu = servers.cpu()
-                    gen_cpu = cpu_seconds(gen.proc.pid)
-                    redis_cpu = cpu_seconds(redis.pid or 0)
-                    machine_cpu = machine_busy_seconds()
-                    if scenario.slow and kind == "broadcaster":
-                        await watch_cut_off(servers, gen, duration, row)
-                    else:
-                        await asyncio.sleep(duration)
-                    report = await gen.command("report")
-                    server_cpu = servers.cpu() - server_cpu
-                    gen_cpu = cpu_seconds(gen.proc.pid) - gen_cpu
-                    redis_cpu = cpu_seconds(redis.pid or 0) - redis_cpu
-                    machine_cpu = machine_busy_seconds() - machine_cpu
-                    await publisher
-                    deliveries = report["received"]
-                    row.values.update(
-                        deliveries_per_s=deliveries / duration,
-                        p50_ms=report["p50Ms"],
-                        p99_ms=report["p99Ms"],
-                        max_ms=report["maxMs"],
-                        p99_before_cut_ms=report["p99BeforeMarkMs"],
-                        p99_after_cut_ms=report["p99AfterMarkMs"],
-                        server_cpu_pct=100 * server_cpu / duration,
-                        us_per_delivery=1e6 * server_cpu / deliveries if deliveries else None,
-                        us_per_event=1e6 * server_cpu / (scenario.rate * duration),
-                        gen_cpu_pct=100 * gen_cpu / duration,
-                        redis_cpu_pct=100 * redis_cpu / duration,
-                        # All processes, of 200 % on 2 CPUs: what exceeds server + generator +
-                        # Redis + publisher (~5-10 %) is someone else's load during the window.
-                        machine_cpu_pct=100 * machine_cpu / duration,
-                        gaps=report["gaps"],
-                        duplicates=report["duplicates"],
-                        closes=report["closes"],
-                        still_open=report["open"],
-                        gen_loop_delay_p99_ms=report["genLoopDelayP99Ms"],
-                        gen_loop_delay_max_ms=report["genLoopDelayMaxMs"],
-                        gen_gc_max_ms=report["genGcMaxMs"],
-                        gen_gc_total_ms=report["genGcTotalMs"],
-                    )
-                    if kind == "broadcaster":
-                        with contextlib.suppress(OSError):
-                            row.values["slow_closes"] = int(
-                                servers.metric("kektech_broadcaster_slow_consumer_closes_total")
-                            )
             finally:
                 await gen.stop()
     return row
+
+
+async def measure_deliveries(
+    kind: str,
+    scenario: Scenario,
+    *,
+    servers: Servers,
+    redis: Redis,
+    gen: LoadGen,
+    row: Row,
+    duration: float,
+    warmup: float,
+    tick: float,
+) -> None:
+    """Publish, measure a window of `duration` s, then hold what arrived against what was
+    published in the window: every event must have reached each of its recipients."""
+    publisher = asyncio.create_task(
+        publish(redis, scenario, warmup + duration + 0.5, tick), name="publish"
+    )
+    try:
+        async with aioredis.Redis.from_url(redis.url) as stream:
+            await asyncio.sleep(warmup)
+            await gen.command("start")
+            window_after = await last_seq(stream, STREAM_KEY)  # the window's events come after
+            server_cpu = servers.cpu()
+            gen_cpu = cpu_seconds(gen.proc.pid)
+            redis_cpu = cpu_seconds(redis.pid or 0)
+            machine_cpu = machine_busy_seconds()
+            if scenario.slow and kind == "broadcaster":
+                await watch_cut_off(servers, gen, duration, row)
+            else:
+                await asyncio.sleep(duration)
+            report = await gen.command("report")
+            server_cpu = servers.cpu() - server_cpu
+            gen_cpu = cpu_seconds(gen.proc.pid) - gen_cpu
+            redis_cpu = cpu_seconds(redis.pid or 0) - redis_cpu
+            machine_cpu = machine_busy_seconds() - machine_cpu
+            window_last = await last_seq(stream, STREAM_KEY)
+        published = await publisher
+    finally:
+        if not publisher.done():  # the window failed: the publisher's process goes too
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
+    tally = await settle_deliveries(gen, window_after, window_last)
+    deliveries = report["received"]
+    row.values.update(
+        deliveries_per_s=deliveries / duration,
+        p50_ms=report["p50Ms"],
+        p99_ms=report["p99Ms"],
+        max_ms=report["maxMs"],
+        p99_before_cut_ms=report["p99BeforeMarkMs"],
+        p99_after_cut_ms=report["p99AfterMarkMs"],
+        server_cpu_pct=100 * server_cpu / duration,
+        us_per_delivery=1e6 * server_cpu / deliveries if deliveries else None,
+        us_per_event=1e6 * server_cpu / (scenario.rate * duration),
+        gen_cpu_pct=100 * gen_cpu / duration,
+        redis_cpu_pct=100 * redis_cpu / duration,
+        # All processes, of 200 % on 2 CPUs: what exceeds server + generator +
+        # Redis + publisher (~5-10 %) is someone else's load during the window.
+        machine_cpu_pct=100 * machine_cpu / duration,
+        published=published,
+        window_events=tally["events"],
+        expected_deliveries=tally["expected"],
+        missing_deliveries=tally["missing"],
+        gaps=report["gaps"],
+        duplicates=report["duplicates"],
+        closes=report["closes"],
+        still_open=report["open"],
+        gen_loop_delay_p99_ms=report["genLoopDelayP99Ms"],
+        gen_loop_delay_max_ms=report["genLoopDelayMaxMs"],
+        gen_gc_max_ms=report["genGcMaxMs"],
+        gen_gc_total_ms=report["genGcTotalMs"],
+    )
+    if tally["missing"]:
+        row.fail(
+            f"{tally['missing']:,} of the {tally['expected']:,} deliveries of the"
+            f" {tally['events']:,} events published in the window had not arrived"
+            f" {tally['waited']:.1f} s after it ({tally['eventsShort']:,} events short)"
+        )
+    if kind == "broadcaster":
+        with contextlib.suppress(OSError):
+            row.values["slow_closes"] = int(
+                servers.metric("kektech_broadcaster_slow_consumer_closes_total")
+            )
 
 
 COLUMNS = (
@@ -534,6 +604,7 @@ COLUMNS = (
     ("p99_before_cut_ms", "p99 before cut", "{:.2f}"),
     ("p99_after_cut_ms", "p99 after cut", "{:.2f}"),
     ("slow_closes", "4008s", "{}"),
+    ("missing_deliveries", "missing", "{:,}"),
     ("gaps", "gaps", "{}"),
     ("duplicates", "dups", "{}"),
     ("closes", "closes", "{}"),

@@ -19,6 +19,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from bench.broadcaster.publisher import market_address
 from bench.broadcaster.run import LoadGen, Scenario, ServerOptions, render, run_scenario
 from devnet.services import free_port
 from tests.support.processes import descendants, kill_all, running, wait_ended
@@ -269,3 +270,92 @@ def test_the_broadcaster_benchmark_exits_with_1_when_a_row_failed(tmp_path: Path
     output = done.stdout.decode()
     assert done.returncode == 1, output + done.stderr.decode()[-3000:]
     assert "broadcaster/tiny: 10 of 20 clients subscribed" in output
+
+
+@contextlib.asynccontextmanager
+async def event_server(
+    seqs: range, lost: set[int], go: asyncio.Event, *, markets: int
+) -> AsyncIterator[str]:
+    """A WebSocket server that, once `go` is set, sends each subscriber the events of `seqs`
+    its channel gets (event seq s is for market s % markets, as the publisher assigns them),
+    except those in `lost`; its URL."""
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            channel = json.loads(await ws.recv())["channel"]
+            await ws.send(json.dumps({"type": "subscribed", "channel": channel}))
+            await go.wait()
+            for seq in seqs:
+                wanted = channel in ("events:*", f"market:{market_address(seq % markets)}")
+                if wanted and seq not in lost:
+                    data = {"seq": seq, "args": {"sentAt": "0"}}
+                    event = {"type": "event", "seq": seq, "data": data}
+                    await ws.send(json.dumps(event, separators=(",", ":")))
+            await ws.wait_closed()
+
+    port = free_port()
+    async with serve(handler, "127.0.0.1", port):
+        yield f"ws://127.0.0.1:{port}/ws"
+
+
+@pytest.mark.parametrize("mode", ["events", "markets"])
+async def test_the_load_generator_counts_gaps_and_missing_deliveries(mode: str) -> None:
+    """Each client checks that its seqs follow each other (by 1 on events:*, by the number
+    of markets on a market channel) and the generator tells, for a range of seqs, how many
+    deliveries its clients should have had and how many never came."""
+    markets, clients = 3, 6
+    # Recipients of each event: every client on events:*, or the 2 on its market.
+    recipients = clients if mode == "events" else clients // markets
+    go = asyncio.Event()
+    async with event_server(range(1, 31), {10, 11, 12}, go, markets=markets) as url:
+        gen = await LoadGen.start(url, Scenario("gaps", clients, 30, mode=mode, markets=markets))
+        try:
+            assert (await gen.line())["subscribed"] == clients
+            await gen.command("start")
+            go.set()
+
+            async def all_in() -> bool:
+                report = await gen.command("report")
+                return bool(report["received"] == 27 * recipients)
+
+            await eventually(all_in, within=10, what="every event sent received")
+            report = await gen.command("report")
+            tally = await gen.command("tally 0 30")
+        finally:
+            await gen.stop()
+    # Each client misses 3 events in a row (events:*) or one (a market's): one gap each.
+    assert (report["gaps"], report["duplicates"]) == (clients, 0)
+    assert tally["expected"] == 30 * recipients
+    assert tally["delivered"] == 27 * recipients
+    assert tally["missing"] == 3 * recipients
+    assert tally["eventsShort"] == 3
+
+
+async def test_the_broadcaster_benchmark_compares_deliveries_with_what_was_published(
+    tmp_path: Path,
+) -> None:
+    """Deliveries are checked against every event published in the window times its
+    recipients: all arrive from the broadcaster; with half the clients refused, the
+    shortfall fails the row."""
+    rows = []
+    for limit in ("20", "10"):
+        rows.append(
+            await run_scenario(
+                "broadcaster",
+                Scenario(f"markets-{limit}", 20, 50, mode="markets", markets=5),
+                transport="tcp",
+                duration=1,
+                warmup=0.5,
+                tick=0.002,
+                logdir=tmp_path,
+                options=ServerOptions(env={"WS_MAX_CONNECTIONS": limit}),
+            )
+        )
+    full, half = (row.values for row in rows)
+    assert "error" not in full, full["error"]
+    assert full["published"] > full["window_events"] > 0
+    assert full["expected_deliveries"] == 4 * full["window_events"]  # 20 clients, 5 markets
+    assert (full["missing_deliveries"], full["gaps"], full["duplicates"]) == (0, 0, 0)
+    assert half["missing_deliveries"] > 0
+    assert "deliveries of the" in half["error"]
+    assert "had not arrived" in half["error"]
