@@ -69,6 +69,10 @@ class Live:
     messages: int  # Pub/Sub messages received on events:*
     settle_seconds: float | None  # what settle_writes took before the samples; None: skipped
 
+    def missing_text(self) -> str:
+        samples = len(self.latencies_ms) + self.missing
+        return f"{self.missing} of {samples} blocks never published"
+
     def summary(self) -> dict[str, float]:
         values = sorted(self.latencies_ms)
         if len(values) < 2:
@@ -154,6 +158,7 @@ async def measure_live(
                 mined[chain.mined_block] = chain.mined_at
                 await asyncio.sleep(rng.uniform(MIN_GAP, MAX_GAP))
             arrivals.expect(set(mined))
+            # Blocks still missing then are counted (`missing`), and fail the live goals.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SETTLE_TIMEOUT):
                     await arrivals.complete.wait()
