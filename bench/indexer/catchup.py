@@ -142,7 +142,11 @@ async def measure_catch_up(
     services: dict[str, int],
     profiler: PySpy | None = None,
 ) -> CatchUp:
-    """Spawn the indexer and wait until every block is stored and every event published."""
+    """Spawn the indexer and wait until every block is stored and every event published.
+
+    `head`: the last block the indexer is to take, i.e. the chain's head minus the
+    indexer's CONFIRMATIONS (it never goes further).
+    """
     timeline: list[tuple[float, int | None, int, int]] = []
     startup = cursor_done = None
     startup_cpu = 0.0

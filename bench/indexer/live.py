@@ -68,6 +68,9 @@ class Live:
     txs_per_block: int
     messages: int  # Pub/Sub messages received on events:*
     settle_seconds: float | None  # what settle_writes took before the samples; None: skipped
+    # The indexer's CONFIRMATIONS: a block's latency runs from the mining of the block that
+    # many above it, the one that lets the indexer take it.
+    confirmations: int = 0
 
     def missing_text(self) -> str:
         samples = len(self.latencies_ms) + self.missing
@@ -141,8 +144,14 @@ async def measure_live(
     txs_per_block: int,
     seed: int,
     settle_seconds: float | None,
+    confirmations: int = 0,
 ) -> Live:
-    """Mine `samples` blocks of `txs_per_block` transactions and time their publication."""
+    """Mine `samples` blocks of `txs_per_block` transactions and time their publication.
+
+    An indexer with `confirmations` N publishes a block once N more follow it: N more blocks
+    are mined after the samples, and each sample is timed from the mining of the block N
+    above it, as the poll that can take it comes after that.
+    """
     rng = random.Random(seed)
     arrivals = _Arrivals()
     mined: dict[int, float] = {}
@@ -153,11 +162,12 @@ async def measure_live(
         await pubsub.psubscribe(PATTERN)
         async with asyncio.TaskGroup() as tasks:
             listener = tasks.create_task(_listen(pubsub, arrivals), name="listen-pubsub")
-            for _ in range(samples):
+            for _ in range(samples + confirmations):
                 await driver.run(blocks=1)
                 mined[chain.mined_block] = chain.mined_at
                 await asyncio.sleep(rng.uniform(MIN_GAP, MAX_GAP))
-            arrivals.expect(set(mined))
+            sampled = sorted(mined)[:samples]
+            arrivals.expect(set(sampled))
             # Blocks still missing then are counted (`missing`), and fail the live goals.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SETTLE_TIMEOUT):
@@ -167,11 +177,12 @@ async def measure_live(
     finally:
         await client.aclose()
     first = arrivals.first
-    latencies = [(first[b] - t) * 1000 for b, t in mined.items() if b in first]
+    latencies = [(first[b] - mined[b + confirmations]) * 1000 for b in sampled if b in first]
     return Live(
         latencies_ms=latencies,
-        missing=len(mined) - len(latencies),
+        missing=len(sampled) - len(latencies),
         txs_per_block=txs_per_block,
         messages=arrivals.messages,
         settle_seconds=settle_seconds,
+        confirmations=confirmations,
     )

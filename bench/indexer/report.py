@@ -168,6 +168,11 @@ def render(result: Result) -> str:
         f"poll {result.config['poll_interval']} s, "
         + (f"{result.live.missing_text()}, " if result.live.missing else "none missing, ")
         + (
+            f"each timed from the block {result.live.confirmations} above it (CONFIRMATIONS), "
+            if result.live.confirmations
+            else ""
+        )
+        + (
             f"RPC answering {result.config['live_rpc_latency']} s late, "
             if result.config.get("live_rpc_latency")
             else ""

@@ -202,6 +202,11 @@ async def bench(args: argparse.Namespace, local: LocalServices) -> Result:
         )
         # Exactly the indexer's settings (model_validate reads neither os.environ nor .env).
         settings = IndexerSettings.model_validate(env)
+        if settings.confirmations:
+            # The indexer stays CONFIRMATIONS blocks behind the head: empty blocks on top let
+            # it index the whole generated chain, which is what the floor fetches and what
+            # the catch-up waits for (`head` stays the last generated block).
+            await chain.mine_empty(settings.confirmations)
         print("fetch-only floor ...", file=sys.stderr, flush=True)
         floor = await measure_floor(settings, head=head, repeats=args.floor_repeats)
 
@@ -245,6 +250,7 @@ async def bench(args: argparse.Namespace, local: LocalServices) -> Result:
                 txs_per_block=args.live_txs_per_block,
                 seed=args.seed,
                 settle_seconds=settled,
+                confirmations=settings.confirmations,
             )
             assert indexer.proc is not None
             memory = read_memory(indexer.proc.pid)

@@ -31,14 +31,17 @@ LIVE_SAMPLES = 3
 
 
 @pytest.mark.timeout(300)
-def test_indexer_benchmark_runs_on_a_small_chain(tmp_path: Path) -> None:
-    """Every phase runs on real services; its counts agree with the chain it generated."""
+@pytest.mark.parametrize("confirmations", [0, 2])
+def test_indexer_benchmark_runs_on_a_small_chain(tmp_path: Path, confirmations: int) -> None:
+    """Every phase runs on real services; its counts agree with the chain it generated.
+    With CONFIRMATIONS=2 (an indexer that stays 2 blocks behind the head) as well."""
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [
             sys.executable, "-m", "bench.indexer.run",
             "--events", str(EVENTS), "--txs-per-block", "5", "--live-samples", str(LIVE_SAMPLES),
             "--floor-repeats", "1", "--postgres", "fast", "--out", str(out),
+            "--indexer-env", f"CONFIRMATIONS={confirmations}",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -61,6 +64,7 @@ def test_indexer_benchmark_runs_on_a_small_chain(tmp_path: Path) -> None:
     assert seconds == pytest.approx(catch_up["seconds"], abs=1e-3)
 
     assert live["missing"] == 0
+    assert live["confirmations"] == confirmations
     assert len(live["latencies_ms"]) == LIVE_SAMPLES
     assert all(latency > 0 for latency in live["latencies_ms"])
     assert live["settle_seconds"] is not None
