@@ -1,8 +1,12 @@
 """The fetch-only floor: the logs and headers the indexer needs, fetched with its own RPC layer.
 
-Nothing is decoded, stored or published, so this is the least time any indexer built on this
-RPC layer can take for the chain. It is measured with the indexer's own settings (range sizer,
-address chunking, timeout, batching), built from the same environment the indexer gets.
+Nothing is decoded, stored or published. It is measured with the indexer's own settings
+(range sizer, address chunking, timeout, batching), built from the same environment the
+indexer gets, but not in the indexer's requests: the markets are found before the timed
+passes, and a pass fetches each address chunk over the whole chain in ranges as long as the
+sizer allows, where the indexer asks range by range of about BATCH_EVENTS events (plus a
+request for the markets created in each) and the last REORG_WINDOW blocks block by block by
+hash. See bench/README.md, step 2.
 """
 
 from __future__ import annotations

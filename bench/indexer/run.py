@@ -2,7 +2,8 @@
 
 On fresh local services (Postgres with fsync on, as in production; Redis; anvil), generate a
 chain of at least --events KEKTECH events, then measure:
-1. the fetch-only floor: the same logs and headers through the indexer's RPC layer alone;
+1. the fetch-only floor: the same logs and headers through the indexer's RPC layer alone, in
+   fewer and larger requests than the indexer makes (bench/README.md, step 2);
 2. catch-up: a real `python -m indexer` on an empty database until all is stored and published;
 3. live latency: blocks mined one by one, from `evm_mine` to the first Pub/Sub message;
 4. the indexer's RSS after catch-up and after the live phase.
