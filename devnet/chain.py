@@ -183,7 +183,10 @@ class Deployment:
 
 
 async def deploy(chain: DevChain) -> Deployment:
-    """Deploy templates, resolution manager, reward distributor and two factories in one block."""
+    """Deploy templates, resolution manager, reward distributor and two factories, in two blocks.
+
+    `Deployment.block` is the first of them.
+    """
     admin = chain.accounts[0]
 
     async def create(name: str, *args: Any) -> str:

@@ -4,10 +4,11 @@ For each scenario: a fresh Redis (devnet.services.Redis), the server under test 
 subprocess (`python -m broadcaster`, or the naive websockets.broadcast() baseline), the Node
 load generator (bench/broadcaster/loadgen.mjs, on node:net) opening N clients, and the
 publisher (bench/broadcaster/publisher.py) writing stamped events at a rate. Measured:
-publish-to-receive latency p50/p99 over every delivery in the window, server CPU per
-delivery (/proc utime+stime), server RSS per idle connection, handshake times, and the CPU,
-event-loop delay and longest GC pause of the generator itself (it shares the 2 cores with
-the server). Prints a table; --json writes the rows.
+publish-to-receive latency p50/p99 over the deliveries in the window to every
+(clients/100)-th client (every delivery is counted and checked), server CPU per delivery
+(/proc utime+stime), server RSS per idle connection, handshake times, and the CPU, event-loop
+delay and longest GC pause of the generator itself (it shares the 2 cores with the server).
+Prints a table; --json writes the rows.
 
     python -m bench.broadcaster.run                      # every scenario, both servers
     python -m bench.broadcaster.run --server broadcaster --scenario fanout-1k
