@@ -2,8 +2,23 @@
 # /usr/local/bin/kektech (deploy/provision.sh installs it): the operations CLI (`kektech
 # doctor`, `kektech check`) as the kektech user, in the checkout, whose .env it reads.
 set -eu
-cd /opt/kektech
-if [ "$(id -un)" = kektech ]; then
+APP_USER=kektech
+APP_HOME=/home/kektech
+APP_DIR=/opt/kektech
+cd "$APP_DIR"
+if [ "$(id -un)" = "$APP_USER" ]; then
     exec .venv/bin/kektech "$@"
 fi
-exec sudo -u kektech -H .venv/bin/kektech "$@"
+# Anyone else gets the app user's environment, not the caller's: the CLI reads its settings
+# from .env. Root needs no sudo (a minimal Debian has none): runuser comes with util-linux.
+if [ "$(id -u)" -eq 0 ]; then
+    exec runuser -u "$APP_USER" -- env -i HOME="$APP_HOME" USER="$APP_USER" \
+        LOGNAME="$APP_USER" LANG="${LANG:-C.UTF-8}" \
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        .venv/bin/kektech "$@"
+fi
+if ! command -v sudo >/dev/null 2>&1; then
+    echo "kektech: run this as root or $APP_USER (there is no sudo to switch to $APP_USER)" >&2
+    exit 1
+fi
+exec sudo -u "$APP_USER" -H .venv/bin/kektech "$@"

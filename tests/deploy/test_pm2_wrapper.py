@@ -7,8 +7,7 @@ import os
 import pwd
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,15 +70,6 @@ class Wrapper:
         return subprocess.run(
             argv, env=env, capture_output=True, text=True, timeout=60, check=False
         )
-
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    """A directory every user can reach (pytest's tmp_path is root's alone)."""
-    path = Path(tempfile.mkdtemp(prefix="kektech-pm2-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
 
 
 def wrapper_for(base: Path, app_user: str) -> Wrapper:

@@ -1,0 +1,75 @@
+"""deploy/bin/kektech.sh, the `kektech` of the VPS, on a copy whose app user, checkout and home
+are the test's and whose CLI is a fake that prints who runs it, where, its arguments and its
+environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from devnet.services import REPO_ROOT
+
+FAKE_CLI = """#!/bin/sh
+id -un
+pwd
+printf '%s\\n' "$@"
+printf -- '--\\n'
+exec env -0
+"""
+# As if the machine had none (a minimal Debian), whether or not this one has.
+NO_SUDO = """#!/bin/sh
+echo "sudo: not installed" >&2
+exit 127
+"""
+ARGS = ["check", "--verbose"]
+
+
+def wrapper_for(base: Path, app_user: str) -> Path:
+    """deploy/bin/kektech.sh with `app_user` as the app user and its checkout and home in
+    `base`."""
+    checkout, home = base / "opt", base / "home"
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+    home.mkdir()
+    fake = checkout / ".venv" / "bin" / "kektech"
+    fake.write_text(FAKE_CLI)
+    fake.chmod(0o755)
+    text = (REPO_ROOT / "deploy" / "bin" / "kektech.sh").read_text()
+    for line, ours in (
+        ("APP_USER=kektech", f"APP_USER={app_user}"),
+        ("APP_HOME=/home/kektech", f"APP_HOME={home}"),
+        ("APP_DIR=/opt/kektech", f"APP_DIR={checkout}"),
+    ):
+        assert f"\n{line}\n" in text, line
+        text = text.replace(f"\n{line}\n", f"\n{ours}\n")
+    path = base / "kektech"
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def test_run_by_root_without_sudo_it_runs_the_cli_as_the_app_user(base: Path) -> None:
+    """Root (as the VPS is administered, and a minimal Debian has no sudo) gets the CLI run
+    as the app user in the checkout, with the app user's environment, not root's."""
+    if os.geteuid() != 0:
+        pytest.skip("only root switches users without sudo")  # CI runs as root
+    wrapper = wrapper_for(base, "nobody")
+    shims = base / "bin"
+    shims.mkdir()
+    (shims / "sudo").write_text(NO_SUDO)
+    (shims / "sudo").chmod(0o755)
+    path = f"{shims}:/usr/sbin:/usr/bin:/sbin:/bin"
+    env = {"PATH": path, "ROOT_ONLY_TOKEN": "root-secret-0123", "DATABASE_URL": "postgresql://x"}
+    result = subprocess.run(
+        [str(wrapper), *ARGS], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    head, _, environment = result.stdout.partition("\n--\n")
+    user, cwd, *args = head.split("\n")
+    got = dict(entry.split("=", 1) for entry in environment.split("\0") if entry)
+    assert (user, cwd, args) == ("nobody", str(base / "opt"), ARGS)
+    assert (got["HOME"], got["USER"]) == (str(base / "home"), "nobody")
+    assert "ROOT_ONLY_TOKEN" not in got
+    assert "DATABASE_URL" not in got
