@@ -1,6 +1,6 @@
 """Helpers for broadcaster tests: an event producer that writes the stream exactly as the
-indexer does, readers of the stream's entries, a WebSocket test client, and an in-process
-broadcaster on free ports."""
+indexer does, readers of the stream's entries, WebSocket test clients, and a broadcaster on
+free ports, in-process or as a process of its own."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import contextlib
 import os
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,7 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from broadcaster.service import run
-from devnet.services import free_port
+from devnet.services import REPO_ROOT, Redis, free_port
 from shared.channels import channels_for
 from shared.config_types import url_host
 from shared.envelope import ContractKind, EventEnvelope, normalize_timestamp
@@ -382,6 +385,67 @@ async def running(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@dataclass
+class BroadcasterProcess:
+    """A `python -m broadcaster` of a test's own: its process, WebSocket URL and log file."""
+
+    proc: asyncio.subprocess.Process
+    url: str
+    log_path: Path
+
+
+@contextlib.asynccontextmanager
+async def broadcaster_process(
+    redis_server: Redis,
+    stream_key: str,
+    tmp_path: Path,
+    preexec_fn: Callable[[], None] | None = None,
+    **settings: str,
+) -> AsyncIterator[BroadcasterProcess]:
+    """Start the broadcaster as PM2 would (JSON logs; `settings` override), wait until
+    /healthz answers 200, and kill it after the block if it is still running."""
+    port, ops = free_port(), free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "REDIS_URL": redis_server.url,
+        "REDIS_STREAM_KEY": stream_key,
+        "WS_PORT": str(port),
+        "BROADCASTER_HTTP_PORT": str(ops),
+        "LOG_FORMAT": "json",
+        **settings,
+    }
+    log_path = tmp_path / "broadcaster.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "broadcaster",
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
+        )
+    try:
+        async with asyncio.timeout(15):
+            while True:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with (
+                        aiohttp.ClientSession() as session,
+                        session.get(f"http://127.0.0.1:{ops}/healthz") as resp,
+                    ):
+                        if resp.status == 200:
+                            break
+                assert proc.returncode is None, log_path.read_text()
+                await asyncio.sleep(0.05)
+        yield BroadcasterProcess(proc, f"ws://127.0.0.1:{port}/ws", log_path)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 def client_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:

@@ -5,19 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
 import resource
 import signal
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -26,13 +21,14 @@ from websockets.server import ServerProtocol
 from broadcaster import stream
 from broadcaster.connection import Connection
 from broadcaster.session import Session
-from devnet.services import REPO_ROOT, Redis, free_port
+from devnet.services import Redis
 from tests.broadcaster.support import (
     WITHIN,
     EventProducer,
     RawClient,
     Running,
     WsClient,
+    broadcaster_process,
     client_frame,
     envelope,
     ws_client,
@@ -661,67 +657,6 @@ async def test_a_client_without_subscriptions_follows_a_recreated_stream(
         await client.subscribe("events:*")
         await producer.publish(count=2)
         assert [e["seq"] for e in await client.events(2)] == [3, 4]
-
-
-@dataclass
-class BroadcasterProcess:
-    """A `python -m broadcaster` of a test's own: its process, WebSocket URL and log file."""
-
-    proc: asyncio.subprocess.Process
-    url: str
-    log_path: Path
-
-
-@contextlib.asynccontextmanager
-async def broadcaster_process(
-    redis_server: Redis,
-    stream_key: str,
-    tmp_path: Path,
-    preexec_fn: Callable[[], None] | None = None,
-    **settings: str,
-) -> AsyncIterator[BroadcasterProcess]:
-    """Start the broadcaster as PM2 would (JSON logs; `settings` override), wait until
-    /healthz answers 200, and kill it after the block if it is still running."""
-    port, ops = free_port(), free_port()
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "REDIS_URL": redis_server.url,
-        "REDIS_STREAM_KEY": stream_key,
-        "WS_PORT": str(port),
-        "BROADCASTER_HTTP_PORT": str(ops),
-        "LOG_FORMAT": "json",
-        **settings,
-    }
-    log_path = tmp_path / "broadcaster.log"
-    with log_path.open("wb") as log:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "broadcaster",
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=preexec_fn,
-        )
-    try:
-        async with asyncio.timeout(15):
-            while True:
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with (
-                        aiohttp.ClientSession() as session,
-                        session.get(f"http://127.0.0.1:{ops}/healthz") as resp,
-                    ):
-                        if resp.status == 200:
-                            break
-                assert proc.returncode is None, log_path.read_text()
-                await asyncio.sleep(0.05)
-        yield BroadcasterProcess(proc, f"ws://127.0.0.1:{port}/ws", log_path)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
