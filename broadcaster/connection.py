@@ -63,8 +63,9 @@ class Conversation(Protocol):
         CloseConnection."""
         ...
 
-    def pinged(self) -> None:
-        """Count a ping frame the protocol answered; raise CloseConnection for a flood."""
+    def charge(self, kind: str) -> None:
+        """Count a frame that is not a whole message (kind: "ping", "pong", "fragment");
+        raise CloseConnection for a flood."""
         ...
 
 
@@ -422,38 +423,46 @@ class Connection(asyncio.Protocol):
     # Frames and messages
 
     def _frame(self, frame: Frame) -> None:
+        """Hand a message to the conversation, and charge it for every other frame but the
+        answer to our ping and the close: parsing a frame costs about as much as answering
+        a small message, so a flood of any kind of frame is a flood of messages."""
         opcode = frame.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             if frame.fin:
                 self._message(frame.opcode, bytes(frame.data))
-            else:
-                self._fragments = [frame]
+                return
+            self._fragments = [frame]
+            self._charge("fragment")
         elif opcode is Opcode.CONT:
             fragments = self._fragments
             if fragments is None:  # the protocol refuses this already; never reached
                 return
             fragments.append(frame)
-            if len(fragments) >= MAX_FRAGMENTS and not frame.fin:
-                self._fragments = None
-                self._fail(CloseCode.MESSAGE_TOO_BIG, f"more than {MAX_FRAGMENTS} frames")
-                return
             if frame.fin:
                 self._fragments = None
                 self._message(fragments[0].opcode, b"".join(bytes(f.data) for f in fragments))
-        elif opcode is Opcode.PING:
-            self._pinged()
-        elif opcode is Opcode.PONG and frame.data == self._ping_payload:
+            elif len(fragments) >= MAX_FRAGMENTS:
+                self._fragments = None
+                self._fail(CloseCode.MESSAGE_TOO_BIG, f"more than {MAX_FRAGMENTS} frames")
+            else:
+                self._charge("fragment")
+        elif opcode is Opcode.PING:  # answered by the protocol itself (flushed above)
+            self._charge("ping")
+        elif opcode is Opcode.PONG:
+            if frame.data != self._ping_payload:
+                self._charge("pong")
+                return
             self._ping_payload = None
             if self._ping_timer is not None:
                 self._ping_timer.cancel()
             self._schedule_ping()
-        # PING is answered and CLOSE echoed by the protocol itself (flushed above).
+        # CLOSE is echoed by the protocol itself (flushed above).
 
-    def _pinged(self) -> None:
+    def _charge(self, kind: str) -> None:
         if self.protocol.state is not OPEN or self.conversation is None:
             return
         try:
-            self.conversation.pinged()
+            self.conversation.charge(kind)
         except CloseConnection as decision:
             self.close(decision.code, decision.reason)
 

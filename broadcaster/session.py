@@ -88,12 +88,13 @@ class Session:
             return self._resume(request.channel, request.since)
         return None
 
-    def pinged(self) -> None:
-        """A ping frame, which the protocol answers by itself, costs a message like any other;
-        past the rate it counts as an invalid one, and a flood ends the connection."""
+    def charge(self, kind: str) -> None:
+        """A frame that is not a message of its own (a ping, which the protocol answers by
+        itself, a pong that answers nothing, a message's fragment) costs a message like any
+        other; past the rate it counts as an invalid one, and a flood ends the connection."""
         now = self._clock()
         if not self._messages.take(now) and not self._errors.take(now):
-            raise self._hang_up(messages.CLOSE_POLICY_VIOLATION, "ping rate limit exceeded")
+            raise self._hang_up(messages.CLOSE_POLICY_VIOLATION, f"{kind} rate limit exceeded")
 
     async def _resume(self, channel: str, since: int) -> None:
         may_read = self._history.available(self._clock())

@@ -243,6 +243,53 @@ async def test_a_flood_of_ping_frames_closes_with_1008(start: Start) -> None:
     assert (code, reason) == (1008, "ping rate limit exceeded")
 
 
+async def test_a_flood_of_unsolicited_pong_frames_closes_with_1008(start: Start) -> None:
+    """The answers to the server's heartbeat cost nothing, however many; any other pong
+    frame costs a message like a ping frame, so a flood of them ends with 1008 instead of
+    being parsed for as long as the client keeps sending. The rate (0.01 a second, a burst
+    of 1, then 10 errors) would not let 11 charged frames through."""
+    async with start(
+        ws_rate_limit=0.01, ws_max_subscriptions=1, ws_heartbeat_interval=0.02
+    ) as server:
+        client = await RawClient.open(server.settings.ws_port)
+        try:
+            await client.read_frame()  # connected
+            answered = 0
+            async with asyncio.timeout(WITHIN):
+                while answered < 20:
+                    opcode, payload = await client.read_frame()
+                    assert opcode == 0x9, (opcode, payload)
+                    client.send_frame(0xA, payload)
+                    answered += 1
+            for _ in range(12):
+                client.send_frame(0xA, b"unsolicited")
+            code, reason, _ = await client.until_close()
+        finally:
+            client.close()
+    assert (code, reason) == (1008, "pong rate limit exceeded")
+
+
+async def test_a_flood_of_message_fragments_closes_with_1008(start: Start) -> None:
+    """Each fragment of a message but its last costs a message too (the message itself
+    costs one when complete): a client cannot send up to 64 times as many frames as the
+    rate allows by splitting each message into fragments. With a burst of 10 and 10 errors,
+    the first message's 32 frames are already too many."""
+    async with start(ws_rate_limit=5, ws_max_subscriptions=5) as server:
+        client = await RawClient.open(server.settings.ws_port)
+        try:
+            await client.read_frame()  # connected
+            for _ in range(40):
+                client.send_frame(0x1, b'{"type":', fin=False)
+                for _ in range(30):
+                    client.send_frame(0x0, b"", fin=False)
+                client.send_frame(0x0, b'"ping"}')
+            code, reason, answers = await client.until_close()
+        finally:
+            client.close()
+    assert (code, reason) == (1008, "fragment rate limit exceeded")
+    assert answers == []
+
+
 async def test_pings_within_the_rate_are_answered(start: Start) -> None:
     """A client's own heartbeat pings, at the message rate or below, get their pongs and
     leave the connection open."""
