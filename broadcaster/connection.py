@@ -60,12 +60,13 @@ class Conversation(Protocol):
 
     def handle(self, message: str | bytes) -> Work | None:
         """Answer a message; return work that must wait (run in order), or raise
-        CloseConnection."""
+        CloseConnection (for abuse: the connection is failed)."""
         ...
 
     def charge(self, kind: str) -> None:
-        """Count a frame that is not a whole message (kind: "ping", "pong", "fragment");
-        raise CloseConnection for a flood."""
+        """Count a frame that is not a message to answer (kind: "ping", "pong", "fragment",
+        or "message" for one read during our closing handshake); raise CloseConnection for
+        a flood."""
         ...
 
 
@@ -187,7 +188,9 @@ class Connection(asyncio.Protocol):
 
     def close(self, code: int, reason: str) -> None:
         """Stop whatever the connection was doing and start the closing handshake; abort the
-        socket if it is not done in CLOSE_TIMEOUT."""
+        socket if it is not done in CLOSE_TIMEOUT. For a client that did nothing wrong (a
+        stop, a slow consumer, our own error): what it sends until its close frame is
+        still read, and charged (`_charge`)."""
         self._stop_work()
         if self.protocol.state is OPEN:
             self.protocol.send_close(code, reason)
@@ -208,7 +211,11 @@ class Connection(asyncio.Protocol):
         self.transport.close()
 
     def _fail(self, code: int, reason: str) -> None:
-        """Fail the connection (RFC 6455 7.1.7): close frame, end of stream, no more reading."""
+        """Fail the connection (RFC 6455 7.1.7): close frame, end of stream, and what the
+        client sends from now on is discarded unparsed (it costs nothing per frame) until
+        it ends the socket or CLOSE_TIMEOUT aborts it. For a client that broke the protocol
+        or abused it: a closing handshake would parse all it sends, looking for its close
+        frame, and a flood would go on being parsed until the timeout."""
         self._stop_work()
         self.protocol.fail(code, reason)
         self._left_open()
@@ -459,15 +466,19 @@ class Connection(asyncio.Protocol):
         # CLOSE is echoed by the protocol itself (flushed above).
 
     def _charge(self, kind: str) -> None:
-        if self.protocol.state is not OPEN or self.conversation is None:
+        # Also during a closing handshake we started: the frames before the client's close
+        # frame are parsed, so a flood then costs as much. Once the connection is failed or
+        # the client's close came (EOF sent), nothing more is parsed.
+        if self.conversation is None or self.protocol.eof_sent:
             return
         try:
             self.conversation.charge(kind)
         except CloseConnection as decision:
-            self.close(decision.code, decision.reason)
+            self._fail(decision.code, decision.reason)
 
     def _message(self, opcode: Opcode, data: bytes) -> None:
         if self.protocol.state is not OPEN:
+            self._charge("message")  # read only to find the client's close frame
             return
         message: str | bytes = data
         if opcode is Opcode.TEXT:
@@ -492,7 +503,7 @@ class Connection(asyncio.Protocol):
         try:
             work = self.conversation.handle(message)
         except CloseConnection as decision:
-            self.close(decision.code, decision.reason)
+            self._fail(decision.code, decision.reason)
             return
         except Exception:  # a bug: this client is closed, the others are not affected
             log.exception("client message failed")
@@ -510,7 +521,7 @@ class Connection(asyncio.Protocol):
             await work
         except CloseConnection as decision:
             self._task = None
-            self.close(decision.code, decision.reason)
+            self._fail(decision.code, decision.reason)
             return
         except Exception:
             log.exception("client message failed")

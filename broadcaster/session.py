@@ -89,9 +89,10 @@ class Session:
         return None
 
     def charge(self, kind: str) -> None:
-        """A frame that is not a message of its own (a ping, which the protocol answers by
-        itself, a pong that answers nothing, a message's fragment) costs a message like any
-        other; past the rate it counts as an invalid one, and a flood ends the connection."""
+        """A frame that is not a message to answer (a ping, which the protocol answers by
+        itself, a pong that answers nothing, a message's fragment, a message read while the
+        server's close waits for the client's) costs a message like any other; past the
+        rate it counts as an invalid one, and a flood ends the connection."""
         now = self._clock()
         if not self._messages.take(now) and not self._errors.take(now):
             raise self._hang_up(messages.CLOSE_POLICY_VIOLATION, f"{kind} rate limit exceeded")

@@ -392,8 +392,12 @@ class BroadcasterProcess:
     """A `python -m broadcaster` of a test's own: its process, WebSocket URL and log file."""
 
     proc: asyncio.subprocess.Process
-    url: str
+    port: int
     log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
 
 
 @contextlib.asynccontextmanager
@@ -441,7 +445,7 @@ async def broadcaster_process(
                             break
                 assert proc.returncode is None, log_path.read_text()
                 await asyncio.sleep(0.05)
-        yield BroadcasterProcess(proc, f"ws://127.0.0.1:{port}/ws", log_path)
+        yield BroadcasterProcess(proc, port, log_path)
     finally:
         if proc.returncode is None:
             proc.kill()
