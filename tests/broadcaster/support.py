@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import socket
 import struct
@@ -24,6 +25,7 @@ from redis.typing import EncodableT, FieldT, StreamRangeResponse
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from broadcaster.connection import Connection
 from broadcaster.service import run
 from devnet.services import REPO_ROOT, Redis, free_port
 from shared.channels import channels_for
@@ -515,3 +517,14 @@ class RawClient:
 
     def close(self) -> None:
         self.writer.transport.abort()
+
+    def server_side(self) -> Connection:
+        """This client's connection in the in-process server, to call as the loop would."""
+        local = self.writer.get_extra_info("sockname")
+        # type(), not isinstance(): the heap may hold a dead weakref.proxy, which raises.
+        (connection,) = [
+            o
+            for o in gc.get_objects()
+            if type(o) is Connection and o.is_open() and o.remote_address() == local
+        ]
+        return connection

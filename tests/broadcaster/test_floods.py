@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from broadcaster.connection import CLOSE_TIMEOUT
+from broadcaster.connection import CLOSE_TIMEOUT, READ_SLICE
 from devnet.services import Redis
 from tests.broadcaster.support import (
     WITHIN,
@@ -145,6 +145,29 @@ async def test_a_flood_after_the_servers_own_close_frame_is_cut_off(start: Start
         finally:
             flooder.close()
     assert code == 1012
+
+
+async def test_a_read_is_parsed_only_until_a_flood_in_it_is_stopped(start: Start) -> None:
+    """One read may hold tens of thousands of frames (uvloop reads up to 256 KiB at once).
+    It is parsed a slice at a time, and each slice's frames are charged before the next is
+    parsed, so a flood in it is stopped a slice in: of 10,000 pings in one read, only the
+    first slice's are answered, where parsing the read whole answered them all before the
+    limits saw the first. The read is made by calling the server's protocol object as the
+    loop would."""
+    ping = client_frame(0x9, b"")
+    async with start(ws_rate_limit=5, ws_max_subscriptions=5) as server:
+        client = await RawClient.open(server.settings.ws_port)
+        try:
+            await client.read_frame()  # connected
+            client.server_side().data_received(ping * 10_000)
+            pongs = 0
+            async with asyncio.timeout(WITHIN):
+                while (frame := await client.read_frame())[0] == 0xA:
+                    pongs += 1
+        finally:
+            client.close()
+    assert frame[0] == 0x8  # the close frame
+    assert 0 < pongs <= READ_SLICE // len(ping)
 
 
 @pytest.mark.parametrize("kind", FRAMES)

@@ -316,12 +316,7 @@ async def test_a_resume_read_together_with_the_close_routes_nothing_to_the_close
     await producer.publish()
     raw = await RawClient.open(server.settings.ws_port)
     try:
-        local = raw.writer.get_extra_info("sockname")
-        (connection,) = [
-            o
-            for o in gc.get_objects()
-            if isinstance(o, Connection) and o.is_open() and o.remote_address() == local
-        ]
+        connection = raw.server_side()
         resume = {"type": "subscribe", "channel": "*", "since": 0}
         connection.data_received(client_frame(0x1, orjson.dumps(resume)))
         connection.data_received(client_frame(0x8, struct.pack("!H", 1000)))

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 
+from broadcaster.connection import READ_SLICE
 from broadcaster.service import run
 from devnet.services import Redis
 from tests.broadcaster.support import (
@@ -20,8 +22,10 @@ from tests.broadcaster.support import (
     OTHER_MARKET,
     WITHIN,
     EventProducer,
+    RawClient,
     Running,
     WsClient,
+    client_frame,
     running,
     settings_for,
     ws_client,
@@ -239,6 +243,37 @@ async def test_a_burst_sent_during_a_resume_is_answered_in_full_and_in_order(
             await client.expect("pong")
     assert [message["type"] for message in received[:701]] == ["event"] * 700 + ["subscribed"]
     assert received[700]["recovered"] is True
+    assert [(message["type"], message["channel"]) for message in received[701:]] == [
+        ("subscribed", channel) for channel in channels
+    ]
+
+
+async def test_a_resume_and_a_burst_read_at_once_are_answered_in_full_and_in_order(
+    start: Start, producer: EventProducer
+) -> None:
+    """The same when the resume and the burst come in one read longer than the slices the
+    connection parses at a time: what the read holds past the point where messages are held
+    back is parsed once the resume is done, and answered in order. The read is made by
+    calling the server's protocol object as the loop would."""
+    channels = [f"events:kind_{index}" for index in range(80)]
+    resume = {"type": "subscribe", "channel": "events:*", "since": 0}
+    read = b"".join(
+        client_frame(0x1, orjson.dumps(message))
+        for message in [resume, *({"type": "subscribe", "channel": c} for c in channels)]
+    )
+    assert len(read) > 2 * READ_SLICE
+    async with start(ws_history_size=0, ws_rate_limit=1000) as server:
+        await producer.publish(count=700)
+        await server.wait_health(seq=700)
+        client = await RawClient.open(server.settings.ws_port)
+        try:
+            await client.read_frame()  # connected
+            client.server_side().data_received(read)
+            async with asyncio.timeout(WITHIN):
+                received = [orjson.loads((await client.read_frame())[1]) for _ in range(781)]
+        finally:
+            client.close()
+    assert [message["type"] for message in received[:701]] == ["event"] * 700 + ["subscribed"]
     assert [(message["type"], message["channel"]) for message in received[701:]] == [
         ("subscribed", channel) for channel in channels
     ]
