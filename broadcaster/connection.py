@@ -89,7 +89,8 @@ class Handler(Protocol):
 
     def closing(self, connection: Connection) -> None:
         """An open connection stopped being open (closing handshake, failure, end of the
-        socket): nothing may be sent to it from now on."""
+        socket): nothing may be sent to it from now on. Told once per connection, with the
+        close frame that ended it already sent (Connection.server_close_code)."""
         ...
 
     def closed(self, connection: Connection) -> None: ...
@@ -174,6 +175,14 @@ class Connection(asyncio.Protocol):
     def backed_up(self) -> bool:
         """Whether more than Options.max_buffered waits in the socket buffer for the client."""
         return self.transport.get_write_buffer_size() > self._options.max_buffered
+
+    def server_close_code(self) -> int | None:
+        """The code of the close frame the server sent, unless it answered the client's."""
+        protocol = self.protocol
+        sent = protocol.close_sent
+        if sent is None or protocol.close_rcvd_then_sent:
+            return None
+        return sent.code
 
     def remote_address(self) -> Any:
         """The peer's (host, port), or the Unix socket's peer name (not a tuple)."""

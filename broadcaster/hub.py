@@ -189,7 +189,6 @@ class Hub:
         client.dropped = True
         self._unroute(client)
         client.pending = None
-        self.metrics.closes.labels(code=str(code)).inc()
         client.peer.close(code, reason)
 
     def cut_slow(self, client: Client) -> None:

@@ -38,7 +38,7 @@ class Metrics:
             self.rejected.labels(reason=reason)
         self.closes = Counter(
             p + "server_closes",
-            "Connections the server closed, by close code",
+            "Connections the server closed (its close frame came first), by close code",
             ["code"],
             registry=r,
         )

@@ -158,10 +158,15 @@ class Edge:
             self.hub.cut_slow(session.client)
 
     def closing(self, connection: Connection) -> None:
-        """Route nothing more to a connection that is no longer open."""
+        """Route nothing more to a connection that is no longer open, and count its close if
+        the server made it: whoever decided it (the session, the hub, the connection's own
+        checks, websockets), and once, whatever follows."""
         session = self.sessions.get(connection)
         if session is not None:
             self.hub.disconnect(session.client)
+        code = connection.server_close_code()
+        if code is not None:
+            self.metrics.closes.labels(code=str(code)).inc()
 
     def closed(self, connection: Connection) -> None:
         session = self.sessions.pop(connection, None)
@@ -321,14 +326,13 @@ async def _shut_down(edge: Edge, listeners: list[asyncio.Server]) -> None:
     edge.serving = False
     for listener in listeners:
         listener.close()
-    clients = len(edge.sessions)
+    clients = 0
     for connection in list(edge.connections):
         if connection.is_open():
             connection.close(messages.CLOSE_SERVICE_RESTART, RESTART_REASON)
+            clients += 1
         elif connection.conversation is None:
             connection.abort()  # still in its opening handshake, or an HTTP request
-    if clients:
-        edge.metrics.closes.labels(code=str(messages.CLOSE_SERVICE_RESTART)).inc(clients)
     if not await edge.all_closed(SHUTDOWN_GRACE):
         log.warning("aborting clients that did not close in time", clients=len(edge.connections))
         for connection in list(edge.connections):

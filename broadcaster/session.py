@@ -54,7 +54,7 @@ class Session:
     def handle(self, message: str | bytes) -> Coroutine[Any, Any, None] | None:
         """Answer one message from the client; a resume is returned as work to run next."""
         if isinstance(message, bytes):
-            raise self._hang_up(
+            raise CloseConnection(
                 messages.CLOSE_UNSUPPORTED_DATA, "binary messages are not supported"
             )
         if not self._messages.take(self._clock()):
@@ -95,7 +95,7 @@ class Session:
         rate it counts as an invalid one, and a flood ends the connection."""
         now = self._clock()
         if not self._messages.take(now) and not self._errors.take(now):
-            raise self._hang_up(messages.CLOSE_POLICY_VIOLATION, f"{kind} rate limit exceeded")
+            raise CloseConnection(messages.CLOSE_POLICY_VIOLATION, f"{kind} rate limit exceeded")
 
     async def _resume(self, channel: str, since: int) -> None:
         may_read = self._history.available(self._clock())
@@ -122,11 +122,7 @@ class Session:
         self._reply(messages.error(problem, self.hub.now_ms()))
         if not self._errors.take(self._clock()):
             reason = "message rate limit exceeded" if flood else "too many invalid messages"
-            raise self._hang_up(messages.CLOSE_POLICY_VIOLATION, reason)
-
-    def _hang_up(self, code: int, reason: str) -> CloseConnection:
-        self.hub.metrics.closes.labels(code=str(code)).inc()
-        return CloseConnection(code, reason)
+            raise CloseConnection(messages.CLOSE_POLICY_VIOLATION, reason)
 
     def _reply(self, payload: bytes) -> None:
         if self.client.is_open():

@@ -361,6 +361,44 @@ async def test_invalid_utf8_closes_with_1007(server: Running) -> None:
     assert code == 1007
 
 
+# What a client sends, the settings, and the code the server closes it with.
+CLOSES: dict[str, tuple[bytes, dict[str, float], int]] = {
+    "missed ping": (b"", {"ws_heartbeat_interval": 0.2, "ws_heartbeat_timeout": 0.2}, 1011),
+    "oversized": (client_frame(0x1, b"x" * 2000), {"ws_max_message_bytes": 1024}, 1009),
+    "64 fragments": (
+        client_frame(0x1, b"{", fin=False) + client_frame(0x0, b"", fin=False) * 70,
+        {},
+        1009,
+    ),
+    "invalid UTF-8": (client_frame(0x1, b'{"type":"\xff"}'), {}, 1007),
+    "protocol error": (client_frame(0x0, b"continues nothing"), {}, 1002),
+    "binary": (client_frame(0x2, b"x"), {}, 1003),
+    "invalid messages": (client_frame(0x1, b"not json") * 11, {}, 1008),
+}
+
+
+@pytest.mark.parametrize("case", CLOSES)
+async def test_every_close_the_server_makes_is_counted_once_by_its_code(
+    start: Start, case: str
+) -> None:
+    """server_closes_total{code} counts each connection the server closed, whoever decided
+    it: the session (1003, 1008), the connection (a missed ping, too many fragments,
+    invalid UTF-8) or websockets itself (a protocol error, an oversized frame)."""
+    data, settings, expected = CLOSES[case]
+    async with start(**settings) as server:
+        client = await RawClient.open(server.settings.ws_port)
+        try:
+            await client.read_frame()  # connected
+            client.writer.write(data)
+            code, _, _ = await client.until_close()
+        finally:
+            client.close()
+        label = f'kektech_broadcaster_server_closes_total{{code="{expected}"}}'
+        counted = (await server.metric(label), await server.metric(label.partition("{")[0]))
+    assert code == expected
+    assert counted == (1, 1)
+
+
 async def test_a_message_sent_in_fragments_is_answered_whole(server: Running) -> None:
     """A text message split over a frame and two continuations is one message (RFC 6455 5.4);
     a ping frame between the fragments is answered in the middle."""
@@ -437,6 +475,7 @@ async def test_closing_handshake_started_by_the_client(server: Running) -> None:
     assert (echoed.code, echoed.reason) == (4000, "bye")
     health = await server.wait_health(connections=0)
     assert health["subscriptions"] == 0
+    assert await server.metric("kektech_broadcaster_server_closes_total") == 0  # not ours
 
 
 async def http_exchange(port: int, request: bytes) -> tuple[int, dict[str, str]]:

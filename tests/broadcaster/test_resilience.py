@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -20,6 +21,9 @@ from websockets.server import ServerProtocol
 
 from broadcaster import stream
 from broadcaster.connection import Connection
+from broadcaster.metrics import Metrics
+from broadcaster.server import serve_clients
+from broadcaster.service import build_hub
 from broadcaster.session import Session
 from devnet.services import Redis
 from tests.broadcaster.support import (
@@ -31,6 +35,7 @@ from tests.broadcaster.support import (
     broadcaster_process,
     client_frame,
     envelope,
+    settings_for,
     ws_client,
 )
 from tests.support.pm2 import BROADCASTER, kill_timeouts
@@ -683,6 +688,37 @@ async def test_graceful_stop(
     assert {code for code, _ in codes} == {1012}
     lines = [orjson.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert any(line["event"] == "stopped by signal" for line in lines)
+
+
+async def test_a_stop_counts_1012_only_for_the_clients_it_closes(stream_key: str) -> None:
+    """At a stop, server_closes_total counts 1012 for each client the stop closed, not for a
+    connection already closing with another code (here 1003, its client not answering).
+    The edge is served here without Redis, which it does not use, to read the metrics once
+    it has stopped."""
+    settings = settings_for("redis://127.0.0.1:1/0", stream_key)
+    metrics = Metrics()
+    hub = build_hub(settings, metrics)
+
+    async def status() -> dict[str, Any]:
+        raise AssertionError("not asked")
+
+    async with contextlib.AsyncExitStack() as clients:
+        async with serve_clients(settings, hub=hub, metrics=metrics, status=status):
+            url = f"ws://127.0.0.1:{settings.ws_port}{settings.ws_path}"
+            readers = [await clients.enter_async_context(ws_client(url)) for _ in range(2)]
+            closing = await RawClient.open(settings.ws_port)
+            clients.callback(closing.close)
+            await closing.read_frame()  # connected
+            closing.send_frame(0x2, b"binary")
+            assert (await closing.until_close())[0] == 1003
+        codes = [(await reader.closed())[0] for reader in readers]
+
+    def closes(code: int) -> float | None:
+        labels = {"code": str(code)}
+        return metrics.registry.get_sample_value("kektech_broadcaster_server_closes_total", labels)
+
+    assert codes == [1012, 1012]
+    assert (closes(1003), closes(1012)) == (1, 2)
 
 
 LOW_OPEN_FILES = 64  # what the process is started with: fewer than the clients below
