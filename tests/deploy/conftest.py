@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from devnet.services import REPO_ROOT
+
 
 @pytest.fixture
 def base() -> Iterator[Path]:
@@ -15,3 +17,23 @@ def base() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path)
+
+
+def wrapper_copy(base: Path, script: str, app_user: str) -> Path:
+    """deploy/bin/<script> as `base`/<its name>, with `app_user` as the app user and the
+    checkout and home at `base`/opt and `base`/home (created, empty)."""
+    checkout, home = base / "opt", base / "home"
+    checkout.mkdir(exist_ok=True)
+    home.mkdir(exist_ok=True)
+    text = (REPO_ROOT / "deploy" / "bin" / script).read_text()
+    for line, ours in (
+        ("APP_USER=kektech", f"APP_USER={app_user}"),
+        ("APP_HOME=/home/kektech", f"APP_HOME={home}"),
+        ("APP_DIR=/opt/kektech", f"APP_DIR={checkout}"),
+    ):
+        assert f"\n{line}\n" in text, line
+        text = text.replace(f"\n{line}\n", f"\n{ours}\n")
+    path = base / script.removesuffix(".sh")
+    path.write_text(text)
+    path.chmod(0o755)
+    return path

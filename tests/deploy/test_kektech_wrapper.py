@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from devnet.services import REPO_ROOT
+from tests.deploy.conftest import wrapper_copy
 
 FAKE_CLI = """#!/bin/sh
 id -un
@@ -30,24 +30,11 @@ ARGS = ["check", "--verbose"]
 def wrapper_for(base: Path, app_user: str) -> Path:
     """deploy/bin/kektech.sh with `app_user` as the app user and its checkout and home in
     `base`."""
-    checkout, home = base / "opt", base / "home"
-    (checkout / ".venv" / "bin").mkdir(parents=True)
-    home.mkdir()
-    fake = checkout / ".venv" / "bin" / "kektech"
+    (base / "opt" / ".venv" / "bin").mkdir(parents=True)
+    fake = base / "opt" / ".venv" / "bin" / "kektech"
     fake.write_text(FAKE_CLI)
     fake.chmod(0o755)
-    text = (REPO_ROOT / "deploy" / "bin" / "kektech.sh").read_text()
-    for line, ours in (
-        ("APP_USER=kektech", f"APP_USER={app_user}"),
-        ("APP_HOME=/home/kektech", f"APP_HOME={home}"),
-        ("APP_DIR=/opt/kektech", f"APP_DIR={checkout}"),
-    ):
-        assert f"\n{line}\n" in text, line
-        text = text.replace(f"\n{line}\n", f"\n{ours}\n")
-    path = base / "kektech"
-    path.write_text(text)
-    path.chmod(0o755)
-    return path
+    return wrapper_copy(base, "kektech.sh", app_user)
 
 
 def test_run_by_root_without_sudo_it_runs_the_cli_as_the_app_user(base: Path) -> None:

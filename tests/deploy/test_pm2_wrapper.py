@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from devnet.services import REPO_ROOT
+from tests.deploy.conftest import wrapper_copy
 
 FAKE_PM2 = """#!/bin/sh
 id -un
@@ -74,25 +75,13 @@ class Wrapper:
 
 def wrapper_for(base: Path, app_user: str) -> Wrapper:
     """deploy/bin/pm2.sh with `app_user` as the app user and its checkout and home in `base`."""
-    checkout, home = base / "opt", base / "home"
+    checkout = base / "opt"
     (checkout / "node_modules" / ".bin").mkdir(parents=True)
-    home.mkdir()
     shutil.copy(REPO_ROOT / ".env.example", checkout / ".env.example")
     fake = checkout / "node_modules" / ".bin" / "pm2"
     fake.write_text(FAKE_PM2)
     fake.chmod(0o755)
-    text = (REPO_ROOT / "deploy" / "bin" / "pm2.sh").read_text()
-    for line, ours in (
-        ("APP_USER=kektech", f"APP_USER={app_user}"),
-        ("APP_HOME=/home/kektech", f"APP_HOME={home}"),
-        ("APP_DIR=/opt/kektech", f"APP_DIR={checkout}"),
-    ):
-        assert f"\n{line}\n" in text, line
-        text = text.replace(f"\n{line}\n", f"\n{ours}\n")
-    path = base / "pm2"
-    path.write_text(text)
-    path.chmod(0o755)
-    return Wrapper(path, home)
+    return Wrapper(wrapper_copy(base, "pm2.sh", app_user), base / "home")
 
 
 def what_pm2_got(result: subprocess.CompletedProcess[str]) -> Pm2Run:

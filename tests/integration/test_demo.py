@@ -68,17 +68,22 @@ async def test_demo_streams_chain_events_to_a_websocket_client_and_stops_cleanly
         assert created, "the replay from seq 0 starts with the markets the demo created"
         assert all(d["data"]["question"] for d in created)  # type: ignore[index]
     finally:
-        demo.send_signal(signal.SIGINT)
-        try:
-            async with asyncio.timeout(30):
-                code = await demo.wait()
-        except TimeoutError:
-            demo.kill()
-            await demo.wait()
-            raise
+        code = await stopped(demo, signal.SIGINT, within=30)
     output = (tmp_path / "demo.log").read_text(errors="replace")
     assert code == 0, output[-3000:]
     assert not await port_open(ws_port), "the broadcaster stopped with the demo"
+
+
+async def stopped(demo: asyncio.subprocess.Process, sig: signal.Signals, *, within: float) -> int:
+    """Send `sig` to the demo and return its exit code; killed if it has not ended `within`."""
+    demo.send_signal(sig)
+    try:
+        async with asyncio.timeout(within):
+            return await demo.wait()
+    except TimeoutError:
+        demo.kill()
+        await demo.wait()
+        raise
 
 
 def entries(directory: Path) -> list[str]:
@@ -116,14 +121,7 @@ async def test_sigterm_stops_the_demo_and_everything_it_started(
     temp dirs are removed."""
     demo, children = await start_whole_demo(tmp_path, services_tmpdir)
     try:
-        demo.send_signal(sig)
-        try:
-            async with asyncio.timeout(60):
-                code = await demo.wait()
-        except TimeoutError:
-            demo.kill()
-            await demo.wait()
-            raise
+        code = await stopped(demo, sig, within=60)
         output = (tmp_path / "demo.log").read_text(errors="replace")
         assert code == 0, output[-3000:]
         # A moment for a grandchild to follow its parent (anvil's binary, under npm's wrapper).
