@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import grp
 import http
 import os
+import pwd
 import resource
 import socket
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -34,6 +37,7 @@ from broadcaster.hub import Hub
 from broadcaster.limits import ConnectionCounter, client_ip, connection_ceiling, per_ip_key
 from broadcaster.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
 from broadcaster.session import Session
+from shared.errors import ConfigError
 from shared.settings import BroadcasterSettings
 
 __all__ = ["Status", "serve_clients"]
@@ -45,7 +49,7 @@ Status = Callable[[], Awaitable[dict[str, Any]]]
 SHUTDOWN_GRACE = 1.0  # for all clients at stop (the app's kill_timeout is 15 s)
 LISTEN_BACKLOG = 16384  # a reconnect storm must not overflow the accept queue (somaxconn caps it)
 SERVER_HEADER = "kektech-broadcaster"
-UNIX_SOCKET_MODE = 0o660  # owner and group (Nginx's) may connect, nobody else
+UNIX_SOCKET_MODE = 0o660  # owner and group (WS_UNIX_SOCKET_GROUP) may connect, nobody else
 RESTART_REASON = "service restart: reconnect and resume with since"
 FULL_WARNING_INTERVAL = 60.0  # seconds between warnings while connections are refused
 
@@ -251,6 +255,7 @@ async def serve_clients(
             connections=max_connections,
             open_files=open_files,
         )
+    group = _socket_group(settings.ws_unix_socket_group)  # before anything listens
     edge = Edge(settings, hub=hub, metrics=metrics, status=status, max_connections=max_connections)
     ops = OpsEdge(edge)
     limit = settings.ws_send_buffer_bytes
@@ -283,10 +288,11 @@ async def serve_clients(
         if settings.ws_unix_socket:
             path = settings.ws_unix_socket
             _refuse_live_socket(path)
-            listeners.append(await loop.create_unix_server(client, path, backlog=LISTEN_BACKLOG))
-            # Nginx connects as another user: the socket's group (see docs/broadcaster.md).
-            os.chmod(path, UNIX_SOCKET_MODE)
+            bound = _bind_unix(path, group)
             stack.callback(_remove_socket, path, os.stat(path).st_ino)
+            listeners.append(
+                await loop.create_unix_server(client, sock=bound, backlog=LISTEN_BACKLOG)
+            )
         ops_listener = await loop.create_server(
             lambda: Connection(ops, options),
             settings.broadcaster_http_host,
@@ -305,6 +311,59 @@ def _refuse_live_socket(path: str) -> None:
         except OSError:  # nothing there, or nobody listening
             return
     raise SocketInUse(path)
+
+
+def _socket_group(name: str) -> grp.struct_group | None:
+    """The group WS_UNIX_SOCKET_GROUP names (None when empty), or ConfigError."""
+    if not name:
+        return None
+    try:
+        return grp.getgrnam(name)
+    except KeyError:
+        raise ConfigError("WS_UNIX_SOCKET_GROUP", f"this host has no group {name}") from None
+
+
+def _bind_unix(path: str, group: grp.struct_group | None) -> socket.socket:
+    """A socket bound at path, with UNIX_SOCKET_MODE and group (None: the process's), that
+    does not listen yet: until it does a connect is refused, so nobody gets in through the
+    umask's mode or the process's group meanwhile. Raises ConfigError if the process may not
+    give the socket to group.
+
+    Nginx connects as another user, through the group (see docs/broadcaster.md): one it
+    shares with this service's user, never this user's own group, which can read the
+    services' Redis credentials on the VPS (docs/deployment.md).
+    """
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)  # stale: _refuse_live_socket found nobody answering there
+    with contextlib.ExitStack() as undo:
+        bound = undo.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        bound.bind(path)
+        undo.callback(os.unlink, path)
+        if group is not None:
+            try:
+                os.chown(path, -1, group.gr_gid)
+            except PermissionError:
+                raise _group_refused(group.gr_name) from None
+        os.chmod(path, UNIX_SOCKET_MODE)
+        undo.pop_all()
+    return bound
+
+
+def _group_refused(group: str) -> ConfigError:
+    """Giving a file to a group takes membership of it (or root); a process keeps the groups
+    it started with, so a PM2 daemon started before `usermod -aG` passes on the old ones."""
+    uid = os.geteuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return ConfigError(
+        "WS_UNIX_SOCKET_GROUP",
+        f"user {user} may not give its socket to group {group}: add it (usermod -aG {group} "
+        f"{user}), then restart the PM2 daemon (systemctl restart pm2-{user}), whose "
+        "processes keep the groups it had",
+    )
 
 
 def _remove_socket(path: str, inode: int) -> None:

@@ -56,6 +56,9 @@ SettingsT = TypeVar("SettingsT", bound="ServiceSettings")
 # The most a timeout or interval may be: longer is a slip (milliseconds, a stray digit), and
 # the event loop cannot wait past about 24.8 days at all (OverflowError at the first wait).
 DAY_SECONDS = 86_400.0
+# A group name as useradd and groupadd make them (at most 32 characters): a list, a gid or a
+# stray option is a slip, and a number would be read as a name by getgrnam anyway.
+GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
 
 
 class ServiceSettings(BaseSettings):
@@ -311,6 +314,13 @@ class BroadcasterSettings(ServiceSettings):
             "(proxy_pass http://unix:PATH:); empty for none."
         ),
     )
+    ws_unix_socket_group: str = Field(
+        default="",
+        description=(
+            "Group to give the Unix socket to (one this service's user and Nginx's share); "
+            "empty keeps the process's group."
+        ),
+    )
     ws_reuse_port: bool = Field(
         default=False, description="Listen with SO_REUSEPORT so instances can share WS_PORT."
     )
@@ -398,6 +408,20 @@ class BroadcasterSettings(ServiceSettings):
     @classmethod
     def _split_lists(cls, value: object) -> object:
         return split_csv(value)
+
+    @field_validator("ws_unix_socket_group")
+    @classmethod
+    def _group_of_a_socket(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        if not GROUP_NAME.fullmatch(value):
+            raise ValueError(
+                "must be one group name (letters, digits, _ . -, starting with a letter or _)"
+            )
+        if not info.data.get("ws_unix_socket"):
+            raise ValueError("needs WS_UNIX_SOCKET: there is no socket to give the group")
+        return value
 
     @field_validator("ws_path")
     @classmethod

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import grp
 import os
+import pwd
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -15,8 +21,11 @@ from websockets.asyncio.client import unix_connect
 from websockets.exceptions import InvalidStatus
 
 from broadcaster.errors import SocketInUse
+from broadcaster.server import _bind_unix
+from devnet.services import REPO_ROOT, Redis, free_port
 from indexer.publisher import PUBLISH_SCRIPT
 from shared.channels import channels_for
+from shared.errors import ConfigError
 from tests.broadcaster.support import (
     MARKET,
     OTHER_MARKET,
@@ -258,6 +267,117 @@ async def test_instances_get_their_own_unix_socket_and_never_take_another_s(
         async with unix_connect(path, "ws://localhost/ws") as ws:  # still the first one's
             await WsClient(ws).expect("connected")
         assert await first.metric("kektech_broadcaster_connections_opened_total") == 2
+
+
+def group_to_give() -> grp.struct_group:
+    """A group other than the process's own that it may give its files to: any group when
+    root (as in CI), else one of its supplementary groups."""
+    own, root = os.getegid(), os.geteuid() == 0
+    groups = [
+        group
+        for group in grp.getgrall()
+        if group.gr_gid != own and (root or group.gr_gid in os.getgroups())
+    ]
+    if not groups:
+        pytest.skip("not root, and in no group but its own: no group to give a socket to")
+    return min(groups, key=lambda group: group.gr_gid)
+
+
+async def test_unix_sockets_go_to_ws_unix_socket_group(start: Start, tmp_path: Path) -> None:
+    """With WS_UNIX_SOCKET_GROUP every instance's socket belongs to that group (the one Nginx's
+    user shares, so that it need not join the broadcaster's), mode 0660, and serves clients."""
+    group = group_to_give()
+    path = str(tmp_path / "ws.sock")
+    async with (
+        start(ws_unix_socket=path, ws_unix_socket_group=group.gr_name) as first,
+        start(
+            ws_unix_socket=path, ws_unix_socket_group=group.gr_name, broadcaster_instance=1
+        ) as second,
+    ):
+        for server in (first, second):
+            info = os.stat(server.settings.ws_unix_socket)
+            assert (info.st_gid, info.st_mode & 0o777) == (group.gr_gid, 0o660)
+            async with unix_connect(server.settings.ws_unix_socket, "ws://localhost/ws") as ws:
+                await WsClient(ws).expect("connected")
+
+
+def test_the_socket_has_its_mode_and_group_before_anyone_can_connect(tmp_path: Path) -> None:
+    """The socket file gets its mode and group before it listens (until then a connect is
+    refused), so nobody connects through the umask's mode or the process's group meanwhile."""
+    group = group_to_give()
+    path = str(tmp_path / "ws.sock")
+    with (
+        _bind_unix(path, group) as bound,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe,
+    ):
+        info = os.stat(path)
+        assert (info.st_gid, info.st_mode & 0o777) == (group.gr_gid, 0o660)
+        with pytest.raises(ConnectionRefusedError):
+            probe.connect(path)
+        bound.listen()
+        probe.connect(path)
+
+
+async def test_an_unknown_socket_group_stops_the_start(start: Start, tmp_path: Path) -> None:
+    """A WS_UNIX_SOCKET_GROUP this host does not have stops the start with a ConfigError naming
+    it, before any socket file is made."""
+    path = tmp_path / "ws.sock"
+    with pytest.raises(ConfigError) as caught:
+        async with start(ws_unix_socket=str(path), ws_unix_socket_group="kektech-no-such-group"):
+            pass
+    assert str(caught.value) == (
+        "invalid setting WS_UNIX_SOCKET_GROUP: this host has no group kektech-no-such-group"
+    )
+    assert not path.exists()
+
+
+async def test_a_socket_group_the_process_may_not_use_stops_the_start(
+    redis_server: Redis, stream_key: str, tmp_path: Path
+) -> None:
+    """A broadcaster whose user is not in WS_UNIX_SOCKET_GROUP (a PM2 daemon started before
+    `usermod -aG` keeps its old groups) exits 1 at start, logging what to do, and leaves no
+    socket file. As root it runs without CAP_CHOWN, what lets root give files to any group."""
+    argv = [sys.executable, "-m", "broadcaster"]
+    own = {os.getegid(), *os.getgroups()}
+    if os.geteuid() == 0:
+        argv = ["setpriv", "--bounding-set=-chown", "--clear-groups", *argv]
+        own = {os.getegid()}
+    group = min((g for g in grp.getgrall() if g.gr_gid not in own), key=lambda g: g.gr_gid)
+    path = tmp_path / "ws.sock"
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "REDIS_URL": redis_server.url,
+        "REDIS_STREAM_KEY": stream_key,
+        "WS_PORT": str(free_port()),
+        "BROADCASTER_HTTP_PORT": str(free_port()),
+        "LOG_FORMAT": "json",
+        "WS_UNIX_SOCKET": str(path),
+        "WS_UNIX_SOCKET_GROUP": group.gr_name,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        async with asyncio.timeout(15):
+            output, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1, output.decode()
+    lines = [orjson.loads(line) for line in output.splitlines() if line.startswith(b"{")]
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    assert [line["error"] for line in lines if line["event"] == "broadcaster stopped"] == [
+        f"invalid setting WS_UNIX_SOCKET_GROUP: user {user} may not give its socket to group "
+        f"{group.gr_name}: add it (usermod -aG {group.gr_name} {user}), then restart the PM2 "
+        f"daemon (systemctl restart pm2-{user}), whose processes keep the groups it had"
+    ]
+    assert not path.exists()
 
 
 async def test_the_per_ip_limit_counts_an_ipv6_64(start: Start, tmp_path: Path) -> None:

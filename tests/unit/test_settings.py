@@ -100,6 +100,7 @@ def test_broadcaster_defaults() -> None:
     assert settings.ws_rate_limit == 20
     assert settings.ws_trusted_proxies == (ip_network("127.0.0.1"), ip_network("::1"))
     assert (settings.broadcaster_http_host, settings.broadcaster_http_port) == ("127.0.0.1", 9465)
+    assert (settings.ws_unix_socket, settings.ws_unix_socket_group) == ("", "")
 
 
 def test_settings_are_frozen() -> None:
@@ -169,6 +170,29 @@ def test_instance_index_offsets_ports_and_unix_socket(
     settings = load_settings(BroadcasterSettings)
     assert (settings.ws_port, settings.broadcaster_http_port) == ports
     assert settings.ws_unix_socket == socket
+
+
+def test_the_socket_group_holds_for_every_instance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WS_UNIX_SOCKET_GROUP is read without the blanks around it, and the same for each PM2
+    instance, whose socket is PATH.i."""
+    monkeypatch.setenv("BROADCASTER_INSTANCE", "1")
+    monkeypatch.setenv("WS_UNIX_SOCKET", "/run/k/ws.sock")
+    monkeypatch.setenv("WS_UNIX_SOCKET_GROUP", " kektech-ws ")
+    settings = load_settings(BroadcasterSettings)
+    assert (settings.ws_unix_socket, settings.ws_unix_socket_group) == (
+        "/run/k/ws.sock.1",
+        "kektech-ws",
+    )
+
+
+@pytest.mark.parametrize("group", ["www data", "www-data,kektech-ws", "33", "-g", "g" * 33])
+def test_a_socket_group_that_is_not_a_group_name_is_refused(group: str) -> None:
+    """WS_UNIX_SOCKET_GROUP takes one group name: not a list, a number or an option."""
+    error = config_error(
+        BroadcasterSettings, WS_UNIX_SOCKET="/run/k/ws.sock", WS_UNIX_SOCKET_GROUP=group
+    )
+    assert error.variable == "WS_UNIX_SOCKET_GROUP"
+    assert "must be one group name" in error.reason
 
 
 def test_instances_sharing_ws_port_with_reuse_port_keep_it(
@@ -334,6 +358,8 @@ def test_a_default_in_conflict_is_named_as_its_variable() -> None:
         ("WS_TRUSTED_PROXIES", "127.0.0.1,proxy.local", "item 2: expected an IP address"),
         ("WS_PORT", "0", "greater than or equal to 1"),
         ("WS_RATE_LIMIT", "0", "greater than 0"),
+        # A group for no socket is a slip: the operator meant to serve Nginx on one.
+        ("WS_UNIX_SOCKET_GROUP", "kektech-ws", "needs WS_UNIX_SOCKET"),
     ],
 )
 def test_broadcaster_error_names_the_variable(variable: str, value: str, reason: str) -> None:
