@@ -10,9 +10,10 @@ if [ "$(id -un)" = "$APP_USER" ]; then
     exec .venv/bin/kektech "$@"
 fi
 # Anyone else gets the app user's environment, not the caller's: the CLI reads its settings
-# from .env. Root needs no sudo (a minimal Debian has none): runuser comes with util-linux.
+# from .env. Root needs no sudo (a minimal Debian has none): runuser comes with util-linux,
+# in /usr/sbin, which a root shell from a plain `su` does not have on its PATH.
 if [ "$(id -u)" -eq 0 ]; then
-    exec runuser -u "$APP_USER" -- env -i HOME="$APP_HOME" USER="$APP_USER" \
+    exec /usr/sbin/runuser -u "$APP_USER" -- env -i HOME="$APP_HOME" USER="$APP_USER" \
         LOGNAME="$APP_USER" LANG="${LANG:-C.UTF-8}" \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         .venv/bin/kektech "$@"

@@ -33,9 +33,10 @@ for name in $(compgen -e); do
         KEKTECH_* | PM2_HOME) keep+=("$name=${!name}") ;;
     esac
 done
-# root needs no sudo (a minimal Debian has none): runuser comes with util-linux.
+# root needs no sudo (a minimal Debian has none): runuser comes with util-linux, in /usr/sbin,
+# which a root shell from a plain `su` does not have on its PATH.
 if [ "$(id -u)" -eq 0 ]; then
-    exec runuser -u "$APP_USER" -- env -i "${keep[@]}" "$PM2" "$@"
+    exec /usr/sbin/runuser -u "$APP_USER" -- env -i "${keep[@]}" "$PM2" "$@"
 fi
 if ! command -v sudo >/dev/null 2>&1; then
     echo "pm2: run this as root or $APP_USER (there is no sudo to switch to $APP_USER)" >&2

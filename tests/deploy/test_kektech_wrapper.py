@@ -47,7 +47,8 @@ def test_run_by_root_without_sudo_it_runs_the_cli_as_the_app_user(base: Path) ->
     shims.mkdir()
     (shims / "sudo").write_text(NO_SUDO)
     (shims / "sudo").chmod(0o755)
-    path = f"{shims}:/usr/sbin:/usr/bin:/sbin:/bin"
+    # A root shell from a plain `su` keeps the caller's PATH: no /usr/sbin, where runuser is.
+    path = f"{shims}:/usr/local/bin:/usr/bin:/bin"
     env = {"PATH": path, "ROOT_ONLY_TOKEN": "root-secret-0123", "DATABASE_URL": "postgresql://x"}
     result = subprocess.run(
         [str(wrapper), *ARGS], env=env, capture_output=True, text=True, timeout=60, check=False

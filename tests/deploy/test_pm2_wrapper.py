@@ -123,7 +123,8 @@ def test_run_by_root_it_hands_kektech_settings_to_the_app_users_pm2(base: Path) 
         pytest.skip("only root switches users without sudo")  # CI runs as root
     wrapper = wrapper_for(base, "nobody")
     pm2_home = str(base / "pm2 home")
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PM2_HOME": pm2_home, **CALLER}
+    # A root shell from a plain `su` keeps the caller's PATH: no /usr/sbin, where runuser is.
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PM2_HOME": pm2_home, **CALLER}
     got = what_pm2_got(wrapper(env=env))
     assert (got.user, got.args) == ("nobody", ARGS)
     assert_only_kektech_settings_passed(got.env)
