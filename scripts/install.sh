@@ -125,7 +125,9 @@ fi
 # APT::Sandbox::User=root: as root, apt would warn that its sandbox user cannot write the
 # scratch directory, then download as root all the same.
 apt_download() {
-    (cd "$1" && apt-get download -qq -o APT::Sandbox::User=root "$2")
+    local into="$1" package="$2"
+    shift 2
+    (cd "$into" && apt-get download -qq -o APT::Sandbox::User=root "$@" "$package")
 }
 if ! .venv/bin/promtool --version >/dev/null 2>&1; then
     if ! command -v apt-get >/dev/null 2>&1; then
@@ -135,10 +137,15 @@ if ! .venv/bin/promtool --version >/dev/null 2>&1; then
     log "promtool from the prometheus package"
     scratch="$(mktemp -d)"
     trap 'rm -rf "$scratch"' EXIT
-    # Package lists missing or older than the mirror: update them once and try again.
+    # Package lists missing or older than the mirror: fresh ones of our own, in the scratch
+    # directory, then again. Not the system's: provision.sh and update.sh run this as the app
+    # user, who may not update them (and a deploy must not stop for want of a test tool).
     if ! apt_download "$scratch" prometheus 2>/dev/null; then
-        apt_update
-        apt_download "$scratch" prometheus
+        own_lists=(-o "Dir::State::Lists=$scratch/lists" -o "Dir::Cache=$scratch/cache"
+            -o Debug::NoLocking=1)
+        mkdir -p "$scratch/lists/partial" "$scratch/cache/archives/partial"
+        apt-get update -qq -o APT::Sandbox::User=root "${own_lists[@]}"
+        apt_download "$scratch" prometheus "${own_lists[@]}"
     fi
     dpkg-deb --fsys-tarfile "$scratch"/prometheus_*.deb |
         tar -xO ./usr/bin/promtool >"$scratch/promtool"

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from devnet.services import REPO_ROOT
 
 # Records its arguments; installing nodejs gives a node as old as Ubuntu 22.04's. Absolute
@@ -95,10 +97,24 @@ def prometheus_deb(tmp_path: Path) -> Path:
     return deb
 
 
-def test_promtool_is_taken_out_of_the_prometheus_package_once(tmp_path: Path) -> None:
+# What `id` says to install.sh run as the app user (provision.sh and update.sh run it so),
+# and a sudo that the app user has no right to.
+FAKE_ID_APP_USER = """#!/bin/sh
+case "$1" in -u) echo 1000;; -un) echo kektech;; *) {id} "$@";; esac
+"""
+NO_SUDO = """#!/bin/sh
+echo "$*" >> "${0%/*}/sudo.log"
+echo "kektech is not in the sudoers file." >&2
+exit 1
+"""
+
+
+@pytest.mark.parametrize("user", ["root", "app user"])
+def test_promtool_is_taken_out_of_the_prometheus_package_once(tmp_path: Path, user: str) -> None:
     """install.sh puts promtool from the distribution's prometheus package into .venv/bin
-    without installing the package (which would start a Prometheus server), updating stale
-    package lists when the download fails; a second run asks apt nothing."""
+    without installing the package (which would start a Prometheus server), with package
+    lists of its own when the system's are stale (no root needed: provision.sh and update.sh
+    run it as the app user); a second run asks apt nothing."""
     root = tmp_path / "repo"
     (root / "scripts").mkdir(parents=True)
     shutil.copy(REPO_ROOT / "scripts" / "install.sh", root / "scripts" / "install.sh")
@@ -120,14 +136,19 @@ def test_promtool_is_taken_out_of_the_prometheus_package_once(tmp_path: Path) ->
         (bin_dir / "node", FAKE_NODE),
         (bin_dir / "npm", PASSES),
         (bin_dir / "apt-get", FAKE_APT_STALE.format(cp=cp, deb=prometheus_deb(tmp_path))),
+        (bin_dir / "sudo", NO_SUDO),
     ):
         path.write_text(text)
         path.chmod(0o755)
-    for name in ("env", "id", "dirname", "cmp", "cut", "head", "mktemp", "dpkg-deb", "tar",
+    if user == "app user":
+        (bin_dir / "id").write_text(FAKE_ID_APP_USER.format(id=shutil.which("id")))
+        (bin_dir / "id").chmod(0o755)
+    for name in ("env", "id", "dirname", "cmp", "cut", "head", "mktemp", "mkdir", "dpkg-deb", "tar",
                  "chmod", "mv", "rm", "redis-server", "nginx", "pgbouncer", "openssl"):  # fmt: skip
         real = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
         assert real is not None, name
-        (bin_dir / name).symlink_to(real)
+        if not (bin_dir / name).exists():
+            (bin_dir / name).symlink_to(real)
 
     def install() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -147,7 +168,10 @@ def test_promtool_is_taken_out_of_the_prometheus_package_once(tmp_path: Path) ->
     assert os.access(promtool, os.X_OK)
     apt = (bin_dir / "apt.log").read_text().splitlines()
     assert [line.split()[0] for line in apt if "prometheus" in line] == ["download"] * 2
-    assert "update -qq" in apt
+    updates = [line for line in apt if line.startswith("update")]
+    assert len(updates) == 1
+    assert "Dir::State::Lists=" in updates[0]  # its own lists, not the system's
+    assert not (bin_dir / "sudo.log").exists()
     assert not [line for line in apt if line.startswith("install") and "prometheus" in line]
     second = install()
     assert second.returncode == 0, second.stderr
