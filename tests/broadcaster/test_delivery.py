@@ -340,7 +340,7 @@ async def test_a_socket_group_the_process_may_not_use_stops_the_start(
     argv = [sys.executable, "-m", "broadcaster"]
     own = {os.getegid(), *os.getgroups()}
     if os.geteuid() == 0:
-        argv = ["setpriv", "--bounding-set=-chown", "--clear-groups", *argv]
+        argv = ["setpriv", "--inh-caps=-all", "--bounding-set=-chown", "--clear-groups", *argv]
         own = {os.getegid()}
     group = min((g for g in grp.getgrall() if g.gr_gid not in own), key=lambda g: g.gr_gid)
     path = tmp_path / "ws.sock"
