@@ -448,4 +448,10 @@ After=network-online.target postgresql.service redis-server.service
 UNIT
     act systemctl daemon-reload
 fi
+# Started is not up: with a wrong setting in .env the indexer crash-loops, which PM2 shows as
+# online between its restarts. Every app must stay online, without a restart, for 30 s.
+if ! as_app env OPS_PM2_BIN="$PM2" .venv/bin/python -m ops settle --seconds 30; then
+    fail "the services do not stay up: see pm2 logs (as $APP_USER, whoever runs it), fix" \
+        "$ENV_FILE and run this again"
+fi
 say "done: https://$DOMAIN/health; status: pm2 status (as $APP_USER, whoever runs it)"

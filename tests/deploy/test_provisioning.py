@@ -122,6 +122,8 @@ def test_provision_dry_run_prints_the_plan_and_changes_nothing() -> None:
         "After=network-online.target postgresql.service redis-server.service",
         "would run: systemctl daemon-reload",
         "python -m indexer migrate",
+        # Started is not up: a wrong .env makes the indexer crash-loop, online between restarts.
+        ".venv/bin/python -m ops settle --seconds 30",
     ]
     missing = [line for line in expected if line not in out]
     assert not missing, out
