@@ -15,6 +15,7 @@ With store.py, the only module that speaks asyncpg.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -140,10 +141,14 @@ class Database:
             try:
                 yield conn
             except BaseException:
-                conn.terminate()
+                # A connection the server ended is already out of the pool (asyncpg detached
+                # it): touching it raises an InterfaceError that would hide the real reason.
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
                 raise
             finally:
-                await self._pool.release(conn, timeout=RELEASE_TIMEOUT)
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    await self._pool.release(conn, timeout=RELEASE_TIMEOUT)
         except LINK_ERRORS as exc:
             raise DatabaseUnavailable(
                 f"database call failed: {str(exc) or type(exc).__name__}"

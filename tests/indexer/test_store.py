@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import asyncpg
 import pytest
 
 from devnet.services import Postgres
 from indexer.batch import Batch, StoredEvent, block_time
 from indexer.catalog import ContractKind
-from indexer.errors import StoreError
+from indexer.database import Database
+from indexer.errors import DatabaseUnavailable, StoreError
 from indexer.rpc_results import BlockHeader, RawLog
 from indexer.service import acquire_lease, lease_owner
 from indexer.store import Store
 from tests.support.tasks import background
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import eventually
 
 TTL = 60.0
 NO_SUCH_PID = 2**22 + 7  # above Linux's largest pid_max: no process has it
@@ -115,3 +118,36 @@ async def test_a_command_timeout_past_what_postgres_takes_still_writes(database_
         assert lease is not None
         state = await store.init_state(lease, TTL, chain_id=1, cursor=header(0))
         assert state.block_number == 0
+
+
+async def test_a_connection_the_server_ends_mid_statement_is_reported_with_its_reason(
+    database_url: str,
+) -> None:
+    """Postgres ending a connection in the middle of a batch (a restart, a failover, an
+    operator) is a lost link, reported with the server's reason: not with what dropping the
+    dead connection raised, which reads like a bug of ours."""
+    admin = await asyncpg.connect(database_url)
+    try:
+        async with Database.open(
+            database_url, statement_cache_size=0, max_size=2, command_timeout=30
+        ) as db:
+            backend: list[int] = []
+
+            async def batch() -> None:
+                async with db.transaction() as conn:
+                    backend.append(await conn.fetchval("SELECT pg_backend_pid()"))
+                    await conn.execute("SELECT pg_sleep(30)")
+
+            task = asyncio.create_task(batch())
+
+            async def sleeping() -> bool:
+                query = "SELECT query FROM pg_stat_activity WHERE pid = $1"
+                return bool(backend) and "pg_sleep" in str(await admin.fetchval(query, backend[0]))
+
+            await eventually(sleeping, within=10, what="the statement in flight")
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", backend[0])
+            with pytest.raises(DatabaseUnavailable) as failure:
+                await task
+    finally:
+        await admin.close()
+    assert "administrator command" in str(failure.value)
