@@ -64,7 +64,13 @@ _RANGE_PATTERNS = (
     r"query timeout",  # "Query timeout exceeded. Consider reducing your block range."
     r"\brange \d+ exceeds",  # "range 1000000 exceeds limit of 10000"
     r"limited to (?:a )?[\d,]+(?: blocks?)? range",  # "eth_getLogs is limited to a 10,000 range"
+    r"exceed(?:s|ed)? (?:the )?max(?:imum)?(?: rpc)? range",  # Besu, Infura: "exceeds maximum
+    # RPC range limit", "Exceeded max range limit for eth_getLogs: 1000"
+    r"ranges? over [\d,]+ blocks",  # dRPC: "ranges over 10000 blocks are not supported"
 )
+# Answers naming a range that are not about its size: a toBlock past the node's head (geth:
+# "block range extends beyond current head block") is a backend behind its siblings.
+_NOT_RANGE_PATTERNS = (r"beyond (?:the )?(?:current )?head",)
 _RATE_PATTERNS = (
     r"rate limit",
     r"too many requests",
@@ -92,6 +98,7 @@ _UNAVAILABLE_PATTERNS = (
     r"not (?:yet )?synced",
 )
 _RANGE_RE = re.compile("|".join(_RANGE_PATTERNS), re.IGNORECASE)
+_NOT_RANGE_RE = re.compile("|".join(_NOT_RANGE_PATTERNS), re.IGNORECASE)
 _RATE_RE = re.compile("|".join(_RATE_PATTERNS), re.IGNORECASE)
 _UNAVAILABLE_RE = re.compile("|".join(_UNAVAILABLE_PATTERNS), re.IGNORECASE)
 
@@ -139,7 +146,7 @@ def classify(code: int, message: str, method: str, *, shrinkable: bool = False) 
     refusal of any other eth_getLogs (by block hash, or a range at the floor) is retried: the
     provider answers so when it is loaded, and nothing else could make the query smaller.
     """
-    if method == GET_LOGS and _RANGE_RE.search(message):
+    if method == GET_LOGS and _RANGE_RE.search(message) and not _NOT_RANGE_RE.search(message):
         return Verdict.RANGE if shrinkable else Verdict.TRANSIENT
     if code in TRANSIENT_CODES or _RATE_RE.search(message) or _UNAVAILABLE_RE.search(message):
         return Verdict.TRANSIENT

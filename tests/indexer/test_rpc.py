@@ -637,6 +637,9 @@ async def test_wrong_chain_raises_chain_id_mismatch(chain: Chain) -> None:
         (-32005, "logs matched by query exceeds limit of 10000"),
         (-32602, "range 1000000 exceeds limit of 10000"),
         (-32614, "eth_getLogs is limited to a 10,000 range"),
+        (-32005, "Requested range exceeds maximum RPC range limit"),  # Besu
+        (-32005, "Exceeded max range limit for eth_getLogs: 1000"),  # Infura, Validation Cloud
+        (35, "ranges over 10000 blocks are not supported on freetier"),  # dRPC
     ],
 )
 def test_provider_range_wordings_are_range_errors(code: int, message: str) -> None:
@@ -644,6 +647,14 @@ def test_provider_range_wordings_are_range_errors(code: int, message: str) -> No
     that can shrink; for one that cannot (by block hash, or at the floor) they are retried."""
     assert classify(code, message, "eth_getLogs", shrinkable=True) is Verdict.RANGE
     assert classify(code, message, "eth_getLogs", shrinkable=False) is Verdict.TRANSIENT
+
+
+def test_a_range_past_the_nodes_head_is_retried_not_shrunk() -> None:
+    """geth refuses a toBlock past its head with "block range extends beyond current head
+    block": a backend behind its siblings, to ask again, not a range to make smaller (which
+    would lower the sizer's ceiling for nothing)."""
+    message = "block range extends beyond current head block"
+    assert classify(-32602, message, "eth_getLogs", shrinkable=True) is Verdict.TRANSIENT
 
 
 def test_a_reason_given_only_in_the_error_data_is_read() -> None:
