@@ -495,8 +495,8 @@ class Follower:
         try:
             gathered = await self._gather(first, last, tip=fetched)
         except RpcUnavailable as exc:
-            # "unknown block" to the end of the retries: lagging backends catch up within
-            # them, but a block replaced since its header was read is gone for good.
+            # "unknown block" (or no header) to the end of the retries: lagging backends catch
+            # up within them, but a block replaced since its header was read is gone for good.
             if await self._canonical(fetched[-1]):
                 raise
             raise ReorgDuringFetch(f"block {last} was replaced before its logs were read") from exc

@@ -44,6 +44,7 @@ from indexer.rpc_results import (
     LogQuery,
     RawLog,
     TopicFilter,
+    check_has_block,
     parse_header,
     parse_logs,
 )
@@ -65,10 +66,13 @@ DEFAULT_MAX_BATCH_SIZE = 100
 DEFAULT_BATCH_RETRY_INTERVAL = 600.0
 # Past this many doublings the backoff cap has long been reached; keeps 2**n small.
 MAX_BACKOFF_EXPONENT = 32
+GET_BLOCK_BY_HASH = "eth_getBlockByHash"
 
 log = structlog.get_logger()
 
 T = TypeVar("T")
+# A JSON-RPC call: method and parameters.
+Call = tuple[str, Sequence[object]]
 
 
 @dataclass
@@ -226,14 +230,30 @@ class RpcClient:
     ) -> list[RawLog]:
         """Return the logs of the given blocks, asked by block hash, in JSON-RPC batches.
 
-        Unlike a range, a block hash cannot be answered with an empty list by a node that has
-        not seen the block: it answers "unknown block", which is retried. Used at the tip.
+        A node that has not seen a block answers its hash with "unknown block", or on some
+        versions (Besu before 25.2, reth before 2024-03, anvil before 2026-04) with an empty
+        list, as a backend behind its siblings does behind a load balancer. So each block's
+        header is asked by hash in the same batch as its logs (one HTTP request, one node),
+        before them: a null or other header is retried like "unknown block", never taken as
+        "no logs". An endpoint that refuses batches gets the header, then the logs, one by
+        one in the same attempt: a node that gave the header has the block, but a load
+        balancer may send the two requests to different backends, a window left open there
+        as for a range sent alone. Used at the tip.
         """
         queries = [LogQuery.at_block(header, addresses) for header in headers]
-        answers = await self._request_batch(
+
+        def parse(i: int, results: Sequence[object]) -> list[RawLog]:
+            block, logs = results
+            check_has_block(block, headers[i])
+            return parse_logs(logs, queries[i])
+
+        answers = await self._request_groups(
             wire.GET_LOGS,
-            [q.params() for q in queries],
-            lambda i, result: parse_logs(result, queries[i]),
+            [
+                [(GET_BLOCK_BY_HASH, [header.hash, False]), (wire.GET_LOGS, query.params())]
+                for header, query in zip(headers, queries, strict=True)
+            ],
+            parse,
         )
         return [log for logs in answers for log in logs]
 
@@ -250,14 +270,32 @@ class RpcClient:
         """Call one method once per parameter list, in batches; answers in request order.
 
         parse(i, result) checks the result of params_list[i], in the attempt that got it.
-        A batch refused as too large (HTTP 413) is halved until the endpoint takes it, and
-        the rest of the call goes at that size; a batch refused as such goes call by call.
+        """
+        return await self._request_groups(
+            method,
+            [[(method, params)] for params in params_list],
+            lambda i, results: parse(i, results[0]),
+        )
+
+    async def _request_groups(
+        self,
+        method: str,
+        groups: Sequence[Sequence[Call]],
+        parse: Callable[[int, Sequence[object]], T],
+    ) -> list[T]:
+        """Send groups of calls in batches, each group whole in one; answers in group order.
+
+        parse(i, results) checks the results of groups[i] together, in the attempt that got
+        them. `method` names the groups' work in errors and logs. A batch holds at most
+        max_batch_size calls. A batch refused as too large (HTTP 413) is halved until the
+        endpoint takes it, and the rest goes at that size; a batch refused as such goes group
+        by group, each group's calls one by one on one endpoint, in order.
         """
         answers: list[T] = []
-        size = self._max_batch_size
+        size = max(1, self._max_batch_size // max((len(g) for g in groups), default=1))
         start = 0
-        while start < len(params_list):
-            chunk = params_list[start : start + size]
+        while start < len(groups):
+            chunk = groups[start : start + size]
             if self._batches:
                 try:
                     answers += await self._batch(method, chunk, start, parse)
@@ -267,8 +305,8 @@ class RpcClient:
                     if not rejected.lasting and len(chunk) > 1:
                         size = (len(chunk) + 1) // 2
                         continue
-            for i, params in enumerate(chunk, start):
-                answers.append(await self._call(method, list(params), functools.partial(parse, i)))
+            for i, calls in enumerate(chunk, start):
+                answers.append(await self._in_sequence(method, calls, functools.partial(parse, i)))
             start += len(chunk)
         return answers
 
@@ -286,30 +324,58 @@ class RpcClient:
         shrinkable: bool = False,
     ) -> T:
         """One call; parse checks its result in the attempt, so a bad answer can fail over."""
-        request_id = next(self._ids)
-        body = wire.encode_request(request_id, method, params)
+        return await self._in_sequence(
+            method, [(method, params)], lambda results: parse(results[0]), shrinkable=shrinkable
+        )
+
+    async def _in_sequence(
+        self,
+        method: str,
+        calls: Sequence[Call],
+        parse: Callable[[Sequence[object]], T],
+        *,
+        shrinkable: bool = False,
+    ) -> T:
+        """Calls one by one, in order, each attempt on one endpoint; parse checks the results
+        together in the attempt, so a bad answer can fail over."""
+        requests = [(next(self._ids), call_method, params) for call_method, params in calls]
+        bodies = [wire.encode_request(*request) for request in requests]
 
         async def attempt(endpoint: Endpoint) -> T:
-            payload = await self._post(endpoint, body, method, shrinkable=shrinkable)
-            return parse(wire.result_of(payload, request_id, method, shrinkable=shrinkable))
+            results = []
+            for (request_id, call_method, _), body in zip(requests, bodies, strict=True):
+                payload = await self._post(endpoint, body, call_method, shrinkable=shrinkable)
+                results.append(
+                    wire.result_of(payload, request_id, call_method, shrinkable=shrinkable)
+                )
+            return parse(results)
 
         return await self._with_retries(method, attempt)
 
     async def _batch(
         self,
         method: str,
-        params_list: Sequence[Sequence[object]],
+        groups: Sequence[Sequence[Call]],
         first: int,
-        parse: Callable[[int, object], T],
+        parse: Callable[[int, Sequence[object]], T],
     ) -> list[T]:
-        """One batch; parse(first + i, result) checks the result of params_list[i]."""
-        ids = [next(self._ids) for _ in params_list]
-        body = wire.encode_batch(ids, method, params_list)
+        """One batch; parse(first + i, results) checks the results of groups[i]."""
+        ids = [[next(self._ids) for _ in calls] for calls in groups]
+        body = wire.encode_calls(
+            [
+                (request_id, call_method, params)
+                for group_ids, calls in zip(ids, groups, strict=True)
+                for request_id, (call_method, params) in zip(group_ids, calls, strict=True)
+            ]
+        )
 
         async def attempt(endpoint: Endpoint) -> list[T]:
             payload = await self._post(endpoint, body, method, batch=True)
-            results = wire.batch_results(payload, ids, method)
-            return [parse(i, result) for i, result in enumerate(results, first)]
+            results = iter(wire.batch_results(payload, list(itertools.chain(*ids)), method))
+            return [
+                parse(i, list(itertools.islice(results, len(group_ids))))
+                for i, group_ids in enumerate(ids, first)
+            ]
 
         return await self._with_retries(method, attempt)
 

@@ -14,10 +14,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from indexer.errors import BlockNotFound, ReorgDuringFetch, RpcResponseError
-from indexer.rpc_wire import GET_LOGS, parse_quantity
+from indexer.rpc_wire import GET_LOGS, TransientFailure, parse_quantity
 from shared.evm import normalize_address
 
-__all__ = ["BlockHeader", "LogQuery", "RawLog", "TopicFilter", "parse_header", "parse_logs"]
+__all__ = [
+    "BlockHeader",
+    "LogQuery",
+    "RawLog",
+    "TopicFilter",
+    "check_has_block",
+    "parse_header",
+    "parse_logs",
+]
 
 GET_BLOCK = "eth_getBlockByNumber"
 MAX_TOPICS = 4
@@ -66,8 +74,8 @@ class LogQuery:
     to_block: int
     addresses: frozenset[str]
     topics: tuple[frozenset[str] | None, ...]
-    # Set: one block by its hash. A node that lacks the block then answers "unknown block"
-    # instead of an empty list, so a backend lagging behind cannot hide logs.
+    # Set: one block by its hash. A node that lacks the block answers "unknown block", or on
+    # some versions an empty list: RpcClient.get_logs_at asks the header along to tell.
     block_hash: str | None = None
 
     @classmethod
@@ -130,6 +138,18 @@ def parse_header(result: object, number: int | None) -> BlockHeader:
     if header.timestamp > MAX_TIMESTAMP:
         raise RpcResponseError(None, f"block time {header.timestamp} is past year 9999", GET_BLOCK)
     return header
+
+
+def check_has_block(result: object, header: BlockHeader) -> None:
+    """Check that an eth_getBlockByHash result is header's block, which shows that the node
+    has it; a null or other block is a transient failure: a node behind, not "no logs"."""
+    if result is None:
+        raise TransientFailure("behind", f"the node has no block {header.number} yet")
+    found = parse_header(result, header.number)
+    if found.hash != header.hash:
+        raise TransientFailure(
+            "behind", f"the node gives block {header.number} as {found.hash}, not {header.hash}"
+        )
 
 
 def parse_logs(result: object, query: LogQuery) -> list[RawLog]:

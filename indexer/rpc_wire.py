@@ -27,7 +27,6 @@ __all__ = [
     "check_status",
     "classify",
     "decode",
-    "encode_batch",
     "encode_request",
     "parse_quantity",
     "parse_retry_after",
@@ -156,11 +155,6 @@ def classify(code: int, message: str, method: str, *, shrinkable: bool = False) 
 def encode_request(request_id: int, method: str, params: Sequence[object]) -> bytes:
     """Return the body of one JSON-RPC request."""
     return orjson.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
-
-
-def encode_batch(ids: Sequence[int], method: str, params_list: Sequence[Sequence[object]]) -> bytes:
-    """Return the body of a JSON-RPC batch calling one method once per parameter list."""
-    return encode_calls([(i, method, p) for i, p in zip(ids, params_list, strict=True)])
 
 
 def encode_calls(calls: Sequence[tuple[int, str, Sequence[object]]]) -> bytes:

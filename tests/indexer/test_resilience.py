@@ -639,6 +639,40 @@ async def test_a_node_lagging_behind_the_head_loses_no_event_at_the_tip(
     assert_gap_free(entries)
 
 
+async def test_a_node_answering_an_unknown_block_hash_with_no_logs_loses_no_event_at_the_tip(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """A backend behind that answers the blockHash query of a block it has not seen with []
+    (older Besu, reth, anvil) rather than "unknown block": live blocks' logs are fetched
+    again, not taken as none, and the database equals the chain."""
+    driver = ActivityDriver(dev_chain, deployment, seed=59, txs_per_block=4)
+    await driver.cover_all_events()
+    async with RpcFaultProxy(
+        anvil.rpc_url,
+        seed=14,
+        rates={"lagging": 0.5},
+        fault_methods={"eth_getLogs"},
+        empty_unknown_hash=True,
+    ) as proxy:
+        overrides = {"RPC_PROVIDER_URL": proxy.url, "RPC_MAX_RETRIES": "30"}
+        with make_indexer(**overrides) as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+            await driver.run(blocks=25, block_interval=0.15)
+            entries = await caught_up(
+                indexer, dev_chain, redis_client, stream_key, database_url, deployment
+            )
+            assert indexer.running
+        lagged = proxy.injected["lagging"]
+    assert lagged > 0
+    assert_gap_free(entries)
+
+
 async def test_a_node_lagging_more_than_the_window_loses_no_event_in_catch_up(
     dev_chain: DevChain,
     deployment: Deployment,

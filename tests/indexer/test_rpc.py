@@ -30,7 +30,7 @@ from indexer.errors import (
     RpcUnavailable,
 )
 from indexer.rpc import LogRangeSizer, RawLog, RpcClient, fetch_logs
-from indexer.rpc_results import LogQuery, parse_header, parse_logs
+from indexer.rpc_results import LogQuery, check_has_block, parse_header, parse_logs
 from indexer.rpc_transport import Endpoint
 from indexer.rpc_wire import (
     BatchRejected,
@@ -326,6 +326,35 @@ async def test_an_unproven_range_answer_is_taken_only_from_an_endpoint_that_cann
         assert behind.injected["lagging"] >= 1
         alone.rates = behind.rates = {}
         logs = await client.get_logs(first, last, addresses=[chain.emitter_a])
+    assert as_tuples(logs) == expected
+
+
+@pytest.mark.parametrize("reject_batches", [False, True], ids=["batched", "one_by_one"])
+async def test_logs_by_hash_from_a_backend_that_answers_an_unknown_hash_with_nothing_are_not_taken(
+    chain: Chain, reject_batches: bool
+) -> None:
+    """Some nodes answer a blockHash query for a block they have not seen with [] rather than
+    "unknown block": a backend behind gives no logs for the newest blocks, and that answer is
+    retried elsewhere instead of taken, whether the endpoint takes batches or not."""
+    first, last = chain.head - 60, chain.head
+    expected = await direct_logs(chain.url, first, last, address=chain.emitter_a)
+    assert expected
+    async with client_for(chain.url) as direct:
+        headers = await direct.get_block_headers(range(first, last + 1))
+    async with (
+        RpcFaultProxy(
+            chain.url,
+            seed=21,
+            rates={"lagging": 1.0},
+            lag_blocks=100,
+            empty_unknown_hash=True,
+            reject_batches=reject_batches,
+        ) as behind,
+        RpcFaultProxy(chain.url, seed=22, reject_batches=reject_batches) as working,
+        client_for(behind.url, working.url) as client,
+    ):
+        logs = await client.get_logs_at(headers, addresses=[chain.emitter_a])
+        assert behind.injected["lagging"] >= 1
     assert as_tuples(logs) == expected
 
 
@@ -814,6 +843,18 @@ def test_a_header_with_impossible_values_is_a_bad_response(changes: dict[str, st
     assert parse_header(_header_item(), None).number == 5
     with pytest.raises(RpcResponseError):
         parse_header(_header_item(**changes), None)
+
+
+def test_a_header_by_hash_that_is_null_or_another_block_does_not_prove_the_block() -> None:
+    """A node that answers eth_getBlockByHash with null, or with another block, has not shown
+    that it has the block: the attempt fails as transient (retried), its logs never taken."""
+    header = parse_header(_header_item(), None)
+    check_has_block(_header_item(), header)
+    for answer in (None, _header_item(hash="0x" + "33" * 32)):
+        with pytest.raises(TransientFailure):
+            check_has_block(answer, header)
+    with pytest.raises(RpcResponseError):
+        check_has_block(_header_item(number="0x6"), header)
 
 
 @pytest.mark.parametrize("bad_id", [[1], {"id": 1}, 1.5, True])

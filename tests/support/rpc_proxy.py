@@ -16,9 +16,11 @@ per fault kind (their sum at most 1):
     invalid_json    HTTP 200 with a truncated body that is not JSON
     lagging         answered by a node `lag_blocks` (default 1) behind the others, as behind a
                     load balancer: an eth_getLogs range silently lacks the newest blocks' logs,
-                    a blockHash query for one of them fails with "unknown block",
-                    eth_blockNumber and "latest" give the node's own top, the newest blocks by
-                    number are null (other calls faithful)
+                    a blockHash query for one of them fails with "unknown block" (or, with
+                    `empty_unknown_hash`, answers [] as Besu before 25.2, reth before 2024-03
+                    and anvil before 2026-04 do), eth_blockNumber and "latest" give the node's
+                    own top, the newest blocks by number or by hash are null (other calls
+                    faithful)
 
 Faults of the endpoint itself, not of the moment, which no retry on it cures (not in
 FAULT_KINDS, whose faults a lone endpoint survives; usable in `rates` and `schedule()` alike):
@@ -134,6 +136,7 @@ class RpcFaultProxy:
         reject_batches: bool = False,
         max_body: int | None = None,
         lag_blocks: int = 1,
+        empty_unknown_hash: bool = False,
     ) -> None:
         self.upstream_url = upstream_url
         self.rates = dict(rates or {})
@@ -145,6 +148,7 @@ class RpcFaultProxy:
         self.reject_batches = reject_batches
         self.max_body = max_body
         self.lag_blocks = lag_blocks
+        self.empty_unknown_hash = empty_unknown_hash
         self.delay = 0.0  # seconds before any request is handled: a remote node's round trip
         self.requests = 0
         self.forwarded = 0
@@ -346,6 +350,11 @@ class RpcFaultProxy:
                 if number > top:
                     answers.append({"jsonrpc": "2.0", "id": call.get("id"), "result": None})
                     continue
+            if call.get("method") == "eth_getBlockByHash" and isinstance(params, list):
+                block = await self._upstream_call("eth_getBlockByHash", [filter_, False])
+                if isinstance(block, dict) and int(block["number"], 16) > top:
+                    answers.append({"jsonrpc": "2.0", "id": call.get("id"), "result": None})
+                    continue
             answer = orjson.loads((await self._upstream_post(orjson.dumps(call)))[1])
             if call.get("method") == "eth_getLogs" and isinstance(filter_, dict):
                 if "blockHash" in filter_:
@@ -353,7 +362,11 @@ class RpcFaultProxy:
                         "eth_getBlockByHash", [filter_["blockHash"], False]
                     )
                     if isinstance(block, dict) and int(block["number"], 16) > top:
-                        answer = _error(call.get("id"), -32000, "unknown block")
+                        answer = (
+                            {"jsonrpc": "2.0", "id": call.get("id"), "result": []}
+                            if self.empty_unknown_hash
+                            else _error(call.get("id"), -32000, "unknown block")
+                        )
                 elif isinstance(answer.get("result"), list):
                     answer["result"] = [
                         lg for lg in answer["result"] if int(lg["blockNumber"], 16) <= top
