@@ -612,6 +612,11 @@ async def test_rpc_faults_cause_no_loss_and_no_duplicates(
     assert injected["results"] > 0, injected
 
 
+@pytest.mark.parametrize(
+    ("empty_unknown_hash", "seed", "proxy_seed"),
+    [(False, 52, 9), (True, 59, 14)],
+    ids=["unknown block", "[]"],
+)
 async def test_a_node_lagging_behind_the_head_loses_no_event_at_the_tip(
     dev_chain: DevChain,
     deployment: Deployment,
@@ -620,45 +625,21 @@ async def test_a_node_lagging_behind_the_head_loses_no_event_at_the_tip(
     redis_client: aioredis.Redis,
     database_url: str,
     stream_key: str,
+    empty_unknown_hash: bool,
+    seed: int,
+    proxy_seed: int,
 ) -> None:
-    """Live blocks whose logs one backend has not seen yet are fetched again, not skipped."""
-    driver = ActivityDriver(dev_chain, deployment, seed=52, txs_per_block=4)
-    await driver.cover_all_events()
-    async with RpcFaultProxy(
-        anvil.rpc_url, seed=9, rates={"lagging": 0.5}, fault_methods={"eth_getLogs"}
-    ) as proxy:
-        overrides = {"RPC_PROVIDER_URL": proxy.url, "RPC_MAX_RETRIES": "30"}
-        with make_indexer(**overrides) as indexer:
-            await indexer.wait_cursor(await dev_chain.block_number())
-            await driver.run(blocks=25, block_interval=0.15)
-            entries = await caught_up(
-                indexer, dev_chain, redis_client, stream_key, database_url, deployment
-            )
-        lagged = proxy.injected["lagging"]
-    assert lagged > 0
-    assert_gap_free(entries)
-
-
-async def test_a_node_answering_an_unknown_block_hash_with_no_logs_loses_no_event_at_the_tip(
-    dev_chain: DevChain,
-    deployment: Deployment,
-    anvil: Anvil,
-    make_indexer: Callable[..., IndexerProcess],
-    redis_client: aioredis.Redis,
-    database_url: str,
-    stream_key: str,
-) -> None:
-    """A backend behind that answers the blockHash query of a block it has not seen with []
-    (older Besu, reth, anvil) rather than "unknown block": live blocks' logs are fetched
-    again, not taken as none, and the database equals the chain."""
-    driver = ActivityDriver(dev_chain, deployment, seed=59, txs_per_block=4)
+    """Live blocks whose logs one backend has not seen yet are fetched again, not skipped:
+    whether it answers their blockHash query with "unknown block" or, as older Besu, reth
+    and anvil do, with [] (taken as none, the database would not equal the chain)."""
+    driver = ActivityDriver(dev_chain, deployment, seed=seed, txs_per_block=4)
     await driver.cover_all_events()
     async with RpcFaultProxy(
         anvil.rpc_url,
-        seed=14,
+        seed=proxy_seed,
         rates={"lagging": 0.5},
         fault_methods={"eth_getLogs"},
-        empty_unknown_hash=True,
+        empty_unknown_hash=empty_unknown_hash,
     ) as proxy:
         overrides = {"RPC_PROVIDER_URL": proxy.url, "RPC_MAX_RETRIES": "30"}
         with make_indexer(**overrides) as indexer:
