@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import orjson
@@ -20,7 +20,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from bench.broadcaster.publisher import market_address
-from bench.broadcaster.run import LoadGen, Scenario, ServerOptions, render, run_scenario
+from bench.broadcaster.run import LoadGen, Row, Scenario, ServerOptions, render, run_scenario
 from devnet.services import free_port
 from tests.support.processes import descendants, kill_all, running, wait_ended
 from tests.support.waiting import eventually
@@ -222,25 +222,36 @@ async def test_sigterm_stops_the_indexer_benchmark_and_what_it_started(
         kill_all(started)
 
 
-async def test_the_broadcaster_benchmark_counts_clients_that_never_subscribed(
-    tmp_path: Path,
-) -> None:
-    """With a server that takes 10 of 20 clients, the row says 10/20 subscribed, has no "all
-    connected" time and an error; each refused client is counted once, by its reason."""
+async def with_all_then_half_taken(
+    scenario: Callable[[str], Scenario], logdir: Path, *, warmup: float
+) -> list[Row]:
+    """The rows of a 20-client scenario against a server that takes them all
+    (WS_MAX_CONNECTIONS 20), then against one that takes 10."""
     rows = []
     for limit in ("20", "10"):
         rows.append(
             await run_scenario(
                 "broadcaster",
-                Scenario(f"storm-{limit}", 20, 0),
+                scenario(limit),
                 transport="tcp",
                 duration=1,
-                warmup=0,
+                warmup=warmup,
                 tick=0.002,
-                logdir=tmp_path,
+                logdir=logdir,
                 options=ServerOptions(env={"WS_MAX_CONNECTIONS": limit}),
             )
         )
+    return rows
+
+
+async def test_the_broadcaster_benchmark_counts_clients_that_never_subscribed(
+    tmp_path: Path,
+) -> None:
+    """With a server that takes 10 of 20 clients, the row says 10/20 subscribed, has no "all
+    connected" time and an error; each refused client is counted once, by its reason."""
+    rows = await with_all_then_half_taken(
+        lambda limit: Scenario(f"storm-{limit}", 20, 0), tmp_path, warmup=0
+    )
     full, half = (row.values for row in rows)
     assert full["connected"] == 20
     assert full["all_connected_s"] > 0
@@ -341,20 +352,11 @@ async def test_the_broadcaster_benchmark_compares_deliveries_with_what_was_publi
     """Deliveries are checked against every event published in the window times its
     recipients: all arrive from the broadcaster; with half the clients refused, the
     shortfall fails the row."""
-    rows = []
-    for limit in ("20", "10"):
-        rows.append(
-            await run_scenario(
-                "broadcaster",
-                Scenario(f"markets-{limit}", 20, 50, mode="markets", markets=5),
-                transport="tcp",
-                duration=1,
-                warmup=0.5,
-                tick=0.002,
-                logdir=tmp_path,
-                options=ServerOptions(env={"WS_MAX_CONNECTIONS": limit}),
-            )
-        )
+    rows = await with_all_then_half_taken(
+        lambda limit: Scenario(f"markets-{limit}", 20, 50, mode="markets", markets=5),
+        tmp_path,
+        warmup=0.5,
+    )
     full, half = (row.values for row in rows)
     assert "error" not in full, full["error"]
     assert full["published"] > full["window_events"] > 0
