@@ -29,6 +29,18 @@ echo "$*" >> "${{0%/*}}/npm.log"
 """
 
 
+def run_install(root: Path, bin_dir: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    """The checkout's scripts/install.sh with only `bin_dir` on its PATH."""
+    return subprocess.run(
+        ["/bin/bash", str(root / "scripts" / "install.sh")],
+        env={"PATH": str(bin_dir), "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_a_node_too_old_from_the_distribution_stops_the_install(tmp_path: Path) -> None:
     """On a machine without Node.js, install.sh installs the distribution's: when that one is
     too old for the npm tools (Ubuntu 22.04's 12), it stops saying so instead of going on."""
@@ -46,14 +58,7 @@ def test_a_node_too_old_from_the_distribution_stops_the_install(tmp_path: Path) 
     for name, script in (("apt-get", FAKE_APT), ("npm", FAKE_NPM)):
         (bin_dir / name).write_text(script.format(chmod=chmod))
         (bin_dir / name).chmod(0o755)
-    result = subprocess.run(
-        ["/bin/bash", str(root / "scripts" / "install.sh")],
-        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_install(root, bin_dir, tmp_path)
     assert "nodejs" in (bin_dir / "apt.log").read_text()
     assert result.returncode == 1, result.stderr
     assert "node v12.22.9 is too old" in result.stderr
@@ -151,14 +156,7 @@ def test_promtool_is_taken_out_of_the_prometheus_package_once(tmp_path: Path, us
             (bin_dir / name).symlink_to(real)
 
     def install() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["/bin/bash", str(root / "scripts" / "install.sh")],
-            env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return run_install(root, bin_dir, tmp_path)
 
     first = install()
     assert first.returncode == 0, first.stderr
