@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,32 @@ settings.register_profile("kektech", deadline=None, suppress_health_check=[Healt
 # Local runs keep drawing new inputs, to find what CI's fixed ones miss.
 settings.register_profile("kektech-ci", settings.get_profile("kektech"), derandomize=True)
 settings.load_profile("kektech-ci" if os.environ.get("CI") else "kektech")
+
+_run_loop: list[asyncio.AbstractEventLoop] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def _remember_run_loop() -> AsyncIterator[None]:
+    """The run's event loop (one per session), for the timeout report below."""
+    _run_loop.append(asyncio.get_running_loop())
+    yield
+    _run_loop.clear()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """On pytest-timeout's failure, add where each pending asyncio task was waiting: its
+    traceback shows only the loop's select(), not which await of the test never finished."""
+    report = yield
+    timed_out = call.excinfo is not None and "Timeout (>" in str(call.excinfo.value)
+    if timed_out and _run_loop:
+        stacks = io.StringIO()
+        for task in asyncio.all_tasks(_run_loop[0]):
+            task.print_stack(file=stacks)
+        report.sections.append(("asyncio tasks pending at the timeout", stacks.getvalue()))
+    return report
 
 
 @pytest.fixture(scope="session")
