@@ -78,6 +78,10 @@ class RpcRangeTooLarge(RpcError):  # noqa: N818
         return f"eth_getLogs range too large: {self.reason}"
 
 
+class RpcRangeTimedOut(RpcRangeTooLarge):
+    """An eth_getLogs range got no answer in time: too heavy, or its endpoint hangs."""
+
+
 class BlockNotFound(RpcError):  # noqa: N818
     """The node does not have the block (yet): it answered null."""
 

@@ -34,6 +34,7 @@ from indexer.errors import (
     BlockNotFound,
     ChainIdMismatch,
     RpcError,
+    RpcRangeTimedOut,
     RpcRangeTooLarge,
     RpcResponseError,
     RpcUnavailable,
@@ -189,7 +190,8 @@ class RpcClient:
         node): an answer without it is retried like "unknown block". An endpoint that refuses
         batches gets the query alone, unproven; which of the two is decided at each attempt,
         by the endpoint it goes to. `shrinkable`: a smaller range could replace this one, so
-        a timeout or a range refusal raises RpcRangeTooLarge.
+        a range refusal raises RpcRangeTooLarge, and a timeout RpcRangeTimedOut after failing
+        over (the endpoint may hang rather than find the range heavy).
         """
         query = LogQuery.build(from_block, to_block, addresses, topics)
         logs_id, header_id, alone_id = next(self._ids), next(self._ids), next(self._ids)
@@ -441,6 +443,19 @@ class RpcClient:
                 raise  # the caller sends the calls one by one
             except BlockNotFound:
                 raise  # an answer ("not yet"), not an error of the endpoint
+            except RpcRangeTimedOut as exc:
+                # Too heavy a range, or a hanging endpoint: the caller asks a smaller range,
+                # of the next endpoint, so that a hanging one costs a timeout, not one per
+                # halving down to LOGS_RANGE_MIN.
+                self.stats.errors["timeout"] += 1
+                self._fail_over(index)
+                log.warning(
+                    "rpc range timed out, asking a smaller one of the next endpoint",
+                    method=method,
+                    endpoint=endpoint.label,
+                    detail=exc.reason,
+                )
+                raise
             except RpcError as exc:
                 self.stats.errors[_error_kind(exc)] += 1
                 raise

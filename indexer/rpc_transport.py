@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from indexer import rpc_wire as wire
-from indexer.errors import RpcRangeTooLarge
+from indexer.errors import RpcRangeTimedOut
 from shared.config_types import public_host, url_secret_fragments
 
 __all__ = ["Endpoint", "post"]
@@ -66,7 +66,7 @@ async def post(
     except TimeoutError:
         detail = f"no answer within {session.timeout.total} s"
         if shrinkable:  # an eth_getLogs range that a smaller one may replace
-            raise RpcRangeTooLarge(detail) from None
+            raise RpcRangeTimedOut(detail) from None
         raise wire.TransientFailure("timeout", detail) from None
     except (aiohttp.ClientError, OSError) as exc:
         # `from None`: the chained exception may quote the URL; the detail is redacted.

@@ -424,6 +424,24 @@ async def test_fetch_logs_survives_transient_faults(chain: Chain) -> None:
     assert sum(client.stats.errors.values()) >= len(FAULT_KINDS)
 
 
+async def test_a_range_that_times_out_is_shrunk_on_the_next_endpoint(chain: Chain) -> None:
+    """A timed-out eth_getLogs range may be too heavy or its endpoint may hang: the smaller
+    range goes to the next endpoint, so a hanging first endpoint costs one timeout, not one
+    per halving down to the floor."""
+    addresses = [chain.emitter_a, chain.emitter_b]
+    expected = await direct_logs(chain.url, 0, chain.head, address=addresses)
+    sizer = LogRangeSizer(initial=64, minimum=1, maximum=64)
+    hanging = RpcFaultProxy(chain.url, seed=5, rates={"timeout": 1.0}, timeout_delay=30.0)
+    async with hanging, client_for(hanging.url, chain.url, timeout=0.3) as client:
+        logs = await fetch_logs(
+            client, sizer, from_block=0, to_block=chain.head, addresses=addresses
+        )
+        assert hanging.requests == 1
+    assert as_tuples(logs) == sorted(expected)
+    assert client.stats.errors == {"timeout": 1}
+    assert client.stats.failovers == 1
+
+
 async def test_fails_over_to_the_next_endpoint_and_stays_there(chain: Chain) -> None:
     """A dead first endpoint costs one failed attempt; later calls go to the working one."""
     async with client_for(dead_url(), chain.url) as client:
