@@ -61,7 +61,11 @@ class Metrics:
         self.published_seq = Gauge(
             "kektech_indexer_published_seq", "Last seq published to Redis", registry=r
         )
-        self.redis_up = Gauge("kektech_indexer_redis_up", "1 when Redis answers", registry=r)
+        self.redis_up = Gauge(
+            "kektech_indexer_redis_up",
+            "1 when Redis answers and takes the publisher's commands",
+            registry=r,
+        )
         self.stream_missing = Counter(
             "kektech_indexer_stream_missing",
             "Published seqs the stream lacks: gone from the outbox, or taken by another writer",
