@@ -76,6 +76,7 @@ _RATE_PATTERNS = (
     r"limit exceeded",
     r"rate exceeded",
     r"request rate",
+    r"request limit",  # QuickNode's -32007 "100/second request limit reached"
     r"capacity",
     r"throttl",
 )

@@ -724,6 +724,12 @@ def test_a_reason_given_only_in_the_error_data_is_read() -> None:
         (429, "Too Many Requests", Verdict.TRANSIENT),
         (-32016, "over rate limit", Verdict.TRANSIENT),
         (-32603, "internal error", Verdict.TRANSIENT),
+        # QuickNode's per-second cap, which it may send with HTTP 200:
+        (
+            -32007,
+            "100/second request limit reached - reduce calls per second or upgrade your account",
+            Verdict.TRANSIENT,
+        ),
         (-32000, "header not found", Verdict.TRANSIENT),
         # A block by hash that a node behind its siblings has not seen yet, in other clients'
         # words than geth's "unknown block":
