@@ -97,10 +97,15 @@ _UNAVAILABLE_PATTERNS = (
     r"beyond (?:the )?(?:current )?head",
     r"not (?:yet )?synced",
 )
+# A cap on the calls in one batch (Besu's -32005 "Number of requests exceeds max batch size",
+# geth's "batch too large", Nethermind's "Batch size limit exceeded"): this batch is too
+# large, as with HTTP 413; smaller ones are taken.
+_BATCH_SIZE_PATTERNS = (r"batch (?:size|too large|limit|request limit)", r"max(?:imum)? batch")
 _RANGE_RE = re.compile("|".join(_RANGE_PATTERNS), re.IGNORECASE)
 _NOT_RANGE_RE = re.compile("|".join(_NOT_RANGE_PATTERNS), re.IGNORECASE)
 _RATE_RE = re.compile("|".join(_RATE_PATTERNS), re.IGNORECASE)
 _UNAVAILABLE_RE = re.compile("|".join(_UNAVAILABLE_PATTERNS), re.IGNORECASE)
+_BATCH_SIZE_RE = re.compile("|".join(_BATCH_SIZE_PATTERNS), re.IGNORECASE)
 
 
 class TransientFailure(Exception):  # noqa: N818 - named like the errors module's
@@ -224,7 +229,10 @@ def check_status(
         raise TransientFailure("http_413", "HTTP 413 payload too large")
     if batch and (status not in NOT_AN_ENDPOINT_STATUSES or error is not None):
         # A JSON-RPC error object shows a JSON-RPC endpoint, whatever the status.
-        _refuse_batch(error, method, shrinkable=shrinkable, why=f"HTTP {status}")
+        why = f"HTTP {status}"
+        if error is not None:
+            why += f", error {error[0]}: {_excerpt(error[1])}"
+        _refuse_batch(error, method, shrinkable=shrinkable, why=why)
     if error is not None:
         _raise_for_error(*error, method, shrinkable=shrinkable)
     raise RpcResponseError(None, f"HTTP {status}", method)
@@ -252,6 +260,8 @@ def batch_results(
 
     `method`: the batch's method, or for a mixed batch the one whose errors it is classed by.
     """
+    if isinstance(payload, list) and len(payload) == 1 and _is_batch_error(payload[0]):
+        payload = payload[0]  # the batch's one error object, in a list as some servers send it
     if not isinstance(payload, list):
         error = payload.get("error") if isinstance(payload, dict) else None
         if error is not None:
@@ -276,6 +286,8 @@ def batch_results(
         if error is not None:
             code, message = _check_error(error, method)
             # Some providers cap batch size by failing the items past the cap.
+            if _BATCH_SIZE_RE.search(message):
+                raise BatchRejected(f"error {code}: {_excerpt(message)}", lasting=False)
             verdict = classify(code, message, method, shrinkable=shrinkable)
             if verdict is Verdict.FINAL and "batch" in message.lower():
                 raise BatchRejected(f"error {code}: {_excerpt(message)}")
@@ -297,6 +309,11 @@ def parse_quantity(value: object, what: str, method: str) -> int:
                 return quantity
             raise RpcResponseError(None, f"{what} is out of range: {_excerpt(value)}", method)
     raise RpcResponseError(None, f"{what} is not a hex quantity: {_excerpt(repr(value))}", method)
+
+
+def _is_batch_error(item: object) -> bool:
+    """Whether a batch answer's item is an error about the whole batch: it names no call."""
+    return isinstance(item, dict) and item.get("id") is None and item.get("error") is not None
 
 
 def _error_object(body: bytes) -> tuple[int, str] | None:
@@ -328,8 +345,10 @@ def _refuse_batch(
     error: tuple[int, str] | None, method: str, *, shrinkable: bool, why: str
 ) -> NoReturn:
     """A batch failed as a whole. Its error object may say why (a node behind, a rate limit,
-    a range to shrink); only a final one, or none, is taken as "this endpoint takes no
-    batches"."""
+    a range to shrink, a cap on its size); only a final one, or none, is taken as "this
+    endpoint takes no batches"."""
+    if error is not None and _BATCH_SIZE_RE.search(error[1]):
+        raise BatchRejected(why, lasting=False)
     if error is not None and classify(*error, method, shrinkable=shrinkable) is not Verdict.FINAL:
         _raise_for_error(*error, method, shrinkable=shrinkable)
     raise BatchRejected(why)

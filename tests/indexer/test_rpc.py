@@ -271,6 +271,26 @@ async def test_a_batch_over_the_endpoints_size_limit_is_sent_in_smaller_batches(
         assert headers == await direct.get_block_headers(numbers)
 
 
+async def test_a_batch_over_the_endpoints_call_limit_is_sent_in_smaller_batches(
+    chain: Chain,
+) -> None:
+    """An endpoint with a cap on calls per batch (Besu's --rpc-http-max-batch-size, geth's
+    --rpc.batch-request-limit) answers a larger batch with one error object, -32005 from
+    Besu: halved until it fits, as for a 413, not retried whole until the call fails, nor
+    taken as "no batches here"; the rest goes in batches of that size."""
+    numbers = range(100)
+    async with RpcFaultProxy(chain.url, seed=19, max_batch=16) as proxy:
+        async with client_for(proxy.url) as client:
+            headers = await client.get_block_headers(numbers)
+            sent = proxy.requests
+            await client.get_block_headers(range(10))
+        assert proxy.injected["batch_too_large"] == 3  # 100, 50, 25 refused; 8 batches of 13
+        assert sent == 3 + 8
+        assert proxy.requests - sent == 1  # batches kept
+    async with client_for(chain.url) as direct:
+        assert headers == await direct.get_block_headers(numbers)
+
+
 async def test_a_range_at_the_floor_answered_413_is_retried(chain: Chain) -> None:
     """A range that cannot be made smaller, refused with HTTP 413 (proven and alone), is tried
     again like any overloaded answer, not given up as an unusable endpoint's."""

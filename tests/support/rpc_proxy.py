@@ -41,6 +41,10 @@ Besides, eth_getLogs is limited the way public providers limit it, deterministic
                     (wordings rotate; one of them is HTTP 413 for a single request)
     max_results     an answer with more than max_results logs becomes "more than N results"
     reject_batches  every batch is answered with one "batch not supported" error object
+    max_batch       a batch of more than max_batch calls is answered HTTP 200 with one error
+                    object, Besu's (-32005 "Number of requests exceeds max batch size") or
+                    geth's (-32600 "batch too large") by turns, every other one wrapped in a
+                    list as some proxies answer
     max_body        a request body of more than max_body bytes is answered HTTP 413 (a
                     provider's or its proxy's size limit, e.g. nginx's client_max_body_size)
 
@@ -56,9 +60,9 @@ plain attribute and may be changed while the proxy runs.
 Counters for assertions: `requests` (HTTP requests received), `forwarded` (HTTP requests sent
 upstream), `methods` (Counter of JSON-RPC methods received), `calls` (every JSON-RPC call
 received, as (method, params)) and `injected` (Counter of faults by kind, plus "range",
-"results", "batch_rejected" and "body_too_large" for the provider limits). `on_call`, when
-set, is awaited with each call's method and params before the request is answered (to hold
-one back).
+"results", "batch_rejected", "batch_too_large" and "body_too_large" for the provider
+limits). `on_call`, when set, is awaited with each call's method and params before the
+request is answered (to hold one back).
 
     async with RpcFaultProxy(anvil.rpc_url, seed=7, rates={"http_503": 0.2}) as proxy:
         async with RpcClient([proxy.url], timeout=1, max_retries=10) as client: ...
@@ -134,6 +138,7 @@ class RpcFaultProxy:
         max_range: int | None = None,
         max_results: int | None = None,
         reject_batches: bool = False,
+        max_batch: int | None = None,
         max_body: int | None = None,
         lag_blocks: int = 1,
         empty_unknown_hash: bool = False,
@@ -146,6 +151,7 @@ class RpcFaultProxy:
         self.max_range = max_range
         self.max_results = max_results
         self.reject_batches = reject_batches
+        self.max_batch = max_batch
         self.max_body = max_body
         self.lag_blocks = lag_blocks
         self.empty_unknown_hash = empty_unknown_hash
@@ -244,6 +250,12 @@ class RpcFaultProxy:
         if batch and self.reject_batches:
             self.injected["batch_rejected"] += 1
             return _json(_error(None, -32600, "batch requests are not supported"))
+        if batch and self.max_batch is not None and len(calls) > self.max_batch:
+            turn = self.injected["batch_too_large"]
+            self.injected["batch_too_large"] += 1
+            besu = _error(None, -32005, "Number of requests exceeds max batch size")
+            capped = besu if turn % 2 == 0 else _error(None, -32600, "batch too large")
+            return _json([capped] if turn % 4 >= 2 else capped)
         fault = self._pick_fault(str(c.get("method")) for c in calls)
         if fault is not None:
             self.injected[fault] += 1
