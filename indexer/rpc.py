@@ -10,35 +10,23 @@ against 110-260 ms; a 10,000-log eth_getLogs costs the same either way (decoding
 
 Either a call returns a complete, checked answer or it raises an `RpcError`. The pieces:
 `rpc_transport` makes one HTTP attempt, `rpc_wire` classifies failures, `rpc_results` checks
-answers and `rpc_ranges` splits long eth_getLogs ranges; this module retries and re-exports.
+answers, `rpc_ranges` splits long eth_getLogs ranges and `rpc_failover` retries and fails over;
+this module builds the calls and re-exports.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import itertools
-import random
-import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self, TypeVar
 
 import aiohttp
-import structlog
 
 from indexer import rpc_wire as wire
-from indexer.errors import (
-    BlockNotFound,
-    ChainIdMismatch,
-    RpcError,
-    RpcRangeTimedOut,
-    RpcRangeTooLarge,
-    RpcResponseError,
-    RpcUnavailable,
-)
+from indexer.errors import ChainIdMismatch
+from indexer.rpc_failover import Failover, RpcStats
 from indexer.rpc_ranges import LogRangeSizer, fetch_logs
 from indexer.rpc_results import (
     BlockHeader,
@@ -65,25 +53,11 @@ DEFAULT_MAX_BATCH_SIZE = 100
 # After an endpoint refuses a batch, its calls go one by one for this long, then batches are
 # tried again: one refusal costs that many seconds without range proofs, not all of them.
 DEFAULT_BATCH_RETRY_INTERVAL = 600.0
-# Past this many doublings the backoff cap has long been reached; keeps 2**n small.
-MAX_BACKOFF_EXPONENT = 32
 GET_BLOCK_BY_HASH = "eth_getBlockByHash"
-
-log = structlog.get_logger()
 
 T = TypeVar("T")
 # A JSON-RPC call: method and parameters.
 Call = tuple[str, Sequence[object]]
-
-
-@dataclass
-class RpcStats:
-    """Counters for the metrics exporter; plain ints that only grow."""
-
-    calls: int = 0  # requests and batches asked for, retries not counted
-    attempts: int = 0  # HTTP requests sent, retries and chain id checks included
-    failovers: int = 0  # switches to the next endpoint
-    errors: Counter[str] = field(default_factory=Counter)  # failed attempts by kind
 
 
 class RpcClient:
@@ -112,21 +86,23 @@ class RpcClient:
         # Endpoints are named "#i host" in logs and errors, counted from first_index: a client
         # given one URL of RPC_PROVIDER_URL (kektech doctor probes each alone) names it as the
         # indexer does.
-        self._endpoints = [
-            Endpoint.from_url(i, url) for i, url in enumerate(urls, start=first_index)
-        ]
+        self._failover = Failover(
+            [Endpoint.from_url(i, url) for i, url in enumerate(urls, start=first_index)],
+            attempts=max_retries + 1,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+            batch_retry_interval=batch_retry_interval,
+            verify=(
+                None
+                if expected_chain_id is None
+                else functools.partial(self._verify_chain, expected=expected_chain_id)
+            ),
+        )
         self._timeout = timeout
-        self._attempts = max_retries + 1
-        self._backoff_base = backoff_base
-        self._backoff_max = backoff_max
         self._max_batch_size = max_batch_size
-        self._batch_retry_interval = batch_retry_interval
-        self._expected_chain_id = expected_chain_id
-        self._current = 0
         self._ids = itertools.count(1)
-        self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._session: aiohttp.ClientSession | None = None
-        self.stats = RpcStats()
+        self.stats = self._failover.stats
 
     async def __aenter__(self) -> Self:
         # One keep-alive pool for every endpoint; the timeout bounds each attempt, not a call.
@@ -220,12 +196,12 @@ class RpcClient:
                 try:
                     return await with_proof(endpoint)
                 except wire.BatchRejected as rejected:
-                    self._batch_refused(endpoint, rejected)
+                    self._failover.batch_refused(endpoint, rejected)
             payload = await self._post(endpoint, alone, wire.GET_LOGS, shrinkable=shrinkable)
             result = wire.result_of(payload, alone_id, wire.GET_LOGS, shrinkable=shrinkable)
             return parse_logs(result, query)
 
-        return await self._with_retries(wire.GET_LOGS, attempt)
+        return await self._failover.run(wire.GET_LOGS, attempt)
 
     async def get_logs_at(
         self, headers: Sequence[BlockHeader], *, addresses: Sequence[str]
@@ -315,7 +291,7 @@ class RpcClient:
     @property
     def _batches(self) -> bool:
         """Whether the current endpoint takes batches, as far as the client knows."""
-        return self._endpoints[self._current].batches
+        return self._failover.current.batches
 
     async def _call(
         self,
@@ -352,7 +328,7 @@ class RpcClient:
                 )
             return parse(results)
 
-        return await self._with_retries(method, attempt)
+        return await self._failover.run(method, attempt)
 
     async def _batch(
         self,
@@ -379,124 +355,16 @@ class RpcClient:
                 for i, group_ids in enumerate(ids, first)
             ]
 
-        return await self._with_retries(method, attempt)
-
-    async def _with_retries(self, method: str, attempt: Callable[[Endpoint], Awaitable[T]]) -> T:
-        """Run attempt until it succeeds, failing over and backing off on transient failures.
-
-        The one place that retries. Safe to cancel: an attempt changes nothing on the node.
-        An answer that cannot be used (malformed, or an HTTP status such as 404 for a mistyped
-        path) is the endpoint's fault, which waiting does not cure: the call moves on to the
-        next endpoint at once, and raises it when every endpoint has given one.
-        """
-        self.stats.calls += 1
-        last_error = "no attempt made"
-        unusable: set[int] = set()
-        for number in range(1, self._attempts + 1):
-            index = self._current
-            endpoint = self._endpoints[index]
-            try:
-                if self._expected_chain_id is not None and not endpoint.verified:
-                    await self._verify_chain(endpoint, self._expected_chain_id)
-                return await attempt(endpoint)
-            except wire.TransientFailure as failure:
-                self.stats.errors[failure.kind] += 1
-                last_error = f"{failure.kind} at {endpoint.label}: {failure.detail}"
-                if failure.retry_after is not None:
-                    endpoint.ready_at = time.monotonic() + min(
-                        failure.retry_after, self._backoff_max
-                    )
-                next_endpoint = self._fail_over(index)  # the next call starts there too
-                if number == self._attempts:
-                    break
-                delay = self._backoff(number, next_endpoint)
-                log.warning(
-                    "rpc attempt failed",
-                    method=method,
-                    endpoint=endpoint.label,
-                    error=failure.kind,
-                    detail=failure.detail,
-                    attempt=number,
-                    retry_in=round(delay, 3),
-                )
-                await asyncio.sleep(delay)
-            except RpcResponseError as exc:
-                if exc.code is not None:  # the node's considered refusal: the same anywhere
-                    self.stats.errors["rpc_error"] += 1
-                    raise
-                self.stats.errors["bad_response"] += 1
-                unusable.add(index)
-                if len(unusable) == len(self._endpoints):
-                    raise
-                last_error = f"bad_response at {endpoint.label}: {exc.message}"
-                self._fail_over(index)  # the next call starts past it too
-                if number == self._attempts:
-                    break  # others failed for now only: as for any outage
-                log.warning(
-                    "rpc endpoint gave an unusable answer, failing over",
-                    method=method,
-                    endpoint=endpoint.label,
-                    detail=exc.message,
-                )
-            except wire.BatchRejected as rejected:
-                self._batch_refused(endpoint, rejected)
-                raise  # the caller sends the calls one by one
-            except BlockNotFound:
-                raise  # an answer ("not yet"), not an error of the endpoint
-            except RpcRangeTimedOut as exc:
-                # Too heavy a range, or a hanging endpoint: the caller asks a smaller range,
-                # of the next endpoint, so that a hanging one costs a timeout, not one per
-                # halving down to LOGS_RANGE_MIN.
-                self.stats.errors["timeout"] += 1
-                self._fail_over(index)
-                log.warning(
-                    "rpc range timed out, asking a smaller one of the next endpoint",
-                    method=method,
-                    endpoint=endpoint.label,
-                    detail=exc.reason,
-                )
-                raise
-            except RpcError as exc:
-                self.stats.errors[_error_kind(exc)] += 1
-                raise
-        raise RpcUnavailable(method, self._attempts, last_error)
-
-    def _batch_refused(self, endpoint: Endpoint, rejected: wire.BatchRejected) -> None:
-        """Note a refused batch. After a lasting refusal the endpoint gets no batches for
-        batch_retry_interval seconds (other endpoints keep theirs), then they are tried again:
-        a provider's plan or a firewall's mood may change, and batches carry range proofs."""
-        self.stats.errors["batch_rejected"] += 1
-        retry_in = self._batch_retry_interval if rejected.lasting else 0.0
-        endpoint.batches_from = max(endpoint.batches_from, time.monotonic() + retry_in)
-        log.warning(
-            "rpc endpoint refused a batch, sending its calls one by one",
-            endpoint=endpoint.label,
-            reason=str(rejected),
-            batches_again_in=retry_in,
-        )
-
-    def _fail_over(self, index: int) -> Endpoint:
-        """Move on from the endpoint at index, unless a concurrent call already did."""
-        if len(self._endpoints) > 1 and self._current == index:
-            self._current = (index + 1) % len(self._endpoints)
-            self.stats.failovers += 1
-        return self._endpoints[self._current]
-
-    def _backoff(self, attempt: int, endpoint: Endpoint) -> float:
-        """Return the delay before the next attempt: full jitter, or the endpoint's Retry-After."""
-        ceiling = self._backoff_base * 2 ** min(attempt - 1, MAX_BACKOFF_EXPONENT)
-        jitter = self._rng.uniform(0.0, min(self._backoff_max, ceiling))
-        return min(self._backoff_max, max(jitter, endpoint.ready_at - time.monotonic()))
+        return await self._failover.run(method, attempt)
 
     async def _verify_chain(self, endpoint: Endpoint, expected: int) -> None:
-        """Check once per endpoint that it serves the expected chain, so failover cannot switch."""
+        """Raise ChainIdMismatch unless the endpoint serves the expected chain."""
         request_id = next(self._ids)
         body = wire.encode_request(request_id, "eth_chainId", [])
         payload = await self._post(endpoint, body, "eth_chainId")
         actual = _parse_chain_id(wire.result_of(payload, request_id, "eth_chainId"))
         if actual != expected:
             raise ChainIdMismatch(expected, actual, endpoint.label)
-        endpoint.verified = True
 
     async def _post(
         self,
@@ -528,11 +396,3 @@ def _block_params(number: int) -> list[object]:
     if number < 0:
         raise ValueError(f"negative block number {number}")
     return [hex(number), False]
-
-
-def _error_kind(exc: RpcError) -> str:
-    if isinstance(exc, RpcRangeTooLarge):
-        return "range_too_large"
-    if isinstance(exc, ChainIdMismatch):
-        return "chain_id_mismatch"
-    return "rpc_error"

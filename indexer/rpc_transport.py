@@ -1,6 +1,6 @@
 """One JSON-RPC attempt over HTTP: POST a body to one endpoint, get decoded JSON or an error.
 
-Nothing here retries; `RpcClient._with_retries` decides what a failure leads to.
+Nothing here retries; `rpc_failover.Failover.run` decides what a failure leads to.
 """
 
 from __future__ import annotations

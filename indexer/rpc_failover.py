@@ -1,0 +1,196 @@
+"""Retries and failover of the JSON-RPC client: which endpoint is current, and what a failure costs.
+
+`Failover.run` is the one place that retries: it sends attempts to the current endpoint, moves
+on to the next on failure and backs off between attempts, within a bound. It knows endpoints,
+not HTTP: the attempts and the chain id check are the client's, passed in as callables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import structlog
+
+from indexer import rpc_wire as wire
+from indexer.errors import (
+    BlockNotFound,
+    ChainIdMismatch,
+    RpcError,
+    RpcRangeTimedOut,
+    RpcRangeTooLarge,
+    RpcResponseError,
+    RpcUnavailable,
+)
+from indexer.rpc_transport import Endpoint
+
+__all__ = ["Failover", "RpcStats"]
+
+# Past this many doublings the backoff cap has long been reached; keeps 2**n small.
+MAX_BACKOFF_EXPONENT = 32
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
+
+@dataclass
+class RpcStats:
+    """Counters for the metrics exporter; plain ints that only grow."""
+
+    calls: int = 0  # requests and batches asked for, retries not counted
+    attempts: int = 0  # HTTP requests sent, retries and chain id checks included
+    failovers: int = 0  # switches to the next endpoint
+    errors: Counter[str] = field(default_factory=Counter)  # failed attempts by kind
+
+
+class Failover:
+    """Endpoints tried in turn from the current one, with bounded, jittered retries."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        *,
+        attempts: int,
+        backoff_base: float,
+        backoff_max: float,
+        batch_retry_interval: float,
+        verify: Callable[[Endpoint], Awaitable[None]] | None,
+    ) -> None:
+        # verify raises unless the endpoint serves the expected chain; run() calls it before
+        # an endpoint's first use, so that failover cannot switch chains.
+        self._endpoints = list(endpoints)
+        self._attempts = attempts
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._batch_retry_interval = batch_retry_interval
+        self._verify = verify
+        self._current = 0
+        self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
+        self.stats = RpcStats()
+
+    @property
+    def current(self) -> Endpoint:
+        """The endpoint the next attempt goes to."""
+        return self._endpoints[self._current]
+
+    async def run(self, method: str, attempt: Callable[[Endpoint], Awaitable[T]]) -> T:
+        """Run attempt until it succeeds, failing over and backing off on transient failures.
+
+        The one place that retries. Safe to cancel: an attempt changes nothing on the node.
+        An answer that cannot be used (malformed, or an HTTP status such as 404 for a mistyped
+        path) is the endpoint's fault, which waiting does not cure: the call moves on to the
+        next endpoint at once, and raises it when every endpoint has given one.
+        """
+        self.stats.calls += 1
+        last_error = "no attempt made"
+        unusable: set[int] = set()
+        for number in range(1, self._attempts + 1):
+            index = self._current
+            endpoint = self._endpoints[index]
+            try:
+                if self._verify is not None and not endpoint.verified:
+                    await self._verify(endpoint)
+                    endpoint.verified = True
+                return await attempt(endpoint)
+            except wire.TransientFailure as failure:
+                self.stats.errors[failure.kind] += 1
+                last_error = f"{failure.kind} at {endpoint.label}: {failure.detail}"
+                if failure.retry_after is not None:
+                    endpoint.ready_at = time.monotonic() + min(
+                        failure.retry_after, self._backoff_max
+                    )
+                next_endpoint = self._fail_over(index)  # the next call starts there too
+                if number == self._attempts:
+                    break
+                delay = self._backoff(number, next_endpoint)
+                log.warning(
+                    "rpc attempt failed",
+                    method=method,
+                    endpoint=endpoint.label,
+                    error=failure.kind,
+                    detail=failure.detail,
+                    attempt=number,
+                    retry_in=round(delay, 3),
+                )
+                await asyncio.sleep(delay)
+            except RpcResponseError as exc:
+                if exc.code is not None:  # the node's considered refusal: the same anywhere
+                    self.stats.errors["rpc_error"] += 1
+                    raise
+                self.stats.errors["bad_response"] += 1
+                unusable.add(index)
+                if len(unusable) == len(self._endpoints):
+                    raise
+                last_error = f"bad_response at {endpoint.label}: {exc.message}"
+                self._fail_over(index)  # the next call starts past it too
+                if number == self._attempts:
+                    break  # others failed for now only: as for any outage
+                log.warning(
+                    "rpc endpoint gave an unusable answer, failing over",
+                    method=method,
+                    endpoint=endpoint.label,
+                    detail=exc.message,
+                )
+            except wire.BatchRejected as rejected:
+                self.batch_refused(endpoint, rejected)
+                raise  # the caller sends the calls one by one
+            except BlockNotFound:
+                raise  # an answer ("not yet"), not an error of the endpoint
+            except RpcRangeTimedOut as exc:
+                # Too heavy a range, or a hanging endpoint: the caller asks a smaller range,
+                # of the next endpoint, so that a hanging one costs a timeout, not one per
+                # halving down to LOGS_RANGE_MIN.
+                self.stats.errors["timeout"] += 1
+                self._fail_over(index)
+                log.warning(
+                    "rpc range timed out, asking a smaller one of the next endpoint",
+                    method=method,
+                    endpoint=endpoint.label,
+                    detail=exc.reason,
+                )
+                raise
+            except RpcError as exc:
+                self.stats.errors[_error_kind(exc)] += 1
+                raise
+        raise RpcUnavailable(method, self._attempts, last_error)
+
+    def batch_refused(self, endpoint: Endpoint, rejected: wire.BatchRejected) -> None:
+        """Note a refused batch. After a lasting refusal the endpoint gets no batches for
+        batch_retry_interval seconds (other endpoints keep theirs), then they are tried again:
+        a provider's plan or a firewall's mood may change, and batches carry range proofs."""
+        self.stats.errors["batch_rejected"] += 1
+        retry_in = self._batch_retry_interval if rejected.lasting else 0.0
+        endpoint.batches_from = max(endpoint.batches_from, time.monotonic() + retry_in)
+        log.warning(
+            "rpc endpoint refused a batch, sending its calls one by one",
+            endpoint=endpoint.label,
+            reason=str(rejected),
+            batches_again_in=retry_in,
+        )
+
+    def _fail_over(self, index: int) -> Endpoint:
+        """Move on from the endpoint at index, unless a concurrent call already did."""
+        if len(self._endpoints) > 1 and self._current == index:
+            self._current = (index + 1) % len(self._endpoints)
+            self.stats.failovers += 1
+        return self._endpoints[self._current]
+
+    def _backoff(self, attempt: int, endpoint: Endpoint) -> float:
+        """Return the delay before the next attempt: full jitter, or the endpoint's Retry-After."""
+        ceiling = self._backoff_base * 2 ** min(attempt - 1, MAX_BACKOFF_EXPONENT)
+        jitter = self._rng.uniform(0.0, min(self._backoff_max, ceiling))
+        return min(self._backoff_max, max(jitter, endpoint.ready_at - time.monotonic()))
+
+
+def _error_kind(exc: RpcError) -> str:
+    if isinstance(exc, RpcRangeTooLarge):
+        return "range_too_large"
+    if isinstance(exc, ChainIdMismatch):
+        return "chain_id_mismatch"
+    return "rpc_error"
