@@ -14,6 +14,7 @@ __all__ = [
     "DatabaseUnavailable",
     "IndexerError",
     "RpcError",
+    "RpcRangeTimedOut",
     "RpcRangeTooLarge",
     "RpcResponseError",
     "RpcUnavailable",

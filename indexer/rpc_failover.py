@@ -168,7 +168,9 @@ class Failover:
         retry_in = self._batch_retry_interval if rejected.lasting else 0.0
         endpoint.batches_from = max(endpoint.batches_from, time.monotonic() + retry_in)
         log.warning(
-            "rpc endpoint refused a batch, sending its calls one by one",
+            "rpc endpoint refused a batch, sending its calls one by one"
+            if rejected.lasting
+            else "rpc endpoint refused a batch as too large, sending less at once",
             endpoint=endpoint.label,
             reason=str(rejected),
             batches_again_in=retry_in,

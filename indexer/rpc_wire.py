@@ -97,10 +97,11 @@ _UNAVAILABLE_PATTERNS = (
     r"beyond (?:the )?(?:current )?head",
     r"not (?:yet )?synced",
 )
-# A cap on the calls in one batch (Besu's -32005 "Number of requests exceeds max batch size",
-# geth's "batch too large", Nethermind's "Batch size limit exceeded"): this batch is too
-# large, as with HTTP 413; smaller ones are taken.
-_BATCH_SIZE_PATTERNS = (r"batch (?:size|too large|limit|request limit)", r"max(?:imum)? batch")
+# A cap on one batch's calls or answer (Besu's -32005 "Number of requests exceeds max batch
+# size", geth's "batch too large", Erigon's "batch limit 100 exceeded", Nethermind's "Batch
+# size limit exceeded" and "MaxBatchResponseBodySize"): this batch is too large, as with HTTP
+# 413; smaller ones are taken.
+_BATCH_SIZE_PATTERNS = (r"batch (?:size|too large|limit|request limit)", r"max(?:imum)? ?batch")
 _RANGE_RE = re.compile("|".join(_RANGE_PATTERNS), re.IGNORECASE)
 _NOT_RANGE_RE = re.compile("|".join(_NOT_RANGE_PATTERNS), re.IGNORECASE)
 _RATE_RE = re.compile("|".join(_RATE_PATTERNS), re.IGNORECASE)
@@ -260,8 +261,8 @@ def batch_results(
 
     `method`: the batch's method, or for a mixed batch the one whose errors it is classed by.
     """
-    if isinstance(payload, list) and len(payload) == 1 and _is_batch_error(payload[0]):
-        payload = payload[0]  # the batch's one error object, in a list as some servers send it
+    if isinstance(payload, list) and len(payload) == 1 and _is_batch_error(payload[0], ids):
+        payload = payload[0]  # the batch's one error, in a list as geth and Erigon send it
     if not isinstance(payload, list):
         error = payload.get("error") if isinstance(payload, dict) else None
         if error is not None:
@@ -311,9 +312,14 @@ def parse_quantity(value: object, what: str, method: str) -> int:
     raise RpcResponseError(None, f"{what} is not a hex quantity: {_excerpt(repr(value))}", method)
 
 
-def _is_batch_error(item: object) -> bool:
-    """Whether a batch answer's item is an error about the whole batch: it names no call."""
-    return isinstance(item, dict) and item.get("id") is None and item.get("error") is not None
+def _is_batch_error(item: object, ids: Sequence[int]) -> bool:
+    """Whether a lone item answering a batch of `ids` is an error about the whole batch: it
+    names no call, or answers several under the first one's id (geth's and Erigon's "batch
+    too large")."""
+    if not isinstance(item, dict) or item.get("error") is None:
+        return False
+    item_id = item.get("id")
+    return item_id is None or (len(ids) > 1 and item_id in ids)
 
 
 def _error_object(body: bytes) -> tuple[int, str] | None:

@@ -909,6 +909,32 @@ def test_a_batch_answer_with_a_strange_id_is_a_bad_response(bad_id: object) -> N
         batch_results(answer, [1], "eth_x")
 
 
+def _rpc_error(request_id: object, code: int, message: str) -> dict[str, object]:
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        _rpc_error(None, -32005, "Number of requests exceeds max batch size"),  # Besu
+        [_rpc_error(1, -32600, "batch too large")],  # geth: the first call's id
+        [_rpc_error(1, -32600, "batch limit 2 exceeded (can increase by --rpc.batch.limit)")],
+        [_rpc_error(None, -32005, "Number of requests exceeds max batch size")],
+        [  # Nethermind, a cap on the answer's size, on the calls past it
+            {"jsonrpc": "2.0", "id": 1, "result": "0x1"},
+            _rpc_error(2, -32005, "MaxBatchResponseBodySize 30000000 exceeded"),
+        ],
+    ],
+)
+def test_a_cap_on_a_batch_refuses_that_batch_only(answer: object) -> None:
+    """A batch over an endpoint's cap on calls or on the answer's size, in each server's
+    shape, is refused as too large (to be halved), not as "no batches here" nor as an
+    unusable or transient answer."""
+    with pytest.raises(BatchRejected) as rejected:
+        batch_results(answer, [1, 2], "eth_getBlockByNumber")
+    assert not rejected.value.lasting
+
+
 def test_a_log_marked_removed_makes_the_range_be_fetched_again() -> None:
     """eth_getLogs answers with logs of the canonical chain; a node that marks one removed saw
     its block replaced meanwhile, so the answer is not stored but fetched again."""

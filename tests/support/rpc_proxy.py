@@ -41,10 +41,10 @@ Besides, eth_getLogs is limited the way public providers limit it, deterministic
                     (wordings rotate; one of them is HTTP 413 for a single request)
     max_results     an answer with more than max_results logs becomes "more than N results"
     reject_batches  every batch is answered with one "batch not supported" error object
-    max_batch       a batch of more than max_batch calls is answered HTTP 200 with one error
-                    object, Besu's (-32005 "Number of requests exceeds max batch size") or
-                    geth's (-32600 "batch too large") by turns, every other one wrapped in a
-                    list as some proxies answer
+    max_batch       a batch of more than max_batch calls is answered HTTP 200 with one error,
+                    by turns Besu's (an object, -32005 "Number of requests exceeds max batch
+                    size", id null), geth's and Erigon's (a list of one -32600 "batch too
+                    large" under the first call's id) and both the other way round
     max_body        a request body of more than max_body bytes is answered HTTP 413 (a
                     provider's or its proxy's size limit, e.g. nginx's client_max_body_size)
 
@@ -253,9 +253,11 @@ class RpcFaultProxy:
         if batch and self.max_batch is not None and len(calls) > self.max_batch:
             turn = self.injected["batch_too_large"]
             self.injected["batch_too_large"] += 1
-            besu = _error(None, -32005, "Number of requests exceeds max batch size")
-            capped = besu if turn % 2 == 0 else _error(None, -32600, "batch too large")
-            return _json([capped] if turn % 4 >= 2 else capped)
+            if turn % 2 == 0:
+                capped = _error(None, -32005, "Number of requests exceeds max batch size")
+            else:
+                capped = _error(calls[0].get("id"), -32600, "batch too large")
+            return _json([capped] if turn % 4 in (1, 2) else capped)
         fault = self._pick_fault(str(c.get("method")) for c in calls)
         if fault is not None:
             self.injected[fault] += 1
