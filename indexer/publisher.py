@@ -6,9 +6,10 @@ event stays a few microseconds on our side. Stream IDs must grow, so the script 
 that is already in the stream, which makes a retry after a crash or an outage exact for the
 stream and at-least-once for Pub/Sub. Progress (`published_seq`) lives in Postgres and only moves
 after Redis acknowledged, so nothing is lost while Redis is down: rows wait in the outbox and
-drain in order when it returns. A commit of a few rows (a live block) also hands them over in
-memory (`wake(rows)`): published without being read back, one round trip less per block; the
-outbox stays the record, read whenever the rows handed over do not continue what was published.
+drain in order when it returns. A commit (a live block, a catch-up batch) also hands its rows
+over in memory (`wake(rows)`): published without being read back, one round trip less per
+block; the outbox stays the record, read whenever the rows handed over do not continue what was
+published.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from indexer.store import OutboxRow, Store
 log = structlog.get_logger()
 
 BATCH_SIZE = 1000
-# Rows kept from commits' hand-overs (a few MB at most) while Redis is slow or down; past it
-# they are forgotten and read back from the outbox, which holds them anyway.
-HANDOFF_MAX = 2000
+# Rows kept from commits' hand-overs while Redis is slow or down; past it they are forgotten
+# and read back from the outbox, which holds them anyway. Catch-up batches are handed over
+# too (about BATCH_EVENTS rows, 2,000 by default): room for the one being published, the next
+# and a range that overshoots its estimate, at about 1 kB per row some 5 MB at most.
+HANDOFF_MAX = 5000
 # The bound of one publish call (a half-open socket never answers). Applied here with
 # asyncio.timeout rather than redis-py's socket_timeout, which goes through asyncio.wait_for.
 REDIS_CALL_TIMEOUT = 5.0

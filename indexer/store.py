@@ -96,8 +96,8 @@ class SavedBatch:
     """What a committed batch stored."""
 
     fresh: list[StoredEvent]  # its events that were not stored before
-    # Its outbox rows in seq order when they went in the write statement (a small batch), for
-    # the publisher to take without reading them back; None when they went by COPY.
+    # Its outbox rows in seq order, for the publisher to take without reading them back; None
+    # for a backfill (no cursor), whose rows were streamed.
     outbox: list[OutboxRow] | None
 
 
@@ -363,6 +363,7 @@ class Store:
 
         Four round trips for a live block (indexer/statements.py); a large batch sends its
         events and outbox rows by COPY, a backfill (no cursor) also replays its markets.
+        The outbox rows of a batch that moves the cursor come back for the publisher too.
         """
         events = batch.events
         span = (events[0].log.block_number, events[-1].log.block_number) if events else (1, 0)
@@ -384,15 +385,24 @@ class Store:
             handed: list[OutboxRow] | None = None
             event_rows: list[tuple[Any, ...]] = []
             outbox_rows: list[tuple[Any, ...]] = []
-            if batch.cursor is None or len(fresh) > COPY_ABOVE:
-                # Streamed: the rows and envelopes of a large batch are never all in memory.
+            if batch.cursor is None:
+                # A backfill (often another process than the publisher's): streamed, so its
+                # rows and envelopes are never all in memory; the publisher reads the outbox.
                 await self._copy(conn, "events", new_events, EVENT_COLUMNS)
                 await self._copy(conn, "outbox", new_outbox, OUTBOX_COLUMNS)
             else:
-                event_rows, outbox_rows = list(new_events), list(new_outbox)
+                # Kept for the publisher, large batches too: reading a catch-up batch back
+                # cost more than the envelopes it keeps (about 1 kB each, BATCH_EVENTS of them).
+                outbox_rows = list(new_outbox)
                 handed = [
                     OutboxRow(seq, channels, payload) for seq, _, channels, payload in outbox_rows
                 ]
+                if len(fresh) > COPY_ABOVE:
+                    await self._copy(conn, "events", new_events, EVENT_COLUMNS)
+                    await self._copy(conn, "outbox", outbox_rows, OUTBOX_COLUMNS)
+                    outbox_rows = []
+                else:
+                    event_rows = list(new_events)
             markets: list[MarketRow] = []
             if batch.cursor is None:
                 # A backfill inserts events into the past: replay those markets in order.
