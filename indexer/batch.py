@@ -15,7 +15,6 @@ from indexer.decoding import Decoded, decode_args
 from indexer.projection import ProjectedEvent
 from indexer.rpc_results import BlockHeader, RawLog
 from shared.channels import channels_for
-from shared.envelope import event_id
 
 ISO_SECONDS = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -34,9 +33,10 @@ class StoredEvent:
         return self.decoded.market if self.decoded is not None else None
 
     @property
-    def channels(self) -> tuple[str, ...]:
+    def channel_list(self) -> str:
+        """The channels space-separated, as the outbox stores them."""
         assert self.decoded is not None
-        return channels_for(self.decoded.spec.name, self.kind.value, self.market)
+        return _channel_list(self.decoded.spec.name, self.kind, self.decoded.market)
 
     def wire(self, *, chain_id: int, seq: int, removed: bool = False) -> tuple[str, bytes]:
         """The event's id and its envelope as JSON (docs/protocol.md, shared.envelope).
@@ -45,10 +45,12 @@ class StoredEvent:
         and validation would cost more than the rest of the indexing (measured). The tests
         validate what this produces with `EventEnvelope.from_json_bytes`.
         """
-        assert self.decoded is not None
+        decoded = self.decoded
+        assert decoded is not None
         raw = self.log
-        name = self.decoded.spec.name
-        ident = event_id(chain_id, raw.transaction_hash, raw.log_index)
+        name = decoded.spec.name
+        # shared.envelope.event_id without its .lower(): a RawLog's hex is lowercase already.
+        ident = f"{chain_id}:{raw.transaction_hash}:{raw.log_index}"
         envelope = {
             "type": name,
             "eventType": name,
@@ -56,15 +58,16 @@ class StoredEvent:
             "seq": seq,
             "chainId": chain_id,
             "contract": raw.address,
-            "contractKind": self.kind.value,
-            "marketAddress": self.market,
+            # A StrEnum: orjson writes its value, which `.value` would look up (measured).
+            "contractKind": self.kind,
+            "marketAddress": decoded.market,
             "blockNumber": raw.block_number,
             "blockHash": raw.block_hash,
             "transactionHash": raw.transaction_hash,
             "logIndex": raw.log_index,
             "timestamp": _iso(self.block_time),
-            "args": self.decoded.args,
-            "data": self.decoded.args,
+            "args": decoded.args,
+            "data": decoded.args,
             "removed": removed,
         }
         # Copied: orjson's result keeps its whole output buffer (8 KiB) alive, which for a
@@ -113,6 +116,13 @@ class StoredEvent:
 def _iso(moment: datetime) -> str:
     # Cached: every event of a block has the same time, and strftime is not cheap.
     return moment.strftime(ISO_SECONDS)
+
+
+# Cached: a few dozen event names times the markets (a few thousand at most), asked for on
+# every event published; cheaper than building the tuple and joining it each time (measured).
+@functools.lru_cache(maxsize=8192)
+def _channel_list(name: str, kind: ContractKind, market: str | None) -> str:
+    return " ".join(channels_for(name, kind.value, market))
 
 
 def block_time(timestamp: int) -> datetime:

@@ -135,7 +135,7 @@ def outbox_values(
     event: StoredEvent, *, chain_id: int, seq: int, removed: bool = False
 ) -> tuple[Any, ...]:
     ident, payload = event.wire(chain_id=chain_id, seq=seq, removed=removed)
-    return (seq, ident, " ".join(event.channels), payload)
+    return (seq, ident, event.channel_list, payload)
 
 
 def event_values(event: StoredEvent, seq: int | None) -> tuple[Any, ...]:
