@@ -23,7 +23,7 @@ from websockets.exceptions import InvalidStatus
 from broadcaster.errors import SocketInUse
 from broadcaster.server import _bind_unix
 from devnet.services import REPO_ROOT, Redis, free_port
-from indexer.publisher import PUBLISH_SCRIPT
+from indexer.publisher import PUBLISH_SCRIPT, script_event
 from shared.channels import channels_for
 from shared.errors import ConfigError
 from tests.broadcaster.support import (
@@ -102,7 +102,7 @@ async def test_republication_is_not_delivered_twice(
     channels = " ".join(channels_for(env.type, env.contract_kind, env.market_address))
     # What Publisher._publish sends for one row: MAXLEN, the seq the batch follows on from
     # (the recorded position + 1, still 1 after a crash before it was recorded), the row.
-    args: list[bytes | str | int] = [producer.maxlen, 1, 1, channels, env.to_json_bytes()]
+    args: list[bytes | int] = [producer.maxlen, 1, script_event(1, channels, env.to_json_bytes())]
     async with ws_client(server.url) as client:
         await client.subscribe("events:*")
         added = []

@@ -16,7 +16,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
 from devnet.services import Anvil
-from indexer.publisher import PUBLISH_SCRIPT
+from indexer.publisher import PUBLISH_SCRIPT, script_event
 from ops.probes.redis import probe_redis
 from tests.broadcaster.support import running, settings_for, ws_client
 from tests.support.indexer_process import IndexerProcess, indexer_env
@@ -150,8 +150,8 @@ async def test_indexer_user_can_check_seqs_already_in_its_stream(
     client = aioredis.Redis.from_url(server.url("indexer"))
     try:
         publish = client.register_script(PUBLISH_SCRIPT)
-        args: list[bytes | str | int] = [1000, 1, 1, "events:test", event]
-        args += [2, "events:test", b'{"seq":2}']
+        args: list[bytes | int] = [1000, 1, script_event(1, "events:test", event)]
+        args.append(script_event(2, "events:test", b'{"seq":2}'))
         added, top, foreign, unchecked = await publish(keys=[STREAM_KEY], args=args)
     finally:
         await client.aclose()
