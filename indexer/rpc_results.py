@@ -8,6 +8,7 @@ that was not asked for, or the same log twice is an `RpcResponseError`, never a 
 from __future__ import annotations
 
 import binascii
+import functools
 import itertools
 import operator
 import re
@@ -30,6 +31,8 @@ __all__ = [
 
 GET_BLOCK = "eth_getBlockByNumber"
 MAX_TOPICS = 4
+# Address lists remembered by LogQuery.build: the follower's chunks of tracked contracts.
+ADDRESS_SETS_CACHED = 16
 # 9999-12-31T23:59:59Z: a block time past it has no date (the envelope's ISO timestamp).
 MAX_TIMESTAMP = 253_402_300_799
 
@@ -95,7 +98,7 @@ class LogQuery:
         return cls(
             from_block,
             to_block,
-            frozenset(normalize_address(a) for a in addresses),
+            _address_set(tuple(addresses)),
             tuple(_topic_set(t) for t in topics or ()),
         )
 
@@ -251,6 +254,14 @@ def _hash(value: object, what: str, method: str, checked: dict[str, str] | None 
                 checked[value] = lower
             return lower
     raise RpcResponseError(None, f"{what} is not a 32-byte hex string: {value!r:.80}", method)
+
+
+@functools.lru_cache(maxsize=ADDRESS_SETS_CACHED)
+def _address_set(addresses: tuple[str, ...]) -> frozenset[str]:
+    """Normalize the addresses of a filter; ValueError for a malformed address."""
+    # Cached: the follower asks the same chunks of up to a thousand addresses for every range
+    # and, at the tip, for every block; checking each address again cost ~1 ms per query.
+    return frozenset(normalize_address(a) for a in addresses)
 
 
 def _topic_set(topic: str | Sequence[str] | None) -> frozenset[str] | None:
