@@ -25,7 +25,9 @@ class UndecodableLog(ValueError):  # noqa: N818 - named for what happened, like 
     """A log whose topic0 is known but whose layout does not match the declaration."""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, for every event.
+# Nothing hashes or changes a Decoded (its args are a dict: it never was hashable).
+@dataclass(slots=True)
 class Decoded:
     """A decoded event: its spec, arguments, and the market it concerns (if any)."""
 
@@ -37,7 +39,13 @@ class Decoded:
 Reader = Callable[[bytes, int], Any]  # (data, offset of the value's head word) -> value
 
 
+def _read_uint256(data: bytes, at: int) -> int:
+    return int.from_bytes(data[at : at + 32], "big")  # 32 bytes are always in range
+
+
 def _read_uint(bits: int) -> Reader:
+    if bits == 256:
+        return _read_uint256
     limit = 1 << bits
 
     def read(data: bytes, at: int) -> int:
@@ -246,4 +254,4 @@ def decode_log(
         market: str | None = address
     else:
         market = next((str(args[n]) for n in MARKET_ARGUMENTS if n in args), None)
-    return Decoded(spec=spec, args=args, market=market)
+    return Decoded(spec, args, market)  # positional: keywords cost more, for every event
