@@ -114,7 +114,10 @@ class PySpy:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, pid: int) -> None:
-        argv = [self.binary, "record", "--idle", "--format", "raw", "-r", str(self.rate)]
+        # --nonblocking: samples are read without stopping the indexer each time, which
+        # otherwise slows it down on top of py-spy's own CPU.
+        argv = [self.binary, "record", "--nonblocking", "--idle", "--format", "raw"]
+        argv += ["-r", str(self.rate)]
         argv += ["-o", str(self.output), "-p", str(pid)]
         log = self.output.with_suffix(".log").open("wb")
         with log:
