@@ -8,15 +8,17 @@ import socket
 
 import asyncpg
 import pytest
+from eth_abi.abi import encode
 
 from devnet.services import Postgres
 from indexer.batch import Batch, StoredEvent, block_time
-from indexer.catalog import ContractKind
+from indexer.catalog import MARKET_CREATED, ContractKind
 from indexer.database import Database
+from indexer.decoding import decode_log
 from indexer.errors import DatabaseUnavailable, StoreError
 from indexer.rpc_results import BlockHeader, RawLog
 from indexer.service import acquire_lease, lease_owner
-from indexer.store import Store
+from indexer.store import COPY_ABOVE, Store
 from tests.support.tasks import background
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -45,6 +47,49 @@ def raw_event(index: int) -> StoredEvent:
         removed=False,
     )
     return StoredEvent(log=log, kind=ContractKind.FACTORY, decoded=None, block_time=block_time(0))
+
+
+def market_created(index: int) -> StoredEvent:
+    """The factory's MarketCreated of the index-th market, at block 1."""
+    factory, market = "0x" + "11" * 20, f"0x{index + 1:040x}"
+    topics = [
+        MARKET_CREATED.topic0,
+        "0x" + market[2:].rjust(64, "0"),
+        "0x" + ("22" * 20).rjust(64, "0"),
+        "0x" + "33" * 32,
+    ]
+    data = "0x" + encode(["string", "uint256", "uint256", "uint256"], [f"Q{index}?", 1, 2, 3]).hex()
+    log = RawLog(
+        factory, tuple(topics), data, 1, header(1).hash, f"0x{index:064x}", 0, index, False
+    )
+    decoded = decode_log(ContractKind.FACTORY, factory, topics, data)
+    assert decoded is not None
+    return StoredEvent(
+        log=log, kind=ContractKind.FACTORY, decoded=decoded, block_time=block_time(0)
+    )
+
+
+@pytest.mark.parametrize("events", [3, COPY_ABOVE + 44])
+async def test_a_committed_batch_hands_over_exactly_its_outbox_rows(
+    database_url: str, events: int
+) -> None:
+    """What a batch that moves the cursor hands to the publisher in memory, a live block's
+    few rows or a catch-up batch's sent by COPY, equals what the outbox holds."""
+    async with Store.open(database_url, command_timeout=5.0) as store:
+        await store.migrate()
+        lease = await store.try_acquire_lease("test", TTL)
+        assert lease is not None
+        await store.init_state(lease, TTL, chain_id=1, cursor=header(0))
+        batch = Batch(
+            events=[market_created(i) for i in range(events)],
+            headers=[header(1)],
+            cursor=header(1),
+            prune_headers_below=0,
+        )
+        saved = await store.save_batch(lease, TTL, batch)
+        assert saved.outbox is not None
+        assert len(saved.outbox) == events
+        assert saved.outbox == await store.outbox_after(0, 2 * events)
 
 
 async def test_rows_sent_by_copy_into_a_path_that_stops_taking_data_end_in_a_store_error(
