@@ -18,7 +18,7 @@ from indexer.decoding import decode_log
 from indexer.errors import DatabaseUnavailable, StoreError
 from indexer.rpc_results import BlockHeader, RawLog
 from indexer.service import acquire_lease, lease_owner
-from indexer.store import COPY_ABOVE, Store
+from indexer.store import COPY_ABOVE, Lease, Store
 from tests.support.tasks import background
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -49,6 +49,20 @@ def raw_event(index: int) -> StoredEvent:
     return StoredEvent(log=log, kind=ContractKind.FACTORY, decoded=None, block_time=block_time(0))
 
 
+async def lease_at_block_zero(store: Store) -> Lease:
+    """Migrate, take the write lease and put the cursor at block 0; return the lease."""
+    await store.migrate()
+    lease = await store.try_acquire_lease("test", TTL)
+    assert lease is not None
+    await store.init_state(lease, TTL, chain_id=1, cursor=header(0))
+    return lease
+
+
+def block_one(events: list[StoredEvent]) -> Batch:
+    """A batch of events at block 1 that moves the cursor there."""
+    return Batch(events=events, headers=[header(1)], cursor=header(1), prune_headers_below=0)
+
+
 def market_created(index: int) -> StoredEvent:
     """The factory's MarketCreated of the index-th market, at block 1."""
     factory, market = "0x" + "11" * 20, f"0x{index + 1:040x}"
@@ -76,16 +90,8 @@ async def test_a_committed_batch_hands_over_exactly_its_outbox_rows(
     """What a batch that moves the cursor hands to the publisher in memory, a live block's
     few rows or a catch-up batch's sent by COPY, equals what the outbox holds."""
     async with Store.open(database_url, command_timeout=5.0) as store:
-        await store.migrate()
-        lease = await store.try_acquire_lease("test", TTL)
-        assert lease is not None
-        await store.init_state(lease, TTL, chain_id=1, cursor=header(0))
-        batch = Batch(
-            events=[market_created(i) for i in range(events)],
-            headers=[header(1)],
-            cursor=header(1),
-            prune_headers_below=0,
-        )
+        lease = await lease_at_block_zero(store)
+        batch = block_one([market_created(i) for i in range(events)])
         saved = await store.save_batch(lease, TTL, batch)
         assert saved.outbox is not None
         assert len(saved.outbox) == events
@@ -101,16 +107,8 @@ async def test_rows_sent_by_copy_into_a_path_that_stops_taking_data_end_in_a_sto
     async with TcpProxy(postgres.port, receive_buffer=4096) as proxy:
         url = database_url.replace(f":{postgres.port}/", f":{proxy.port}/")
         async with Store.open(url, command_timeout=2.0) as store:
-            await store.migrate()
-            lease = await store.try_acquire_lease("test", TTL)
-            assert lease is not None
-            await store.init_state(lease, TTL, chain_id=1, cursor=header(0))
-            batch = Batch(
-                events=[raw_event(i) for i in range(20_000)],
-                headers=[header(1)],
-                cursor=header(1),
-                prune_headers_below=0,
-            )
+            lease = await lease_at_block_zero(store)
+            batch = block_one([raw_event(i) for i in range(20_000)])
             proxy.stall_before = b"PGCOPY"  # the first rows of a binary COPY
             async with background(store.save_batch(lease, TTL, batch)) as saving:
                 await asyncio.wait([saving], timeout=30)  # far past the command timeout
