@@ -393,16 +393,13 @@ class Store:
             else:
                 # Kept for the publisher, large batches too: reading a catch-up batch back
                 # cost more than the envelopes it keeps (about 1 kB each, BATCH_EVENTS of them).
-                outbox_rows = list(new_outbox)
-                handed = [
-                    OutboxRow(seq, channels, payload) for seq, _, channels, payload in outbox_rows
-                ]
+                kept = list(new_outbox)
+                handed = [OutboxRow(seq, channels, payload) for seq, _, channels, payload in kept]
                 if len(fresh) > COPY_ABOVE:
                     await self._copy(conn, "events", new_events, EVENT_COLUMNS)
-                    await self._copy(conn, "outbox", outbox_rows, OUTBOX_COLUMNS)
-                    outbox_rows = []
-                else:
-                    event_rows = list(new_events)
+                    await self._copy(conn, "outbox", kept, OUTBOX_COLUMNS)
+                else:  # in the write statement
+                    event_rows, outbox_rows = list(new_events), kept
             markets: list[MarketRow] = []
             if batch.cursor is None:
                 # A backfill inserts events into the past: replay those markets in order.
