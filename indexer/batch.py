@@ -15,6 +15,7 @@ from indexer.decoding import Decoded, decode_args
 from indexer.projection import ProjectedEvent
 from indexer.rpc_results import BlockHeader, RawLog
 from shared.channels import channels_for
+from shared.envelope import event_id
 
 ISO_SECONDS = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -49,8 +50,7 @@ class StoredEvent:
         assert decoded is not None
         raw = self.log
         name = decoded.spec.name
-        # shared.envelope.event_id without its .lower(): a RawLog's hex is lowercase already.
-        ident = f"{chain_id}:{raw.transaction_hash}:{raw.log_index}"
+        ident = event_id(chain_id, raw.transaction_hash, raw.log_index)
         envelope = {
             "type": name,
             "eventType": name,
