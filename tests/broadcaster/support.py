@@ -482,12 +482,22 @@ class RawClient:
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
-        writer.write(handshake_request(f"127.0.0.1:{port}", path=path))
-        async with asyncio.timeout(WITHIN):
-            head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
+        writer: asyncio.StreamWriter | None = None
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+            writer.write(handshake_request(f"127.0.0.1:{port}", path=path))
+            async with asyncio.timeout(WITHIN):
+                head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101"), head
+        except BaseException:
+            # Cancelled or failed mid-handshake (a flooder stopped at the end of its block):
+            # the socket must not be left for the collector to find open.
+            if writer is None:
+                sock.close()
+            else:
+                writer.close()
+            raise
         return cls(reader, writer)
 
     def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True) -> None:
