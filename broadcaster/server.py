@@ -289,10 +289,20 @@ async def serve_clients(
             path = settings.ws_unix_socket
             _refuse_live_socket(path)
             bound = _bind_unix(path, group)
-            stack.callback(_remove_socket, path, os.stat(path).st_ino)
-            listeners.append(
-                await loop.create_unix_server(client, sock=bound, backlog=LISTEN_BACKLOG)
-            )
+            with contextlib.ExitStack() as undo:  # until a server owns the socket
+                undo.callback(bound.close)
+                stack.callback(_remove_socket, path, os.stat(path).st_ino)
+                # Not serving yet: asyncio's loop awaits once it serves, and a failure or a
+                # cancellation there would leave no server to close the socket with.
+                unix = await loop.create_unix_server(
+                    client, sock=bound, backlog=LISTEN_BACKLOG, start_serving=False
+                )
+                undo.pop_all()
+            listeners.append(unix)  # _shut_down closes it, and the socket, from here on
+            try:
+                await unix.start_serving()
+            except OSError as exc:
+                raise _unix_socket_error(path, "listen on", exc) from exc
         ops_listener = await loop.create_server(
             lambda: Connection(ops, options),
             settings.broadcaster_http_host,
@@ -300,6 +310,12 @@ async def serve_clients(
         )
         stack.callback(_close_ops, ops, ops_listener)
         yield
+
+
+def _unix_socket_error(path: str, doing: str, exc: OSError) -> OSError:
+    """exc, its message naming the setting and the path (the kernel's names neither)."""
+    message = f"cannot {doing} WS_UNIX_SOCKET {path}: {exc.strerror or exc}"
+    return OSError(message) if exc.errno is None else OSError(exc.errno, message)
 
 
 def _refuse_live_socket(path: str) -> None:
@@ -338,7 +354,10 @@ def _bind_unix(path: str, group: grp.struct_group | None) -> socket.socket:
             os.unlink(path)  # stale: _refuse_live_socket found nobody answering there
     with contextlib.ExitStack() as undo:
         bound = undo.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-        bound.bind(path)
+        try:
+            bound.bind(path)
+        except OSError as exc:  # a missing directory, no permission, a path too long
+            raise _unix_socket_error(path, "bind", exc) from exc
         undo.callback(os.unlink, path)
         if group is not None:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import os
 import pwd
@@ -378,6 +379,51 @@ async def test_a_socket_group_the_process_may_not_use_stops_the_start(
         f"daemon (systemctl restart pm2-{user}), whose processes keep the groups it had"
     ]
     assert not path.exists()
+
+
+async def test_a_unix_socket_that_cannot_be_bound_stops_the_start_naming_it(
+    start: Start, tmp_path: Path
+) -> None:
+    """A WS_UNIX_SOCKET that cannot be bound (here its directory is missing) stops the start
+    with the OS's error naming the setting and the path, which the OS's message does not."""
+    path = tmp_path / "missing" / "ws.sock"
+    with pytest.raises(FileNotFoundError) as caught:
+        async with start(ws_unix_socket=str(path)):
+            pass
+    assert str(caught.value) == (
+        f"[Errno 2] cannot bind WS_UNIX_SOCKET {path}: No such file or directory"
+    )
+
+
+async def test_a_unix_socket_that_cannot_listen_is_closed_and_removed(
+    start: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the bound Unix socket cannot listen (the kernel refuses it: here ENOBUFS, made up),
+    the start stops with an error naming WS_UNIX_SOCKET and its path, the socket is closed
+    and its file removed."""
+    path = tmp_path / "ws.sock"
+    listen = socket.socket.listen
+    refused: list[socket.socket] = []
+
+    def refuse_unix(sock: socket.socket, *args: int) -> None:
+        if sock.family == socket.AF_UNIX:
+            refused.append(sock)  # held here, so that the collector cannot close it for us
+            raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+        listen(sock, *args)
+
+    monkeypatch.setattr(socket.socket, "listen", refuse_unix)
+    try:
+        with pytest.raises(OSError, match="WS_UNIX_SOCKET") as caught:
+            async with start(ws_unix_socket=str(path)):
+                pass
+        assert [sock.fileno() for sock in refused] == [-1], "the bound socket was left open"
+    finally:
+        for sock in refused:
+            sock.close()
+    assert not path.exists()
+    assert str(caught.value) == (
+        f"[Errno {errno.ENOBUFS}] cannot listen on WS_UNIX_SOCKET {path}: No buffer space available"
+    )
 
 
 async def test_the_per_ip_limit_counts_an_ipv6_64(start: Start, tmp_path: Path) -> None:
