@@ -255,7 +255,14 @@ class Connection(asyncio.Protocol):
             self._ping_timer = None
 
     def _expect_close(self) -> None:
-        if self._deadline is None and self.protocol.close_expected():
+        if self.protocol.close_expected():
+            self._abort_later()
+
+    def _abort_later(self) -> None:
+        """Abort the socket CLOSE_TIMEOUT from now unless it ends first (or a deadline for
+        it is set already). Counted from when the close frame is queued, not sent: a client
+        that reads nothing would otherwise never see it go, and keep its socket."""
+        if self._deadline is None:
             self._deadline = self.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
 
     # asyncio callbacks
@@ -318,6 +325,9 @@ class Connection(asyncio.Protocol):
         self._left_open()
         self._flush()
         # Returning None closes the socket: WebSocket never writes after the peer's EOF.
+        # The socket ends once what waits in its buffer is sent, which a client that ended
+        # its side but reads nothing never lets happen.
+        self._abort_later()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:

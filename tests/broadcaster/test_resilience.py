@@ -16,11 +16,11 @@ from typing import Any
 
 import orjson
 import pytest
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.server import ServerProtocol
 
 from broadcaster import stream
-from broadcaster.connection import Connection
+from broadcaster.connection import CLOSE_TIMEOUT, Connection
 from broadcaster.metrics import Metrics
 from broadcaster.server import serve_clients
 from broadcaster.service import build_hub
@@ -806,3 +806,70 @@ async def test_a_full_server_keeps_descriptors_to_reconnect_to_redis(
         own_redis.start()
         await own_producer.publish(count=3)
         assert [e["seq"] for e in await first.events(3, within=15)] == [1, 2, 3]
+
+
+async def slot_freed(server: Running) -> None:
+    """Wait until a client gets the only per-IP slot (WS_MAX_CONNECTIONS_PER_IP=1) that a
+    connection of this address held: that connection's socket has ended on the server."""
+
+    async def free() -> bool:
+        try:
+            async with ws_client(server.url):
+                return True
+        except InvalidStatus as refused:
+            if refused.response.status_code != 429:  # refused for another reason
+                raise
+            return False
+
+    await eventually(free, within=CLOSE_TIMEOUT + WITHIN, what="the per-IP slot is free")
+
+
+async def stall(server: Running, producer: EventProducer) -> RawClient:
+    """A client subscribed to every event that reads nothing more, once the kernel's buffers
+    towards it are full and some of what was sent waits in the server's own."""
+    stalled = await RawClient.open(server.settings.ws_port, rcvbuf=4096)
+    try:
+        await stalled.read_frame()  # connected
+        stalled.send_frame(0x1, orjson.dumps({"type": "subscribe", "channel": "events:*"}))
+        await server.wait_health(subscriptions=1)
+        connection = stalled.server_side()
+        async with asyncio.timeout(WITHIN):
+            while connection.buffered() == 0:
+                await producer.publish(count=4, pad=8192)
+    except BaseException:
+        stalled.close()
+        raise
+    return stalled
+
+
+async def test_a_client_that_ends_its_side_without_reading_is_cut_off_in_time(
+    start: Start, producer: EventProducer
+) -> None:
+    """A client that ends its side of the TCP connection (no close frame) while what was
+    sent to it waits unread loses its socket CLOSE_TIMEOUT later, and with it its per-IP
+    slot: the socket's end waits for that data to be read, which such a client never does."""
+    async with start(ws_max_connections_per_ip=1) as server:
+        stalled = await stall(server, producer)
+        try:
+            stalled.writer.write_eof()
+            await server.wait_health(connections=0)  # no longer open: its end was read
+            await slot_freed(server)
+        finally:
+            stalled.close()
+
+
+async def test_a_slow_consumer_loses_its_socket_though_its_close_frame_is_not_read(
+    start: Start, producer: EventProducer
+) -> None:
+    """A client closed with 4008 that reads nothing loses its socket CLOSE_TIMEOUT after its
+    close frame was queued, behind what it did not read: counted from when that frame is
+    sent instead, the wait would never end."""
+    async with start(ws_max_connections_per_ip=1, ws_send_buffer_bytes=65536) as server:
+        stalled = await stall(server, producer)
+        try:
+            async with asyncio.timeout(WITHIN):
+                while not await server.metric("kektech_broadcaster_slow_consumer_closes_total"):
+                    await producer.publish(count=4, pad=8192)
+            await slot_freed(server)
+        finally:
+            stalled.close()
