@@ -478,6 +478,23 @@ async def test_closing_handshake_started_by_the_client(server: Running) -> None:
     assert await server.metric("kektech_broadcaster_server_closes_total") == 0  # not ours
 
 
+async def test_messages_read_with_the_clients_close_frame_are_not_answered(
+    server: Running,
+) -> None:
+    """Messages that come with the client's close frame (here a ping in the same write) are
+    not answered: the close is echoed at once (RFC 6455 5.5.1: "as soon as practical"), as
+    websockets' own server does, and a browser drops whatever arrives after its close()."""
+    raw = await RawClient.open(server.settings.ws_port)
+    try:
+        await raw.read_frame()  # connected
+        ping = client_frame(0x1, b'{"type":"ping"}')
+        raw.writer.write(ping + client_frame(0x8, struct.pack("!H", 1000) + b"bye"))
+        code, reason, texts = await raw.until_close()
+    finally:
+        raw.close()
+    assert (code, reason, texts) == (1000, "bye", [])
+
+
 async def http_exchange(port: int, request: bytes) -> tuple[int, dict[str, str]]:
     """Send a raw HTTP request; return the status and headers of the answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
