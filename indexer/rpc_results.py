@@ -186,7 +186,8 @@ def _log(
     lower_address = addresses.get(address)
     if lower_address is None:
         lower_address = address.lower()
-        if lower_address not in query.addresses:
+        # The asked-for set is lowercase: without the prefix check "0X" would match it too.
+        if lower_address not in query.addresses or not address.startswith("0x"):
             raise RpcResponseError(
                 None, f"log from an address not asked for: {address!r}", GET_LOGS
             )

@@ -299,8 +299,16 @@ def batch_results(
 
 
 def parse_quantity(value: object, what: str, method: str) -> int:
-    """Return a non-negative JSON-RPC hex quantity ("0x1a") as an int, at most MAX_QUANTITY."""
-    if isinstance(value, str) and value.startswith("0x"):
+    """Return a non-negative JSON-RPC hex quantity ("0x1a") as an int, at most MAX_QUANTITY.
+
+    A quantity is "0x" and one or more hex digits, in either letter case. Leading zeros, which
+    the spec forbids but geth-compatible nodes accept on input, are taken: they change no value.
+    """
+    # int(value, 16) alone also takes "0x1_0", trailing whitespace and non-ASCII digits
+    # (Arabic-Indic, fullwidth). With ASCII letters and digits only, hex digits are all it
+    # can accept (a letter past f, or a second "0x", it refuses). Hot in catch-up (three a
+    # log): these checks add ~65 ns to a ~340 ns call, a regex fullmatch ~120 (2-core VM).
+    if isinstance(value, str) and value.startswith("0x") and value.isascii() and value.isalnum():
         try:
             quantity = int(value, 16)
         except ValueError:

@@ -39,6 +39,7 @@ from indexer.rpc_wire import (
     batch_results,
     check_status,
     classify,
+    parse_quantity,
     result_of,
 )
 from tests.support.rpc_proxy import ENDPOINT_FAULTS, FAULT_KINDS, RpcFaultProxy
@@ -848,9 +849,15 @@ def _log_item(**changes: Any) -> dict[str, Any]:
         [_log_item(), _log_item()],
         [_log_item(blockHash="0x1234")],
         [_log_item(data="0xabc")],
+        [_log_item(data="0xab ")],
+        [_log_item(data="0x0_a")],
+        [_log_item(address="0X" + "11" * 20)],
+        [_log_item(blockHash="0x" + "22" * 32 + "\n")],
+        [_log_item(topics=[TOPIC0 + " "])],
         {"logs": []},
     ],
     ids=["outside-range", "foreign-address", "foreign-topic", "duplicate", "bad-hash", "odd-data",
+         "data-space", "data-underscore", "address-0X", "hash-newline", "topic-space",
          "not-a-list"],
 )  # fmt: skip
 def test_unexpected_logs_are_rejected(result: object) -> None:
@@ -887,6 +894,30 @@ def test_a_header_with_impossible_values_is_a_bad_response(changes: dict[str, st
     assert parse_header(_header_item(), None).number == 5
     with pytest.raises(RpcResponseError):
         parse_header(_header_item(**changes), None)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["0x1_0", "0x_1", "0x10 ", "0x10\n", "0x 10", "0x-1", "0x+1", "0x", "0X10", "0x0x10",
+     "0x\u0661\u0660", "0x\uff11\uff10", "0xg", "10", "", 16, None, True],
+    ids=["underscore", "leading-underscore", "trailing-space", "trailing-newline",
+         "inner-space", "minus", "plus", "empty", "capital-x", "double-prefix", "arabic-digits",
+         "fullwidth-digits", "not-hex", "no-prefix", "empty-string", "json-number", "null",
+         "boolean"],
+)  # fmt: skip
+def test_a_malformed_quantity_is_a_bad_response(value: object) -> None:
+    """A quantity is 0x and hex digits; leading zeros are taken (geth-compatible nodes accept
+    them), but whatever else Python's int() would tolerate (underscores, whitespace, signs,
+    non-ASCII digits) fails the answer as malformed, in a header as in a log."""
+    assert parse_quantity("0x00a", "log index", "eth_getLogs") == 10
+    assert parse_quantity("0xAbC", "log index", "eth_getLogs") == 0xABC
+    with pytest.raises(RpcResponseError, match="not a hex quantity"):
+        parse_quantity(value, "log index", "eth_getLogs")
+    with pytest.raises(RpcResponseError, match="block number is not a hex quantity"):
+        parse_header(_header_item(number=value), None)
+    query = LogQuery.build(5, 15, ["0x" + "11" * 20], [TOPIC0])
+    with pytest.raises(RpcResponseError, match="log index is not a hex quantity"):
+        parse_logs([_log_item(logIndex=value)], query)
 
 
 def test_a_header_by_hash_that_is_null_or_another_block_does_not_prove_the_block() -> None:
