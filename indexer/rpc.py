@@ -26,7 +26,7 @@ import aiohttp
 
 from indexer import rpc_wire as wire
 from indexer.errors import ChainIdMismatch
-from indexer.rpc_failover import Failover, RpcStats
+from indexer.rpc_failover import RETRY_AFTER_MAX, Failover, RpcStats
 from indexer.rpc_ranges import LogRangeSizer, fetch_logs
 from indexer.rpc_results import (
     BlockHeader,
@@ -71,6 +71,7 @@ class RpcClient:
         max_retries: int,
         backoff_base: float = 0.2,
         backoff_max: float = 10.0,
+        retry_after_max: float = RETRY_AFTER_MAX,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         batch_retry_interval: float = DEFAULT_BATCH_RETRY_INTERVAL,
         expected_chain_id: int | None = None,
@@ -91,6 +92,7 @@ class RpcClient:
             attempts=max_retries + 1,
             backoff_base=backoff_base,
             backoff_max=backoff_max,
+            retry_after_max=retry_after_max,
             batch_retry_interval=batch_retry_interval,
             verify=(
                 None

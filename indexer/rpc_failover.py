@@ -33,6 +33,11 @@ __all__ = ["Failover", "RpcStats"]
 
 # Past this many doublings the backoff cap has long been reached; keeps 2**n small.
 MAX_BACKOFF_EXPONENT = 32
+# The longest Retry-After honoured, in seconds. Longer than the backoff cap, so that a provider
+# asking for 30 s is not asked again every 10 s; covers a per-minute quota. Past it (an hourly
+# or daily quota, or a bogus header) the endpoint is asked again after this long, with a
+# warning, rather than left silent for a day.
+RETRY_AFTER_MAX = 60.0
 
 log = structlog.get_logger()
 
@@ -59,6 +64,7 @@ class Failover:
         attempts: int,
         backoff_base: float,
         backoff_max: float,
+        retry_after_max: float = RETRY_AFTER_MAX,
         batch_retry_interval: float,
         verify: Callable[[Endpoint], Awaitable[None]] | None,
     ) -> None:
@@ -68,6 +74,7 @@ class Failover:
         self._attempts = attempts
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
+        self._retry_after_max = retry_after_max
         self._batch_retry_interval = batch_retry_interval
         self._verify = verify
         self._current = 0
@@ -86,13 +93,29 @@ class Failover:
         An answer that cannot be used (malformed, or an HTTP status such as 404 for a mistyped
         path) is the endpoint's fault, which waiting does not cure: the call moves on to the
         next endpoint at once, and raises it when every endpoint has given one.
+        An endpoint's Retry-After (up to retry_after_max) holds for every call: until it has
+        passed, attempts go to another endpoint that is free, or wait for it.
         """
         self.stats.calls += 1
         last_error = "no attempt made"
         unusable: set[int] = set()
+        delay = 0.0  # the backoff before the next attempt, logged with the failure
         for number in range(1, self._attempts + 1):
+            if number == 1:
+                self._leave_held()
             index = self._current
             endpoint = self._endpoints[index]
+            held = endpoint.ready_at - time.monotonic()
+            if held > delay:  # not a backoff already logged: an earlier call's Retry-After
+                log.warning(
+                    "rpc endpoint asked to wait (Retry-After), waiting",
+                    method=method,
+                    endpoint=endpoint.label,
+                    wait=round(held, 3),
+                )
+            if max(delay, held) > 0:
+                await asyncio.sleep(max(delay, held))
+            delay = 0.0
             try:
                 if self._verify is not None and not endpoint.verified:
                     await self._verify(endpoint)
@@ -102,10 +125,10 @@ class Failover:
                 self.stats.errors[failure.kind] += 1
                 last_error = f"{failure.kind} at {endpoint.label}: {failure.detail}"
                 if failure.retry_after is not None:
-                    endpoint.ready_at = time.monotonic() + min(
-                        failure.retry_after, self._backoff_max
-                    )
-                next_endpoint = self._fail_over(index)  # the next call starts there too
+                    self._hold(endpoint, failure.retry_after)
+                # The next call starts there too. Staying is allowed: better to retry this
+                # endpoint after a backoff than to wait out another's Retry-After.
+                next_endpoint = self._fail_over(index, may_stay=True)
                 if number == self._attempts:
                     break
                 delay = self._backoff(number, next_endpoint)
@@ -117,8 +140,8 @@ class Failover:
                     detail=failure.detail,
                     attempt=number,
                     retry_in=round(delay, 3),
+                    retry_after=failure.retry_after,
                 )
-                await asyncio.sleep(delay)
             except RpcResponseError as exc:
                 if exc.code is not None:  # the node's considered refusal: the same anywhere
                     self.stats.errors["rpc_error"] += 1
@@ -176,18 +199,61 @@ class Failover:
             batches_again_in=retry_in,
         )
 
-    def _fail_over(self, index: int) -> Endpoint:
-        """Move on from the endpoint at index, unless a concurrent call already did."""
-        if len(self._endpoints) > 1 and self._current == index:
-            self._current = (index + 1) % len(self._endpoints)
+    def _hold(self, endpoint: Endpoint, retry_after: float) -> None:
+        """Send the endpoint nothing for retry_after seconds, at most retry_after_max."""
+        wait = min(retry_after, self._retry_after_max)
+        endpoint.ready_at = time.monotonic() + wait
+        if retry_after > wait:
+            log.warning(
+                "rpc endpoint asks to wait longer than retry_after_max, asking it again sooner",
+                endpoint=endpoint.label,
+                retry_after=retry_after,
+                waits=wait,
+            )
+
+    def _leave_held(self) -> None:
+        """Before a call's first attempt: leave an endpoint whose Retry-After still holds for
+        one free sooner (its own retries may have ended on it, or a concurrent call's)."""
+        index = self._current
+        now = time.monotonic()
+        if self._endpoints[index].ready_at <= now:
+            return
+        sooner = self._next_endpoint(index, now, may_stay=False)
+        if self._endpoints[sooner].ready_at < self._endpoints[index].ready_at:
+            self._current = sooner
             self.stats.failovers += 1
+
+    def _fail_over(self, index: int, *, may_stay: bool = False) -> Endpoint:
+        """Move on from the endpoint at index, unless a concurrent call already did.
+
+        `may_stay`: keep it if every other endpoint's Retry-After holds and its own does not.
+        """
+        if len(self._endpoints) > 1 and self._current == index:
+            chosen = self._next_endpoint(index, time.monotonic(), may_stay=may_stay)
+            if chosen != index:
+                self._current = chosen
+                self.stats.failovers += 1
         return self._endpoints[self._current]
 
+    def _next_endpoint(self, index: int, now: float, *, may_stay: bool) -> int:
+        """Return the index of the endpoint to try after the one at index: the first of the
+        others in turn that no Retry-After holds (with may_stay, index itself last), else of
+        those the one free soonest."""
+        count = len(self._endpoints)
+        candidates = [(index + step) % count for step in range(1, count)]
+        if may_stay or not candidates:
+            candidates.append(index)
+        return next(
+            (i for i in candidates if self._endpoints[i].ready_at <= now),
+            min(candidates, key=lambda i: self._endpoints[i].ready_at),
+        )
+
     def _backoff(self, attempt: int, endpoint: Endpoint) -> float:
-        """Return the delay before the next attempt: full jitter, or the endpoint's Retry-After."""
+        """Return the delay before the next attempt: full jitter up to backoff_max, or longer
+        if the endpoint's Retry-After (bounded by retry_after_max) says so."""
         ceiling = self._backoff_base * 2 ** min(attempt - 1, MAX_BACKOFF_EXPONENT)
         jitter = self._rng.uniform(0.0, min(self._backoff_max, ceiling))
-        return min(self._backoff_max, max(jitter, endpoint.ready_at - time.monotonic()))
+        return max(jitter, endpoint.ready_at - time.monotonic())
 
 
 def _error_kind(exc: RpcError) -> str:

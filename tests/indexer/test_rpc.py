@@ -611,24 +611,92 @@ async def test_a_chain_id_check_that_gets_an_unusable_answer_fails_over(chain: C
 
 
 @pytest.mark.parametrize(
-    ("retry_after", "backoff_max"), [(1, 20.0), (30, 0.2)], ids=["honoured", "capped"]
+    ("retry_after", "retry_after_max"), [(1, 20.0), (86_400, 0.5)], ids=["honoured", "bounded"]
 )
-async def test_retry_after_is_honoured_up_to_the_backoff_cap(
-    chain: Chain, retry_after: float, backoff_max: float
+async def test_retry_after_is_honoured_up_to_its_own_bound(
+    chain: Chain, retry_after: float, retry_after_max: float
 ) -> None:
-    """After a 429 the client waits Retry-After seconds, but never longer than backoff_max:
-    the smaller of the two, not the larger. The bounds lie halfway to what the wrong wait
-    would take, so a loaded machine has seconds of room."""
-    wait = min(retry_after, backoff_max)
-    least, most = 0.9 * wait, (retry_after + backoff_max) / 2
+    """After a 429 the client waits Retry-After seconds, longer than its backoff cap (a
+    provider asking for 30 s is not asked again every 10 s), but no longer than
+    retry_after_max: an absurd value (a day) is cut to that bound, with a warning that names
+    the endpoint and the wait it asked for."""
+    wait = min(retry_after, retry_after_max)
     async with RpcFaultProxy(chain.url, seed=5, retry_after=retry_after) as proxy:
         proxy.schedule("http_429")
-        async with client_for(proxy.url, backoff_base=0.001, backoff_max=backoff_max) as client:
-            started = time.monotonic()
-            assert await client.block_number() == chain.head
-            elapsed = time.monotonic() - started
-    assert least <= elapsed <= most
+        options = {"backoff_base": 0.001, "backoff_max": 0.1, "retry_after_max": retry_after_max}
+        with structlog.testing.capture_logs() as events:
+            async with client_for(proxy.url, **options) as client:
+                started = time.monotonic()
+                assert await client.block_number() == chain.head
+                elapsed = time.monotonic() - started
+    assert 0.9 * wait <= elapsed <= wait + 5.0
     assert client.stats.errors == {"http_429": 1}
+    label = Endpoint.from_url(0, proxy.url).label
+    warned = [e for e in events if e["log_level"] == "warning" and e.get("endpoint") == label]
+    assert any(e.get("retry_after") == retry_after for e in warned), warned
+    if retry_after > retry_after_max:
+        assert any("longer than" in e["event"] for e in warned), warned
+
+
+async def test_a_call_waits_out_a_retry_after_its_endpoint_gave_an_earlier_call(
+    chain: Chain,
+) -> None:
+    """A Retry-After outlives the call that got it: when that call's retries ran out, the next
+    call to the same (only) endpoint waits until the time asked for, then goes out, saying so
+    in the log, rather than asking again at once."""
+    async with RpcFaultProxy(chain.url, seed=23, retry_after=1) as proxy:
+        proxy.schedule("http_429")
+        with structlog.testing.capture_logs() as events:
+            async with client_for(proxy.url, max_retries=0) as client:
+                with pytest.raises(RpcUnavailable):
+                    await client.block_number()
+                started = time.monotonic()
+                assert await client.block_number() == chain.head
+                elapsed = time.monotonic() - started
+        assert proxy.requests == 2
+    assert 0.9 <= elapsed <= 6.0
+    assert any("waiting" in e["event"] and e["log_level"] == "warning" for e in events), events
+
+
+async def test_an_endpoint_that_asked_to_wait_is_left_alone_while_another_serves(
+    chain: Chain,
+) -> None:
+    """While one endpoint's Retry-After holds, calls start at another that is free, even when
+    the last call's retries ended on the waiting one: it gets no request before its time,
+    and no call waits for it."""
+    async with (
+        RpcFaultProxy(chain.url, seed=24, retry_after=30, rates={"http_429": 1.0}) as waiting,
+        RpcFaultProxy(chain.url, seed=25) as other,
+    ):
+        other.schedule("http_404")
+        async with client_for(waiting.url, other.url, max_retries=1) as client:
+            with pytest.raises(RpcUnavailable):  # 429 (30 s) at the first, 404 at the second
+                await client.block_number()
+            started = time.monotonic()
+            for _ in range(3):
+                assert await client.block_number() == chain.head
+            elapsed = time.monotonic() - started
+        assert waiting.requests == 1
+        assert other.requests == 1 + 3
+    assert elapsed < 5.0
+
+
+async def test_a_transient_failure_is_retried_where_it_happened_while_the_others_wait(
+    chain: Chain,
+) -> None:
+    """A transient failure while every other endpoint's Retry-After holds is retried on the
+    same endpoint after a backoff, not by waiting out the other's Retry-After."""
+    async with (
+        RpcFaultProxy(chain.url, seed=26, retry_after=30, rates={"http_429": 1.0}) as waiting,
+        RpcFaultProxy(chain.url, seed=27) as other,
+    ):
+        other.schedule("http_503")
+        async with client_for(waiting.url, other.url) as client:
+            started = time.monotonic()
+            assert await client.block_number() == chain.head  # 429, 503, then the answer
+            elapsed = time.monotonic() - started
+        assert (waiting.requests, other.requests) == (1, 2)
+    assert elapsed < 5.0
 
 
 async def test_endpoint_secrets_never_reach_errors_or_logs() -> None:
