@@ -94,6 +94,7 @@ class RpcClient:
             backoff_max=backoff_max,
             retry_after_max=retry_after_max,
             batch_retry_interval=batch_retry_interval,
+            max_batch_size=max_batch_size,
             verify=(
                 None
                 if expected_chain_id is None
@@ -101,7 +102,6 @@ class RpcClient:
             ),
         )
         self._timeout = timeout
-        self._max_batch_size = max_batch_size
         self._ids = itertools.count(1)
         self._session: aiohttp.ClientSession | None = None
         self.stats = self._failover.stats
@@ -267,23 +267,25 @@ class RpcClient:
 
         parse(i, results) checks the results of groups[i] together, in the attempt that got
         them. `method` names the groups' work in errors and logs. A batch holds at most
-        max_batch_size calls. A batch refused as too large (HTTP 413) is halved until the
-        endpoint takes it, and the rest goes at that size; a batch refused as such goes group
-        by group, each group's calls one by one on one endpoint, in order.
+        max_batch_size calls, or what the current endpoint took after refusing a larger
+        batch as too large (HTTP 413, a cap on calls): each refusal halves its batches, for
+        this call and later ones. A batch refused as such goes group by group, each group's
+        calls one by one on one endpoint, in order.
         """
         answers: list[T] = []
-        size = max(1, self._max_batch_size // max((len(g) for g in groups), default=1))
+        widest = max((len(g) for g in groups), default=1)
         start = 0
         while start < len(groups):
-            chunk = groups[start : start + size]
+            # Sized at each batch: a refusal, or a failover, changes the size to use.
+            chunk = groups[start : start + max(1, self._failover.batch_size() // widest)]
             if self._batches:
                 try:
                     answers += await self._batch(method, chunk, start, parse)
                     start += len(chunk)
                     continue
                 except wire.BatchRejected as rejected:
+                    # batch_too_large has halved the endpoint's batches: try again smaller.
                     if not rejected.lasting and len(chunk) > 1:
-                        size = (len(chunk) + 1) // 2
                         continue
             for i, calls in enumerate(chunk, start):
                 answers.append(await self._in_sequence(method, calls, functools.partial(parse, i)))
@@ -341,6 +343,7 @@ class RpcClient:
     ) -> list[T]:
         """One batch; parse(first + i, results) checks the results of groups[i]."""
         ids = [[next(self._ids) for _ in calls] for calls in groups]
+        count = sum(len(group_ids) for group_ids in ids)
         body = wire.encode_calls(
             [
                 (request_id, call_method, params)
@@ -350,8 +353,15 @@ class RpcClient:
         )
 
         async def attempt(endpoint: Endpoint) -> list[T]:
-            payload = await self._post(endpoint, body, method, batch=True)
-            results = iter(wire.batch_results(payload, list(itertools.chain(*ids)), method))
+            try:
+                payload = await self._post(endpoint, body, method, batch=True)
+                answers = wire.batch_results(payload, list(itertools.chain(*ids)), method)
+            except wire.BatchRejected as rejected:
+                if not rejected.lasting:
+                    self._failover.batch_too_large(endpoint, count)
+                raise
+            self._failover.batch_taken(endpoint, count)
+            results = iter(answers)
             return [
                 parse(i, list(itertools.islice(results, len(group_ids))))
                 for i, group_ids in enumerate(ids, first)

@@ -29,7 +29,7 @@ from indexer.errors import (
 )
 from indexer.rpc_transport import Endpoint
 
-__all__ = ["Failover", "RpcStats"]
+__all__ = ["BATCH_PROBE_AFTER", "RETRY_AFTER_MAX", "Failover", "RpcStats"]
 
 # Past this many doublings the backoff cap has long been reached; keeps 2**n small.
 MAX_BACKOFF_EXPONENT = 32
@@ -38,6 +38,9 @@ MAX_BACKOFF_EXPONENT = 32
 # or daily quota, or a bogus header) the endpoint is asked again after this long, with a
 # warning, rather than left silent for a day.
 RETRY_AFTER_MAX = 60.0
+# Batches taken at an endpoint's remembered cap after which twice the cap is tried: a lifted
+# cap grows back, a lasting one costs a refused batch every this many.
+BATCH_PROBE_AFTER = 64
 
 log = structlog.get_logger()
 
@@ -66,6 +69,7 @@ class Failover:
         backoff_max: float,
         retry_after_max: float = RETRY_AFTER_MAX,
         batch_retry_interval: float,
+        max_batch_size: int,
         verify: Callable[[Endpoint], Awaitable[None]] | None,
     ) -> None:
         # verify raises unless the endpoint serves the expected chain; run() calls it before
@@ -76,6 +80,7 @@ class Failover:
         self._backoff_max = backoff_max
         self._retry_after_max = retry_after_max
         self._batch_retry_interval = batch_retry_interval
+        self._max_batch_size = max_batch_size
         self._verify = verify
         self._current = 0
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
@@ -183,6 +188,38 @@ class Failover:
                 raise
         raise RpcUnavailable(method, self._attempts, last_error)
 
+    def batch_size(self) -> int:
+        """Calls to put in a batch for the current endpoint: max_batch_size, or less if it
+        refused a larger batch."""
+        limit = self.current.batch_limit
+        return self._max_batch_size if limit is None else min(limit, self._max_batch_size)
+
+    def batch_taken(self, endpoint: Endpoint, calls: int) -> None:
+        """Note a batch of that many calls the endpoint answered; after BATCH_PROBE_AFTER
+        near its remembered cap, try twice the cap (a limit that is gone, or was transient,
+        must not shrink its batches for good)."""
+        limit = endpoint.batch_limit
+        if limit is None or 2 * calls <= limit:  # the small batches at the tip prove nothing
+            return
+        endpoint.batches_at_limit += 1
+        if endpoint.batches_at_limit < BATCH_PROBE_AFTER:
+            return
+        endpoint.batches_at_limit = 0
+        endpoint.batch_limit = None if 2 * limit >= self._max_batch_size else 2 * limit
+        log.info(
+            "rpc endpoint took many batches at its cap, trying larger ones",
+            endpoint=endpoint.label,
+            calls_per_batch=min(2 * limit, self._max_batch_size),
+        )
+
+    def batch_too_large(self, endpoint: Endpoint, calls: int) -> None:
+        """Note a batch of that many calls refused as too large: the endpoint's batches are
+        half that size from now on, for every call, until batch_taken grows them back."""
+        limit = (calls + 1) // 2
+        if endpoint.batch_limit is None or limit < endpoint.batch_limit:
+            endpoint.batch_limit = limit
+        endpoint.batches_at_limit = 0
+
     def batch_refused(self, endpoint: Endpoint, rejected: wire.BatchRejected) -> None:
         """Note a refused batch. After a lasting refusal the endpoint gets no batches for
         batch_retry_interval seconds (other endpoints keep theirs), then they are tried again:
@@ -197,6 +234,7 @@ class Failover:
             endpoint=endpoint.label,
             reason=str(rejected),
             batches_again_in=retry_in,
+            calls_per_batch=endpoint.batch_limit,
         )
 
     def _hold(self, endpoint: Endpoint, retry_after: float) -> None:

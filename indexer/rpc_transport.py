@@ -30,6 +30,9 @@ class Endpoint:
     ready_at: float = 0.0  # monotonic time a Retry-After asked us to wait for
     verified: bool = False  # chain id checked
     batches_from: float = 0.0  # monotonic time to send batches again after a refusal
+    # Calls per batch it took after refusing a larger batch; None: no cap seen (or lifted).
+    batch_limit: int | None = None
+    batches_at_limit: int = 0  # batches of more than half batch_limit taken since it was set
 
     @property
     def batches(self) -> bool:

@@ -30,6 +30,7 @@ from indexer.errors import (
     RpcUnavailable,
 )
 from indexer.rpc import LogRangeSizer, RawLog, RpcClient, fetch_logs
+from indexer.rpc_failover import BATCH_PROBE_AFTER
 from indexer.rpc_results import LogQuery, check_has_block, parse_header, parse_logs
 from indexer.rpc_transport import Endpoint
 from indexer.rpc_wire import (
@@ -233,7 +234,8 @@ async def test_headers_fall_back_to_single_calls_when_batches_are_rejected(chain
 
 async def test_a_batch_too_large_goes_in_halves_and_batches_stay(chain: Chain) -> None:
     """HTTP 413 to a batch says that request was too large, not that the endpoint takes no
-    batches: its calls go in two smaller batches, and the next call is a whole batch again."""
+    batches: its calls go in two smaller batches, and the next call's in batches of that size
+    too, not one by one."""
     async with RpcFaultProxy(chain.url, seed=16) as proxy:
         proxy.schedule("http_413")
         async with client_for(proxy.url) as client:
@@ -241,7 +243,7 @@ async def test_a_batch_too_large_goes_in_halves_and_batches_stay(chain: Chain) -
             sent = proxy.requests
             later = await client.get_block_headers(range(10, 20))
         assert sent == 1 + 2  # the refused batch, then its two halves
-        assert proxy.requests - sent == 1
+        assert proxy.requests - sent == 2
     async with client_for(chain.url) as direct:
         assert headers + later == await direct.get_block_headers(range(20))
 
@@ -290,6 +292,65 @@ async def test_a_batch_over_the_endpoints_call_limit_is_sent_in_smaller_batches(
         assert proxy.requests - sent == 1  # batches kept
     async with client_for(chain.url) as direct:
         assert headers == await direct.get_block_headers(numbers)
+
+
+async def test_later_calls_start_at_the_batch_size_the_endpoint_took(chain: Chain) -> None:
+    """The batch size an endpoint took after refusing a larger one is remembered for it:
+    later calls send batches of that size at once, with no refusal, instead of paying three
+    halvings each time; groups of calls (logs by hash with their header) too."""
+    async with RpcFaultProxy(chain.url, seed=28, max_batch=16) as proxy:
+        async with client_for(proxy.url) as client:
+            headers = await client.get_block_headers(range(100))
+            assert proxy.injected["batch_too_large"] == 3  # 100, 50, 25; then 13 taken
+            sent = proxy.requests
+            for _ in range(3):
+                assert await client.get_block_headers(range(100)) == headers
+            assert proxy.requests - sent == 3 * 8  # 13 headers a batch
+            sent = proxy.requests
+            await client.get_logs_at(headers[:20], addresses=[chain.emitter_a])
+            assert proxy.requests - sent == 4  # 6 blocks (12 calls) a batch
+        assert proxy.injected["batch_too_large"] == 3
+
+
+async def test_the_batch_size_taken_is_remembered_per_endpoint(chain: Chain) -> None:
+    """One endpoint's cap on batches is not another's: after a failover, the endpoint without
+    one gets whole batches."""
+    async with (
+        RpcFaultProxy(chain.url, seed=29, max_batch=16) as capped,
+        RpcFaultProxy(chain.url, seed=30) as free,
+    ):
+        async with client_for(capped.url, free.url) as client:
+            await client.get_block_headers(range(100))
+            capped.schedule("http_503")
+            await client.get_block_headers(range(100))
+        assert free.requests == 2  # the 13 sized for the capped one, then the other 87
+        assert free.calls[13][1][0] == hex(13)
+
+
+@pytest.mark.parametrize("lifted", [True, False], ids=["cap-lifted", "cap-kept"])
+async def test_a_batch_size_cap_is_probed_again_after_many_batches(
+    chain: Chain, lifted: bool
+) -> None:
+    """A cap on an endpoint's batches may be lifted (a transient limit, a provider's plan):
+    after BATCH_PROBE_AFTER batches at the remembered size, twice that size is tried, kept if
+    taken, and costs a single refusal if not."""
+    async with (
+        RpcFaultProxy(chain.url, seed=31, max_batch=16) as proxy,
+        client_for(proxy.url) as client,
+    ):
+        await client.get_block_headers(range(100))  # 13 taken
+        if lifted:
+            proxy.max_batch = None
+        for _ in range(BATCH_PROBE_AFTER):
+            await client.get_block_headers(range(13))
+        refused, sent = proxy.injected["batch_too_large"], proxy.requests
+        await client.get_block_headers(range(100))
+        if lifted:
+            assert proxy.requests - sent == 4  # 26 headers a batch
+            assert proxy.injected["batch_too_large"] == refused
+        else:
+            assert proxy.requests - sent == 1 + 8  # 26 refused, then 13 a batch
+            assert proxy.injected["batch_too_large"] == refused + 1
 
 
 async def test_a_range_at_the_floor_answered_413_is_retried(chain: Chain) -> None:
