@@ -7,9 +7,8 @@ Two ways to fetch a range:
 - tip ranges (inside the window) fetch every header and check the parent-hash chain from the
   cursor, so a reorg is noticed before anything of the new branch is stored.
 
-Market clones are discovered from the factories' `MarketCreated` within the range itself; their
-logs from the creation block on are fetched before the range commits, so a child's events in
-its creation block or transaction (which precede the announcement) are never missed.
+A range's logs come from RangeLogs (the markets created inside it included), its events from
+RangeDecoder; StoredChain finds where a reorg leaves the stored chain.
 """
 
 from __future__ import annotations
@@ -17,14 +16,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 
 import structlog
 
-from indexer.batch import Batch, StoredEvent, block_time
-from indexer.catalog import MARKET_CREATED, ContractKind
-from indexer.decoding import UndecodableLog, decode_log
+from indexer.batch import Batch
+from indexer.catalog import ContractKind
 from indexer.errors import (
     BlockNotFound,
     ChainIdMismatch,
@@ -33,8 +30,12 @@ from indexer.errors import (
     RpcUnavailable,
 )
 from indexer.metrics import Metrics
-from indexer.rpc import LogRangeSizer, RpcClient, fetch_logs
-from indexer.rpc_results import BlockHeader, RawLog
+from indexer.range_events import RangeDecoder
+from indexer.range_logs import GatheredRange, RangeLogs
+from indexer.reorg import StoredChain
+from indexer.rpc import LogRangeSizer, RpcClient
+from indexer.rpc_results import BlockHeader
+from indexer.sources import Sources, record_sources
 from indexer.store import IndexerState, Lease, OutboxRow, Store
 from shared.memory import release_free_memory
 
@@ -44,30 +45,10 @@ log = structlog.get_logger()
 # kept them (Publisher.wake), else with none.
 OnCommit = Callable[[Sequence[OutboxRow]], None]
 
-ZERO_HASH = "0x" + "00" * 32
 # Most blocks fetched per tip batch (headers are fetched one by one in a JSON-RPC batch).
 TIP_MAX_BLOCKS = 64
 # Assumed events per block before the first range is seen: starts small on a dense chain.
 INITIAL_DENSITY = 40.0
-# How many distinct unknown (address, topic0) pairs are remembered for "log once".
-UNKNOWN_MEMORY = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Sources:
-    """The contracts the indexer follows."""
-
-    factories: frozenset[str]
-    resolution_manager: str | None
-    reward_distributor: str | None
-
-    def static_kinds(self) -> dict[str, ContractKind]:
-        kinds = {f: ContractKind.FACTORY for f in self.factories}
-        if self.resolution_manager:
-            kinds[self.resolution_manager] = ContractKind.RESOLUTION_MANAGER
-        if self.reward_distributor:
-            kinds[self.reward_distributor] = ContractKind.REWARD_DISTRIBUTOR
-        return kinds
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,14 +78,6 @@ class Backfilled:
     cursor: int
 
 
-@dataclass
-class _Range:
-    """Logs and headers gathered for one range before it is turned into a batch."""
-
-    logs: list[RawLog] = field(default_factory=list)
-    children: dict[str, str] = field(default_factory=dict)
-
-
 class Follower:
     """Indexes [cursor+1, head - confirmations] and keeps going; see the module docstring."""
 
@@ -128,9 +101,13 @@ class Follower:
         self._sizer = sizer
         self._metrics = metrics
         self._on_commit = on_commit
+        self._chain = StoredChain(
+            rpc, start_block=config.start_block, reorg_window=config.reorg_window
+        )
         self._static = sources.static_kinds()
+        self._logs = RangeLogs(rpc, sizer, static=self._static, max_addresses=config.max_addresses)
         self._children: dict[str, str] = {}
-        self._unknown_logged: set[tuple[str, str]] = set()
+        self._decoder = RangeDecoder(metrics)
         self._state: IndexerState | None = None
         self._density = INITIAL_DENSITY
         self._bulk_done = False  # a catch-up ran since the follower was last idle
@@ -174,7 +151,13 @@ class Follower:
         elif state.chain_id != chain_id:
             raise ChainIdMismatch(expected=state.chain_id, actual=chain_id, endpoint="the database")
         self._state = state
-        await self._note_sources(created=created)
+        await record_sources(
+            self._store,
+            self._static,
+            cursor=state.block_number,
+            start_block=self._config.start_block,
+            created=created,
+        )
         self._children = await self._followed_children()
         self._metrics.cursor.set(state.block_number)
         log.info("resuming", cursor=state.block_number, markets=len(self._children))
@@ -203,40 +186,6 @@ class Follower:
                     rewind_to=rewind_to,
                 )
 
-    async def _note_sources(self, *, created: bool) -> None:
-        """Record the configured contracts and the block each is followed from, and say so
-        when the configuration gained one after indexing began (its earlier events, and the
-        markets a factory created before, are not indexed until backfilled) or lost one."""
-        assert self._state is not None
-        known = await self._store.sources()
-        added = {a: k for a, k in self._static.items() if a not in known}
-        cursor = self._state.block_number
-        # A new database, or one indexed before contracts were recorded: from START_BLOCK.
-        later = not created and bool(known)
-        since = cursor + 1 if later else self._config.start_block
-        if added:
-            await self._store.add_sources([(a, k.value, since) for a, k in added.items()])
-        for address, kind in added.items() if later else ():
-            log.warning(
-                "a contract was added to the configuration after indexing began: followed "
-                "from the block after the cursor; its earlier events need a backfill",
-                contract=address,
-                kind=kind.value,
-                followed_from=since,
-                backfill=f"python -m indexer backfill --from {self._config.start_block}"
-                f" --to {cursor}",
-            )
-        dropped = sorted(known.keys() - self._static.keys())
-        for address in dropped:
-            log.warning(
-                "a contract recorded as followed is no longer in the configuration: its "
-                "events (and a factory's markets') are no longer indexed; configured again, "
-                "it will be said to need a backfill",
-                contract=address,
-            )
-        if dropped:  # so that a contract configured again is a contract added, as it is
-            await self._store.remove_sources(dropped)
-
     async def _cursor_replaced(self) -> bool:
         """Whether the node's block at the cursor's height is another one than the stored.
 
@@ -257,7 +206,7 @@ class Follower:
         while True:
             try:
                 if before < 0 or self._target(await self._rpc.block_number()) >= before:
-                    return await self._header_or_virtual(before)
+                    return await self._chain.header(before)
             except BlockNotFound:
                 pass  # a node behind the one that gave the head
             if not announced:
@@ -270,12 +219,6 @@ class Follower:
                 announced = True
             await asyncio.sleep(self._config.poll_interval)
 
-    async def _header_or_virtual(self, number: int) -> BlockHeader:
-        """The header of block `number`, or the virtual parent of block 0 for -1."""
-        if number < 0:
-            return BlockHeader(number=-1, hash=ZERO_HASH, parent_hash=ZERO_HASH, timestamp=0)
-        return await self._rpc.get_block_header(number)
-
     async def current_target(self) -> int:
         """The block the follower would index up to now."""
         self.head = await self._rpc.block_number()
@@ -286,7 +229,7 @@ class Follower:
         assert self._state is not None
         if number >= self._state.block_number:
             return 0
-        ancestor = await self._header_or_virtual(number)
+        ancestor = await self._chain.header(number)
         removed = await self._store.rollback(self._lease, self._config.lease_ttl, ancestor)
         await self._reload_state()
         self._on_commit(())
@@ -467,7 +410,9 @@ class Follower:
         block must link to it, as the one check that a replaced cursor was not missed (a
         backend still on the old branch may have answered the check of the cursor itself).
         `addresses` (a backfill of markets only): the contracts to fetch, instead of all."""
-        gathered = await self._gather(first, last, addresses=addresses)
+        gathered = await self._logs.gather(
+            first, last, followed=self._children, addresses=addresses
+        )
         blocks = sorted({lg.block_number for lg in gathered.logs} | {first, last})
         headers = {h.number: h for h in await self._rpc.get_block_headers(blocks)}
         self._note_density(len(gathered.logs), first, last)
@@ -493,105 +438,20 @@ class Follower:
                 raise ReorgDuringFetch(f"block {child.number} does not extend {parent.number}")
         # By block hash at the tip: a backend behind the head must not answer "no logs".
         try:
-            gathered = await self._gather(first, last, tip=fetched)
+            gathered = await self._logs.gather(first, last, followed=self._children, tip=fetched)
         except RpcUnavailable as exc:
             # "unknown block" (or no header) to the end of the retries: lagging backends catch
             # up within them, but a block replaced since its header was read is gone for good.
-            if await self._canonical(fetched[-1]):
+            if await self._chain.canonical(fetched[-1]):
                 raise
             raise ReorgDuringFetch(f"block {last} was replaced before its logs were read") from exc
         self._note_density(len(gathered.logs), first, last)
         headers = {h.number: h for h in fetched}
         await self._save(self._batch(gathered, headers, stored_headers=fetched, cursor=fetched[-1]))
 
-    async def _canonical(self, header: BlockHeader) -> bool:
-        """Whether the node's block at that height is still this one (it checks its ancestors).
-
-        Raises BlockNotFound when the node has no block there. Every caller has seen the chain
-        reach past that height, so that is a node behind another (a load balancer), not a
-        shorter chain: taking it as "replaced" would retract canonical blocks.
-        """
-        current = await self._rpc.get_block_header(header.number)
-        return current.hash == header.hash
-
-    async def _gather(
-        self,
-        first: int,
-        last: int,
-        *,
-        tip: Sequence[BlockHeader] | None = None,
-        addresses: Sequence[str] | None = None,
-    ) -> _Range:
-        """Every tracked log of the range, children created inside it included.
-
-        `tip`: the range's headers, to ask for logs by block hash rather than by range.
-        `addresses`: only these markets' logs (markets announce no children).
-        """
-        gathered = _Range()
-        if addresses is not None:
-            gathered.logs = await self._fetch(first, last, addresses)
-            return gathered
-        addresses = [*self._static, *self._children]
-        gathered.logs = await self._fetch(first, last, addresses, tip=tip)
-        pending = self._new_children(gathered.logs, gathered.children)
-        while pending:
-            # A child's logs start in its creation block, before the factory's announcement.
-            since = min(pending.values())
-            more = await self._fetch(since, last, list(pending), tip=tip)
-            gathered.logs += [lg for lg in more if lg.block_number >= pending[lg.address]]
-            pending = {}  # factories are static: children never create children
-        gathered.logs.sort(key=lambda lg: (lg.block_number, lg.log_index))
-        return gathered
-
-    async def _fetch(
-        self,
-        first: int,
-        last: int,
-        addresses: Sequence[str],
-        *,
-        tip: Sequence[BlockHeader] | None = None,
-    ) -> list[RawLog]:
-        step = self._config.max_addresses
-        chunks = [addresses[i : i + step] for i in range(0, len(addresses), step)]
-        if tip is not None:
-            # A few blocks by hash: the chunks' requests go out together, as latency counts here.
-            blocks = [h for h in tip if first <= h.number <= last]
-            # return_exceptions: none is left running, and a failure keeps its own type.
-            answers = await asyncio.gather(
-                *(self._rpc.get_logs_at(blocks, addresses=chunk) for chunk in chunks),
-                return_exceptions=True,
-            )
-            tip_logs: list[RawLog] = []
-            for answer in answers:
-                if isinstance(answer, BaseException):
-                    raise answer
-                tip_logs += answer
-            return tip_logs
-        logs: list[RawLog] = []
-        for chunk in chunks:
-            logs += await fetch_logs(
-                self._rpc, self._sizer, from_block=first, to_block=last, addresses=chunk
-            )
-        return logs
-
-    def _new_children(self, logs: Sequence[RawLog], found: dict[str, str]) -> dict[str, int]:
-        """Register markets announced in `logs`; return the new ones and their creation block."""
-        created: dict[str, int] = {}
-        for raw in logs:
-            if (
-                self._static.get(raw.address) is ContractKind.FACTORY
-                and len(raw.topics) > 1
-                and raw.topics[0] == MARKET_CREATED.topic0
-            ):
-                child = "0x" + raw.topics[1][-40:]
-                if child not in self._children and child not in found:
-                    found[child] = raw.address
-                    created[child] = raw.block_number
-        return created
-
     def _batch(
         self,
-        gathered: _Range,
+        gathered: GatheredRange,
         headers: dict[int, BlockHeader],
         *,
         stored_headers: Sequence[BlockHeader],
@@ -602,15 +462,7 @@ class Follower:
         kinds.update(
             (child, ContractKind.MARKET) for child in (*self._children, *gathered.children)
         )
-        events = []
-        times: dict[int, datetime] = {}
-        for raw in gathered.logs:
-            header = headers[raw.block_number]
-            if raw.block_hash != header.hash:
-                raise ReorgDuringFetch(f"log of block {raw.block_number} is from another branch")
-            if (time := times.get(header.number)) is None:
-                time = times[header.number] = block_time(header.timestamp)
-            events.append(self._stored(raw, kinds[raw.address], time))
+        events = self._decoder.events(gathered.logs, kinds, headers)
         # Known before the commit so that the next range (prepared meanwhile) asks for their
         # logs; if the commit fails the service stops and reloads them from the database.
         self._children.update(gathered.children)
@@ -646,59 +498,17 @@ class Follower:
         )
         return len(fresh)
 
-    def _stored(self, raw: RawLog, kind: ContractKind, time: datetime) -> StoredEvent:
-        decoded = None
-        try:
-            decoded = decode_log(kind, raw.address, raw.topics, raw.data)
-            problem = None if decoded is not None else "unknown event"
-        except UndecodableLog as exc:
-            problem = str(exc)
-        if decoded is None:
-            self._note_unknown(raw, kind, problem or "")
-        return StoredEvent(log=raw, kind=kind, decoded=decoded, block_time=time)
-
-    def _note_unknown(self, raw: RawLog, kind: ContractKind, problem: str) -> None:
-        self._metrics.unknown_logs.inc()
-        key = (raw.address, raw.topics[0] if raw.topics else "")
-        if key in self._unknown_logged or len(self._unknown_logged) >= UNKNOWN_MEMORY:
-            return
-        self._unknown_logged.add(key)
-        log.warning(
-            "unknown log stored raw",
-            contract=raw.address,
-            kind=kind.value,
-            topic0=key[1],
-            block=raw.block_number,
-            problem=problem,
-        )
-
     # -- reorgs ------------------------------------------------------------------------------
 
     async def _handle_reorg(self) -> None:
-        """Roll back to the newest stored block that is still canonical, or halt if too deep.
-
-        ReorgDuringFetch when that block is the cursor itself, unchanged: the answers that
-        showed it replaced (the head, the next block's parent) came from a backend on another
-        branch than the one answering now, as behind a load balancer. There is nothing to roll
-        back, and the caller asks again after a pause rather than at once.
-        """
+        """Roll back to the newest stored block that is still canonical, or halt if too deep
+        (ReorgTooDeep; ReorgDuringFetch when nothing was replaced after all: StoredChain)."""
         assert self._state is not None
-        window = self._config.reorg_window
-        cursor = self._state.block_number
         # Every header pruning keeps: those below the window only name the block to reindex
         # from when the reorg is too deep.
-        stored = await self._store.recent_headers(2 * window + 1)
-        ancestor = await self._ancestor([h for h in stored if cursor - h.number <= window])
-        if ancestor is None:
-            older = [h for h in stored if cursor - h.number > window]
-            raise ReorgTooDeep(
-                cursor=cursor,
-                window=window,
-                ancestor=await self._newest_canonical(older),
-                start_block=self._config.start_block,
-            )
-        if (ancestor.number, ancestor.hash) == (cursor, self._state.block_hash):
-            raise ReorgDuringFetch(f"block {cursor} looked replaced, yet the node still has it")
+        stored = await self._store.recent_headers(2 * self._config.reorg_window + 1)
+        cursor = self._state.block_number
+        ancestor = await self._chain.ancestor(cursor, self._state.block_hash, stored)
         depth = cursor - ancestor.number
         removed = await self._store.rollback(self._lease, self._config.lease_ttl, ancestor)
         await self._reload_state()
@@ -706,27 +516,3 @@ class Follower:
         self._metrics.reorg_depth.observe(depth)
         log.warning("reorg rolled back", depth=depth, ancestor=ancestor.number, removed=removed)
         self._on_commit(())
-
-    async def _ancestor(self, stored: Sequence[BlockHeader]) -> BlockHeader | None:
-        """The newest of these stored headers (newest first) that is still canonical.
-
-        The block before START_BLOCK (the first cursor; the virtual parent of block 0 when
-        START_BLOCK is 0) is always an ancestor, as the node has it now: nothing below it is
-        stored, so a reorg that replaced it too retracts only what is above it.
-        """
-        for header in stored:
-            if header.number < 0 or header.number == self._config.start_block - 1:
-                return await self._header_or_virtual(header.number)
-            if await self._canonical(header):  # not if the new branch is shorter than it
-                return header
-        return None
-
-    async def _newest_canonical(self, stored: Sequence[BlockHeader]) -> int | None:
-        """The newest of these stored headers (newest first) still on the chain, asked in one
-        batch: only for the message of a reorg too deep, which these headers may place."""
-        numbers = [h.number for h in stored if h.number >= 0]
-        current = {h.number: h.hash for h in await self._rpc.get_block_headers(numbers)}
-        for header in stored:
-            if header.number < 0 or current[header.number] == header.hash:
-                return header.number
-        return None

@@ -26,11 +26,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from indexer.errors import DatabaseUnavailable, RpcUnavailable, StoreError
-from indexer.follower import FollowConfig, Follower, OnCommit, Sources
+from indexer.follower import FollowConfig, Follower, OnCommit
 from indexer.http import serve_http
 from indexer.metrics import Metrics
 from indexer.publisher import Publisher
 from indexer.rpc import LogRangeSizer, RpcClient
+from indexer.sources import Sources
 from indexer.store import Lease, Store
 from shared.readiness import notify_ready
 from shared.redaction import known_secrets, redact_text

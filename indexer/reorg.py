@@ -1,0 +1,92 @@
+"""Which stored blocks the chain still has: where a reorg leaves the indexed chain.
+
+The follower stores the headers of the last 2 * REORG_WINDOW blocks it indexed. When the chain
+replaced some of them, the rollback goes to the newest one still canonical (the common
+ancestor), searched within the window only: a reorg deeper than that stops the indexer
+instead of deleting data (ReorgTooDeep), with the block a reindex can start from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from indexer.errors import ReorgDuringFetch, ReorgTooDeep
+from indexer.rpc import RpcClient
+from indexer.rpc_results import BlockHeader
+
+ZERO_HASH = "0x" + "00" * 32
+
+
+class StoredChain:
+    """Checks stored headers against what the node has now."""
+
+    def __init__(self, rpc: RpcClient, *, start_block: int, reorg_window: int) -> None:
+        self._rpc = rpc
+        self._start_block = start_block
+        self._window = reorg_window
+
+    async def header(self, number: int) -> BlockHeader:
+        """The header of block `number`, or the virtual parent of block 0 for -1."""
+        if number < 0:
+            return BlockHeader(number=-1, hash=ZERO_HASH, parent_hash=ZERO_HASH, timestamp=0)
+        return await self._rpc.get_block_header(number)
+
+    async def canonical(self, header: BlockHeader) -> bool:
+        """Whether the node's block at that height is still this one (it checks its ancestors).
+
+        Raises BlockNotFound when the node has no block there. Every caller has seen the chain
+        reach past that height, so that is a node behind another (a load balancer), not a
+        shorter chain: taking it as "replaced" would retract canonical blocks.
+        """
+        current = await self._rpc.get_block_header(header.number)
+        return current.hash == header.hash
+
+    async def ancestor(
+        self, cursor: int, cursor_hash: str, stored: Sequence[BlockHeader]
+    ) -> BlockHeader:
+        """The block to roll back to from the cursor: the newest of the `stored` headers (every
+        header kept, newest first) within the window that is still canonical.
+
+        ReorgTooDeep when none is. ReorgDuringFetch when that block is the cursor itself,
+        unchanged: the answers that showed it replaced (the head, the next block's parent) came
+        from a backend on another branch than the one answering now, as behind a load
+        balancer. There is nothing to roll back, and the caller asks again after a pause.
+        """
+        recent = [h for h in stored if cursor - h.number <= self._window]
+        ancestor = await self._newest_kept(recent)
+        if ancestor is None:
+            # The headers below the window only name the block to reindex from.
+            older = [h for h in stored if cursor - h.number > self._window]
+            raise ReorgTooDeep(
+                cursor=cursor,
+                window=self._window,
+                ancestor=await self._newest_canonical(older),
+                start_block=self._start_block,
+            )
+        if (ancestor.number, ancestor.hash) == (cursor, cursor_hash):
+            raise ReorgDuringFetch(f"block {cursor} looked replaced, yet the node still has it")
+        return ancestor
+
+    async def _newest_kept(self, stored: Sequence[BlockHeader]) -> BlockHeader | None:
+        """The newest of these stored headers (newest first) that is still canonical.
+
+        The block before START_BLOCK (the first cursor; the virtual parent of block 0 when
+        START_BLOCK is 0) is always an ancestor, as the node has it now: nothing below it is
+        stored, so a reorg that replaced it too retracts only what is above it.
+        """
+        for header in stored:
+            if header.number < 0 or header.number == self._start_block - 1:
+                return await self.header(header.number)
+            if await self.canonical(header):  # not if the new branch is shorter than it
+                return header
+        return None
+
+    async def _newest_canonical(self, stored: Sequence[BlockHeader]) -> int | None:
+        """The newest of these stored headers (newest first) still on the chain, asked in one
+        batch: only for the message of a reorg too deep, which these headers may place."""
+        numbers = [h.number for h in stored if h.number >= 0]
+        current = {h.number: h.hash for h in await self._rpc.get_block_headers(numbers)}
+        for header in stored:
+            if header.number < 0 or current[header.number] == header.hash:
+                return header.number
+        return None
