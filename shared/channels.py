@@ -53,8 +53,10 @@ def event_channel(event_name: str) -> str:
     return EVENTS_PREFIX + snake_case(event_name)
 
 
-# Cached: the indexer asks for it on every market event, for a few thousand markets at most.
-@functools.lru_cache(maxsize=4096)
+# Not cached: the indexer, which publishes every market event, appends MARKET_PREFIX to the
+# address it decoded itself (indexer/batch.py), and the broadcaster asks only for a stream
+# entry without channels. A cache keyed by market evicted on nearly every event of a
+# catch-up over more markets than it held.
 def market_channel(address: str) -> str:
     """Return the channel of one market: market:<lowercase address>; raise ChannelError."""
     try:

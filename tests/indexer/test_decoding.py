@@ -12,8 +12,11 @@ from eth_utils.crypto import keccak
 from hypothesis import given
 from hypothesis import strategies as st
 
-from indexer.catalog import MARKET_CREATED, ContractKind, catalog, parse_declaration
-from indexer.decoding import UndecodableLog, decode_data, decode_log
+from indexer.batch import StoredEvent, block_time
+from indexer.catalog import MARKET_CREATED, ContractKind, EventSpec, catalog, parse_declaration
+from indexer.decoding import Decoded, UndecodableLog, decode_data, decode_log
+from indexer.rpc_results import RawLog
+from shared.channels import channels_for
 from tests.reference_events import REFERENCE_EVENTS, canonical
 
 MARKET = "0x31d2bc49a6fd4a066f5f8ac61acd0e6c9105dd84"
@@ -229,3 +232,18 @@ def test_every_event_decodes_to_its_json_arguments(data: st.DataObject) -> None:
             expected[f"{param.name}Name"] = names[index] if index < len(names) else "UNKNOWN"
     assert decoded.args == expected
     assert list(decoded.args) == list(expected)
+
+
+@given(
+    spec=st.sampled_from(SPECS),
+    market=st.none() | st.from_regex(r"0x[0-9a-fA-F]{40}", fullmatch=True),
+)
+def test_an_events_channels_in_the_outbox_are_those_of_channels_for(
+    spec: EventSpec, market: str | None
+) -> None:
+    """What the outbox stores as an event's channels is shared.channels' answer, space-separated,
+    for any catalogued event, with a market (in any letter case) or none."""
+    log = RawLog(MARKET, (spec.topic0,), "0x", 1, "0x" + "11" * 32, "0x" + "22" * 32, 0, 0, False)
+    decoded = Decoded(spec, {}, market)
+    event = StoredEvent(log=log, kind=spec.kind, decoded=decoded, block_time=block_time(0))
+    assert event.channel_list == " ".join(channels_for(spec.name, spec.kind.value, market))
