@@ -25,16 +25,11 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from indexer.metrics import Metrics
-from indexer.store import OutboxRow, Store
+from indexer.store import HANDOFF_MAX, OutboxRow, Store
 
 log = structlog.get_logger()
 
 BATCH_SIZE = 1000
-# Rows kept from commits' hand-overs while Redis is slow or down; past it they are forgotten
-# and read back from the outbox, which holds them anyway. Catch-up batches are handed over
-# too (about BATCH_EVENTS rows, 2,000 by default): room for the one being published, the next
-# and a range that overshoots its estimate, at about 1 kB per row some 5 MB at most.
-HANDOFF_MAX = 5000
 # The bound of one publish call (a half-open socket never answers). Applied here with
 # asyncio.timeout rather than redis-py's socket_timeout, which goes through asyncio.wait_for.
 REDIS_CALL_TIMEOUT = 5.0

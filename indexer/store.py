@@ -51,6 +51,13 @@ MIGRATION_LOCK_KEY = 0x6B656B74
 # Above this many new events a batch sends its events and outbox rows by COPY (cheaper per
 # row) rather than as arrays in the batch's one write statement (cheaper in round trips).
 COPY_ABOVE = 256
+# The most outbox rows a commit hands to the publisher in memory (SavedBatch.outbox, then
+# Publisher.wake), which also keeps at most this many while Redis is slow or down; past it they
+# are read back from the outbox, which holds them anyway. Catch-up batches are handed over too
+# (about BATCH_EVENTS rows, 2,000 by default): room for the one being published, the next and
+# a range that overshoots its estimate, at about 1 kB per row some 5 MB at most. A batch of
+# more rows (BATCH_EVENTS set above it) is streamed to the outbox and not handed over.
+HANDOFF_MAX = 5000
 # Rows read per query by a rollback or a markets rebuild, and markets rebuilt per group: their
 # memory stays bounded however many events a reorg or a reindex retracts.
 READ_PAGE = 2000
@@ -97,7 +104,7 @@ class SavedBatch:
 
     fresh: list[StoredEvent]  # its events that were not stored before
     # Its outbox rows in seq order, for the publisher to take without reading them back; None
-    # for a backfill (no cursor), whose rows were streamed.
+    # when they were streamed instead: a backfill's (no cursor), or more than HANDOFF_MAX.
     outbox: list[OutboxRow] | None
 
 
@@ -363,7 +370,8 @@ class Store:
 
         Four round trips for a live block (indexer/statements.py); a large batch sends its
         events and outbox rows by COPY, a backfill (no cursor) also replays its markets.
-        The outbox rows of a batch that moves the cursor come back for the publisher too.
+        The outbox rows of a batch that moves the cursor come back for the publisher too,
+        unless there are more than HANDOFF_MAX of them.
         """
         events = batch.events
         span = (events[0].log.block_number, events[-1].log.block_number) if events else (1, 0)
@@ -375,6 +383,7 @@ class Store:
             stored = set(zip(snapshot["numbers"] or (), snapshot["indexes"] or (), strict=True))
             fresh = [e for e in events if (e.log.block_number, e.log.log_index) not in stored]
             seqs, last_seq = _assign_seqs(fresh, snapshot["last_seq"])
+            queued = last_seq - snapshot["last_seq"]
             chain_id = snapshot["chain_id"]
             new_events = map(event_values, fresh, seqs)
             new_outbox = (
@@ -385,9 +394,10 @@ class Store:
             handed: list[OutboxRow] | None = None
             event_rows: list[tuple[Any, ...]] = []
             outbox_rows: list[tuple[Any, ...]] = []
-            if batch.cursor is None:
-                # A backfill (often another process than the publisher's): streamed, so its
-                # rows and envelopes are never all in memory; the publisher reads the outbox.
+            if batch.cursor is None or queued > HANDOFF_MAX:
+                # A backfill (often another process than the publisher's), or a batch too
+                # large to hand over: streamed, so its rows and envelopes are never all in
+                # memory; the publisher reads the outbox.
                 await self._copy(conn, "events", new_events, EVENT_COLUMNS)
                 await self._copy(conn, "outbox", new_outbox, OUTBOX_COLUMNS)
             else:

@@ -4,10 +4,12 @@ own behaviour: how the link to the server fails."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from eth_abi.abi import encode
 
 from devnet.services import Postgres
@@ -16,9 +18,12 @@ from indexer.catalog import MARKET_CREATED, ContractKind
 from indexer.database import Database
 from indexer.decoding import decode_log
 from indexer.errors import DatabaseUnavailable, StoreError
+from indexer.metrics import Metrics
+from indexer.publisher import Publisher
 from indexer.rpc_results import BlockHeader, RawLog
 from indexer.service import acquire_lease, lease_owner
-from indexer.store import COPY_ABOVE, Lease, Store
+from indexer.store import COPY_ABOVE, HANDOFF_MAX, Lease, Store
+from tests.broadcaster.support import read_stream
 from tests.support.tasks import background
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -58,13 +63,20 @@ async def lease_at_block_zero(store: Store) -> Lease:
     return lease
 
 
+def at_block(number: int, events: list[StoredEvent]) -> Batch:
+    """A batch of events at this block that moves the cursor there."""
+    return Batch(
+        events=events, headers=[header(number)], cursor=header(number), prune_headers_below=0
+    )
+
+
 def block_one(events: list[StoredEvent]) -> Batch:
     """A batch of events at block 1 that moves the cursor there."""
-    return Batch(events=events, headers=[header(1)], cursor=header(1), prune_headers_below=0)
+    return at_block(1, events)
 
 
-def market_created(index: int) -> StoredEvent:
-    """The factory's MarketCreated of the index-th market, at block 1."""
+def market_created(index: int, *, block: int = 1) -> StoredEvent:
+    """The factory's MarketCreated of the index-th market, at block 1 unless told."""
     factory, market = "0x" + "11" * 20, f"0x{index + 1:040x}"
     topics = [
         MARKET_CREATED.topic0,
@@ -74,7 +86,7 @@ def market_created(index: int) -> StoredEvent:
     ]
     data = "0x" + encode(["string", "uint256", "uint256", "uint256"], [f"Q{index}?", 1, 2, 3]).hex()
     log = RawLog(
-        factory, tuple(topics), data, 1, header(1).hash, f"0x{index:064x}", 0, index, False
+        factory, tuple(topics), data, block, header(block).hash, f"0x{index:064x}", 0, index, False
     )
     decoded = decode_log(ContractKind.FACTORY, factory, topics, data)
     assert decoded is not None
@@ -96,6 +108,59 @@ async def test_a_committed_batch_hands_over_exactly_its_outbox_rows(
         assert saved.outbox is not None
         assert len(saved.outbox) == events
         assert saved.outbox == await store.outbox_after(0, 2 * events)
+
+
+async def test_a_batch_too_large_to_hand_over_reaches_redis_from_the_outbox_in_order(
+    database_url: str, redis_client: aioredis.Redis
+) -> None:
+    """A batch that queues more than HANDOFF_MAX publications (BATCH_EVENTS set above it)
+    hands none over, between batches that do: the publisher reads it from the outbox, and
+    every event reaches the stream once, in seq order, exactly as the outbox holds it."""
+    sizes = {1: 3, 2: HANDOFF_MAX + 1, 3: 3}
+    total = sum(sizes.values())
+    key = f"kektech:test-large-batch:{os.getpid()}:{database_url.rsplit('/', 1)[-1]}"
+    try:
+        async with Store.open(database_url, command_timeout=10.0) as store:
+            lease = await lease_at_block_zero(store)
+            publisher = Publisher(
+                redis=redis_client,
+                store=store,
+                stream_key=key,
+                stream_maxlen=2 * total,
+                outbox_keep=total,
+                metrics=Metrics(),
+            )
+            handed: list[int | None] = []
+            async with background(publisher.publish_forever(), name="publish-outbox") as task:
+                first = 0
+                for number, size in sizes.items():
+                    events = [market_created(i, block=number) for i in range(first, first + size)]
+                    first += size
+                    saved = await store.save_batch(lease, TTL, at_block(number, events))
+                    handed.append(None if saved.outbox is None else len(saved.outbox))
+                    publisher.wake(saved.outbox or ())  # as the follower does after a commit
+
+                async def all_published() -> bool:
+                    return publisher.published == total or task.done()
+
+                await eventually(all_published, within=60, what=f"seq {total} published")
+                assert not task.done(), task
+            outbox = await store.outbox_after(0, total + 1)
+        assert handed == [3, None, 3]
+        assert [row.seq for row in outbox] == list(range(1, total + 1))
+        assert await read_stream(redis_client, key) == [
+            (
+                b"%d-0" % row.seq,
+                {
+                    b"seq": b"%d" % row.seq,
+                    b"channels": row.channels.encode(),
+                    b"event": row.payload,
+                },
+            )
+            for row in outbox
+        ]
+    finally:
+        await redis_client.delete(key)
 
 
 async def test_rows_sent_by_copy_into_a_path_that_stops_taking_data_end_in_a_store_error(
