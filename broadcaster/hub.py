@@ -149,6 +149,10 @@ class Hub:
         self._new_glob_budgets = AddressBudgets(NEW_GLOBS_PER_SECOND, NEW_GLOBS_BURST)
         self._clock = clock
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Clear while the stream reader waits for the indexer to write again entries Redis
+        # lost (stream.py): the stream then misses entries already relayed.
+        self._stream_whole = asyncio.Event()
+        self._stream_whole.set()
         # Read when scraped, not updated per connection, subscription or event: a connect
         # storm or a busy stream then costs no metric updates.
         metrics.connections.set_function(lambda: len(self.clients))
@@ -348,6 +352,28 @@ class Hub:
         self.metrics.gaps.inc()
         self.metrics.gap_entries.inc(missed)
         self.drop_subscribed(messages.CLOSE_STREAM_GAP, "events were missed: resume with since")
+
+    @property
+    def refill_awaited(self) -> bool:
+        """Whether the stream misses entries already relayed, which the reader waits for."""
+        return not self._stream_whole.is_set()
+
+    @refill_awaited.setter
+    def refill_awaited(self, awaited: bool) -> None:
+        if awaited:
+            self._stream_whole.clear()
+        else:
+            self._stream_whole.set()
+
+    async def refilled(self, within: float) -> bool:
+        """Wait until no refill is awaited; False on timeout. A stream found new meanwhile
+        has had its subscribers dropped by the time this returns."""
+        try:
+            async with asyncio.timeout(within):
+                await self._stream_whole.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def reached(self, seq: int, within: float) -> bool:
         """Wait until the stream position is at least seq; False on timeout."""

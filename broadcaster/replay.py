@@ -6,6 +6,9 @@ the newest seq relayed at that moment — is replayed from memory (events.Histor
 stream (hub.Source, XRANGE in pages), skipping what an older subscription of the connection
 already covered; then the caller sends the ack and calls go_live(), which sends the held
 events. So nothing falls between replay and live, and nothing is sent twice.
+
+A stream that ends before the boundary while the stream reader waits for the indexer to write
+lost entries again (Hub.refill_awaited) is waited for too, then read on from where it ended.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ REPLAY_YIELD_EVERY = 256
 REPLAY_DRAIN_TIMEOUT = 30.0
 # How long a resume waits for this instance to reach a `since` another instance already sent.
 CATCH_UP_TIMEOUT = 5.0
+# How long a resume that finds the stream short of what was relayed (Redis lost entries) waits
+# for the indexer to write them again: as long as the stream reader's grace for a stream that
+# grows no more (stream.REFILL_GRACE). The reader may wait longer (a refill still growing,
+# Redis away meanwhile); the client is then told to reload rather than kept waiting.
+REFILL_WAIT = 15.0
 # What asking Redis for the stream's top (a `since` past this instance's position) costs the
 # address's history budget: as much as reading a page of history, so that repeating such
 # resumes cannot keep Redis busy for free.
@@ -147,13 +155,19 @@ async def _replay(
     if hub.source is None:
         return _Replayed(False, 0, boundary, 0)
     sent, scanned, after, contiguous_from = 0, 0, since, since
+    refill = _RefillWait(hub)
     while after < boundary:
+        awaited = hub.refill_awaited  # before the read: a refill may end during it
         try:
             page = await hub.source.entries(after, boundary, REPLAY_PAGE)
         except StreamUnavailable as exc:
             log.warning("resume could not read the stream", error=str(exc))
             return _Replayed(False, sent, boundary, scanned)
         if not page:
+            # The stream ends before the boundary: trimmed past it, or Redis lost entries
+            # that the reader waits for the indexer to write again; then read on from here.
+            if (awaited or hub.refill_awaited) and await refill.ended() and hub.serves(client):
+                continue
             break
         for seq, _ in page:
             if seq != after + 1:  # trimmed or missing: nothing before it is delivered whole
@@ -170,15 +184,41 @@ async def _await_since(hub: Hub, since: int, boundary: int) -> bool:
     """since is at or past our position: the client saw it through a faster instance.
 
     False for a since the stream never had (it was recreated) or that this instance cannot
-    reach: the subscription goes live from here and the client is told to reload.
+    reach: the subscription goes live from here and the client is told to reload. While Redis
+    lacks entries the reader waits for, the stream's top is asked again once they are back.
     """
     if since == boundary:
         return True
-    try:
-        top = await hub.source.top() if hub.source is not None else None
-    except StreamUnavailable:
-        top = None
+    awaited = hub.refill_awaited
+    top = await _top(hub)
+    if top is not None and top < since and (awaited or hub.refill_awaited):
+        # Redis lost entries: the stream's top says nothing until they are written again.
+        top = await _top(hub) if await _RefillWait(hub).ended() else None
     return top is not None and since <= top and await hub.reached(since, CATCH_UP_TIMEOUT)
+
+
+async def _top(hub: Hub) -> int | None:
+    """The stream's top, None if it cannot be read."""
+    try:
+        return await hub.source.top() if hub.source is not None else None
+    except StreamUnavailable:
+        return None
+
+
+class _RefillWait:
+    """A resume's waits for the stream reader's refill: REFILL_WAIT from the first, in all."""
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self._deadline: float | None = None
+
+    async def ended(self) -> bool:
+        """Wait until the refill is no longer awaited (done, or the stream taken as a new
+        one); False once the resume has waited REFILL_WAIT."""
+        now = asyncio.get_running_loop().time()
+        if self._deadline is None:
+            self._deadline = now + REFILL_WAIT
+        return await self._hub.refilled(max(0.0, self._deadline - now))
 
 
 async def _send(

@@ -237,8 +237,17 @@ class EventStream:
         with 4009 and the new stream is followed from its top.
 
         A stream that is missing or ends before that entry is waited for (REFILL_GRACE)
-        while the indexer writes the lost entries again, reading nothing meanwhile.
+        while the indexer writes the lost entries again, reading nothing meanwhile; so are
+        resumes that find it short (replay.py, through Hub.refill_awaited).
         """
+        try:
+            return await self._compare_stream(hub, cursor)
+        finally:
+            # Published once the check is done, after a reset if there was one: a resume
+            # waiting for the refill then sees how it ended (its client dropped, if so).
+            hub.refill_awaited = self._awaiting_refill
+
+    async def _compare_stream(self, hub: Hub, cursor: bytes) -> bytes:
         last_id = await self._last_id(self._reader)
         top = entry_seq_or_zero(last_id)
         if self._last_entry is not None and top < entry_seq_or_zero(self._last_entry[0]):

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
+from broadcaster import replay, stream
 from broadcaster.connection import READ_SLICE
 from broadcaster.service import run
 from devnet.services import Redis
@@ -327,6 +329,104 @@ async def test_resume_beyond_the_replay_limit(start: Start, producer: EventProdu
         assert ack["replayedEvents"] == []
         await producer.publish()
         assert [e["seq"] for e in await client.events(1)] == [11]
+
+
+@pytest.mark.parametrize("keep", [0, 60], ids=["lost-whole", "lost-newest"])
+async def test_a_resume_while_the_stream_is_refilled_waits_for_the_refill(
+    start: Start, producer: EventProducer, keep: int
+) -> None:
+    """Redis lost the stream (or its newest entries) and the broadcaster waits for the
+    indexer to write them again: a resume from further back than the history in memory waits
+    for that refill too, then replays everything it missed (recovered), continuing from what
+    the stream held before; a message sent meanwhile is answered after the ack, and live
+    events follow with no gap and no repeat."""
+    async with start(ws_history_size=10) as server:
+        await producer.publish(count=100)
+        await server.wait_health(seq=100)
+        kept = await producer.lose()
+        await producer.rewrite(kept[:keep])  # what an older snapshot held
+        await asyncio.sleep(2.5)  # idle reads meanwhile (BROADCASTER_REDIS_TIMEOUT=2 s)
+        async with ws_client(server.url) as client:
+            await client.send({"type": "subscribe", "channel": "events:*", "since": 50})
+            await client.send({"type": "ping"})
+            received: list[dict[str, Any]] = []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    while True:
+                        received.append(await client.recv())
+            # Replayed: what the stream holds; the rest waits, and the ping behind it.
+            assert [m["seq"] for m in received] == list(range(51, keep + 1))
+            await producer.rewrite(kept[keep:])  # the indexer's refill from its outbox
+            while len(received) < 50 + 2:
+                received.append(await client.recv(within=WITHIN))
+            assert [m["type"] for m in received] == ["event"] * 50 + ["subscribed", "pong"]
+            assert [m["seq"] for m in received[:50]] == list(range(51, 101))
+            assert (received[50]["recovered"], received[50]["replayed"]) == (True, 50)
+            await producer.publish()
+            assert [e["seq"] for e in await client.events(1)] == [101]
+            await client.nothing()
+
+
+async def test_a_resume_past_the_position_while_the_stream_is_refilled_waits_for_it(
+    server: Running, producer: EventProducer
+) -> None:
+    """A since past this instance's position (the client saw it through a faster instance)
+    while the stream is waited for: the stream's top is asked once the refill is done, not
+    while the stream misses entries, so the resume catches up (recovered) and goes live after
+    its since."""
+    await producer.publish(count=100)
+    await server.wait_health(seq=100)
+    kept = await producer.lose()
+    await asyncio.sleep(2.5)  # idle reads meanwhile (BROADCASTER_REDIS_TIMEOUT=2 s)
+    async with ws_client(server.url) as client:
+        await client.send({"type": "subscribe", "channel": "events:*", "since": 102})
+        await client.nothing(within=1.0)
+        await producer.rewrite(kept)  # the indexer's refill, then what it indexed since
+        await producer.publish(count=3)
+        ack = await client.expect("subscribed")
+        assert (ack["recovered"], ack["replayed"]) == (True, 0)
+        assert [e["seq"] for e in await client.events(1)] == [103]
+        await client.nothing()
+
+
+async def test_a_resume_waits_for_a_refill_for_a_bounded_time(
+    start: Start, producer: EventProducer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream that stays missing is waited for by the broadcaster (nothing refills it
+    while the key is away), but a resume waits for it only REFILL_WAIT (here 1 s): then it
+    is answered recovered=false, as a miss."""
+    monkeypatch.setattr(replay, "REFILL_WAIT", 1.0)
+    async with start(ws_history_size=10) as server:
+        await producer.publish(count=100)
+        await server.wait_health(seq=100)
+        await producer.lose()
+        await asyncio.sleep(2.5)  # idle reads meanwhile (BROADCASTER_REDIS_TIMEOUT=2 s)
+        async with ws_client(server.url) as client:
+            await client.send({"type": "subscribe", "channel": "events:*", "since": 0})
+            await client.nothing(within=0.5)
+            ack = await client.expect("subscribed", within=WITHIN)
+            assert (ack["recovered"], ack["replayed"]) == (False, 0)
+
+
+async def test_a_resume_waiting_for_a_refill_that_does_not_come_is_closed_for_reload(
+    start: Start, producer: EventProducer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream that stays short of what was relayed for REFILL_GRACE (here 3 s) is taken
+    as a new one: a resume waiting for its refill, having replayed what the stream held, is
+    closed with 4009 (reload) with the other subscribers, not acknowledged."""
+    monkeypatch.setattr(stream, "REFILL_GRACE", 3.0)
+    async with start(ws_history_size=10) as server:
+        await producer.publish(count=100)
+        await server.wait_health(seq=100)
+        kept = await producer.lose()
+        await producer.rewrite(kept[:60])  # an older snapshot, and no refill
+        async with ws_client(server.url) as client:
+            await asyncio.sleep(1.5)  # seen short by now (idle reads block for 1 s)
+            await client.send({"type": "subscribe", "channel": "events:*", "since": 0})
+            received, (code, _) = await client.messages_until_closed(within=10)
+        assert code == 4009
+        assert [m["data"]["seq"] for m in received if m["type"] == "event"] == list(range(1, 61))
+        assert [m["type"] for m in received if m["type"] != "event"] == []
 
 
 async def test_resume_at_the_head_and_beyond(server: Running, producer: EventProducer) -> None:
