@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from broadcaster.errors import InvalidEntry, StreamUnavailable
@@ -407,7 +408,11 @@ async def open_stream(url: str, *, key: str, redis_timeout: float) -> AsyncItera
     """Connect (lazily) to Redis; the clients are closed when the block exits.
 
     No hidden retries in redis-py: follow() retries in one place and a resume that cannot
-    read the stream answers recovered=false at once.
+    read the stream answers recovered=false at once. One exception: a pooled query
+    connection that idled across a Redis restart is closed by the server without redis-py
+    noticing when it hands it out, and its first command (or health-check PING) fails with
+    a ConnectionError; those read-only queries are tried once more, at once, on a new
+    connection. A timeout is not retried: the query stays bounded by one timeout.
 
     Every call is bounded with asyncio.timeout() here rather than redis-py's socket_timeout:
     with a socket_timeout redis-py sends through asyncio.wait_for(), which on Python 3.11 can
@@ -427,7 +432,7 @@ async def open_stream(url: str, *, key: str, redis_timeout: float) -> AsyncItera
         max_connections=QUERY_CONNECTIONS,
         timeout=redis_timeout,
         health_check_interval=max(1, int(redis_timeout)),
-        **options,
+        **(options | {"retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))}),
     )
     queries = aioredis.Redis.from_pool(pool)
     monitor = aioredis.Redis.from_url(url, single_connection_client=True, **options)

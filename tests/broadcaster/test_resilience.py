@@ -68,6 +68,36 @@ async def test_redis_restart_mid_stream(
         assert await server.metric("kektech_broadcaster_redis_reconnects_total") >= 1
 
 
+async def test_resumes_right_after_a_redis_restart_are_answered(
+    start: Start, own_producer: EventProducer, own_redis: Redis
+) -> None:
+    """Resumes read from the stream on pooled connections, which a Redis restart closes: the
+    first command on each is tried again on a new connection, so resumes after the restart
+    replay their history (recovered) rather than being told to reload."""
+    producer = own_producer
+
+    async def resume(server: Running) -> bool:
+        async with ws_client(server.url) as client:
+            ack = await client.subscribe("events:*", since=10)
+            assert [e["seq"] for e in ack["replayedEvents"]] == list(range(11, producer.seq + 1))
+            recovered = ack["recovered"]
+            assert isinstance(recovered, bool)
+            return recovered
+
+    async with start(redis_url=own_redis.url, ws_history_size=5) as server:
+        await producer.publish(count=50)
+        await server.wait_health(seq=50)
+        # Several pooled connections opened (resumes older than the history read Redis).
+        assert await asyncio.gather(*(resume(server) for _ in range(8))) == [True] * 8
+        own_redis.stop()
+        await server.wait_health(redis="down")
+        own_redis.start()
+        await producer.publish(count=5)
+        await server.wait_health(redis="up", seq=55, within=15)
+        assert await asyncio.gather(*(resume(server) for _ in range(8))) == [True] * 8
+        assert [await resume(server) for _ in range(3)] == [True] * 3
+
+
 @contextlib.asynccontextmanager
 async def through_proxy(start: Start, redis: Redis) -> AsyncIterator[tuple[TcpProxy, Running]]:
     """A broadcaster whose Redis connections go through a TcpProxy (to freeze them), with
