@@ -1,9 +1,9 @@
 """Follow the chain from the cursor to the head, one committed batch per block range.
 
 Two ways to fetch a range:
-- deep ranges (more than REORG_WINDOW blocks behind the head) are taken as final: logs in
-  adaptive chunks, headers only for blocks that have logs (their time) and for the range end
-  (the cursor);
+- deep ranges (more than REORG_WINDOW blocks behind the target, the head less CONFIRMATIONS)
+  are taken as final: logs in adaptive chunks, headers only for blocks that have logs (their
+  time) and for the range end (the cursor);
 - tip ranges (inside the window) fetch every header and check the parent-hash chain from the
   cursor, so a reorg is noticed before anything of the new branch is stored.
 
@@ -299,7 +299,12 @@ class Follower:
         `head`: the newest header, just fetched; a tip range ending there reuses it.
         """
         first = self.cursor + 1
-        deep_end = min(target, self.head - self._config.reorg_window)
+        # Counted from the head less CONFIRMATIONS, as the search for a reorg's ancestor
+        # counts from the cursor: the last REORG_WINDOW blocks indexed go through tip ranges,
+        # which store every header. From the head, a catch-up left CONFIRMATIONS of them in a
+        # deep range without headers, and a reorg inside the window looked too deep. (A
+        # reindex's `until` lowers `target` only, as it always did.)
+        deep_end = min(target, self._target(self.head) - self._config.reorg_window)
         try:
             if first <= deep_end:
                 # Deep ranges are not checked block by block, so first the link to what is

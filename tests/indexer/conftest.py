@@ -108,12 +108,19 @@ async def stored_keys(database_url: str) -> list[tuple[Any, ...]]:
 
 
 async def assert_database_equals_chain(
-    database_url: str, chain: DevChain, deployment: Deployment, *, first: int = 0
+    database_url: str,
+    chain: DevChain,
+    deployment: Deployment,
+    *,
+    first: int = 0,
+    last: int | None = None,
 ) -> int:
     """The events table is exactly the tracked logs of the canonical chain from block `first`
-    on (an indexer's START_BLOCK); returns the count."""
+    on (an indexer's START_BLOCK), up to block `last` if given (an indexer's target with
+    CONFIRMATIONS); returns the count."""
     logs = await tracked_chain_logs(chain, deployment)
-    expected = [chain_key(lg) for lg in logs if int(lg["blockNumber"], 16) >= first]
+    numbers = range(first, (await chain.block_number() if last is None else last) + 1)
+    expected = [chain_key(lg) for lg in logs if int(lg["blockNumber"], 16) in numbers]
     stored = await stored_keys(database_url)
     missing = sorted(set(expected) - set(stored))[:5]
     extra = sorted(set(stored) - set(expected))[:5]

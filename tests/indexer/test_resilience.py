@@ -22,6 +22,7 @@ from tests.indexer.conftest import (
     assert_retracted,
     caught_up,
     expected_ids,
+    live_ids,
     stored_keys,
     stream_entries,
     tracked_chain_logs,
@@ -167,6 +168,66 @@ async def test_reorgs_within_the_window_follow_the_canonical_chain(
     new_branch = await blocks_events(dev_chain, deployment, head - depth + 1)
     assert new_branch
     assert not set(new_branch) & set(retracted)
+
+
+# 70: a window longer than a tip range (TIP_MAX_BLOCKS), its headers stored by several.
+@pytest.mark.parametrize("window", [8, 70])
+async def test_with_confirmations_a_reorg_of_the_whole_window_after_a_catch_up_is_followed(
+    window: int,
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """With CONFIRMATIONS, the window counts from the cursor, not the head: right after a
+    catch-up, a reorg retracting REORG_WINDOW indexed blocks (REORG_WINDOW + CONFIRMATIONS
+    deep) is rolled back and announced as removals, not a halt as too deep."""
+    confirmations = 2
+    settings = {"REORG_WINDOW": str(window), "CONFIRMATIONS": str(confirmations)}
+    driver = ActivityDriver(dev_chain, deployment, seed=46, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=window + 12)
+    with make_indexer(**settings) as indexer:
+        head = await dev_chain.block_number()
+        await indexer.wait_cursor(head - confirmations)  # one catch-up from an empty database
+        fork = head - window - confirmations  # the newest block both branches hold
+        retracted = expected_ids(
+            [
+                lg
+                for lg in await tracked_chain_logs(dev_chain, deployment)
+                if fork < int(lg["blockNumber"], 16) <= head - confirmations
+            ]
+        )
+        assert retracted, "the retracted blocks hold events"
+        await dev_chain.request(
+            "anvil_reorg", [head - fork, reorg_transactions(dev_chain, deployment)]
+        )
+        await dev_chain.mine_empty(1)
+        target = await dev_chain.block_number() - confirmations
+        await indexer.wait_cursor(target)
+
+        async def stored() -> bool:
+            try:
+                await assert_database_equals_chain(database_url, dev_chain, deployment, last=target)
+            except AssertionError:
+                return False
+            return True
+
+        await eventually(stored, within=30, what="the database equals the chain to the target")
+        logs = await tracked_chain_logs(dev_chain, deployment)
+        assert any(int(lg["blockNumber"], 16) == fork + 1 for lg in logs), "the replacement"
+        expected = expected_ids([lg for lg in logs if int(lg["blockNumber"], 16) <= target])
+
+        async def published() -> bool:
+            return live_ids(await stream_entries(redis_client, stream_key)) == expected
+
+        await eventually(published, within=30, what="the stream holds the new branch's events")
+        assert indexer.running
+        assert await indexer.metric("kektech_indexer_reorgs_total") == 1
+        assert await indexer.metric("kektech_indexer_reorg_depth_blocks_sum") == window
+    assert_retracted(await stream_entries(redis_client, stream_key), retracted)
 
 
 async def test_a_reorg_seen_through_a_lagging_node_retracts_only_the_replaced_blocks(
