@@ -112,6 +112,7 @@ class Follower:
         self._density = INITIAL_DENSITY
         self._bulk_done = False  # a catch-up ran since the follower was last idle
         self.head = -1
+        self._head_read_at = 0.0  # loop time of the last look at the head
 
     @property
     def cursor(self) -> int:
@@ -258,7 +259,7 @@ class Follower:
         """Index forever (or until block `until` is stored). Safe to cancel at any await."""
         loop = asyncio.get_running_loop()
         while True:
-            started = loop.time()
+            started = self._head_read_at = loop.time()
             head = await self._rpc.get_head()
             self.head = head.number
             self._metrics.head.set(self.head)
@@ -381,18 +382,31 @@ class Follower:
                 return
             # return_exceptions: a failed fetch must not cancel a commit in flight, and the
             # commit's own failure is the one to report first.
-            saved, upcoming = await asyncio.gather(
+            saved, upcoming, looked = await asyncio.gather(
                 self._save(batch),
                 self._prepare_deep(
                     following, self._batch_end(following, deep_end), extends=batch.cursor.hash
                 ),
+                self._look_at_head(),
                 return_exceptions=True,
             )
-            if isinstance(saved, BaseException):
-                raise saved
-            if isinstance(upcoming, BaseException):
-                raise upcoming
+            for outcome in (saved, upcoming, looked):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            assert isinstance(upcoming, Batch)
             batch = upcoming
+
+    async def _look_at_head(self) -> None:
+        """During a catch-up, read the head again once a poll interval has passed, beside the
+        batches' work: the head and lag reported (metrics, /ready, `status`) would otherwise
+        stay where the catch-up began, and a catch-up longer than the alert's 15 minutes would
+        look like a provider stuck on an old head (KektechIndexerHeadStalled)."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._head_read_at < self._config.poll_interval:
+            return
+        self._head_read_at = loop.time()
+        self.head = await self._rpc.block_number()
+        self._metrics.head.set(self.head)
 
     def _note_density(self, logs: int, first: int, last: int) -> None:
         """Smooth the events per block seen so far: it sizes the next range."""

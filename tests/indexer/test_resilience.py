@@ -639,6 +639,62 @@ async def test_after_a_reorg_deeper_than_the_window_the_named_reindex_recovers(
     assert_retracted(entries, retracted)
 
 
+async def test_a_long_catch_up_keeps_reporting_the_head_as_the_chain_grows(
+    dev_chain: DevChain,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """The head reported while catching up follows the chain: frozen where the catch-up began,
+    it made a catch-up longer than 15 minutes look like a provider stuck on an old head (the
+    KektechIndexerHeadStalled alert), and understated the lag."""
+    window = 8
+    await dev_chain.mine_empty(300)
+    chain_head = await dev_chain.block_number()
+
+    async def slow_logs(method: str, params: list[Any]) -> None:
+        if method == "eth_getLogs":
+            await asyncio.sleep(0.1)  # with ranges of 5 blocks: a catch-up of 6 s or more
+
+    async def metric(indexer: IndexerProcess, name: str) -> float | None:
+        try:
+            return await indexer.metric(name)
+        except OSError:  # not listening yet
+            return None
+
+    async with RpcFaultProxy(anvil.rpc_url, seed=18, rates={}) as proxy:
+        proxy.on_call = slow_logs
+        with make_indexer(
+            RPC_PROVIDER_URL=proxy.url,
+            REORG_WINDOW=str(window),
+            LOGS_RANGE_MIN="1",
+            LOGS_RANGE_INITIAL="5",
+            LOGS_RANGE_MAX="5",
+        ) as indexer:
+            first_head: float | None = None
+
+            async def first_head_seen() -> bool:
+                nonlocal first_head
+                first_head = await metric(indexer, "kektech_indexer_head_block")
+                return first_head is not None and first_head >= chain_head
+
+            await eventually(first_head_seen, within=30, what="the indexer reports a head")
+            assert first_head is not None
+            while True:
+                await dev_chain.mine_empty()
+                head = await metric(indexer, "kektech_indexer_head_block")
+                cursor = await metric(indexer, "kektech_indexer_cursor_block")
+                assert head is not None
+                assert cursor is not None
+                if head > first_head:
+                    break
+                assert cursor < first_head - window, (
+                    f"the catch-up to block {first_head:.0f} ended (cursor {cursor:.0f}) "
+                    "with the head reported still where it began"
+                )
+                await asyncio.sleep(0.2)
+            assert cursor < first_head - window, "the head was read again during the catch-up"
+
+
 async def test_rpc_faults_cause_no_loss_and_no_duplicates(
     dev_chain: DevChain,
     deployment: Deployment,
