@@ -16,6 +16,7 @@ from typing import TextIO
 
 from indexer.errors import IndexerError, StoreError
 from indexer.follower import Follower
+from indexer.lease import LeaseTerm
 from indexer.metrics import Metrics
 from indexer.rpc import RpcClient
 from indexer.service import (
@@ -129,7 +130,8 @@ async def _writer(
         # Renewed all along, not only by each commit: one step between two commits (a
         # rollback, a range behind a slow node) may take longer than LEASE_TTL.
         renewal = asyncio.create_task(
-            keep_lease(store, lease, settings.lease_ttl, metrics, rpc), name="keep-lease"
+            keep_lease(store, lease, LeaseTerm(settings.lease_ttl), metrics, rpc),
+            name="keep-lease",
         )
         try:
             follower = build_follower(settings, rpc=rpc, store=store, lease=lease, metrics=metrics)

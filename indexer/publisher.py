@@ -10,6 +10,9 @@ drain in order when it returns. A commit (a live block, a catch-up batch) also h
 over in memory (`wake(rows)`): published without being read back, one round trip less per
 block; the outbox stays the record, read whenever the rows handed over do not continue what was
 published.
+
+Only the lease holder publishes: nothing goes to Redis while this process does not know its
+lease held (indexer/lease.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
+from indexer.lease import LeaseTerm
 from indexer.metrics import Metrics
 from indexer.store import HANDOFF_MAX, OutboxRow, Store
 
@@ -119,6 +123,7 @@ class Publisher:
         *,
         redis: aioredis.Redis,
         store: Store,
+        term: LeaseTerm,
         stream_key: str,
         stream_maxlen: int,
         outbox_keep: int,
@@ -130,6 +135,7 @@ class Publisher:
     ) -> None:
         self._redis = redis
         self._store = store
+        self._term = term
         self._stream_key = stream_key
         self._maxlen = stream_maxlen
         self._outbox_keep = outbox_keep
@@ -141,6 +147,9 @@ class Publisher:
         self._wake = asyncio.Event()
         self._handed: deque[OutboxRow] = deque()
         self._published = 0
+        # published_seq as this process last recorded or read it; above _published while
+        # entries Redis lost are written again.
+        self._recorded = 0
         self._reported_missing = 0  # the last seq reported missing from the outbox
         self._told_unchecked = False
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
@@ -180,7 +189,7 @@ class Publisher:
     async def publish_forever(self) -> None:
         """Drain the outbox, then wait for more. Safe to cancel: progress is only recorded
         after Redis acknowledged a whole batch."""
-        self._published = await self._store.published_seq()
+        self._published = self._recorded = await self._store.published_seq()
         await self._note_stream_ahead()
         loop = asyncio.get_running_loop()
         next_prune = loop.time() + self._prune_every
@@ -214,7 +223,12 @@ class Publisher:
                     async with asyncio.timeout(IDLE_POLL):
                         await self._wake.wait()
                 continue
+            if not self._term.held():
+                await self._wait_for_lease()
             if missing := _missing_seqs(self._published + 1, rows):
+                # Reported once; before that, the recorded position is read again.
+                if missing[-1][1] > self._reported_missing and await self._recorded_elsewhere():
+                    continue
                 self._report_missing(missing)
             follows = 0 if accept_hole else self._published + 1
             try:
@@ -243,13 +257,42 @@ class Publisher:
                 accept_hole = await self._rewind_to(top, rows[0].seq)
                 continue
             self._metrics.redis_up.set(1)
-            self._published = rows[-1].seq
+            self._published = self._recorded = rows[-1].seq
             reported_top = None
             await self._store.mark_published(self._published)
             self._metrics.published_seq.set(self._published)
             if len(rows) == BATCH_SIZE:  # still draining: worth a query to show how much is left
                 last_seq = await self._store.last_seq()
                 self._metrics.publish_backlog.set(max(0, last_seq - self._published))
+
+    async def _wait_for_lease(self) -> None:
+        """Hold publishing back until the lease is renewed: this process may have been paused
+        past LEASE_TTL and replaced by a standby that publishes now. If the lease was taken,
+        the renewal raises LeaseLost and the service stops, cancelling this wait."""
+        log.warning(
+            "publishing waits for the write lease's renewal: not renewed within LEASE_TTL "
+            "(the process paused, or the database slow to answer)",
+            published=self._published,
+        )
+        await self._term.wait_held()
+        log.info("write lease renewed; publishing goes on", published=self._published)
+
+    async def _recorded_elsewhere(self) -> bool:
+        """Whether another publisher recorded progress past what this one knows (a leader that
+        took over while this process was paused), which it then goes on from: the rows it
+        would have reported missing were published, and pruned from the outbox since."""
+        recorded = await self._store.published_seq()
+        if recorded <= self._recorded:
+            return False
+        log.info(
+            "another publisher recorded progress past this one's; going on from there",
+            published=self._published,
+            recorded=recorded,
+        )
+        self._recorded = recorded
+        self._published = max(self._published, recorded)
+        self._metrics.published_seq.set(self._published)
+        return True
 
     async def _note_stream_ahead(self) -> None:
         """Say so when the stream already holds seqs this database has not published: they are

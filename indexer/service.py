@@ -28,6 +28,7 @@ from redis.backoff import NoBackoff
 from indexer.errors import DatabaseUnavailable, RpcUnavailable, StoreError
 from indexer.follower import FollowConfig, Follower, OnCommit
 from indexer.http import serve_http
+from indexer.lease import LeaseTerm
 from indexer.metrics import Metrics
 from indexer.publisher import Publisher
 from indexer.rpc import LogRangeSizer, RpcClient
@@ -205,13 +206,16 @@ def log_range_sizer(settings: IndexerSettings) -> LogRangeSizer:
 
 
 async def keep_lease(
-    store: Store, lease: Lease, ttl: float, metrics: Metrics, rpc: RpcClient
+    store: Store, lease: Lease, term: LeaseTerm, metrics: Metrics, rpc: RpcClient
 ) -> None:
-    """Renew the lease every third of its TTL; raises LeaseLost if it was taken. Cancel-safe."""
+    """Renew the lease at once, then every third of its TTL, telling `term`; raises LeaseLost
+    if it was taken. Cancel-safe."""
     while True:
-        await asyncio.sleep(ttl / 3)
-        await store.renew_lease(lease, ttl)
+        sent = term.now()
+        await store.renew_lease(lease, term.ttl)
+        term.renewed(sent)
         metrics.record_rpc(rpc.stats)
+        await asyncio.sleep(term.ttl / 3)
 
 
 @dataclass(slots=True)
@@ -285,9 +289,11 @@ async def _serve(settings: IndexerSettings, metrics: Metrics, health: Health) ->
         metrics.leader.set(1)
         health.role = "leader"
         try:
+            term = LeaseTerm(settings.lease_ttl)
             publisher = Publisher(
                 redis=redis,
                 store=store,
+                term=term,
                 stream_key=settings.redis_stream_key,
                 stream_maxlen=settings.redis_stream_maxlen,
                 outbox_keep=settings.outbox_keep,
@@ -304,10 +310,9 @@ async def _serve(settings: IndexerSettings, metrics: Metrics, health: Health) ->
             async with asyncio.TaskGroup() as tasks:
                 # Renewed from the start: prepare() may roll back a reorg found at start-up or
                 # wait on a slow node for longer than LEASE_TTL. The publisher starts at once
-                # too: it only drains committed rows, and it tells whether Redis answers.
-                tasks.create_task(
-                    keep_lease(store, lease, settings.lease_ttl, metrics, rpc), name="keep-lease"
-                )
+                # too: it only drains committed rows, and it tells whether Redis answers; it
+                # publishes only while `term` says the lease is held.
+                tasks.create_task(keep_lease(store, lease, term, metrics, rpc), name="keep-lease")
                 tasks.create_task(publisher.publish_forever(), name="publish-outbox")
                 await follower.prepare()
                 log.info("indexer started", cursor=follower.cursor, chain_id=settings.chain_id)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -25,12 +28,15 @@ from tests.indexer.conftest import (
     tracked_chain_logs,
     wait_for_stream,
 )
+from tests.indexer.test_indexing import collect_pubsub
 from tests.support.indexer_process import IndexerProcess
 from tests.support.rpc_proxy import RpcFaultProxy
+from tests.support.tasks import background
 from tests.support.waiting import eventually
 
 API_KEY = "k3yABCDEFGHIJKLMNOP1234"
 KEYED = f"/v2/{API_KEY}"  # an RPC URL's path as providers put their key in it
+MARKER = "events:test-marker"
 
 
 @contextlib.asynccontextmanager
@@ -100,6 +106,55 @@ async def test_second_instance_waits_as_standby_then_takes_over(
         assert "standby: another indexer holds the write lease" in second.log_text()
         count = await assert_database_equals_chain(database_url, dev_chain, deployment)
         await wait_for_stream(redis_client, stream_key, count)
+    assert_gap_free(await stream_entries(redis_client, stream_key))
+
+
+async def test_a_leader_paused_past_its_lease_stops_without_publishing_again(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """A leader stopped for longer than LEASE_TTL (SIGSTOP, a frozen VM) is replaced by the
+    standby, which indexes and publishes on. Resumed, the old leader publishes nothing again
+    (Pub/Sub subscribers would see seqs go backwards) and stops on the lease it lost."""
+    driver = ActivityDriver(dev_chain, deployment, seed=61, txs_per_block=5)
+    await driver.cover_all_events()
+    first, second = make_indexer(), make_indexer()
+    channels: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    subscribed = asyncio.Event()
+    with first, contextlib.ExitStack() as cleanup:
+        cleanup.callback(second.kill)
+        await first.wait_cursor(await dev_chain.block_number())
+        second.start()
+        await eventually(lambda: standby(second), within=20, what="the second one is standby")
+        assert first.proc is not None
+        os.kill(first.proc.pid, signal.SIGSTOP)
+        try:
+            await driver.run(blocks=5)
+            await second.wait_cursor(await dev_chain.block_number())
+            count = await assert_database_equals_chain(database_url, dev_chain, deployment)
+            await wait_for_stream(redis_client, stream_key, count)
+            async with background(collect_pubsub(redis_client, channels, subscribed)):
+                async with asyncio.timeout(10):
+                    await subscribed.wait()
+                os.kill(first.proc.pid, signal.SIGCONT)
+                code = await first.wait_exit(within=30)
+                # Delivered after anything the old leader published, on the same connection.
+                await redis_client.publish(MARKER, b"{}")
+
+                async def marker_seen() -> bool:
+                    return MARKER in channels
+
+                await eventually(marker_seen, within=10, what="the marker message")
+        finally:
+            if first.running:
+                os.kill(first.proc.pid, signal.SIGCONT)
+    assert code == 1
+    assert "write lease lost" in first.log_text()
+    assert [channel for channel in channels if channel != MARKER] == []
     assert_gap_free(await stream_entries(redis_client, stream_key))
 
 

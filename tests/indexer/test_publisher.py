@@ -1,5 +1,5 @@
-"""The outbox publisher on its own: stopping, pruning, Redis health and rows handed over by
-commits."""
+"""The outbox publisher on its own: stopping, pruning, Redis health, rows handed over by
+commits and the write lease."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import structlog.testing
 
 from devnet.services import Redis
 from indexer import publisher as publisher_module
+from indexer.lease import LeaseTerm
 from indexer.metrics import Metrics
 from indexer.publisher import Publisher
 from indexer.service import redis_client
@@ -93,12 +94,25 @@ def unique_key(name: str) -> str:
     return f"kektech:test-{name}:{os.getpid()}:{next(_keys)}"
 
 
+def held_lease() -> LeaseTerm:
+    """A lease term just renewed, which lasts longer than any test."""
+    term = LeaseTerm(ttl=3600.0)
+    term.renewed(term.now())
+    return term
+
+
 def make_publisher(
     parts: tuple[Store, aioredis.Redis], stream_key: str, **overrides: Any
 ) -> Publisher:
-    """A publisher on this test's store and Redis; keyword arguments override the defaults."""
+    """A publisher on this test's store and Redis, its lease held; keyword arguments override
+    the defaults."""
     store, redis = parts
-    options: dict[str, Any] = {"stream_maxlen": 1000, "outbox_keep": 100, "metrics": Metrics()}
+    options: dict[str, Any] = {
+        "stream_maxlen": 1000,
+        "outbox_keep": 100,
+        "metrics": Metrics(),
+        "term": held_lease(),
+    }
     return Publisher(redis=redis, store=store, stream_key=stream_key, **(options | overrides))
 
 
@@ -452,6 +466,73 @@ async def test_seqs_missing_from_the_outbox_are_reported_and_the_rest_published(
     assert [(e["missing_from"], e["missing_to"]) for e in missing] == [(11, 11), (14, 14)]
     assert not [e for e in logs if e["event"].startswith("the stream lost its newest")]
     assert stream_missing(metrics) == 2
+
+
+async def test_nothing_is_published_while_the_lease_is_not_known_held(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+) -> None:
+    """A process paused past LEASE_TTL (SIGSTOP, a frozen VM) may have been replaced by a
+    standby meanwhile: its publisher writes nothing to Redis until the lease is renewed (a
+    renewal that fails stops the service instead), then publishes what waited."""
+    _, redis = publisher_parts
+    key = unique_key("lease")
+    await insert_outbox(database_url, [outbox_row(seq) for seq in (1, 2, 3)])
+    term = LeaseTerm(ttl=3600.0)  # not renewed yet, as after a pause longer than its TTL
+    publisher = make_publisher(publisher_parts, key, term=term)
+
+    def waiting() -> list[MutableMapping[str, Any]]:
+        return [e for e in logs if e["event"].startswith("publishing waits for the write lease")]
+
+    async def said() -> bool:
+        return bool(waiting())
+
+    with structlog.testing.capture_logs() as logs:
+        async with running(publisher):
+            await eventually(said, within=10, what="publishing held back")
+            assert await redis.exists(key) == 0
+            term.renewed(term.now())
+            await published_up_to(publisher, 3)
+    assert await stream_seqs(redis, key) == [1, 2, 3]
+    assert len(waiting()) == 1
+
+
+async def test_rows_another_publisher_recorded_and_pruned_are_no_hole(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+) -> None:
+    """A leader paused past LEASE_TTL resumes after the standby that took over published,
+    recorded it and pruned the outbox: the outbox then starts past this publisher's position.
+    It reads the recorded position again and goes on from there: no "missing" error, nothing
+    counted (which would fire KektechIndexerStreamMissingEvents)."""
+    _, redis = publisher_parts
+    key = unique_key("taken-over")
+    metrics = Metrics()
+    with structlog.testing.capture_logs() as logs:
+        async with ten_published(publisher_parts, database_url, key, metrics=metrics) as paused:
+            await published_elsewhere(redis, database_url, key, range(11, 21))
+            await insert_outbox(database_url, [outbox_row(seq) for seq in (21, 22)])
+            paused.wake()
+            await published_up_to(paused, 22)
+    assert await stream_seqs(redis, key) == list(range(1, 23))
+    assert not [e for e in logs if e["event"].startswith("the outbox misses seqs")]
+    assert stream_missing(metrics) == 0
+
+
+async def published_elsewhere(
+    redis: aioredis.Redis, database_url: str, key: str, seqs: range
+) -> None:
+    """What another publisher (a new leader) does with these rows: commit them, write them to
+    the stream, record them as published and prune the outbox down to nothing."""
+    rows = [outbox_row(seq) for seq in seqs]
+    await insert_outbox(database_url, rows)
+    for row in rows:
+        fields = {"seq": str(row.seq), "channels": row.channels, "event": row.payload}
+        await redis.xadd(key, fields, id=f"{row.seq}-0")  # type: ignore[arg-type]
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE publisher_state SET published_seq = $1", seqs[-1])
+        await conn.execute("DELETE FROM outbox WHERE seq <= $1", seqs[-1])
+    finally:
+        await conn.close()
 
 
 async def test_a_missing_seq_is_reported_once_across_failed_publications(

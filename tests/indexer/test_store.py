@@ -24,6 +24,7 @@ from indexer.rpc_results import BlockHeader, RawLog
 from indexer.service import acquire_lease, lease_owner
 from indexer.store import COPY_ABOVE, HANDOFF_MAX, Lease, Store
 from tests.broadcaster.support import read_stream
+from tests.indexer.test_publisher import held_lease
 from tests.support.tasks import background
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -125,6 +126,7 @@ async def test_a_batch_too_large_to_hand_over_reaches_redis_from_the_outbox_in_o
             publisher = Publisher(
                 redis=redis_client,
                 store=store,
+                term=held_lease(),
                 stream_key=key,
                 stream_maxlen=2 * total,
                 outbox_keep=total,
