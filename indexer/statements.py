@@ -1,12 +1,13 @@
 """The SQL of a batch commit and the values it binds: plain text and plain functions, no I/O.
 
 A batch commits in four round trips to the database: BEGIN, one read (`READ_BATCH`: the cursor
-row, locked; which of the batch's events are stored already; the rows of the markets they
-touch), one write (`WRITE_BATCH`: events, outbox, markets, headers, cursor and the lease check,
-as data-modifying CTEs of one statement) and COMMIT. Following the chain behind a remote
-database (Supabase), round trips rather than rows are what a block costs. Rows go as one array
-per column (`unnest`). A large batch sends its events and outbox rows by COPY first (store.py),
-two round trips each but less work per row, and leaves those arrays empty.
+and lease rows, locked, and whether the lease is still ours; which of the batch's events are
+stored already; the rows of the markets they touch), one write (`WRITE_BATCH`: events, outbox,
+markets, headers, cursor and the lease check, as data-modifying CTEs of one statement) and
+COMMIT. Following the chain behind a remote database (Supabase), round trips rather than rows
+are what a block costs. Rows go as one array per column (`unnest`). A large batch sends its
+events and outbox rows by COPY first (store.py), two round trips each but less work per row,
+and leaves those arrays empty.
 """
 
 from __future__ import annotations
@@ -91,10 +92,18 @@ def _save_headers(first: int) -> str:
 UPSERT_MARKETS = _upsert_markets(1)
 SAVE_HEADERS = _save_headers(1)
 
-# $1, $2: the batch's block span; $3: the markets its events concern.
+# $1, $2: the batch's block span; $3: the markets its events concern; $4, $5: the lease's
+# owner and token. The lease row is locked and checked with the cursor row, not only by
+# WRITE_BATCH: a writer that lost the lease to a leader committing meanwhile waits for the
+# cursor row, then Postgres reads again only the rows it locks (EvalPlanQual, READ COMMITTED),
+# while `stored` and `touched` stay as they were before the wait. Its WRITE_BATCH would then
+# clash with the events the new leader just stored before the fence said LeaseLost; `leased`,
+# computed from the lease row as it is after the wait, says it first.
 READ_BATCH = """
-SELECT s.chain_id, s.last_seq, stored.numbers, stored.indexes, touched.markets
+SELECT s.chain_id, s.last_seq, stored.numbers, stored.indexes, touched.markets,
+    (l.owner = $4 AND l.token = $5 AND l.expires_at > clock_timestamp()) IS TRUE AS leased
 FROM indexer_state AS s
+CROSS JOIN indexer_lease AS l
 CROSS JOIN LATERAL (
     SELECT array_agg(block_number) AS numbers, array_agg(log_index) AS indexes
     FROM events WHERE block_number BETWEEN $1 AND $2
@@ -102,8 +111,8 @@ CROSS JOIN LATERAL (
 CROSS JOIN LATERAL (
     SELECT array_agg(m) AS markets FROM markets AS m WHERE m.address = ANY($3::text[])
 ) AS touched
-WHERE s.id = 1
-FOR UPDATE OF s
+WHERE s.id = 1 AND l.id = 1
+FOR UPDATE OF s, l
 """
 
 _OUTBOX_AT = 1 + len(EVENT_TYPES)

@@ -377,9 +377,11 @@ class Store:
         span = (events[0].log.block_number, events[-1].log.block_number) if events else (1, 0)
         touched = sorted({e.market for e in events if e.market is not None})
         async with self._db.transaction() as conn:
-            snapshot = await conn.fetchrow(READ_BATCH, *span, touched)
+            snapshot = await conn.fetchrow(READ_BATCH, *span, touched, lease.owner, lease.token)
             if snapshot is None:
                 raise IndexerError("indexer_state is missing; the cursor was never initialized")
+            if not snapshot["leased"]:
+                raise LeaseLost(lease.owner)
             stored = set(zip(snapshot["numbers"] or (), snapshot["indexes"] or (), strict=True))
             fresh = [e for e in events if (e.log.block_number, e.log.log_index) not in stored]
             seqs, last_seq = _assign_seqs(fresh, snapshot["last_seq"])

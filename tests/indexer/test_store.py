@@ -17,7 +17,7 @@ from indexer.batch import Batch, StoredEvent, block_time
 from indexer.catalog import MARKET_CREATED, ContractKind
 from indexer.database import Database
 from indexer.decoding import decode_log
-from indexer.errors import DatabaseUnavailable, StoreError
+from indexer.errors import DatabaseUnavailable, LeaseLost, StoreError
 from indexer.metrics import Metrics
 from indexer.publisher import Publisher
 from indexer.rpc_results import BlockHeader, RawLog
@@ -261,3 +261,57 @@ async def test_a_connection_the_server_ends_mid_statement_is_reported_with_its_r
     finally:
         await admin.close()
     assert "administrator command" in str(failure.value)
+
+
+async def take_over(conn: asyncpg.Connection) -> None:
+    """Take the write lease as another indexer does once it expired: a new owner and token."""
+    await conn.execute(
+        "UPDATE indexer_lease SET owner = 'successor', token = token + 1,"
+        " expires_at = clock_timestamp() + interval '60 s' WHERE id = 1"
+    )
+
+
+@pytest.mark.parametrize("taken", ["before", "while-waiting"])
+async def test_a_writer_that_lost_the_lease_to_a_committing_leader_gets_lease_lost(
+    database_url: str, taken: str
+) -> None:
+    """A writer whose lease was taken ("before" it began its batch, or "while" it waited for
+    the cursor row) meets the new leader committing the same block: it gets LeaseLost, not a
+    clash on the events the new leader just committed (asyncpg's UniqueViolationError, which
+    the indexer reports as a bug with a traceback)."""
+    async with Store.open(database_url, command_timeout=10) as store:
+        stale = await lease_at_block_zero(store)
+        successor = await asyncpg.connect(database_url)
+        try:
+            if taken == "before":
+                await take_over(successor)
+            commit = successor.transaction()
+            await commit.start()
+            await successor.execute("SELECT 1 FROM indexer_state WHERE id = 1 FOR UPDATE")
+            batch = block_one([market_created(0)])
+            async with background(store.save_batch(stale, TTL, batch)) as saving:
+
+                async def waiting() -> bool:
+                    query = (
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                    return bool(await successor.fetchval(query))
+
+                await eventually(waiting, within=10, what="the stale writer waiting its turn")
+                if taken == "while-waiting":
+                    await take_over(successor)
+                # The successor's batch: the same event, at block 1 log index 0.
+                await successor.execute(
+                    "INSERT INTO events (block_number, log_index, block_hash, block_time,"
+                    " transaction_hash, transaction_index, contract, contract_kind, data)"
+                    " VALUES (1, 0, $1, now(), $2, 0, $3, 'factory', '0x')",
+                    header(1).hash,
+                    f"0x{0:064x}",
+                    "0x" + "11" * 20,
+                )
+                await commit.commit()
+                with pytest.raises(LeaseLost):
+                    await saving
+        finally:
+            await successor.close()
