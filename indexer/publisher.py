@@ -11,8 +11,9 @@ over in memory (`wake(rows)`): published without being read back, one round trip
 block; the outbox stays the record, read whenever the rows handed over do not continue what was
 published.
 
-Only the lease holder publishes: nothing goes to Redis while this process does not know its
-lease held (indexer/lease.py).
+Entries Redis lost are written to the stream again but not PUBLISHed again: they went out on
+Pub/Sub, a live channel, when they were new. Only the lease holder publishes: nothing goes to
+Redis while this process does not know its lease held (indexer/lease.py).
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ PING_EVERY = 5.0
 # on from, to refuse it when the stream ends before that (it returns {-1, top, {}, 0} and
 # writes nothing: Redis lost entries), or 0 to write it anyway; a missing stream has top 0 (Redis
 # restarted empty, or the key deleted), while any other XINFO error (an ACL refusing it)
-# fails the call rather than reading as one.
+# fails the call rather than reading as one. ARGV[3]: the seq recorded as published (0 for
+# none): an event at or below it is written to the stream (when missing there) but not
+# PUBLISHed, since it went out on Pub/Sub, a live channel, when it was new.
 # Then one argument per event: "<seq> <channels>\n<envelope>" (fewer arguments cost redis-py
 # less to pack: measured). An event whose seq is not above the top is not
 # written: normally it is there already (written before a crash, or before a reply was lost),
@@ -81,7 +84,8 @@ end
 local added = 0
 local foreign = {}
 local unchecked = 0
-for i = 3, #ARGV do
+local recorded = tonumber(ARGV[3])
+for i = 4, #ARGV do
   local seq, channels, event = string.match(ARGV[i], '^(%d+) ([^\\n]*)\\n(.*)$')
   if tonumber(seq) > top then
     redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], seq .. '-0',
@@ -102,8 +106,10 @@ for i = 3, #ARGV do
       if not same then foreign[#foreign + 1] = seq end
     end
   end
-  for channel in string.gmatch(channels, '%S+') do
-    redis.call('PUBLISH', channel, event)
+  if tonumber(seq) > recorded then
+    for channel in string.gmatch(channels, '%S+') do
+      redis.call('PUBLISH', channel, event)
+    end
   end
 end
 return {added, top, foreign, unchecked}
@@ -347,12 +353,14 @@ class Publisher:
 
     async def _rewind_to(self, top: int, first: int) -> bool:
         """The stream ends at top, below what was published: Redis lost its newest entries
-        (restarted from an older snapshot, a replica promoted). Publish again from top as far
-        as the outbox still reaches; returns whether a hole must be accepted all the same."""
+        (restarted from an older snapshot, a replica promoted). Write them again from top as
+        far as the outbox still reaches (to the stream only: `_recorded` stays, the script
+        PUBLISHes nothing at or below it); returns whether a hole must be accepted all the
+        same."""
         oldest = min(first, await self._store.oldest_outbox_seq() or first)
         restart = max(top, oldest - 1)
         log.warning(
-            "the stream lost its newest entries; publishing them again from the outbox",
+            "the stream lost its newest entries; writing them again from the outbox",
             stream_top=top,
             published=self._published,
             again_from=restart + 1,
@@ -385,9 +393,10 @@ class Publisher:
             self._metrics.stream_missing.inc(last - first + 1)
 
     async def _publish(self, rows: list[OutboxRow], *, follows: int) -> int | None:
-        """Write rows to the stream and channels; returns the stream's top instead when it ends
-        before seq `follows` (unless 0), having written nothing."""
-        args: list[bytes | int] = [self._maxlen, follows]
+        """Write rows to the stream and channels (those above the recorded position only);
+        returns the stream's top instead when it ends before seq `follows` (unless 0), having
+        written nothing."""
+        args: list[bytes | int] = [self._maxlen, follows, self._recorded]
         args += [script_event(row.seq, row.channels, row.payload) for row in rows]
         added, top, foreign_seqs, unchecked = await self._script(keys=[self._stream_key], args=args)
         if int(added) < 0:

@@ -102,8 +102,10 @@ async def test_republication_is_not_delivered_twice(
     env = envelope(1)
     channels = " ".join(channels_for(env.type, env.contract_kind, env.market_address))
     # What Publisher._publish sends for one row: MAXLEN, the seq the batch follows on from
-    # (the recorded position + 1, still 1 after a crash before it was recorded), the row.
-    args: list[bytes | int] = [producer.maxlen, 1, script_event(1, channels, env.to_json_bytes())]
+    # (the recorded position + 1, still 1 after a crash before it was recorded), the recorded
+    # position (0), the row.
+    event = script_event(1, channels, env.to_json_bytes())
+    args: list[bytes | int] = [producer.maxlen, 1, 0, event]
     async with ws_client(server.url) as client:
         await client.subscribe("events:*")
         added = []

@@ -150,7 +150,7 @@ async def test_indexer_user_can_check_seqs_already_in_its_stream(
     client = aioredis.Redis.from_url(server.url("indexer"))
     try:
         publish = client.register_script(PUBLISH_SCRIPT)
-        args: list[bytes | int] = [1000, 1, script_event(1, "events:test", event)]
+        args: list[bytes | int] = [1000, 1, 0, script_event(1, "events:test", event)]
         args.append(script_event(2, "events:test", b'{"seq":2}'))
         added, top, foreign, unchecked = await publish(keys=[STREAM_KEY], args=args)
     finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 import redis.asyncio as aioredis
 import structlog.testing
@@ -371,6 +372,33 @@ async def test_a_stream_that_lost_entries_is_filled_again_while_idle(
             await _stream_cut_back_to(redis, key, keep)
             await eventually(refilled, within=10, what="the stream filled again")
             assert await stream_seqs(redis, key) == list(range(1, 11))
+
+
+@pytest.mark.parametrize("keep", [0, 5], ids=["lost-whole", "lost-newest"])
+async def test_entries_written_again_are_not_published_again_on_pubsub(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str, keep: int
+) -> None:
+    """Pub/Sub is a live channel: the entries Redis lost went out on it when they were new, so
+    writing them again to the stream publishes none of them there again; the events never
+    published before still go out on both."""
+    _, redis = publisher_parts
+    key = unique_key("pubsub-once")
+    seqs: list[int] = []
+    async with (
+        ten_published(publisher_parts, database_url, key) as publisher,
+        redis.pubsub() as pubsub,
+    ):
+        await pubsub.subscribe("events:test")
+        await _stream_cut_back_to(redis, key, keep)
+        await insert_outbox(database_url, [outbox_row(seq) for seq in (11, 12)])
+        publisher.wake()
+        async with asyncio.timeout(10):
+            while 12 not in seqs:  # in order: any seq published again comes before it
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message is not None:
+                    seqs.append(orjson.loads(message["data"])["seq"])
+        assert await stream_seqs(redis, key) == list(range(1, 13))
+    assert seqs == [11, 12]
 
 
 async def test_a_hole_found_while_idle_is_reported_once(
