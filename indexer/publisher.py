@@ -196,6 +196,7 @@ class Publisher:
         """Drain the outbox, then wait for more. Safe to cancel: progress is only recorded
         after Redis acknowledged a whole batch."""
         self._published = self._recorded = await self._store.published_seq()
+        self._metrics.published_seq.set(self._published)  # not 0 until the first publish
         await self._note_stream_ahead()
         loop = asyncio.get_running_loop()
         next_prune = loop.time() + self._prune_every

@@ -563,6 +563,27 @@ async def published_elsewhere(
         await conn.close()
 
 
+async def test_a_restarted_publisher_reports_the_recorded_position_before_publishing(
+    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+) -> None:
+    """kektech_indexer_published_seq says where publishing stands from the start: it read 0
+    after every restart until something new was published, so the alert on a broadcaster
+    behind the indexer could not fire meanwhile."""
+    store, redis = publisher_parts
+    key = unique_key("restart")
+    await published_elsewhere(redis, database_url, key, range(1, 6))
+    recorded = await store.published_seq()
+    metrics = Metrics()
+    publisher = make_publisher(publisher_parts, key, metrics=metrics)
+    async with running(publisher):
+
+        async def reported() -> bool:
+            value = metrics.registry.get_sample_value("kektech_indexer_published_seq")
+            return value == recorded
+
+        await eventually(reported, within=10, what=f"published_seq {recorded} reported")
+
+
 async def test_a_missing_seq_is_reported_once_across_failed_publications(
     publisher_parts: tuple[Store, aioredis.Redis], database_url: str
 ) -> None:
