@@ -183,42 +183,55 @@ async def reindex(settings: IndexerSettings, first: int) -> int:
 async def verify(settings: IndexerSettings, first: int, last: int | None) -> int:
     """Re-read [first, last] from the chain and report every difference with the database."""
     async with _connections(settings) as (store, rpc):
-        state = await store.load_state() if await store.schema_version() else None
+        version = await store.schema_version()
+        state = await store.load_state() if version else None
         if state is None:
             _say(settings, "nothing indexed yet")
+            return 1
+        if version < Store.latest_schema_version():
+            _say(
+                settings,
+                f"the database is at schema version {version} of"
+                f" {Store.latest_schema_version()}: run `python -m indexer migrate` first",
+            )
             return 1
         last = state.block_number if last is None else min(last, state.block_number)
         if last < first:
             _say(settings, f"nothing to verify: the cursor is at block {state.block_number}")
             return 0
-        watched = sources(settings).static_kinds()
         report = await verify_range(
             store,
             rpc,
             log_range_sizer(settings),
             first=first,
             last=last,
-            factories=[a for a, k in watched.items() if k.value == "factory"],
-            watched=list(watched),
+            cursor=state.block_number,
+            static=sources(settings).static_kinds(),
             start_block=settings.start_block,
             max_addresses=settings.logs_max_addresses,
             window_events=settings.batch_events,
             keep=MAX_REPORTED,
         )
     for difference in report.first:
-        _say(settings, f"block {difference.block} log {difference.log_index}: {difference.what}")
+        _say(settings, f"{difference.where}: {difference.what}")
     if report.differences > MAX_REPORTED:
         _say(settings, f"... and {report.differences - MAX_REPORTED} more")
-    if report.not_compared:
+    if report.not_compared or report.markets_not_compared:
         _say(
             settings,
-            f"{report.not_compared} stored events of contracts no longer in the configuration"
-            " were not compared",
+            f"{report.not_compared} stored events and {report.markets_not_compared} markets of"
+            " contracts no longer in the configuration (table sources) were not compared",
+        )
+    if report.projections_not_compared:
+        _say(
+            settings,
+            f"{report.projections_not_compared} market rows were not compared with their"
+            f" events on chain: {report.projections_why}",
         )
     verdict = "OK" if not report.differences else f"{report.differences} differences"
     _say(
         settings,
         f"verify {first}..{last}: {report.chain_logs} logs on chain,"
-        f" {report.stored_events} stored: {verdict}",
+        f" {report.stored_events} stored, {report.markets_compared} market rows: {verdict}",
     )
     return 0 if not report.differences else 1

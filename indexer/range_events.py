@@ -20,6 +20,17 @@ log = structlog.get_logger()
 UNKNOWN_MEMORY = 1024
 
 
+def stored_event(raw: RawLog, kind: ContractKind, time: datetime) -> tuple[StoredEvent, str | None]:
+    """A log of a `kind` contract as the indexer stores it, and why it is kept raw (None
+    when decoded). `verify` builds what it expects with this too."""
+    try:
+        decoded = decode_log(kind, raw.address, raw.topics, raw.data)
+    except UndecodableLog as exc:
+        return StoredEvent(log=raw, kind=kind, decoded=None, block_time=time), str(exc)
+    problem = None if decoded is not None else "unknown event"
+    return StoredEvent(log=raw, kind=kind, decoded=decoded, block_time=time), problem
+
+
 class RangeDecoder:
     """Turns a range's logs into stored events; an unknown log is logged once per kind."""
 
@@ -47,15 +58,10 @@ class RangeDecoder:
         return events
 
     def _stored(self, raw: RawLog, kind: ContractKind, time: datetime) -> StoredEvent:
-        decoded = None
-        try:
-            decoded = decode_log(kind, raw.address, raw.topics, raw.data)
-            problem = None if decoded is not None else "unknown event"
-        except UndecodableLog as exc:
-            problem = str(exc)
-        if decoded is None:
-            self._note_unknown(raw, kind, problem or "")
-        return StoredEvent(log=raw, kind=kind, decoded=decoded, block_time=time)
+        event, problem = stored_event(raw, kind, time)
+        if problem is not None:
+            self._note_unknown(raw, kind, problem)
+        return event
 
     def _note_unknown(self, raw: RawLog, kind: ContractKind, problem: str) -> None:
         self._metrics.unknown_logs.inc()

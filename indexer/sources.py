@@ -68,5 +68,5 @@ async def record_sources(
             "it will be said to need a backfill",
             contract=address,
         )
-    if dropped:  # so that a contract configured again is a contract added, as it is
-        await store.remove_sources(dropped)
+    if dropped:  # kept, marked: `verify` tells their events from those of unknown contracts
+        await store.drop_sources(dropped, cursor=cursor)

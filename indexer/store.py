@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -325,27 +333,49 @@ class Store:
         return state
 
     async def sources(self) -> dict[str, int]:
-        """The configured contracts recorded so far, and the block each is followed from."""
-        rows = await self._db.fetch("SELECT address, since_block FROM sources")
+        """The contracts recorded as followed, and the block each is followed from."""
+        rows = await self._db.fetch(
+            "SELECT address, since_block FROM sources WHERE dropped_after IS NULL"
+        )
         return {r["address"]: int(r["since_block"]) for r in rows}
 
+    async def dropped_sources(self) -> dict[str, int]:
+        """The contracts recorded as dropped from the configuration, and the cursor then."""
+        rows = await self._db.fetch(
+            "SELECT address, dropped_after FROM sources WHERE dropped_after IS NOT NULL"
+        )
+        return {r["address"]: int(r["dropped_after"]) for r in rows}
+
     async def add_sources(self, rows: Sequence[tuple[str, str, int]]) -> None:
-        """Record contracts as (address, kind, since_block); one already recorded stays."""
+        """Record contracts as (address, kind, since_block): one followed already stays, one
+        dropped before is followed again from `since_block`."""
         await self._db.execute(
             "INSERT INTO sources (address, kind, since_block)"
             " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"
-            " ON CONFLICT (address) DO NOTHING",
+            " ON CONFLICT (address) DO UPDATE SET kind = EXCLUDED.kind,"
+            " since_block = EXCLUDED.since_block, dropped_after = NULL"
+            " WHERE sources.dropped_after IS NOT NULL",
             *columns(rows, 3),
         )
 
-    async def remove_sources(self, addresses: Sequence[str]) -> None:
-        """Forget contracts no longer configured."""
-        await self._db.execute("DELETE FROM sources WHERE address = ANY($1::text[])", addresses)
+    async def drop_sources(self, addresses: Sequence[str], *, cursor: int) -> None:
+        """Mark contracts no longer configured as dropped after block `cursor`."""
+        await self._db.execute(
+            "UPDATE sources SET dropped_after = $2"
+            " WHERE address = ANY($1::text[]) AND dropped_after IS NULL",
+            addresses,
+            cursor,
+        )
 
     async def children(self) -> dict[str, str]:
         """Every known market clone and the factory that created it."""
         rows = await self._db.fetch("SELECT address, factory FROM markets")
         return {r["address"]: r["factory"] for r in rows}
+
+    async def market_registry(self) -> dict[str, tuple[str, int]]:
+        """Every known market clone, with its factory and creation block (for `verify`)."""
+        rows = await self._db.fetch("SELECT address, factory, created_block FROM markets")
+        return {r["address"]: (r["factory"], int(r["created_block"])) for r in rows}
 
     async def recent_headers(self, limit: int) -> list[BlockHeader]:
         """The newest stored headers, newest first."""
@@ -601,17 +631,21 @@ class Store:
 
     # -- reads for verify / status -----------------------------------------------------------
 
-    async def stored_events(self, first: int, last: int) -> AsyncIterator[list[StoredEvent]]:
-        """Stored events of an inclusive block range, in chain order, a page at a time."""
-        pages = _pages(
+    async def event_rows(self, first: int, last: int) -> AsyncIterator[list[Mapping[str, Any]]]:
+        """The `events` rows of an inclusive block range, in chain order, a page at a time.
+
+        Rows as stored, not StoredEvents: `verify` compares them column by column, and a
+        damaged row (a contract kind that does not exist, a name on a log the catalogue does
+        not know) must be a difference it reports, not an error that stops it.
+        """
+        async for rows in _pages(
             self._db.fetch,
             RANGE_PAGE,
             fixed=[last],
             start=(first, -1),
             keys=("block_number", "log_index"),
-        )
-        async for rows in pages:
-            yield [StoredEvent.from_record(r) for r in rows]
+        ):
+            yield rows
 
     async def counts(self) -> dict[str, int]:
         """Row counts for `status`."""
@@ -626,3 +660,10 @@ class Store:
     async def market(self, address: str) -> MarketRow | None:
         record = await self._db.fetchrow("SELECT * FROM markets WHERE address = $1", address)
         return None if record is None else market_row(record)
+
+    async def markets(self, addresses: Sequence[str]) -> dict[str, MarketRow]:
+        """The rows of these markets (those stored), by address."""
+        records = await self._db.fetch(
+            "SELECT * FROM markets WHERE address = ANY($1::text[])", addresses
+        )
+        return {r["address"]: market_row(r) for r in records}

@@ -1,50 +1,91 @@
-"""`verify`: re-read a range from the chain and compare it with the database, log by log.
+"""`verify`: re-read a range from the chain and compare the database with what the indexer's
+own code makes of it.
 
-The range is compared a window of blocks at a time, each window's stored events read in
-pages and merged with the chain's logs in (block, log index) order, so memory stays bounded
-however long the range and however many events the database holds (or wrongly holds) there.
+- Events: each log of a followed contract is decoded as the indexer decodes it (the
+  catalogue, by the emitter's kind: range_events.stored_event) and the row it would store
+  is compared with the stored one, column by column but the publication seq (which must be
+  set exactly on decoded events).
+- The markets followed: `markets` is also the list of clones the indexer follows, so every
+  clone a configured factory announced up to the range's end needs its row, with that
+  factory and creation block, and a row nothing announced is a difference.
+- The projection: the row of each market whose events the range holds all of (created at or
+  after its start, the range ending at the cursor) is compared with the fold of the chain's
+  events (indexer/projection.py); the others are counted as not compared.
+
+Only the contracts recorded as dropped from the configuration (table `sources`), and their
+markets, are left out, counted. The range is compared a window of blocks at a time, each
+window's stored rows read in pages and merged with the chain's logs in (block, log index)
+order, so memory stays bounded by the window and the number of markets, however long the
+range and however many events the database holds (or wrongly holds) there.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Container, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any
 
-from indexer.batch import StoredEvent
-from indexer.catalog import MARKET_CREATED
-from indexer.decoding import UndecodableLog, decode_args
+from indexer.batch import StoredEvent, block_time
+from indexer.catalog import MARKET_CREATED, ContractKind
+from indexer.errors import ReorgDuringFetch
+from indexer.projection import MarketRow, apply_events
+from indexer.range_events import stored_event
 from indexer.rpc import LogRangeSizer, RpcClient, fetch_logs
 from indexer.rpc_results import RawLog
+from indexer.statements import EVENT_COLUMNS, event_values
 from indexer.store import Store
 
-# Fields of a stored log compared with the chain's, besides its decoded arguments.
-COMPARED_FIELDS = (
-    "address",
-    "topics",
-    "data",
-    "block_hash",
-    "transaction_hash",
-    "transaction_index",
+# The columns of an event row compared with the chain's (its position is the merge key; its
+# seq is the indexer's own numbering, only checked to be set on decoded events).
+COMPARED_COLUMNS = tuple(c for c in EVENT_COLUMNS if c not in ("block_number", "log_index", "seq"))
+# Columns that only mean something on a decoded event.
+DECODED_COLUMNS = frozenset({"event_name", "market_address", "args"})
+# Columns whose values are too long to print in a difference.
+LONG_COLUMNS = frozenset({"data", "args", "question"})
+# The market rows compared with their projection, besides those the registry check covers.
+PROJECTED_COLUMNS = tuple(
+    f.name for f in fields(MarketRow) if f.name not in ("address", "factory", "created_block")
 )
+# Market rows read per query when comparing projections.
+MARKETS_PAGE = 500
 
 
 @dataclass(frozen=True, slots=True)
 class Difference:
+    where: str  # "block B log L" or "market 0x..."
+    what: str
+
+
+def at_log(block: int, log_index: int, what: str) -> Difference:
+    return Difference(f"block {block} log {log_index}", what)
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """A clone announced on chain: by which factory, where."""
+
+    factory: str
     block: int
     log_index: int
-    what: str
 
 
 @dataclass(slots=True)
 class Report:
-    """What a verify found: counts, and the first differences in chain order."""
+    """What a verify found: counts, and the first differences (the markets followed, then
+    the events in chain order, then the projections)."""
 
     keep: int
     chain_logs: int = 0
     stored_events: int = 0
-    # Stored events of contracts the configuration no longer follows (a factory dropped,
-    # with its markets): not compared, as the chain is not read for them.
+    markets_compared: int = 0  # rows compared with the projection of their events
+    # Of contracts recorded as dropped from the configuration, and their markets: not
+    # compared, as the chain is not read for them.
     not_compared: int = 0
+    markets_not_compared: int = 0
+    # Rows of markets whose events the range does not hold all of, and why.
+    projections_not_compared: int = 0
+    projections_why: str = ""
     differences: int = 0
     first: list[Difference] = field(default_factory=list)
 
@@ -54,48 +95,151 @@ class Report:
             self.first.append(difference)
 
 
-def _compare_log(raw: RawLog, event: StoredEvent) -> Iterator[Difference]:
-    key = (raw.block_number, raw.log_index)
-    mine = event.log
-    for name in COMPARED_FIELDS:
-        if getattr(mine, name) != getattr(raw, name):
-            yield Difference(*key, f"{name} differs")
-    if event.decoded is not None:
-        try:
-            same = decode_args(event.decoded.spec, raw.topics, raw.data) == event.decoded.args
-        except UndecodableLog:
-            same = False
-        if not same:
-            yield Difference(*key, "decoded arguments differ")
+def _shown(value: object) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def _differing(column: str, stored: object, expected: object) -> str:
+    if column in LONG_COLUMNS:
+        return f"{column} differs"
+    return f"{column} is {_shown(stored)}, expected {_shown(expected)}"
+
+
+def _compare_event(expected: StoredEvent, row: Mapping[str, Any]) -> Iterator[Difference]:
+    """The differences between the row the indexer would store for a log and the stored one."""
+    raw = expected.log
+    where = f"block {raw.block_number} log {raw.log_index}"
+    values = dict(zip(EVENT_COLUMNS, event_values(expected, None), strict=True))
+    name, stored_name = values["event_name"], row["event_name"]
+    skipped: Container[str] = ()
+    if name is not None and stored_name is None:
+        yield Difference(where, f"stored raw, but the catalogue decodes it as {name}")
+        skipped = DECODED_COLUMNS
+    elif name is None and stored_name is not None:
+        yield Difference(where, f"stored as {stored_name}, but the catalogue does not decode it")
+        skipped = DECODED_COLUMNS
+    for column in COMPARED_COLUMNS:
+        if column not in skipped and row[column] != values[column]:
+            yield Difference(where, _differing(column, row[column], values[column]))
+    if stored_name is not None and row["seq"] is None:
+        yield Difference(where, "stored decoded, but never published (seq is NULL)")
+    elif stored_name is None and row["seq"] is not None:
+        yield Difference(where, f"stored raw, but published (seq {row['seq']})")
 
 
 async def compare(
-    chain: Sequence[RawLog], stored: AsyncIterator[list[StoredEvent]]
+    chain: Sequence[StoredEvent],
+    stored: AsyncIterator[list[Mapping[str, Any]]],
+    *,
+    followed: Container[str],
 ) -> AsyncIterator[Difference]:
-    """Merge the chain's logs (sorted) with the stored events (pages, sorted) by position."""
+    """Merge the expected events (sorted) with the stored rows (pages, sorted) by position."""
     position = 0
     async for page in stored:
-        for event in page:
-            key = (event.log.block_number, event.log.log_index)
+        for row in page:
+            key = (row["block_number"], row["log_index"])
             while position < len(chain) and _key(chain[position]) < key:
                 yield _missing(chain[position])
                 position += 1
             if position < len(chain) and _key(chain[position]) == key:
-                for difference in _compare_log(chain[position], event):
+                for difference in _compare_event(chain[position], row):
                     yield difference
                 position += 1
+            elif row["contract"] in followed:
+                yield at_log(*key, "in the database but not on the chain")
             else:
-                yield Difference(*key, "in the database but not on the chain")
-    for raw in chain[position:]:
-        yield _missing(raw)
+                yield at_log(
+                    *key,
+                    f"in the database but not on the chain, from {row['contract']}: neither a"
+                    " configured contract nor a market a configured factory announced",
+                )
+    for expected in chain[position:]:
+        yield _missing(expected)
 
 
-def _key(raw: RawLog) -> tuple[int, int]:
-    return raw.block_number, raw.log_index
+def _key(event: StoredEvent) -> tuple[int, int]:
+    return event.log.block_number, event.log.log_index
 
 
-def _missing(raw: RawLog) -> Difference:
-    return Difference(raw.block_number, raw.log_index, f"missing from the database ({raw.address})")
+def _missing(event: StoredEvent) -> Difference:
+    raw = event.log
+    return at_log(raw.block_number, raw.log_index, f"missing from the database ({raw.address})")
+
+
+def compare_registry(
+    announced: Mapping[str, Announcement],
+    registry: Mapping[str, tuple[str, int]],
+    *,
+    dropped: Container[str],
+    last: int,
+    cursor: int,
+    report: Report,
+) -> None:
+    """Compare `markets` (address: factory, created block) with the clones announced on
+    chain up to `last`; rows of dropped factories are counted, not compared."""
+    for clone, made in sorted(announced.items(), key=lambda item: item[1].block):
+        row = registry.get(clone)
+        where = f"market {clone}"
+        if row is None:
+            report.add(
+                at_log(
+                    made.block,
+                    made.log_index,
+                    f"market {clone} announced here has no row in markets: the indexer does"
+                    " not follow it",
+                )
+            )
+            continue
+        factory, created = row
+        if factory != made.factory:
+            report.add(Difference(where, f"factory is {factory}, but {made.factory} announced it"))
+        if created != made.block:
+            report.add(
+                Difference(
+                    where, f"created_block is {created}, but it was announced in block {made.block}"
+                )
+            )
+    for address, (factory, created) in sorted(registry.items()):
+        if address in announced:
+            continue
+        if factory in dropped:
+            report.markets_not_compared += 1
+        elif created <= last or last >= cursor:  # above `last`: maybe announced since
+            report.add(
+                Difference(
+                    f"market {address}",
+                    f"in markets (factory {factory}, created_block {created})"
+                    " but no configured factory announced it",
+                )
+            )
+
+
+async def compare_projections(
+    store: Store, projected: Mapping[str, MarketRow | None], report: Report
+) -> None:
+    """Compare the stored rows of these markets with the fold of their events on chain."""
+    addresses = sorted(projected)
+    for start in range(0, len(addresses), MARKETS_PAGE):
+        group = addresses[start : start + MARKETS_PAGE]
+        stored = await store.markets(group)
+        for address in group:
+            expected, row = projected[address], stored.get(address)
+            # No row: compare_registry said so. No projection: an announcement the catalogue
+            # does not decode, which the events comparison names.
+            if expected is None or row is None:
+                continue
+            report.markets_compared += 1
+            differing = [
+                _differing(c, getattr(row, c), getattr(expected, c))
+                for c in PROJECTED_COLUMNS
+                if getattr(row, c) != getattr(expected, c)
+            ]
+            if differing:
+                report.add(Difference(f"market {address}", "; ".join(differing)))
 
 
 async def verify_range(
@@ -105,28 +249,41 @@ async def verify_range(
     *,
     first: int,
     last: int,
-    factories: Sequence[str],
-    watched: Sequence[str],
+    cursor: int,
+    static: Mapping[str, ContractKind],
     start_block: int,
     max_addresses: int,
     window_events: int,
     keep: int,
 ) -> Report:
     """Compare [first, last] with the chain, in windows sized to about `window_events` logs."""
-    # Children come from the chain, not from the database being checked.
-    announcements = []
-    if factories and last >= start_block:
-        announcements = await fetch_logs(
-            rpc,
-            sizer,
-            from_block=start_block,
-            to_block=last,
-            addresses=list(factories),
-            topics=[MARKET_CREATED.topic0],
-        )
-    children = {"0x" + lg.topics[1][-40:] for lg in announcements if len(lg.topics) > 1}
-    addresses = [*watched, *sorted(children)]
     report = Report(keep=keep)
+    recorded = {*await store.sources(), *await store.dropped_sources()}
+    dropped = recorded - static.keys()  # recorded as followed, no longer configured
+    # Children come from the chain, not from the database being checked.
+    factories = [a for a, k in static.items() if k is ContractKind.FACTORY]
+    announced = await _announcements(rpc, sizer, factories, start_block=start_block, last=last)
+    registry = await store.market_registry()
+    compare_registry(announced, registry, dropped=dropped, last=last, cursor=cursor, report=report)
+    ignored = dropped | {
+        a for a, (factory, _) in registry.items() if factory in dropped and a not in announced
+    }
+    kinds = {**static, **dict.fromkeys(sorted(announced), ContractKind.MARKET)}
+    # A row holds its market's events up to the cursor, from its creation on.
+    projected: dict[str, MarketRow | None] = {}
+    if last < cursor:
+        report.projections_why = (
+            f"--to {last} is below the cursor {cursor}, and a row holds its market's events"
+            " up to the cursor"
+        )
+    else:
+        projected = {c: None for c, made in announced.items() if made.block >= first}
+        report.projections_why = (
+            f"created before block {first}; a verify from START_BLOCK ({start_block})"
+            " compares every row"
+        )
+    report.projections_not_compared = len(announced) - len(projected)
+    addresses = list(kinds)
     window = min(sizer.maximum, max(1, window_events))
     start = first
     while start <= last:
@@ -140,10 +297,15 @@ async def verify_range(
                 to_block=end,
                 addresses=addresses[i : i + max_addresses],
             )
-        chain.sort(key=_key)
+        chain.sort(key=lambda raw: (raw.block_number, raw.log_index))
         report.chain_logs += len(chain)
-        pages = _followed(store.stored_events(start, end), set(addresses), report)
-        async for difference in compare(chain, pages):
+        expected = await _expected(rpc, chain, kinds)
+        apply_events(
+            projected,
+            (p for e in expected if (p := e.projected()) is not None and p.market in projected),
+        )
+        pages = _compared(store.event_rows(start, end), ignored, report)
+        async for difference in compare(expected, pages, followed=kinds):
             report.add(difference)
         # Aim the next window at about `window_events` logs, from this one's density.
         if len(chain) > 2 * window_events:
@@ -151,15 +313,59 @@ async def verify_range(
         elif len(chain) < window_events // 2:
             window = min(sizer.maximum, window * 2)
         start = end + 1
+    await compare_projections(store, projected, report)
     return report
 
 
-async def _followed(
-    pages: AsyncIterator[list[StoredEvent]], followed: set[str], report: Report
-) -> AsyncIterator[list[StoredEvent]]:
-    """The stored events of the contracts compared; the others are counted, not compared."""
+async def _announcements(
+    rpc: RpcClient, sizer: LogRangeSizer, factories: Sequence[str], *, start_block: int, last: int
+) -> dict[str, Announcement]:
+    """The clones the factories announced from START_BLOCK to `last` (the first time each)."""
+    if not factories or last < start_block:
+        return {}
+    logs = await fetch_logs(
+        rpc,
+        sizer,
+        from_block=start_block,
+        to_block=last,
+        addresses=list(factories),
+        topics=[MARKET_CREATED.topic0],
+    )
+    announced: dict[str, Announcement] = {}
+    for raw in sorted(logs, key=lambda raw: (raw.block_number, raw.log_index)):
+        if len(raw.topics) > 1:
+            clone = "0x" + raw.topics[1][-40:]
+            made = Announcement(raw.address, raw.block_number, raw.log_index)
+            announced.setdefault(clone, made)
+    return announced
+
+
+async def _expected(
+    rpc: RpcClient, chain: Sequence[RawLog], kinds: Mapping[str, ContractKind]
+) -> list[StoredEvent]:
+    """The events the indexer would store for these logs, timed by their blocks' headers."""
+    if not chain:
+        return []
+    numbers = sorted({raw.block_number for raw in chain})
+    headers = {h.number: h for h in await rpc.get_block_headers(numbers)}
+    expected = []
+    for raw in chain:
+        header = headers[raw.block_number]
+        if header.hash != raw.block_hash:
+            raise ReorgDuringFetch(
+                f"the chain changed at block {raw.block_number} during verify; run it again"
+            )
+        event, _ = stored_event(raw, kinds[raw.address], block_time(header.timestamp))
+        expected.append(event)
+    return expected
+
+
+async def _compared(
+    pages: AsyncIterator[list[Mapping[str, Any]]], ignored: Container[str], report: Report
+) -> AsyncIterator[list[Mapping[str, Any]]]:
+    """The stored rows compared: all but those of dropped contracts, which are counted."""
     async for page in pages:
-        kept = [event for event in page if event.log.address in followed]
+        kept = [row for row in page if row["contract"] not in ignored]
         report.stored_events += len(kept)
         report.not_compared += len(page) - len(kept)
         yield kept

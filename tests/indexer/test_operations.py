@@ -562,9 +562,9 @@ async def test_a_factory_dropped_from_the_configuration_is_no_longer_followed(
     """A factory dropped from MARKET_FACTORY_ADDRESS (a bad .env, say) is no longer followed,
     nor are its markets, as the start-up warning says; verify then compares what the
     configuration follows and names the other stored events as not compared, rather than as
-    differences. Configured again, the factory is said to need a backfill for the blocks it
-    missed, as any contract added after indexing began, and that backfill completes the
-    database."""
+    differences (the factory is recorded in `sources` as dropped). Configured again, the
+    factory is said to need a backfill for the blocks it missed, as any contract added after
+    indexing began, and that backfill completes the database."""
     driver = ActivityDriver(dev_chain, deployment, seed=76, txs_per_block=4)
     await driver.cover_all_events()
     market = await driver.active_market(deployment.factory_v2)
@@ -591,8 +591,12 @@ async def test_a_factory_dropped_from_the_configuration_is_no_longer_followed(
             list(v2),
             first_head,
         )
+        dropped_after = await conn.fetchval(
+            "SELECT dropped_after FROM sources WHERE address = $1", deployment.factory_v2
+        )
     finally:
         await conn.close()
+    assert dropped_after == first_head  # recorded, so that verify knows it was followed
     chain_late = [
         lg
         for lg in await tracked_chain_logs(dev_chain, deployment)
