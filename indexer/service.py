@@ -157,6 +157,8 @@ def rpc_client(settings: IndexerSettings) -> RpcClient:
 
 
 def sources(settings: IndexerSettings) -> Sources:
+    if not settings.market_factory_address:  # valid (a chain not yet deployed), rarely meant
+        log.warning("no factory configured: MARKET_FACTORY_ADDRESS is empty, no market is indexed")
     return Sources(
         factories=frozenset(settings.market_factory_address),
         resolution_manager=settings.resolution_manager_address,

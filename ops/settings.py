@@ -9,7 +9,7 @@ PM2's own variable. Every default suits the production layout (docs/operations.m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import NoDecode
@@ -33,6 +33,9 @@ def parse_endpoint(value: str) -> tuple[str, int]:
 
 class OpsSettings(IndexerSettings):
     """What the doctor and the monitor probe, and their thresholds."""
+
+    # The ops variables are this class's own fields: a misspelled one is refused here.
+    env_names_of_others: ClassVar[tuple[str, ...]] = ()
 
     ops_timeout: float = Field(
         default=5.0, gt=0, le=120, description="Seconds each probe may take before it fails."

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
 from ipaddress import ip_network
-from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from dotenv.parser import parse_stream
 from pydantic import (
     AliasGenerator,
     Field,
@@ -38,6 +35,7 @@ from shared.config_types import (
     split_csv,
     url_secret_fragments,
 )
+from shared.env_file import check_env_file, env_files
 from shared.errors import ConfigError
 
 __all__ = [
@@ -67,7 +65,8 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=".env",
         env_file_encoding="utf-8",
-        # Both services share one .env, so each ignores the other's variables.
+        # Both services and the ops tools share one .env, so each skips the others' variables;
+        # a name none of them reads is refused by load_settings (shared.env_file).
         extra="ignore",
         frozen=True,
         # inf and nan (1e999 reads as inf) are no numbers of seconds or days: a timeout of inf
@@ -77,6 +76,11 @@ class ServiceSettings(BaseSettings):
         case_sensitive=True,
         alias_generator=AliasGenerator(validation_alias=str.upper),
     )
+
+    # Names (or prefixes, ending in _) of .env variables that another reader checks: the ops
+    # tools' (ops/settings.py, which shared cannot import). The services let them through
+    # unread; the tools' own class checks them exactly (it sets this to ()).
+    env_names_of_others: ClassVar[tuple[str, ...]] = ("OPS_", "DOCTOR_", "MONITOR_", "PM2_HOME")
 
     redis_url: RedisUrlSecret = Field(
         default=SecretStr("redis://127.0.0.1:6379/0"),
@@ -450,38 +454,18 @@ def load_settings(cls: type[SettingsT]) -> SettingsT:
 
 
 def _check_env_files(cls: type[ServiceSettings]) -> None:
-    """Raise ConfigError for a line of the env file that python-dotenv cannot parse.
+    """Check each .env file of cls (shared.env_file.check_env_file) before it is read.
 
-    python-dotenv skips such a line (a quote left open, say) with only a warning on stderr, so
-    its variable would silently take its default: MARKET_FACTORY_ADDRESS would follow no
-    factory. The message names the line by number only, since the line may hold a secret.
+    Only the files: the process environment also holds PM2's, the shell's and the system's
+    variables. Every service and ops tool reads the one .env, so a name is known when any of
+    them reads it.
     """
     encoding = cls.model_config.get("env_file_encoding") or "utf-8"
-    for path in _env_files(cls.model_config.get("env_file")):
-        if not path.is_file():  # an absent file is no error, as for pydantic-settings
-            continue
-        with path.open(encoding=encoding) as file:
-            for binding in parse_stream(file):
-                if binding.error:
-                    line = binding.original.line + _leading_newlines(binding.original.string)
-                    raise ConfigError(
-                        str(path), f"line {line} cannot be parsed (an unclosed quote?)"
-                    )
-
-
-def _env_files(setting: object) -> Iterator[Path]:
-    """The paths of model_config's env_file: none, one, or a sequence of them."""
-    if setting is None:
-        return
-    for item in setting if isinstance(setting, list | tuple) else (setting,):
-        yield Path(item).expanduser()
-
-
-def _leading_newlines(text: str) -> int:
-    """Line breaks before the first character that is not blank: python-dotenv numbers a bad
-    statement from the blank lines it skipped on the way to it."""
-    blank = text[: len(text) - len(text.lstrip())]
-    return len(re.findall(r"\r\n|\r|\n", blank))
+    readers = (cls, IndexerSettings, BroadcasterSettings)
+    known = frozenset(name.upper() for reader in readers for name in reader.model_fields)
+    for path in env_files(cls.model_config.get("env_file")):
+        if path.is_file():  # an absent file is no error, as for pydantic-settings
+            check_env_file(path, encoding=encoding, known=known, others=cls.env_names_of_others)
 
 
 def settings_or_exit(cls: type[SettingsT]) -> SettingsT:

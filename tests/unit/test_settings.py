@@ -534,6 +534,78 @@ def test_settings_or_exit_stops_on_a_dotenv_line_that_cannot_be_parsed(
     )
 
 
+@pytest.mark.parametrize("cls", [IndexerSettings, BroadcasterSettings, OpsSettings])
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (
+            f"MARKET_FACTORY_ADRESS={FACTORY_V1}",
+            "unknown variable MARKET_FACTORY_ADRESS (did you mean MARKET_FACTORY_ADDRESS?)",
+        ),
+        ("CONFIRMATION=12", "unknown variable CONFIRMATION (did you mean CONFIRMATIONS?)"),
+        (
+            "redis_url=redis://cache:6379/0",
+            "unknown variable redis_url (names are upper case: REDIS_URL)",
+        ),
+        (
+            "KEKTECH_BROADCASTER_INSTANCES=3",
+            "unknown variable KEKTECH_BROADCASTER_INSTANCES (PM2 reads KEKTECH_* from its "
+            "environment, see docs/pm2.md)",
+        ),
+        (
+            "FACTORY=0x1",
+            "unknown variable FACTORY (no setting has a similar name; see .env.example)",
+        ),
+    ],
+)
+def test_a_dotenv_variable_no_one_reads_is_refused(
+    cls: type[ServiceSettings], line: str, reason: str, clean_env: Path
+) -> None:
+    """A misspelled name in .env would be ignored and its setting take the default (an empty
+    MARKET_FACTORY_ADDRESS indexes no market): every service and tool refuses it, naming the
+    file, the line and the closest name it reads."""
+    (clean_env / ".env").write_text(f"CHAIN_ID=32323\n\n# the factories\n{line}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(cls)
+    assert str(caught.value) == f"invalid setting .env: line 4: {reason}"
+
+
+def test_the_other_services_variables_in_dotenv_are_accepted(clean_env: Path) -> None:
+    """Both services and the ops tools share one .env: each accepts the others' names."""
+    (clean_env / ".env").write_text(
+        "WS_PORT=3190\nCONFIRMATIONS=3\nDOCTOR_MAX_LAG_BLOCKS=7\nPM2_HOME=/tmp/pm2\n"
+    )
+    assert load_settings(IndexerSettings).confirmations == 3
+    assert load_settings(BroadcasterSettings).ws_port == 3190
+    assert load_settings(OpsSettings).doctor_max_lag_blocks == 7
+
+
+def test_a_misspelled_ops_variable_is_refused_by_the_ops_tools_only(clean_env: Path) -> None:
+    """The services let the ops tools' names (OPS_*, DOCTOR_*, MONITOR_*) through unread;
+    `kektech doctor` and `kektech check`, which read them, refuse a misspelled one."""
+    (clean_env / ".env").write_text("MONITOR_WS_ULR=wss://ws.example/ws\n")
+    load_settings(IndexerSettings)
+    load_settings(BroadcasterSettings)
+    with pytest.raises(ConfigError, match=r"line 1: unknown variable MONITOR_WS_ULR \(did you "):
+        load_settings(OpsSettings)
+
+
+def test_every_ops_variable_is_let_through_by_the_services() -> None:
+    """The names the services leave to the ops tools cover every variable only those read."""
+    services = {n for cls in (IndexerSettings, BroadcasterSettings) for n in cls.model_fields}
+    for name in OpsSettings.model_fields.keys() - services:
+        assert name.upper().startswith(ServiceSettings.env_names_of_others), name
+
+
+def test_only_the_dotenv_file_is_checked_for_unknown_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The process environment is shared with PM2, the shell and more: a name there that no
+    service reads is none of their business."""
+    monkeypatch.setenv("CONFIRMATION", "12")
+    assert load_settings(IndexerSettings).confirmations == 0
+
+
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity", "1e999"])
 @pytest.mark.parametrize(
     ("variable", "cls"), FLOAT_VARIABLES, ids=[name for name, _ in FLOAT_VARIABLES]
