@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from ops.errors import ProbeError
 from ops.probes.command import resolve_binary, run_command
@@ -15,6 +16,9 @@ __all__ = ["ConfigTest", "check_config"]
 PERMISSION_DENIED = ("(13: Permission denied)", "system library::Permission denied")
 # "nginx: [emerg] ..." on a terminal; "2026/11/25 22:47:55 [emerg] 257#257: ..." once error_log
 # is set: keep the level and the message.
+# Where Debian's and Ubuntu's nginx package installs it: not on a non-root user's PATH (the
+# app user's, under which doctor runs) on Debian 12.
+SBIN = Path("/usr/sbin")
 LOG_LINE = re.compile(r"^(?:nginx: )?(?:\d{4}/\d\d/\d\d \d\d:\d\d:\d\d )?(\[\w+\]) (?:\d+#\d+: )?")
 
 
@@ -29,7 +33,7 @@ class ConfigTest:
 
 async def check_config(binary: str, conf: str, *, within: float) -> ConfigTest:
     """Run `nginx -t -c conf`."""
-    found = resolve_binary(binary)
+    found = resolve_binary(binary, *([] if "/" in binary else [SBIN / binary]))
     if found is None:
         raise ProbeError(
             f"{binary} not found", fix="sudo apt-get install nginx, or set DOCTOR_NGINX_BIN"

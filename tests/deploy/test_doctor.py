@@ -344,6 +344,16 @@ async def test_nginx_syntax_error_fails(tmp_path: Path) -> None:
     assert "-> fix: correct the file and line named, then sudo nginx -t" in line
 
 
+@pytest.mark.skipif(not Path(NGINX).is_file(), reason="needs nginx in /usr/sbin")
+async def test_nginx_in_usr_sbin_is_found_off_path(tmp_path: Path) -> None:
+    """The app user's PATH on Debian lacks /usr/sbin, where the nginx package puts nginx:
+    DOCTOR_NGINX_BIN=nginx (the default) is found there all the same."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "DOCTOR_NGINX_CONF": str(nginx_conf(tmp_path))}
+    result = await run_kektech("doctor", "--only", "nginx", env=env, cwd=tmp_path)
+    assert result.code == 0, result
+    assert result.line("nginx").startswith("OK    nginx  "), result
+
+
 # What nginx 1.22 with OpenSSL 3 says when the certificate's directory is root-only (certbot
 # keeps /etc/letsencrypt/live 0700) and `nginx -t` runs as the kektech user.
 CERTIFICATE_DENIED = (
