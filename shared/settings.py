@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sys
 from ipaddress import ip_network
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 from pydantic import (
     AliasGenerator,
@@ -442,7 +442,7 @@ def load_settings(cls: type[SettingsT]) -> SettingsT:
         return cls()
     except ValidationError as exc:
         # `from None`: the pydantic error quotes the input, which may be a secret.
-        raise _config_error(exc.errors(include_url=False)[0]) from None
+        raise _config_error(cls, exc.errors(include_url=False)[0]) from None
     except SettingsError as exc:
         # Raised by a settings source; its message names the field but not the value.
         field = re.search(r'field "(\w+)"', str(exc))
@@ -477,20 +477,44 @@ def settings_or_exit(cls: type[SettingsT]) -> SettingsT:
         raise SystemExit(2) from None
 
 
-def _config_error(error: ErrorDetails) -> ConfigError:
-    """Turn one pydantic error into a ConfigError whose reason never quotes the input."""
+def _config_error(cls: type[ServiceSettings], error: ErrorDetails) -> ConfigError:
+    """Turn one pydantic error into a ConfigError whose reason never shows a secret.
+
+    Pydantic's own messages are rendered from the error type and its context (bounds, the
+    values expected), never from the input, and ours (ValueError in the validators) never quote
+    it either, so a message is kept even when a plain value appears in it (WARN in 'WARNING').
+    Only should it show a secret, by coincidence or a future message, is it replaced by the
+    error type: all of a secret setting's value, the secret parts of a URL in any setting.
+    """
     # A default that conflicts with another setting is reported by its field name: the
     # variable's name is that in upper case.
     variable = str(error["loc"][0]).upper() if error["loc"] else "settings"
     if error["type"] == "missing":
         return ConfigError(variable, "required", missing=True)
     reason = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    bad = error.get("input")
-    if isinstance(bad, str) and len(bad) >= 4 and bad in reason:
-        reason = error["type"].replace("_", " ")  # built-in messages should never quote it
+    field = cls.model_fields.get(variable.lower())
+    secret = field is not None and _holds_secret(field.annotation)
+    if any(part in reason for part in _secret_parts(error.get("input"), secret=secret)):
+        reason = error["type"].replace("_", " ")
     if reason[:2].istitle():  # "Input should be ..." reads better mid-sentence; keep "URL ..."
         reason = reason[:1].lower() + reason[1:]
     items = [part for part in error["loc"][1:] if isinstance(part, int)]
     if items:
         reason = f"item {items[0] + 1}: {reason}"
     return ConfigError(variable, reason)
+
+
+def _holds_secret(annotation: object) -> bool:
+    """Whether a field's type is, or holds, a SecretStr (tuple[HttpUrlSecret, ...], say)."""
+    return annotation is SecretStr or any(_holds_secret(arg) for arg in get_args(annotation))
+
+
+def _secret_parts(value: object, *, secret: bool) -> list[str]:
+    """The parts of an input an error message must not show: all of a secret setting's value,
+    and the secret parts of a URL in any setting (a DSN pasted into the wrong variable)."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if not isinstance(value, str):
+        return []
+    parts = url_secret_fragments(value) if "://" in value else []
+    return [value, *parts] if secret and value else parts

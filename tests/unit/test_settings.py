@@ -377,6 +377,8 @@ def test_broadcaster_error_names_the_variable(variable: str, value: str, reason:
         ("DATABASE_URL", "mysql://root:s3cr3t-db@db.example/x", "s3cr3t"),
         ("REDIS_URL", "http://:s3cr3t-redis@cache.example", "s3cr3t"),
         ("DATABASE_URL", "postgres://kek:s3cr3t@db@db.example/x", "s3cr3t"),
+        ("DATABASE_URL", "postgresql://kek:s3cr3t-pw@db.example:99999/x", "s3cr3t"),
+        ("REDIS_URL", "redis://:s3cr3t-redis@", "s3cr3t"),
     ],
 )
 def test_error_never_contains_the_secret(variable: str, value: str, secret: str) -> None:
@@ -387,6 +389,41 @@ def test_error_never_contains_the_secret(variable: str, value: str, secret: str)
     assert secret not in repr(error)
     assert error.__cause__ is None
     assert error.__suppress_context__
+
+
+def test_a_secret_the_message_happens_to_contain_is_not_shown() -> None:
+    """A message that would show a secret, even by coincidence, gives way to the error type:
+    "URL scheme must be postgres or postgresql" would show this password."""
+    error = config_error(IndexerSettings, DATABASE_URL="mysql://root:postgresql@db.example/x")
+    assert str(error) == "invalid setting DATABASE_URL: value error"
+
+
+@pytest.mark.parametrize(
+    ("cls", "env", "expected"),
+    [
+        (
+            IndexerSettings,
+            {"LOG_LEVEL": "warn"},
+            "LOG_LEVEL: input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR'",
+        ),
+        (
+            OpsSettings,
+            {"OPS_TLS_ENDPOINT": "ws.kektech.xyz"},
+            "OPS_TLS_ENDPOINT: expected host:port, e.g. ws.kektech.xyz:443",
+        ),
+        (
+            IndexerSettings,
+            {"REORG_WINDOW": "1000", "CONFIRMATIONS": "1000"},
+            "REORG_WINDOW: must be above CONFIRMATIONS (1000): the window",
+        ),
+    ],
+)
+def test_a_message_that_contains_a_plain_value_is_kept(
+    cls: type[ServiceSettings], env: dict[str, str], expected: str
+) -> None:
+    """A value that is no secret may appear in its message (WARN in 'WARNING', the example
+    host, CONFIRMATIONS' number): the message is kept, not replaced by its error type."""
+    assert str(config_error(cls, **env)).startswith(f"invalid setting {expected}")
 
 
 def test_missing_setting_message() -> None:
