@@ -31,6 +31,8 @@ __all__ = [
 # Shorter strings would redact ordinary words everywhere in the logs; URL-shaped credentials
 # are still caught by pattern (shared.redaction), whatever their length.
 MIN_SECRET_FRAGMENT = 8
+# A browser's Origin leaves out the port when it is the scheme's default (RFC 6454).
+DEFAULT_PORTS = {"http": 80, "https": 443}
 # Provider keys are 32+ characters; ordinary path segments ("rpc", "v2") are far shorter.
 # Shorter segments count as keys when they mix letters and digits (see _looks_like_a_key).
 MIN_API_KEY = 16
@@ -111,12 +113,15 @@ def _check_https_url(url: str) -> str:
 
 
 def _check_origin(origin: str) -> str:
-    """Normalize a browser Origin (scheme://host[:port]) to the lowercase form browsers send."""
+    """Normalize a browser Origin (scheme://host[:port]) to the form browsers send: lowercase,
+    without the scheme's default port (https://kektech.xyz:443 is sent as https://kektech.xyz)."""
     check_url(origin, frozenset({"http", "https"}))
     parts = urlsplit(origin)
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
         raise ValueError("an origin is scheme://host[:port] with no path, query or credentials")
-    return f"{parts.scheme}://{parts.netloc}".lower()
+    scheme, host = parts.scheme.lower(), url_host(parts.hostname or "")  # hostname: lowercase
+    port = "" if parts.port in (None, DEFAULT_PORTS[scheme]) else f":{parts.port}"
+    return f"{scheme}://{host}{port}"
 
 
 def _parse_network(value: object) -> object:

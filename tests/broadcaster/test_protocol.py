@@ -694,6 +694,16 @@ async def test_origin_allowlist(start: Start) -> None:
             assert client.hello["type"] == "connected"
 
 
+async def test_an_allowed_origin_written_with_its_default_port_matches(start: Start) -> None:
+    """Browsers send an Origin without its scheme's default port: https://kektech.xyz:443 in
+    WS_ALLOWED_ORIGINS admits them."""
+    async with (
+        start(ws_allowed_origins="https://KekTech.xyz:443") as server,
+        ws_client(server.url, origin="https://kektech.xyz") as client,
+    ):
+        assert client.hello["type"] == "connected"
+
+
 async def test_connections_per_ip(start: Start) -> None:
     """Per real client IP (X-Forwarded-For from the trusted local proxy) the limit holds."""
     async with start(ws_max_connections_per_ip=2) as server:

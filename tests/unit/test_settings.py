@@ -156,6 +156,23 @@ def test_broadcaster_lists_are_comma_separated(monkeypatch: pytest.MonkeyPatch) 
     )
 
 
+def test_an_origin_drops_its_schemes_default_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Browsers leave the default port out of Origin, so an allowed origin written with it is
+    stored without it; any other port stays."""
+    monkeypatch.setenv(
+        "WS_ALLOWED_ORIGINS",
+        "https://KekTech.xyz:443,http://localhost:80,https://a.example:80,http://[::1]:80,"
+        "http://[::1]:8080",
+    )
+    assert load_settings(BroadcasterSettings).ws_allowed_origins == (
+        "https://kektech.xyz",
+        "http://localhost",
+        "https://a.example:80",
+        "http://[::1]",
+        "http://[::1]:8080",
+    )
+
+
 @pytest.mark.parametrize(
     ("instance", "ports", "socket"),
     [("0", (3180, 9465), "/run/k/ws.sock"), ("2", (3182, 9467), "/run/k/ws.sock.2")],
