@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr
 
-from shared.evm import normalize_address
+from shared.evm import checked_address
 
 __all__ = [
     "Address",
@@ -200,7 +200,7 @@ def _looks_like_a_key(token: str) -> bool:
 
 
 Port = Annotated[int, Field(ge=1, le=65535)]
-Address = Annotated[str, AfterValidator(normalize_address)]
+Address = Annotated[str, AfterValidator(checked_address)]
 OptionalAddress = Annotated[Address | None, BeforeValidator(empty_to_none)]
 HttpUrlSecret = Annotated[SecretStr, _secret_url(frozenset({"http", "https"}))]
 PostgresUrlSecret = Annotated[

@@ -133,6 +133,47 @@ def test_single_addresses_are_lowercased(monkeypatch: pytest.MonkeyPatch) -> Non
     assert settings.reward_distributor_address == "0x3d274362423847b53e43a27b9e835d668754c96b"
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        # EIP-55's own examples, then all lowercase and all uppercase: no checksum to check.
+        "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed",
+        "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359",
+        "0xdbF03B407c01E7cD3CBea99509d93f8DDDC8C6FB",
+        "0xD1220A0cf47c7B9Be7A2E6BA89F429762e7b9aDb",
+        "0x3eaf643482fe35d13db812946e14f5345eb60d61",
+        "0x3EAF643482FE35D13DB812946E14F5345EB60D61",
+    ],
+)
+def test_an_address_with_a_valid_checksum_or_none_is_accepted(
+    monkeypatch: pytest.MonkeyPatch, address: str
+) -> None:
+    """A checksummed (mixed-case) address whose checksum holds, or one in a single case."""
+    monkeypatch.setenv("RESOLUTION_MANAGER_ADDRESS", address)
+    assert load_settings(IndexerSettings).resolution_manager_address == address.lower()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "item"),
+    [
+        # FACTORY_V1 with its last digit mistyped, and with one letter's case flipped.
+        ("MARKET_FACTORY_ADDRESS", f"{FACTORY_V2},{FACTORY_V1[:-1]}1", "item 2: "),
+        ("RESOLUTION_MANAGER_ADDRESS", FACTORY_V1.replace("eaF", "eaf"), ""),
+    ],
+)
+def test_an_address_whose_checksum_does_not_match_is_refused(
+    variable: str, value: str, item: str
+) -> None:
+    """A mixed-case address carries an EIP-55 checksum: a typo in one character is caught
+    instead of followed (an address with nothing deployed indexes nothing)."""
+    error = config_error(IndexerSettings, **{variable: value})
+    assert error.variable == variable
+    assert error.reason == (
+        f"{item}the EIP-55 checksum (the case of the letters) does not match: check the "
+        "address for a typo; one written all in lowercase skips the check"
+    )
+
+
 def test_empty_optional_values_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     """`VAR=` for an optional value leaves it None rather than failing validation."""
     for name in ("RESOLUTION_MANAGER_ADDRESS", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"):
