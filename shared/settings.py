@@ -54,6 +54,9 @@ SettingsT = TypeVar("SettingsT", bound="ServiceSettings")
 # The most a timeout or interval may be: longer is a slip (milliseconds, a stray digit), and
 # the event loop cannot wait past about 24.8 days at all (OverflowError at the first wait).
 DAY_SECONDS = 86_400.0
+# The shortest POLL_INTERVAL: twenty head polls (JSON-RPC requests) a second already outpace
+# BasedAI's blocks; less is a slip (milliseconds for seconds) that floods the node.
+MIN_POLL_INTERVAL = 0.05
 # A group name as useradd and groupadd make them (at most 32 characters): a list, a gid or a
 # stray option is a slip, and a number would be read as a name by getgrnam anyway.
 GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
@@ -151,7 +154,7 @@ class IndexerSettings(ServiceSettings):
     supabase_service_role_key: OptionalSecret = None
     confirmations: int = Field(default=0, ge=0, description="Blocks to stay behind the head.")
     poll_interval: float = Field(
-        default=1.0, gt=0, le=60, description="Seconds between head polls."
+        default=1.0, le=60, description="Seconds between head polls (at least 0.05)."
     )
     reorg_window: int = Field(default=64, ge=1, description="Recent block hashes kept for reorgs.")
     rpc_timeout: float = Field(
@@ -230,6 +233,16 @@ class IndexerSettings(ServiceSettings):
             held = info.data.get(name)
             if value is not None and value in (held if isinstance(held, tuple) else (held,)):
                 raise ValueError(f"is also in {name.upper()}: each contract has one role")
+        return value
+
+    @field_validator("poll_interval")
+    @classmethod
+    def _poll_not_too_often(cls, value: float) -> float:
+        if value < MIN_POLL_INTERVAL:
+            raise ValueError(
+                f"must be at least {MIN_POLL_INTERVAL} seconds: each poll is a JSON-RPC request "
+                "to the node"
+            )
         return value
 
     @field_validator("reorg_window")

@@ -338,6 +338,8 @@ def test_env_example_lists_every_variable() -> None:
         ("CHAIN_ID", "basedai", "valid integer"),
         ("CHAIN_ID", "0", "greater than 0"),
         ("POLL_INTERVAL", "61", "less than or equal to 60"),
+        ("POLL_INTERVAL", "0.00001", "must be at least 0.05 seconds: each poll is a JSON-RPC"),
+        ("POLL_INTERVAL", "0", "must be at least 0.05 seconds"),
         ("REDIS_STREAM_MAXLEN", "999", "greater than or equal to 1000"),
         ("LOG_LEVEL", "TRACE", "'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
         ("LOGS_RANGE_INITIAL", "20000", "between LOGS_RANGE_MIN and LOGS_RANGE_MAX"),
@@ -368,6 +370,12 @@ def test_one_address_in_two_roles_is_refused(variable: str, other: str) -> None:
     error = config_error(IndexerSettings, **env, **{variable: FACTORY_V1.upper().replace("X", "x")})
     assert error.variable == variable
     assert f"also in {other}" in error.reason
+
+
+def test_the_shortest_poll_interval_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """POLL_INTERVAL=0.05, twenty polls a second, is the least allowed."""
+    monkeypatch.setenv("POLL_INTERVAL", "0.05")
+    assert load_settings(IndexerSettings).poll_interval == 0.05
 
 
 def test_a_reorg_window_not_above_confirmations_is_refused() -> None:
