@@ -168,9 +168,9 @@ class ReorgTooDeep(IndexerError):  # noqa: N818
             f"reorg deeper than REORG_WINDOW={self.window} blocks below block {self.cursor}: "
             f"{found}; stopping without deleting anything. Check the RPC endpoint (a node on "
             "another branch looks the same), then run "
-            f"`python -m indexer reindex --from {self.since}`: it rolls back every block from "
-            f"{self.since} on, queueing removal notices for their events, and indexes the "
-            "chain again from there"
+            f"`cd /opt/kektech && .venv/bin/python -m indexer reindex --from {self.since}`: it "
+            f"rolls back every block from {self.since} on, queueing removal notices for their "
+            "events, and indexes the chain again from there"
         )
 
 

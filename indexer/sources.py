@@ -58,7 +58,8 @@ async def record_sources(
             contract=address,
             kind=kind.value,
             followed_from=since,
-            backfill=f"python -m indexer backfill --from {start_block} --to {cursor}",
+            backfill="cd /opt/kektech && .venv/bin/python -m indexer backfill "
+            f"--from {start_block} --to {cursor}",
         )
     dropped = sorted(known.keys() - static.keys())
     for address in dropped:

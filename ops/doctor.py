@@ -130,7 +130,8 @@ async def check_postgres(settings: OpsSettings) -> list[Verdict]:
                 Level.FAIL,
                 "postgres",
                 f"not migrated: {version}",
-                "python -m indexer migrate (starting the indexer also migrates)",
+                "cd /opt/kektech && .venv/bin/python -m indexer migrate "
+                "(starting the indexer also migrates)",
             )
         ]
     if info.schema_version > info.latest_version:
@@ -203,7 +204,8 @@ async def check_indexer(settings: OpsSettings) -> list[Verdict]:
                 Level.WARN,
                 "indexer",
                 "standby: another indexer holds the write lease",
-                "expected only if a second indexer runs; see python -m indexer status",
+                "expected only if a second indexer runs; see: "
+                "cd /opt/kektech && .venv/bin/python -m indexer status",
             )
         ]
     if lag is not None and lag > settings.doctor_max_lag_blocks:

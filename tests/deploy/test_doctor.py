@@ -231,7 +231,8 @@ async def test_unmigrated_database_fails(database_url: str, tmp_path: Path) -> N
     assert result.code == 1, result
     assert result.line("postgres") == (
         f"FAIL  postgres  not migrated: schema version 0 of {Store.latest_schema_version()} "
-        "-> fix: python -m indexer migrate (starting the indexer also migrates)"
+        "-> fix: cd /opt/kektech && .venv/bin/python -m indexer migrate "
+        "(starting the indexer also migrates)"
     )
 
 

@@ -35,6 +35,8 @@ from tests.support.tasks import background
 from tests.support.waiting import eventually
 
 API_KEY = "k3yABCDEFGHIJKLMNOP1234"
+# How the indexer's messages spell its commands: pasted as they are on the VPS.
+INDEXER = "cd /opt/kektech && .venv/bin/python -m indexer"
 KEYED = f"/v2/{API_KEY}"  # an RPC URL's path as providers put their key in it
 MARKER = "events:test-marker"
 
@@ -512,11 +514,11 @@ async def test_a_factory_added_after_indexing_began_is_said_with_its_backfill(
         log = indexer.log_text()
     assert "added to the configuration after indexing began" in log
     assert deployment.factory_v2 in log
-    backfill = f"python -m indexer backfill --from {deployment.block} --to {head}"
+    backfill = f"{INDEXER} backfill --from {deployment.block} --to {head}"
     assert backfill in log
     with pytest.raises(AssertionError):  # the v2 markets created before are missing
         await assert_database_equals_chain(database_url, dev_chain, deployment)
-    code, output = await run_command(make_indexer, *backfill.split()[3:])
+    code, output = await run_command(make_indexer, *backfill.removeprefix(INDEXER).split())
     assert code == 0, output
     await assert_database_equals_chain(database_url, dev_chain, deployment)
 
@@ -545,9 +547,9 @@ async def test_markets_a_backfill_finds_get_their_events_up_to_the_cursor(
         cursor = await dev_chain.block_number()
         await indexer.wait_cursor(cursor)
         log = indexer.log_text()
-    backfill = f"python -m indexer backfill --from {deployment.block} --to {head}"
+    backfill = f"{INDEXER} backfill --from {deployment.block} --to {head}"
     assert backfill in log
-    code, output = await run_command(make_indexer, *backfill.split()[3:])
+    code, output = await run_command(make_indexer, *backfill.removeprefix(INDEXER).split())
     assert code == 0, output
     assert f"their events from block {head + 1} to the cursor {cursor} were fetched too" in output
     await assert_database_equals_chain(database_url, dev_chain, deployment)
@@ -612,9 +614,9 @@ async def test_a_factory_dropped_from_the_configuration_is_no_longer_followed(
         await indexer.wait_cursor(head)
         log = indexer.log_text()
     assert "added to the configuration after indexing began" in log
-    backfill = f"python -m indexer backfill --from {deployment.block} --to {head}"
+    backfill = f"{INDEXER} backfill --from {deployment.block} --to {head}"
     assert backfill in log
-    code, output = await run_command(make_indexer, *backfill.split()[3:])
+    code, output = await run_command(make_indexer, *backfill.removeprefix(INDEXER).split())
     assert code == 0, output
     await assert_database_equals_chain(database_url, dev_chain, deployment)
 

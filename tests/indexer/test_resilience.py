@@ -29,7 +29,7 @@ from tests.indexer.conftest import (
     wait_for_stream,
 )
 from tests.indexer.test_indexing import STOP_BOUND
-from tests.indexer.test_operations import run_command
+from tests.indexer.test_operations import INDEXER, run_command
 from tests.support.indexer_process import IndexerProcess
 from tests.support.rpc_proxy import RpcFaultProxy
 from tests.support.tasks import background
@@ -619,7 +619,7 @@ async def test_after_a_reorg_deeper_than_the_window_the_named_reindex_recovers(
         await dev_chain.request("anvil_reorg", [6, reorg_transactions(dev_chain, deployment)])
         await dev_chain.mine_empty(1)
         assert await indexer.wait_exit(within=20) == 1
-    reindex = f"python -m indexer reindex --from {head - 5}"
+    reindex = f"{INDEXER} reindex --from {head - 5}"
     assert reindex in indexer.log_text()
     stored = await stored_keys(database_url)
 
@@ -629,7 +629,7 @@ async def test_after_a_reorg_deeper_than_the_window_the_named_reindex_recovers(
     assert (code, reindex in output) == (1, True), output
     assert await stored_keys(database_url) == stored
 
-    code, output = await run_command(make_indexer, *reindex.split()[3:], **window)
+    code, output = await run_command(make_indexer, *reindex.removeprefix(INDEXER).split(), **window)
     assert code == 0, output
     await assert_database_equals_chain(database_url, dev_chain, deployment)
     with make_indexer(**window) as indexer:
