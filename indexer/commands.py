@@ -192,7 +192,8 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
             _say(
                 settings,
                 f"the database is at schema version {version} of"
-                f" {Store.latest_schema_version()}: run `python -m indexer migrate` first",
+                f" {Store.latest_schema_version()}:"
+                " run `.venv/bin/python -m indexer migrate` first",
             )
             return 1
         last = state.block_number if last is None else min(last, state.block_number)
