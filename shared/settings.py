@@ -245,18 +245,6 @@ class IndexerSettings(ServiceSettings):
             )
         return value
 
-    @field_validator("reorg_window")
-    @classmethod
-    def _window_above_confirmations(cls, value: int, info: ValidationInfo) -> int:
-        confirmations = info.data.get("confirmations")
-        if confirmations is not None and value <= confirmations:
-            raise ValueError(
-                f"must be above CONFIRMATIONS ({confirmations}): the window of blocks checked "
-                "one by one counts from the head, and indexing stays CONFIRMATIONS behind it, "
-                "so only the newest REORG_WINDOW - CONFIRMATIONS indexed blocks are checked"
-            )
-        return value
-
     @field_validator("logs_range_max")
     @classmethod
     def _max_not_below_min(cls, value: int, info: ValidationInfo) -> int:

@@ -170,10 +170,12 @@ async def test_reorgs_within_the_window_follow_the_canonical_chain(
     assert not set(new_branch) & set(retracted)
 
 
-# 70: a window longer than a tip range (TIP_MAX_BLOCKS), its headers stored by several.
-@pytest.mark.parametrize("window", [8, 70])
+# 70: a window longer than a tip range (TIP_MAX_BLOCKS), its headers stored by several;
+# 2 against 4: a window smaller than CONFIRMATIONS.
+@pytest.mark.parametrize(("window", "confirmations"), [(8, 2), (70, 2), (2, 4)])
 async def test_with_confirmations_a_reorg_of_the_whole_window_after_a_catch_up_is_followed(
     window: int,
+    confirmations: int,
     dev_chain: DevChain,
     deployment: Deployment,
     make_indexer: Callable[..., IndexerProcess],
@@ -184,7 +186,6 @@ async def test_with_confirmations_a_reorg_of_the_whole_window_after_a_catch_up_i
     """With CONFIRMATIONS, the window counts from the cursor, not the head: right after a
     catch-up, a reorg retracting REORG_WINDOW indexed blocks (REORG_WINDOW + CONFIRMATIONS
     deep) is rolled back and announced as removals, not a halt as too deep."""
-    confirmations = 2
     settings = {"REORG_WINDOW": str(window), "CONFIRMATIONS": str(confirmations)}
     driver = ActivityDriver(dev_chain, deployment, seed=46, txs_per_block=3)
     await driver.cover_all_events()
