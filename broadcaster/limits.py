@@ -44,6 +44,11 @@ class TokenBucket:
         self._refill(now)
         self._tokens -= amount
 
+    def refund(self, amount: float, now: float) -> None:
+        """Give back `amount` tokens spent ahead but not used (never above the burst)."""
+        self._refill(now)
+        self._tokens = min(self._burst, self._tokens + amount)
+
     def full(self, now: float) -> bool:
         """Whether the bucket is back to its burst (forgetting it would change nothing)."""
         self._refill(now)
@@ -61,7 +66,9 @@ class AddressBudgets:
 
     A budget outlives the address's connections until it has refilled: forgetting it when
     the last one closes would hand the next connection a full one. Refilled budgets are
-    dropped whenever `prune_at` are held, which bounds the memory in steady state.
+    dropped whenever `prune_at` are held, which bounds the memory in steady state. So a
+    budget is looked up each time it is used, never kept: one kept past its drop would be a
+    second budget of its address, beside the new one its other connections get.
     """
 
     __slots__ = ("_buckets", "_burst", "_prune_at", "_rate")

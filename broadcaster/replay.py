@@ -25,7 +25,7 @@ from broadcaster.events import Event
 from broadcaster.hub import Client, Hub
 from broadcaster.routing import matcher
 
-__all__ = ["Resume", "first_covered", "go_live", "resume"]
+__all__ = ["Reading", "Resume", "first_covered", "go_live", "most_read", "resume"]
 
 log = structlog.get_logger()
 
@@ -55,17 +55,41 @@ class Resume:
     seq: int | None
     recovered: bool
     replayed: int
-    scanned: int = 0  # history entries read for it, or their worth (its cost, sent or not)
 
 
-async def resume(
-    hub: Hub, client: Client, channel: str, since: int, *, may_read: bool = True
-) -> Resume:
+@dataclass(slots=True)
+class Reading:
+    """A resume's reading of the history: whether it may read any, and what it read so far.
+
+    `scanned` counts the history entries read, or their worth (TOP_QUERY_COST), sent or not:
+    the resume's cost. It is counted as they are read, so that a resume cancelled midway (its
+    connection closed) is charged what it read.
+    """
+
+    may_read: bool = True
+    scanned: int = 0
+
+
+def most_read(hub: Hub, since: int) -> int:
+    """The most a resume from since that starts now may read (Reading.scanned at its end).
+
+    The same cases as _replay's, for the same boundary: the position, as long as no await
+    comes between this and resume().
+    """
+    boundary = hub.position
+    if boundary is None or (hub.reset_at is not None and since <= hub.reset_at):
+        return 0
+    if since >= boundary:
+        return TOP_QUERY_COST if since > boundary else 0
+    return boundary - since if boundary - since <= hub.replay_limit else 0
+
+
+async def resume(hub: Hub, client: Client, channel: str, since: int, *, reading: Reading) -> Resume:
     """Subscribe and replay what came after since; live events wait for go_live().
 
-    `may_read` False (the connection's address read all the history it may for now):
-    neither history nor the stream's top is read, so a since other than the position gets
-    recovered: false.
+    `reading.may_read` False (the connection's address read all the history it may for
+    now): neither history nor the stream's top is read, so a since other than the position
+    gets recovered: false.
     The caller sends the ack, then calls go_live(). If this raises (the connection is being
     closed), Hub.disconnect() forgets the held events.
     """
@@ -79,14 +103,14 @@ async def resume(
     client.subs[channel] = min(since, older.get(channel, since))
     client.pending = []
     client.pending_bytes = 0
-    if may_read or boundary is None or since == boundary:
-        outcome = await _replay(hub, client, channel, since, boundary, older)
+    if reading.may_read or boundary is None or since == boundary:
+        outcome = await _replay(hub, client, channel, since, boundary, older, reading)
     else:
-        outcome = _Replayed(False, 0, boundary, 0)
-    recovered, replayed, covered, scanned = outcome
+        outcome = _Replayed(False, 0, boundary)
+    recovered, replayed, covered = outcome
     if client.dropped or client not in hub.clients:
         # Closed meanwhile: its subscriptions are gone and must stay so (and uncounted).
-        return Resume(seq=boundary, recovered=False, replayed=replayed, scanned=scanned)
+        return Resume(seq=boundary, recovered=False, replayed=replayed)
     # A later resume of an overlapping channel skips what this one covers, so it must claim
     # only what it delivered: from the last gap in its replay (the start of a trimmed stream),
     # or from the boundary if the replay was refused or cut short (then some may come twice,
@@ -94,14 +118,13 @@ async def resume(
     client.subs[channel] = min(covered, older.get(channel, covered))
     hub.metrics.replays.labels(recovered=str(recovered).lower()).inc()
     hub.metrics.replay_size.observe(replayed)
-    return Resume(seq=boundary, recovered=recovered, replayed=replayed, scanned=scanned)
+    return Resume(seq=boundary, recovered=recovered, replayed=replayed)
 
 
 class _Replayed(NamedTuple):
     complete: bool  # every matching event in (since, boundary] was sent
     sent: int
     covered: int  # the seq after which every matching event up to the boundary was delivered
-    scanned: int  # history entries read, or their worth (TOP_QUERY_COST)
 
 
 def go_live(hub: Hub, client: Client) -> None:
@@ -132,29 +155,33 @@ async def _replay(
     since: int,
     boundary: int | None,
     older: dict[str, int],
+    reading: Reading,
 ) -> _Replayed:
-    """Send the history of channel in (since, boundary]."""
+    """Send the history of channel in (since, boundary]; what it reads is counted in
+    `reading` (most_read() follows these cases)."""
     if boundary is None:
         # Not reading the stream yet (Redis unreachable since boot); Hub.start() moves the
         # subscription's start to where following begins.
-        return _Replayed(False, 0, since, 0)
+        return _Replayed(False, 0, since)
     if hub.reset_at is not None and since <= hub.reset_at:
-        return _Replayed(False, 0, boundary, 0)  # an old stream's seq: nothing continues it
+        return _Replayed(False, 0, boundary)  # an old stream's seq: nothing continues it
     if since >= boundary:
+        if since > boundary:
+            reading.scanned += TOP_QUERY_COST
         complete = await _await_since(hub, since, boundary)
-        cost = TOP_QUERY_COST if since > boundary else 0
-        return _Replayed(complete, 0, since if complete else boundary, cost)
+        return _Replayed(complete, 0, since if complete else boundary)
     if boundary - since > hub.replay_limit:
-        return _Replayed(False, 0, boundary, 0)
+        return _Replayed(False, 0, boundary)
     covered = [(matcher(sub), start) for sub, start in older.items()]
     wanted = matcher(channel)
     if hub.history.covers(since, boundary):
         entries = hub.history.between(since, boundary)
+        reading.scanned += len(entries)
         sent = await _send(hub, client, entries, wanted, covered)
-        return _Replayed(True, sent, since, len(entries))
+        return _Replayed(True, sent, since)
     if hub.source is None:
-        return _Replayed(False, 0, boundary, 0)
-    sent, scanned, after, contiguous_from = 0, 0, since, since
+        return _Replayed(False, 0, boundary)
+    sent, after, contiguous_from = 0, since, since
     refill = _RefillWait(hub)
     while after < boundary:
         awaited = hub.refill_awaited  # before the read: a refill may end during it
@@ -162,7 +189,7 @@ async def _replay(
             page = await hub.source.entries(after, boundary, REPLAY_PAGE)
         except StreamUnavailable as exc:
             log.warning("resume could not read the stream", error=str(exc))
-            return _Replayed(False, sent, boundary, scanned)
+            return _Replayed(False, sent, boundary)
         if not page:
             # The stream ends before the boundary: trimmed past it, or Redis lost entries
             # that the reader waits for the indexer to write again; then read on from here.
@@ -173,11 +200,11 @@ async def _replay(
             if seq != after + 1:  # trimmed or missing: nothing before it is delivered whole
                 contiguous_from = seq - 1
             after = seq
-        scanned += len(page)
+        reading.scanned += len(page)
         sent += await _send(hub, client, page, wanted, covered)
     if after < boundary:
-        return _Replayed(False, sent, boundary, scanned)
-    return _Replayed(contiguous_from == since, sent, contiguous_from, scanned)
+        return _Replayed(False, sent, boundary)
+    return _Replayed(contiguous_from == since, sent, contiguous_from)
 
 
 async def _await_since(hub: Hub, since: int, boundary: int) -> bool:

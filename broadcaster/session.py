@@ -44,7 +44,6 @@ class Session:
         now = clock()
         self._messages = TokenBucket(rate, burst, now)
         self._errors = TokenBucket(ERROR_RATE, ERROR_BURST, now)
-        self._history = hub.history_budget(client.address, now)
 
     def greeting(self) -> bytes:
         """The frame that opens the conversation (the connection sends it with the 101)."""
@@ -98,13 +97,24 @@ class Session:
             raise CloseConnection(messages.CLOSE_POLICY_VIOLATION, f"{kind} rate limit exceeded")
 
     async def _resume(self, channel: str, since: int) -> None:
-        may_read = self._history.available(self._clock())
+        now = self._clock()
+        # Looked up for each resume, not kept for the connection's life: the hub forgets a
+        # refilled budget when it holds many, and hands the address's next connection a new
+        # one; a kept one would then be a second budget for the same address.
+        budget = self.hub.history_budget(self.client.address, now)
+        reading = replay.Reading(may_read=budget.available(now))
+        # Charged before reading, the unread part refunded after: resumes from Redis await
+        # the network, and those of the address in flight at once must each see what the
+        # others are reading, or all would pass the check before any was charged.
+        reserved = replay.most_read(self.hub, since) if reading.may_read else 0
+        budget.spend(reserved, now)
         try:
-            resume = await replay.resume(self.hub, self.client, channel, since, may_read=may_read)
+            resume = await replay.resume(self.hub, self.client, channel, since, reading=reading)
         except ClientError as problem:  # raised before anything changed
             self._refuse(problem)
             return
-        self._history.spend(resume.scanned, self._clock())
+        finally:  # cancelled too (the connection closed): it pays for what it read
+            budget.refund(reserved - reading.scanned, self._clock())
         # The ack separates the replay from the live events held back meanwhile.
         self._reply(
             messages.subscribed(

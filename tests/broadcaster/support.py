@@ -477,7 +477,14 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def open(cls, port: int, path: str = "/ws", *, rcvbuf: int | None = None) -> RawClient:
+    async def open(
+        cls,
+        port: int,
+        path: str = "/ws",
+        *,
+        rcvbuf: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> RawClient:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -486,7 +493,7 @@ class RawClient:
         try:
             await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
             reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
-            writer.write(handshake_request(f"127.0.0.1:{port}", path=path))
+            writer.write(handshake_request(f"127.0.0.1:{port}", path=path, headers=headers))
             async with asyncio.timeout(WITHIN):
                 head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 101"), head

@@ -117,9 +117,13 @@ async def test_many_resumes_at_once_from_the_stream_are_all_answered(
     does not report Redis down meanwhile."""
     # The 60 resumes take 3-5 s together on the 2-core machine, each read a few ms: a bound
     # of 1.5 s is far above one read, even with the machine busy (0.5 s was seen to run out
-    # under a parallel test run), and far below the wait for a turn.
+    # under a parallel test run), and far below the wait for a turn. They all come from one
+    # address, whose history budget (four times WS_REPLAY_LIMIT) must cover the 60 x 2000.
     async with start(
-        ws_history_size=10, broadcaster_redis_timeout=1.5, ws_max_connections_per_ip=200
+        ws_history_size=10,
+        broadcaster_redis_timeout=1.5,
+        ws_max_connections_per_ip=200,
+        ws_replay_limit=30_000,
     ) as server:
         await producer.publish(count=2000)
         await server.wait_health(seq=2000)
@@ -587,6 +591,57 @@ async def test_new_connections_of_one_address_share_its_history_budget(
         async with ws_client(server.url, **ANOTHER_ADDRESS) as other:
             ack = await other.subscribe("events:*", since=140)
             assert [e["seq"] for e in ack["replayedEvents"]] == list(range(141, 151))
+
+
+async def test_resumes_in_flight_at_once_share_their_address_history_budget(
+    start: Start, producer: EventProducer
+) -> None:
+    """Resumes that the connections of one address send at once, all reading Redis, read
+    together no more than four times WS_REPLAY_LIMIT (plus one that the refill lets through):
+    each is charged as it begins, not once it has read, when all would have passed."""
+    await producer.publish(count=150)
+    absent = "market:0x" + "00" * 20
+    async with (
+        start(ws_replay_limit=100, ws_history_size=0) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        clients = [await stack.enter_async_context(ws_client(server.url)) for _ in range(20)]
+        acks = await asyncio.gather(*(c.subscribe(absent, since=50) for c in clients))
+    assert 4 <= sum(ack["recovered"] for ack in acks) <= 5
+
+
+async def test_an_address_history_budget_survives_the_forgetting_of_refilled_ones(
+    start: Start, producer: EventProducer
+) -> None:
+    """Once 4,096 addresses have budgets, the refilled ones are forgotten, an idle
+    connection's too: its later resumes and those of a new connection of its address then
+    draw on one budget, not two."""
+    await producer.publish(count=150)
+    absent = "market:0x" + "00" * 20
+    async with start(ws_replay_limit=100) as server, ws_client(server.url) as first:
+        assert (await first.subscribe(absent, since=150))["recovered"] is True  # reads none
+        addresses = [f"10.0.{index // 256}.{index % 256}" for index in range(4100)]
+        for at in range(0, len(addresses), 50):
+            batch = addresses[at : at + 50]
+            await asyncio.gather(
+                *(resume_as(server.settings.ws_port, address, 150) for address in batch)
+            )
+        async with ws_client(server.url) as second:
+            acks = [await c.subscribe(absent, since=50) for c in (first, second) for _ in range(5)]
+    assert 4 <= sum(ack["recovered"] for ack in acks) <= 5
+
+
+async def resume_as(port: int, address: str, since: int) -> None:
+    """Resume once as a client at `address` behind the local proxy (X-Forwarded-For)."""
+    client = await RawClient.open(port, headers={"X-Forwarded-For": address})
+    try:
+        request = {"type": "subscribe", "channel": "events:*", "since": since}
+        client.send_frame(0x1, orjson.dumps(request))
+        async with asyncio.timeout(WITHIN):
+            while b'"subscribed"' not in (await client.read_frame())[1]:
+                pass
+    finally:
+        client.close()
 
 
 async def test_resumes_from_beyond_the_position_are_charged_for_asking_redis(
