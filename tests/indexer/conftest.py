@@ -16,6 +16,11 @@ from eth_utils.crypto import keccak
 
 from devnet.chain import Deployment, DevChain
 from devnet.services import Anvil, Redis
+from indexer.errors import ReorgDuringFetch
+from indexer.rpc import LogRangeSizer, RpcClient
+from indexer.sources import Sources
+from indexer.store import Store
+from indexer.verification import verify_range
 from tests.broadcaster.support import read_stream
 from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.waiting import eventually
@@ -117,16 +122,56 @@ async def assert_database_equals_chain(
 ) -> int:
     """The events table is exactly the tracked logs of the canonical chain from block `first`
     on (an indexer's START_BLOCK), up to block `last` if given (an indexer's target with
-    CONFIRMATIONS); returns the count."""
+    CONFIRMATIONS), and the markets table is what the indexer makes of them (verify_markets);
+    returns the count."""
     logs = await tracked_chain_logs(chain, deployment)
-    numbers = range(first, (await chain.block_number() if last is None else last) + 1)
-    expected = [chain_key(lg) for lg in logs if int(lg["blockNumber"], 16) in numbers]
+    top = await chain.block_number() if last is None else last
+    expected = [chain_key(lg) for lg in logs if first <= int(lg["blockNumber"], 16) <= top]
     stored = await stored_keys(database_url)
     missing = sorted(set(expected) - set(stored))[:5]
     extra = sorted(set(stored) - set(expected))[:5]
     assert (missing, extra) == ([], []), f"missing {missing}, extra {extra}"
     assert stored == expected
+    await verify_markets(database_url, chain, deployment, first=first, last=top)
     return len(stored)
+
+
+async def verify_markets(
+    database_url: str, chain: DevChain, deployment: Deployment, *, first: int, last: int
+) -> None:
+    """What `verify --from first` checks, in process: the markets table holds exactly the
+    clones the deployment's factories announced on the canonical chain (with that factory and
+    block), each row equal to the projection of its events on chain, and every event row as
+    the catalogue decodes it; `first` is the indexer's START_BLOCK."""
+    static = Sources(
+        factories=frozenset(deployment.factories),
+        resolution_manager=deployment.resolution_manager,
+        reward_distributor=deployment.reward_distributor,
+    ).static_kinds()
+    async with (
+        Store.open(database_url, max_size=1, command_timeout=10) as store,
+        RpcClient([chain.rpc_url], timeout=5, max_retries=2) as rpc,
+    ):
+        state = await store.load_state()
+        assert state is not None, "no cursor yet"
+        try:
+            report = await verify_range(
+                store,
+                rpc,
+                LogRangeSizer(2000, 1, 10_000),
+                first=first,
+                last=min(last, state.block_number),
+                cursor=state.block_number,
+                static=static,
+                start_block=first,
+                max_addresses=1000,
+                window_events=2000,
+                keep=5,
+            )
+        except ReorgDuringFetch as exc:
+            raise AssertionError(f"the chain changed during the check: {exc}") from exc
+    assert report.projections_not_compared == 0, report.projections_why
+    assert report.differences == 0, [f"{d.where}: {d.what}" for d in report.first]
 
 
 async def stream_entries(client: aioredis.Redis, key: str) -> list[tuple[int, dict[str, Any]]]:
@@ -215,7 +260,11 @@ async def stored_and_published(
             return False
         return True
 
-    await eventually(stored, within=within, what="the database equals the chain")
+    try:
+        await eventually(stored, within=within, what="the database equals the chain")
+    except TimeoutError:
+        await assert_database_equals_chain(database_url, chain, deployment)  # says how
+        raise
     expected = expected_ids(await tracked_chain_logs(chain, deployment))
 
     async def published() -> bool:

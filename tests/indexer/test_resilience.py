@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from eth_utils.crypto import keccak
 
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
@@ -168,6 +169,47 @@ async def test_reorgs_within_the_window_follow_the_canonical_chain(
     new_branch = await blocks_events(dev_chain, deployment, head - depth + 1)
     assert new_branch
     assert not set(new_branch) & set(retracted)
+
+
+async def stored_markets(database_url: str) -> set[str]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return {row["address"] for row in await conn.fetch("SELECT address FROM markets")}
+    finally:
+        await conn.close()
+
+
+async def test_a_reorg_retracting_a_market_creation_forgets_the_market(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """A reorg retracting a MarketCreated deletes the market's row: it is no longer followed."""
+    driver = ActivityDriver(dev_chain, deployment, seed=39, txs_per_block=3)
+    await driver.cover_all_events()
+    resolution_time = deployment.block + 100_000
+    create = dev_chain.contract("FlexibleMarketFactoryUnified").encode_abi(
+        "createMarket", ["Retracted?", resolution_time, keccak(text="x"), 0, resolution_time - 1]
+    )
+    with make_indexer(REORG_WINDOW="8") as indexer:
+        await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
+        before = await stored_markets(database_url)
+        await dev_chain.send(
+            sender=dev_chain.accounts[1], to=deployment.factory_v2, data=create, value=10**15
+        )
+        await dev_chain.mine()
+        await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
+        (created,) = await stored_markets(database_url) - before
+        await dev_chain.request("anvil_reorg", [1, reorg_transactions(dev_chain, deployment)])
+        await dev_chain.mine_empty(1)
+        # Also compares the markets table with the chain's announcements and projections.
+        await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
+        assert indexer.running
+        assert await indexer.metric("kektech_indexer_reorgs_total") == 1
+    assert await stored_markets(database_url) == before, f"{created} is still followed"
 
 
 # 70: a window longer than a tip range (TIP_MAX_BLOCKS), its headers stored by several;
