@@ -54,7 +54,13 @@ async def follow_stream(client: aioredis.Redis, key: str, seen: list[int]) -> No
             seen.append(int(last.split("-")[0]))
 
 
-# Eleven indexer starts and 150 blocks: 21 s here, 80-83 s with the two vCPUs 5x oversubscribed.
+async def drive_until(driver: ActivityDriver, stop: asyncio.Event) -> None:
+    """Mine a block of activity every 0.1 s until `stop` is set."""
+    while not stop.is_set():
+        await driver.run(blocks=1, block_interval=0.1)
+
+
+# Eleven indexer starts, a block every 0.1 s while they last (150-200 blocks here).
 @pytest.mark.timeout(240)
 async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
     dev_chain: DevChain,
@@ -70,8 +76,9 @@ async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
     seen: list[int] = []
     rng = random.Random(2026)
     indexer = make_indexer()
+    stop = asyncio.Event()
     async with (
-        background(driver.run(blocks=150, block_interval=0.1), name="chain-load") as busy,
+        background(drive_until(driver, stop), name="chain-load") as busy,
         background(follow_stream(redis_client, stream_key, seen), name="stream-consumer"),
     ):
         for _ in range(10):
@@ -79,7 +86,10 @@ async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
             await indexer.wait_cursor(0)  # started: following the chain, not still importing
             await asyncio.sleep(rng.uniform(0.05, 1.5))
             assert indexer.running
+            # Every kill lands while blocks are being mined and indexed, not on an idle chain.
+            assert not busy.done(), "the chain load stopped before the kills ended"
             indexer.kill()
+        stop.set()
         await busy
         indexer.start()
         try:
