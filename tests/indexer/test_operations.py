@@ -7,12 +7,13 @@ import contextlib
 import os
 import signal
 import socket
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -658,23 +659,41 @@ async def test_unknown_logs_from_tracked_contracts_are_kept_raw(
     make_indexer: Callable[..., IndexerProcess],
     database_url: str,
 ) -> None:
-    """A log the catalogue does not know is stored raw and logged once; indexing goes on."""
+    """A log the catalogue does not know is stored raw, counted each time and logged once per
+    (contract, topic0); indexing goes on."""
     driver = ActivityDriver(dev_chain, deployment, seed=62)
     await driver.cover_all_events()
-    # The template's constructor logs OpenZeppelin's Initialized(max): unknown for this kind.
-    overrides = {"REWARD_DISTRIBUTOR_ADDRESS": deployment.template, "START_BLOCK": "0"}
+    await driver.run(blocks=10)
+    # The two configured the wrong way round: each one's events are unknown for the other's
+    # kind, and the chain holds most of them several times.
+    overrides = {
+        "RESOLUTION_MANAGER_ADDRESS": deployment.reward_distributor,
+        "REWARD_DISTRIBUTOR_ADDRESS": deployment.resolution_manager,
+    }
     with make_indexer(**overrides) as indexer:
         await indexer.wait_cursor(await dev_chain.block_number())
-        assert indexer.log_text().count("unknown log stored raw") == 1
+        counted = await indexer.metric("kektech_indexer_unknown_logs_total")
+        lines = [
+            orjson.loads(line)
+            for line in indexer.log_text().splitlines()
+            if "unknown log stored raw" in line
+        ]
     conn = await asyncpg.connect(database_url)
     try:
-        raw = await conn.fetch("SELECT * FROM events WHERE event_name IS NULL")
+        raw = await conn.fetch(
+            "SELECT contract, topic0, args, seq FROM events WHERE event_name IS NULL"
+        )
         known = await conn.fetchval("SELECT count(*) FROM events WHERE event_name IS NOT NULL")
     finally:
         await conn.close()
-    assert [(r["contract"], r["args"], r["seq"]) for r in raw] == [
-        (deployment.template, None, None)
-    ]
+    swapped = {deployment.reward_distributor, deployment.resolution_manager}
+    assert {r["contract"] for r in raw} == swapped
+    assert all(r["args"] is None and r["seq"] is None for r in raw)
+    repeated = Counter((r["contract"], r["topic0"]) for r in raw)
+    assert max(repeated.values()) > 1, "the chain holds an unknown log several times"
+    logged = [(line["contract"], line["topic0"]) for line in lines]
+    assert sorted(logged) == sorted(repeated)  # one line per (contract, topic0)
+    assert counted == len(raw)
     assert known > 0
 
 
