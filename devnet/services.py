@@ -155,7 +155,7 @@ def anvil_binary() -> str:
     local = REPO_ROOT / "node_modules" / ".bin" / "anvil"
     if local.exists():
         return str(local)
-    return _which("anvil", "run `make install` (npm package @foundry-rs/anvil)")
+    return _which("anvil", "run `scripts/install.sh` (npm package @foundry-rs/anvil)")
 
 
 @dataclass
