@@ -1,6 +1,6 @@
 """Prometheus metrics of the broadcaster, in a registry of its own (one per service instance).
 
-Hot paths count in plain integers and add to these per event, never per delivery.
+Hot paths count in plain integers and add to these per batch, never per delivery.
 """
 
 from __future__ import annotations
@@ -49,7 +49,11 @@ class Metrics:
             p + "client_errors", "Client messages refused, by error code", ["code"], registry=r
         )
         self.events = Counter(p + "events", "Stream events relayed", registry=r)
-        self.deliveries = Counter(p + "deliveries", "Event messages written to clients", registry=r)
+        self.deliveries = Counter(
+            p + "deliveries",
+            "Event messages written to clients: live, replayed and held during a replay",
+            registry=r,
+        )
         self.slow_consumers = Counter(
             p + "slow_consumer_closes", "Clients closed for not reading (4008)", registry=r
         )

@@ -134,6 +134,7 @@ def go_live(hub: Hub, client: Client) -> None:
         return
     covering = [(matcher(sub), start) for sub, start in client.subs.items()]
     now_ms = hub.now_ms()
+    sent = 0
     for event in pending:
         if event.seq <= client.last_seq:
             continue
@@ -141,10 +142,13 @@ def go_live(hub: Hub, client: Client) -> None:
         if channel is None:
             continue
         if not client.is_open():
-            return
+            break
         client.write(event.frame(channel, now_ms))
         client.last_seq = event.seq
-    if client.buffered() > hub.send_buffer_bytes:
+        sent += 1
+    # Held back from Hub.dispatch, which counted them neither: counted here, once.
+    hub.metrics.deliveries.inc(sent)
+    if client.is_open() and client.buffered() > hub.send_buffer_bytes:
         hub.cut_slow(client)
 
 
@@ -258,25 +262,29 @@ async def _send(
     """Write the replayed events the new subscription adds; pace on the client's reading."""
     sent = 0
     now_ms = hub.now_ms()
-    for scanned, (_, event) in enumerate(entries, start=1):
-        if scanned % REPLAY_YIELD_EVERY == 0:
-            await asyncio.sleep(0)  # a long replay must not hold up everyone else's events
-        if event is None:
-            continue
-        channel = next((c for c in event.channels if wanted(c)), None)
-        if channel is None or first_covered(event, covered) is not None:
-            continue
-        if not client.is_open() or client.dropped:
-            break
-        client.write(event.frame(channel, now_ms))
-        sent += 1
-        if client.buffered() > hub.send_buffer_bytes // 2:
-            try:
-                async with asyncio.timeout(REPLAY_DRAIN_TIMEOUT):
-                    await client.peer.drain()
-            except TimeoutError:
-                hub.cut_slow(client)
+    try:
+        for scanned, (_, event) in enumerate(entries, start=1):
+            if scanned % REPLAY_YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # a long replay must not hold up everyone else's events
+            if event is None:
+                continue
+            channel = next((c for c in event.channels if wanted(c)), None)
+            if channel is None or first_covered(event, covered) is not None:
+                continue
+            if not client.is_open() or client.dropped:
                 break
+            client.write(event.frame(channel, now_ms))
+            sent += 1
+            if client.buffered() > hub.send_buffer_bytes // 2:
+                try:
+                    async with asyncio.timeout(REPLAY_DRAIN_TIMEOUT):
+                        await client.peer.drain()
+                except TimeoutError:
+                    hub.cut_slow(client)
+                    break
+    finally:
+        # Once per page, also for a replay cut short by its connection's end (cancelled).
+        hub.metrics.deliveries.inc(sent)
     return sent
 
 

@@ -671,3 +671,32 @@ async def test_resumes_beyond_the_history_cost_nothing(
         for index in range(20):
             ack = await client.subscribe(f"market:0x{index:040x}", since=10)
             assert ack["recovered"] is False
+
+
+async def test_deliveries_count_replayed_and_held_events(
+    start: Start, producer: EventProducer
+) -> None:
+    """deliveries_total counts every event frame written to a client: those a resume replays
+    and the live ones held back while it replays (sent when it goes live), not only live
+    fan-out. Here the replay stalls on a client that does not read while live events come."""
+    async with start(ws_send_buffer_bytes=65536) as server:
+        await producer.publish(count=200, pad=32768)
+        await server.wait_health(seq=200)
+        client = await RawClient.open(server.settings.ws_port, rcvbuf=4096)
+        try:
+            await client.read_frame()  # connected
+            client.send_frame(0x1, b'{"type":"subscribe","channel":"events:*","since":0}')
+            # The replay has begun; it then waits for the client to read.
+            opcode, payload = await client.read_frame()
+            kinds = [orjson.loads(payload)["type"]]
+            await producer.publish(count=3)  # held back meanwhile
+            await server.wait_health(seq=203)
+            async with asyncio.timeout(WITHIN):
+                while kinds.count("event") < 203:
+                    opcode, payload = await client.read_frame()
+                    kinds.append(orjson.loads(payload)["type"])
+            assert opcode == 0x1
+            assert kinds == ["event"] * 200 + ["subscribed"] + ["event"] * 3
+            assert await server.metric("kektech_broadcaster_deliveries_total") == 203
+        finally:
+            client.close()
