@@ -409,9 +409,9 @@ async def open_stream(url: str, *, key: str, redis_timeout: float) -> AsyncItera
 
     No hidden retries in redis-py: follow() retries in one place and a resume that cannot
     read the stream answers recovered=false at once. One exception: a pooled query
-    connection that idled across a Redis restart is closed by the server without redis-py
-    noticing when it hands it out, and its first command (or health-check PING) fails with
-    a ConnectionError; those read-only queries are tried once more, at once, on a new
+    connection, or /healthz's own one, that idled across a Redis restart is closed by the
+    server without redis-py noticing, and its first command (or health-check PING) fails
+    with a ConnectionError; those read-only queries are tried once more, at once, on a new
     connection. A timeout is not retried: the query stays bounded by one timeout.
 
     Every call is bounded with asyncio.timeout() here rather than redis-py's socket_timeout:
@@ -425,6 +425,8 @@ async def open_stream(url: str, *, key: str, redis_timeout: float) -> AsyncItera
         "socket_connect_timeout": min(redis_timeout, 5.0),
         "retry": Retry(NoBackoff(), 0),
     }
+    # Read-only queries on a connection a Redis restart may have closed are retried once.
+    retried = options | {"retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))}
     reader = aioredis.Redis.from_url(url, single_connection_client=True, **options)
     # Pooled connections idle between resumes; one that idled a while is checked before use.
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -432,10 +434,12 @@ async def open_stream(url: str, *, key: str, redis_timeout: float) -> AsyncItera
         max_connections=QUERY_CONNECTIONS,
         timeout=redis_timeout,
         health_check_interval=max(1, int(redis_timeout)),
-        **(options | {"retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))}),
+        **retried,
     )
     queries = aioredis.Redis.from_pool(pool)
-    monitor = aioredis.Redis.from_url(url, single_connection_client=True, **options)
+    # /healthz's connection idles between checks too: without the retry the first check
+    # after a Redis restart reported Redis down although it was back.
+    monitor = aioredis.Redis.from_url(url, single_connection_client=True, **retried)
     try:
         yield EventStream(
             reader=reader, queries=queries, monitor=monitor, key=key, timeout=redis_timeout

@@ -23,7 +23,7 @@ from broadcaster import stream
 from broadcaster.connection import CLOSE_TIMEOUT, Connection
 from broadcaster.metrics import Metrics
 from broadcaster.server import serve_clients
-from broadcaster.service import build_hub
+from broadcaster.service import HEALTH_FRESH_FOR, build_hub
 from broadcaster.session import Session
 from devnet.services import Redis
 from tests.broadcaster.support import (
@@ -96,6 +96,29 @@ async def test_resumes_right_after_a_redis_restart_are_answered(
         await server.wait_health(redis="up", seq=55, within=15)
         assert await asyncio.gather(*(resume(server) for _ in range(8))) == [True] * 8
         assert [await resume(server) for _ in range(3)] == [True] * 3
+
+
+async def test_the_first_health_check_after_a_redis_restart_says_up(
+    start: Start, own_redis: Redis
+) -> None:
+    """/healthz's own Redis connection, idle across a Redis restart, is closed by the server
+    without redis-py noticing: its first command is tried again on a new connection, so the
+    first check once Redis is back says up rather than down."""
+    async with start(redis_url=own_redis.url) as server:
+        await server.wait_health(redis="up")  # the monitor connection is open
+        own_redis.stop()
+        own_redis.start()
+
+        async def reader_back() -> bool:
+            return (
+                await server.metric("kektech_broadcaster_redis_reconnects_total") >= 1
+                and await server.metric("kektech_broadcaster_redis_up") == 1
+            )
+
+        await eventually(reader_back, within=WITHIN, what="the stream reader reconnected")
+        # Past the reuse of the last reading, so that this check reads Redis.
+        await asyncio.sleep(HEALTH_FRESH_FOR)
+        assert (await server.health())["redis"] == "up"
 
 
 @contextlib.asynccontextmanager
