@@ -35,6 +35,9 @@ from shared.redaction import Writer
 from shared.settings import IndexerSettings
 
 MAX_REPORTED = 20
+# Looks at an unsettled cursor (see Follower.settle) before a backfill or reindex refuses,
+# a poll interval apart: a node behind the others catches up within a few blocks.
+SETTLE_ATTEMPTS = 5
 
 
 def _say(settings: IndexerSettings, line: str, *, stream: TextIO | None = None) -> None:
@@ -110,7 +113,8 @@ async def status(settings: IndexerSettings) -> int:
 async def _writer(
     settings: IndexerSettings, *, rewind_to: int | None = None
 ) -> AsyncIterator[Follower | None]:
-    """A follower holding the write lease, or None if a running indexer holds it.
+    """A follower holding the write lease, or None (said why) if a running indexer holds it
+    or the cursor could not be confirmed canonical after a reorg at start-up.
 
     `rewind_to`: the block a reindex rolls back to (see Follower.prepare).
     """
@@ -136,6 +140,19 @@ async def _writer(
         try:
             follower = build_follower(settings, rpc=rpc, store=store, lease=lease, metrics=metrics)
             await follower.prepare(rewind_to=rewind_to)
+            settled = await follower.settle(
+                attempts=SETTLE_ATTEMPTS, pause=settings.poll_interval, rewind_to=rewind_to
+            )
+            if not settled:
+                # Writing now could store the node's branch beside a replaced one still stored
+                # (a backfill) or keep blocks of it below the rewind (a reindex).
+                _say(
+                    settings,
+                    "the block at the cursor is replaced or not on the node yet; run the indexer"
+                    " (`pm2 start kektech-event-indexer`) or try again",
+                )
+                yield None
+                return
             yield follower
         finally:
             renewal.cancel()

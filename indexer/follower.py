@@ -112,6 +112,9 @@ class Follower:
         self._density = INITIAL_DENSITY
         self._bulk_done = False  # a catch-up ran since the follower was last idle
         self.head = -1
+        # Whether prepare() (or settle()) found the cursor canonical or rolled back onto a
+        # block that is; False while a reorg at start-up is still to be looked at again.
+        self.settled = False
         self._head_read_at = 0.0  # loop time of the last look at the head
 
     @property
@@ -162,6 +165,26 @@ class Follower:
         self._children = await self._followed_children()
         self._metrics.cursor.set(state.block_number)
         log.info("resuming", cursor=state.block_number, markets=len(self._children))
+        self.settled = await self._settle(rewind_to=rewind_to)
+
+    async def settle(self, *, attempts: int, pause: float, rewind_to: int | None = None) -> bool:
+        """Look at the cursor again, up to `attempts` times `pause` apart, until it is settled.
+
+        For the one-shot commands that write: `run` looks again at its first step, but a
+        backfill storing while the cursor is unsettled would put the node's (new) branch
+        beside the replaced one still stored.
+        """
+        for _ in range(attempts):
+            if self.settled:
+                break
+            await asyncio.sleep(pause)
+            self.settled = await self._settle(rewind_to=rewind_to)
+        return self.settled
+
+    async def _settle(self, *, rewind_to: int | None) -> bool:
+        """Handle a reorg that happened offline; whether the cursor is now known canonical
+        (checked, rolled back onto a block that is, or to be rolled back by the reindex)."""
+        assert self._state is not None
         try:
             replaced = await self._cursor_replaced()
         except BlockNotFound:
@@ -169,23 +192,26 @@ class Follower:
             # reaches the cursor again (by the hash there, or by the next block's parent).
             log.warning(
                 "the node has no block at the cursor yet; waiting for the chain to reach it",
-                cursor=state.block_number,
+                cursor=self._state.block_number,
             )
-            return
-        if replaced:
-            try:
-                await self._handle_reorg()
-            except (ReorgDuringFetch, BlockNotFound) as exc:  # the first step looks again
-                log.warning("the reorg at start-up is looked at again", reason=str(exc))
-            except ReorgTooDeep as exc:
-                if rewind_to is None or rewind_to >= exc.since:
-                    raise
-                log.warning(
-                    "reorg deeper than REORG_WINDOW at start-up: rolled back by the reindex",
-                    cursor=exc.cursor,
-                    ancestor=exc.ancestor,
-                    rewind_to=rewind_to,
-                )
+            return False
+        if not replaced:
+            return True
+        try:
+            await self._handle_reorg()
+        except (ReorgDuringFetch, BlockNotFound) as exc:  # `run`'s first step looks again
+            log.warning("the reorg at start-up is looked at again", reason=str(exc))
+            return False
+        except ReorgTooDeep as exc:
+            if rewind_to is None or rewind_to >= exc.since:
+                raise
+            log.warning(
+                "reorg deeper than REORG_WINDOW at start-up: rolled back by the reindex",
+                cursor=exc.cursor,
+                ancestor=exc.ancestor,
+                rewind_to=rewind_to,
+            )
+        return True
 
     async def _cursor_replaced(self) -> bool:
         """Whether the node's block at the cursor's height is another one than the stored.

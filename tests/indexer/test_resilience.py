@@ -540,6 +540,47 @@ async def test_a_reorg_hidden_from_the_cursor_check_by_a_stale_backend_is_still_
     assert_retracted(entries, retracted)
 
 
+async def test_a_backfill_does_not_write_while_the_cursor_is_unsettled(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """The cursor's block replaced while the indexer was down, and the node answering "no
+    such block" for the cursor at start-up: a backfill, having no loop to look again, refuses
+    instead of storing the new branch's events beside the old branch's."""
+    driver = ActivityDriver(dev_chain, deployment, seed=47, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=10)
+    await dev_chain.mine_empty(3)  # the replaced blocks: the new branch's event has no twin
+    with make_indexer(REORG_WINDOW="8") as indexer:
+        await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
+    cursor = await dev_chain.block_number()
+    stored = await stored_keys(database_url)
+    await dev_chain.request("anvil_reorg", [3, reorg_transactions(dev_chain, deployment)])
+    async with RpcFaultProxy(anvil.rpc_url, seed=19) as proxy:
+        proxy.stale_header(cursor, None, times=10_000)
+        code, output = await run_command(
+            make_indexer,
+            "backfill",
+            "--from",
+            str(cursor - 5),
+            "--to",
+            str(cursor),
+            REORG_WINDOW="8",
+            POLL_INTERVAL="0.2",
+            RPC_PROVIDER_URL=proxy.url,
+        )
+        looked = proxy.injected["stale_header"]
+    assert await stored_keys(database_url) == stored
+    assert code == 1, output[-3000:]
+    assert "the block at the cursor is replaced or not on the node yet" in output
+    assert looked >= 2  # looked again before refusing
+
+
 async def test_a_head_from_another_branch_at_the_cursor_is_no_reorg(
     dev_chain: DevChain,
     deployment: Deployment,
