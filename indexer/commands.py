@@ -224,6 +224,7 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
             first=first,
             last=last,
             cursor=state.block_number,
+            cursor_hash=state.block_hash,
             static=sources(settings).static_kinds(),
             start_block=settings.start_block,
             max_addresses=settings.logs_max_addresses,
@@ -250,6 +251,7 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
     _say(
         settings,
         f"verify {first}..{last}: {report.chain_logs} logs on chain,"
-        f" {report.stored_events} stored, {report.markets_compared} market rows: {verdict}",
+        f" {report.stored_events} stored, {report.markets_compared} market rows,"
+        f" {report.headers_compared} block headers: {verdict}",
     )
     return 0 if not report.differences else 1

@@ -80,6 +80,10 @@ RANGE_PAGE = (
     "SELECT * FROM events WHERE block_number <= $1 AND (block_number, log_index) > ($2, $3)"
     " ORDER BY block_number, log_index LIMIT $4"
 )
+HEADERS_PAGE = (
+    "SELECT number, hash, parent_hash, timestamp FROM blocks WHERE number <= $1 AND number > $2"
+    " ORDER BY number LIMIT $3"
+)
 MARKET_EVENTS_PAGE = (
     "SELECT * FROM events WHERE market_address = ANY($1::text[])"
     " AND (market_address, block_number, log_index) > ($2, $3, $4)"
@@ -646,6 +650,21 @@ class Store:
             keys=("block_number", "log_index"),
         ):
             yield rows
+
+    async def header_rows(self, first: int, last: int) -> AsyncIterator[list[BlockHeader]]:
+        """The stored block headers of an inclusive block range, in order, a page at a time."""
+        async for rows in _pages(
+            self._db.fetch, HEADERS_PAGE, fixed=[last], start=(first - 1,), keys=("number",)
+        ):
+            yield [
+                BlockHeader(
+                    number=r["number"],
+                    hash=r["hash"],
+                    parent_hash=r["parent_hash"],
+                    timestamp=r["timestamp"],
+                )
+                for r in rows
+            ]
 
     async def counts(self) -> dict[str, int]:
         """Row counts for `status`."""

@@ -8,6 +8,8 @@ own code makes of it.
 - The markets followed: `markets` is also the list of clones the indexer follows, so every
   clone a configured factory announced up to the range's end needs its row, with that
   factory and creation block, and a row nothing announced is a difference.
+- The block headers stored for reorg detection, and the cursor's hash: each one in the range
+  must be the node's block at its height (hash and parent hash).
 - The projection: the row of each market whose events the range holds all of (created at or
   after its start, the range ending at the cursor) is compared with the fold of the chain's
   events (indexer/projection.py); the others are counted as not compared.
@@ -53,7 +55,7 @@ MARKETS_PAGE = 500
 
 @dataclass(frozen=True, slots=True)
 class Difference:
-    where: str  # "block B log L" or "market 0x..."
+    where: str  # "block B log L", "block B" or "market 0x..."
     what: str
 
 
@@ -73,12 +75,14 @@ class Announcement:
 @dataclass(slots=True)
 class Report:
     """What a verify found: counts, and the first differences (the markets followed, then
-    the events in chain order, then the projections)."""
+    the events in chain order, then the stored block headers and the cursor, then the
+    projections)."""
 
     keep: int
     chain_logs: int = 0
     stored_events: int = 0
     markets_compared: int = 0  # rows compared with the projection of their events
+    headers_compared: int = 0  # stored block headers compared with the node's
     # Of contracts recorded as dropped from the configuration, and their markets: not
     # compared, as the chain is not read for them.
     not_compared: int = 0
@@ -242,6 +246,48 @@ async def compare_projections(
                 report.add(Difference(f"market {address}", "; ".join(differing)))
 
 
+async def compare_headers(
+    store: Store,
+    rpc: RpcClient,
+    *,
+    first: int,
+    last: int,
+    cursor: int,
+    cursor_hash: str,
+    report: Report,
+) -> None:
+    """Compare the stored block headers of [first, last] and the cursor's hash (when the range
+    reaches it) with the node's blocks at those heights.
+
+    Those headers are what a reorg is detected by: one of a replaced branch, even an empty
+    block that no event shows, would hide the next reorg or misplace its rollback. The table
+    keeps about 2 x REORG_WINDOW of them; they are read a page at a time all the same.
+    """
+    first = max(first, 0)  # the virtual parent of block 0 is no block of the node's
+    async for page in store.header_rows(first, last):
+        current = {h.number: h for h in await rpc.get_block_headers([h.number for h in page])}
+        for stored in page:
+            node = current[stored.number]
+            report.headers_compared += 1
+            differing = [
+                _differing(column, getattr(stored, column), getattr(node, column))
+                for column in ("hash", "parent_hash")
+                if getattr(stored, column) != getattr(node, column)
+            ]
+            if differing:
+                report.add(
+                    Difference(f"block {stored.number}", "stored header " + "; ".join(differing))
+                )
+    if first <= cursor <= last:
+        node = await rpc.get_block_header(cursor)
+        if node.hash != cursor_hash:
+            report.add(
+                Difference(
+                    f"block {cursor}", f"the cursor's hash is {cursor_hash}, expected {node.hash}"
+                )
+            )
+
+
 async def verify_range(
     store: Store,
     rpc: RpcClient,
@@ -250,6 +296,7 @@ async def verify_range(
     first: int,
     last: int,
     cursor: int,
+    cursor_hash: str,
     static: Mapping[str, ContractKind],
     start_block: int,
     max_addresses: int,
@@ -313,6 +360,9 @@ async def verify_range(
         elif len(chain) < window_events // 2:
             window = min(sizer.maximum, window * 2)
         start = end + 1
+    await compare_headers(
+        store, rpc, first=first, last=last, cursor=cursor, cursor_hash=cursor_hash, report=report
+    )
     await compare_projections(store, projected, report)
     return report
 

@@ -162,6 +162,7 @@ async def verify_markets(
                 first=first,
                 last=min(last, state.block_number),
                 cursor=state.block_number,
+                cursor_hash=state.block_hash,
                 static=static,
                 start_block=first,
                 max_addresses=1000,

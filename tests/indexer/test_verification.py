@@ -215,3 +215,37 @@ async def test_an_event_of_a_contract_nothing_follows_is_a_difference(
     ) in lines
     assert not [line for line in lines if "not compared" in line], lines
     assert lines[-1].endswith(": 1 differences"), lines
+
+
+async def test_the_stored_block_headers_and_the_cursor_are_compared_with_the_chain(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """A stored block header (kept for reorg detection) or a cursor hash other than the node's
+    block at that height is a difference naming the block, even where no event is stored;
+    headers as indexed are no difference."""
+    await index_chain(dev_chain, deployment, make_indexer, seed=94)
+    code, lines = await verify(make_indexer, "--from", "0")
+    assert (code, lines[-1].endswith(": OK")) == (0, True), lines
+    wrong = "0x" + "ab" * 32
+    async with connected(database_url) as conn:
+        header = await conn.fetchrow(
+            "UPDATE blocks SET hash = $1 WHERE number = (SELECT min(number) FROM blocks"
+            " WHERE number >= 0) RETURNING number",
+            wrong,
+        )
+        cursor = await conn.fetchval(
+            "UPDATE indexer_state SET block_hash = $1 RETURNING block_number", wrong
+        )
+    assert header["number"] < cursor
+    code, lines = await verify(make_indexer, "--from", "0")
+    assert code == 1, lines
+    assert next(
+        line for line in lines if line.startswith(f"block {header['number']}: ")
+    ).startswith(f"block {header['number']}: stored header hash is {wrong}, expected 0x"), lines
+    assert next(line for line in lines if line.startswith(f"block {cursor}: ")).startswith(
+        f"block {cursor}: the cursor's hash is {wrong}, expected 0x"
+    ), lines
+    assert lines[-1].endswith(": 2 differences"), lines
