@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 
 import structlog
@@ -31,6 +31,23 @@ def stored_event(raw: RawLog, kind: ContractKind, time: datetime) -> tuple[Store
     return StoredEvent(log=raw, kind=kind, decoded=decoded, block_time=time), problem
 
 
+def timed_events(
+    logs: Sequence[RawLog],
+    kinds: Mapping[str, ContractKind],
+    headers: Mapping[int, BlockHeader],
+) -> Iterator[tuple[StoredEvent, str | None]]:
+    """Each log (from an address in `kinds`) as stored_event makes it, timed by its block's
+    header; ReorgDuringFetch if a log is from another block than its header."""
+    times: dict[int, datetime] = {}
+    for raw in logs:
+        header = headers[raw.block_number]
+        if raw.block_hash != header.hash:
+            raise ReorgDuringFetch(f"log of block {raw.block_number} is from another branch")
+        if (time := times.get(header.number)) is None:
+            time = times[header.number] = block_time(header.timestamp)
+        yield stored_event(raw, kinds[raw.address], time)
+
+
 class RangeDecoder:
     """Turns a range's logs into stored events; an unknown log is logged once per kind."""
 
@@ -44,24 +61,14 @@ class RangeDecoder:
         kinds: Mapping[str, ContractKind],
         headers: Mapping[int, BlockHeader],
     ) -> list[StoredEvent]:
-        """The logs (each from an address in `kinds`) as events, timed by their block's
-        header; ReorgDuringFetch if a log is from another block than its header."""
+        """The logs (each from an address in `kinds`) as events: timed_events, with each
+        unknown one noted."""
         events = []
-        times: dict[int, datetime] = {}
-        for raw in logs:
-            header = headers[raw.block_number]
-            if raw.block_hash != header.hash:
-                raise ReorgDuringFetch(f"log of block {raw.block_number} is from another branch")
-            if (time := times.get(header.number)) is None:
-                time = times[header.number] = block_time(header.timestamp)
-            events.append(self._stored(raw, kinds[raw.address], time))
+        for event, problem in timed_events(logs, kinds, headers):
+            if problem is not None:
+                self._note_unknown(event.log, event.kind, problem)
+            events.append(event)
         return events
-
-    def _stored(self, raw: RawLog, kind: ContractKind, time: datetime) -> StoredEvent:
-        event, problem = stored_event(raw, kind, time)
-        if problem is not None:
-            self._note_unknown(raw, kind, problem)
-        return event
 
     def _note_unknown(self, raw: RawLog, kind: ContractKind, problem: str) -> None:
         self._metrics.unknown_logs.inc()

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from indexer.catalog import MARKET_CREATED, ContractKind
+from indexer.catalog import MARKET_CREATED, ContractKind, created_market
 from indexer.rpc import LogRangeSizer, RpcClient, fetch_logs
 from indexer.rpc_results import BlockHeader, RawLog
 
@@ -22,6 +22,25 @@ class GatheredRange:
 
     logs: list[RawLog] = field(default_factory=list)
     children: dict[str, str] = field(default_factory=dict)
+
+
+async def fetch_chunked(
+    rpc: RpcClient,
+    sizer: LogRangeSizer,
+    first: int,
+    last: int,
+    addresses: Sequence[str],
+    *,
+    max_addresses: int,
+) -> list[RawLog]:
+    """The logs of [first, last] from these addresses, at most max_addresses per filter
+    (each chunk in ranges as long as the sizer allows), chunk after chunk."""
+    logs: list[RawLog] = []
+    for i in range(0, len(addresses), max_addresses):
+        logs += await fetch_logs(
+            rpc, sizer, from_block=first, to_block=last, addresses=addresses[i : i + max_addresses]
+        )
+    return logs
 
 
 class RangeLogs:
@@ -80,8 +99,8 @@ class RangeLogs:
         tip: Sequence[BlockHeader] | None = None,
     ) -> list[RawLog]:
         step = self._max_addresses
-        chunks = [addresses[i : i + step] for i in range(0, len(addresses), step)]
         if tip is not None:
+            chunks = [addresses[i : i + step] for i in range(0, len(addresses), step)]
             # A few blocks by hash: the chunks' requests go out together, as latency counts here.
             blocks = [h for h in tip if first <= h.number <= last]
             # return_exceptions: none is left running, and a failure keeps its own type.
@@ -95,12 +114,9 @@ class RangeLogs:
                     raise answer
                 tip_logs += answer
             return tip_logs
-        logs: list[RawLog] = []
-        for chunk in chunks:
-            logs += await fetch_logs(
-                self._rpc, self._sizer, from_block=first, to_block=last, addresses=chunk
-            )
-        return logs
+        return await fetch_chunked(
+            self._rpc, self._sizer, first, last, addresses, max_addresses=step
+        )
 
     def _announced(
         self, logs: Sequence[RawLog], followed: Collection[str], found: dict[str, str]
@@ -114,7 +130,7 @@ class RangeLogs:
                 and len(raw.topics) > 1
                 and raw.topics[0] == MARKET_CREATED.topic0
             ):
-                child = "0x" + raw.topics[1][-40:]
+                child = created_market(raw.topics)
                 if child not in followed and child not in found:
                     found[child] = raw.address
                     created[child] = raw.block_number

@@ -169,6 +169,16 @@ async def _pages(
         position = tuple(records[-1][key] for key in keys)
 
 
+def _header(row: Mapping[str, Any]) -> BlockHeader:
+    """A stored header (a `blocks` row)."""
+    return BlockHeader(
+        number=row["number"],
+        hash=row["hash"],
+        parent_hash=row["parent_hash"],
+        timestamp=row["timestamp"],
+    )
+
+
 def _projected(events: Iterable[StoredEvent]) -> Iterator[ProjectedEvent]:
     """The events that concern a market, as the projection sees them."""
     return (p for e in events if (p := e.projected()) is not None)
@@ -387,15 +397,7 @@ class Store:
             "SELECT number, hash, parent_hash, timestamp FROM blocks ORDER BY number DESC LIMIT $1",
             limit,
         )
-        return [
-            BlockHeader(
-                number=r["number"],
-                hash=r["hash"],
-                parent_hash=r["parent_hash"],
-                timestamp=r["timestamp"],
-            )
-            for r in rows
-        ]
+        return [_header(r) for r in rows]
 
     # -- batches -----------------------------------------------------------------------------
 
@@ -656,15 +658,7 @@ class Store:
         async for rows in _pages(
             self._db.fetch, HEADERS_PAGE, fixed=[last], start=(first - 1,), keys=("number",)
         ):
-            yield [
-                BlockHeader(
-                    number=r["number"],
-                    hash=r["hash"],
-                    parent_hash=r["parent_hash"],
-                    timestamp=r["timestamp"],
-                )
-                for r in rows
-            ]
+            yield [_header(r) for r in rows]
 
     async def counts(self) -> dict[str, int]:
         """Row counts for `status`."""

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
-from indexer.batch import StoredEvent, block_time
-from indexer.catalog import MARKET_CREATED, ContractKind
+from indexer.batch import StoredEvent
+from indexer.catalog import MARKET_CREATED, ContractKind, created_market
 from indexer.errors import ReorgDuringFetch
 from indexer.projection import MarketRow, apply_events
-from indexer.range_events import stored_event
+from indexer.range_events import timed_events
+from indexer.range_logs import fetch_chunked
 from indexer.rpc import LogRangeSizer, RpcClient, fetch_logs
 from indexer.rpc_results import RawLog
 from indexer.statements import EVENT_COLUMNS, event_values
@@ -335,15 +336,7 @@ async def verify_range(
     start = first
     while start <= last:
         end = min(start + window - 1, last)
-        chain: list[RawLog] = []
-        for i in range(0, len(addresses), max_addresses):
-            chain += await fetch_logs(
-                rpc,
-                sizer,
-                from_block=start,
-                to_block=end,
-                addresses=addresses[i : i + max_addresses],
-            )
+        chain = await fetch_chunked(rpc, sizer, start, end, addresses, max_addresses=max_addresses)
         chain.sort(key=lambda raw: (raw.block_number, raw.log_index))
         report.chain_logs += len(chain)
         expected = await _expected(rpc, chain, kinds)
@@ -384,7 +377,7 @@ async def _announcements(
     announced: dict[str, Announcement] = {}
     for raw in sorted(logs, key=lambda raw: (raw.block_number, raw.log_index)):
         if len(raw.topics) > 1:
-            clone = "0x" + raw.topics[1][-40:]
+            clone = created_market(raw.topics)
             made = Announcement(raw.address, raw.block_number, raw.log_index)
             announced.setdefault(clone, made)
     return announced
@@ -398,16 +391,10 @@ async def _expected(
         return []
     numbers = sorted({raw.block_number for raw in chain})
     headers = {h.number: h for h in await rpc.get_block_headers(numbers)}
-    expected = []
-    for raw in chain:
-        header = headers[raw.block_number]
-        if header.hash != raw.block_hash:
-            raise ReorgDuringFetch(
-                f"the chain changed at block {raw.block_number} during verify; run it again"
-            )
-        event, _ = stored_event(raw, kinds[raw.address], block_time(header.timestamp))
-        expected.append(event)
-    return expected
+    try:
+        return [event for event, _ in timed_events(chain, kinds, headers)]
+    except ReorgDuringFetch as exc:
+        raise ReorgDuringFetch(f"the chain changed during verify ({exc}); run it again") from exc
 
 
 async def _compared(

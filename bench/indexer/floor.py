@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from indexer.catalog import MARKET_CREATED
+from indexer.catalog import MARKET_CREATED, created_market
 from indexer.rpc import RawLog, RpcClient, fetch_logs
 from indexer.service import log_range_sizer, rpc_client
 from shared.settings import IndexerSettings
@@ -54,7 +54,7 @@ async def market_addresses(rpc: RpcClient, settings: IndexerSettings, head: int)
         addresses=list(settings.market_factory_address),
         topics=[MARKET_CREATED.topic0],
     )
-    return list(dict.fromkeys("0x" + lg.topics[1][-40:] for lg in created))
+    return list(dict.fromkeys(created_market(lg.topics) for lg in created))
 
 
 async def _fetch_all(
