@@ -700,3 +700,38 @@ async def test_deliveries_count_replayed_and_held_events(
             assert await server.metric("kektech_broadcaster_deliveries_total") == 203
         finally:
             client.close()
+
+
+async def test_a_resume_cut_short_by_its_connection_end_pays_only_what_it_read(
+    start: Start, producer: EventProducer
+) -> None:
+    """A resume is charged its most before it reads and refunded the unread part after, also
+    when its connection closes midway: the address then keeps the history it did not read.
+    Here the first resume (1,000 entries' worth) stalls on a client that does not read,
+    after reading the first page of 500, and its connection is closed."""
+    await producer.publish(count=1000, pad=16384)
+    absent = "market:0x" + "00" * 20
+    async with start(ws_replay_limit=1000, ws_history_size=0, ws_send_buffer_bytes=65536) as server:
+        await server.wait_health(seq=1000)
+        stalled = await RawClient.open(server.settings.ws_port, rcvbuf=4096)
+        try:
+            await stalled.read_frame()  # connected
+            stalled.send_frame(0x1, b'{"type":"subscribe","channel":"events:*","since":0}')
+            await stalled.read_frame()  # the replay has begun, and waits for the client
+        finally:
+            stalled.close()
+        await server.wait_metric("kektech_broadcaster_connections", 0)
+        # The budget is four times WS_REPLAY_LIMIT, 4,000: 3,500 left if the unread 500 came
+        # back. Three resumes of 1,000 and one of 200 leave 300 (without the refund, -200,
+        # which takes 12 s to refill to one entry): the next resume may still read.
+        async with ws_client(server.url) as client:
+            for since in (0, 0, 0, 800):
+                assert (await client.subscribe(absent, since=since))["recovered"] is True
+            ack = await client.subscribe("events:*", since=990)
+            assert [e["seq"] for e in ack["replayedEvents"]] == list(range(991, 1001))
+            assert ack["recovered"] is True
+            # 290 left, and one more of 500 leaves -210: the 500 read before the close were
+            # paid for (refunded too, 290 would be left now).
+            assert (await client.subscribe(absent, since=500))["recovered"] is True
+            ack = await client.subscribe("events:*", since=995)
+            assert (ack["recovered"], ack["replayedEvents"]) == (False, [])
