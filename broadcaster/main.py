@@ -5,6 +5,7 @@ from __future__ import annotations
 import structlog
 
 from broadcaster.service import run
+from shared.broadcaster_settings import BroadcasterSettings
 from shared.errors import KektechError
 from shared.logs import configure_logging
 from shared.process import (
@@ -13,7 +14,7 @@ from shared.process import (
     run_until_signalled,
     tune_collector,
 )
-from shared.settings import BroadcasterSettings, settings_or_exit
+from shared.settings_loading import settings_or_exit
 
 log = structlog.get_logger()
 

@@ -37,8 +37,8 @@ from broadcaster.hub import Hub
 from broadcaster.limits import ConnectionCounter, client_ip, connection_ceiling, per_ip_key
 from broadcaster.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
 from broadcaster.session import Session
+from shared.broadcaster_settings import BroadcasterSettings
 from shared.errors import ConfigError
-from shared.settings import BroadcasterSettings
 
 __all__ = ["Status", "serve_clients"]
 

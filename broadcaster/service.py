@@ -20,8 +20,8 @@ from broadcaster.hub import Hub
 from broadcaster.metrics import Metrics
 from broadcaster.server import serve_clients
 from broadcaster.stream import EventStream, open_stream
+from shared.broadcaster_settings import BroadcasterSettings
 from shared.readiness import notify_ready
-from shared.settings import BroadcasterSettings
 
 __all__ = ["run"]
 

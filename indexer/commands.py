@@ -31,8 +31,8 @@ from indexer.service import (
 )
 from indexer.store import Store
 from indexer.verification import verify_range
+from shared.indexer_settings import IndexerSettings
 from shared.redaction import Writer
-from shared.settings import IndexerSettings
 
 MAX_REPORTED = 20
 # Looks at an unsettled cursor (see Follower.settle) before a backfill or reindex refuses,

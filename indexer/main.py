@@ -9,9 +9,10 @@ import structlog
 from indexer import commands
 from indexer.service import run
 from shared.errors import KektechError
+from shared.indexer_settings import IndexerSettings
 from shared.logs import configure_logging
 from shared.process import leaf_errors, run_until_signalled, tune_collector
-from shared.settings import IndexerSettings, settings_or_exit
+from shared.settings_loading import settings_or_exit
 
 log = structlog.get_logger()
 

@@ -34,9 +34,9 @@ from indexer.publisher import Publisher
 from indexer.rpc import LogRangeSizer, RpcClient
 from indexer.sources import Sources
 from indexer.store import Lease, Store
+from shared.indexer_settings import IndexerSettings
 from shared.readiness import notify_ready
 from shared.redaction import known_secrets, redact_text
-from shared.settings import IndexerSettings
 
 log = structlog.get_logger()
 

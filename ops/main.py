@@ -24,7 +24,7 @@ from ops.settle import watch
 from ops.verdicts import Level, Verdict
 from shared.logs import configure_logging
 from shared.redaction import Writer
-from shared.settings import settings_or_exit
+from shared.settings_loading import settings_or_exit
 
 __all__ = ["main"]
 

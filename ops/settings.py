@@ -15,7 +15,8 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import NoDecode
 
 from shared.config_types import Port, check_host, check_url, split_csv
-from shared.settings import DAY_SECONDS, IndexerSettings
+from shared.indexer_settings import IndexerSettings
+from shared.settings import DAY_SECONDS
 
 __all__ = ["OpsSettings", "parse_endpoint"]
 

@@ -17,10 +17,11 @@ from typing import cast
 import redis.asyncio as aioredis
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 
+from shared.broadcaster_settings import BroadcasterSettings
 from shared.channels import pattern_matches, validate_channel
 from shared.envelope import EventEnvelope
 from shared.errors import ChannelError, EnvelopeError
-from shared.settings import BroadcasterSettings, settings_or_exit
+from shared.settings_loading import settings_or_exit
 
 
 def now_ms() -> int:

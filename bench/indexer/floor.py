@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from indexer.catalog import MARKET_CREATED, created_market
 from indexer.rpc import RawLog, RpcClient, fetch_logs
 from indexer.service import log_range_sizer, rpc_client
-from shared.settings import IndexerSettings
+from shared.indexer_settings import IndexerSettings
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,7 @@ from devnet.services import (
     ServiceError,
     interrupt_on_stop_signals,
 )
-from shared.settings import IndexerSettings
+from shared.indexer_settings import IndexerSettings
 from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.rpc_proxy import RpcFaultProxy
 from tests.support.tcp_proxy import TcpProxy

@@ -28,10 +28,10 @@ from websockets.exceptions import ConnectionClosed
 from broadcaster.connection import Connection
 from broadcaster.service import run
 from devnet.services import REPO_ROOT, Redis, free_port
+from shared.broadcaster_settings import BroadcasterSettings
 from shared.channels import channels_for
 from shared.config_types import url_host
 from shared.envelope import ContractKind, EventEnvelope, normalize_timestamp
-from shared.settings import BroadcasterSettings
 from tests.support.handshake import handshake_request
 
 MARKET = "0x31d2bc49a6fd4a066f5f8ac61acd0e6c9105dd84"

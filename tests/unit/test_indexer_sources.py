@@ -5,7 +5,7 @@ from __future__ import annotations
 import structlog
 
 from indexer.service import sources
-from shared.settings import IndexerSettings
+from shared.indexer_settings import IndexerSettings
 
 FACTORY = "0x169b4019fc12c5bd43bfa5d830fd01a678df6a15"
 

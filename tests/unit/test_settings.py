@@ -1,4 +1,4 @@
-"""Tests of shared.settings: parsing, validation messages, secrecy, .env loading."""
+"""Tests of the shared settings classes: parsing, validation messages, secrecy, .env loading."""
 
 from __future__ import annotations
 
@@ -10,14 +10,11 @@ import pytest
 from pydantic import SecretStr
 
 from ops.settings import OpsSettings
+from shared.broadcaster_settings import BroadcasterSettings
 from shared.errors import ConfigError
-from shared.settings import (
-    BroadcasterSettings,
-    IndexerSettings,
-    ServiceSettings,
-    load_settings,
-    settings_or_exit,
-)
+from shared.indexer_settings import IndexerSettings
+from shared.settings import ServiceSettings
+from shared.settings_loading import load_settings, settings_or_exit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FACTORY_V1 = "0x3eaF643482Fe35d13DB812946E14F5345eb60d62"
