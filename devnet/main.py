@@ -13,14 +13,8 @@ import time
 
 from devnet.chain import Deployment, DevChain, deploy
 from devnet.driver import ActivityDriver
-from devnet.services import (
-    LocalServices,
-    ServiceError,
-    die_with_parent,
-    free_port,
-    interrupt_on_stop_signals,
-    local_services,
-)
+from devnet.process import ServiceError, die_with_parent, free_port, interrupt_on_stop_signals
+from devnet.services import LocalServices, local_services
 
 STOP_GRACE = 10.0
 

@@ -15,8 +15,10 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, settings
 
+from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain, deploy
-from devnet.services import Anvil, PgBouncer, Postgres, Redis
+from devnet.postgres_server import PgBouncer, Postgres
+from devnet.redis_server import Redis
 
 _database_names = itertools.count()
 

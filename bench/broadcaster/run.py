@@ -1,6 +1,6 @@
 """`python -m bench.broadcaster.run`: the broadcaster benchmark of the issue, end to end.
 
-For each scenario: a fresh Redis (devnet.services.Redis), the server under test as a
+For each scenario: a fresh Redis (devnet.redis_server.Redis), the server under test as a
 subprocess (`python -m broadcaster`, or the naive websockets.broadcast() baseline), the Node
 load generator (bench/broadcaster/loadgen.mjs, on node:net) opening N clients, and the
 publisher (bench/broadcaster/publisher.py) writing stamped events at a rate. Measured:
@@ -35,13 +35,8 @@ import orjson
 import redis.asyncio as aioredis
 
 from bench.broadcaster.publisher import last_seq
-from devnet.services import (
-    REPO_ROOT,
-    Redis,
-    die_with_parent,
-    free_port,
-    interrupt_on_stop_signals,
-)
+from devnet.process import REPO_ROOT, die_with_parent, free_port, interrupt_on_stop_signals
+from devnet.redis_server import Redis
 
 LOADGEN = Path(__file__).with_name("loadgen.mjs")
 STREAM_KEY = "bench:events"

@@ -32,17 +32,13 @@ from bench.indexer.floor import measure_floor
 from bench.indexer.live import TimedChain, measure_live, settle_writes
 from bench.indexer.proc import read_memory
 from bench.indexer.report import Result, render, write_json
+from devnet.anvil_node import Anvil
 from devnet.chain import deploy
 from devnet.driver import ActivityDriver
-from devnet.services import (
-    REPO_ROOT,
-    Anvil,
-    LocalServices,
-    Postgres,
-    Redis,
-    ServiceError,
-    interrupt_on_stop_signals,
-)
+from devnet.postgres_server import Postgres
+from devnet.process import REPO_ROOT, ServiceError, interrupt_on_stop_signals
+from devnet.redis_server import Redis
+from devnet.services import LocalServices
 from shared.indexer_settings import IndexerSettings
 from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.rpc_proxy import RpcFaultProxy

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from devnet.services import Redis
+from devnet.redis_server import Redis
 from tests.broadcaster.support import EventProducer, Running, running, settings_for
 
 _streams = itertools.count()

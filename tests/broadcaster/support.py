@@ -27,7 +27,8 @@ from websockets.exceptions import ConnectionClosed
 
 from broadcaster.connection import Connection
 from broadcaster.service import run
-from devnet.services import REPO_ROOT, Redis, free_port
+from devnet.process import REPO_ROOT, free_port
+from devnet.redis_server import Redis
 from shared.broadcaster_settings import BroadcasterSettings
 from shared.channels import channels_for
 from shared.config_types import url_host

@@ -23,7 +23,8 @@ from websockets.exceptions import InvalidStatus
 
 from broadcaster.errors import SocketInUse
 from broadcaster.server import _bind_unix
-from devnet.services import REPO_ROOT, Redis, free_port
+from devnet.process import REPO_ROOT, free_port
+from devnet.redis_server import Redis
 from indexer.publisher import PUBLISH_SCRIPT, script_event
 from shared.channels import channels_for
 from shared.errors import ConfigError

@@ -10,9 +10,10 @@ from pathlib import Path
 import orjson
 import redis.asyncio as aioredis
 
+from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
-from devnet.services import Anvil, Redis
+from devnet.redis_server import Redis
 from tests.broadcaster.support import Running, read_stream, ws_client
 from tests.indexer.conftest import expected_ids, stored_and_published, tracked_chain_logs
 from tests.support.indexer_process import IndexerProcess, indexer_env

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from broadcaster.connection import CLOSE_TIMEOUT, READ_SLICE
-from devnet.services import Redis
+from devnet.redis_server import Redis
 from tests.broadcaster.support import (
     WITHIN,
     EventProducer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from broadcaster import metrics
-from devnet.services import REPO_ROOT
+from devnet.process import REPO_ROOT
 
 
 def test_every_refusal_reason_is_exported_at_zero_from_the_start() -> None:

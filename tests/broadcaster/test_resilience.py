@@ -25,7 +25,7 @@ from broadcaster.metrics import Metrics
 from broadcaster.server import serve_clients
 from broadcaster.service import HEALTH_FRESH_FOR, build_hub
 from broadcaster.session import Session
-from devnet.services import Redis
+from devnet.redis_server import Redis
 from tests.broadcaster.support import (
     WITHIN,
     EventProducer,

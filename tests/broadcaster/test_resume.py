@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from broadcaster import replay, stream
 from broadcaster.connection import READ_SLICE
 from broadcaster.service import run
-from devnet.services import Redis
+from devnet.redis_server import Redis
 from tests.broadcaster.support import (
     MARKET,
     OTHER_MARKET,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from devnet.services import REPO_ROOT
+from devnet.process import REPO_ROOT
 
 
 @pytest.fixture

@@ -11,9 +11,10 @@ from typing import Any
 import aiohttp
 import yaml
 
+from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
-from devnet.services import Anvil, Redis
+from devnet.redis_server import Redis
 from tests.broadcaster.support import running, settings_for
 from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.prometheus import RULES, promtool

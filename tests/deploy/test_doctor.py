@@ -13,9 +13,10 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
-from devnet.services import Anvil, Redis
+from devnet.redis_server import Redis
 from indexer.store import Store
 from tests.broadcaster.support import running, settings_for
 from tests.support.indexer_process import IndexerProcess, indexer_env

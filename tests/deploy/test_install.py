@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from devnet.services import REPO_ROOT
+from devnet.process import REPO_ROOT
 
 # Records its arguments; installing nodejs gives a node as old as Ubuntu 22.04's. Absolute
 # paths: the script runs with PATH set to the fake bin directory only.

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from devnet.anvil_node import Anvil
 from devnet.chain import Deployment
-from devnet.services import Anvil, Redis
+from devnet.redis_server import Redis
 from ops.monitor import count_restarts
 from ops.probes.memory import read_memory
 from tests.broadcaster.support import running, settings_for

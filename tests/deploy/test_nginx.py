@@ -28,7 +28,8 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from devnet.services import Redis, free_port
+from devnet.process import free_port
+from devnet.redis_server import Redis
 from shared.process import raise_open_files_limit
 from tests.broadcaster.support import EventProducer, running, settings_for
 from tests.support.nginx import (

@@ -16,9 +16,10 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
+from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
-from devnet.services import Anvil, Redis
+from devnet.redis_server import Redis
 from tests.broadcaster.support import WsClient, ws_client
 from tests.indexer.conftest import assert_gap_free, stored_and_published
 from tests.support.indexer_process import indexer_env

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from devnet.services import REPO_ROOT
+from devnet.process import REPO_ROOT
 from tests.deploy.conftest import wrapper_copy
 
 FAKE_PM2 = """#!/bin/sh

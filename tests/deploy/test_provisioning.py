@@ -17,7 +17,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from devnet.services import REPO_ROOT, Postgres, free_port
+from devnet.postgres_server import Postgres
+from devnet.process import REPO_ROOT, free_port
 from indexer.store import Store
 
 SHELLCHECK = REPO_ROOT / ".venv" / "bin" / "shellcheck"

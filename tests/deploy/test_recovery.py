@@ -9,9 +9,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
-from devnet.services import Anvil, Postgres, Redis
+from devnet.postgres_server import Postgres
+from devnet.redis_server import Redis
 from tests.support.indexer_process import IndexerProcess, indexer_env
 
 

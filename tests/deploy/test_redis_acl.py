@@ -13,9 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
+from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
-from devnet.services import Anvil
 from indexer.publisher import PUBLISH_SCRIPT, script_event
 from ops.probes.redis import probe_redis
 from tests.broadcaster.support import running, settings_for, ws_client

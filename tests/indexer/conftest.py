@@ -14,8 +14,9 @@ import pytest
 import redis.asyncio as aioredis
 from eth_utils.crypto import keccak
 
+from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain
-from devnet.services import Anvil, Redis
+from devnet.redis_server import Redis
 from indexer.errors import ReorgDuringFetch
 from indexer.rpc import LogRangeSizer, RpcClient
 from indexer.sources import Sources

@@ -12,9 +12,9 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
+from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
-from devnet.services import Anvil
 from indexer.catalog import OUTCOME_NAMES, STATE_NAMES
 from shared.channels import snake_case
 from shared.envelope import EventEnvelope

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
-from devnet.services import PgBouncer
+from devnet.postgres_server import PgBouncer
 from tests.indexer.conftest import (
     assert_database_equals_chain,
     assert_gap_free,

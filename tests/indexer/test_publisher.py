@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 import structlog.testing
 
-from devnet.services import Redis
+from devnet.redis_server import Redis
 from indexer import publisher as publisher_module
 from indexer.lease import LeaseTerm
 from indexer.metrics import Metrics

@@ -12,9 +12,12 @@ import pytest
 import redis.asyncio as aioredis
 from eth_utils.crypto import keccak
 
+from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
-from devnet.services import Anvil, Postgres, Redis, free_port
+from devnet.postgres_server import Postgres
+from devnet.process import free_port
+from devnet.redis_server import Redis
 from tests.broadcaster.support import read_stream_after
 from tests.indexer.conftest import (
     assert_database_equals_chain,

@@ -20,7 +20,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from devnet.services import ANVIL_CHAIN_ID, Anvil
+from devnet.anvil_node import ANVIL_CHAIN_ID, Anvil
 from indexer.errors import (
     BlockNotFound,
     ChainIdMismatch,

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 from eth_abi.abi import encode
 
-from devnet.services import Postgres
+from devnet.postgres_server import Postgres
 from indexer.batch import Batch, StoredEvent, block_time
 from indexer.catalog import MARKET_CREATED, ContractKind
 from indexer.database import Database

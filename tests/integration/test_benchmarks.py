@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 from bench.broadcaster.publisher import market_address
 from bench.broadcaster.run import LoadGen, Row, Scenario, ServerOptions, render, run_scenario
-from devnet.services import free_port
+from devnet.process import free_port
 from tests.support.processes import descendants, kill_all, running, wait_ended
 from tests.support.waiting import eventually
 

@@ -13,7 +13,7 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 
-from devnet.services import free_port
+from devnet.process import free_port
 from tests.support.processes import descendants, kill_all, running, wait_ended
 from tests.support.waiting import eventually
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from devnet.anvil_node import Anvil
 from devnet.chain import DevChain, deploy
 from devnet.driver import ActivityDriver
-from devnet.services import Anvil
 
 
 async def activity(seed: int) -> list[dict[str, Any]]:

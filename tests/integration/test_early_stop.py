@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from devnet.services import REPO_ROOT, free_port
+from devnet.process import REPO_ROOT, free_port
 
 STOP_WITHIN = 10.0
 

@@ -13,14 +13,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from devnet.services import (
-    UNPRIVILEGED_USER,
-    Anvil,
-    Postgres,
-    Redis,
-    ServiceError,
-    free_port,
-)
+from devnet.anvil_node import Anvil
+from devnet.postgres_server import Postgres
+from devnet.process import UNPRIVILEGED_USER, ServiceError, free_port
+from devnet.redis_server import Redis
 
 
 async def test_postgres_runs_unprivileged_and_accepts_connections(postgres: Postgres) -> None:

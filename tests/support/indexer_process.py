@@ -16,7 +16,7 @@ from typing import Self
 import aiohttp
 
 from devnet.chain import Deployment
-from devnet.services import REPO_ROOT, die_with_parent, free_port
+from devnet.process import REPO_ROOT, die_with_parent, free_port
 from shared.config_types import url_host
 
 STOP_TIMEOUT = 15.0

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from devnet.services import free_port
+from devnet.process import free_port
 from tests.broadcaster.support import EventProducer, Running, WsClient, running, settings_for
 from tests.broadcaster.support import ws_client as plain_ws_client
 from tests.support.handshake import handshake_request

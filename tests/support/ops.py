@@ -18,8 +18,10 @@ from typing import Any
 
 import orjson
 
+from devnet.anvil_node import Anvil
 from devnet.chain import Deployment
-from devnet.services import REPO_ROOT, Anvil, Redis, free_port
+from devnet.process import REPO_ROOT, free_port
+from devnet.redis_server import Redis
 from tests.support.indexer_process import indexer_env
 
 PM2_BIN = REPO_ROOT / "node_modules" / ".bin" / "pm2"

@@ -16,7 +16,7 @@ from typing import Any, Self
 
 import aiohttp
 
-from devnet.services import FIRST_PORT, REPO_ROOT, ephemeral_low
+from devnet.process import FIRST_PORT, REPO_ROOT, ephemeral_low
 from tests.support.waiting import eventually
 
 PM2 = REPO_ROOT / "node_modules" / ".bin" / "pm2"

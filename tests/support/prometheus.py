@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
-from devnet.services import REPO_ROOT
+from devnet.process import REPO_ROOT
 
 PROMTOOL = REPO_ROOT / ".venv" / "bin" / "promtool"  # scripts/install.sh puts it there
 RULES = REPO_ROOT / "deploy" / "monitoring" / "alerts.yml"

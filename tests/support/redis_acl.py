@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from devnet.services import REPO_ROOT, free_port
+from devnet.process import REPO_ROOT, free_port
 
 RENDER_ACL = REPO_ROOT / "deploy" / "redis" / "render-acl.sh"
 USERS = ("indexer", "broadcaster", "ops", "admin")

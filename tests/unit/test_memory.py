@@ -7,7 +7,7 @@ import sys
 
 import orjson
 
-from devnet.services import REPO_ROOT
+from devnet.process import REPO_ROOT
 
 # In a fresh interpreter: 48 MiB of 64 KiB blocks (below glibc's mmap threshold, so they come
 # from the heap), all freed but the last, which pins the heap's top so that free() alone
