@@ -68,7 +68,7 @@ async def test_market_creation_logs_come_in_the_deployed_order(
     await dev_chain.send(
         sender=dev_chain.accounts[1],
         to=deployment.factory_v2,
-        data=driver._create_market(deployment.factory_v2).data,
+        data=driver.actions.create_market(deployment.factory_v2).data,
     )
     block = await dev_chain.mine()
     (receipt,) = block["receipts"]
