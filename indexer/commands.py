@@ -14,10 +14,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TextIO
 
+from indexer import queries, schema
+from indexer.cursor import load_state
+from indexer.database import Database
 from indexer.errors import IndexerError, StoreError
 from indexer.follower import Follower
-from indexer.lease import LeaseTerm
+from indexer.lease import LeaseTerm, lease_holder, release_lease
 from indexer.metrics import Metrics
+from indexer.outbox import last_seq, published_seq
 from indexer.rpc import RpcClient
 from indexer.service import (
     acquire_lease,
@@ -25,11 +29,10 @@ from indexer.service import (
     keep_lease,
     lease_owner,
     log_range_sizer,
-    open_store,
+    open_database,
     rpc_client,
     sources,
 )
-from indexer.store import Store
 from indexer.verification import verify_range
 from shared.indexer_settings import IndexerSettings
 from shared.redaction import Writer
@@ -46,20 +49,20 @@ def _say(settings: IndexerSettings, line: str, *, stream: TextIO | None = None) 
 
 
 @asynccontextmanager
-async def _connections(settings: IndexerSettings) -> AsyncIterator[tuple[Store, RpcClient]]:
+async def _connections(settings: IndexerSettings) -> AsyncIterator[tuple[Database, RpcClient]]:
     async with (
-        open_store(settings) as store,
+        open_database(settings) as db,
         rpc_client(settings) as rpc,
     ):
-        yield store, rpc
+        yield db, rpc
 
 
 async def migrate(settings: IndexerSettings) -> int:
     """Apply pending migrations (what `run` does at start-up) and say which; 1 if unreachable."""
     try:
-        async with open_store(settings, max_size=1) as store:
-            applied = await store.migrate()
-            version = await store.schema_version()
+        async with open_database(settings, max_size=1) as db:
+            applied = await schema.migrate(db)
+            version = await schema.schema_version(db)
     except StoreError as exc:  # refused, unknown host, timed out: the operator's one line
         _say(settings, f"kektech: {exc}", stream=sys.stderr)
         return 1
@@ -72,9 +75,9 @@ async def migrate(settings: IndexerSettings) -> int:
 async def status(settings: IndexerSettings) -> int:
     """Print where the indexer stands; exit 0 even when the node is unreachable (not when
     the database is: there is nothing to report without it)."""
-    async with _connections(settings) as (store, rpc):
-        version = await store.schema_version()
-        _say(settings, f"schema: version {version} of {Store.latest_schema_version()}")
+    async with _connections(settings) as (db, rpc):
+        version = await schema.schema_version(db)
+        _say(settings, f"schema: version {version} of {schema.latest_schema_version()}")
         try:
             head: int | None = await rpc.block_number()
         except IndexerError as exc:
@@ -83,7 +86,7 @@ async def status(settings: IndexerSettings) -> int:
         if version == 0:
             _say(settings, "cursor: none (the database was never migrated)")
             return 0
-        state = await store.load_state()
+        state = await load_state(db)
         if state is None:
             _say(settings, "cursor: none yet (the indexer has not started)")
         else:
@@ -92,19 +95,19 @@ async def status(settings: IndexerSettings) -> int:
                 # As the indexer counts it: it stays CONFIRMATIONS behind the head on purpose.
                 lag = max(0, head - settings.confirmations - state.block_number)
                 _say(settings, f"chain head: block {head}, lag {lag} blocks")
-        published = await store.published_seq()
-        last = await store.last_seq()
+        published = await published_seq(db)
+        last = await last_seq(db)
         _say(
             settings,
             f"publishing: seq {published} of {last} in Redis, backlog {max(0, last - published)}",
         )
-        counts = await store.counts()
+        counts = await queries.counts(db)
         _say(
             settings,
             f"stored: {counts['events']} events, {counts['markets']} markets, "
             f"{counts['outbox']} outbox rows",
         )
-        holder, expires = await store.lease_holder()
+        holder, expires = await lease_holder(db)
         _say(settings, f"write lease: {holder or 'free'}" + (f" until {expires}" if holder else ""))
     return 0
 
@@ -118,11 +121,11 @@ async def _writer(
 
     `rewind_to`: the block a reindex rolls back to (see Follower.prepare).
     """
-    async with _connections(settings) as (store, rpc):
-        await store.migrate()
-        lease = await acquire_lease(store, owner=lease_owner(), ttl=settings.lease_ttl, wait=False)
+    async with _connections(settings) as (db, rpc):
+        await schema.migrate(db)
+        lease = await acquire_lease(db, owner=lease_owner(), ttl=settings.lease_ttl, wait=False)
         if lease is None:
-            holder, _ = await store.lease_holder()
+            holder, _ = await lease_holder(db)
             _say(
                 settings,
                 f"an indexer is running (write lease held by {holder}); stop it first, "
@@ -134,11 +137,11 @@ async def _writer(
         # Renewed all along, not only by each commit: one step between two commits (a
         # rollback, a range behind a slow node) may take longer than LEASE_TTL.
         renewal = asyncio.create_task(
-            keep_lease(store, lease, LeaseTerm(settings.lease_ttl), metrics, rpc),
+            keep_lease(db, lease, LeaseTerm(settings.lease_ttl), metrics, rpc),
             name="keep-lease",
         )
         try:
-            follower = build_follower(settings, rpc=rpc, store=store, lease=lease, metrics=metrics)
+            follower = build_follower(settings, rpc=rpc, db=db, lease=lease, metrics=metrics)
             await follower.prepare(rewind_to=rewind_to)
             settled = await follower.settle(
                 attempts=SETTLE_ATTEMPTS, pause=settings.poll_interval, rewind_to=rewind_to
@@ -158,7 +161,7 @@ async def _writer(
             renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal  # a LeaseLost it met is raised here
-            await store.release_lease(lease)
+            await release_lease(db, lease)
 
 
 async def backfill(settings: IndexerSettings, first: int, last: int) -> int:
@@ -199,17 +202,17 @@ async def reindex(settings: IndexerSettings, first: int) -> int:
 
 async def verify(settings: IndexerSettings, first: int, last: int | None) -> int:
     """Re-read [first, last] from the chain and report every difference with the database."""
-    async with _connections(settings) as (store, rpc):
-        version = await store.schema_version()
-        state = await store.load_state() if version else None
+    async with _connections(settings) as (db, rpc):
+        version = await schema.schema_version(db)
+        state = await load_state(db) if version else None
         if state is None:
             _say(settings, "nothing indexed yet")
             return 1
-        if version < Store.latest_schema_version():
+        if version < schema.latest_schema_version():
             _say(
                 settings,
                 f"the database is at schema version {version} of"
-                f" {Store.latest_schema_version()}:"
+                f" {schema.latest_schema_version()}:"
                 " run `.venv/bin/python -m indexer migrate` first",
             )
             return 1
@@ -218,7 +221,7 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
             _say(settings, f"nothing to verify: the cursor is at block {state.block_number}")
             return 0
         report = await verify_range(
-            store,
+            db,
             rpc,
             log_range_sizer(settings),
             first=first,

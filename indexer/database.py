@@ -9,7 +9,9 @@ cancelled is dropped instead of returned, and closing is bounded. So a stop (PM2
 ends in seconds, and a stalled statement surfaces as a StoreError that takes the service down
 for PM2 to restart, instead of a hang.
 
-With store.py, the only module that speaks asyncpg.
+The indexer's only module that speaks asyncpg: those that read and write its tables
+(schema.py, lease.py, cursor.py, sources.py, batch_commit.py, rollback.py, market_rebuild.py,
+outbox.py, queries.py) take a Database, or a connection typed by the Connection protocol.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
 import asyncpg
 import orjson
@@ -49,6 +51,22 @@ SETTINGS_ERRORS = (
     PermissionError,
     ssl.SSLCertVerificationError,
 )
+# A statement's own error, for the modules that must not import asyncpg to catch it.
+StatementError: TypeAlias = asyncpg.PostgresError
+# A row as asyncpg returns it: by column name or by position.
+Record: TypeAlias = asyncpg.Record
+
+
+class Connection(Protocol):
+    """What the other modules use of a connection (asyncpg's), so they need not import it."""
+
+    async def execute(self, query: str, *args: Any) -> str: ...
+
+    async def fetch(self, query: str, *args: Any) -> list[Record]: ...
+
+    async def fetchrow(self, query: str, *args: Any) -> Record | None: ...
+
+    async def fetchval(self, query: str, *args: Any) -> Any: ...
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -91,11 +109,12 @@ class Database:
         cls,
         dsn: str,
         *,
-        statement_cache_size: int,
-        max_size: int,
+        statement_cache_size: int = 100,
+        max_size: int = 4,
         command_timeout: float,
     ) -> AsyncIterator[Database]:
-        """Connect; statement_cache_size=0 for PgBouncer/Supavisor transaction mode."""
+        """Connect a small pool. statement_cache_size=0 for PgBouncer/Supavisor transaction mode;
+        command_timeout: seconds a statement may take (DB_COMMAND_TIMEOUT for the services)."""
         try:
             pool = await asyncpg.create_pool(
                 dsn,
@@ -165,6 +184,21 @@ class Database:
             await conn.execute(self._begin)
             yield conn
             await conn.execute("COMMIT")
+
+    async def copy(
+        self,
+        conn: asyncpg.Connection,
+        table: str,
+        rows: Iterable[tuple[Any, ...]],
+        columns: Sequence[str],
+    ) -> None:
+        """COPY rows into a table, bounded like a statement.
+
+        asyncpg's command timeout covers a COPY's answer but not its writing: on a path that
+        stops taking data, the write would wait on the socket for ever (asyncpg 0.32).
+        """
+        async with asyncio.timeout(self.command_timeout):
+            await conn.copy_records_to_table(table, records=rows, columns=columns)
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         async with self.connection() as conn:

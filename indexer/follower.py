@@ -20,8 +20,12 @@ from dataclasses import dataclass
 
 import structlog
 
+from indexer import queries
 from indexer.batch import Batch
+from indexer.batch_commit import save_batch
 from indexer.catalog import ContractKind
+from indexer.cursor import IndexerState, init_state, load_state, recent_headers
+from indexer.database import Database
 from indexer.errors import (
     BlockNotFound,
     ChainIdMismatch,
@@ -29,14 +33,16 @@ from indexer.errors import (
     ReorgTooDeep,
     RpcUnavailable,
 )
+from indexer.lease import Lease
 from indexer.metrics import Metrics
+from indexer.outbox import OutboxRow
 from indexer.range_events import RangeDecoder
 from indexer.range_logs import GatheredRange, RangeLogs
 from indexer.reorg import StoredChain
+from indexer.rollback import rollback
 from indexer.rpc import LogRangeSizer, RpcClient
 from indexer.rpc_results import BlockHeader
 from indexer.sources import Sources, record_sources
-from indexer.store import IndexerState, Lease, OutboxRow, Store
 from shared.memory import release_free_memory
 
 log = structlog.get_logger()
@@ -85,7 +91,7 @@ class Follower:
         self,
         *,
         rpc: RpcClient,
-        store: Store,
+        db: Database,
         lease: Lease,
         sources: Sources,
         config: FollowConfig,
@@ -94,7 +100,7 @@ class Follower:
         on_commit: OnCommit = lambda rows: None,
     ) -> None:
         self._rpc = rpc
-        self._store = store
+        self._db = db
         self._lease = lease
         self._sources = sources
         self._config = config
@@ -142,10 +148,11 @@ class Follower:
         chain_id = await self._rpc.chain_id()
         if chain_id != self._config.chain_id:
             raise ChainIdMismatch(expected=self._config.chain_id, actual=chain_id)
-        state = await self._store.load_state()
+        state = await load_state(self._db)
         created = state is None
         if state is None:
-            state = await self._store.init_state(
+            state = await init_state(
+                self._db,
                 self._lease,
                 self._config.lease_ttl,
                 chain_id=chain_id,
@@ -156,7 +163,7 @@ class Follower:
             raise ChainIdMismatch(expected=state.chain_id, actual=chain_id, endpoint="the database")
         self._state = state
         await record_sources(
-            self._store,
+            self._db,
             self._static,
             cursor=state.block_number,
             start_block=self._config.start_block,
@@ -257,13 +264,13 @@ class Follower:
         if number >= self._state.block_number:
             return 0
         ancestor = await self._chain.header(number)
-        removed = await self._store.rollback(self._lease, self._config.lease_ttl, ancestor)
+        removed = await rollback(self._db, self._lease, self._config.lease_ttl, ancestor)
         await self._reload_state()
         self._on_commit(())
         return removed
 
     async def _reload_state(self) -> None:
-        state = await self._store.load_state()
+        state = await load_state(self._db)
         assert state is not None
         self._state = state
         self._children = await self._followed_children()
@@ -272,7 +279,7 @@ class Follower:
     async def _followed_children(self) -> dict[str, str]:
         """The known market clones of the configured factories (a factory dropped from the
         configuration takes its markets with it)."""
-        children = await self._store.children()
+        children = await queries.children(self._db)
         return {
             market: factory
             for market, factory in children.items()
@@ -521,7 +528,7 @@ class Follower:
     async def _save(self, batch: Batch) -> int:
         """Commit a batch; returns how many of its events were new."""
         with self._metrics.batch_seconds.time():
-            saved = await self._store.save_batch(self._lease, self._config.lease_ttl, batch)
+            saved = await save_batch(self._db, self._lease, self._config.lease_ttl, batch)
         fresh = saved.fresh
         if fresh:
             self._on_commit(saved.outbox or ())
@@ -551,11 +558,11 @@ class Follower:
         assert self._state is not None
         # Every header pruning keeps: those below the window only name the block to reindex
         # from when the reorg is too deep.
-        stored = await self._store.recent_headers(2 * self._config.reorg_window + 1)
+        stored = await recent_headers(self._db, 2 * self._config.reorg_window + 1)
         cursor = self._state.block_number
         ancestor = await self._chain.ancestor(cursor, self._state.block_hash, stored)
         depth = cursor - ancestor.number
-        removed = await self._store.rollback(self._lease, self._config.lease_ttl, ancestor)
+        removed = await rollback(self._db, self._lease, self._config.lease_ttl, ancestor)
         await self._reload_state()
         self._metrics.reorgs.inc()
         self._metrics.reorg_depth.observe(depth)

@@ -1,10 +1,11 @@
-"""How long this process knows it holds the write lease, by its own clock.
+"""The write lease: its row in the database, and how long this process knows it holds it.
 
-The database says who holds the lease, and fences every commit with it (indexer/store.py).
-No fence reaches Redis, though: the publisher writes there only while the lease's last renewal
-is younger than LEASE_TTL. A process paused past that (SIGSTOP, a frozen VM) may have been
-replaced by a standby that has published since; when it resumes, its publisher waits for the
-next renewal, which fails with LeaseLost, and the service stops, if the lease was taken.
+The database says who holds the lease, and fences every commit with it (`fence`, in the
+transactions of batch_commit.py, rollback.py and cursor.py). No fence reaches Redis, though:
+the publisher writes there only while the lease's last renewal is younger than LEASE_TTL. A
+process paused past that (SIGSTOP, a frozen VM) may have been replaced by a standby that has
+published since; when it resumes, its publisher waits for the next renewal, which fails with
+LeaseLost, and the service stops, if the lease was taken.
 """
 
 from __future__ import annotations
@@ -12,6 +13,76 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from indexer.database import Connection, Database, StatementError
+from indexer.errors import LeaseLost, StoreError
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The right to write, as granted by the database: owner plus fencing token."""
+
+    owner: str
+    token: int
+
+
+async def try_acquire_lease(
+    db: Database, owner: str, ttl: float, *, steal_from: str | None = None
+) -> Lease | None:
+    """Take the write lease if it is free, expired, ours, or held by `steal_from`."""
+    token = await db.fetchval(
+        "UPDATE indexer_lease SET owner = $1, token = token + 1,"
+        " expires_at = clock_timestamp() + make_interval(secs => $2)"
+        " WHERE id = 1 AND (owner IS NULL OR owner = $1 OR owner = $3"
+        " OR expires_at < clock_timestamp())"
+        " RETURNING token",
+        owner,
+        ttl,
+        steal_from,
+    )
+    return None if token is None else Lease(owner=owner, token=int(token))
+
+
+async def lease_holder(db: Database) -> tuple[str | None, datetime | None]:
+    """Who holds the lease and until when."""
+    row = await db.fetchrow("SELECT owner, expires_at FROM indexer_lease WHERE id = 1")
+    if row is None:
+        return None, None
+    return row["owner"], row["expires_at"]
+
+
+async def renew_lease(db: Database, lease: Lease, ttl: float) -> None:
+    """Extend the lease; LeaseLost if another instance took it."""
+    async with db.connection() as conn:
+        await fence(conn, lease, ttl)
+
+
+async def release_lease(db: Database, lease: Lease) -> None:
+    """Give the lease up at a clean stop so a standby can start at once."""
+    try:
+        await db.execute(
+            "UPDATE indexer_lease SET owner = NULL, expires_at = '-infinity'"
+            " WHERE id = 1 AND owner = $1 AND token = $2",
+            lease.owner,
+            lease.token,
+        )
+    except (StatementError, StoreError) as exc:
+        raise StoreError(f"releasing the lease failed: {exc}") from exc
+
+
+async def fence(conn: Connection, lease: Lease, ttl: float) -> None:
+    ok = await conn.fetchval(
+        "UPDATE indexer_lease SET expires_at = clock_timestamp() + make_interval(secs => $3)"
+        " WHERE id = 1 AND owner = $1 AND token = $2 AND expires_at > clock_timestamp()"
+        " RETURNING 1",
+        lease.owner,
+        lease.token,
+        ttl,
+    )
+    if ok is None:
+        raise LeaseLost(lease.owner)
 
 
 class LeaseTerm:

@@ -28,9 +28,12 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
+from indexer import outbox
+from indexer.batch_commit import HANDOFF_MAX
+from indexer.database import Database
 from indexer.lease import LeaseTerm
 from indexer.metrics import Metrics
-from indexer.store import HANDOFF_MAX, OutboxRow, Store
+from indexer.outbox import OutboxRow
 
 log = structlog.get_logger()
 
@@ -128,7 +131,7 @@ class Publisher:
         self,
         *,
         redis: aioredis.Redis,
-        store: Store,
+        db: Database,
         term: LeaseTerm,
         stream_key: str,
         stream_maxlen: int,
@@ -140,7 +143,7 @@ class Publisher:
         handoff_max: int = HANDOFF_MAX,
     ) -> None:
         self._redis = redis
-        self._store = store
+        self._db = db
         self._term = term
         self._stream_key = stream_key
         self._maxlen = stream_maxlen
@@ -195,7 +198,7 @@ class Publisher:
     async def publish_forever(self) -> None:
         """Drain the outbox, then wait for more. Safe to cancel: progress is only recorded
         after Redis acknowledged a whole batch."""
-        self._published = self._recorded = await self._store.published_seq()
+        self._published = self._recorded = await outbox.published_seq(self._db)
         self._metrics.published_seq.set(self._published)  # not 0 until the first publish
         await self._note_stream_ahead()
         loop = asyncio.get_running_loop()
@@ -207,8 +210,8 @@ class Publisher:
         while True:
             # Cleared before looking, so a commit landing during the query still wakes us.
             self._wake.clear()
-            rows = self._take_handed() or await self._store.outbox_after(
-                self._published, BATCH_SIZE
+            rows = self._take_handed() or await outbox.outbox_after(
+                self._db, self._published, BATCH_SIZE
             )
             if not rows:
                 self._metrics.publish_backlog.set(0)
@@ -220,7 +223,9 @@ class Publisher:
                         accept_hole = await self._rewind_to(top, self._published + 1)
                         continue
                 if loop.time() >= next_prune:
-                    pruned = await self._store.prune_outbox(self._outbox_keep, self._prune_chunk)
+                    pruned = await outbox.prune_outbox(
+                        self._db, self._outbox_keep, self._prune_chunk
+                    )
                     if pruned == self._prune_chunk:
                         continue  # more to prune: at the next idle turn, after new rows if any
                     next_prune = loop.time() + self._prune_every
@@ -243,7 +248,7 @@ class Publisher:
                     top = await self._publish(rows, follows=follows)
             except (RedisError, TimeoutError) as exc:
                 failures += 1
-                last_seq = await self._store.last_seq()
+                last_seq = await outbox.last_seq(self._db)
                 self._metrics.publish_backlog.set(max(0, last_seq - self._published))
                 self._metrics.redis_up.set(0)
                 delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** min(failures, 16))
@@ -266,10 +271,10 @@ class Publisher:
             self._metrics.redis_up.set(1)
             self._published = self._recorded = rows[-1].seq
             reported_top = None
-            await self._store.mark_published(self._published)
+            await outbox.mark_published(self._db, self._published)
             self._metrics.published_seq.set(self._published)
             if len(rows) == BATCH_SIZE:  # still draining: worth a query to show how much is left
-                last_seq = await self._store.last_seq()
+                last_seq = await outbox.last_seq(self._db)
                 self._metrics.publish_backlog.set(max(0, last_seq - self._published))
 
     async def _wait_for_lease(self) -> None:
@@ -288,7 +293,7 @@ class Publisher:
         """Whether another publisher recorded progress past what this one knows (a leader that
         took over while this process was paused), which it then goes on from: the rows it
         would have reported missing were published, and pruned from the outbox since."""
-        recorded = await self._store.published_seq()
+        recorded = await outbox.published_seq(self._db)
         if recorded <= self._recorded:
             return False
         log.info(
@@ -313,7 +318,7 @@ class Publisher:
         top = await self._stream_top()
         if top is None or top <= self._published:
             return
-        if top <= await self._store.last_seq():
+        if top <= await outbox.last_seq(self._db):
             log.info(
                 "resuming after a stop between publishing and recording it: the seqs "
                 "already in the stream are checked, not written again",
@@ -358,7 +363,7 @@ class Publisher:
         far as the outbox still reaches (to the stream only: `_recorded` stays, the script
         PUBLISHes nothing at or below it); returns whether a hole must be accepted all the
         same."""
-        oldest = min(first, await self._store.oldest_outbox_seq() or first)
+        oldest = min(first, await outbox.oldest_outbox_seq(self._db) or first)
         restart = max(top, oldest - 1)
         log.warning(
             "the stream lost its newest entries; writing them again from the outbox",

@@ -25,15 +25,23 @@ import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from indexer.database import Database
 from indexer.errors import DatabaseUnavailable, RpcUnavailable, StoreError
 from indexer.follower import FollowConfig, Follower, OnCommit
 from indexer.http import serve_http
-from indexer.lease import LeaseTerm
+from indexer.lease import (
+    Lease,
+    LeaseTerm,
+    lease_holder,
+    release_lease,
+    renew_lease,
+    try_acquire_lease,
+)
 from indexer.metrics import Metrics
 from indexer.publisher import Publisher
 from indexer.rpc import LogRangeSizer, RpcClient
+from indexer.schema import migrate
 from indexer.sources import Sources
-from indexer.store import Lease, Store
 from shared.indexer_settings import IndexerSettings
 from shared.readiness import notify_ready
 from shared.redaction import known_secrets, redact_text
@@ -93,13 +101,13 @@ def _dead_local_owner(owner: str | None) -> bool:
     return False
 
 
-async def acquire_lease(store: Store, *, owner: str, ttl: float, wait: bool = True) -> Lease | None:
+async def acquire_lease(db: Database, *, owner: str, ttl: float, wait: bool = True) -> Lease | None:
     """Take the write lease; as a standby, wait until it is free (or return None if not `wait`)."""
     announced = False
     while True:
-        holder, expires = await store.lease_holder()
+        holder, expires = await lease_holder(db)
         steal = holder if _dead_local_owner(holder) else None
-        lease = await store.try_acquire_lease(owner, ttl, steal_from=steal)
+        lease = await try_acquire_lease(db, owner, ttl, steal_from=steal)
         if lease is not None:
             log.info("write lease acquired", owner=owner, generation=lease.token, took_over=steal)
             return lease
@@ -136,10 +144,10 @@ async def redis_client(url: str) -> AsyncIterator[aioredis.Redis]:
         await client.aclose()
 
 
-def open_store(
+def open_database(
     settings: IndexerSettings, *, max_size: int = 4
-) -> AbstractAsyncContextManager[Store]:
-    return Store.open(
+) -> AbstractAsyncContextManager[Database]:
+    return Database.open(
         settings.database_url.get_secret_value(),
         statement_cache_size=settings.db_statement_cache_size,
         command_timeout=settings.db_command_timeout,
@@ -183,14 +191,14 @@ def build_follower(
     settings: IndexerSettings,
     *,
     rpc: RpcClient,
-    store: Store,
+    db: Database,
     lease: Lease,
     metrics: Metrics,
     on_commit: OnCommit = lambda rows: None,
 ) -> Follower:
     return Follower(
         rpc=rpc,
-        store=store,
+        db=db,
         lease=lease,
         sources=sources(settings),
         config=follow_config(settings),
@@ -208,13 +216,13 @@ def log_range_sizer(settings: IndexerSettings) -> LogRangeSizer:
 
 
 async def keep_lease(
-    store: Store, lease: Lease, term: LeaseTerm, metrics: Metrics, rpc: RpcClient
+    db: Database, lease: Lease, term: LeaseTerm, metrics: Metrics, rpc: RpcClient
 ) -> None:
     """Renew the lease at once, then every third of its TTL, telling `term`; raises LeaseLost
     if it was taken. Cancel-safe."""
     while True:
         sent = term.now()
-        await store.renew_lease(lease, term.ttl)
+        await renew_lease(db, lease, term.ttl)
         term.renewed(sent)
         metrics.record_rpc(rpc.stats)
         await asyncio.sleep(term.ttl / 3)
@@ -277,16 +285,16 @@ async def run(settings: IndexerSettings) -> None:
 async def _serve(settings: IndexerSettings, metrics: Metrics, health: Health) -> None:
     """Connect, migrate, check the chain, take the lease, then follow and publish."""
     async with (
-        open_store(settings) as store,
+        open_database(settings) as db,
         rpc_client(settings) as rpc,
         redis_client(settings.redis_url.get_secret_value()) as redis,
     ):
-        await store.migrate()
+        await migrate(db)
         # Ready (docs/pm2.md): migrated, HTTP serving, on the right chain (the client checks
         # eth_chainId against CHAIN_ID on first use), leader or standby alike.
         notify_ready("indexer", chain_id=await rpc.chain_id())
         health.role, health.waiting_for = "standby", None
-        lease = await acquire_lease(store, owner=lease_owner(), ttl=settings.lease_ttl)
+        lease = await acquire_lease(db, owner=lease_owner(), ttl=settings.lease_ttl)
         assert lease is not None
         metrics.leader.set(1)
         health.role = "leader"
@@ -294,7 +302,7 @@ async def _serve(settings: IndexerSettings, metrics: Metrics, health: Health) ->
             term = LeaseTerm(settings.lease_ttl)
             publisher = Publisher(
                 redis=redis,
-                store=store,
+                db=db,
                 term=term,
                 stream_key=settings.redis_stream_key,
                 stream_maxlen=settings.redis_stream_maxlen,
@@ -304,7 +312,7 @@ async def _serve(settings: IndexerSettings, metrics: Metrics, health: Health) ->
             health.follower = follower = build_follower(
                 settings,
                 rpc=rpc,
-                store=store,
+                db=db,
                 lease=lease,
                 metrics=metrics,
                 on_commit=publisher.wake,
@@ -314,7 +322,7 @@ async def _serve(settings: IndexerSettings, metrics: Metrics, health: Health) ->
                 # wait on a slow node for longer than LEASE_TTL. The publisher starts at once
                 # too: it only drains committed rows, and it tells whether Redis answers; it
                 # publishes only while `term` says the lease is held.
-                tasks.create_task(keep_lease(store, lease, term, metrics, rpc), name="keep-lease")
+                tasks.create_task(keep_lease(db, lease, term, metrics, rpc), name="keep-lease")
                 tasks.create_task(publisher.publish_forever(), name="publish-outbox")
                 await follower.prepare()
                 log.info("indexer started", cursor=follower.cursor, chain_id=settings.chain_id)
@@ -325,7 +333,7 @@ async def _serve(settings: IndexerSettings, metrics: Metrics, health: Health) ->
             # Also after cancellation: a clean stop hands the lease over at once.
             try:
                 async with asyncio.timeout(RELEASE_TIMEOUT):
-                    await store.release_lease(lease)
+                    await release_lease(db, lease)
             except (StoreError, TimeoutError) as exc:
                 log.warning(
                     "could not release the write lease; it expires by itself", error=str(exc)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
 
 from indexer.catalog import ContractKind
-from indexer.store import Store
+from indexer.database import Database
+from indexer.statements import columns
 
 log = structlog.get_logger()
 
@@ -30,8 +31,45 @@ class Sources:
         return kinds
 
 
+async def sources(db: Database) -> dict[str, int]:
+    """The contracts recorded as followed, and the block each is followed from."""
+    rows = await db.fetch("SELECT address, since_block FROM sources WHERE dropped_after IS NULL")
+    return {r["address"]: int(r["since_block"]) for r in rows}
+
+
+async def dropped_sources(db: Database) -> dict[str, int]:
+    """The contracts recorded as dropped from the configuration, and the cursor then."""
+    rows = await db.fetch(
+        "SELECT address, dropped_after FROM sources WHERE dropped_after IS NOT NULL"
+    )
+    return {r["address"]: int(r["dropped_after"]) for r in rows}
+
+
+async def add_sources(db: Database, rows: Sequence[tuple[str, str, int]]) -> None:
+    """Record contracts as (address, kind, since_block): one followed already stays, one
+    dropped before is followed again from `since_block`."""
+    await db.execute(
+        "INSERT INTO sources (address, kind, since_block)"
+        " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"
+        " ON CONFLICT (address) DO UPDATE SET kind = EXCLUDED.kind,"
+        " since_block = EXCLUDED.since_block, dropped_after = NULL"
+        " WHERE sources.dropped_after IS NOT NULL",
+        *columns(rows, 3),
+    )
+
+
+async def drop_sources(db: Database, addresses: Sequence[str], *, cursor: int) -> None:
+    """Mark contracts no longer configured as dropped after block `cursor`."""
+    await db.execute(
+        "UPDATE sources SET dropped_after = $2"
+        " WHERE address = ANY($1::text[]) AND dropped_after IS NULL",
+        addresses,
+        cursor,
+    )
+
+
 async def record_sources(
-    store: Store,
+    db: Database,
     static: Mapping[str, ContractKind],
     *,
     cursor: int,
@@ -44,13 +82,13 @@ async def record_sources(
 
     `created`: the cursor was created by this start (a new database).
     """
-    known = await store.sources()
+    known = await sources(db)
     added = {a: k for a, k in static.items() if a not in known}
     # A new database, or one indexed before contracts were recorded: from START_BLOCK.
     later = not created and bool(known)
     since = cursor + 1 if later else start_block
     if added:
-        await store.add_sources([(a, k.value, since) for a, k in added.items()])
+        await add_sources(db, [(a, k.value, since) for a, k in added.items()])
     for address, kind in added.items() if later else ():
         log.warning(
             "a contract was added to the configuration after indexing began: followed "
@@ -70,4 +108,4 @@ async def record_sources(
             contract=address,
         )
     if dropped:  # kept, marked: `verify` tells their events from those of unknown contracts
-        await store.drop_sources(dropped, cursor=cursor)
+        await drop_sources(db, dropped, cursor=cursor)

@@ -6,8 +6,8 @@ stored already; the rows of the markets they touch), one write (`WRITE_BATCH`: e
 markets, headers, cursor and the lease check, as data-modifying CTEs of one statement) and
 COMMIT. Following the chain behind a remote database (Supabase), round trips rather than rows
 are what a block costs. Rows go as one array per column (`unnest`). A large batch sends its
-events and outbox rows by COPY first (store.py), two round trips each but less work per row,
-and leaves those arrays empty.
+events and outbox rows by COPY first (batch_commit.py), two round trips each but less work per
+row, and leaves those arrays empty.
 """
 
 from __future__ import annotations

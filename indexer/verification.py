@@ -30,14 +30,16 @@ from typing import Any
 
 from indexer.batch import StoredEvent
 from indexer.catalog import MARKET_CREATED, ContractKind, created_market
+from indexer.database import Database
 from indexer.errors import ReorgDuringFetch
 from indexer.projection import MarketRow, apply_events
+from indexer.queries import event_rows, header_rows, market_registry, markets
 from indexer.range_events import timed_events
 from indexer.range_logs import fetch_chunked
 from indexer.rpc import LogRangeSizer, RpcClient, fetch_logs
 from indexer.rpc_results import RawLog
+from indexer.sources import dropped_sources, sources
 from indexer.statements import EVENT_COLUMNS, event_values
-from indexer.store import Store
 
 # The columns of an event row compared with the chain's (its position is the merge key; its
 # seq is the indexer's own numbering, only checked to be set on decoded events).
@@ -224,13 +226,13 @@ def compare_registry(
 
 
 async def compare_projections(
-    store: Store, projected: Mapping[str, MarketRow | None], report: Report
+    db: Database, projected: Mapping[str, MarketRow | None], report: Report
 ) -> None:
     """Compare the stored rows of these markets with the fold of their events on chain."""
     addresses = sorted(projected)
     for start in range(0, len(addresses), MARKETS_PAGE):
         group = addresses[start : start + MARKETS_PAGE]
-        stored = await store.markets(group)
+        stored = await markets(db, group)
         for address in group:
             expected, row = projected[address], stored.get(address)
             # No row: compare_registry said so. No projection: an announcement the catalogue
@@ -248,7 +250,7 @@ async def compare_projections(
 
 
 async def compare_headers(
-    store: Store,
+    db: Database,
     rpc: RpcClient,
     *,
     first: int,
@@ -265,7 +267,7 @@ async def compare_headers(
     keeps about 2 x REORG_WINDOW of them; they are read a page at a time all the same.
     """
     first = max(first, 0)  # the virtual parent of block 0 is no block of the node's
-    async for page in store.header_rows(first, last):
+    async for page in header_rows(db, first, last):
         current = {h.number: h for h in await rpc.get_block_headers([h.number for h in page])}
         for stored in page:
             node = current[stored.number]
@@ -290,7 +292,7 @@ async def compare_headers(
 
 
 async def verify_range(
-    store: Store,
+    db: Database,
     rpc: RpcClient,
     sizer: LogRangeSizer,
     *,
@@ -306,12 +308,12 @@ async def verify_range(
 ) -> Report:
     """Compare [first, last] with the chain, in windows sized to about `window_events` logs."""
     report = Report(keep=keep)
-    recorded = {*await store.sources(), *await store.dropped_sources()}
+    recorded = {*await sources(db), *await dropped_sources(db)}
     dropped = recorded - static.keys()  # recorded as followed, no longer configured
     # Children come from the chain, not from the database being checked.
     factories = [a for a, k in static.items() if k is ContractKind.FACTORY]
     announced = await _announcements(rpc, sizer, factories, start_block=start_block, last=last)
-    registry = await store.market_registry()
+    registry = await market_registry(db)
     compare_registry(announced, registry, dropped=dropped, last=last, cursor=cursor, report=report)
     ignored = dropped | {
         a for a, (factory, _) in registry.items() if factory in dropped and a not in announced
@@ -344,7 +346,7 @@ async def verify_range(
             projected,
             (p for e in expected if (p := e.projected()) is not None and p.market in projected),
         )
-        pages = _compared(store.event_rows(start, end), ignored, report)
+        pages = _compared(event_rows(db, start, end), ignored, report)
         async for difference in compare(expected, pages, followed=kinds):
             report.add(difference)
         # Aim the next window at about `window_events` logs, from this one's density.
@@ -354,9 +356,9 @@ async def verify_range(
             window = min(sizer.maximum, window * 2)
         start = end + 1
     await compare_headers(
-        store, rpc, first=first, last=last, cursor=cursor, cursor_hash=cursor_hash, report=report
+        db, rpc, first=first, last=last, cursor=cursor, cursor_hash=cursor_hash, report=report
     )
-    await compare_projections(store, projected, report)
+    await compare_projections(db, projected, report)
     return report
 
 

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from indexer.cursor import load_state
+from indexer.database import Database
 from indexer.errors import StoreError
-from indexer.store import Store
+from indexer.schema import latest_schema_version, schema_version
 from ops.errors import ProbeError
 
 __all__ = ["DatabaseInfo", "probe_postgres"]
@@ -28,15 +30,15 @@ async def probe_postgres(dsn: str, *, statement_cache_size: int, within: float) 
     try:
         async with (
             asyncio.timeout(within),
-            Store.open(
+            Database.open(
                 dsn,
                 statement_cache_size=statement_cache_size,
                 max_size=1,
                 command_timeout=within,
-            ) as store,
+            ) as db,
         ):
-            version = await store.schema_version()
-            state = await store.load_state() if version > 0 else None
+            version = await schema_version(db)
+            state = await load_state(db) if version > 0 else None
     except TimeoutError:
         raise ProbeError(f"no answer within {within:g} s") from None
     except (StoreError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -46,6 +48,6 @@ async def probe_postgres(dsn: str, *, statement_cache_size: int, within: float) 
         raise ProbeError(f"cannot connect: {type(exc).__name__}: {message}") from None
     return DatabaseInfo(
         schema_version=version,
-        latest_version=Store.latest_schema_version(),
+        latest_version=latest_schema_version(),
         cursor=state.block_number if state is not None else None,
     )

@@ -17,7 +17,7 @@ from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
 from devnet.redis_server import Redis
-from indexer.store import Store
+from indexer.schema import latest_schema_version
 from tests.broadcaster.support import running, settings_for
 from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.ops import (
@@ -135,7 +135,7 @@ async def test_all_ok_against_running_services(
     ], result
     assert all(line.startswith("OK    ") for line in result.lines), result
     assert "chain 32323, head block" in result.line(f"rpc #0 127.0.0.1:{anvil.port}")
-    latest = Store.latest_schema_version()
+    latest = latest_schema_version()
     assert f"migrated (schema version {latest} of {latest}), cursor at block" in result.line(
         "postgres"
     )
@@ -231,7 +231,7 @@ async def test_unmigrated_database_fails(database_url: str, tmp_path: Path) -> N
     result = await run_kektech("doctor", "--only", "postgres", env=env, cwd=tmp_path)
     assert result.code == 1, result
     assert result.line("postgres") == (
-        f"FAIL  postgres  not migrated: schema version 0 of {Store.latest_schema_version()} "
+        f"FAIL  postgres  not migrated: schema version 0 of {latest_schema_version()} "
         "-> fix: cd /opt/kektech && .venv/bin/python -m indexer migrate "
         "(starting the indexer also migrates)"
     )

@@ -19,7 +19,7 @@ import pytest
 
 from devnet.postgres_server import Postgres
 from devnet.process import REPO_ROOT, free_port
-from indexer.store import Store
+from indexer.schema import latest_schema_version
 
 SHELLCHECK = REPO_ROOT / ".venv" / "bin" / "shellcheck"
 PM2 = "node_modules/.bin/pm2"
@@ -460,7 +460,7 @@ async def test_update_pulls_installs_migrates_and_reloads(
     reach the apps (PM2's --update-env would merge it in, over .env)."""
     dev, app = checkouts
     (app / ".env").write_text(f"DATABASE_URL={database_url}\nLOG_FORMAT=json\n")
-    name = f"{Store.latest_schema_version() + 1:04d}_update_probe.sql"  # the release's next
+    name = f"{latest_schema_version() + 1:04d}_update_probe.sql"  # the release's next
     probe = dev / "indexer" / "migrations" / name
     probe.write_text("CREATE TABLE update_probe (id integer);\n")
     git(dev, "add", "-A")

@@ -17,10 +17,11 @@ from eth_utils.crypto import keccak
 from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain
 from devnet.redis_server import Redis
+from indexer.cursor import load_state
+from indexer.database import Database
 from indexer.errors import ReorgDuringFetch
 from indexer.rpc import LogRangeSizer, RpcClient
 from indexer.sources import Sources
-from indexer.store import Store
 from indexer.verification import verify_range
 from tests.broadcaster.support import read_stream
 from tests.support.indexer_process import IndexerProcess, indexer_env
@@ -150,14 +151,14 @@ async def verify_markets(
         reward_distributor=deployment.reward_distributor,
     ).static_kinds()
     async with (
-        Store.open(database_url, max_size=1, command_timeout=10) as store,
+        Database.open(database_url, max_size=1, command_timeout=10) as db,
         RpcClient([chain.rpc_url], timeout=5, max_retries=2) as rpc,
     ):
-        state = await store.load_state()
+        state = await load_state(db)
         assert state is not None, "no cursor yet"
         try:
             report = await verify_range(
-                store,
+                db,
                 rpc,
                 LogRangeSizer(2000, 1, 10_000),
                 first=first,

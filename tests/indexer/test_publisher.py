@@ -18,12 +18,15 @@ import redis.asyncio as aioredis
 import structlog.testing
 
 from devnet.redis_server import Redis
+from indexer import outbox
 from indexer import publisher as publisher_module
+from indexer.database import Database
 from indexer.lease import LeaseTerm
 from indexer.metrics import Metrics
+from indexer.outbox import OutboxRow, mark_published, published_seq
 from indexer.publisher import Publisher
+from indexer.schema import migrate
 from indexer.service import redis_client
-from indexer.store import OutboxRow, Store
 from tests.broadcaster.support import read_stream
 from tests.support.waiting import eventually
 
@@ -35,13 +38,13 @@ IDLE_SETTLE = 0.2  # the publisher reaches its idle wait within a few ms on an e
 @pytest.fixture
 async def publisher_parts(
     database_url: str, redis_server: Redis
-) -> AsyncIterator[tuple[Store, aioredis.Redis]]:
+) -> AsyncIterator[tuple[Database, aioredis.Redis]]:
     async with (
-        Store.open(database_url, command_timeout=10) as store,
+        Database.open(database_url, command_timeout=10) as db,
         redis_client(redis_server.url) as redis,
     ):
-        await store.migrate()
-        yield store, redis
+        await migrate(db)
+        yield db, redis
 
 
 @asynccontextmanager
@@ -103,22 +106,22 @@ def held_lease() -> LeaseTerm:
 
 
 def make_publisher(
-    parts: tuple[Store, aioredis.Redis], stream_key: str, **overrides: Any
+    parts: tuple[Database, aioredis.Redis], stream_key: str, **overrides: Any
 ) -> Publisher:
-    """A publisher on this test's store and Redis, its lease held; keyword arguments override
+    """A publisher on this test's database and Redis, its lease held; keyword arguments override
     the defaults."""
-    store, redis = parts
+    db, redis = parts
     options: dict[str, Any] = {
         "stream_maxlen": 1000,
         "outbox_keep": 100,
         "metrics": Metrics(),
         "term": held_lease(),
     }
-    return Publisher(redis=redis, store=store, stream_key=stream_key, **(options | overrides))
+    return Publisher(redis=redis, db=db, stream_key=stream_key, **(options | overrides))
 
 
 async def test_a_stop_that_coincides_with_a_wake_up_still_stops_the_publisher(
-    publisher_parts: tuple[Store, aioredis.Redis],
+    publisher_parts: tuple[Database, aioredis.Redis],
 ) -> None:
     """Cancelling the publisher in the same loop turn as a commit wakes it ends its task."""
     key = unique_key("publisher")
@@ -137,10 +140,12 @@ async def test_a_stop_that_coincides_with_a_wake_up_still_stops_the_publisher(
 
 
 async def test_published_rows_are_pruned_in_chunks_down_to_outbox_keep(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+    publisher_parts: tuple[Database, aioredis.Redis],
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Once published, the outbox shrinks to OUTBOX_KEEP rows, a bounded chunk per statement."""
-    store, redis = publisher_parts
+    _, redis = publisher_parts
     conn = await asyncpg.connect(database_url)
     try:
         await conn.executemany(
@@ -153,14 +158,14 @@ async def test_published_rows_are_pruned_in_chunks_down_to_outbox_keep(
     finally:
         await conn.close()
     deletes: list[int] = []
-    original = store.prune_outbox
+    original = outbox.prune_outbox
 
-    async def counting_prune(keep: int, limit: int) -> int:
-        deleted = await original(keep, limit)
+    async def counting_prune(db: Database, keep: int, limit: int) -> int:
+        deleted = await original(db, keep, limit)
         deletes.append(deleted)
         return deleted
 
-    store.prune_outbox = counting_prune  # type: ignore[method-assign]
+    monkeypatch.setattr(outbox, "prune_outbox", counting_prune)
     key = unique_key("prune")
     publisher = make_publisher(publisher_parts, key, outbox_keep=5, prune_every=0.0, prune_chunk=8)
     async with running(publisher):
@@ -180,10 +185,10 @@ async def remaining(database_url: str, rows: int) -> bool:
 
 
 async def test_redis_up_reports_redis_while_idle(
-    publisher_parts: tuple[Store, aioredis.Redis], tmp_path: Path
+    publisher_parts: tuple[Database, aioredis.Redis], tmp_path: Path
 ) -> None:
     """With nothing to publish, kektech_indexer_redis_up still follows whether Redis answers."""
-    store, _ = publisher_parts
+    db, _ = publisher_parts
     metrics = Metrics()
     key = unique_key("redis-up")
 
@@ -197,7 +202,7 @@ async def test_redis_up_reports_redis_while_idle(
     # test after this one.
     with Redis(workdir=tmp_path) as own:
         async with redis_client(own.url) as redis:
-            publisher = make_publisher((store, redis), key, metrics=metrics, ping_every=0.2)
+            publisher = make_publisher((db, redis), key, metrics=metrics, ping_every=0.2)
             async with running(publisher):
                 await eventually(lambda: is_up(1), within=5, what="redis_up 1 before publishing")
                 own.stop()
@@ -242,7 +247,7 @@ async def published(redis: aioredis.Redis, key: str, count: int) -> list[bytes]:
 
 
 async def test_rows_handed_over_by_a_commit_are_published_without_reading_them_back(
-    publisher_parts: tuple[Store, aioredis.Redis],
+    publisher_parts: tuple[Database, aioredis.Redis],
 ) -> None:
     """The rows a commit hands over reach Redis as they are, with no read of the outbox
     (here they are not in it, which shows where they came from)."""
@@ -258,7 +263,7 @@ async def test_rows_handed_over_by_a_commit_are_published_without_reading_them_b
 
 
 async def test_rows_handed_over_after_a_gap_are_published_in_order_once(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str
 ) -> None:
     """Rows another process committed (a backfill) precede the handed ones: the publisher
     reads those from the outbox first; every seq reaches the stream once, in order."""
@@ -276,7 +281,7 @@ async def test_rows_handed_over_after_a_gap_are_published_in_order_once(
 
 
 async def test_rows_handed_over_beyond_the_bound_are_read_back_instead(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str
 ) -> None:
     """The publisher keeps at most `handoff_max` handed rows (Redis may be down for minutes);
     past it, it forgets them and reads the outbox, so memory stays bounded and nothing is lost."""
@@ -305,7 +310,7 @@ async def stream_seqs(redis: aioredis.Redis, key: str) -> list[int]:
 
 @asynccontextmanager
 async def ten_published(
-    parts: tuple[Store, aioredis.Redis], database_url: str, key: str, **overrides: Any
+    parts: tuple[Database, aioredis.Redis], database_url: str, key: str, **overrides: Any
 ) -> AsyncIterator[Publisher]:
     """A running publisher that has published seqs 1..10 to `key` and gone idle."""
     await insert_outbox(database_url, [outbox_row(seq) for seq in range(1, 11)])
@@ -317,7 +322,7 @@ async def ten_published(
 
 
 async def test_entries_redis_lost_are_published_again_from_the_outbox(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str
 ) -> None:
     """Redis back with an older copy of the stream (ending at 5 while 10 were published):
     the next publication fills 6..10 again from the outbox, so the stream has no hole."""
@@ -332,7 +337,7 @@ async def test_entries_redis_lost_are_published_again_from_the_outbox(
 
 
 async def test_a_stream_redis_lost_entirely_is_filled_again_from_the_outbox(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str
 ) -> None:
     """Redis back without the stream at all (restarted without persistence, or the key
     deleted): the outbox's rows go out again, so the stream starts with no hole."""
@@ -352,7 +357,7 @@ async def test_a_stream_redis_lost_entirely_is_filled_again_from_the_outbox(
 
 @pytest.mark.parametrize("keep", [0, 5], ids=["lost-whole", "lost-newest"])
 async def test_a_stream_that_lost_entries_is_filled_again_while_idle(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str, keep: int
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str, keep: int
 ) -> None:
     """Redis back without its newest entries while no block comes: the publisher notices on
     its idle check and writes them again at once, not at the next event, which may be hours
@@ -376,7 +381,7 @@ async def test_a_stream_that_lost_entries_is_filled_again_while_idle(
 
 @pytest.mark.parametrize("keep", [0, 5], ids=["lost-whole", "lost-newest"])
 async def test_entries_written_again_are_not_published_again_on_pubsub(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str, keep: int
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str, keep: int
 ) -> None:
     """Pub/Sub is a live channel: the entries Redis lost went out on it when they were new, so
     writing them again to the stream publishes none of them there again; the events never
@@ -402,7 +407,7 @@ async def test_entries_written_again_are_not_published_again_on_pubsub(
 
 
 async def test_a_hole_found_while_idle_is_reported_once(
-    publisher_parts: tuple[Store, aioredis.Redis],
+    publisher_parts: tuple[Database, aioredis.Redis],
     database_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -454,7 +459,7 @@ async def test_a_hole_found_while_idle_is_reported_once(
 
 
 async def test_entries_lost_beyond_the_outbox_leave_a_hole_and_publishing_goes_on(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str
 ) -> None:
     """When the outbox no longer holds what Redis lost, the hole stays (said in the log) and
     the publications after it still go out."""
@@ -474,7 +479,7 @@ async def test_entries_lost_beyond_the_outbox_leave_a_hole_and_publishing_goes_o
 
 
 async def test_seqs_missing_from_the_outbox_are_reported_and_the_rest_published(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str
 ) -> None:
     """Outbox seqs have no gaps, but an operator may delete a row by hand. A seq missing right
     after the stream's top, or inside a batch, is said in the log (and counted) once, and
@@ -497,7 +502,7 @@ async def test_seqs_missing_from_the_outbox_are_reported_and_the_rest_published(
 
 
 async def test_nothing_is_published_while_the_lease_is_not_known_held(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str
 ) -> None:
     """A process paused past LEASE_TTL (SIGSTOP, a frozen VM) may have been replaced by a
     standby meanwhile: its publisher writes nothing to Redis until the lease is renewed (a
@@ -525,7 +530,7 @@ async def test_nothing_is_published_while_the_lease_is_not_known_held(
 
 
 async def test_rows_another_publisher_recorded_and_pruned_are_no_hole(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str
 ) -> None:
     """A leader paused past LEASE_TTL resumes after the standby that took over published,
     recorded it and pruned the outbox: the outbox then starts past this publisher's position.
@@ -564,15 +569,15 @@ async def published_elsewhere(
 
 
 async def test_a_restarted_publisher_reports_the_recorded_position_before_publishing(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str
 ) -> None:
     """kektech_indexer_published_seq says where publishing stands from the start: it read 0
     after every restart until something new was published, so the alert on a broadcaster
     behind the indexer could not fire meanwhile."""
-    store, redis = publisher_parts
+    db, redis = publisher_parts
     key = unique_key("restart")
     await published_elsewhere(redis, database_url, key, range(1, 6))
-    recorded = await store.published_seq()
+    recorded = await published_seq(db)
     metrics = Metrics()
     publisher = make_publisher(publisher_parts, key, metrics=metrics)
     async with running(publisher):
@@ -585,7 +590,7 @@ async def test_a_restarted_publisher_reports_the_recorded_position_before_publis
 
 
 async def test_a_missing_seq_is_reported_once_across_failed_publications(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str
 ) -> None:
     """Publications that fail (here: the key is not a stream yet) are retried with the same
     rows; the seq missing among them is still reported and counted once."""
@@ -612,17 +617,17 @@ async def test_a_missing_seq_is_reported_once_across_failed_publications(
 
 
 async def test_a_redis_user_without_xrange_still_publishes_rows_it_skips(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str, redis_server: Redis
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str, redis_server: Redis
 ) -> None:
     """The check of skipped seqs reads the stream (XRANGE). A Redis user not yet given
     `+xrange` (provision.sh not re-run after the update that needs it) must not stall the
     publisher on a retry after a crash: the rows go out unchecked, and the log says why."""
-    store, redis = publisher_parts
+    db, redis = publisher_parts
     key = unique_key("no-xrange")
     await crashed_after_writing(redis, database_url, key)
     allowed = ["+evalsha", "+script|load", "+xinfo|stream", "+xadd", "+publish", "+ping"]
     async with redis_user(redis, redis_server, "no-xrange", allowed) as limited:
-        publisher = make_publisher((store, limited), key)
+        publisher = make_publisher((db, limited), key)
         with structlog.testing.capture_logs() as logs:
             async with running(publisher):
                 await published_up_to(publisher, 7)
@@ -632,7 +637,7 @@ async def test_a_redis_user_without_xrange_still_publishes_rows_it_skips(
 
 
 async def test_rows_whose_seqs_another_writer_took_in_the_stream_are_reported(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str
 ) -> None:
     """The stream gets entries the publisher did not write (another deployment on the same
     REDIS_STREAM_KEY) while it runs: rows whose seqs are then at or below its top cannot be
@@ -662,7 +667,7 @@ async def crashed_after_writing(redis: aioredis.Redis, database_url: str, key: s
 
 
 async def test_rows_already_in_the_stream_after_a_crash_are_skipped_quietly(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str
 ) -> None:
     """A crash between the stream write and recording it leaves rows that are in the stream
     but not marked published: the next publisher skips them as what they are, its own
@@ -683,7 +688,7 @@ async def test_rows_already_in_the_stream_after_a_crash_are_skipped_quietly(
 
 
 async def test_a_stream_ahead_of_the_database_is_reported(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str
 ) -> None:
     """A stream already holding seqs this database never published (another deployment's,
     or a database rebuilt) is said in the log at start: those seqs are skipped as present."""
@@ -707,21 +712,21 @@ async def test_a_stream_ahead_of_the_database_is_reported(
 
 
 async def test_a_stream_the_redis_user_may_not_inspect_is_an_error_not_a_lost_stream(
-    publisher_parts: tuple[Store, aioredis.Redis], database_url: str, redis_server: Redis
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str, redis_server: Redis
 ) -> None:
     """A Redis user refused XINFO (an ACL without `+xinfo|stream`) cannot see the stream's
     top. That is an error to report and retry, not a stream Redis lost: the publisher must
     not rewind and publish the outbox again over entries that are there."""
-    store, redis = publisher_parts
+    db, redis = publisher_parts
     key = unique_key("no-xinfo")
     await insert_outbox(database_url, [outbox_row(seq) for seq in range(1, 8)])
     for seq in range(1, 6):  # published before: in the stream and recorded as published
         row = outbox_row(seq)
         await redis.xadd(key, {"seq": str(seq), "event": row.payload}, id=f"{seq}-0")
-    await store.mark_published(5)
+    await mark_published(db, 5)
     allowed = ["+evalsha", "+eval", "+script|load", "+xadd", "+publish", "+ping"]
     async with redis_user(redis, redis_server, "no-xinfo", allowed) as limited:
-        publisher = make_publisher((store, limited), key)
+        publisher = make_publisher((db, limited), key)
 
         def failures() -> list[MutableMapping[str, Any]]:
             return [e for e in logs if e["event"] == "redis publish failed, will retry"]
@@ -739,4 +744,4 @@ async def test_a_stream_the_redis_user_may_not_inspect_is_an_error_not_a_lost_st
     refusal = failures()[0]["error"]
     assert any(words in refusal for words in ("NOPERM", "can't run this command"))
     assert await stream_seqs(redis, key) == [1, 2, 3, 4, 5]
-    assert await store.published_seq() == 5
+    assert await published_seq(db) == 5

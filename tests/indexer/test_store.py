@@ -14,15 +14,19 @@ from eth_abi.abi import encode
 
 from devnet.postgres_server import Postgres
 from indexer.batch import Batch, StoredEvent, block_time
+from indexer.batch_commit import COPY_ABOVE, HANDOFF_MAX, save_batch
 from indexer.catalog import MARKET_CREATED, ContractKind
+from indexer.cursor import init_state
 from indexer.database import Database
 from indexer.decoding import decode_log
 from indexer.errors import DatabaseUnavailable, LeaseLost, StoreError
+from indexer.lease import Lease, try_acquire_lease
 from indexer.metrics import Metrics
+from indexer.outbox import outbox_after
 from indexer.publisher import Publisher
 from indexer.rpc_results import BlockHeader, RawLog
+from indexer.schema import latest_schema_version, migrate, schema_version
 from indexer.service import acquire_lease, lease_owner
-from indexer.store import COPY_ABOVE, HANDOFF_MAX, Lease, Store
 from tests.broadcaster.support import read_stream
 from tests.indexer.test_publisher import held_lease
 from tests.support.tasks import background
@@ -55,12 +59,12 @@ def raw_event(index: int) -> StoredEvent:
     return StoredEvent(log=log, kind=ContractKind.FACTORY, decoded=None, block_time=block_time(0))
 
 
-async def lease_at_block_zero(store: Store) -> Lease:
+async def lease_at_block_zero(db: Database) -> Lease:
     """Migrate, take the write lease and put the cursor at block 0; return the lease."""
-    await store.migrate()
-    lease = await store.try_acquire_lease("test", TTL)
+    await migrate(db)
+    lease = await try_acquire_lease(db, "test", TTL)
     assert lease is not None
-    await store.init_state(lease, TTL, chain_id=1, cursor=header(0))
+    await init_state(db, lease, TTL, chain_id=1, cursor=header(0))
     return lease
 
 
@@ -102,13 +106,13 @@ async def test_a_committed_batch_hands_over_exactly_its_outbox_rows(
 ) -> None:
     """What a batch that moves the cursor hands to the publisher in memory, a live block's
     few rows or a catch-up batch's sent by COPY, equals what the outbox holds."""
-    async with Store.open(database_url, command_timeout=5.0) as store:
-        lease = await lease_at_block_zero(store)
+    async with Database.open(database_url, command_timeout=5.0) as db:
+        lease = await lease_at_block_zero(db)
         batch = block_one([market_created(i) for i in range(events)])
-        saved = await store.save_batch(lease, TTL, batch)
+        saved = await save_batch(db, lease, TTL, batch)
         assert saved.outbox is not None
         assert len(saved.outbox) == events
-        assert saved.outbox == await store.outbox_after(0, 2 * events)
+        assert saved.outbox == await outbox_after(db, 0, 2 * events)
 
 
 async def test_a_batch_too_large_to_hand_over_reaches_redis_from_the_outbox_in_order(
@@ -121,11 +125,11 @@ async def test_a_batch_too_large_to_hand_over_reaches_redis_from_the_outbox_in_o
     total = sum(sizes.values())
     key = f"kektech:test-large-batch:{os.getpid()}:{database_url.rsplit('/', 1)[-1]}"
     try:
-        async with Store.open(database_url, command_timeout=10.0) as store:
-            lease = await lease_at_block_zero(store)
+        async with Database.open(database_url, command_timeout=10.0) as db:
+            lease = await lease_at_block_zero(db)
             publisher = Publisher(
                 redis=redis_client,
-                store=store,
+                db=db,
                 term=held_lease(),
                 stream_key=key,
                 stream_maxlen=2 * total,
@@ -138,7 +142,7 @@ async def test_a_batch_too_large_to_hand_over_reaches_redis_from_the_outbox_in_o
                 for number, size in sizes.items():
                     events = [market_created(i, block=number) for i in range(first, first + size)]
                     first += size
-                    saved = await store.save_batch(lease, TTL, at_block(number, events))
+                    saved = await save_batch(db, lease, TTL, at_block(number, events))
                     handed.append(None if saved.outbox is None else len(saved.outbox))
                     publisher.wake(saved.outbox or ())  # as the follower does after a commit
 
@@ -147,7 +151,7 @@ async def test_a_batch_too_large_to_hand_over_reaches_redis_from_the_outbox_in_o
 
                 await eventually(all_published, within=60, what=f"seq {total} published")
                 assert not task.done(), task
-            outbox = await store.outbox_after(0, total + 1)
+            outbox = await outbox_after(db, 0, total + 1)
         assert handed == [3, None, 3]
         assert [row.seq for row in outbox] == list(range(1, total + 1))
         assert await read_stream(redis_client, key) == [
@@ -173,11 +177,11 @@ async def test_rows_sent_by_copy_into_a_path_that_stops_taking_data_end_in_a_sto
     timeout like any statement, instead of waiting forever."""
     async with TcpProxy(postgres.port, receive_buffer=4096) as proxy:
         url = database_url.replace(f":{postgres.port}/", f":{proxy.port}/")
-        async with Store.open(url, command_timeout=2.0) as store:
-            lease = await lease_at_block_zero(store)
+        async with Database.open(url, command_timeout=2.0) as db:
+            lease = await lease_at_block_zero(db)
             batch = block_one([raw_event(i) for i in range(20_000)])
             proxy.stall_before = b"PGCOPY"  # the first rows of a binary COPY
-            async with background(store.save_batch(lease, TTL, batch)) as saving:
+            async with background(save_batch(db, lease, TTL, batch)) as saving:
                 await asyncio.wait([saving], timeout=30)  # far past the command timeout
                 assert saving.done(), "the COPY still waits"
                 with pytest.raises(StoreError):
@@ -193,12 +197,12 @@ async def test_only_a_dead_holder_of_this_machine_loses_the_lease_before_it_expi
     host, _, tag, node = lease_owner().split(":")
     elsewhere = f"{host}:{NO_SUCH_PID}:{tag}:{'0' * len(node)}"
     gone_from_here = f"{host}:{NO_SUCH_PID}:{tag}:{node}"
-    async with Store.open(database_url, command_timeout=5.0) as store:
-        await store.migrate()
-        assert await store.try_acquire_lease(elsewhere, TTL) is not None
-        assert await acquire_lease(store, owner=lease_owner(), ttl=TTL, wait=False) is None
-        assert await store.try_acquire_lease(gone_from_here, TTL, steal_from=elsewhere)
-        assert await acquire_lease(store, owner=lease_owner(), ttl=TTL, wait=False) is not None
+    async with Database.open(database_url, command_timeout=5.0) as db:
+        await migrate(db)
+        assert await try_acquire_lease(db, elsewhere, TTL) is not None
+        assert await acquire_lease(db, owner=lease_owner(), ttl=TTL, wait=False) is None
+        assert await try_acquire_lease(db, gone_from_here, TTL, steal_from=elsewhere)
+        assert await acquire_lease(db, owner=lease_owner(), ttl=TTL, wait=False) is not None
         assert socket.gethostname() == host
 
 
@@ -210,23 +214,23 @@ async def test_a_migration_cut_off_by_a_dead_network_path_does_not_block_the_nex
     async with TcpProxy(postgres.port) as proxy:
         proxy.freeze_before = b"INSERT INTO schema_migrations"
         url = database_url.replace(f":{postgres.port}/", f":{proxy.port}/")
-        async with Store.open(url, command_timeout=2.0) as cut_off:
+        async with Database.open(url, command_timeout=2.0) as cut_off:
             with pytest.raises(StoreError):
-                await cut_off.migrate()
+                await migrate(cut_off)
         # The dead path's connection stays open on the server's side meanwhile.
-        async with Store.open(database_url, command_timeout=2.0) as store:
-            assert await store.migrate()
-            assert await store.schema_version() == Store.latest_schema_version()
+        async with Database.open(database_url, command_timeout=2.0) as db:
+            assert await migrate(db)
+            assert await schema_version(db) == latest_schema_version()
 
 
 async def test_a_command_timeout_past_what_postgres_takes_still_writes(database_url: str) -> None:
     """A DB_COMMAND_TIMEOUT beyond Postgres's largest timeout (about 24.8 days), e.g. to mean
     "no limit", bounds the transactions at that largest value instead of failing them."""
-    async with Store.open(database_url, command_timeout=1e9) as store:
-        await store.migrate()
-        lease = await store.try_acquire_lease("test", TTL)
+    async with Database.open(database_url, command_timeout=1e9) as db:
+        await migrate(db)
+        lease = await try_acquire_lease(db, "test", TTL)
         assert lease is not None
-        state = await store.init_state(lease, TTL, chain_id=1, cursor=header(0))
+        state = await init_state(db, lease, TTL, chain_id=1, cursor=header(0))
         assert state.block_number == 0
 
 
@@ -279,8 +283,8 @@ async def test_a_writer_that_lost_the_lease_to_a_committing_leader_gets_lease_lo
     the cursor row) meets the new leader committing the same block: it gets LeaseLost, not a
     clash on the events the new leader just committed (asyncpg's UniqueViolationError, which
     the indexer reports as a bug with a traceback)."""
-    async with Store.open(database_url, command_timeout=10) as store:
-        stale = await lease_at_block_zero(store)
+    async with Database.open(database_url, command_timeout=10) as db:
+        stale = await lease_at_block_zero(db)
         successor = await asyncpg.connect(database_url)
         try:
             if taken == "before":
@@ -289,7 +293,7 @@ async def test_a_writer_that_lost_the_lease_to_a_committing_leader_gets_lease_lo
             await commit.start()
             await successor.execute("SELECT 1 FROM indexer_state WHERE id = 1 FOR UPDATE")
             batch = block_one([market_created(0)])
-            async with background(store.save_batch(stale, TTL, batch)) as saving:
+            async with background(save_batch(db, stale, TTL, batch)) as saving:
 
                 async def waiting() -> bool:
                     query = (
