@@ -2,9 +2,12 @@
 
 websockets (`ServerProtocol`) parses the handshake request and the frames, answers pings
 and runs the closing handshake; this module moves bytes between it and the socket and keeps
-the connection's timers. A connection costs no task: its messages are answered inside
-`data_received`, and only work that must wait (a resume reading Redis, an HTTP endpoint)
-runs as a task, while the connection's later messages wait their turn, in order.
+the connection's life: the handshake, the closing, flow control. What it reads from an open
+connection goes to its Inbox (inbox.py) and its pings come from its Heartbeat (heartbeat.py);
+both are handed the connection on each call and keep no reference to it. A connection
+costs no task: its messages are answered inside `data_received`, and only work that must
+wait (a resume reading Redis, an HTTP endpoint) runs as a task, while the connection's later
+messages wait their turn, in order.
 
 The hub writes event frames straight to the socket (`write`), not through the protocol
 object. That keeps the order of bytes because the hub writes only to routed clients, and
@@ -16,119 +19,51 @@ is written at once.
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import functools
 import logging
-import os
-import time
 import traceback
-from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import structlog
-from websockets.datastructures import Headers
 from websockets.exceptions import InvalidMessage
-from websockets.frames import CloseCode, Frame, Opcode
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import CONNECTING, OPEN
 from websockets.server import ServerProtocol
 
-from broadcaster.errors import CloseConnection
+from broadcaster import handshake
+from broadcaster.handler import Conversation, Handler, Options
+from broadcaster.heartbeat import Heartbeat
+from broadcaster.inbox import Inbox
 
-__all__ = ["Connection", "Conversation", "Handler", "Options"]
+__all__ = ["Connection"]
 
 log = structlog.get_logger()
 
 CLOSE_TIMEOUT = 2.0  # for the closing handshake, then the socket is aborted
-MAX_WAITING = 16  # messages held while a resume runs; past this, reading pauses
 # Bytes of a read parsed before their frames are answered and charged (uvloop hands over
 # up to 256 KiB per read): 341 empty frames, measured at 1.1-2.5 ms when every frame is
 # handled (the rate out of reach), 2-4 ms while the machine was busy; 4 KiB took twice that.
 READ_SLICE = 2048
-# Frames one message may come in. Browsers send a message in one frame; empty continuation
-# frames count nothing towards max_size, so without this a message could grow forever.
-MAX_FRAGMENTS = 64
 WS_LOGGER = logging.getLogger("websockets.server")
-
-Work = Coroutine[Any, Any, None]
-
-
-class Conversation(Protocol):
-    """Whom an open connection hands its messages to (session.Session)."""
-
-    def greeting(self) -> bytes:
-        """The first frame to send, right after the handshake response."""
-        ...
-
-    def handle(self, message: str | bytes) -> Work | None:
-        """Answer a message; return work that must wait (run in order), or raise
-        CloseConnection (for abuse: the connection is failed)."""
-        ...
-
-    def charge(self, kind: str) -> None:
-        """Count a frame that is not a message to answer (kind: "ping", "pong", "fragment",
-        or "message" for one read during our closing handshake); raise CloseConnection for
-        a flood."""
-        ...
-
-
-class Handler(Protocol):
-    """The edge's policy, told of each connection's life (server.Edge)."""
-
-    def connected(self, connection: Connection) -> None: ...
-    def respond(
-        self, connection: Connection, request: Request
-    ) -> Response | Coroutine[Any, Any, Response]: ...
-    def opened(self, connection: Connection) -> Conversation: ...
-    def backed_up(self, connection: Connection) -> None:
-        """What an open connection wrote on its own (pongs to the client's pings) took its
-        buffer past Options.max_buffered: the client sends but does not read."""
-        ...
-
-    def closing(self, connection: Connection) -> None:
-        """An open connection stopped being open (closing handshake, failure, end of the
-        socket): nothing may be sent to it from now on. Told once per connection, with the
-        close frame that ended it already sent (Connection.server_close_code)."""
-        ...
-
-    def closed(self, connection: Connection) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Options:
-    """What every connection of a listener shares."""
-
-    max_size: int
-    open_timeout: float  # for the opening handshake, then the socket is aborted
-    ping_interval: float | None
-    ping_timeout: float | None
-    write_limit: tuple[int, int]  # (high, low): drain() waits above high until below low
-    max_buffered: int  # bytes waiting for the client past which it is a slow consumer
-    server_header: str
 
 
 class Connection(asyncio.Protocol):
     """One socket, from the opening handshake to the end of the TCP connection."""
 
     __slots__ = (
+        "_answering",
         "_deadline",
         "_drain_waiters",
         "_early",
-        "_fragments",
         "_handler",
         "_head_tail",
-        "_held",
+        "_heartbeat",
+        "_inbox",
         "_open",
         "_options",
         "_paused",
-        "_ping_payload",
-        "_ping_timer",
         "_requested",
-        "_task",
-        "_unread",
-        "_waiting",
         "buffered",
         "conversation",
         "ip",
@@ -148,17 +83,15 @@ class Connection(asyncio.Protocol):
         self.buffered: Callable[[], int]
         self.conversation: Conversation | None = None
         self.ip: str | None = None  # its per-IP key once admitted (limits.per_ip_key)
+        self._inbox = inbox = Inbox(self.loop)
+        self._heartbeat = Heartbeat(
+            self.loop, interval=options.ping_interval, timeout=options.ping_timeout, inbox=inbox
+        )
         self._deadline: asyncio.TimerHandle | None = None
-        self._ping_timer: asyncio.TimerHandle | None = None
-        self._ping_payload: bytes | None = None
-        self._fragments: list[Frame] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._waiting: deque[str | bytes] | None = None
+        self._answering: asyncio.Task[None] | None = None  # an HTTP endpoint's answer
         self._open = False  # whether the handler was told of the opening and not yet of its end
         self._paused = False
         self._requested = False  # an HTTP request was parsed (answered, or being answered)
-        self._held = False  # reading paused: messages wait behind a running task
-        self._unread = b""  # what was read but not parsed when reading paused
         self._head_tail = b""  # the last bytes of the request's head read so far
         self._early: bytes | None = None  # what came after the request, until it is answered
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -205,14 +138,14 @@ class Connection(asyncio.Protocol):
         """Stop whatever the connection was doing and start the closing handshake; abort the
         socket if it is not done in CLOSE_TIMEOUT. For a client that did nothing wrong (a
         stop, a slow consumer, our own error): what it sends until its close frame is
-        still read, and charged (`_charge`)."""
+        still read, and charged (`Inbox.charge`)."""
         self._stop_work()
         if self.protocol.state is OPEN:
             self.protocol.send_close(code, reason)
             self._left_open()
-            self._flush()
+            self.flush()
             self._expect_close()
-            self._release_hold()  # the client's answer must be read
+            self._inbox.release(self)  # the client's answer must be read
         elif self.protocol.state is CONNECTING:
             self.abort()
 
@@ -224,7 +157,7 @@ class Connection(asyncio.Protocol):
         self.transport.write(response)
         self.transport.close()
 
-    def _fail(self, code: int, reason: str) -> None:
+    def fail(self, code: int, reason: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): close frame, end of stream, and what the
         client sends from now on is discarded unparsed (it costs nothing per frame) until
         it ends the socket or CLOSE_TIMEOUT aborts it. For a client that broke the protocol
@@ -233,9 +166,9 @@ class Connection(asyncio.Protocol):
         self._stop_work()
         self.protocol.fail(code, reason)
         self._left_open()
-        self._flush()
+        self.flush()
         self._expect_close()
-        self._release_hold()  # reading only to see the client end the connection
+        self._inbox.release(self)  # reading only to see the client end the connection
 
     def _left_open(self) -> None:
         """The connection is no longer open: nothing it started may go on (a resume that
@@ -246,13 +179,11 @@ class Connection(asyncio.Protocol):
             self._handler.closing(self)
 
     def _stop_work(self) -> None:
-        self._waiting = None
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-        if self._ping_timer is not None:
-            self._ping_timer.cancel()
-            self._ping_timer = None
+        self._inbox.stop()
+        if self._answering is not None:
+            self._answering.cancel()
+            self._answering = None
+        self._heartbeat.stop()
 
     def _expect_close(self) -> None:
         if self.protocol.close_expected():
@@ -278,8 +209,11 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._requested:
             self._feed(data)
-        else:
-            self._receive(self._up_to_request_end(data))
+            return
+        head, self._head_tail, early = handshake.cut_head(self._head_tail, data)
+        if early is not None:
+            self._early = early  # parsed once the request is answered (_respond)
+        self._receive(head)
 
     def _feed(self, data: bytes) -> None:
         """Parse data READ_SLICE bytes at a time, each slice's frames answered and charged
@@ -288,11 +222,12 @@ class Connection(asyncio.Protocol):
         (the connection failed, or the client's close frame came: websockets discards the
         rest), and keeps the rest for later while reading is paused behind a resume."""
         protocol = self.protocol
+        inbox = self._inbox
         for start in range(0, len(data), READ_SLICE):
             if protocol.eof_sent:
                 return
-            if self._held:
-                self._unread += data[start:]
+            if inbox.held:
+                inbox.keep(data[start:])
                 return
             self._receive(data[start : start + READ_SLICE])
 
@@ -306,7 +241,7 @@ class Connection(asyncio.Protocol):
             self._requested = True
             if isinstance(protocol.handshake_exc, InvalidMessage):  # websockets answers nothing
                 self._refuse_unparsable()
-        self._flush()  # pongs, the echo of a close frame, a refused request
+        self.flush()  # pongs, the echo of a close frame, a refused request
         self._expect_close()
         if self._open and self.backed_up():
             self._handler.backed_up(self)  # a ping flood it does not read the answers to
@@ -317,13 +252,13 @@ class Connection(asyncio.Protocol):
                 self._request(event)
 
     def eof_received(self) -> bool | None:
-        if self.protocol.state is CONNECTING and self._task is not None:
+        if self.protocol.state is CONNECTING and self._answering is not None:
             # An HTTP answer being prepared: the client ended only its side, the answer
             # still goes out (_respond then ends the connection).
             return True
         self.protocol.receive_eof()
         self._left_open()
-        self._flush()
+        self.flush()
         # Returning None closes the socket: WebSocket never writes after the peer's EOF.
         # The socket ends once what waits in its buffer is sent, which a client that ended
         # its side but reads nothing never lets happen.
@@ -341,7 +276,9 @@ class Connection(asyncio.Protocol):
         self._handler.closed(self)
         # Leave no reference cycle behind, so that reference counting frees the connection
         # now: the cycle collector's rare full passes would keep thousands of ended
-        # connections in memory, then stall every client while walking them.
+        # connections in memory, then stall every client while walking them. (The inbox
+        # and the heartbeat hold no reference to the connection; their task and timer,
+        # which do, are cancelled above.)
         self.conversation = None  # session -> hub client -> this connection
         _release_parser(self.protocol)
 
@@ -356,7 +293,8 @@ class Connection(asyncio.Protocol):
 
     # Sending what the protocol produced
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write what the protocol produced (pongs, pings, a close frame, an answer)."""
         chunks = self.protocol.data_to_send()
         if not chunks:
             return
@@ -374,22 +312,6 @@ class Connection(asyncio.Protocol):
                 self.transport.close()
 
     # The opening handshake
-
-    def _up_to_request_end(self, data: bytes) -> bytes:
-        """The part of data up to the end of the request's head; what follows is kept in
-        _early until the request is answered. websockets would parse it as frames at once,
-        before the answer: a ping's pong would go out ahead of the 101, and the bytes after
-        an HTTP request (a pipelined one) would fail the connection before its answer."""
-        seen = self._head_tail + data
-        end = seen.find(b"\r\n\r\n")
-        if end < 0:
-            self._head_tail = seen[-3:]
-            return data
-        cut = end + 4 - len(self._head_tail)
-        self._head_tail = b""
-        if cut < len(data):
-            self._early = data[cut:]
-        return data[:cut]
 
     def _refuse_unparsable(self) -> None:
         """Answer 400 to a request websockets could not parse (a body, a byte that is not
@@ -411,7 +333,7 @@ class Connection(asyncio.Protocol):
         else:
             # Nothing more is read until the answer is sent, and then the connection ends.
             self.transport.pause_reading()
-            self._task = self.loop.create_task(self._respond_later(answer))
+            self._answering = self.loop.create_task(self._respond_later(answer))
 
     async def _respond_later(self, answer: Coroutine[Any, Any, Response]) -> None:
         try:
@@ -419,35 +341,8 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("HTTP endpoint failed")
             response = self.protocol.reject(500, "internal error\n")
-        self._task = None
+        self._answering = None
         self._respond(response)
-
-    def accept(self, request: Request) -> Response:
-        """The 101 answer to a valid handshake request, or websockets' refusal of another.
-
-        websockets checks the request (`process_request`); the 101 is built here only to
-        date it from a clock read once a second (`ServerProtocol.accept` formats the date
-        for every connection, a tenth of a connect storm's Python time).
-        """
-        protocol = self.protocol
-        try:
-            accept_header, extensions_header, protocol_header = protocol.process_request(request)
-        except Exception:
-            return protocol.accept(request)  # checks again and builds the fitting refusal
-        protocol.accept_called = True
-        headers = Headers(
-            [
-                ("Date", _http_date()),
-                ("Upgrade", "websocket"),
-                ("Connection", "Upgrade"),
-                ("Sec-WebSocket-Accept", accept_header),
-            ]
-        )
-        if extensions_header is not None:
-            headers["Sec-WebSocket-Extensions"] = extensions_header
-        if protocol_header is not None:
-            headers["Sec-WebSocket-Protocol"] = protocol_header
-        return Response(101, "Switching Protocols", headers)
 
     def _respond(self, response: Response) -> None:
         if self.protocol.state is not CONNECTING:
@@ -456,7 +351,7 @@ class Connection(asyncio.Protocol):
         self.protocol.send_response(response)
         if self.protocol.state is not OPEN:
             self._early = None
-            self._flush()
+            self.flush()
             self.transport.close()  # an HTTP answer or a refusal: sent, then the socket ends
             return
         if self._deadline is not None:
@@ -466,161 +361,25 @@ class Connection(asyncio.Protocol):
         self._open = True
         # The 101 and the greeting in one write: one system call, one read for the client.
         self.transport.write(b"".join(self.protocol.data_to_send()) + conversation.greeting())
-        self._schedule_ping()
+        self._heartbeat.start(self)
         if self._early is not None:  # frames sent right behind the request
             early, self._early = self._early, None
             self.data_received(early)
 
-    # Frames and messages
+    # Frames of an open connection
 
     def _frame(self, frame: Frame) -> None:
-        """Hand a message to the conversation, and charge it for every other frame but the
-        answer to our ping and the close: parsing a frame costs about as much as answering
-        a small message, so a flood of any kind of frame is a flood of messages."""
+        """Hand a message to the inbox, and charge the conversation for every other frame
+        but the answer to our ping and the close: parsing a frame costs about as much as
+        answering a small message, so a flood of any kind of frame is a flood of messages."""
         opcode = frame.opcode
-        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-            if frame.fin:
-                self._message(frame.opcode, bytes(frame.data))
-                return
-            self._fragments = [frame]
-            self._charge("fragment")
-        elif opcode is Opcode.CONT:
-            fragments = self._fragments
-            if fragments is None:  # the protocol refuses this already; never reached
-                return
-            fragments.append(frame)
-            if frame.fin:
-                self._fragments = None
-                self._message(fragments[0].opcode, b"".join(bytes(f.data) for f in fragments))
-            elif len(fragments) >= MAX_FRAGMENTS:
-                self._fragments = None
-                self._fail(CloseCode.MESSAGE_TOO_BIG, f"more than {MAX_FRAGMENTS} frames")
-            else:
-                self._charge("fragment")
-        elif opcode is Opcode.PING:  # answered by the protocol itself (flushed above)
-            self._charge("ping")
+        if opcode is Opcode.PING:  # answered by the protocol itself (flushed above)
+            self._inbox.charge(self, "ping")
         elif opcode is Opcode.PONG:
-            if frame.data != self._ping_payload:
-                self._charge("pong")
-                return
-            self._ping_payload = None
-            if self._ping_timer is not None:
-                self._ping_timer.cancel()
-            self._schedule_ping()
-        # CLOSE is echoed by the protocol itself (flushed above).
-
-    def _charge(self, kind: str) -> None:
-        # Also during a closing handshake we started: the frames before the client's close
-        # frame are parsed, so a flood then costs as much. Once the connection is failed or
-        # the client's close came (EOF sent), nothing more is parsed.
-        if self.conversation is None or self.protocol.eof_sent:
-            return
-        try:
-            self.conversation.charge(kind)
-        except CloseConnection as decision:
-            self._fail(decision.code, decision.reason)
-
-    def _message(self, opcode: Opcode, data: bytes) -> None:
-        if self.protocol.state is not OPEN:
-            self._charge("message")  # read only to find the client's close frame
-            return
-        message: str | bytes = data
-        if opcode is Opcode.TEXT:
-            try:
-                message = data.decode()
-            except UnicodeDecodeError as exc:
-                self._fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
-                return
-        if self._task is not None:  # a resume is running: this message waits its turn
-            waiting = self._waiting
-            if waiting is None:
-                waiting = self._waiting = deque()
-            waiting.append(message)
-            if len(waiting) >= MAX_WAITING:
-                self._held = True
-                self.transport.pause_reading()
-            return
-        self._deliver(message)
-
-    def _deliver(self, message: str | bytes) -> None:
-        assert self.conversation is not None
-        try:
-            work = self.conversation.handle(message)
-        except CloseConnection as decision:
-            self._fail(decision.code, decision.reason)
-            return
-        except Exception:  # a bug: this client is closed, the others are not affected
-            log.exception("client message failed")
-            self.close(CloseCode.INTERNAL_ERROR, "internal error")
-            return
-        if work is not None:
-            self._task = self.loop.create_task(self._run(work))
-            # A task cancelled before its first step never awaits `work`: closed here then
-            # (when the task is done, `work` has finished or never started).
-            self._task.add_done_callback(lambda _: work.close())
-
-    async def _run(self, work: Work) -> None:
-        """Run a message's waiting part, then the messages that arrived meanwhile."""
-        try:
-            await work
-        except CloseConnection as decision:
-            self._task = None
-            self._fail(decision.code, decision.reason)
-            return
-        except Exception:
-            log.exception("client message failed")
-            self._task = None
-            self.close(CloseCode.INTERNAL_ERROR, "internal error")
-            return
-        self._task = None
-        waiting = self._waiting
-        while waiting and self._task is None and self.protocol.state is OPEN:
-            self._deliver(waiting.popleft())
-        if self._task is None:
-            self._release_hold()
-
-    def _release_hold(self) -> None:
-        """Read again after a hold: what was read but not parsed first, then the socket."""
-        if not self._held:
-            return
-        self._held = False
-        unread, self._unread = self._unread, b""
-        self.transport.resume_reading()
-        self._feed(unread)  # may hold again
-
-    # Heartbeat: a ping every ping_interval, answered within ping_timeout or the end (1011)
-
-    def _schedule_ping(self) -> None:
-        interval = self._options.ping_interval
-        if interval is not None and self.protocol.state is OPEN:
-            self._ping_timer = self.loop.call_later(interval, self._ping)
-
-    def _ping(self) -> None:
-        self._ping_timer = None
-        if self.protocol.state is not OPEN:
-            return
-        self._ping_payload = os.urandom(4)
-        self.protocol.send_ping(self._ping_payload)
-        self._flush()
-        timeout = self._options.ping_timeout
-        if timeout is None:
-            self._schedule_ping()
-        else:
-            self._await_pong(timeout)
-
-    def _await_pong(self, timeout: float) -> None:
-        self._ping_timer = self.loop.call_later(timeout, self._ping_timed_out, timeout)
-
-    def _ping_timed_out(self, timeout: float) -> None:
-        self._ping_timer = None
-        if self.protocol.state is not OPEN:
-            return
-        if self._held:
-            # Its answer may be among what is not read yet, while a resume runs (bounded by
-            # the resume's own limits): not the client's fault, so wait for it again.
-            self._await_pong(timeout)
-            return
-        self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+            if not self._heartbeat.answered(self, frame.data):
+                self._inbox.charge(self, "pong")
+        elif opcode is not Opcode.CLOSE:  # a close is echoed by the protocol (flushed above)
+            self._inbox.receive(self, frame)
 
 
 def _release_parser(protocol: ServerProtocol) -> None:
@@ -632,13 +391,3 @@ def _release_parser(protocol: ServerProtocol) -> None:
     protocol.parser.close()
     if protocol.parser_exc is not None:
         traceback.clear_frames(protocol.parser_exc.__traceback__)
-
-
-def _http_date() -> str:
-    """The HTTP Date header's value, formatted once per second."""
-    return _formatted_date(int(time.time()))
-
-
-@functools.lru_cache(maxsize=1)
-def _formatted_date(second: int) -> str:
-    return email.utils.formatdate(second, usegmt=True)

@@ -30,9 +30,10 @@ import structlog
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from broadcaster import messages
-from broadcaster.connection import Connection, Options
+from broadcaster import handshake, messages
+from broadcaster.connection import Connection
 from broadcaster.errors import SocketInUse
+from broadcaster.handler import Options
 from broadcaster.hub import Hub
 from broadcaster.limits import ConnectionCounter, client_ip, connection_ceiling, per_ip_key
 from broadcaster.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
@@ -125,7 +126,7 @@ class Edge:
             self.metrics.rejected.labels(reason="ip_limit").inc()
             return _text(http.HTTPStatus.TOO_MANY_REQUESTS, "too many connections\n")
         connection.ip = key  # released when the TCP connection ends, whatever the handshake
-        return connection.accept(request)
+        return handshake.accept(connection.protocol, request)
 
     async def process_http(self, request: Request) -> Response:
         """The operations endpoints (on both ports), for GET and HEAD."""

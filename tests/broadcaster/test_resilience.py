@@ -21,6 +21,8 @@ from websockets.server import ServerProtocol
 
 from broadcaster import stream
 from broadcaster.connection import CLOSE_TIMEOUT, Connection
+from broadcaster.heartbeat import Heartbeat
+from broadcaster.inbox import Inbox
 from broadcaster.metrics import Metrics
 from broadcaster.server import serve_clients
 from broadcaster.service import HEALTH_FRESH_FOR, build_hub
@@ -335,7 +337,7 @@ async def test_ended_connections_are_freed_without_the_cycle_collector(
     that pass is rare (closed connections pile up in memory) and long (it stalls every client).
     """
     await producer.publish()
-    server_side = (Connection, ServerProtocol, Session)
+    server_side = (Connection, Inbox, Heartbeat, ServerProtocol, Session)
     gc.collect()
     gc.disable()
     try:

@@ -1,0 +1,99 @@
+"""A connection's heartbeat: a ping every ping_interval, answered within ping_timeout or the
+connection fails (1011)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Protocol
+
+from websockets.frames import CloseCode
+from websockets.protocol import OPEN
+from websockets.server import ServerProtocol
+
+from broadcaster.inbox import Inbox
+
+__all__ = ["Heartbeat", "Pinged"]
+
+
+class Pinged(Protocol):
+    """What the heartbeat uses of its connection (connection.Connection)."""
+
+    protocol: ServerProtocol
+
+    def flush(self) -> None: ...
+    def fail(self, code: int, reason: str) -> None: ...
+
+
+class Heartbeat:
+    """The ping timer and the payload of the ping awaiting its answer.
+
+    It keeps no reference to its connection: each call is handed it, and so is the timer,
+    whose reference goes when it fires or is cancelled. The connection is then freed by
+    reference counting when it ends (see Connection.connection_lost).
+    """
+
+    __slots__ = ("_inbox", "_interval", "_loop", "_payload", "_timeout", "_timer")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        interval: float | None,
+        timeout: float | None,
+        inbox: Inbox,
+    ) -> None:
+        self._loop = loop
+        self._interval = interval
+        self._timeout = timeout
+        self._inbox = inbox  # whether the answer may be among what is not read yet
+        self._payload: bytes | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, connection: Pinged) -> None:
+        """Ping ping_interval from now (once open, and after each answer)."""
+        interval = self._interval
+        if interval is not None and connection.protocol.state is OPEN:
+            self._timer = self._loop.call_later(interval, self._ping, connection)
+
+    def answered(self, connection: Pinged, data: bytes | bytearray | memoryview) -> bool:
+        """Whether a pong with `data` answers our ping; if so, the next ping is scheduled."""
+        if data != self._payload:
+            return False
+        self._payload = None
+        if self._timer is not None:
+            self._timer.cancel()
+        self.start(connection)
+        return True
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _ping(self, connection: Pinged) -> None:
+        self._timer = None
+        if connection.protocol.state is not OPEN:
+            return
+        self._payload = os.urandom(4)
+        connection.protocol.send_ping(self._payload)
+        connection.flush()
+        timeout = self._timeout
+        if timeout is None:
+            self.start(connection)
+        else:
+            self._await_pong(connection, timeout)
+
+    def _await_pong(self, connection: Pinged, timeout: float) -> None:
+        self._timer = self._loop.call_later(timeout, self._timed_out, connection, timeout)
+
+    def _timed_out(self, connection: Pinged, timeout: float) -> None:
+        self._timer = None
+        if connection.protocol.state is not OPEN:
+            return
+        if self._inbox.held:
+            # Its answer may be among what is not read yet, while a resume runs (bounded by
+            # the resume's own limits): not the client's fault, so wait for it again.
+            self._await_pong(connection, timeout)
+            return
+        connection.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
