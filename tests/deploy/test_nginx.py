@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import itertools
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
@@ -54,6 +55,13 @@ PROXY_READ_TIMEOUT = 60.0  # nginx.conf, location = /ws
 CONNECTIONS_PER_IP = 50  # nginx.conf, limit_conn ws_conn
 HANDSHAKE_INTERVAL = 0.12  # slower than limit_req's 10 r/s
 STORM = 1_000  # connections at once: more than 511, fewer than a usual somaxconn (4,096)
+# nginx.conf closes a connection that has not sent a whole request head after 10 s
+# (client_header_timeout; HTTP/2, measured: that plus keepalive_timeout, 25 s) and one that
+# sends no next request after 15 s (keepalive_timeout): well within this. nginx's defaults
+# (60 s, 65 s) are past it.
+IDLE_CLOSE_BOUND = 45.0
+STALLED_HEADS = 2 * CONNECTIONS_PER_IP  # more than limit_conn would allow, had it counted them
+UNFINISHED_HEAD = b"GET /ws HTTP/1.1\r\nHost: ws.kektech.xyz\r\n"  # no blank line: unfinished
 SECURITY_HEADERS = {
     "Strict-Transport-Security": "max-age=63072000",
     "X-Content-Type-Options": "nosniff",
@@ -358,6 +366,180 @@ async def open_socket(edge: Edge, ip: str, *, retry_429_for: float = 0.0) -> Cli
             if exc.response.status_code != 429 or loop.time() > deadline:
                 raise
             await asyncio.sleep(HANDSHAKE_INTERVAL)
+
+
+@pytest.mark.timeout(IDLE_CLOSE_BOUND + 60)
+async def test_connections_that_never_finish_a_request_head_are_closed(edge: Edge) -> None:
+    """nginx closes connections that have not sent a whole request head within a bound,
+    however many one IP holds and wherever they stopped: before or inside the TLS handshake,
+    in a `GET /ws` head (limit_conn counts a request only once its head is in, so one IP
+    could hold thousands), in a head trickled a piece a second, on HTTP/1.1 and HTTP/2."""
+    source = edge.new_ip()
+    stalled: dict[str, list[Stream]] = {
+        "unfinished GET /ws head": [await tls_stream(edge, source) for _ in range(STALLED_HEADS)],
+        "no TLS handshake": [await tcp_stream(edge, source)],
+        "TLS handshake cut short": [await tcp_stream(edge, source)],
+        "HTTP/2 preface only": [await tls_stream(edge, source, alpn=["h2"])],
+    }
+    trickled = {
+        "HTTP/1.1 head trickled": await tls_stream(edge, source),
+        "HTTP/2 head trickled": await tls_stream(edge, source, alpn=["h2"]),
+    }
+    streams = [*(stream for group in stalled.values() for stream in group), *trickled.values()]
+    try:
+        for _, writer in stalled["unfinished GET /ws head"]:
+            writer.write(UNFINISHED_HEAD)
+        # A TLS record header announcing a ClientHello that never follows.
+        stalled["TLS handshake cut short"][0][1].write(bytes([0x16, 0x03, 0x01, 0x02, 0x00]))
+        stalled["HTTP/2 preface only"][0][1].write(H2_PREFACE)
+        waits = {
+            name: [still_open_after(reader, IDLE_CLOSE_BOUND) for reader, _ in group]
+            for name, group in stalled.items()
+        }
+        waits["HTTP/1.1 head trickled"] = [
+            trickle_still_open_after(
+                trickled["HTTP/1.1 head trickled"],
+                IDLE_CLOSE_BOUND,
+                start=b"GET /ws HTTP/1.1\r\n",
+                piece=lambda i: f"X-Trickle-{i}: 1\r\n".encode(),
+            )
+        ]
+        waits["HTTP/2 head trickled"] = [
+            trickle_still_open_after(
+                trickled["HTTP/2 head trickled"],
+                IDLE_CLOSE_BOUND,
+                start=H2_PREFACE + h2_frame(H2_HEADERS, 0, h2_request_block()),  # no END_HEADERS
+                piece=lambda i: h2_frame(H2_CONTINUATION, 0, h2_literal(f"x-trickle-{i}", "1")),
+            )
+        ]
+        names = [name for name, group in waits.items() for _ in group]
+        results = await asyncio.gather(*(wait for group in waits.values() for wait in group))
+        still_open: dict[str, int] = {}
+        for name, is_open in zip(names, results, strict=True):
+            if is_open:
+                still_open[name] = still_open.get(name, 0) + 1
+        assert still_open == {}
+    finally:
+        for _, writer in streams:
+            writer.transport.abort()
+
+
+@pytest.mark.timeout(IDLE_CLOSE_BOUND + 60)
+async def test_an_idle_keepalive_connection_is_closed(edge: Edge) -> None:
+    """After a complete request and its answer, nginx closes a connection that sends no next
+    request within a bound (keepalive_timeout), on HTTP/1.1 and on HTTP/2."""
+    source = edge.new_ip()
+    http1 = await tls_stream(edge, source)
+    http2 = await tls_stream(edge, source, alpn=["h2"])
+    try:
+        http1[1].write(b"GET /nothing-here HTTP/1.1\r\nHost: ws.kektech.xyz\r\n\r\n")
+        end_headers_and_stream = 0x05
+        http2[1].write(
+            H2_PREFACE + h2_frame(H2_HEADERS, end_headers_and_stream, h2_request_block())
+        )
+        async with asyncio.timeout(10):
+            head = await http1[0].readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 404 ")
+            length = re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE)
+            assert length is not None
+            await http1[0].readexactly(int(length[1]))
+            assert await h2_stream_ended(http2[0], stream_id=1)
+        results = await asyncio.gather(
+            still_open_after(http1[0], IDLE_CLOSE_BOUND),
+            still_open_after(http2[0], IDLE_CLOSE_BOUND),
+        )
+        assert dict(zip(["HTTP/1.1", "HTTP/2"], results, strict=True)) == {
+            "HTTP/1.1": False,
+            "HTTP/2": False,
+        }
+    finally:
+        http1[1].transport.abort()
+        http2[1].transport.abort()
+
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+H2_HEADERS, H2_CONTINUATION = 0x1, 0x9  # HTTP/2 frame types
+# The HTTP/2 connection preface and an empty SETTINGS frame.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+async def tcp_stream(edge: Edge, source: str) -> Stream:
+    """A plain TCP connection to nginx's HTTPS port from `source`."""
+    return await asyncio.open_connection(
+        "127.0.0.1", edge.layout.https_port, local_addr=(source, 0)
+    )
+
+
+async def tls_stream(edge: Edge, source: str, *, alpn: list[str] | None = None) -> Stream:
+    """A TLS connection to nginx as ws.kektech.xyz from `source`, handshake done."""
+    return await asyncio.open_connection(
+        "127.0.0.1",
+        edge.layout.https_port,
+        ssl=client_context(edge.layout.cert, alpn=alpn or ()),
+        server_hostname=HOST,
+        local_addr=(source, 0),
+        ssl_handshake_timeout=10,
+    )
+
+
+async def still_open_after(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """Whether nginx still holds the connection after `seconds`, whatever it sends meanwhile
+    (a timed-out connection is closed or reset without an answer)."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(65536):
+                pass
+    except TimeoutError:
+        return True
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return False
+
+
+async def trickle_still_open_after(
+    stream: Stream, seconds: float, *, start: bytes, piece: Callable[[int], bytes]
+) -> bool:
+    """still_open_after, while a request head that began with `start` grows by one more
+    `piece` a second: nginx bounds the time to the end of the head, not only each silence."""
+    reader, writer = stream
+    writer.write(start)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    pieces = itertools.count()
+    while (left := deadline - loop.time()) > 0:
+        if not await still_open_after(reader, min(1.0, left)):
+            return False
+        writer.write(piece(next(pieces)))
+    return True
+
+
+def h2_frame(kind: int, flags: int, payload: bytes, *, stream_id: int = 1) -> bytes:
+    """One HTTP/2 frame."""
+    header = len(payload).to_bytes(3, "big") + bytes([kind, flags])
+    return header + stream_id.to_bytes(4, "big") + payload
+
+
+def h2_request_block() -> bytes:
+    """An HPACK header block for GET https://ws.kektech.xyz/: :method, :scheme and :path
+    from the static table, :authority a literal."""
+    authority = HOST.encode()
+    return bytes([0x82, 0x87, 0x84, 0x41, len(authority)]) + authority
+
+
+def h2_literal(name: str, value: str) -> bytes:
+    """An HPACK literal header field, not indexed, name and value short and plain."""
+    return bytes([0x00, len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+
+async def h2_stream_ended(reader: asyncio.StreamReader, *, stream_id: int) -> bool:
+    """Read HTTP/2 frames until one on `stream_id` carries END_STREAM (the whole answer)."""
+    while True:
+        header = await reader.readexactly(9)
+        length, kind, flags = int.from_bytes(header[:3], "big"), header[3], header[4]
+        await reader.readexactly(length)
+        frame_stream = int.from_bytes(header[5:9], "big") & 0x7FFFFFFF
+        if frame_stream == stream_id and kind in (0, 1) and flags & 0x01:  # DATA, HEADERS
+            return True
 
 
 async def test_security_headers_and_no_server_version(edge: Edge) -> None:
