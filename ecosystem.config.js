@@ -21,16 +21,18 @@
 // app's env (per-service REDIS_URL users, docs/deployment.md); environment variables beat .env.
 // Logging is left to auto-detection: not on a TTY under PM2, so JSON lines, never colours.
 //
-// Read when PM2 evaluates this file (pm2 start/reload/startOrReload), all optional:
+// Read when PM2 evaluates this file (pm2 start/reload/startOrReload), all optional, from PM2's
+// environment or else from <KEKTECH_SERVICE_ENV_DIR>/ecosystem.env (below):
 //   KEKTECH_ROOT                        checkout holding .venv       (directory of this file)
 //   KEKTECH_PYTHON                      interpreter                  ($KEKTECH_ROOT/.venv/bin/python)
 //   KEKTECH_WORKDIR                     cwd of both apps, its .env   ($KEKTECH_ROOT)
 //   KEKTECH_LOG_DIR                     PM2 log files                (/var/log/kektech if it
 //                                                                    exists, else ~/.pm2/logs)
-//   KEKTECH_SERVICE_ENV_DIR             <service>.env files          (/etc/kektech)
 //   KEKTECH_BROADCASTER_INSTANCES       broadcaster instances N      (2)
 //   KEKTECH_WS_BASE_PORT                WS_PORT of instance 0        (3180)
 //   KEKTECH_BROADCASTER_HTTP_BASE_PORT  health/metrics of instance 0 (9465)
+// and from the environment only (it locates that file):
+//   KEKTECH_SERVICE_ENV_DIR             <service>.env, ecosystem.env (/etc/kektech)
 // Changing N or the ports also means changing nginx.conf's upstreams (docs/nginx.md).
 "use strict";
 
@@ -38,22 +40,137 @@ const fs = require("node:fs");
 const path = require("node:path");
 
 const env = process.env;
-const ROOT = path.resolve(env.KEKTECH_ROOT || __dirname);
-const PYTHON = env.KEKTECH_PYTHON || path.join(ROOT, ".venv", "bin", "python");
-const WORKDIR = path.resolve(env.KEKTECH_WORKDIR || ROOT);
 const SERVICE_ENV_DIR = env.KEKTECH_SERVICE_ENV_DIR || "/etc/kektech";
-const LOG_DIR = env.KEKTECH_LOG_DIR || (fs.existsSync("/var/log/kektech") ? "/var/log/kektech" : "");
+
+// The operator's choices among the KEKTECH_* settings persist in one file, because PM2
+// evaluates this file again on every reload with the environment of whoever runs pm2, and
+// that environment does not keep them: deploy/update.sh clears its own (env -i), sudo's
+// env_reset drops them, the next login shell lacks them. A port set only there would
+// silently go back to its default on the next `pm2 reload ... --update-env`. Not in .env:
+// that is the services' file, in python-dotenv's syntax, and they refuse names they do not
+// read. /etc/kektech already holds the deployment's per-service files, outside the checkout
+// (a re-clone or `git reset --hard` keeps it). The environment still wins (tests, one-offs).
+const SETTINGS_FILE = path.join(SERVICE_ENV_DIR, "ecosystem.env");
+const SETTINGS = [
+  "KEKTECH_ROOT",
+  "KEKTECH_PYTHON",
+  "KEKTECH_WORKDIR",
+  "KEKTECH_LOG_DIR",
+  "KEKTECH_BROADCASTER_INSTANCES",
+  "KEKTECH_WS_BASE_PORT",
+  "KEKTECH_BROADCASTER_HTTP_BASE_PORT",
+];
+
+// NAME=value lines (value optionally in matching quotes), blank lines and # comments. Any
+// other line, a name set twice or a name this file does not read is refused with its line
+// number: skipping it would run the apps on a default the operator did not choose.
+function savedSettings() {
+  let text;
+  try {
+    text = fs.readFileSync(SETTINGS_FILE, "utf8");
+  } catch (error) {
+    if (error.code === "ENOENT") return {};
+    throw new Error(`cannot read ${SETTINGS_FILE}: ${error.message}`);
+  }
+  const saved = {};
+  text.split(/\r?\n/).forEach((line, index) => {
+    const number = index + 1;
+    const where = `${SETTINGS_FILE} line ${number}`;
+    if (line.trim() === "" || line.trimStart().startsWith("#")) return;
+    const match = /^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$/.exec(line);
+    if (!match) throw new Error(`${where} is not NAME=value`);
+    const [, name, raw] = match;
+    if (name === "KEKTECH_SERVICE_ENV_DIR") {
+      throw new Error(`${where}: ${name} locates this file, so only the environment sets it`);
+    }
+    if (!SETTINGS.includes(name)) {
+      if (!name.startsWith("KEKTECH_")) {
+        throw new Error(`${where}: ${name} is a setting of the services: it belongs in .env`);
+      }
+      const close = closest(name, SETTINGS);
+      const hint = close ? `did you mean ${close}?` : `known: ${SETTINGS.join(", ")}`;
+      throw new Error(`${where}: unknown variable ${name} (${hint})`);
+    }
+    if (saved[name]) {
+      throw new Error(`${where}: ${name} is already set on line ${saved[name].line}`);
+    }
+    saved[name] = { value: raw.replace(/^(['"])(.*)\1$/, "$2"), line: number };
+  });
+  return saved;
+}
+
+// The known name probably meant: one holding all the words of `name` in order
+// (KEKTECH_WS_PORT: KEKTECH_WS_BASE_PORT), else the nearest within a third of its length in
+// edits (KEKTECH_BROADCASTER_INSTANCE: ..._INSTANCES).
+function closest(name, names) {
+  const words = name.split("_");
+  const holding = names.find((candidate) => {
+    let at = 0;
+    for (const word of candidate.split("_")) if (word === words[at]) at += 1;
+    return at === words.length;
+  });
+  if (holding) return holding;
+  let best = null;
+  let bestDistance = Math.floor(name.length / 3) + 1;
+  for (const candidate of names) {
+    const row = Array.from({ length: candidate.length + 1 }, (_, j) => j);
+    for (let i = 1; i <= name.length; i++) {
+      let diagonal = row[0];
+      row[0] = i;
+      for (let j = 1; j <= candidate.length; j++) {
+        const above = row[j];
+        const cost = name[i - 1] === candidate[j - 1] ? 0 : 1;
+        row[j] = Math.min(row[j] + 1, row[j - 1] + 1, diagonal + cost);
+        diagonal = above;
+      }
+    }
+    if (row[candidate.length] < bestDistance) {
+      best = candidate;
+      bestDistance = row[candidate.length];
+    }
+  }
+  return best;
+}
+
+const SAVED = savedSettings();
+
+// { value, source } of a setting: PM2's environment, else ecosystem.env, else undefined.
+// An empty value counts as unset.
+function setting(name) {
+  if (env[name] !== undefined && env[name] !== "") {
+    return { value: env[name], source: "the environment" };
+  }
+  const saved = SAVED[name];
+  if (saved && saved.value !== "") {
+    return { value: saved.value, source: `${SETTINGS_FILE} line ${saved.line}` };
+  }
+  return { value: undefined, source: "" };
+}
+
+function text(name, fallback) {
+  const { value } = setting(name);
+  return value === undefined ? fallback : value;
+}
 
 function integer(name, fallback, low, high) {
-  const raw = env[name];
-  if (raw === undefined || raw === "") return fallback;
+  const { value: raw, source } = setting(name);
+  if (raw === undefined) return fallback;
   const value = Number(raw);
   if (!Number.isInteger(value) || value < low || value > high) {
-    throw new Error(`${name} must be an integer from ${low} to ${high}, not ${JSON.stringify(raw)}`);
+    throw new Error(
+      `${name} must be an integer from ${low} to ${high}, not ${JSON.stringify(raw)} (${source})`,
+    );
   }
   return value;
 }
 
+const ROOT = path.resolve(text("KEKTECH_ROOT", __dirname));
+const PYTHON = text("KEKTECH_PYTHON", path.join(ROOT, ".venv", "bin", "python"));
+const WORKDIR = path.resolve(text("KEKTECH_WORKDIR", ROOT));
+const LOG_DIR = text(
+  "KEKTECH_LOG_DIR",
+  fs.existsSync("/var/log/kektech") ? "/var/log/kektech" : "",
+);
 const INSTANCES = integer("KEKTECH_BROADCASTER_INSTANCES", 2, 1, 64);
 const WS_BASE_PORT = integer("KEKTECH_WS_BASE_PORT", 3180, 1, 65535 - INSTANCES);
 const HTTP_BASE_PORT = integer("KEKTECH_BROADCASTER_HTTP_BASE_PORT", 9465, 1, 65535 - INSTANCES);

@@ -53,7 +53,10 @@ def _unknown_variable(key: str, known: frozenset[str]) -> str:
     if key.upper() in known:
         return f"unknown variable {key} (names are upper case: {key.upper()})"
     if key.startswith("KEKTECH_"):  # ecosystem.config.js's, read when PM2 evaluates it
-        return f"unknown variable {key} (PM2 reads KEKTECH_* from its environment, see docs/pm2.md)"
+        return (
+            f"unknown variable {key} (ecosystem.config.js reads KEKTECH_* from "
+            "/etc/kektech/ecosystem.env, see docs/pm2.md)"
+        )
     close = get_close_matches(key.upper(), sorted(known), n=1)
     if close:
         return f"unknown variable {key} (did you mean {close[0]}?)"

@@ -29,6 +29,7 @@ from tests.support.pm2 import (
     INDEXER,
     Pm2,
     consecutive_free_ports,
+    ecosystem_error,
     evaluate_ecosystem,
     http_json,
     kill_timeouts,
@@ -343,3 +344,92 @@ def test_ecosystem_merges_each_service_env_file_into_its_app(tmp_path: Path) -> 
     assert broadcaster["env"]["REDIS_URL"] == "redis://broadcaster:pw@h:1/0"
     assert (indexer["cwd"], indexer["script"]) == ("/opt/kektech", "/opt/kektech/.venv/bin/python")
     assert (broadcaster["instances"], broadcaster["env"]["WS_PORT"]) == (2, "3180")
+
+
+async def test_settings_of_the_ecosystem_env_file_survive_a_reload_without_them(
+    tmp_path: Path, redis_server: Redis
+) -> None:
+    """KEKTECH_* saved in <KEKTECH_SERVICE_ENV_DIR>/ecosystem.env hold across `pm2 startOrReload
+    ecosystem.config.js --update-env` from a shell without them (update.sh, sudo), and a
+    malformed file stops the reload with the file's line, leaving the apps running."""
+    ws_base, http_base = consecutive_free_ports(1), consecutive_free_ports(1)
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    settings = etc / "ecosystem.env"
+    settings.write_text(
+        "# this machine's ports\n"
+        "KEKTECH_BROADCASTER_INSTANCES=1\n"
+        f"KEKTECH_WS_BASE_PORT={ws_base}\n"
+        f"KEKTECH_BROADCASTER_HTTP_BASE_PORT='{http_base}'\n"
+    )
+    workdir = tmp_path / "app"
+    write_dotenv(
+        workdir,
+        {"REDIS_URL": redis_server.url, "REDIS_STREAM_KEY": f"test:pm2:{tmp_path.name}:events"},
+    )
+    with Pm2(tmp_path / "pm2", workdir=workdir, KEKTECH_SERVICE_ENV_DIR=str(etc)) as pm2:
+        assert not [name for name in pm2.env if name.endswith("_PORT") or "INSTANCES" in name]
+
+        async def assert_on_the_saved_ports() -> None:
+            assert pm2.statuses(BROADCASTER) == ["online"]
+            health = await http_json(f"http://127.0.0.1:{http_base}/healthz")
+            assert health["redis"] == "up"
+            async with ws_client(f"ws://127.0.0.1:{ws_base}/ws") as client:
+                assert client.hello["type"] == "connected"
+
+        pm2.start("--only", BROADCASTER)
+        await assert_on_the_saved_ports()
+        before = [p["pid"] for p in pm2.processes(BROADCASTER)]
+        pm2.run("startOrReload", str(ECOSYSTEM), "--only", BROADCASTER, "--update-env")
+        assert [p["pid"] for p in pm2.processes(BROADCASTER)] != before
+        await assert_on_the_saved_ports()
+
+        settings.write_text(settings.read_text() + "KEKTECH_WS_PORT=4000\n")
+        with pytest.raises(AssertionError, match=r"ecosystem\.env line 5: unknown variable "
+                           r"KEKTECH_WS_PORT \(did you mean KEKTECH_WS_BASE_PORT\?\)"):  # fmt: skip
+            pm2.run("startOrReload", str(ECOSYSTEM), "--only", BROADCASTER, "--update-env")
+        assert pm2.statuses(BROADCASTER) == ["online"]
+
+
+def test_the_environment_beats_the_ecosystem_env_file_which_beats_the_defaults(
+    tmp_path: Path,
+) -> None:
+    """A KEKTECH_* variable set in PM2's environment wins over ecosystem.env, which wins over
+    the file's own defaults."""
+    (tmp_path / "ecosystem.env").write_text(
+        "KEKTECH_WS_BASE_PORT=14100\nKEKTECH_BROADCASTER_HTTP_BASE_PORT=14200\n"
+        "KEKTECH_LOG_DIR=/var/log/elsewhere\n"
+    )
+    _, broadcaster = evaluate_ecosystem(
+        KEKTECH_SERVICE_ENV_DIR=str(tmp_path), KEKTECH_BROADCASTER_HTTP_BASE_PORT="15200"
+    )
+    assert (broadcaster["instances"], broadcaster["env"]["WS_PORT"]) == (2, "14100")
+    assert broadcaster["env"]["BROADCASTER_HTTP_PORT"] == "15200"
+    assert broadcaster["out_file"] == f"/var/log/elsewhere/{BROADCASTER}.out.log"
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("KEKTECH_WS_BASE_PORT 14100\n", "line 1 is not NAME=value"),
+        ("\n# port\nKEKTECH_WS_BASE_PORT=14100\nKEKTECH_WS_BASE_PORT=14101\n",
+         "line 4: KEKTECH_WS_BASE_PORT is already set on line 3"),
+        ("KEKTECH_BROADCASTER_INSTANCE=3\n",
+         "line 1: unknown variable KEKTECH_BROADCASTER_INSTANCE "
+         "(did you mean KEKTECH_BROADCASTER_INSTANCES?)"),
+        ("WS_PORT=14100\n", "line 1: WS_PORT is a setting of the services: it belongs in .env"),
+        ("KEKTECH_SERVICE_ENV_DIR=/srv\n",
+         "line 1: KEKTECH_SERVICE_ENV_DIR locates this file, so only the environment sets it"),
+        ("KEKTECH_WS_BASE_PORT=31x\n",
+         'KEKTECH_WS_BASE_PORT must be an integer from 1 to 65533, not "31x" ('),
+    ],
+)  # fmt: skip
+def test_a_bad_line_of_the_ecosystem_env_file_is_refused_with_its_number(
+    tmp_path: Path, text: str, error: str
+) -> None:
+    """ecosystem.config.js refuses a malformed line, a name set twice, a name it does not read
+    and a bad value, naming the file and the line, rather than fall back to a default."""
+    (tmp_path / "ecosystem.env").write_text(text)
+    message = ecosystem_error(KEKTECH_SERVICE_ENV_DIR=str(tmp_path))
+    assert str(tmp_path / "ecosystem.env") in message
+    assert error in message

@@ -27,6 +27,9 @@ BROADCASTER = "kektech-websocket-server"
 COMMAND_TIMEOUT = 90.0
 # pm2.log lines start with "2026-11-25T23:40:00: PM2 log: " (local time, second resolution).
 PM2_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d): PM2 log: (.*)$")
+CATCH_ECOSYSTEM_ERROR = (
+    "try { require(process.argv[1]) } catch (e) { process.stdout.write(e.message) }"
+)
 _PORT_PICKER = random.SystemRandom()  # not seeded alike in parallel test processes
 
 
@@ -71,6 +74,19 @@ def evaluate_ecosystem(**env: str) -> list[dict[str, Any]]:
     apps = json.loads(result.stdout)
     assert isinstance(apps, list)
     return apps
+
+
+def ecosystem_error(**env: str) -> str:
+    """The message of the error ecosystem.config.js throws when evaluated with `env`."""
+    result = subprocess.run(
+        ["node", "-e", CATCH_ECOSYSTEM_ERROR, str(ECOSYSTEM)],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )  # fmt: skip
+    assert result.stdout, "ecosystem.config.js evaluated without an error"
+    return result.stdout
 
 
 def kill_timeouts() -> dict[str, float]:

@@ -644,8 +644,8 @@ def test_settings_or_exit_stops_on_a_dotenv_line_that_cannot_be_parsed(
         ),
         (
             "KEKTECH_BROADCASTER_INSTANCES=3",
-            "unknown variable KEKTECH_BROADCASTER_INSTANCES (PM2 reads KEKTECH_* from its "
-            "environment, see docs/pm2.md)",
+            "unknown variable KEKTECH_BROADCASTER_INSTANCES (ecosystem.config.js reads "
+            "KEKTECH_* from /etc/kektech/ecosystem.env, see docs/pm2.md)",
         ),
         (
             "FACTORY=0x1",
