@@ -5,6 +5,7 @@ environment."""
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 from pathlib import Path
 
@@ -61,3 +62,30 @@ def test_run_by_root_without_sudo_it_runs_the_cli_as_the_app_user(base: Path) ->
     assert (got["HOME"], got["USER"]) == (str(base / "home"), "nobody")
     assert "ROOT_ONLY_TOKEN" not in got
     assert "DATABASE_URL" not in got
+
+
+def test_run_by_the_app_user_it_drops_the_callers_settings(base: Path) -> None:
+    """The app user itself gets the CLI with the same clean environment as root does: a
+    REDIS_URL or DATABASE_URL exported in its shell does not override .env."""
+    app_user = pwd.getpwuid(os.geteuid()).pw_name  # the wrapper sees its caller as the app user
+    wrapper = wrapper_for(base, app_user)
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": "/somewhere/else",
+        "DATABASE_URL": "postgresql://from-the-shell/other",
+        "REDIS_URL": "redis://from-the-shell:6379/0",
+        "PM2_HOME": "/srv/another-pm2",
+        "CALLER_ONLY_TOKEN": "caller-secret-0123",
+    }
+    result = subprocess.run(
+        [str(wrapper), *ARGS], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    head, _, environment = result.stdout.partition("\n--\n")
+    user, cwd, *args = head.split("\n")
+    got = dict(entry.split("=", 1) for entry in environment.split("\0") if entry)
+    assert (user, cwd, args) == (app_user, str(base / "opt"), ARGS)
+    assert (got["HOME"], got["USER"], got["LANG"]) == (str(base / "home"), app_user, "C.UTF-8")
+    for name in ("DATABASE_URL", "REDIS_URL", "PM2_HOME", "CALLER_ONLY_TOKEN"):
+        assert name not in got
