@@ -1,20 +1,15 @@
 """Follow the chain from the cursor to the head, one committed batch per block range.
 
-Two ways to fetch a range:
-- deep ranges (more than REORG_WINDOW blocks behind the target, the head less CONFIRMATIONS)
-  are taken as final: logs in adaptive chunks, headers only for blocks that have logs (their
-  time) and for the range end (the cursor);
-- tip ranges (inside the window) fetch every header and check the parent-hash chain from the
-  cursor, so a reorg is noticed before anything of the new branch is stored.
-
-A range's logs come from RangeLogs (the markets created inside it included), its events from
-RangeDecoder; StoredChain finds where a reorg leaves the stored chain.
+Deep ranges (more than REORG_WINDOW blocks behind the target, the head less CONFIRMATIONS) are
+taken as final and pipelined, the next fetched while one commits; tip ranges (inside the
+window) are checked block by block, so a reorg is noticed before anything of the new branch is
+stored. RangeBatches makes a range into a batch either way (indexer/range_batches.py);
+StoredChain finds where a reorg leaves the stored chain.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,13 +26,11 @@ from indexer.errors import (
     ChainIdMismatch,
     ReorgDuringFetch,
     ReorgTooDeep,
-    RpcUnavailable,
 )
 from indexer.lease import Lease
 from indexer.metrics import Metrics
 from indexer.outbox import OutboxRow
-from indexer.range_events import RangeDecoder
-from indexer.range_logs import GatheredRange, RangeLogs
+from indexer.range_batches import RangeBatches
 from indexer.reorg import StoredChain
 from indexer.rollback import rollback
 from indexer.rpc import LogRangeSizer, RpcClient
@@ -53,8 +46,6 @@ OnCommit = Callable[[Sequence[OutboxRow]], None]
 
 # Most blocks fetched per tip batch (headers are fetched one by one in a JSON-RPC batch).
 TIP_MAX_BLOCKS = 64
-# Assumed events per block before the first range is seen: starts small on a dense chain.
-INITIAL_DENSITY = 40.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,18 +95,23 @@ class Follower:
         self._lease = lease
         self._sources = sources
         self._config = config
-        self._sizer = sizer
         self._metrics = metrics
         self._on_commit = on_commit
         self._chain = StoredChain(
             rpc, start_block=config.start_block, reorg_window=config.reorg_window
         )
         self._static = sources.static_kinds()
-        self._logs = RangeLogs(rpc, sizer, static=self._static, max_addresses=config.max_addresses)
-        self._children: dict[str, str] = {}
-        self._decoder = RangeDecoder(metrics)
+        self._ranges = RangeBatches(
+            rpc,
+            sizer,
+            self._chain,
+            static=self._static,
+            max_addresses=config.max_addresses,
+            batch_events=config.batch_events,
+            reorg_window=config.reorg_window,
+            metrics=metrics,
+        )
         self._state: IndexerState | None = None
-        self._density = INITIAL_DENSITY
         self._bulk_done = False  # a catch-up ran since the follower was last idle
         self.head = -1
         # Whether prepare() (or settle()) found the cursor canonical or rolled back onto a
@@ -169,9 +165,9 @@ class Follower:
             start_block=self._config.start_block,
             created=created,
         )
-        self._children = await self._followed_children()
+        self._ranges.children = await self._followed_children()
         self._metrics.cursor.set(state.block_number)
-        log.info("resuming", cursor=state.block_number, markets=len(self._children))
+        log.info("resuming", cursor=state.block_number, markets=len(self._ranges.children))
         self.settled = await self._settle(rewind_to=rewind_to)
 
     async def settle(self, *, attempts: int, pause: float, rewind_to: int | None = None) -> bool:
@@ -273,7 +269,7 @@ class Follower:
         state = await load_state(self._db)
         assert state is not None
         self._state = state
-        self._children = await self._followed_children()
+        self._ranges.children = await self._followed_children()
         self._metrics.cursor.set(state.block_number)
 
     async def _followed_children(self) -> dict[str, str]:
@@ -350,7 +346,7 @@ class Follower:
                 await self._catch_up(deep_end)
                 self._bulk_done = True
             else:
-                last = min(first + TIP_MAX_BLOCKS - 1, self._batch_end(first, target))
+                last = min(first + TIP_MAX_BLOCKS - 1, self._ranges.batch_end(first, target))
                 await self._index_tip(first, last, head)
         except (ReorgDuringFetch, BlockNotFound) as exc:
             await self._fetch_again(exc)
@@ -373,9 +369,9 @@ class Follower:
         cursor = self._state.block_number
         if last > cursor:
             raise ValueError(f"block {last} is above the cursor {cursor}")
-        known = set(self._children)
+        known = set(self._ranges.children)
         stored = await self._backfill_ranges(first, last)
-        found = sorted(self._children.keys() - known)
+        found = sorted(self._ranges.children.keys() - known)
         later = 0
         if found and last < cursor:
             later = await self._backfill_ranges(last + 1, cursor, addresses=found)
@@ -390,8 +386,8 @@ class Follower:
         stored = 0
         start = first
         while start <= last:
-            end = self._batch_end(start, last)
-            stored += await self._save(await self._prepare_deep(start, end, addresses=addresses))
+            end = self._ranges.batch_end(start, last)
+            stored += await self._save(await self._ranges.deep(start, end, addresses=addresses))
             start = end + 1
         return stored
 
@@ -404,8 +400,8 @@ class Follower:
         """
         assert self._state is not None
         first = self.cursor + 1
-        batch: Batch | None = await self._prepare_deep(
-            first, self._batch_end(first, deep_end), extends=self._state.block_hash
+        batch: Batch | None = await self._ranges.deep(
+            first, self._ranges.batch_end(first, deep_end), extends=self._state.block_hash
         )
         while batch is not None:
             assert batch.cursor is not None
@@ -417,8 +413,10 @@ class Follower:
             # commit's own failure is the one to report first.
             saved, upcoming, looked = await asyncio.gather(
                 self._save(batch),
-                self._prepare_deep(
-                    following, self._batch_end(following, deep_end), extends=batch.cursor.hash
+                self._ranges.deep(
+                    following,
+                    self._ranges.batch_end(following, deep_end),
+                    extends=batch.cursor.hash,
                 ),
                 self._look_at_head(),
                 return_exceptions=True,
@@ -441,89 +439,13 @@ class Follower:
         self.head = await self._rpc.block_number()
         self._metrics.head.set(self.head)
 
-    def _note_density(self, logs: int, first: int, last: int) -> None:
-        """Smooth the events per block seen so far: it sizes the next range."""
-        self._density = (self._density + max(logs, 1) / (last - first + 1)) / 2
-
-    def _batch_end(self, first: int, deep_end: int) -> int:
-        blocks = max(1, min(self._sizer.maximum, int(self._config.batch_events / self._density)))
-        return min(deep_end, first + blocks - 1)
-
-    async def _prepare_deep(
-        self,
-        first: int,
-        last: int,
-        *,
-        extends: str | None = None,
-        addresses: Sequence[str] | None = None,
-    ) -> Batch:
-        """A range below the reorg window. `extends`: the hash of the block before `first`
-        (the stored cursor, or the range before) when the range moves the cursor; its first
-        block must link to it, as the one check that a replaced cursor was not missed (a
-        backend still on the old branch may have answered the check of the cursor itself).
-        `addresses` (a backfill of markets only): the contracts to fetch, instead of all."""
-        gathered = await self._logs.gather(
-            first, last, followed=self._children, addresses=addresses
-        )
-        blocks = sorted({lg.block_number for lg in gathered.logs} | {first, last})
-        headers = {h.number: h for h in await self._rpc.get_block_headers(blocks)}
-        self._note_density(len(gathered.logs), first, last)
-        if extends is None:  # a backfill: the cursor stays
-            return self._batch(gathered, headers, stored_headers=[], cursor=None)
-        if headers[first].parent_hash != extends:
-            raise ReorgDuringFetch(f"block {first} does not extend block {first - 1} as stored")
-        return self._batch(gathered, headers, stored_headers=[headers[last]], cursor=headers[last])
-
     async def _index_tip(self, first: int, last: int, head: BlockHeader | None) -> None:
         assert self._state is not None
-        # Following the chain, the range is usually just the head: no second request for it.
-        # The links checked below hold whichever request returned a header.
-        if head is not None and head.number == last:
-            fetched = [*await self._rpc.get_block_headers(range(first, last)), head]
-        else:
-            fetched = await self._rpc.get_block_headers(range(first, last + 1))
-        if fetched[0].parent_hash != self._state.block_hash:
+        batch = await self._ranges.tip(first, last, head, extends=self._state.block_hash)
+        if batch is None:  # the range does not extend the cursor
             await self._handle_reorg()
             return
-        for parent, child in itertools.pairwise(fetched):
-            if child.parent_hash != parent.hash:
-                raise ReorgDuringFetch(f"block {child.number} does not extend {parent.number}")
-        # By block hash at the tip: a backend behind the head must not answer "no logs".
-        try:
-            gathered = await self._logs.gather(first, last, followed=self._children, tip=fetched)
-        except RpcUnavailable as exc:
-            # "unknown block" (or no header) to the end of the retries: lagging backends catch
-            # up within them, but a block replaced since its header was read is gone for good.
-            if await self._chain.canonical(fetched[-1]):
-                raise
-            raise ReorgDuringFetch(f"block {last} was replaced before its logs were read") from exc
-        self._note_density(len(gathered.logs), first, last)
-        headers = {h.number: h for h in fetched}
-        await self._save(self._batch(gathered, headers, stored_headers=fetched, cursor=fetched[-1]))
-
-    def _batch(
-        self,
-        gathered: GatheredRange,
-        headers: dict[int, BlockHeader],
-        *,
-        stored_headers: Sequence[BlockHeader],
-        cursor: BlockHeader | None,
-    ) -> Batch:
-        """Decode a gathered range into a batch; its children are followed from now on."""
-        kinds = dict(self._static)
-        kinds.update(
-            (child, ContractKind.MARKET) for child in (*self._children, *gathered.children)
-        )
-        events = self._decoder.events(gathered.logs, kinds, headers)
-        # Known before the commit so that the next range (prepared meanwhile) asks for their
-        # logs; if the commit fails the service stops and reloads them from the database.
-        self._children.update(gathered.children)
-        return Batch(
-            events=events,
-            headers=stored_headers,
-            cursor=cursor,
-            prune_headers_below=max(headers) - 2 * self._config.reorg_window,
-        )
+        await self._save(batch)
 
     async def _save(self, batch: Batch) -> int:
         """Commit a batch; returns how many of its events were new."""
