@@ -33,6 +33,7 @@ from indexer.service import (
     rpc_client,
     sources,
 )
+from indexer.sources import indexed_from, start_block_changed
 from indexer.verification import verify_range
 from shared.indexer_settings import IndexerSettings
 from shared.redaction import Writer
@@ -95,6 +96,8 @@ async def status(settings: IndexerSettings) -> int:
                 # As the indexer counts it: it stays CONFIRMATIONS behind the head on purpose.
                 lag = max(0, head - settings.confirmations - state.block_number)
                 _say(settings, f"chain head: block {head}, lag {lag} blocks")
+            if changed := start_block_changed(settings.start_block, await indexed_from(db)):
+                _say(settings, changed)
         published = await published_seq(db)
         last = await last_seq(db)
         _say(
@@ -220,6 +223,7 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
         if last < first:
             _say(settings, f"nothing to verify: the cursor is at block {state.block_number}")
             return 0
+        began = await indexed_from(db)
         report = await verify_range(
             db,
             rpc,
@@ -229,7 +233,8 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
             cursor=state.block_number,
             cursor_hash=state.block_hash,
             static=sources(settings).static_kinds(),
-            start_block=settings.start_block,
+            # Not START_BLOCK, which may have been changed since: see verify_range.
+            began=settings.start_block if began is None else began,
             max_addresses=settings.logs_max_addresses,
             window_events=settings.batch_events,
             keep=MAX_REPORTED,

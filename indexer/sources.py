@@ -37,6 +37,25 @@ async def sources(db: Database) -> dict[str, int]:
     return {r["address"]: int(r["since_block"]) for r in rows}
 
 
+async def indexed_from(db: Database) -> int | None:
+    """The block the database began at (START_BLOCK when it was created): the earliest a
+    recorded contract is followed from, dropped ones included; None before any is recorded."""
+    began = await db.fetchval("SELECT min(since_block) FROM sources")
+    return None if began is None else int(began)
+
+
+def start_block_changed(start_block: int, began: int | None) -> str | None:
+    """What a START_BLOCK other than where the database began means, or None if it is not."""
+    if began is None or began == start_block:
+        return None
+    return (
+        f"START_BLOCK {start_block}, but the database began at block {began}: START_BLOCK sets"
+        " where a new database begins; this one goes on from its cursor, and `verify` looks"
+        f" for the factories' markets from block {began}; set START_BLOCK={began} again (the"
+        " reorg handling takes the block before START_BLOCK as the first cursor)"
+    )
+
+
 async def dropped_sources(db: Database) -> dict[str, int]:
     """The contracts recorded as dropped from the configuration, and the cursor then."""
     rows = await db.fetch(
@@ -83,6 +102,11 @@ async def record_sources(
     `created`: the cursor was created by this start (a new database).
     """
     known = await sources(db)
+    began = await indexed_from(db)
+    if not created and (changed := start_block_changed(start_block, began)):
+        log.warning(
+            "START_BLOCK differs from where the database began", detail=changed, began=began
+        )
     added = {a: k for a, k in static.items() if a not in known}
     # A new database, or one indexed before contracts were recorded: from START_BLOCK.
     later = not created and bool(known)
@@ -97,7 +121,7 @@ async def record_sources(
             kind=kind.value,
             followed_from=since,
             backfill="cd /opt/kektech && .venv/bin/python -m indexer backfill "
-            f"--from {start_block} --to {cursor}",
+            f"--from {start_block if began is None else began} --to {cursor}",
         )
     dropped = sorted(known.keys() - static.keys())
     for address in dropped:

@@ -301,18 +301,23 @@ async def verify_range(
     cursor: int,
     cursor_hash: str,
     static: Mapping[str, ContractKind],
-    start_block: int,
+    began: int,
     max_addresses: int,
     window_events: int,
     keep: int,
 ) -> Report:
-    """Compare [first, last] with the chain, in windows sized to about `window_events` logs."""
+    """Compare [first, last] with the chain, in windows sized to about `window_events` logs.
+
+    `began`: the block the database began at (sources.indexed_from), not START_BLOCK, which
+    may have been changed since: the markets announced from there (or from `first`, if lower)
+    on are followed.
+    """
     report = Report(keep=keep)
     recorded = {*await sources(db), *await dropped_sources(db)}
     dropped = recorded - static.keys()  # recorded as followed, no longer configured
     # Children come from the chain, not from the database being checked.
     factories = [a for a, k in static.items() if k is ContractKind.FACTORY]
-    announced = await _announcements(rpc, sizer, factories, start_block=start_block, last=last)
+    announced = await _announcements(rpc, sizer, factories, since=min(began, first), last=last)
     registry = await market_registry(db)
     compare_registry(announced, registry, dropped=dropped, last=last, cursor=cursor, report=report)
     ignored = dropped | {
@@ -329,8 +334,8 @@ async def verify_range(
     else:
         projected = {c: None for c, made in announced.items() if made.block >= first}
         report.projections_why = (
-            f"created before block {first}; a verify from START_BLOCK ({start_block})"
-            " compares every row"
+            f"created before block {first}; a verify from block {began}, where the database"
+            " began, compares every row"
         )
     report.projections_not_compared = len(announced) - len(projected)
     addresses = list(kinds)
@@ -363,15 +368,15 @@ async def verify_range(
 
 
 async def _announcements(
-    rpc: RpcClient, sizer: LogRangeSizer, factories: Sequence[str], *, start_block: int, last: int
+    rpc: RpcClient, sizer: LogRangeSizer, factories: Sequence[str], *, since: int, last: int
 ) -> dict[str, Announcement]:
-    """The clones the factories announced from START_BLOCK to `last` (the first time each)."""
-    if not factories or last < start_block:
+    """The clones the factories announced from block `since` to `last` (the first time each)."""
+    if not factories or last < since:
         return {}
     logs = await fetch_logs(
         rpc,
         sizer,
-        from_block=start_block,
+        from_block=since,
         to_block=last,
         addresses=list(factories),
         topics=[MARKET_CREATED.topic0],

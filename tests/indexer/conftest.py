@@ -166,7 +166,7 @@ async def verify_markets(
                 cursor=state.block_number,
                 cursor_hash=state.block_hash,
                 static=static,
-                start_block=first,
+                began=first,
                 max_addresses=1000,
                 window_events=2000,
                 keep=5,

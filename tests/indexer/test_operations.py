@@ -817,3 +817,30 @@ async def test_an_interrupted_command_does_not_exit_as_if_it_succeeded(
         await eventually(waiting_on_the_node, within=30, what="verify asks the node")
         assert command.running
         assert await asyncio.to_thread(command.stop, signal.SIGTERM) == 128 + signal.SIGTERM
+
+
+async def test_start_block_changed_on_an_existing_database_is_said_and_verify_still_works(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """START_BLOCK raised after indexing began from the deployment: `verify` still knows the
+    markets announced below it (it looks from where the database began, as recorded in
+    `sources`) and finds no difference; `status` and `run` say the setting no longer matches
+    where the database began."""
+    driver = ActivityDriver(dev_chain, deployment, seed=75, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=6)
+    head = await dev_chain.block_number()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(head)
+    later = str(head - 3)  # above every market's creation
+    code, output = await run_command(make_indexer, "verify", "--from", later, START_BLOCK=later)
+    assert (code, output.strip().splitlines()[-1].endswith(": OK")) == (0, True), output
+    code, output = await run_command(make_indexer, "status", START_BLOCK=later)
+    assert code == 0, output
+    assert f"START_BLOCK {later}, but the database began at block {deployment.block}" in output
+    with make_indexer(START_BLOCK=later) as indexer:
+        await indexer.wait_ready()
+        log = indexer.log_text()
+    assert "START_BLOCK differs from where the database began" in log
