@@ -125,6 +125,11 @@ class Follower:
         return self._state.block_number
 
     @property
+    def prepared(self) -> bool:
+        """Whether the cursor is loaded (not while start-up waits for START_BLOCK)."""
+        return self._state is not None
+
+    @property
     def caught_up(self) -> bool:
         return self._state is not None and self.head >= 0 and self.cursor >= self._target(self.head)
 
@@ -234,8 +239,12 @@ class Follower:
         before = self._config.start_block - 1
         announced = False
         while True:
+            # Exported while waiting too: a leader whose head gauge never moves looks like
+            # a stuck provider (KektechIndexerHeadStalled), and /ready would say head -1.
+            self.head = await self._rpc.block_number()
+            self._metrics.head.set(self.head)
             try:
-                if before < 0 or self._target(await self._rpc.block_number()) >= before:
+                if before < 0 or self._target(self.head) >= before:
                     return await self._chain.header(before)
             except BlockNotFound:
                 pass  # a node behind the one that gave the head

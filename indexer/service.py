@@ -244,7 +244,7 @@ class Health:
             follower = self.follower
             state.update(
                 head=follower.head,
-                cursor=follower.cursor if follower.head >= 0 else None,
+                cursor=follower.cursor if follower.prepared and follower.head >= 0 else None,
                 ready=follower.caught_up,
             )
         return state

@@ -844,3 +844,31 @@ async def test_start_block_changed_on_an_existing_database_is_said_and_verify_st
         await indexer.wait_ready()
         log = indexer.log_text()
     assert "START_BLOCK differs from where the database began" in log
+
+
+async def test_a_leader_waiting_for_start_block_reports_the_chain_head(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """A leader waiting for the chain to reach START_BLOCK exports the head it reads
+    (kektech_indexer_head_block, /ready's `head`) and follows it as the chain grows: a head
+    that moves is no stalled provider (KektechIndexerHeadStalled)."""
+    head = await dev_chain.block_number()
+    with make_indexer(START_BLOCK=str(head + 10)) as indexer:
+
+        async def waiting() -> bool:
+            return "waiting for the chain to reach START_BLOCK" in indexer.log_text()
+
+        await eventually(waiting, within=30, what="the indexer says it waits")
+        assert await indexer.metric("kektech_indexer_leader") == 1
+
+        async def head_exported(number: int) -> bool:
+            return await indexer.metric("kektech_indexer_head_block") == number
+
+        await eventually(lambda: head_exported(head), within=10, what=f"head {head} exported")
+        status, body = await indexer.get("/ready")
+        assert (status, body["head"], body["ready"]) == (503, head, False)
+        await dev_chain.mine_empty(2)
+        await eventually(lambda: head_exported(head + 2), within=10, what="the new head exported")
+        assert indexer.running
