@@ -196,10 +196,23 @@ async def reindex(settings: IndexerSettings, first: int) -> int:
     async with _writer(settings, rewind_to=first - 1) as follower:
         if follower is None:
             return 1
-        removed = await follower.rewind(first - 1)
-        _say(settings, f"rolled back to block {first - 1}: {removed} events removed")
+        cursor = follower.cursor
+        if first > cursor + 1:
+            _say(
+                settings,
+                f"--from {first} is above the block after the cursor {cursor}: nothing there"
+                " is indexed to roll back; `run` indexes it",
+            )
+            return 1
+        if first == cursor + 1:  # asked to keep every stored block: only the indexing is left
+            _say(settings, f"nothing to roll back: the cursor is at block {cursor}")
+            again = ""
+        else:
+            removed = await follower.rewind(first - 1)
+            _say(settings, f"rolled back to block {first - 1}: {removed} events removed")
+            again = " again"
         await follower.follow(until=await follower.current_target())
-        _say(settings, f"indexed again up to block {follower.cursor}")
+        _say(settings, f"indexed{again} up to block {follower.cursor}")
     return 0
 
 

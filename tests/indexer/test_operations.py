@@ -872,3 +872,28 @@ async def test_a_leader_waiting_for_start_block_reports_the_chain_head(
         await dev_chain.mine_empty(2)
         await eventually(lambda: head_exported(head + 2), within=10, what="the new head exported")
         assert indexer.running
+
+
+async def test_a_reindex_from_above_the_cursor_is_refused(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """reindex --from above the block after the cursor has nothing to roll back: it is
+    refused (exit 1) naming the cursor, instead of saying it rolled back. From the block
+    after the cursor, it says there was nothing to roll back and indexes up to the head."""
+    await ActivityDriver(dev_chain, deployment, seed=76, txs_per_block=3).run(blocks=3)
+    head = await dev_chain.block_number()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(head)
+    code, output = await run_command(make_indexer, "reindex", "--from", str(head + 5))
+    assert code == 1, output
+    assert f"--from {head + 5} is above the block after the cursor {head}" in output
+    assert "rolled back" not in output
+    await dev_chain.mine_empty(2)
+    code, output = await run_command(make_indexer, "reindex", "--from", str(head + 1))
+    assert code == 0, output
+    assert f"nothing to roll back: the cursor is at block {head}" in output
+    assert f"indexed up to block {head + 2}" in output
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
