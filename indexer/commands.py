@@ -232,10 +232,15 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
                 " run `.venv/bin/python -m indexer migrate` first",
             )
             return 1
-        last = state.block_number if last is None else min(last, state.block_number)
-        if last < first:
-            _say(settings, f"nothing to verify: the cursor is at block {state.block_number}")
-            return 0
+        cursor = state.block_number
+        if first > cursor:  # not a success: nothing of the range is indexed to compare
+            _say(settings, f"nothing verified: --from {first} is above the cursor {cursor}")
+            return 1
+        if last is not None and last > cursor:
+            # Still judged by what was compared: the blocks above are not indexed yet, and a
+            # --to at the head is the usual request (the cursor stays CONFIRMATIONS behind).
+            _say(settings, f"--to {last} is above the cursor {cursor}: verified up to {cursor}")
+        last = cursor if last is None else min(last, cursor)
         began = await indexed_from(db)
         report = await verify_range(
             db,

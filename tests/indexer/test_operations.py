@@ -897,3 +897,24 @@ async def test_a_reindex_from_above_the_cursor_is_refused(
     assert f"nothing to roll back: the cursor is at block {head}" in output
     assert f"indexed up to block {head + 2}" in output
     await assert_database_equals_chain(database_url, dev_chain, deployment)
+
+
+async def test_verify_says_what_of_the_range_it_did_not_check(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """verify of a range wholly above the cursor checked nothing: exit 1, naming the cursor,
+    not a success. A --to above the cursor is capped there, and the output says so."""
+    await ActivityDriver(dev_chain, deployment, seed=77, txs_per_block=3).run(blocks=3)
+    head = await dev_chain.block_number()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(head)
+    code, output = await run_command(make_indexer, "verify", "--from", str(head + 5))
+    assert code == 1, output
+    assert f"nothing verified: --from {head + 5} is above the cursor {head}" in output
+    far = str(head + 1000)
+    code, output = await run_command(make_indexer, "verify", "--from", "0", "--to", far)
+    assert code == 0, output
+    assert f"--to {far} is above the cursor {head}: verified up to {head}" in output
+    assert output.strip().splitlines()[-1].startswith(f"verify 0..{head}: ")
