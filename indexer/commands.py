@@ -19,13 +19,14 @@ from indexer.cursor import load_state
 from indexer.database import Database
 from indexer.errors import IndexerError, StoreError
 from indexer.follower import Follower
-from indexer.lease import LeaseTerm, lease_holder, release_lease
+from indexer.lease import LeaseTerm, lease_expired, lease_holder, release_lease
 from indexer.metrics import Metrics
 from indexer.outbox import last_seq, published_seq
 from indexer.rpc import RpcClient
 from indexer.service import (
     acquire_lease,
     build_follower,
+    dead_local_owner,
     keep_lease,
     lease_owner,
     log_range_sizer,
@@ -110,9 +111,23 @@ async def status(settings: IndexerSettings) -> int:
             f"stored: {counts['events']} events, {counts['markets']} markets, "
             f"{counts['outbox']} outbox rows",
         )
-        holder, expires = await lease_holder(db)
-        _say(settings, f"write lease: {holder or 'free'}" + (f" until {expires}" if holder else ""))
+        _say(settings, "write lease: " + await _lease_said(db))
     return 0
+
+
+async def _lease_said(db: Database) -> str:
+    """Who holds the write lease, as `status` says it: an expired one is anyone's to take,
+    and a holder on this host whose process is gone is taken over by the next indexer."""
+    holder, expires = await lease_holder(db)
+    if holder is None:
+        return "free"
+    if await lease_expired(db):
+        return f"expired at {expires} (last held by {holder}), free to take"
+    said = f"{holder} until {expires}"
+    if dead_local_owner(holder):
+        pid = holder.split(":")[1]
+        said += f"; its process (pid {pid} on this host) is gone: the next indexer takes it over"
+    return said
 
 
 @asynccontextmanager

@@ -53,6 +53,14 @@ async def lease_holder(db: Database) -> tuple[str | None, datetime | None]:
     return row["owner"], row["expires_at"]
 
 
+async def lease_expired(db: Database) -> bool:
+    """Whether the lease's term has ended by the database's clock, the one that judges it."""
+    expired = await db.fetchval(
+        "SELECT expires_at < clock_timestamp() FROM indexer_lease WHERE id = 1"
+    )
+    return bool(expired)
+
+
 async def renew_lease(db: Database, lease: Lease, ttl: float) -> None:
     """Extend the lease; LeaseLost if another instance took it."""
     async with db.connection() as conn:

@@ -79,7 +79,7 @@ def _pid_space() -> str:
     return hashlib.sha256(f"{boot}|{namespace}".encode()).hexdigest()[:10]
 
 
-def _dead_local_owner(owner: str | None) -> bool:
+def dead_local_owner(owner: str | None) -> bool:
     """True when `owner` was a process of this machine (same pid space) that no longer
     exists (e.g. kill -9)."""
     if owner is None:
@@ -106,7 +106,7 @@ async def acquire_lease(db: Database, *, owner: str, ttl: float, wait: bool = Tr
     announced = False
     while True:
         holder, expires = await lease_holder(db)
-        steal = holder if _dead_local_owner(holder) else None
+        steal = holder if dead_local_owner(holder) else None
         lease = await try_acquire_lease(db, owner, ttl, steal_from=steal)
         if lease is not None:
             log.info("write lease acquired", owner=owner, generation=lease.token, took_over=steal)

@@ -918,3 +918,34 @@ async def test_verify_says_what_of_the_range_it_did_not_check(
     assert code == 0, output
     assert f"--to {far} is above the cursor {head}: verified up to {head}" in output
     assert output.strip().splitlines()[-1].startswith(f"verify 0..{head}: ")
+
+
+async def test_status_tells_an_expired_lease_and_a_dead_holder_from_a_held_one(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """`status` after an indexer was killed: a lease still in its term, held by a process of
+    this host that is gone, is said to be so; once expired (by the database's clock), it is
+    said to be free to take, not held until a time in the past."""
+    head = await dev_chain.block_number()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(head)
+        assert indexer.proc is not None
+        pid = indexer.proc.pid
+    # kill -9 left the lease held; its term is set here rather than waited out.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE indexer_lease SET expires_at = now() + interval '1 hour'")
+        code, output = await run_command(make_indexer, "status")
+        assert code == 0, output
+        assert f"its process (pid {pid} on this host) is gone" in output
+        await conn.execute("UPDATE indexer_lease SET expires_at = now() - interval '1 minute'")
+        code, output = await run_command(make_indexer, "status")
+    finally:
+        await conn.close()
+    assert code == 0, output
+    assert "write lease: expired at " in output
+    assert ", free to take" in output
+    assert " until " not in output
