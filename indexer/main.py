@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import structlog
 
@@ -12,6 +13,7 @@ from shared.errors import KektechError
 from shared.indexer_settings import IndexerSettings
 from shared.logs import configure_logging
 from shared.process import leaf_errors, run_until_signalled, tune_collector
+from shared.redaction import Writer
 from shared.settings_loading import settings_or_exit
 
 log = structlog.get_logger()
@@ -89,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         errors = leaf_errors(exc)
         if not all(isinstance(e, KektechError) for e in errors):
             raise  # a bug: let the traceback through
+        command = args.command or "run"
         for error in errors:
-            log.error("indexer stopped", error=str(error), error_type=type(error).__name__)
+            if command == "run":
+                log.error("indexer stopped", error=str(error), error_type=type(error).__name__)
+            else:  # the command failed, not the service: said as `migrate` says it
+                Writer(settings.log_secrets()).say(
+                    f"kektech: {command} failed: {error}", stream=sys.stderr
+                )
         return 1

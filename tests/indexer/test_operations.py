@@ -949,3 +949,20 @@ async def test_status_tells_an_expired_lease_and_a_dead_holder_from_a_held_one(
     assert "write lease: expired at " in output
     assert ", free to take" in output
     assert " until " not in output
+
+
+async def test_a_one_shot_command_reports_an_unreachable_database_as_its_failure(
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """`status` and `verify` with the database down exit 1 saying the command failed and
+    why, not "indexer stopped" (which reads as if the service had died)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: connections are refused
+        url = f"postgresql://kektech:secret@127.0.0.1:{port}/kektech"
+        for command in (("status",), ("verify", "--from", "0")):
+            code, output = await run_command(make_indexer, *command, DATABASE_URL=url)
+            assert code == 1, output
+            assert f"kektech: {command[0]} failed: " in output
+            assert "indexer stopped" not in output
+            assert "secret" not in output
