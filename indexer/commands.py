@@ -17,7 +17,7 @@ from typing import TextIO
 from indexer import queries, schema
 from indexer.cursor import load_state
 from indexer.database import Database
-from indexer.errors import IndexerError, StoreError
+from indexer.errors import ChainIdMismatch, IndexerError, StoreError
 from indexer.follower import Follower
 from indexer.lease import LeaseTerm, lease_expired, lease_holder, release_lease
 from indexer.metrics import Metrics
@@ -82,6 +82,9 @@ async def status(settings: IndexerSettings) -> int:
         _say(settings, f"schema: version {version} of {schema.latest_schema_version()}")
         try:
             head: int | None = await rpc.block_number()
+        except ChainIdMismatch as exc:  # it answers, but for another chain than CHAIN_ID
+            head = None
+            _say(settings, f"chain head: wrong chain ({exc})")
         except IndexerError as exc:
             head = None
             _say(settings, f"chain head: unreachable ({exc})")

@@ -966,3 +966,14 @@ async def test_a_one_shot_command_reports_an_unreachable_database_as_its_failure
             assert f"kektech: {command[0]} failed: " in output
             assert "indexer stopped" not in output
             assert "secret" not in output
+
+
+async def test_status_with_a_wrong_chain_id_says_wrong_chain(
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """`status` against a node of another chain than CHAIN_ID says "wrong chain", not that
+    the node is unreachable."""
+    code, output = await run_command(make_indexer, "status", CHAIN_ID="999")
+    assert code == 0, output
+    assert "chain head: wrong chain (chain id 32323" in output
+    assert "unreachable" not in output
