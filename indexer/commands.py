@@ -50,6 +50,12 @@ def _say(settings: IndexerSettings, line: str, *, stream: TextIO | None = None) 
     Writer(settings.log_secrets()).say(line, stream=stream)
 
 
+def report_failure(settings: IndexerSettings, command: str, error: BaseException) -> None:
+    """Say on stderr that a one-shot command failed, and why (the command failed, not the
+    service: said as `migrate` says it)."""
+    _say(settings, f"kektech: {command} failed: {error}", stream=sys.stderr)
+
+
 @asynccontextmanager
 async def _connections(settings: IndexerSettings) -> AsyncIterator[tuple[Database, RpcClient]]:
     async with (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import structlog
 
@@ -13,7 +12,6 @@ from shared.errors import KektechError
 from shared.indexer_settings import IndexerSettings
 from shared.logs import configure_logging
 from shared.process import leaf_errors, run_until_signalled, tune_collector
-from shared.redaction import Writer
 from shared.settings_loading import settings_or_exit
 
 log = structlog.get_logger()
@@ -95,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         for error in errors:
             if command == "run":
                 log.error("indexer stopped", error=str(error), error_type=type(error).__name__)
-            else:  # the command failed, not the service: said as `migrate` says it
-                Writer(settings.log_secrets()).say(
-                    f"kektech: {command} failed: {error}", stream=sys.stderr
-                )
+            else:
+                commands.report_failure(settings, command, error)
         return 1
