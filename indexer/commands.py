@@ -19,14 +19,14 @@ from indexer.cursor import load_state
 from indexer.database import Database
 from indexer.errors import ChainIdMismatch, IndexerError, StoreError
 from indexer.follower import Follower
-from indexer.lease import LeaseTerm, lease_expired, lease_holder, release_lease
+from indexer.lease import LeaseTerm, lease_holder, release_lease
 from indexer.metrics import Metrics
 from indexer.outbox import last_seq, published_seq
 from indexer.rpc import RpcClient
 from indexer.service import (
     acquire_lease,
     build_follower,
-    dead_local_owner,
+    dead_local_pid,
     keep_lease,
     lease_owner,
     log_range_sizer,
@@ -127,14 +127,14 @@ async def status(settings: IndexerSettings) -> int:
 async def _lease_said(db: Database) -> str:
     """Who holds the write lease, as `status` says it: an expired one is anyone's to take,
     and a holder on this host whose process is gone is taken over by the next indexer."""
-    holder, expires = await lease_holder(db)
-    if holder is None:
+    holder = await lease_holder(db)
+    if holder.owner is None:
         return "free"
-    if await lease_expired(db):
-        return f"expired at {expires} (last held by {holder}), free to take"
-    said = f"{holder} until {expires}"
-    if dead_local_owner(holder):
-        pid = holder.split(":")[1]
+    if holder.expired:
+        return f"expired at {holder.expires_at} (last held by {holder.owner}), free to take"
+    said = f"{holder.owner} until {holder.expires_at}"
+    pid = dead_local_pid(holder.owner)
+    if pid is not None:
         said += f"; its process (pid {pid} on this host) is gone: the next indexer takes it over"
     return said
 
@@ -152,10 +152,10 @@ async def _writer(
         await schema.migrate(db)
         lease = await acquire_lease(db, owner=lease_owner(), ttl=settings.lease_ttl, wait=False)
         if lease is None:
-            holder, _ = await lease_holder(db)
+            holder = await lease_holder(db)
             _say(
                 settings,
-                f"an indexer is running (write lease held by {holder}); stop it first, "
+                f"an indexer is running (write lease held by {holder.owner}); stop it first, "
                 "e.g. `pm2 stop kektech-event-indexer`",
             )
             yield None

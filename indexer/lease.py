@@ -45,20 +45,26 @@ async def try_acquire_lease(
     return None if token is None else Lease(owner=owner, token=int(token))
 
 
-async def lease_holder(db: Database) -> tuple[str | None, datetime | None]:
-    """Who holds the lease and until when."""
-    row = await db.fetchrow("SELECT owner, expires_at FROM indexer_lease WHERE id = 1")
-    if row is None:
-        return None, None
-    return row["owner"], row["expires_at"]
+@dataclass(frozen=True, slots=True)
+class LeaseHolder:
+    """The lease row as `status` and a starting indexer read it: who last took the lease,
+    until when, and whether that term has ended by the database's clock (the one that
+    judges it, not this host's)."""
+
+    owner: str | None
+    expires_at: datetime | None
+    expired: bool
 
 
-async def lease_expired(db: Database) -> bool:
-    """Whether the lease's term has ended by the database's clock, the one that judges it."""
-    expired = await db.fetchval(
-        "SELECT expires_at < clock_timestamp() FROM indexer_lease WHERE id = 1"
+async def lease_holder(db: Database) -> LeaseHolder:
+    """Who holds the lease, until when, and whether the term has ended, in one read."""
+    row = await db.fetchrow(
+        "SELECT owner, expires_at, expires_at < clock_timestamp() AS expired"
+        " FROM indexer_lease WHERE id = 1"
     )
-    return bool(expired)
+    if row is None:
+        return LeaseHolder(owner=None, expires_at=None, expired=True)
+    return LeaseHolder(row["owner"], row["expires_at"], bool(row["expired"]))
 
 
 async def renew_lease(db: Database, lease: Lease, ttl: float) -> None:

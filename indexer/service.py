@@ -79,11 +79,11 @@ def _pid_space() -> str:
     return hashlib.sha256(f"{boot}|{namespace}".encode()).hexdigest()[:10]
 
 
-def dead_local_owner(owner: str | None) -> bool:
-    """True when `owner` was a process of this machine (same pid space) that no longer
-    exists (e.g. kill -9)."""
+def dead_local_pid(owner: str | None) -> int | None:
+    """The pid of `owner` when it was a process of this machine (same pid space) that no
+    longer exists (e.g. kill -9); None otherwise."""
     if owner is None:
-        return False
+        return None
     host, pid_text, _, space = (*owner.split(":", 3), "", "", "")[:4]
     if (
         host != socket.gethostname()
@@ -91,22 +91,22 @@ def dead_local_owner(owner: str | None) -> bool:
         or not pid_text.isdigit()
         or int(pid_text) == os.getpid()
     ):
-        return False
+        return None
     try:
         os.kill(int(pid_text), 0)
     except ProcessLookupError:
-        return True
+        return int(pid_text)
     except PermissionError:
-        return False
-    return False
+        return None
+    return None
 
 
 async def acquire_lease(db: Database, *, owner: str, ttl: float, wait: bool = True) -> Lease | None:
     """Take the write lease; as a standby, wait until it is free (or return None if not `wait`)."""
     announced = False
     while True:
-        holder, expires = await lease_holder(db)
-        steal = holder if dead_local_owner(holder) else None
+        holder = await lease_holder(db)
+        steal = holder.owner if dead_local_pid(holder.owner) is not None else None
         lease = await try_acquire_lease(db, owner, ttl, steal_from=steal)
         if lease is not None:
             log.info("write lease acquired", owner=owner, generation=lease.token, took_over=steal)
@@ -116,8 +116,8 @@ async def acquire_lease(db: Database, *, owner: str, ttl: float, wait: bool = Tr
         if not announced:
             log.info(
                 "standby: another indexer holds the write lease",
-                holder=holder,
-                expires=str(expires),
+                holder=holder.owner,
+                expires=str(holder.expires_at),
             )
             announced = True
         await asyncio.sleep(ttl / 3)
