@@ -47,7 +47,8 @@ fail() { printf 'update: ERROR: %s\n' "$*" >&2; exit 1; }
 
 [[ "$SETTLE" =~ ^[0-9]{1,4}$ ]] && [ "$SETTLE" -le 3600 ] ||
     fail "--settle takes whole seconds from 0 to 3600, not $SETTLE"
-[ -d "$DIR/.git" ] || fail "$DIR is not a git checkout"
+# A checkout made by `git worktree add` has a .git file, not a directory.
+[ -e "$DIR/.git" ] || fail "$DIR is not a git checkout"
 DIR="$(cd "$DIR" && pwd)"
 ECOSYSTEM="${ECOSYSTEM:-$DIR/ecosystem.config.js}"
 

@@ -268,6 +268,27 @@ def test_update_dry_run_prints_the_steps() -> None:
         assert text in result.stdout, result.stdout
 
 
+def test_update_takes_a_checkout_made_by_git_worktree(tmp_path: Path) -> None:
+    """A `git worktree add` checkout (its .git is a file) is a checkout update.sh updates;
+    a directory that is no checkout at all is refused before any step."""
+    clone, worktree = tmp_path / "clone", tmp_path / "worktree"
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True, timeout=120)
+    subprocess.run(
+        ["git", "-C", str(clone), "worktree", "add", "-q", "--detach", str(worktree)],
+        check=True,
+        timeout=120,
+    )
+    result = run(["bash", "deploy/update.sh", "--dry-run", "--dir", str(worktree)], cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"dry run: nothing is changed (checkout {worktree} at" in result.stdout
+    assert "[1/5] pull: would run: git pull --ff-only" in result.stdout
+
+    result = run(["bash", "deploy/update.sh", "--dry-run", "--dir", str(tmp_path)], cwd=REPO_ROOT)
+    assert result.returncode == 1
+    assert f"{tmp_path} is not a git checkout" in result.stderr
+    assert "[1/5]" not in result.stdout
+
+
 def test_update_refuses_a_settle_time_kektech_settle_would_refuse() -> None:
     """--settle outside 0..3600 s stops the update before it starts, rather than failing its
     step 5 on a healthy release (and rolling that back)."""
