@@ -78,14 +78,17 @@ def die_with_parent() -> None:
 
 
 def interrupt_on_stop_signals() -> None:
-    """Make SIGTERM and SIGHUP do what Ctrl-C does: raise KeyboardInterrupt.
+    """Make SIGTERM and SIGHUP do what Ctrl-C does: raise KeyboardInterrupt; and SIGINT too
+    when it came in ignored.
 
-    Their default action ends the process on the spot, running no `finally` block and no
-    context manager's exit: the services' temp dirs were left behind, and so were children
-    without a parent-death signal (a demo's broadcaster was seen running long after). For the
-    main() of the demo and the benchmarks, which clean up on Ctrl-C already.
+    The default action of SIGTERM and SIGHUP ends the process on the spot, running no
+    `finally` block and no context manager's exit: the services' temp dirs were left behind,
+    and so were children without a parent-death signal (a demo's broadcaster was seen running
+    long after). SIGINT is ignored in a command a script starts with `&` (a shell without job
+    control does so), and Python then leaves it ignored: `kill -INT`, PM2's stop signal, did
+    nothing. For the main() of the demo and the benchmarks, which clean up on Ctrl-C already.
     """
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
 
 

@@ -30,10 +30,20 @@ async def port_open(port: int) -> bool:
     return True
 
 
+def ignore_sigint() -> None:
+    """What a shell without job control does to a command started with `&`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 async def start_demo(
-    tmp_path: Path, ws_port: int, env: dict[str, str] | None = None
+    tmp_path: Path,
+    ws_port: int,
+    env: dict[str, str] | None = None,
+    *,
+    in_background: bool = False,
 ) -> asyncio.subprocess.Process:
-    """`python -m devnet` with its output in tmp_path/demo.log."""
+    """`python -m devnet` with its output in tmp_path/demo.log; `in_background`: started as
+    `python -m devnet &` in a script is, with SIGINT ignored."""
     with (tmp_path / "demo.log").open("wb") as log:
         return await asyncio.create_subprocess_exec(
             *[sys.executable, "-m", "devnet", "--ws-port", str(ws_port), "--block-interval", "0.3"],
@@ -42,6 +52,7 @@ async def start_demo(
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=ignore_sigint if in_background else None,
         )
 
 
@@ -91,11 +102,13 @@ def entries(directory: Path) -> list[str]:
 
 
 async def start_whole_demo(
-    tmp_path: Path, services_tmpdir: Path
+    tmp_path: Path, services_tmpdir: Path, *, in_background: bool = False
 ) -> tuple[asyncio.subprocess.Process, dict[int, str]]:
     """The demo with every process up; returns it and the processes it started."""
     ws_port = free_port()
-    demo = await start_demo(tmp_path, ws_port, {"TMPDIR": str(services_tmpdir)})
+    demo = await start_demo(
+        tmp_path, ws_port, {"TMPDIR": str(services_tmpdir)}, in_background=in_background
+    )
     try:
         # The broadcaster is started last: everything is up once it listens.
         await eventually(lambda: port_open(ws_port), within=120, what="the demo's WebSocket")
@@ -125,6 +138,23 @@ async def test_sigterm_stops_the_demo_and_everything_it_started(
         output = (tmp_path / "demo.log").read_text(errors="replace")
         assert code == 0, output[-3000:]
         # A moment for a grandchild to follow its parent (anvil's binary, under npm's wrapper).
+        assert await wait_ended(children, within=5) == {}
+        assert entries(services_tmpdir) == []
+    finally:
+        kill_all(children)
+
+
+@pytest.mark.timeout(180)
+async def test_sigint_stops_a_demo_started_in_the_background_of_a_script(
+    tmp_path: Path, services_tmpdir: Path
+) -> None:
+    """`python -m devnet &` in a script starts it with SIGINT ignored; `kill -INT` (PM2's
+    stop signal) still stops it and everything it started, as Ctrl-C does in a terminal."""
+    demo, children = await start_whole_demo(tmp_path, services_tmpdir, in_background=True)
+    try:
+        code = await stopped(demo, signal.SIGINT, within=60)
+        output = (tmp_path / "demo.log").read_text(errors="replace")
+        assert code == 0, output[-3000:]
         assert await wait_ended(children, within=5) == {}
         assert entries(services_tmpdir) == []
     finally:
