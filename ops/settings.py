@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, ClassVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import NoDecode
 
-from shared.config_types import Port, check_host, check_url, split_csv
+from shared.config_types import Host, Port, check_host, check_url, split_csv
 from shared.indexer_settings import IndexerSettings
 from shared.settings import DAY_SECONDS
 
@@ -58,7 +59,7 @@ class OpsSettings(IndexerSettings):
     ops_tls_ca_file: str = Field(
         default="", description="CA bundle to verify it with; empty uses the system's."
     )
-    doctor_broadcaster_host: str = Field(default="127.0.0.1", min_length=1)
+    doctor_broadcaster_host: Host = Field(default="127.0.0.1")
     doctor_broadcaster_ports: Annotated[tuple[Port, ...], NoDecode] = Field(
         default=(9465, 9466),
         description="Health ports (BROADCASTER_HTTP_PORT) of every broadcaster instance.",
@@ -125,7 +126,12 @@ class OpsSettings(IndexerSettings):
     @field_validator("monitor_ws_url")
     @classmethod
     def _ws_url(cls, value: str) -> str:
-        return check_url(value, frozenset({"ws", "wss"}))
+        check_url(value, frozenset({"ws", "wss"}))
+        # The URL is printed in alerts and kept in the state file, and the probe sends no
+        # credentials: a user or password in it could only leak. (The message never quotes it.)
+        if "@" in urlsplit(value).netloc:
+            raise ValueError("must name no user or password: the probe is a browser's, anonymous")
+        return value
 
     @field_validator("doctor_tls_fail_days")
     @classmethod

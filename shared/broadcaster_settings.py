@@ -16,11 +16,14 @@ from pydantic import (
 )
 from pydantic_settings import NoDecode
 
-from shared.config_types import IpNetwork, Origin, Port, split_csv
+from shared.config_types import Host, IpNetwork, Origin, Port, split_csv
 from shared.settings import DAY_SECONDS, ServiceSettings
 
 __all__ = ["BroadcasterSettings"]
 
+# One message every 20 s: the deployed frontend pings every 30 s, so a lower rate would
+# rate-limit it once its burst is spent (1e-300, a slip, let a client send one message ever).
+MIN_RATE_LIMIT = 0.05
 # A group name as useradd and groupadd make them (at most 32 characters): a list, a gid or a
 # stray option is a slip, and a number would be read as a name by getgrnam anyway.
 GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
@@ -29,7 +32,7 @@ GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
 class BroadcasterSettings(ServiceSettings):
     """Settings of the WebSocket broadcaster."""
 
-    ws_host: str = Field(default="127.0.0.1", min_length=1, description="WebSocket listen host.")
+    ws_host: Host = Field(default="127.0.0.1", description="WebSocket listen host.")
     ws_port: Port = Field(default=3180, description="WebSocket listen port.")
     ws_path: str = Field(default="/ws", description="HTTP path that upgrades to WebSocket.")
     ws_max_connections_per_ip: int = Field(
@@ -67,7 +70,11 @@ class BroadcasterSettings(ServiceSettings):
         le=DAY_SECONDS,
         description="Seconds a new connection has to complete its handshake.",
     )
-    ws_rate_limit: float = Field(default=20.0, gt=0, description="Client messages per second.")
+    ws_rate_limit: float = Field(
+        default=20.0,
+        ge=MIN_RATE_LIMIT,
+        description="Client messages per second (at least 0.05: the frontend pings every 30 s).",
+    )
     ws_trusted_proxies: Annotated[tuple[IpNetwork, ...], NoDecode] = Field(
         default=(ip_network("127.0.0.1"), ip_network("::1")),
         description="Comma-separated proxy IPs or CIDR blocks whose X-Forwarded-For is believed.",
@@ -120,9 +127,7 @@ class BroadcasterSettings(ServiceSettings):
         le=DAY_SECONDS,
         description="Seconds without an answer after which the Redis connection counts as dead.",
     )
-    broadcaster_http_host: str = Field(
-        default="127.0.0.1", min_length=1, description="Metrics host."
-    )
+    broadcaster_http_host: Host = Field(default="127.0.0.1", description="Metrics host.")
     broadcaster_http_port: Port = Field(default=9465, description="Metrics and health port.")
     broadcaster_instance: int = Field(
         default=0,
@@ -147,9 +152,9 @@ class BroadcasterSettings(ServiceSettings):
         """
         if not isinstance(data, dict):
             return data
-        try:
-            instance = int(data.get("BROADCASTER_INSTANCE", 0))
-        except (TypeError, ValueError):
+        try:  # read as the field reads it ("1.0" is 1), so the ports follow the index
+            instance = TypeAdapter(int).validate_python(data.get("BROADCASTER_INSTANCE", 0))
+        except ValidationError:
             return data  # the field's own validation reports it
         if not 0 < instance <= 63:
             return data
@@ -186,6 +191,27 @@ class BroadcasterSettings(ServiceSettings):
             )
         if not info.data.get("ws_unix_socket"):
             raise ValueError("needs WS_UNIX_SOCKET: there is no socket to give the group")
+        return value
+
+    @field_validator("ws_unix_socket")
+    @classmethod
+    def _socket_path_is_absolute(cls, value: str) -> str:
+        # Relative, it would be found from whatever directory PM2 starts the service in;
+        # Nginx's proxy_pass http://unix:PATH: names an absolute one.
+        value = value.strip()
+        if value and not value.startswith("/"):
+            raise ValueError("must be an absolute path (or empty for none)")
+        return value
+
+    @field_validator("broadcaster_http_port")
+    @classmethod
+    def _ports_differ(cls, value: int, info: ValidationInfo) -> int:
+        # Both listeners of an instance on one port: the second bind fails at start.
+        if value == info.data.get("ws_port"):
+            raise ValueError(
+                f"{value} is also WS_PORT (after the instance offset): the operations port"
+                " needs a port of its own"
+            )
         return value
 
     @field_validator("ws_path")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -12,6 +13,7 @@ from shared.evm import checked_address
 
 __all__ = [
     "Address",
+    "Host",
     "HttpUrlSecret",
     "HttpsUrl",
     "IpNetwork",
@@ -124,6 +126,24 @@ def _check_origin(origin: str) -> str:
     return f"{scheme}://{host}{port}"
 
 
+# A host name as RFC 1123 has them: dot-separated labels of letters, digits and inner hyphens.
+HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _check_host_setting(value: str) -> str:
+    """A host to listen on or connect to: an IP address (IPv6 without brackets, as bind and
+    connect take it) or a host name; the blanks around it dropped."""
+    host = value.strip()
+    if _is_ip_address(host):
+        return host
+    labels = host.removesuffix(".").split(".")
+    if len(host) <= 253 and all(HOST_LABEL.fullmatch(label) for label in labels):
+        return host
+    raise ValueError(
+        "must be an IP address (such as 127.0.0.1 or ::1) or a host name, with no port or brackets"
+    )
+
+
 def _parse_network(value: object) -> object:
     """Parse an IP address or CIDR block; a bare address becomes a one-address network."""
     if isinstance(value, str):
@@ -200,6 +220,7 @@ def _looks_like_a_key(token: str) -> bool:
 
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+Host = Annotated[str, AfterValidator(_check_host_setting)]
 Address = Annotated[str, AfterValidator(checked_address)]
 OptionalAddress = Annotated[Address | None, BeforeValidator(empty_to_none)]
 HttpUrlSecret = Annotated[SecretStr, _secret_url(frozenset({"http", "https"}))]

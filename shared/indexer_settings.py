@@ -9,6 +9,7 @@ from pydantic_settings import NoDecode
 
 from shared.config_types import (
     Address,
+    Host,
     HttpUrlSecret,
     OptionalAddress,
     OptionalHttpsUrl,
@@ -104,7 +105,7 @@ class IndexerSettings(ServiceSettings):
     outbox_keep: int = Field(
         default=10_000, ge=0, description="Published outbox rows kept for inspection."
     )
-    indexer_http_host: str = Field(default="127.0.0.1", min_length=1, description="Metrics host.")
+    indexer_http_host: Host = Field(default="127.0.0.1", description="Metrics host.")
     indexer_http_port: Port = Field(default=9464, description="Metrics and health port.")
 
     @field_validator("rpc_provider_url", "market_factory_address", mode="before")

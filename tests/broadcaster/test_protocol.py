@@ -246,10 +246,10 @@ async def test_a_flood_of_ping_frames_closes_with_1008(start: Start) -> None:
 async def test_a_flood_of_unsolicited_pong_frames_closes_with_1008(start: Start) -> None:
     """The answers to the server's heartbeat cost nothing, however many; any other pong
     frame costs a message like a ping frame, so a flood of them ends with 1008 instead of
-    being parsed for as long as the client keeps sending. The rate (0.01 a second, a burst
-    of 1, then 10 errors) would not let 11 charged frames through."""
+    being parsed for as long as the client keeps sending. The rate (0.05 a second, the least
+    allowed: a burst of 1, then 10 errors) would not let 11 charged frames through."""
     async with start(
-        ws_rate_limit=0.01, ws_max_subscriptions=1, ws_heartbeat_interval=0.02
+        ws_rate_limit=0.05, ws_max_subscriptions=1, ws_heartbeat_interval=0.02
     ) as server:
         client = await RawClient.open(server.settings.ws_port)
         try:
@@ -307,10 +307,11 @@ async def test_pings_within_the_rate_are_answered(start: Start) -> None:
 
 async def test_flood_answers_pongs_then_rate_limited_errors(start: Start) -> None:
     """Within the burst every ping is answered; past it, rate_limited errors. The burst is
-    10 (WS_MAX_SUBSCRIPTIONS, above twice the rate); at 0.01 messages a second no token comes
-    back while the test runs, however slowly (at 5 a second, a 200 ms stall gave one back)."""
+    10 (WS_MAX_SUBSCRIPTIONS, above twice the rate); at 0.05 messages a second, the least
+    allowed, no token comes back unless the test stalls for 20 s (at 5 a second, a 200 ms
+    stall gave one back)."""
     async with (
-        start(ws_rate_limit=0.01, ws_max_subscriptions=10) as server,
+        start(ws_rate_limit=0.05, ws_max_subscriptions=10) as server,
         ws_client(server.url) as client,
     ):
         for _ in range(12):

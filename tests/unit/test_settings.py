@@ -420,7 +420,7 @@ def test_a_default_in_conflict_is_named_as_its_variable() -> None:
         ("WS_ALLOWED_ORIGINS", "https://kektech.xyz/app", "no path"),
         ("WS_TRUSTED_PROXIES", "127.0.0.1,proxy.local", "item 2: expected an IP address"),
         ("WS_PORT", "0", "greater than or equal to 1"),
-        ("WS_RATE_LIMIT", "0", "greater than 0"),
+        ("WS_RATE_LIMIT", "0", "greater than or equal to 0.05"),
         # A group for no socket is a slip: the operator meant to serve Nginx on one.
         ("WS_UNIX_SOCKET_GROUP", "kektech-ws", "needs WS_UNIX_SOCKET"),
     ],
@@ -768,3 +768,83 @@ def test_an_at_sign_outside_the_credentials_is_still_accepted(variable: str, val
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(variable, value)
         load_settings(IndexerSettings)
+
+
+@pytest.mark.parametrize(
+    ("cls", "variable"),
+    [
+        (BroadcasterSettings, "WS_HOST"),
+        (BroadcasterSettings, "BROADCASTER_HTTP_HOST"),
+        (IndexerSettings, "INDEXER_HTTP_HOST"),
+        (OpsSettings, "DOCTOR_BROADCASTER_HOST"),
+    ],
+)
+@pytest.mark.parametrize("host", ["not a host!", "127.0.0.1:9464", "[::1]", "-x.example", "a..b"])
+def test_a_listen_host_that_is_no_host_is_refused(
+    cls: type[ServiceSettings], variable: str, host: str
+) -> None:
+    """A host setting takes an IP address or a host name: a port, brackets or a typo would
+    only fail when the service binds (or a probe connects), after its start was reported."""
+    error = config_error(cls, **{variable: host})
+    assert error.variable == variable
+    assert "an IP address (such as 127.0.0.1 or ::1) or a host name" in error.reason
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::1", "::", "localhost", "ws-1.lan"])
+def test_listen_hosts_take_addresses_and_names(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    monkeypatch.setenv("WS_HOST", f" {host} ")
+    monkeypatch.setenv("INDEXER_HTTP_HOST", host)
+    assert load_settings(BroadcasterSettings).ws_host == host
+    assert load_settings(IndexerSettings).indexer_http_host == host
+
+
+def test_a_fractional_looking_instance_index_still_offsets_the_ports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """BROADCASTER_INSTANCE=1.0 is read as instance 1, so its ports are offset as instance 1's:
+    they were left at the base, where instance 0 listens."""
+    monkeypatch.setenv("BROADCASTER_INSTANCE", "1.0")
+    settings = load_settings(BroadcasterSettings)
+    assert (settings.broadcaster_instance, settings.ws_port) == (1, 3181)
+    assert settings.broadcaster_http_port == 9466
+
+
+@pytest.mark.parametrize(
+    ("env", "instance"),
+    [({"WS_PORT": "9465"}, "0"), ({"WS_PORT": "3181", "BROADCASTER_HTTP_PORT": "3180"}, "1")],
+)
+def test_the_websocket_port_and_the_operations_port_must_differ(
+    env: dict[str, str], instance: str
+) -> None:
+    """The two listeners of one instance on one port: the second bind would fail at start
+    (with WS_REUSE_PORT, instance 1's operations port lands on the shared WS_PORT)."""
+    error = config_error(
+        BroadcasterSettings, BROADCASTER_INSTANCE=instance, WS_REUSE_PORT="true", **env
+    )
+    assert error.variable == "BROADCASTER_HTTP_PORT"
+    assert "is also WS_PORT" in error.reason
+
+
+def test_a_message_rate_too_low_to_ping_is_refused() -> None:
+    """WS_RATE_LIMIT=1e-300 would let a client send one message, ever; the frontend pings
+    every 30 s."""
+    error = config_error(BroadcasterSettings, WS_RATE_LIMIT="1e-300")
+    assert error.variable == "WS_RATE_LIMIT"
+    assert "greater than or equal to 0.05" in error.reason
+
+
+def test_a_relative_unix_socket_path_is_refused() -> None:
+    """A relative WS_UNIX_SOCKET would be found from whatever directory PM2 starts in, and
+    Nginx's proxy_pass names an absolute path."""
+    error = config_error(BroadcasterSettings, WS_UNIX_SOCKET="run/ws.sock")
+    assert error.variable == "WS_UNIX_SOCKET"
+    assert "absolute path" in error.reason
+
+
+def test_credentials_in_the_monitored_url_are_refused() -> None:
+    """`kektech check` prints MONITOR_WS_URL in its alerts and keeps it in its state file,
+    and its probe sends no credentials: a URL with a user or password is refused, unquoted."""
+    error = config_error(OpsSettings, MONITOR_WS_URL="wss://ops:hunter2secret@ws.example/ws")
+    assert error.variable == "MONITOR_WS_URL"
+    assert "no user or password" in error.reason
+    assert "hunter2secret" not in str(error)
