@@ -186,10 +186,9 @@ def parse_retry_after(value: str | None) -> float | None:
     """Return the seconds a Retry-After header asks for (delay or HTTP date), None if unusable."""
     if value is None:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    delay = value.strip()
+    if delay.isascii() and delay.isdigit():  # delay-seconds is 1*DIGIT: not "nan" or "-5"
+        return float(delay)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
