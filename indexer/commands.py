@@ -34,7 +34,7 @@ from indexer.service import (
     rpc_client,
     sources,
 )
-from indexer.sources import indexed_from, start_block_changed
+from indexer.sources import began_at, indexed_from, start_block_changed
 from indexer.verification import verify_range
 from shared.indexer_settings import IndexerSettings
 from shared.redaction import Writer
@@ -265,7 +265,6 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
             # --to at the head is the usual request (the cursor stays CONFIRMATIONS behind).
             _say(settings, f"--to {last} is above the cursor {cursor}: verified up to {cursor}")
         last = cursor if last is None else min(last, cursor)
-        began = await indexed_from(db)
         report = await verify_range(
             db,
             rpc,
@@ -276,7 +275,7 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
             cursor_hash=state.block_hash,
             static=sources(settings).static_kinds(),
             # Not START_BLOCK, which may have been changed since: see verify_range.
-            began=settings.start_block if began is None else began,
+            began=await began_at(db, start_block=settings.start_block),
             max_addresses=settings.logs_max_addresses,
             window_events=settings.batch_events,
             keep=MAX_REPORTED,

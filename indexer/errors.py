@@ -136,31 +136,33 @@ class ReorgTooDeep(IndexerError):  # noqa: N818
 
     `ancestor`: the newest stored block still on the chain, found among the older headers
     kept (2 x REORG_WINDOW below the newest), None if none is; `since` follows from it: the
-    block a `reindex` can start from knowing that nothing below it was replaced.
+    block a `reindex` can start from knowing that nothing below it was replaced. `began`:
+    the block the database began at (sources.began_at), below which nothing is stored.
     """
 
     cursor: int
     window: int
     ancestor: int | None
-    start_block: int
+    began: int
 
-    def __init__(self, cursor: int, window: int, ancestor: int | None, start_block: int) -> None:
+    def __init__(self, cursor: int, window: int, ancestor: int | None, began: int) -> None:
         self.cursor = cursor
         self.window = window
         self.ancestor = ancestor
-        self.start_block = start_block
-        super().__init__(cursor, window, ancestor, start_block)
+        self.began = began
+        super().__init__(cursor, window, ancestor, began)
 
     @property
     def since(self) -> int:
-        """The first block to index again: the one after `ancestor`, or START_BLOCK."""
-        return self.start_block if self.ancestor is None else self.ancestor + 1
+        """The first block to index again: the one after `ancestor`, or where the database
+        began (not START_BLOCK, which may have been changed since)."""
+        return self.began if self.ancestor is None else self.ancestor + 1
 
     def __str__(self) -> str:
         if self.ancestor is None:
             found = (
                 "no stored block is still on the chain, so the fork cannot be placed above"
-                " START_BLOCK"
+                f" block {self.began}, where the database began"
             )
         else:
             found = f"block {self.ancestor} is the newest stored block still on the chain"

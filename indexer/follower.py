@@ -35,7 +35,7 @@ from indexer.reorg import StoredChain
 from indexer.rollback import rollback
 from indexer.rpc import LogRangeSizer, RpcClient
 from indexer.rpc_results import BlockHeader
-from indexer.sources import Sources, record_sources
+from indexer.sources import Sources, began_at, record_sources
 from shared.memory import release_free_memory
 
 log = structlog.get_logger()
@@ -97,9 +97,7 @@ class Follower:
         self._config = config
         self._metrics = metrics
         self._on_commit = on_commit
-        self._chain = StoredChain(
-            rpc, start_block=config.start_block, reorg_window=config.reorg_window
-        )
+        self._chain = StoredChain(rpc, reorg_window=config.reorg_window)
         self._static = sources.static_kinds()
         self._ranges = RangeBatches(
             rpc,
@@ -170,6 +168,7 @@ class Follower:
             start_block=self._config.start_block,
             created=created,
         )
+        self._chain.began = await began_at(self._db, start_block=self._config.start_block)
         self._ranges.children = await self._followed_children()
         self._metrics.cursor.set(state.block_number)
         log.info("resuming", cursor=state.block_number, markets=len(self._ranges.children))

@@ -3,7 +3,9 @@
 The follower stores the headers of the last 2 * REORG_WINDOW blocks it indexed. When the chain
 replaced some of them, the rollback goes to the newest one still canonical (the common
 ancestor), searched within the window only: a reorg deeper than that stops the indexer
-instead of deleting data (ReorgTooDeep), with the block a reindex can start from.
+instead of deleting data (ReorgTooDeep), with the block a reindex can start from. The bottom
+of the stored chain is where the database began (sources.began_at), not START_BLOCK, which
+an operator may have changed since.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ ZERO_HASH = "0x" + "00" * 32
 class StoredChain:
     """Checks stored headers against what the node has now."""
 
-    def __init__(self, rpc: RpcClient, *, start_block: int, reorg_window: int) -> None:
+    def __init__(self, rpc: RpcClient, *, reorg_window: int) -> None:
         self._rpc = rpc
-        self._start_block = start_block
         self._window = reorg_window
+        # The block the database began at: set by the follower once it has read the database.
+        self.began: int | None = None
 
     async def header(self, number: int) -> BlockHeader:
         """The header of block `number`, or the virtual parent of block 0 for -1."""
@@ -52,8 +55,10 @@ class StoredChain:
         from a backend on another branch than the one answering now, as behind a load
         balancer. There is nothing to roll back, and the caller asks again after a pause.
         """
+        began = self.began
+        assert began is not None, "a reorg looked at before the database was read"
         recent = [h for h in stored if cursor - h.number <= self._window]
-        ancestor = await self._newest_kept(recent)
+        ancestor = await self._newest_kept(recent, began=began)
         if ancestor is None:
             # The headers below the window only name the block to reindex from.
             older = [h for h in stored if cursor - h.number > self._window]
@@ -61,21 +66,25 @@ class StoredChain:
                 cursor=cursor,
                 window=self._window,
                 ancestor=await self._newest_canonical(older),
-                start_block=self._start_block,
+                began=began,
             )
         if (ancestor.number, ancestor.hash) == (cursor, cursor_hash):
             raise ReorgDuringFetch(f"block {cursor} looked replaced, yet the node still has it")
         return ancestor
 
-    async def _newest_kept(self, stored: Sequence[BlockHeader]) -> BlockHeader | None:
+    async def _newest_kept(
+        self, stored: Sequence[BlockHeader], *, began: int
+    ) -> BlockHeader | None:
         """The newest of these stored headers (newest first) that is still canonical.
 
-        The block before START_BLOCK (the first cursor; the virtual parent of block 0 when
-        START_BLOCK is 0) is always an ancestor, as the node has it now: nothing below it is
-        stored, so a reorg that replaced it too retracts only what is above it.
+        The block before where the database began (its first cursor; the virtual parent of
+        block 0 when it began at 0) is always an ancestor, as the node has it now: nothing
+        below it is stored, so a reorg that replaced it too retracts only what is above it.
+        Not the block before START_BLOCK: raised since, it would take as common ancestor a
+        block whose replaced predecessors still hold stored events.
         """
         for header in stored:
-            if header.number < 0 or header.number == self._start_block - 1:
+            if header.number < 0 or header.number == began - 1:
                 return await self.header(header.number)
             if await self.canonical(header):  # not if the new branch is shorter than it
                 return header

@@ -44,15 +44,23 @@ async def indexed_from(db: Database) -> int | None:
     return None if began is None else int(began)
 
 
+async def began_at(db: Database, *, start_block: int) -> int:
+    """Where the database began (indexed_from), or START_BLOCK for one that has recorded no
+    contract yet, which begins there: what the reorg handling and `verify` go by, as an
+    operator may have changed START_BLOCK since."""
+    began = await indexed_from(db)
+    return start_block if began is None else began
+
+
 def start_block_changed(start_block: int, began: int | None) -> str | None:
     """What a START_BLOCK other than where the database began means, or None if it is not."""
     if began is None or began == start_block:
         return None
     return (
         f"START_BLOCK {start_block}, but the database began at block {began}: START_BLOCK sets"
-        " where a new database begins; this one goes on from its cursor, and `verify` looks"
-        f" for the factories' markets from block {began}; set START_BLOCK={began} again (the"
-        " reorg handling takes the block before START_BLOCK as the first cursor)"
+        " where a new database begins; this one goes on from its cursor, and `verify` (looking"
+        f" for the factories' markets) and the reorg handling go by block {began}; set"
+        f" START_BLOCK={began} again"
     )
 
 

@@ -415,6 +415,58 @@ async def test_a_reorg_replacing_the_block_before_start_block_is_followed(
     assert_retracted(entries, retracted)
 
 
+async def index_block_by_block(
+    indexer: IndexerProcess, chain: DevChain, deployment: Deployment, blocks: int
+) -> None:
+    """Mine `blocks` blocks of one factory event each, the indexer storing each (and its
+    header) before the next."""
+    for _ in range(blocks):
+        await factory_event_block(chain, deployment)
+        await indexer.wait_cursor(await chain.block_number())
+
+
+@pytest.mark.parametrize("while_running", [False, True], ids=["while-stopped", "while-running"])
+async def test_a_reorg_below_a_raised_start_block_follows_the_canonical_chain(
+    while_running: bool,
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """START_BLOCK raised after the database began lower: a reorg within REORG_WINDOW that
+    also replaces blocks below the new START_BLOCK (found at start-up or while running) is
+    rolled back to where the branches meet, as the database's own history says, not stopped
+    at the block before START_BLOCK: the replaced blocks' events are gone from the database
+    and announced as removals."""
+    window = {"REORG_WINDOW": "8"}
+    driver = ActivityDriver(dev_chain, deployment, seed=48, txs_per_block=3)
+    await driver.cover_all_events()
+    with make_indexer(START_BLOCK="0", **window) as indexer:
+        await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
+        await index_block_by_block(indexer, dev_chain, deployment, 6)
+    head = await dev_chain.block_number()
+    raised = str(head - 2)
+    retracted = await blocks_events(dev_chain, deployment, head - 4)
+    assert len(retracted) == 5, "one event in each replaced block, two of them below START_BLOCK"
+    replacement = reorg_transactions(dev_chain, deployment)
+    if not while_running:
+        await dev_chain.request("anvil_reorg", [5, replacement])
+    with make_indexer(START_BLOCK=raised, **window) as indexer:
+        if while_running:
+            await indexer.wait_ready()
+            await dev_chain.request("anvil_reorg", [5, replacement])
+        await dev_chain.mine_empty(1)
+        entries = await caught_up(
+            indexer, dev_chain, redis_client, stream_key, database_url, deployment
+        )
+        assert indexer.running
+        assert await indexer.metric("kektech_indexer_reorgs_total") == 1
+        assert await indexer.metric("kektech_indexer_reorg_depth_blocks_sum") == 5
+    assert_retracted(entries, retracted)
+
+
 async def test_the_first_cursor_waits_for_confirmations(
     dev_chain: DevChain,
     deployment: Deployment,
@@ -734,6 +786,39 @@ async def test_after_a_reorg_deeper_than_the_window_the_named_reindex_recovers(
             indexer, dev_chain, redis_client, stream_key, database_url, deployment
         )
     assert_retracted(entries, retracted)
+
+
+async def test_a_reorg_deeper_than_the_window_below_a_raised_start_block_halts(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """START_BLOCK raised after the database began lower, to a block inside the window: a
+    reorg deeper than REORG_WINDOW (counted from the cursor, down to where the database
+    began) still stops the indexer, naming the reindex, and deletes nothing; the block
+    before START_BLOCK is no ancestor taken on trust."""
+    window = {"REORG_WINDOW": "4"}
+    driver = ActivityDriver(dev_chain, deployment, seed=49, txs_per_block=3)
+    await driver.cover_all_events()
+    with make_indexer(START_BLOCK="0", **window) as indexer:
+        await caught_up(indexer, dev_chain, redis_client, stream_key, database_url, deployment)
+        await index_block_by_block(indexer, dev_chain, deployment, 8)
+    head = await dev_chain.block_number()
+    with make_indexer(START_BLOCK=str(head - 2), **window) as indexer:
+        before = await caught_up(
+            indexer, dev_chain, redis_client, stream_key, database_url, deployment
+        )
+        stored = await stored_keys(database_url)
+        await dev_chain.request("anvil_reorg", [6, reorg_transactions(dev_chain, deployment)])
+        await dev_chain.mine_empty(1)
+        assert await indexer.wait_exit(within=20) == 1
+    assert "REORG_WINDOW=4" in indexer.log_text()
+    assert f"{INDEXER} reindex --from {head - 5}" in indexer.log_text()
+    assert await stream_entries(redis_client, stream_key) == before
+    assert await stored_keys(database_url) == stored
 
 
 async def test_a_long_catch_up_keeps_reporting_the_head_as_the_chain_grows(
