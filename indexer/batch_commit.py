@@ -18,6 +18,7 @@ from indexer.lease import Lease
 from indexer.market_rebuild import projected, rebuild_markets
 from indexer.outbox import OutboxRow
 from indexer.projection import MarketRow, apply_events
+from indexer.publish_order import in_publish_order
 from indexer.statements import (
     EVENT_COLUMNS,
     HEADER_TYPES,
@@ -55,16 +56,14 @@ class SavedBatch:
     outbox: list[OutboxRow] | None
 
 
-def _assign_seqs(events: Sequence[StoredEvent], last_seq: int) -> tuple[list[int | None], int]:
-    """Consecutive publication seqs for the decoded events (None for raw ones), and the last."""
-    seqs: list[int | None] = []
-    for event in events:
-        if event.decoded is None:
-            seqs.append(None)
-        else:
-            last_seq += 1
-            seqs.append(last_seq)
-    return seqs, last_seq
+def _assign_seqs(
+    events: Sequence[StoredEvent], last_seq: int
+) -> tuple[list[int | None], list[StoredEvent], int]:
+    """Publication seqs for the events in their order (None for raw ones, never published),
+    the published events in seq order (indexer/publish_order.py), and the last seq."""
+    published = list(in_publish_order([e for e in events if e.decoded is not None]))
+    seq_of = {id(event): seq for seq, event in enumerate(published, last_seq + 1)}
+    return [seq_of.get(id(event)) for event in events], published, last_seq + len(published)
 
 
 async def save_batch(db: Database, lease: Lease, ttl: float, batch: Batch) -> SavedBatch:
@@ -86,14 +85,14 @@ async def save_batch(db: Database, lease: Lease, ttl: float, batch: Batch) -> Sa
             raise LeaseLost(lease.owner)
         stored = set(zip(snapshot["numbers"] or (), snapshot["indexes"] or (), strict=True))
         fresh = [e for e in events if (e.log.block_number, e.log.log_index) not in stored]
-        seqs, last_seq = _assign_seqs(fresh, snapshot["last_seq"])
-        queued = last_seq - snapshot["last_seq"]
+        first_seq = snapshot["last_seq"] + 1
+        seqs, published, last_seq = _assign_seqs(fresh, snapshot["last_seq"])
+        queued = len(published)
         chain_id = snapshot["chain_id"]
         new_events = map(event_values, fresh, seqs)
         new_outbox = (
             outbox_values(e, chain_id=chain_id, seq=seq)
-            for e, seq in zip(fresh, seqs, strict=True)
-            if seq is not None
+            for seq, e in enumerate(published, first_seq)
         )
         handed: list[OutboxRow] | None = None
         event_rows: list[tuple[Any, ...]] = []

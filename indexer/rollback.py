@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from indexer.batch import StoredEvent
 from indexer.cursor import save_headers
-from indexer.database import Database
+from indexer.database import Connection, Database
 from indexer.lease import Lease, fence
 from indexer.market_rebuild import rebuild_markets
+from indexer.publish_order import complete_transactions, in_publish_order
 from indexer.queries import keyset_pages
 from indexer.rpc_results import BlockHeader
 from indexer.statements import OUTBOX_COLUMNS, outbox_values
@@ -24,6 +27,8 @@ async def rollback(db: Database, lease: Lease, ttl: float, ancestor: BlockHeader
 
     Events, markets created above the ancestor, projections of markets they touched,
     stored headers and the cursor all go back together. Returns the events removed.
+    Notices go newest first, but a MarketCreated first among its transaction's (as
+    publications do, indexer/publish_order.py).
     """
     async with db.transaction() as conn:
         state = await conn.fetchrow(
@@ -41,19 +46,16 @@ async def rollback(db: Database, lease: Lease, ttl: float, ancestor: BlockHeader
             start=(MAX_BIGINT, 0),
             keys=("block_number", "log_index"),
         )
+        # The last transaction of a page waits for the next page, which may hold the rest of
+        # it: its MarketCreated goes first among its notices (indexer/publish_order.py).
+        held: list[StoredEvent] = []
         async for records in pages:
-            notices = []
-            for event in map(StoredEvent.from_record, records):
-                if event.decoded is not None:
-                    last_seq += 1
-                    notices.append(
-                        outbox_values(event, chain_id=state["chain_id"], seq=last_seq, removed=True)
-                    )
-                    if event.market:
-                        markets.add(event.market)
-            if notices:
-                await db.copy(conn, "outbox", notices, OUTBOX_COLUMNS)
+            events = [e for e in map(StoredEvent.from_record, records) if e.decoded is not None]
+            markets.update(e.market for e in events if e.market)
+            whole, held = complete_transactions([*held, *events])
+            last_seq = await _queue_removals(db, conn, whole, state["chain_id"], last_seq)
             retracted += len(records)
+        last_seq = await _queue_removals(db, conn, held, state["chain_id"], last_seq)
         await conn.execute("DELETE FROM events WHERE block_number > $1", ancestor.number)
         await rebuild_markets(conn, markets, created_above=ancestor.number)
         await conn.execute("DELETE FROM blocks WHERE number > $1", ancestor.number)
@@ -67,3 +69,21 @@ async def rollback(db: Database, lease: Lease, ttl: float, ancestor: BlockHeader
         )
         await fence(conn, lease, ttl)
     return retracted
+
+
+async def _queue_removals(
+    db: Database,
+    conn: Connection,
+    events: Sequence[StoredEvent],
+    chain_id: int,
+    last_seq: int,
+) -> int:
+    """Queue removal notices of `events` (whole transactions, newest first); returns the last
+    seq assigned."""
+    notices = [
+        outbox_values(event, chain_id=chain_id, seq=seq, removed=True)
+        for seq, event in enumerate(in_publish_order(events), last_seq + 1)
+    ]
+    if notices:
+        await db.copy(conn, "outbox", notices, OUTBOX_COLUMNS)
+    return last_seq + len(notices)

@@ -195,7 +195,9 @@ def assert_gap_free(entries: list[tuple[int, dict[str, Any]]]) -> None:
 
 
 def assert_retracted(entries: list[tuple[int, dict[str, Any]]], retracted: list[str]) -> None:
-    """The stream announces exactly the retracted events as removed, newest first, gap-free."""
+    """The stream announces exactly the retracted events (chain order) as removed, newest
+    first, gap-free. (A MarketCreated goes first in its transaction there too: it is the last
+    log of the transaction that creates a market, on the devnet as on the deployed chain.)"""
     removals = [envelope["id"] for _, envelope in entries if envelope["removed"]]
     assert removals == list(reversed(retracted))
     assert_gap_free(entries)
@@ -220,6 +222,47 @@ def live_ids(entries: list[tuple[int, dict[str, Any]]]) -> list[str]:
 
 def expected_ids(logs: list[dict[str, Any]], chain_id: int = 32323) -> list[str]:
     return [f"{chain_id}:{lg['transactionHash']}:{int(lg['logIndex'], 16)}" for lg in logs]
+
+
+def published_order(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tracked logs (chain order) in the order the stream publishes them (docs/protocol.md):
+    chain order, but a factory's MarketCreated first among its transaction's logs."""
+    ordered: list[dict[str, Any]] = []
+    for _, run in itertools.groupby(
+        logs, key=lambda lg: (lg["blockNumber"], lg["transactionHash"])
+    ):
+        ordered += sorted(run, key=lambda lg: lg["topics"][:1] != [MARKET_CREATED_TOPIC])
+    return ordered
+
+
+def is_announcement(envelope: dict[str, Any]) -> bool:
+    """A factory's MarketCreated (a market's first event for the frontend)."""
+    return (envelope["contractKind"], envelope["type"]) == ("factory", "MarketCreated")
+
+
+def assert_announcements_first(entries: list[tuple[int, dict[str, Any]]]) -> int:
+    """In the stream, a transaction's first entry is its MarketCreated when it has one: the
+    frontend keeps only the first event of a transaction. Checked for its additions and its
+    removal notices apart (a reorg publishes both), and within each run of consecutive
+    entries of one transaction (each time it is published: a reindex publishes it again).
+    Returns how many transactions announce a market."""
+    first: dict[tuple[str, bool], dict[str, Any]] = {}
+    announcing: set[tuple[str, bool]] = set()
+    for _, envelope in entries:
+        key = (envelope["transactionHash"], envelope["removed"])
+        first.setdefault(key, envelope)
+        if is_announcement(envelope):
+            announcing.add(key)
+    late = [key for key in announcing if not is_announcement(first[key])]
+    assert not late, f"transactions whose first entry is not their MarketCreated: {late[:3]}"
+    runs = itertools.groupby(
+        (envelope for _, envelope in entries),
+        key=lambda e: (e["transactionHash"], e["blockHash"], e["removed"]),
+    )
+    for publication, run in runs:
+        announces = [is_announcement(envelope) for envelope in run]
+        assert announces == sorted(announces, reverse=True), f"{publication}: {announces}"
+    return len({tx for tx, removed in announcing if not removed})
 
 
 async def wait_for_stream(client: aioredis.Redis, key: str, count: int, within: float = 30) -> None:
@@ -268,7 +311,7 @@ async def stored_and_published(
     except TimeoutError:
         await assert_database_equals_chain(database_url, chain, deployment)  # says how
         raise
-    expected = expected_ids(await tracked_chain_logs(chain, deployment))
+    expected = expected_ids(published_order(await tracked_chain_logs(chain, deployment)))
 
     async def published() -> bool:
         return live_ids(await stream_entries(client, key)) == expected

@@ -19,10 +19,12 @@ from indexer.catalog import OUTCOME_NAMES, STATE_NAMES
 from shared.channels import snake_case
 from shared.envelope import EventEnvelope
 from tests.indexer.conftest import (
+    assert_announcements_first,
     assert_database_equals_chain,
     assert_gap_free,
     expected_ids,
     live_ids,
+    published_order,
     stream_entries,
     tracked_chain_logs,
     wait_for_stream,
@@ -87,7 +89,8 @@ async def test_every_event_is_indexed_decoded_and_published(
             await eventually(on_pubsub_too, within=10, what="every event on Pub/Sub")
 
     assert_gap_free(entries)
-    assert live_ids(entries) == expected_ids(logs)
+    assert live_ids(entries) == expected_ids(published_order(logs))
+    assert assert_announcements_first(entries) == driver.stats.markets
     envelopes = [envelope for _, envelope in entries]
     assert all(set(e) == ENVELOPE_FIELDS for e in envelopes)
     for envelope in envelopes:  # what the indexer writes is what the shared model accepts

@@ -20,6 +20,7 @@ from devnet.process import free_port
 from devnet.redis_server import Redis
 from tests.broadcaster.support import read_stream_after
 from tests.indexer.conftest import (
+    assert_announcements_first,
     assert_database_equals_chain,
     assert_gap_free,
     assert_no_duplicates,
@@ -27,6 +28,7 @@ from tests.indexer.conftest import (
     caught_up,
     expected_ids,
     live_ids,
+    published_order,
     stored_keys,
     stream_entries,
     tracked_chain_logs,
@@ -179,6 +181,7 @@ async def test_reorgs_within_the_window_follow_the_canonical_chain(
         assert await indexer.metric("kektech_indexer_reorgs_total") == 1
         assert await indexer.metric("kektech_indexer_reorg_depth_blocks_sum") == depth
     assert_retracted(entries, retracted)
+    assert_announcements_first(entries)
     new_branch = await blocks_events(dev_chain, deployment, head - depth + 1)
     assert new_branch
     assert not set(new_branch) & set(retracted)
@@ -274,7 +277,9 @@ async def test_with_confirmations_a_reorg_of_the_whole_window_after_a_catch_up_i
         await eventually(stored, within=30, what="the database equals the chain to the target")
         logs = await tracked_chain_logs(dev_chain, deployment)
         assert any(int(lg["blockNumber"], 16) == fork + 1 for lg in logs), "the replacement"
-        expected = expected_ids([lg for lg in logs if int(lg["blockNumber"], 16) <= target])
+        expected = expected_ids(
+            published_order([lg for lg in logs if int(lg["blockNumber"], 16) <= target])
+        )
 
         async def published() -> bool:
             return live_ids(await stream_entries(redis_client, stream_key)) == expected

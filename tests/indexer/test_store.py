@@ -4,10 +4,12 @@ own behaviour: how the link to the server fails."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 
 import asyncpg
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from eth_abi.abi import encode
@@ -15,7 +17,7 @@ from eth_abi.abi import encode
 from devnet.postgres_server import Postgres
 from indexer.batch import Batch, StoredEvent, block_time
 from indexer.batch_commit import COPY_ABOVE, HANDOFF_MAX, save_batch
-from indexer.catalog import MARKET_CREATED, ContractKind
+from indexer.catalog import MARKET_CREATED, ContractKind, catalog
 from indexer.cursor import init_state
 from indexer.database import Database
 from indexer.decoding import decode_log
@@ -24,6 +26,8 @@ from indexer.lease import Lease, try_acquire_lease
 from indexer.metrics import Metrics
 from indexer.outbox import outbox_after
 from indexer.publisher import Publisher
+from indexer.queries import READ_PAGE
+from indexer.rollback import rollback
 from indexer.rpc_results import BlockHeader, RawLog
 from indexer.schema import latest_schema_version, migrate, schema_version
 from indexer.service import acquire_lease, lease_owner
@@ -98,6 +102,42 @@ def market_created(index: int, *, block: int = 1) -> StoredEvent:
     return StoredEvent(
         log=log, kind=ContractKind.FACTORY, decoded=decoded, block_time=block_time(0)
     )
+
+
+def factory_paused(log_index: int, transaction: str) -> StoredEvent:
+    """The factory's FactoryPaused(true) at this log of block 1, in this transaction."""
+    factory = "0x" + "11" * 20
+    spec = next(s for s in catalog().values() if s.name == "FactoryPaused")
+    topics, data = [spec.topic0], "0x" + encode(["bool"], [True]).hex()
+    log = RawLog(factory, tuple(topics), data, 1, header(1).hash, transaction, 0, log_index, False)
+    decoded = decode_log(ContractKind.FACTORY, factory, topics, data)
+    time = block_time(0)
+    return StoredEvent(log=log, kind=ContractKind.FACTORY, decoded=decoded, block_time=time)
+
+
+async def test_removal_notices_put_market_created_first_in_a_transaction_across_pages(
+    database_url: str,
+) -> None:
+    """A rollback announces removals newest first but a transaction's MarketCreated first
+    among its own, also when the rollback reads that transaction in two pages."""
+    transaction = "0x" + "77" * 32
+    first = market_created(0)
+    created = dataclasses.replace(
+        first, log=dataclasses.replace(first.log, transaction_hash=transaction)
+    )
+    paused = [factory_paused(index, transaction) for index in (1, 2)]
+    # Raw logs after it, one fewer than a page: the newest page ends inside the transaction.
+    later = [raw_event(index) for index in range(3, 3 + READ_PAGE - 1)]
+    async with Database.open(database_url, command_timeout=10.0) as db:
+        lease = await lease_at_block_zero(db)
+        await save_batch(db, lease, TTL, block_one([created, *paused, *later]))
+        await rollback(db, lease, TTL, header(0))
+        notices = [orjson.loads(row.payload) for row in await outbox_after(db, 3, 10)]
+    assert [(n["type"], n["logIndex"], n["removed"]) for n in notices] == [
+        ("MarketCreated", 0, True),
+        ("FactoryPaused", 2, True),
+        ("FactoryPaused", 1, True),
+    ]
 
 
 @pytest.mark.parametrize("events", [3, COPY_ABOVE + 44])
