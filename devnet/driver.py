@@ -144,8 +144,7 @@ class ActivityDriver:
                 act.resolve_dispute(current),
                 act.return_bond(current),
                 act.finalize(current, 1),
-                act.admin_resolve(legacy),
-                act.finalize(legacy, 3),
+                act.admin_resolve(legacy),  # finalizes it, as CANCELLED
             ]
         )
         claims = [act.claim(current), act.claim(legacy), act.claim(fifth)]
@@ -211,8 +210,11 @@ class ActivityDriver:
                 [act.resolve, act.dispute, act.finalize, act.auto_finalize, act.signals],
             ),
             (State.DISPUTED, 1.0, [act.investigate, act.resolve_dispute, act.finalize]),
+            # adminResolve finalizes the market, which only these states allow.
+            (State.RESOLVING, 0.3, [act.admin_resolve]),
+            (State.DISPUTED, 0.3, [act.admin_resolve]),
             (State.FINALIZED, 1.5, [act.claim, act.claim, act.reward, act.creator_fees]),
-            (State.FINALIZED, 0.2, [act.admin_resolve, act.return_bond_if_any]),
+            (State.FINALIZED, 0.2, [act.return_bond_if_any]),
             (State.REJECTED, 0.5, [act.deactivate_once]),
         ]
         return actions + [
@@ -240,6 +242,18 @@ class ActivityDriver:
         await self._mine([self.actions.approve(market)])
         await self._mine([self.actions.activate(market)])
         return market
+
+    async def uphold_a_dispute(self, market: Market, *, resolved: int, upheld: int) -> None:
+        """Mine one block in which `market`, active still, is resolved as `resolved`, disputed,
+        and the dispute upheld with `upheld`: an outcome only the resolution manager states."""
+        act = self.actions
+        await self._mine(
+            [
+                act.resolve(market, resolved),
+                act.dispute(market),
+                act.resolve_dispute(market, upheld=True, new_outcome=upheld),
+            ]
+        )
 
     async def bet(self, market: Market) -> None:
         """Mine one block holding a bet on `market`, active still (no run() since it was)."""

@@ -94,7 +94,6 @@ class MarketActions:
     def resolve(self, m: Market, outcome: int | None = None) -> Tx:
         self._book.move(m, State.RESOLVING)
         m.outcome = outcome or self.rng.choice((1, 2))
-        m.announced_outcome = None
         data = self._call(self._rm, "resolveMarket", m.address, m.outcome)
         return Tx(self.admin, self.deployment.resolution_manager, data)
 
@@ -109,25 +108,26 @@ class MarketActions:
         data = self._call(self._rm, "investigateDispute", m.address, "checked two sources")
         return Tx(self.admin, self.deployment.resolution_manager, data)
 
-    def resolve_dispute(self, m: Market) -> Tx:
-        upheld = self.rng.random() < 0.5
-        new_outcome = self.rng.choice((1, 2))
-        if upheld:
-            m.announced_outcome = new_outcome
+    def resolve_dispute(
+        self, m: Market, upheld: bool | None = None, new_outcome: int | None = None
+    ) -> Tx:
+        # Upheld or not, the resolution manager only announces it: the market is unchanged
+        # (its outcome changes when it is finalized).
+        if upheld is None:
+            upheld = self.rng.random() < 0.5
+        new_outcome = new_outcome or self.rng.choice((1, 2))
         data = self._call(self._rm, "resolveDispute", m.address, upheld, new_outcome)
         return Tx(self.admin, self.deployment.resolution_manager, data)
 
     def finalize(self, m: Market, outcome: int | None = None) -> Tx:
         self._book.move(m, State.FINALIZED)
         m.outcome = outcome or m.outcome or self.rng.choice((1, 2, 3))
-        m.announced_outcome = None
         data = self._call(self._rm, "finalizeResolution", m.address, m.outcome)
         return Tx(self.admin, self.deployment.resolution_manager, data)
 
     def auto_finalize(self, m: Market) -> Tx:
         self._book.move(m, State.FINALIZED)
         m.outcome = m.outcome or self.rng.choice((1, 2))
-        m.announced_outcome = None
         data = self._call(self._rm, "autoFinalize", m.address, m.outcome)
         return Tx(self.admin, self.deployment.resolution_manager, data)
 
@@ -137,7 +137,9 @@ class MarketActions:
         return Tx(self.admin, self.deployment.resolution_manager, data)
 
     def admin_resolve(self, m: Market) -> Tx:
-        m.announced_outcome = CANCELLED
+        """Finalize an ACTIVE, RESOLVING or DISPUTED market as CANCELLED by admin decision."""
+        self._book.move(m, State.FINALIZED)
+        m.outcome = CANCELLED
         data = self._call(self._rm, "adminResolve", m.address, CANCELLED, "ambiguous question")
         return Tx(self.admin, self.deployment.resolution_manager, data)
 
@@ -152,7 +154,6 @@ class MarketActions:
         self._book.cancelled.add(m)
         m.cancelled = True
         m.outcome = CANCELLED
-        m.announced_outcome = None
         data = self._call(self._rm, "cancelMarket", m.address)
         return Tx(self.admin, self.deployment.resolution_manager, data)
 

@@ -31,10 +31,6 @@ class Market:
     # A cancelled market keeps the state it was cancelled in (as on the chain) and takes only
     # claims from then on.
     cancelled: bool = False
-    # An outcome the resolution manager announced on its own (AdminResolution, an upheld
-    # DisputeResolved) since the market last set `outcome`: the market does not apply it, the
-    # markets projection does (docs/protocol.md).
-    announced_outcome: int | None = None
     stakes: dict[tuple[str, int], int] = field(default_factory=dict)
     bets: dict[int, int] = field(default_factory=lambda: {1: 0, 2: 0})  # count per outcome
     claimed: set[str] = field(default_factory=set)

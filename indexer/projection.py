@@ -4,7 +4,8 @@ The same fold serves the forward path (apply a batch to the rows it touches) and
 path (rebuild an affected market from the events that remain), so both always agree. Early
 markets (template v1) emit no MarketStateChanged, so the state also follows the lifecycle
 events that accompany each transition. A cancellation is not one: cancelMarket() emits
-MarketResolved(CANCELLED) alone, in whatever state the market is, and leaves that state.
+MarketResolved(CANCELLED) alone, in whatever state the market is, and leaves that state. The
+outcome is the market's own too (OUTCOME_ARGUMENT), not what the resolution manager announces.
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ STATE_BY_EVENT: dict[tuple[ContractKind, str], str] = {
 # emits MarketResolved(CANCELLED) and moves it nowhere.
 MARKET_RESOLVED = (ContractKind.MARKET, "MarketResolved")
 CANCELLED = str(OUTCOME_NAMES.index("CANCELLED"))
-# Events that set the market's outcome, and the argument holding it.
+# Events that set the market's outcome, and the argument holding it: the market's own only.
+# The resolution manager's (its MarketResolved, ResolutionFinalized, MarketAutoFinalized,
+# AdminResolution, an upheld DisputeResolved) are another contract's announcements: what the
+# market holds is its outcome, and an announcement need not reach it (a dispute upheld that the
+# market never hears of), so taking them made the row disagree with the chain.
 OUTCOME_ARGUMENT: dict[tuple[ContractKind, str], str] = {
     (ContractKind.MARKET, "MarketResolved"): "result",
     (ContractKind.MARKET, "MarketFinalized"): "finalOutcome",
-    (ContractKind.RESOLUTION_MANAGER, "MarketResolved"): "outcome",
-    (ContractKind.RESOLUTION_MANAGER, "ResolutionFinalized"): "finalOutcome",
-    (ContractKind.RESOLUTION_MANAGER, "MarketAutoFinalized"): "outcome",
-    (ContractKind.RESOLUTION_MANAGER, "AdminResolution"): "outcome",
 }
 
 
@@ -131,8 +132,6 @@ def apply_event(row: MarketRow | None, event: ProjectedEvent) -> MarketRow | Non
         row.state = "RESOLVING"
     if key in OUTCOME_ARGUMENT:
         row.outcome = _outcome_name(args[OUTCOME_ARGUMENT[key]])
-    elif key == (ContractKind.RESOLUTION_MANAGER, "DisputeResolved") and args["upheld"]:
-        row.outcome = _outcome_name(args["newOutcome"])
     elif event.name == "MarketRejected":
         row.rejected = True
     elif key == (ContractKind.FACTORY, "MarketDeactivated"):

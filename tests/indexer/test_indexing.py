@@ -131,20 +131,36 @@ async def test_markets_projection_follows_the_chain(
     database_url: str,
 ) -> None:
     """The markets table has every market with its creator, question, bets, and the state and
-    outcome the market itself holds on the chain, cancelled markets included; the outcome is
-    the one the resolution manager announced instead where it announced one since (which the
-    market does not apply)."""
+    outcome the market itself holds on the chain (its views), cancelled markets included, and
+    markets the resolution manager resolved by admin or upheld a dispute of: its announcements
+    are not the market's outcome, its adminResolve finalizes the market. A rollback's rebuild
+    of a row folds the same way."""
     driver = ActivityDriver(dev_chain, deployment, seed=12, txs_per_block=10)
     await driver.cover_all_events()
     await driver.run(blocks=40)
+    disputed = await driver.active_market(deployment.factory_v2)
+    await driver.uphold_a_dispute(disputed, resolved=1, upheld=2)
     with make_indexer() as indexer:
         await indexer.wait_cursor(await dev_chain.block_number())
     conn = await asyncpg.connect(database_url)
     try:
         rows = {r["address"]: r for r in await conn.fetch("SELECT * FROM markets")}
+        admin_resolved = {
+            r["market_address"]: int(r["outcome"])
+            for r in await conn.fetch(
+                "SELECT market_address, args->>'outcome' AS outcome FROM events"
+                " WHERE event_name = 'AdminResolution' ORDER BY block_number, log_index"
+            )
+        }
     finally:
         await conn.close()
     assert set(rows) == set(driver.markets)
+    assert admin_resolved, "cover_all_events resolves a market by admin"
+    # The resolution manager named OUTCOME2, the market holds OUTCOME1.
+    assert (rows[disputed.address]["state"], rows[disputed.address]["outcome"]) == (
+        "DISPUTED",
+        "OUTCOME1",
+    )
     views = dev_chain.contract("PredictionMarket")
     cancelled_in = {market.state.name for market in driver.markets.values() if market.cancelled}
     assert {"ACTIVE", "REJECTED"} <= cancelled_in
@@ -163,13 +179,27 @@ async def test_markets_projection_follows_the_chain(
         assert (row["bets_outcome1"], row["bets_outcome2"]) == (market.bets[1], market.bets[2])
         state = int(await dev_chain.call(to=address, data=views.encode_abi("state")), 16)
         outcome = int(await dev_chain.call(to=address, data=views.encode_abi("outcome")), 16)
-        if market.announced_outcome is not None:
-            outcome = market.announced_outcome
         assert (row["state"], row["outcome"]) == (STATE_NAMES[state], OUTCOME_NAMES[outcome])
+        if address in admin_resolved:
+            assert (row["state"], row["outcome"]) == (
+                "FINALIZED",
+                OUTCOME_NAMES[admin_resolved[address]],
+            )
         if market.state.name == "REJECTED":
             assert row["rejected"] is True
         else:
             assert row["state"] == market.state.name
+    # A reindex from the dispute's block rebuilds the market's row from its stored events
+    # (indexer/market_rebuild.py), then applies the block again: the same fold, the same rows.
+    reindex = make_indexer("reindex", "--from", str(await dev_chain.block_number()))
+    reindex.start()
+    assert await reindex.wait_exit(within=60) == 0, reindex.log_text()
+    conn = await asyncpg.connect(database_url)
+    try:
+        again = {r["address"]: r for r in await conn.fetch("SELECT * FROM markets")}
+    finally:
+        await conn.close()
+    assert again == rows
 
 
 async def test_strings_text_cannot_carry_are_replaced_not_fatal(

@@ -127,3 +127,45 @@ def test_resolving_still_moves_the_market_to_resolving(
     MarketStateChanged (template v1) and alone (as the test contracts' v1 markets emit it)."""
     row = fold(APPROVE + ACTIVATE + resolution, template)
     assert (row.state, row.outcome) == ("RESOLVING", "OUTCOME1")
+
+
+RM = "0x" + "e0" * 20
+
+
+def manager_event(name: str, **args: str | bool) -> ProjectedEvent:
+    """An event of the resolution manager about MARKET."""
+    return ProjectedEvent(ContractKind.RESOLUTION_MANAGER, name, RM, MARKET, dict(args), 3, TX, AT)
+
+
+# The resolution manager's events that name an outcome: another contract's word on the
+# market's. A dispute upheld never reaches the market; the others follow the market's own
+# event in the same transaction (AdminResolution too, since adminResolve finalizes the market;
+# before, the test contract emitted it alone).
+ANNOUNCEMENTS = (
+    manager_event("AdminResolution", outcome="3", reason="ambiguous question"),
+    manager_event("DisputeResolved", upheld=True, newOutcome="2", timestamp="3"),
+    manager_event("MarketResolved", outcome="2", resolver=ADMIN, timestamp="3"),
+    manager_event("ResolutionFinalized", finalOutcome="2", timestamp="3"),
+    manager_event("MarketAutoFinalized", outcome="2"),
+)
+FINALIZE = (
+    market_event("MarketFinalized", finalOutcome="2", timestamp="3"),
+    state_changed("FINALIZED"),
+)
+
+
+@pytest.mark.parametrize("announcement", ANNOUNCEMENTS, ids=lambda e: e.name)
+def test_the_resolution_managers_word_alone_changes_no_outcome(
+    announcement: ProjectedEvent,
+) -> None:
+    """An outcome the resolution manager announces while the market's own events say nothing
+    of it leaves the row's outcome (and state) as the market holds them."""
+    row = fold(APPROVE + ACTIVATE + RESOLVE + DISPUTE + (announcement,))
+    assert (row.state, row.outcome) == ("DISPUTED", "OUTCOME1")
+
+
+def test_the_markets_own_finalization_sets_the_outcome() -> None:
+    """The market's MarketFinalized sets the outcome it names, with or without the resolution
+    manager's announcements before it."""
+    row = fold(APPROVE + ACTIVATE + RESOLVE + DISPUTE + ANNOUNCEMENTS + FINALIZE)
+    assert (row.state, row.outcome) == ("FINALIZED", "OUTCOME2")

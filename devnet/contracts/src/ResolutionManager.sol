@@ -92,8 +92,11 @@ contract ResolutionManager {
         emit MarketAutoFinalized(market, outcome);
     }
 
+    /// @notice Like the deployed adminResolve(): finalizes the market with `outcome` (as
+    ///         finalizeResolution does; the market refuses it unless ACTIVE, RESOLVING or
+    ///         DISPUTED, and an outcome but 1..3), then announces it.
     function adminResolve(address market, uint8 outcome, string calldata reason) external {
-        _requireOutcome(outcome);
+        IPredictionMarket(market).finalize(outcome);
         emit AdminResolution(market, outcome, reason);
     }
 
