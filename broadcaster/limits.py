@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import functools
+import heapq
 import ipaddress
+import math
 from collections.abc import Iterable, Sequence
 
-__all__ = ["ConnectionCounter", "TokenBucket", "client_ip", "connection_ceiling"]
+__all__ = [
+    "AddressBudgets",
+    "ConnectionCounter",
+    "TokenBucket",
+    "client_ip",
+    "connection_ceiling",
+]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Open files a broadcaster keeps for itself, whatever its clients take: its Redis connections
 # (reader, health monitor, 8 for resumes), listeners, metrics scrapes, the event loop's own.
 FILES_RESERVED = 64
+# Client addresses with a budget of their own (AddressBudgets): some 300 bytes each. Far above
+# the addresses one instance serves at once in normal use (a few thousand); past it, only
+# clients cycling through addresses, which share one overflow budget.
+MAX_ADDRESSES = 16_384
 
 
 class TokenBucket:
@@ -54,6 +66,17 @@ class TokenBucket:
         self._refill(now)
         return self._tokens >= self._burst
 
+    def full_at(self, now: float) -> float:
+        """When the bucket will be back to its burst if nothing more is spent (`now` if it
+        is; infinity if it never refills, at a rate of 0)."""
+        self._refill(now)
+        missing = self._burst - self._tokens
+        if missing <= 0:
+            return now
+        if self._rate <= 0:
+            return math.inf
+        return now + missing / self._rate
+
     def _refill(self, now: float) -> None:
         elapsed = now - self._stamp
         if elapsed > 0:
@@ -66,32 +89,55 @@ class AddressBudgets:
 
     A budget outlives the address's connections until it has refilled: forgetting it when
     the last one closes would hand the next connection a full one. Refilled budgets are
-    dropped whenever `prune_at` are held, which bounds the memory in steady state. So a
-    budget is looked up each time it is used, never kept: one kept past its drop would be a
-    second budget of its address, beside the new one its other connections get.
+    dropped as new addresses come, found through a heap of the times the budgets held will
+    be full again (a budget spent since its time was pushed is pushed again for its new
+    time when that one comes up), so a lookup costs O(log n) amortized, however many are
+    held. So a budget is looked up each time it is used, never kept: one kept past its drop
+    would be a second budget of its address, beside the new one its other connections get.
+
+    At most `max_held` addresses have budgets of their own. Past that (clients cycling many
+    addresses, each spending a little, which IPv6 makes cheap), new addresses share one
+    overflow budget until some refill: under such load they are limited together, never
+    unlimited, and the memory stays bounded.
     """
 
-    __slots__ = ("_buckets", "_burst", "_prune_at", "_rate")
+    __slots__ = ("_buckets", "_burst", "_max_held", "_overflow", "_rate", "_refills")
 
-    def __init__(self, rate: float, burst: float, *, prune_at: int = 4096) -> None:
+    def __init__(self, rate: float, burst: float, *, max_held: int = MAX_ADDRESSES) -> None:
         self._rate = rate
         self._burst = burst
-        self._prune_at = prune_at
+        self._max_held = max_held
         self._buckets: dict[str, TokenBucket] = {}
+        # (when the address's budget will be full again, the address), one per held address;
+        # a time may be past due for a budget spent since it was pushed.
+        self._refills: list[tuple[float, str]] = []
+        self._overflow = TokenBucket(rate, burst, 0.0)
 
     def __len__(self) -> int:
+        """Addresses holding a budget of their own."""
         return len(self._buckets)
 
     def of(self, address: str, now: float) -> TokenBucket:
-        """The budget of address (a full one for an address not seen lately)."""
+        """The budget of address (a full one for an address not seen lately, the shared
+        overflow budget while `max_held` others are held)."""
         bucket = self._buckets.get(address)
         if bucket is None:
-            if len(self._buckets) >= self._prune_at:
-                self._buckets = {
-                    key: kept for key, kept in self._buckets.items() if not kept.full(now)
-                }
+            self._forget_refilled(now)
+            if len(self._buckets) >= self._max_held:
+                return self._overflow
             bucket = self._buckets[address] = TokenBucket(self._rate, self._burst, now)
+            heapq.heappush(self._refills, (now, address))
         return bucket
+
+    def _forget_refilled(self, now: float) -> None:
+        refills, buckets = self._refills, self._buckets
+        while refills and refills[0][0] <= now:
+            _, address = heapq.heappop(refills)
+            full_at = buckets[address].full_at(now)
+            if full_at <= now:  # full, or so nearly that pushed back it would come up again
+                del buckets[address]
+            else:  # spent again since: looked at again when it will be full
+                heapq.heappush(refills, (full_at, address))
 
 
 def connection_ceiling(configured: int, open_files: int) -> int:

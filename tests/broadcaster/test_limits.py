@@ -27,22 +27,75 @@ def test_token_bucket_allows_burst_then_rate() -> None:
     assert [bucket.take(100.0) for _ in range(3)] == [True, True, False]
 
 
-def test_address_budgets_outlive_connections_until_refilled() -> None:
-    """An address's budget is the same bucket for each of its connections, and is forgotten
-    only once refilled (when `prune_at` addresses are held), so that memory stays bounded
-    while no reconnect ever finds a fresh budget."""
-    budgets = AddressBudgets(rate=1.0, burst=10.0, prune_at=100)
+def test_address_budgets_are_shared_by_an_address_connections() -> None:
+    """An address's budget is the same bucket each time it is looked up, so that all its
+    connections draw on one allowance."""
+    budgets = AddressBudgets(rate=1.0, burst=10.0)
     spent = budgets.of("spender", 0.0)
     spent.spend(1000, 0.0)  # a resume reads past the balance: it goes below zero
     assert budgets.of("spender", 1.0) is spent
-    idle = [budgets.of(f"idle-{index}", 1.0) for index in range(99)]
-    assert len(budgets) == 100
-    budgets.of("newcomer", 2.0)  # prunes the refilled ones first
-    assert len(budgets) == 2
-    assert budgets.of("spender", 2.0) is spent
-    assert not spent.available(2.0)
-    assert budgets.of("idle-0", 2.0) is not idle[0]  # forgotten: a new, full one
-    assert budgets.of("idle-0", 2.0).full(2.0)
+    assert not budgets.of("spender", 1.0).available(1.0)
+
+
+def test_a_refilled_address_budget_is_dropped_and_a_new_connection_gets_a_full_one() -> None:
+    """Once an address's budget has refilled, it is forgotten as new addresses come (it would
+    change nothing), and the address's next connection gets a full one."""
+    budgets = AddressBudgets(rate=1.0, burst=10.0)
+    budgets.of("spender", 0.0).spend(5, 0.0)  # full again at 5.0
+    budgets.of("other", 4.0).spend(10, 4.0)  # full again at 14.0
+    budgets.of("newcomer", 6.0).spend(1, 6.0)
+    assert len(budgets) == 2  # "other" and "newcomer"
+    again = budgets.of("spender", 6.0)
+    assert again.full(6.0)
+    assert [again.take(6.0) for _ in range(11)] == [True] * 10 + [False]
+
+
+def test_a_spent_address_budget_is_never_forgotten_before_it_refills() -> None:
+    """However many addresses come meanwhile, a budget spent is kept until it has refilled,
+    also one spent again after it was first due to be full: a reconnect never finds a fresh
+    budget early."""
+    budgets = AddressBudgets(rate=1.0, burst=10.0, max_held=100)
+    budgets.of("spender", 0.0).spend(10, 0.0)  # full again at 10.0
+    budgets.of("spender", 9.0).spend(10, 9.0)  # 9 back, 10 spent: full again at 20.0
+    now = 9.0
+    for index in range(1000):  # each refilled 1 s after it came, most of them forgotten
+        now += 0.01
+        budgets.of(f"passer-{index}", now).spend(1, now)
+    assert 10.0 < now < 20.0
+    spender = budgets.of("spender", now)
+    assert not spender.full(now)  # about 9 tokens: the same bucket, not a new one
+    assert spender.available(now)
+    spender.spend(9, now)
+    assert not budgets.of("spender", now).available(now)
+
+
+def test_addresses_past_the_cap_share_the_overflow_budget() -> None:
+    """While `max_held` addresses hold budgets that have not refilled, each further address
+    draws on one shared overflow budget: limited together, never unlimited; once some of the
+    held ones have refilled, new addresses get budgets of their own again."""
+    budgets = AddressBudgets(rate=1.0, burst=10.0, max_held=3)
+    for index in range(3):
+        budgets.of(f"held-{index}", 0.0).spend(5, 0.0)  # full again at 5.0
+    first, second = budgets.of("late-1", 1.0), budgets.of("late-2", 1.0)
+    assert first is second
+    assert [first.take(1.0) for _ in range(10)] == [True] * 10
+    assert not budgets.of("late-3", 1.0).available(1.0)
+    assert len(budgets) == 3
+    own = budgets.of("late-4", 6.0)
+    assert own is not first
+    assert own.full(6.0)
+
+
+def test_the_addresses_held_stay_bounded() -> None:
+    """Clients cycling through many addresses (IPv6 makes them cheap), each spending part of
+    a budget that takes a minute to refill, leave at most `max_held` budgets held."""
+    budgets = AddressBudgets(rate=1.0, burst=60.0, max_held=500)
+    most = 0
+    for index in range(5000):
+        now = index * 0.01  # 100 new addresses a second: 6,000 would be unrefilled at once
+        budgets.of(f"2001:db8:{index:x}::/64", now).spend(30, now)
+        most = max(most, len(budgets))
+    assert most == 500
 
 
 def test_connection_counter() -> None:

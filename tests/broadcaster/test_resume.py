@@ -613,19 +613,17 @@ async def test_resumes_in_flight_at_once_share_their_address_history_budget(
 async def test_an_address_history_budget_survives_the_forgetting_of_refilled_ones(
     start: Start, producer: EventProducer
 ) -> None:
-    """Once 4,096 addresses have budgets, the refilled ones are forgotten, an idle
-    connection's too: its later resumes and those of a new connection of its address then
-    draw on one budget, not two."""
+    """Refilled budgets are forgotten as other addresses come, an idle connection's too:
+    its later resumes and those of a new connection of its address then draw on one budget,
+    not two."""
     await producer.publish(count=150)
     absent = "market:0x" + "00" * 20
     async with start(ws_replay_limit=100) as server, ws_client(server.url) as first:
         assert (await first.subscribe(absent, since=150))["recovered"] is True  # reads none
-        addresses = [f"10.0.{index // 256}.{index % 256}" for index in range(4100)]
-        for at in range(0, len(addresses), 50):
-            batch = addresses[at : at + 50]
-            await asyncio.gather(
-                *(resume_as(server.settings.ws_port, address, 150) for address in batch)
-            )
+        addresses = [f"10.0.0.{index}" for index in range(1, 51)]
+        await asyncio.gather(
+            *(resume_as(server.settings.ws_port, address, 150) for address in addresses)
+        )
         async with ws_client(server.url) as second:
             acks = [await c.subscribe(absent, since=50) for c in (first, second) for _ in range(5)]
     assert 4 <= sum(ack["recovered"] for ack in acks) <= 5
