@@ -45,6 +45,11 @@ SLOW_REASON = "slow consumer: reconnect and resume with since"
 # miss).
 REPLAY_BURST_LIMITS = 4
 REPLAY_REFILL_SECONDS = 60.0
+# What the resumes of all addresses together may read from the Redis Stream: the address
+# budgets bound each address, not how many addresses read at once (each read costs the
+# server tens of us per entry, starving live delivery). WS_REPLAY_STREAM_BUDGET entries at
+# once, then refilled over this long; replay.py charges it, reads from memory are free.
+REPLAY_STREAM_REFILL_SECONDS = 60.0
 # Wildcard patterns no subscription holds yet, which subscribing compiles (some 0.6 ms for a
 # long one, against microseconds for a message), per client address: a burst as large as the
 # default WS_MAX_GLOB_PATTERNS_PER_IP, then one a second. Churning distinct patterns
@@ -119,6 +124,7 @@ class Hub:
         send_buffer_bytes: int,
         history_size: int,
         replay_limit: int,
+        replay_stream_budget: int,
         max_subscriptions: int,
         max_glob_patterns: int,
         max_glob_patterns_per_ip: int,
@@ -147,6 +153,11 @@ class Hub:
             replay_limit / REPLAY_REFILL_SECONDS, max(1, REPLAY_BURST_LIMITS * replay_limit)
         )
         self._new_glob_budgets = AddressBudgets(NEW_GLOBS_PER_SECOND, NEW_GLOBS_BURST)
+        self.stream_budget = TokenBucket(  # on time.monotonic(), as the address budgets
+            replay_stream_budget / REPLAY_STREAM_REFILL_SECONDS,
+            replay_stream_budget,
+            time.monotonic(),
+        )
         self._clock = clock
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         # Clear while the stream reader waits for the indexer to write again entries Redis

@@ -69,6 +69,12 @@ class Metrics:
         self.replays = Counter(
             p + "replays", "Resumes answered, by recovered (true/false)", ["recovered"], registry=r
         )
+        self.replay_stream_refusals = Counter(
+            p + "replay_stream_refusals",
+            "Resumes answered recovered: false without reading the Redis Stream, "
+            "WS_REPLAY_STREAM_BUDGET being spent",
+            registry=r,
+        )
         self.replay_size = Histogram(
             p + "replay_events", "Events replayed per resume", buckets=REPLAY_BUCKETS, registry=r
         )

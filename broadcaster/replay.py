@@ -14,6 +14,7 @@ lost entries again (Hub.refill_awaited) is waited for too, then read on from whe
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -171,6 +172,8 @@ async def _replay(
         return _Replayed(False, 0, boundary)  # an old stream's seq: nothing continues it
     if since >= boundary:
         if since > boundary:
+            if not _charge_stream_budget(hub, TOP_QUERY_COST):
+                return _Replayed(False, 0, boundary)
             reading.scanned += TOP_QUERY_COST
         complete = await _await_since(hub, since, boundary)
         return _Replayed(complete, 0, since if complete else boundary)
@@ -185,6 +188,43 @@ async def _replay(
         return _Replayed(True, sent, since)
     if hub.source is None:
         return _Replayed(False, 0, boundary)
+    # Charged the most it may read before the first await, so that resumes in flight at once
+    # count against each other; what it did not read is refunded (also when cancelled).
+    most = boundary - since
+    if not _charge_stream_budget(hub, most):
+        return _Replayed(False, 0, boundary)
+    scanned_before = reading.scanned
+    try:
+        return await _replay_stream(hub, client, since, boundary, wanted, covered, reading)
+    finally:
+        read = reading.scanned - scanned_before
+        hub.stream_budget.refund(most - read, time.monotonic())
+
+
+def _charge_stream_budget(hub: Hub, amount: int) -> bool:
+    """Charge the server-wide budget of what resumes read from the Redis Stream
+    (WS_REPLAY_STREAM_BUDGET) for a read about to be made; False, charging nothing, once it
+    is spent: the resume then reads nothing and is answered recovered: false."""
+    now = time.monotonic()
+    if not hub.stream_budget.available(now):
+        hub.metrics.replay_stream_refusals.inc()
+        return False
+    hub.stream_budget.spend(amount, now)
+    return True
+
+
+async def _replay_stream(
+    hub: Hub,
+    client: Client,
+    since: int,
+    boundary: int,
+    wanted: Callable[[str], bool],
+    covered: list[tuple[Callable[[str], bool], int]],
+    reading: Reading,
+) -> _Replayed:
+    """_replay's reading of the Redis Stream (XRANGE in pages), memory lacking (since,
+    boundary]."""
+    assert hub.source is not None
     sent, after, contiguous_from = 0, since, since
     refill = _RefillWait(hub)
     while after < boundary:

@@ -39,6 +39,7 @@ def build_hub(settings: BroadcasterSettings, metrics: Metrics) -> Hub:
         send_buffer_bytes=settings.ws_send_buffer_bytes,
         history_size=settings.ws_history_size,
         replay_limit=settings.ws_replay_limit,
+        replay_stream_budget=settings.ws_replay_stream_budget,
         max_subscriptions=settings.ws_max_subscriptions,
         max_glob_patterns=settings.ws_max_glob_patterns,
         max_glob_patterns_per_ip=settings.ws_max_glob_patterns_per_ip,

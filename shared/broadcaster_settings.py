@@ -121,6 +121,17 @@ class BroadcasterSettings(ServiceSettings):
     ws_history_size: int = Field(
         default=5_000, ge=0, description="Recent events kept in memory to answer resumes."
     )
+    ws_replay_stream_budget: int = Field(
+        default=200_000,
+        ge=0,
+        description=(
+            "Stream entries the resumes of all clients together may read from Redis per "
+            "minute (that many at once, then refilled evenly over the minute); past it a "
+            "resume that memory cannot answer reads nothing and gets recovered: false. "
+            "Resumes answered from memory (WS_HISTORY_SIZE) are not counted; 0 answers "
+            "resumes from memory only."
+        ),
+    )
     broadcaster_redis_timeout: float = Field(
         default=10.0,
         ge=0.5,

@@ -642,6 +642,75 @@ async def resume_as(port: int, address: str, since: int) -> None:
         client.close()
 
 
+def via(ip: str) -> dict[str, Any]:
+    """ws_client options for a client at ip, as the trusted local proxy forwards it."""
+    return {"additional_headers": {"X-Forwarded-For": ip}}
+
+
+async def test_resumes_from_the_stream_share_a_server_wide_budget(
+    start: Start, producer: EventProducer
+) -> None:
+    """All client addresses together may read WS_REPLAY_STREAM_BUDGET entries (here 250)
+    from the Redis Stream before it refills: past it, a resume that memory cannot answer
+    reads nothing and is answered recovered: false (no error), while one that memory
+    answers goes on as usual."""
+    await producer.publish(count=150)
+    async with start(
+        ws_replay_limit=100, ws_history_size=20, ws_replay_stream_budget=250
+    ) as server:
+        outcomes = []
+        for index in range(4):
+            async with ws_client(server.url, **via(f"203.0.113.{index + 1}")) as client:
+                ack = await client.subscribe("events:*", since=50)  # 100 entries from Redis
+                outcomes.append((ack["recovered"], len(ack["replayedEvents"])))
+        assert outcomes == [(True, 100)] * 3 + [(False, 0)]
+        async with ws_client(server.url, **via("203.0.113.9")) as client:
+            ack = await client.subscribe("events:*", since=140)  # from memory
+            assert ack["recovered"] is True
+            assert [e["seq"] for e in ack["replayedEvents"]] == list(range(141, 151))
+        refusals = await server.metric("kektech_broadcaster_replay_stream_refusals_total")
+        assert refusals == 1
+
+
+async def test_resumes_from_the_stream_in_flight_at_once_share_the_server_wide_budget(
+    start: Start, producer: EventProducer
+) -> None:
+    """Resumes that many addresses send at once, all reading Redis, read together no more
+    than WS_REPLAY_STREAM_BUDGET entries (plus one resume that the refill lets through):
+    each is charged the most it may read as it begins, not once it has read, when all
+    would have passed."""
+    await producer.publish(count=150)
+    absent = "market:0x" + "00" * 20
+    async with (
+        start(ws_replay_limit=100, ws_history_size=0, ws_replay_stream_budget=250) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        clients = [
+            await stack.enter_async_context(ws_client(server.url, **via(f"198.51.100.{index}")))
+            for index in range(1, 11)
+        ]
+        acks = await asyncio.gather(*(c.subscribe(absent, since=50) for c in clients))
+    assert 3 <= sum(ack["recovered"] for ack in acks) <= 4
+
+
+async def test_resumes_past_the_position_are_charged_to_the_server_wide_budget(
+    start: Start, producer: EventProducer
+) -> None:
+    """A since past this instance's position makes it ask Redis for the stream's top,
+    which costs a page's worth (500 entries) of the server-wide budget as of the address's:
+    here that spends it, and the next resume that needs the stream, from another address,
+    reads nothing."""
+    await producer.publish(count=150)
+    async with (
+        start(ws_replay_limit=100, ws_history_size=0, ws_replay_stream_budget=400) as server,
+        ws_client(server.url, **via("203.0.113.1")) as asking,
+        ws_client(server.url, **via("203.0.113.2")) as other,
+    ):
+        assert (await asking.subscribe("events:*", since=10_000))["recovered"] is False
+        ack = await other.subscribe("events:*", since=140)
+        assert (ack["recovered"], ack["replayedEvents"]) == (False, [])
+
+
 async def test_resumes_from_beyond_the_position_are_charged_for_asking_redis(
     start: Start, producer: EventProducer
 ) -> None:
