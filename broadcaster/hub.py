@@ -28,7 +28,7 @@ import structlog
 from broadcaster import messages
 from broadcaster.errors import ClientError
 from broadcaster.events import Event, History
-from broadcaster.limits import AddressBudgets, TokenBucket
+from broadcaster.limits import AddressBudgets, PatternShares, TokenBucket
 from broadcaster.metrics import Metrics
 from broadcaster.routing import Registry, kind_of
 
@@ -56,6 +56,11 @@ REPLAY_STREAM_REFILL_SECONDS = 60.0
 # (subscribe, unsubscribe, the next) would otherwise cost the server a compile per message.
 NEW_GLOBS_BURST = 16.0
 NEW_GLOBS_PER_SECOND = 1.0
+# Of the WS_MAX_GLOB_PATTERNS distinct wildcard patterns all clients may hold, one client
+# address may bring at most one in this many (at least one) that no one held before: with
+# WS_MAX_GLOB_PATTERNS_PER_IP (subscriptions) alone, 16 addresses at 16 each took the whole
+# pool and no one else could subscribe to a new pattern. One already held costs no share.
+GLOB_POOL_SHARES = 64
 
 
 class Peer(Protocol):
@@ -149,6 +154,7 @@ class Hub:
         self._max_globs = max_glob_patterns
         self._max_globs_per_address = max_glob_patterns_per_ip
         self._globs_by_address: dict[str, int] = {}  # glob subscriptions held per address
+        self._glob_shares = PatternShares(max(1, max_glob_patterns // GLOB_POOL_SHARES))
         self._history_budgets = AddressBudgets(
             replay_limit / REPLAY_REFILL_SECONDS, max(1, REPLAY_BURST_LIMITS * replay_limit)
         )
@@ -427,7 +433,7 @@ class Hub:
             self.registry.remove(channel, client)
             self._count_subscriptions(-1)
             if kind_of(channel) == "glob":
-                self._count_glob(client, -1)
+                self._count_glob(client, channel, -1)
 
     def admit(self, client: Client, channel: str) -> None:
         """Refuse a new subscription past the limits (ClientError)."""
@@ -458,6 +464,14 @@ class Hub:
                 "or a pattern ending in * such as events:*",
                 channel=channel,
             )
+        if not self._glob_shares.may_bring(client.address):
+            raise ClientError(
+                "too_many_patterns",
+                f"this client address brought {self._glob_shares.share} wildcard patterns "
+                "other than a trailing * still in use, the most it may; subscribe to a "
+                "channel or a pattern ending in * such as events:*",
+                channel=channel,
+            )
         now = time.monotonic()
         if not self._new_glob_budgets.of(client.address, now).take(now):
             raise ClientError(
@@ -469,25 +483,32 @@ class Hub:
 
     def route(self, client: Client, channel: str) -> None:
         """Add a subscription to routing (client.subs is the caller's)."""
+        if kind_of(channel) == "glob":
+            self._count_glob(client, channel, 1)  # before: it asks whether the pool has it
         self.registry.add(channel, client)
         self._count_subscriptions(1)
-        if kind_of(channel) == "glob":
-            self._count_glob(client, 1)
 
     def _unroute(self, client: Client) -> None:
         for channel in client.subs:
             self.registry.remove(channel, client)
             if kind_of(channel) == "glob":
-                self._count_glob(client, -1)
+                self._count_glob(client, channel, -1)
         self._count_subscriptions(-len(client.subs))
         client.subs = {}
 
-    def _count_glob(self, client: Client, delta: int) -> None:
+    def _count_glob(self, client: Client, channel: str, delta: int) -> None:
+        """Count a glob subscription added (before it is routed) or removed (after): whether
+        routing holds the pattern then says whether it enters or leaves the pool."""
         held = self._globs_by_address.get(client.address, 0) + delta
         if held:
             self._globs_by_address[client.address] = held
         else:
             del self._globs_by_address[client.address]
+        if not self.registry.has_glob(channel):
+            if delta > 0:
+                self._glob_shares.bring(channel, client.address)
+            else:
+                self._glob_shares.leave(channel)
 
     def _count_subscriptions(self, delta: int) -> None:
         self.subscription_count += delta

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 __all__ = [
     "AddressBudgets",
     "ConnectionCounter",
+    "PatternShares",
     "TokenBucket",
     "client_ip",
     "connection_ceiling",
@@ -138,6 +139,46 @@ class AddressBudgets:
                 del buckets[address]
             else:  # spent again since: looked at again when it will be full
                 heapq.heappush(refills, (full_at, address))
+
+
+class PatternShares:
+    """Which client address brought each pattern into a server-wide pool, and how many each
+    brought: at most `share` per address, so that a few addresses cannot fill the pool.
+
+    A pattern counts against the address that first subscribed to it for as long as anyone
+    holds it: handing it over to another holder would let an address bring its share again
+    and again, each time another of its addresses took over the last ones.
+    """
+
+    __slots__ = ("_brought", "_by", "_share")
+
+    def __init__(self, share: int) -> None:
+        self._share = share
+        self._by: dict[str, str] = {}  # pattern -> the address that brought it
+        self._brought: dict[str, int] = {}  # address -> patterns it brought still held
+
+    @property
+    def share(self) -> int:
+        return self._share
+
+    def may_bring(self, address: str) -> bool:
+        """Whether address may bring one more pattern into the pool."""
+        return self._brought.get(address, 0) < self._share
+
+    def bring(self, pattern: str, address: str) -> None:
+        """pattern enters the pool, brought by address."""
+        assert pattern not in self._by, pattern
+        self._by[pattern] = address
+        self._brought[address] = self._brought.get(address, 0) + 1
+
+    def leave(self, pattern: str) -> None:
+        """pattern left the pool (no one holds it any more)."""
+        address = self._by.pop(pattern)
+        left = self._brought[address] - 1
+        if left:
+            self._brought[address] = left
+        else:
+            del self._brought[address]
 
 
 def connection_ceiling(configured: int, open_files: int) -> int:

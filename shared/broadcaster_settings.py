@@ -101,7 +101,8 @@ class BroadcasterSettings(ServiceSettings):
         ge=0,
         description=(
             "Distinct wildcard patterns other than a trailing * (e.g. events:*_placed) all "
-            "clients together may hold; each costs a match per event."
+            "clients together may hold; each costs a match per event. One client IP may "
+            "bring a 64th of them (at least 1) into use."
         ),
     )
     ws_max_glob_patterns_per_ip: int = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
 import hashlib
 import os
@@ -182,6 +183,62 @@ async def test_one_client_address_cannot_take_every_wildcard_pattern(start: Star
             await a.subscribe("events:*_placed")
         async with ws_client(server.url, **one) as b:  # the closed connection's share is back
             await b.subscribe("events:*_placed")
+
+
+async def test_a_few_addresses_cannot_take_the_whole_wildcard_pool(start: Start) -> None:
+    """One client address may bring at most WS_MAX_GLOB_PATTERNS // 64 (here 4 of 256)
+    wildcard patterns that no one holds into the server-wide pool: 16 addresses each
+    subscribing to 16 distinct ones (their per-IP limit) would otherwise take all 256, and
+    no other client could subscribe to a new pattern. Subscribing to a pattern already in
+    the pool stays allowed, up to the per-IP limit."""
+    async with start() as server, contextlib.AsyncExitStack() as stack:
+        for index in range(16):
+            # Two connections of the address, so that neither earns ten errors (1008).
+            for half in range(2):
+                client = await stack.enter_async_context(
+                    ws_client(server.url, **via(f"203.0.113.{index + 1}"))
+                )
+                outcomes = []
+                for number in range(8 * half, 8 * half + 8):
+                    await client.send(
+                        {"type": "subscribe", "channel": f"events:*_a{index}_{number}"}
+                    )
+                    reply = await client.recv()
+                    outcomes.append(reply.get("code", reply["type"]))
+                brought = 4 if half == 0 else 0
+                assert outcomes == ["subscribed"] * brought + ["too_many_patterns"] * (8 - brought)
+        newcomer = await stack.enter_async_context(ws_client(server.url, **via("203.0.113.99")))
+        for number in range(4):
+            await newcomer.subscribe(f"events:*_new{number}")
+        await newcomer.send({"type": "subscribe", "channel": "events:*_new4"})
+        assert (await newcomer.expect("error"))["code"] == "too_many_patterns"
+        for index in range(12):  # in the pool already: only the per-IP limit of 16 counts
+            await newcomer.subscribe(f"events:*_a{index}_0")
+        await newcomer.send({"type": "subscribe", "channel": "events:*_a12_0"})
+        assert (await newcomer.expect("error"))["code"] == "too_many_patterns"
+
+
+async def test_a_wildcard_pattern_counts_against_the_address_that_brought_it(
+    start: Start,
+) -> None:
+    """A pattern counts against the share of the address that brought it into the pool (here
+    1 of 64) for as long as anyone holds it, that address or another: its share comes back
+    once no one does."""
+    async with (
+        start(ws_max_glob_patterns=64) as server,
+        ws_client(server.url, **via("203.0.113.5")) as a,
+        ws_client(server.url, **via("203.0.113.6")) as b,
+    ):
+        await a.subscribe("events:*_placed")
+        await b.subscribe("events:*_placed")
+        await a.send({"type": "unsubscribe", "channel": "events:*_placed"})
+        await a.expect("unsubscribed")
+        await a.send({"type": "subscribe", "channel": "events:*_claimed"})
+        error = await a.expect("error")
+        assert (error["code"], error["channel"]) == ("too_many_patterns", "events:*_claimed")
+        await b.send({"type": "unsubscribe", "channel": "events:*_placed"})
+        await b.expect("unsubscribed")
+        await a.subscribe("events:*_claimed")
 
 
 async def test_repeated_invalid_messages_close_with_1008(server: Running) -> None:
