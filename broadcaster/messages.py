@@ -8,6 +8,7 @@ bytes from the stream untouched, so an event is encoded once however many client
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass
 
 import orjson
@@ -97,8 +98,12 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
 
 
 def _channel(obj: dict[str, object]) -> str:
+    """The channel in normal form, interned: every connection subscribed to one channel then
+    holds the same string (10,000 connections on `events:*` or one market share one), which
+    its subscriptions and the hub's routing tables keep for as long as it is subscribed. An
+    interned string is freed like any other once nothing refers to it."""
     try:
-        return validate_channel(obj.get("channel"))
+        return sys.intern(validate_channel(obj.get("channel")))
     except ChannelError as exc:
         raise ClientError("invalid_channel", str(exc)) from None
 

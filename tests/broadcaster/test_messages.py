@@ -31,6 +31,24 @@ def test_parse_valid_messages() -> None:
     ) == messages.Unsubscribe("events:bet_placed")
 
 
+def test_one_channel_parses_to_one_string_whoever_sends_it() -> None:
+    """Subscribes to one channel, however written, parse to the same string object: the
+    connections holding it share one name instead of a copy each (at most 128 characters)."""
+    first = messages.parse_client_message(
+        '{"type":"subscribe","channel":"market:0x31D2BC49A6FD4A066F5F8AC61ACD0E6C9105DD84"}'
+    )
+    second = messages.parse_client_message(
+        b'{"type":"subscribe","channel":"market:0x31d2bc49a6fd4a066f5f8ac61acd0e6c9105dd84"}'
+    )
+    unsubscribe = messages.parse_client_message(
+        '{"type":"unsubscribe","channel":"market:0x31d2BC49a6fd4a066f5f8ac61acd0e6c9105dd84"}'
+    )
+    assert isinstance(first, messages.Subscribe)
+    assert isinstance(second, messages.Subscribe)
+    assert isinstance(unsubscribe, messages.Unsubscribe)
+    assert first.channel is second.channel is unsubscribe.channel
+
+
 @pytest.mark.parametrize(
     ("text", "code"),
     [
