@@ -99,7 +99,7 @@ class Session:
     async def _resume(self, channel: str, since: int) -> None:
         now = self._clock()
         # Looked up for each resume, not kept for the connection's life: the hub forgets a
-        # refilled budget when it holds many, and hands the address's next connection a new
+        # refilled budget as other addresses come, and hands the address's next connection a new
         # one; a kept one would then be a second budget for the same address.
         budget = self.hub.history_budget(self.client.address, now)
         reading = replay.Reading(may_read=budget.available(now))
