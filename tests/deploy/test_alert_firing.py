@@ -213,6 +213,10 @@ FAULTS = {
         },
         lasting=lambda d, m: d.broadcasters[0].slow_consumers.inc(20),
     ),
+    "resumes refused the stream": Fault(
+        fires={"KektechBroadcasterResumesRefused": per_instance(BROADCASTERS[1], "warning")},
+        lasting=lambda d, m: d.broadcasters[1].replay_stream_refusals.inc(20),
+    ),
     "connections near the limit": Fault(
         fires={"KektechBroadcasterConnectionsNearLimit": alert(BROADCASTERS[1], "warning")},
         lasting=lambda d, m: d.broadcasters[1].connections.set(6001),
