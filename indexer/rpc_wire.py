@@ -191,7 +191,7 @@ def parse_retry_after(value: str | None) -> float | None:
         return float(delay)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a year or second out of range: overflow
         return None
     return max(0.0, when.timestamp() - time.time())
 

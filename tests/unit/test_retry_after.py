@@ -22,8 +22,16 @@ def test_an_http_date_is_read_as_the_seconds_until_it() -> None:
     assert 55 <= waited <= 61
 
 
-@pytest.mark.parametrize("value", ["inf", "nan", "-5", "1e3", "0x10", "\u0663", "soon", "", None])
+@pytest.mark.parametrize(
+    "value",
+    [
+        *("inf", "nan", "-5", "1e3", "0x10", "\u0663", "soon", "", None),
+        "Mon, 01 Jan 2020 00:00:99999999999999999999 GMT",  # parsed, then overflows
+        "Mon, 01 Jan 99999999999999999999 00:00:00 GMT",
+    ],
+)
 def test_what_is_neither_is_unusable(value: str | None) -> None:
     """Not a count of seconds nor a date: the caller's own backoff applies. (`float` took
-    "nan", which waited 0 s, and "inf".)"""
+    "nan", which waited 0 s, and "inf"; a date out of range raised OverflowError through
+    the RPC client.)"""
     assert parse_retry_after(value) is None
