@@ -137,7 +137,13 @@ def _check_host_setting(value: str) -> str:
     if _is_ip_address(host):
         return host
     labels = host.removesuffix(".").split(".")
-    if len(host) <= 253 and all(HOST_LABEL.fullmatch(label) for label in labels):
+    # An all-digit last label (127.0.0.256, 10.0.0) is no name (RFC 3696 §2): a mistyped
+    # address, which only the bind would refuse.
+    if (
+        len(host) <= 253
+        and all(HOST_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit()
+    ):
         return host
     raise ValueError(
         "must be an IP address (such as 127.0.0.1 or ::1) or a host name, with no port or brackets"

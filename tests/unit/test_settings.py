@@ -779,7 +779,13 @@ def test_an_at_sign_outside_the_credentials_is_still_accepted(variable: str, val
         (OpsSettings, "DOCTOR_BROADCASTER_HOST"),
     ],
 )
-@pytest.mark.parametrize("host", ["not a host!", "127.0.0.1:9464", "[::1]", "-x.example", "a..b"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        *("not a host!", "127.0.0.1:9464", "[::1]", "-x.example", "a..b"),
+        *("127.0.0.256", "999.1.1.1", "1.2.3.4.5", "0x7f.1", "10.0.0"),
+    ],
+)
 def test_a_listen_host_that_is_no_host_is_refused(
     cls: type[ServiceSettings], variable: str, host: str
 ) -> None:
