@@ -77,16 +77,17 @@ class RangeLogs:
         gathered = GatheredRange()
         if addresses is not None:
             gathered.logs = await self._fetch(first, last, addresses)
-            return gathered
-        addresses = [*self._static, *followed]
-        gathered.logs = await self._fetch(first, last, addresses, tip=tip)
-        pending = self._announced(gathered.logs, followed, gathered.children)
-        while pending:
-            # A child's logs start in its creation block, before the factory's announcement.
-            since = min(pending.values())
-            more = await self._fetch(since, last, list(pending), tip=tip)
-            gathered.logs += [lg for lg in more if lg.block_number >= pending[lg.address]]
-            pending = {}  # factories are static: children never create children
+        else:
+            addresses = [*self._static, *followed]
+            gathered.logs = await self._fetch(first, last, addresses, tip=tip)
+            pending = self._announced(gathered.logs, followed, gathered.children)
+            while pending:
+                # A child's logs start in its creation block, before the factory's announcement.
+                since = min(pending.values())
+                more = await self._fetch(since, last, list(pending), tip=tip)
+                gathered.logs += [lg for lg in more if lg.block_number >= pending[lg.address]]
+                pending = {}  # factories are static: children never create children
+        # Chain order, whatever the chunks of LOGS_MAX_ADDRESSES the logs came in: seqs follow it.
         gathered.logs.sort(key=lambda lg: (lg.block_number, lg.log_index))
         return gathered
 

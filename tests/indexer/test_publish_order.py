@@ -79,3 +79,39 @@ async def test_market_created_is_published_first_in_its_transaction(
     assert assert_announcements_first(entries) == len(driver.markets)
     removed = [envelope for _, envelope in entries if envelope["removed"]]
     assert sum(map(is_announcement, removed)) == len(driver.markets)
+
+
+async def test_a_backfill_publishes_the_markets_it_finds_in_chain_order(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """The markets a backfill finds are fetched on to the cursor in chunks of
+    LOGS_MAX_ADDRESSES addresses; their events still get seqs in chain order, not chunk by
+    chunk (docs/protocol.md, "Order")."""
+    driver = ActivityDriver(dev_chain, deployment, seed=18, txs_per_block=6)
+    await driver.cover_all_events()
+    await driver.run(blocks=20)
+    with make_indexer(MARKET_FACTORY_ADDRESS=deployment.factory_v1, **WINDOW) as indexer:
+        await indexer.wait_cursor(await dev_chain.block_number())
+    before = await last_seq(database_url)
+    last = deployment.block + 4
+    code, output = await run_command(
+        make_indexer,
+        "backfill",
+        *("--from", str(deployment.block), "--to", str(last)),
+        LOGS_MAX_ADDRESSES="1",
+        **WINDOW,
+    )
+    assert code == 0, output
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT block_number FROM events WHERE seq > $1 ORDER BY seq", before
+        )
+    finally:
+        await conn.close()
+    blocks = [row["block_number"] for row in rows]
+    assert any(block > last for block in blocks), "the found markets' later events"
+    assert blocks == sorted(blocks)
