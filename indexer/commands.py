@@ -106,7 +106,12 @@ async def status(settings: IndexerSettings) -> int:
                 # As the indexer counts it: it stays CONFIRMATIONS behind the head on purpose.
                 lag = max(0, head - settings.confirmations - state.block_number)
                 _say(settings, f"chain head: block {head}, lag {lag} blocks")
-            if changed := start_block_changed(settings.start_block, await indexed_from(db)):
+            # Not migrated yet, it may lack the record (schema version 4): `migrate` adds it.
+            latest = version >= schema.latest_schema_version()
+            began = await indexed_from(db) if latest else None
+            if began is not None:
+                _say(settings, f"began: block {began} (nothing below it is indexed)")
+            if changed := start_block_changed(settings.start_block, began):
                 _say(settings, changed)
         published = await published_seq(db)
         last = await last_seq(db)
@@ -199,6 +204,22 @@ async def backfill(settings: IndexerSettings, first: int, last: int) -> int:
         if last > follower.cursor:
             _say(settings, f"block {last} is above the cursor {follower.cursor}: `run` indexes it")
             return 1
+        began = follower.began
+        if last < began:
+            _say(
+                settings,
+                f"nothing backfilled: the database began at block {began}, nothing below it is"
+                f" indexed; `reindex --from {first}` indexes from block {first} on",
+            )
+            return 1
+        if first < began:
+            # The reorg handling trusts the block before it as an ancestor (Follower.backfill).
+            _say(
+                settings,
+                f"--from {first} is below block {began}, where the database began: backfilled"
+                f" from {began} (`reindex --from {first}` indexes from block {first} on)",
+            )
+            first = began
         done = await follower.backfill(first, last)
         _say(settings, f"backfill {first}..{last}: {done.events} missing events stored")
         if done.markets and last < done.cursor:

@@ -49,15 +49,17 @@ async def load_state(db: Database) -> IndexerState | None:
 async def init_state(
     db: Database, lease: Lease, ttl: float, *, chain_id: int, cursor: BlockHeader
 ) -> IndexerState:
-    """Create the cursor just before the first block to index (no-op if it exists)."""
+    """Create the cursor just before the first block to index (no-op if it exists), and
+    record that the database began at the block after it (sources.indexed_from)."""
     async with db.transaction() as conn:
         await fence(conn, lease, ttl)
         await conn.execute(
-            "INSERT INTO indexer_state (id, chain_id, block_number, block_hash)"
-            " VALUES (1, $1, $2, $3) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO indexer_state (id, chain_id, block_number, block_hash, began_at)"
+            " VALUES (1, $1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
             chain_id,
             cursor.number,
             cursor.hash,
+            cursor.number + 1,
         )
         await save_headers(conn, [cursor])
     state = await load_state(db)

@@ -123,6 +123,12 @@ class Follower:
         return self._state.block_number
 
     @property
+    def began(self) -> int:
+        """The block the database began at (sources.began_at): nothing below it is indexed."""
+        assert self._chain.began is not None
+        return self._chain.began
+
+    @property
     def prepared(self) -> bool:
         """Whether the cursor is loaded (not while start-up waits for START_BLOCK)."""
         return self._state is not None
@@ -263,7 +269,11 @@ class Follower:
         return self._target(self.head)
 
     async def rewind(self, number: int) -> int:
-        """Roll back to block `number` as a reorg would (for `reindex`); returns events removed."""
+        """Roll back to block `number` as a reorg would (for `reindex`); returns events removed.
+
+        Below where the database began, the database begins at the block after it since
+        (indexer/rollback.py), as the reindex indexes it from there.
+        """
         assert self._state is not None
         if number >= self._state.block_number:
             return 0
@@ -277,6 +287,8 @@ class Follower:
         state = await load_state(self._db)
         assert state is not None
         self._state = state
+        # Moved down by a rollback below it (a reindex): the reorg handling goes by it.
+        self._chain.began = await began_at(self._db, start_block=self._config.start_block)
         self._ranges.children = await self._followed_children()
         self._metrics.cursor.set(state.block_number)
 
@@ -372,11 +384,16 @@ class Follower:
         Markets found in the range that were not followed (announced by a factory added to
         the configuration later, or an announcement missing) get their events after `last`
         too, up to the cursor: following the chain went on without them.
+
+        Not below where the database began: the reorg handling trusts the block before it as
+        an ancestor, and would keep events stored below it when a reorg replaced them.
         """
         assert self._state is not None
         cursor = self._state.block_number
         if last > cursor:
             raise ValueError(f"block {last} is above the cursor {cursor}")
+        if first < self.began:
+            raise ValueError(f"block {first} is below block {self.began}, where the database began")
         known = set(self._ranges.children)
         stored = await self._backfill_ranges(first, last)
         found = sorted(self._ranges.children.keys() - known)

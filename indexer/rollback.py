@@ -26,7 +26,10 @@ async def rollback(db: Database, lease: Lease, ttl: float, ancestor: BlockHeader
     """Undo everything above `ancestor` in one transaction, queueing removal notices.
 
     Events, markets created above the ancestor, projections of markets they touched,
-    stored headers and the cursor all go back together. Returns the events removed.
+    stored headers and the cursor all go back together. Returns the events removed. An
+    ancestor below where the database began (a reindex from below it) moves that down to
+    the block after it, from which the database is indexed again; a reorg's ancestor is
+    never below the block before it (indexer/reorg.py).
     Notices go newest first, but a MarketCreated first among its transaction's (as
     publications do, indexer/publish_order.py).
     """
@@ -60,12 +63,15 @@ async def rollback(db: Database, lease: Lease, ttl: float, ancestor: BlockHeader
         await rebuild_markets(conn, markets, created_above=ancestor.number)
         await conn.execute("DELETE FROM blocks WHERE number > $1", ancestor.number)
         await save_headers(conn, [ancestor])
+        # CASE, not least(): a record still missing (sources.indexed_from) stays missing.
         await conn.execute(
             "UPDATE indexer_state SET block_number = $1, block_hash = $2, last_seq = $3,"
+            " began_at = CASE WHEN began_at > $4 THEN $4 ELSE began_at END,"
             " updated_at = now() WHERE id = 1",
             ancestor.number,
             ancestor.hash,
             last_seq,
+            ancestor.number + 1,
         )
         await fence(conn, lease, ttl)
     return retracted

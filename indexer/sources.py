@@ -38,16 +38,28 @@ async def sources(db: Database) -> dict[str, int]:
 
 
 async def indexed_from(db: Database) -> int | None:
-    """The block the database began at (START_BLOCK when it was created): the earliest a
-    recorded contract is followed from, dropped ones included; None before any is recorded."""
-    began = await db.fetchval("SELECT min(since_block) FROM sources")
+    """The block the database began at, as recorded with the cursor (indexer_state.began_at:
+    START_BLOCK when it was created, lower after a reindex from below it); None before the
+    cursor exists.
+
+    Not the earliest block a recorded contract is followed from: a contract dropped from the
+    configuration and configured again is followed again from the block after the cursor
+    then, which would move "where the database began" up, and the reorg handling would trust
+    a block above stored ones as an ancestor. That is still the answer while nothing is
+    recorded with the cursor (a database indexed before version 4 with no contract recorded
+    yet, until its next start: record_sources).
+    """
+    began = await db.fetchval(
+        "SELECT coalesce((SELECT began_at FROM indexer_state WHERE id = 1),"
+        " (SELECT min(since_block) FROM sources))"
+    )
     return None if began is None else int(began)
 
 
 async def began_at(db: Database, *, start_block: int) -> int:
-    """Where the database began (indexed_from), or START_BLOCK for one that has recorded no
-    contract yet, which begins there: what the reorg handling and `verify` go by, as an
-    operator may have changed START_BLOCK since."""
+    """Where the database began (indexed_from), or START_BLOCK for one that has no cursor
+    yet, which begins there: what the reorg handling and `verify` go by, as an operator may
+    have changed START_BLOCK since."""
     began = await indexed_from(db)
     return start_block if began is None else began
 
@@ -121,6 +133,13 @@ async def record_sources(
     since = cursor + 1 if later else start_block
     if added:
         await add_sources(db, [(a, k.value, since) for a, k in added.items()])
+    # A database indexed before contracts were recorded (schema version 1) had no record of
+    # where it began to migrate (0004_began_at.sql): START_BLOCK, as for its contracts.
+    await db.execute(
+        "UPDATE indexer_state SET began_at = coalesce((SELECT min(since_block) FROM sources), $1)"
+        " WHERE id = 1 AND began_at IS NULL",
+        start_block,
+    )
     for address, kind in added.items() if later else ():
         log.warning(
             "a contract was added to the configuration after indexing began: followed "

@@ -846,6 +846,47 @@ async def test_start_block_changed_on_an_existing_database_is_said_and_verify_st
     assert "START_BLOCK differs from where the database began" in log
 
 
+async def test_a_reindex_from_below_where_the_database_began_begins_it_there(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """A database created with START_BLOCK above the deployment: a backfill from below where
+    it began stores nothing below it, saying so; a reindex from the deployment indexes from
+    there, and the database then began there (what `status`, `verify` and the reorg
+    handling go by)."""
+    driver = ActivityDriver(dev_chain, deployment, seed=77, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=6)
+    head = await dev_chain.block_number()
+    later = str(head - 3)
+    with make_indexer(START_BLOCK=later) as indexer:
+        await indexer.wait_cursor(head)
+    first = str(deployment.block)
+    code, output = await run_command(
+        make_indexer, "backfill", "--from", first, "--to", str(head), START_BLOCK=later
+    )
+    assert code == 0, output
+    assert f"--from {first} is below block {later}, where the database began" in output
+    assert f"backfill {later}..{head}:" in output
+    code, output = await run_command(
+        make_indexer, "backfill", "--from", first, "--to", str(int(later) - 1), START_BLOCK=later
+    )
+    assert code == 1, output
+    assert f"nothing backfilled: the database began at block {later}" in output
+
+    code, output = await run_command(make_indexer, "reindex", "--from", first, START_BLOCK=later)
+    assert code == 0, output
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
+    code, output = await run_command(make_indexer, "status")
+    assert code == 0, output
+    assert f"began: block {first}" in output
+    assert "but the database began" not in output
+    code, output = await run_command(make_indexer, "verify", "--from", first)
+    assert (code, output.strip().splitlines()[-1].endswith(": OK")) == (0, True), output
+
+
 async def test_a_leader_waiting_for_start_block_reports_the_chain_head(
     dev_chain: DevChain,
     deployment: Deployment,
