@@ -188,23 +188,13 @@ async def _replay(
         return _Replayed(True, sent, since)
     if hub.source is None:
         return _Replayed(False, 0, boundary)
-    # Charged the most it may read before the first await, so that resumes in flight at once
-    # count against each other; what it did not read is refunded (also when cancelled).
-    most = boundary - since
-    if not _charge_stream_budget(hub, most):
-        return _Replayed(False, 0, boundary)
-    scanned_before = reading.scanned
-    try:
-        return await _replay_stream(hub, client, since, boundary, wanted, covered, reading)
-    finally:
-        read = reading.scanned - scanned_before
-        hub.stream_budget.refund(most - read, time.monotonic())
+    return await _replay_stream(hub, client, since, boundary, wanted, covered, reading)
 
 
 def _charge_stream_budget(hub: Hub, amount: int) -> bool:
     """Charge the server-wide budget of what resumes read from the Redis Stream
     (WS_REPLAY_STREAM_BUDGET) for a read about to be made; False, charging nothing, once it
-    is spent: the resume then reads nothing and is answered recovered: false."""
+    is spent: the resume then reads no further and is answered recovered: false."""
     now = time.monotonic()
     if not hub.stream_budget.available(now):
         hub.metrics.replay_stream_refusals.inc()
@@ -223,17 +213,28 @@ async def _replay_stream(
     reading: Reading,
 ) -> _Replayed:
     """_replay's reading of the Redis Stream (XRANGE in pages), memory lacking (since,
-    boundary]."""
+    boundary]; each page is charged to the server-wide budget as it is read."""
     assert hub.source is not None
     sent, after, contiguous_from = 0, since, since
     refill = _RefillWait(hub)
     while after < boundary:
         awaited = hub.refill_awaited  # before the read: a refill may end during it
+        # Charged the most the page may hold before the read, so that resumes reading at
+        # once count against each other, and what it did not hold refunded after (also when
+        # cancelled). Page by page, not the whole resume up front: a resume that stalls on a
+        # client reading nothing (for up to REPLAY_DRAIN_TIMEOUT) then holds the page it
+        # read, not all it may read (20 such connections held all of 200,000 for 30 s).
+        most = min(REPLAY_PAGE, boundary - after)
+        if not _charge_stream_budget(hub, most):
+            return _Replayed(False, sent, boundary)
+        page: list[tuple[int, Event | None]] = []
         try:
             page = await hub.source.entries(after, boundary, REPLAY_PAGE)
         except StreamUnavailable as exc:
             log.warning("resume could not read the stream", error=str(exc))
             return _Replayed(False, sent, boundary)
+        finally:
+            hub.stream_budget.refund(most - len(page), time.monotonic())
         if not page:
             # The stream ends before the boundary: trimmed past it, or Redis lost entries
             # that the reader waits for the indexer to write again; then read on from here.

@@ -677,8 +677,8 @@ async def test_resumes_from_the_stream_in_flight_at_once_share_the_server_wide_b
 ) -> None:
     """Resumes that many addresses send at once, all reading Redis, read together no more
     than WS_REPLAY_STREAM_BUDGET entries (plus one resume that the refill lets through):
-    each is charged the most it may read as it begins, not once it has read, when all
-    would have passed."""
+    each page is charged the most it may hold before it is read, not once it has been,
+    when all would have passed."""
     await producer.publish(count=150)
     absent = "market:0x" + "00" * 20
     async with (
@@ -691,6 +691,41 @@ async def test_resumes_from_the_stream_in_flight_at_once_share_the_server_wide_b
         ]
         acks = await asyncio.gather(*(c.subscribe(absent, since=50) for c in clients))
     assert 3 <= sum(ack["recovered"] for ack in acks) <= 4
+
+
+async def test_resumes_stalled_on_clients_that_read_nothing_hold_no_more_than_a_page(
+    start: Start, producer: EventProducer
+) -> None:
+    """A resume is charged the server-wide budget page by page, before each read, not all
+    it may read as it begins: one stalled on a client that reads nothing (closed only after
+    30 s) holds the page it read, and others' resumes still get their history. Here two
+    resumes of 1,000 entries stall after their first page of 500 under a budget of 1,500:
+    charged 1,000 each, they would leave nothing for a third address's 5 entries."""
+    await producer.publish(count=1000, pad=16384)
+    async with start(
+        ws_replay_limit=1000,
+        ws_history_size=0,
+        ws_send_buffer_bytes=65536,
+        ws_replay_stream_budget=1500,
+    ) as server:
+        await server.wait_health(seq=1000)
+        stalled: list[RawClient] = []
+        try:
+            for address in ("203.0.113.1", "203.0.113.2"):
+                client = await RawClient.open(
+                    server.settings.ws_port, rcvbuf=4096, headers={"X-Forwarded-For": address}
+                )
+                stalled.append(client)
+                await client.read_frame()  # connected
+                client.send_frame(0x1, b'{"type":"subscribe","channel":"events:*","since":0}')
+                await client.read_frame()  # the replay has begun, and waits for the client
+            async with ws_client(server.url, **via("203.0.113.3")) as other:
+                ack = await other.subscribe("events:*", since=995)
+                assert [e["seq"] for e in ack["replayedEvents"]] == list(range(996, 1001))
+                assert ack["recovered"] is True
+        finally:
+            for client in stalled:
+                client.close()
 
 
 async def test_resumes_past_the_position_are_charged_to_the_server_wide_budget(
