@@ -45,8 +45,11 @@ CATCH_UP_TIMEOUT = 5.0
 REFILL_WAIT = 15.0
 # What asking Redis for the stream's top (a `since` past this instance's position) costs the
 # address's history budget: as much as reading a page of history, so that repeating such
-# resumes cannot keep Redis busy for free.
+# resumes cannot keep Redis busy for free. The server-wide budget (WS_REPLAY_STREAM_BUDGET)
+# is charged what the query reads, one entry: charged a page there too, six addresses
+# asking 80 times each, a round trip apiece, spent all of it and refused everyone's resumes.
 TOP_QUERY_COST = REPLAY_PAGE
+TOP_QUERY_READS = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +66,8 @@ class Reading:
     """A resume's reading of the history: whether it may read any, and what it read so far.
 
     `scanned` counts the history entries read, or their worth (TOP_QUERY_COST), sent or not:
-    the resume's cost. It is counted as they are read, so that a resume cancelled midway (its
-    connection closed) is charged what it read.
+    the resume's cost to its address's budget. It is counted as they are read, so that a
+    resume cancelled midway (its connection closed) is charged what it read.
     """
 
     may_read: bool = True
@@ -172,8 +175,6 @@ async def _replay(
         return _Replayed(False, 0, boundary)  # an old stream's seq: nothing continues it
     if since >= boundary:
         if since > boundary:
-            if not _charge_stream_budget(hub, TOP_QUERY_COST):
-                return _Replayed(False, 0, boundary)
             reading.scanned += TOP_QUERY_COST
         complete = await _await_since(hub, since, boundary)
         return _Replayed(complete, 0, since if complete else boundary)
@@ -270,9 +271,11 @@ async def _await_since(hub: Hub, since: int, boundary: int) -> bool:
 
 
 async def _top(hub: Hub) -> int | None:
-    """The stream's top, None if it cannot be read."""
+    """The stream's top, None if it cannot be read (WS_REPLAY_STREAM_BUDGET spent too)."""
+    if hub.source is None or not _charge_stream_budget(hub, TOP_QUERY_READS):
+        return None
     try:
-        return await hub.source.top() if hub.source is not None else None
+        return await hub.source.top()
     except StreamUnavailable:
         return None
 

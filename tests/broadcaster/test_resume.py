@@ -728,22 +728,42 @@ async def test_resumes_stalled_on_clients_that_read_nothing_hold_no_more_than_a_
                 client.close()
 
 
-async def test_resumes_past_the_position_are_charged_to_the_server_wide_budget(
+async def test_asking_redis_for_the_stream_top_costs_the_server_wide_budget_one_entry(
     start: Start, producer: EventProducer
 ) -> None:
-    """A since past this instance's position makes it ask Redis for the stream's top,
-    which costs a page's worth (500 entries) of the server-wide budget as of the address's:
-    here that spends it, and the next resume that needs the stream, from another address,
-    reads nothing."""
+    """A since past this instance's position makes it ask Redis for the stream's top: one
+    round trip, charged one entry of the server-wide budget (a page's worth, 500, let six
+    addresses asking 80 times each spend all of the default budget): here six such
+    resumes from three addresses leave a budget of 1,500 for a fourth address's resume."""
+    await producer.publish(count=150)
+    async with start(
+        ws_replay_limit=1000, ws_history_size=0, ws_replay_stream_budget=1500
+    ) as server:
+        for index in range(1, 4):
+            async with ws_client(server.url, **via(f"203.0.113.{index}")) as asking:
+                for _ in range(2):
+                    ack = await asking.subscribe("events:*", since=10_000)
+                    assert ack["recovered"] is False  # a seq the stream never had
+        async with ws_client(server.url, **via("203.0.113.9")) as other:
+            ack = await other.subscribe("events:*", since=140)
+            assert [e["seq"] for e in ack["replayedEvents"]] == list(range(141, 151))
+            assert ack["recovered"] is True
+        assert await server.metric("kektech_broadcaster_replay_stream_refusals_total") == 0
+
+
+async def test_asking_redis_for_the_stream_top_is_refused_once_the_budget_is_spent(
+    start: Start, producer: EventProducer
+) -> None:
+    """Asking Redis for the stream's top is still charged to the server-wide budget, one
+    entry each: under a budget of 3 (refilling 0.05 a second), the fourth is refused."""
     await producer.publish(count=150)
     async with (
-        start(ws_replay_limit=100, ws_history_size=0, ws_replay_stream_budget=400) as server,
-        ws_client(server.url, **via("203.0.113.1")) as asking,
-        ws_client(server.url, **via("203.0.113.2")) as other,
+        start(ws_replay_limit=1000, ws_replay_stream_budget=3) as server,
+        ws_client(server.url) as client,
     ):
-        assert (await asking.subscribe("events:*", since=10_000))["recovered"] is False
-        ack = await other.subscribe("events:*", since=140)
-        assert (ack["recovered"], ack["replayedEvents"]) == (False, [])
+        for _ in range(4):
+            assert (await client.subscribe("events:*", since=10_000))["recovered"] is False
+        assert await server.metric("kektech_broadcaster_replay_stream_refusals_total") == 1
 
 
 async def test_resumes_from_beyond_the_position_are_charged_for_asking_redis(
