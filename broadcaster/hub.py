@@ -185,6 +185,14 @@ class Hub:
         (`now`: the sessions' clock.)"""
         return self._history_budgets.of(address, now)
 
+    def refund_history(
+        self, address: str, budget: TokenBucket, *, amount: float, now: float
+    ) -> None:
+        """Give back to `budget`, history_budget()'s for address, what a resume reserved
+        but did not read (through the address budgets: one made full again is forgotten as
+        new addresses come, not minutes later)."""
+        self._history_budgets.refund(address, budget, amount=amount, now=now)
+
     # Connections
 
     def connect(self, client_id: str, peer: Peer, address: str = "") -> Client:

@@ -26,6 +26,9 @@ FILES_RESERVED = 64
 # the addresses one instance serves at once in normal use (a few thousand); past it, only
 # clients cycling through addresses, which share one overflow budget.
 MAX_ADDRESSES = 16_384
+# Stale entries AddressBudgets' heap of refill times may hold beyond one per address before
+# it is built again without them.
+STALE_REFILLS = 64
 
 
 class TokenBucket:
@@ -92,9 +95,11 @@ class AddressBudgets:
     the last one closes would hand the next connection a full one. Refilled budgets are
     dropped as new addresses come, found through a heap of the times the budgets held will
     be full again (a budget spent since its time was pushed is pushed again for its new
-    time when that one comes up), so a lookup costs O(log n) amortized, however many are
-    held. So a budget is looked up each time it is used, never kept: one kept past its drop
-    would be a second budget of its address, beside the new one its other connections get.
+    time when that one comes up; one that a refund makes full is pushed again for now), so
+    a lookup costs O(log n) amortized, however many are held. So a budget is looked up each
+    time it is used, and kept no longer than a resume's spend and its refund: one kept past
+    its drop would be a second budget of its address, beside the new one its other
+    connections get.
 
     At most `max_held` addresses have budgets of their own. Past that (clients cycling many
     addresses, each spending a little, which IPv6 makes cheap), new addresses share one
@@ -102,16 +107,19 @@ class AddressBudgets:
     unlimited, and the memory stays bounded.
     """
 
-    __slots__ = ("_buckets", "_burst", "_max_held", "_overflow", "_rate", "_refills")
+    __slots__ = ("_buckets", "_burst", "_due", "_max_held", "_overflow", "_rate", "_refills")
 
     def __init__(self, rate: float, burst: float, *, max_held: int = MAX_ADDRESSES) -> None:
         self._rate = rate
         self._burst = burst
         self._max_held = max_held
         self._buckets: dict[str, TokenBucket] = {}
-        # (when the address's budget will be full again, the address), one per held address;
-        # a time may be past due for a budget spent since it was pushed.
+        # (when the address's budget will be full again, the address): for each held address
+        # the entry of the time in _due; a time may be past due for a budget spent since it
+        # was pushed. Other entries are stale (pushed before a refund made the budget full,
+        # or for a budget forgotten since) and are skipped.
         self._refills: list[tuple[float, str]] = []
+        self._due: dict[str, float] = {}
         self._overflow = TokenBucket(rate, burst, 0.0)
 
     def __len__(self) -> int:
@@ -127,17 +135,38 @@ class AddressBudgets:
             if len(self._buckets) >= self._max_held:
                 return self._overflow
             bucket = self._buckets[address] = TokenBucket(self._rate, self._burst, now)
+            self._due[address] = now
             heapq.heappush(self._refills, (now, address))
         return bucket
 
+    def refund(self, address: str, bucket: TokenBucket, *, amount: float, now: float) -> None:
+        """Give back to `bucket`, the budget of() gave address, tokens spent ahead but not
+        used. One this makes full is due to be forgotten now: left at its old time (a history
+        budget's, up to 4 minutes away), it would count against `max_held` meanwhile and
+        send new addresses to the overflow budget."""
+        bucket.refund(amount, now)
+        if self._buckets.get(address) is not bucket or self._due[address] <= now:
+            return  # the overflow budget, one forgotten already, or due already
+        if bucket.full(now):
+            self._due[address] = now
+            heapq.heappush(self._refills, (now, address))
+            if len(self._refills) > 2 * len(self._due) + STALE_REFILLS:
+                # Mostly stale entries: the heap is built again from the current ones (each
+                # such rebuild follows as many refunds as it costs entries).
+                self._refills = [(due, held) for held, due in self._due.items()]
+                heapq.heapify(self._refills)
+
     def _forget_refilled(self, now: float) -> None:
-        refills, buckets = self._refills, self._buckets
+        refills, buckets, due = self._refills, self._buckets, self._due
         while refills and refills[0][0] <= now:
-            _, address = heapq.heappop(refills)
+            when, address = heapq.heappop(refills)
+            if due.get(address) != when:
+                continue  # stale
             full_at = buckets[address].full_at(now)
             if full_at <= now:  # full, or so nearly that pushed back it would come up again
-                del buckets[address]
+                del buckets[address], due[address]
             else:  # spent again since: looked at again when it will be full
+                due[address] = full_at
                 heapq.heappush(refills, (full_at, address))
 
 

@@ -114,7 +114,9 @@ class Session:
             self._refuse(problem)
             return
         finally:  # cancelled too (the connection closed): it pays for what it read
-            budget.refund(reserved - reading.scanned, self._clock())
+            self.hub.refund_history(
+                self.client.address, budget, amount=reserved - reading.scanned, now=self._clock()
+            )
         # The ack separates the replay from the live events held back meanwhile.
         self._reply(
             messages.subscribed(

@@ -86,6 +86,31 @@ def test_addresses_past_the_cap_share_the_overflow_budget() -> None:
     assert own.full(6.0)
 
 
+def test_a_budget_a_refund_makes_full_again_gives_up_its_place_at_once() -> None:
+    """A budget full again because a resume read less than it reserved stops counting
+    against `max_held` then, not at the time it would have refilled without the refund: a
+    new address gets a budget of its own meanwhile, not the shared overflow one. Spent again
+    before a new address comes, it is kept until it refills, as any other."""
+    budgets = AddressBudgets(rate=10_000 / 60, burst=40_000, max_held=1)
+    held = budgets.of("A", 0.0)
+    held.spend(10_000, 0.0)  # a resume reserves 10,000: full again at 60.0 if nothing comes back
+    overflow = budgets.of("B", 0.1)
+    budgets.refund("A", held, amount=10_000, now=0.2)  # it read nothing
+    assert held.full(0.3)
+    own = budgets.of("C", 0.3)
+    assert own is not overflow
+    assert own.full(0.3)
+    assert len(budgets) == 1
+
+    budgets = AddressBudgets(rate=10_000 / 60, burst=40_000, max_held=1)
+    held = budgets.of("A", 0.0)
+    held.spend(10_000, 0.0)
+    budgets.refund("A", held, amount=10_000, now=0.2)
+    held.spend(20_000, 0.3)  # full again at 120.3
+    assert budgets.of("B", 0.4) is budgets.of("C", 0.4)  # both the overflow budget
+    assert budgets.of("A", 0.4) is held
+
+
 def test_the_addresses_held_stay_bounded() -> None:
     """Clients cycling through many addresses (IPv6 makes them cheap), each spending part of
     a budget that takes a minute to refill, leave at most `max_held` budgets held."""
