@@ -432,8 +432,8 @@ class Hub:
             return self.position
         self.admit(client, channel)
         if channel not in client.subs:
+            channel = self.route(client, channel)
             client.subs[channel] = self.position or 0
-            self.route(client, channel)
         return self.position
 
     def unsubscribe(self, client: Client, channel: str) -> None:
@@ -489,12 +489,14 @@ class Hub:
                 channel=channel,
             )
 
-    def route(self, client: Client, channel: str) -> None:
-        """Add a subscription to routing (client.subs is the caller's)."""
+    def route(self, client: Client, channel: str) -> str:
+        """Add a subscription to routing; return its name, for the caller to key client.subs
+        with: the connections subscribed to one channel then share one string, routing's."""
         if kind_of(channel) == "glob":
             self._count_glob(client, channel, 1)  # before: it asks whether the pool has it
-        self.registry.add(channel, client)
+        name = self.registry.add(channel, client)
         self._count_subscriptions(1)
+        return name
 
     def _unroute(self, client: Client) -> None:
         for channel in client.subs:

@@ -103,7 +103,7 @@ async def resume(hub: Hub, client: Client, channel: str, since: int, *, reading:
     older = {sub: start for sub, start in client.subs.items()}
     boundary = hub.position
     if channel not in client.subs:
-        hub.route(client, channel)
+        channel = hub.route(client, channel)
     client.subs[channel] = min(since, older.get(channel, since))
     client.pending = []
     client.pending_bytes = 0

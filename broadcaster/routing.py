@@ -58,15 +58,26 @@ def matches(subscription: str, channel: str) -> bool:
     return matcher(subscription)(channel)
 
 
+class _Subscribers(set[S]):
+    """The subscribers of one subscription, and its name: the string of it its first
+    subscriber brought, which every later one is given to keep (Registry.add)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+
 class Registry(Generic[S]):
     """Subscriptions by channel or pattern; route() answers who gets an event."""
 
     def __init__(self) -> None:
-        self._exact: dict[str, set[S]] = {}
-        self._prefixes: dict[str, set[S]] = {}
+        self._exact: dict[str, _Subscribers[S]] = {}
+        self._prefixes: dict[str, _Subscribers[S]] = {}
         self._prefix_lengths: Counter[int] = Counter()
         self._lengths: tuple[int, ...] = ()
-        self._globs: dict[str, tuple[Callable[[str], bool], set[S]]] = {}
+        self._globs: dict[str, tuple[Callable[[str], bool], _Subscribers[S]]] = {}
 
     @property
     def glob_count(self) -> int:
@@ -76,23 +87,33 @@ class Registry(Generic[S]):
     def has_glob(self, subscription: str) -> bool:
         return subscription in self._globs
 
-    def add(self, subscription: str, subscriber: S) -> None:
+    def add(self, subscription: str, subscriber: S) -> str:
+        """Route subscription to subscriber; return the subscription's name for the
+        subscriber to keep in its place: one string for all its subscribers (10,000
+        connections on one market hold one copy of its name, not one each), which routing
+        keeps no longer than the last of them (it goes with their set)."""
         kind = kind_of(subscription)
         if kind == "exact":
-            self._exact.setdefault(subscription, set()).add(subscriber)
+            subscribers = self._exact.get(subscription)
+            if subscribers is None:
+                subscribers = self._exact[subscription] = _Subscribers(subscription)
         elif kind == "prefix":
+            # Subscriptions come in normal form: one prefix is one pattern's (runs of *
+            # collapsed), so its subscribers are that pattern's.
             prefix = _STARS.sub("*", subscription)[:-1]
             subscribers = self._prefixes.get(prefix)
             if subscribers is None:
-                subscribers = self._prefixes[prefix] = set()
+                subscribers = self._prefixes[prefix] = _Subscribers(subscription)
                 self._prefix_lengths[len(prefix)] += 1
                 self._lengths = tuple(sorted(self._prefix_lengths))
-            subscribers.add(subscriber)
         else:
             entry = self._globs.get(subscription)
             if entry is None:
-                entry = self._globs[subscription] = (_glob_matcher(subscription), set())
-            entry[1].add(subscriber)
+                compiled = _glob_matcher(subscription)
+                entry = self._globs[subscription] = (compiled, _Subscribers(subscription))
+            subscribers = entry[1]
+        subscribers.add(subscriber)
+        return subscribers.name
 
     def remove(self, subscription: str, subscriber: S) -> None:
         kind = kind_of(subscription)
@@ -136,7 +157,7 @@ class Registry(Generic[S]):
         return groups
 
 
-def _discard(table: dict[str, set[S]], key: str, subscriber: S) -> bool:
+def _discard(table: dict[str, _Subscribers[S]], key: str, subscriber: S) -> bool:
     """Remove subscriber under key; return True when that emptied and removed the key."""
     subscribers = table.get(key)
     if subscribers is None:

@@ -78,6 +78,29 @@ def test_remove_cleans_up() -> None:
     assert registry.glob_count == 0
 
 
+def fresh(text: str) -> str:
+    """An equal string that is another object (as each client's message parses to)."""
+    return "".join(list(text))
+
+
+@pytest.mark.parametrize("subscription", [BET[1], "events:*", "events:*_placed"])
+def test_subscribers_of_one_subscription_share_one_name(subscription: str) -> None:
+    """add() answers the name routing holds for a subscription, for its subscriber to keep:
+    one string object for all the subscribers of a channel or pattern, however many bring
+    copies of it. Once the last has left, routing keeps it no more: the next subscriber's
+    own string is the name."""
+    registry: Registry[str] = Registry()
+    first = fresh(subscription)
+    assert registry.add(first, "a") is first
+    assert registry.add(fresh(subscription), "b") is first
+    registry.remove(fresh(subscription), "a")
+    assert registry.add(fresh(subscription), "c") is first
+    registry.remove(fresh(subscription), "b")
+    registry.remove(fresh(subscription), "c")
+    later = fresh(subscription)
+    assert registry.add(later, "d") is later
+
+
 def test_distinct_globs_are_counted_once() -> None:
     """Many subscribers on one glob cost one match per event."""
     registry: Registry[int] = Registry()
