@@ -4,7 +4,7 @@ Deep ranges (more than REORG_WINDOW blocks behind the target, the head less CONF
 taken as final and pipelined, the next fetched while one commits; tip ranges (inside the
 window) are checked block by block, so a reorg is noticed before anything of the new branch is
 stored. RangeBatches makes a range into a batch either way (indexer/range_batches.py);
-StoredChain finds where a reorg leaves the stored chain.
+StoredChain finds where a reorg leaves the stored chain; Startup opens the cursor (startup.py).
 """
 
 from __future__ import annotations
@@ -19,14 +19,9 @@ from indexer import queries
 from indexer.batch import Batch
 from indexer.batch_commit import save_batch
 from indexer.catalog import ContractKind
-from indexer.cursor import IndexerState, init_state, load_state, recent_headers
+from indexer.cursor import IndexerState, load_state, recent_headers
 from indexer.database import Database
-from indexer.errors import (
-    BlockNotFound,
-    ChainIdMismatch,
-    ReorgDuringFetch,
-    ReorgTooDeep,
-)
+from indexer.errors import BlockNotFound, ReorgDuringFetch
 from indexer.lease import Lease
 from indexer.metrics import Metrics
 from indexer.outbox import OutboxRow
@@ -36,6 +31,7 @@ from indexer.rollback import rollback
 from indexer.rpc import LogRangeSizer, RpcClient
 from indexer.rpc_results import BlockHeader
 from indexer.sources import Sources, began_at, record_sources
+from indexer.startup import Startup
 from shared.memory import release_free_memory
 
 log = structlog.get_logger()
@@ -109,6 +105,7 @@ class Follower:
             reorg_window=config.reorg_window,
             metrics=metrics,
         )
+        self._startup = Startup(rpc, db, lease, self._chain, config=config)
         self._state: IndexerState | None = None
         self._bulk_done = False  # a catch-up ran since the follower was last idle
         self.head = -1
@@ -150,22 +147,7 @@ class Follower:
         to be on both branches (ReorgTooDeep.since); it is when the reindex would keep blocks
         of the replaced branch.
         """
-        chain_id = await self._rpc.chain_id()
-        if chain_id != self._config.chain_id:
-            raise ChainIdMismatch(expected=self._config.chain_id, actual=chain_id)
-        state = await load_state(self._db)
-        created = state is None
-        if state is None:
-            state = await init_state(
-                self._db,
-                self._lease,
-                self._config.lease_ttl,
-                chain_id=chain_id,
-                cursor=await self._wait_for_start(),
-            )
-            log.info("cursor created", block=state.block_number)
-        elif state.chain_id != chain_id:
-            raise ChainIdMismatch(expected=state.chain_id, actual=chain_id, endpoint="the database")
+        state, created = await self._startup.open_cursor(on_head=self._note_head)
         self._state = state
         await record_sources(
             self._db,
@@ -195,73 +177,15 @@ class Follower:
         return self.settled
 
     async def _settle(self, *, rewind_to: int | None) -> bool:
-        """Handle a reorg that happened offline; whether the cursor is now known canonical
-        (checked, rolled back onto a block that is, or to be rolled back by the reindex)."""
         assert self._state is not None
-        try:
-            replaced = await self._cursor_replaced()
-        except BlockNotFound:
-            # A shorter chain now, or a node behind the others: either shows once the chain
-            # reaches the cursor again (by the hash there, or by the next block's parent).
-            log.warning(
-                "the node has no block at the cursor yet; waiting for the chain to reach it",
-                cursor=self._state.block_number,
-            )
-            return False
-        if not replaced:
-            return True
-        try:
-            await self._handle_reorg()
-        except (ReorgDuringFetch, BlockNotFound) as exc:  # `run`'s first step looks again
-            log.warning("the reorg at start-up is looked at again", reason=str(exc))
-            return False
-        except ReorgTooDeep as exc:
-            if rewind_to is None or rewind_to >= exc.since:
-                raise
-            log.warning(
-                "reorg deeper than REORG_WINDOW at start-up: rolled back by the reindex",
-                cursor=exc.cursor,
-                ancestor=exc.ancestor,
-                rewind_to=rewind_to,
-            )
-        return True
+        return await self._startup.settle(
+            self._state, rewind_to=rewind_to, handle_reorg=self._handle_reorg
+        )
 
-    async def _cursor_replaced(self) -> bool:
-        """Whether the node's block at the cursor's height is another one than the stored.
-
-        Raises BlockNotFound when the node has no block there.
-        """
-        assert self._state is not None
-        if self._state.block_number < 0:
-            return False
-        current = await self._rpc.get_block_header(self._state.block_number)
-        return current.hash != self._state.block_hash
-
-    async def _wait_for_start(self) -> BlockHeader:
-        """The block before START_BLOCK, once the chain has it CONFIRMATIONS deep, as any block
-        indexed: a START_BLOCK beyond the head (a node still syncing, a deployment to come) is
-        waited for, not a reason to exit."""
-        before = self._config.start_block - 1
-        announced = False
-        while True:
-            # Exported while waiting too: a leader whose head gauge never moves looks like
-            # a stuck provider (KektechIndexerHeadStalled), and /ready would say head -1.
-            self.head = await self._rpc.block_number()
-            self._metrics.head.set(self.head)
-            try:
-                if before < 0 or self._target(self.head) >= before:
-                    return await self._chain.header(before)
-            except BlockNotFound:
-                pass  # a node behind the one that gave the head
-            if not announced:
-                log.warning(
-                    "START_BLOCK is beyond the chain head (less CONFIRMATIONS): waiting for "
-                    "the chain to reach START_BLOCK",
-                    start_block=self._config.start_block,
-                    confirmations=self._config.confirmations,
-                )
-                announced = True
-            await asyncio.sleep(self._config.poll_interval)
+    def _note_head(self, number: int) -> None:
+        """The head just read: exported (metrics, /ready, `status`)."""
+        self.head = number
+        self._metrics.head.set(number)
 
     async def current_target(self) -> int:
         """The block the follower would index up to now."""
@@ -310,8 +234,7 @@ class Follower:
         while True:
             started = self._head_read_at = loop.time()
             head = await self._rpc.get_head()
-            self.head = head.number
-            self._metrics.head.set(self.head)
+            self._note_head(head.number)
             target = self._target(self.head)
             if until is not None:
                 target = min(target, until)
@@ -360,7 +283,8 @@ class Follower:
                 # Deep ranges are not checked block by block, so first the link to what is
                 # stored: the cursor's block may have been replaced since the last poll, by
                 # a reorg the chain has since outgrown by more than the window.
-                if await self._cursor_replaced():
+                assert self._state is not None
+                if await self._chain.replaced(self._state.block_number, self._state.block_hash):
                     await self._handle_reorg()
                     return
                 await self._catch_up(deep_end)
@@ -461,8 +385,7 @@ class Follower:
         if loop.time() - self._head_read_at < self._config.poll_interval:
             return
         self._head_read_at = loop.time()
-        self.head = await self._rpc.block_number()
-        self._metrics.head.set(self.head)
+        self._note_head(await self._rpc.block_number())
 
     async def _index_tip(self, first: int, last: int, head: BlockHeader | None) -> None:
         assert self._state is not None

@@ -44,6 +44,17 @@ class StoredChain:
         current = await self._rpc.get_block_header(header.number)
         return current.hash == header.hash
 
+    async def replaced(self, number: int, block_hash: str) -> bool:
+        """Whether the node's block at height `number` is another one than `block_hash` (the
+        stored cursor's); never for the virtual parent of block 0.
+
+        Raises BlockNotFound when the node has no block there.
+        """
+        if number < 0:
+            return False
+        current = await self._rpc.get_block_header(number)
+        return current.hash != block_hash
+
     async def ancestor(
         self, cursor: int, cursor_hash: str, stored: Sequence[BlockHeader]
     ) -> BlockHeader:
