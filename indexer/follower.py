@@ -59,6 +59,10 @@ class FollowConfig:
     # enough to keep the process's memory flat (two batches are in memory while pipelining).
     batch_events: int = 2000
 
+    def target(self, head: int) -> int:
+        """The block to index up to with the chain at `head`: CONFIRMATIONS behind it."""
+        return head - self.confirmations
+
 
 @dataclass(frozen=True, slots=True)
 class Backfilled:
@@ -132,10 +136,11 @@ class Follower:
 
     @property
     def caught_up(self) -> bool:
-        return self._state is not None and self.head >= 0 and self.cursor >= self._target(self.head)
-
-    def _target(self, head: int) -> int:
-        return head - self._config.confirmations
+        return (
+            self._state is not None
+            and self.head >= 0
+            and self.cursor >= self._config.target(self.head)
+        )
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -190,7 +195,7 @@ class Follower:
     async def current_target(self) -> int:
         """The block the follower would index up to now."""
         self.head = await self._rpc.block_number()
-        return self._target(self.head)
+        return self._config.target(self.head)
 
     async def rewind(self, number: int) -> int:
         """Roll back to block `number` as a reorg would (for `reindex`); returns events removed.
@@ -235,7 +240,7 @@ class Follower:
             started = self._head_read_at = loop.time()
             head = await self._rpc.get_head()
             self._note_head(head.number)
-            target = self._target(self.head)
+            target = self._config.target(self.head)
             if until is not None:
                 target = min(target, until)
             if self.cursor < target:
@@ -247,7 +252,7 @@ class Follower:
                 except (ReorgDuringFetch, BlockNotFound) as exc:
                     await self._fetch_again(exc)
                 continue
-            self._metrics.lag.set(max(0, self._target(self.head) - self.cursor))
+            self._metrics.lag.set(max(0, self._config.target(self.head) - self.cursor))
             if self._bulk_done:
                 # Caught up after a catch-up: what its ranges held is garbage now, but the C
                 # allocator keeps the pages and RSS would stay at the high-water mark.
@@ -277,7 +282,7 @@ class Follower:
         # which store every header. From the head, a catch-up left CONFIRMATIONS of them in a
         # deep range without headers, and a reorg inside the window looked too deep. (A
         # reindex's `until` lowers `target` only, as it always did.)
-        deep_end = min(target, self._target(self.head) - self._config.reorg_window)
+        deep_end = min(target, self._config.target(self.head) - self._config.reorg_window)
         try:
             if first <= deep_end:
                 # Deep ranges are not checked block by block, so first the link to what is
@@ -412,7 +417,7 @@ class Follower:
             last_seq=self._state.last_seq,
         )
         self._metrics.record_batch(
-            last=batch.cursor.number, fresh=fresh, target=self._target(self.head)
+            last=batch.cursor.number, fresh=fresh, target=self._config.target(self.head)
         )
         # A unit of work worth a line when it stored something; empty blocks stay quiet.
         (log.info if fresh else log.debug)(

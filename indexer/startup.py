@@ -117,7 +117,7 @@ class Startup:
             head = await self._rpc.block_number()
             on_head(head)
             try:
-                if before < 0 or head - self._config.confirmations >= before:
+                if before < 0 or self._config.target(head) >= before:
                     return await self._chain.header(before)
             except BlockNotFound:
                 pass  # a node behind the one that gave the head
