@@ -41,12 +41,11 @@ class StoredChain:
         reach past that height, so that is a node behind another (a load balancer), not a
         shorter chain: taking it as "replaced" would retract canonical blocks.
         """
-        current = await self._rpc.get_block_header(header.number)
-        return current.hash == header.hash
+        return not await self.replaced(header.number, header.hash)
 
     async def replaced(self, number: int, block_hash: str) -> bool:
-        """Whether the node's block at height `number` is another one than `block_hash` (the
-        stored cursor's); never for the virtual parent of block 0.
+        """Whether the node's block at height `number` is another one than `block_hash` (a
+        stored header's, or the cursor's); never for the virtual parent of block 0.
 
         Raises BlockNotFound when the node has no block there.
         """
