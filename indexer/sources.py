@@ -45,14 +45,11 @@ async def indexed_from(db: Database) -> int | None:
     Not the earliest block a recorded contract is followed from: a contract dropped from the
     configuration and configured again is followed again from the block after the cursor
     then, which would move "where the database began" up, and the reorg handling would trust
-    a block above stored ones as an ancestor. That is still the answer while nothing is
-    recorded with the cursor (a database indexed before version 4 with no contract recorded
-    yet, until its next start: record_sources).
+    a block above stored ones as an ancestor. A database migrated to version 4 without a
+    record (no contract recorded, no event stored: 0004_began_at.sql) gets it at its next
+    start, from START_BLOCK (record_sources); None until then too.
     """
-    began = await db.fetchval(
-        "SELECT coalesce((SELECT began_at FROM indexer_state WHERE id = 1),"
-        " (SELECT min(since_block) FROM sources))"
-    )
+    began = await db.fetchval("SELECT began_at FROM indexer_state WHERE id = 1")
     return None if began is None else int(began)
 
 
