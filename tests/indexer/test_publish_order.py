@@ -9,6 +9,8 @@ import redis.asyncio as aioredis
 
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
+from indexer import outbox
+from indexer.database import Database
 from tests.indexer.conftest import (
     assert_announcements_first,
     assert_database_equals_chain,
@@ -28,11 +30,8 @@ WINDOW = {"REORG_WINDOW": "2"}
 
 
 async def last_seq(database_url: str) -> int:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return int(await conn.fetchval("SELECT last_seq FROM indexer_state"))
-    finally:
-        await conn.close()
+    async with Database.open(database_url, command_timeout=10.0) as db:
+        return await outbox.last_seq(db)
 
 
 async def test_market_created_is_published_first_in_its_transaction(
