@@ -159,7 +159,7 @@ class Hub:
             replay_limit / REPLAY_REFILL_SECONDS, max(1, REPLAY_BURST_LIMITS * replay_limit)
         )
         self._new_glob_budgets = AddressBudgets(NEW_GLOBS_PER_SECOND, NEW_GLOBS_BURST)
-        self.stream_budget = TokenBucket(  # on time.monotonic(), as the address budgets
+        self._stream_budget = TokenBucket(  # on time.monotonic(), as the address budgets
             replay_stream_budget / REPLAY_STREAM_REFILL_SECONDS,
             replay_stream_budget,
             time.monotonic(),
@@ -192,6 +192,21 @@ class Hub:
         but did not read (through the address budgets: one made full again is forgotten as
         new addresses come, not minutes later)."""
         self._history_budgets.refund(address, budget, amount=amount, now=now)
+
+    def reserve_stream_reads(self, amount: int) -> bool:
+        """Charge the server-wide budget of what resumes read from the Redis Stream
+        (WS_REPLAY_STREAM_BUDGET) for a read about to be made; False, charging nothing, once it
+        is spent (counted in replay_stream_refusals_total)."""
+        now = time.monotonic()
+        if not self._stream_budget.available(now):
+            self.metrics.replay_stream_refusals.inc()
+            return False
+        self._stream_budget.spend(amount, now)
+        return True
+
+    def return_stream_reads(self, amount: int) -> None:
+        """Give back what reserve_stream_reads charged for entries a read did not return."""
+        self._stream_budget.refund(amount, time.monotonic())
 
     # Connections
 

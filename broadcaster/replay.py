@@ -14,7 +14,6 @@ lost entries again (Hub.refill_awaited) is waited for too, then read on from whe
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -192,18 +191,6 @@ async def _replay(
     return await _replay_stream(hub, client, since, boundary, wanted, covered, reading)
 
 
-def _charge_stream_budget(hub: Hub, amount: int) -> bool:
-    """Charge the server-wide budget of what resumes read from the Redis Stream
-    (WS_REPLAY_STREAM_BUDGET) for a read about to be made; False, charging nothing, once it
-    is spent: the resume then reads no further and is answered recovered: false."""
-    now = time.monotonic()
-    if not hub.stream_budget.available(now):
-        hub.metrics.replay_stream_refusals.inc()
-        return False
-    hub.stream_budget.spend(amount, now)
-    return True
-
-
 async def _replay_stream(
     hub: Hub,
     client: Client,
@@ -226,7 +213,7 @@ async def _replay_stream(
         # client reading nothing (for up to REPLAY_DRAIN_TIMEOUT) then holds the page it
         # read, not all it may read (20 such connections held all of 200,000 for 30 s).
         most = min(REPLAY_PAGE, boundary - after)
-        if not _charge_stream_budget(hub, most):
+        if not hub.reserve_stream_reads(most):
             return _Replayed(False, sent, boundary)
         page: list[tuple[int, Event | None]] = []
         try:
@@ -235,7 +222,7 @@ async def _replay_stream(
             log.warning("resume could not read the stream", error=str(exc))
             return _Replayed(False, sent, boundary)
         finally:
-            hub.stream_budget.refund(most - len(page), time.monotonic())
+            hub.return_stream_reads(most - len(page))
         if not page:
             # The stream ends before the boundary: trimmed past it, or Redis lost entries
             # that the reader waits for the indexer to write again; then read on from here.
@@ -272,7 +259,7 @@ async def _await_since(hub: Hub, since: int, boundary: int) -> bool:
 
 async def _top(hub: Hub) -> int | None:
     """The stream's top, None if it cannot be read (WS_REPLAY_STREAM_BUDGET spent too)."""
-    if hub.source is None or not _charge_stream_budget(hub, TOP_QUERY_READS):
+    if hub.source is None or not hub.reserve_stream_reads(TOP_QUERY_READS):
         return None
     try:
         return await hub.source.top()
