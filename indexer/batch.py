@@ -34,6 +34,11 @@ class StoredEvent:
         return self.decoded.market if self.decoded is not None else None
 
     @property
+    def position(self) -> tuple[int, int]:
+        """(block number, log index): where the chain has it, the events table's key."""
+        return self.log.block_number, self.log.log_index
+
+    @property
     def channel_list(self) -> str:
         """The channels space-separated, as the outbox stores them."""
         decoded = self.decoded

@@ -62,8 +62,9 @@ def _assign_seqs(
     """Publication seqs for the events in their order (None for raw ones, never published),
     the published events in seq order (indexer/publish_order.py), and the last seq."""
     published = list(in_publish_order([e for e in events if e.decoded is not None]))
-    seq_of = {id(event): seq for seq, event in enumerate(published, last_seq + 1)}
-    return [seq_of.get(id(event)) for event in events], published, last_seq + len(published)
+    # By chain position, unique within a batch (the events table's key).
+    seq_of = {e.position: seq for seq, e in enumerate(published, last_seq + 1)}
+    return [seq_of.get(e.position) for e in events], published, last_seq + len(published)
 
 
 async def save_batch(db: Database, lease: Lease, ttl: float, batch: Batch) -> SavedBatch:
@@ -84,7 +85,7 @@ async def save_batch(db: Database, lease: Lease, ttl: float, batch: Batch) -> Sa
         if not snapshot["leased"]:
             raise LeaseLost(lease.owner)
         stored = set(zip(snapshot["numbers"] or (), snapshot["indexes"] or (), strict=True))
-        fresh = [e for e in events if (e.log.block_number, e.log.log_index) not in stored]
+        fresh = [e for e in events if e.position not in stored]
         first_seq = snapshot["last_seq"] + 1
         seqs, published, last_seq = _assign_seqs(fresh, snapshot["last_seq"])
         queued = len(published)
