@@ -174,6 +174,18 @@ const LOG_DIR = text(
 const INSTANCES = integer("KEKTECH_BROADCASTER_INSTANCES", 2, 1, 64);
 const WS_BASE_PORT = integer("KEKTECH_WS_BASE_PORT", 3180, 1, 65535 - INSTANCES);
 const HTTP_BASE_PORT = integer("KEKTECH_BROADCASTER_HTTP_BASE_PORT", 9465, 1, 65535 - INSTANCES);
+// Instance i takes WS base + i and HTTP base + i: overlapping ranges would give one
+// instance's WebSocket port to another's health and metrics, and one of the two would
+// crash-loop on "address already in use". (With WS_REUSE_PORT the WebSocket range is one
+// port, but keeping the ranges apart costs nothing.)
+if (Math.abs(WS_BASE_PORT - HTTP_BASE_PORT) < INSTANCES) {
+  const range = (base) => (INSTANCES === 1 ? `${base}` : `${base}-${base + INSTANCES - 1}`);
+  throw new Error(
+    `KEKTECH_WS_BASE_PORT (${range(WS_BASE_PORT)}) and KEKTECH_BROADCASTER_HTTP_BASE_PORT ` +
+      `(${range(HTTP_BASE_PORT)}) overlap with ${INSTANCES} broadcaster instance(s): ` +
+      `choose bases at least KEKTECH_BROADCASTER_INSTANCES apart`,
+  );
+}
 
 // KEY=VALUE lines of /etc/kektech/<service>.env (written by deploy/provision.sh); a missing
 // file is normal on a development machine.

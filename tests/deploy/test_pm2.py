@@ -433,3 +433,39 @@ def test_a_bad_line_of_the_ecosystem_env_file_is_refused_with_its_number(
     message = ecosystem_error(KEKTECH_SERVICE_ENV_DIR=str(tmp_path))
     assert str(tmp_path / "ecosystem.env") in message
     assert error in message
+
+
+@pytest.mark.parametrize(
+    ("ws", "http", "instances"),
+    [("14100", "14101", "2"), ("14104", "14100", "5"), ("14100", "14100", "1")],
+)
+def test_overlapping_port_ranges_of_the_broadcaster_instances_are_refused(
+    tmp_path: Path, ws: str, http: str, instances: str
+) -> None:
+    """Instance i listens on WS base + i and HTTP base + i: ranges that overlap would give
+    one instance's WebSocket port to another's health and metrics, and one of the two would
+    crash-loop on "address already in use". Refused when PM2 evaluates the file instead."""
+    message = ecosystem_error(
+        KEKTECH_SERVICE_ENV_DIR=str(tmp_path),
+        KEKTECH_WS_BASE_PORT=ws,
+        KEKTECH_BROADCASTER_HTTP_BASE_PORT=http,
+        KEKTECH_BROADCASTER_INSTANCES=instances,
+    )
+    assert "KEKTECH_WS_BASE_PORT" in message
+    assert "KEKTECH_BROADCASTER_HTTP_BASE_PORT" in message
+    assert "overlap" in message
+
+
+def test_adjacent_port_ranges_of_the_broadcaster_instances_are_accepted(
+    tmp_path: Path,
+) -> None:
+    _, broadcaster = evaluate_ecosystem(
+        KEKTECH_SERVICE_ENV_DIR=str(tmp_path),
+        KEKTECH_WS_BASE_PORT="14100",
+        KEKTECH_BROADCASTER_HTTP_BASE_PORT="14103",
+        KEKTECH_BROADCASTER_INSTANCES="3",
+    )
+    assert (broadcaster["env"]["WS_PORT"], broadcaster["env"]["BROADCASTER_HTTP_PORT"]) == (
+        "14100",
+        "14103",
+    )
