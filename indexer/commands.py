@@ -222,12 +222,12 @@ async def backfill(settings: IndexerSettings, first: int, last: int) -> int:
             first = began
         done = await follower.backfill(first, last)
         _say(settings, f"backfill {first}..{last}: {done.events} missing events stored")
-        if done.markets and last < done.cursor:
+        if done.announced and last < done.cursor:
             _say(
                 settings,
-                f"{done.markets} markets found that were not followed: their events from block"
-                f" {last + 1} to the cursor {done.cursor} were fetched too,"
-                f" {done.later_events} missing events stored",
+                f"{done.announced} markets announced in the range ({done.markets} of them not"
+                f" followed before): their events from block {last + 1} to the cursor"
+                f" {done.cursor} were fetched too, {done.later_events} missing events stored",
             )
     return 0
 

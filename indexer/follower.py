@@ -67,10 +67,12 @@ class FollowConfig:
 @dataclass(frozen=True, slots=True)
 class Backfilled:
     """What a backfill stored: events of the range asked for, markets found there that were
-    not followed, and those markets' events from the range's end to the cursor."""
+    not followed, and the events of every market announced there from the range's end to the
+    cursor."""
 
     events: int
-    markets: int
+    markets: int  # found, not followed before
+    announced: int  # followed markets created in the range, those found included
     later_events: int
     cursor: int
 
@@ -310,9 +312,10 @@ class Follower:
     async def backfill(self, first: int, last: int) -> Backfilled:
         """Fetch an already indexed range again and store what is missing; the cursor stays.
 
-        Markets found in the range that were not followed (announced by a factory added to
-        the configuration later, or an announcement missing) get their events after `last`
-        too, up to the cursor: following the chain went on without them.
+        Markets announced in the range get their events after `last` too, up to the cursor:
+        following the chain went on without those that were not followed (a factory added to
+        the configuration later, or an announcement missing), and what is already stored of
+        the others is skipped.
 
         Not below where the database began: the reorg handling trusts the block before it as
         an ancestor, and would keep events stored below it when a reorg replaced them.
@@ -325,11 +328,25 @@ class Follower:
             raise ValueError(f"block {first} is below block {self.began}, where the database began")
         known = set(self._ranges.children)
         stored = await self._backfill_ranges(first, last)
-        found = sorted(self._ranges.children.keys() - known)
+        found = self._ranges.children.keys() - known
+        # Every market announced in the range, not only those this run found: a backfill
+        # stopped after committing a found market but before its later events is not told
+        # by the markets table which markets were complete, and run again it finds none.
+        announced = [
+            market
+            for market in await queries.markets_created_between(self._db, first, last)
+            if market in self._ranges.children
+        ]
         later = 0
-        if found and last < cursor:
-            later = await self._backfill_ranges(last + 1, cursor, addresses=found)
-        return Backfilled(events=stored, markets=len(found), later_events=later, cursor=cursor)
+        if announced and last < cursor:
+            later = await self._backfill_ranges(last + 1, cursor, addresses=announced)
+        return Backfilled(
+            events=stored,
+            markets=len(found),
+            announced=len(announced),
+            later_events=later,
+            cursor=cursor,
+        )
 
     async def _backfill_ranges(
         self, first: int, last: int, *, addresses: Sequence[str] | None = None

@@ -54,6 +54,17 @@ async def children(db: Database) -> dict[str, str]:
     return {r["address"]: r["factory"] for r in rows}
 
 
+async def markets_created_between(db: Database, first: int, last: int) -> list[str]:
+    """The market clones announced in blocks first..last, oldest first."""
+    rows = await db.fetch(
+        "SELECT address FROM markets WHERE created_block BETWEEN $1 AND $2"
+        " ORDER BY created_block, address",
+        first,
+        last,
+    )
+    return [r["address"] for r in rows]
+
+
 async def market_registry(db: Database) -> dict[str, tuple[str, int]]:
     """Every known market clone, with its factory and creation block (for `verify`)."""
     rows = await db.fetch("SELECT address, factory, created_block FROM markets")

@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
 from devnet.postgres_server import PgBouncer
@@ -551,6 +552,50 @@ async def test_markets_a_backfill_finds_get_their_events_up_to_the_cursor(
     backfill = f"{INDEXER} backfill --from {deployment.block} --to {head}"
     assert backfill in log
     code, output = await run_command(make_indexer, *backfill.removeprefix(INDEXER).split())
+    assert code == 0, output
+    assert f"their events from block {head + 1} to the cursor {cursor} were fetched too" in output
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
+
+
+async def test_a_backfill_killed_before_the_found_markets_later_events_completes_when_run_again(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """The same backfill, killed (a crash, the OOM killer, a reboot) as it starts fetching
+    the found markets' events after `--to`: their markets and events up to `--to` are
+    committed, so run again it no longer finds them "not followed". It must still fetch their
+    events up to the cursor, or they are lost: the service is past them."""
+    driver = ActivityDriver(dev_chain, deployment, seed=77, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=4)
+    market = await driver.active_market(deployment.factory_v2)
+    head = await dev_chain.block_number()
+    with make_indexer(MARKET_FACTORY_ADDRESS=deployment.factory_v1) as indexer:
+        await indexer.wait_cursor(head)
+    with make_indexer() as indexer:  # both factories now
+        await indexer.wait_cursor(head)
+        for _ in range(3):  # bets in a market of v2 that the service does not know
+            await driver.bet(market)
+        cursor = await dev_chain.block_number()
+        await indexer.wait_cursor(cursor)
+    args = ["backfill", "--from", str(deployment.block), "--to", str(head)]
+    async with RpcFaultProxy(anvil.rpc_url, seed=1) as proxy:
+        command = make_indexer(*args, RPC_PROVIDER_URL=proxy.url)
+        killed: list[int] = []
+
+        async def kill_in_the_second_pass(method: str, params: list[Any]) -> None:
+            if method == "eth_getLogs" and params and params[0].get("fromBlock") == hex(head + 1):
+                command.kill()
+                killed.append(head + 1)
+
+        proxy.on_call = kill_in_the_second_pass
+        command.start()
+        await command.wait_exit(within=60)
+    assert killed, "the backfill was not killed as it fetched after --to"
+    code, output = await run_command(make_indexer, *args)
     assert code == 0, output
     assert f"their events from block {head + 1} to the cursor {cursor} were fetched too" in output
     await assert_database_equals_chain(database_url, dev_chain, deployment)
