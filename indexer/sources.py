@@ -73,6 +73,49 @@ def start_block_changed(start_block: int, began: int | None) -> str | None:
     )
 
 
+async def recorded_kinds(db: Database) -> dict[str, str]:
+    """The role (ContractKind value) each contract recorded as followed was indexed in."""
+    rows = await db.fetch("SELECT address, kind FROM sources WHERE dropped_after IS NULL")
+    return {r["address"]: r["kind"] for r in rows}
+
+
+async def _reconcile_roles(db: Database, static: Mapping[str, ContractKind]) -> None:
+    """Say which configured contracts have events stored in another role than the one they
+    are configured in now (an address pasted into the wrong variable, then corrected): those
+    were decoded as the other role's, a factory's markets were not followed, and a backfill
+    skips what is stored. A reindex from the first of them indexes them again; once none is
+    left (after it, or if there never were), the record takes the configured role."""
+    recorded = await recorded_kinds(db)
+    for address, kind in static.items():
+        was = recorded.get(address)
+        if was is None or was == kind.value:
+            continue
+        first = await db.fetchval(
+            "SELECT min(block_number) FROM events WHERE contract = $1 AND contract_kind = $2",
+            address,
+            was,
+        )
+        if first is None:
+            await db.execute("UPDATE sources SET kind = $2 WHERE address = $1", address, kind.value)
+            log.info(
+                "a contract is recorded in its configured role now",
+                contract=address,
+                kind=kind.value,
+                was=was,
+            )
+            continue
+        log.warning(
+            "a contract is configured in another role than its stored events were indexed "
+            "in: they were decoded as the recorded role's (a factory's markets are not "
+            "followed from them); a reindex from the first of them indexes them again",
+            contract=address,
+            configured=kind.value,
+            recorded=was,
+            first_block=int(first),
+            reindex=f"cd /opt/kektech && .venv/bin/python -m indexer reindex --from {first}",
+        )
+
+
 async def dropped_sources(db: Database) -> dict[str, int]:
     """The contracts recorded as dropped from the configuration, and the cursor then."""
     rows = await db.fetch(
@@ -124,6 +167,7 @@ async def record_sources(
         log.warning(
             "START_BLOCK differs from where the database began", detail=changed, began=began
         )
+    await _reconcile_roles(db, static)
     added = {a: k for a, k in static.items() if a not in known}
     # A new database, or one indexed before contracts were recorded: from START_BLOCK.
     later = not created and bool(known)

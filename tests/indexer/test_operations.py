@@ -601,6 +601,56 @@ async def test_a_backfill_killed_before_the_found_markets_later_events_completes
     await assert_database_equals_chain(database_url, dev_chain, deployment)
 
 
+async def test_a_contract_configured_in_another_role_than_indexed_in_is_said_with_its_reindex(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """Factory v2's address pasted as the resolution manager's, then corrected: its stored
+    events were decoded as a resolution manager's (its MarketCreated raw, its markets not
+    followed), which a backfill cannot change as it skips what is stored. The corrected start
+    says so and names the reindex from the first of them; after that reindex the database
+    equals the chain and the record holds the configured role, so it is not said again."""
+    driver = ActivityDriver(dev_chain, deployment, seed=73, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=4)
+    head = await dev_chain.block_number()
+    mistake = {
+        "MARKET_FACTORY_ADDRESS": deployment.factory_v1,
+        "RESOLUTION_MANAGER_ADDRESS": deployment.factory_v2,
+    }
+    with make_indexer(**mistake) as indexer:
+        await indexer.wait_cursor(head)
+    with make_indexer() as indexer:  # every contract in its role
+        await indexer.wait_cursor(head)
+        said = [
+            orjson.loads(line)
+            for line in indexer.log_text().splitlines()
+            if "configured in another role" in line
+        ]
+    assert [(w["contract"], w["configured"], w["recorded"]) for w in said] == [
+        (deployment.factory_v2, "factory", "resolution_manager")
+    ]
+    reindex = said[0]["reindex"].split(" -m indexer ", 1)[1].split()
+    assert reindex[:2] == ["reindex", "--from"]
+    assert deployment.block <= int(reindex[2]) <= head
+    code, output = await run_command(make_indexer, *reindex)
+    assert code == 0, output
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(head)
+        assert "configured in another role" not in indexer.log_text()
+    conn = await asyncpg.connect(database_url)
+    try:
+        kind = await conn.fetchval(
+            "SELECT kind FROM sources WHERE address = $1", deployment.factory_v2
+        )
+    finally:
+        await conn.close()
+    assert kind == "factory"
+
+
 async def test_a_factory_dropped_from_the_configuration_is_no_longer_followed(
     dev_chain: DevChain,
     deployment: Deployment,
