@@ -14,12 +14,12 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from devnet.postgres_server import Postgres
 from devnet.process import REPO_ROOT, free_port
 from indexer.schema import latest_schema_version
+from tests.support.database import connected
 
 SHELLCHECK = REPO_ROOT / ".venv" / "bin" / "shellcheck"
 PM2 = "node_modules/.bin/pm2"
@@ -308,11 +308,8 @@ def migrate(database_url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 async def tables(database_url: str) -> set[str]:
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-    finally:
-        await conn.close()
     return {row["tablename"] for row in rows}
 
 

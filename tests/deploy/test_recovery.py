@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from devnet.anvil_node import Anvil
@@ -14,15 +13,13 @@ from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
 from devnet.postgres_server import Postgres
 from devnet.redis_server import Redis
+from tests.support.database import connected
 from tests.support.indexer_process import IndexerProcess, indexer_env
 
 
 async def rows(database_url: str, query: str) -> list[dict[str, Any]]:
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         return [dict(record) for record in await conn.fetch(query)]
-    finally:
-        await conn.close()
 
 
 async def index_to_head(env: dict[str, str], head: int, log_dir: Path) -> None:

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -24,6 +23,7 @@ from indexer.rpc import LogRangeSizer, RpcClient
 from indexer.sources import Sources
 from indexer.verification import verify_range
 from tests.broadcaster.support import read_stream
+from tests.support.database import connected
 from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.waiting import eventually
 
@@ -98,14 +98,11 @@ def chain_key(log: dict[str, Any]) -> tuple[Any, ...]:
 
 async def stored_keys(database_url: str) -> list[tuple[Any, ...]]:
     """The same identity and content for every stored event, in chain order."""
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         rows = await conn.fetch(
             "SELECT block_number, log_index, block_hash, transaction_hash, contract,"
             " topic0, topic1, topic2, topic3, data FROM events ORDER BY block_number, log_index"
         )
-    finally:
-        await conn.close()
     return [
         (r["block_number"], r["log_index"], r["block_hash"], r["transaction_hash"], r["contract"],
          tuple(t for t in (r["topic0"], r["topic1"], r["topic2"], r["topic3"]) if t is not None),

@@ -8,7 +8,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
@@ -30,6 +29,7 @@ from tests.indexer.conftest import (
     wait_for_stream,
 )
 from tests.reference_events import REFERENCE_EVENTS
+from tests.support.database import connected
 from tests.support.indexer_process import IndexerProcess
 from tests.support.rpc_proxy import RpcFaultProxy
 from tests.support.tasks import background
@@ -142,8 +142,7 @@ async def test_markets_projection_follows_the_chain(
     await driver.uphold_a_dispute(disputed, resolved=1, upheld=2)
     with make_indexer() as indexer:
         await indexer.wait_cursor(await dev_chain.block_number())
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         rows = {r["address"]: r for r in await conn.fetch("SELECT * FROM markets")}
         admin_resolved = {
             r["market_address"]: int(r["outcome"])
@@ -152,8 +151,6 @@ async def test_markets_projection_follows_the_chain(
                 " WHERE event_name = 'AdminResolution' ORDER BY block_number, log_index"
             )
         }
-    finally:
-        await conn.close()
     assert set(rows) == set(driver.markets)
     assert admin_resolved, "cover_all_events resolves a market by admin"
     # The resolution manager named OUTCOME2, the market holds OUTCOME1.
@@ -194,11 +191,8 @@ async def test_markets_projection_follows_the_chain(
     reindex = make_indexer("reindex", "--from", str(await dev_chain.block_number()))
     reindex.start()
     assert await reindex.wait_exit(within=60) == 0, reindex.log_text()
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         again = {r["address"]: r for r in await conn.fetch("SELECT * FROM markets")}
-    finally:
-        await conn.close()
     assert again == rows
 
 
@@ -235,8 +229,7 @@ async def test_strings_text_cannot_carry_are_replaced_not_fatal(
     with make_indexer() as indexer:  # the market is known again from the database
         await indexer.wait_cursor(await dev_chain.block_number())
     await assert_database_equals_chain(database_url, dev_chain, deployment)
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         row = await conn.fetchrow("SELECT question, state FROM markets WHERE address = $1", market)
         stored = await conn.fetchval(
             "SELECT args->>'findings' FROM events WHERE event_name = 'DisputeInvestigated'"
@@ -246,8 +239,6 @@ async def test_strings_text_cannot_carry_are_replaced_not_fatal(
             market,
             await dev_chain.block_number(),
         )
-    finally:
-        await conn.close()
     assert row is not None
     assert (row["question"], row["state"]) == ("Will it \ufffd? \ufffd", "APPROVED")
     assert stored == "two\ufffdsources"

@@ -31,6 +31,7 @@ from tests.indexer.conftest import (
     wait_for_stream,
 )
 from tests.indexer.test_indexing import collect_pubsub
+from tests.support.database import connected
 from tests.support.indexer_process import IndexerProcess
 from tests.support.rpc_proxy import RpcFaultProxy
 from tests.support.tasks import background
@@ -190,13 +191,10 @@ async def test_a_pruned_market_keeps_its_row_through_a_rollback(
     await driver.cover_all_events()
     with make_indexer() as indexer:
         await indexer.wait_cursor(await dev_chain.block_number())
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         market = await conn.fetchval("SELECT address FROM markets ORDER BY created_block LIMIT 1")
         before = await conn.fetchrow("SELECT * FROM markets WHERE address = $1", market)
         await conn.execute("DELETE FROM events WHERE market_address = ANY($1)", [market])
-    finally:
-        await conn.close()
     rewards = dev_chain.contract("RewardDistributor")
     await dev_chain.send(
         sender=dev_chain.accounts[3],
@@ -208,16 +206,13 @@ async def test_a_pruned_market_keeps_its_row_through_a_rollback(
         await indexer.wait_cursor(claimed)
     code, log = await run_command(make_indexer, "reindex", "--from", str(claimed))
     assert code == 0, log
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         after = await conn.fetchrow("SELECT * FROM markets WHERE address = $1", market)
         claims = await conn.fetchval(
             "SELECT count(*) FROM events WHERE market_address = $1 AND block_number = $2",
             market,
             claimed,
         )
-    finally:
-        await conn.close()
     assert claims == 1  # the claim was rolled back and indexed again
     assert after is not None, "the rollback deleted the pruned market's row"
     was, now = dict(before), dict(after)
@@ -296,8 +291,7 @@ async def test_status_verify_backfill_and_reindex(
     code, output = await run_command(make_indexer, "verify", "--from", "0", "--to", before_start)
     assert (code, output.strip().splitlines()[-1].endswith(": OK")) == (0, True), output
 
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         victim = await conn.fetchrow(
             "DELETE FROM events WHERE event_name = 'BetPlaced'"
             " AND (block_number, log_index) = (SELECT block_number, log_index FROM events"
@@ -307,8 +301,6 @@ async def test_status_verify_backfill_and_reindex(
         await conn.execute(
             "UPDATE events SET data = '0x00' WHERE block_number = $1 AND log_index = 0", head
         )
-    finally:
-        await conn.close()
     code, output = await run_command(make_indexer, "verify", "--from", "0")
     assert code == 1
     assert f"block {victim['block_number']} log {victim['log_index']}: missing" in output
@@ -324,11 +316,8 @@ async def test_status_verify_backfill_and_reindex(
     code, output = await run_command(make_indexer, "verify", "--from", "0")
     assert code == 0, output
 
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         queued = await conn.fetchval("SELECT last_seq FROM indexer_state")
-    finally:
-        await conn.close()
     with make_indexer() as indexer:  # publishes what the commands queued
         await wait_for_stream(redis_client, stream_key, queued)
     entries = await stream_entries(redis_client, stream_key)
@@ -369,8 +358,7 @@ async def test_a_reindex_over_many_events_keeps_memory_bounded(
     with make_indexer() as indexer:
         await indexer.wait_cursor(head)
     first = head - 10
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         # Copies on both sides of `first`: the ones above are retracted, the ones below stay
         # and are folded again into the markets' rows.
         await copy_events(conn, EVENT_COPIES)
@@ -384,8 +372,6 @@ async def test_a_reindex_over_many_events_keeps_memory_bounded(
             first,
         )
         last_seq = await conn.fetchval("SELECT last_seq FROM indexer_state")
-    finally:
-        await conn.close()
     assert (retracted > 50_000, kept > 50_000) == (True, True)
 
     command = make_indexer("reindex", "--from", str(first))
@@ -395,8 +381,7 @@ async def test_a_reindex_over_many_events_keeps_memory_bounded(
     assert f"{removed} events removed" in command.log_text()
     assert 0 < command.peak_rss_kib < PEAK_RSS_LIMIT_KIB, command.peak_rss_kib
 
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         notices = await conn.fetchval(
             "SELECT count(*) FROM outbox WHERE seq > $1"
             " AND position('\"removed\":true' IN convert_from(payload, 'UTF8')) > 0",
@@ -407,8 +392,6 @@ async def test_a_reindex_over_many_events_keeps_memory_bounded(
             " ORDER BY block_number, log_index",
             first,
         )
-    finally:
-        await conn.close()
     assert notices == retracted
     chain = [
         (int(lg["blockNumber"], 16), int(lg["logIndex"], 16), lg["blockHash"])
@@ -432,15 +415,12 @@ async def test_a_verify_over_many_events_keeps_memory_bounded(
     head = await dev_chain.block_number()
     with make_indexer() as indexer:
         await indexer.wait_cursor(head)
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         extra = await copy_events(conn, EVENT_COPIES)
         first_extra = await conn.fetchrow(
             "SELECT block_number, log_index FROM events WHERE log_index >= 1000"
             " ORDER BY block_number, log_index LIMIT 1"
         )
-    finally:
-        await conn.close()
     assert extra > 100_000
 
     command = make_indexer("verify", "--from", "0")
@@ -472,11 +452,8 @@ async def test_confirmations_keep_the_indexer_that_far_behind_the_head(
         await indexer.wait_ready()
         _, health = await indexer.get("/healthz")
         assert health["cursor"] == head - 3
-        conn = await asyncpg.connect(database_url)
-        try:
+        async with connected(database_url) as conn:
             newest = await conn.fetchval("SELECT max(block_number) FROM events")
-        finally:
-            await conn.close()
         assert newest <= head - 3
         code, output = await run_command(make_indexer, "status", CONFIRMATIONS="3")
         assert code == 0, output
@@ -676,8 +653,7 @@ async def test_a_factory_dropped_from_the_configuration_is_no_longer_followed(
     with make_indexer(**v1_only) as indexer:
         await indexer.wait_cursor(head)
         assert "no longer in the configuration" in indexer.log_text()
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         v2 = {deployment.factory_v2} | {
             r["address"]
             for r in await conn.fetch(
@@ -692,8 +668,6 @@ async def test_a_factory_dropped_from_the_configuration_is_no_longer_followed(
         dropped_after = await conn.fetchval(
             "SELECT dropped_after FROM sources WHERE address = $1", deployment.factory_v2
         )
-    finally:
-        await conn.close()
     assert dropped_after == first_head  # recorded, so that verify knows it was followed
     chain_late = [
         lg
@@ -738,12 +712,9 @@ async def test_a_start_block_above_the_head_is_waited_for(
         await dev_chain.mine_empty(3)
         await ActivityDriver(dev_chain, deployment, seed=74, txs_per_block=3).run(blocks=3)
         await indexer.wait_cursor(await dev_chain.block_number())
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         first = await conn.fetchval("SELECT min(block_number) FROM events")
         count = await conn.fetchval("SELECT count(*) FROM events")
-    finally:
-        await conn.close()
     assert count > 0
     assert first >= start
 
@@ -773,14 +744,11 @@ async def test_unknown_logs_from_tracked_contracts_are_kept_raw(
             for line in indexer.log_text().splitlines()
             if "unknown log stored raw" in line
         ]
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         raw = await conn.fetch(
             "SELECT contract, topic0, args, seq FROM events WHERE event_name IS NULL"
         )
         known = await conn.fetchval("SELECT count(*) FROM events WHERE event_name IS NOT NULL")
-    finally:
-        await conn.close()
     swapped = {deployment.reward_distributor, deployment.resolution_manager}
     assert {r["contract"] for r in raw} == swapped
     assert all(r["args"] is None and r["seq"] is None for r in raw)
@@ -836,14 +804,11 @@ async def test_a_backfill_longer_than_the_lease_ttl_completes(
     head = await dev_chain.block_number()
     with make_indexer() as indexer:
         await indexer.wait_cursor(head)
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         deleted = await conn.fetchval(
             "WITH gone AS (DELETE FROM events WHERE event_name = 'BetPlaced' RETURNING 1)"
             " SELECT count(*) FROM gone"
         )
-    finally:
-        await conn.close()
     assert deleted > 0
     # Every RPC answer takes 0.3 s and getLogs spans 2 blocks: the whole range takes several
     # times the 2 s lease to fetch.
@@ -1071,16 +1036,13 @@ async def test_status_tells_an_expired_lease_and_a_dead_holder_from_a_held_one(
         assert indexer.proc is not None
         pid = indexer.proc.pid
     # kill -9 left the lease held; its term is set here rather than waited out.
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         await conn.execute("UPDATE indexer_lease SET expires_at = now() + interval '1 hour'")
         code, output = await run_command(make_indexer, "status")
         assert code == 0, output
         assert f"its process (pid {pid} on this host) is gone" in output
         await conn.execute("UPDATE indexer_lease SET expires_at = now() - interval '1 minute'")
         code, output = await run_command(make_indexer, "status")
-    finally:
-        await conn.close()
     assert code == 0, output
     assert "write lease: expired at " in output
     assert ", free to take" in output

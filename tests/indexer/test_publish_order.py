@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import asyncpg
 import redis.asyncio as aioredis
 
 from devnet.chain import Deployment, DevChain
@@ -23,6 +22,7 @@ from tests.indexer.conftest import (
     wait_for_stream,
 )
 from tests.indexer.test_operations import run_command
+from tests.support.database import connected
 from tests.support.indexer_process import IndexerProcess
 
 # Small enough that the first catch-up fetches deep ranges, not only tip ones.
@@ -104,13 +104,10 @@ async def test_a_backfill_publishes_the_markets_it_finds_in_chain_order(
         **WINDOW,
     )
     assert code == 0, output
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         rows = await conn.fetch(
             "SELECT block_number FROM events WHERE seq > $1 ORDER BY seq", before
         )
-    finally:
-        await conn.close()
     blocks = [row["block_number"] for row in rows]
     assert any(block > last for block in blocks), "the found markets' later events"
     assert blocks == sorted(blocks)

@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -28,6 +27,7 @@ from indexer.publisher import Publisher
 from indexer.schema import migrate
 from indexer.service import redis_client
 from tests.broadcaster.support import read_stream
+from tests.support.database import connected
 from tests.support.waiting import eventually
 
 _keys = itertools.count()
@@ -146,8 +146,7 @@ async def test_published_rows_are_pruned_in_chunks_down_to_outbox_keep(
 ) -> None:
     """Once published, the outbox shrinks to OUTBOX_KEEP rows, a bounded chunk per statement."""
     _, redis = publisher_parts
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         await conn.executemany(
             "INSERT INTO outbox (seq, event_id, channels, payload) VALUES ($1, $2, $3, $4)",
             [
@@ -155,8 +154,6 @@ async def test_published_rows_are_pruned_in_chunks_down_to_outbox_keep(
                 for seq in range(1, 26)
             ],
         )
-    finally:
-        await conn.close()
     deletes: list[int] = []
     original = outbox.prune_outbox
 
@@ -176,11 +173,8 @@ async def test_published_rows_are_pruned_in_chunks_down_to_outbox_keep(
 
 
 async def remaining(database_url: str, rows: int) -> bool:
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         seqs = [r["seq"] for r in await conn.fetch("SELECT seq FROM outbox ORDER BY seq")]
-    finally:
-        await conn.close()
     return seqs == list(range(26 - rows, 26))
 
 
@@ -219,21 +213,17 @@ def outbox_row(seq: int, origin: str = "outbox") -> OutboxRow:
 async def insert_outbox(database_url: str, rows: list[OutboxRow]) -> None:
     """Rows committed to the outbox, as the follower or a backfill would: the last seq
     assigned moves up with them."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        async with conn.transaction():
-            await conn.executemany(
-                "INSERT INTO outbox (seq, event_id, channels, payload) VALUES ($1, $2, $3, $4)",
-                [(r.seq, f"32323:0xtx:{r.seq}", r.channels, r.payload) for r in rows],
-            )
-            await conn.execute(
-                "INSERT INTO indexer_state (id, chain_id, block_number, block_hash, last_seq)"
-                " VALUES (1, 32323, 0, '0x', $1) ON CONFLICT (id)"
-                " DO UPDATE SET last_seq = greatest(indexer_state.last_seq, $1)",
-                max(r.seq for r in rows),
-            )
-    finally:
-        await conn.close()
+    async with connected(database_url) as conn, conn.transaction():
+        await conn.executemany(
+            "INSERT INTO outbox (seq, event_id, channels, payload) VALUES ($1, $2, $3, $4)",
+            [(r.seq, f"32323:0xtx:{r.seq}", r.channels, r.payload) for r in rows],
+        )
+        await conn.execute(
+            "INSERT INTO indexer_state (id, chain_id, block_number, block_hash, last_seq)"
+            " VALUES (1, 32323, 0, '0x', $1) ON CONFLICT (id)"
+            " DO UPDATE SET last_seq = greatest(indexer_state.last_seq, $1)",
+            max(r.seq for r in rows),
+        )
 
 
 async def published(redis: aioredis.Redis, key: str, count: int) -> list[bytes]:
@@ -432,11 +422,8 @@ async def test_a_hole_found_while_idle_is_reported_once(
             await published(redis, key, 5)
 
             async def pruned() -> bool:
-                conn = await asyncpg.connect(database_url)
-                try:
+                async with connected(database_url) as conn:
                     return bool(await conn.fetchval("SELECT count(*) FROM outbox") == 0)
-                finally:
-                    await conn.close()
 
             await eventually(pruned, within=10, what="the outbox pruned")
             await redis.delete(key)
@@ -466,11 +453,8 @@ async def test_entries_lost_beyond_the_outbox_leave_a_hole_and_publishing_goes_o
     _, redis = publisher_parts
     key = unique_key("lost-for-good")
     async with ten_published(publisher_parts, database_url, key) as publisher:
-        conn = await asyncpg.connect(database_url)
-        try:
+        async with connected(database_url) as conn:
             await conn.execute("DELETE FROM outbox WHERE seq <= 8")  # pruned meanwhile
-        finally:
-            await conn.close()
         await _stream_cut_back_to(redis, key, 5)
         await insert_outbox(database_url, [outbox_row(seq) for seq in (11, 12)])
         publisher.wake()
@@ -560,12 +544,9 @@ async def published_elsewhere(
     for row in rows:
         fields = {"seq": str(row.seq), "channels": row.channels, "event": row.payload}
         await redis.xadd(key, fields, id=f"{row.seq}-0")  # type: ignore[arg-type]
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         await conn.execute("UPDATE publisher_state SET published_seq = $1", seqs[-1])
         await conn.execute("DELETE FROM outbox WHERE seq <= $1", seqs[-1])
-    finally:
-        await conn.close()
 
 
 async def test_a_restarted_publisher_reports_the_recorded_position_before_publishing(

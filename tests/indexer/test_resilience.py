@@ -7,7 +7,6 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from eth_utils.crypto import keccak
@@ -36,6 +35,7 @@ from tests.indexer.conftest import (
 )
 from tests.indexer.test_indexing import STOP_BOUND
 from tests.indexer.test_operations import INDEXER, run_command
+from tests.support.database import connected
 from tests.support.indexer_process import IndexerProcess
 from tests.support.rpc_proxy import RpcFaultProxy
 from tests.support.tasks import background
@@ -188,11 +188,8 @@ async def test_reorgs_within_the_window_follow_the_canonical_chain(
 
 
 async def stored_markets(database_url: str) -> set[str]:
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         return {row["address"] for row in await conn.fetch("SELECT address FROM markets")}
-    finally:
-        await conn.close()
 
 
 async def test_a_reorg_retracting_a_market_creation_forgets_the_market(
@@ -369,11 +366,8 @@ async def factory_event_block(chain: DevChain, deployment: Deployment) -> None:
 
 
 async def cursor_exists(database_url: str) -> bool:
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         return bool(await conn.fetchval("SELECT count(*) FROM indexer_state"))
-    finally:
-        await conn.close()
 
 
 async def test_a_reorg_replacing_the_block_before_start_block_is_followed(

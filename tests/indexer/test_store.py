@@ -33,6 +33,7 @@ from indexer.schema import latest_schema_version, migrate, schema_version
 from indexer.service import acquire_lease, lease_owner
 from tests.broadcaster.support import read_stream
 from tests.indexer.test_publisher import held_lease
+from tests.support.database import connected
 from tests.support.tasks import background
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -280,30 +281,27 @@ async def test_a_connection_the_server_ends_mid_statement_is_reported_with_its_r
     """Postgres ending a connection in the middle of a batch (a restart, a failover, an
     operator) is a lost link, reported with the server's reason: not with what dropping the
     dead connection raised, which reads like a bug of ours."""
-    admin = await asyncpg.connect(database_url)
-    try:
-        async with Database.open(
-            database_url, statement_cache_size=0, max_size=2, command_timeout=30
-        ) as db:
-            backend: list[int] = []
+    async with (
+        connected(database_url) as admin,
+        Database.open(database_url, statement_cache_size=0, max_size=2, command_timeout=30) as db,
+    ):
+        backend: list[int] = []
 
-            async def batch() -> None:
-                async with db.transaction() as conn:
-                    backend.append(await conn.fetchval("SELECT pg_backend_pid()"))
-                    await conn.execute("SELECT pg_sleep(30)")
+        async def batch() -> None:
+            async with db.transaction() as conn:
+                backend.append(await conn.fetchval("SELECT pg_backend_pid()"))
+                await conn.execute("SELECT pg_sleep(30)")
 
-            task = asyncio.create_task(batch())
+        task = asyncio.create_task(batch())
 
-            async def sleeping() -> bool:
-                query = "SELECT query FROM pg_stat_activity WHERE pid = $1"
-                return bool(backend) and "pg_sleep" in str(await admin.fetchval(query, backend[0]))
+        async def sleeping() -> bool:
+            query = "SELECT query FROM pg_stat_activity WHERE pid = $1"
+            return bool(backend) and "pg_sleep" in str(await admin.fetchval(query, backend[0]))
 
-            await eventually(sleeping, within=10, what="the statement in flight")
-            assert await admin.fetchval("SELECT pg_terminate_backend($1)", backend[0])
-            with pytest.raises(DatabaseUnavailable) as failure:
-                await task
-    finally:
-        await admin.close()
+        await eventually(sleeping, within=10, what="the statement in flight")
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", backend[0])
+        with pytest.raises(DatabaseUnavailable) as failure:
+            await task
     assert "administrator command" in str(failure.value)
 
 
@@ -325,8 +323,7 @@ async def test_a_writer_that_lost_the_lease_to_a_committing_leader_gets_lease_lo
     the indexer reports as a bug with a traceback)."""
     async with Database.open(database_url, command_timeout=10) as db:
         stale = await lease_at_block_zero(db)
-        successor = await asyncpg.connect(database_url)
-        try:
+        async with connected(database_url) as successor:
             if taken == "before":
                 await take_over(successor)
             commit = successor.transaction()
@@ -357,5 +354,3 @@ async def test_a_writer_that_lost_the_lease_to_a_committing_leader_gets_lease_lo
                 await commit.commit()
                 with pytest.raises(LeaseLost):
                     await saving
-        finally:
-            await successor.close()

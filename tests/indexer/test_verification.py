@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import asyncpg
 
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
 from tests.indexer.test_operations import run_command
+from tests.support.database import connected
 from tests.support.indexer_process import IndexerProcess
 
 PHANTOM = "0x000000000000000000000000000000000000dead"  # a contract nothing announced
-
-
-@asynccontextmanager
-async def connected(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def index_chain(

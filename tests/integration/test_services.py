@@ -8,7 +8,6 @@ import socket
 import urllib.request
 from pathlib import Path
 
-import asyncpg
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -17,16 +16,14 @@ from devnet.anvil_node import Anvil
 from devnet.postgres_server import Postgres
 from devnet.process import UNPRIVILEGED_USER, ServiceError, free_port
 from devnet.redis_server import Redis
+from tests.support.database import connected
 
 
 async def test_postgres_runs_unprivileged_and_accepts_connections(postgres: Postgres) -> None:
     """The cluster answers on 127.0.0.1 and its server process is not root."""
-    conn = await asyncpg.connect(postgres.url)
-    try:
+    async with connected(postgres.url) as conn:
         assert await conn.fetchval("SELECT 1") == 1
         assert await conn.fetchval("SHOW listen_addresses") == "127.0.0.1"
-    finally:
-        await conn.close()
     assert postgres.pid is not None
     assert os.stat(f"/proc/{postgres.pid}").st_uid != 0
 
@@ -49,13 +46,10 @@ def test_postgres_runs_with_its_users_group(postgres: Postgres) -> None:
 
 async def test_fresh_databases_are_isolated(database_url: str, postgres: Postgres) -> None:
     """Each test gets its own empty database."""
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         tables = await conn.fetchval(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
         )
-    finally:
-        await conn.close()
     assert tables == 0
     assert database_url != postgres.url
 
