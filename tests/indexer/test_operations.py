@@ -618,13 +618,10 @@ async def test_a_contract_configured_in_another_role_than_indexed_in_is_said_wit
     with make_indexer() as indexer:
         await indexer.wait_cursor(head)
         assert "configured in another role" not in indexer.log_text()
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as conn:
         kind = await conn.fetchval(
             "SELECT kind FROM sources WHERE address = $1", deployment.factory_v2
         )
-    finally:
-        await conn.close()
     assert kind == "factory"
 
 
