@@ -148,13 +148,20 @@ async def _lease_said(db: Database) -> str:
 async def _writer(
     settings: IndexerSettings, *, rewind_to: int | None = None
 ) -> AsyncIterator[Follower | None]:
-    """A follower holding the write lease, or None (said why) if a running indexer holds it
-    or the cursor could not be confirmed canonical after a reorg at start-up.
+    """A follower holding the write lease, or None (said why) if nothing is indexed yet, a
+    running indexer holds the lease, or the cursor could not be confirmed canonical after a
+    reorg at start-up.
 
     `rewind_to`: the block a reindex rolls back to (see Follower.prepare).
     """
     async with _connections(settings) as (db, rpc):
         await schema.migrate(db)
+        if await load_state(db) is None:
+            # The cursor is `run`'s to create: here it would wait for a START_BLOCK beyond
+            # the head, and a backfill or reindex of nothing indexed has nothing to do.
+            _say(settings, "nothing indexed yet: `run` indexes from START_BLOCK")
+            yield None
+            return
         lease = await acquire_lease(db, owner=lease_owner(), ttl=settings.lease_ttl, wait=False)
         if lease is None:
             holder = await lease_holder(db)
