@@ -19,9 +19,13 @@ is written at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import struct
 import traceback
 from collections.abc import Callable, Coroutine
+from termios import TIOCOUTQ
 from typing import Any, cast
 
 import structlog
@@ -46,6 +50,7 @@ CLOSE_TIMEOUT = 2.0  # for the closing handshake, then the socket is aborted
 # handled (the rate out of reach), 2-4 ms while the machine was busy; 4 KiB took twice that.
 READ_SLICE = 2048
 WS_LOGGER = logging.getLogger("websockets.server")
+OUTQ_BYTES = bytes(4)  # the int TIOCOUTQ (SIOCOUTQ on a socket) answers into
 
 
 class Connection(asyncio.Protocol):
@@ -108,6 +113,16 @@ class Connection(asyncio.Protocol):
     def backed_up(self) -> bool:
         """Whether more than Options.max_buffered waits in the socket buffer for the client."""
         return self.transport.get_write_buffer_size() > self._options.max_buffered
+
+    def unsent(self) -> int:
+        """Bytes written but not yet taken by the client: the transport's buffer and the
+        socket's send queue (unacknowledged on TCP, unread on a Unix socket)."""
+        queued = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):  # closed meanwhile
+                queued += struct.unpack("i", fcntl.ioctl(sock.fileno(), TIOCOUTQ, OUTQ_BYTES))[0]
+        return queued
 
     def server_close_code(self) -> int | None:
         """The code of the close frame the server sent, unless it answered the client's."""

@@ -1,10 +1,11 @@
 """A connection's heartbeat: a ping every ping_interval, answered within ping_timeout or the
-connection fails (1011)."""
+connection fails (1011), unless the ping may still wait behind what was sent before it."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from typing import Protocol
 
 from websockets.frames import CloseCode
@@ -23,6 +24,7 @@ class Pinged(Protocol):
 
     def flush(self) -> None: ...
     def fail(self, code: int, reason: str) -> None: ...
+    def unsent(self) -> int: ...
 
 
 class Heartbeat:
@@ -33,7 +35,7 @@ class Heartbeat:
     reference counting when it ends (see Connection.connection_lost).
     """
 
-    __slots__ = ("_inbox", "_interval", "_loop", "_payload", "_timeout", "_timer")
+    __slots__ = ("_inbox", "_interval", "_loop", "_payload", "_timeout", "_timer", "_unsent")
 
     def __init__(
         self,
@@ -49,6 +51,7 @@ class Heartbeat:
         self._inbox = inbox  # whether the answer may be among what is not read yet
         self._payload: bytes | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._unsent = 0  # bytes not taken by the client when last looked at, the ping's too
 
     def start(self, connection: Pinged) -> None:
         """Ping ping_interval from now (once open, and after each answer)."""
@@ -78,6 +81,7 @@ class Heartbeat:
         self._payload = os.urandom(4)
         connection.protocol.send_ping(self._payload)
         connection.flush()
+        self._unsent = connection.unsent()
         timeout = self._timeout
         if timeout is None:
             self.start(connection)
@@ -91,9 +95,21 @@ class Heartbeat:
         self._timer = None
         if connection.protocol.state is not OPEN:
             return
-        if self._inbox.held:
-            # Its answer may be among what is not read yet, while a resume runs (bounded by
-            # the resume's own limits): not the client's fault, so wait for it again.
+        unsent = connection.unsent()
+        inbox = self._inbox
+        if inbox.held or inbox.working:
+            # Not the client's fault, so wait for the answer again: it may be among what is
+            # not read yet while a resume runs, or the ping may wait behind the replay (bounded
+            # by the resume's own limits), which also writes as the client reads: what is
+            # unsent then says nothing of its progress. The first look after it waits again.
+            self._unsent = sys.maxsize
+            self._await_pong(connection, timeout)
+            return
+        if unsent < self._unsent:
+            # The ping may still wait behind a backlog the client is reading down (less is
+            # unsent than at the last look): waited for again. A client that reads nothing
+            # takes nothing, and is failed.
+            self._unsent = unsent
             self._await_pong(connection, timeout)
             return
         connection.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")

@@ -65,6 +65,11 @@ class Inbox:
         """Whether reading is paused: the connection parses nothing, and keeps what it read."""
         return self._held
 
+    @property
+    def working(self) -> bool:
+        """Whether a message's waiting part runs (a resume), other messages waiting behind it."""
+        return self._task is not None
+
     def keep(self, unread: bytes) -> None:
         """Keep what was read during the hold, to be parsed when it ends (`release`)."""
         self._unread += unread

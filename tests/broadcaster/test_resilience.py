@@ -297,6 +297,50 @@ async def test_a_resume_holding_messages_back_does_not_fail_the_heartbeat(
     assert (events, acks) == (producer.seq, 21)
 
 
+async def test_a_client_reading_a_replay_steadily_is_not_failed_by_the_heartbeat(
+    start: Start, producer: EventProducer
+) -> None:
+    """The server's ping waits behind what it queued before it, a replay of megabytes here:
+    a client that reads steadily (~300 KB/s, every ping answered at once) but needs longer
+    than WS_HEARTBEAT_TIMEOUT to reach the ping must not be failed (1011) for it, neither
+    while the replay is written nor while the client reads down what it left. (Scaled down:
+    pings every 0.5 s, 1 s to answer; with the defaults, 30 s and 20 s, a reader slower than
+    ~75 KB/s was failed in a replay of a few MB.)"""
+    await producer.publish(count=2000, pad=1000)  # 5.9 MB, more than the socket buffers hold
+    async with start(ws_heartbeat_interval=0.5, ws_heartbeat_timeout=1.0) as server:
+        await server.wait_health(seq=producer.seq)
+        client = await RawClient.open(server.settings.ws_port, rcvbuf=16384)
+        events = taken = pings = 0
+        acked = False
+        began = time.monotonic()
+        try:
+            await client.read_frame()  # connected
+            client.send_frame(
+                0x1, orjson.dumps({"type": "subscribe", "channel": "events:*", "since": 0})
+            )
+            async with asyncio.timeout(60):
+                while True:
+                    opcode, payload = await client.read_frame()
+                    taken += len(payload)
+                    if opcode == 0x9:
+                        pings += 1
+                        client.send_frame(0xA, payload)
+                    elif opcode == 0x8:
+                        pytest.fail(f"closed: {payload[:2].hex()} {payload[2:]!r}, {events} read")
+                    elif opcode == 0x1:
+                        message = orjson.loads(payload)
+                        acked = acked or message["type"] == "subscribed"
+                        events += message["type"] == "event"
+                    if acked and pings:  # a ping after the ack too: the heartbeat goes on
+                        break
+                    ahead = taken / 300_000 - (time.monotonic() - began)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+        finally:
+            client.close()
+    assert events == producer.seq
+
+
 async def test_unresponsive_client_is_closed_by_the_heartbeat(start: Start) -> None:
     """A client that never answers pings is closed (1011); a live one stays connected."""
     async with start(ws_heartbeat_interval=0.2, ws_heartbeat_timeout=0.2) as server:
