@@ -182,8 +182,17 @@ elif ! python3 -c 'import ensurepip' 2>/dev/null; then
     # scripts/install.sh runs as the app user, who cannot apt-get.
     packages+=(python3-venv)
 fi
-# NodeSource's nodejs bundles npm (and conflicts with Ubuntu's npm package).
-if [ "$NODESOURCE" -eq 0 ] && [ ! -f /etc/apt/sources.list.d/nodesource.list ]; then
+# NodeSource's nodejs bundles npm and conflicts with Ubuntu's npm package, whatever its
+# repository file is called (nodesource.list, nodesource.sources, a tool's own name): npm is
+# asked for only when neither the installed nodejs nor the one apt would install brings it.
+nodejs_provides_npm() {
+    if installed nodejs; then
+        dpkg-query -W -f='${Provides}\n' nodejs
+    else
+        apt-cache show --no-all-versions nodejs 2>/dev/null | sed -n 's/^Provides: //p'
+    fi | tr ',' ' ' | grep -qw npm
+}
+if [ "$NODESOURCE" -eq 0 ] && ! command -v npm >/dev/null 2>&1 && ! nodejs_provides_npm; then
     packages+=(npm)
 fi
 missing=()

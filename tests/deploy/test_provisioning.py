@@ -135,6 +135,35 @@ def test_provision_dry_run_prints_the_plan_and_changes_nothing() -> None:
     assert {path: os.path.lexists(path) for path in PROVISIONED} == before
 
 
+def nodejs_bundles_npm() -> bool:
+    """Whether the installed nodejs package provides npm itself (NodeSource's does)."""
+    result = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Provides}", "nodejs"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return result.returncode == 0 and "npm" in result.stdout.replace(",", " ").split()
+
+
+def test_provision_asks_apt_for_npm_only_when_no_nodejs_brings_it() -> None:
+    """NodeSource's nodejs bundles npm and conflicts with the distribution's npm package,
+    whatever its repository file is called: asking apt for npm beside it failed the first
+    step, at every run. Only a host with no npm gets the package."""
+    result = run(
+        unprivileged(["bash", "deploy/provision.sh", "--dry-run", "--email", "ops@example.com"]),
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    installs = [
+        line.split()
+        for line in result.stdout.splitlines()
+        if "apt-get install" in line and "would run:" in line
+    ]
+    asked = any("npm" in words for words in installs)
+    assert asked == (shutil.which("npm") is None and not nodejs_bundles_npm()), installs
+
+
 def test_provision_dry_run_substitutes_the_domain() -> None:
     """--domain replaces ws.kektech.xyz in the certificate request and the Nginx config."""
     result = run(
