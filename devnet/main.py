@@ -9,7 +9,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
 
 from devnet.chain import Deployment, DevChain, deploy
 from devnet.driver import ActivityDriver
@@ -17,6 +21,7 @@ from devnet.process import ServiceError, die_with_parent, free_port, interrupt_o
 from devnet.services import LocalServices, local_services
 
 STOP_GRACE = 10.0
+WATCH_INTERVAL = 0.5  # seconds between looks at whether the services still run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,17 +52,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def start_service(module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_service(module: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
     """Start `python -m <module>` with the local services' settings; it logs to our stderr.
 
-    It gets SIGTERM (a clean stop) if we die without stopping it, e.g. by SIGKILL.
+    `cwd`: an empty directory. The services read `.env` from their working directory, and
+    one where the demo is started (the checkout's, written for a server) would move them off
+    the settings the demo announces. It gets SIGTERM (a clean stop) if we die without
+    stopping it, e.g. by SIGKILL.
     """
     return subprocess.Popen(
         [sys.executable, "-m", module],
+        cwd=cwd,
         env={**os.environ, **env},
         stdin=subprocess.DEVNULL,
         preexec_fn=die_with_parent,
     )
+
+
+async def watch(processes: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Return never; raise ServiceError once one of the services has ended."""
+    while True:
+        for name, process in processes.items():
+            code = process.poll()
+            if code is not None:
+                raise ServiceError(f"the {name} exited with code {code} (its log is above)")
+        await asyncio.sleep(WATCH_INTERVAL)
+
+
+async def first_of(*work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` together until the first one ends (its error raised); cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        task.result()
 
 
 def stop_services(processes: list[subprocess.Popen[bytes]]) -> None:
@@ -101,11 +133,14 @@ async def simulate(services: LocalServices, args: argparse.Namespace) -> None:
             f"  broadcaster health and metrics: http://127.0.0.1:{env['BROADCASTER_HTTP_PORT']}/healthz",
             file=sys.stderr,
         )
-        processes = [start_service("indexer", env), start_service("broadcaster", env)]
-        try:
-            await drive(chain, deployment, args)
-        finally:
-            stop_services(processes)
+        with tempfile.TemporaryDirectory(prefix="kektech-devnet-") as workdir:
+            processes = {
+                name: start_service(name, env, Path(workdir)) for name in ("indexer", "broadcaster")
+            }
+            try:
+                await first_of(drive(chain, deployment, args), watch(processes))
+            finally:
+                stop_services(list(processes.values()))
 
 
 async def drive(chain: DevChain, deployment: Deployment, args: argparse.Namespace) -> None:

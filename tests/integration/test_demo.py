@@ -120,7 +120,8 @@ async def start_whole_demo(
     commands = " ".join(running(children).values())
     for name in ("postgres", "redis-server", "anvil", "-m indexer", "-m broadcaster"):
         assert name in commands, commands
-    assert len(entries(services_tmpdir)) == 3  # Postgres, Redis, anvil
+    # Postgres, Redis, anvil, and the services' working directory (no .env there).
+    assert len(entries(services_tmpdir)) == 4
     return demo, children
 
 
@@ -175,3 +176,42 @@ async def test_a_killed_demo_takes_its_processes_with_it(
         assert await wait_ended(children, within=10) == {}
     finally:
         kill_all(children)
+
+
+@pytest.mark.timeout(180)
+async def test_the_demo_runs_its_services_on_its_own_settings_not_a_checkout_env(
+    tmp_path: Path,
+) -> None:
+    """A .env where the demo is started (the checkout's, made for a server) is not read by
+    its services: a setting there (another WS_PATH) would move them off what the demo
+    announces, and a typo there would stop them."""
+    (tmp_path / ".env").write_text("WS_PATH=/elsewhere\nCONFIRMATION=2\n")
+    ws_port = free_port()
+    demo = await start_demo(tmp_path, ws_port)
+    try:
+        await eventually(lambda: port_open(ws_port), within=120, what="the demo's WebSocket port")
+        async with connect(f"ws://127.0.0.1:{ws_port}/ws") as ws:
+            assert orjson.loads(await ws.recv())["type"] == "connected"
+    finally:
+        code = await stopped(demo, signal.SIGINT, within=30)
+    output = (tmp_path / "demo.log").read_text(errors="replace")
+    assert code == 0, output[-3000:]
+
+
+@pytest.mark.timeout(180)
+async def test_the_demo_stops_when_one_of_its_services_ends(tmp_path: Path) -> None:
+    """A service that ends (here the indexer, refusing a setting of the environment) stops
+    the demo with its name and exit code, exit 1, rather than leave it generating blocks
+    for a system that no longer runs."""
+    ws_port = free_port()
+    demo = await start_demo(tmp_path, ws_port, {"CONFIRMATIONS": "-1"})
+    try:
+        async with asyncio.timeout(120):
+            code = await demo.wait()
+    finally:
+        if demo.returncode is None:
+            demo.kill()
+            await demo.wait()
+    output = (tmp_path / "demo.log").read_text(errors="replace")
+    assert code == 1, output[-3000:]
+    assert "devnet: the indexer exited with code 2" in output, output[-3000:]
