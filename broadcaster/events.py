@@ -82,13 +82,23 @@ def parse_entry(entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> Event:
 
 
 def _channels(where: str, raw: bytes | None, envelope: EventEnvelope) -> tuple[str, ...]:
-    """The entry's channels, validated; derived from the envelope when the field is absent."""
+    """The envelope's channels (docs/protocol.md); the entry's field, when present, must name
+    the same: relayed as given, another market's channel got the event."""
+    derived = _derived_channels(envelope.type, envelope.contract_kind, envelope.market_address)
     if raw is None or not raw.strip():
-        return channels_for(envelope.type, envelope.contract_kind, envelope.market_address)
+        return derived
     try:
-        return _valid_channels(bytes(raw))
+        given = _valid_channels(bytes(raw))
     except ChannelError as exc:
         raise InvalidEntry(where, str(exc)) from None
+    if given != derived and set(given) != set(derived):
+        raise InvalidEntry(
+            where, f"channels field {' '.join(given)!r} is not the envelope's {' '.join(derived)!r}"
+        )
+    return derived
+
+
+_derived_channels = functools.lru_cache(maxsize=65_536)(channels_for)
 
 
 # Cached: events of a market repeat the same few field values, so validating each distinct one

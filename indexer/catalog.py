@@ -79,9 +79,6 @@ DECLARATIONS: dict[ContractKind, tuple[str, ...]] = {
     ),
 }
 
-# Argument that names the market an event concerns, for events not emitted by the market.
-MARKET_ARGUMENTS = ("marketAddress", "market")
-
 
 @dataclass(frozen=True, slots=True)
 class Param:

@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from indexer.catalog import MARKET_ARGUMENTS, ContractKind, EventSpec, catalog
+from indexer.catalog import ContractKind, EventSpec, catalog
+from shared.envelope import concerned_market
 
 JsonValue = str | bool | None
 
@@ -250,8 +251,5 @@ def decode_log(
     if spec is None:
         return None
     args = decode_args(spec, topics, data)
-    if kind is ContractKind.MARKET:
-        market: str | None = address
-    else:
-        market = next((str(args[n]) for n in MARKET_ARGUMENTS if n in args), None)
-    return Decoded(spec, args, market)  # positional: keywords cost more, for every event
+    # Positional: keywords cost more, for every event.
+    return Decoded(spec, args, concerned_market(kind, address, args))

@@ -68,6 +68,8 @@ def envelope(
         args |= {"bettor": BETTOR, "outcome": "1", "outcomeName": "OUTCOME1", "amount": "1000"}
     if name == "MarketCreated":
         args |= {"marketAddress": market, "question": f"Will test {seq} pass?"}
+    elif kind != "market" and market is not None:
+        args["market"] = market  # the argument naming the market, as MarketApproved's
     if pad:
         args["memo"] = "x" * pad
     return EventEnvelope(

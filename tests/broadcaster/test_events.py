@@ -60,7 +60,7 @@ def _with(seq: int, **changes: object) -> bytes:
 def test_a_question_naming_nan_or_infinity_is_valid() -> None:
     """Only the bare JSON tokens are refused, not the words inside a string."""
     question = {"question": "NaN or Infinity?", "category": "x"}
-    event = parse_entry(b"3-0", fields(3, event=_with(3, data=question)))
+    event = parse_entry(b"3-0", fields(3, event=_with(3, args=question, data=question)))
     assert orjson.loads(event.envelope)["data"] == question
 
 
@@ -82,11 +82,21 @@ def test_a_question_naming_nan_or_infinity_is_valid() -> None:
         (b"3-0", fields(3, event=_with(3, timestamp="2024-01-01T24:00:00Z"))),
         (b"3-0", fields(3, event=envelope(3).to_json_bytes()[:-1] + b',"extra":NaN}')),
         (b"3-0", fields(3, event=envelope(3).to_json_bytes()[:-1] + b',"x":-Infinity}')),
+        # Channels, data and marketAddress other than the envelope's own: relayed, they
+        # reached the subscribers of another market's channel, or other content than args.
+        (b"3-0", fields(3, channels=b"events:market_created")),
+        (b"3-0", fields(3, channels=b"events:bet_placed")),
+        (b"3-0", fields(3, channels=b"events:bet_placed market:0x" + b"12" * 20)),
+        (b"3-0", fields(3, event=_with(3, data={"amount": "1"}))),
+        (b"3-0", fields(3, event=_with(3, marketAddress=None))),
+        (b"3-0", fields(3, event=_with(3, marketAddress="0x" + "12" * 20))),
+        (b"3-0", fields(3, event=_with(3, marketAddress="0x" + "12" * 20), channels=b"")),
     ],
 )
 def test_invalid_entries(entry_id: bytes, entry: dict[bytes, bytes]) -> None:
     """Bad IDs, mismatched seqs, invalid envelopes (impossible dates, JSON that browsers
-    cannot parse: NaN, Infinity) and bad channels are refused."""
+    cannot parse: NaN, Infinity, a market or data other than the event's), bad channels and
+    channels other than the envelope's are refused."""
     with pytest.raises(InvalidEntry):
         parse_entry(entry_id, entry)
 

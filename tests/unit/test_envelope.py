@@ -37,7 +37,12 @@ WIRE_KEYS = [
 
 def wire(**changes: Any) -> dict[str, Any]:
     """Return a valid envelope as the JSON object the indexer sends, with changes applied."""
-    args = {"question": "Will it rain?", "amount": "1000000000000000000000", "outcome": "1"}
+    args = {
+        "marketAddress": MARKET,
+        "question": "Will it rain?",
+        "amount": "1000000000000000000000",
+        "outcome": "1",
+    }
     envelope = {
         "type": "MarketCreated",
         "eventType": "MarketCreated",
@@ -230,8 +235,40 @@ def test_unknown_keys_are_ignored() -> None:
     assert "newField" not in orjson.loads(envelope.to_json_bytes())
 
 
+def test_data_must_equal_args() -> None:
+    """`data` is `args` again (the deployed frontend reads `data`): another content would
+    give browsers what the documented `args` do not say."""
+    with pytest.raises(EnvelopeError, match="data must equal args"):
+        EventEnvelope.from_json_bytes(encode(wire(data={"question": "Something else?"})))
+
+
+@pytest.mark.parametrize(
+    ("changes", "valid"),
+    [
+        ({}, True),  # a factory's event: its marketAddress argument
+        ({"marketAddress": "0x" + "34" * 20}, False),
+        ({"marketAddress": None}, False),
+        ({"contractKind": "market", "contract": MARKET}, True),  # a market's: the emitter
+        ({"contractKind": "market", "contract": "0x" + "34" * 20}, False),
+        ({"type": "FactoryPaused", "args": {}, "data": {}, "marketAddress": None}, True),
+        ({"type": "FactoryPaused", "args": {}, "data": {}}, False),
+    ],
+)
+def test_market_address_is_the_market_the_event_concerns(
+    changes: dict[str, Any], valid: bool
+) -> None:
+    """The market channel follows marketAddress, so it must be the event's own market: the
+    emitter for a market's events, else its marketAddress or market argument, else null."""
+    raw = encode(wire(**changes))
+    if valid:
+        EventEnvelope.from_json_bytes(raw)
+    else:
+        with pytest.raises(EnvelopeError, match="marketAddress must be"):
+            EventEnvelope.from_json_bytes(raw)
+
+
 def test_args_allow_json_safe_nesting() -> None:
     """args may nest strings, booleans, nulls, lists and objects."""
-    args = {"ids": ["1", "2"], "flags": {"ok": True, "note": None}}
+    args = {"marketAddress": MARKET, "ids": ["1", "2"], "flags": {"ok": True, "note": None}}
     envelope = EventEnvelope.model_validate(wire(args=args, data=args))
     assert orjson.loads(envelope.to_json_bytes())["args"] == args
