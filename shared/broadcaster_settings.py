@@ -36,7 +36,13 @@ class BroadcasterSettings(ServiceSettings):
     ws_port: Port = Field(default=3180, description="WebSocket listen port.")
     ws_path: str = Field(default="/ws", description="HTTP path that upgrades to WebSocket.")
     ws_max_connections_per_ip: int = Field(
-        default=50, ge=1, description="Per client IP (IPv4 address, or IPv6 /64)."
+        default=200,
+        ge=1,
+        description=(
+            "Per client IP (IPv4 address, or IPv6 /64). Shared by everyone behind one address"
+            " (a NAT, a carrier's), and counting connections the deployed frontend leaves open"
+            " (docs/broadcaster.md)."
+        ),
     )
     ws_max_connections: int = Field(
         default=20_000,

@@ -52,7 +52,7 @@ from tests.support.nginx import (
 
 GIXY = Path(sys.executable).parent / "gixy"
 PROXY_READ_TIMEOUT = 60.0  # nginx.conf, location = /ws
-CONNECTIONS_PER_IP = 50  # nginx.conf, limit_conn ws_conn
+CONNECTIONS_PER_IP = 200  # nginx.conf, limit_conn ws_conn
 HANDSHAKE_INTERVAL = 0.12  # slower than limit_req's 10 r/s
 STORM = 1_000  # connections at once: more than 511, fewer than a usual somaxconn (4,096)
 # nginx.conf closes a connection that has not sent a whole request head after 10 s

@@ -88,7 +88,7 @@ def test_broadcaster_defaults() -> None:
     """With nothing set, the broadcaster gets the documented defaults."""
     settings = load_settings(BroadcasterSettings)
     assert (settings.ws_host, settings.ws_port, settings.ws_path) == ("127.0.0.1", 3180, "/ws")
-    assert settings.ws_max_connections_per_ip == 50
+    assert settings.ws_max_connections_per_ip == 200
     assert settings.ws_max_subscriptions == 100
     assert settings.ws_allowed_origins == ()
     assert settings.ws_max_message_bytes == 16_384
