@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TextIO
 
+from redis.exceptions import RedisError, ResponseError
+
 from indexer import queries, schema
 from indexer.cursor import load_state
 from indexer.database import Database
@@ -22,8 +24,10 @@ from indexer.follower import Follower
 from indexer.lease import LeaseTerm, lease_holder, release_lease
 from indexer.metrics import Metrics
 from indexer.outbox import last_seq, published_seq
+from indexer.publisher import seq_of_entry_id
 from indexer.rpc import RpcClient
 from indexer.service import (
+    REDIS_TIMEOUT,
     acquire_lease,
     build_follower,
     dead_local_pid,
@@ -31,6 +35,7 @@ from indexer.service import (
     lease_owner,
     log_range_sizer,
     open_database,
+    redis_client,
     rpc_client,
     sources,
 )
@@ -119,6 +124,7 @@ async def status(settings: IndexerSettings) -> int:
             settings,
             f"publishing: seq {published} of {last} in Redis, backlog {max(0, last - published)}",
         )
+        _say(settings, await _stream_said(settings))
         counts = await queries.counts(db)
         _say(
             settings,
@@ -127,6 +133,25 @@ async def status(settings: IndexerSettings) -> int:
         )
         _say(settings, "write lease: " + await _lease_said(db))
     return 0
+
+
+async def _stream_said(settings: IndexerSettings) -> str:
+    """Where the Redis Stream ends, as `status` says it: the database records what was
+    published, not whether Redis still holds it or answers now."""
+    key = settings.redis_stream_key
+    try:
+        async with (
+            redis_client(settings.redis_url.get_secret_value()) as redis,
+            asyncio.timeout(REDIS_TIMEOUT),
+        ):
+            info = await redis.xinfo_stream(key)
+    except ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            return f"redis: no stream {key} (nothing published yet, or Redis lost it)"
+        return f"redis: refused to describe the stream {key} ({exc})"
+    except (RedisError, OSError, TimeoutError) as exc:
+        return f"redis: unreachable ({type(exc).__name__}: {exc})"
+    return f"redis: the stream {key} ends at seq {seq_of_entry_id(info.get('last-generated-id'))}"
 
 
 async def _lease_said(db: Database) -> str:

@@ -353,7 +353,7 @@ class Publisher:
             self._metrics.redis_up.set(0)
             return None
         else:
-            top = _seq_of(info.get("last-generated-id"))
+            top = seq_of_entry_id(info.get("last-generated-id"))
         self._metrics.redis_up.set(1)
         return top
 
@@ -442,7 +442,7 @@ def _missing_seqs(expected: int, rows: Sequence[OutboxRow]) -> list[tuple[int, i
     return missing
 
 
-def _seq_of(last_id: object) -> int:
+def seq_of_entry_id(last_id: object) -> int:
     """The seq of a stream entry ID as XINFO gives it (bytes or str, "<seq>-0")."""
     text = last_id.decode() if isinstance(last_id, bytes) else str(last_id or "0-0")
     return int(text.split("-")[0])

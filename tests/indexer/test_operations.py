@@ -22,6 +22,7 @@ from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
 from devnet.postgres_server import PgBouncer
+from devnet.process import free_port
 from tests.indexer.conftest import (
     assert_database_equals_chain,
     assert_gap_free,
@@ -283,6 +284,16 @@ async def test_status_verify_backfill_and_reindex(
     code, output = await run_command(make_indexer, "status")
     assert code == 0
     assert f"cursor: block {head}" in output
+    assert f"stored: {count} events" in output
+    top = await redis_client.xinfo_stream(stream_key)
+    assert top["last-generated-id"].decode() == f"{count}-0"  # every event published
+    assert f"redis: the stream {stream_key} ends at seq {count}" in output
+    # Redis out of reach: said so, not taken for published (the database records the past).
+    code, output = await run_command(
+        make_indexer, "status", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"
+    )
+    assert code == 0
+    assert "redis: unreachable" in output
     assert f"stored: {count} events" in output
 
     code, output = await run_command(make_indexer, "verify", "--from", "0")
