@@ -16,6 +16,11 @@ from broadcaster.inbox import Inbox
 
 __all__ = ["Heartbeat", "Pinged"]
 
+# Bytes a second a client must take of what was sent before the ping for its answer to be
+# waited for again: a third of what a replay needs (its buffer down to an eighth within
+# REPLAY_DRAIN_TIMEOUT, ~13 KB/s with the default WS_SEND_BUFFER_BYTES).
+MIN_READ_RATE = 4096
+
 
 class Pinged(Protocol):
     """What the heartbeat uses of its connection (connection.Connection)."""
@@ -105,10 +110,10 @@ class Heartbeat:
             self._unsent = sys.maxsize
             self._await_pong(connection, timeout)
             return
-        if unsent < self._unsent:
+        if self._unsent - unsent >= MIN_READ_RATE * timeout:
             # The ping may still wait behind a backlog the client is reading down (less is
-            # unsent than at the last look): waited for again. A client that reads nothing
-            # takes nothing, and is failed.
+            # unsent than at the last look, by a useful amount): waited for again. A client
+            # that reads nothing, or a trickle (slowloris), is failed.
             self._unsent = unsent
             self._await_pong(connection, timeout)
             return

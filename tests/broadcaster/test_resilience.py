@@ -341,6 +341,34 @@ async def test_a_client_reading_a_replay_steadily_is_not_failed_by_the_heartbeat
     assert events == producer.seq
 
 
+async def test_a_client_reading_a_trickle_is_failed_by_the_heartbeat(
+    start: Start, producer: EventProducer
+) -> None:
+    """Reading down a backlog earns more time for the ping's answer only at a useful pace:
+    a client taking a few hundred bytes a second (slowloris) would otherwise hold its
+    connection and buffers for as long as it likes."""
+    async with start(ws_heartbeat_interval=0.5, ws_heartbeat_timeout=1.0) as server:
+        # A small receive buffer, so that the trickle shows at each look as what the server
+        # sends more (the window opens by ~1 KB), not in 64 KB steps as loopback's would.
+        client = await RawClient.open(server.settings.ws_port, rcvbuf=1024)
+        try:
+            await client.read_frame()  # connected
+            client.send_frame(0x1, orjson.dumps({"type": "subscribe", "channel": "events:*"}))
+            await client.read_frame()  # subscribed
+            await producer.publish(count=200, pad=3000)  # ~700 KB behind the next ping
+
+            async def failed() -> bool:
+                with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                    await client.reader.read(600)  # ~2.4 KB/s
+                await asyncio.sleep(0.25)
+                closes = await server.metric('kektech_broadcaster_server_closes_total{code="1011"}')
+                return closes == 1
+
+            await eventually(failed, within=20, what="the trickling client failed (1011)")
+        finally:
+            client.close()
+
+
 async def test_unresponsive_client_is_closed_by_the_heartbeat(start: Start) -> None:
     """A client that never answers pings is closed (1011); a live one stays connected."""
     async with start(ws_heartbeat_interval=0.2, ws_heartbeat_timeout=0.2) as server:
