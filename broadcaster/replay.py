@@ -14,6 +14,7 @@ lost entries again (Hub.refill_awaited) is waited for too, then read on from whe
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -81,8 +82,8 @@ class Reading:
 
 
 def most_read(hub: Hub, since: int) -> int:
-    """The most a resume from since that starts now may read (Reading.scanned at its end,
-    were it all read from Redis).
+    """The most a resume from since that starts now may read (Reading.scanned at its end):
+    at memory's price when memory holds it all, as _replay then reads it from there.
 
     The same cases as _replay's, for the same boundary: the position, as long as no await
     comes between this and resume().
@@ -92,7 +93,11 @@ def most_read(hub: Hub, since: int) -> int:
         return 0
     if since >= boundary:
         return TOP_QUERY_COST if since > boundary else 0
-    return boundary - since if boundary - since <= hub.replay_limit else 0
+    if boundary - since > hub.replay_limit:
+        return 0
+    if hub.history.covers(since, boundary):  # as _replay decides, with no await between
+        return math.ceil((boundary - since) * MEMORY_READ_COST)
+    return boundary - since
 
 
 async def resume(hub: Hub, client: Client, channel: str, since: int, *, reading: Reading) -> Resume:

@@ -122,7 +122,8 @@ async def status(settings: IndexerSettings) -> int:
         last = await last_seq(db)
         _say(
             settings,
-            f"publishing: seq {published} of {last} in Redis, backlog {max(0, last - published)}",
+            f"publishing: seq {published} of {last} recorded as published,"
+            f" backlog {max(0, last - published)}",
         )
         _say(settings, await _stream_said(settings))
         counts = await queries.counts(db)

@@ -588,6 +588,21 @@ async def test_a_reconnect_resuming_each_of_its_channels_from_memory_recovers_th
     assert [a["channel"] for a in acks if a["recovered"] is not True] == []
 
 
+async def test_resumes_from_memory_in_flight_at_once_are_reserved_at_memory_price(
+    start: Start, producer: EventProducer
+) -> None:
+    """26 connections of one address (a NAT, or a frontend's reconnects) resume at once over
+    2,000 events in memory: each is reserved what it may read as it begins, and reserved at
+    Redis's price, the later ones found the budget spent although all of them together read
+    a tenth of it at memory's price."""
+    await producer.publish(count=2000)
+    async with start() as server, contextlib.AsyncExitStack() as stack:
+        await server.wait_health(seq=2000)
+        clients = [await stack.enter_async_context(ws_client(server.url)) for _ in range(26)]
+        acks = await asyncio.gather(*(c.subscribe("events:*", since=0) for c in clients))
+    assert [a["recovered"] for a in acks] == [True] * 26
+
+
 async def test_new_connections_of_one_address_share_its_history_budget(
     start: Start, producer: EventProducer
 ) -> None:
