@@ -126,11 +126,12 @@ async def dropped_sources(db: Database) -> dict[str, int]:
 
 async def add_sources(db: Database, rows: Sequence[tuple[str, str, int]]) -> None:
     """Record contracts as (address, kind, since_block): one followed already stays, one
-    dropped before is followed again from `since_block`."""
+    dropped before is followed again from `since_block`, its record keeping the role its
+    stored events were indexed in (_reconcile_roles compares it with the configured one)."""
     await db.execute(
         "INSERT INTO sources (address, kind, since_block)"
         " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"
-        " ON CONFLICT (address) DO UPDATE SET kind = EXCLUDED.kind,"
+        " ON CONFLICT (address) DO UPDATE SET"
         " since_block = EXCLUDED.since_block, dropped_after = NULL"
         " WHERE sources.dropped_after IS NOT NULL",
         *columns(rows, 3),
@@ -167,7 +168,6 @@ async def record_sources(
         log.warning(
             "START_BLOCK differs from where the database began", detail=changed, began=began
         )
-    await _reconcile_roles(db, static)
     added = {a: k for a, k in static.items() if a not in known}
     # A new database, or one indexed before contracts were recorded: from START_BLOCK.
     later = not created and bool(known)
@@ -201,3 +201,6 @@ async def record_sources(
         )
     if dropped:  # kept, marked: `verify` tells their events from those of unknown contracts
         await drop_sources(db, dropped, cursor=cursor)
+    # After the additions: one dropped before and configured again in another role is
+    # recorded again in the role it was indexed in.
+    await _reconcile_roles(db, static)

@@ -652,6 +652,37 @@ async def test_a_contract_configured_in_another_role_than_indexed_in_is_said_wit
     assert kind == "factory"
 
 
+async def test_a_contract_dropped_then_configured_in_another_role_is_said_too(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """The same mistake, with the contract dropped from the configuration in between: its
+    record comes back in the role it was indexed in, so the corrected start says it too."""
+    driver = ActivityDriver(dev_chain, deployment, seed=73, txs_per_block=3)
+    await driver.cover_all_events()
+    head = await dev_chain.block_number()
+    mistake = {
+        "MARKET_FACTORY_ADDRESS": deployment.factory_v1,
+        "RESOLUTION_MANAGER_ADDRESS": deployment.factory_v2,
+    }
+    with make_indexer(**mistake) as indexer:
+        await indexer.wait_cursor(head)
+    with make_indexer(MARKET_FACTORY_ADDRESS=deployment.factory_v1) as indexer:  # v2 dropped
+        await indexer.wait_cursor(head)
+    for _ in range(2):  # corrected: said at each start while the events stay
+        with make_indexer() as indexer:
+            await indexer.wait_cursor(head)
+            said = [
+                orjson.loads(line)
+                for line in indexer.log_text().splitlines()
+                if "configured in another role" in line
+            ]
+        assert [(w["contract"], w["recorded"]) for w in said] == [
+            (deployment.factory_v2, "resolution_manager")
+        ]
+
+
 async def test_a_factory_dropped_from_the_configuration_is_no_longer_followed(
     dev_chain: DevChain,
     deployment: Deployment,
