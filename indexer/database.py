@@ -35,6 +35,10 @@ log = structlog.get_logger()
 RELEASE_TIMEOUT = 2.0
 # Closing the pool at shutdown, after which the connections left are dropped.
 CLOSE_TIMEOUT = 2.0
+# Seconds to establish a connection (TCP, TLS, authentication), DB_COMMAND_TIMEOUT if lower:
+# a server that accepts and never answers is then said within seconds (start-up's wait and
+# /healthz), not after DB_COMMAND_TIMEOUT, 60 s by default, as long as PM2's listen_timeout.
+CONNECT_TIMEOUT = 10.0
 # Postgres's timeouts are ints of milliseconds: a larger DB_COMMAND_TIMEOUT bounds at this.
 POSTGRES_MAX_TIMEOUT_MS = 2**31 - 1
 # Errors of the connection rather than of a statement: the database is unreachable or the
@@ -124,7 +128,7 @@ class Database:
                 init=_init_connection,
                 reset=_keep_session,
                 command_timeout=command_timeout,
-                timeout=command_timeout,
+                timeout=min(command_timeout, CONNECT_TIMEOUT),
             )
         except SETTINGS_ERRORS as exc:
             raise StoreError(f"database connection settings do not work: {exc}") from exc

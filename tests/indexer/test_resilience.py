@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -1153,6 +1154,23 @@ async def test_a_transaction_cut_off_by_a_dead_network_path_does_not_block_the_r
                 restarted, dev_chain, redis_client, stream_key, database_url, deployment
             )
     assert_gap_free(entries)
+
+
+async def test_start_up_says_it_waits_for_a_database_that_accepts_and_never_answers(
+    make_indexer: Callable[..., IndexerProcess], database_url: str, postgres: Postgres
+) -> None:
+    """A database whose port accepts connections and never answers (a hung server, a
+    firewall that swallows packets after the handshake) is said on /healthz and in the log
+    within seconds, not after DB_COMMAND_TIMEOUT (60 s, as long as PM2's listen_timeout):
+    connecting is bounded on its own."""
+    with socket.socket() as silent:  # accepts connections (backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = database_url.replace(f":{postgres.port}/", f":{silent.getsockname()[1]}/")
+        with make_indexer(DATABASE_URL=url) as indexer:
+            reason = await indexer.wait_waiting_for("database", within=25)
+            assert indexer.running
+    assert "database" in reason
 
 
 async def test_start_up_waits_for_the_database_and_the_rpc_endpoint(
