@@ -358,7 +358,11 @@ class Follower:
         start = first
         while start <= last:
             end = self._ranges.batch_end(start, last)
-            stored += await self._save(await self._ranges.deep(start, end, addresses=addresses))
+            # What is stored is left out before the headers are fetched: a repair of a long
+            # range then costs the node about the logs alone.
+            known = await queries.stored_positions(self._db, start, end)
+            batch = await self._ranges.deep(start, end, addresses=addresses, stored=known)
+            stored += await self._save(batch)
             start = end + 1
         return stored
 

@@ -54,6 +54,16 @@ async def children(db: Database) -> dict[str, str]:
     return {r["address"]: r["factory"] for r in rows}
 
 
+async def stored_positions(db: Database, first: int, last: int) -> set[tuple[int, int]]:
+    """The (block number, log index) of the events stored in blocks first..last."""
+    rows = await db.fetch(
+        "SELECT block_number, log_index FROM events WHERE block_number BETWEEN $1 AND $2",
+        first,
+        last,
+    )
+    return {(r["block_number"], r["log_index"]) for r in rows}
+
+
 async def markets_created_between(db: Database, first: int, last: int) -> list[str]:
     """The market clones announced in blocks first..last, oldest first."""
     rows = await db.fetch(

@@ -14,7 +14,7 @@ RangeDecoder. Ranges are sized to about BATCH_EVENTS events from the density see
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 
 from indexer.batch import Batch
 from indexer.catalog import ContractKind
@@ -73,13 +73,20 @@ class RangeBatches:
         *,
         extends: str | None = None,
         addresses: Sequence[str] | None = None,
+        stored: Container[tuple[int, int]] = (),
     ) -> Batch:
         """A range below the reorg window. `extends`: the hash of the block before `first`
         (the stored cursor, or the range before) when the range moves the cursor; its first
         block must link to it, as the one check that a replaced cursor was not missed (a
         backend still on the old branch may have answered the check of the cursor itself).
-        `addresses` (a backfill of markets only): the contracts to fetch, instead of all."""
+        `addresses` (a backfill of markets only): the contracts to fetch, instead of all.
+        `stored` (a backfill): the (block, log index) of logs already stored, left out before
+        their blocks' headers are fetched (the markets they announce are still found)."""
         gathered = await self._logs.gather(first, last, followed=self.children, addresses=addresses)
+        if stored:
+            gathered.logs = [
+                lg for lg in gathered.logs if (lg.block_number, lg.log_index) not in stored
+            ]
         blocks = sorted({lg.block_number for lg in gathered.logs} | {first, last})
         headers = {h.number: h for h in await self._rpc.get_block_headers(blocks)}
         self._note_density(len(gathered.logs), first, last)

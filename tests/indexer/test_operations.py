@@ -561,6 +561,58 @@ async def test_markets_a_backfill_finds_get_their_events_up_to_the_cursor(
     await assert_database_equals_chain(database_url, dev_chain, deployment)
 
 
+async def test_a_backfill_of_a_complete_range_fetches_no_header_of_what_is_stored(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """A backfill reads the range's logs again to find what is missing; the headers (block
+    times) of blocks whose logs are all stored are not needed: a repair of a long range, and
+    its second pass over the later activity of the markets announced there, cost the node
+    about the logs alone. With one event removed, its block's header is fetched, and the
+    event stored again."""
+    driver = ActivityDriver(dev_chain, deployment, seed=78, txs_per_block=4)
+    await driver.cover_all_events()
+    await driver.run(blocks=6)
+    head = await dev_chain.block_number()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(head)
+    async with connected(database_url) as conn:
+        victim = await conn.fetchval(
+            "DELETE FROM events WHERE (block_number, log_index) = (SELECT block_number,"
+            " log_index FROM events ORDER BY block_number DESC LIMIT 1) RETURNING block_number"
+        )
+        with_logs = await conn.fetchval(
+            "SELECT count(DISTINCT block_number) FROM events WHERE block_number >= $1",
+            deployment.block,
+        )
+    async with RpcFaultProxy(anvil.rpc_url, seed=1) as proxy:
+        asked: list[int] = []
+
+        async def count_headers(method: str, params: list[Any]) -> None:
+            if method == "eth_getBlockByNumber" and params and params[0] != "latest":
+                asked.append(int(params[0], 16))
+
+        proxy.on_call = count_headers
+        code, output = await run_command(
+            make_indexer,
+            "backfill",
+            "--from",
+            str(deployment.block),
+            "--to",
+            str(victim),
+            RPC_PROVIDER_URL=proxy.url,
+        )
+    assert code == 0, output
+    assert "1 missing events stored" in output, output
+    # One range here: its two ends and the victim's block, not every block with logs.
+    assert victim in asked
+    assert len(set(asked)) <= 3 < with_logs, (sorted(set(asked)), with_logs)
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
+
+
 async def test_a_backfill_killed_before_the_found_markets_later_events_completes_when_run_again(
     dev_chain: DevChain,
     deployment: Deployment,
