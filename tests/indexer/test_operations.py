@@ -529,16 +529,12 @@ async def test_a_factory_added_after_indexing_began_is_said_with_its_backfill(
     await assert_database_equals_chain(database_url, dev_chain, deployment)
 
 
-async def test_markets_a_backfill_finds_get_their_events_up_to_the_cursor(
-    dev_chain: DevChain,
-    deployment: Deployment,
-    make_indexer: Callable[..., IndexerProcess],
-    database_url: str,
-) -> None:
-    """The backfill named at start (`--to` the cursor of then) finds the markets the added
-    factory created before; their events after `--to`, which the service went on without,
-    are fetched by the same backfill up to the cursor of now, and its output says so: the
-    database equals the chain after the one command."""
+async def factory_added_after_its_markets(
+    dev_chain: DevChain, deployment: Deployment, make_indexer: Callable[..., IndexerProcess]
+) -> tuple[int, int, str]:
+    """Index with factory v1 only up to `head`, then with both factories while a market of
+    v2, created before, takes bets the service does not know of, up to `cursor`; returns
+    (head, cursor, the second run's log, which names the backfill to run)."""
     driver = ActivityDriver(dev_chain, deployment, seed=77, txs_per_block=3)
     await driver.cover_all_events()
     await driver.run(blocks=4)
@@ -552,7 +548,20 @@ async def test_markets_a_backfill_finds_get_their_events_up_to_the_cursor(
             await driver.bet(market)
         cursor = await dev_chain.block_number()
         await indexer.wait_cursor(cursor)
-        log = indexer.log_text()
+        return head, cursor, indexer.log_text()
+
+
+async def test_markets_a_backfill_finds_get_their_events_up_to_the_cursor(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """The backfill named at start (`--to` the cursor of then) finds the markets the added
+    factory created before; their events after `--to`, which the service went on without,
+    are fetched by the same backfill up to the cursor of now, and its output says so: the
+    database equals the chain after the one command."""
+    head, cursor, log = await factory_added_after_its_markets(dev_chain, deployment, make_indexer)
     backfill = f"{INDEXER} backfill --from {deployment.block} --to {head}"
     assert backfill in log
     code, output = await run_command(make_indexer, *backfill.removeprefix(INDEXER).split())
@@ -624,19 +633,7 @@ async def test_a_backfill_killed_before_the_found_markets_later_events_completes
     the found markets' events after `--to`: their markets and events up to `--to` are
     committed, so run again it no longer finds them "not followed". It must still fetch their
     events up to the cursor, or they are lost: the service is past them."""
-    driver = ActivityDriver(dev_chain, deployment, seed=77, txs_per_block=3)
-    await driver.cover_all_events()
-    await driver.run(blocks=4)
-    market = await driver.active_market(deployment.factory_v2)
-    head = await dev_chain.block_number()
-    with make_indexer(MARKET_FACTORY_ADDRESS=deployment.factory_v1) as indexer:
-        await indexer.wait_cursor(head)
-    with make_indexer() as indexer:  # both factories now
-        await indexer.wait_cursor(head)
-        for _ in range(3):  # bets in a market of v2 that the service does not know
-            await driver.bet(market)
-        cursor = await dev_chain.block_number()
-        await indexer.wait_cursor(cursor)
+    head, cursor, _ = await factory_added_after_its_markets(dev_chain, deployment, make_indexer)
     args = ["backfill", "--from", str(deployment.block), "--to", str(head)]
     async with RpcFaultProxy(anvil.rpc_url, seed=1) as proxy:
         command = make_indexer(*args, RPC_PROVIDER_URL=proxy.url)
