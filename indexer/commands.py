@@ -181,13 +181,14 @@ async def _writer(
     `rewind_to`: the block a reindex rolls back to (see Follower.prepare).
     """
     async with _connections(settings) as (db, rpc):
-        await schema.migrate(db)
-        if await load_state(db) is None:
+        if await schema.schema_version(db) == 0 or await load_state(db) is None:
             # The cursor is `run`'s to create: here it would wait for a START_BLOCK beyond
-            # the head, and a backfill or reindex of nothing indexed has nothing to do.
+            # the head, and a backfill or reindex of nothing indexed has nothing to do. Said
+            # before migrating: a DATABASE_URL naming the wrong database is left untouched.
             _say(settings, "nothing indexed yet: `run` indexes from START_BLOCK")
             yield None
             return
+        await schema.migrate(db)
         lease = await acquire_lease(db, owner=lease_owner(), ttl=settings.lease_ttl, wait=False)
         if lease is None:
             holder = await lease_holder(db)

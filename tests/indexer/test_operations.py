@@ -489,14 +489,17 @@ async def test_verify_on_a_database_never_migrated_says_so(
 async def test_backfill_and_reindex_on_a_database_with_no_cursor_say_so(
     make_indexer: Callable[..., IndexerProcess], database_url: str, command: list[str]
 ) -> None:
-    """Nothing indexed: a backfill or a reindex says so (exit 1) and leaves the database
-    without a cursor for `run` to create, rather than create one itself, or wait for ever
-    for a START_BLOCK beyond the head."""
+    """Nothing indexed: a backfill or a reindex says so (exit 1) and changes nothing, not
+    even the schema (a DATABASE_URL naming the wrong database is left as it was), rather
+    than create the cursor itself, or wait for ever for a START_BLOCK beyond the head."""
     code, output = await run_command(make_indexer, *command, START_BLOCK="1000000")
     assert code == 1, output
     assert output.strip().endswith("nothing indexed yet: `run` indexes from START_BLOCK")
     async with connected(database_url) as conn:
-        assert await conn.fetchval("SELECT count(*) FROM indexer_state") == 0
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+        )
+    assert tables == []
 
 
 async def test_a_factory_added_after_indexing_began_is_said_with_its_backfill(
