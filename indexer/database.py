@@ -44,6 +44,12 @@ POSTGRES_MAX_TIMEOUT_MS = 2**31 - 1
 # Errors of the connection rather than of a statement: the database is unreachable or the
 # link died. A statement's own error (a PostgresError) is a bug here, so it passes unchanged.
 LINK_ERRORS = (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
+# The server ended or cancelled the work (57014: statement_timeout, as DB_COMMAND_TIMEOUT
+# sets it, or pg_cancel_backend; 57P01-57P05: shutdown, termination, idle_session_timeout),
+# or asyncpg met the goodbye of a server that ended an idle pooled connection in the middle of
+# the next call ("cannot switch to state ..."): the database is unavailable, not a statement
+# of ours wrong.
+ENDED_ERRORS = (asyncpg.OperatorInterventionError, asyncpg.InternalClientError)
 # Refusals of a connection that pass by themselves: the server is starting up or shutting
 # down (57P01, 57P03), or has no connection slot free (53300).
 BUSY_ERRORS = (asyncpg.OperatorInterventionError, asyncpg.InsufficientResourcesError)
@@ -172,7 +178,7 @@ class Database:
             finally:
                 with contextlib.suppress(asyncpg.InterfaceError):
                     await self._pool.release(conn, timeout=RELEASE_TIMEOUT)
-        except LINK_ERRORS as exc:
+        except (*LINK_ERRORS, *ENDED_ERRORS) as exc:
             raise DatabaseUnavailable(
                 f"database call failed: {str(exc) or type(exc).__name__}"
             ) from exc

@@ -1126,6 +1126,46 @@ async def test_a_database_that_stops_answering_makes_the_indexer_exit_for_a_rest
     assert_gap_free(entries)
 
 
+async def test_a_statement_cancelled_by_the_server_makes_the_indexer_exit_for_a_restart(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """The server cancels the batch's statement (an operator's `pg_cancel_backend` of a
+    session stuck behind a lock; the `statement_timeout` DB_COMMAND_TIMEOUT sets does the
+    same): the indexer ends with the same clear DatabaseUnavailable as for a silent database
+    (it ended with a traceback), and the restarted one loses nothing."""
+    driver = ActivityDriver(dev_chain, deployment, seed=62, txs_per_block=3)
+    await driver.run(blocks=2)
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(await dev_chain.block_number())
+        async with connected(database_url) as other, other.transaction():
+            await other.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            await driver.run(blocks=2)
+
+            async def cancelled_a_waiter() -> bool:
+                return bool(
+                    await other.fetch(
+                        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
+                        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                    )
+                )
+
+            await eventually(cancelled_a_waiter, within=30, what="a batch waiting on the lock")
+            assert await indexer.wait_exit(within=STOP_BOUND) == 1
+    log = indexer.log_text()
+    assert '"error_type":"DatabaseUnavailable"' in log
+    assert "Traceback" not in log
+    with make_indexer() as restarted:
+        entries = await caught_up(
+            restarted, dev_chain, redis_client, stream_key, database_url, deployment
+        )
+    assert_gap_free(entries)
+
+
 async def test_a_transaction_cut_off_by_a_dead_network_path_does_not_block_the_restart(
     dev_chain: DevChain,
     deployment: Deployment,

@@ -305,6 +305,48 @@ async def test_a_connection_the_server_ends_mid_statement_is_reported_with_its_r
     assert "administrator command" in str(failure.value)
 
 
+async def test_an_idle_connection_the_server_ended_fails_its_next_call_as_unavailable(
+    database_url: str,
+) -> None:
+    """A pooled connection ended by the server while idle (a restart, a pooler's recycling,
+    `idle_session_timeout`): its next call either works on a fresh connection or fails as a
+    lost link. asyncpg may meet the server's goodbye in the middle of that call and raise its
+    own InternalClientError ("cannot switch to state ..."), which read as a bug of ours."""
+    raw: list[str] = []
+    async with (
+        connected(database_url) as admin,
+        Database.open(database_url, max_size=1, command_timeout=10) as db,
+    ):
+        for attempt in range(40):
+            pid = await db.fetchval("SELECT pg_backend_pid()")
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+            await asyncio.sleep(0.0005 * (attempt % 10))  # every moment of the goodbye
+            try:
+                await db.fetchval("SELECT 1")
+            except DatabaseUnavailable:
+                pass
+            except Exception as exc:
+                raw.append(f"{type(exc).__name__}: {exc}")
+    assert raw == []
+
+
+async def test_a_statement_the_server_cancels_is_a_database_unavailable(database_url: str) -> None:
+    """A statement past the transaction's statement_timeout (a lock held elsewhere) is
+    cancelled by the server: the database did not answer in time, as when the client's own
+    timeout fires, not a bug of the statement."""
+    async with (
+        connected(database_url) as admin,
+        Database.open(database_url, command_timeout=1) as db,
+    ):
+        await admin.execute("CREATE TABLE locked (id int)")
+        async with admin.transaction():
+            await admin.execute("LOCK TABLE locked IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(DatabaseUnavailable) as failure:
+                async with db.transaction() as conn:
+                    await conn.execute("INSERT INTO locked VALUES (1)")
+    assert "statement timeout" in str(failure.value)
+
+
 async def take_over(conn: asyncpg.Connection) -> None:
     """Take the write lease as another indexer does once it expired: a new owner and token."""
     await conn.execute(
