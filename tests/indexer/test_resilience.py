@@ -8,6 +8,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from eth_utils.crypto import keccak
@@ -1249,3 +1250,28 @@ async def test_start_up_waits_for_the_database_and_the_rpc_endpoint(
     log = indexer.log_text()
     assert "start-up waits for a dependency" in log
     assert "Traceback" not in log
+
+
+async def test_start_up_tries_a_missing_database_again_at_least_every_few_seconds(
+    make_indexer: Callable[..., IndexerProcess], postgres: Postgres, database_url: str
+) -> None:
+    """While the database is down the back-off doubles from 1 s but stays short (5 s), so the
+    indexer PM2 restarted during an outage is back within seconds of the database (with a
+    30 s cap it came back up to 30 s later, every time)."""
+    async with TcpProxy(free_port()) as db_path:
+        url = database_url.replace(f":{postgres.port}/", f":{db_path.port}/")
+        with make_indexer(DATABASE_URL=url) as indexer:
+
+            def retries() -> list[float]:
+                lines = indexer.log_text().splitlines()
+                waits = [orjson.loads(line) for line in lines if "start-up waits" in line]
+                return [float(wait["retry_in"]) for wait in waits]
+
+            async def waited_long() -> bool:
+                return sum(retries()) >= 20
+
+            await eventually(waited_long, within=60, what="20 s of start-up retries")
+            assert indexer.running
+    delays = retries()
+    assert delays[:3] == [1.0, 2.0, 4.0]  # still a back-off
+    assert max(delays) <= 5
