@@ -239,7 +239,8 @@ async def _replay_stream(
         if not page:
             # The stream ends before the boundary: trimmed past it, or Redis lost entries
             # that the reader waits for the indexer to write again; then read on from here.
-            if (awaited or hub.refill_awaited) and await refill.ended() and hub.serves(client):
+            lost = awaited or hub.refill_awaited or await _lost_relayed(hub, boundary)
+            if lost and await refill.ended() and hub.serves(client):
                 continue
             break
         for seq, _ in page:
@@ -264,10 +265,23 @@ async def _await_since(hub: Hub, since: int, boundary: int) -> bool:
         return True
     awaited = hub.refill_awaited
     top = await _top(hub)
-    if top is not None and top < since and (awaited or hub.refill_awaited):
+    if top is not None and top < since and (awaited or hub.refill_awaited or top < boundary):
         # Redis lost entries: the stream's top says nothing until they are written again.
+        hub.refill_awaited = True  # for the reader to confirm, if it has not noticed yet
         top = await _top(hub) if await _RefillWait(hub).ended() else None
     return top is not None and since <= top and await hub.reached(since, CATCH_UP_TIMEOUT)
+
+
+async def _lost_relayed(hub: Hub, boundary: int) -> bool:
+    """Whether the stream's top is below the boundary: Redis lost entries this instance
+    relayed (a trimmed stream keeps its top). Found by a resume before the stream reader
+    noticed (it was in a blocking read, or in its back-off after a Redis restart), it is
+    flagged for the reader, whose next look at the stream confirms it or clears it."""
+    top = await _top(hub)
+    if top is None or top >= boundary:
+        return False
+    hub.refill_awaited = True
+    return True
 
 
 async def _top(hub: Hub) -> int | None:

@@ -393,6 +393,38 @@ async def test_a_resume_past_the_position_while_the_stream_is_refilled_waits_for
         await client.nothing()
 
 
+@pytest.mark.parametrize("since", [50, 102], ids=["from-the-stream", "past-the-position"])
+async def test_a_resume_finding_the_stream_lost_before_the_reader_does_waits_for_the_refill(
+    start: Start, producer: EventProducer, since: int
+) -> None:
+    """Redis lost the stream and a resume reads it before the stream reader noticed (the
+    reader was in a blocking read, or in its reconnect back-off after a restart, for up to
+    seconds): the stream's top, below what was relayed, says entries were lost, not trimmed,
+    so the resume waits for the indexer's refill (recovered) rather than being told to reload
+    at once."""
+    async with (
+        start(ws_history_size=10) as server,
+        ws_client(server.url) as live,
+    ):
+        await live.subscribe("events:*")
+        await producer.publish(count=100)
+        await live.events(100)  # relayed: the reader has just begun a blocking read (1 s)
+        kept = await producer.lose()
+        async with ws_client(server.url) as client:
+            await client.send({"type": "subscribe", "channel": "events:*", "since": since})
+            await client.nothing(within=0.5)
+            await producer.rewrite(kept)  # the indexer's refill from its outbox
+            await producer.publish(count=3)
+            replayed = [e["seq"] for e in await client.events(max(0, 100 - since))]
+            ack = await client.expect("subscribed", within=WITHIN)
+            assert replayed == list(range(since + 1, 101))
+            assert ack["recovered"] is True
+            assert [e["seq"] for e in await client.events(103 - max(since, 100))] == list(
+                range(max(since, 100) + 1, 104)
+            )
+            await client.nothing()
+
+
 async def test_a_resume_waits_for_a_refill_for_a_bounded_time(
     start: Start, producer: EventProducer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
