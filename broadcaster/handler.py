@@ -35,6 +35,11 @@ class Conversation(Protocol):
         a flood."""
         ...
 
+    def excuse(self, held: float) -> None:
+        """The connection answered none of the client's messages for `held` seconds (work
+        ran): those it sent meanwhile come at once now, and must not count as a flood."""
+        ...
+
 
 class Handler(Protocol):
     """The edge's policy, told of each connection's life (server.Edge)."""

@@ -50,7 +50,7 @@ class Inbox:
     when it ends (see Connection.connection_lost).
     """
 
-    __slots__ = ("_fragments", "_held", "_loop", "_task", "_unread", "_waiting")
+    __slots__ = ("_fragments", "_held", "_loop", "_task", "_unread", "_waiting", "_work_began")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -59,6 +59,7 @@ class Inbox:
         self._waiting: deque[str | bytes] | None = None
         self._held = False  # reading paused: messages wait behind a running task
         self._unread = b""  # what was read but not parsed when reading paused
+        self._work_began = 0.0  # loop time the task began: messages wait from then on
 
     @property
     def held(self) -> bool:
@@ -164,6 +165,7 @@ class Inbox:
             connection.close(CloseCode.INTERNAL_ERROR, "internal error")
             return
         if work is not None:
+            self._work_began = self._loop.time()
             self._task = self._loop.create_task(self._run(connection, work))
             # A task cancelled before its first step never awaits `work`: closed here then
             # (when the task is done, `work` has finished or never started).
@@ -183,6 +185,10 @@ class Inbox:
             connection.close(CloseCode.INTERNAL_ERROR, "internal error")
             return
         self._task = None
+        if connection.conversation is not None:
+            # What waited, here and in the socket, comes at once now; the client sent it
+            # over the time the work ran.
+            connection.conversation.excuse(self._loop.time() - self._work_began)
         waiting = self._waiting
         while waiting and self._task is None and connection.protocol.state is OPEN:
             self._deliver(connection, waiting.popleft())

@@ -23,10 +23,18 @@ __all__ = ["Session"]
 # Invalid messages tolerated: a burst of 10, then one per 10 s; past that the client is closed.
 ERROR_BURST = 10.0
 ERROR_RATE = 0.1
+# How long the allowance for the messages a resume held back lasts once it ended: they are
+# parsed as soon as reading resumes, within a few turns of the event loop.
+HELD_ALLOWANCE_FOR = 1.0
 
 
 class Session:
     """Answers one connection's messages; raises CloseConnection to end it."""
+
+    # Messages allowed beyond the rate, until a time: what the client sent at its rate while
+    # a resume held its messages back (excuse). Class defaults: set on a session only then.
+    _held_allowance = 0.0
+    _held_allowance_until = 0.0
 
     def __init__(
         self,
@@ -56,7 +64,7 @@ class Session:
             raise CloseConnection(
                 messages.CLOSE_UNSUPPORTED_DATA, "binary messages are not supported"
             )
-        if not self._messages.take(self._clock()):
+        if not self._take_message(self._clock()):
             self._refuse(
                 ClientError("rate_limited", f"more than {self._rate:g} messages per second"),
                 flood=True,
@@ -93,8 +101,27 @@ class Session:
         server's close waits for the client's) costs a message like any other; past the
         rate it counts as an invalid one, and a flood ends the connection."""
         now = self._clock()
-        if not self._messages.take(now) and not self._errors.take(now):
+        if not self._take_message(now) and not self._errors.take(now):
             raise CloseConnection(messages.CLOSE_POLICY_VIOLATION, f"{kind} rate limit exceeded")
+
+    def excuse(self, held: float) -> None:
+        """A resume held the client's messages back for `held` seconds: what it sent
+        meanwhile within the rate is parsed at once now. Allowed beyond the burst, for a
+        moment (HELD_ALLOWANCE_FOR): the client is charged for its own pace, not for the
+        server's wait; a flood meanwhile still goes past it."""
+        now = self._clock()
+        left = self._held_allowance if now <= self._held_allowance_until else 0.0
+        self._held_allowance = left + held * self._rate
+        self._held_allowance_until = now + HELD_ALLOWANCE_FOR
+
+    def _take_message(self, now: float) -> bool:
+        """Spend a message of the rate, or of the allowance a resume's hold left."""
+        if self._messages.take(now):
+            return True
+        if self._held_allowance >= 1 and now <= self._held_allowance_until:
+            self._held_allowance -= 1
+            return True
+        return False
 
     async def _resume(self, channel: str, since: int) -> None:
         now = self._clock()

@@ -371,6 +371,58 @@ async def test_a_resume_while_the_stream_is_refilled_waits_for_the_refill(
             await client.nothing()
 
 
+async def test_messages_sent_within_the_rate_during_a_long_resume_are_all_answered(
+    start: Start, producer: EventProducer
+) -> None:
+    """A client keeps within WS_RATE_LIMIT (here 5 a second, burst 10) while its resume
+    waits for the indexer's refill: the server reads nothing meanwhile (16 messages wait,
+    the rest stays in the socket), then takes them all at once. The time it held them is
+    not the client's: every one is answered, and nobody is closed for a flood (past the
+    burst, they were refused and the client closed with 1008)."""
+    async with start(ws_history_size=10, ws_rate_limit=5, ws_max_subscriptions=10) as server:
+        await producer.publish(count=100)
+        await server.wait_health(seq=100)
+        kept = await producer.lose()
+        await asyncio.sleep(2.5)  # idle reads meanwhile (BROADCASTER_REDIS_TIMEOUT=2 s)
+        async with ws_client(server.url) as client:
+            await client.send({"type": "subscribe", "channel": "events:*", "since": 50})
+            pings = 24
+            for _ in range(pings):  # 4 a second for 6 s
+                await client.send({"type": "ping"})
+                await asyncio.sleep(0.25)
+            await producer.rewrite(kept)  # the indexer's refill from its outbox
+            replayed = await client.events(50)
+            ack = await client.expect("subscribed")
+            replies = [await client.recv() for _ in range(pings)]
+            assert [e["seq"] for e in replayed] == list(range(51, 101))
+            assert ack["recovered"] is True
+            assert [r["type"] for r in replies] == ["pong"] * pings
+            await client.send({"type": "ping"})
+            assert (await client.recv())["type"] == "pong"
+
+
+async def test_a_flood_during_a_long_resume_is_still_cut_off(
+    start: Start, producer: EventProducer
+) -> None:
+    """What a resume's hold allows beyond the rate is what the client could send at the rate
+    meanwhile: 200 messages sent at once during a 2 s hold, at 5 a second, are a flood
+    (1008) once reading resumes."""
+    async with start(ws_history_size=10, ws_rate_limit=5, ws_max_subscriptions=10) as server:
+        await producer.publish(count=100)
+        await server.wait_health(seq=100)
+        kept = await producer.lose()
+        await asyncio.sleep(2.5)  # idle reads meanwhile (BROADCASTER_REDIS_TIMEOUT=2 s)
+        async with ws_client(server.url) as client:
+            await client.send({"type": "subscribe", "channel": "events:*", "since": 50})
+            for _ in range(200):
+                await client.send({"type": "ping"})
+            await asyncio.sleep(2.0)
+            await producer.rewrite(kept)
+            received, (code, reason) = await client.messages_until_closed(within=WITHIN)
+    assert (code, reason) == (1008, "message rate limit exceeded")
+    assert [m["type"] for m in received].count("pong") < 200
+
+
 async def test_a_resume_past_the_position_while_the_stream_is_refilled_waits_for_it(
     server: Running, producer: EventProducer
 ) -> None:
