@@ -340,7 +340,8 @@ async def test_an_ipv6_client_is_limited_by_its_64(redis_server: Redis) -> None:
 
 
 async def test_open_connections_per_ip_are_capped(edge: Edge) -> None:
-    """An IP with 50 open WebSockets gets 429 for the 51st, and a slot again when one closes."""
+    """An IP with CONNECTIONS_PER_IP (200) open WebSockets gets 429 for the next, and a slot
+    again when one closes."""
     ip = edge.new_ip()
     sockets: list[ClientConnection] = []
     try:
