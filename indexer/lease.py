@@ -124,6 +124,13 @@ class LeaseTerm:
     def held(self) -> bool:
         return time.monotonic() < self._until
 
+    def lapsed_for(self) -> float | None:
+        """Seconds since the last renewal was sent, once the term has ended (None while it
+        holds, or before the first renewal): a standby may have taken the lease since."""
+        if self._until == -math.inf or self.held():
+            return None
+        return time.monotonic() - (self._until - self.ttl)
+
     async def wait_held(self) -> None:
         """Return once a renewal makes the lease known held again. Safe to cancel."""
         while not self.held():

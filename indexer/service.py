@@ -237,6 +237,7 @@ class Health:
     role: str = "starting"
     waiting_for: str | None = None
     follower: Follower | None = None
+    term: LeaseTerm | None = None  # the leader's: whether its lease is known held
 
     def snapshot(self) -> dict[str, Any]:
         state: dict[str, Any] = {"role": self.role, "ready": False}
@@ -248,6 +249,17 @@ class Health:
                 head=follower.head,
                 cursor=follower.cursor if follower.prepared and follower.head >= 0 else None,
                 ready=follower.caught_up,
+            )
+        term = self.term
+        lapsed = term.lapsed_for() if term is not None else None
+        if term is not None and lapsed is not None:
+            # Its renewals get no answer (the database, or a paused process): a standby may
+            # hold the lease by now. It writes nothing meanwhile (fencing), and ends once a
+            # call fails or DB_COMMAND_TIMEOUT passes.
+            state["ready"] = False
+            state["waiting_for"] = (
+                f"the database: the write lease was last renewed {lapsed:.0f} s ago "
+                f"(LEASE_TTL {term.ttl:g} s); a standby may hold it"
             )
         return state
 
@@ -298,10 +310,11 @@ async def _serve(settings: IndexerSettings, metrics: Metrics, health: Health) ->
         health.role, health.waiting_for = "standby", None
         lease = await acquire_lease(db, owner=lease_owner(), ttl=settings.lease_ttl)
         assert lease is not None
-        metrics.leader.set(1)
         health.role = "leader"
         try:
-            term = LeaseTerm(settings.lease_ttl)
+            health.term = term = LeaseTerm(settings.lease_ttl)
+            # Read at each scrape: 0 once the lease went LEASE_TTL unrenewed (see Health).
+            metrics.leader.set_function(lambda: 0.0 if term.lapsed_for() is not None else 1.0)
             publisher = Publisher(
                 redis=redis,
                 db=db,
@@ -331,7 +344,8 @@ async def _serve(settings: IndexerSettings, metrics: Metrics, health: Health) ->
                 tasks.create_task(follower.follow(), name="follow-chain")
         finally:
             log.info("stopping: releasing the write lease")
-            metrics.leader.set(0)
+            health.term = None
+            metrics.leader.set_function(lambda: 0.0)
             # Also after cancellation: a clean stop hands the lease over at once.
             try:
                 async with asyncio.timeout(RELEASE_TIMEOUT):

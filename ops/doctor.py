@@ -176,6 +176,17 @@ async def check_indexer(settings: OpsSettings) -> list[Verdict]:
     lag = max(0, target - cursor) if target is not None and isinstance(cursor, int) else None
     backlog = int(metrics.get("kektech_indexer_publish_backlog", 0))
     where = f"cursor {cursor}, head {head}, lag {lag}, publish backlog {backlog}"
+    waiting = body.get("waiting_for")
+    if role == "leader" and isinstance(waiting, str):  # its lease went unrenewed
+        return [
+            Verdict(
+                Level.FAIL,
+                "indexer",
+                f"leader waits for: {waiting}",
+                "see the postgres check; the indexer ends by itself within DB_COMMAND_TIMEOUT "
+                "and PM2 restarts it",
+            )
+        ]
     # Only the leader publishes, so only its gauge says whether Redis answers.
     if role == "leader" and metrics.get("kektech_indexer_redis_up", 1) == 0:
         return [
@@ -188,7 +199,6 @@ async def check_indexer(settings: OpsSettings) -> list[Verdict]:
         ]
     if ready.status == 200:
         return [Verdict(Level.OK, "indexer", f"ready, {where}")]
-    waiting = body.get("waiting_for")
     if role == "starting" and isinstance(waiting, str):
         return [
             Verdict(

@@ -164,7 +164,11 @@ def _indexer_problem(answer: Answer) -> str | None:
     if answer.status != 200 or body.get("status") != "ok":
         return f"answers HTTP {answer.status} without an indexer's health report"
     waiting = body.get("waiting_for")
-    return f"start-up waits for: {waiting}" if isinstance(waiting, str) else None
+    if not isinstance(waiting, str):
+        return None
+    # At start-up, or a leader whose lease went unrenewed (docs/indexer.md, Endpoints).
+    who = "leader" if body.get("role") == "leader" else "start-up"
+    return f"{who} waits for: {waiting}"
 
 
 def _failing_since(mine: dict[str, Any], problem: str, *, now: float, down_after: float) -> float:

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
+from devnet.postgres_server import Postgres
 from devnet.redis_server import Redis
 from indexer.schema import latest_schema_version
 from tests.broadcaster.support import running, settings_for
@@ -31,6 +32,7 @@ from tests.support.ops import (
     write_script,
 )
 from tests.support.rpc_proxy import RpcFaultProxy
+from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
 
 NGINX = "/usr/sbin/nginx"
@@ -317,6 +319,37 @@ async def test_an_indexer_waiting_for_its_database_fails_with_the_reason(
     line = result.line("indexer")
     assert line.startswith("FAIL  indexer  start-up waits for: database unreachable"), result
     assert "-> fix: see the postgres and rpc checks" in line
+
+
+async def test_a_leader_whose_database_stopped_answering_fails_with_the_reason(
+    anvil: Anvil,
+    deployment: Deployment,
+    postgres: Postgres,
+    database_url: str,
+    redis_server: Redis,
+    tmp_path: Path,
+) -> None:
+    """The path to the database of a running leader freezes: until DB_COMMAND_TIMEOUT ends
+    it, the indexer still answers, as the leader, but its lease went unrenewed and a standby
+    may hold it: doctor FAILs it with that reason (it said nothing but the lag, later)."""
+    async with TcpProxy(postgres.port) as proxy:
+        env = indexer_env(
+            database_url=database_url.replace(f":{postgres.port}/", f":{proxy.port}/"),
+            redis_url=redis_server.url,
+            rpc_url=anvil.rpc_url,
+            deployment=deployment,
+            stream_key="kektech:events",
+            LEASE_TTL="2",
+        )
+        with IndexerProcess(env, log_dir=tmp_path) as indexer:
+            await indexer.wait_ready()
+            proxy.freeze()
+            await indexer.wait_waiting_for("write lease", within=10)
+            result = await run_kektech("doctor", "--only", "indexer", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    line = result.line("indexer")
+    assert line.startswith("FAIL  indexer  leader waits for: the database: the write lease"), line
+    assert "-> fix: see the postgres check" in line
 
 
 async def test_services_not_running_fail(tmp_path: Path) -> None:

@@ -1127,6 +1127,37 @@ async def test_a_database_that_stops_answering_makes_the_indexer_exit_for_a_rest
     assert_gap_free(entries)
 
 
+async def test_a_leader_whose_lease_lapsed_says_so(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    postgres: Postgres,
+    database_url: str,
+) -> None:
+    """The path to the database freezes while DB_COMMAND_TIMEOUT (60 s) lets the calls wait:
+    once the write lease went LEASE_TTL unrenewed, a standby may hold it, and the leader says
+    so (/healthz `waiting_for`, not ready, `kektech_indexer_leader` 0) instead of reporting
+    itself the leader, ready, with a frozen head, as two leaders would."""
+    await ActivityDriver(dev_chain, deployment, seed=64, txs_per_block=3).run(blocks=2)
+    async with TcpProxy(postgres.port) as proxy:
+        url = database_url.replace(f":{postgres.port}/", f":{proxy.port}/")
+        with make_indexer(DATABASE_URL=url, LEASE_TTL="3") as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+            assert (await indexer.get("/ready"))[0] == 200
+            assert await indexer.metric("kektech_indexer_leader") == 1
+            proxy.freeze()
+
+            async def lapsed() -> bool:
+                _, body = await indexer.get("/healthz")
+                return "write lease" in str(body.get("waiting_for"))
+
+            await eventually(lapsed, within=10, what="/healthz says the lease lapsed")
+            status, body = await indexer.get("/ready")
+            assert (status, body["role"], body["ready"]) == (503, "leader", False)
+            assert await indexer.metric("kektech_indexer_leader") == 0
+            assert indexer.running
+
+
 async def test_a_statement_cancelled_by_the_server_makes_the_indexer_exit_for_a_restart(
     dev_chain: DevChain,
     deployment: Deployment,
