@@ -333,17 +333,23 @@ async def test_an_idle_connection_the_server_ended_fails_its_next_call_as_unavai
 async def test_a_statement_the_server_cancels_is_a_database_unavailable(database_url: str) -> None:
     """A statement past the transaction's statement_timeout (a lock held elsewhere) is
     cancelled by the server: the database did not answer in time, as when the client's own
-    timeout fires, not a bug of the statement."""
+    timeout fires, not a bug of the statement. The server's bound is set below the client's
+    here so that the server, not asyncpg's own timeout, is the one that ends the wait."""
+
+    async def insert(db: Database) -> None:
+        async with db.transaction() as conn:
+            await conn.execute("SET LOCAL statement_timeout = 200")
+            await conn.execute("INSERT INTO locked VALUES (1)")
+
     async with (
         connected(database_url) as admin,
-        Database.open(database_url, command_timeout=1) as db,
+        Database.open(database_url, command_timeout=5) as db,
     ):
         await admin.execute("CREATE TABLE locked (id int)")
         async with admin.transaction():
             await admin.execute("LOCK TABLE locked IN ACCESS EXCLUSIVE MODE")
             with pytest.raises(DatabaseUnavailable) as failure:
-                async with db.transaction() as conn:
-                    await conn.execute("INSERT INTO locked VALUES (1)")
+                await insert(db)
     assert "statement timeout" in str(failure.value)
 
 
