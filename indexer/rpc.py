@@ -26,7 +26,7 @@ import aiohttp
 
 from indexer import rpc_wire as wire
 from indexer.errors import ChainIdMismatch
-from indexer.rpc_failover import RETRY_AFTER_MAX, Failover, RpcStats
+from indexer.rpc_failover import FAILBACK_AFTER, RETRY_AFTER_MAX, Failover, RpcStats
 from indexer.rpc_ranges import LogRangeSizer, fetch_logs
 from indexer.rpc_results import (
     BlockHeader,
@@ -76,6 +76,7 @@ class RpcClient:
         batch_retry_interval: float = DEFAULT_BATCH_RETRY_INTERVAL,
         expected_chain_id: int | None = None,
         first_index: int = 0,
+        failback_after: float = FAILBACK_AFTER,
     ) -> None:
         if not urls:
             raise ValueError("at least one RPC URL is required")
@@ -100,6 +101,7 @@ class RpcClient:
                 if expected_chain_id is None
                 else functools.partial(self._verify_chain, expected=expected_chain_id)
             ),
+            failback_after=failback_after,
         )
         self._timeout = timeout
         self._ids = itertools.count(1)

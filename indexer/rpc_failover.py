@@ -3,6 +3,8 @@
 `Failover.run` is the one place that retries: it sends attempts to the current endpoint, moves
 on to the next on failure and backs off between attempts, within a bound. It knows endpoints,
 not HTTP: the attempts and the chain id check are the client's, passed in as callables.
+An endpoint found serving another chain is left out for good; after FAILBACK_AFTER on another
+endpoint, calls go back to the first one left.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from indexer.errors import (
 )
 from indexer.rpc_transport import Endpoint
 
-__all__ = ["BATCH_PROBE_AFTER", "RETRY_AFTER_MAX", "Failover", "RpcStats"]
+__all__ = ["BATCH_PROBE_AFTER", "FAILBACK_AFTER", "RETRY_AFTER_MAX", "Failover", "RpcStats"]
 
 # Past this many doublings the backoff cap has long been reached; keeps 2**n small.
 MAX_BACKOFF_EXPONENT = 32
@@ -41,6 +43,12 @@ RETRY_AFTER_MAX = 60.0
 # Batches taken at an endpoint's remembered cap after which twice the cap is tried: a lifted
 # cap grows back, a lasting one costs a refused batch every this many.
 BATCH_PROBE_AFTER = 64
+# Seconds on an endpoint failed over to after which a call starts at the first endpoint of
+# RPC_PROVIDER_URL again. The one failed over to may answer from a stuck or lagging node: as
+# it answers, no failure would ever move the client on, and the indexer would stay behind for
+# good, "caught up" with a head that no longer moves. The first is the operator's preferred
+# one; if it still fails, the call fails over as before, and it is tried again this much later.
+FAILBACK_AFTER = 60.0
 
 log = structlog.get_logger()
 
@@ -54,6 +62,7 @@ class RpcStats:
     calls: int = 0  # requests and batches asked for, retries not counted
     attempts: int = 0  # HTTP requests sent, retries and chain id checks included
     failovers: int = 0  # switches to the next endpoint
+    failbacks: int = 0  # returns to the first endpoint after FAILBACK_AFTER
     errors: Counter[str] = field(default_factory=Counter)  # failed attempts by kind
 
 
@@ -71,6 +80,7 @@ class Failover:
         batch_retry_interval: float,
         max_batch_size: int,
         verify: Callable[[Endpoint], Awaitable[None]] | None,
+        failback_after: float = FAILBACK_AFTER,
     ) -> None:
         # verify raises unless the endpoint serves the expected chain; run() calls it before
         # an endpoint's first use, so that failover cannot switch chains.
@@ -82,7 +92,10 @@ class Failover:
         self._batch_retry_interval = batch_retry_interval
         self._max_batch_size = max_batch_size
         self._verify = verify
+        self._failback_after = failback_after
         self._current = 0
+        self._switched_at = time.monotonic()  # when _current last changed
+        self._wrong_chain: set[int] = set()  # endpoints left out: they serve another chain
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self.stats = RpcStats()
 
@@ -100,13 +113,19 @@ class Failover:
         next endpoint at once, and raises it when every endpoint has given one.
         An endpoint's Retry-After (up to retry_after_max) holds for every call: until it has
         passed, attempts go to another endpoint that is free, or wait for it.
+        An endpoint that serves another chain is left out, for this call and later ones, with
+        an error logged: ChainIdMismatch only when every endpoint does. A block one endpoint
+        does not have ("not yet", BlockNotFound) is asked of the others before the call
+        raises it: the endpoint may lag behind the one that gave the head.
         """
         self.stats.calls += 1
         last_error = "no attempt made"
         unusable: set[int] = set()
+        lacking: dict[int, BlockNotFound] = {}  # endpoints that do not have the block asked
         delay = 0.0  # the backoff before the next attempt, logged with the failure
         for number in range(1, self._attempts + 1):
             if number == 1:
+                self._fail_back()
                 self._leave_held()
             index = self._current
             endpoint = self._endpoints[index]
@@ -123,7 +142,12 @@ class Failover:
             delay = 0.0
             try:
                 if self._verify is not None and not endpoint.verified:
-                    await self._verify(endpoint)
+                    try:
+                        await self._verify(endpoint)
+                    except ChainIdMismatch as exc:
+                        self._leave_out(index, exc)
+                        last_error = f"chain_id_mismatch at {endpoint.label}: {exc}"
+                        continue
                     endpoint.verified = True
                 return await attempt(endpoint)
             except wire.TransientFailure as failure:
@@ -148,28 +172,43 @@ class Failover:
                     retry_after=failure.retry_after,
                 )
             except RpcResponseError as exc:
-                if exc.code is not None:  # the node's considered refusal: the same anywhere
-                    self.stats.errors["rpc_error"] += 1
-                    raise
-                self.stats.errors["bad_response"] += 1
+                # Malformed, or a refusal the node states (a JSON-RPC error): one that any node
+                # would give (invalid params) fails once every endpoint has given it, but most
+                # are the endpoint's own (a method it disables, a key or plan it refuses), and
+                # waiting cures neither: on to the next endpoint at once.
+                kind = "bad_response" if exc.code is None else "rpc_error"
+                self.stats.errors[kind] += 1
                 unusable.add(index)
-                if len(unusable) == len(self._endpoints):
+                if len(unusable | self._wrong_chain) == len(self._endpoints):
                     raise
-                last_error = f"bad_response at {endpoint.label}: {exc.message}"
+                last_error = f"{kind} at {endpoint.label}: {exc}"
                 self._fail_over(index)  # the next call starts past it too
                 if number == self._attempts:
                     break  # others failed for now only: as for any outage
                 log.warning(
-                    "rpc endpoint gave an unusable answer, failing over",
+                    "rpc endpoint gave an unusable answer, failing over"
+                    if exc.code is None
+                    else "rpc endpoint refused the call, failing over",
                     method=method,
                     endpoint=endpoint.label,
-                    detail=exc.message,
+                    detail=str(exc),
                 )
             except wire.BatchRejected as rejected:
                 self.batch_refused(endpoint, rejected)
                 raise  # the caller sends the calls one by one
-            except BlockNotFound:
-                raise  # an answer ("not yet"), not an error of the endpoint
+            except BlockNotFound as exc:
+                # An answer ("not yet"), not an error of the endpoint; but another endpoint
+                # may be ahead of this one, which may lag behind the one that gave the head.
+                lacking[index] = exc
+                if all(i in lacking or i in self._wrong_chain for i in range(len(self._endpoints))):
+                    raise
+                log.info(
+                    "rpc endpoint does not have the block, asking the next",
+                    method=method,
+                    endpoint=endpoint.label,
+                    block=exc.number,
+                )
+                self._fail_over(index)
             except RpcRangeTimedOut as exc:
                 # Too heavy a range, or a hanging endpoint: the caller asks a smaller range,
                 # of the next endpoint, so that a hanging one costs a timeout, not one per
@@ -186,6 +225,8 @@ class Failover:
             except RpcError as exc:
                 self.stats.errors[_error_kind(exc)] += 1
                 raise
+        if lacking:  # the others were down: "not yet" is the only answer there was
+            raise next(iter(lacking.values()))
         raise RpcUnavailable(method, self._attempts, last_error)
 
     def batch_size(self) -> int:
@@ -249,6 +290,48 @@ class Failover:
                 waits=wait,
             )
 
+    def _leave_out(self, index: int, mismatch: ChainIdMismatch) -> None:
+        """Leave out for good the endpoint at index, found serving another chain (a URL of
+        another network among RPC_PROVIDER_URL): failing over to it must not stop the
+        indexer, nor send it requests. Raises mismatch when no endpoint is left."""
+        self.stats.errors["chain_id_mismatch"] += 1
+        self._wrong_chain.add(index)
+        if len(self._wrong_chain) == len(self._endpoints):
+            raise mismatch
+        log.error(
+            "rpc endpoint serves another chain, leaving it out until restarted",
+            endpoint=self._endpoints[index].label,
+            expected=mismatch.expected,
+            actual=mismatch.actual,
+        )
+        self._fail_over(index)
+
+    def _fail_back(self) -> None:
+        """Before a call's first attempt: go back to the first endpoint left once FAILBACK_AFTER
+        has passed on another, unless a Retry-After still holds for it."""
+        first = min(i for i in range(len(self._endpoints)) if i not in self._wrong_chain)
+        now = time.monotonic()
+        if (
+            self._current == first
+            or now - self._switched_at < self._failback_after
+            or self._endpoints[first].ready_at > now
+        ):
+            return
+        log.info(
+            "rpc returning to the first endpoint",
+            endpoint=self._endpoints[first].label,
+            left=self._endpoints[self._current].label,
+        )
+        self._current = first
+        self._switched_at = now
+        self.stats.failbacks += 1
+
+    def _switch(self, index: int) -> None:
+        """Make the endpoint at index the current one (a failover)."""
+        self._current = index
+        self._switched_at = time.monotonic()
+        self.stats.failovers += 1
+
     def _leave_held(self) -> None:
         """Before a call's first attempt: leave an endpoint whose Retry-After still holds for
         one free sooner (its own retries may have ended on it, or a concurrent call's)."""
@@ -258,8 +341,7 @@ class Failover:
             return
         sooner = self._next_endpoint(index, now, may_stay=False)
         if self._endpoints[sooner].ready_at < self._endpoints[index].ready_at:
-            self._current = sooner
-            self.stats.failovers += 1
+            self._switch(sooner)
 
     def _fail_over(self, index: int, *, may_stay: bool = False) -> Endpoint:
         """Move on from the endpoint at index, unless a concurrent call already did.
@@ -269,16 +351,19 @@ class Failover:
         if len(self._endpoints) > 1 and self._current == index:
             chosen = self._next_endpoint(index, time.monotonic(), may_stay=may_stay)
             if chosen != index:
-                self._current = chosen
-                self.stats.failovers += 1
+                self._switch(chosen)
         return self._endpoints[self._current]
 
     def _next_endpoint(self, index: int, now: float, *, may_stay: bool) -> int:
         """Return the index of the endpoint to try after the one at index: the first of the
         others in turn that no Retry-After holds (with may_stay, index itself last), else of
-        those the one free soonest."""
+        those the one free soonest. Endpoints left out are never chosen."""
         count = len(self._endpoints)
-        candidates = [(index + step) % count for step in range(1, count)]
+        candidates = [
+            i
+            for i in ((index + step) % count for step in range(1, count))
+            if i not in self._wrong_chain
+        ]
         if may_stay or not candidates:
             candidates.append(index)
         return next(

@@ -2,7 +2,8 @@
 
 Pure functions, no I/O. A node's answer crosses a process boundary, so nothing is trusted:
 a field of the wrong shape, a log outside the asked range, from an address or with a topic
-that was not asked for, or the same log twice is an `RpcResponseError`, never a silent gap.
+that was not asked for, or two different logs at one position is an `RpcResponseError`, never
+a silent gap. The same log twice in an answer (some providers repeat logs) is taken once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+
+import structlog
 
 from indexer.errors import BlockNotFound, ReorgDuringFetch, RpcResponseError
 from indexer.rpc_wire import GET_LOGS, TransientFailure, parse_quantity
@@ -28,6 +31,8 @@ __all__ = [
     "parse_header",
     "parse_logs",
 ]
+
+log = structlog.get_logger()
 
 GET_BLOCK = "eth_getBlockByNumber"
 MAX_TOPICS = 4
@@ -158,7 +163,11 @@ def check_has_block(result: object, header: BlockHeader) -> None:
 
 
 def parse_logs(result: object, query: LogQuery) -> list[RawLog]:
-    """Return the logs of an eth_getLogs result that answers query, sorted by position."""
+    """Return the logs of an eth_getLogs result that answers query, sorted by position.
+
+    A log repeated whole is taken once, with a warning: a node's quirk that loses nothing.
+    Two different logs at one position are an error: which one the chain holds is unknown.
+    """
     if not isinstance(result, list):
         raise RpcResponseError(None, "logs are not a JSON list", GET_LOGS)
     # Checked values by their raw text: a few contracts emit most logs, and block hashes,
@@ -166,11 +175,23 @@ def parse_logs(result: object, query: LogQuery) -> list[RawLog]:
     addresses: dict[str, str] = {}
     hashes: dict[str, str] = {}
     logs = sorted((_log(item, query, addresses, hashes) for item in result), key=_POSITION)
+    repeated = 0
     for earlier, later in itertools.pairwise(logs):
-        if _POSITION(earlier) >= _POSITION(later):
+        if _POSITION(earlier) < _POSITION(later):
+            continue
+        if earlier != later:
             raise RpcResponseError(
-                None, f"log {_POSITION(later)} appears twice in one answer", GET_LOGS
+                None, f"two different logs at {_POSITION(later)} in one answer", GET_LOGS
             )
+        repeated += 1
+    if repeated:
+        log.warning(
+            "rpc answer repeats logs, taking each once",
+            repeated=repeated,
+            first_block=query.from_block,
+            last_block=query.to_block,
+        )
+        logs = [lg for lg, after in itertools.zip_longest(logs, logs[1:]) if lg != after]
     return logs
 
 

@@ -535,6 +535,94 @@ async def test_fails_over_to_the_next_endpoint_and_stays_there(chain: Chain) -> 
     assert client.stats.attempts == 7
 
 
+async def test_calls_go_back_to_the_first_endpoint_after_failback_after(chain: Chain) -> None:
+    """Failed over, the client does not stay on the second endpoint for good: it may answer
+    from a node stuck on an old head, which no failure would ever reveal. After
+    failback_after, calls start at the first endpoint again (and fail over again if it
+    still fails)."""
+    async with (
+        RpcFaultProxy(chain.url, seed=41) as first,
+        RpcFaultProxy(chain.url, seed=42) as second,
+        client_for(first.url, second.url, failback_after=0.3) as client,
+    ):
+        first.schedule("http_503")
+        await client.block_number()
+        await client.block_number()
+        assert (first.requests, second.requests) == (1, 2)
+        await asyncio.sleep(0.4)
+        await client.block_number()
+        await client.block_number()
+        assert (first.requests, second.requests) == (3, 2)
+        first.schedule("http_503")
+        await client.block_number()
+        assert (first.requests, second.requests) == (4, 3)
+    assert client.stats.failbacks == 1
+
+
+async def test_an_endpoint_on_another_chain_is_left_out(chain: Chain) -> None:
+    """A URL of another network among the endpoints, found when failed over to, is left out
+    with an error logged: the calls go on at the others (it stopped the indexer). Only
+    when every endpoint serves another chain is it ChainIdMismatch."""
+    async with (
+        RpcFaultProxy(chain.url, seed=43) as good,
+        RpcFaultProxy(chain.url, seed=44, chain_id=1) as other,
+        client_for(
+            good.url, other.url, failback_after=0.0, expected_chain_id=ANVIL_CHAIN_ID
+        ) as client,
+    ):
+        good.schedule("http_503", "http_503")
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(3):  # failback_after 0: each call starts at the first again
+                assert await client.block_number() == chain.head
+        assert other.methods == {"eth_chainId": 1}
+    assert [e["actual"] for e in logs if "serves another chain" in e["event"]] == [1]
+    assert client.stats.errors["chain_id_mismatch"] == 1
+    async with (
+        RpcFaultProxy(chain.url, seed=45, chain_id=1) as first,
+        RpcFaultProxy(chain.url, seed=46, chain_id=2) as second,
+        client_for(first.url, second.url, expected_chain_id=ANVIL_CHAIN_ID) as client,
+    ):
+        with pytest.raises(ChainIdMismatch):
+            await client.block_number()
+        assert first.methods == second.methods == {"eth_chainId": 1}
+
+
+async def test_a_block_one_endpoint_lacks_is_asked_of_the_next(chain: Chain) -> None:
+    """A null header from an endpoint behind the others ("not yet" there) is asked of the
+    next endpoint before BlockNotFound is raised; when none has it, it is raised."""
+    async with (
+        RpcFaultProxy(chain.url, seed=47, rates={"lagging": 1.0}, lag_blocks=3) as behind,
+        client_for(behind.url, chain.url) as client,
+    ):
+        header = await client.get_block_header(chain.head)
+        assert header.number == chain.head
+        assert behind.injected["lagging"] == 1
+        assert await client.get_block_header(chain.head) == header  # the next one is current
+        with pytest.raises(BlockNotFound):
+            await client.get_block_header(chain.head + 100)
+    assert client.stats.failovers == 2
+
+
+async def test_a_call_an_endpoint_refuses_goes_to_the_next(chain: Chain) -> None:
+    """A JSON-RPC error an endpoint gives of its own (a method it disables, a key it refuses)
+    sends the call to the next endpoint (it stopped the indexer at every restart though a
+    working endpoint was configured); the error is raised when every endpoint gives one."""
+    refused = {"eth_getLogs": (-32601, "the method eth_getLogs does not exist/is not available")}
+    expected = await direct_logs(chain.url, 0, chain.head, address=chain.emitter_a)
+    async with (
+        RpcFaultProxy(chain.url, seed=48, refused_methods=refused) as first,
+        RpcFaultProxy(chain.url, seed=49) as second,
+        client_for(first.url, second.url) as client,
+    ):
+        logs = await client.get_logs(0, chain.head, addresses=[chain.emitter_a])
+        assert first.injected["refused"] == 1
+        second.refused_methods = refused
+        with pytest.raises(RpcResponseError) as raised:
+            await client.get_logs(0, chain.head, addresses=[chain.emitter_a])
+    assert as_tuples(logs) == sorted(expected)
+    assert raised.value.code == -32601
+
+
 async def test_all_endpoints_dead_raises_unavailable_after_bounded_attempts() -> None:
     """With every endpoint dead a call raises RpcUnavailable after max_retries + 1 attempts,
     refused at once: in less than the capped backoffs plus one timeout, all together (a
@@ -975,7 +1063,7 @@ def _log_item(**changes: Any) -> dict[str, Any]:
         [_log_item(blockNumber="0x14")],
         [_log_item(address="0x" + "99" * 20)],
         [_log_item(topics=["0x" + "cd" * 32])],
-        [_log_item(), _log_item()],
+        [_log_item(), _log_item(data="0x01")],
         [_log_item(blockHash="0x1234")],
         [_log_item(data="0xabc")],
         [_log_item(data="0xab ")],
@@ -985,16 +1073,26 @@ def _log_item(**changes: Any) -> dict[str, Any]:
         [_log_item(topics=[TOPIC0 + " "])],
         {"logs": []},
     ],
-    ids=["outside-range", "foreign-address", "foreign-topic", "duplicate", "bad-hash", "odd-data",
+    ids=["outside-range", "foreign-address", "foreign-topic", "conflict", "bad-hash", "odd-data",
          "data-space", "data-underscore", "address-0X", "hash-newline", "topic-space",
          "not-a-list"],
 )  # fmt: skip
 def test_unexpected_logs_are_rejected(result: object) -> None:
-    """A log outside the range, not asked for, repeated or malformed fails the whole answer."""
+    """A log outside the range, not asked for, malformed, or another log at the position of
+    one in the answer fails the whole answer."""
     query = LogQuery.build(5, 15, ["0x" + "11" * 20], [TOPIC0])
     assert parse_logs([_log_item()], query)
     with pytest.raises(RpcResponseError):
         parse_logs(result, query)
+
+
+def test_a_log_repeated_whole_is_taken_once() -> None:
+    """Some providers repeat a log in an answer: the copies are the same log, taken once
+    (an error here stopped the indexer on every restart, as the answer stays the same)."""
+    query = LogQuery.build(5, 15, ["0x" + "11" * 20], [TOPIC0])
+    later = _log_item(logIndex="0x1", data="0x02")
+    logs = parse_logs([_log_item(), later, _log_item(), later, later], query)
+    assert [(lg.log_index, lg.data) for lg in logs] == [(0, "0x"), (1, "0x02")]
 
 
 def _header_item(**changes: Any) -> dict[str, Any]:

@@ -48,6 +48,13 @@ Besides, eth_getLogs is limited the way public providers limit it, deterministic
     max_body        a request body of more than max_body bytes is answered HTTP 413 (a
                     provider's or its proxy's size limit, e.g. nginx's client_max_body_size)
 
+And, as a provider's endpoint of its own may be, deterministically:
+
+    refused_methods a call of one of these methods (a mapping to (code, message)) is answered
+                    with that JSON-RPC error, as a provider that disables a method or refuses
+                    a key answers
+    chain_id        eth_chainId answers this chain id: a URL of another network
+
 `stale_header(number, header, times)` has the next `times` single eth_getBlockByNumber calls
 for that number answered with `header`: a block as a backend still on a replaced branch has
 it (batches are answered faithfully). `number` may be a block tag instead, "latest": the head
@@ -61,8 +68,8 @@ Counters for assertions: `requests` (HTTP requests received), `forwarded` (HTTP 
 upstream), `methods` (Counter of JSON-RPC methods received), `calls` (every JSON-RPC call
 received, as (method, params)) and `injected` (Counter of faults by kind, plus "range",
 "results", "batch_rejected", "batch_too_large" and "body_too_large" for the provider
-limits). `on_call`, when set, is awaited with each call's method and params before the
-request is answered (to hold one back).
+limits, "refused" for refused_methods). `on_call`, when set, is awaited with each call's
+method and params before the request is answered (to hold one back).
 
     async with RpcFaultProxy(anvil.rpc_url, seed=7, rates={"http_503": 0.2}) as proxy:
         async with RpcClient([proxy.url], timeout=1, max_retries=10) as client: ...
@@ -142,6 +149,8 @@ class RpcFaultProxy:
         max_body: int | None = None,
         lag_blocks: int = 1,
         empty_unknown_hash: bool = False,
+        refused_methods: Mapping[str, tuple[int, str]] | None = None,
+        chain_id: int | None = None,
     ) -> None:
         self.upstream_url = upstream_url
         self.rates = dict(rates or {})
@@ -155,6 +164,8 @@ class RpcFaultProxy:
         self.max_body = max_body
         self.lag_blocks = lag_blocks
         self.empty_unknown_hash = empty_unknown_hash
+        self.refused_methods = dict(refused_methods or {})
+        self.chain_id = chain_id
         self.delay = 0.0  # seconds before any request is handled: a remote node's round trip
         self.requests = 0
         self.forwarded = 0
@@ -279,7 +290,9 @@ class RpcFaultProxy:
             return _json(refusal)
         if not batch:
             status, raw = await self._upstream_post(body)
-            if self.max_results is None or status != 200:
+            if status != 200 or (
+                self.max_results is None and not self.refused_methods and self.chain_id is None
+            ):
                 return web.Response(status=status, body=raw, content_type=JSON)
             return _json(self._limit_results(payload, orjson.loads(raw)))
         return await self._forward_batch(body, calls)
@@ -337,7 +350,12 @@ class RpcFaultProxy:
         by_id: dict[object, object] = {}
         if passed:
             status, raw = await self._upstream_post(orjson.dumps(passed) if refused else body)
-            if status != 200 or (self.max_results is None and not refused):
+            if status != 200 or (
+                self.max_results is None
+                and not refused
+                and not self.refused_methods
+                and self.chain_id is None
+            ):
                 return web.Response(status=status, body=raw, content_type=JSON)
             answers = orjson.loads(raw)
             if not isinstance(answers, list):
@@ -421,7 +439,15 @@ class RpcFaultProxy:
         return _error(call.get("id"), code, message.format(n=self.max_range))
 
     def _limit_results(self, call: object, answer: object) -> object:
-        if self.max_results is None or not isinstance(call, dict) or not isinstance(answer, dict):
+        if not isinstance(call, dict) or not isinstance(answer, dict):
+            return answer
+        method = call.get("method")
+        if isinstance(method, str) and method in self.refused_methods:
+            self.injected["refused"] += 1
+            return _error(call.get("id"), *self.refused_methods[method])
+        if method == "eth_chainId" and self.chain_id is not None:
+            return {**answer, "result": hex(self.chain_id)}
+        if self.max_results is None:
             return answer
         result = answer.get("result")
         if call.get("method") != "eth_getLogs" or not isinstance(result, list):
