@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Annotated
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr
 
@@ -72,9 +72,31 @@ def check_url(url: str, schemes: frozenset[str], *, need_host: bool = True) -> s
         raise ValueError("more than one @ before the host: percent-encode @ in the password as %40")
     if need_host and not parts.hostname:
         raise ValueError("URL has no host")
+    if parts.scheme.lower() in {"http", "https"} and not _basic_auth_sendable(parts):
+        # aiohttp sends the credentials of an http(s) URL as HTTP Basic authentication, in
+        # Latin-1: anything else raised UnicodeEncodeError at the first request.
+        raise ValueError(
+            "the user name or password has characters HTTP Basic authentication cannot send"
+            " (Latin-1 only, percent-encoded or not)"
+        )
     if parts.hostname:
         check_host(parts.hostname)
     return url
+
+
+def _basic_auth_sendable(parts: SplitResult) -> bool:
+    """Whether the credentials of a URL, percent-decoded as aiohttp decodes them, are
+    Latin-1 (none are)."""
+    for part in (parts.username or "", parts.password or ""):
+        try:
+            decoded = unquote(part, errors="strict")
+        except UnicodeDecodeError:
+            decoded = part  # not UTF-8 once decoded: aiohttp (yarl) leaves it encoded, ASCII
+        try:
+            decoded.encode("latin-1")
+        except UnicodeEncodeError:
+            return False
+    return True
 
 
 def check_host(host: str) -> str:

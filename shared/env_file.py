@@ -26,7 +26,8 @@ def check_env_file(
     CONFIRMATION, redis_url): either way the setting would silently take its default, and an
     empty MARKET_FACTORY_ADDRESS indexes no market. Refused rather than warned about: a
     warning scrolls by in PM2's logs while the service runs on the wrong value. The message
-    names the line by number and the variable by name, never the value (it may be a secret).
+    names the line by number and the variable by name, never the value (it may be a secret),
+    nor a line with no "=", which is more likely part of a value than a name.
     """
     prefixes = tuple(name for name in others if name.endswith("_"))
     with path.open(encoding=encoding) as file:
@@ -37,6 +38,12 @@ def check_env_file(
             key = binding.key
             if key is None or key in known or key in others or key.startswith(prefixes):
                 continue
+            if binding.value is None:
+                # A word alone on its line: most likely the end of a value wrapped onto a line
+                # of its own (a key, a password), which the message must not repeat.
+                raise ConfigError(
+                    str(path), f"line {line} has no '=' (a value wrapped onto a line of its own?)"
+                )
             raise ConfigError(str(path), f"line {line}: {_unknown_variable(key, known)}")
 
 

@@ -665,6 +665,23 @@ def test_a_dotenv_variable_no_one_reads_is_refused(
     assert str(caught.value) == f"invalid setting .env: line 4: {reason}"
 
 
+def test_a_value_wrapped_onto_a_line_of_its_own_is_refused_without_quoting_it(
+    clean_env: Path,
+) -> None:
+    """A key wrapped onto its own line reads as a variable with no value: the message said
+    "unknown variable <the key>" in PM2's logs. It says where, and what is likely wrong."""
+    secret = "Kx7secretPATHkey1234abcd"
+    (clean_env / ".env").write_text(
+        f"CHAIN_ID=32323\nRPC_PROVIDER_URL=https://rpc.example/v2/\n{secret}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(IndexerSettings)
+    assert str(caught.value) == (
+        "invalid setting .env: line 3 has no '=' (a value wrapped onto a line of its own?)"
+    )
+    assert secret not in str(caught.value)
+
+
 def test_the_other_services_variables_in_dotenv_are_accepted(clean_env: Path) -> None:
     """Both services and the ops tools share one .env: each accepts the others' names."""
     (clean_env / ".env").write_text(
@@ -750,6 +767,28 @@ def test_a_raw_at_sign_in_a_password_is_refused_with_the_fix() -> None:
         "invalid setting DATABASE_URL: more than one @ before the host: "
         "percent-encode @ in the password as %40"
     )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://rpcuser:pa\u20acss1234word@127.0.0.1:8545",
+        "https://op%E2%82%AC:key1234@rpc.example/",
+    ],
+    ids=["raw", "percent-encoded"],
+)
+def test_rpc_credentials_http_basic_cannot_send_are_refused(url: str) -> None:
+    """aiohttp sends an RPC URL's credentials as HTTP Basic authentication, in Latin-1: a
+    password with a euro sign passed as valid, then every request raised UnicodeEncodeError
+    (a raw traceback, not the one line of a bad setting). The message does not quote it."""
+    error = config_error(IndexerSettings, RPC_PROVIDER_URL=url)
+    assert error.variable == "RPC_PROVIDER_URL"
+    assert "HTTP Basic authentication cannot send" in error.reason
+    assert "1234" not in str(error)
+    with pytest.MonkeyPatch.context() as patch:
+        for sendable in ("https://op:caf\u00e9@rpc.example/", "https://op%E9:x@rpc.example/"):
+            patch.setenv("RPC_PROVIDER_URL", sendable)  # Latin-1; not UTF-8, sent encoded
+            load_settings(IndexerSettings)
 
 
 @pytest.mark.parametrize(
