@@ -1306,3 +1306,30 @@ async def test_start_up_tries_a_missing_database_again_at_least_every_few_second
     delays = retries()
     assert delays[:3] == [1.0, 2.0, 4.0]  # still a back-off
     assert max(delays) <= 5
+
+
+async def test_an_endpoint_on_another_chain_does_not_stop_the_indexer(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """A URL of another network listed after a working one: the working one's first 503
+    failed over to it and stopped the indexer with ChainIdMismatch (and PM2's restarts did
+    the same for as long as an outage lasted). It is left out, and indexing goes on."""
+    driver = ActivityDriver(dev_chain, deployment, seed=21, txs_per_block=2)
+    await driver.cover_all_events()
+    async with (
+        RpcFaultProxy(anvil.rpc_url, seed=21) as working,
+        RpcFaultProxy(anvil.rpc_url, seed=22, chain_id=1) as other_chain,
+    ):
+        with make_indexer(RPC_PROVIDER_URL=f"{working.url},{other_chain.url}") as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+            working.schedule("http_503")
+            await driver.run(blocks=3)
+            await indexer.wait_cursor(await dev_chain.block_number())
+            assert indexer.running
+            assert "rpc endpoint serves another chain" in indexer.log_text()
+        assert other_chain.methods == {"eth_chainId": 1}
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
