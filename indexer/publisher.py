@@ -161,6 +161,7 @@ class Publisher:
         self._recorded = 0
         self._reported_missing = 0  # the last seq reported missing from the outbox
         self._told_unchecked = False
+        self._idle_redis_down = False  # the idle check found Redis not answering; logged once
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         # redis-py loads the script again by itself after a Redis restart (NOSCRIPT).
         self._script = redis.register_script(PUBLISH_SCRIPT)
@@ -349,11 +350,22 @@ class Publisher:
                 log.warning("redis refused XINFO STREAM", error=str(exc))
                 return None
             top = 0
-        except (RedisError, TimeoutError):
+        except (RedisError, TimeoutError) as exc:
             self._metrics.redis_up.set(0)
+            if not self._idle_redis_down:
+                # Once, not every PING_EVERY: a wrong password or a Redis stopped while the
+                # chain is quiet showed only in the metric, until the next event failed.
+                self._idle_redis_down = True
+                log.warning(
+                    "redis does not answer; events wait in the outbox until it does",
+                    error=str(exc) or type(exc).__name__,
+                )
             return None
         else:
             top = seq_of_entry_id(info.get("last-generated-id"))
+        if self._idle_redis_down:
+            self._idle_redis_down = False
+            log.info("redis answers again")
         self._metrics.redis_up.set(1)
         return top
 
