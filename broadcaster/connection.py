@@ -401,8 +401,16 @@ def _release_parser(protocol: ServerProtocol) -> None:
     """Break the cycles websockets' protocol is left in at the end of a connection.
 
     Its parser is a generator suspended in a frame that refers to the protocol, and the
-    exception that ended parsing, if any, holds such frames in its traceback.
+    exception that ended parsing, if any, holds such frames in its traceback: parser_exc,
+    or, for a connection that ended before its handshake did (no request, half a request,
+    a request refused), handshake_exc and the errors it was raised from.
     """
     protocol.parser.close()
-    if protocol.parser_exc is not None:
-        traceback.clear_frames(protocol.parser_exc.__traceback__)
+    pending: list[BaseException | None] = [protocol.parser_exc, protocol.handshake_exc]
+    seen: set[int] = set()
+    while pending:
+        ended = pending.pop()
+        if ended is not None and id(ended) not in seen:
+            seen.add(id(ended))
+            traceback.clear_frames(ended.__traceback__)
+            pending += (ended.__cause__, ended.__context__)

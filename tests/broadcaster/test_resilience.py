@@ -423,6 +423,11 @@ async def test_ended_connections_are_freed_without_the_cycle_collector(
         refused.close()
         await server.get("/healthz", base=server.public_http)  # an HTTP answer on the WS port
         await server.get("/nowhere", base=server.public_http)
+        for request in (b"", b"GET /ws HTTP/1.1\r\nHost: x\r\n"):  # ended before the handshake
+            _, writer = await asyncio.open_connection("127.0.0.1", server.settings.ws_port)
+            writer.write(request)
+            writer.close()
+            await writer.wait_closed()
         await server.wait_health(connections=0)
         left: list[str] = []
         async with asyncio.timeout(WITHIN):
