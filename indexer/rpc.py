@@ -37,7 +37,7 @@ from indexer.rpc_results import (
     parse_header,
     parse_logs,
 )
-from indexer.rpc_transport import Endpoint, post
+from indexer.rpc_transport import MAX_ANSWER_BYTES, Endpoint, post
 
 __all__ = [
     "BlockHeader",
@@ -77,6 +77,7 @@ class RpcClient:
         expected_chain_id: int | None = None,
         first_index: int = 0,
         failback_after: float = FAILBACK_AFTER,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         if not urls:
             raise ValueError("at least one RPC URL is required")
@@ -104,6 +105,7 @@ class RpcClient:
             failback_after=failback_after,
         )
         self._timeout = timeout
+        self._max_answer = max_answer_bytes
         self._ids = itertools.count(1)
         self._session: aiohttp.ClientSession | None = None
         self.stats = self._failover.stats
@@ -391,7 +393,15 @@ class RpcClient:
     ) -> object:
         assert self._session is not None, "RpcClient used outside `async with`"
         self.stats.attempts += 1
-        return await post(self._session, endpoint, body, method, shrinkable=shrinkable, batch=batch)
+        return await post(
+            self._session,
+            endpoint,
+            body,
+            method,
+            shrinkable=shrinkable,
+            batch=batch,
+            max_answer=self._max_answer,
+        )
 
 
 def _parse_chain_id(result: object) -> int:

@@ -11,13 +11,18 @@ from dataclasses import dataclass
 import aiohttp
 
 from indexer import rpc_wire as wire
-from indexer.errors import RpcRangeTimedOut
+from indexer.errors import RpcRangeTimedOut, RpcRangeTooLarge, RpcResponseError
 from shared.config_types import public_host, url_secret_fragments
 
-__all__ = ["Endpoint", "post"]
+__all__ = ["MAX_ANSWER_BYTES", "Endpoint", "post"]
 
 HEADERS = {"Content-Type": "application/json"}
 REDACTED = "***"
+# The largest answer read, in bytes. An endpoint's answer crosses a process boundary: a broken
+# or hostile one could send gigabytes. The indexer's ranges hold about BATCH_EVENTS logs, a
+# few MiB; a larger answer is refused as a range too large (a smaller range is asked), or,
+# for a call that cannot be made smaller, as an unusable answer (the next endpoint is asked).
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -59,11 +64,17 @@ async def post(
     *,
     shrinkable: bool = False,
     batch: bool = False,
+    max_answer: int = MAX_ANSWER_BYTES,
 ) -> object:
     """Send one HTTP request and return the decoded JSON answer, or raise what it calls for."""
     try:
         async with session.post(endpoint.url, data=body, headers=HEADERS) as response:
-            raw = await response.read()
+            raw = await _read_at_most(response, max_answer)
+            if raw is None:
+                too_large = f"an answer of more than {max_answer} bytes"
+                if shrinkable:
+                    raise RpcRangeTooLarge(too_large)
+                raise RpcResponseError(None, too_large, method)
             status = response.status
             retry_after = response.headers.get("Retry-After")
     except TimeoutError:
@@ -77,3 +88,17 @@ async def post(
         raise wire.TransientFailure("connect", detail) from None
     wire.check_status(status, raw, retry_after, method, batch=batch, shrinkable=shrinkable)
     return wire.decode(raw)
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """Return the body of response, or None as soon as it is known to exceed limit bytes."""
+    if response.content_length is not None and response.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

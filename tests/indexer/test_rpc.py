@@ -623,6 +623,27 @@ async def test_a_call_an_endpoint_refuses_goes_to_the_next(chain: Chain) -> None
     assert raised.value.code == -32601
 
 
+async def test_an_answer_over_the_size_bound_is_not_read_whole(chain: Chain) -> None:
+    """An endpoint's answer is read up to max_answer_bytes (a broken or hostile endpoint
+    could send gigabytes): a larger eth_getLogs answer gets a smaller range, which completes;
+    a call that cannot be made smaller goes to the next endpoint, then fails as unusable."""
+    addresses = [chain.emitter_a, chain.emitter_b]
+    expected = await direct_logs(chain.url, 0, chain.head, address=addresses)
+    sizer = LogRangeSizer(initial=chain.head + 1, minimum=1, maximum=chain.head + 1)
+    async with client_for(chain.url, max_answer_bytes=200_000) as client:
+        logs = await fetch_logs(
+            client, sizer, from_block=0, to_block=chain.head, addresses=addresses
+        )
+        assert client.stats.errors["range_too_large"] >= 1
+        assert as_tuples(logs) == sorted(expected)
+    # A block header is about 1.2 KB of JSON: 100 in a batch, about 120 KB.
+    async with client_for(chain.url, chain.url, max_answer_bytes=50_000) as client:
+        with pytest.raises(RpcResponseError, match="more than 50000 bytes"):
+            await client.get_block_headers(range(100))
+        assert client.stats.errors == {"bad_response": 2}
+        assert len(await client.get_block_headers(range(5))) == 5
+
+
 async def test_all_endpoints_dead_raises_unavailable_after_bounded_attempts() -> None:
     """With every endpoint dead a call raises RpcUnavailable after max_retries + 1 attempts,
     refused at once: in less than the capped backoffs plus one timeout, all together (a
