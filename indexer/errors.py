@@ -180,6 +180,12 @@ class ReorgDuringFetch(IndexerError):  # noqa: N818
     """The chain changed between two calls of one range; the range is fetched again."""
 
 
+class LogsNotIndexed(ReorgDuringFetch):
+    """A tip block's header came with no tracked log although its bloom names a tracked
+    contract and a KEKTECH event: the node's log index may lag its headers (it serves a
+    block before its logs), so the range is fetched again, as when the chain moved."""
+
+
 class StoreError(IndexerError):
     """The database refused or lost an operation the indexer could not complete."""
 

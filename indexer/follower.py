@@ -304,7 +304,8 @@ class Follower:
 
     async def _fetch_again(self, exc: ReorgDuringFetch | BlockNotFound) -> None:
         """The chain moved under us between two calls, or the node that answered is behind the
-        one that gave the head (a load balancer): the next step sees either settled."""
+        one that gave the head (a load balancer), or a tip block's bloom names logs the node
+        has not given yet (LogsNotIndexed): the next step sees either settled."""
         log.info("range changed or incomplete, fetching again", reason=str(exc))
         self._metrics.fetch_retries.inc()
         await asyncio.sleep(min(self._config.poll_interval, 0.5))

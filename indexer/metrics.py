@@ -46,6 +46,12 @@ class Metrics:
             "Ranges fetched again after the chain moved",
             registry=r,
         )
+        self.bloom_accepted = Counter(
+            "kektech_indexer_bloom_accepted_blocks",
+            "Tip blocks stored without logs after the grace although their bloom named a"
+            " tracked contract and event",
+            registry=r,
+        )
         self.batch_seconds = Histogram(
             "kektech_indexer_batch_commit_seconds", "Time to commit one batch", registry=r
         )

@@ -5,7 +5,8 @@ Two ways to fetch a range:
   are taken as final: logs in adaptive chunks, headers only for blocks that have logs (their
   time) and for the range end (the cursor);
 - tip ranges (inside the window) fetch every header and check the parent-hash chain from the
-  cursor, so a reorg is noticed before anything of the new branch is stored.
+  cursor, so a reorg is noticed before anything of the new branch is stored; a block the node
+  gave no logs of while its bloom names them is fetched again for a while (tip_blooms.py).
 
 A range's logs come from RangeLogs (the markets created inside it included), its events from
 RangeDecoder. Ranges are sized to about BATCH_EVENTS events from the density seen so far.
@@ -25,6 +26,7 @@ from indexer.range_logs import GatheredRange, RangeLogs
 from indexer.reorg import StoredChain
 from indexer.rpc import LogRangeSizer, RpcClient
 from indexer.rpc_results import BlockHeader
+from indexer.tip_blooms import TipBlooms
 
 # Assumed events per block before the first range is seen: starts small on a dense chain.
 INITIAL_DENSITY = 40.0
@@ -53,6 +55,7 @@ class RangeBatches:
         self._reorg_window = reorg_window
         self._logs = RangeLogs(rpc, sizer, static=static, max_addresses=max_addresses)
         self._decoder = RangeDecoder(metrics)
+        self._blooms = TipBlooms(metrics)
         # Market clone -> its factory: the follower sets it from the database, each batch adds
         # the clones created in its range.
         self.children: dict[str, str] = {}
@@ -123,6 +126,9 @@ class RangeBatches:
             if await self._chain.canonical(fetched[-1]):
                 raise
             raise ReorgDuringFetch(f"block {last} was replaced before its logs were read") from exc
+        # The header proves the block, not its logs: a node may index them a little later.
+        tracked = {*self._static, *self.children, *gathered.children}
+        self._blooms.check(fetched, gathered.logs, tracked)
         self._note_density(len(gathered.logs), first, last)
         headers = {h.number: h for h in fetched}
         return self._batch(gathered, headers, stored_headers=fetched, cursor=fetched[-1])

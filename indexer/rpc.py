@@ -222,7 +222,8 @@ class RpcClient:
         "no logs". An endpoint that refuses batches gets the header, then the logs, one by
         one in the same attempt: a node that gave the header has the block, but a load
         balancer may send the two requests to different backends, a window left open there
-        as for a range sent alone. Used at the tip.
+        as for a range sent alone. Used at the tip, where a node may still lack the logs of a
+        block it has: RangeBatches.tip checks an empty answer against the header's bloom.
         """
         queries = [LogQuery.at_block(header, addresses) for header in headers]
 

@@ -19,6 +19,7 @@ from devnet.driver import ActivityDriver
 from devnet.postgres_server import Postgres
 from devnet.process import free_port
 from devnet.redis_server import Redis
+from indexer.tip_blooms import BLOOM_GRACE
 from tests.broadcaster.support import read_stream_after
 from tests.indexer.conftest import (
     assert_announcements_first,
@@ -27,6 +28,7 @@ from tests.indexer.conftest import (
     assert_no_duplicates,
     assert_retracted,
     caught_up,
+    chain_key,
     expected_ids,
     live_ids,
     published_order,
@@ -1027,6 +1029,85 @@ async def test_a_node_lagging_behind_the_head_for_every_method_stops_nothing(
         lagged = proxy.injected["lagging"]
     assert lagged > 0
     assert_gap_free(entries)
+
+
+async def test_logs_a_node_indexes_after_serving_the_header_are_not_lost(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """A node may serve a block's header before its log index holds the block's logs, and
+    answer eth_getLogs, even by block hash, with none meanwhile (go-ethereum#26098): a tip
+    block whose bloom names a tracked contract and event but came with no logs is fetched
+    again, said in the log and counted, not stored empty (81 events were lost here)."""
+    driver = ActivityDriver(dev_chain, deployment, seed=61, txs_per_block=3)
+    await driver.cover_all_events()
+    async with RpcFaultProxy(anvil.rpc_url, seed=15, log_index_lag=1.0) as proxy:
+        with make_indexer(RPC_PROVIDER_URL=proxy.url) as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+            await driver.run(blocks=10, block_interval=0.3)
+            entries = await caught_up(
+                indexer, dev_chain, redis_client, stream_key, database_url, deployment
+            )
+            retries = await indexer.metric("kektech_indexer_fetch_retries_total")
+            accepted = await indexer.metric("kektech_indexer_bloom_accepted_blocks_total")
+            assert indexer.running
+        hidden = proxy.injected["hidden_logs"]
+    assert hidden > 0
+    assert_gap_free(entries)
+    said = [
+        orjson.loads(line)
+        for line in indexer.log_text().splitlines()
+        if "fetching again" in line and "bloom" in line
+    ]
+    assert said, "no range was fetched again for its bloom"
+    assert (retries or 0) >= len(said)
+    assert accepted == 0
+
+
+async def test_a_block_whose_bloom_names_logs_the_node_never_gives_is_stored_after_a_grace(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """A bloom's false positive (here a node that never gives one block's logs, its bloom
+    naming them) holds the indexer back BLOOM_GRACE seconds, not for good: the block is stored
+    without logs, with a warning naming it and a count, and indexing goes on."""
+    driver = ActivityDriver(dev_chain, deployment, seed=62, txs_per_block=3)
+    await driver.cover_all_events()
+    market = await driver.active_market(deployment.factory_v1)
+    async with RpcFaultProxy(anvil.rpc_url, seed=16) as proxy:
+        with make_indexer(RPC_PROVIDER_URL=proxy.url) as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+            hidden = await dev_chain.block_number() + 1
+            proxy.hidden_blocks.add(hidden)
+            await driver.bet(market)  # a block of one bet: a market's event, no new market
+            await driver.run(blocks=3, block_interval=0.2)
+            head = await dev_chain.block_number()
+            await indexer.wait_cursor(head)
+            accepted = await indexer.metric("kektech_indexer_bloom_accepted_blocks_total")
+            assert indexer.running
+    logs = await tracked_chain_logs(dev_chain, deployment)
+    withheld = {chain_key(lg) for lg in logs if int(lg["blockNumber"], 16) == hidden}
+    assert withheld, "the hidden block holds tracked events"
+    expected = [chain_key(lg) for lg in logs if chain_key(lg) not in withheld]
+    assert await stored_keys(database_url) == expected
+    assert any(int(lg["blockNumber"], 16) > hidden for lg in logs), "events follow it"
+    warnings = [
+        orjson.loads(line)
+        for line in indexer.log_text().splitlines()
+        if "taken for a bloom false positive" in line
+    ]
+    assert [w["block"] for w in warnings] == [hidden]
+    assert warnings[0]["level"] == "warning"
+    assert warnings[0]["waited"] >= BLOOM_GRACE
+    assert accepted == 1
 
 
 async def test_a_tip_block_replaced_before_its_logs_are_fetched_is_followed(

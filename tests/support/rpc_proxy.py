@@ -55,6 +55,15 @@ And, as a provider's endpoint of its own may be, deterministically:
                     a key answers
     chain_id        eth_chainId answers this chain id: a URL of another network
 
+And, as a node whose log index lags its headers (go-ethereum#26098, lotus#13749), for
+eth_getLogs answers, by range or by block hash, deterministically:
+
+    log_index_lag   the logs of a block are left out for this many seconds from when the
+                    proxy first answered with its header (by number, "latest" or hash), or
+                    its number (eth_blockNumber)
+    hidden_blocks   the logs of the blocks with these numbers are always left out: a block
+                    whose bloom names logs that the node never gives
+
 `stale_header(number, header, times)` has the next `times` single eth_getBlockByNumber calls
 for that number answered with `header`: a block as a backend still on a replaced branch has
 it (batches are answered faithfully). `number` may be a block tag instead, "latest": the head
@@ -68,7 +77,8 @@ Counters for assertions: `requests` (HTTP requests received), `forwarded` (HTTP 
 upstream), `methods` (Counter of JSON-RPC methods received), `calls` (every JSON-RPC call
 received, as (method, params)) and `injected` (Counter of faults by kind, plus "range",
 "results", "batch_rejected", "batch_too_large" and "body_too_large" for the provider
-limits, "refused" for refused_methods). `on_call`, when set, is awaited with each call's
+limits, "refused" for refused_methods, "hidden_logs" for the logs log_index_lag and
+hidden_blocks left out). `on_call`, when set, is awaited with each call's
 method and params before the request is answered (to hold one back).
 
     async with RpcFaultProxy(anvil.rpc_url, seed=7, rates={"http_503": 0.2}) as proxy:
@@ -79,6 +89,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
 import socket
 from collections import Counter, deque
@@ -151,6 +162,8 @@ class RpcFaultProxy:
         empty_unknown_hash: bool = False,
         refused_methods: Mapping[str, tuple[int, str]] | None = None,
         chain_id: int | None = None,
+        log_index_lag: float = 0.0,
+        hidden_blocks: Collection[int] = (),
     ) -> None:
         self.upstream_url = upstream_url
         self.rates = dict(rates or {})
@@ -166,6 +179,8 @@ class RpcFaultProxy:
         self.empty_unknown_hash = empty_unknown_hash
         self.refused_methods = dict(refused_methods or {})
         self.chain_id = chain_id
+        self.log_index_lag = log_index_lag
+        self.hidden_blocks = set(hidden_blocks)
         self.delay = 0.0  # seconds before any request is handled: a remote node's round trip
         self.requests = 0
         self.forwarded = 0
@@ -177,6 +192,7 @@ class RpcFaultProxy:
         self._rng = random.Random(seed)
         self._schedule: deque[str | None] = deque()
         self._stale: dict[str, deque[object]] = {}  # hex block number or tag -> headers
+        self._block_seen: dict[int, float] = {}  # block number -> loop time first answered
         self._wordings = itertools.count()
         self._runner: web.AppRunner | None = None
         self._upstream: aiohttp.ClientSession | None = None
@@ -290,9 +306,7 @@ class RpcFaultProxy:
             return _json(refusal)
         if not batch:
             status, raw = await self._upstream_post(body)
-            if status != 200 or (
-                self.max_results is None and not self.refused_methods and self.chain_id is None
-            ):
+            if status != 200 or not self._rewrites():
                 return web.Response(status=status, body=raw, content_type=JSON)
             return _json(self._limit_results(payload, orjson.loads(raw)))
         return await self._forward_batch(body, calls)
@@ -350,12 +364,7 @@ class RpcFaultProxy:
         by_id: dict[object, object] = {}
         if passed:
             status, raw = await self._upstream_post(orjson.dumps(passed) if refused else body)
-            if status != 200 or (
-                self.max_results is None
-                and not refused
-                and not self.refused_methods
-                and self.chain_id is None
-            ):
+            if status != 200 or (not refused and not self._rewrites()):
                 return web.Response(status=status, body=raw, content_type=JSON)
             answers = orjson.loads(raw)
             if not isinstance(answers, list):
@@ -438,10 +447,22 @@ class RpcFaultProxy:
             code, message = RANGE_ERRORS[0]  # a status code cannot answer one call of a batch
         return _error(call.get("id"), code, message.format(n=self.max_range))
 
+    def _rewrites(self) -> bool:
+        """Whether answers from upstream may be changed here, so must be decoded."""
+        return bool(
+            self.max_results is not None
+            or self.refused_methods
+            or self.chain_id is not None
+            or self.log_index_lag
+            or self.hidden_blocks
+        )
+
     def _limit_results(self, call: object, answer: object) -> object:
         if not isinstance(call, dict) or not isinstance(answer, dict):
             return answer
         method = call.get("method")
+        if self.log_index_lag or self.hidden_blocks:
+            answer = self._hide_logs(method, answer)
         if isinstance(method, str) and method in self.refused_methods:
             self.injected["refused"] += 1
             return _error(call.get("id"), *self.refused_methods[method])
@@ -457,6 +478,28 @@ class RpcFaultProxy:
         self.injected["results"] += 1
         code, message = self._wording(RESULTS_ERRORS)
         return _error(call.get("id"), code, message.format(n=self.max_results))
+
+    def _hide_logs(self, method: object, answer: dict[str, Any]) -> dict[str, Any]:
+        """Note when a block was first answered; leave out the logs not to be seen yet."""
+        now = asyncio.get_running_loop().time()
+        result = answer.get("result")
+        if method == "eth_blockNumber" and isinstance(result, str):
+            self._block_seen.setdefault(int(result, 16), now)
+        elif method in ("eth_getBlockByNumber", "eth_getBlockByHash") and isinstance(result, dict):
+            self._block_seen.setdefault(int(result["number"], 16), now)
+        elif method == "eth_getLogs" and isinstance(result, list):
+            # A block never answered (a catch-up range's) is taken as indexed long ago.
+            kept = [
+                lg
+                for lg in result
+                if int(lg["blockNumber"], 16) not in self.hidden_blocks
+                and now - self._block_seen.get(int(lg["blockNumber"], 16), -math.inf)
+                >= self.log_index_lag
+            ]
+            if len(kept) < len(result):
+                self.injected["hidden_logs"] += len(result) - len(kept)
+                return {**answer, "result": kept}
+        return answer
 
     def _wording(self, wordings: tuple[tuple[int, str], ...]) -> tuple[int, str]:
         return wordings[next(self._wordings) % len(wordings)]
