@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import structlog
 
 from broadcaster.service import run
@@ -27,7 +29,20 @@ GC_THRESHOLDS = (50_000, 20, 20)
 LOW_OPEN_FILES = 16_384
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """No arguments: `--help` says so (and where the settings come from) rather than
+    starting a server on WS_PORT, and any other argument is refused (exit 2)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m broadcaster",
+        description="KEKTECH WebSocket broadcaster: fans the indexer's events out to browsers. "
+        "It takes no arguments: settings come from the environment and .env (see "
+        ".env.example and docs/broadcaster.md).",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parse_args(argv)
     settings = settings_or_exit(BroadcasterSettings)
     configure_logging(settings.log_level, settings.log_format, secrets=settings.log_secrets())
     tune_collector(GC_THRESHOLDS)

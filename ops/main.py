@@ -33,7 +33,8 @@ EXIT_PROBLEM = 1
 EXIT_BLIND = 2
 DEFAULT_SETTLE_SECONDS = 30.0
 MAX_SETTLE_SECONDS = 3600.0
-SETTLE_FIX = "pm2 logs <app> --lines 100"
+# What to read when a process did not settle: its own log, or PM2's with no process at all.
+SETTLE_FIX = "pm2 logs {app} --lines 100"
 
 
 def _names(value: str, known: Sequence[str]) -> list[str]:
@@ -156,7 +157,8 @@ async def run_settle(settings: OpsSettings, seconds: float, *, out: Writer) -> i
         out.say(Verdict(Level.FAIL, "settle", str(exc), exc.fix).line())
         return EXIT_BLIND
     for problem in settled.problems:
-        out.say(Verdict(Level.FAIL, "settle", problem, SETTLE_FIX).line())
+        fix = SETTLE_FIX.format(app=problem.app) if problem.app else "pm2 logs --lines 100"
+        out.say(Verdict(Level.FAIL, "settle", problem.text, fix).line())
     if settled.problems:
         return EXIT_PROBLEM
     out.say(

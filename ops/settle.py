@@ -14,9 +14,17 @@ from dataclasses import dataclass
 
 from ops.probes.pm2 import Pm2Process
 
-__all__ = ["Settled", "watch"]
+__all__ = ["Problem", "Settled", "watch"]
 
 POLL_INTERVAL = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """What went wrong, and with which app (None: with PM2 itself)."""
+
+    app: str | None
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +32,7 @@ class Settled:
     """The outcome: `problems` empty when every process stayed online without a restart."""
 
     processes: int
-    problems: tuple[str, ...]
+    problems: tuple[Problem, ...]
 
 
 async def watch(
@@ -40,7 +48,7 @@ async def watch(
     """
     first = {p.key: p for p in await list_processes()}
     if not first:
-        return Settled(0, ("PM2 runs no process",))
+        return Settled(0, (Problem(None, "PM2 runs no process"),))
     deadline = time.monotonic() + seconds
     latest = first
     while True:
@@ -51,14 +59,18 @@ async def watch(
         latest = {p.key: p for p in await list_processes()}
 
 
-def _problems(first: dict[str, Pm2Process], latest: dict[str, Pm2Process]) -> tuple[str, ...]:
+def _problems(first: dict[str, Pm2Process], latest: dict[str, Pm2Process]) -> tuple[Problem, ...]:
     found = []
     for key, before in first.items():
         now = latest.get(key)
         if now is None:
-            found.append(f"{key} is gone from the process list")
+            found.append(Problem(before.name, f"{key} is gone from the process list"))
         elif now.status != "online":
-            found.append(f"{key} is {now.status} ({now.restarts} restarts)")
+            found.append(Problem(before.name, f"{key} is {now.status} ({now.restarts} restarts)"))
         elif now.restarts != before.restarts:
-            found.append(f"{key} restarted ({before.restarts} -> {now.restarts} restarts)")
+            found.append(
+                Problem(
+                    before.name, f"{key} restarted ({before.restarts} -> {now.restarts} restarts)"
+                )
+            )
     return tuple(found)

@@ -480,3 +480,24 @@ async def test_the_per_ip_limit_counts_an_ipv6_64(start: Start, tmp_path: Path) 
             other_64 = {"X-Forwarded-For": "2001:db8:1:3::5"}
             async with unix_connect(path, "ws://localhost/ws", additional_headers=other_64):
                 pass
+
+
+@pytest.mark.parametrize(("args", "code"), [(["--help"], 0), (["--port", "1"], 2)])
+def test_arguments_are_answered_not_ignored(args: list[str], code: int, tmp_path: Path) -> None:
+    """`python -m broadcaster --help` printed nothing and started a server on WS_PORT (beside
+    PM2's, on the VPS); an argument it does not take is refused. Neither binds a port."""
+    port = free_port()
+    env = {"PATH": os.environ["PATH"], "WS_PORT": str(port), "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "broadcaster", *args],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == code, done.stderr
+    assert "usage: python -m broadcaster" in done.stdout + done.stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # nothing took it

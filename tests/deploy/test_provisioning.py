@@ -486,6 +486,7 @@ def test_an_update_whose_services_do_not_stay_up_is_rolled_back(
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert "step 5/5 (check that they stay up) failed" in result.stderr
+    assert "fix: pm2 logs update-probe --lines 100" in result.stdout + result.stderr
     assert "Rolled back" in result.stderr
     assert git(app, "rev-parse", "HEAD") == running_release
     [probe] = json.loads(pm2("jlist"))
