@@ -14,7 +14,7 @@ import hashlib
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +238,8 @@ class Health:
     waiting_for: str | None = None
     follower: Follower | None = None
     term: LeaseTerm | None = None  # the leader's: whether its lease is known held
+    # The leader's publisher: whether Redis answered its last call (kektech_indexer_redis_up).
+    redis_up: Callable[[], bool] | None = None
 
     def snapshot(self) -> dict[str, Any]:
         state: dict[str, Any] = {"role": self.role, "ready": False}
@@ -261,6 +263,10 @@ class Health:
                 f"the database: the write lease was last renewed {lapsed:.0f} s ago "
                 f"(LEASE_TTL {term.ttl:g} s); a standby may hold it"
             )
+        if self.redis_up is not None:
+            # Indexing goes on without Redis (events wait in the outbox), so `ready` stays as
+            # it is; `kektech check` alerts on this after MONITOR_DOWN_AFTER.
+            state["redis_up"] = self.redis_up()
         return state
 
 
@@ -315,6 +321,9 @@ async def _serve(settings: IndexerSettings, metrics: Metrics, health: Health) ->
             health.term = term = LeaseTerm(settings.lease_ttl)
             # Read at each scrape: 0 once the lease went LEASE_TTL unrenewed (see Health).
             metrics.leader.set_function(lambda: 0.0 if term.lapsed_for() is not None else 1.0)
+            health.redis_up = lambda: (
+                metrics.registry.get_sample_value("kektech_indexer_redis_up") == 1
+            )
             publisher = Publisher(
                 redis=redis,
                 db=db,
@@ -344,7 +353,7 @@ async def _serve(settings: IndexerSettings, metrics: Metrics, health: Health) ->
                 tasks.create_task(follower.follow(), name="follow-chain")
         finally:
             log.info("stopping: releasing the write lease")
-            health.term = None
+            health.term = health.redis_up = None
             metrics.leader.set_function(lambda: 0.0)
             # Also after cancellation: a clean stop hands the lease over at once.
             try:

@@ -1,7 +1,8 @@
 """`kektech check`: the alert conditions, evaluated once per run (cron runs it every minute).
 
 Conditions: the public WebSocket endpoint down for MONITOR_DOWN_AFTER seconds, the indexer
-not answering or its start-up waiting on a dependency for as long, an app of
+not answering, its start-up waiting on a dependency or its publishing on Redis for as long,
+an app of
 OPS_PM2_APPS absent from PM2 or not online, a PM2 process restarted more than
 MONITOR_MAX_RESTARTS times within MONITOR_RESTART_WINDOW, memory in use
 above MONITOR_MEMORY_PERCENT, the certificate expiring within MONITOR_TLS_DAYS. What must
@@ -127,8 +128,9 @@ async def check_websocket(
 async def check_indexer(
     settings: OpsSettings, state: dict[str, Any], *, now: float
 ) -> list[Finding]:
-    """The indexer answers /healthz and its start-up is not waiting on a dependency, or has
-    not been for MONITOR_DOWN_AFTER (a wait is otherwise invisible: PM2 shows it online)."""
+    """The indexer answers /healthz, its start-up is not waiting on a dependency and its
+    publishing not on Redis, or has not been for MONITOR_DOWN_AFTER (such a wait is otherwise
+    invisible: PM2 shows it online, and the WebSocket endpoint answers)."""
     host = url_host(settings.indexer_http_host)
     url = f"http://{host}:{settings.indexer_http_port}/healthz"
     saved = state.get("indexer")
@@ -164,11 +166,14 @@ def _indexer_problem(answer: Answer) -> str | None:
     if answer.status != 200 or body.get("status") != "ok":
         return f"answers HTTP {answer.status} without an indexer's health report"
     waiting = body.get("waiting_for")
-    if not isinstance(waiting, str):
-        return None
-    # At start-up, or a leader whose lease went unrenewed (docs/indexer.md, Endpoints).
-    who = "leader" if body.get("role") == "leader" else "start-up"
-    return f"{who} waits for: {waiting}"
+    if isinstance(waiting, str):
+        # At start-up, or a leader whose lease went unrenewed (docs/indexer.md, Endpoints).
+        who = "leader" if body.get("role") == "leader" else "start-up"
+        return f"{who} waits for: {waiting}"
+    if body.get("redis_up") is False:
+        # Indexing goes on, so nothing else here sees it: no browser gets an event meanwhile.
+        return "publishes nothing: Redis does not answer (events wait in the outbox)"
+    return None
 
 
 def _failing_since(mine: dict[str, Any], problem: str, *, now: float, down_after: float) -> float:

@@ -17,7 +17,7 @@ from devnet.redis_server import Redis
 from ops.monitor import count_restarts
 from ops.probes.memory import read_memory
 from tests.broadcaster.support import running, settings_for
-from tests.support.indexer_process import IndexerProcess
+from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.ops import (
     dead_port,
     make_certificate,
@@ -110,6 +110,46 @@ async def test_an_indexer_waiting_at_start_up_is_reported_after_the_threshold(
     # Stopped: still failing since the wait began, now as "not answering".
     gone = await run_kektech("check", "--only", "indexer", env=check, cwd=tmp_path)
     assert gone.stdout.startswith("ALERT  indexer  not answering"), gone
+
+
+async def test_an_indexer_that_cannot_publish_is_reported(
+    anvil: Anvil, deployment: Deployment, database_url: str, tmp_path: Path
+) -> None:
+    """Redis stopped under a running indexer: it indexes on (events wait in the outbox),
+    PM2 shows it online and the WebSocket endpoint answers, so nothing reported that no
+    browser got an event. Reported once it has lasted MONITOR_DOWN_AFTER; gone once Redis
+    answers again."""
+    with Redis(workdir=tmp_path) as own:
+        env = indexer_env(
+            database_url=database_url,
+            redis_url=own.url,
+            rpc_url=anvil.rpc_url,
+            deployment=deployment,
+            stream_key=f"test:{os.getpid()}:publishing",
+        )
+        check = check_env(
+            tmp_path, INDEXER_HTTP_PORT=env["INDEXER_HTTP_PORT"], MONITOR_DOWN_AFTER="0"
+        )
+        with IndexerProcess(env, log_dir=tmp_path) as indexer:
+            await indexer.wait_ready()
+
+            async def healthy() -> bool:
+                result = await run_kektech("check", "--only", "indexer", env=check, cwd=tmp_path)
+                return (result.code, result.stdout) == (0, "")
+
+            # Its publisher's first look at Redis comes within a few seconds of the start.
+            await eventually(healthy, within=30, what="no alert with Redis up")
+            own.stop()
+
+            async def reported() -> bool:
+                result = await run_kektech("check", "--only", "indexer", env=check, cwd=tmp_path)
+                return result.stdout.startswith(
+                    "ALERT  indexer  publishes nothing: Redis does not answer"
+                )
+
+            await eventually(reported, within=30, what="the indexer reported not publishing")
+            own.start()
+            await eventually(healthy, within=30, what="the alert gone with Redis back")
 
 
 async def test_an_indexer_listening_on_ipv6_loopback_is_reached(
