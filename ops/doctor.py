@@ -281,6 +281,11 @@ async def check_broadcasters(settings: OpsSettings) -> list[Verdict]:
     return verdicts
 
 
+# The PM2 status of an instance started and not ready yet (wait_ready). Not "waiting
+# restart": PM2 7 also leaves an app it gave up on in that status.
+STARTING = frozenset({"launching"})
+
+
 async def check_pm2(settings: OpsSettings) -> list[Verdict]:
     """Every app of OPS_PM2_APPS runs under PM2 and each of its instances is online."""
     try:
@@ -296,9 +301,22 @@ async def check_pm2(settings: OpsSettings) -> list[Verdict]:
         if not mine:
             verdicts.append(Verdict(Level.FAIL, name, "not in the PM2 process list", START_FIX))
             continue
-        down = [p for p in mine if p.status != "online"]
+        down = [p for p in mine if p.status not in {"online", *STARTING}]
+        starting = [p for p in mine if p.status in STARTING]
         summary = _instances(mine)
-        if down:
+        if starting and not down:
+            # Started and not ready yet (wait_ready): most often waiting for a dependency,
+            # which the checks of those name; a restart would only start the wait again.
+            verdicts.append(
+                Verdict(
+                    Level.WARN,
+                    name,
+                    f"{len(starting)} of {len(mine)} instances starting: {summary}",
+                    f"see the checks of what it needs (indexer, rpc, postgres, redis); "
+                    f"pm2 logs {app} --lines 100",
+                )
+            )
+        elif down:
             verdicts.append(
                 Verdict(
                     Level.FAIL,

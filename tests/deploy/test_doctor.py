@@ -471,6 +471,30 @@ async def test_a_pm2_pid_file_left_by_a_killed_daemon_is_no_daemon(tmp_path: Pat
     assert line.startswith(f"FAIL  pm2  the PM2 daemon is not running (PM2_HOME={pm2.home})")
 
 
+async def test_a_pm2_app_still_starting_is_a_warning_without_a_restart(tmp_path: Path) -> None:
+    """An instance started and not ready yet (PM2's "launching": an indexer waiting for its
+    RPC endpoint or database) was a FAIL whose fix, `pm2 restart`, only began the wait again:
+    a WARN now, pointing at the checks of what it needs."""
+    async with pm2_daemon() as pm2:
+        script = write_script(tmp_path / "s.py", STEADY)  # never says it is ready
+        starting = asyncio.create_task(
+            pm2.start("kektech-event-indexer", script, "--wait-ready", "--listen-timeout", "8000")
+        )
+
+        async def launching() -> bool:
+            result = await run_kektech("doctor", "--only", "pm2", env=pm2.env, cwd=tmp_path)
+            return "launching" in result.line("pm2 kektech-event-indexer")
+
+        await eventually(launching, within=6, what="the app launching")
+        result = await run_kektech("doctor", "--only", "pm2", env=pm2.env, cwd=tmp_path)
+        await starting  # PM2 takes it for ready once listen_timeout has passed
+    assert result.line("pm2 kektech-event-indexer") == (
+        "WARN  pm2 kektech-event-indexer  1 of 1 instances starting: #0 launching (0 restarts)"
+        " -> fix: see the checks of what it needs (indexer, rpc, postgres, redis);"
+        " pm2 logs kektech-event-indexer --lines 100"
+    )
+
+
 async def test_pm2_apps_missing_or_stopped_fail(tmp_path: Path) -> None:
     """An app absent from PM2, or stopped, is a FAIL naming it and the command to fix it."""
     async with pm2_daemon() as pm2:
