@@ -150,7 +150,9 @@ async def _stream_said(settings: IndexerSettings) -> str:
         if "no such key" in str(exc).lower():
             return f"redis: no stream {key} (nothing published yet, or Redis lost it)"
         return f"redis: refused to describe the stream {key} ({exc})"
-    except (RedisError, OSError, TimeoutError) as exc:
+    except TimeoutError:
+        return f"redis: unreachable (no answer within {REDIS_TIMEOUT:g} s)"
+    except (RedisError, OSError) as exc:
         return f"redis: unreachable ({type(exc).__name__}: {exc})"
     return f"redis: the stream {key} ends at seq {seq_of_entry_id(info.get('last-generated-id'))}"
 

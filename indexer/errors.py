@@ -44,7 +44,8 @@ class RpcUnavailable(RpcError):  # noqa: N818
         super().__init__(method, attempts, last_error)
 
     def __str__(self) -> str:
-        return f"{self.method} failed after {self.attempts} attempts; last: {self.last_error}"
+        tries = "1 attempt" if self.attempts == 1 else f"{self.attempts} attempts"
+        return f"{self.method} failed after {tries}; last: {self.last_error}"
 
 
 class RpcResponseError(RpcError):

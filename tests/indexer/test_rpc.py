@@ -1342,3 +1342,11 @@ def test_sizer_size_stays_within_bounds(bounds: list[int], steps: list[int | Non
             else:
                 assert sizer.size < before
         assert minimum <= sizer.size <= maximum
+
+
+def test_an_unavailable_call_counts_its_attempts_in_words() -> None:
+    """The message of a call given up: "1 attempt", not "1 attempts" (RPC_MAX_RETRIES=0)."""
+    assert str(RpcUnavailable("eth_chainId", 1, "connect")) == (
+        "eth_chainId failed after 1 attempt; last: connect"
+    )
+    assert "after 3 attempts" in str(RpcUnavailable("eth_chainId", 3, "connect"))
