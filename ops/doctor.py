@@ -373,14 +373,8 @@ async def check_tls(settings: OpsSettings) -> list[Verdict]:
     except CertificateInvalid as exc:
         return [Verdict(Level.FAIL, name, str(exc), CERT_FIX)]
     except ProbeError as exc:
-        return [
-            Verdict(
-                Level.FAIL,
-                name,
-                str(exc),
-                "sudo systemctl status nginx; sudo ufw status (443 must be allowed)",
-            )
-        ]
+        fix = exc.fix or f"sudo systemctl status nginx; sudo ufw status ({port} must be allowed)"
+        return [Verdict(Level.FAIL, name, str(exc), fix)]
     days = cert.days_left(datetime.now(UTC))
     detail = f"certificate expires {cert.not_after:%Y-%m-%d %H:%M} UTC, in {days:.1f} days"
     if days < settings.doctor_tls_fail_days:

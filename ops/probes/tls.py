@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,8 +51,16 @@ async def fetch_certificate(host: str, port: int, *, ca_file: str, within: float
         raise CertificateInvalid(
             f"certificate of {host}:{port} does not verify: {exc.verify_message}"
         ) from None
+    except socket.gaierror as exc:  # before OSError, which it is
+        raise ProbeError(
+            f"cannot look up {host}: {exc.strerror or exc}",
+            fix=f"check the DNS record of {host} (dig +short {host}), or OPS_TLS_ENDPOINT",
+        ) from None
     except (OSError, ssl.SSLError) as exc:
-        raise ProbeError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        raise ProbeError(
+            f"cannot connect to {host}:{port}: {exc.strerror or exc}",
+            fix=f"sudo systemctl status nginx; sudo ufw status ({port} must be allowed)",
+        ) from None
     try:
         peer = writer.get_extra_info("peercert")
     finally:

@@ -441,6 +441,23 @@ async def test_untrusted_certificate_fails(tmp_path: Path) -> None:
     assert "does not verify: self-signed certificate" in result.line(f"tls 127.0.0.1:{port}")
 
 
+async def test_a_tls_endpoint_not_reached_gets_the_fix_for_its_cause(tmp_path: Path) -> None:
+    """A name that does not resolve is a DNS matter, not Nginx's or the firewall's; a port
+    that refuses names its own port in the firewall fix (it said 443 whatever the port)."""
+    env = {"OPS_TLS_ENDPOINT": "no-such-host.invalid:443"}
+    result = await run_kektech("doctor", "--only", "tls", env=env, cwd=tmp_path)
+    line = result.line("tls no-such-host.invalid:443")
+    assert line.startswith("FAIL  tls no-such-host.invalid:443  cannot look up no-such-host."), line
+    assert "-> fix: check the DNS record of no-such-host.invalid" in line
+    port = dead_port()
+    result = await run_kektech(
+        "doctor", "--only", "tls", env={"OPS_TLS_ENDPOINT": f"127.0.0.1:{port}"}, cwd=tmp_path
+    )
+    assert result.line(f"tls 127.0.0.1:{port}").endswith(
+        f"-> fix: sudo systemctl status nginx; sudo ufw status ({port} must be allowed)"
+    )
+
+
 async def test_pm2_daemon_not_running_fails(tmp_path: Path) -> None:
     """Without a PM2 daemon doctor says so (and starts none) and tells how to bring it back."""
     async with pm2_daemon() as pm2:
