@@ -127,11 +127,19 @@ class RangeBatches:
                 raise
             raise ReorgDuringFetch(f"block {last} was replaced before its logs were read") from exc
         # The header proves the block, not its logs: a node may index them a little later.
-        tracked = {*self._static, *self.children, *gathered.children}
-        self._blooms.check(fetched, gathered.logs, tracked)
+        self._blooms.check(fetched, gathered.logs, (self._static, self.children, gathered.children))
         self._note_density(len(gathered.logs), first, last)
         headers = {h.number: h for h in fetched}
         return self._batch(gathered, headers, stored_headers=fetched, cursor=fetched[-1])
+
+    def _kind(self, address: str, gathered: GatheredRange) -> ContractKind:
+        """The kind of a log's emitter: each log of a range comes from a contract it tracks."""
+        kind = self._static.get(address)
+        if kind is not None:
+            return kind
+        if address in self.children or address in gathered.children:
+            return ContractKind.MARKET
+        raise KeyError(f"log from {address}, a contract not tracked")
 
     def _batch(
         self,
@@ -142,8 +150,8 @@ class RangeBatches:
         cursor: BlockHeader | None,
     ) -> Batch:
         """Decode a gathered range into a batch; its children are followed from now on."""
-        kinds = dict(self._static)
-        kinds.update((child, ContractKind.MARKET) for child in (*self.children, *gathered.children))
+        # Only the emitters of its logs: not a map of every market followed for each range.
+        kinds = {lg.address: self._kind(lg.address, gathered) for lg in gathered.logs}
         events = self._decoder.events(gathered.logs, kinds, headers)
         # Known before the commit so that the next range (prepared meanwhile) asks for their
         # logs; if the commit fails the service stops and reloads them from the database.

@@ -16,8 +16,9 @@ address alone would match most busy blocks' blooms.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import structlog
 
@@ -40,12 +41,12 @@ def event_topics() -> frozenset[str]:
     return frozenset(topic0 for _, topic0 in catalog())
 
 
-def names_tracked(bloom: bytes, addresses: Collection[str]) -> bool:
-    """Whether a bloom allows a KEKTECH event from one of `addresses`."""
+def names_tracked(bloom: bytes, address_groups: Iterable[Iterable[str]]) -> bool:
+    """Whether a bloom allows a KEKTECH event from an address of one of `address_groups`."""
     number = bloom_number(bloom)
     # Topics first: a few dozen, where the addresses may be thousands.
     return any(may_contain(number, t) for t in event_topics()) and any(
-        may_contain(number, a) for a in addresses
+        may_contain(number, a) for a in itertools.chain.from_iterable(address_groups)
     )
 
 
@@ -67,11 +68,15 @@ class TipBlooms:
         self._doubted: dict[str, tuple[int, float]] = {}
 
     def check(
-        self, headers: Sequence[BlockHeader], logs: Sequence[RawLog], addresses: Collection[str]
+        self,
+        headers: Sequence[BlockHeader],
+        logs: Sequence[RawLog],
+        address_groups: Sequence[Iterable[str]],
     ) -> None:
         """Let a range's headers and logs through, or raise LogsNotIndexed while one of its
-        blocks is doubtful and within its grace. `addresses`: every contract tracked in the
-        range, the markets it created included."""
+        blocks is doubtful and within its grace. `address_groups`: every contract tracked in
+        the range, the markets it created included, in groups read only for a block without
+        logs (no set of thousands of markets built for each range at the tip)."""
         self._forget(below=headers[0].number)
         returned = {lg.block_hash for lg in logs}
         doubtful = [
@@ -79,7 +84,7 @@ class TipBlooms:
             for h in headers
             if h.hash not in returned
             and h.logs_bloom is not None
-            and names_tracked(h.logs_bloom, addresses)
+            and names_tracked(h.logs_bloom, address_groups)
         ]
         now = self._clock()
         for h in doubtful:

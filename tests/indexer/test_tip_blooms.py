@@ -78,15 +78,15 @@ def test_an_empty_block_whose_bloom_names_a_tracked_event_waits_out_the_grace(
     taken (a bloom false positive), and counted."""
     doubtful = header(11, MARKET, MARKET_CREATED.topic0)
     with pytest.raises(LogsNotIndexed, match="block 11"):
-        blooms.check([header(10), doubtful], [], {FACTORY, MARKET})
+        blooms.check([header(10), doubtful], [], [{FACTORY, MARKET}])
     clock.now += GRACE - 0.1
     with pytest.raises(LogsNotIndexed):
-        blooms.check([header(10), doubtful, header(12)], [], {FACTORY, MARKET})
+        blooms.check([header(10), doubtful, header(12)], [], [{FACTORY, MARKET}])
     clock.now += 0.1
-    blooms.check([header(10), doubtful, header(12)], [], {FACTORY, MARKET})
+    blooms.check([header(10), doubtful, header(12)], [], [{FACTORY, MARKET}])
     assert accepted(metrics) == 1
     with pytest.raises(LogsNotIndexed):  # stored: forgotten, as the cursor is past it
-        blooms.check([doubtful], [], {MARKET})
+        blooms.check([doubtful], [], [{MARKET}])
 
 
 @pytest.mark.parametrize(
@@ -97,14 +97,22 @@ def test_an_empty_block_whose_bloom_names_a_tracked_event_waits_out_the_grace(
 def test_a_bloom_without_both_a_tracked_address_and_an_event_lets_the_block_through(
     blooms: TipBlooms, metrics: Metrics, items: tuple[str, ...]
 ) -> None:
-    blooms.check([header(11, *items)], [], {FACTORY, MARKET})
+    blooms.check([header(11, *items)], [], [{FACTORY, MARKET}])
     assert accepted(metrics) == 0
+
+
+def test_each_group_of_addresses_counts(blooms: TipBlooms) -> None:
+    """A market followed already, or one created in the range itself: either is tracked."""
+    doubtful = header(11, MARKET, MARKET_CREATED.topic0)
+    for groups in ([{FACTORY}, {MARKET}], [{FACTORY}, {}, {MARKET: FACTORY}]):
+        with pytest.raises(LogsNotIndexed):
+            blooms.check([doubtful], [], groups)
 
 
 def test_a_block_with_logs_or_without_a_bloom_is_taken(blooms: TipBlooms, metrics: Metrics) -> None:
     """Some logs returned: the node has indexed the block. No bloom: nothing to go by."""
     with_logs = header(11, FACTORY, MARKET_CREATED.topic0)
-    blooms.check([with_logs, header(12)], [log_of(with_logs)], {FACTORY})
+    blooms.check([with_logs, header(12)], [log_of(with_logs)], [{FACTORY}])
     assert accepted(metrics) == 0
 
 
@@ -113,8 +121,8 @@ def test_a_block_is_forgotten_once_the_cursor_passes_it(blooms: TipBlooms, clock
     the memory stays bounded, and a block seen again later is doubted afresh."""
     doubtful = header(11, MARKET, MARKET_CREATED.topic0)
     with pytest.raises(LogsNotIndexed):
-        blooms.check([doubtful], [], {MARKET})
+        blooms.check([doubtful], [], [{MARKET}])
     clock.now += GRACE
-    blooms.check([header(12)], [], {MARKET})  # block 11 stored, or replaced
+    blooms.check([header(12)], [], [{MARKET}])  # block 11 stored, or replaced
     with pytest.raises(LogsNotIndexed):
-        blooms.check([doubtful], [], {MARKET})  # not taken at once: its wait begins again
+        blooms.check([doubtful], [], [{MARKET}])  # not taken at once: its wait begins again
