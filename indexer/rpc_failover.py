@@ -13,7 +13,7 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -179,7 +179,7 @@ class Failover:
                 kind = "bad_response" if exc.code is None else "rpc_error"
                 self.stats.errors[kind] += 1
                 unusable.add(index)
-                if len(unusable | self._wrong_chain) == len(self._endpoints):
+                if self._none_left(unusable):
                     raise
                 last_error = f"{kind} at {endpoint.label}: {exc}"
                 self._fail_over(index)  # the next call starts past it too
@@ -200,7 +200,7 @@ class Failover:
                 # An answer ("not yet"), not an error of the endpoint; but another endpoint
                 # may be ahead of this one, which may lag behind the one that gave the head.
                 lacking[index] = exc
-                if all(i in lacking or i in self._wrong_chain for i in range(len(self._endpoints))):
+                if self._none_left(lacking):
                     raise
                 log.info(
                     "rpc endpoint does not have the block, asking the next",
@@ -296,7 +296,7 @@ class Failover:
         indexer, nor send it requests. Raises mismatch when no endpoint is left."""
         self.stats.errors["chain_id_mismatch"] += 1
         self._wrong_chain.add(index)
-        if len(self._wrong_chain) == len(self._endpoints):
+        if self._none_left():
             raise mismatch
         log.error(
             "rpc endpoint serves another chain, leaving it out until restarted",
@@ -305,6 +305,10 @@ class Failover:
             actual=mismatch.actual,
         )
         self._fail_over(index)
+
+    def _none_left(self, tried: Collection[int] = ()) -> bool:
+        """Whether every endpoint is either in `tried` (indexes) or left out (another chain)."""
+        return all(i in tried or i in self._wrong_chain for i in range(len(self._endpoints)))
 
     def _fail_back(self) -> None:
         """Before a call's first attempt: go back to the first endpoint left once FAILBACK_AFTER
