@@ -62,10 +62,12 @@ def report_failure(settings: IndexerSettings, command: str, error: BaseException
 
 
 @asynccontextmanager
-async def _connections(settings: IndexerSettings) -> AsyncIterator[tuple[Database, RpcClient]]:
+async def _connections(
+    settings: IndexerSettings, *, once_each: bool = False
+) -> AsyncIterator[tuple[Database, RpcClient]]:
     async with (
         open_database(settings) as db,
-        rpc_client(settings) as rpc,
+        rpc_client(settings, once_each=once_each) as rpc,
     ):
         yield db, rpc
 
@@ -87,8 +89,9 @@ async def migrate(settings: IndexerSettings) -> int:
 
 async def status(settings: IndexerSettings) -> int:
     """Print where the indexer stands; exit 0 even when the node is unreachable (not when
-    the database is: there is nothing to report without it)."""
-    async with _connections(settings) as (db, rpc):
+    the database is: there is nothing to report without it). Each RPC endpoint is asked
+    once: the service's retries would keep the operator waiting over a minute on a hung one."""
+    async with _connections(settings, once_each=True) as (db, rpc):
         version = await schema.schema_version(db)
         _say(settings, f"schema: version {version} of {schema.latest_schema_version()}")
         try:

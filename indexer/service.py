@@ -157,11 +157,14 @@ def open_database(
     )
 
 
-def rpc_client(settings: IndexerSettings) -> RpcClient:
+def rpc_client(settings: IndexerSettings, *, once_each: bool = False) -> RpcClient:
+    """The JSON-RPC client of RPC_PROVIDER_URL. `once_each`: each endpoint is asked once, with
+    no retries (a question an operator waits on, such as `status`)."""
+    urls = settings.rpc_urls()
     return RpcClient(
-        settings.rpc_urls(),
+        urls,
         timeout=settings.rpc_timeout,
-        max_retries=settings.rpc_max_retries,
+        max_retries=len(urls) - 1 if once_each else settings.rpc_max_retries,
         expected_chain_id=settings.chain_id,
     )
 

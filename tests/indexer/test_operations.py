@@ -234,6 +234,26 @@ async def test_status_never_prints_a_secret_a_node_echoes(
     assert API_KEY not in output
 
 
+async def test_status_asks_each_node_once_instead_of_retrying_a_hung_one(
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """Two endpoints that take connections and never answer: `status` says the head is
+    unreachable after one attempt at each (an operator's question; with the service's retries
+    and backoff it hung for over a minute), then reports the rest."""
+    with socket.socket() as first, socket.socket() as second:
+        for hung in (first, second):
+            hung.bind(("127.0.0.1", 0))
+            hung.listen(8)  # the kernel completes connections; nothing ever reads them
+        urls = ",".join(f"http://127.0.0.1:{s.getsockname()[1]}" for s in (first, second))
+        code, output = await run_command(
+            make_indexer, "status", RPC_PROVIDER_URL=urls, RPC_TIMEOUT="1", RPC_MAX_RETRIES="5"
+        )
+    assert code == 0, output
+    assert "chain head: unreachable (" in output
+    assert "after 2 attempts" in output
+    assert "cursor: " in output
+
+
 async def test_database_settings_that_cannot_work_stop_it_instead_of_a_wait(
     make_indexer: Callable[..., IndexerProcess], database_url: str
 ) -> None:
