@@ -79,6 +79,39 @@ async def watch(processes: dict[str, subprocess.Popen[bytes]]) -> None:
         await asyncio.sleep(WATCH_INTERVAL)
 
 
+async def listening(port: int) -> bool:
+    """Whether something takes connections on the loopback port."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
+
+
+async def announce(env: dict[str, str]) -> None:
+    """Print the services' addresses once each takes connections, then wait for ever (the
+    demo's end is drive's or watch's)."""
+    ports = [int(env[name]) for name in ("INDEXER_HTTP_PORT", "WS_PORT", "BROADCASTER_HTTP_PORT")]
+    for port in ports:
+        # Another process's port: no event to await, so looked at until it answers.
+        while not await listening(port):  # noqa: ASYNC110
+            await asyncio.sleep(WATCH_INTERVAL / 5)
+    indexer = f"http://127.0.0.1:{env['INDEXER_HTTP_PORT']}"
+    broadcaster = f"http://127.0.0.1:{env['BROADCASTER_HTTP_PORT']}"
+    print(
+        "services answering:\n"
+        f"  WebSocket: ws://127.0.0.1:{env['WS_PORT']}/ws "
+        '(send {"type":"subscribe","channel":"events:*"})\n'
+        f"  indexer: health {indexer}/healthz, caught up {indexer}/ready,"
+        f" metrics {indexer}/metrics\n"
+        f"  broadcaster: health {broadcaster}/healthz, metrics {broadcaster}/metrics",
+        file=sys.stderr,
+    )
+    await asyncio.Event().wait()
+
+
 async def first_of(*work: Coroutine[Any, Any, None]) -> None:
     """Run `work` together until the first one ends (its error raised); cancel the others."""
     tasks = [asyncio.ensure_future(w) for w in work]
@@ -125,20 +158,12 @@ async def simulate(services: LocalServices, args: argparse.Namespace) -> None:
             "BROADCASTER_HTTP_PORT": str(free_port()),
             **deployment.as_env(),
         }
-        print(
-            "services:\n"
-            f"  indexer health and metrics: http://127.0.0.1:{env['INDEXER_HTTP_PORT']}/ready\n"
-            f"  WebSocket: ws://127.0.0.1:{env['WS_PORT']}/ws "
-            '(send {"type":"subscribe","channel":"events:*"})\n'
-            f"  broadcaster health and metrics: http://127.0.0.1:{env['BROADCASTER_HTTP_PORT']}/healthz",
-            file=sys.stderr,
-        )
         with tempfile.TemporaryDirectory(prefix="kektech-devnet-") as workdir:
             processes = {
                 name: start_service(name, env, Path(workdir)) for name in ("indexer", "broadcaster")
             }
             try:
-                await first_of(drive(chain, deployment, args), watch(processes))
+                await first_of(drive(chain, deployment, args), watch(processes), announce(env))
             finally:
                 stop_services(list(processes.values()))
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 from websockets.asyncio.client import connect
@@ -64,7 +66,19 @@ async def test_demo_streams_chain_events_to_a_websocket_client_and_stops_cleanly
     ws_port = free_port()
     demo = await start_demo(tmp_path, ws_port)
     try:
-        await eventually(lambda: port_open(ws_port), within=120, what="the demo's WebSocket port")
+        # Each address announced answers when it is printed: health, readiness and metrics of
+        # both services, and the WebSocket.
+        addresses = await announced(tmp_path / "demo.log")
+        assert f"ws://127.0.0.1:{ws_port}/ws" in addresses
+        paths = sorted(a.rsplit("/", 1)[1] for a in addresses if a.startswith("http"))
+        assert paths == ["healthz", "healthz", "metrics", "metrics", "ready"]
+        async with aiohttp.ClientSession() as http:
+            for address in addresses:
+                if address.startswith("http"):
+                    async with http.get(address) as answer:
+                        assert answer.status in (200, 503), address  # /ready: 503 until caught up
+                        if address.endswith("/metrics"):
+                            assert "# TYPE" in await answer.text()
         received: list[dict[str, object]] = []
         async with connect(f"ws://127.0.0.1:{ws_port}/ws") as ws:
             assert orjson.loads(await ws.recv())["type"] == "connected"
@@ -83,6 +97,24 @@ async def test_demo_streams_chain_events_to_a_websocket_client_and_stops_cleanly
     output = (tmp_path / "demo.log").read_text(errors="replace")
     assert code == 0, output[-3000:]
     assert not await port_open(ws_port), "the broadcaster stopped with the demo"
+
+
+ANNOUNCED = "services answering:"
+
+
+async def announced(log: Path) -> list[str]:
+    """The addresses the demo prints once its services answer."""
+    await eventually(lambda: _said(log, ANNOUNCED), within=120, what="the demo's services")
+    text = _text(log)
+    return re.findall(r"(?:http|ws)://127\.0\.0\.1:\d+/\w+", text[text.index(ANNOUNCED) :])
+
+
+def _text(log: Path) -> str:
+    return log.read_text(errors="replace")
+
+
+async def _said(log: Path, line: str) -> bool:
+    return line in _text(log)
 
 
 async def stopped(demo: asyncio.subprocess.Process, sig: signal.Signals, *, within: float) -> int:
