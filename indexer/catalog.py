@@ -9,7 +9,6 @@ and topic0, never by name.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
@@ -155,8 +154,3 @@ def catalog() -> dict[tuple[ContractKind, str], EventSpec]:
 
 
 MARKET_CREATED = parse_declaration(ContractKind.FACTORY, DECLARATIONS[ContractKind.FACTORY][0])
-
-
-def created_market(raw_topics: Sequence[str]) -> str:
-    """The market clone a MarketCreated log announces: its first indexed argument."""
-    return "0x" + raw_topics[1][-40:]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from indexer.catalog import ContractKind, EventSpec, catalog
+from indexer.catalog import MARKET_CREATED, ContractKind, EventSpec, catalog
 from shared.envelope import concerned_market
 
 JsonValue = str | bool | None
@@ -253,3 +253,17 @@ def decode_log(
     args = decode_args(spec, topics, data)
     # Positional: keywords cost more, for every event.
     return Decoded(spec, args, concerned_market(kind, address, args))
+
+
+def announced_market(topics: Sequence[str], data: str) -> str | None:
+    """The market clone a factory's log announces: the `marketAddress` of a MarketCreated
+    that decodes; None for any other log. One that does not decode is stored raw and makes no
+    `markets` row, which is where a restart finds the markets to follow: it announces nothing,
+    or its "market" would be followed until the next restart only."""
+    if not topics or topics[0] != MARKET_CREATED.topic0:
+        return None
+    try:
+        args = decode_args(MARKET_CREATED, topics, data)
+    except UndecodableLog:
+        return None
+    return str(args["marketAddress"])

@@ -11,7 +11,8 @@ import asyncio
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from indexer.catalog import MARKET_CREATED, ContractKind, created_market
+from indexer.catalog import ContractKind
+from indexer.decoding import announced_market
 from indexer.rpc import LogRangeSizer, RpcClient, fetch_logs
 from indexer.rpc_results import BlockHeader, RawLog
 
@@ -126,13 +127,10 @@ class RangeLogs:
         with their creation block."""
         created: dict[str, int] = {}
         for raw in logs:
-            if (
-                self._static.get(raw.address) is ContractKind.FACTORY
-                and len(raw.topics) > 1
-                and raw.topics[0] == MARKET_CREATED.topic0
-            ):
-                child = created_market(raw.topics)
-                if child not in followed and child not in found:
-                    found[child] = raw.address
-                    created[child] = raw.block_number
+            if self._static.get(raw.address) is not ContractKind.FACTORY:
+                continue
+            child = announced_market(raw.topics, raw.data)
+            if child is not None and child not in followed and child not in found:
+                found[child] = raw.address
+                created[child] = raw.block_number
         return created

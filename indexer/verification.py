@@ -29,8 +29,9 @@ from datetime import datetime
 from typing import Any
 
 from indexer.batch import StoredEvent
-from indexer.catalog import MARKET_CREATED, ContractKind, created_market
+from indexer.catalog import MARKET_CREATED, ContractKind
 from indexer.database import Database
+from indexer.decoding import announced_market
 from indexer.errors import ReorgDuringFetch
 from indexer.projection import MarketRow, apply_events
 from indexer.queries import event_rows, header_rows, market_registry, markets
@@ -383,8 +384,8 @@ async def _announcements(
     )
     announced: dict[str, Announcement] = {}
     for raw in sorted(logs, key=lambda raw: (raw.block_number, raw.log_index)):
-        if len(raw.topics) > 1:
-            clone = created_market(raw.topics)
+        clone = announced_market(raw.topics, raw.data)
+        if clone is not None:
             made = Announcement(raw.address, raw.block_number, raw.log_index)
             announced.setdefault(clone, made)
     return announced

@@ -15,7 +15,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from indexer.catalog import MARKET_CREATED, created_market
+from indexer.catalog import MARKET_CREATED
+from indexer.decoding import announced_market
 from indexer.rpc import RawLog, RpcClient, fetch_logs
 from indexer.service import log_range_sizer, rpc_client
 from shared.indexer_settings import IndexerSettings
@@ -54,7 +55,8 @@ async def market_addresses(rpc: RpcClient, settings: IndexerSettings, head: int)
         addresses=list(settings.market_factory_address),
         topics=[MARKET_CREATED.topic0],
     )
-    return list(dict.fromkeys(created_market(lg.topics) for lg in created))
+    announced = (announced_market(lg.topics, lg.data) for lg in created)
+    return list(dict.fromkeys(a for a in announced if a is not None))
 
 
 async def _fetch_all(

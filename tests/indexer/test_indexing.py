@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from eth_abi.abi import encode
+from eth_utils.crypto import keccak
 
 from devnet.anvil_node import Anvil
 from devnet.chain import Deployment, DevChain
@@ -18,6 +20,7 @@ from indexer.catalog import OUTCOME_NAMES, STATE_NAMES
 from shared.channels import snake_case
 from shared.envelope import EventEnvelope
 from tests.indexer.conftest import (
+    MARKET_CREATED_TOPIC,
     assert_announcements_first,
     assert_database_equals_chain,
     assert_gap_free,
@@ -243,6 +246,61 @@ async def test_strings_text_cannot_carry_are_replaced_not_fatal(
     assert (row["question"], row["state"]) == ("Will it \ufffd? \ufffd", "APPROVED")
     assert stored == "two\ufffdsources"
     assert market_events > 0  # the market's own events after the restart
+
+
+# Runtime code that emits LOG3 with the call data's first three words as topics and the rest
+# as data: CALLDATACOPY it all to memory, MLOAD the topics, LOG3.
+LOG3_EMITTER = "0x366000600037604051602051600051606036036060a300"
+
+
+def word(value: int | str) -> bytes:
+    return (int(value, 16) if isinstance(value, str) else value).to_bytes(32, "big")
+
+
+async def test_a_market_announcement_that_does_not_decode_creates_no_market(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """A factory log with MarketCreated's topic0 in another layout (here `category` not
+    indexed) is stored raw, and announces no market, in every run: its "child" is not followed
+    before a restart and dropped after it (its events were indexed, then silently no more)."""
+    admin = dev_chain.accounts[0]
+    child = "0x" + "c0ffee" * 6 + "c0ff"
+    for address in (deployment.factory_v1, child):
+        await dev_chain.request("anvil_setCode", [address, LOG3_EMITTER])
+    created = MARKET_CREATED_TOPIC
+    bet = "0x" + keccak(text="BetPlaced(address,uint8,uint256,uint256,uint256)").hex()
+    layout = ["string", "uint256", "uint256", "bytes32", "uint256"]
+    announcement = word(created) + word(child) + word(admin)
+    announcement += encode(layout, ["Q?", 10**9, 0, b"\x01" * 32, 1])
+    await dev_chain.send(sender=admin, to=deployment.factory_v1, data="0x" + announcement.hex())
+
+    def bet_of(amount: int) -> str:
+        return "0x" + (word(bet) + word(admin) + word(1) + word(amount) * 2 + word(1)).hex()
+
+    await dev_chain.send(sender=admin, to=child, data=bet_of(111))
+    await dev_chain.mine()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(await dev_chain.block_number())
+    await dev_chain.send(sender=admin, to=child, data=bet_of(222))
+    await dev_chain.mine()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(await dev_chain.block_number())
+    async with connected(database_url) as conn:
+        raw = await conn.fetch(
+            "SELECT event_name FROM events WHERE contract = $1 AND topic0 = $2",
+            deployment.factory_v1,
+            created,
+        )
+        child_events = await conn.fetchval("SELECT count(*) FROM events WHERE contract = $1", child)
+        row = await conn.fetchval("SELECT count(*) FROM markets WHERE address = $1", child)
+    assert [r["event_name"] for r in raw] == [None]  # stored raw
+    assert (child_events, row) == (0, 0)
+    verify = make_indexer("verify", "--from", "0")
+    verify.start()
+    assert await verify.wait_exit(within=60) == 0, verify.log_text()
 
 
 # A generous bound (a busy CI machine), well inside PM2's kill_timeout (ecosystem.config.js).
