@@ -75,6 +75,30 @@ def test_parse_errors(text: str, code: str) -> None:
     assert caught.value.code == code
 
 
+def test_json_that_orjson_alone_refuses_is_still_json() -> None:
+    """RFC 8259 allows any \\uXXXX escape: JSON.stringify writes half an emoji as a lone
+    surrogate, and a 20-digit number is a number. Unknown fields carrying them are ignored;
+    a channel holding one is an invalid channel, not invalid JSON."""
+    ping = '{"type":"ping","note":"\\ud83d"}'
+    assert messages.parse_client_message(ping) == messages.Ping()
+    subscribe = (
+        '{"type":"subscribe","channel":"events:*","tag":"a\\udc00","n":123456789012345678901}'
+    )
+    assert messages.parse_client_message(subscribe) == messages.Subscribe("events:*")
+    for text, code in [
+        ('{"type":"subscribe","channel":"events:\\udc00"}', "invalid_channel"),
+        (
+            '{"type":"subscribe","channel":"events:*","since":123456789012345678901}',
+            "invalid_since",
+        ),
+        ('{"type":"ping","x":NaN}', "invalid_json"),  # not JSON, whatever Python's json takes
+        ('{"type":"ping","x":Infinity}', "invalid_json"),
+    ]:
+        with pytest.raises(ClientError) as caught:
+            messages.parse_client_message(text)
+        assert caught.value.code == code, text
+
+
 def test_error_messages_never_quote_the_input() -> None:
     """What a client sent never appears in the error text (it may be hostile, it is logged)."""
     secret = "events:<script>"
