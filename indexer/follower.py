@@ -119,6 +119,7 @@ class Follower:
         # block that is; False while a reorg at start-up is still to be looked at again.
         self.settled = False
         self._head_read_at = 0.0  # loop time of the last look at the head
+        self._last_head: BlockHeader | None = None  # the head that look found
 
     @property
     def cursor(self) -> int:
@@ -241,6 +242,7 @@ class Follower:
         while True:
             started = self._head_read_at = loop.time()
             head = await self._rpc.get_head()
+            previous, self._last_head = self._last_head, head
             self._note_head(head.number)
             target = self._config.target(self.head)
             if until is not None:
@@ -248,11 +250,12 @@ class Follower:
             if self.cursor < target:
                 await self.step(target, head)
                 continue
-            if self._replaced(head):
-                try:
+            try:
+                if await self._replaced(head, previous):
                     await self._handle_reorg()
-                except (ReorgDuringFetch, BlockNotFound) as exc:
-                    await self._fetch_again(exc)
+                    continue
+            except (ReorgDuringFetch, BlockNotFound) as exc:
+                await self._fetch_again(exc)
                 continue
             self._metrics.lag.set(max(0, self._config.target(self.head) - self.cursor))
             if self._bulk_done:
@@ -264,14 +267,23 @@ class Follower:
                 return
             await asyncio.sleep(max(0.0, self._config.poll_interval - (loop.time() - started)))
 
-    def _replaced(self, head: BlockHeader) -> bool:
-        """True when another block took the cursor's height without the chain growing past it.
+    async def _replaced(self, head: BlockHeader, previous: BlockHeader | None) -> bool:
+        """True when another block took the cursor's height without the chain growing past
+        the cursor's target: the head is at the cursor's height and another block; or, with
+        CONFIRMATIONS, the head became another block of its height since the last look
+        (`previous`), a branch as long as the old one, and the cursor's block is replaced too
+        (asked of the node: the branches may part above it). Otherwise only the next block
+        indexed would show it, by its parent, and a chain that stops never gives one.
 
         A head below the cursor is not taken as a reorg: a lagging endpoint behind a load
         balancer reports that too; a real shorter branch shows at the next block by its parent.
         """
         assert self._state is not None
-        return head.number == self.cursor and head.hash != self._state.block_hash
+        if head.number == self.cursor:
+            return head.hash != self._state.block_hash
+        if previous is None or previous.number != head.number or previous.hash == head.hash:
+            return False
+        return await self._chain.replaced(self.cursor, self._state.block_hash)
 
     async def step(self, target: int, head: BlockHeader | None = None) -> None:
         """Index towards `target`: pipelined deep ranges, or one tip range (or a reorg).

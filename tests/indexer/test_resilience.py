@@ -292,6 +292,41 @@ async def test_with_confirmations_a_reorg_of_the_whole_window_after_a_catch_up_i
     assert_retracted(await stream_entries(redis_client, stream_key), retracted)
 
 
+async def test_with_confirmations_a_reorg_at_the_same_height_is_followed_without_a_new_block(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """With CONFIRMATIONS the cursor is below the head: a reorg replacing blocks down past the
+    cursor by a branch of the same height is followed at once, not when the chain next grows
+    (on a chain that stops, never: the replaced events stayed stored and published)."""
+    confirmations = 2
+    driver = ActivityDriver(dev_chain, deployment, seed=47, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=12)
+    settings = {"REORG_WINDOW": "8", "CONFIRMATIONS": str(confirmations), "POLL_INTERVAL": "0.2"}
+    with make_indexer(**settings) as indexer:
+        head = await dev_chain.block_number()
+        await indexer.wait_cursor(head - confirmations)
+        await dev_chain.request("anvil_reorg", [5, reorg_transactions(dev_chain, deployment)])
+        assert await dev_chain.block_number() == head
+
+        async def followed() -> bool:
+            try:
+                await assert_database_equals_chain(
+                    database_url, dev_chain, deployment, last=head - confirmations
+                )
+            except AssertionError:
+                return False
+            return True
+
+        await eventually(followed, within=30, what="the database equals the new branch")
+        assert await indexer.metric("kektech_indexer_reorgs_total") == 1
+        assert await indexer.metric("kektech_indexer_reorg_depth_blocks_sum") == 5 - confirmations
+        assert indexer.running
+
+
 async def test_a_reorg_seen_through_a_lagging_node_retracts_only_the_replaced_blocks(
     dev_chain: DevChain,
     deployment: Deployment,
