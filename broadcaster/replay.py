@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,9 +24,9 @@ import structlog
 from broadcaster.errors import StreamUnavailable
 from broadcaster.events import Event
 from broadcaster.hub import Client, Hub
-from broadcaster.routing import matcher
+from broadcaster.routing import kind_of, matcher
 
-__all__ = ["Reading", "Resume", "first_covered", "go_live", "most_read", "resume"]
+__all__ = ["Coverage", "Reading", "Resume", "go_live", "most_read", "resume"]
 
 log = structlog.get_logger()
 
@@ -148,13 +148,13 @@ def go_live(hub: Hub, client: Client) -> None:
     pending, client.pending, client.pending_bytes = client.pending, None, 0
     if not pending or client.dropped:
         return
-    covering = [(matcher(sub), start) for sub, start in client.subs.items()]
+    covering = Coverage(client.subs)
     now_ms = hub.now_ms()
     sent = 0
     for event in pending:
         if event.seq <= client.last_seq:
             continue
-        channel = first_covered(event, covering)
+        channel = covering.first(event)
         if channel is None:
             continue
         if not client.is_open():
@@ -192,7 +192,7 @@ async def _replay(
         return _Replayed(complete, 0, since if complete else boundary)
     if boundary - since > hub.replay_limit:
         return _Replayed(False, 0, boundary)
-    covered = [(matcher(sub), start) for sub, start in older.items()]
+    covered = Coverage(older)
     wanted = matcher(channel)
     if hub.history.covers(since, boundary):
         entries = hub.history.between(since, boundary)
@@ -210,7 +210,7 @@ async def _replay_stream(
     since: int,
     boundary: int,
     wanted: Callable[[str], bool],
-    covered: list[tuple[Callable[[str], bool], int]],
+    covered: Coverage,
     reading: Reading,
 ) -> _Replayed:
     """_replay's reading of the Redis Stream (XRANGE in pages), memory lacking (since,
@@ -315,7 +315,7 @@ async def _send(
     client: Client,
     entries: Iterable[tuple[int, Event | None]],
     wanted: Callable[[str], bool],
-    covered: list[tuple[Callable[[str], bool], int]],
+    covered: Coverage,
 ) -> int:
     """Write the replayed events the new subscription adds; pace on the client's reading."""
     sent = 0
@@ -327,7 +327,7 @@ async def _send(
             if event is None:
                 continue
             channel = next((c for c in event.channels if wanted(c)), None)
-            if channel is None or first_covered(event, covered) is not None:
+            if channel is None or covered.first(event) is not None:
                 continue
             if not client.is_open() or client.dropped:
                 break
@@ -346,10 +346,30 @@ async def _send(
     return sent
 
 
-def first_covered(event: Event, covering: list[tuple[Callable[[str], bool], int]]) -> str | None:
-    """The first channel of event that a subscription covers (matches, and seq above from)."""
-    for channel in event.channels:
-        for matches, start in covering:
-            if event.seq > start and matches(channel):
+class Coverage:
+    """What a client's subscriptions cover: each (its channel or pattern) every event after
+    its start seq. Channels are looked up, patterns matched: a resume checks every event it
+    reads against the client's other subscriptions, which may be hundreds of markets."""
+
+    __slots__ = ("_exact", "_patterns")
+
+    def __init__(self, subs: Mapping[str, int]) -> None:
+        self._exact: dict[str, int] = {}
+        self._patterns: list[tuple[Callable[[str], bool], int]] = []
+        for sub, start in subs.items():
+            if kind_of(sub) == "exact":
+                self._exact[sub] = start
+            else:
+                self._patterns.append((matcher(sub), start))
+
+    def first(self, event: Event) -> str | None:
+        """The first channel of event that a subscription covers (matches, seq above start)."""
+        seq = event.seq
+        for channel in event.channels:
+            start = self._exact.get(channel)
+            if start is not None and seq > start:
                 return channel
-    return None
+            for matches, start in self._patterns:
+                if seq > start and matches(channel):
+                    return channel
+        return None

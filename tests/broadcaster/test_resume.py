@@ -547,10 +547,16 @@ async def test_reconnect_and_resume(server: Running, producer: EventProducer) ->
         assert [e["seq"] for e in await client.events(1)] == [8]
 
 
-async def test_resume_next_to_a_live_subscription(server: Running, producer: EventProducer) -> None:
-    """A resume skips what an existing subscription already delivered: nothing twice."""
+@pytest.mark.parametrize(
+    "older", ["market:" + MARKET, "market:" + MARKET[:6] + "*", "market:" + MARKET[:-1] + "?"]
+)
+async def test_resume_next_to_a_live_subscription(
+    older: str, server: Running, producer: EventProducer
+) -> None:
+    """A resume skips what an existing subscription (a channel, or a pattern matching the
+    same market) already delivered: nothing twice."""
     async with ws_client(server.url) as client:
-        await client.subscribe("market:" + MARKET)
+        await client.subscribe(older)
         for market in (MARKET, OTHER_MARKET, MARKET, OTHER_MARKET):
             await producer.publish(market=market)
         assert [e["seq"] for e in await client.events(2)] == [1, 3]
