@@ -404,6 +404,7 @@ class Hub:
             self._stream_whole.clear()
         else:
             self._stream_whole.set()
+        self.metrics.refill_awaited.set(int(awaited))
 
     async def refilled(self, within: float) -> bool:
         """Wait until no refill is awaited; False on timeout. A stream found new meanwhile

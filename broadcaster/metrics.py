@@ -95,6 +95,12 @@ class Metrics:
             p + "redis_reconnects", "Redis connection failures followed by a retry", registry=r
         )
         self.last_seq = Gauge(p + "last_seq", "Seq of the last event relayed", registry=r)
+        self.refill_awaited = Gauge(
+            p + "stream_refill_awaited",
+            "1 while the stream lacks entries already relayed (Redis lost them): nothing is"
+            " relayed until the indexer writes them again",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -79,15 +79,18 @@ class StreamTop:
 
 
 async def health(hub: Hub, stream_top: StreamTop) -> dict[str, Any]:
-    """What /healthz reports: Redis reachable, how far behind the stream, event age."""
+    """What /healthz reports: Redis reachable, how far behind the stream, event age, and
+    whether relaying waits for the stream to be written again (`refillAwaited`)."""
     top = await stream_top.get()
     now = time.time()
     position = hub.position
-    if top is not None and position is not None:
+    refill_awaited = hub.refill_awaited
+    if top is not None and position is not None and not refill_awaited:
         top = max(top, position)  # what was relayed since the read is in the stream too
     return {
-        "status": "ok" if top is not None else "degraded",
+        "status": "ok" if top is not None and not refill_awaited else "degraded",
         "redis": "up" if top is not None else "down",
+        "refillAwaited": refill_awaited,
         "seq": position,
         "streamSeq": top,
         "behind": max(0, top - position) if top is not None and position is not None else None,

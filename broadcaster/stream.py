@@ -269,9 +269,12 @@ class EventStream:
         if found and found[0][1] == fields:
             return cursor
         if not found and top >= entry_seq_or_zero(entry_id):
+            # Trimmed past it: the read after the cursor shows the gap. Or emptied (XTRIM
+            # MAXLEN 0, freeing Redis's memory), which keeps the stream's last id: what was
+            # relayed is all there was, or the next entry read shows the gap.
             oldest = _entries(await self._reader.xrange(self.key, "-", "+", count=1))
-            if oldest and entry_seq_or_zero(oldest[0][0]) > entry_seq_or_zero(entry_id):
-                return cursor  # trimmed past it: the read after the cursor shows the gap
+            if not oldest or entry_seq_or_zero(oldest[0][0]) > entry_seq_or_zero(entry_id):
+                return cursor
         return await self._restart_at_top(hub, last_id)
 
     async def _restart_at_top(self, hub: Hub, last_id: bytes) -> bytes:

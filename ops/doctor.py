@@ -270,6 +270,18 @@ async def check_broadcasters(settings: OpsSettings) -> list[Verdict]:
                 )
             )
             continue
+        if body.get("refillAwaited"):
+            verdicts.append(
+                Verdict(
+                    Level.WARN,
+                    name,
+                    "relays nothing: its stream lacks entries it relayed (Redis lost them),"
+                    f" waiting for the indexer to write them again; seq {body.get('seq')},"
+                    f" stream at {body.get('streamSeq')}",
+                    f"see the indexer check; pm2 logs {INDEXER_APP} --lines 100",
+                )
+            )
+            continue
         verdicts.append(
             Verdict(
                 Level.OK,

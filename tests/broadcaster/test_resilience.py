@@ -582,6 +582,43 @@ async def test_a_stream_lost_and_written_again_as_it_was_is_followed_without_a_r
         await relays_only_the_next(client, producer)
 
 
+async def test_a_stream_trimmed_empty_after_everything_was_relayed_is_no_new_stream(
+    server: Running, producer: EventProducer
+) -> None:
+    """XTRIM MAXLEN 0 (an operator freeing memory, Redis out of it) empties the stream but
+    keeps its last id, the entry relayed last: nothing is missed, so clients stay connected
+    and resume recovered, rather than all being told to reload."""
+    async with ws_client(server.url) as client:
+        await relaying(client, producer)
+        await producer.redis.xtrim(producer.key, maxlen=0, approximate=False)
+        await asyncio.sleep(2.5)  # idle reads meanwhile (BROADCASTER_REDIS_TIMEOUT=2 s)
+        async with ws_client(server.url) as resumed:
+            ack = await resumed.subscribe("events:*", since=5)
+            assert ack["recovered"] is True
+        await relays_only_the_next(client, producer)
+    assert await server.metric("kektech_broadcaster_stream_gap_entries_total") == 0
+
+
+async def test_a_refill_awaited_shows_in_health_and_metrics(
+    server: Running, producer: EventProducer
+) -> None:
+    """While the stream lacks entries already relayed (Redis lost it, the indexer has not
+    written them again), /healthz says so with the stream's real top and a degraded status,
+    and a gauge is 1; both clear once the refill reaches the entry relayed last."""
+    async with ws_client(server.url) as client:
+        await relaying(client, producer)
+        kept = await producer.lose()
+        body = await server.wait_health(status="degraded", within=10)
+        assert (body["redis"], body["streamSeq"], body["seq"]) == ("up", 0, 5)
+        assert body["refillAwaited"] is True
+        assert await server.metric("kektech_broadcaster_stream_refill_awaited") == 1
+        await producer.rewrite(kept)
+        body = await server.wait_health(status="ok", within=10)
+        assert (body["streamSeq"], body["refillAwaited"]) == (5, False)
+        assert await server.metric("kektech_broadcaster_stream_refill_awaited") == 0
+        await relays_only_the_next(client, producer)
+
+
 async def test_a_short_stream_that_keeps_growing_is_taken_as_new_after_the_limit(
     server: Running,
     producer: EventProducer,

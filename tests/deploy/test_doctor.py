@@ -19,7 +19,7 @@ from devnet.driver import ActivityDriver
 from devnet.postgres_server import Postgres
 from devnet.redis_server import Redis
 from indexer.schema import latest_schema_version
-from tests.broadcaster.support import running, settings_for
+from tests.broadcaster.support import EventProducer, running, settings_for
 from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.ops import (
     dead_port,
@@ -556,6 +556,29 @@ async def test_hanging_dependencies_cannot_hang_doctor(tmp_path: Path) -> None:
     # the checks in a row. One timeout less than that leaves a slow start-up 10 s of room.
     in_a_row = len(result.lines) * TIMEOUT
     assert took < in_a_row - TIMEOUT, f"{took:.1f} s\n{result}"
+
+
+async def test_a_broadcaster_waiting_for_its_stream_to_be_written_again_is_a_warning(
+    redis_server: Redis, tmp_path: Path
+) -> None:
+    """A broadcaster whose stream lost entries it relayed (Redis restarted empty) relays
+    nothing until the indexer writes them again: a WARN pointing at the indexer, not OK."""
+    stream_key = f"test:{os.getpid()}:refill"
+    async with (
+        aioredis.from_url(redis_server.url) as redis,
+        running(settings_for(redis_server.url, stream_key)) as broadcaster,
+    ):
+        producer = EventProducer(redis, stream_key)
+        await producer.publish(count=3)
+        await broadcaster.wait_health(seq=3)
+        await producer.lose()
+        await broadcaster.wait_health(refillAwaited=True, within=10)
+        env = {"DOCTOR_BROADCASTER_PORTS": str(broadcaster.settings.broadcaster_http_port)}
+        result = await run_kektech("doctor", "--only", "broadcaster", env=env, cwd=tmp_path)
+    line = result.line(f"broadcaster :{broadcaster.settings.broadcaster_http_port}")
+    assert line.startswith("WARN  "), result
+    assert "relays nothing: its stream lacks entries it relayed" in line
+    assert "pm2 logs kektech-event-indexer" in line
 
 
 async def test_another_program_on_a_broadcaster_port_is_not_taken_for_it(tmp_path: Path) -> None:
