@@ -495,14 +495,16 @@ async def test_a_pm2_app_still_starting_is_a_warning_without_a_restart(tmp_path:
     async with pm2_daemon() as pm2:
         script = write_script(tmp_path / "s.py", STEADY)  # never says it is ready
         starting = asyncio.create_task(
-            pm2.start("kektech-event-indexer", script, "--wait-ready", "--listen-timeout", "8000")
+            pm2.start("kektech-event-indexer", script, "--wait-ready", "--listen-timeout", "15000")
         )
 
         async def launching() -> bool:
             result = await run_kektech("doctor", "--only", "pm2", env=pm2.env, cwd=tmp_path)
+            if "pm2 kektech-event-indexer" not in result.checks:
+                return False  # `pm2 start` has not brought its daemon up yet
             return "launching" in result.line("pm2 kektech-event-indexer")
 
-        await eventually(launching, within=6, what="the app launching")
+        await eventually(launching, within=10, what="the app launching")
         result = await run_kektech("doctor", "--only", "pm2", env=pm2.env, cwd=tmp_path)
         await starting  # PM2 takes it for ready once listen_timeout has passed
     assert result.line("pm2 kektech-event-indexer") == (
