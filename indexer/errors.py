@@ -117,7 +117,7 @@ class ChainIdMismatch(RpcError):  # noqa: N818
 
 
 class LeaseLost(IndexerError):  # noqa: N818
-    """The write lease expired or another instance holds it now; this one must stop writing."""
+    """Another instance took the write lease over; this one must stop writing."""
 
     owner: str
 
@@ -127,8 +127,8 @@ class LeaseLost(IndexerError):  # noqa: N818
 
     def __str__(self) -> str:
         return (
-            f"write lease lost by {self.owner}: it expired (not renewed within LEASE_TTL)"
-            " or another indexer took over"
+            f"write lease lost by {self.owner}: another indexer took it over"
+            " (it went unrenewed for LEASE_TTL)"
         )
 
 

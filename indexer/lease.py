@@ -87,10 +87,17 @@ async def release_lease(db: Database, lease: Lease) -> None:
 
 
 async def fence(conn: Connection, lease: Lease, ttl: float) -> None:
+    """Renew the lease in conn's transaction, locking its row to the commit; LeaseLost if it
+    is not ours.
+
+    Ours means our owner and token, whatever `expires_at` says: every takeover takes a new
+    token, and while this transaction holds the row none can happen, so a transaction kept
+    waiting past LEASE_TTL (on a lock, a slow disk) still commits what it wrote under the
+    lease. Expiry only tells a standby when it may take the lease over.
+    """
     ok = await conn.fetchval(
         "UPDATE indexer_lease SET expires_at = clock_timestamp() + make_interval(secs => $3)"
-        " WHERE id = 1 AND owner = $1 AND token = $2 AND expires_at > clock_timestamp()"
-        " RETURNING 1",
+        " WHERE id = 1 AND owner = $1 AND token = $2 RETURNING 1",
         lease.owner,
         lease.token,
         ttl,

@@ -1274,6 +1274,44 @@ async def test_a_leader_whose_lease_lapsed_says_so(
             assert indexer.running
 
 
+async def test_a_batch_waiting_on_a_lock_longer_than_the_lease_term_keeps_the_lease(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """A batch waits on a lock (an operator's `LOCK TABLE`, a long migration elsewhere) for
+    longer than LEASE_TTL. Its transaction holds the lease row from its first read, so no
+    standby could take the lease meanwhile: the lone leader commits once the lock is gone and
+    goes on (it stopped with "write lease lost ... another indexer took over")."""
+    driver = ActivityDriver(dev_chain, deployment, seed=65, txs_per_block=3)
+    await driver.run(blocks=2)
+    with make_indexer(LEASE_TTL="2") as indexer:
+        await indexer.wait_cursor(await dev_chain.block_number())
+        async with connected(database_url) as other, other.transaction():
+            await other.execute("LOCK TABLE events IN SHARE MODE")  # reads pass, writes wait
+            await driver.run(blocks=2)
+
+            async def a_batch_waits() -> bool:
+                return bool(
+                    await other.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                    )
+                )
+
+            await eventually(a_batch_waits, within=30, what="a batch waiting on the lock")
+            await asyncio.sleep(5)  # two and a half terms
+        entries = await caught_up(
+            indexer, dev_chain, redis_client, stream_key, database_url, deployment
+        )
+        assert indexer.running
+    assert_gap_free(entries)
+    assert "LeaseLost" not in indexer.log_text()
+
+
 async def test_a_statement_cancelled_by_the_server_makes_the_indexer_exit_for_a_restart(
     dev_chain: DevChain,
     deployment: Deployment,
