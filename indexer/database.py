@@ -182,6 +182,14 @@ class Database:
             raise DatabaseUnavailable(
                 f"database call failed: {str(exc) or type(exc).__name__}"
             ) from exc
+        # The server takes no such work for now: it is read-only (25006: a hot standby after
+        # a failover, Supabase's read-only mode once its disk is nearly full) or out of a
+        # resource (class 53: disk full, out of memory, no connection slot left for the
+        # pool's next connection). No statement of ours is wrong: unavailable, as unreachable.
+        except asyncpg.ReadOnlySQLTransactionError as exc:
+            raise DatabaseUnavailable(f"database is read-only for now: {exc}") from exc
+        except asyncpg.InsufficientResourcesError as exc:
+            raise DatabaseUnavailable(f"database is out of resources: {exc}") from exc
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:

@@ -1437,6 +1437,71 @@ async def test_start_up_waits_for_the_database_and_the_rpc_endpoint(
     assert "Traceback" not in log
 
 
+async def test_start_up_waits_for_a_read_only_database(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """The database answers but takes no writes (a standby during a failover, Supabase's
+    read-only mode once its disk is nearly full): start-up waits for it, saying so, as for a
+    database that is not there (its migrations ended the indexer with a traceback, and PM2's
+    restarts soon gave up), then indexes everything once it takes writes again."""
+    await ActivityDriver(dev_chain, deployment, seed=66, txs_per_block=3).run(blocks=2)
+    async with connected(database_url) as admin:
+        name = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        with make_indexer() as indexer:
+            reason = await indexer.wait_waiting_for("read-only", within=25)
+            assert indexer.running
+            await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+            entries = await caught_up(
+                indexer, dev_chain, redis_client, stream_key, database_url, deployment
+            )
+    assert_gap_free(entries)
+    assert "database is read-only" in reason
+    assert "Traceback" not in indexer.log_text()
+
+
+async def test_a_database_out_of_room_makes_the_indexer_exit_for_a_restart(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """A batch the server cannot write for lack of room (53100, raised here by a trigger as
+    the server raises it when its disk is full) ends the indexer with the clear
+    DatabaseUnavailable that PM2's restart then waits on, not a traceback; nothing is lost."""
+    driver = ActivityDriver(dev_chain, deployment, seed=67, txs_per_block=3)
+    await driver.run(blocks=2)
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(await dev_chain.block_number())
+        async with connected(database_url) as admin:
+            await admin.execute(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                " RAISE EXCEPTION 'could not extend file: No space left on device'"
+                " USING ERRCODE = 'disk_full'; END $$;"
+                " CREATE TRIGGER refuse BEFORE INSERT ON events"
+                " FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+            await driver.run(blocks=2)
+            assert await indexer.wait_exit(within=30) == 1
+            await admin.execute("DROP TRIGGER refuse ON events")
+    log = indexer.log_text()
+    assert '"error_type":"DatabaseUnavailable"' in log
+    assert "No space left on device" in log
+    assert "Traceback" not in log
+    with make_indexer() as restarted:
+        entries = await caught_up(
+            restarted, dev_chain, redis_client, stream_key, database_url, deployment
+        )
+    assert_gap_free(entries)
+
+
 async def test_start_up_tries_a_missing_database_again_at_least_every_few_seconds(
     make_indexer: Callable[..., IndexerProcess], postgres: Postgres, database_url: str
 ) -> None:

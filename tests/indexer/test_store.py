@@ -353,6 +353,67 @@ async def test_a_statement_the_server_cancels_is_a_database_unavailable(database
     assert "statement timeout" in str(failure.value)
 
 
+async def test_a_read_only_database_is_unavailable(database_url: str) -> None:
+    """A database that takes no writes for now (a hot standby after a failover, Supabase's
+    read-only mode once its disk is nearly full) is unavailable, as an unreachable one is: the
+    indexer stops with one clear line, or waits at start-up (migrate), instead of ending with
+    asyncpg's traceback."""
+    async with connected(database_url) as admin:
+        name = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    async with Database.open(database_url, command_timeout=10) as db:
+        with pytest.raises(DatabaseUnavailable) as failure:
+            await migrate(db)
+    assert "read-only" in str(failure.value)
+
+
+@pytest.mark.parametrize("condition", ["disk_full", "out_of_memory"])
+async def test_a_database_out_of_resources_is_unavailable(
+    database_url: str, condition: str
+) -> None:
+    """A write the server cannot make for lack of resources (SQLSTATE class 53: its disk is
+    full, it is out of memory) fails as DatabaseUnavailable. The server's own error is raised
+    by a trigger here: filling a disk is not something a test can do to its machine."""
+    async with connected(database_url) as admin:
+        await admin.execute(
+            "CREATE TABLE full_up (id int);"
+            " CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            f" RAISE EXCEPTION 'no room left' USING ERRCODE = '{condition}'; END $$;"
+            " CREATE TRIGGER refuse BEFORE INSERT ON full_up"
+            " FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+    async with Database.open(database_url, command_timeout=10) as db:
+        with pytest.raises(DatabaseUnavailable) as failure:
+            async with db.transaction() as conn:
+                await conn.execute("INSERT INTO full_up VALUES (1)")
+    assert "no room left" in str(failure.value)
+
+
+async def test_no_connection_slot_left_is_unavailable(
+    postgres: Postgres, database_url: str
+) -> None:
+    """The pool needs another connection and the server has no slot left for it (53300:
+    max_connections, or a role's CONNECTION LIMIT as Supabase sets them): DatabaseUnavailable,
+    not asyncpg's TooManyConnectionsError with a traceback."""
+    role = f"limited_{os.getpid()}"
+    async with connected(database_url) as admin:
+        await admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 1")
+        try:
+            url = database_url.replace(f"//{postgres.user}@", f"//{role}@")
+            assert url != database_url
+            async with (
+                Database.open(url, max_size=2, command_timeout=10) as db,
+                db.connection() as first,
+            ):
+                assert await first.fetchval("SELECT 1") == 1
+                with pytest.raises(DatabaseUnavailable) as failure:
+                    async with db.connection() as second:
+                        await second.fetchval("SELECT 1")
+        finally:
+            await admin.execute(f"DROP ROLE {role}")
+    assert "too many connections" in str(failure.value)
+
+
 async def take_over(conn: asyncpg.Connection) -> None:
     """Take the write lease as another indexer does once it expired: a new owner and token."""
     await conn.execute(
