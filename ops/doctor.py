@@ -106,7 +106,8 @@ async def check_redis(settings: OpsSettings) -> list[Verdict]:
 
 
 async def check_postgres(settings: OpsSettings) -> list[Verdict]:
-    """Postgres is reachable and every migration in indexer/migrations/ is applied."""
+    """Postgres is reachable, takes writes, and every migration in indexer/migrations/ is
+    applied."""
     try:
         info = await probe_postgres(
             settings.database_url.get_secret_value(),
@@ -121,6 +122,17 @@ async def check_postgres(settings: OpsSettings) -> list[Verdict]:
                 str(exc),
                 "check DATABASE_URL (host, port, user, password, database); "
                 "sudo systemctl status postgresql or the Supabase dashboard",
+            )
+        ]
+    if info.read_only:
+        return [
+            Verdict(
+                Level.FAIL,
+                "postgres",
+                "read-only: it takes no writes (a standby, or Supabase's read-only mode once its"
+                " disk is nearly full), so the indexer waits",
+                "see the Supabase dashboard (disk size) or the server "
+                "(SELECT pg_is_in_recovery(); SHOW default_transaction_read_only)",
             )
         ]
     version = f"schema version {info.schema_version} of {info.latest_version}"

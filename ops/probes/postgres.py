@@ -1,4 +1,5 @@
-"""Postgres: reachable, which migrations are applied, where the indexer's cursor stands."""
+"""Postgres: reachable, writable, which migrations are applied, where the indexer's cursor
+stands."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ __all__ = ["DatabaseInfo", "probe_postgres"]
 
 @dataclass(frozen=True, slots=True)
 class DatabaseInfo:
-    """Schema version applied, the version this code ships, and the cursor (None if unset)."""
+    """Schema version applied, the version this code ships, the cursor (None if unset), and
+    whether the database takes writes."""
 
     schema_version: int
     latest_version: int
     cursor: int | None
+    read_only: bool
 
 
 async def probe_postgres(dsn: str, *, statement_cache_size: int, within: float) -> DatabaseInfo:
@@ -39,6 +42,9 @@ async def probe_postgres(dsn: str, *, statement_cache_size: int, within: float) 
         ):
             version = await schema_version(db)
             state = await load_state(db) if version > 0 else None
+            # A session's own transactions: read-only on a standby (in recovery) and where
+            # default_transaction_read_only is on (Supabase's read-only mode sets it).
+            read_only = await db.fetchval("SELECT current_setting('transaction_read_only')")
     except TimeoutError:
         raise ProbeError(f"no answer within {within:g} s") from None
     except (StoreError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -50,4 +56,5 @@ async def probe_postgres(dsn: str, *, statement_cache_size: int, within: float) 
         schema_version=version,
         latest_version=latest_schema_version(),
         cursor=state.block_number if state is not None else None,
+        read_only=read_only == "on",
     )

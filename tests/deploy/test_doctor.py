@@ -20,6 +20,7 @@ from devnet.postgres_server import Postgres
 from devnet.redis_server import Redis
 from indexer.schema import latest_schema_version
 from tests.broadcaster.support import EventProducer, running, settings_for
+from tests.support.database import connected
 from tests.support.indexer_process import IndexerProcess, indexer_env
 from tests.support.ops import (
     dead_port,
@@ -236,6 +237,23 @@ async def test_unmigrated_database_fails(database_url: str, tmp_path: Path) -> N
         f"FAIL  postgres  not migrated: schema version 0 of {latest_schema_version()} "
         "-> fix: cd /opt/kektech && .venv/bin/python -m indexer migrate "
         "(starting the indexer also migrates)"
+    )
+
+
+async def test_a_read_only_database_fails(database_url: str, tmp_path: Path) -> None:
+    """A database that answers but takes no writes is a FAIL, though migrated: the indexer
+    waits on it (or stopped on it), and reads alone said "migrated", as if all were well."""
+    async with connected(database_url) as admin:
+        name = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    env = {"DATABASE_URL": database_url}
+    result = await run_kektech("doctor", "--only", "postgres", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    assert result.line("postgres") == (
+        "FAIL  postgres  read-only: it takes no writes (a standby, or Supabase's read-only mode"
+        " once its disk is nearly full), so the indexer waits"
+        " -> fix: see the Supabase dashboard (disk size) or the server"
+        " (SELECT pg_is_in_recovery(); SHOW default_transaction_read_only)"
     )
 
 
