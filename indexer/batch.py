@@ -168,9 +168,12 @@ class Batch:
     """Everything one transaction commits: events, new headers and the new cursor.
 
     `cursor` is None for a backfill of an already indexed range: the cursor stays put.
+    Otherwise `extends` is the hash of the block the batch follows on from, which the stored
+    cursor must still be when it commits.
     """
 
     events: Sequence[StoredEvent]
     headers: Sequence[BlockHeader]
     cursor: BlockHeader | None
     prune_headers_below: int
+    extends: str | None

@@ -13,7 +13,7 @@ from typing import Any
 
 from indexer.batch import Batch, StoredEvent
 from indexer.database import Database
-from indexer.errors import IndexerError, LeaseLost
+from indexer.errors import CursorMoved, IndexerError, LeaseLost
 from indexer.lease import Lease
 from indexer.market_rebuild import projected, rebuild_markets
 from indexer.outbox import OutboxRow
@@ -84,6 +84,8 @@ async def save_batch(db: Database, lease: Lease, ttl: float, batch: Batch) -> Sa
             raise IndexerError("indexer_state is missing; the cursor was never initialized")
         if not snapshot["leased"]:
             raise LeaseLost(lease.owner)
+        if batch.cursor is not None and snapshot["block_hash"] != batch.extends:
+            raise CursorMoved(snapshot["block_number"], snapshot["block_hash"], str(batch.extends))
         stored = set(zip(snapshot["numbers"] or (), snapshot["indexes"] or (), strict=True))
         fresh = [e for e in events if e.position not in stored]
         first_seq = snapshot["last_seq"] + 1

@@ -191,5 +191,23 @@ class StoreError(IndexerError):
     """The database refused or lost an operation the indexer could not complete."""
 
 
+class CursorMoved(StoreError):  # noqa: N818
+    """The stored cursor is not the block a batch follows on from: the database lost commits
+    it had acknowledged (a failover to a replica behind, a restore), and writing the batch
+    would leave the blocks between unindexed for good."""
+
+    def __init__(self, stored: int, stored_hash: str, follows: str) -> None:
+        self.stored, self.stored_hash, self.follows = stored, stored_hash, follows
+        super().__init__(stored, stored_hash, follows)
+
+    def __str__(self) -> str:
+        return (
+            f"the database's cursor is block {self.stored} ({self.stored_hash}), not the block"
+            f" {self.follows} this indexer stored last: the database lost commits it had"
+            " acknowledged (a failover, a restore); restarted, the indexer resumes from the"
+            " database's cursor (PM2 restarts it)"
+        )
+
+
 class DatabaseUnavailable(StoreError):  # noqa: N818
     """The database cannot be reached, or refuses connections for now (starting up, full)."""

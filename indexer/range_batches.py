@@ -97,7 +97,9 @@ class RangeBatches:
             return self._batch(gathered, headers, stored_headers=[], cursor=None)
         if headers[first].parent_hash != extends:
             raise ReorgDuringFetch(f"block {first} does not extend block {first - 1} as stored")
-        return self._batch(gathered, headers, stored_headers=[headers[last]], cursor=headers[last])
+        return self._batch(
+            gathered, headers, stored_headers=[headers[last]], cursor=headers[last], extends=extends
+        )
 
     async def tip(
         self, first: int, last: int, head: BlockHeader | None, *, extends: str
@@ -130,7 +132,9 @@ class RangeBatches:
         self._blooms.check(fetched, gathered.logs, (self._static, self.children, gathered.children))
         self._note_density(len(gathered.logs), first, last)
         headers = {h.number: h for h in fetched}
-        return self._batch(gathered, headers, stored_headers=fetched, cursor=fetched[-1])
+        return self._batch(
+            gathered, headers, stored_headers=fetched, cursor=fetched[-1], extends=extends
+        )
 
     def _kind(self, address: str, gathered: GatheredRange) -> ContractKind:
         """The kind of a log's emitter: each log of a range comes from a contract it tracks."""
@@ -148,6 +152,7 @@ class RangeBatches:
         *,
         stored_headers: Sequence[BlockHeader],
         cursor: BlockHeader | None,
+        extends: str | None = None,
     ) -> Batch:
         """Decode a gathered range into a batch; its children are followed from now on."""
         # Only the emitters of its logs: not a map of every market followed for each range.
@@ -161,4 +166,5 @@ class RangeBatches:
             headers=stored_headers,
             cursor=cursor,
             prune_headers_below=max(headers) - 2 * self._reorg_window,
+            extends=extends,
         )

@@ -100,7 +100,8 @@ SAVE_HEADERS = _save_headers(1)
 # clash with the events the new leader just stored before the fence said LeaseLost; `leased`,
 # computed from the lease row as it is after the wait, says it first.
 READ_BATCH = """
-SELECT s.chain_id, s.last_seq, stored.numbers, stored.indexes, touched.markets,
+SELECT s.chain_id, s.last_seq, s.block_number, s.block_hash, stored.numbers, stored.indexes,
+    touched.markets,
     (l.owner = $4 AND l.token = $5) IS TRUE AS leased
 FROM indexer_state AS s
 CROSS JOIN indexer_lease AS l

@@ -19,6 +19,8 @@ from devnet.driver import ActivityDriver
 from devnet.postgres_server import Postgres
 from devnet.process import free_port
 from devnet.redis_server import Redis
+from indexer.database import Database
+from indexer.market_rebuild import rebuild_markets
 from indexer.tip_blooms import BLOOM_GRACE
 from tests.broadcaster.support import read_stream_after
 from tests.indexer.conftest import (
@@ -1494,6 +1496,73 @@ async def test_a_database_out_of_room_makes_the_indexer_exit_for_a_restart(
     log = indexer.log_text()
     assert '"error_type":"DatabaseUnavailable"' in log
     assert "No space left on device" in log
+    assert "Traceback" not in log
+    with make_indexer() as restarted:
+        entries = await caught_up(
+            restarted, dev_chain, redis_client, stream_key, database_url, deployment
+        )
+    assert_gap_free(entries)
+
+
+async def lose_commits_above(database_url: str, block: int) -> None:
+    """Leave the database as it was when its cursor stood at `block`, as a failover to a
+    replica that had not received the last commits does (or a restore to a moment before
+    them): their events, outbox rows, headers, market rows and cursor are gone."""
+    async with (
+        Database.open(database_url, max_size=1, command_timeout=10) as db,
+        db.transaction() as conn,
+    ):
+        # Between two batches: a batch in flight holds the cursor row until its commit.
+        await conn.execute("SELECT 1 FROM indexer_state WHERE id = 1 FOR UPDATE")
+        last_seq = await conn.fetchval(
+            "SELECT coalesce(max(seq), 0) FROM events WHERE block_number <= $1", block
+        )
+        block_hash = await conn.fetchval("SELECT hash FROM blocks WHERE number = $1", block)
+        assert block_hash is not None
+        touched = await conn.fetch(
+            "SELECT DISTINCT market_address FROM events"
+            " WHERE block_number > $1 AND market_address IS NOT NULL",
+            block,
+        )
+        await conn.execute("DELETE FROM events WHERE block_number > $1", block)
+        await conn.execute("DELETE FROM outbox WHERE seq > $1", last_seq)
+        await conn.execute("DELETE FROM blocks WHERE number > $1", block)
+        await rebuild_markets(conn, {r[0] for r in touched}, created_above=block)
+        await conn.execute(
+            "UPDATE indexer_state SET block_number = $1, block_hash = $2, last_seq = $3",
+            block,
+            block_hash,
+            last_seq,
+        )
+        await conn.execute(
+            "UPDATE publisher_state SET published_seq = least(published_seq, $1)", last_seq
+        )
+
+
+async def test_a_database_that_lost_its_last_commits_is_not_written_past(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """The database loses commits it had acknowledged (a failover to a replica behind):
+    its cursor is no longer at the block the indexer's next batch follows. The indexer stops
+    with a clear error rather than write that batch above a hole it would never fill; the
+    restarted indexer resumes from the database's cursor and misses nothing."""
+    driver = ActivityDriver(dev_chain, deployment, seed=68, txs_per_block=3)
+    await driver.run(blocks=2)
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(await dev_chain.block_number())
+        for _ in range(3):  # live blocks, each its own batch
+            await driver.run(blocks=1)
+            await indexer.wait_cursor(await dev_chain.block_number())
+        await lose_commits_above(database_url, await dev_chain.block_number() - 2)
+        await driver.run(blocks=2)
+        assert await indexer.wait_exit(within=30) == 1
+    log = indexer.log_text()
+    assert '"error_type":"CursorMoved"' in log
     assert "Traceback" not in log
     with make_indexer() as restarted:
         entries = await caught_up(

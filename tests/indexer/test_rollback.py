@@ -35,6 +35,7 @@ async def test_a_rollback_over_several_read_pages_retracts_each_event_once(
             headers=[header(block) for block in PER_BLOCK],
             cursor=header(max(PER_BLOCK)),
             prune_headers_below=0,
+            extends=header(0).hash,
         )
         await save_batch(db, lease, TTL, batch)
         published = await last_seq(db)

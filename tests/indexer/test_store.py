@@ -74,9 +74,13 @@ async def lease_at_block_zero(db: Database) -> Lease:
 
 
 def at_block(number: int, events: list[StoredEvent]) -> Batch:
-    """A batch of events at this block that moves the cursor there."""
+    """A batch of events at this block that moves the cursor there from the block before."""
     return Batch(
-        events=events, headers=[header(number)], cursor=header(number), prune_headers_below=0
+        events=events,
+        headers=[header(number)],
+        cursor=header(number),
+        prune_headers_below=0,
+        extends=header(number).parent_hash,
     )
 
 
