@@ -224,6 +224,12 @@ const common = {
   // Readiness: the process is `launching` until it writes "ready" on PM2's IPC channel
   // (shared/readiness.py); after listen_timeout PM2 marks it online regardless.
   wait_ready: true,
+  // Exit 0 is a stop the services were asked for (SIGINT, SIGTERM); failures exit 1. PM2
+  // (7.0.4, lib/God.js) takes a launching process's exit for a crash even during
+  // `pm2 stop`: it marks the process online first, then restarts it, so a stop of an
+  // indexer waiting for its database was undone and a restart left a second, untracked
+  // one. Never restarting on 0 keeps every stop a stop.
+  stop_exit_codes: [0],
   // Crash loops back off from 100 ms, times 1.5 each time, up to 15 s; reset after 30 s of
   // uptime.
   exp_backoff_restart_delay: 100,

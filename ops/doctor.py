@@ -239,6 +239,15 @@ async def check_indexer(settings: OpsSettings) -> list[Verdict]:
                 f"check the rpc verdicts and {restart}",
             )
         ]
+    if role == "starting":  # its first try at the database and RPC endpoint: not over yet
+        return [
+            Verdict(
+                Level.WARN,
+                "indexer",
+                "starting: still connecting to its database and RPC endpoint",
+                f"see the postgres and rpc checks; pm2 logs {INDEXER_APP} --lines 100",
+            )
+        ]
     return [Verdict(Level.WARN, "indexer", f"not ready yet ({role}): {where}", restart)]
 
 

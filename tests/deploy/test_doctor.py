@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -337,6 +338,40 @@ async def test_an_indexer_waiting_for_its_database_fails_with_the_reason(
     line = result.line("indexer")
     assert line.startswith("FAIL  indexer  start-up waits for: database unreachable"), result
     assert "-> fix: see the postgres and rpc checks" in line
+
+
+async def test_an_indexer_in_its_first_start_up_attempt_is_not_to_be_restarted(
+    deployment: Deployment, database_url: str, redis_server: Redis, tmp_path: Path
+) -> None:
+    """An indexer still in its first try at its dependencies (here an RPC endpoint that
+    never answers, within RPC_TIMEOUT) is a WARN whose fix is to look at them: a restart, the
+    fix it gave, only begins the wait again."""
+    with socket.socket() as silent:  # accepts connections (backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        env = indexer_env(
+            database_url=database_url,
+            redis_url=redis_server.url,
+            rpc_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+            deployment=deployment,
+            stream_key="kektech:events",
+            RPC_TIMEOUT="60",
+        )
+        with IndexerProcess(env, log_dir=tmp_path) as indexer:
+
+            async def starting() -> bool:
+                with contextlib.suppress(aiohttp.ClientError):
+                    return (await indexer.get("/ready"))[1].get("role") == "starting"
+                return False
+
+            await eventually(starting, within=30, what="the indexer answering while it starts")
+            result = await run_kektech("doctor", "--only", "indexer", env=env, cwd=tmp_path)
+    assert result.code == 0, result
+    line = result.line("indexer")
+    assert line == (
+        "WARN  indexer  starting: still connecting to its database and RPC endpoint"
+        " -> fix: see the postgres and rpc checks; pm2 logs kektech-event-indexer --lines 100"
+    ), result
 
 
 async def test_a_leader_whose_database_stopped_answering_fails_with_the_reason(

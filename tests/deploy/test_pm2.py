@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -204,6 +206,70 @@ async def test_an_app_is_launching_not_online_until_it_is_ready(
             finally:
                 starting.kill()
                 starting.wait()
+
+
+def app_processes(workdir: Path, module: str) -> list[int]:
+    """PIDs of `python -m <module>` processes running in workdir, whoever supervises them."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            cwd = (entry / "cwd").readlink()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if cwd == workdir and b"-m" in argv and module.encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("command", ["stop", "restart"])
+async def test_an_app_still_launching_stops_or_restarts_as_asked(
+    tmp_path: Path, redis_server: Redis, anvil: Anvil, deployment: Deployment, command: str
+) -> None:
+    """An indexer waiting at start-up for its database (PM2's `launching`, up to
+    listen_timeout) is stopped or restarted like any other: PM2 7 took its exit for a crash
+    and started it again, so `pm2 stop` was undone within a second and `pm2 restart` left a
+    second indexer running that PM2 no longer knew of."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        env = stack_env(
+            database_url=f"postgresql://kektech@127.0.0.1:{closed.getsockname()[1]}/kektech",
+            redis_url=redis_server.url,
+            rpc_url=anvil.rpc_url,
+            deployment=deployment,
+            stream_key=f"test:pm2:{tmp_path.name}:events",
+        )
+        stack = build_stack(tmp_path, env)
+        workdir = tmp_path / "app"
+        with stack.pm2 as pm2:
+            starting = pm2.popen("start", str(ECOSYSTEM), "--only", INDEXER)
+            try:
+
+                async def waiting() -> bool:
+                    try:
+                        health = await http_json(stack.indexer_http + "/healthz")
+                    except OSError:
+                        return False
+                    return "database" in str(health.get("waiting_for"))
+
+                await eventually(waiting, within=30, what="the indexer waiting for its database")
+                assert pm2.statuses(INDEXER) == ["launching"]
+                pm2.run(command, INDEXER)
+                await asyncio.sleep(3)  # PM2 restarted a stopped app after 100 ms
+                running = app_processes(workdir, "indexer")
+                if command == "stop":
+                    assert (pm2.statuses(INDEXER), running) == (["stopped"], [])
+                else:
+                    assert len(running) == 1, running
+                    assert [p["pid"] for p in pm2.processes(INDEXER)] == running
+            finally:
+                starting.kill()
+                starting.wait()
+                for pid in app_processes(workdir, "indexer"):  # one PM2 lost, if any
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
 
 
 async def test_events_flow_to_a_client_of_every_instance(
