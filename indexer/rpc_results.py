@@ -135,10 +135,14 @@ class LogQuery:
 def parse_header(result: object, number: int | None) -> BlockHeader:
     """Return the header in an eth_getBlockByNumber result; BlockNotFound if it is null.
 
-    `number` is the block asked for, or None for "latest".
+    `number` is the block asked for, or None for "latest": a node has a newest block, so null
+    for it is a hiccup (a backend behind a load balancer with no head to give for a moment),
+    asked again like one behind, not a block that does not exist.
     """
     if result is None:
-        raise BlockNotFound(-1 if number is None else number)
+        if number is None:
+            raise TransientFailure("behind", "the node answered null for the latest block")
+        raise BlockNotFound(number)
     if not isinstance(result, dict):
         raise RpcResponseError(None, "block is not a JSON object", GET_BLOCK)
     header = BlockHeader(

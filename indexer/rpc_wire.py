@@ -66,6 +66,14 @@ _RANGE_PATTERNS = (
     r"exceed(?:s|ed)? (?:the )?max(?:imum)?(?: rpc)? range",  # Besu, Infura: "exceeds maximum
     # RPC range limit", "Exceeded max range limit for eth_getLogs: 1000"
     r"ranges? over [\d,]+ blocks",  # dRPC: "ranges over 10000 blocks are not supported"
+    r"blocks? distance",  # Ethermint, Cronos, Evmos: "maximum [from, to] blocks distance: 10000"
+    r"bigger than (?:the )?range limit",  # Tenderly: "range 5000 is bigger than range limit 2000"
+    # geth's -32002 "request timed out" past its own HTTP timeout: as with no answer at all
+    # (RpcRangeTimedOut), a lighter range may pass.
+    r"timed? ?out",
+    # geth's -32003 on a batch's calls past --rpc.batch-response-max-size: the range's logs
+    # are what made the answer large.
+    r"response (?:is )?too (?:large|big)",
 )
 # Answers naming a range that are not about its size: a toBlock past the node's head (geth:
 # "block range extends beyond current head block") is a backend behind its siblings.
@@ -107,6 +115,10 @@ _NOT_RANGE_RE = re.compile("|".join(_NOT_RANGE_PATTERNS), re.IGNORECASE)
 _RATE_RE = re.compile("|".join(_RATE_PATTERNS), re.IGNORECASE)
 _UNAVAILABLE_RE = re.compile("|".join(_UNAVAILABLE_PATTERNS), re.IGNORECASE)
 _BATCH_SIZE_RE = re.compile("|".join(_BATCH_SIZE_PATTERNS), re.IGNORECASE)
+# geth's cap on a batch's answer (--rpc.batch-response-max-size, 25 MB by default): the calls
+# past it get -32003 "response too large". A cap on this batch, unless it is an eth_getLogs
+# range, which gets smaller instead.
+_RESPONSE_CAP_RE = re.compile(r"response (?:is )?too (?:large|big)", re.IGNORECASE)
 
 
 class TransientFailure(Exception):  # noqa: N818 - named like the errors module's
@@ -286,7 +298,9 @@ def batch_results(
         if error is not None:
             code, message = _check_error(error, method)
             # Some providers cap batch size by failing the items past the cap.
-            if _BATCH_SIZE_RE.search(message):
+            if _BATCH_SIZE_RE.search(message) or (
+                not shrinkable and _RESPONSE_CAP_RE.search(message)
+            ):
                 raise BatchRejected(f"error {code}: {_excerpt(message)}", lasting=False)
             verdict = classify(code, message, method, shrinkable=shrinkable)
             if verdict is Verdict.FINAL and "batch" in message.lower():
@@ -349,7 +363,10 @@ def _check_error(error: object, method: str) -> tuple[int, str]:
     if isinstance(error, dict):
         code, message, data = error.get("code"), error.get("message", ""), error.get("data")
         if isinstance(code, int) and not isinstance(code, bool) and isinstance(message, str):
-            # Some providers say only "invalid params" and put the reason in `data`.
+            # Some providers say only "invalid params" and put the reason in `data`: a string,
+            # or an object with it among its strings (Tenderly: {"error_id", "payload"}).
+            if isinstance(data, dict):
+                data = "; ".join(v for v in data.values() if isinstance(v, str) and v)
             return code, f"{message}: {data}" if isinstance(data, str) and data else message
     raise RpcResponseError(None, f"malformed error object: {_excerpt(repr(error))}", method)
 

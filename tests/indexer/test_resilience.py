@@ -1031,6 +1031,33 @@ async def test_a_node_lagging_more_than_the_window_loses_no_event_in_catch_up(
     assert_gap_free(entries)
 
 
+async def test_a_null_answer_for_the_latest_block_is_asked_again(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    redis_client: aioredis.Redis,
+    database_url: str,
+    stream_key: str,
+) -> None:
+    """A node (or a backend behind a load balancer) answers null for "latest" once, having no
+    head to give for a moment: the indexer asks again and goes on (it stopped with "block -1
+    not found" at the first one, with its only endpoint)."""
+    driver = ActivityDriver(dev_chain, deployment, seed=69, txs_per_block=3)
+    await driver.run(blocks=2)
+    async with RpcFaultProxy(anvil.rpc_url, seed=13) as proxy:
+        with make_indexer(RPC_PROVIDER_URL=proxy.url) as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+            proxy.stale_header("latest", None, 2)
+            await driver.run(blocks=3)
+            entries = await caught_up(
+                indexer, dev_chain, redis_client, stream_key, database_url, deployment
+            )
+            assert indexer.running
+        assert proxy.injected["stale_header"] == 2
+    assert_gap_free(entries)
+
+
 async def test_a_node_lagging_behind_the_head_for_every_method_stops_nothing(
     dev_chain: DevChain,
     deployment: Deployment,

@@ -982,6 +982,10 @@ async def test_wrong_chain_raises_chain_id_mismatch(chain: Chain) -> None:
         (-32005, "Requested range exceeds maximum RPC range limit"),  # Besu
         (-32005, "Exceeded max range limit for eth_getLogs: 1000"),  # Infura, Validation Cloud
         (35, "ranges over 10000 blocks are not supported on freetier"),  # dRPC
+        (-32000, "maximum [from, to] blocks distance: 10000"),  # Ethermint, Cronos, Evmos
+        (-32602, "invalid params: range 5000 is bigger than range limit 2000"),  # Tenderly
+        (-32002, "request timed out"),  # geth, past its own HTTP timeout
+        (-32003, "response too large"),  # geth, past --rpc.batch-response-max-size
     ],
 )
 def test_provider_range_wordings_are_range_errors(code: int, message: str) -> None:
@@ -1010,6 +1014,30 @@ def test_a_reason_given_only_in_the_error_data_is_read() -> None:
         result_of(answer, 1, "eth_getLogs", shrinkable=True)
     with pytest.raises(RpcResponseError):
         result_of({**answer, "error": {"code": -32602, "message": "invalid params"}}, 1, "x")
+
+
+def test_a_reason_given_in_an_error_data_object_is_read() -> None:
+    """Tenderly gives the reason inside an object in `error.data`."""
+    data = {"error_id": "5f0c", "payload": "range 5000 is bigger than range limit 2000"}
+    answer = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "error": {"code": -32602, "message": "invalid params", "data": data},
+    }
+    with pytest.raises(RpcRangeTooLarge):
+        result_of(answer, 1, "eth_getLogs", shrinkable=True)
+
+
+def test_a_batch_answer_over_the_nodes_size_cap_shrinks_the_range() -> None:
+    """geth answers the calls of a batch past --rpc.batch-response-max-size with -32003
+    "response too large": the logs came, the range's header did not. The range is too large
+    (the logs are what is large), not a final error that stopped the indexer."""
+    answer = [
+        {"jsonrpc": "2.0", "id": 1, "result": []},
+        _rpc_error(2, -32003, "response too large"),
+    ]
+    with pytest.raises(RpcRangeTooLarge):
+        batch_results(answer, [1, 2], "eth_getLogs", shrinkable=True)
 
 
 @pytest.mark.parametrize(
@@ -1255,6 +1283,10 @@ def _rpc_error(request_id: object, code: int, message: str) -> dict[str, object]
         [  # Nethermind, a cap on the answer's size, on the calls past it
             {"jsonrpc": "2.0", "id": 1, "result": "0x1"},
             _rpc_error(2, -32005, "MaxBatchResponseBodySize 30000000 exceeded"),
+        ],
+        [  # geth, the same cap (--rpc.batch-response-max-size)
+            {"jsonrpc": "2.0", "id": 1, "result": "0x1"},
+            _rpc_error(2, -32003, "response too large"),
         ],
     ],
 )

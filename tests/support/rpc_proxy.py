@@ -130,6 +130,8 @@ RANGE_ERRORS = (
     (413, "Payload Too Large"),
     (-32600, "range is too large, max is {n} blocks"),
     (-32000, "Log response size exceeded. Try a block range of at most {n} blocks"),
+    (-32000, "maximum [from, to] blocks distance: {n}"),  # Ethermint
+    (-32002, "request timed out"),  # geth, past its own HTTP timeout
 )
 # {n}: the proxy's max_results.
 RESULTS_ERRORS = (
