@@ -17,7 +17,7 @@ from ops.probes.command import resolve_binary, run_command
 __all__ = ["Pm2Process", "daemon_running", "list_processes", "parse_jlist"]
 
 LOCAL_PM2 = Path("node_modules/.bin/pm2")  # the project's own pm2, relative to /opt/kektech
-START_FIX = "start the apps: pm2 start ecosystem.config.js && pm2 save"
+START_FIX = "start the apps: cd /opt/kektech && pm2 start ecosystem.config.js && pm2 save"
 DAEMON_CONNECT_TIMEOUT = 1.0  # a local socket answers at once, or refuses
 
 

@@ -580,7 +580,7 @@ async def test_pm2_apps_missing_or_stopped_fail(tmp_path: Path) -> None:
     )
     assert result.line("pm2 kektech-websocket-server") == (
         "FAIL  pm2 kektech-websocket-server  not in the PM2 process list"
-        " -> fix: start the apps: pm2 start ecosystem.config.js && pm2 save"
+        " -> fix: start the apps: cd /opt/kektech && pm2 start ecosystem.config.js && pm2 save"
     )
 
 
