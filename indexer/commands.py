@@ -316,10 +316,25 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
                 " run `.venv/bin/python -m indexer migrate` first",
             )
             return 1
-        cursor = state.block_number
+        # The cursor and the rows above it in one snapshot: a running indexer moves on.
+        at = await queries.above_cursor(db)
+        assert at is not None  # the cursor is never deleted
+        cursor = at.block_number
         if first > cursor:  # not a success: nothing of the range is indexed to compare
             _say(settings, f"nothing verified: --from {first} is above the cursor {cursor}")
             return 1
+        # Not START_BLOCK, which may have been changed since: see verify_range.
+        began = await began_at(db, start_block=settings.start_block)
+        if (last if last is not None else cursor) < began:
+            _say(settings, f"nothing verified: the database began at block {began}")
+            return 1
+        if first < began:
+            _say(
+                settings,
+                f"--from {first} is below block {began}, where the database began: verified"
+                f" from {began} (`reindex --from {first}` indexes from block {first} on)",
+            )
+            first = began
         if last is not None and last > cursor:
             # Still judged by what was compared: the blocks above are not indexed yet, and a
             # --to at the head is the usual request (the cursor stays CONFIRMATIONS behind).
@@ -331,14 +346,21 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
             log_range_sizer(settings),
             first=first,
             last=last,
-            cursor=state.block_number,
-            cursor_hash=state.block_hash,
+            cursor=cursor,
+            cursor_hash=at.block_hash,
             static=sources(settings).static_kinds(),
-            # Not START_BLOCK, which may have been changed since: see verify_range.
-            began=await began_at(db, start_block=settings.start_block),
+            began=began,
             max_addresses=settings.logs_max_addresses,
             window_events=settings.batch_events,
             keep=MAX_REPORTED,
+        )
+    if at.rows:
+        report.differences += 1
+        _say(
+            settings,
+            f"above the cursor (block {cursor}): {at.events} events, {at.headers} block"
+            f" headers, {at.markets} markets stored, which no commit of the indexer leaves"
+            " (it moves the cursor with them): something else wrote them",
         )
     for difference in report.first:
         _say(settings, f"{difference.where}: {difference.what}")
@@ -355,6 +377,12 @@ async def verify(settings: IndexerSettings, first: int, last: int | None) -> int
             settings,
             f"{report.projections_not_compared} market rows were not compared with their"
             f" events on chain: {report.projections_why}",
+        )
+    if report.markets_moved_on:
+        _say(
+            settings,
+            f"{report.markets_moved_on} market rows were not compared: the running indexer"
+            f" updated them with events above block {cursor} since verify began",
         )
     verdict = "OK" if not report.differences else f"{report.differences} differences"
     _say(

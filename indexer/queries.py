@@ -6,6 +6,7 @@ The markets known to the follower, and what `verify` and `status` compare and co
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from indexer.cursor import header
@@ -73,6 +74,44 @@ async def markets_created_between(db: Database, first: int, last: int) -> list[s
         last,
     )
     return [r["address"] for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class AboveCursor:
+    """The cursor and the rows stored above it, read together (one statement: one snapshot).
+    The indexer commits rows with the cursor that covers them, so any row above it was
+    written by something else; rows a running indexer commits later come with a later
+    cursor."""
+
+    block_number: int
+    block_hash: str
+    events: int
+    headers: int
+    markets: int
+
+    @property
+    def rows(self) -> int:
+        return self.events + self.headers + self.markets
+
+
+async def above_cursor(db: Database) -> AboveCursor | None:
+    """The cursor and the counts of rows above it; None before the cursor exists."""
+    row = await db.fetchrow(
+        "SELECT s.block_number, s.block_hash,"
+        " (SELECT count(*) FROM events WHERE block_number > s.block_number) AS events,"
+        " (SELECT count(*) FROM blocks WHERE number > s.block_number) AS headers,"
+        " (SELECT count(*) FROM markets WHERE created_block > s.block_number) AS markets"
+        " FROM indexer_state AS s WHERE s.id = 1"
+    )
+    if row is None:
+        return None
+    return AboveCursor(
+        block_number=row["block_number"],
+        block_hash=row["block_hash"],
+        events=row["events"],
+        headers=row["headers"],
+        markets=row["markets"],
+    )
 
 
 async def market_registry(db: Database) -> dict[str, tuple[str, int]]:

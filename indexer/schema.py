@@ -7,7 +7,8 @@ from importlib import resources
 
 import structlog
 
-from indexer.database import Database
+from indexer.database import Connection, Database
+from indexer.errors import StoreError
 
 log = structlog.get_logger()
 
@@ -15,6 +16,28 @@ MIGRATIONS_PACKAGE = "indexer.migrations"
 MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Arbitrary constant: serializes concurrent migrators (transaction-scoped, pooler-safe).
 MIGRATION_LOCK_KEY = 0x6B656B74
+
+
+# The columns of our schema_migrations table, as information_schema names their types.
+OUR_COLUMNS = {"version": "integer", "name": "text", "applied_at": "timestamp with time zone"}
+
+
+async def _check_ours(conn: Connection | Database) -> bool:
+    """Whether the schema_migrations table exists; StoreError if it is another application's
+    (golang-migrate, Rails, Flyway... name theirs so too): DATABASE_URL names the wrong
+    database, which is left as it is."""
+    rows = await conn.fetch(
+        "SELECT column_name, data_type FROM information_schema.columns"
+        " WHERE table_schema = current_schema() AND table_name = 'schema_migrations'"
+    )
+    found = {r["column_name"]: r["data_type"] for r in rows}
+    if found and found != OUR_COLUMNS:
+        columns = ", ".join(f"{name} {kind}" for name, kind in sorted(found.items()))
+        raise StoreError(
+            f"the database has a schema_migrations table of another application ({columns}):"
+            " DATABASE_URL must name KEKTECH's own database"
+        )
+    return bool(found)
 
 
 def _migrations() -> list[tuple[int, str, str]]:
@@ -39,6 +62,7 @@ async def migrate(db: Database) -> list[str]:
                 await conn.execute(
                     f"{db.idle_bound}; SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})"
                 )
+                await _check_ours(conn)
                 await conn.execute(
                     "CREATE TABLE IF NOT EXISTS schema_migrations ("
                     " version integer PRIMARY KEY, name text NOT NULL,"
@@ -62,8 +86,7 @@ async def migrate(db: Database) -> list[str]:
 
 async def schema_version(db: Database) -> int:
     """The highest applied migration (0 when none)."""
-    exists = await db.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
-    if not exists:
+    if not await _check_ours(db):
         return 0
     return int(await db.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
 

@@ -48,7 +48,9 @@ async def probe_postgres(dsn: str, *, statement_cache_size: int, within: float) 
     except TimeoutError:
         raise ProbeError(f"no answer within {within:g} s") from None
     except (StoreError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        if isinstance(exc, StoreError) and exc.__cause__ is not None:
+        if isinstance(exc, StoreError) and exc.__cause__ is None:
+            raise ProbeError(str(exc)) from None  # connected, and found what it says
+        if isinstance(exc, StoreError):
             exc = exc.__cause__  # the driver's own error names the cause
         message = getattr(exc, "strerror", None) or str(exc)
         raise ProbeError(f"cannot connect: {type(exc).__name__}: {message}") from None

@@ -241,6 +241,20 @@ async def test_unmigrated_database_fails(database_url: str, tmp_path: Path) -> N
     )
 
 
+async def test_another_applications_database_fails(database_url: str, tmp_path: Path) -> None:
+    """A DATABASE_URL naming another application's database (its own schema_migrations) is a
+    FAIL saying so, not a connection failure."""
+    async with connected(database_url) as admin:
+        await admin.execute("CREATE TABLE schema_migrations (version bigint, dirty boolean)")
+    env = {"DATABASE_URL": database_url}
+    result = await run_kektech("doctor", "--only", "postgres", env=env, cwd=tmp_path)
+    assert result.code == 1, result
+    assert result.line("postgres").startswith(
+        "FAIL  postgres  the database has a schema_migrations table of another application"
+        " (dirty boolean, version bigint)"
+    ), result
+
+
 async def test_a_read_only_database_fails(database_url: str, tmp_path: Path) -> None:
     """A database that answers but takes no writes is a FAIL, though migrated: the indexer
     waits on it (or stopped on it), and reads alone said "migrated", as if all were well."""

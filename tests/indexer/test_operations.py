@@ -318,8 +318,10 @@ async def test_status_verify_backfill_and_reindex(
 
     code, output = await run_command(make_indexer, "verify", "--from", "0")
     assert (code, output.strip().splitlines()[-1].endswith(": OK")) == (0, True)
-    before_start = str(deployment.block - 1)  # no market can be announced there yet
-    code, output = await run_command(make_indexer, "verify", "--from", "0", "--to", before_start)
+    # Up to the deployment's block, where the database began: no market is announced yet, and
+    # the rows of those announced later are no difference.
+    deployed = str(deployment.block)
+    code, output = await run_command(make_indexer, "verify", "--from", "0", "--to", deployed)
     assert (code, output.strip().splitlines()[-1].endswith(": OK")) == (0, True), output
 
     async with connected(database_url) as conn:
@@ -1145,7 +1147,124 @@ async def test_verify_says_what_of_the_range_it_did_not_check(
     code, output = await run_command(make_indexer, "verify", "--from", "0", "--to", far)
     assert code == 0, output
     assert f"--to {far} is above the cursor {head}: verified up to {head}" in output
-    assert output.strip().splitlines()[-1].startswith(f"verify 0..{head}: ")
+    began = deployment.block  # the harness's START_BLOCK
+    assert output.strip().splitlines()[-1].startswith(f"verify {began}..{head}: ")
+
+
+async def test_verify_beside_the_running_service_finds_no_difference_that_is_not_there(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """verify while the service indexes a busy chain (the rebuild procedure runs it so): the
+    markets the service creates or changes after verify read the cursor are no differences
+    (they were reported as announced by nobody, or as rows that did not match their events)."""
+    driver = ActivityDriver(dev_chain, deployment, seed=78, txs_per_block=5)
+    await driver.cover_all_events()
+    await driver.run(blocks=10)
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(await dev_chain.block_number())
+        async with RpcFaultProxy(dev_chain.rpc_url, seed=14) as proxy:
+            proxy.delay = 0.3  # verify's node is a remote one: the service moves on meanwhile
+            command = make_indexer(
+                "verify", "--from", str(deployment.block), RPC_PROVIDER_URL=proxy.url
+            )
+            command.start()
+            while command.running:
+                await driver.run(blocks=1)
+                await asyncio.sleep(0.1)
+            code = await command.wait_exit(within=60)
+        assert indexer.running
+    output = command.log_text()
+    assert code == 0, output
+    assert output.strip().splitlines()[-1].endswith(": OK"), output
+
+
+async def test_verify_finds_rows_stored_above_the_cursor(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """Rows above the cursor (events, block headers, markets) are never committed by the
+    indexer, which moves the cursor with them: verify reports them, whatever range it was
+    asked (it said OK)."""
+    await ActivityDriver(dev_chain, deployment, seed=79, txs_per_block=3).run(blocks=3)
+    head = await dev_chain.block_number()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(head)
+    async with connected(database_url) as conn:
+        await conn.execute(
+            "INSERT INTO events SELECT block_number + 1, log_index, block_hash, block_time,"
+            " transaction_hash, transaction_index, contract, contract_kind, event_name,"
+            " market_address, topic0, topic1, topic2, topic3, data, args, seq"
+            " FROM events WHERE block_number = $1 ORDER BY log_index LIMIT 1",
+            head,
+        )
+        await conn.execute(
+            "INSERT INTO blocks SELECT number + 100, hash, parent_hash, timestamp FROM blocks"
+            " WHERE number = $1",
+            head,
+        )
+    code, output = await run_command(make_indexer, "verify", "--from", str(deployment.block))
+    assert code == 1, output
+    assert f"above the cursor (block {head}): 1 events, 1 block headers, 0 markets" in output
+    assert output.strip().splitlines()[-1].endswith(": 1 differences"), output
+
+
+async def test_verify_from_below_where_the_database_began_verifies_from_there(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """A database created with START_BLOCK above the deployment holds nothing below where it
+    began: a verify from below starts there and says so, as backfill does (it reported every
+    log below as missing), and one wholly below checks nothing (exit 1)."""
+    driver = ActivityDriver(dev_chain, deployment, seed=80, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=6)
+    head = await dev_chain.block_number()
+    later = str(head - 3)
+    with make_indexer(START_BLOCK=later) as indexer:
+        await indexer.wait_cursor(head)
+    first = str(deployment.block)
+    code, output = await run_command(make_indexer, "verify", "--from", first, START_BLOCK=later)
+    assert code == 0, output
+    assert f"--from {first} is below block {later}, where the database began" in output
+    assert output.strip().splitlines()[-1].startswith(f"verify {later}..{head}: ")
+    code, output = await run_command(
+        make_indexer, "verify", "--from", first, "--to", str(int(later) - 1), START_BLOCK=later
+    )
+    assert code == 1, output
+    assert f"nothing verified: the database began at block {later}" in output
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        "version bigint NOT NULL PRIMARY KEY, dirty boolean NOT NULL",  # golang-migrate
+        "version character varying NOT NULL PRIMARY KEY",  # Rails
+    ],
+    ids=["golang-migrate", "rails"],
+)
+async def test_a_database_of_another_application_is_refused_in_one_line(
+    make_indexer: Callable[..., IndexerProcess], database_url: str, table: str
+) -> None:
+    """DATABASE_URL names another application's database, which has a `schema_migrations`
+    table of its own: every command refuses it in one line naming the table, and leaves it
+    as it was (they ended with asyncpg's traceback)."""
+    async with connected(database_url) as conn:
+        await conn.execute(f"CREATE TABLE schema_migrations ({table})")
+    for command in (("status",), ("migrate",), ("verify", "--from", "0"), ("run",)):
+        code, output = await run_command(make_indexer, *command)
+        assert code == 1, output
+        assert "schema_migrations table of another application" in output, output
+        assert "Traceback" not in output
+    async with connected(database_url) as conn:
+        tables = await conn.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        )
+    assert [t["table_name"] for t in tables] == ["schema_migrations"]
 
 
 async def test_status_tells_an_expired_lease_and_a_dead_holder_from_a_held_one(
