@@ -43,7 +43,9 @@ def accept(protocol: ServerProtocol, request: Request) -> Response:
     try:
         accept_header, extensions_header, protocol_header = protocol.process_request(request)
     except Exception:
-        return protocol.accept(request)  # checks again and builds the fitting refusal
+        refusal = protocol.accept(request)  # checks again and builds the fitting refusal
+        _drop_tracebacks(protocol.handshake_exc)
+        return refusal
     protocol.accept_called = True
     headers = Headers(
         [
@@ -58,6 +60,22 @@ def accept(protocol: ServerProtocol, request: Request) -> Response:
     if protocol_header is not None:
         headers["Sec-WebSocket-Protocol"] = protocol_header
     return Response(101, "Switching Protocols", headers)
+
+
+def _drop_tracebacks(refused: BaseException | None) -> None:
+    """Let a refusal's errors (kept by the protocol and the request: handshake_exc, and the
+    errors it was raised from) go of their tracebacks. Their frames link to their callers'
+    (f_back), up to the one that holds the connection: a cycle that only the cycle collector
+    would free, for every refused request (a plain GET of the WebSocket path, a bad key).
+    The error itself, all the connection reads of it, stays."""
+    seen: set[int] = set()
+    pending = [refused]
+    while pending:
+        error = pending.pop()
+        if error is not None and id(error) not in seen:
+            seen.add(id(error))
+            error.__traceback__ = None
+            pending += (error.__cause__, error.__context__)
 
 
 def _http_date() -> str:

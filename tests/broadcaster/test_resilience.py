@@ -428,6 +428,17 @@ async def test_ended_connections_are_freed_without_the_cycle_collector(
             writer.write(request)
             writer.close()
             await writer.wait_closed()
+        upgrade = b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        for refused_head in (
+            b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n",  # no upgrade asked: 426
+            b"GET /ws HTTP/1.1\r\nHost: x\r\n" + upgrade + b"Sec-WebSocket-Key: bad\r\n\r\n",  # 400
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.settings.ws_port)
+            writer.write(refused_head)
+            async with asyncio.timeout(WITHIN):
+                assert (await reader.read()).startswith((b"HTTP/1.1 426", b"HTTP/1.1 400"))
+            writer.close()
+            await writer.wait_closed()
         await server.wait_health(connections=0)
         left: list[str] = []
         async with asyncio.timeout(WITHIN):
