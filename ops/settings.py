@@ -17,7 +17,7 @@ from pydantic_settings import NoDecode
 
 from shared.config_types import Host, Port, check_host, check_url, split_csv
 from shared.indexer_settings import IndexerSettings
-from shared.settings import DAY_SECONDS
+from shared.settings import DAY_SECONDS, INT64_MAX
 
 __all__ = ["OpsSettings", "parse_endpoint"]
 
@@ -65,7 +65,10 @@ class OpsSettings(IndexerSettings):
         description="Health ports (BROADCASTER_HTTP_PORT) of every broadcaster instance.",
     )
     doctor_max_lag_blocks: int = Field(
-        default=100, ge=0, description="Indexer lag above which catching up is a failure."
+        le=INT64_MAX,
+        default=100,
+        ge=0,
+        description="Indexer lag above which catching up is a failure.",
     )
     doctor_nginx_bin: str = Field(default="nginx", min_length=1)
     doctor_nginx_conf: str = Field(default="/etc/nginx/nginx.conf", min_length=1)
@@ -85,7 +88,10 @@ class OpsSettings(IndexerSettings):
         description="Where check remembers first failures and PM2 restart counts between runs.",
     )
     monitor_max_restarts: int = Field(
-        default=3, ge=0, description="Restarts per window above which a PM2 process alerts."
+        le=INT64_MAX,
+        default=3,
+        ge=0,
+        description="Restarts per window above which a PM2 process alerts.",
     )
     monitor_restart_window: float = Field(
         default=3600.0, gt=0, le=DAY_SECONDS, description="Seconds."

@@ -17,7 +17,7 @@ from pydantic import (
 from pydantic_settings import NoDecode
 
 from shared.config_types import Host, IpNetwork, Origin, Port, split_csv
-from shared.settings import DAY_SECONDS, ServiceSettings
+from shared.settings import DAY_SECONDS, INT64_MAX, ServiceSettings
 
 __all__ = ["BroadcasterSettings"]
 
@@ -36,6 +36,7 @@ class BroadcasterSettings(ServiceSettings):
     ws_port: Port = Field(default=3180, description="WebSocket listen port.")
     ws_path: str = Field(default="/ws", description="HTTP path that upgrades to WebSocket.")
     ws_max_connections_per_ip: int = Field(
+        le=INT64_MAX,
         default=200,
         ge=1,
         description=(
@@ -45,6 +46,7 @@ class BroadcasterSettings(ServiceSettings):
         ),
     )
     ws_max_connections: int = Field(
+        le=INT64_MAX,
         default=20_000,
         ge=1,
         description=(
@@ -53,13 +55,20 @@ class BroadcasterSettings(ServiceSettings):
             "leave the process open files for itself (Redis, the metrics port)."
         ),
     )
-    ws_max_subscriptions: int = Field(default=100, ge=1, description="Channels per connection.")
+    ws_max_subscriptions: int = Field(
+        le=INT64_MAX, default=100, ge=1, description="Channels per connection."
+    )
     ws_allowed_origins: Annotated[tuple[Origin, ...], NoDecode] = Field(
         default=(), description="Comma-separated Origin values; empty allows every origin."
     )
-    ws_max_message_bytes: int = Field(default=16_384, ge=256, description="Largest client frame.")
+    ws_max_message_bytes: int = Field(
+        le=INT64_MAX, default=16_384, ge=256, description="Largest client frame."
+    )
     ws_send_buffer_bytes: int = Field(
-        default=1_048_576, ge=4096, description="Unsent bytes per client before it is dropped."
+        le=INT64_MAX,
+        default=1_048_576,
+        ge=4096,
+        description="Unsent bytes per client before it is dropped.",
     )
     ws_heartbeat_interval: float = Field(
         default=30.0, gt=0, le=DAY_SECONDS, description="Seconds between pings."
@@ -103,6 +112,7 @@ class BroadcasterSettings(ServiceSettings):
         default=False, description="Listen with SO_REUSEPORT so instances can share WS_PORT."
     )
     ws_max_glob_patterns: int = Field(
+        le=INT64_MAX,
         default=256,
         ge=0,
         description=(
@@ -112,6 +122,7 @@ class BroadcasterSettings(ServiceSettings):
         ),
     )
     ws_max_glob_patterns_per_ip: int = Field(
+        le=INT64_MAX,
         default=16,
         ge=0,
         description=(
@@ -121,14 +132,19 @@ class BroadcasterSettings(ServiceSettings):
         ),
     )
     ws_replay_limit: int = Field(
+        le=INT64_MAX,
         default=10_000,
         ge=0,
         description="Most events a resume (subscribe with since) may reach back; older is a miss.",
     )
     ws_history_size: int = Field(
-        default=5_000, ge=0, description="Recent events kept in memory to answer resumes."
+        le=INT64_MAX,
+        default=5_000,
+        ge=0,
+        description="Recent events kept in memory to answer resumes.",
     )
     ws_replay_stream_budget: int = Field(
+        le=INT64_MAX,
         default=200_000,
         ge=0,
         description=(
@@ -237,4 +253,8 @@ class BroadcasterSettings(ServiceSettings):
     def _path_is_absolute(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError("must start with /")
+        # Requests are matched by their path without the query: no client could reach one
+        # with a query, a fragment or a blank (a quoted .env value's stray space).
+        if any(c in value for c in "?#") or any(c.isspace() for c in value):
+            raise ValueError("must be a path alone: no query, fragment or blank")
         return value

@@ -18,7 +18,7 @@ from shared.config_types import (
     PostgresUrlSecret,
     split_csv,
 )
-from shared.settings import DAY_SECONDS, ServiceSettings
+from shared.settings import DAY_SECONDS, INT64_MAX, ServiceSettings
 
 __all__ = ["IndexerSettings"]
 
@@ -50,23 +50,36 @@ class IndexerSettings(ServiceSettings):
     resolution_manager_address: OptionalAddress = None
     reward_distributor_address: OptionalAddress = None
     start_block: int = Field(
-        default=0, ge=0, description="First block to index when the DB is empty."
+        le=INT64_MAX, default=0, ge=0, description="First block to index when the DB is empty."
     )
     supabase_url: OptionalHttpsUrl = None
     supabase_service_role_key: OptionalSecret = None
-    confirmations: int = Field(default=0, ge=0, description="Blocks to stay behind the head.")
+    confirmations: int = Field(
+        le=INT64_MAX, default=0, ge=0, description="Blocks to stay behind the head."
+    )
     poll_interval: float = Field(
         default=1.0, le=60, description="Seconds between head polls (at least 0.05)."
     )
-    reorg_window: int = Field(default=64, ge=1, description="Recent block hashes kept for reorgs.")
+    reorg_window: int = Field(
+        le=INT64_MAX, default=64, ge=1, description="Recent block hashes kept for reorgs."
+    )
     rpc_timeout: float = Field(
         default=10.0, gt=0, le=DAY_SECONDS, description="Seconds per JSON-RPC request."
     )
-    rpc_max_retries: int = Field(default=5, ge=0, description="Retries of a failed RPC request.")
-    logs_range_min: int = Field(default=1, ge=1, description="Smallest eth_getLogs block range.")
-    logs_range_max: int = Field(default=10_000, ge=1, description="Largest eth_getLogs range.")
-    logs_range_initial: int = Field(default=2000, ge=1, description="First eth_getLogs range.")
+    rpc_max_retries: int = Field(
+        le=INT64_MAX, default=5, ge=0, description="Retries of a failed RPC request."
+    )
+    logs_range_min: int = Field(
+        le=INT64_MAX, default=1, ge=1, description="Smallest eth_getLogs block range."
+    )
+    logs_range_max: int = Field(
+        le=INT64_MAX, default=10_000, ge=1, description="Largest eth_getLogs range."
+    )
+    logs_range_initial: int = Field(
+        le=INT64_MAX, default=2000, ge=1, description="First eth_getLogs range."
+    )
     db_statement_cache_size: int = Field(
+        le=INT64_MAX,
         default=100,
         ge=0,
         description=(
@@ -86,6 +99,7 @@ class IndexerSettings(ServiceSettings):
         ),
     )
     batch_events: int = Field(
+        le=INT64_MAX,
         default=2000,
         ge=1,
         description=(
@@ -94,7 +108,10 @@ class IndexerSettings(ServiceSettings):
         ),
     )
     logs_max_addresses: int = Field(
-        default=1000, ge=1, description="Most contract addresses in one eth_getLogs filter."
+        le=INT64_MAX,
+        default=1000,
+        ge=1,
+        description="Most contract addresses in one eth_getLogs filter.",
     )
     lease_ttl: float = Field(
         default=15.0,
@@ -103,7 +120,7 @@ class IndexerSettings(ServiceSettings):
         description="Seconds the write lease lasts unrenewed; a standby takes over after it.",
     )
     outbox_keep: int = Field(
-        default=10_000, ge=0, description="Published outbox rows kept for inspection."
+        le=INT64_MAX, default=10_000, ge=0, description="Published outbox rows kept for inspection."
     )
     indexer_http_host: Host = Field(default="127.0.0.1", description="Metrics host.")
     indexer_http_port: Port = Field(default=9464, description="Metrics and health port.")

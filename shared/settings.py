@@ -16,6 +16,9 @@ LogFormat = Literal["auto", "json", "console"]
 # The most a timeout or interval may be: longer is a slip (milliseconds, a stray digit), and
 # the event loop cannot wait past about 24.8 days at all (OverflowError at the first wait).
 DAY_SECONDS = 86_400.0
+# The bound of every count, size and block number: what Postgres (bigint), Redis and the C
+# structures below Python (a deque's maxlen, a transport's write limit) take.
+INT64_MAX = 2**63 - 1
 
 
 class ServiceSettings(BaseSettings):
@@ -45,7 +48,9 @@ class ServiceSettings(BaseSettings):
         default=SecretStr("redis://127.0.0.1:6379/0"),
         description="redis://, rediss:// or unix:// URL; may carry a password.",
     )
-    chain_id: int = Field(default=32323, gt=0, description="EVM chain id (32323 is BasedAI).")
+    chain_id: int = Field(
+        le=INT64_MAX, default=32323, gt=0, description="EVM chain id (32323 is BasedAI)."
+    )
     log_level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_format: LogFormat = Field(
         default="auto", description="json, console, or auto (console on a TTY, else json)."
@@ -54,7 +59,10 @@ class ServiceSettings(BaseSettings):
         default="kektech:events", min_length=1, description="Stream the indexer publishes to."
     )
     redis_stream_maxlen: int = Field(
-        default=100_000, ge=1000, description="Approximate cap on the stream's length (XADD)."
+        le=INT64_MAX,
+        default=100_000,
+        ge=1000,
+        description="Approximate cap on the stream's length (XADD).",
     )
 
     @field_validator("log_level", "log_format", mode="before")

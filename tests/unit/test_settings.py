@@ -417,6 +417,10 @@ def test_a_default_in_conflict_is_named_as_its_variable() -> None:
     ("variable", "value", "reason"),
     [
         ("WS_PATH", "ws", "must start with /"),
+        # The path a request names, without its query: no client could reach these.
+        ("WS_PATH", "/ws?v=1", "a path alone"),
+        ("WS_PATH", "/ws#top", "a path alone"),
+        ("WS_PATH", "/ws ", "a path alone"),
         ("WS_ALLOWED_ORIGINS", "https://kektech.xyz/app", "no path"),
         ("WS_TRUSTED_PROXIES", "127.0.0.1,proxy.local", "item 2: expected an IP address"),
         ("WS_PORT", "0", "greater than or equal to 1"),
@@ -757,6 +761,28 @@ def test_a_timeout_or_interval_above_a_day_is_refused(
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(variable, str(DAY))
         assert getattr(load_settings(cls), variable.lower()) == DAY
+
+
+def _integer_variables() -> list[tuple[type[ServiceSettings], str]]:
+    return [
+        (cls, name.upper())
+        for cls in (IndexerSettings, BroadcasterSettings, OpsSettings)
+        for name, field in cls.model_fields.items()
+        if field.annotation is int
+    ]
+
+
+@pytest.mark.parametrize(("cls", "variable"), _integer_variables())
+def test_an_integer_past_what_its_consumers_take_is_refused(
+    cls: type[ServiceSettings], variable: str
+) -> None:
+    """Every count, size and block number is bounded: above 2^63 - 1, what Postgres, Redis
+    and the C structures below Python take, a value was accepted, then crashed the service
+    (WS_HISTORY_SIZE at start, OUTBOX_KEEP at its first prune), kept it from answering anyone
+    (WS_SEND_BUFFER_BYTES) or from publishing anything (REDIS_STREAM_MAXLEN)."""
+    error = config_error(cls, **{variable: str(2**63)})
+    assert error.variable == variable
+    assert "less than or equal to" in error.reason
 
 
 def test_a_raw_at_sign_in_a_password_is_refused_with_the_fix() -> None:
