@@ -276,15 +276,18 @@ async def serve_clients(
         return Connection(edge, options)
 
     async with contextlib.AsyncExitStack() as stack:
-        listeners = [
-            await loop.create_server(
-                client,
-                settings.ws_host,
-                settings.ws_port,
-                reuse_port=settings.ws_reuse_port,
-                backlog=LISTEN_BACKLOG,
-            )
-        ]
+        try:
+            listeners = [
+                await loop.create_server(
+                    client,
+                    settings.ws_host,
+                    settings.ws_port,
+                    reuse_port=settings.ws_reuse_port,
+                    backlog=LISTEN_BACKLOG,
+                )
+            ]
+        except OSError as exc:
+            raise _listen_error(settings.ws_host, settings.ws_port, "WS", exc) from exc
         stack.push_async_callback(_shut_down, edge, listeners)
         if settings.ws_unix_socket:
             path = settings.ws_unix_socket
@@ -304,13 +307,20 @@ async def serve_clients(
                 await unix.start_serving()
             except OSError as exc:
                 raise _unix_socket_error(path, "listen on", exc) from exc
-        ops_listener = await loop.create_server(
-            lambda: Connection(ops, options),
-            settings.broadcaster_http_host,
-            settings.broadcaster_http_port,
-        )
+        host, port = settings.broadcaster_http_host, settings.broadcaster_http_port
+        try:
+            ops_listener = await loop.create_server(lambda: Connection(ops, options), host, port)
+        except OSError as exc:
+            raise _listen_error(host, port, "BROADCASTER_HTTP", exc) from exc
         stack.callback(_close_ops, ops, ops_listener)
         yield
+
+
+def _listen_error(host: str, port: int, prefix: str, exc: OSError) -> OSError:
+    """exc, its message naming the settings of the address (two ports: which one failed?)."""
+    why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else (exc.strerror or str(exc))
+    message = f"cannot listen on {host}:{port} ({prefix}_HOST, {prefix}_PORT): {why}"
+    return OSError(message) if exc.errno is None else OSError(exc.errno, message)
 
 
 def _unix_socket_error(path: str, doing: str, exc: OSError) -> OSError:

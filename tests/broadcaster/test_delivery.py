@@ -421,6 +421,23 @@ async def test_a_socket_group_the_process_may_not_use_stops_the_start(
     assert not path.exists()
 
 
+@pytest.mark.parametrize("taken", ["ws", "ops"])
+async def test_a_port_taken_stops_the_start_naming_its_settings(start: Start, taken: str) -> None:
+    """A WS_PORT or BROADCASTER_HTTP_PORT another process holds stops the start with the
+    OS's error naming the settings, which the OS's message does not (two ports, one
+    message: which was it?)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        setting = {"ws": "ws_port", "ops": "broadcaster_http_port"}[taken]
+        with pytest.raises(OSError, match="cannot listen on") as caught:
+            async with start(**{setting: port}):
+                pass
+    names = {"ws": "WS_HOST, WS_PORT", "ops": "BROADCASTER_HTTP_HOST, BROADCASTER_HTTP_PORT"}
+    assert f"cannot listen on 127.0.0.1:{port} ({names[taken]}): " in str(caught.value)
+
+
 async def test_a_unix_socket_that_cannot_be_bound_stops_the_start_naming_it(
     start: Start, tmp_path: Path
 ) -> None:
