@@ -228,6 +228,36 @@ async def test_a_handshake_refused_by_a_full_instance_is_served_by_another(
             assert await roomy.metric("kektech_broadcaster_connections") == 3
 
 
+async def test_every_worker_takes_its_share_of_the_websockets(redis_server: Redis) -> None:
+    """The capacity nginx.conf states (workers x worker_connections / 2 WebSockets) needs
+    every worker to accept connections: left to the kernel's wake-ups, one worker took
+    nearly all of them and refused past its own worker_connections while the other sat idle.
+    Shown at small scale: 2 workers of 128 connections, 80 WebSockets (about 61 per worker)."""
+    template = substitute(
+        TEMPLATE.read_text(),
+        [
+            ("worker_processes auto;", "worker_processes 2;"),
+            ("worker_connections 16384;", "worker_connections 128;"),
+        ],
+    )
+    async with (
+        running_edge(redis_server.url, stream_key(), template=template) as edge,
+        AsyncExitStack() as clients,
+    ):
+        refused: list[str] = []
+        for index in range(80):
+            source = f"127.0.{1 + index // 200}.{10 + index % 200}"
+            try:
+                client = await clients.enter_async_context(edge.ws_client(source))
+                await client.subscribe("events:*")
+            except Exception as exc:  # any way a handshake can fail, each one listed
+                refused.append(f"{source}: {exc!r}")
+        assert refused == []
+        assert await edge.metric("kektech_broadcaster_connections") == 80
+        log = (edge.layout.logs / "error.log").read_text()
+        assert "worker_connections are not enough" not in log
+
+
 async def test_port_80_serves_acme_webroot_and_redirects_the_rest(edge: Edge) -> None:
     """Port 80 serves certbot's challenge files from the webroot and 301s all else to HTTPS."""
     challenge = edge.layout.webroot / ".well-known" / "acme-challenge" / "token-abc"
