@@ -100,6 +100,7 @@ class Client:
         "peer",
         "pending",
         "pending_bytes",
+        "spilled",
         "subs",
         "write",
     )
@@ -116,6 +117,9 @@ class Client:
         self.last_seq = 0  # newest seq delivered live
         self.pending: list[Event] | None = None  # live events held back during a replay
         self.pending_bytes = 0
+        # Held-back events were let go, more than WS_SEND_BUFFER_BYTES of them: the replay
+        # sends them from the history instead (replay.py).
+        self.spilled = False
         self.dropped = False
 
 
@@ -341,7 +345,7 @@ class Hub:
                 if client.last_seq >= seq:
                     continue
                 if client.pending is not None:
-                    self._hold(client, event, overflow)
+                    self._hold(client, event)
                 elif batch is not None:
                     # Whether the socket takes it is asked once per client, in _flush.
                     if (frames := batch.get(client)) is None:
@@ -371,7 +375,7 @@ class Hub:
                 count += len(frames)
         return count
 
-    def _hold(self, client: Client, event: Event, overflow: list[Client]) -> None:
+    def _hold(self, client: Client, event: Event) -> None:
         pending = client.pending
         assert pending is not None
         if pending and pending[-1].seq >= event.seq:
@@ -379,7 +383,12 @@ class Hub:
         pending.append(event)
         client.pending_bytes += event.size
         if client.pending_bytes > self.send_buffer_bytes:
-            overflow.append(client)
+            # More came during the replay than the connection may buffer. Not a reason to
+            # close a client that is reading its replay: they are let go, and the resume sends
+            # them from the history once the replay is done (replay.py, _catch_up).
+            pending.clear()
+            client.pending_bytes = 0
+            client.spilled = True
 
     def _gap(self, position: int, seq: int) -> None:
         missed = seq - position - 1

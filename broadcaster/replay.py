@@ -7,6 +7,13 @@ stream (hub.Source, XRANGE in pages), skipping what an older subscription of the
 already covered; then the caller sends the ack and calls go_live(), which sends the held
 events. So nothing falls between replay and live, and nothing is sent twice.
 
+Live events held back past WS_SEND_BUFFER_BYTES are let go (Hub._hold): a client reading a
+long replay while events keep coming is not closed for them. After the replay, _catch_up
+sends what came since the boundary from the history, in rounds, the held events let go again
+whenever they pile up, until a round ends with what is held small enough to send at once; the
+boundary moves to the last round's end. A client that does not get nearer (a round as long as
+the one before: it reads slower than events come) is closed with 4008.
+
 A stream that ends before the boundary while the stream reader waits for the indexer to write
 lost entries again (Hub.refill_awaited) is waited for too, then read on from where it ended.
 """
@@ -124,6 +131,9 @@ async def resume(hub: Hub, client: Client, channel: str, since: int, *, reading:
     else:
         outcome = _Replayed(False, 0, boundary)
     recovered, replayed, covered = outcome
+    if boundary is not None and hub.serves(client):
+        boundary, caught_up = await _catch_up(hub, client, boundary, boundary - since, reading)
+        replayed += caught_up
     if client.dropped or client not in hub.clients:
         # Closed meanwhile: its subscriptions are gone and must stay so (and uncounted).
         return Resume(seq=boundary, recovered=False, replayed=replayed)
@@ -197,7 +207,7 @@ async def _replay(
     if hub.history.covers(since, boundary):
         entries = hub.history.between(since, boundary)
         reading.scanned += len(entries) * MEMORY_READ_COST
-        sent = await _send(hub, client, entries, wanted, covered)
+        sent = await _send(hub, client, entries, _adds(wanted, covered))
         return _Replayed(True, sent, since)
     if hub.source is None:
         return _Replayed(False, 0, boundary)
@@ -248,7 +258,7 @@ async def _replay_stream(
                 contiguous_from = seq - 1
             after = seq
         reading.scanned += len(page)
-        sent += await _send(hub, client, page, wanted, covered)
+        sent += await _send(hub, client, page, _adds(wanted, covered))
     if after < boundary:
         return _Replayed(False, sent, boundary)
     return _Replayed(contiguous_from == since, sent, contiguous_from)
@@ -310,40 +320,133 @@ class _RefillWait:
         return await self._hub.refilled(max(0.0, self._deadline - now))
 
 
+async def _catch_up(
+    hub: Hub, client: Client, boundary: int, previous: int, reading: Reading
+) -> tuple[int, int]:
+    """After a replay up to boundary: while the live events held back meanwhile were let go
+    (Client.spilled), or are too many to send at once, send those after boundary from the
+    history instead (every subscription's), the held ones forgotten, and look again. Returns
+    the new boundary, which the ack names, and the events sent.
+
+    `previous`: how many seqs the last round spanned; a round spanning as many or more means
+    the client reads slower than events come, and it is closed with 4008, as a client whose
+    held events filled its buffer was before; so is one whose round the history cannot give.
+    """
+    sent = 0
+    while hub.serves(client):
+        if client.buffered() > hub.send_buffer_bytes // 2 and not await _drained(hub, client):
+            break
+        if not client.spilled and (
+            client.pending_bytes + client.buffered() <= hub.send_buffer_bytes
+        ):
+            break
+        upto = hub.position
+        assert upto is not None
+        entries = await _history(hub, boundary, upto, reading)
+        if entries is None or upto - boundary >= previous:
+            hub.cut_slow(client)
+            break
+        client.pending = []
+        client.pending_bytes = 0
+        client.spilled = False
+        covering = Coverage(client.subs)
+        sent += await _send(hub, client, entries, covering.first, live=True)
+        previous, boundary = upto - boundary, upto
+    return boundary, sent
+
+
+async def _history(
+    hub: Hub, after: int, upto: int, reading: Reading
+) -> list[tuple[int, Event | None]] | None:
+    """Every entry in (after, upto], from memory or the stream; None when they cannot all be
+    read (the stream trimmed or unreachable, its budget spent)."""
+    if hub.history.covers(after, upto):
+        held = hub.history.between(after, upto)
+        reading.scanned += len(held) * MEMORY_READ_COST
+        return held
+    if hub.source is None:
+        return None
+    entries: list[tuple[int, Event | None]] = []
+    while after < upto:
+        most = min(REPLAY_PAGE, upto - after)
+        if not hub.reserve_stream_reads(most):
+            return None
+        page: list[tuple[int, Event | None]] = []
+        try:
+            page = await hub.source.entries(after, upto, REPLAY_PAGE)
+        except StreamUnavailable:
+            return None
+        finally:
+            hub.return_stream_reads(most - len(page))
+        reading.scanned += len(page)
+        for seq, event in page:
+            if seq != after + 1:
+                return None
+            entries.append((seq, event))
+            after = seq
+        if not page:
+            return None
+    return entries
+
+
 async def _send(
     hub: Hub,
     client: Client,
     entries: Iterable[tuple[int, Event | None]],
-    wanted: Callable[[str], bool],
-    covered: Coverage,
+    channel_of: Callable[[Event], str | None],
+    *,
+    live: bool = False,
 ) -> int:
-    """Write the replayed events the new subscription adds; pace on the client's reading."""
+    """Write the events of entries that channel_of gives a channel, on it; pace on the
+    client's reading. `live`: events after the boundary (_catch_up), which then count as
+    delivered live (Client.last_seq), so that go_live() skips them when held too."""
     sent = 0
     now_ms = hub.now_ms()
     try:
         for scanned, (_, event) in enumerate(entries, start=1):
             if scanned % REPLAY_YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # a long replay must not hold up everyone else's events
-            if event is None:
+            if event is None or (live and event.seq <= client.last_seq):
                 continue
-            channel = next((c for c in event.channels if wanted(c)), None)
-            if channel is None or covered.first(event) is not None:
+            channel = channel_of(event)
+            if channel is None:
                 continue
             if not client.is_open() or client.dropped:
                 break
             client.write(event.frame(channel, now_ms))
+            if live:
+                client.last_seq = event.seq
             sent += 1
-            if client.buffered() > hub.send_buffer_bytes // 2:
-                try:
-                    async with asyncio.timeout(REPLAY_DRAIN_TIMEOUT):
-                        await client.peer.drain()
-                except TimeoutError:
-                    hub.cut_slow(client)
-                    break
+            if client.buffered() > hub.send_buffer_bytes // 2 and not await _drained(hub, client):
+                break
     finally:
         # Once per page, also for a replay cut short by its connection's end (cancelled).
         hub.metrics.deliveries.inc(sent)
     return sent
+
+
+async def _drained(hub: Hub, client: Client) -> bool:
+    """Wait for the client to read what was sent down to the connection's low mark; closed
+    with 4008 (False) if it does not within REPLAY_DRAIN_TIMEOUT."""
+    try:
+        async with asyncio.timeout(REPLAY_DRAIN_TIMEOUT):
+            await client.peer.drain()
+    except TimeoutError:
+        hub.cut_slow(client)
+        return False
+    return True
+
+
+def _adds(wanted: Callable[[str], bool], covered: Coverage) -> Callable[[Event], str | None]:
+    """For a replay: the first channel of an event that the new subscription matches (None
+    when none does, or another subscription of the connection covered the event)."""
+
+    def channel_of(event: Event) -> str | None:
+        if covered.first(event) is not None:
+            return None
+        return next((c for c in event.channels if wanted(c)), None)
+
+    return channel_of
 
 
 class Coverage:

@@ -981,3 +981,76 @@ async def test_a_resume_cut_short_by_its_connection_end_pays_only_what_it_read(
             assert (await client.subscribe(absent, since=500))["recovered"] is True
             ack = await client.subscribe("events:*", since=995)
             assert (ack["recovered"], ack["replayedEvents"]) == (False, [])
+
+
+async def _read_until(client: RawClient, done: Callable[[dict[str, Any]], bool]) -> list[Any]:
+    """The client's messages up to the first that `done` accepts (included); fails on a close."""
+    messages: list[dict[str, Any]] = []
+    async with asyncio.timeout(WITHIN):
+        while not messages or not done(messages[-1]):
+            opcode, payload = await client.read_frame()
+            assert opcode == 0x1, (opcode, payload)
+            messages.append(orjson.loads(payload))
+    return messages
+
+
+@pytest.mark.parametrize("history_size", [5000, 0], ids=["memory", "stream"])
+async def test_events_piling_up_during_a_long_replay_do_not_cut_a_client_reading_it(
+    start: Start, producer: EventProducer, history_size: int
+) -> None:
+    """Live events held back during a replay beyond WS_SEND_BUFFER_BYTES are sent from the
+    history after it, not a reason for 4008: a client reading a replay longer than the buffer
+    divided by the live rate was cut every time it resumed, and never got its ack. Here 4.8 MB
+    of history; 40 live events (about 80 KiB, more than the 64 KiB buffer) come while the
+    replay waits for the client to read."""
+    await producer.publish(count=300, pad=16384)
+    async with start(ws_send_buffer_bytes=65536, ws_history_size=history_size) as server:
+        await server.wait_health(seq=300)
+        client = await RawClient.open(server.settings.ws_port, rcvbuf=4096)
+        try:
+            await client.read_frame()  # connected
+            client.send_frame(0x1, b'{"type":"subscribe","channel":"events:*","since":0}')
+            messages = await _read_until(client, lambda m: True)  # the replay has begun
+            await producer.publish(count=40, pad=2048)
+            await server.wait_health(seq=340)
+            messages += await _read_until(client, lambda m: m["type"] == "subscribed")
+            await producer.publish(count=2)
+            messages += await _read_until(client, lambda m: m.get("seq") == 342)
+            ack = messages[-3]  # the two live events follow it
+            assert ack["type"] == "subscribed"
+            assert ack["recovered"] is True
+            assert ack["seq"] == 340
+            assert ack["replayed"] == 340
+            assert [m["seq"] for m in messages if m["type"] == "event"] == list(range(1, 343))
+            assert await server.metric("kektech_broadcaster_slow_consumer_closes_total") == 0
+        finally:
+            client.close()
+
+
+async def test_a_client_reading_its_replay_slower_than_events_come_is_closed_with_4008(
+    start: Start, producer: EventProducer
+) -> None:
+    """Sending what came during a replay from the history goes on only while the client gets
+    nearer to the live events: a round of it as long as the one before (the client reads
+    slower than events come) closes it with 4008, as a held-back backlog over the buffer did.
+    Here the first round sends the 200 events that came during the replay; while the client
+    reads that slowly, 300 more come."""
+    await producer.publish(count=300, pad=16384)
+    async with start(ws_send_buffer_bytes=65536) as server:
+        await server.wait_health(seq=300)
+        client = await RawClient.open(server.settings.ws_port, rcvbuf=4096)
+        try:
+            await client.read_frame()  # connected
+            client.send_frame(0x1, b'{"type":"subscribe","channel":"events:*","since":0}')
+            await _read_until(client, lambda m: True)  # the replay has begun
+            await producer.publish(count=200, pad=16384)
+            await server.wait_health(seq=500)
+            # Read on up to the first event after the replay: the first round has begun.
+            read = await _read_until(client, lambda m: m.get("seq", 0) > 300)
+            await producer.publish(count=300, pad=16384)
+            await server.wait_health(seq=800)
+            code, _, rest = await client.until_close()
+            assert code == 4008
+            assert all(m["type"] == "event" for m in read + [orjson.loads(t) for t in rest])
+        finally:
+            client.close()
