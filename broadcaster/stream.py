@@ -222,7 +222,7 @@ class EventStream:
             )
             newest.reverse()
             if history:
-                hub.prefill(self._parse(newest))
+                hub.prefill(self._parse(newest, hub.metrics))
         hub.start(top)
         self._from_start = hub.position == 0
         log.info("following the event stream", key=self.key, seq=hub.position)
@@ -377,7 +377,8 @@ class EventStream:
 
 
 def _invalid(exc: InvalidEntry, metrics: Metrics | None) -> None:
-    """Log and count an entry that is skipped (only when following, not when re-reading)."""
+    """Log and count an entry that is skipped: when following, or reading the history at
+    start-up; not when a resume reads it again."""
     if metrics is not None:
         metrics.invalid_entries.inc()
         log.warning("invalid stream entry skipped", entry=exc.entry_id, reason=exc.reason)
