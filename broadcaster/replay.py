@@ -342,13 +342,17 @@ async def _catch_up(
             break
         upto = hub.position
         assert upto is not None
-        entries = await _history(hub, boundary, upto, reading)
-        if entries is None or upto - boundary >= previous:
+        if upto - boundary >= previous:
             hub.cut_slow(client)
             break
+        # Held from here on: what comes while the round reads the stream is after upto.
         client.pending = []
         client.pending_bytes = 0
         client.spilled = False
+        entries = await _history(hub, boundary, upto, reading)
+        if entries is None:
+            hub.cut_slow(client)
+            break
         covering = Coverage(client.subs)
         sent += await _send(hub, client, entries, covering.first, live=True)
         previous, boundary = upto - boundary, upto

@@ -33,6 +33,7 @@ from tests.broadcaster.support import (
     ws_client,
 )
 from tests.support.tasks import background
+from tests.support.tcp_proxy import TcpProxy
 
 Start = Callable[..., AbstractAsyncContextManager[Running]]
 
@@ -1052,5 +1053,43 @@ async def test_a_client_reading_its_replay_slower_than_events_come_is_closed_wit
             code, _, rest = await client.until_close()
             assert code == 4008
             assert all(m["type"] == "event" for m in read + [orjson.loads(t) for t in rest])
+        finally:
+            client.close()
+
+
+async def test_events_coming_while_a_catch_up_reads_the_stream_are_held(
+    start: Start, producer: EventProducer, redis_server: Redis
+) -> None:
+    """A round sending from the stream (no history in memory) holds what comes while it reads:
+    nothing between the round's end and the held events is lost. Here Redis is 20 ms away
+    and events keep coming every 5 ms while the client reads its replay."""
+    await producer.publish(count=300, pad=16384)
+    async with (
+        TcpProxy(redis_server.port, delay=0.02) as proxy,
+        start(
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+            ws_history_size=0,
+            ws_send_buffer_bytes=65536,
+        ) as server,
+    ):
+        await server.wait_health(seq=300)
+        client = await RawClient.open(server.settings.ws_port, rcvbuf=4096)
+
+        async def trickle() -> None:
+            while True:
+                await producer.publish()
+                await asyncio.sleep(0.005)
+
+        try:
+            await client.read_frame()  # connected
+            client.send_frame(0x1, b'{"type":"subscribe","channel":"events:*","since":0}')
+            messages = await _read_until(client, lambda m: True)  # the replay has begun
+            await producer.publish(count=40, pad=2048)
+            await server.wait_health(seq=340)
+            async with background(trickle()):
+                messages += await _read_until(client, lambda m: m["type"] == "subscribed")
+            last = producer.seq
+            messages += await _read_until(client, lambda m: m.get("seq") == last)
+            assert [m["seq"] for m in messages if m["type"] == "event"] == list(range(1, last + 1))
         finally:
             client.close()
