@@ -11,8 +11,8 @@ Live events held back past WS_SEND_BUFFER_BYTES are let go (Hub._hold): a client
 long replay while events keep coming is not closed for them. After the replay, _catch_up
 sends what came since the boundary from the history, in rounds, the held events let go again
 whenever they pile up, until a round ends with what is held small enough to send at once; the
-boundary moves to the last round's end. A client that does not get nearer (a round as long as
-the one before: it reads slower than events come) is closed with 4008.
+boundary moves to the last round's end. A client not live after CATCH_UP_WITHIN of rounds
+(it reads slower than events come) is closed with 4008.
 
 A stream that ends before the boundary while the stream reader waits for the indexer to write
 lost entries again (Hub.refill_awaited) is waited for too, then read on from where it ended.
@@ -45,6 +45,9 @@ REPLAY_YIELD_EVERY = 256
 REPLAY_DRAIN_TIMEOUT = 30.0
 # How long a resume waits for this instance to reach a `since` another instance already sent.
 CATCH_UP_TIMEOUT = 5.0
+# How long a resume may take sending what came during its replay (_catch_up) before the client
+# is live: one that reads slower than events come never gets there, and is closed with 4008.
+CATCH_UP_WITHIN = REPLAY_DRAIN_TIMEOUT
 # How long a resume that finds the stream short of what was relayed (Redis lost entries) waits
 # for the indexer to write them again: as long as the stream reader's grace for a stream that
 # grows no more (stream.REFILL_GRACE). The reader may wait longer (a refill still growing,
@@ -132,7 +135,7 @@ async def resume(hub: Hub, client: Client, channel: str, since: int, *, reading:
         outcome = _Replayed(False, 0, boundary)
     recovered, replayed, covered = outcome
     if boundary is not None and hub.serves(client):
-        boundary, caught_up = await _catch_up(hub, client, boundary, boundary - since, reading)
+        boundary, caught_up = await _catch_up(hub, client, boundary, reading)
         replayed += caught_up
     if client.dropped or client not in hub.clients:
         # Closed meanwhile: its subscriptions are gone and must stay so (and uncounted).
@@ -320,19 +323,19 @@ class _RefillWait:
         return await self._hub.refilled(max(0.0, self._deadline - now))
 
 
-async def _catch_up(
-    hub: Hub, client: Client, boundary: int, previous: int, reading: Reading
-) -> tuple[int, int]:
+async def _catch_up(hub: Hub, client: Client, boundary: int, reading: Reading) -> tuple[int, int]:
     """After a replay up to boundary: while the live events held back meanwhile were let go
     (Client.spilled), or are too many to send at once, send those after boundary from the
     history instead (every subscription's), the held ones forgotten, and look again. Returns
     the new boundary, which the ack names, and the events sent.
 
-    `previous`: how many seqs the last round spanned; a round spanning as many or more means
-    the client reads slower than events come, and it is closed with 4008, as a client whose
-    held events filled its buffer was before; so is one whose round the history cannot give.
+    Each round sends what came during the one before, so a client reading faster than events
+    come gets nearer; one that is not live within CATCH_UP_WITHIN reads slower than they come
+    (or Redis is too far for its buffer) and is closed with 4008, as a client whose held
+    events filled its buffer was before; so is one whose round the history cannot give.
     """
     sent = 0
+    deadline = asyncio.get_running_loop().time() + CATCH_UP_WITHIN
     while hub.serves(client):
         if client.buffered() > hub.send_buffer_bytes // 2 and not await _drained(hub, client):
             break
@@ -342,35 +345,37 @@ async def _catch_up(
             break
         upto = hub.position
         assert upto is not None
-        if upto - boundary >= previous:
-            hub.cut_slow(client)
-            break
         # Held from here on: what comes while the round reads the stream is after upto.
         client.pending = []
         client.pending_bytes = 0
         client.spilled = False
-        entries = await _history(hub, boundary, upto, reading)
-        if entries is None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                round_sent = await _send_round(hub, client, boundary, upto, reading)
+        except TimeoutError:
+            round_sent = None
+        if round_sent is None:
             hub.cut_slow(client)
             break
-        covering = Coverage(client.subs)
-        sent += await _send(hub, client, entries, covering.first, live=True)
-        previous, boundary = upto - boundary, upto
+        sent += round_sent
+        boundary = upto
     return boundary, sent
 
 
-async def _history(
-    hub: Hub, after: int, upto: int, reading: Reading
-) -> list[tuple[int, Event | None]] | None:
-    """Every entry in (after, upto], from memory or the stream; None when they cannot all be
-    read (the stream trimmed or unreachable, its budget spent)."""
+async def _send_round(
+    hub: Hub, client: Client, after: int, upto: int, reading: Reading
+) -> int | None:
+    """Send the events in (after, upto] that the connection's subscriptions cover, from
+    memory or the stream (page by page); the number sent, or None when the history no longer
+    holds them all (the stream trimmed or unreachable, its budget spent)."""
+    covering = Coverage(client.subs)
     if hub.history.covers(after, upto):
-        held = hub.history.between(after, upto)
-        reading.scanned += len(held) * MEMORY_READ_COST
-        return held
+        entries = hub.history.between(after, upto)
+        reading.scanned += len(entries) * MEMORY_READ_COST
+        return await _send(hub, client, entries, covering.first, live=True)
     if hub.source is None:
         return None
-    entries: list[tuple[int, Event | None]] = []
+    sent = 0
     while after < upto:
         most = min(REPLAY_PAGE, upto - after)
         if not hub.reserve_stream_reads(most):
@@ -383,14 +388,11 @@ async def _history(
         finally:
             hub.return_stream_reads(most - len(page))
         reading.scanned += len(page)
-        for seq, event in page:
-            if seq != after + 1:
-                return None
-            entries.append((seq, event))
-            after = seq
-        if not page:
-            return None
-    return entries
+        if not page or page[0][0] != after + 1 or page[-1][0] != after + len(page):
+            return None  # a hole: trimmed, or entries Redis lost
+        sent += await _send(hub, client, page, covering.first, live=True)
+        after = page[-1][0]
+    return sent
 
 
 async def _send(

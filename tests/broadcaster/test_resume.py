@@ -984,6 +984,30 @@ async def test_a_resume_cut_short_by_its_connection_end_pays_only_what_it_read(
             assert (ack["recovered"], ack["replayedEvents"]) == (False, [])
 
 
+@contextlib.asynccontextmanager
+async def publishing(
+    producer: EventProducer, *, count: int = 1, pad: int = 0, every: float
+) -> AsyncIterator[None]:
+    """Publish `count` events every `every` seconds for the block. Stopped between two
+    publishes, not cancelled: a publish cancelled midway could leave the test waiting on
+    redis-py's connection for minutes."""
+    stop = asyncio.Event()
+
+    async def loop() -> None:
+        while not stop.is_set():
+            await producer.publish(count=count, pad=pad)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every):
+                    await stop.wait()
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
 async def _read_until(client: RawClient, done: Callable[[dict[str, Any]], bool]) -> list[Any]:
     """The client's messages up to the first that `done` accepts (included); fails on a close."""
     messages: list[dict[str, Any]] = []
@@ -1029,13 +1053,13 @@ async def test_events_piling_up_during_a_long_replay_do_not_cut_a_client_reading
 
 
 async def test_a_client_reading_its_replay_slower_than_events_come_is_closed_with_4008(
-    start: Start, producer: EventProducer
+    start: Start, producer: EventProducer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Sending what came during a replay from the history goes on only while the client gets
-    nearer to the live events: a round of it as long as the one before (the client reads
-    slower than events come) closes it with 4008, as a held-back backlog over the buffer did.
-    Here the first round sends the 200 events that came during the replay; while the client
-    reads that slowly, 300 more come."""
+    """Sending what came during a replay from the history goes on for CATCH_UP_WITHIN (here
+    1 s) at most: a client that reads slower than events come would never be live, and is
+    closed with 4008 before any ack, as a held-back backlog over the buffer was. Here it reads
+    a frame every 10 ms (16 KiB each) while 200 a second come."""
+    monkeypatch.setattr(replay, "CATCH_UP_WITHIN", 1.0)
     await producer.publish(count=300, pad=16384)
     async with start(ws_send_buffer_bytes=65536) as server:
         await server.wait_health(seq=300)
@@ -1043,18 +1067,42 @@ async def test_a_client_reading_its_replay_slower_than_events_come_is_closed_wit
         try:
             await client.read_frame()  # connected
             client.send_frame(0x1, b'{"type":"subscribe","channel":"events:*","since":0}')
-            await _read_until(client, lambda m: True)  # the replay has begun
-            await producer.publish(count=200, pad=16384)
-            await server.wait_health(seq=500)
-            # Read on up to the first event after the replay: the first round has begun.
-            read = await _read_until(client, lambda m: m.get("seq", 0) > 300)
-            await producer.publish(count=300, pad=16384)
-            await server.wait_health(seq=800)
-            code, _, rest = await client.until_close()
-            assert code == 4008
-            assert all(m["type"] == "event" for m in read + [orjson.loads(t) for t in rest])
+            kinds: list[str] = []
+            async with publishing(producer, count=2, pad=16384, every=0.01):
+                async with asyncio.timeout(WITHIN):
+                    while True:
+                        opcode, payload = await client.read_frame()
+                        if opcode == 0x8:
+                            break
+                        kinds.append(orjson.loads(payload)["type"])
+                        await asyncio.sleep(0.01)
+            assert int.from_bytes(payload[:2], "big") == 4008
+            assert set(kinds) == {"event"}
+            assert len(kinds) > 300  # past the replay, into the rounds
         finally:
             client.close()
+
+
+async def test_a_resume_from_ahead_of_this_instance_is_not_cut_for_what_it_waited_for(
+    start: Start, producer: EventProducer, redis_server: Redis
+) -> None:
+    """A `since` this instance has not reached yet (the client came from a faster one) waits
+    for it; the events that come meanwhile, all at or below `since`, are never sent to the
+    client, so their piling up past the buffer is no reason for 4008. Here Redis is 200 ms
+    away, and 100 events of 5 KiB (more than the 64 KiB buffer) come during the wait."""
+    async with (
+        TcpProxy(redis_server.port, delay=0.2) as proxy,
+        start(redis_url=f"redis://127.0.0.1:{proxy.port}/0", ws_send_buffer_bytes=65536) as server,
+        ws_client(server.url) as client,
+    ):
+        await producer.publish(count=100, pad=5120)
+        ack = await client.subscribe("events:*", since=producer.seq)
+        assert ack["recovered"] is True
+        assert ack["replayedEvents"] == []
+        await producer.publish()
+        [event] = await client.events(1)
+        assert event["seq"] == 101
+        assert await server.metric("kektech_broadcaster_slow_consumer_closes_total") == 0
 
 
 async def test_events_coming_while_a_catch_up_reads_the_stream_are_held(
@@ -1074,19 +1122,13 @@ async def test_events_coming_while_a_catch_up_reads_the_stream_are_held(
     ):
         await server.wait_health(seq=300)
         client = await RawClient.open(server.settings.ws_port, rcvbuf=4096)
-
-        async def trickle() -> None:
-            while True:
-                await producer.publish()
-                await asyncio.sleep(0.005)
-
         try:
             await client.read_frame()  # connected
             client.send_frame(0x1, b'{"type":"subscribe","channel":"events:*","since":0}')
             messages = await _read_until(client, lambda m: True)  # the replay has begun
             await producer.publish(count=40, pad=2048)
             await server.wait_health(seq=340)
-            async with background(trickle()):
+            async with publishing(producer, every=0.005):
                 messages += await _read_until(client, lambda m: m["type"] == "subscribed")
             last = producer.seq
             messages += await _read_until(client, lambda m: m.get("seq") == last)
