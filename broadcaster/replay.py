@@ -207,9 +207,8 @@ async def _replay(
         return _Replayed(False, 0, boundary)
     covered = Coverage(older)
     wanted = matcher(channel)
-    if hub.history.covers(since, boundary):
-        entries = hub.history.between(since, boundary)
-        reading.scanned += len(entries) * MEMORY_READ_COST
+    entries = _from_memory(hub, since, boundary, reading)
+    if entries is not None:
         sent = await _send(hub, client, entries, _adds(wanted, covered))
         return _Replayed(True, sent, since)
     if hub.source is None:
@@ -233,22 +232,9 @@ async def _replay_stream(
     refill = _RefillWait(hub)
     while after < boundary:
         awaited = hub.refill_awaited  # before the read: a refill may end during it
-        # Charged the most the page may hold before the read, so that resumes reading at
-        # once count against each other, and what it did not hold refunded after (also when
-        # cancelled). Page by page, not the whole resume up front: a resume that stalls on a
-        # client reading nothing (for up to REPLAY_DRAIN_TIMEOUT) then holds the page it
-        # read, not all it may read (20 such connections held all of 200,000 for 30 s).
-        most = min(REPLAY_PAGE, boundary - after)
-        if not hub.reserve_stream_reads(most):
+        page = await _read_page(hub, after, boundary)
+        if page is None:
             return _Replayed(False, sent, boundary)
-        page: list[tuple[int, Event | None]] = []
-        try:
-            page = await hub.source.entries(after, boundary, REPLAY_PAGE)
-        except StreamUnavailable as exc:
-            log.warning("resume could not read the stream", error=str(exc))
-            return _Replayed(False, sent, boundary)
-        finally:
-            hub.return_stream_reads(most - len(page))
         if not page:
             # The stream ends before the boundary: trimmed past it, or Redis lost entries
             # that the reader waits for the indexer to write again; then read on from here.
@@ -369,30 +355,59 @@ async def _send_round(
     memory or the stream (page by page); the number sent, or None when the history no longer
     holds them all (the stream trimmed or unreachable, its budget spent)."""
     covering = Coverage(client.subs)
-    if hub.history.covers(after, upto):
-        entries = hub.history.between(after, upto)
-        reading.scanned += len(entries) * MEMORY_READ_COST
+    entries = _from_memory(hub, after, upto, reading)
+    if entries is not None:
         return await _send(hub, client, entries, covering.first, live=True)
     if hub.source is None:
         return None
     sent = 0
     while after < upto:
-        most = min(REPLAY_PAGE, upto - after)
-        if not hub.reserve_stream_reads(most):
+        page = await _read_page(hub, after, upto)
+        if page is None:
             return None
-        page: list[tuple[int, Event | None]] = []
-        try:
-            page = await hub.source.entries(after, upto, REPLAY_PAGE)
-        except StreamUnavailable:
-            return None
-        finally:
-            hub.return_stream_reads(most - len(page))
         reading.scanned += len(page)
         if not page or page[0][0] != after + 1 or page[-1][0] != after + len(page):
             return None  # a hole: trimmed, or entries Redis lost
         sent += await _send(hub, client, page, covering.first, live=True)
         after = page[-1][0]
     return sent
+
+
+def _from_memory(
+    hub: Hub, after: int, upto: int, reading: Reading
+) -> list[tuple[int, Event | None]] | None:
+    """The entries in (after, upto] if memory holds them all (charged at memory's price),
+    else None."""
+    if not hub.history.covers(after, upto):
+        return None
+    entries = hub.history.between(after, upto)
+    reading.scanned += len(entries) * MEMORY_READ_COST
+    return entries
+
+
+async def _read_page(hub: Hub, after: int, upto: int) -> list[tuple[int, Event | None]] | None:
+    """A page of the stream's entries in (after, upto]; None when the server-wide budget is
+    spent or the stream cannot be read.
+
+    Charged the most the page may hold before the read, so that resumes reading at once
+    count against each other, and what it did not hold refunded after (also when cancelled).
+    Page by page, not the whole resume up front: a resume that stalls on a client reading
+    nothing (for up to REPLAY_DRAIN_TIMEOUT) then holds the page it read, not all it may
+    read (20 such connections held all of 200,000 for 30 s).
+    """
+    assert hub.source is not None
+    most = min(REPLAY_PAGE, upto - after)
+    if not hub.reserve_stream_reads(most):
+        return None
+    page: list[tuple[int, Event | None]] = []
+    try:
+        page = await hub.source.entries(after, upto, REPLAY_PAGE)
+    except StreamUnavailable as exc:
+        log.warning("resume could not read the stream", error=str(exc))
+        return None
+    finally:
+        hub.return_stream_reads(most - len(page))
+    return page
 
 
 async def _send(

@@ -1019,6 +1019,20 @@ async def _read_until(client: RawClient, done: Callable[[dict[str, Any]], bool])
     return messages
 
 
+async def _spill_during_replay(
+    client: RawClient, server: Running, producer: EventProducer
+) -> list[Any]:
+    """Resume `events:*` from 0 over the 300 events published, and while the replay waits for
+    the client to read, publish 40 events of about 2 KiB (more than a 64 KiB buffer holds
+    back); returns the messages read so far (the replay's first)."""
+    await client.read_frame()  # connected
+    client.send_frame(0x1, b'{"type":"subscribe","channel":"events:*","since":0}')
+    messages = await _read_until(client, lambda m: True)  # the replay has begun
+    await producer.publish(count=40, pad=2048)
+    await server.wait_health(seq=340)
+    return messages
+
+
 @pytest.mark.parametrize("history_size", [5000, 0], ids=["memory", "stream"])
 async def test_events_piling_up_during_a_long_replay_do_not_cut_a_client_reading_it(
     start: Start, producer: EventProducer, history_size: int
@@ -1033,11 +1047,7 @@ async def test_events_piling_up_during_a_long_replay_do_not_cut_a_client_reading
         await server.wait_health(seq=300)
         client = await RawClient.open(server.settings.ws_port, rcvbuf=4096)
         try:
-            await client.read_frame()  # connected
-            client.send_frame(0x1, b'{"type":"subscribe","channel":"events:*","since":0}')
-            messages = await _read_until(client, lambda m: True)  # the replay has begun
-            await producer.publish(count=40, pad=2048)
-            await server.wait_health(seq=340)
+            messages = await _spill_during_replay(client, server, producer)
             messages += await _read_until(client, lambda m: m["type"] == "subscribed")
             await producer.publish(count=2)
             messages += await _read_until(client, lambda m: m.get("seq") == 342)
@@ -1123,11 +1133,7 @@ async def test_events_coming_while_a_catch_up_reads_the_stream_are_held(
         await server.wait_health(seq=300)
         client = await RawClient.open(server.settings.ws_port, rcvbuf=4096)
         try:
-            await client.read_frame()  # connected
-            client.send_frame(0x1, b'{"type":"subscribe","channel":"events:*","since":0}')
-            messages = await _read_until(client, lambda m: True)  # the replay has begun
-            await producer.publish(count=40, pad=2048)
-            await server.wait_health(seq=340)
+            messages = await _spill_during_replay(client, server, producer)
             async with publishing(producer, every=0.005):
                 messages += await _read_until(client, lambda m: m["type"] == "subscribed")
             last = producer.seq
