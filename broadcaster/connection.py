@@ -45,6 +45,9 @@ __all__ = ["Connection"]
 log = structlog.get_logger()
 
 CLOSE_TIMEOUT = 2.0  # for the closing handshake, then the socket is aborted
+# How long a refused connection (`refuse`) waits for its request's head before it is answered
+# anyway: nginx sends its request at once, and a full server is short of descriptors.
+REFUSAL_WAIT = 1.0
 # Bytes of a read parsed before their frames are answered and charged (uvloop hands over
 # up to 256 KiB per read): 341 empty frames, measured at 1.1-2.5 ms when every frame is
 # handled (the rate out of reach), 2-4 ms while the machine was busy; 4 KiB took twice that.
@@ -68,6 +71,7 @@ class Connection(asyncio.Protocol):
         "_open",
         "_options",
         "_paused",
+        "_refusal",
         "_requested",
         "buffered",
         "conversation",
@@ -99,6 +103,7 @@ class Connection(asyncio.Protocol):
         self._requested = False  # an HTTP request was parsed (answered, or being answered)
         self._head_tail = b""  # the last bytes of the request's head read so far
         self._early: bytes | None = None  # what came after the request, until it is answered
+        self._refusal: bytes | None = None  # the answer of a refused connection, until sent
         self._drain_waiters: list[asyncio.Future[None]] = []
 
     # What the hub uses (hub.Peer): write and buffered are the transport's own methods.
@@ -168,8 +173,20 @@ class Connection(asyncio.Protocol):
         self.transport.abort()
 
     def refuse(self, response: bytes) -> None:
-        """Answer with `response` (a whole HTTP response) before reading anything, and close."""
-        self.transport.write(response)
+        """Answer with `response` (a whole HTTP response) once the request's head has come,
+        unparsed, or after REFUSAL_WAIT, and close. Not before the request: nginx could
+        read the answer before it sent its request, and then, trying the next instance,
+        read the rest of this answer (the body) as that instance's answer (a 502)."""
+        self._refusal = response
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(REFUSAL_WAIT, self._send_refusal)
+
+    def _send_refusal(self) -> None:
+        if self._refusal is None:
+            return
+        self.transport.write(self._refusal)
+        self._refusal = None
         self.transport.close()
 
     def fail(self, code: int, reason: str) -> None:
@@ -225,6 +242,12 @@ class Connection(asyncio.Protocol):
         if self._requested:
             self._feed(data)
             return
+        if self._refusal is not None:
+            if handshake.head_end(self._head_tail, data) < 0:
+                self._head_tail = (self._head_tail + data)[-3:]
+            else:
+                self._send_refusal()
+            return
         head, self._head_tail, early = handshake.cut_head(self._head_tail, data)
         if early is not None:
             self._early = early  # parsed once the request is answered (_respond)
@@ -267,6 +290,9 @@ class Connection(asyncio.Protocol):
                 self._request(event)
 
     def eof_received(self) -> bool | None:
+        if self._refusal is not None:  # the request ended unfinished: answered all the same
+            self._send_refusal()
+            return None
         if self.protocol.state is CONNECTING and self._answering is not None:
             # An HTTP answer being prepared: the client ended only its side, the answer
             # still goes out (_respond then ends the connection).

@@ -25,12 +25,17 @@ def cut_head(tail: bytes, data: bytes) -> tuple[bytes, bytes, bytes | None]:
     frames at once, before the answer: a ping's pong would go out ahead of the 101, and the
     bytes after an HTTP request (a pipelined one) would fail the connection before its answer.
     """
-    seen = tail + data
-    end = seen.find(b"\r\n\r\n")
-    if end < 0:
-        return data, seen[-3:], None
-    cut = end + 4 - len(tail)
+    cut = head_end(tail, data)
+    if cut < 0:
+        return data, (tail + data)[-3:], None
     return data[:cut], b"", data[cut:] if cut < len(data) else None
+
+
+def head_end(tail: bytes, data: bytes) -> int:
+    """Where in `data` the request's head ends (just past its blank line), or -1 if it does
+    not, given `tail`, the last (up to 3) bytes of the head read before `data`."""
+    end = (tail + data).find(b"\r\n\r\n")
+    return end if end < 0 else end + 4 - len(tail)
 
 
 def accept(protocol: ServerProtocol, request: Request) -> Response:

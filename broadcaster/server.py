@@ -83,8 +83,9 @@ class Edge:
         self._full_warned_at: float | None = None
 
     def connected(self, connection: Connection) -> None:
-        """A socket was accepted: hold it, or answer 503 at once when max_connections are
-        held (before reading its request: the descriptor is what is short)."""
+        """A socket was accepted: hold it, or, when max_connections are held, answer 503
+        as soon as its request's head has come, without parsing it (the descriptor is what
+        is short; `Connection.refuse`)."""
         if len(self.connections) >= self.max_connections:
             self.metrics.rejected.labels(reason="full").inc()
             now = time.monotonic()

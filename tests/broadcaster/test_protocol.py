@@ -795,6 +795,40 @@ async def test_connections_past_the_server_limit_get_503(start: Start) -> None:
             assert again.hello["type"] == "connected"
 
 
+async def test_a_full_server_answers_503_to_the_request_not_before_it(start: Start) -> None:
+    """A full server answers once the request's head has come, unparsed. Answered at the
+    accept, nginx could read the 503 before it had sent its request (under load, about one
+    handshake in 600); it then tried the next instance without clearing what it had read,
+    parsed the 503's body as that instance's answer, and gave the client 502."""
+    async with start(ws_max_connections=1) as server, ws_client(server.url):
+        request = handshake_request("127.0.0.1")
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.settings.ws_port)
+        try:
+            with pytest.raises(TimeoutError):  # nothing comes before the request
+                async with asyncio.timeout(0.3):
+                    await reader.read(1)
+            writer.write(request[:20])  # half a head: still nothing
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await reader.read(1)
+            writer.write(request[20:])
+            async with asyncio.timeout(WITHIN):
+                answer = await reader.read()  # and then the end of the connection
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+        assert answer.endswith(b"\r\n\r\nserver full\n")
+        # A connection that sends nothing is not kept past REFUSAL_WAIT: answered, then ended.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.settings.ws_port)
+        try:
+            async with asyncio.timeout(WITHIN):
+                silent = await reader.read()
+        finally:
+            writer.close()
+        assert silent.startswith(b"HTTP/1.1 503"), silent[:200]
+        assert await server.metric("kektech_broadcaster_rejected_total") == 2
+
+
 async def test_forwarded_for_is_ignored_from_untrusted_peers(start: Start) -> None:
     """With no trusted proxy, X-Forwarded-For cannot dodge the per-IP limit."""
     async with (
