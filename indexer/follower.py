@@ -119,7 +119,9 @@ class Follower:
         # block that is; False while a reorg at start-up is still to be looked at again.
         self.settled = False
         self._head_read_at = 0.0  # loop time of the last look at the head
-        self._last_head: BlockHeader | None = None  # the head that look found
+        # (head hash, cursor hash) the last time the head's branch was found to hold the
+        # cursor's block (_replaced): not asked again until either changes.
+        self._checked: tuple[str, str] | None = None
 
     @property
     def cursor(self) -> int:
@@ -242,7 +244,6 @@ class Follower:
         while True:
             started = self._head_read_at = loop.time()
             head = await self._rpc.get_head()
-            previous, self._last_head = self._last_head, head
             self._note_head(head.number)
             target = self._config.target(self.head)
             if until is not None:
@@ -251,7 +252,7 @@ class Follower:
                 await self.step(target, head)
                 continue
             try:
-                if await self._replaced(head, previous):
+                if await self._replaced(head):
                     await self._handle_reorg()
                     continue
             except (ReorgDuringFetch, BlockNotFound) as exc:
@@ -267,23 +268,30 @@ class Follower:
                 return
             await asyncio.sleep(max(0.0, self._config.poll_interval - (loop.time() - started)))
 
-    async def _replaced(self, head: BlockHeader, previous: BlockHeader | None) -> bool:
+    async def _replaced(self, head: BlockHeader) -> bool:
         """True when another block took the cursor's height without the chain growing past
         the cursor's target: the head is at the cursor's height and another block; or, with
-        CONFIRMATIONS, the head became another block of its height since the last look
-        (`previous`), a branch as long as the old one, and the cursor's block is replaced too
-        (asked of the node: the branches may part above it). Otherwise only the next block
-        indexed would show it, by its parent, and a chain that stops never gives one.
+        CONFIRMATIONS, the branch of the head (as long as the old one, or shorter) holds
+        another block there. Otherwise only the next block indexed would show it, by its
+        parent, and a chain that stops never gives one.
+
+        The head's branch is read down to the cursor, linked header by header, once per new
+        head (and cursor): a backend on the old branch cannot answer for it, and a look that
+        failed is made again at the next poll.
 
         A head below the cursor is not taken as a reorg: a lagging endpoint behind a load
         balancer reports that too; a real shorter branch shows at the next block by its parent.
         """
         assert self._state is not None
-        if head.number == self.cursor:
-            return head.hash != self._state.block_hash
-        if previous is None or previous.number != head.number or previous.hash == head.hash:
+        cursor, cursor_hash = self._state.block_number, self._state.block_hash
+        if head.number <= cursor:
+            return head.number == cursor and head.hash != cursor_hash
+        if self._checked == (head.hash, cursor_hash):
             return False
-        return await self._chain.replaced(self.cursor, self._state.block_hash)
+        if await self._chain.replaced_under(head, cursor, cursor_hash):
+            return True
+        self._checked = (head.hash, cursor_hash)
+        return False
 
     async def step(self, target: int, head: BlockHeader | None = None) -> None:
         """Index towards `target`: pipelined deep ranges, or one tip range (or a reorg).

@@ -84,7 +84,14 @@ class RangeBatches:
         backend still on the old branch may have answered the check of the cursor itself).
         `addresses` (a backfill of markets only): the contracts to fetch, instead of all.
         `stored` (a backfill): the (block, log index) of logs already stored, left out before
-        their blocks' headers are fetched (the markets they announce are still found)."""
+        their blocks' headers are fetched (the markets they announce are still found).
+
+        The range's end is read before its logs and again after them: the same block both
+        times, the logs are of its branch. A reorg that came between the logs' calls (the
+        static contracts', the markets') would leave a block with no log on the old branch
+        and one on the new one stored as empty, and the headers read after it would not
+        show it: only the blocks with logs have theirs checked."""
+        end = await self._rpc.get_block_header(last)
         gathered = await self._logs.gather(first, last, followed=self.children, addresses=addresses)
         if stored:
             gathered.logs = [
@@ -92,6 +99,8 @@ class RangeBatches:
             ]
         blocks = sorted({lg.block_number for lg in gathered.logs} | {first, last})
         headers = {h.number: h for h in await self._rpc.get_block_headers(blocks)}
+        if headers[last].hash != end.hash:
+            raise ReorgDuringFetch(f"block {last} was replaced while the range was read")
         self._note_density(len(gathered.logs), first, last)
         if extends is None:  # a backfill: the cursor stays
             return self._batch(gathered, headers, stored_headers=[], cursor=None)

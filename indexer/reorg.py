@@ -10,6 +10,7 @@ an operator may have changed since.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from indexer.errors import ReorgDuringFetch, ReorgTooDeep
@@ -53,6 +54,20 @@ class StoredChain:
             return False
         current = await self._rpc.get_block_header(number)
         return current.hash != block_hash
+
+    async def replaced_under(self, head: BlockHeader, number: int, block_hash: str) -> bool:
+        """Whether the block at height `number` on the branch of `head` (above it) is another
+        one than `block_hash`. The headers from `number` up to the head are read in one
+        batch and must link to it, so a backend still on another branch cannot answer for
+        it; ReorgDuringFetch when they do not (asked again at the next poll).
+
+        Raises BlockNotFound when the node has no block there.
+        """
+        below = await self._rpc.get_block_headers(range(number, head.number))
+        for parent, child in itertools.pairwise([*below, head]):
+            if child.parent_hash != parent.hash:
+                raise ReorgDuringFetch(f"block {child.number} does not extend {parent.number}")
+        return below[0].hash != block_hash
 
     async def ancestor(
         self, cursor: int, cursor_hash: str, stored: Sequence[BlockHeader]

@@ -329,6 +329,136 @@ async def test_with_confirmations_a_reorg_at_the_same_height_is_followed_without
         assert indexer.running
 
 
+async def test_with_confirmations_a_reorg_onto_a_shorter_branch_is_followed_without_a_new_block(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """With CONFIRMATIONS the cursor is below the head: a branch shorter than the old one,
+    still reaching past the cursor, replaces the cursor's block. It is followed at once: it
+    was left until the head passed the old one's (on a chain that stops, never)."""
+    confirmations = 2
+    driver = ActivityDriver(dev_chain, deployment, seed=47, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=8)
+    fork_point = await dev_chain.request("evm_snapshot", [])
+    await driver.run(blocks=4)
+    head = await dev_chain.block_number()
+    settings = {"REORG_WINDOW": "8", "CONFIRMATIONS": str(confirmations), "POLL_INTERVAL": "0.2"}
+    with make_indexer(**settings) as indexer:
+        await indexer.wait_cursor(head - confirmations)
+        await dev_chain.request("evm_revert", [fork_point])
+        # The replacement branch's first block holds the factory event of reorg_transactions.
+        factory = dev_chain.contract("FlexibleMarketFactoryUnified")
+        await dev_chain.send(
+            sender=dev_chain.accounts[0],
+            to=deployment.factory_v2,
+            data=factory.encode_abi("setPaused", [False]),
+        )
+        await dev_chain.mine_empty(3)  # one block less than the old branch, past the cursor
+        new_head = await dev_chain.block_number()
+        assert head - confirmations <= new_head < head
+
+        async def followed() -> bool:
+            try:
+                await assert_database_equals_chain(
+                    database_url, dev_chain, deployment, last=new_head - confirmations
+                )
+            except AssertionError:
+                return False
+            return True
+
+        await eventually(followed, within=30, what="the database equals the shorter branch")
+        assert await indexer.metric("kektech_indexer_reorgs_total") == 1
+        assert indexer.running
+
+
+async def test_with_confirmations_a_reorg_hidden_once_by_a_stale_backend_is_still_followed(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """A reorg of the same height past the cursor, the first look at the cursor's block
+    answered by a backend still on the old branch: the cursor is looked at again until the
+    answers agree with the head. One stale answer hid the reorg for good."""
+    confirmations = 2
+    driver = ActivityDriver(dev_chain, deployment, seed=47, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=12)
+    async with RpcFaultProxy(anvil.rpc_url, seed=15) as proxy:
+        settings = {
+            "RPC_PROVIDER_URL": proxy.url,
+            "REORG_WINDOW": "8",
+            "CONFIRMATIONS": str(confirmations),
+            "POLL_INTERVAL": "0.2",
+        }
+        with make_indexer(**settings) as indexer:
+            head = await dev_chain.block_number()
+            cursor = head - confirmations
+            await indexer.wait_cursor(cursor)
+            old = await dev_chain.request("eth_getBlockByNumber", [hex(cursor), False])
+            proxy.stale_header(cursor, old, times=1)
+            await dev_chain.request("anvil_reorg", [5, reorg_transactions(dev_chain, deployment)])
+            assert await dev_chain.block_number() == head
+
+            async def followed() -> bool:
+                try:
+                    await assert_database_equals_chain(
+                        database_url, dev_chain, deployment, last=cursor
+                    )
+                except AssertionError:
+                    return False
+                return True
+
+            await eventually(followed, within=30, what="the database equals the new branch")
+            assert await indexer.metric("kektech_indexer_reorgs_total") == 1
+            assert indexer.running
+
+
+async def test_a_reorg_while_a_catch_up_range_is_fetched_is_not_half_taken(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """A catch-up range whose logs are read partly before and partly after a reorg (deeper
+    than the window, above the cursor) is fetched again: its blocks with no log on the old
+    branch, one on the new, were stored as empty, and the range's end (on the new branch)
+    linked the next range to it, so the loss went unnoticed."""
+    driver = ActivityDriver(dev_chain, deployment, seed=47, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=6)
+    await dev_chain.mine_empty(5)  # the old branch's last 5 blocks hold no tracked log
+    head = await dev_chain.block_number()
+    replacement = reorg_transactions(dev_chain, deployment)  # a factory event at head - 4
+    reorged = asyncio.Event()
+    logs_asked = 0
+
+    async def reorg_between_the_ranges_calls(method: str, params: list[Any]) -> None:
+        # The range's first eth_getLogs (the static contracts) is answered on the old
+        # branch; before its second (the markets), the chain reorgs.
+        nonlocal logs_asked
+        if method == "eth_getLogs" and not reorged.is_set():
+            logs_asked += 1
+            if logs_asked == 2:
+                reorged.set()
+                await dev_chain.request("anvil_reorg", [5, replacement])
+
+    async with RpcFaultProxy(anvil.rpc_url, seed=15) as proxy:
+        proxy.on_call = reorg_between_the_ranges_calls
+        settings = {"RPC_PROVIDER_URL": proxy.url, "REORG_WINDOW": "2", "POLL_INTERVAL": "0.2"}
+        with make_indexer(**settings) as indexer:
+            await indexer.wait_cursor(head)
+            assert reorged.is_set()
+            await assert_database_equals_chain(database_url, dev_chain, deployment)
+            assert await indexer.metric("kektech_indexer_reorgs_total") == 0  # none stored
+            assert indexer.running
+
+
 async def test_a_reorg_seen_through_a_lagging_node_retracts_only_the_replaced_blocks(
     dev_chain: DevChain,
     deployment: Deployment,
