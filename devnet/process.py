@@ -35,6 +35,10 @@ EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 FIRST_PORT = 10_000  # free_port() picks at random from here to the ephemeral range
 PORT_ATTEMPTS = 50
 _PORT_PICKER = random.SystemRandom()  # not seeded alike in parallel test processes
+# The ports this process handed out lately, not handed out again: two picked before either
+# is bound (a broadcaster's two ports, an edge's four) could otherwise be the same one.
+HANDED_OUT_KEPT = 4096
+_HANDED_OUT: dict[int, None] = {}  # in the order handed out
 
 
 class ServiceError(RuntimeError):
@@ -42,7 +46,8 @@ class ServiceError(RuntimeError):
 
 
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now.
+    """Return a TCP port on 127.0.0.1 that is free right now, and that this process has not
+    handed out among its last HANDED_OUT_KEPT.
 
     Taken below the kernel's ephemeral range: a port from bind(0) lies inside it, and until
     the service binds it the kernel may give it to any outgoing connection as its source
@@ -50,13 +55,22 @@ def free_port() -> int:
     """
     below = ephemeral_low()
     for port in _PORT_PICKER.sample(range(FIRST_PORT, below), PORT_ATTEMPTS):
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
+        _remember(port)
         return port
     raise ServiceError(f"no free port below {below} in {PORT_ATTEMPTS} attempts")
+
+
+def _remember(port: int) -> None:
+    _HANDED_OUT[port] = None
+    if len(_HANDED_OUT) > HANDED_OUT_KEPT:
+        del _HANDED_OUT[next(iter(_HANDED_OUT))]
 
 
 def ephemeral_low() -> int:

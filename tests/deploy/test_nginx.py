@@ -702,8 +702,9 @@ async def test_health_requests_are_rate_limited_per_client(edge: Edge) -> None:
     a burst of 10 beyond the first passes, the rest of an instant get 429; another client is
     not affected."""
     source = edge.new_ip()
-    statuses = [(await http_get(edge, "/health", source=source))[0] for _ in range(15)]
-    assert statuses[:11] == [200] * 11
+    answers = await asyncio.gather(*(http_get(edge, "/health", source=source) for _ in range(15)))
+    statuses = [status for status, _, _ in answers]
+    assert statuses.count(200) >= 11
     assert 429 in statuses
     assert (await http_get(edge, "/health", source=edge.new_ip()))[0] == 200
 

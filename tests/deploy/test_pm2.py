@@ -346,15 +346,27 @@ async def test_indexer_restart_under_load_loses_nothing(
     """pm2 restart of the indexer while blocks arrive: database equals chain, stream gap-free."""
     driver = ActivityDriver(dev_chain, deployment, seed=23, txs_per_block=10)
     await driver.cover_all_events()
-    async with background(driver.run(blocks=30, block_interval=0.1), name="chain-load") as load:
+    stop = asyncio.Event()
+
+    async def load_until_stopped() -> None:  # blocks before, during and after the restart
+        while not stop.is_set():
+            await driver.run(blocks=1, block_interval=0.1)
+
+    async with background(load_until_stopped(), name="chain-load") as load:
         await eventually(lambda: has_events(redis_client, stack.stream_key), within=30,
                          what="events in the stream")  # fmt: skip
         (before,) = [p["pid"] for p in stack.pm2.processes(INDEXER)]
-        assert not load.done()
         stack.pm2.run("restart", INDEXER)
+        restarted_at = await dev_chain.block_number()
         (after,) = [p["pid"] for p in stack.pm2.processes(INDEXER)]
         assert after != before
         assert stack.pm2.statuses(INDEXER) == ["online"]
+
+        async def mined_past_the_restart() -> bool:
+            return await dev_chain.block_number() >= restarted_at + 10
+
+        await eventually(mined_past_the_restart, within=30, what="10 blocks after the restart")
+        stop.set()
         await load
     entries = await wait_indexed(stack, dev_chain, deployment, database_url, redis_client)
     assert_gap_free(entries)

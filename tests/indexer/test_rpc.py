@@ -66,6 +66,8 @@ MAX_B_LOGS = 10
 # No single block may exceed a results limit, or no range could ever be small enough.
 MAX_LOGS_PER_BLOCK = MAX_TXS_PER_BLOCK * MAX_LOGS_PER_TX + MAX_B_LOGS
 SEED = 20251106
+# Long enough that the calls right after a failover come before it on a loaded machine.
+FAILBACK_AFTER = 1.5
 
 
 @dataclass(frozen=True)
@@ -550,7 +552,7 @@ async def test_a_range_that_times_out_is_shrunk_on_the_next_endpoint(chain: Chai
     expected = await direct_logs(chain.url, 0, chain.head, address=addresses)
     sizer = LogRangeSizer(initial=64, minimum=1, maximum=64)
     hanging = RpcFaultProxy(chain.url, seed=5, rates={"timeout": 1.0}, timeout_delay=30.0)
-    async with hanging, client_for(hanging.url, chain.url, timeout=0.3) as client:
+    async with hanging, client_for(hanging.url, chain.url, timeout=1.5) as client:
         logs = await fetch_logs(
             client, sizer, from_block=0, to_block=chain.head, addresses=addresses
         )
@@ -579,13 +581,13 @@ async def test_calls_go_back_to_the_first_endpoint_after_failback_after(chain: C
     async with (
         RpcFaultProxy(chain.url, seed=41) as first,
         RpcFaultProxy(chain.url, seed=42) as second,
-        client_for(first.url, second.url, failback_after=0.3) as client,
+        client_for(first.url, second.url, failback_after=FAILBACK_AFTER) as client,
     ):
         first.schedule("http_503")
         await client.block_number()
         await client.block_number()
         assert (first.requests, second.requests) == (1, 2)
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(FAILBACK_AFTER + 0.1)
         await client.block_number()
         await client.block_number()
         assert (first.requests, second.requests) == (3, 2)
