@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from shared.envelope import EventEnvelope, event_id, normalize_timestamp
+from shared.envelope import EventEnvelope, WireEnvelope, event_id, normalize_timestamp
 from shared.errors import EnvelopeError
 
 TX = "0x" + "ab" * 32
@@ -58,7 +58,7 @@ def wire(**changes: Any) -> dict[str, Any]:
         "logIndex": 7,
         "timestamp": "2025-11-06T12:00:00Z",
         "args": args,
-        "data": args,
+        "data": {**args, "transactionHash": TX},
         "removed": False,
     }
     envelope.update(changes)
@@ -104,7 +104,7 @@ def test_built_from_python_names() -> None:
     )
     assert envelope.event_type == "BetPlaced"
     assert envelope.id == event_id(32323, TX, 0) == f"32323:{TX}:0"
-    assert envelope.data == envelope.args
+    assert envelope.data == {**envelope.args, "transactionHash": TX}
     assert envelope.seq is None
     assert envelope.removed is False
 
@@ -235,11 +235,25 @@ def test_unknown_keys_are_ignored() -> None:
     assert "newField" not in orjson.loads(envelope.to_json_bytes())
 
 
-def test_data_must_equal_args() -> None:
-    """`data` is `args` again (the deployed frontend reads `data`): another content would
-    give browsers what the documented `args` do not say."""
-    with pytest.raises(EnvelopeError, match="data must equal args"):
-        EventEnvelope.from_json_bytes(encode(wire(data={"question": "Something else?"})))
+def test_data_is_args_with_the_transaction_hash() -> None:
+    """`data` is `args` again with `transactionHash` added (the deployed frontend reads
+    `data.question` and de-duplicates on `data.transactionHash`); another content would give
+    browsers what the documented `args` do not say. Filled in when left out; `args` alone,
+    as older indexers wrote it, is still relayed."""
+    sent = wire()
+    args = sent["args"]
+    assert WireEnvelope.from_json_bytes(encode(sent)).data == {**args, "transactionHash": TX}
+    without = {k: v for k, v in sent.items() if k != "data"}
+    filled = orjson.loads(EventEnvelope.from_json_bytes(encode(without)).to_json_bytes())
+    assert filled["data"] == {**args, "transactionHash": TX}
+    assert WireEnvelope.from_json_bytes(encode(wire(data=args))).data == args  # the older form
+    for data in (
+        {"question": "Something else?"},
+        {**args, "question": "Something else?", "transactionHash": TX},
+        {**args, "transactionHash": "0x" + "cd" * 32},
+    ):
+        with pytest.raises(EnvelopeError, match="data must be args with transactionHash added"):
+            EventEnvelope.from_json_bytes(encode(wire(data=data)))
 
 
 @pytest.mark.parametrize(
