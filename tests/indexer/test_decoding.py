@@ -40,6 +40,15 @@ def test_catalogue_is_exactly_the_reference() -> None:
     assert {key: spec.signature for key, spec in catalog().items()} == expected
 
 
+def test_catalogue_keeps_the_references_names_and_indexed_flags() -> None:
+    """Beyond topic0: each parameter's name (the frontend reads `args` by it) and whether it
+    is indexed (where its value is read from), as the reference declares them, word for word."""
+    expected = sorted(
+        f"{kind}:{d}" for kind, declarations in REFERENCE_EVENTS.items() for d in declarations
+    )
+    assert sorted(spec.key for spec in catalog().values()) == expected
+
+
 def test_same_name_different_contracts_decode_differently() -> None:
     """MarketResolved of a market and of the resolution manager have distinct layouts."""
     by_kind = {key[0]: spec for key, spec in catalog().items() if spec.name == "MarketResolved"}
