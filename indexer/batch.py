@@ -15,7 +15,7 @@ from indexer.decoding import Decoded, decode_args
 from indexer.projection import ProjectedEvent
 from indexer.rpc_results import BlockHeader, RawLog
 from shared.channels import MARKET_PREFIX, channels_for
-from shared.envelope import event_data, event_id
+from shared.envelope import event_id
 
 ISO_SECONDS = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -81,7 +81,7 @@ class StoredEvent:
             "logIndex": raw.log_index,
             "timestamp": _iso(self.block_time),
             "args": decoded.args,
-            "data": event_data(decoded.args, raw.transaction_hash),
+            "data": decoded.args,
             "removed": removed,
         }
         # Copied: orjson's result keeps its whole output buffer (8 KiB) alive, which for a

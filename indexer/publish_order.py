@@ -3,11 +3,10 @@
 In a transaction that creates a market the chain puts the new market's own logs
 (`MarketStateChanged(PROPOSED)`, `Initialized(1)`) and the factory's `MarketProposed` before the
 factory's `MarketCreated`. The deployed frontend de-duplicates WebSocket events on their
-transaction hash (`data.transactionHash`, shared.envelope.event_data) and keeps the first one,
-and `MarketCreated` is the one it needs (it shows `data.question`): so each publication of a
-transaction's events puts its `MarketCreated` first and keeps the rest in the order given.
-Seqs follow this order; the `events` table keeps the chain's coordinates, and the markets
-projection folds in chain order.
+transaction hash and keeps the first one, and `MarketCreated` is the one it needs (it shows
+`data.question`): so each publication of a transaction's events puts its `MarketCreated` first
+and keeps the rest in the order given. Seqs follow this order; the `events` table keeps the
+chain's coordinates, and the markets projection folds in chain order.
 
 Removal notices (given newest first) take the same rule, so a transaction's first notice is its
 `MarketCreated` too. On the chain that is already the case, since it is the transaction's last

@@ -22,7 +22,6 @@ __all__ = [
     "EventEnvelope",
     "WireEnvelope",
     "concerned_market",
-    "event_data",
     "event_id",
     "normalize_timestamp",
 ]
@@ -52,13 +51,6 @@ def event_id(chain_id: int, tx_hash: str, log_index: int) -> str:
     return f"{chain_id}:{tx_hash.lower()}:{log_index}"
 
 
-def event_data(args: Mapping[str, ArgValue], transaction_hash: str) -> dict[str, ArgValue]:
-    """The envelope's `data`: the arguments, and the transaction hash the deployed frontend
-    de-duplicates on (`data.transactionHash`); no event of the catalogue has an argument of
-    that name."""
-    return {**args, "transactionHash": transaction_hash}
-
-
 def concerned_market(contract_kind: str, contract: str, args: Mapping[str, ArgValue]) -> str | None:
     """The market an event concerns (its marketAddress): the emitter for a market's events,
     else the first of MARKET_ARGUMENTS it has, else None (a contract-wide event)."""
@@ -72,10 +64,10 @@ class EventEnvelope(BaseModel):
 
     `eventType` always equals `type` and `id` always equals event_id(chainId, transactionHash,
     logIndex): both are filled in when omitted and a mismatch is rejected. `data` defaults to
-    `args` with `transactionHash` added (event_data) and must be that; the deployed frontend
-    reads `data.question` of MarketCreated and de-duplicates on `data.transactionHash`.
-    `data` equal to `args` alone, as envelopes were before 2026-11-29, is still accepted: an
-    upgraded broadcaster relays what older indexers left in the stream and the outbox.
+    `args` and must equal it; the deployed frontend reads `data` (e.g. `data.question` of
+    MarketCreated). `args` with `transactionHash` added is accepted too, and relayed as it
+    is: the frontend may de-duplicate on `data.transactionHash` (docs/broadcaster.md), and an
+    indexer can only start writing it once every broadcaster it feeds accepts it.
     `marketAddress` must be concerned_market()'s: the channels follow it.
 
     Measured on a shared 2-vCPU VM (Python 3.11, pydantic 2.14, 11 args): from_json_bytes about
@@ -130,9 +122,8 @@ class EventEnvelope(BaseModel):
             ]
             if None not in parts:
                 missing["id"] = ":".join(str(part) for part in parts)
-        tx_hash = _get_either(values, "transactionHash", "transaction_hash")
-        if "data" not in values and isinstance(values.get("args"), Mapping) and tx_hash:
-            missing["data"] = event_data(values["args"], str(tx_hash))
+        if "data" not in values and "args" in values:
+            missing["data"] = values["args"]
         return values | missing if missing else values
 
     @model_validator(mode="after")
@@ -141,8 +132,11 @@ class EventEnvelope(BaseModel):
             raise ValueError("eventType must equal type")
         if self.id != event_id(self.chain_id, self.transaction_hash, self.log_index):
             raise ValueError("id must be {chainId}:{transactionHash}:{logIndex}")
-        if self.data != event_data(self.args, self.transaction_hash) and self.data != self.args:
-            raise ValueError("data must be args with transactionHash added")
+        if self.data != self.args and self.data != {
+            **self.args,
+            "transactionHash": self.transaction_hash,
+        }:
+            raise ValueError("data must equal args (transactionHash may be added)")
         if self.market_address != concerned_market(self.contract_kind, self.contract, self.args):
             raise ValueError(
                 "marketAddress must be the emitter for a market's events, else its"

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from shared.envelope import EventEnvelope, event_data
+from shared.envelope import EventEnvelope
 
 TX = "0x" + "ab" * 32
 BLOCK = "0x" + "cd" * 32
@@ -76,7 +76,7 @@ def stamp(base: dict[str, Any], seq: int, market: str, sent_ms: float) -> bytes:
         id=f"32323:{TX}:{seq}",
         blockNumber=seq,
         args=args,
-        data=event_data(args, TX),
+        data=args,
     )
     return orjson.dumps(body)
 

@@ -108,10 +108,7 @@ async def test_every_event_is_indexed_decoded_and_published(
     assert names == reference
     for envelope in envelopes:
         assert envelope["eventType"] == envelope["type"]
-        assert envelope["data"] == {
-            **envelope["args"],
-            "transactionHash": envelope["transactionHash"],
-        }
+        assert envelope["data"] == envelope["args"]
         assert envelope["removed"] is False
         assert envelope["timestamp"].endswith("Z")
         assert envelope in channels[f"events:{snake_case(envelope['type'])}"]

@@ -58,7 +58,7 @@ def wire(**changes: Any) -> dict[str, Any]:
         "logIndex": 7,
         "timestamp": "2025-11-06T12:00:00Z",
         "args": args,
-        "data": {**args, "transactionHash": TX},
+        "data": args,
         "removed": False,
     }
     envelope.update(changes)
@@ -104,7 +104,7 @@ def test_built_from_python_names() -> None:
     )
     assert envelope.event_type == "BetPlaced"
     assert envelope.id == event_id(32323, TX, 0) == f"32323:{TX}:0"
-    assert envelope.data == {**envelope.args, "transactionHash": TX}
+    assert envelope.data == envelope.args
     assert envelope.seq is None
     assert envelope.removed is False
 
@@ -235,24 +235,19 @@ def test_unknown_keys_are_ignored() -> None:
     assert "newField" not in orjson.loads(envelope.to_json_bytes())
 
 
-def test_data_is_args_with_the_transaction_hash() -> None:
-    """`data` is `args` again with `transactionHash` added (the deployed frontend reads
-    `data.question` and de-duplicates on `data.transactionHash`); another content would give
-    browsers what the documented `args` do not say. Filled in when left out; `args` alone,
-    as older indexers wrote it, is still relayed."""
-    sent = wire()
-    args = sent["args"]
-    assert WireEnvelope.from_json_bytes(encode(sent)).data == {**args, "transactionHash": TX}
-    without = {k: v for k, v in sent.items() if k != "data"}
-    filled = orjson.loads(EventEnvelope.from_json_bytes(encode(without)).to_json_bytes())
-    assert filled["data"] == {**args, "transactionHash": TX}
-    assert WireEnvelope.from_json_bytes(encode(wire(data=args))).data == args  # the older form
+def test_data_must_equal_args() -> None:
+    """`data` is `args` again (the deployed frontend reads `data`): another content would
+    give browsers what the documented `args` do not say. With `transactionHash` added it is
+    relayed as it is (a later indexer may add it for the frontend's de-duplication)."""
+    args = wire()["args"]
+    added = {**args, "transactionHash": TX}
+    assert WireEnvelope.from_json_bytes(encode(wire(data=added))).data == added
     for data in (
         {"question": "Something else?"},
-        {**args, "question": "Something else?", "transactionHash": TX},
-        {**args, "transactionHash": "0x" + "cd" * 32},
+        {**added, "question": "Something else?"},
+        {**args, "transactionHash": "0x" + "cd" * 32},  # not the envelope's
     ):
-        with pytest.raises(EnvelopeError, match="data must be args with transactionHash added"):
+        with pytest.raises(EnvelopeError, match="data must equal args"):
             EventEnvelope.from_json_bytes(encode(wire(data=data)))
 
 
