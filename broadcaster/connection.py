@@ -45,9 +45,6 @@ __all__ = ["Connection"]
 log = structlog.get_logger()
 
 CLOSE_TIMEOUT = 2.0  # for the closing handshake, then the socket is aborted
-# How long a refused connection (`refuse`) waits for its request's head before it is answered
-# anyway: nginx sends its request at once, and a full server is short of descriptors.
-REFUSAL_WAIT = 1.0
 # Bytes of a read parsed before their frames are answered and charged (uvloop hands over
 # up to 256 KiB per read): 341 empty frames, measured at 1.1-2.5 ms when every frame is
 # handled (the rate out of reach), 2-4 ms while the machine was busy; 4 KiB took twice that.
@@ -172,15 +169,19 @@ class Connection(asyncio.Protocol):
     def abort(self) -> None:
         self.transport.abort()
 
-    def refuse(self, response: bytes) -> None:
+    def refuse(self, response: bytes, *, within: float) -> None:
         """Answer with `response` (a whole HTTP response) once the request's head has come,
-        unparsed, or after REFUSAL_WAIT, and close. Not before the request: nginx could
-        read the answer before it sent its request, and then, trying the next instance,
-        read the rest of this answer (the body) as that instance's answer (a 502)."""
+        unparsed, or `within` seconds from now (at once for 0), and close. Not before the
+        request: nginx could read the answer before it sent its request, and then, trying
+        the next instance, read the rest of this answer (the body) as that instance's
+        answer (a 502)."""
         self._refusal = response
+        if within <= 0:
+            self._send_refusal()
+            return
         if self._deadline is not None:
             self._deadline.cancel()
-        self._deadline = self.loop.call_later(REFUSAL_WAIT, self._send_refusal)
+        self._deadline = self.loop.call_later(within, self._send_refusal)
 
     def _send_refusal(self) -> None:
         if self._refusal is None:

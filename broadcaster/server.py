@@ -35,7 +35,13 @@ from broadcaster.connection import Connection
 from broadcaster.errors import SocketInUse
 from broadcaster.handler import Options
 from broadcaster.hub import Hub
-from broadcaster.limits import ConnectionCounter, client_ip, connection_ceiling, per_ip_key
+from broadcaster.limits import (
+    FILES_RESERVED,
+    ConnectionCounter,
+    client_ip,
+    connection_ceiling,
+    per_ip_key,
+)
 from broadcaster.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
 from broadcaster.session import Session
 from shared.broadcaster_settings import BroadcasterSettings
@@ -53,6 +59,11 @@ SERVER_HEADER = "kektech-broadcaster"
 UNIX_SOCKET_MODE = 0o660  # owner and group (WS_UNIX_SOCKET_GROUP) may connect, nobody else
 RESTART_REASON = "service restart: reconnect and resume with since"
 FULL_WARNING_INTERVAL = 60.0  # seconds between warnings while connections are refused
+# How long a connection refused as the server is full waits for its request's head before it
+# is answered anyway (nginx sends its request at once), and how many wait so at most: half the
+# descriptors kept free (limits.FILES_RESERVED), the rest left for Redis and the ops port.
+REFUSAL_WAIT = 1.0
+REFUSALS_WAITING = FILES_RESERVED // 2
 
 
 class Edge:
@@ -80,19 +91,26 @@ class Edge:
         self._origins = frozenset(settings.ws_allowed_origins)
         self._burst = float(max(2 * settings.ws_rate_limit, settings.ws_max_subscriptions))
         self._full = _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "server full\n").serialize()
+        self._refusal_wait = min(REFUSAL_WAIT, settings.ws_handshake_timeout)
+        self._refusing: set[Connection] = set()  # refused, waiting for their request's head
         self._full_warned_at: float | None = None
 
     def connected(self, connection: Connection) -> None:
         """A socket was accepted: hold it, or, when max_connections are held, answer 503
-        as soon as its request's head has come, without parsing it (the descriptor is what
-        is short; `Connection.refuse`)."""
+        as soon as its request's head has come, without parsing it (`Connection.refuse`).
+        At most REFUSALS_WAITING wait so: the descriptors are what is short, and past them
+        a connection is answered at the accept."""
         if len(self.connections) >= self.max_connections:
             self.metrics.rejected.labels(reason="full").inc()
             now = time.monotonic()
             if self._full_warned_at is None or now - self._full_warned_at >= FULL_WARNING_INTERVAL:
                 self._full_warned_at = now
                 log.warning("server full: refusing connections", connections=self.max_connections)
-            connection.refuse(self._full)
+            if len(self._refusing) < REFUSALS_WAITING:
+                self._refusing.add(connection)
+                connection.refuse(self._full, within=self._refusal_wait)
+            else:
+                connection.refuse(self._full, within=0)
             return
         self.connections.add(connection)
         self._all_closed.clear()
@@ -175,6 +193,7 @@ class Edge:
             self.metrics.closes.labels(code=str(code)).inc()
 
     def closed(self, connection: Connection) -> None:
+        self._refusing.discard(connection)
         session = self.sessions.pop(connection, None)
         if session is not None:
             self.hub.disconnect(session.client)

@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.exceptions import InvalidStatus
 
+from broadcaster import server as server_module
 from tests.broadcaster.support import (
     MARKET,
     WITHIN,
@@ -29,6 +30,7 @@ from tests.broadcaster.support import (
     ws_client,
 )
 from tests.support.handshake import handshake_request
+from tests.support.waiting import eventually
 
 Start = Callable[..., AbstractAsyncContextManager[Running]]
 
@@ -795,11 +797,14 @@ async def test_connections_past_the_server_limit_get_503(start: Start) -> None:
             assert again.hello["type"] == "connected"
 
 
-async def test_a_full_server_answers_503_to_the_request_not_before_it(start: Start) -> None:
+async def test_a_full_server_answers_503_to_the_request_not_before_it(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A full server answers once the request's head has come, unparsed. Answered at the
     accept, nginx could read the 503 before it had sent its request (under load, about one
     handshake in 600); it then tried the next instance without clearing what it had read,
     parsed the 503's body as that instance's answer, and gave the client 502."""
+    monkeypatch.setattr(server_module, "REFUSAL_WAIT", 60.0)  # no answer for want of a head
     async with start(ws_max_connections=1) as server, ws_client(server.url):
         request = handshake_request("127.0.0.1")
         reader, writer = await asyncio.open_connection("127.0.0.1", server.settings.ws_port)
@@ -818,15 +823,45 @@ async def test_a_full_server_answers_503_to_the_request_not_before_it(start: Sta
             writer.close()
         assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
         assert answer.endswith(b"\r\n\r\nserver full\n")
-        # A connection that sends nothing is not kept past REFUSAL_WAIT: answered, then ended.
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.settings.ws_port)
-        try:
-            async with asyncio.timeout(WITHIN):
-                silent = await reader.read()
-        finally:
-            writer.close()
+        assert await server.metric("kektech_broadcaster_rejected_total") == 1
+
+
+async def test_a_full_server_answers_a_silent_connection_and_ends_it(start: Start) -> None:
+    """A connection that sends nothing is not kept: answered and ended after REFUSAL_WAIT,
+    or WS_HANDSHAKE_TIMEOUT when that is shorter (here 0.5 s)."""
+    async with start(ws_max_connections=1, ws_handshake_timeout=0.5) as server:
+        async with ws_client(server.url):
+            silent = await exchange_all(server.settings.ws_port, b"")
         assert silent.startswith(b"HTTP/1.1 503"), silent[:200]
-        assert await server.metric("kektech_broadcaster_rejected_total") == 2
+
+
+async def test_connections_waiting_to_be_refused_are_bounded(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused connections that wait for their request hold descriptors the server keeps
+    free for Redis and the ops port: past REFUSALS_WAITING of them, a connection is answered
+    at the accept, as before; those waiting are answered when their request comes."""
+    monkeypatch.setattr(server_module, "REFUSAL_WAIT", 60.0)
+    bound = server_module.REFUSALS_WAITING
+    async with start(ws_max_connections=1) as server, ws_client(server.url):
+        port = server.settings.ws_port
+        waiting = [await asyncio.open_connection("127.0.0.1", port) for _ in range(bound)]
+        try:
+
+            async def all_refused() -> bool:
+                return await server.metric("kektech_broadcaster_rejected_total") == bound
+
+            await eventually(all_refused, within=WITHIN, what="the silent connections accepted")
+            answer = await exchange_all(port, b"")  # one more, silent too: answered at once
+            assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+            assert (await server.health())["status"] == "ok"
+            for reader, writer in waiting:
+                writer.write(handshake_request("127.0.0.1"))
+                async with asyncio.timeout(WITHIN):
+                    assert (await reader.read()).startswith(b"HTTP/1.1 503")
+        finally:
+            for _, writer in waiting:
+                writer.close()
 
 
 async def test_forwarded_for_is_ignored_from_untrusted_peers(start: Start) -> None:
