@@ -42,6 +42,9 @@ OnCommit = Callable[[Sequence[OutboxRow]], None]
 
 # Most blocks fetched per tip batch (headers are fetched one by one in a JSON-RPC batch).
 TIP_MAX_BLOCKS = 64
+# (head, cursor) pairs remembered as looked at (Follower._replaced): behind a load balancer
+# "latest" may come from backends a block or two apart, in turn.
+CHECKED_HEADS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +122,9 @@ class Follower:
         # block that is; False while a reorg at start-up is still to be looked at again.
         self.settled = False
         self._head_read_at = 0.0  # loop time of the last look at the head
-        # (head hash, cursor hash) the last time the head's branch was found to hold the
-        # cursor's block (_replaced): not asked again until either changes.
-        self._checked: tuple[str, str] | None = None
+        # (head hash, cursor hash) pairs whose head's branch was found to hold the cursor's
+        # block (_replaced), oldest first: not asked again.
+        self._checked: dict[tuple[str, str], None] = {}
 
     @property
     def cursor(self) -> int:
@@ -277,7 +280,9 @@ class Follower:
 
         The head's branch is read down to the cursor, linked header by header, once per new
         head (and cursor): a backend on the old branch cannot answer for it, and a look that
-        failed is made again at the next poll.
+        failed is made again at the next poll. Not for a head further above the cursor than
+        CONFIRMATIONS: the target was held below it (a reindex's `until`), and the next
+        range, by its parent, shows a reorg there.
 
         A head below the cursor is not taken as a reorg: a lagging endpoint behind a load
         balancer reports that too; a real shorter branch shows at the next block by its parent.
@@ -286,11 +291,14 @@ class Follower:
         cursor, cursor_hash = self._state.block_number, self._state.block_hash
         if head.number <= cursor:
             return head.number == cursor and head.hash != cursor_hash
-        if self._checked == (head.hash, cursor_hash):
+        checked = (head.hash, cursor_hash)
+        if head.number - cursor > self._config.confirmations or checked in self._checked:
             return False
         if await self._chain.replaced_under(head, cursor, cursor_hash):
             return True
-        self._checked = (head.hash, cursor_hash)
+        self._checked[checked] = None
+        if len(self._checked) > CHECKED_HEADS:
+            del self._checked[next(iter(self._checked))]
         return False
 
     async def step(self, target: int, head: BlockHeader | None = None) -> None:

@@ -418,6 +418,53 @@ async def test_with_confirmations_a_reorg_hidden_once_by_a_stale_backend_is_stil
             assert indexer.running
 
 
+async def test_with_confirmations_heads_from_backends_a_block_apart_are_looked_at_once_each(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+) -> None:
+    """Behind a load balancer, "latest" may come from backends a block apart, in turn. Each
+    of those heads has its branch down to the cursor read once, not at every poll (with one
+    head remembered, every poll read CONFIRMATIONS headers again on a chain that stops)."""
+    confirmations = 4
+    driver = ActivityDriver(dev_chain, deployment, seed=47, txs_per_block=2)
+    await driver.cover_all_events()
+    await driver.run(blocks=6)
+    head = await dev_chain.block_number()
+    behind = await dev_chain.request("eth_getBlockByNumber", [hex(head - 1), False])
+    async with RpcFaultProxy(anvil.rpc_url, seed=3) as proxy:
+        settings = {
+            "RPC_PROVIDER_URL": proxy.url,
+            "CONFIRMATIONS": str(confirmations),
+            "POLL_INTERVAL": "0.2",
+        }
+        with make_indexer(**settings) as indexer:
+            await indexer.wait_cursor(head - confirmations)
+            turn = 0
+
+            async def alternate(method: str, params: list[Any]) -> None:
+                nonlocal turn
+                if method == "eth_getBlockByNumber" and params and params[0] == "latest":
+                    turn += 1
+                    if turn % 2:
+                        proxy.stale_header("latest", behind, times=1)
+
+            start = len(proxy.calls)
+            proxy.on_call = alternate
+
+            async def many_polls() -> bool:
+                return turn >= 20
+
+            await eventually(many_polls, within=30, what="20 looks at the head")
+            proxy.on_call = None
+            calls = proxy.calls[start:]
+            by_number = [p[0] for m, p in calls if m == "eth_getBlockByNumber" and p[0] != "latest"]
+            assert len(by_number) <= 2 * confirmations, by_number
+            assert await indexer.metric("kektech_indexer_reorgs_total") == 0
+            assert indexer.running
+
+
 async def test_a_reorg_while_a_catch_up_range_is_fetched_is_not_half_taken(
     dev_chain: DevChain,
     deployment: Deployment,
