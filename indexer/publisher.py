@@ -270,10 +270,14 @@ class Publisher:
                 accept_hole = await self._rewind_to(top, rows[0].seq)
                 continue
             self._metrics.redis_up.set(1)
-            self._published = self._recorded = rows[-1].seq
+            self._published = rows[-1].seq
             reported_top = None
-            await outbox.mark_published(self._db, self._published)
-            self._metrics.published_seq.set(self._published)
+            # Never lowered by a stream filled again (_rewind_to): the rows up to it went out
+            # on Pub/Sub when they were new, and the script publishes only those above it.
+            if self._published > self._recorded:
+                self._recorded = self._published
+                await outbox.mark_published(self._db, self._published)
+                self._metrics.published_seq.set(self._published)
             if len(rows) == BATCH_SIZE:  # still draining: worth a query to show how much is left
                 last_seq = await outbox.last_seq(self._db)
                 self._metrics.publish_backlog.set(max(0, last_seq - self._published))
@@ -313,8 +317,9 @@ class Publisher:
 
         Up to the last seq this database assigned, that is what a publisher stopped between
         its stream write and recording it leaves (a crash, a stop, a takeover): ordinary.
-        Past it, the seqs were never this database's: right for a database restored or
-        rebuilt for the same deployment, and hiding events for another one.
+        Past it, the seqs were never this database's (docs/protocol.md, "Stream"): a
+        database restored or rebuilt numbers its events again, not as before, so events
+        would be skipped or repeated; the stream is to be deleted before it publishes.
         """
         top = await self._stream_top()
         if top is None or top <= self._published:
@@ -330,9 +335,11 @@ class Publisher:
         else:
             log.warning(
                 "the stream already holds seqs this database never assigned; they are "
-                "skipped as already there. Right after restoring or rebuilding this "
-                "deployment's database; if the stream belongs to another deployment, "
-                "delete it (DEL) or set REDIS_STREAM_KEY",
+                "skipped as already there, so its events at those seqs are not in the "
+                "stream. A database restored or rebuilt numbers its events anew: stop the "
+                "indexer and delete the stream (DEL) before it publishes "
+                "(docs/operations.md, 'Recovery'); for another deployment's stream, "
+                "delete it or set REDIS_STREAM_KEY",
                 stream=self._stream_key,
                 stream_top=top,
                 published=self._published,

@@ -380,11 +380,16 @@ async def test_a_stream_that_lost_entries_is_filled_again_while_idle(
 
 @pytest.mark.parametrize("keep", [0, 5], ids=["lost-whole", "lost-newest"])
 async def test_entries_written_again_are_not_published_again_on_pubsub(
-    publisher_parts: tuple[Database, aioredis.Redis], database_url: str, keep: int
+    publisher_parts: tuple[Database, aioredis.Redis],
+    database_url: str,
+    keep: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Pub/Sub is a live channel: the entries Redis lost went out on it when they were new, so
-    writing them again to the stream publishes none of them there again; the events never
+    writing them again to the stream publishes none of them there again, in however many
+    batches (here of 3; past the first, they all went out again); the events never
     published before still go out on both."""
+    monkeypatch.setattr(publisher_module, "BATCH_SIZE", 3)
     _, redis = publisher_parts
     key = unique_key("pubsub-once")
     seqs: list[int] = []
