@@ -285,7 +285,11 @@ class Publisher:
     async def _wait_for_lease(self) -> None:
         """Hold publishing back until the lease is renewed: this process may have been paused
         past LEASE_TTL and replaced by a standby that publishes now. If the lease was taken,
-        the renewal raises LeaseLost and the service stops, cancelling this wait."""
+        the renewal raises LeaseLost and the service stops, cancelling this wait. At start-up
+        the first renewal is on its way (it starts with the publisher): no warning then."""
+        if self._term.lapsed_for() is None:  # never renewed yet
+            await self._term.wait_held()
+            return
         log.warning(
             "publishing waits for the write lease's renewal: not renewed within LEASE_TTL "
             "(the process paused, or the database slow to answer)",

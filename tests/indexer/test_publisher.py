@@ -508,7 +508,8 @@ async def test_nothing_is_published_while_the_lease_is_not_known_held(
     _, redis = publisher_parts
     key = unique_key("lease")
     await insert_outbox(database_url, [outbox_row(seq) for seq in (1, 2, 3)])
-    term = LeaseTerm(ttl=3600.0)  # not renewed yet, as after a pause longer than its TTL
+    term = LeaseTerm(ttl=3600.0)
+    term.renewed(term.now() - 3601.0)  # last renewed before a pause longer than its TTL
     publisher = make_publisher(publisher_parts, key, term=term)
 
     def waiting() -> list[MutableMapping[str, Any]]:
@@ -525,6 +526,26 @@ async def test_nothing_is_published_while_the_lease_is_not_known_held(
             await published_up_to(publisher, 3)
     assert await stream_seqs(redis, key) == [1, 2, 3]
     assert len(waiting()) == 1
+
+
+async def test_at_start_up_publishing_waits_for_the_first_renewal_without_a_warning(
+    publisher_parts: tuple[Database, aioredis.Redis], database_url: str
+) -> None:
+    """The publisher starts with the lease's renewals: a backlog found before the first
+    renewal is answered waits for it, and is no sign of a pause past LEASE_TTL."""
+    _, redis = publisher_parts
+    key = unique_key("first-renewal")
+    await insert_outbox(database_url, [outbox_row(seq) for seq in (1, 2, 3)])
+    term = LeaseTerm(ttl=3600.0)  # not renewed yet
+    publisher = make_publisher(publisher_parts, key, term=term)
+    with structlog.testing.capture_logs() as logs:
+        async with running(publisher):
+            await asyncio.sleep(IDLE_SETTLE)
+            assert await redis.exists(key) == 0
+            term.renewed(term.now())
+            await published_up_to(publisher, 3)
+    assert await stream_seqs(redis, key) == [1, 2, 3]
+    assert not [e for e in logs if e["log_level"] in ("warning", "error")]
 
 
 async def test_rows_another_publisher_recorded_and_pruned_are_no_hole(
