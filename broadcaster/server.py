@@ -159,7 +159,7 @@ class Edge:
             return refusal
         if path == "/healthz":
             body = await self.status()
-            up = body.get("redis") == "up"
+            up = body.get("redis") == "up" and body.get("reading") is True
             status = http.HTTPStatus.OK if up else http.HTTPStatus.SERVICE_UNAVAILABLE
             response = _response(status, orjson.dumps(body), "application/json")
         else:

@@ -57,6 +57,11 @@ class StreamTop:
         self._read_at: float | None = None
         self._reading: asyncio.Future[int | None] | None = None
 
+    @property
+    def reading(self) -> bool:
+        """Whether the stream is being read (EventStream.reading)."""
+        return self._stream.reading
+
     async def get(self) -> int | None:
         read_at = self._read_at
         if read_at is not None and time.monotonic() - read_at < self._fresh_for:
@@ -79,17 +84,20 @@ class StreamTop:
 
 
 async def health(hub: Hub, stream_top: StreamTop) -> dict[str, Any]:
-    """What /healthz reports: Redis reachable, how far behind the stream, event age, and
-    whether relaying waits for the stream to be written again (`refillAwaited`)."""
+    """What /healthz reports: Redis reachable, the stream being read, how far behind it,
+    event age, and whether relaying waits for the stream to be written again
+    (`refillAwaited`)."""
     top = await stream_top.get()
+    reading = stream_top.reading
     now = time.time()
     position = hub.position
     refill_awaited = hub.refill_awaited
     if top is not None and position is not None and not refill_awaited:
         top = max(top, position)  # what was relayed since the read is in the stream too
     return {
-        "status": "ok" if top is not None and not refill_awaited else "degraded",
+        "status": "ok" if top is not None and reading and not refill_awaited else "degraded",
         "redis": "up" if top is not None else "down",
+        "reading": reading,
         "refillAwaited": refill_awaited,
         "seq": position,
         "streamSeq": top,

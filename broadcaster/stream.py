@@ -88,6 +88,9 @@ class EventStream:
         self._short_top = 0  # its top then
         self._short_first: float | None = None  # loop time it was first seen existing, short
         self._from_start = False  # following from seq 0: there was no stream at boot
+        # Whether the stream is being read: the last read (or boot) worked. /healthz says
+        # degraded otherwise, though Redis may answer its own look at the stream.
+        self.reading = False
 
     async def top(self) -> int:
         """The seq of the newest entry ever added (last-generated-id), 0 for no stream."""
@@ -141,20 +144,29 @@ class EventStream:
         loop = asyncio.get_running_loop()
         check_due = loop.time() + SAME_STREAM_CHECK_INTERVAL
         while True:
+            # Each step within the timeout, not all of them together: a slow Redis (round
+            # trips of a tenth of it) took the whole of it to reconnect and look at the
+            # stream, and the read never began.
             try:
-                async with asyncio.timeout(self._timeout):
-                    if cursor is None:
+                if failures:  # a new connection first: its handshake costs round trips
+                    async with asyncio.timeout(self._timeout):
+                        await self._reader.ping()
+                if cursor is None:
+                    async with asyncio.timeout(self._timeout):
                         cursor = await self._boot(hub, history)
-                    elif failures or self._awaiting_refill or loop.time() >= check_due:
-                        # Redis may be back with another stream (restored, or recreated and
-                        # refilled past our position while we were away).
+                elif failures or self._awaiting_refill or loop.time() >= check_due:
+                    # Redis may be back with another stream (restored, or recreated and
+                    # refilled past our position while we were away).
+                    async with asyncio.timeout(self._timeout):
                         cursor = await self._check_same_stream(hub, cursor)
-                        check_due = loop.time() + SAME_STREAM_CHECK_INTERVAL
-                    raw = None
-                    if not self._awaiting_refill:
+                    check_due = loop.time() + SAME_STREAM_CHECK_INTERVAL
+                raw = None
+                if not self._awaiting_refill:
+                    async with asyncio.timeout(self._timeout):
                         raw = await self._reader.xread(
                             {self.key: cursor}, count=READ_COUNT, block=self._block_ms
                         )
+                self.reading = True
                 if failures:
                     log.info("redis reading resumed", after_failures=failures, seq=hub.position)
                     failures = 0
@@ -179,6 +191,7 @@ class EventStream:
                     check_due = loop.time() + SAME_STREAM_CHECK_INTERVAL
             except (RedisError, OSError) as exc:
                 failures += 1
+                self.reading = False
                 metrics.redis_up.set(0)
                 # Nothing can refill the stream while Redis is away: the refill's grace and
                 # limit count again from the first look once it is back.
@@ -205,6 +218,7 @@ class EventStream:
         try:
             async with asyncio.timeout(self._timeout):
                 self._booted = await self._boot(hub, history)
+            self.reading = True
         except (RedisError, OSError) as exc:  # TimeoutError is an OSError
             log.warning(
                 "redis unreachable at start; serving clients, following the stream once back",

@@ -369,6 +369,49 @@ async def test_a_client_reading_a_trickle_is_failed_by_the_heartbeat(
             client.close()
 
 
+async def test_a_slow_redis_after_a_restart_is_read_again(
+    start: Start, own_producer: EventProducer, own_redis: Redis
+) -> None:
+    """Redis answering every command well within BROADCASTER_REDIS_TIMEOUT (here 2 s, round
+    trips of 0.36 s): after a restart, the reconnect, the look at the stream and the read
+    each have that timeout, and relaying goes on. Under one timeout for all three (some six
+    round trips), the read never began, at every attempt."""
+    producer = own_producer
+    async with TcpProxy(own_redis.port) as proxy:
+        settings = {"redis_url": f"redis://127.0.0.1:{proxy.port}/0"}
+        async with (
+            start(**settings, broadcaster_redis_timeout=2.0) as server,
+            ws_client(server.url) as client,
+        ):
+            await client.subscribe("events:*")
+            await producer.publish(count=2)
+            assert [e["seq"] for e in await client.events(2)] == [1, 2]
+            proxy.delay = 0.36
+            own_redis.stop()
+            await server.wait_health(redis="down")
+            own_redis.start()
+            await producer.publish(count=3)  # the producer's client reconnects by itself
+            assert [e["seq"] for e in await client.events(3, within=30)] == [3, 4, 5]
+
+
+async def test_health_says_degraded_while_the_stream_cannot_be_read(
+    start: Start, own_producer: EventProducer, own_redis: Redis
+) -> None:
+    """A Redis too slow for BROADCASTER_REDIS_TIMEOUT's blocking read (round trips of 0.6 s,
+    a 1 s timeout) still answers /healthz's own look at the stream: the status is degraded
+    all the same, as nothing is relayed."""
+    producer = own_producer
+    await producer.publish()
+    async with TcpProxy(own_redis.port) as proxy:
+        settings = {"redis_url": f"redis://127.0.0.1:{proxy.port}/0"}
+        async with start(**settings, broadcaster_redis_timeout=1.0) as server:
+            proxy.delay = 0.6
+            # The stream is there ("up"): it is the reading that fails.
+            await server.wait_health(status="degraded", redis="up", within=30)
+            proxy.delay = 0.0
+            await server.wait_health(status="ok", within=30)
+
+
 async def test_unresponsive_client_is_closed_by_the_heartbeat(start: Start) -> None:
     """A client that never answers pings is closed (1011); a live one stays connected.
     (The live one shares this event loop: a stall as long as the timeout between its read
