@@ -171,14 +171,11 @@ class Connection(asyncio.Protocol):
 
     def refuse(self, response: bytes, *, within: float) -> None:
         """Answer with `response` (a whole HTTP response) once the request's head has come,
-        unparsed, or `within` seconds from now (at once for 0), and close. Not before the
-        request: nginx could read the answer before it sent its request, and then, trying
-        the next instance, read the rest of this answer (the body) as that instance's
-        answer (a 502)."""
+        unparsed, or `within` seconds from now, and close. Not before the request: nginx
+        could read the answer before it sent its request, and then, trying the next
+        instance, read the rest of this answer (the body) as that instance's answer (a
+        502)."""
         self._refusal = response
-        if within <= 0:
-            self._send_refusal()
-            return
         if self._deadline is not None:
             self._deadline.cancel()
         self._deadline = self.loop.call_later(within, self._send_refusal)

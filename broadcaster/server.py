@@ -99,7 +99,7 @@ class Edge:
         """A socket was accepted: hold it, or, when max_connections are held, answer 503
         as soon as its request's head has come, without parsing it (`Connection.refuse`).
         At most REFUSALS_WAITING wait so: the descriptors are what is short, and past them
-        a connection is answered at the accept."""
+        a connection is closed at the accept, unanswered."""
         if len(self.connections) >= self.max_connections:
             self.metrics.rejected.labels(reason="full").inc()
             now = time.monotonic()
@@ -110,7 +110,10 @@ class Edge:
                 self._refusing.add(connection)
                 connection.refuse(self._full, within=self._refusal_wait)
             else:
-                connection.refuse(self._full, within=0)
+                # Closed unanswered: an answer now could come before nginx sent its request
+                # (the 502 above), and an end with nothing read is one nginx takes as an
+                # error, trying the next instance.
+                connection.abort()
             return
         self.connections.add(connection)
         self._all_closed.clear()

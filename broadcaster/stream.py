@@ -51,6 +51,7 @@ REFILL_GRACE = 15.0
 # (re-indexed from scratch, say): a refill of OUTBOX_KEEP entries takes seconds.
 REFILL_LIMIT = 60.0
 REFILL_POLL = 0.25
+READ_FAILURES_SHOWN = 2  # attempts in a row that failed before /healthz says so
 # A stream missing at boot that comes back written from its middle is the indexer's refill
 # of entries relayed long ago: followed from its top once it grew no more for this long.
 REFILL_SETTLE = 1.0
@@ -88,8 +89,9 @@ class EventStream:
         self._short_top = 0  # its top then
         self._short_first: float | None = None  # loop time it was first seen existing, short
         self._from_start = False  # following from seq 0: there was no stream at boot
-        # Whether the stream is being read: the last read (or boot) worked. /healthz says
-        # degraded otherwise, though Redis may answer its own look at the stream.
+        # Whether the stream is being read: the last read (or boot) worked, or only one
+        # attempt failed since. /healthz says degraded otherwise, though Redis may answer its
+        # own look at the stream.
         self.reading = False
 
     async def top(self) -> int:
@@ -191,7 +193,9 @@ class EventStream:
                     check_due = loop.time() + SAME_STREAM_CHECK_INTERVAL
             except (RedisError, OSError) as exc:
                 failures += 1
-                self.reading = False
+                # Not for one failure: a stall of the event loop past the timeout, or a
+                # connection Redis closed, is retried at once (0.1-0.2 s) and reads again.
+                self.reading = failures < READ_FAILURES_SHOWN
                 metrics.redis_up.set(0)
                 # Nothing can refill the stream while Redis is away: the refill's grace and
                 # limit count again from the first look once it is back.

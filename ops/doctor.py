@@ -271,6 +271,19 @@ async def check_broadcasters(settings: OpsSettings) -> list[Verdict]:
         if isinstance(answer, BaseException):
             raise answer  # a bug
         body = answer.json()
+        if answer.status != 200 and body.get("redis") == "up" and body.get("reading") is False:
+            verdicts.append(
+                Verdict(
+                    Level.FAIL,
+                    name,
+                    f"unhealthy (HTTP {answer.status}): Redis answers, but the stream cannot"
+                    f" be read (relays nothing; seq {body.get('seq')},"
+                    f" stream {body.get('streamSeq')})",
+                    f"pm2 logs {BROADCASTER_APP} --lines 100 ('redis read failed'): a Redis"
+                    " too slow for BROADCASTER_REDIS_TIMEOUT, or refusing the reads",
+                )
+            )
+            continue
         if answer.status != 200:
             verdicts.append(
                 Verdict(

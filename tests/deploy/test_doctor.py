@@ -650,6 +650,30 @@ async def test_a_broadcaster_waiting_for_its_stream_to_be_written_again_is_a_war
     assert "pm2 logs kektech-event-indexer" in line
 
 
+async def test_a_broadcaster_that_cannot_read_its_stream_fails_with_the_reason(
+    redis_server: Redis, tmp_path: Path
+) -> None:
+    """Redis answers, but too slowly for the broadcaster's reads (round trips of 0.6 s, a
+    1 s BROADCASTER_REDIS_TIMEOUT): a FAIL that says the stream cannot be read and points at
+    the broadcaster's logs, not at the redis check, which is OK."""
+    stream_key = f"test:{os.getpid()}:unread"
+    async with (
+        aioredis.from_url(redis_server.url) as redis,
+        TcpProxy(redis_server.port) as proxy,
+    ):
+        await EventProducer(redis, stream_key).publish()
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        async with running(settings_for(url, stream_key, broadcaster_redis_timeout=1.0)) as b:
+            proxy.delay = 0.6
+            await b.wait_health(reading=False, redis="up", within=30)
+            env = {"DOCTOR_BROADCASTER_PORTS": str(b.settings.broadcaster_http_port)}
+            result = await run_kektech("doctor", "--only", "broadcaster", env=env, cwd=tmp_path)
+    line = result.line(f"broadcaster :{b.settings.broadcaster_http_port}")
+    assert line.startswith("FAIL  "), result
+    assert "Redis answers, but the stream cannot be read" in line
+    assert "BROADCASTER_REDIS_TIMEOUT" in line
+
+
 async def test_another_program_on_a_broadcaster_port_is_not_taken_for_it(tmp_path: Path) -> None:
     """An HTTP 200 that is not a broadcaster's health report (another program listens on
     the port) is a FAIL, not a healthy broadcaster."""
