@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from broadcaster import server as server_module
 from devnet.process import free_port
 from devnet.redis_server import Redis
 from shared.process import raise_open_files_limit
@@ -236,6 +237,41 @@ async def test_a_handshake_refused_by_a_full_instance_is_served_by_another(
                 statuses += await handshake_statuses(edge, source=source, count=1)
             assert statuses == [101] * FULL_RETRIES
             assert await full.metric("kektech_broadcaster_rejected_total") >= FULL_RETRIES
+
+
+async def test_a_handshake_closed_unanswered_by_a_full_instance_is_served_by_another(
+    redis_server: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the refused connections it lets wait for their request, a full instance closes
+    the next ones unanswered: nginx takes that as an error and tries the next instance."""
+    monkeypatch.setattr(server_module, "REFUSALS_WAITING", 0)  # every refusal closes
+    key = stream_key()
+    settings = [
+        settings_for(redis_server.url, key, ws_max_connections=1),
+        settings_for(redis_server.url, key),
+    ]
+    async with (
+        aioredis.Redis.from_url(redis_server.url) as redis,
+        running(settings[0]) as full,
+        running(settings[1]) as roomy,
+        AsyncExitStack() as clients,
+    ):
+        producer = EventProducer(redis, key)
+        await producer.publish()
+        with nginx_edge(
+            ws_ports=[s.ws_port for s in settings],
+            health_ports=[s.broadcaster_http_port for s in settings],
+        ) as server:
+            edge = Edge(server, [full, roomy], producer)
+            for _ in range(4):
+                client = await clients.enter_async_context(edge.ws_client(edge.new_ip()))
+                await client.subscribe("events:*")
+            statuses: list[int] = []
+            for index in range(50):  # each tried on the full instance first (1 against 3)
+                source = f"127.2.{index // 200}.{10 + index % 200}"
+                statuses += await handshake_statuses(edge, source=source, count=1)
+            assert statuses == [101] * 50
+            assert await full.metric("kektech_broadcaster_rejected_total") >= 50
 
 
 async def test_every_worker_takes_its_share_of_the_websockets(redis_server: Redis) -> None:
