@@ -110,9 +110,9 @@ class Edge:
                 self._refusing.add(connection)
                 connection.refuse(self._full, within=self._refusal_wait)
             else:
-                # Closed unanswered: an answer now could come before nginx sent its request
-                # (the 502 above), and an end with nothing read is one nginx takes as an
-                # error, trying the next instance.
+                # Closed unanswered: an answer now could reach nginx before it sent its
+                # request, which it can turn into a 502 (Connection.refuse), while an end
+                # with nothing read is an error to nginx, which tries the next instance.
                 connection.abort()
             return
         self.connections.add(connection)
