@@ -33,7 +33,7 @@ from broadcaster import server as server_module
 from devnet.process import free_port
 from devnet.redis_server import Redis
 from shared.process import raise_open_files_limit
-from tests.broadcaster.support import EventProducer, running, settings_for
+from tests.broadcaster.support import EventProducer, Running, running, settings_for
 from tests.support.nginx import (
     HOST,
     PROD_USER_LINE,
@@ -198,20 +198,18 @@ async def test_a_rolling_restart_of_the_broadcasters_leaves_no_handshake_unserve
             assert await handshake_statuses(edge, source=source, count=1) == [101]
 
 
-async def test_a_handshake_refused_by_a_full_instance_is_served_by_another(
-    redis_server: Redis,
-) -> None:
-    """An instance at WS_MAX_CONNECTIONS answers 503; nginx then tries the next instance, as
-    it does for a refused connect, instead of passing the 503 to the client. Many times: an
-    instance that answered before nginx sent the request gave about one 502 in 600 under
-    load (test_protocol: a full server answers the request, not before it)."""
+@asynccontextmanager
+async def full_beside_roomy(redis_url: str) -> AsyncIterator[tuple[Edge, Running, Running]]:
+    """nginx in front of a full instance (WS_MAX_CONNECTIONS=1) and a roomy one, with four
+    clients connected: least_conn alternates, so without the retry the third or fourth would
+    have been refused. From then on (1 connection against 3) it tries the full one first."""
     key = stream_key()
     settings = [
-        settings_for(redis_server.url, key, ws_max_connections=1),
-        settings_for(redis_server.url, key),
+        settings_for(redis_url, key, ws_max_connections=1),
+        settings_for(redis_url, key),
     ]
     async with (
-        aioredis.Redis.from_url(redis_server.url) as redis,
+        aioredis.Redis.from_url(redis_url) as redis,
         running(settings[0]) as full,
         running(settings[1]) as roomy,
         AsyncExitStack() as clients,
@@ -223,20 +221,36 @@ async def test_a_handshake_refused_by_a_full_instance_is_served_by_another(
             health_ports=[s.broadcaster_http_port for s in settings],
         ) as server:
             edge = Edge(server, [full, roomy], producer)
-            # least_conn alternates: without the retry, the third or fourth gets the 503.
             for _ in range(4):
                 client = await clients.enter_async_context(edge.ws_client(edge.new_ip()))
                 await client.subscribe("events:*")
-            assert await full.metric("kektech_broadcaster_connections") == 1
-            assert await full.metric("kektech_broadcaster_rejected_total") >= 1
-            assert await roomy.metric("kektech_broadcaster_connections") == 3
-            # least_conn now tries the full instance first (1 connection against 3) each time.
-            statuses: list[int] = []
-            for index in range(FULL_RETRIES):
-                source = f"127.1.{index // 200}.{10 + index % 200}"
-                statuses += await handshake_statuses(edge, source=source, count=1)
-            assert statuses == [101] * FULL_RETRIES
-            assert await full.metric("kektech_broadcaster_rejected_total") >= FULL_RETRIES
+            yield edge, full, roomy
+
+
+async def one_handshake_each(edge: Edge, network: int, count: int) -> list[int]:
+    """The status of `count` handshakes, one after the other, each from its own address in
+    127.`network`.0.0/16 (none of them limited by nginx's per-client rate)."""
+    statuses: list[int] = []
+    for index in range(count):
+        source = f"127.{network}.{index // 200}.{10 + index % 200}"
+        statuses += await handshake_statuses(edge, source=source, count=1)
+    return statuses
+
+
+async def test_a_handshake_refused_by_a_full_instance_is_served_by_another(
+    redis_server: Redis,
+) -> None:
+    """An instance at WS_MAX_CONNECTIONS answers 503; nginx then tries the next instance, as
+    it does for a refused connect, instead of passing the 503 to the client. Many times: an
+    instance that answered before nginx sent the request gave about one 502 in 600 under
+    load (test_protocol: a full server answers the request, not before it)."""
+    async with full_beside_roomy(redis_server.url) as (edge, full, roomy):
+        assert await full.metric("kektech_broadcaster_connections") == 1
+        assert await full.metric("kektech_broadcaster_rejected_total") >= 1
+        assert await roomy.metric("kektech_broadcaster_connections") == 3
+        statuses = await one_handshake_each(edge, network=1, count=FULL_RETRIES)
+        assert statuses == [101] * FULL_RETRIES
+        assert await full.metric("kektech_broadcaster_rejected_total") >= FULL_RETRIES
 
 
 async def test_a_handshake_closed_unanswered_by_a_full_instance_is_served_by_another(
@@ -245,33 +259,9 @@ async def test_a_handshake_closed_unanswered_by_a_full_instance_is_served_by_ano
     """Past the refused connections it lets wait for their request, a full instance closes
     the next ones unanswered: nginx takes that as an error and tries the next instance."""
     monkeypatch.setattr(server_module, "REFUSALS_WAITING", 0)  # every refusal closes
-    key = stream_key()
-    settings = [
-        settings_for(redis_server.url, key, ws_max_connections=1),
-        settings_for(redis_server.url, key),
-    ]
-    async with (
-        aioredis.Redis.from_url(redis_server.url) as redis,
-        running(settings[0]) as full,
-        running(settings[1]) as roomy,
-        AsyncExitStack() as clients,
-    ):
-        producer = EventProducer(redis, key)
-        await producer.publish()
-        with nginx_edge(
-            ws_ports=[s.ws_port for s in settings],
-            health_ports=[s.broadcaster_http_port for s in settings],
-        ) as server:
-            edge = Edge(server, [full, roomy], producer)
-            for _ in range(4):
-                client = await clients.enter_async_context(edge.ws_client(edge.new_ip()))
-                await client.subscribe("events:*")
-            statuses: list[int] = []
-            for index in range(50):  # each tried on the full instance first (1 against 3)
-                source = f"127.2.{index // 200}.{10 + index % 200}"
-                statuses += await handshake_statuses(edge, source=source, count=1)
-            assert statuses == [101] * 50
-            assert await full.metric("kektech_broadcaster_rejected_total") >= 50
+    async with full_beside_roomy(redis_server.url) as (edge, full, _):
+        assert await one_handshake_each(edge, network=2, count=50) == [101] * 50
+        assert await full.metric("kektech_broadcaster_rejected_total") >= 50
 
 
 async def test_every_worker_takes_its_share_of_the_websockets(redis_server: Redis) -> None:

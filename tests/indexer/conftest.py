@@ -135,6 +135,22 @@ async def assert_database_equals_chain(
     return len(stored)
 
 
+async def database_equals_chain(
+    database_url: str,
+    chain: DevChain,
+    deployment: Deployment,
+    *,
+    first: int = 0,
+    last: int | None = None,
+) -> bool:
+    """assert_database_equals_chain as a condition to wait for (`eventually`)."""
+    try:
+        await assert_database_equals_chain(database_url, chain, deployment, first=first, last=last)
+    except AssertionError:
+        return False
+    return True
+
+
 async def verify_markets(
     database_url: str, chain: DevChain, deployment: Deployment, *, first: int, last: int
 ) -> None:
@@ -296,15 +312,12 @@ async def stored_and_published(
     """Wait (`within` s) until the database equals the chain, then (30 s) until the stream
     holds every event still on the chain; return the stream."""
 
-    async def stored() -> bool:
-        try:
-            await assert_database_equals_chain(database_url, chain, deployment)
-        except AssertionError:
-            return False
-        return True
-
     try:
-        await eventually(stored, within=within, what="the database equals the chain")
+        await eventually(
+            lambda: database_equals_chain(database_url, chain, deployment),
+            within=within,
+            what="the database equals the chain",
+        )
     except TimeoutError:
         await assert_database_equals_chain(database_url, chain, deployment)  # says how
         raise

@@ -31,6 +31,7 @@ from tests.indexer.conftest import (
     assert_retracted,
     caught_up,
     chain_key,
+    database_equals_chain,
     expected_ids,
     live_ids,
     published_order,
@@ -270,14 +271,11 @@ async def test_with_confirmations_a_reorg_of_the_whole_window_after_a_catch_up_i
         target = await dev_chain.block_number() - confirmations
         await indexer.wait_cursor(target)
 
-        async def stored() -> bool:
-            try:
-                await assert_database_equals_chain(database_url, dev_chain, deployment, last=target)
-            except AssertionError:
-                return False
-            return True
-
-        await eventually(stored, within=30, what="the database equals the chain to the target")
+        await eventually(
+            lambda: database_equals_chain(database_url, dev_chain, deployment, last=target),
+            within=30,
+            what="the database equals the chain to the target",
+        )
         logs = await tracked_chain_logs(dev_chain, deployment)
         assert any(int(lg["blockNumber"], 16) == fork + 1 for lg in logs), "the replacement"
         expected = expected_ids(
@@ -314,16 +312,13 @@ async def test_with_confirmations_a_reorg_at_the_same_height_is_followed_without
         await dev_chain.request("anvil_reorg", [5, reorg_transactions(dev_chain, deployment)])
         assert await dev_chain.block_number() == head
 
-        async def followed() -> bool:
-            try:
-                await assert_database_equals_chain(
-                    database_url, dev_chain, deployment, last=head - confirmations
-                )
-            except AssertionError:
-                return False
-            return True
-
-        await eventually(followed, within=30, what="the database equals the new branch")
+        await eventually(
+            lambda: database_equals_chain(
+                database_url, dev_chain, deployment, last=head - confirmations
+            ),
+            within=30,
+            what="the database equals the new branch",
+        )
         assert await indexer.metric("kektech_indexer_reorgs_total") == 1
         assert await indexer.metric("kektech_indexer_reorg_depth_blocks_sum") == 5 - confirmations
         assert indexer.running
@@ -360,16 +355,13 @@ async def test_with_confirmations_a_reorg_onto_a_shorter_branch_is_followed_with
         new_head = await dev_chain.block_number()
         assert head - confirmations <= new_head < head
 
-        async def followed() -> bool:
-            try:
-                await assert_database_equals_chain(
-                    database_url, dev_chain, deployment, last=new_head - confirmations
-                )
-            except AssertionError:
-                return False
-            return True
-
-        await eventually(followed, within=30, what="the database equals the shorter branch")
+        await eventually(
+            lambda: database_equals_chain(
+                database_url, dev_chain, deployment, last=new_head - confirmations
+            ),
+            within=30,
+            what="the database equals the shorter branch",
+        )
         assert await indexer.metric("kektech_indexer_reorgs_total") == 1
         assert indexer.running
 
@@ -404,16 +396,11 @@ async def test_with_confirmations_a_reorg_hidden_once_by_a_stale_backend_is_stil
             await dev_chain.request("anvil_reorg", [5, reorg_transactions(dev_chain, deployment)])
             assert await dev_chain.block_number() == head
 
-            async def followed() -> bool:
-                try:
-                    await assert_database_equals_chain(
-                        database_url, dev_chain, deployment, last=cursor
-                    )
-                except AssertionError:
-                    return False
-                return True
-
-            await eventually(followed, within=30, what="the database equals the new branch")
+            await eventually(
+                lambda: database_equals_chain(database_url, dev_chain, deployment, last=cursor),
+                within=30,
+                what="the database equals the new branch",
+            )
             assert await indexer.metric("kektech_indexer_reorgs_total") == 1
             assert indexer.running
 
@@ -615,14 +602,11 @@ async def test_a_reorg_replacing_the_block_before_start_block_is_followed(
         await dev_chain.mine_empty(1)
         await indexer.wait_cursor(await dev_chain.block_number())
 
-        async def stored() -> bool:
-            try:
-                await assert_database_equals_chain(database_url, dev_chain, deployment, first=start)
-            except AssertionError:
-                return False
-            return True
-
-        await eventually(stored, within=30, what="the database equals the chain")
+        await eventually(
+            lambda: database_equals_chain(database_url, dev_chain, deployment, first=start),
+            within=30,
+            what="the database equals the chain",
+        )
         assert indexer.running
         assert await indexer.metric("kektech_indexer_reorgs_total") == 1
         new_branch = await blocks_events(dev_chain, deployment, start)
