@@ -14,7 +14,6 @@ RangeDecoder. Ranges are sized to about BATCH_EVENTS events from the density see
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Container, Mapping, Sequence
 
 from indexer.batch import Batch
@@ -23,7 +22,7 @@ from indexer.errors import ReorgDuringFetch, RpcUnavailable
 from indexer.metrics import Metrics
 from indexer.range_events import RangeDecoder
 from indexer.range_logs import GatheredRange, RangeLogs
-from indexer.reorg import StoredChain
+from indexer.reorg import StoredChain, check_linked
 from indexer.rpc import LogRangeSizer, RpcClient
 from indexer.rpc_results import BlockHeader
 from indexer.tip_blooms import TipBlooms
@@ -125,9 +124,7 @@ class RangeBatches:
             fetched = await self._rpc.get_block_headers(range(first, last + 1))
         if fetched[0].parent_hash != extends:
             return None
-        for parent, child in itertools.pairwise(fetched):
-            if child.parent_hash != parent.hash:
-                raise ReorgDuringFetch(f"block {child.number} does not extend {parent.number}")
+        check_linked(fetched)
         # By block hash at the tip: a backend behind the head must not answer "no logs".
         try:
             gathered = await self._logs.gather(first, last, followed=self.children, tip=fetched)

@@ -20,6 +20,15 @@ from indexer.rpc_results import BlockHeader
 ZERO_HASH = "0x" + "00" * 32
 
 
+def check_linked(headers: Sequence[BlockHeader]) -> None:
+    """ReorgDuringFetch unless each header (in block order) is the parent of the next: read
+    by number, they may come from different branches (the chain moved between the reads, or
+    backends behind a load balancer disagree)."""
+    for parent, child in itertools.pairwise(headers):
+        if child.parent_hash != parent.hash:
+            raise ReorgDuringFetch(f"block {child.number} does not extend {parent.number}")
+
+
 class StoredChain:
     """Checks stored headers against what the node has now."""
 
@@ -64,9 +73,7 @@ class StoredChain:
         Raises BlockNotFound when the node has no block there.
         """
         below = await self._rpc.get_block_headers(range(number, head.number))
-        for parent, child in itertools.pairwise([*below, head]):
-            if child.parent_hash != parent.hash:
-                raise ReorgDuringFetch(f"block {child.number} does not extend {parent.number}")
+        check_linked([*below, head])
         return below[0].hash != block_hash
 
     async def ancestor(
