@@ -112,11 +112,15 @@ def _created(event: ProjectedEvent) -> MarketRow:
 def apply_event(row: MarketRow | None, event: ProjectedEvent) -> MarketRow | None:
     """Return the market row after `event` (None while the market is not yet announced).
 
-    Updates `row` in place; the row returned is a new one only for MarketCreated.
+    Updates `row` in place; the row returned is a new one only for a market's first
+    MarketCreated.
     """
     key = (event.kind, event.name)
     if key == (ContractKind.FACTORY, "MarketCreated"):
-        return _created(event)
+        # The first announcement makes the row, as it decides where the market is followed
+        # from (range_logs): another one (a factory announcing an address again) would
+        # otherwise reset its bets and state.
+        return _created(event) if row is None else row
     if row is None:
         # Only the child's own creation logs precede its announcement in the same transaction;
         # they carry nothing the row would not start with.

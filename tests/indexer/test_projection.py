@@ -169,3 +169,23 @@ def test_the_markets_own_finalization_sets_the_outcome() -> None:
     manager's announcements before it."""
     row = fold(APPROVE + ACTIVATE + RESOLVE + DISPUTE + ANNOUNCEMENTS + FINALIZE)
     assert (row.state, row.outcome) == ("FINALIZED", "OUTCOME2")
+
+
+def test_a_second_announcement_of_a_market_changes_nothing() -> None:
+    """A market announced again (by the other factory, or the same one) keeps the row of its
+    first announcement, bets and state included: the indexer follows it from the first, and
+    the deployed factories never announce one address twice, so the second is not news."""
+    again = ProjectedEvent(
+        ContractKind.FACTORY,
+        "MarketCreated",
+        "0x" + "fb" * 20,
+        MARKET,
+        {**CREATED.args, "question": "Will it snow?", "creatorBond": "7"},
+        3,
+        "0x" + "11" * 32,
+        AT,
+    )
+    row = fold(APPROVE + ACTIVATE + BET + (again,))
+    assert (row.factory, row.question, row.creator_bond) == (FACTORY, "Will it rain?", 0)
+    assert (row.state, row.bets_outcome1, row.volume_outcome1) == ("ACTIVE", 1, 5)
+    assert (row.created_block, row.created_tx) == (1, TX)
