@@ -26,9 +26,9 @@ from typing import Protocol
 import structlog
 
 from broadcaster import messages
-from broadcaster.errors import ClientError
+from broadcaster.admission import Admission
 from broadcaster.events import Event, History
-from broadcaster.limits import AddressBudgets, PatternShares, TokenBucket
+from broadcaster.limits import AddressBudgets, TokenBucket
 from broadcaster.metrics import Metrics
 from broadcaster.routing import Registry, kind_of
 
@@ -50,17 +50,6 @@ REPLAY_REFILL_SECONDS = 60.0
 # server tens of us per entry, starving live delivery). WS_REPLAY_STREAM_BUDGET entries at
 # once, then refilled over this long; replay.py charges it, reads from memory are free.
 REPLAY_STREAM_REFILL_SECONDS = 60.0
-# Wildcard patterns no subscription holds yet, which subscribing compiles (some 0.6 ms for a
-# long one, against microseconds for a message), per client address: a burst as large as the
-# default WS_MAX_GLOB_PATTERNS_PER_IP, then one a second. Churning distinct patterns
-# (subscribe, unsubscribe, the next) would otherwise cost the server a compile per message.
-NEW_GLOBS_BURST = 16.0
-NEW_GLOBS_PER_SECOND = 1.0
-# Of the WS_MAX_GLOB_PATTERNS distinct wildcard patterns all clients may hold, one client
-# address may bring at most one in this many (at least one) that no one held before: with
-# WS_MAX_GLOB_PATTERNS_PER_IP (subscriptions) alone, 16 addresses at 16 each took the whole
-# pool and no one else could subscribe to a new pattern. One already held costs no share.
-GLOB_POOL_SHARES = 64
 
 
 class Peer(Protocol):
@@ -154,15 +143,15 @@ class Hub:
         self.send_buffer_bytes = send_buffer_bytes
         self._history_size = history_size
         self.replay_limit = replay_limit
-        self._max_subscriptions = max_subscriptions
-        self._max_globs = max_glob_patterns
-        self._max_globs_per_address = max_glob_patterns_per_ip
-        self._globs_by_address: dict[str, int] = {}  # glob subscriptions held per address
-        self._glob_shares = PatternShares(max(1, max_glob_patterns // GLOB_POOL_SHARES))
+        self.admission = Admission(
+            self.registry,
+            max_subscriptions=max_subscriptions,
+            max_glob_patterns=max_glob_patterns,
+            max_glob_patterns_per_ip=max_glob_patterns_per_ip,
+        )
         self._history_budgets = AddressBudgets(
             replay_limit / REPLAY_REFILL_SECONDS, max(1, REPLAY_BURST_LIMITS * replay_limit)
         )
-        self._new_glob_budgets = AddressBudgets(NEW_GLOBS_PER_SECOND, NEW_GLOBS_BURST)
         self._stream_budget = TokenBucket(  # on time.monotonic(), as the address budgets
             replay_stream_budget / REPLAY_STREAM_REFILL_SECONDS,
             replay_stream_budget,
@@ -466,59 +455,18 @@ class Hub:
             self.registry.remove(channel, client)
             self._count_subscriptions(-1)
             if kind_of(channel) == "glob":
-                self._count_glob(client, channel, -1)
+                self.admission.count_glob(client.address, channel, -1)
 
     def admit(self, client: Client, channel: str) -> None:
         """Refuse a new subscription past the limits (ClientError)."""
-        if channel in client.subs:
-            return
-        if len(client.subs) >= self._max_subscriptions:
-            raise ClientError(
-                "too_many_subscriptions",
-                f"at most {self._max_subscriptions} subscriptions per connection",
-                channel=channel,
-            )
-        if kind_of(channel) != "glob":
-            return
-        if self._globs_by_address.get(client.address, 0) >= self._max_globs_per_address:
-            raise ClientError(
-                "too_many_patterns",
-                f"at most {self._max_globs_per_address} wildcard patterns other than a "
-                "trailing * per client address; subscribe to a channel or a pattern ending "
-                "in * such as events:*",
-                channel=channel,
-            )
-        if self.registry.has_glob(channel):
-            return  # compiled already: routing it costs no more than a channel
-        if self.registry.glob_count >= self._max_globs:
-            raise ClientError(
-                "too_many_patterns",
-                "the server holds too many distinct wildcard patterns; subscribe to a channel "
-                "or a pattern ending in * such as events:*",
-                channel=channel,
-            )
-        if not self._glob_shares.may_bring(client.address):
-            raise ClientError(
-                "too_many_patterns",
-                f"this client address brought {self._glob_shares.share} wildcard patterns "
-                "other than a trailing * still in use, the most it may; subscribe to a "
-                "channel or a pattern ending in * such as events:*",
-                channel=channel,
-            )
-        now = time.monotonic()
-        if not self._new_glob_budgets.of(client.address, now).take(now):
-            raise ClientError(
-                "rate_limited",
-                f"more than {NEW_GLOBS_PER_SECOND:g} new wildcard patterns per second per "
-                "client address",
-                channel=channel,
-            )
+        self.admission.check(client.subs, client.address, channel)
 
     def route(self, client: Client, channel: str) -> str:
         """Add a subscription to routing; return its name, for the caller to key client.subs
         with: the connections subscribed to one channel then share one string, routing's."""
         if kind_of(channel) == "glob":
-            self._count_glob(client, channel, 1)  # before: it asks whether the pool has it
+            # Before routing: it asks whether the pool holds the pattern yet.
+            self.admission.count_glob(client.address, channel, 1)
         name = self.registry.add(channel, client)
         self._count_subscriptions(1)
         return name
@@ -527,23 +475,9 @@ class Hub:
         for channel in client.subs:
             self.registry.remove(channel, client)
             if kind_of(channel) == "glob":
-                self._count_glob(client, channel, -1)
+                self.admission.count_glob(client.address, channel, -1)
         self._count_subscriptions(-len(client.subs))
         client.subs = {}
-
-    def _count_glob(self, client: Client, channel: str, delta: int) -> None:
-        """Count a glob subscription added (before it is routed) or removed (after): whether
-        routing holds the pattern then says whether it enters or leaves the pool."""
-        held = self._globs_by_address.get(client.address, 0) + delta
-        if held:
-            self._globs_by_address[client.address] = held
-        else:
-            del self._globs_by_address[client.address]
-        if not self.registry.has_glob(channel):
-            if delta > 0:
-                self._glob_shares.bring(channel, client.address)
-            else:
-                self._glob_shares.leave(channel)
 
     def _count_subscriptions(self, delta: int) -> None:
         self.subscription_count += delta
