@@ -39,7 +39,14 @@ from indexer.service import (
     rpc_client,
     sources,
 )
-from indexer.sources import began_at, indexed_from, start_block_changed
+from indexer.sources import (
+    MARKETS_BEFORE,
+    backfill_command,
+    backfills_needed,
+    began_at,
+    indexed_from,
+    start_block_changed,
+)
 from indexer.verification import verify_range
 from shared.indexer_settings import IndexerSettings
 from shared.redaction import Writer
@@ -121,6 +128,9 @@ async def status(settings: IndexerSettings) -> int:
                 _say(settings, f"began: block {began} (nothing below it is indexed)")
             if changed := start_block_changed(settings.start_block, began):
                 _say(settings, changed)
+            if began is not None:
+                for line in await _backfills_said(db, began):
+                    _say(settings, line)
         published = await published_seq(db)
         last = await last_seq(db)
         _say(
@@ -137,6 +147,16 @@ async def status(settings: IndexerSettings) -> int:
         )
         _say(settings, "write lease: " + await _lease_said(db))
     return 0
+
+
+async def _backfills_said(db: Database, began: int) -> list[str]:
+    """The backfills `status` says are needed: of contracts added after indexing began."""
+    return [
+        f"backfill needed: {kind} {address} was added after indexing began and is followed"
+        f" from block {since}: `{backfill_command(began, since)}`"
+        + (f"; {MARKETS_BEFORE.format(began=began)}" if kind == "factory" else "")
+        for address, kind, since in await backfills_needed(db, began)
+    ]
 
 
 async def _stream_said(settings: IndexerSettings) -> str:
@@ -208,7 +228,7 @@ async def _writer(
         # Renewed all along, not only by each commit: one step between two commits (a
         # rollback, a range behind a slow node) may take longer than LEASE_TTL.
         renewal = asyncio.create_task(
-            keep_lease(db, lease, LeaseTerm(settings.lease_ttl), metrics, rpc),
+            keep_lease(db, lease, LeaseTerm(settings.lease_ttl)),
             name="keep-lease",
         )
         try:

@@ -10,6 +10,7 @@ StoredChain finds where a reorg leaves the stored chain; Startup opens the curso
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from indexer.reorg import StoredChain
 from indexer.rollback import rollback
 from indexer.rpc import LogRangeSizer, RpcClient
 from indexer.rpc_results import BlockHeader
-from indexer.sources import Sources, began_at, record_sources
+from indexer.sources import Sources, began_at, mark_backfilled, record_sources
 from indexer.startup import Startup
 from shared.memory import release_free_memory
 
@@ -45,6 +46,11 @@ TIP_MAX_BLOCKS = 64
 # (head, cursor) pairs remembered as looked at (Follower._replaced): behind a load balancer
 # "latest" may come from backends a block or two apart, in turn.
 CHECKED_HEADS = 8
+# Not caught up (/ready 503) once the head was last read longer ago than this many poll
+# intervals plus two RPC timeouts (a read may take one, and a retry): with every read failing
+# (a node down or hanging, the RPC retries take about a minute to give up) or the loop held
+# up, the head and lag said are that old.
+HEAD_STALE_POLLS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,7 @@ class FollowConfig:
     reorg_window: int
     poll_interval: float
     lease_ttl: float
+    rpc_timeout: float = 10.0
     max_addresses: int = 1000
     # Events per batch to aim for, deep or tip: large enough to amortize a commit, small
     # enough to keep the process's memory flat (two batches are in memory while pipelining).
@@ -122,6 +129,7 @@ class Follower:
         # block that is; False while a reorg at start-up is still to be looked at again.
         self.settled = False
         self._head_read_at = 0.0  # loop time of the last look at the head
+        self._head_known_at = 0.0  # time.monotonic() of the last head read (_note_head)
         # (head hash, cursor hash) pairs whose head's branch was found to hold the cursor's
         # block (_replaced), oldest first: not asked again.
         self._checked: dict[tuple[str, str], None] = {}
@@ -144,9 +152,13 @@ class Follower:
 
     @property
     def caught_up(self) -> bool:
+        """Whether the cursor is at the target of a head read recently (HEAD_STALE_POLLS)."""
+        config = self._config
+        stale_after = HEAD_STALE_POLLS * config.poll_interval + 2 * config.rpc_timeout
         return (
             self._state is not None
             and self.head >= 0
+            and time.monotonic() - self._head_known_at <= stale_after
             and self.cursor >= self._config.target(self.head)
         )
 
@@ -196,13 +208,16 @@ class Follower:
         )
 
     def _note_head(self, number: int) -> None:
-        """The head just read: exported (metrics, /ready, `status`)."""
+        """The head just read: exported (metrics, /ready, `status`), with the lag to it."""
         self.head = number
         self._metrics.head.set(number)
+        self._head_known_at = self._metrics.head_read_at = time.monotonic()
+        if self._state is not None:
+            self._metrics.lag.set(max(0, self._config.target(number) - self.cursor))
 
     async def current_target(self) -> int:
         """The block the follower would index up to now."""
-        self.head = await self._rpc.block_number()
+        self._note_head(await self._rpc.block_number())
         return self._config.target(self.head)
 
     async def rewind(self, number: int) -> int:
@@ -369,6 +384,7 @@ class Follower:
         later = 0
         if announced and last < cursor:
             later = await self._backfill_ranges(last + 1, cursor, addresses=announced)
+        await mark_backfilled(self._db, first, last)
         return Backfilled(
             events=stored,
             markets=len(found),

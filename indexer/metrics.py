@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
     from indexer.batch import StoredEvent
@@ -24,6 +26,14 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.head = Gauge("kektech_indexer_head_block", "Newest block the RPC reports", registry=r)
+        self.head_age = Gauge(
+            "kektech_indexer_head_age_seconds",
+            "Seconds since the chain head was last read (since start before the first read):"
+            " head_block and lag_blocks are that old",
+            registry=r,
+        )
+        self.head_read_at = time.monotonic()  # the service's start until a head is read
+        self.head_age.set_function(lambda: time.monotonic() - self.head_read_at)
         self.cursor = Gauge(
             "kektech_indexer_cursor_block", "Last block whose logs are all stored", registry=r
         )
@@ -55,12 +65,8 @@ class Metrics:
         self.batch_seconds = Histogram(
             "kektech_indexer_batch_commit_seconds", "Time to commit one batch", registry=r
         )
-        self.rpc_errors = Gauge(
-            "kektech_indexer_rpc_errors", "RPC errors by kind since start", ["kind"], registry=r
-        )
-        self.rpc_requests = Gauge(
-            "kektech_indexer_rpc_requests", "RPC HTTP requests since start", registry=r
-        )
+        self.rpc = RpcCounters()
+        r.register(self.rpc)
         self.publish_backlog = Gauge(
             "kektech_indexer_publish_backlog", "Outbox rows not yet in Redis", registry=r
         )
@@ -89,12 +95,40 @@ class Metrics:
         for name, count in counts.items():
             self.events.labels(event=name).inc(count)
 
-    def record_rpc(self, stats: RpcStats) -> None:
-        """Copy the RPC client's counters."""
-        self.rpc_requests.set(stats.attempts)
-        for kind, count in stats.errors.items():
-            self.rpc_errors.labels(kind=kind).set(count)
-
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)
+
+
+class RpcCounters:
+    """kektech_indexer_rpc_requests and _rpc_errors (by kind): the RPC clients' counts since
+    the service started, read at each scrape. Start-up makes a client per attempt: those of
+    the clients before the current one are kept, so an outage at start shows too."""
+
+    def __init__(self) -> None:
+        self._stats: RpcStats | None = None
+        self._attempts_before = 0
+        self._errors_before: collections.Counter[str] = collections.Counter()
+
+    def watch(self, stats: RpcStats) -> None:
+        """Count a new client's stats from now on, after those of the clients before it."""
+        if self._stats is not None:
+            self._attempts_before += self._stats.attempts
+            self._errors_before.update(self._stats.errors)
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        attempts = self._attempts_before
+        errors = collections.Counter(self._errors_before)
+        if self._stats is not None:
+            attempts += self._stats.attempts
+            errors.update(self._stats.errors)
+        yield GaugeMetricFamily(
+            "kektech_indexer_rpc_requests", "RPC HTTP requests since start", value=attempts
+        )
+        by_kind = GaugeMetricFamily(
+            "kektech_indexer_rpc_errors", "RPC errors by kind since start", labels=["kind"]
+        )
+        for kind, count in sorted(errors.items()):
+            by_kind.add_metric([kind], count)
+        yield by_kind

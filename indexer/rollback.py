@@ -12,6 +12,7 @@ from indexer.market_rebuild import rebuild_markets
 from indexer.publish_order import complete_transactions, in_publish_order
 from indexer.queries import keyset_pages
 from indexer.rpc_results import BlockHeader
+from indexer.sources import MARK_BACKFILLED
 from indexer.statements import OUTBOX_COLUMNS, outbox_values
 
 MAX_BIGINT = 2**63 - 1
@@ -73,6 +74,9 @@ async def rollback(db: Database, lease: Lease, ttl: float, ancestor: BlockHeader
             last_seq,
             ancestor.number + 1,
         )
+        # Everything above the ancestor is indexed again, every configured contract's
+        # events included: one followed from a later block is then from the block after it.
+        await conn.execute(MARK_BACKFILLED, ancestor.number + 1, MAX_BIGINT - 1)
         await fence(conn, lease, ttl)
     return retracted
 

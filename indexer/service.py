@@ -187,6 +187,7 @@ def follow_config(settings: IndexerSettings) -> FollowConfig:
         reorg_window=settings.reorg_window,
         poll_interval=settings.poll_interval,
         lease_ttl=settings.lease_ttl,
+        rpc_timeout=settings.rpc_timeout,
         max_addresses=settings.logs_max_addresses,
         batch_events=settings.batch_events,
     )
@@ -220,16 +221,13 @@ def log_range_sizer(settings: IndexerSettings) -> LogRangeSizer:
     )
 
 
-async def keep_lease(
-    db: Database, lease: Lease, term: LeaseTerm, metrics: Metrics, rpc: RpcClient
-) -> None:
+async def keep_lease(db: Database, lease: Lease, term: LeaseTerm) -> None:
     """Renew the lease at once, then every third of its TTL, telling `term`; raises LeaseLost
     if it was taken. Cancel-safe."""
     while True:
         sent = term.now()
         await renew_lease(db, lease, term.ttl)
         term.renewed(sent)
-        metrics.record_rpc(rpc.stats)
         await asyncio.sleep(term.ttl / 3)
 
 
@@ -312,6 +310,7 @@ async def _serve(settings: IndexerSettings, metrics: Metrics, health: Health) ->
         rpc_client(settings) as rpc,
         redis_client(settings.redis_url.get_secret_value()) as redis,
     ):
+        metrics.rpc.watch(rpc.stats)
         await migrate(db)
         # Ready (docs/pm2.md): migrated, HTTP serving, on the right chain (the client checks
         # eth_chainId against CHAIN_ID on first use), leader or standby alike.
@@ -349,7 +348,7 @@ async def _serve(settings: IndexerSettings, metrics: Metrics, health: Health) ->
                 # wait on a slow node for longer than LEASE_TTL. The publisher starts at once
                 # too: it only drains committed rows, and it tells whether Redis answers; it
                 # publishes only while `term` says the lease is held.
-                tasks.create_task(keep_lease(db, lease, term, metrics, rpc), name="keep-lease")
+                tasks.create_task(keep_lease(db, lease, term), name="keep-lease")
                 tasks.create_task(publisher.publish_forever(), name="publish-outbox")
                 await follower.prepare()
                 log.info("indexer started", cursor=follower.cursor, chain_id=settings.chain_id)

@@ -13,6 +13,16 @@ from indexer.statements import columns
 
 log = structlog.get_logger()
 
+# How the commands an operator is told to run begin (docs/operations.md's layout).
+INDEXER_COMMAND = "cd /opt/kektech && .venv/bin/python -m indexer"
+# A backfill finds a factory's markets by their MarketCreated in the range it reads: none
+# announced before the database began.
+MARKETS_BEFORE = (
+    "markets this factory announced before block {began}, where the database began, are not"
+    " found by the backfill (nor by verify); if it announced any, `reindex --from <the block"
+    " it was deployed at>` indexes them"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Sources:
@@ -112,7 +122,7 @@ async def _reconcile_roles(db: Database, static: Mapping[str, ContractKind]) -> 
             configured=kind.value,
             recorded=was,
             first_block=int(first),
-            reindex=f"cd /opt/kektech && .venv/bin/python -m indexer reindex --from {first}",
+            reindex=f"{INDEXER_COMMAND} reindex --from {first}",
         )
 
 
@@ -158,7 +168,8 @@ async def record_sources(
 ) -> None:
     """Record the configured contracts and the block each is followed from, and say so when
     the configuration gained one after indexing began (its earlier events, and the markets a
-    factory created before, are not indexed until backfilled) or lost one.
+    factory created before, are not indexed until backfilled: said at every start until the
+    backfill is done) or lost one.
 
     `created`: the cursor was created by this start (a new database).
     """
@@ -169,8 +180,7 @@ async def record_sources(
             "START_BLOCK differs from where the database began", detail=changed, began=began
         )
     added = {a: k for a, k in static.items() if a not in known}
-    # A new database, or one indexed before contracts were recorded: from START_BLOCK.
-    later = not created and bool(known)
+    later = not created and await _recorded_before(db)
     since = cursor + 1 if later else start_block
     if added:
         await add_sources(db, [(a, k.value, since) for a, k in added.items()])
@@ -181,16 +191,6 @@ async def record_sources(
         " WHERE id = 1 AND began_at IS NULL",
         start_block,
     )
-    for address, kind in added.items() if later else ():
-        log.warning(
-            "a contract was added to the configuration after indexing began: followed "
-            "from the block after the cursor; its earlier events need a backfill",
-            contract=address,
-            kind=kind.value,
-            followed_from=since,
-            backfill="cd /opt/kektech && .venv/bin/python -m indexer backfill "
-            f"--from {start_block if began is None else began} --to {cursor}",
-        )
     dropped = sorted(known.keys() - static.keys())
     for address in dropped:
         log.warning(
@@ -204,3 +204,65 @@ async def record_sources(
     # After the additions: one dropped before and configured again in another role is
     # recorded again in the role it was indexed in.
     await _reconcile_roles(db, static)
+    await _say_backfills_needed(db, await began_at(db, start_block=start_block))
+
+
+async def _recorded_before(db: Database) -> bool:
+    """Whether this database recorded the contracts it follows before now (dropped ones
+    count): what is configured now and not recorded was then not followed. One created since
+    schema version 4 that recorded none followed none (its first starts had none configured),
+    unless it stores events: those, as one without the record of where it began, were indexed
+    before contracts were recorded (schema version 1), following those configured from
+    START_BLOCK."""
+    return bool(
+        await db.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM sources) OR ((SELECT began_at FROM indexer_state"
+            " WHERE id = 1) IS NOT NULL AND NOT EXISTS (SELECT 1 FROM events))"
+        )
+    )
+
+
+async def backfills_needed(db: Database, began: int) -> list[tuple[str, str, int]]:
+    """The contracts followed from a block above where the database began, (address, kind,
+    since_block) by address: their events below it are not stored until a backfill from
+    `began` (mark_backfilled records it)."""
+    rows = await db.fetch(
+        "SELECT address, kind, since_block FROM sources"
+        " WHERE dropped_after IS NULL AND since_block > $1 ORDER BY address",
+        began,
+    )
+    return [(r["address"], r["kind"], int(r["since_block"])) for r in rows]
+
+
+def backfill_command(began: int, since: int) -> str:
+    """The command that stores a contract's events from where the database began up to the
+    block it is followed from."""
+    return f"{INDEXER_COMMAND} backfill --from {began} --to {since - 1}"
+
+
+# What marks [first, last] backfilled (mark_backfilled; a rollback, whose ancestor is $1 - 1,
+# indexes every configured contract above it again: $2 unbounded).
+MARK_BACKFILLED = (
+    "UPDATE sources SET since_block = $1::bigint"
+    " WHERE dropped_after IS NULL AND since_block > $1::bigint AND since_block <= $2::bigint + 1"
+)
+
+
+async def mark_backfilled(db: Database, first: int, last: int) -> None:
+    """Record that [first, last] was backfilled: a contract followed from a block in it (or
+    from the one after) has its events from `first` on."""
+    await db.execute(MARK_BACKFILLED, first, last)
+
+
+async def _say_backfills_needed(db: Database, began: int) -> None:
+    for address, kind, since in await backfills_needed(db, began):
+        log.warning(
+            "a contract was added to the configuration after indexing began: followed "
+            "from a later block; its earlier events need a backfill (said at each start "
+            "until it is done)",
+            contract=address,
+            kind=kind,
+            followed_from=since,
+            backfill=backfill_command(began, since),
+            **({"markets_before": MARKETS_BEFORE.format(began=began)} if kind == "factory" else {}),
+        )

@@ -64,7 +64,8 @@ class Startup:
             log.info("cursor created", block=state.block_number)
             return state, True
         if state.chain_id != chain_id:
-            raise ChainIdMismatch(expected=state.chain_id, actual=chain_id, endpoint="the database")
+            # The database's chain is the one found there; the node's is CHAIN_ID's (above).
+            raise ChainIdMismatch(expected=chain_id, actual=state.chain_id, endpoint="the database")
         return state, False
 
     async def settle(

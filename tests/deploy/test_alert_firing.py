@@ -49,6 +49,10 @@ class Deployment:
     down: set[Target] = field(default_factory=set)
     memory_available: float = 0.25 * MEMORY_TOTAL  # alert above 80% in use
 
+    def __post_init__(self) -> None:
+        self.indexer.rpc.watch(self.rpc)  # as the service watches its RPC client's
+        self.indexer.head_age.set_function(lambda: 1.0)  # a clock's, read at each scrape
+
     def run(self, minute: int) -> None:
         """One healthy minute."""
         indexer = self.indexer
@@ -57,7 +61,6 @@ class Deployment:
         indexer.lag.set(100)  # alert above 100
         self.rpc.attempts += 100
         self.rpc.errors["timeout"] += 15  # alert above 20%
-        indexer.record_rpc(self.rpc)
         indexer.redis_up.set(1)
         indexer.publish_backlog.set(400 + 10 * minute)  # growing to 1000: alert above
         indexer.published_seq.set(published(minute))
@@ -89,7 +92,6 @@ def reorg(deployment: Deployment, depth: int) -> None:
 
 def more_rpc_errors(deployment: Deployment, minute: int) -> None:
     deployment.rpc.errors["timeout"] += 15  # 30% of the requests
-    deployment.indexer.record_rpc(deployment.rpc)
 
 
 def standby_without_redis(deployment: Deployment, minute: int) -> None:

@@ -554,6 +554,111 @@ async def test_a_factory_added_after_indexing_began_is_said_with_its_backfill(
     await assert_database_equals_chain(database_url, dev_chain, deployment)
 
 
+NO_CONTRACTS = {
+    "MARKET_FACTORY_ADDRESS": "",
+    "RESOLUTION_MANAGER_ADDRESS": "",
+    "REWARD_DISTRIBUTOR_ADDRESS": "",
+}
+
+
+@pytest.mark.parametrize("history", ["none-at-first", "all-dropped-for-a-while"])
+async def test_contracts_configured_when_none_is_followed_are_said_with_their_backfill(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+    history: str,
+) -> None:
+    """Contracts configured while the database follows none (a first start with the
+    addresses still empty, as .env.example ships them, or every one lost from the .env for a
+    while) were not followed before: the start says they need a backfill, naming it, and
+    that backfill completes the database. (Taken for a database indexed before contracts
+    were recorded, they were followed from START_BLOCK with no word, the events before
+    missing.)"""
+    driver = ActivityDriver(dev_chain, deployment, seed=79, txs_per_block=3)
+    await driver.cover_all_events()
+    if history == "all-dropped-for-a-while":
+        with make_indexer() as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+    await driver.run(blocks=6)  # while none is followed
+    head = await dev_chain.block_number()
+    with make_indexer(**NO_CONTRACTS) as indexer:
+        await indexer.wait_cursor(head)
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(head)
+        log = indexer.log_text()
+    assert "added to the configuration after indexing began" in log
+    backfill = f"{INDEXER} backfill --from {deployment.block} --to {head}"
+    assert backfill in log
+    code, output = await run_command(make_indexer, *backfill.removeprefix(INDEXER).split())
+    assert code == 0, output
+    await assert_database_equals_chain(database_url, dev_chain, deployment)
+
+
+@pytest.mark.parametrize("done_by", ["backfill", "reindex"])
+async def test_a_backfill_needed_is_said_at_every_start_and_by_status_until_done(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    done_by: str,
+) -> None:
+    """The backfill a contract added after indexing began needs is said again at each start
+    (a `pm2 restart` before it is run must not make it forgotten) and by `status`, with what
+    it cannot find for a factory; once the named backfill, or a reindex from where the
+    database began, has run, neither says it any more."""
+    driver = ActivityDriver(dev_chain, deployment, seed=80, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=4)
+    head = await dev_chain.block_number()
+    with make_indexer(MARKET_FACTORY_ADDRESS=deployment.factory_v1) as indexer:
+        await indexer.wait_cursor(head)
+    backfill = f"{INDEXER} backfill --from {deployment.block} --to {head}"
+    for _ in range(2):  # both factories now, started twice
+        with make_indexer() as indexer:
+            await indexer.wait_cursor(head)
+            log = indexer.log_text()
+        assert "added to the configuration after indexing began" in log
+        assert backfill in log
+    code, output = await run_command(make_indexer, "status")
+    assert code == 0, output
+    said = [line for line in output.splitlines() if line.startswith("backfill needed:")]
+    assert len(said) == 1, output
+    assert deployment.factory_v2 in said[0]
+    assert f"`{backfill}`" in said[0]
+    assert f"announced before block {deployment.block}" in said[0]
+    if done_by == "backfill":
+        command = backfill.removeprefix(INDEXER).split()
+    else:
+        command = ["reindex", "--from", str(deployment.block)]
+    code, output = await run_command(make_indexer, *command)
+    assert code == 0, output
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(head)
+        log = indexer.log_text()
+    assert "after indexing began" not in log
+    code, output = await run_command(make_indexer, "status")
+    assert code == 0, output
+    assert "backfill needed" not in output
+
+
+async def test_a_database_of_another_chain_id_is_said_the_right_way_round(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """A database indexed on another chain than the node's and CHAIN_ID's stops the indexer
+    with the database's chain id said as the database's."""
+    head = await dev_chain.block_number()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(head)
+    async with connected(database_url) as conn:
+        await conn.execute("UPDATE indexer_state SET chain_id = 1")
+    code, output = await run_command(make_indexer, "run")
+    assert code != 0
+    assert f"chain id 1 at the database, expected {deployment.chain_id}" in output, output
+
+
 async def factory_added_after_its_markets(
     dev_chain: DevChain, deployment: Deployment, make_indexer: Callable[..., IndexerProcess]
 ) -> tuple[int, int, str]:
@@ -1321,3 +1426,53 @@ async def test_status_with_a_wrong_chain_id_says_wrong_chain(
     assert code == 0, output
     assert "chain head: wrong chain (chain id 32323" in output
     assert "unreachable" not in output
+
+
+async def test_a_head_no_longer_read_is_not_ready_and_its_age_shows(
+    dev_chain: DevChain, anvil: Anvil, make_indexer: Callable[..., IndexerProcess]
+) -> None:
+    """Caught up, then every RPC call fails: the indexer no longer says it is ready once the
+    head was last read longer ago than three polls and two RPC timeouts, and
+    kektech_indexer_head_age_seconds grows, rather than /ready 200 with a lag of 0 for the
+    minute its retries take to give up; the errors are counted meanwhile."""
+    async with RpcFaultProxy(anvil.rpc_url, seed=1) as proxy:
+        with make_indexer(
+            RPC_PROVIDER_URL=proxy.url, RPC_TIMEOUT="1", RPC_MAX_RETRIES="100"
+        ) as indexer:
+            await indexer.wait_cursor(await dev_chain.block_number())
+            await indexer.wait_ready()
+            assert (await indexer.metric("kektech_indexer_head_age_seconds") or 99) < 2
+            proxy.rates = {"http_503": 1.0}
+
+            async def not_ready() -> bool:
+                status, _ = await indexer.get("/ready")
+                return status == 503
+
+            await eventually(not_ready, within=15, what="/ready 503")
+            age = await indexer.metric("kektech_indexer_head_age_seconds")
+            assert age is not None
+            assert age > 2
+            errors = await indexer.metric('kektech_indexer_rpc_errors{kind="http_5xx"}')
+            assert errors is not None
+            assert errors > 0
+            proxy.rates = {}
+            await indexer.wait_ready()
+
+
+async def test_rpc_errors_at_start_up_are_counted(
+    anvil: Anvil, make_indexer: Callable[..., IndexerProcess]
+) -> None:
+    """An RPC endpoint failing from the start: the indexer waits for it, and /metrics counts
+    the requests and errors of its attempts meanwhile (the RPC error alert has nothing
+    to go by otherwise), over the RPC clients start-up makes for them."""
+    async with RpcFaultProxy(anvil.rpc_url, seed=1, rates={"http_503": 1.0}) as proxy:
+        with make_indexer(RPC_PROVIDER_URL=proxy.url, RPC_MAX_RETRIES="1") as indexer:
+            await indexer.wait_waiting_for("eth_chainId")
+
+            async def counted_twice() -> bool:
+                errors = await indexer.metric('kektech_indexer_rpc_errors{kind="http_5xx"}')
+                requests = await indexer.metric("kektech_indexer_rpc_requests")
+                # Two attempts per client (RPC_MAX_RETRIES=1): more is a second client's.
+                return errors is not None and errors > 2 and requests == errors
+
+            await eventually(counted_twice, within=20, what="the attempts of two clients")
