@@ -301,6 +301,7 @@ class Hub:
                 continue
             relayed += 1
             delivered += self._deliver(event, now_ms, overflow, batch)
+            self.metrics.lag.observe(max(0.0, now - event.block_time))
             self.last_block_time = event.block_time
         if batch:
             delivered += self._flush(batch, overflow)
@@ -308,9 +309,11 @@ class Hub:
             self.last_relay_time = now
             self.metrics.events.inc(relayed)
             self.metrics.deliveries.inc(delivered)
-            self.metrics.fanout.observe((time.perf_counter() - started) / relayed)
-            if self.last_block_time is not None:
-                self.metrics.lag.observe(max(0.0, now - self.last_block_time))
+            # Written together (a batch's writes are per client), so timed together: each
+            # event of the read counts its share.
+            share = (time.perf_counter() - started) / relayed
+            for _ in range(relayed):
+                self.metrics.fanout.observe(share)
         for client in overflow:
             self.cut_slow(client)
         self._wake_waiters()

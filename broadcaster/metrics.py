@@ -86,7 +86,8 @@ class Metrics:
         )
         self.fanout = Histogram(
             p + "fanout_seconds",
-            "Time to route and write one event to every recipient",
+            "Time to route and write one event to every recipient (events read together:"
+            " each the read's time divided by its events)",
             buckets=FANOUT_BUCKETS,
             registry=r,
         )

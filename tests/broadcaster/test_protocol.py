@@ -916,6 +916,29 @@ async def test_health_and_metrics_on_both_ports(server: Running, producer: Event
         assert status == 404
 
 
+async def test_the_lag_histogram_counts_each_event_of_a_read(
+    server: Running, producer: EventProducer
+) -> None:
+    """Events read from the stream together (a block, a backlog drained) are each observed in
+    event_lag_seconds, as its help says: one observation per read under-weighted exactly the
+    drains where lag is high."""
+
+    def lag_count(text: str) -> float:
+        name = "kektech_broadcaster_event_lag_seconds_count "
+        return next(
+            float(line.removeprefix(name)) for line in text.splitlines() if line.startswith(name)
+        )
+
+    async with ws_client(server.url) as client:
+        await client.subscribe("events:*")
+        _, body = await server.get("/metrics")
+        before = lag_count(body.decode())
+        await producer.publish(count=5)  # one MULTI/EXEC: one read
+        await client.events(5)
+        _, body = await server.get("/metrics")
+    assert lag_count(body.decode()) == before + 5
+
+
 async def test_a_flood_of_health_checks_reads_redis_once_a_second(
     server: Running, producer: EventProducer, redis_client: aioredis.Redis
 ) -> None:
