@@ -67,6 +67,18 @@ async def init_state(
     return state
 
 
+async def genesis_of(db: Database, found: str) -> str:
+    """The hash of block 0 of the chain the database is indexed from: `found` (the node's)
+    when none is recorded yet, which is then recorded."""
+    recorded = await db.fetchval(
+        "UPDATE indexer_state SET genesis_hash = coalesce(genesis_hash, $1) WHERE id = 1"
+        " RETURNING genesis_hash",
+        found,
+    )
+    assert recorded is not None, "genesis_of before the cursor exists"
+    return str(recorded)
+
+
 async def save_headers(conn: Connection, headers: Sequence[BlockHeader]) -> None:
     await conn.execute(SAVE_HEADERS, *columns(map(header_values, headers), len(HEADER_TYPES)))
 

@@ -132,6 +132,29 @@ class LeaseLost(IndexerError):  # noqa: N818
         )
 
 
+class AnotherChain(IndexerError):  # noqa: N818
+    """The node's block 0 is not that of the chain the database was indexed from."""
+
+    chain_id: int
+    recorded: str
+    found: str
+
+    def __init__(self, chain_id: int, recorded: str, found: str) -> None:
+        self.chain_id = chain_id
+        self.recorded = recorded
+        self.found = found
+        super().__init__(chain_id, recorded, found)
+
+    def __str__(self) -> str:
+        return (
+            "the node serves another chain than the database was indexed from: its block 0 is"
+            f" {self.found}, the database's chain's is {self.recorded}, both with chain id"
+            f" {self.chain_id} (a testnet or fork that kept it, or a node set up again from"
+            " scratch); nothing was changed. Point RPC_PROVIDER_URL at the chain the database"
+            " holds, or give this chain a database of its own"
+        )
+
+
 class ReorgTooDeep(IndexerError):  # noqa: N818
     """No stored block within the reorg window is still canonical: refuse to delete data.
 

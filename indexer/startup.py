@@ -13,9 +13,15 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from indexer.cursor import IndexerState, init_state, load_state
+from indexer.cursor import IndexerState, genesis_of, init_state, load_state
 from indexer.database import Database
-from indexer.errors import BlockNotFound, ChainIdMismatch, ReorgDuringFetch, ReorgTooDeep
+from indexer.errors import (
+    AnotherChain,
+    BlockNotFound,
+    ChainIdMismatch,
+    ReorgDuringFetch,
+    ReorgTooDeep,
+)
 from indexer.lease import Lease
 from indexer.reorg import StoredChain
 from indexer.rpc import RpcClient
@@ -53,6 +59,7 @@ class Startup:
         if chain_id != self._config.chain_id:
             raise ChainIdMismatch(expected=self._config.chain_id, actual=chain_id)
         state = await load_state(self._db)
+        created = state is None
         if state is None:
             state = await init_state(
                 self._db,
@@ -62,11 +69,15 @@ class Startup:
                 cursor=await self._wait_for_start(on_head),
             )
             log.info("cursor created", block=state.block_number)
-            return state, True
-        if state.chain_id != chain_id:
+        elif state.chain_id != chain_id:
             # The database's chain is the one found there; the node's is CHAIN_ID's (above).
             raise ChainIdMismatch(expected=chain_id, actual=state.chain_id, endpoint="the database")
-        return state, False
+        # Before anything is compared or rolled back: another chain of the same id would look
+        # like a reorg, and a database younger than REORG_WINDOW would be replaced whole.
+        genesis = (await self._rpc.get_block_header(0)).hash
+        if (recorded := await genesis_of(self._db, genesis)) != genesis:
+            raise AnotherChain(chain_id, recorded=recorded, found=genesis)
+        return state, created
 
     async def settle(
         self,

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from devnet.anvil_node import Anvil
-from devnet.chain import Deployment, DevChain
+from devnet.chain import Deployment, DevChain, deploy
 from devnet.driver import ActivityDriver
 from devnet.postgres_server import PgBouncer
 from devnet.process import free_port
@@ -731,7 +731,8 @@ async def test_a_backfill_of_a_complete_range_fetches_no_header_of_what_is_store
         asked: list[int] = []
 
         async def count_headers(method: str, params: list[Any]) -> None:
-            if method == "eth_getBlockByNumber" and params and params[0] != "latest":
+            # Block 0: the start's check that the node serves the database's chain.
+            if method == "eth_getBlockByNumber" and params and params[0] not in ("latest", "0x0"):
                 asked.append(int(params[0], 16))
 
         proxy.on_call = count_headers
@@ -1476,3 +1477,35 @@ async def test_rpc_errors_at_start_up_are_counted(
                 return errors is not None and errors > 2 and requests == errors
 
             await eventually(counted_twice, within=20, what="the attempts of two clients")
+
+
+@pytest.mark.parametrize("blocks", [2, 12], ids=["shorter", "longer"])
+async def test_a_database_of_another_chain_with_the_same_chain_id_is_refused(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+    blocks: int,
+) -> None:
+    """The node answers for another chain than the database was indexed from, with the same
+    chain id (a testnet or a fork, a node set up again from scratch): the indexer stops with
+    an error saying so, and changes nothing. It waited for ever, said ready, for a shorter
+    chain, and rolled the whole database back onto a longer one (younger than REORG_WINDOW)."""
+    driver = ActivityDriver(dev_chain, deployment, seed=81, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=4)
+    head = await dev_chain.block_number()
+    with make_indexer() as indexer:
+        await indexer.wait_cursor(head)
+    async with connected(database_url) as conn:
+        stored = await conn.fetchval("SELECT count(*) FROM events")
+    with Anvil(timestamp=1_800_000_000) as node:  # another genesis
+        async with DevChain(node.rpc_url) as other:
+            await deploy(other)
+            await other.mine_empty(blocks)
+            code, output = await run_command(make_indexer, "run", RPC_PROVIDER_URL=node.rpc_url)
+    assert code == 1, output
+    assert "another chain than the database was indexed from" in output
+    async with connected(database_url) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM events") == stored
+        assert await conn.fetchval("SELECT block_number FROM indexer_state") == head

@@ -127,7 +127,7 @@ async def test_a_database_of_schema_version_3_began_at_its_best_record(
                 "0x" + "aa" * 32,
                 F1,
             )
-        assert await migrate(db) == ["0004_began_at.sql"]
+        assert await migrate(db) == ["0004_began_at.sql", "0005_genesis.sql"]
         assert await db.fetchval("SELECT began_at FROM indexer_state") == began
         await swap_factory_and_back(db)
         assert await began_at(db, start_block=START + 500) == began
