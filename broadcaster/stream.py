@@ -162,6 +162,9 @@ class EventStream:
                     async with asyncio.timeout(self._timeout):
                         cursor = await self._check_same_stream(hub, cursor)
                     check_due = loop.time() + SAME_STREAM_CHECK_INTERVAL
+                # Answered: said now, not once the blocking read below returns (half the
+                # timeout later with nothing published). `reading` waits for that read.
+                metrics.redis_up.set(1)
                 raw = None
                 if not self._awaiting_refill:
                     async with asyncio.timeout(self._timeout):

@@ -939,6 +939,15 @@ async def test_the_lag_histogram_counts_each_event_of_a_read(
     assert lag_count(body.decode()) == before + 5
 
 
+async def test_redis_up_is_said_once_the_stream_is_found(server: Running) -> None:
+    """Once /healthz says the stream is followed, /metrics says Redis is up too, with nothing
+    published: not only when the first blocking read returns (half BROADCASTER_REDIS_TIMEOUT
+    later), which left the two disagreeing at every start and after every outage."""
+    status, body = await server.get("/metrics")
+    assert status == 200
+    assert "kektech_broadcaster_redis_up 1.0" in body.decode().splitlines()
+
+
 async def test_a_flood_of_health_checks_reads_redis_once_a_second(
     server: Running, producer: EventProducer, redis_client: aioredis.Redis
 ) -> None:
