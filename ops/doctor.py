@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
+from indexer.sources import backfill_command
 from ops.errors import CertificateInvalid, ProbeError
 from ops.probes.http import get, parse_metrics
 from ops.probes.nginx import check_config
@@ -156,7 +157,23 @@ async def check_postgres(settings: OpsSettings) -> list[Verdict]:
             )
         ]
     cursor = "no cursor yet" if info.cursor is None else f"cursor at block {info.cursor}"
-    return [Verdict(Level.OK, "postgres", f"migrated ({version}), {cursor}")]
+    said = f"migrated ({version}), {cursor}"
+    if info.backfills and info.began is not None:
+        added = ", ".join(
+            f"{kind} {address} (from block {since})" for address, kind, since in info.backfills
+        )
+        # One backfill up to the latest of them covers them all (sources.mark_backfilled).
+        backfill = backfill_command(info.began, max(since for _, _, since in info.backfills))
+        return [
+            Verdict(
+                Level.WARN,
+                "postgres",
+                f"{said}; added after indexing began, their earlier events not stored until"
+                f" backfilled: {added}",
+                f"pm2 stop {INDEXER_APP}; {backfill}; pm2 start {INDEXER_APP}",
+            )
+        ]
+    return [Verdict(Level.OK, "postgres", said)]
 
 
 async def check_indexer(settings: OpsSettings) -> list[Verdict]:

@@ -19,7 +19,8 @@ from devnet.chain import Deployment, DevChain
 from devnet.driver import ActivityDriver
 from devnet.postgres_server import Postgres
 from devnet.redis_server import Redis
-from indexer.schema import latest_schema_version
+from indexer.database import Database
+from indexer.schema import latest_schema_version, migrate
 from tests.broadcaster.support import EventProducer, running, settings_for
 from tests.support.database import connected
 from tests.support.indexer_process import IndexerProcess, indexer_env
@@ -238,6 +239,40 @@ async def test_unmigrated_database_fails(database_url: str, tmp_path: Path) -> N
         f"FAIL  postgres  not migrated: schema version 0 of {latest_schema_version()} "
         "-> fix: cd /opt/kektech && .venv/bin/python -m indexer migrate "
         "(starting the indexer also migrates)"
+    )
+
+
+async def test_contracts_waiting_for_their_backfill_are_a_warning(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A migrated database where contracts added after indexing began still need their
+    backfill is a WARN naming them, with the one backfill that covers them all (the service
+    stopped around it): the indexer only logs it at its start."""
+    factory, manager = "0x" + "f2" * 20, "0x" + "e1" * 20
+    async with Database.open(database_url, command_timeout=10.0) as db:
+        await migrate(db)
+        await db.execute(
+            "INSERT INTO indexer_state (id, chain_id, block_number, block_hash, began_at)"
+            " VALUES (1, 32323, 900, $1, 100)",
+            "0x" + "ab" * 32,
+        )
+        await db.execute(
+            "INSERT INTO sources (address, kind, since_block) VALUES"
+            " ($1, 'factory', 100), ($2, 'factory', 501), ($3, 'resolution_manager', 801)",
+            "0x" + "f1" * 20,
+            factory,
+            manager,
+        )
+    env = {"DATABASE_URL": database_url}
+    result = await run_kektech("doctor", "--only", "postgres", env=env, cwd=tmp_path)
+    assert result.code == 0, result
+    assert result.line("postgres") == (
+        f"WARN  postgres  migrated (schema version {latest_schema_version()} of"
+        f" {latest_schema_version()}), cursor at block 900; added after indexing began, their"
+        f" earlier events not stored until backfilled: resolution_manager {manager} (from block"
+        f" 801), factory {factory} (from block 501) -> fix: pm2 stop kektech-event-indexer;"
+        " cd /opt/kektech && .venv/bin/python -m indexer backfill --from 100 --to 800;"
+        " pm2 start kektech-event-indexer"
     )
 
 
