@@ -9,6 +9,7 @@ from __future__ import annotations
 from shared.errors import KektechError
 
 __all__ = [
+    "AnotherChain",
     "BlockNotFound",
     "ChainIdMismatch",
     "DatabaseUnavailable",
@@ -18,6 +19,7 @@ __all__ = [
     "RpcRangeTooLarge",
     "RpcResponseError",
     "RpcUnavailable",
+    "WrongChainError",
 ]
 
 
@@ -97,7 +99,13 @@ class BlockNotFound(RpcError):  # noqa: N818
         return f"block {self.number} not found"
 
 
-class ChainIdMismatch(RpcError):  # noqa: N818
+class WrongChainError(RpcError):
+    """An endpoint serves another chain than the indexed one: left out (rpc_failover)."""
+
+    endpoint: str  # a redacted endpoint label (index and host), never the URL
+
+
+class ChainIdMismatch(WrongChainError):  # noqa: N818
     """An endpoint serves another chain than the configured one."""
 
     expected: int
@@ -116,6 +124,31 @@ class ChainIdMismatch(RpcError):  # noqa: N818
         return f"chain id {self.actual}{where}, expected {self.expected}"
 
 
+class AnotherChain(WrongChainError):  # noqa: N818
+    """An endpoint's block 0 is not that of the chain the database was indexed from."""
+
+    chain_id: int
+    recorded: str
+    found: str
+
+    def __init__(self, chain_id: int, recorded: str, found: str, endpoint: str = "") -> None:
+        self.chain_id = chain_id
+        self.recorded = recorded
+        self.found = found
+        self.endpoint = endpoint
+        super().__init__(chain_id, recorded, found, endpoint)
+
+    def __str__(self) -> str:
+        where = f" ({self.endpoint})" if self.endpoint else ""
+        return (
+            f"the node{where} serves another chain than the database was indexed from: its"
+            f" block 0 is {self.found}, the database's chain's is {self.recorded}, both with"
+            f" chain id {self.chain_id} (a testnet or fork that kept it, or a node set up again"
+            " from scratch); nothing was changed. Point RPC_PROVIDER_URL at the chain the"
+            " database holds, or give this chain a database of its own"
+        )
+
+
 class LeaseLost(IndexerError):  # noqa: N818
     """Another instance took the write lease over; this one must stop writing."""
 
@@ -129,29 +162,6 @@ class LeaseLost(IndexerError):  # noqa: N818
         return (
             f"write lease lost by {self.owner}: another indexer took it over"
             " (it went unrenewed for LEASE_TTL)"
-        )
-
-
-class AnotherChain(IndexerError):  # noqa: N818
-    """The node's block 0 is not that of the chain the database was indexed from."""
-
-    chain_id: int
-    recorded: str
-    found: str
-
-    def __init__(self, chain_id: int, recorded: str, found: str) -> None:
-        self.chain_id = chain_id
-        self.recorded = recorded
-        self.found = found
-        super().__init__(chain_id, recorded, found)
-
-    def __str__(self) -> str:
-        return (
-            "the node serves another chain than the database was indexed from: its block 0 is"
-            f" {self.found}, the database's chain's is {self.recorded}, both with chain id"
-            f" {self.chain_id} (a testnet or fork that kept it, or a node set up again from"
-            " scratch); nothing was changed. Point RPC_PROVIDER_URL at the chain the database"
-            " holds, or give this chain a database of its own"
         )
 
 

@@ -25,7 +25,7 @@ from typing import Self, TypeVar
 import aiohttp
 
 from indexer import rpc_wire as wire
-from indexer.errors import ChainIdMismatch
+from indexer.errors import AnotherChain, ChainIdMismatch
 from indexer.rpc_failover import FAILBACK_AFTER, RETRY_AFTER_MAX, Failover, RpcStats
 from indexer.rpc_ranges import LogRangeSizer, fetch_logs
 from indexer.rpc_results import (
@@ -97,13 +97,11 @@ class RpcClient:
             retry_after_max=retry_after_max,
             batch_retry_interval=batch_retry_interval,
             max_batch_size=max_batch_size,
-            verify=(
-                None
-                if expected_chain_id is None
-                else functools.partial(self._verify_chain, expected=expected_chain_id)
-            ),
+            verify=self._verify_chain,
             failback_after=failback_after,
         )
+        self._expected_chain_id = expected_chain_id
+        self._genesis: str | None = None  # the hash of block 0 every endpoint must have
         self._timeout = timeout
         self._max_answer = max_answer_bytes
         self._ids = itertools.count(1)
@@ -374,14 +372,35 @@ class RpcClient:
 
         return await self._failover.run(method, attempt)
 
-    async def _verify_chain(self, endpoint: Endpoint, expected: int) -> None:
-        """Raise ChainIdMismatch unless the endpoint serves the expected chain."""
+    def expect_genesis(self, block_hash: str) -> None:
+        """From now on an endpoint serves the chain only if its block 0 is this one too (the
+        chain id alone does not tell a fork or a node set up again from scratch): each is
+        checked again before its next use, and one that differs is left out (AnotherChain
+        once every endpoint does)."""
+        self._genesis = block_hash
+        self._failover.verify_again()
+
+    async def _verify_chain(self, endpoint: Endpoint) -> None:
+        """Before an endpoint's first use: raise ChainIdMismatch unless it serves the expected
+        chain id, AnotherChain if its block 0 is not the expected one (expect_genesis)."""
+        expected = self._expected_chain_id
+        if expected is not None:
+            request_id = next(self._ids)
+            body = wire.encode_request(request_id, "eth_chainId", [])
+            payload = await self._post(endpoint, body, "eth_chainId")
+            actual = _parse_chain_id(wire.result_of(payload, request_id, "eth_chainId"))
+            if actual != expected:
+                raise ChainIdMismatch(expected, actual, endpoint.label)
+        if self._genesis is None:
+            return
         request_id = next(self._ids)
-        body = wire.encode_request(request_id, "eth_chainId", [])
-        payload = await self._post(endpoint, body, "eth_chainId")
-        actual = _parse_chain_id(wire.result_of(payload, request_id, "eth_chainId"))
-        if actual != expected:
-            raise ChainIdMismatch(expected, actual, endpoint.label)
+        body = wire.encode_request(request_id, "eth_getBlockByNumber", _block_params(0))
+        payload = await self._post(endpoint, body, "eth_getBlockByNumber")
+        genesis = parse_header(wire.result_of(payload, request_id, "eth_getBlockByNumber"), 0)
+        if genesis.hash != self._genesis:
+            raise AnotherChain(
+                expected or 0, recorded=self._genesis, found=genesis.hash, endpoint=endpoint.label
+            )
 
     async def _post(
         self,

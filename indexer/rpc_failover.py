@@ -21,6 +21,7 @@ import structlog
 
 from indexer import rpc_wire as wire
 from indexer.errors import (
+    AnotherChain,
     BlockNotFound,
     ChainIdMismatch,
     RpcError,
@@ -28,6 +29,7 @@ from indexer.errors import (
     RpcRangeTooLarge,
     RpcResponseError,
     RpcUnavailable,
+    WrongChainError,
 )
 from indexer.rpc_transport import Endpoint
 
@@ -114,7 +116,8 @@ class Failover:
         An endpoint's Retry-After (up to retry_after_max) holds for every call: until it has
         passed, attempts go to another endpoint that is free, or wait for it.
         An endpoint that serves another chain is left out, for this call and later ones, with
-        an error logged: ChainIdMismatch only when every endpoint does. A block one endpoint
+        an error logged: WrongChainError (its chain id, or its block 0) only when every endpoint
+        does. A block one endpoint
         does not have ("not yet", BlockNotFound) is asked of the others before the call
         raises it: the endpoint may lag behind the one that gave the head.
         """
@@ -144,9 +147,9 @@ class Failover:
                 if self._verify is not None and not endpoint.verified:
                     try:
                         await self._verify(endpoint)
-                    except ChainIdMismatch as exc:
+                    except WrongChainError as exc:
                         self._leave_out(index, exc)
-                        last_error = f"chain_id_mismatch at {endpoint.label}: {exc}"
+                        last_error = f"{_error_kind(exc)} at {endpoint.label}: {exc}"
                         continue
                     endpoint.verified = True
                 return await attempt(endpoint)
@@ -290,19 +293,33 @@ class Failover:
                 waits=wait,
             )
 
-    def _leave_out(self, index: int, mismatch: ChainIdMismatch) -> None:
+    def verify_again(self) -> None:
+        """Have every endpoint verified again before its next use (what verify checks grew)."""
+        for endpoint in self._endpoints:
+            endpoint.verified = False
+
+    def _leave_out(self, index: int, mismatch: WrongChainError) -> None:
         """Leave out for good the endpoint at index, found serving another chain (a URL of
-        another network among RPC_PROVIDER_URL): failing over to it must not stop the
-        indexer, nor send it requests. Raises mismatch when no endpoint is left."""
-        self.stats.errors["chain_id_mismatch"] += 1
+        another network among RPC_PROVIDER_URL, or a node of another chain with the same id):
+        failing over to it must not stop the indexer, nor send it requests. Raises mismatch
+        when no endpoint is left."""
+        self.stats.errors[_error_kind(mismatch)] += 1
         self._wrong_chain.add(index)
         if self._none_left():
             raise mismatch
+        expected, actual = (
+            (mismatch.expected, mismatch.actual)
+            if isinstance(mismatch, ChainIdMismatch)
+            else (mismatch.recorded, mismatch.found)
+            if isinstance(mismatch, AnotherChain)
+            else (None, None)
+        )
         log.error(
             "rpc endpoint serves another chain, leaving it out until restarted",
             endpoint=self._endpoints[index].label,
-            expected=mismatch.expected,
-            actual=mismatch.actual,
+            expected=expected,
+            actual=actual,
+            detail=str(mismatch),
         )
         self._fail_over(index)
 
@@ -388,4 +405,6 @@ def _error_kind(exc: RpcError) -> str:
         return "range_too_large"
     if isinstance(exc, ChainIdMismatch):
         return "chain_id_mismatch"
+    if isinstance(exc, AnotherChain):
+        return "genesis_mismatch"
     return "rpc_error"

@@ -16,7 +16,6 @@ import structlog
 from indexer.cursor import IndexerState, genesis_of, init_state, load_state
 from indexer.database import Database
 from indexer.errors import (
-    AnotherChain,
     BlockNotFound,
     ChainIdMismatch,
     ReorgDuringFetch,
@@ -73,10 +72,12 @@ class Startup:
             # The database's chain is the one found there; the node's is CHAIN_ID's (above).
             raise ChainIdMismatch(expected=chain_id, actual=state.chain_id, endpoint="the database")
         # Before anything is compared or rolled back: another chain of the same id would look
-        # like a reorg, and a database younger than REORG_WINDOW would be replaced whole.
-        genesis = (await self._rpc.get_block_header(0)).hash
-        if (recorded := await genesis_of(self._db, genesis)) != genesis:
-            raise AnotherChain(chain_id, recorded=recorded, found=genesis)
+        # like a reorg, and a database younger than REORG_WINDOW would be replaced whole. Every
+        # endpoint is checked, now and when failed over to: one that differs is left out, and
+        # AnotherChain stops the indexer when all do.
+        recorded = await genesis_of(self._db, (await self._rpc.get_block_header(0)).hash)
+        self._rpc.expect_genesis(recorded)
+        await self._rpc.chain_id()  # the endpoint in use is checked again, before its answer
         return state, created
 
     async def settle(

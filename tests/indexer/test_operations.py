@@ -1509,3 +1509,47 @@ async def test_a_database_of_another_chain_with_the_same_chain_id_is_refused(
     async with connected(database_url) as conn:
         assert await conn.fetchval("SELECT count(*) FROM events") == stored
         assert await conn.fetchval("SELECT block_number FROM indexer_state") == head
+
+
+async def test_an_endpoint_of_another_chain_with_the_same_chain_id_is_left_out(
+    dev_chain: DevChain,
+    deployment: Deployment,
+    anvil: Anvil,
+    make_indexer: Callable[..., IndexerProcess],
+    database_url: str,
+) -> None:
+    """A second endpoint in RPC_PROVIDER_URL that serves another chain with the same chain id
+    (a node set up again from scratch) is left out when the indexer fails over to it, as one of
+    another chain id is: the database stays as it is. It was taken as a reorg, and the whole
+    database rolled back onto it."""
+    driver = ActivityDriver(dev_chain, deployment, seed=82, txs_per_block=3)
+    await driver.cover_all_events()
+    await driver.run(blocks=4)
+    head = await dev_chain.block_number()
+    with Anvil(timestamp=1_800_000_000) as node:  # another genesis
+        async with DevChain(node.rpc_url) as other:
+            await deploy(other)
+            await other.mine_empty(head + 5)
+            async with RpcFaultProxy(anvil.rpc_url, seed=1) as proxy:
+                urls = f"{proxy.url},{node.rpc_url}"
+                with make_indexer(
+                    RPC_PROVIDER_URL=urls, RPC_MAX_RETRIES="1", RPC_TIMEOUT="1"
+                ) as indexer:
+                    await indexer.wait_cursor(head)
+                    async with connected(database_url) as conn:
+                        stored = await conn.fetchval("SELECT count(*) FROM events")
+                    proxy.rates = {"http_503": 1.0}  # the first fails: over to the second
+
+                    def left_out() -> bool:
+                        return "rpc endpoint serves another chain" in indexer.log_text()
+
+                    async def said() -> bool:
+                        return left_out() or not indexer.running
+
+                    await eventually(said, within=20, what="the second endpoint looked at")
+                    log = indexer.log_text()
+    assert left_out(), log
+    assert "reorg rolled back" not in log
+    async with connected(database_url) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM events") == stored
+        assert await conn.fetchval("SELECT block_number FROM indexer_state") == head
