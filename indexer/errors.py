@@ -100,8 +100,11 @@ class BlockNotFound(RpcError):  # noqa: N818
 
 
 class WrongChainError(RpcError):
-    """An endpoint serves another chain than the indexed one: left out (rpc_failover)."""
+    """An endpoint serves another chain than the indexed one: left out (rpc_failover).
+    `expected` and `actual` are what tells the chains apart (its id, or its block 0)."""
 
+    expected: object
+    actual: object
     endpoint: str  # a redacted endpoint label (index and host), never the URL
 
 
@@ -125,24 +128,25 @@ class ChainIdMismatch(WrongChainError):  # noqa: N818
 
 
 class AnotherChain(WrongChainError):  # noqa: N818
-    """An endpoint's block 0 is not that of the chain the database was indexed from."""
+    """An endpoint's block 0 (`actual`) is not that of the chain the database was indexed
+    from (`expected`, recorded there)."""
 
     chain_id: int
-    recorded: str
-    found: str
+    expected: str
+    actual: str
 
-    def __init__(self, chain_id: int, recorded: str, found: str, endpoint: str = "") -> None:
+    def __init__(self, chain_id: int, expected: str, actual: str, endpoint: str = "") -> None:
         self.chain_id = chain_id
-        self.recorded = recorded
-        self.found = found
+        self.expected = expected
+        self.actual = actual
         self.endpoint = endpoint
-        super().__init__(chain_id, recorded, found, endpoint)
+        super().__init__(chain_id, expected, actual, endpoint)
 
     def __str__(self) -> str:
         where = f" ({self.endpoint})" if self.endpoint else ""
         return (
             f"the node{where} serves another chain than the database was indexed from: its"
-            f" block 0 is {self.found}, the database's chain's is {self.recorded}, both with"
+            f" block 0 is {self.actual}, the database's chain's is {self.expected}, both with"
             f" chain id {self.chain_id} (a testnet or fork that kept it, or a node set up again"
             " from scratch); nothing was changed. Point RPC_PROVIDER_URL at the chain the"
             " database holds, or give this chain a database of its own"

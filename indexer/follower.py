@@ -129,7 +129,6 @@ class Follower:
         # block that is; False while a reorg at start-up is still to be looked at again.
         self.settled = False
         self._head_read_at = 0.0  # loop time of the last look at the head
-        self._head_known_at = 0.0  # time.monotonic() of the last head read (_note_head)
         # (head hash, cursor hash) pairs whose head's branch was found to hold the cursor's
         # block (_replaced), oldest first: not asked again.
         self._checked: dict[tuple[str, str], None] = {}
@@ -158,7 +157,7 @@ class Follower:
         return (
             self._state is not None
             and self.head >= 0
-            and time.monotonic() - self._head_known_at <= stale_after
+            and time.monotonic() - self._metrics.head_read_at <= stale_after
             and self.cursor >= self._config.target(self.head)
         )
 
@@ -211,7 +210,7 @@ class Follower:
         """The head just read: exported (metrics, /ready, `status`), with the lag to it."""
         self.head = number
         self._metrics.head.set(number)
-        self._head_known_at = self._metrics.head_read_at = time.monotonic()
+        self._metrics.head_read_at = time.monotonic()
         if self._state is not None:
             self._metrics.lag.set(max(0, self._config.target(number) - self.cursor))
 

@@ -399,7 +399,7 @@ class RpcClient:
         genesis = parse_header(wire.result_of(payload, request_id, "eth_getBlockByNumber"), 0)
         if genesis.hash != self._genesis:
             raise AnotherChain(
-                expected or 0, recorded=self._genesis, found=genesis.hash, endpoint=endpoint.label
+                expected or 0, expected=self._genesis, actual=genesis.hash, endpoint=endpoint.label
             )
 
     async def _post(

@@ -307,19 +307,11 @@ class Failover:
         self._wrong_chain.add(index)
         if self._none_left():
             raise mismatch
-        expected, actual = (
-            (mismatch.expected, mismatch.actual)
-            if isinstance(mismatch, ChainIdMismatch)
-            else (mismatch.recorded, mismatch.found)
-            if isinstance(mismatch, AnotherChain)
-            else (None, None)
-        )
         log.error(
             "rpc endpoint serves another chain, leaving it out until restarted",
             endpoint=self._endpoints[index].label,
-            expected=expected,
-            actual=actual,
-            detail=str(mismatch),
+            expected=mismatch.expected,
+            actual=mismatch.actual,
         )
         self._fail_over(index)
 

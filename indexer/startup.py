@@ -73,11 +73,11 @@ class Startup:
             raise ChainIdMismatch(expected=chain_id, actual=state.chain_id, endpoint="the database")
         # Before anything is compared or rolled back: another chain of the same id would look
         # like a reorg, and a database younger than REORG_WINDOW would be replaced whole. Every
-        # endpoint is checked, now and when failed over to: one that differs is left out, and
-        # AnotherChain stops the indexer when all do.
+        # endpoint is checked before its next answer (the settling's first call, for the one in
+        # use) and when failed over to: one that differs is left out, and AnotherChain stops
+        # the indexer when all do.
         recorded = await genesis_of(self._db, (await self._rpc.get_block_header(0)).hash)
         self._rpc.expect_genesis(recorded)
-        await self._rpc.chain_id()  # the endpoint in use is checked again, before its answer
         return state, created
 
     async def settle(
