@@ -76,6 +76,40 @@ async def run_command(
     return code, command.log_text()
 
 
+async def run_the_backfill_said(
+    make_indexer: Callable[..., IndexerProcess], log: str, *, began: int, to: int
+) -> str:
+    """Check that a start's `log` says a contract was added after indexing began, naming the
+    backfill from `began` to `to`; run that backfill as pasted, and return its output."""
+    assert "added to the configuration after indexing began" in log
+    backfill = f"{INDEXER} backfill --from {began} --to {to}"
+    assert backfill in log
+    code, output = await run_command(make_indexer, *backfill.removeprefix(INDEXER).split())
+    assert code == 0, output
+    return output
+
+
+@contextlib.asynccontextmanager
+async def another_chain(blocks: int) -> AsyncIterator[str]:
+    """An anvil with another block 0 (genesis time) and the same chain id, the test contracts
+    deployed at the same addresses and `blocks` empty blocks on top: a node set up again from
+    scratch. Yields its RPC URL."""
+    with Anvil(timestamp=1_800_000_000) as node:
+        async with DevChain(node.rpc_url) as chain:
+            await deploy(chain)
+            await chain.mine_empty(blocks)
+            yield node.rpc_url
+
+
+async def events_and_cursor(database_url: str) -> tuple[int, int]:
+    """How many events are stored, and the cursor's block."""
+    async with connected(database_url) as conn:
+        return (
+            await conn.fetchval("SELECT count(*) FROM events"),
+            await conn.fetchval("SELECT block_number FROM indexer_state"),
+        )
+
+
 async def standby(indexer: IndexerProcess) -> bool:
     """True once the indexer answers as a standby."""
     try:
@@ -543,14 +577,10 @@ async def test_a_factory_added_after_indexing_began_is_said_with_its_backfill(
     with make_indexer() as indexer:  # both factories now
         await indexer.wait_cursor(head)
         log = indexer.log_text()
-    assert "added to the configuration after indexing began" in log
     assert deployment.factory_v2 in log
-    backfill = f"{INDEXER} backfill --from {deployment.block} --to {head}"
-    assert backfill in log
     with pytest.raises(AssertionError):  # the v2 markets created before are missing
         await assert_database_equals_chain(database_url, dev_chain, deployment)
-    code, output = await run_command(make_indexer, *backfill.removeprefix(INDEXER).split())
-    assert code == 0, output
+    await run_the_backfill_said(make_indexer, log, began=deployment.block, to=head)
     await assert_database_equals_chain(database_url, dev_chain, deployment)
 
 
@@ -587,11 +617,7 @@ async def test_contracts_configured_when_none_is_followed_are_said_with_their_ba
     with make_indexer() as indexer:
         await indexer.wait_cursor(head)
         log = indexer.log_text()
-    assert "added to the configuration after indexing began" in log
-    backfill = f"{INDEXER} backfill --from {deployment.block} --to {head}"
-    assert backfill in log
-    code, output = await run_command(make_indexer, *backfill.removeprefix(INDEXER).split())
-    assert code == 0, output
+    await run_the_backfill_said(make_indexer, log, began=deployment.block, to=head)
     await assert_database_equals_chain(database_url, dev_chain, deployment)
 
 
@@ -692,10 +718,7 @@ async def test_markets_a_backfill_finds_get_their_events_up_to_the_cursor(
     are fetched by the same backfill up to the cursor of now, and its output says so: the
     database equals the chain after the one command."""
     head, cursor, log = await factory_added_after_its_markets(dev_chain, deployment, make_indexer)
-    backfill = f"{INDEXER} backfill --from {deployment.block} --to {head}"
-    assert backfill in log
-    code, output = await run_command(make_indexer, *backfill.removeprefix(INDEXER).split())
-    assert code == 0, output
+    output = await run_the_backfill_said(make_indexer, log, began=deployment.block, to=head)
     assert f"their events from block {head + 1} to the cursor {cursor} were fetched too" in output
     await assert_database_equals_chain(database_url, dev_chain, deployment)
 
@@ -918,11 +941,7 @@ async def test_a_factory_dropped_from_the_configuration_is_no_longer_followed(
     with make_indexer() as indexer:  # both factories again
         await indexer.wait_cursor(head)
         log = indexer.log_text()
-    assert "added to the configuration after indexing began" in log
-    backfill = f"{INDEXER} backfill --from {deployment.block} --to {head}"
-    assert backfill in log
-    code, output = await run_command(make_indexer, *backfill.removeprefix(INDEXER).split())
-    assert code == 0, output
+    await run_the_backfill_said(make_indexer, log, began=deployment.block, to=head)
     await assert_database_equals_chain(database_url, dev_chain, deployment)
 
 
@@ -1497,18 +1516,12 @@ async def test_a_database_of_another_chain_with_the_same_chain_id_is_refused(
     head = await dev_chain.block_number()
     with make_indexer() as indexer:
         await indexer.wait_cursor(head)
-    async with connected(database_url) as conn:
-        stored = await conn.fetchval("SELECT count(*) FROM events")
-    with Anvil(timestamp=1_800_000_000) as node:  # another genesis
-        async with DevChain(node.rpc_url) as other:
-            await deploy(other)
-            await other.mine_empty(blocks)
-            code, output = await run_command(make_indexer, "run", RPC_PROVIDER_URL=node.rpc_url)
+    stored, _ = await events_and_cursor(database_url)
+    async with another_chain(blocks) as url:
+        code, output = await run_command(make_indexer, "run", RPC_PROVIDER_URL=url)
     assert code == 1, output
     assert "another chain than the database was indexed from" in output
-    async with connected(database_url) as conn:
-        assert await conn.fetchval("SELECT count(*) FROM events") == stored
-        assert await conn.fetchval("SELECT block_number FROM indexer_state") == head
+    assert await events_and_cursor(database_url) == (stored, head)
 
 
 async def test_an_endpoint_of_another_chain_with_the_same_chain_id_is_left_out(
@@ -1526,30 +1539,24 @@ async def test_an_endpoint_of_another_chain_with_the_same_chain_id_is_left_out(
     await driver.cover_all_events()
     await driver.run(blocks=4)
     head = await dev_chain.block_number()
-    with Anvil(timestamp=1_800_000_000) as node:  # another genesis
-        async with DevChain(node.rpc_url) as other:
-            await deploy(other)
-            await other.mine_empty(head + 5)
-            async with RpcFaultProxy(anvil.rpc_url, seed=1) as proxy:
-                urls = f"{proxy.url},{node.rpc_url}"
-                with make_indexer(
-                    RPC_PROVIDER_URL=urls, RPC_MAX_RETRIES="1", RPC_TIMEOUT="1"
-                ) as indexer:
-                    await indexer.wait_cursor(head)
-                    async with connected(database_url) as conn:
-                        stored = await conn.fetchval("SELECT count(*) FROM events")
-                    proxy.rates = {"http_503": 1.0}  # the first fails: over to the second
+    async with (
+        another_chain(head + 5) as other,
+        RpcFaultProxy(anvil.rpc_url, seed=1) as proxy,
+    ):
+        urls = f"{proxy.url},{other}"
+        with make_indexer(RPC_PROVIDER_URL=urls, RPC_MAX_RETRIES="1", RPC_TIMEOUT="1") as indexer:
+            await indexer.wait_cursor(head)
+            stored, _ = await events_and_cursor(database_url)
+            proxy.rates = {"http_503": 1.0}  # the first fails: over to the second
 
-                    def left_out() -> bool:
-                        return "rpc endpoint serves another chain" in indexer.log_text()
+            def left_out() -> bool:
+                return "rpc endpoint serves another chain" in indexer.log_text()
 
-                    async def said() -> bool:
-                        return left_out() or not indexer.running
+            async def said() -> bool:
+                return left_out() or not indexer.running
 
-                    await eventually(said, within=20, what="the second endpoint looked at")
-                    log = indexer.log_text()
+            await eventually(said, within=20, what="the second endpoint looked at")
+            log = indexer.log_text()
     assert left_out(), log
     assert "reorg rolled back" not in log
-    async with connected(database_url) as conn:
-        assert await conn.fetchval("SELECT count(*) FROM events") == stored
-        assert await conn.fetchval("SELECT block_number FROM indexer_state") == head
+    assert await events_and_cursor(database_url) == (stored, head)
